@@ -1,1 +1,340 @@
-//! placeholder
+//! The route table: which pool a request goes to, decided by its Host and path.
+//!
+//! Pure: opens no sockets and reads no clock; it only compares strings. Routes are tried in
+//! configuration order and the first match wins, so operators control precedence by ordering.
+
+use std::borrow::Cow;
+
+/// How a route matches the Host: exact name, or `*.suffix` wildcard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// The normalised host must equal this name (lowercase, no trailing dot).
+    Exact(String),
+    /// The normalised host must end with this suffix, which keeps its leading dot
+    /// (`".farm.test"`), so the apex `farm.test` itself does not match.
+    Suffix(String),
+}
+
+impl HostMatch {
+    /// Parses `"www.farm.test"` or `"*.farm.test"`; lowercases; strips one trailing dot.
+    ///
+    /// A bracketed IPv6 literal (`"[::1]"`) is accepted as an exact match, because that is
+    /// how such a host arrives in a Host header. Err(reason) for an empty name, `"*"` alone,
+    /// a `'*'` anywhere but a leading `"*."`, empty labels, over-long names, or characters not
+    /// valid in a host name (allowed: ASCII letters, digits, `-`, `_`, `.`).
+    pub fn parse(s: &str) -> Result<HostMatch, String> {
+        let lower = s.to_ascii_lowercase();
+        let name = lower.strip_suffix('.').unwrap_or(&lower);
+        if name.is_empty() {
+            return Err(format!("invalid host {s:?}: empty"));
+        }
+        if name == "*" {
+            // A bare wildcard would silently shadow every later route; omitting the host says
+            // the same thing explicitly.
+            return Err(format!(
+                "invalid host {s:?}: '*' alone is not allowed; omit the host to match any host"
+            ));
+        }
+        if let Some(rest) = name.strip_prefix("*.") {
+            validate_name(s, rest)?;
+            return Ok(HostMatch::Suffix(format!(".{rest}")));
+        }
+        if is_ipv6_literal(name) {
+            return Ok(HostMatch::Exact(name.to_owned()));
+        }
+        validate_name(s, name)?;
+        Ok(HostMatch::Exact(name.to_owned()))
+    }
+
+    /// True when the (already normalised, see [`normalize_host`]) host matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(name) => host == name,
+            // Strictly longer than the suffix: at least one character must precede the dot,
+            // which is what keeps the apex out.
+            HostMatch::Suffix(suffix) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
+        }
+    }
+}
+
+/// Checks a lowercase DNS-style name; `original` is only used to make the error readable.
+fn validate_name(original: &str, name: &str) -> Result<(), String> {
+    if name.contains('*') {
+        return Err(format!(
+            "invalid host {original:?}: '*' is only allowed as a leading \"*.\""
+        ));
+    }
+    if name.len() > 253 {
+        return Err(format!(
+            "invalid host {original:?}: longer than 253 characters"
+        ));
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(format!("invalid host {original:?}: empty label"));
+        }
+        if label.len() > 63 {
+            return Err(format!(
+                "invalid host {original:?}: label longer than 63 characters"
+            ));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return Err(format!(
+                "invalid host {original:?}: character {c:?} not allowed"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `[` hex digits, colons (and dots for an embedded IPv4 tail) `]`.
+fn is_ipv6_literal(name: &str) -> bool {
+    name.strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .is_some_and(|inner| {
+            inner.contains(':')
+                && inner
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+        })
+}
+
+/// One route: optional host, path prefix, and the index of its pool.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Host condition; `None` matches any host, including a request without one.
+    pub host: Option<HostMatch>,
+    /// Plain string prefix of the path (`"/api"` also matches `"/apix"`; write `"/api/"` to
+    /// require a segment boundary). Empty matches every path.
+    pub path_prefix: String,
+    /// Index of the pool that serves matching requests.
+    pub pool: usize,
+}
+
+impl Route {
+    /// True when this route accepts the normalised host and the query-less path.
+    fn accepts(&self, host: Option<&str>, path: &str) -> bool {
+        let host_ok = match (&self.host, host) {
+            (None, _) => true,
+            (Some(m), Some(h)) => m.matches(h),
+            (Some(_), None) => false,
+        };
+        host_ok && path.starts_with(self.path_prefix.as_str())
+    }
+}
+
+/// First-match route table.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Builds the table; `routes` are tried in this order.
+    pub fn new(routes: Vec<Route>) -> RouteTable {
+        RouteTable { routes }
+    }
+
+    /// Returns the pool of the first route matching `host` and `path`.
+    ///
+    /// `host` is the raw Host header / `:authority` value (may carry a port, may be
+    /// uppercase, may have a trailing dot, may be None). A route without a host matches any
+    /// host. The path is matched by string prefix after dropping any `?query`. Does not
+    /// allocate unless the host contains uppercase letters.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        let host = host.map(normalize_host);
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        self.routes
+            .iter()
+            .find(|r| r.accepts(host.as_deref(), path))
+            .map(|r| r.pool)
+    }
+}
+
+/// Normalises a Host value: strips the port (also for `"[::1]:8080"` IPv6 literals, which
+/// keep their brackets), lowercases, strips one trailing dot.
+///
+/// Borrows when the value is already lowercase, which is the common case.
+pub fn normalize_host(raw: &str) -> Cow<'_, str> {
+    let host = strip_port(raw);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+/// Drops `:port`. A bracketed literal ends at `]`; an unbracketed value with several colons
+/// is a bare IPv6 address (not valid in a Host header, but not ours to mangle) and is kept.
+fn strip_port(raw: &str) -> &str {
+    if raw.starts_with('[') {
+        return match raw.find(']') {
+            Some(end) => &raw[..=end],
+            None => raw,
+        };
+    }
+    match raw.rfind(':') {
+        Some(i) if !raw[..i].contains(':') => &raw[..i],
+        _ => raw,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(host: Option<&str>, prefix: &str, pool: usize) -> Route {
+        Route {
+            host: host.map(|h| HostMatch::parse(h).expect("valid test host")),
+            path_prefix: prefix.to_owned(),
+            pool,
+        }
+    }
+
+    #[test]
+    fn exact_host_matches_only_that_host() {
+        let t = RouteTable::new(vec![route(Some("www.farm.test"), "/", 1)]);
+        assert_eq!(t.find(Some("www.farm.test"), "/"), Some(1));
+        assert_eq!(t.find(Some("api.farm.test"), "/"), None);
+        assert_eq!(t.find(Some("farm.test"), "/"), None);
+    }
+
+    #[test]
+    fn wildcard_matches_subdomains_but_not_apex() {
+        let t = RouteTable::new(vec![route(Some("*.farm.test"), "/", 2)]);
+        assert_eq!(t.find(Some("a.farm.test"), "/"), Some(2));
+        assert_eq!(t.find(Some("a.b.farm.test"), "/"), Some(2));
+        assert_eq!(t.find(Some("farm.test"), "/"), None);
+        assert_eq!(t.find(Some("evilfarm.test"), "/"), None);
+        assert_eq!(t.find(Some(".farm.test"), "/"), None);
+    }
+
+    #[test]
+    fn port_is_stripped_including_ipv6_literals() {
+        let t = RouteTable::new(vec![
+            route(Some("www.farm.test"), "/", 1),
+            route(Some("[::1]"), "/", 2),
+        ]);
+        assert_eq!(t.find(Some("www.farm.test:8080"), "/"), Some(1));
+        assert_eq!(t.find(Some("[::1]:8080"), "/"), Some(2));
+        assert_eq!(t.find(Some("[::1]"), "/"), Some(2));
+        assert_eq!(normalize_host("[::1]:8080"), "[::1]");
+        assert_eq!(normalize_host("[2001:DB8::1]:443"), "[2001:db8::1]");
+        assert_eq!(normalize_host("10.0.0.1:80"), "10.0.0.1");
+        assert_eq!(normalize_host("::1"), "::1");
+    }
+
+    #[test]
+    fn host_case_and_trailing_dot_are_ignored() {
+        let t = RouteTable::new(vec![route(Some("WWW.Farm.Test."), "/", 1)]);
+        assert_eq!(t.find(Some("www.FARM.test"), "/"), Some(1));
+        assert_eq!(t.find(Some("www.farm.test."), "/"), Some(1));
+        assert_eq!(t.find(Some("WWW.FARM.TEST.:443"), "/"), Some(1));
+    }
+
+    #[test]
+    fn normalize_borrows_when_already_lowercase() {
+        assert!(matches!(
+            normalize_host("www.farm.test:80"),
+            Cow::Borrowed("www.farm.test")
+        ));
+        assert!(matches!(normalize_host("Www.farm.test"), Cow::Owned(_)));
+    }
+
+    #[test]
+    fn first_match_wins_in_order() {
+        let t = RouteTable::new(vec![
+            route(Some("www.farm.test"), "/api", 1),
+            route(Some("*.farm.test"), "/", 2),
+            route(Some("www.farm.test"), "/", 3),
+        ]);
+        assert_eq!(t.find(Some("www.farm.test"), "/api/users"), Some(1));
+        // Route 3 is shadowed by the earlier wildcard.
+        assert_eq!(t.find(Some("www.farm.test"), "/index.html"), Some(2));
+    }
+
+    #[test]
+    fn route_without_host_matches_any_host_and_none() {
+        let t = RouteTable::new(vec![
+            route(Some("www.farm.test"), "/", 1),
+            route(None, "/", 9),
+        ]);
+        assert_eq!(t.find(Some("other.example"), "/"), Some(9));
+        assert_eq!(t.find(None, "/"), Some(9));
+        assert_eq!(t.find(Some(""), "/"), Some(9));
+    }
+
+    #[test]
+    fn host_route_does_not_match_request_without_host() {
+        let t = RouteTable::new(vec![route(Some("www.farm.test"), "/", 1)]);
+        assert_eq!(t.find(None, "/"), None);
+    }
+
+    #[test]
+    fn path_prefix_is_a_string_prefix_of_the_path_without_query() {
+        let t = RouteTable::new(vec![route(None, "/api/", 1), route(None, "/static", 2)]);
+        assert_eq!(t.find(None, "/api/v1?x=1"), Some(1));
+        assert_eq!(t.find(None, "/api"), None);
+        assert_eq!(t.find(None, "/staticfiles/a.css"), Some(2));
+        // The query is not part of the path: "/?/api/" has path "/".
+        assert_eq!(t.find(None, "/?/api/"), None);
+    }
+
+    #[test]
+    fn no_match_gives_none() {
+        assert_eq!(RouteTable::default().find(Some("a"), "/"), None);
+        let t = RouteTable::new(vec![route(Some("a.test"), "/x", 1)]);
+        assert_eq!(t.find(Some("a.test"), "/y"), None);
+    }
+
+    #[test]
+    fn parse_accepts_and_normalises() {
+        assert_eq!(
+            HostMatch::parse("WWW.Farm.Test."),
+            Ok(HostMatch::Exact("www.farm.test".into()))
+        );
+        assert_eq!(
+            HostMatch::parse("*.Farm.test"),
+            Ok(HostMatch::Suffix(".farm.test".into()))
+        );
+        assert_eq!(
+            HostMatch::parse("10.0.0.1"),
+            Ok(HostMatch::Exact("10.0.0.1".into()))
+        );
+        assert_eq!(
+            HostMatch::parse("my_host-1"),
+            Ok(HostMatch::Exact("my_host-1".into()))
+        );
+    }
+
+    #[test]
+    fn parse_rejects_bad_names() {
+        for bad in [
+            "",
+            ".",
+            "*",
+            "*.",
+            "a*.farm.test",
+            "*farm.test",
+            "www.*.test",
+            "*.*.test",
+            "a..b",
+            ".farm.test",
+            "a b",
+            "a/b",
+            "host:80",
+            "[zz::1]",
+            "é.test",
+        ] {
+            assert!(HostMatch::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+        assert!(HostMatch::parse(&"a".repeat(64)).is_err());
+        assert!(HostMatch::parse(&["a"; 130].join(".")).is_err());
+    }
+}

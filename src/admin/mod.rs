@@ -1,0 +1,86 @@
+//! The admin side: an HTTP listener (loopback by default) with `/metrics` (Prometheus text),
+//! `/healthz` (the process is alive) and `/ready` (listeners bound, not draining); and
+//! [`reload`], the unix socket `lockstep reload` talks to.
+
+pub mod reload;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::live::Shared;
+use crate::metrics::Metrics;
+
+/// What the admin handlers read.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The live state.
+    pub live: Shared,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the appliance drains.
+    pub shutdown: CancellationToken,
+}
+
+/// Serves the admin listener until shutdown.
+pub async fn serve(socket: TcpListener, state: AdminState) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            r = socket.accept() => match r {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                debug!(client.addr = %peer, error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", state.metrics.render()),
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/ready" => {
+            if state.shutdown.is_cancelled() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into())
+            } else {
+                let g = state.live.load().table.generation;
+                text(StatusCode::OK, "text/plain", format!("ready generation={g}\n"))
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz or /ready\n".into()),
+    }
+}
+
+fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+    r
+}

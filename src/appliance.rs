@@ -1,0 +1,220 @@
+//! The appliance as one object: binds the listeners of a checked [`Config`], starts the proxy,
+//! the health checkers and the admin listener, applies reloads, and drains on shutdown.
+//!
+//! It takes an already checked config and never reads files or signals itself: `serve` (the
+//! command) and the tests drive it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::admin;
+use crate::config::Config;
+use crate::live::{Live, Shared};
+use crate::metrics::{Metrics, ResultLabels};
+use crate::proxy::listener;
+use crate::router::checker;
+
+/// Failures while starting or reloading.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplianceError {
+    /// A listening socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source} (is another process using it, or does binding it need privileges?)")]
+    Bind {
+        /// Which listener.
+        what: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+struct RunningListener {
+    bind: SocketAddr,
+    local: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// A running appliance.
+pub struct Appliance {
+    live: Shared,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    listeners: HashMap<String, RunningListener>,
+    checkers: CancellationToken,
+    admin_addr: Option<SocketAddr>,
+    generation: u64,
+}
+
+impl Appliance {
+    /// Binds everything `config` asks for and starts serving.
+    pub async fn start(config: Config) -> Result<Appliance, ApplianceError> {
+        let metrics = Arc::new(Metrics::new());
+        let config = Arc::new(config);
+        let live: Shared = Arc::new(ArcSwap::from_pointee(Live::build(config.clone(), None, 1, &metrics)));
+        let mut app = Appliance {
+            live,
+            metrics,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            listeners: HashMap::new(),
+            checkers: CancellationToken::new(),
+            admin_addr: None,
+            generation: 1,
+        };
+        let bound = app.bind_new(&config)?;
+        if let Some(addr) = config.admin.bind {
+            let socket = listener::bind(addr).map_err(|source| ApplianceError::Bind {
+                what: "admin listener".into(),
+                addr,
+                source,
+            })?;
+            app.admin_addr = socket.local_addr().ok();
+            let state = admin::AdminState {
+                live: app.live.clone(),
+                metrics: app.metrics.clone(),
+                shutdown: app.shutdown.clone(),
+            };
+            app.tracker.spawn(admin::serve(socket, state));
+        }
+        app.start_listeners(bound);
+        app.checkers = app.shutdown.child_token();
+        checker::spawn_all(&app.live.load().table, &app.checkers, &app.tracker);
+        Ok(app)
+    }
+
+    /// Binds the listeners of `config` that are not already running (new names, or a changed
+    /// bind address). Nothing is started, so a failure leaves everything as it was.
+    fn bind_new(&self, config: &Config) -> Result<Vec<(String, tokio::net::TcpListener)>, ApplianceError> {
+        let mut out = Vec::new();
+        for l in &config.listeners {
+            if self.listeners.get(&l.name).is_some_and(|r| r.bind == l.bind) {
+                continue;
+            }
+            // Rebinding an address another running listener of ours holds would fail; the
+            // old one is stopped first only if the operator moved it, which we do not guess.
+            let socket = listener::bind(l.bind).map_err(|source| ApplianceError::Bind {
+                what: format!("listener `{}`", l.name),
+                addr: l.bind,
+                source,
+            })?;
+            out.push((l.name.clone(), socket));
+        }
+        Ok(out)
+    }
+
+    fn start_listeners(&mut self, bound: Vec<(String, tokio::net::TcpListener)>) {
+        let config = self.live.load().config.clone();
+        for (name, socket) in bound {
+            let Some(l) = config.listeners.iter().find(|l| l.name == name) else { continue };
+            let local = socket.local_addr().unwrap_or(l.bind);
+            info!(listener = %name, addr = %local, tls = l.tls.is_some(), "listening");
+            let stop = self.shutdown.child_token();
+            if let Some(old) = self.listeners.insert(
+                name.clone(),
+                RunningListener {
+                    bind: l.bind,
+                    local,
+                    stop: stop.clone(),
+                },
+            ) {
+                old.stop.cancel();
+            }
+            self.tracker.spawn(listener::serve(
+                name,
+                socket,
+                self.live.clone(),
+                self.metrics.clone(),
+                stop,
+                self.tracker.clone(),
+            ));
+        }
+    }
+
+    /// Applies a checked config: binds new listeners first (a failure refuses the reload and
+    /// keeps the old config), then swaps the live state, restarts the health checkers and
+    /// stops listeners that are gone. In-flight requests finish on the state they started on.
+    pub fn reload(&mut self, config: Config) -> Result<u64, ApplianceError> {
+        let result = self.try_reload(config);
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .reloads
+            .get_or_create(&ResultLabels { result: label.into() })
+            .inc();
+        result
+    }
+
+    fn try_reload(&mut self, config: Config) -> Result<u64, ApplianceError> {
+        let bound = self.bind_new(&config)?;
+        let generation = self.generation + 1;
+        let config = Arc::new(config);
+        let old = self.live.load_full();
+        if old.config.admin.bind != config.admin.bind {
+            warn!("admin.bind changed: it takes effect at the next restart");
+        }
+        let next = Live::build(config.clone(), Some(&old), generation, &self.metrics);
+        self.live.store(Arc::new(next));
+        self.generation = generation;
+        self.start_listeners(bound);
+        let gone: Vec<String> = self
+            .listeners
+            .keys()
+            .filter(|n| !config.listeners.iter().any(|l| &&l.name == n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(r) = self.listeners.remove(&name) {
+                info!(listener = %name, addr = %r.local, "listener removed");
+                r.stop.cancel();
+            }
+        }
+        self.checkers.cancel();
+        self.checkers = self.shutdown.child_token();
+        checker::spawn_all(&self.live.load().table, &self.checkers, &self.tracker);
+        info!(generation, "config reloaded");
+        Ok(generation)
+    }
+
+    /// The address listener `name` actually bound (useful with port 0).
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.get(name).map(|r| r.local)
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The live state (routing table, health) for other parts to read.
+    pub fn live(&self) -> &Shared {
+        &self.live
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Current config generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Stops accepting, lets in-flight requests finish for at most `drain`, then returns.
+    pub async fn shutdown(self, drain: Duration) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(drain, self.tracker.wait()).await.is_err() {
+            warn!(?drain, "drain period over; closing remaining connections");
+        }
+    }
+}

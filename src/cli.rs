@@ -1,0 +1,72 @@
+//! The command line: raw clap arguments, kept apart from what each command does.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Default config path of the appliance.
+pub const DEFAULT_CONFIG: &str = "/etc/lockstep/lockstep.yaml";
+
+/// lockstep — a web-farm appliance: HTTP(S) load balancer, DNS round robin and content sync.
+#[derive(Debug, Parser)]
+#[command(name = "lockstep", version, about, propagate_version = true, after_help = EXAMPLES)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXAMPLES: &str = "Examples:
+  lockstep demo                                  a whole farm on loopback; prints curl lines to try
+  lockstep check -c /etc/lockstep/lockstep.yaml  validate a config (exit 2 and file:line:col on errors)
+  lockstep serve -c /etc/lockstep/lockstep.yaml  run the appliance
+  lockstep reload -c /etc/lockstep/lockstep.yaml reload the running appliance and wait for the result";
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the appliance (each part runs when its config section is present).
+    #[command(after_help = "Example:\n  lockstep serve -c /etc/lockstep/lockstep.yaml\n\nSIGHUP reloads the config; SIGTERM drains and stops.")]
+    Serve {
+        /// Config file.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Worker threads (default: one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Longest time to let in-flight requests finish on SIGTERM.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        drain: std::time::Duration,
+    },
+    /// Validate a config file and print every problem as file:line:column (exit 2 if any).
+    #[command(after_help = "Example:\n  lockstep check -c deploy/examples/lockstep.yaml")]
+    Check {
+        /// Config file.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Ask the running appliance to reload its config, and wait for the outcome.
+    #[command(after_help = "Example:\n  lockstep reload                 # socket from /etc/lockstep/lockstep.yaml's admin.socket\n  lockstep reload --socket /run/lockstep/admin.sock")]
+    Reload {
+        /// Config file whose `admin.socket` to use.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The reload socket (overrides the config's `admin.socket`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Run a whole farm on loopback: the appliance in front of three demo backends.
+    #[command(after_help = "Example:\n  lockstep demo\n  curl -s http://127.0.0.1:8080/")]
+    Demo {
+        /// Proxy port on 127.0.0.1.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Admin port on 127.0.0.1.
+        #[arg(long, default_value_t = 9900)]
+        admin_port: u16,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::config::duration::parse(s)
+}

@@ -1,0 +1,68 @@
+//! What each subcommand does; `main` maps the result to an exit code. Config problems are
+//! returned as [`ConfigErrors`] (exit 2), anything else as a plain error (exit 1).
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::cli::{Cli, Command};
+use crate::config::{self, ConfigErrors};
+
+/// Runs one command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Serve { config, workers, drain } => {
+            crate::serve::init_tracing();
+            let cfg = config::load(&config)?;
+            runtime(workers)?.block_on(crate::serve::run(config, cfg, drain))
+        }
+        Command::Reload { config, socket } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => config::load(&config)?.admin.socket.with_context(|| {
+                    format!(
+                        "{} sets no admin.socket: set it (e.g. /run/lockstep/admin.sock) or pass --socket",
+                        config.display()
+                    )
+                })?,
+            };
+            let generation = runtime(Some(1))?.block_on(crate::admin::reload::request(&socket))?;
+            println!("reloaded: config generation {generation} is serving");
+            Ok(())
+        }
+        Command::Demo { port, admin_port } => {
+            crate::serve::init_tracing();
+            runtime(None)?.block_on(crate::demo::run(port, admin_port))
+        }
+    }
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let cfg: Result<_, ConfigErrors> = config::load(path);
+    let cfg = cfg?;
+    println!(
+        "{}: OK ({} listener(s), {} route(s), {} pool(s), {} backend(s){}{})",
+        path.display(),
+        cfg.listeners.len(),
+        cfg.routes.len(),
+        cfg.pools.len(),
+        cfg.pools.iter().map(|p| p.backends.len()).sum::<usize>(),
+        if cfg.dns.is_some() { ", dns" } else { "" },
+        if cfg.sync.is_some() { ", sync" } else { "" },
+    );
+    Ok(())
+}
+
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    b.enable_all().build().context("cannot start the async runtime")
+}

@@ -1,0 +1,188 @@
+//! Configuration: YAML file → raw serde structs ([`raw`]) → [`validate`] → the typed
+//! [`Config`] the rest of lockstep trusts.
+//!
+//! Nothing here opens sockets; [`load`] reads the config file and the TLS files it names.
+//! Every problem is reported as `file:line:column: what is wrong and what to do`.
+
+pub mod duration;
+pub mod error;
+pub mod raw;
+pub mod tls;
+mod validate;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+pub use error::{ConfigError, ConfigErrors, Pos};
+
+use crate::router::balance::Policy;
+use crate::router::health::PassivePolicy;
+use crate::router::route::Route;
+
+/// Default time a client may take to send its request head.
+pub const DEFAULT_HEADER_READ: Duration = Duration::from_secs(10);
+/// Default keep-alive idle time of a client connection.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+/// Default backend connect timeout.
+pub const DEFAULT_CONNECT: Duration = Duration::from_secs(2);
+/// Default time from request sent to response head.
+pub const DEFAULT_RESPONSE: Duration = Duration::from_secs(30);
+/// Default retries of idempotent requests after a connect failure.
+pub const DEFAULT_RETRIES: u32 = 1;
+/// Default health check path.
+pub const DEFAULT_HEALTH_PATH: &str = "/healthz";
+/// Default time between health checks.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Default health check timeout.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default consecutive successes to come up.
+pub const DEFAULT_RISE: u32 = 2;
+/// Default consecutive failures to go down.
+pub const DEFAULT_FALL: u32 = 3;
+/// Default consecutive request failures that eject a backend.
+pub const DEFAULT_PASSIVE_FAILURES: u32 = 5;
+/// Default first ejection.
+pub const DEFAULT_EJECTION: Duration = Duration::from_secs(10);
+/// Default longest ejection.
+pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// Proxy listeners.
+    pub listeners: Vec<Listener>,
+    /// Routes, first match wins; `Route::pool` indexes `pools`.
+    pub routes: Vec<Route>,
+    /// Pools of backends.
+    pub pools: Vec<Pool>,
+    /// Admin listener and reload socket.
+    pub admin: Admin,
+    /// The `dns:` section, parsed; the DNS responder validates and serves it.
+    pub dns: Option<std::sync::Arc<raw::RawDns>>,
+    /// The `sync:` section, parsed; the sync hub validates and serves it.
+    pub sync: Option<std::sync::Arc<raw::RawSync>>,
+}
+
+/// Access log format of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    /// No access log (the default: it costs throughput).
+    Off,
+    /// NCSA combined, as nginx and Apache write it.
+    Combined,
+    /// One JSON object per request.
+    Json,
+}
+
+/// One proxy listener.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Unique name.
+    pub name: String,
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// Certificates when TLS terminates here; the first is the default for clients without SNI.
+    pub tls: Option<Vec<tls::LoadedCert>>,
+    /// Peers whose `X-Forwarded-For` is kept and appended to; others' is replaced.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Access log format.
+    pub access_log: AccessLog,
+    /// Time allowed for the request head.
+    pub header_read_timeout: Duration,
+    /// Keep-alive idle timeout.
+    pub idle_timeout: Duration,
+}
+
+/// What the `hash` policy hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header's value.
+    Header(http::HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+    /// The client's IP address.
+    ClientIp,
+}
+
+/// One backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Unique within its pool.
+    pub name: String,
+    /// Where the proxy connects.
+    pub address: SocketAddr,
+    /// What DNS answers with for it.
+    pub dns_address: IpAddr,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// Active health check settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Path to GET.
+    pub path: String,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Time a check may take.
+    pub timeout: Duration,
+    /// Consecutive successes to come up (≥ 1).
+    pub rise: u32,
+    /// Consecutive failures to go down (≥ 1).
+    pub fall: u32,
+}
+
+/// One pool.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    /// Unique name.
+    pub name: String,
+    /// Balancing policy.
+    pub policy: Policy,
+    /// For `Policy::Hash`.
+    pub hash_key: Option<HashKey>,
+    /// Backends, in config order.
+    pub backends: Vec<Backend>,
+    /// Active checks, if configured.
+    pub health: Option<HealthCheck>,
+    /// Backend connect timeout.
+    pub connect_timeout: Duration,
+    /// Time to the response head.
+    pub response_timeout: Duration,
+    /// Retries to another backend after a connect failure (idempotent requests only).
+    pub retries: u32,
+    /// Passive ejection.
+    pub passive: PassivePolicy,
+}
+
+/// Admin settings.
+#[derive(Debug, Clone, Default)]
+pub struct Admin {
+    /// The admin HTTP listener, when set.
+    pub bind: Option<SocketAddr>,
+    /// The reload socket, when set.
+    pub socket: Option<PathBuf>,
+}
+
+/// Reads and checks a config file, returning every problem found.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError::at(
+            path,
+            Pos::default(),
+            format!("cannot read the config file: {e}"),
+        )])
+    })?;
+    parse(path, &text)
+}
+
+/// Checks config text as if read from `path` (relative TLS paths resolve against its directory).
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let raw = validate::parse_raw(path, text)?;
+    validate::validate(path, raw)
+}

@@ -1,0 +1,249 @@
+//! The config file as written: serde structs that mirror the YAML one to one.
+//!
+//! Unknown and duplicate keys are refused by the parser. Values that need checking beyond
+//! their YAML type (addresses, durations, names that refer to each other) are kept as
+//! [`Spanned`] strings so that [`super::validate`] can report every problem with its line and
+//! column, not just the first.
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+type S<T> = Spanned<T>;
+
+/// The top level of `lockstep.yaml`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Where the proxy accepts connections.
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    /// Host/path → pool, first match wins.
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    /// Groups of backends.
+    #[serde(default)]
+    pub pools: Vec<RawPool>,
+    /// The DNS round-robin responder.
+    pub dns: Option<RawDns>,
+    /// The content-sync hub.
+    pub sync: Option<RawSync>,
+    /// The admin listener and reload socket.
+    pub admin: Option<RawAdmin>,
+}
+
+/// One proxy listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    /// Unique name, used in logs and metrics.
+    pub name: S<String>,
+    /// `ip:port` to bind.
+    pub bind: S<String>,
+    /// TLS termination; absent = plain HTTP (h1 and h2c).
+    pub tls: Option<RawTls>,
+    /// Peers whose `X-Forwarded-For` is trusted and appended to (CIDRs or addresses).
+    pub trusted_proxies: Option<Vec<S<String>>>,
+    /// `off` (default), `combined` or `json`.
+    pub access_log: Option<S<String>>,
+    /// Client-side timeouts.
+    pub timeouts: Option<RawListenerTimeouts>,
+}
+
+/// Certificates of a TLS listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// Certificate/key pairs; SNI picks among them, the first is the default.
+    pub certificates: Vec<RawCertificate>,
+}
+
+/// One PEM certificate chain and its private key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert: S<String>,
+    /// PEM file with the private key.
+    pub key: S<String>,
+}
+
+/// Client-side timeouts of a listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTimeouts {
+    /// How long a client may take to send the request head.
+    pub header_read: Option<S<String>>,
+    /// How long a keep-alive connection may sit idle.
+    pub idle: Option<S<String>>,
+}
+
+/// One route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Exact host or `*.suffix`; absent = any host.
+    pub host: Option<S<String>>,
+    /// Path prefix; absent = `/`.
+    pub path_prefix: Option<S<String>>,
+    /// Name of the pool that serves it.
+    pub pool: S<String>,
+}
+
+/// One pool of backends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    /// Unique name.
+    pub name: S<String>,
+    /// Balancing policy.
+    pub balance: Option<S<RawBalance>>,
+    /// For `hash`: `header:NAME`, `cookie:NAME` or `client_ip`.
+    pub hash_key: Option<S<String>>,
+    /// The backends.
+    pub backends: Vec<RawBackend>,
+    /// Active health checks; absent = none (passive ejection still applies).
+    pub health: Option<RawHealth>,
+    /// Upstream timeouts.
+    pub timeouts: Option<RawPoolTimeouts>,
+    /// Retries of idempotent requests to another backend after a connect failure.
+    pub retries: Option<u32>,
+    /// Passive ejection.
+    pub passive: Option<RawPassive>,
+}
+
+/// The balancing policies.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawBalance {
+    /// Each backend in turn.
+    RoundRobin,
+    /// Smooth weighted round robin.
+    Weighted,
+    /// Fewest requests in flight (per weight).
+    LeastConn,
+    /// Power of two choices over a latency EWMA.
+    P2cEwma,
+    /// Consistent hashing on `hash_key`.
+    Hash,
+}
+
+/// One backend.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    /// Unique within the pool.
+    pub name: S<String>,
+    /// `ip:port` the proxy connects to.
+    pub address: S<String>,
+    /// Relative weight (default 1).
+    pub weight: Option<S<u32>>,
+    /// The address DNS answers with, when it differs from `address`'s IP.
+    pub dns_address: Option<S<String>>,
+}
+
+/// Active health check.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// Path to GET; a 2xx or 3xx answer is healthy.
+    pub path: Option<S<String>>,
+    /// Time between checks.
+    pub interval: Option<S<String>>,
+    /// Time a check may take.
+    pub timeout: Option<S<String>>,
+    /// Consecutive successes to come up.
+    pub rise: Option<S<u32>>,
+    /// Consecutive failures to go down.
+    pub fall: Option<S<u32>>,
+}
+
+/// Upstream timeouts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPoolTimeouts {
+    /// TCP connect to a backend.
+    pub connect: Option<S<String>>,
+    /// From sending the request to the response head.
+    pub response: Option<S<String>>,
+}
+
+/// Passive ejection settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassive {
+    /// Consecutive failures (connect errors, 5xx) that eject a backend; 0 disables.
+    pub failures: Option<u32>,
+    /// First ejection length; doubles per consecutive ejection.
+    pub ejection: Option<S<String>>,
+    /// Longest ejection.
+    pub max_ejection: Option<S<String>>,
+}
+
+/// The DNS responder (validated by the DNS part).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// `ip:port` for UDP and TCP.
+    pub bind: S<String>,
+    /// Most addresses in one answer.
+    pub max_answers: Option<S<u32>>,
+    /// Authoritative zones.
+    #[serde(default)]
+    pub zones: Vec<RawZone>,
+}
+
+/// One authoritative zone.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawZone {
+    /// Zone apex, e.g. `farm.test`.
+    pub name: S<String>,
+    /// TTL of the answers.
+    pub ttl: Option<S<u32>>,
+    /// NS names of the apex.
+    #[serde(default)]
+    pub nameservers: Vec<S<String>>,
+    /// Names in the zone.
+    #[serde(default)]
+    pub records: Vec<RawRecord>,
+}
+
+/// One name in a zone: either a pool's healthy backends or fixed addresses.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRecord {
+    /// Relative name (`www`) or `@` for the apex.
+    pub name: S<String>,
+    /// Answer with this pool's healthy backends.
+    pub pool: Option<S<String>>,
+    /// Answer with these addresses.
+    pub addresses: Option<Vec<S<String>>>,
+}
+
+/// The content-sync hub (validated by the sync part).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSync {
+    /// `ip:port` of the sync API.
+    pub bind: S<String>,
+    /// Directory of the hub's store.
+    pub store: S<String>,
+    /// Activation grid.
+    pub cadence: Option<S<String>>,
+    /// Least time between a publish and its activation.
+    pub lead: Option<S<String>>,
+    /// File holding the agents' bearer token.
+    pub agent_token_file: Option<S<String>>,
+    /// File holding the publishers' bearer token.
+    pub publish_token_file: Option<S<String>>,
+}
+
+/// Admin listener and reload socket.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `ip:port` of the admin HTTP listener (`/metrics`, `/healthz`, `/ready`).
+    pub bind: Option<S<String>>,
+    /// Unix socket `lockstep reload` talks to.
+    pub socket: Option<S<String>>,
+}

@@ -1,0 +1,58 @@
+//! Loads PEM certificate chains and private keys for TLS listeners, and reads the DNS names
+//! each certificate is valid for so that SNI can pick among them.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A certificate chain with its key, ready for rustls, and the names it serves.
+#[derive(Debug, Clone)]
+pub struct LoadedCert {
+    /// DNS names from the leaf's subjectAltName (may include `*.example` wildcards), lowercase.
+    pub names: Vec<String>,
+    /// Chain and signing key.
+    pub key: Arc<CertifiedKey>,
+}
+
+/// Reads `cert` and `key` (PEM). Errors say which file and what is wrong with it.
+pub fn load(cert: &Path, key: &Path) -> Result<LoadedCert, String> {
+    let bytes = std::fs::read(cert)
+        .map_err(|e| format!("cannot read certificate {}: {e}", cert.display()))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("certificate {} is not valid PEM: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "certificate {} holds no PEM CERTIFICATE block: give the chain, leaf first",
+            cert.display()
+        ));
+    }
+    let key_bytes =
+        std::fs::read(key).map_err(|e| format!("cannot read private key {}: {e}", key.display()))?;
+    let private = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
+        format!(
+            "private key {} is not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
+            key.display()
+        )
+    })?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&private)
+        .map_err(|e| format!("private key {} is not usable: {e}", key.display()))?;
+    let leaf = webpki::EndEntityCert::try_from(&chain[0])
+        .map_err(|e| format!("certificate {} cannot be parsed: {e:?}", cert.display()))?;
+    let names: Vec<String> = leaf.valid_dns_names().map(|n| n.to_ascii_lowercase()).collect();
+    let certified = CertifiedKey::new(chain, signer);
+    if let Err(e) = certified.keys_match() {
+        return Err(format!(
+            "private key {} does not belong to certificate {} ({e})",
+            key.display(),
+            cert.display()
+        ));
+    }
+    Ok(LoadedCert {
+        names,
+        key: Arc::new(certified),
+    })
+}

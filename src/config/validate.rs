@@ -1,0 +1,447 @@
+//! Raw config → typed [`Config`], collecting every problem instead of stopping at the first.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde_saphyr::Spanned;
+
+use super::error::nearest;
+use super::raw::*;
+use super::*;
+use crate::router::route::{HostMatch, Route};
+
+/// YAML → raw structs. Syntax, type, unknown-key and duplicate-key errors stop here (the
+/// parser cannot go on past them), with a hint for the nearest valid key.
+pub(super) fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigErrors> {
+    if text.trim().is_empty() {
+        return Err(ConfigErrors(vec![ConfigError::at(
+            path,
+            Pos::default(),
+            "the config file is empty: see deploy/examples/lockstep.yaml for every key",
+        )]));
+    }
+    serde_saphyr::from_str::<RawConfig>(text).map_err(|e| {
+        let pos = e
+            .location()
+            .map(|l| Pos {
+                line: l.line(),
+                column: l.column(),
+            })
+            .unwrap_or_default();
+        let message = match e.without_snippet() {
+            serde_saphyr::Error::SerdeUnknownField {
+                field, expected, ..
+            } => {
+                let hint = match nearest(field, expected.iter().copied()) {
+                    Some(n) => format!("did you mean `{n}`?"),
+                    None => format!("valid keys here: {}", expected.join(", ")),
+                };
+                format!("unknown key `{field}`: {hint}")
+            }
+            other => clean_parser_message(&other.to_string()),
+        };
+        ConfigErrors(vec![ConfigError::at(path, pos, message)])
+    })
+}
+
+/// Drops the parser's own `error: line N column M:` prefix (we print the position ourselves)
+/// and turns its advice into ours.
+fn clean_parser_message(s: &str) -> String {
+    let s = s.strip_prefix("error: ").unwrap_or(s);
+    let s = match s.strip_prefix("line ") {
+        Some(rest) => rest.split_once(": ").map(|(_, m)| m).unwrap_or(rest),
+        None => s,
+    };
+    let s = s.lines().next().unwrap_or(s);
+    if let Some(key) = s.strip_prefix("duplicate mapping key: ") {
+        let key = key.split(',').next().unwrap_or(key);
+        return format!("duplicate key `{key}`: each key may appear once in a mapping; remove or merge one");
+    }
+    s.to_string()
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Ctx<'_> {
+    fn err<T>(&mut self, at: &Spanned<T>, msg: impl Into<String>) {
+        self.errors.push(ConfigError::at(self.file, Pos::of(at), msg));
+    }
+
+    fn duration(&mut self, v: &Option<Spanned<String>>, default: Duration, what: &str) -> Duration {
+        let Some(v) = v else { return default };
+        match duration::parse(&v.value) {
+            Ok(d) if d.is_zero() => {
+                self.err(v, format!("{what} must be longer than 0"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(v, format!("{what}: {e}"));
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, v: &Spanned<String>, what: &str) -> Option<SocketAddr> {
+        match SocketAddr::from_str(v.value.trim()) {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    v,
+                    format!(
+                        "{what} `{}` is not an ip:port address: write e.g. \"0.0.0.0:80\" or \"[::]:443\"",
+                        v.value
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn path(&self, v: &str) -> PathBuf {
+        let p = PathBuf::from(v);
+        if p.is_absolute() {
+            p
+        } else {
+            self.file.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+}
+
+/// Checks the raw config, returning the typed one or every problem found.
+pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
+    let mut cx = Ctx {
+        file,
+        errors: Vec::new(),
+    };
+
+    let listeners = listeners(&mut cx, &raw.listeners);
+    let (pools, pool_index) = pools(&mut cx, &raw.pools);
+    let routes = routes(&mut cx, &raw.routes, &pool_index);
+    if !raw.listeners.is_empty() && raw.routes.is_empty() {
+        cx.errors.push(ConfigError::at(
+            file,
+            Pos::default(),
+            "listeners are configured but there are no routes: every request would get 404; add `routes:` with at least one `{ path_prefix: \"/\", pool: NAME }`",
+        ));
+    }
+    let admin = admin(&mut cx, raw.admin.as_ref());
+
+    if cx.errors.is_empty() {
+        Ok(Config {
+            file: file.to_path_buf(),
+            listeners,
+            routes,
+            pools,
+            admin,
+            dns: raw.dns.map(Arc::new),
+            sync: raw.sync.map(Arc::new),
+        })
+    } else {
+        cx.errors.sort_by_key(|e| (e.pos.line, e.pos.column));
+        Err(ConfigErrors(cx.errors))
+    }
+}
+
+fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
+    let mut out = Vec::new();
+    let mut names = HashSet::new();
+    let mut binds: HashMap<SocketAddr, String> = HashMap::new();
+    for l in raw {
+        if l.name.value.is_empty() {
+            cx.err(&l.name, "listener name is empty: give each listener a name");
+        } else if !names.insert(l.name.value.clone()) {
+            cx.err(
+                &l.name,
+                format!("duplicate listener name `{}`: listener names must be unique", l.name.value),
+            );
+        }
+        let bind = cx.socket_addr(&l.bind, "listener bind");
+        if let Some(b) = bind {
+            if let Some(other) = binds.insert(b, l.name.value.clone()) {
+                cx.err(
+                    &l.bind,
+                    format!("listener `{}` binds {b}, which listener `{other}` already binds: give each listener its own address", l.name.value),
+                );
+            }
+        }
+        let tls = l.tls.as_ref().and_then(|t| {
+            if t.certificates.is_empty() {
+                cx.errors.push(ConfigError::at(
+                    cx.file,
+                    Pos::of(&l.name),
+                    format!("listener `{}` has `tls:` with no certificates: add `certificates: [{{ cert: FILE, key: FILE }}]`", l.name.value),
+                ));
+                return None;
+            }
+            let mut loaded = Vec::new();
+            for c in &t.certificates {
+                match tls::load(&cx.path(&c.cert.value), &cx.path(&c.key.value)) {
+                    Ok(k) => loaded.push(k),
+                    Err(e) => cx.err(&c.cert, e),
+                }
+            }
+            Some(loaded)
+        });
+        let mut trusted = Vec::new();
+        for t in l.trusted_proxies.iter().flatten() {
+            let s = t.value.trim();
+            let net = IpNet::from_str(s).or_else(|_| IpAddr::from_str(s).map(IpNet::from));
+            match net {
+                Ok(n) => trusted.push(n),
+                Err(_) => cx.err(
+                    t,
+                    format!("trusted proxy `{s}` is not an address or CIDR: write e.g. \"10.0.0.0/8\" or \"192.0.2.7\""),
+                ),
+            }
+        }
+        let access_log = match l.access_log.as_ref() {
+            None => AccessLog::Off,
+            Some(v) => match v.value.as_str() {
+                "off" => AccessLog::Off,
+                "combined" => AccessLog::Combined,
+                "json" => AccessLog::Json,
+                other => {
+                    cx.err(v, format!("access_log `{other}` is not known: use off, combined or json"));
+                    AccessLog::Off
+                }
+            },
+        };
+        let t = l.timeouts.as_ref();
+        let header_read_timeout = cx.duration(
+            &t.and_then(|t| t.header_read.clone()),
+            DEFAULT_HEADER_READ,
+            "timeouts.header_read",
+        );
+        let idle_timeout = cx.duration(&t.and_then(|t| t.idle.clone()), DEFAULT_IDLE, "timeouts.idle");
+        if let Some(bind) = bind {
+            out.push(Listener {
+                name: l.name.value.clone(),
+                bind,
+                tls,
+                trusted_proxies: trusted,
+                access_log,
+                header_read_timeout,
+                idle_timeout,
+            });
+        }
+    }
+    out
+}
+
+fn pools(cx: &mut Ctx<'_>, raw: &[RawPool]) -> (Vec<Pool>, HashMap<String, usize>) {
+    let mut out = Vec::new();
+    let mut index = HashMap::new();
+    for p in raw {
+        if p.name.value.is_empty() {
+            cx.err(&p.name, "pool name is empty: give each pool a name");
+        } else if index.contains_key(&p.name.value) {
+            cx.err(&p.name, format!("duplicate pool name `{}`: pool names must be unique", p.name.value));
+            continue;
+        }
+        let policy = match p.balance.as_ref().map(|b| b.value) {
+            None | Some(RawBalance::RoundRobin) => Policy::RoundRobin,
+            Some(RawBalance::Weighted) => Policy::Weighted,
+            Some(RawBalance::LeastConn) => Policy::LeastConn,
+            Some(RawBalance::P2cEwma) => Policy::P2cEwma,
+            Some(RawBalance::Hash) => Policy::Hash,
+        };
+        let hash_key = match (&p.hash_key, policy) {
+            (Some(k), Policy::Hash) => parse_hash_key(cx, k),
+            (Some(k), _) => {
+                cx.err(k, "hash_key is only used with `balance: hash`: remove it or set `balance: hash`");
+                None
+            }
+            (None, Policy::Hash) => {
+                let pos = p.balance.as_ref().map(Pos::of).unwrap_or_else(|| Pos::of(&p.name));
+                cx.errors.push(ConfigError::at(
+                    cx.file,
+                    pos,
+                    "`balance: hash` needs `hash_key:` (header:NAME, cookie:NAME or client_ip)",
+                ));
+                None
+            }
+            (None, _) => None,
+        };
+        if p.backends.is_empty() {
+            cx.err(&p.name, format!("pool `{}` has no backends: add at least one `{{ name, address }}`", p.name.value));
+        }
+        let mut backends = Vec::new();
+        let mut names = HashSet::new();
+        let mut total_weight: u64 = 0;
+        for b in &p.backends {
+            if b.name.value.is_empty() {
+                cx.err(&b.name, "backend name is empty: give each backend a name");
+            } else if !names.insert(b.name.value.clone()) {
+                cx.err(
+                    &b.name,
+                    format!("duplicate backend name `{}` in pool `{}`: names must be unique within a pool", b.name.value, p.name.value),
+                );
+            }
+            let address = cx.socket_addr(&b.address, "backend address");
+            let weight = b.weight.as_ref().map(|w| w.value).unwrap_or(1);
+            total_weight += u64::from(weight);
+            let dns_address = match &b.dns_address {
+                None => address.map(|a| a.ip()),
+                Some(d) => match IpAddr::from_str(d.value.trim()) {
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        cx.err(d, format!("dns_address `{}` is not an IP address: write e.g. \"203.0.113.12\"", d.value));
+                        None
+                    }
+                },
+            };
+            if let (Some(address), Some(dns_address)) = (address, dns_address) {
+                backends.push(Backend {
+                    name: b.name.value.clone(),
+                    address,
+                    dns_address,
+                    weight,
+                });
+            }
+        }
+        if !p.backends.is_empty() && total_weight == 0 {
+            cx.err(
+                &p.name,
+                format!("pool `{}` has a total weight of 0, so no backend could ever be picked: give at least one backend a weight ≥ 1", p.name.value),
+            );
+        }
+        let health = p.health.as_ref().map(|h| health(cx, h));
+        let t = p.timeouts.as_ref();
+        let connect_timeout = cx.duration(&t.and_then(|t| t.connect.clone()), DEFAULT_CONNECT, "timeouts.connect");
+        let response_timeout =
+            cx.duration(&t.and_then(|t| t.response.clone()), DEFAULT_RESPONSE, "timeouts.response");
+        let pa = p.passive.as_ref();
+        let passive = PassivePolicy {
+            failures: pa.and_then(|p| p.failures).unwrap_or(DEFAULT_PASSIVE_FAILURES),
+            base: cx.duration(&pa.and_then(|p| p.ejection.clone()), DEFAULT_EJECTION, "passive.ejection"),
+            max: cx.duration(&pa.and_then(|p| p.max_ejection.clone()), DEFAULT_MAX_EJECTION, "passive.max_ejection"),
+        };
+        index.insert(p.name.value.clone(), out.len());
+        out.push(Pool {
+            name: p.name.value.clone(),
+            policy,
+            hash_key,
+            backends,
+            health,
+            connect_timeout,
+            response_timeout,
+            retries: p.retries.unwrap_or(DEFAULT_RETRIES),
+            passive,
+        });
+    }
+    (out, index)
+}
+
+fn parse_hash_key(cx: &mut Ctx<'_>, k: &Spanned<String>) -> Option<HashKey> {
+    let v = k.value.trim();
+    if v == "client_ip" {
+        return Some(HashKey::ClientIp);
+    }
+    if let Some(name) = v.strip_prefix("header:") {
+        return match http::HeaderName::from_str(name) {
+            Ok(h) => Some(HashKey::Header(h)),
+            Err(_) => {
+                cx.err(k, format!("`{name}` is not a valid header name"));
+                None
+            }
+        };
+    }
+    if let Some(name) = v.strip_prefix("cookie:") {
+        if !name.is_empty() && !name.contains([';', '=', ' ']) {
+            return Some(HashKey::Cookie(name.to_string()));
+        }
+        cx.err(k, format!("`{name}` is not a valid cookie name"));
+        return None;
+    }
+    cx.err(k, format!("hash_key `{v}` is not known: use header:NAME, cookie:NAME or client_ip"));
+    None
+}
+
+fn health(cx: &mut Ctx<'_>, h: &RawHealth) -> HealthCheck {
+    let mut count = |v: &Option<Spanned<u32>>, default: u32, what: &str| match v {
+        None => default,
+        Some(s) if s.value == 0 => {
+            cx.err(s, format!("health.{what} is 0: it must be at least 1 (consecutive checks needed to change state)"));
+            default
+        }
+        Some(s) => s.value,
+    };
+    let rise = count(&h.rise, DEFAULT_RISE, "rise");
+    let fall = count(&h.fall, DEFAULT_FALL, "fall");
+    let path = match &h.path {
+        None => DEFAULT_HEALTH_PATH.to_string(),
+        Some(p) if !p.value.starts_with('/') || http::uri::PathAndQuery::from_str(&p.value).is_err() => {
+            cx.err(p, format!("health.path `{}` must be an absolute path such as /healthz", p.value));
+            DEFAULT_HEALTH_PATH.to_string()
+        }
+        Some(p) => p.value.clone(),
+    };
+    HealthCheck {
+        path,
+        interval: cx.duration(&h.interval, DEFAULT_HEALTH_INTERVAL, "health.interval"),
+        timeout: cx.duration(&h.timeout, DEFAULT_HEALTH_TIMEOUT, "health.timeout"),
+        rise,
+        fall,
+    }
+}
+
+fn routes(cx: &mut Ctx<'_>, raw: &[RawRoute], pools: &HashMap<String, usize>) -> Vec<Route> {
+    let mut out = Vec::new();
+    for r in raw {
+        let host = match &r.host {
+            None => None,
+            Some(h) => match HostMatch::parse(&h.value) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    cx.err(h, format!("route host `{}`: {e}", h.value));
+                    None
+                }
+            },
+        };
+        let path_prefix = match &r.path_prefix {
+            None => "/".to_string(),
+            Some(p) if !p.value.starts_with('/') => {
+                cx.err(p, format!("path_prefix `{}` must start with /", p.value));
+                "/".to_string()
+            }
+            Some(p) => p.value.clone(),
+        };
+        match pools.get(&r.pool.value) {
+            Some(&pool) => out.push(Route {
+                host,
+                path_prefix,
+                pool,
+            }),
+            None => {
+                let hint = match nearest(&r.pool.value, pools.keys().map(String::as_str)) {
+                    Some(n) => format!("did you mean `{n}`?"),
+                    None if pools.is_empty() => "there are no pools: add one under `pools:`".to_string(),
+                    None => {
+                        let mut names: Vec<&str> = pools.keys().map(String::as_str).collect();
+                        names.sort_unstable();
+                        format!("pools are: {}", names.join(", "))
+                    }
+                };
+                cx.err(&r.pool, format!("route to pool `{}`, which does not exist: {hint}", r.pool.value));
+            }
+        }
+    }
+    out
+}
+
+fn admin(cx: &mut Ctx<'_>, raw: Option<&RawAdmin>) -> Admin {
+    let Some(a) = raw else { return Admin::default() };
+    Admin {
+        bind: a.bind.as_ref().and_then(|b| cx.socket_addr(b, "admin bind")),
+        socket: a.socket.as_ref().map(|s| cx.path(&s.value)),
+    }
+}

@@ -1,0 +1,79 @@
+//! The appliance's live state: the routing table and one upstream client per pool, built
+//! together from one config and swapped together on reload.
+//!
+//! Readers (the proxy per request, the health checkers, the DNS responder, the admin API)
+//! `load` the pointer once and use that generation to the end of what they are doing.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, Listener};
+use crate::metrics::Metrics;
+use crate::proxy::upstream::{self, Client};
+use crate::router::table::Table;
+
+/// One generation of live state.
+pub struct Live {
+    /// The config it was built from.
+    pub config: Arc<Config>,
+    /// Routes, pools, backends and their health.
+    pub table: Table,
+    /// Upstream client of each pool (same index as `table.pools`).
+    pub clients: Vec<Client>,
+    /// Each listener's settings and TLS acceptor, by listener name.
+    pub listeners: Vec<(Arc<Listener>, Option<TlsAcceptor>)>,
+}
+
+impl Live {
+    /// Builds generation `generation` from `config`, carrying backend state and pooled
+    /// connections over from `previous`.
+    pub fn build(config: Arc<Config>, previous: Option<&Live>, generation: u64, metrics: &Metrics) -> Live {
+        let table = Table::build(&config, previous.map(|p| &p.table), generation, metrics);
+        let clients = config
+            .pools
+            .iter()
+            .map(|p| {
+                previous
+                    .and_then(|prev| {
+                        prev.config
+                            .pools
+                            .iter()
+                            .position(|o| o.name == p.name && o.connect_timeout == p.connect_timeout)
+                            .and_then(|i| prev.clients.get(i).cloned())
+                    })
+                    .unwrap_or_else(|| upstream::client(p.connect_timeout))
+            })
+            .collect();
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let acceptor = l
+                    .tls
+                    .as_ref()
+                    .map(|certs| TlsAcceptor::from(crate::proxy::tls::server_config(certs)));
+                (Arc::new(l.clone()), acceptor)
+            })
+            .collect();
+        Live {
+            config,
+            table,
+            clients,
+            listeners,
+        }
+    }
+
+    /// The settings and TLS acceptor of listener `name`.
+    pub fn listener(&self, name: &str) -> Option<(Arc<Listener>, Option<TlsAcceptor>)> {
+        self.listeners
+            .iter()
+            .find(|(l, _)| l.name == name)
+            .map(|(l, a)| (l.clone(), a.clone()))
+    }
+}
+
+/// The swapped pointer to the live state.
+pub type Shared = Arc<ArcSwap<Live>>;

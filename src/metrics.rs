@@ -1,0 +1,145 @@
+//! Prometheus metrics (prometheus-client): one registry for the process, rendered in the text
+//! format on the admin listener's `/metrics`.
+//!
+//! Hot-path handles (a backend's counters, a pool's histogram) are looked up once when a
+//! routing table is built and kept beside it, so a request touches atomics only.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of a per-backend series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// Pool name.
+    pub pool: String,
+    /// Backend name.
+    pub backend: String,
+}
+
+/// Labels of a request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Pool name (`none` when no route matched).
+    pub pool: String,
+    /// Backend name (`none` when no backend was picked).
+    pub backend: String,
+    /// `2xx`, `3xx`, `4xx` or `5xx`.
+    pub class: String,
+}
+
+/// Labels with a pool only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// Pool name.
+    pub pool: String,
+}
+
+/// Labels with a listener only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// Listener name.
+    pub listener: String,
+}
+
+/// Labels of the reload counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+/// Every metric lockstep exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Proxied requests by pool, backend and status class.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request latency by pool, seconds.
+    pub latency: Family<PoolLabels, Histogram>,
+    /// 1 when a backend is available, 0 when down or ejected.
+    pub backend_up: Family<BackendLabels, Gauge>,
+    /// Failed active health checks.
+    pub check_failures: Family<BackendLabels, Counter>,
+    /// Passive ejections.
+    pub ejections: Family<BackendLabels, Counter>,
+    /// Retries to another backend.
+    pub retries: Family<PoolLabels, Counter>,
+    /// Config reloads by result.
+    pub reloads: Family<ResultLabels, Counter>,
+    /// Open client connections by listener.
+    pub connections: Family<ListenerLabels, Gauge>,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("lockstep");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
+            backend_up: Family::default(),
+            check_failures: Family::default(),
+            ejections: Family::default(),
+            retries: Family::default(),
+            reloads: Family::default(),
+            connections: Family::default(),
+        };
+        registry.register("http_requests", "Proxied HTTP requests", m.requests.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from request received to response head sent",
+            m.latency.clone(),
+        );
+        registry.register("backend_up", "1 if the backend takes traffic", m.backend_up.clone());
+        registry.register(
+            "health_check_failures",
+            "Failed active health checks",
+            m.check_failures.clone(),
+        );
+        registry.register("backend_ejections", "Passive ejections", m.ejections.clone());
+        registry.register("retries", "Requests retried on another backend", m.retries.clone());
+        registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
+        registry.register("open_connections", "Open client connections", m.connections.clone());
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
+        m
+    }
+
+    /// Registers further metrics (for the DNS and sync parts).
+    pub fn with_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> R {
+        f(&mut self.registry.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Status class label of a status code.
+pub fn class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

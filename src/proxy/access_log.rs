@@ -1,0 +1,178 @@
+//! Access log lines (`combined` as nginx writes it, or one JSON object per line), written to
+//! stdout by a dedicated thread so that a slow terminal or journal never blocks a request.
+//! When the writer falls behind, lines are dropped and counted rather than queued forever.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::AccessLog;
+
+/// What one access log line says.
+pub struct Entry<'a> {
+    /// Client address.
+    pub client: IpAddr,
+    /// When the request arrived.
+    pub time: SystemTime,
+    /// Method.
+    pub method: &'a str,
+    /// Path and query.
+    pub target: &'a str,
+    /// `HTTP/1.1`, `HTTP/2.0`.
+    pub version: &'a str,
+    /// Status sent.
+    pub status: u16,
+    /// Response body size when known.
+    pub bytes: Option<u64>,
+    /// `Referer`.
+    pub referer: Option<&'a str>,
+    /// `User-Agent`.
+    pub user_agent: Option<&'a str>,
+    /// Host asked for.
+    pub host: Option<&'a str>,
+    /// Pool and backend that served it.
+    pub pool: Option<&'a str>,
+    /// Backend that served it.
+    pub backend: Option<&'a str>,
+    /// Time to the response head.
+    pub duration: Duration,
+    /// Listener name.
+    pub listener: &'a str,
+}
+
+/// Formats one line (without the newline).
+pub fn format(fmt: AccessLog, e: &Entry<'_>) -> Option<String> {
+    match fmt {
+        AccessLog::Off => None,
+        AccessLog::Combined => Some(format!(
+            "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\"",
+            e.client,
+            clf_time(e.time),
+            e.method,
+            e.target,
+            e.version,
+            e.status,
+            e.bytes.map_or("-".to_string(), |b| b.to_string()),
+            e.referer.unwrap_or("-"),
+            e.user_agent.unwrap_or("-"),
+        )),
+        AccessLog::Json => Some(
+            serde_json::json!({
+                "time": humantime::format_rfc3339_millis(e.time).to_string(),
+                "listener": e.listener,
+                "client": e.client.to_string(),
+                "method": e.method,
+                "target": e.target,
+                "version": e.version,
+                "host": e.host,
+                "status": e.status,
+                "bytes": e.bytes,
+                "referer": e.referer,
+                "user_agent": e.user_agent,
+                "pool": e.pool,
+                "backend": e.backend,
+                "duration_ms": e.duration.as_secs_f64() * 1000.0,
+            })
+            .to_string(),
+        ),
+    }
+}
+
+/// `21/Nov/2026:22:13:58 +0000` (UTC).
+fn clf_time(t: SystemTime) -> String {
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000",
+        MONTHS[(m - 1) as usize % 12],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 → (year, month 1..=12, day) — Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Lines dropped because the writer could not keep up.
+pub static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Queues a line for stdout.
+pub fn write(line: String) {
+    static TX: OnceLock<SyncSender<String>> = OnceLock::new();
+    let tx = TX.get_or_init(|| {
+        let (tx, rx) = sync_channel::<String>(16 * 1024);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::new(stdout.lock());
+                while let Ok(first) = rx.recv() {
+                    let _ = writeln!(out, "{first}");
+                    while let Ok(more) = rx.try_recv() {
+                        let _ = writeln!(out, "{more}");
+                    }
+                    let _ = out.flush();
+                }
+            })
+            .ok();
+        tx
+    });
+    if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            client: "192.0.2.1".parse().unwrap(),
+            time: UNIX_EPOCH + Duration::from_secs(1_795_299_238),
+            method: "GET",
+            target: "/a?b=1",
+            version: "HTTP/1.1",
+            status: 200,
+            bytes: Some(12),
+            referer: None,
+            user_agent: Some("curl/8"),
+            host: Some("www.farm.test"),
+            pool: Some("www"),
+            backend: Some("web-1"),
+            duration: Duration::from_millis(3),
+            listener: "http",
+        }
+    }
+
+    #[test]
+    fn combined_matches_nginx_shape() {
+        let line = format(AccessLog::Combined, &entry()).unwrap();
+        assert_eq!(line, "192.0.2.1 - - [21/Nov/2026:22:13:58 +0000] \"GET /a?b=1 HTTP/1.1\" 200 12 \"-\" \"curl/8\"");
+    }
+
+    #[test]
+    fn json_is_one_parsable_object() {
+        let line = format(AccessLog::Json, &entry()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["backend"], "web-1");
+        assert!(format(AccessLog::Off, &entry()).is_none());
+    }
+}

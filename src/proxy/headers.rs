@@ -1,0 +1,263 @@
+//! Header rewriting between client and backend (pure: works on `HeaderMap`s only).
+//!
+//! Hop-by-hop headers (RFC 9110 §7.6.1) and every header named in `Connection` are dropped in
+//! both directions; requests get `X-Forwarded-For`/`-Proto`/`-Host` and `Via`. A client's own
+//! `X-Forwarded-*` values are kept only when it is a trusted proxy: otherwise anyone could
+//! claim any client address.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// True when the request asks for a protocol upgrade (WebSocket): `Connection: upgrade` and an
+/// `Upgrade` header.
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"))
+}
+
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+/// Removes hop-by-hop headers and those named in `Connection`. When `keep_upgrade` is set
+/// (an upgrade being passed through), `Upgrade` and `Connection: upgrade` survive.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in &HOP_BY_HOP {
+        if keep_upgrade && (h == header::UPGRADE || h == header::CONNECTION) {
+            continue;
+        }
+        headers.remove(h);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Whether `peer` is in the trusted proxy list.
+pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
+    let peer = canonical(peer);
+    trusted.iter().any(|n| n.contains(&peer))
+}
+
+/// IPv4-mapped IPv6 addresses compare as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// What the proxy knows about the client side of one request.
+pub struct Forwarded<'a> {
+    /// The TCP peer.
+    pub peer: IpAddr,
+    /// Whether the peer is a trusted proxy.
+    pub trusted: bool,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    /// The host the client asked for (Host or :authority), if any.
+    pub host: Option<&'a str>,
+    /// `Via` token for the client's protocol version, e.g. `1.1 lockstep`.
+    pub via: &'static str,
+}
+
+/// Adds `X-Forwarded-*` and `Via` to a request going to a backend.
+pub fn add_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
+    let peer = canonical(f.peer).to_string();
+    let xff = match (f.trusted, joined(headers, &X_FORWARDED_FOR)) {
+        (true, Some(prior)) => format!("{prior}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if !(f.trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
+    }
+    if !(f.trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        match f.host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            Some(v) => {
+                headers.insert(X_FORWARDED_HOST.clone(), v);
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+    append_via(headers, f.via);
+}
+
+/// Appends our `Via` entry after any earlier ones.
+pub fn append_via(headers: &mut HeaderMap, via: &'static str) {
+    match joined(headers, &header::VIA) {
+        Some(prior) => {
+            if let Ok(v) = HeaderValue::from_str(&format!("{prior}, {via}")) {
+                headers.insert(header::VIA, v);
+            }
+        }
+        None => {
+            headers.insert(header::VIA, HeaderValue::from_static(via));
+        }
+    }
+}
+
+/// All values of a header joined with `, ` (how a list header is read when sent several times).
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut out: Option<String> = None;
+    for v in headers.get_all(name) {
+        let s = v.to_str().ok()?;
+        match &mut out {
+            Some(o) => {
+                o.push_str(", ");
+                o.push_str(s);
+            }
+            None => out = Some(s.to_string()),
+        }
+    }
+    out
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn fwd(peer: &str, trusted: bool) -> Forwarded<'static> {
+        Forwarded {
+            peer: peer.parse().unwrap(),
+            trusted,
+            proto: "https",
+            host: Some("www.farm.test"),
+            via: "1.1 lockstep",
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn upgrade_survives_when_passed_through() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("keep-alive", "1")]);
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert!(!h.contains_key("keep-alive"));
+    }
+
+    #[test]
+    fn untrusted_peer_replaces_forwarded_headers() {
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "gopher"),
+            ("x-forwarded-host", "evil.test"),
+        ]);
+        add_forwarded(&mut h, &fwd("192.0.2.1", false));
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "www.farm.test");
+        assert_eq!(h["via"], "1.1 lockstep");
+    }
+
+    #[test]
+    fn trusted_peer_is_appended_to() {
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-for", "10.1.1.1"),
+            ("x-forwarded-proto", "http"),
+            ("via", "1.0 edge"),
+        ]);
+        add_forwarded(&mut h, &fwd("10.0.0.2", true));
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.1.1.1, 10.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["via"], "1.0 edge, 1.1 lockstep");
+    }
+
+    #[test]
+    fn trust_matches_cidrs_and_mapped_addresses() {
+        let nets: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        assert!(is_trusted("10.2.3.4".parse().unwrap(), &nets));
+        assert!(is_trusted("::ffff:10.2.3.4".parse().unwrap(), &nets));
+        assert!(is_trusted("::1".parse().unwrap(), &nets));
+        assert!(!is_trusted("192.0.2.1".parse().unwrap(), &nets));
+    }
+
+    #[test]
+    fn cookie_lookup() {
+        let h = map(&[("cookie", "a=1; session=abc; b=2")]);
+        assert_eq!(cookie(&h, "session"), Some("abc"));
+        assert_eq!(cookie(&h, "missing"), None);
+    }
+}

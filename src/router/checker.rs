@@ -1,0 +1,83 @@
+//! Active health checks: one task per backend of every pool with `health:` configured,
+//! GETting the check path on the interval and feeding the result to the pool's rise/fall
+//! state machine. The tasks of a table generation stop when a reload replaces it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Uri};
+use http_body_util::Empty;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::table::{PoolState, Table};
+
+type CheckClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// Starts the checkers of `table`; they stop when `stop` is cancelled.
+pub fn spawn_all(table: &Table, stop: &CancellationToken, tracker: &TaskTracker) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: CheckClient = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(1)
+        .pool_timer(TokioTimer::new())
+        .build(connector);
+    for pool in &table.pools {
+        let Some(hc) = &pool.config.health else { continue };
+        for i in 0..pool.backends.len() {
+            // Spread the first checks over the interval so a big pool is not probed at once.
+            let jitter = hc.interval.mul_f64(rand::random::<f64>() * 0.2);
+            tracker.spawn(check_loop(pool.clone(), i, client.clone(), stop.clone(), jitter));
+        }
+    }
+}
+
+async fn check_loop(pool: Arc<PoolState>, i: usize, client: CheckClient, stop: CancellationToken, jitter: Duration) {
+    let (Some(hc), Some(backend)) = (pool.config.health.clone(), pool.backends.get(i).cloned()) else {
+        return;
+    };
+    let uri: Uri = match format!("http://{}{}", backend.config.address, hc.path).parse() {
+        Ok(u) => u,
+        Err(_) => return,
+    };
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = tokio::time::sleep(jitter) => {}
+    }
+    let mut tick = tokio::time::interval(hc.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let req = Request::get(uri.clone())
+            .header(http::header::USER_AGENT, "lockstep-health-check")
+            .body(Empty::<Bytes>::new());
+        let Ok(req) = req else { return };
+        let outcome = tokio::time::timeout(hc.timeout, client.request(req)).await;
+        let (ok, why) = match outcome {
+            Ok(Ok(resp)) => {
+                let s = resp.status();
+                (s.is_success() || s.is_redirection(), format!("status {s}"))
+            }
+            Ok(Err(e)) => (false, format!("request failed: {e}")),
+            Err(_) => (false, format!("no answer within {:?}", hc.timeout)),
+        };
+        if !ok {
+            backend.check_failures.inc();
+        }
+        match pool.record_check(i, ok) {
+            Some(false) => warn!(pool = %pool.config.name, backend = %backend.config.name, reason = %why, "backend down"),
+            Some(true) => info!(pool = %pool.config.name, backend = %backend.config.name, "backend up"),
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The live routing table: routes, and each pool's backends with their load and health.
+//!
+//! A [`Table`] is built whole from a [`Config`] and published through an `ArcSwap`; a request
+//! loads it once and finishes on it even if a reload swaps in another. Per-backend state
+//! (in-flight count, latency EWMA, health state machines) is carried over to the new table for
+//! backends that stay (same pool, name and address), so a reload neither resets health nor
+//! forgets load. Each pool's health is an immutable [`PoolHealth`] snapshot, rebuilt and swapped
+//! when a backend changes state; the proxy and the DNS responder read it without locks.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use super::balance::{Balancer, Load, Member};
+use super::ewma::Ewma;
+use super::health::{ActiveHealth, Ejection};
+use super::route::RouteTable;
+use crate::config::{Backend, Config, Pool};
+use crate::metrics::{BackendLabels, Metrics, PoolLabels, RequestLabels};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+
+/// How fast the latency EWMA forgets (linkerd's default decay).
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+/// The routing table of one config generation.
+pub struct Table {
+    /// Config generation (1 for the first load, +1 per successful reload).
+    pub generation: u64,
+    /// Host/path → pool index.
+    pub routes: RouteTable,
+    /// Pools in config order.
+    pub pools: Vec<Arc<PoolState>>,
+}
+
+/// One pool at run time.
+pub struct PoolState {
+    /// Its config.
+    pub config: Pool,
+    /// Its balancing policy, built over `backends`.
+    pub balancer: Balancer,
+    /// Backends in config order (index = the balancer's member index).
+    pub backends: Vec<Arc<BackendState>>,
+    /// The current health snapshot.
+    pub health: ArcSwap<PoolHealth>,
+    /// Request latency histogram of this pool.
+    pub latency: Histogram,
+    /// Requests retried on another backend.
+    pub retries: Counter,
+    /// Serialises snapshot rebuilds so that two concurrent transitions cannot lose one.
+    rebuild: Mutex<()>,
+}
+
+/// Health of every backend of a pool at one moment (immutable; swapped whole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolHealth {
+    /// Active checks say up (true when the pool has no active checks).
+    pub up: Vec<bool>,
+    /// Passive ejection ends at this instant, if ejected.
+    pub ejected_until: Vec<Option<Instant>>,
+}
+
+impl PoolHealth {
+    /// Whether backend `i` may take traffic at `now`.
+    pub fn available(&self, i: usize, now: Instant) -> bool {
+        self.up.get(i).copied().unwrap_or(false)
+            && self
+                .ejected_until
+                .get(i)
+                .copied()
+                .flatten()
+                .is_none_or(|until| now >= until)
+    }
+
+    /// Number of backends available at `now`.
+    pub fn available_count(&self, now: Instant) -> usize {
+        (0..self.up.len()).filter(|&i| self.available(i, now)).count()
+    }
+}
+
+/// One backend at run time; shared between table generations while it stays configured.
+pub struct BackendState {
+    /// Its config.
+    pub config: Backend,
+    /// Requests in flight to it.
+    pub in_flight: AtomicU64,
+    /// Latency EWMA, for `p2c_ewma`.
+    pub ewma: Ewma,
+    /// Active-check state machine.
+    pub active: Mutex<ActiveHealth>,
+    /// Passive-ejection state machine.
+    pub ejection: Mutex<Ejection>,
+    /// Request counters by status class (1xx..5xx), looked up once.
+    pub requests: [Counter; 5],
+    /// 1 while the backend takes traffic.
+    pub up_gauge: Gauge,
+    /// Failed active checks.
+    pub check_failures: Counter,
+    /// Passive ejections.
+    pub ejections: Counter,
+    /// Set after a failed request so that successes only take the ejection lock when needed.
+    failing: AtomicBool,
+}
+
+impl BackendState {
+    fn new(pool: &str, config: Backend, metrics: &Metrics) -> Self {
+        let labels = BackendLabels {
+            pool: pool.to_string(),
+            backend: config.name.clone(),
+        };
+        let requests = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    pool: pool.to_string(),
+                    backend: config.name.clone(),
+                    class: class.to_string(),
+                })
+                .clone()
+        });
+        BackendState {
+            requests,
+            up_gauge: metrics.backend_up.get_or_create(&labels).clone(),
+            check_failures: metrics.check_failures.get_or_create(&labels).clone(),
+            ejections: metrics.ejections.get_or_create(&labels).clone(),
+            config,
+            in_flight: AtomicU64::new(0),
+            ewma: Ewma::new(EWMA_DECAY),
+            active: Mutex::new(ActiveHealth::new()),
+            ejection: Mutex::new(Ejection::default()),
+            failing: AtomicBool::new(false),
+        }
+    }
+
+    fn snapshot(&self) -> (bool, Option<Instant>) {
+        let up = lock(&self.active).is_up();
+        let until = lock(&self.ejection).ejected_until();
+        (up, until)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave the small state machines inconsistent,
+    // so a poisoned lock is still safe to use.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl PoolState {
+    fn new(config: Pool, backends: Vec<Arc<BackendState>>, metrics: &Metrics) -> Self {
+        let members: Vec<Member<'_>> = backends
+            .iter()
+            .map(|b| Member {
+                name: &b.config.name,
+                weight: b.config.weight,
+            })
+            .collect();
+        let balancer = Balancer::build(config.policy, &members);
+        let config_name = config.name.clone();
+        let pool = PoolState {
+            config,
+            balancer,
+            backends,
+            health: ArcSwap::from_pointee(PoolHealth {
+                up: Vec::new(),
+                ejected_until: Vec::new(),
+            }),
+            latency: metrics
+                .latency
+                .get_or_create(&PoolLabels {
+                    pool: config_name.clone(),
+                })
+                .clone(),
+            retries: metrics
+                .retries
+                .get_or_create(&PoolLabels {
+                    pool: config_name.clone(),
+                })
+                .clone(),
+            rebuild: Mutex::new(()),
+        };
+        pool.publish_health();
+        pool
+    }
+
+    /// Rebuilds the health snapshot from the backends' state machines and swaps it in.
+    /// Returns the new snapshot.
+    pub fn publish_health(&self) -> Arc<PoolHealth> {
+        let _guard = lock(&self.rebuild);
+        let (up, ejected_until) = self.backends.iter().map(|b| b.snapshot()).unzip();
+        let snap = Arc::new(PoolHealth { up, ejected_until });
+        let now = Instant::now();
+        for (i, b) in self.backends.iter().enumerate() {
+            b.up_gauge.set(i64::from(snap.available(i, now)));
+        }
+        self.health.store(snap.clone());
+        snap
+    }
+
+    /// Records an active check result for backend `i`; returns the new state when it changed.
+    pub fn record_check(&self, i: usize, ok: bool) -> Option<bool> {
+        let hc = self.config.health.as_ref()?;
+        let b = self.backends.get(i)?;
+        let (changed, up) = {
+            let mut a = lock(&b.active);
+            (a.observe(ok, hc.rise, hc.fall), a.is_up())
+        };
+        if changed {
+            self.publish_health();
+            Some(up)
+        } else {
+            None
+        }
+    }
+
+    /// Records the outcome of a proxied request to backend `i` (passive health); returns true
+    /// when it got the backend ejected.
+    pub fn record_outcome(&self, i: usize, ok: bool, now: Instant) -> bool {
+        let Some(b) = self.backends.get(i) else {
+            return false;
+        };
+        if ok && !b.failing.load(Ordering::Relaxed) {
+            return false;
+        }
+        let ejected = {
+            let mut e = lock(&b.ejection);
+            let ejected = e.record(ok, now, &self.config.passive);
+            b.failing.store(!ok, Ordering::Relaxed);
+            ejected
+        };
+        if ejected {
+            b.ejections.inc();
+            self.publish_health();
+        }
+        ejected
+    }
+}
+
+/// Load view over a pool's backends for the balancing policies.
+pub struct PoolLoad<'a> {
+    /// The backends.
+    pub backends: &'a [Arc<BackendState>],
+    /// The instant EWMAs are read at.
+    pub now: Instant,
+}
+
+impl Load for PoolLoad<'_> {
+    fn in_flight(&self, i: usize) -> u64 {
+        self.backends.get(i).map_or(0, |b| b.in_flight.load(Ordering::Relaxed))
+    }
+
+    fn latency_ewma(&self, i: usize) -> f64 {
+        self.backends.get(i).map_or(0.0, |b| b.ewma.get_at(self.now))
+    }
+}
+
+impl Table {
+    /// Builds the table for `config`, reusing backend state from `previous` for backends that
+    /// stay (same pool name, backend name and address).
+    pub fn build(config: &Config, previous: Option<&Table>, generation: u64, metrics: &Metrics) -> Table {
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| {
+                let old = previous.and_then(|t| t.pools.iter().find(|o| o.config.name == p.name));
+                let backends = p
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        old.and_then(|o| {
+                            o.backends
+                                .iter()
+                                .find(|ob| ob.config == *b)
+                                .cloned()
+                        })
+                        .unwrap_or_else(|| Arc::new(BackendState::new(&p.name, b.clone(), metrics)))
+                    })
+                    .collect();
+                Arc::new(PoolState::new(p.clone(), backends, metrics))
+            })
+            .collect();
+        Table {
+            generation,
+            routes: RouteTable::new(config.routes.clone()),
+            pools,
+        }
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&Arc<PoolState>> {
+        self.pools.iter().find(|p| p.config.name == name)
+    }
+}

@@ -1,0 +1,115 @@
+//! `lockstep serve`: runs the [`Appliance`] under a signal loop: SIGHUP and the reload
+//! socket reload the config file (a bad one is refused and the old one keeps serving),
+//! SIGTERM/SIGINT drain and stop. Tells systemd `READY=1` only once everything is bound.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::admin::reload;
+use crate::appliance::Appliance;
+use crate::config::{self, Config};
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs until SIGTERM/SIGINT.
+pub async fn run(path: PathBuf, cfg: Config, drain: Duration) -> anyhow::Result<()> {
+    warn_unserved(&cfg);
+    let socket_path = cfg.admin.socket.clone();
+    let mut app = Appliance::start(cfg).await?;
+    let (tx, mut rx) = mpsc::channel::<reload::ReloadRequest>(4);
+    let stop_socket = tokio_util::sync::CancellationToken::new();
+    if let Some(p) = &socket_path {
+        let l = reload::listen(p).with_context(|| format!("cannot create the reload socket {}", p.display()))?;
+        tokio::spawn(reload::serve(l, tx.clone(), stop_socket.clone()));
+    }
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status(&app))]);
+    info!(config = %path.display(), generation = app.generation(), "lockstep serving");
+
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let _ = reload_from(&path, &mut app);
+            }
+            Some(req) = rx.recv() => {
+                let _ = req.reply.send(reload_from(&path, &mut app));
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    notify(&[sd_notify::NotifyState::Stopping]);
+    info!(?drain, "draining");
+    stop_socket.cancel();
+    if let Some(p) = &socket_path {
+        let _ = std::fs::remove_file(p);
+    }
+    app.shutdown(drain).await;
+    info!("stopped");
+    Ok(())
+}
+
+fn reload_from(path: &std::path::Path, app: &mut Appliance) -> Result<u64, String> {
+    notify(&[sd_notify::NotifyState::Reloading]);
+    let outcome = match config::load(path) {
+        Err(errors) => {
+            app.metrics()
+                .reloads
+                .get_or_create(&crate::metrics::ResultLabels { result: "error".into() })
+                .inc();
+            for e in &errors.0 {
+                error!(problem = %e, "config refused; the running config keeps serving");
+            }
+            Err(errors.to_string())
+        }
+        Ok(cfg) => {
+            warn_unserved(&cfg);
+            app.reload(cfg).map_err(|e| {
+                error!(error = %e, "reload failed; the running config keeps serving");
+                e.to_string()
+            })
+        }
+    };
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status(app))]);
+    outcome
+}
+
+fn status(app: &Appliance) -> String {
+    let live = app.live().load();
+    format!(
+        "generation {}: {} listener(s), {} pool(s)",
+        app.generation(),
+        live.listeners.len(),
+        live.table.pools.len()
+    )
+}
+
+fn warn_unserved(cfg: &Config) {
+    if cfg.dns.is_some() {
+        warn!("the dns: section is parsed but this build does not serve DNS yet");
+    }
+    if cfg.sync.is_some() {
+        warn!("the sync: section is parsed but this build does not run the sync hub yet");
+    }
+}
+
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+}

@@ -60,7 +60,12 @@ impl Appliance {
     pub async fn start(config: Config) -> Result<Appliance, ApplianceError> {
         let metrics = Arc::new(Metrics::new());
         let config = Arc::new(config);
-        let live: Shared = Arc::new(ArcSwap::from_pointee(Live::build(config.clone(), None, 1, &metrics)));
+        let live: Shared = Arc::new(ArcSwap::from_pointee(Live::build(
+            config.clone(),
+            None,
+            1,
+            &metrics,
+        )));
         let mut app = Appliance {
             live,
             metrics,
@@ -94,10 +99,17 @@ impl Appliance {
 
     /// Binds the listeners of `config` that are not already running (new names, or a changed
     /// bind address). Nothing is started, so a failure leaves everything as it was.
-    fn bind_new(&self, config: &Config) -> Result<Vec<(String, tokio::net::TcpListener)>, ApplianceError> {
+    fn bind_new(
+        &self,
+        config: &Config,
+    ) -> Result<Vec<(String, tokio::net::TcpListener)>, ApplianceError> {
         let mut out = Vec::new();
         for l in &config.listeners {
-            if self.listeners.get(&l.name).is_some_and(|r| r.bind == l.bind) {
+            if self
+                .listeners
+                .get(&l.name)
+                .is_some_and(|r| r.bind == l.bind)
+            {
                 continue;
             }
             // Rebinding an address another running listener of ours holds would fail; the
@@ -115,7 +127,9 @@ impl Appliance {
     fn start_listeners(&mut self, bound: Vec<(String, tokio::net::TcpListener)>) {
         let config = self.live.load().config.clone();
         for (name, socket) in bound {
-            let Some(l) = config.listeners.iter().find(|l| l.name == name) else { continue };
+            let Some(l) = config.listeners.iter().find(|l| l.name == name) else {
+                continue;
+            };
             let local = socket.local_addr().unwrap_or(l.bind);
             info!(listener = %name, addr = %local, tls = l.tls.is_some(), "listening");
             let stop = self.shutdown.child_token();
@@ -148,7 +162,9 @@ impl Appliance {
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics
             .reloads
-            .get_or_create(&ResultLabels { result: label.into() })
+            .get_or_create(&ResultLabels {
+                result: label.into(),
+            })
             .inc();
         result
     }
@@ -213,7 +229,10 @@ impl Appliance {
     pub async fn shutdown(self, drain: Duration) {
         self.shutdown.cancel();
         self.tracker.close();
-        if tokio::time::timeout(drain, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(drain, self.tracker.wait())
+            .await
+            .is_err()
+        {
             warn!(?drain, "drain period over; closing remaining connections");
         }
     }

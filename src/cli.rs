@@ -26,7 +26,9 @@ const EXAMPLES: &str = "Examples:
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the appliance (each part runs when its config section is present).
-    #[command(after_help = "Example:\n  lockstep serve -c /etc/lockstep/lockstep.yaml\n\nSIGHUP reloads the config; SIGTERM drains and stops.")]
+    #[command(
+        after_help = "Example:\n  lockstep serve -c /etc/lockstep/lockstep.yaml\n\nSIGHUP reloads the config; SIGTERM drains and stops."
+    )]
     Serve {
         /// Config file.
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
@@ -39,14 +41,18 @@ pub enum Command {
         drain: std::time::Duration,
     },
     /// Validate a config file and print every problem as file:line:column (exit 2 if any).
-    #[command(after_help = "Example:\n  lockstep check -c deploy/examples/lockstep.yaml")]
+    #[command(
+        after_help = "Example:\n  lockstep check -c /etc/lockstep/lockstep.yaml   # prints OK, or every problem as file:line:column"
+    )]
     Check {
         /// Config file.
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Ask the running appliance to reload its config, and wait for the outcome.
-    #[command(after_help = "Example:\n  lockstep reload                 # socket from /etc/lockstep/lockstep.yaml's admin.socket\n  lockstep reload --socket /run/lockstep/admin.sock")]
+    #[command(
+        after_help = "Example:\n  lockstep reload                 # socket from /etc/lockstep/lockstep.yaml's admin.socket\n  lockstep reload --socket /run/lockstep/admin.sock"
+    )]
     Reload {
         /// Config file whose `admin.socket` to use.
         #[arg(short, long, default_value = DEFAULT_CONFIG)]

@@ -12,7 +12,11 @@ use crate::config::{self, ConfigErrors};
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Serve { config, workers, drain } => {
+        Command::Serve {
+            config,
+            workers,
+            drain,
+        } => {
             crate::serve::init_tracing();
             let cfg = config::load(&config)?;
             runtime(workers)?.block_on(crate::serve::run(config, cfg, drain))
@@ -64,5 +68,7 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
         }
         None => tokio::runtime::Builder::new_multi_thread(),
     };
-    b.enable_all().build().context("cannot start the async runtime")
+    b.enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }

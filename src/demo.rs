@@ -36,7 +36,12 @@ pub struct BackendControl {
 /// `/healthz` → 200 `ok` (503 when marked unhealthy); anything else → 200 with the name,
 /// an `X-Backend` header, and, for requests with a body, the body echoed after the name;
 /// `/echo-headers` → the request headers it received, one per line.
-pub async fn backend(name: String, socket: TcpListener, control: BackendControl, stop: CancellationToken) {
+pub async fn backend(
+    name: String,
+    socket: TcpListener,
+    control: BackendControl,
+    stop: CancellationToken,
+) {
     let name: Arc<str> = name.into();
     loop {
         let (stream, _) = tokio::select! {
@@ -58,12 +63,19 @@ pub async fn backend(name: String, socket: TcpListener, control: BackendControl,
     }
 }
 
-async fn answer(name: Arc<str>, control: BackendControl, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    name: Arc<str>,
+    control: BackendControl,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let reply = |status: StatusCode, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
-        r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain"));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain"),
+        );
         if let Ok(v) = header::HeaderValue::from_str(&name) {
             r.headers_mut().insert("x-backend", v);
         }
@@ -83,7 +95,12 @@ async fn answer(name: Arc<str>, control: BackendControl, req: Request<Incoming>)
         }
         return Ok(reply(StatusCode::OK, s));
     }
-    let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let mut text = format!("{name}\n");
     text.push_str(&String::from_utf8_lossy(&body));
     Ok(reply(StatusCode::OK, text))
@@ -92,12 +109,21 @@ async fn answer(name: Arc<str>, control: BackendControl, req: Request<Incoming>)
 /// Runs the demo until Ctrl-C.
 pub async fn run(port: u16, admin_port: u16) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let mut yaml = DEMO_YAML.replace("@PORT@", &port.to_string()).replace("@ADMIN@", &admin_port.to_string());
+    let mut yaml = DEMO_YAML
+        .replace("@PORT@", &port.to_string())
+        .replace("@ADMIN@", &admin_port.to_string());
     for i in 1..=3 {
-        let socket = TcpListener::bind("127.0.0.1:0").await.context("cannot bind a demo backend")?;
+        let socket = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("cannot bind a demo backend")?;
         let addr = socket.local_addr()?;
         yaml = yaml.replace(&format!("@WEB{i}@"), &addr.port().to_string());
-        tokio::spawn(backend(format!("web-{i}"), socket, BackendControl::default(), stop.clone()));
+        tokio::spawn(backend(
+            format!("web-{i}"),
+            socket,
+            BackendControl::default(),
+            stop.clone(),
+        ));
     }
     let cfg = crate::config::parse(Path::new("<demo>"), &yaml)?;
     let app = Appliance::start(cfg).await?;
@@ -112,7 +138,9 @@ pub async fn run(port: u16, admin_port: u16) -> anyhow::Result<()> {
          curl -s -H 'Host: www.farm.test' http://{proxy}/echo-headers  # what the backend received\n  \
          curl -s http://{admin}/metrics | grep lockstep_http_requests\n"
     );
-    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")?;
     stop.cancel();
     app.shutdown(Duration::from_secs(2)).await;
     Ok(())

@@ -30,7 +30,12 @@ pub struct Live {
 impl Live {
     /// Builds generation `generation` from `config`, carrying backend state and pooled
     /// connections over from `previous`.
-    pub fn build(config: Arc<Config>, previous: Option<&Live>, generation: u64, metrics: &Metrics) -> Live {
+    pub fn build(
+        config: Arc<Config>,
+        previous: Option<&Live>,
+        generation: u64,
+        metrics: &Metrics,
+    ) -> Live {
         let table = Table::build(&config, previous.map(|p| &p.table), generation, metrics);
         let clients = config
             .pools
@@ -41,7 +46,9 @@ impl Live {
                         prev.config
                             .pools
                             .iter()
-                            .position(|o| o.name == p.name && o.connect_timeout == p.connect_timeout)
+                            .position(|o| {
+                                o.name == p.name && o.connect_timeout == p.connect_timeout
+                            })
                             .and_then(|i| prev.clients.get(i).cloned())
                     })
                     .unwrap_or_else(|| upstream::client(p.connect_timeout))

@@ -98,16 +98,36 @@ impl Metrics {
             "Time from request received to response head sent",
             m.latency.clone(),
         );
-        registry.register("backend_up", "1 if the backend takes traffic", m.backend_up.clone());
+        registry.register(
+            "backend_up",
+            "1 if the backend takes traffic",
+            m.backend_up.clone(),
+        );
         registry.register(
             "health_check_failures",
             "Failed active health checks",
             m.check_failures.clone(),
         );
-        registry.register("backend_ejections", "Passive ejections", m.ejections.clone());
-        registry.register("retries", "Requests retried on another backend", m.retries.clone());
-        registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
-        registry.register("open_connections", "Open client connections", m.connections.clone());
+        registry.register(
+            "backend_ejections",
+            "Passive ejections",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "retries",
+            "Requests retried on another backend",
+            m.retries.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Open client connections",
+            m.connections.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
     }

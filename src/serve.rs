@@ -32,13 +32,17 @@ pub async fn run(path: PathBuf, cfg: Config, drain: Duration) -> anyhow::Result<
     let (tx, mut rx) = mpsc::channel::<reload::ReloadRequest>(4);
     let stop_socket = tokio_util::sync::CancellationToken::new();
     if let Some(p) = &socket_path {
-        let l = reload::listen(p).with_context(|| format!("cannot create the reload socket {}", p.display()))?;
+        let l = reload::listen(p)
+            .with_context(|| format!("cannot create the reload socket {}", p.display()))?;
         tokio::spawn(reload::serve(l, tx.clone(), stop_socket.clone()));
     }
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status(&app))]);
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status(&app)),
+    ]);
     info!(config = %path.display(), generation = app.generation(), "lockstep serving");
 
     loop {
@@ -70,7 +74,9 @@ fn reload_from(path: &std::path::Path, app: &mut Appliance) -> Result<u64, Strin
         Err(errors) => {
             app.metrics()
                 .reloads
-                .get_or_create(&crate::metrics::ResultLabels { result: "error".into() })
+                .get_or_create(&crate::metrics::ResultLabels {
+                    result: "error".into(),
+                })
                 .inc();
             for e in &errors.0 {
                 error!(problem = %e, "config refused; the running config keeps serving");
@@ -85,7 +91,10 @@ fn reload_from(path: &std::path::Path, app: &mut Appliance) -> Result<u64, Strin
             })
         }
     };
-    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status(app))]);
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status(app)),
+    ]);
     outcome
 }
 

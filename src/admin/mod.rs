@@ -64,23 +64,42 @@ pub async fn serve(socket: TcpListener, state: AdminState) {
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/metrics" => text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", state.metrics.render()),
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.render(),
+        ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/ready" => {
             if state.shutdown.is_cancelled() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into())
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "draining\n".into(),
+                )
             } else {
                 let g = state.live.load().table.generation;
-                text(StatusCode::OK, "text/plain", format!("ready generation={g}\n"))
+                text(
+                    StatusCode::OK,
+                    "text/plain",
+                    format!("ready generation={g}\n"),
+                )
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz or /ready\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /healthz or /ready\n".into(),
+        ),
     }
 }
 
 fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(ctype),
+    );
     r
 }

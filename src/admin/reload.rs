@@ -57,7 +57,11 @@ pub fn listen(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves the socket until `shutdown`.
-pub async fn serve(listener: UnixListener, tx: mpsc::Sender<ReloadRequest>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: UnixListener,
+    tx: mpsc::Sender<ReloadRequest>,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -87,12 +91,14 @@ async fn answer(stream: UnixStream, tx: mpsc::Sender<ReloadRequest>) -> std::io:
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no command"))??;
     if line.trim() != "reload" {
-        w.write_all(b"error\nunknown command: send `reload`\n").await?;
+        w.write_all(b"error\nunknown command: send `reload`\n")
+            .await?;
         return Ok(());
     }
     let (reply, outcome) = oneshot::channel();
     if tx.send(ReloadRequest { reply }).await.is_err() {
-        w.write_all(b"error\nthe appliance is shutting down\n").await?;
+        w.write_all(b"error\nthe appliance is shutting down\n")
+            .await?;
         return Ok(());
     }
     let msg = match outcome.await {
@@ -106,18 +112,27 @@ async fn answer(stream: UnixStream, tx: mpsc::Sender<ReloadRequest>) -> std::io:
 
 /// Asks the appliance on `path` to reload and waits for the outcome.
 pub async fn request(path: &Path) -> Result<u64, ReloadError> {
-    let io = |source| ReloadError::Io { path: path.to_path_buf(), source };
-    let mut s = UnixStream::connect(path).await.map_err(|source| ReloadError::Connect {
+    let io = |source| ReloadError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut s = UnixStream::connect(path)
+        .await
+        .map_err(|source| ReloadError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
     s.write_all(b"reload\n").await.map_err(io)?;
     let mut out = String::new();
     s.read_to_string(&mut out).await.map_err(io)?;
     let mut lines = out.splitn(2, '\n');
     match lines.next().unwrap_or("") {
-        l if l.starts_with("ok generation ") => Ok(l["ok generation ".len()..].trim().parse().unwrap_or(0)),
-        "error" => Err(ReloadError::Refused(lines.next().unwrap_or("").trim_end().to_string())),
+        l if l.starts_with("ok generation ") => {
+            Ok(l["ok generation ".len()..].trim().parse().unwrap_or(0))
+        }
+        "error" => Err(ReloadError::Refused(
+            lines.next().unwrap_or("").trim_end().to_string(),
+        )),
         other => Err(ReloadError::Refused(format!("unexpected answer: {other}"))),
     }
 }

@@ -13,8 +13,9 @@ pub fn parse(s: &str) -> Result<Duration, String> {
             "duration `{t}` has no unit: write {t}s or {t}ms (units: ms, s, m, h)"
         ));
     }
-    humantime::parse_duration(t)
-        .map_err(|e| format!("bad duration `{t}` ({e}): write a number with a unit, like 500ms, 2s or 1m"))
+    humantime::parse_duration(t).map_err(|e| {
+        format!("bad duration `{t}` ({e}): write a number with a unit, like 500ms, 2s or 1m")
+    })
 }
 
 #[cfg(test)]

@@ -22,10 +22,12 @@ use crate::router::balance::Policy;
 use crate::router::health::PassivePolicy;
 use crate::router::route::Route;
 
-/// Default time a client may take to send its request head.
-pub const DEFAULT_HEADER_READ: Duration = Duration::from_secs(10);
-/// Default keep-alive idle time of a client connection.
-pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+/// Default time a client may take to send its request head (nginx's `client_header_timeout`).
+/// On HTTP/1.1 the clock runs from when the connection is ready for a head, so for a
+/// kept-alive connection it also bounds the wait for the next request.
+pub const DEFAULT_HEADER_READ: Duration = Duration::from_secs(60);
+/// Default time a client connection may move no bytes at all (nginx's `keepalive_timeout`).
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(75);
 /// Default backend connect timeout.
 pub const DEFAULT_CONNECT: Duration = Duration::from_secs(2);
 /// Default time from request sent to response head.

@@ -17,39 +17,62 @@ pub struct LoadedCert {
     pub key: Arc<CertifiedKey>,
 }
 
+/// Which of the two files a loading problem is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The certificate chain.
+    Cert,
+    /// The private key (or the pair not matching).
+    Key,
+}
+
 /// Reads `cert` and `key` (PEM). Errors say which file and what is wrong with it.
-pub fn load(cert: &Path, key: &Path) -> Result<LoadedCert, String> {
+pub fn load(cert: &Path, key: &Path) -> Result<LoadedCert, (Part, String)> {
+    let c = |e: String| (Part::Cert, e);
+    let k = |e: String| (Part::Key, e);
     let bytes = std::fs::read(cert)
-        .map_err(|e| format!("cannot read certificate {}: {e}", cert.display()))?;
+        .map_err(|e| c(format!("cannot read certificate {}: {e}", cert.display())))?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate {} is not valid PEM: {e}", cert.display()))?;
+        .map_err(|e| {
+            c(format!(
+                "certificate {} is not valid PEM: {e}",
+                cert.display()
+            ))
+        })?;
     if chain.is_empty() {
-        return Err(format!(
+        return Err(c(format!(
             "certificate {} holds no PEM CERTIFICATE block: give the chain, leaf first",
             cert.display()
-        ));
+        )));
     }
-    let key_bytes =
-        std::fs::read(key).map_err(|e| format!("cannot read private key {}: {e}", key.display()))?;
+    let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
+        c(format!(
+            "certificate {} cannot be parsed: {e:?}",
+            cert.display()
+        ))
+    })?;
+    let names: Vec<String> = leaf
+        .valid_dns_names()
+        .map(|n| n.to_ascii_lowercase())
+        .collect();
+    let key_bytes = std::fs::read(key)
+        .map_err(|e| k(format!("cannot read private key {}: {e}", key.display())))?;
     let private = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
-        format!(
+        k(format!(
             "private key {} is not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
             key.display()
-        )
+        ))
     })?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&private)
-        .map_err(|e| format!("private key {} is not usable: {e}", key.display()))?;
-    let leaf = webpki::EndEntityCert::try_from(&chain[0])
-        .map_err(|e| format!("certificate {} cannot be parsed: {e:?}", cert.display()))?;
-    let names: Vec<String> = leaf.valid_dns_names().map(|n| n.to_ascii_lowercase()).collect();
+        .map_err(|e| k(format!("private key {} is not usable: {e}", key.display())))?;
     let certified = CertifiedKey::new(chain, signer);
     if let Err(e) = certified.keys_match() {
-        return Err(format!(
-            "private key {} does not belong to certificate {} ({e})",
+        return Err(k(format!(
+            "private key {} does not belong to certificate {} ({e}): give the key the certificate was issued for",
             key.display(),
             cert.display()
-        ));
+        )));
     }
     Ok(LoadedCert {
         names,

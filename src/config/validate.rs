@@ -1,6 +1,7 @@
 //! Raw config → typed [`Config`], collecting every problem instead of stopping at the first.
 
 use std::collections::{HashMap, HashSet};
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -18,11 +19,15 @@ use crate::router::route::{HostMatch, Route};
 /// YAML → raw structs. Syntax, type, unknown-key and duplicate-key errors stop here (the
 /// parser cannot go on past them), with a hint for the nearest valid key.
 pub(super) fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigErrors> {
-    if text.trim().is_empty() {
+    let blank = text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l == "---"
+    });
+    if blank {
         return Err(ConfigErrors(vec![ConfigError::at(
             path,
             Pos::default(),
-            "the config file is empty: see deploy/examples/lockstep.yaml for every key",
+            "the config file is empty (nothing but comments): see deploy/examples/lockstep.yaml for every key",
         )]));
     }
     serde_saphyr::from_str::<RawConfig>(text).map_err(|e| {
@@ -43,10 +48,84 @@ pub(super) fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigErro
                 };
                 format!("unknown key `{field}`: {hint}")
             }
+            serde_saphyr::Error::InvalidScalar { ty, location } => {
+                let at = Pos {
+                    line: location.line(),
+                    column: location.column(),
+                };
+                let value = value_at(text, at);
+                let key = key_before(text, at)
+                    .map(|k| format!("{k}: "))
+                    .unwrap_or_default();
+                format!("{key}`{value}` is not {}", what_to_write(ty))
+            }
+            serde_saphyr::Error::SerdeInvalidType {
+                unexpected,
+                expected,
+                ..
+            }
+            | serde_saphyr::Error::SerdeInvalidValue {
+                unexpected,
+                expected,
+                ..
+            } => {
+                format!("found {unexpected}, expected {expected}")
+            }
+            serde_saphyr::Error::SerdeUnknownVariant {
+                variant, expected, ..
+            } => {
+                let hint = match nearest(variant, expected.iter().copied()) {
+                    Some(n) => format!(" (did you mean `{n}`?)"),
+                    None => String::new(),
+                };
+                format!(
+                    "unknown value `{variant}`: use one of {}{hint}",
+                    expected.join(", ")
+                )
+            }
             other => clean_parser_message(&other.to_string()),
         };
         ConfigErrors(vec![ConfigError::at(path, pos, message)])
     })
+}
+
+/// What a scalar of Rust type `ty` must look like, in an operator's words.
+fn what_to_write(ty: &str) -> String {
+    match ty {
+        "u8" | "u16" | "u32" | "u64" | "usize" | "i8" | "i16" | "i32" | "i64" | "isize" => {
+            "a whole number: write a number such as 2".into()
+        }
+        "f32" | "f64" => "a number: write e.g. 1.5".into(),
+        "bool" => "true or false".into(),
+        "char" => "a single character".into(),
+        other => format!("a valid {other}"),
+    }
+}
+
+/// The scalar written at `at` (to the end of the token).
+fn value_at(text: &str, at: Pos) -> String {
+    let line = text
+        .lines()
+        .nth((at.line as usize).saturating_sub(1))
+        .unwrap_or("");
+    let rest: String = line
+        .chars()
+        .skip((at.column as usize).saturating_sub(1))
+        .collect();
+    let end = rest.find([',', '}', ']', '#']).unwrap_or(rest.len());
+    rest[..end].trim().trim_matches('"').to_string()
+}
+
+/// The mapping key written just before the value at `at`, on the same line.
+fn key_before(text: &str, at: Pos) -> Option<String> {
+    let line = text.lines().nth((at.line as usize).saturating_sub(1))?;
+    let before: String = line
+        .chars()
+        .take((at.column as usize).saturating_sub(1))
+        .collect();
+    let before = before.trim_end().strip_suffix(':')?;
+    let key = before.rsplit(['{', ',', ' ', '-']).next()?.trim();
+    (!key.is_empty()).then(|| key.to_string())
 }
 
 /// Drops the parser's own `error: line N column M:` prefix (we print the position ourselves)
@@ -58,9 +137,16 @@ fn clean_parser_message(s: &str) -> String {
         None => s,
     };
     let s = s.lines().next().unwrap_or(s);
+    // ...and its ` at line N, column M` suffix: the position is printed in front already.
+    let s = match s.rfind(" at line ") {
+        Some(i) => &s[..i],
+        None => s,
+    };
     if let Some(key) = s.strip_prefix("duplicate mapping key: ") {
         let key = key.split(',').next().unwrap_or(key);
-        return format!("duplicate key `{key}`: each key may appear once in a mapping; remove or merge one");
+        return format!(
+            "duplicate key `{key}`: each key may appear once in a mapping; remove or merge one"
+        );
     }
     s.to_string()
 }
@@ -72,7 +158,8 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn err<T>(&mut self, at: &Spanned<T>, msg: impl Into<String>) {
-        self.errors.push(ConfigError::at(self.file, Pos::of(at), msg));
+        self.errors
+            .push(ConfigError::at(self.file, Pos::of(at), msg));
     }
 
     fn duration(&mut self, v: &Option<Spanned<String>>, default: Duration, what: &str) -> Duration {
@@ -134,6 +221,16 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         ));
     }
     let admin = admin(&mut cx, raw.admin.as_ref());
+    if let (Some(a), Some(raw_bind)) =
+        (admin.bind, raw.admin.as_ref().and_then(|a| a.bind.as_ref()))
+    {
+        if let Some(l) = listeners.iter().find(|l| overlaps(l.bind, a)) {
+            cx.err(
+                raw_bind,
+                format!("admin.bind {a} overlaps listener `{}` on {}: give the admin listener its own port", l.name, l.bind),
+            );
+        }
+    }
 
     if cx.errors.is_empty() {
         Ok(Config {
@@ -151,27 +248,43 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     }
 }
 
+/// Whether two binds would collide: the same port, and the same address or a wildcard that
+/// covers the other (`[::]` covers IPv4 too on a dual-stack host, the Linux default).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    // Port 0 asks the kernel for a free port each time, so it never collides.
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let covers =
+        |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    a.ip() == b.ip() || covers(a, b) || covers(b, a)
+}
+
 fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
     let mut out = Vec::new();
     let mut names = HashSet::new();
-    let mut binds: HashMap<SocketAddr, String> = HashMap::new();
+    let mut binds: Vec<(SocketAddr, String)> = Vec::new();
     for l in raw {
         if l.name.value.is_empty() {
             cx.err(&l.name, "listener name is empty: give each listener a name");
         } else if !names.insert(l.name.value.clone()) {
             cx.err(
                 &l.name,
-                format!("duplicate listener name `{}`: listener names must be unique", l.name.value),
+                format!(
+                    "duplicate listener name `{}`: listener names must be unique",
+                    l.name.value
+                ),
             );
         }
         let bind = cx.socket_addr(&l.bind, "listener bind");
         if let Some(b) = bind {
-            if let Some(other) = binds.insert(b, l.name.value.clone()) {
+            if let Some((ob, other)) = binds.iter().find(|(o, _)| overlaps(*o, b)) {
                 cx.err(
                     &l.bind,
-                    format!("listener `{}` binds {b}, which listener `{other}` already binds: give each listener its own address", l.name.value),
+                    format!("listener `{}` binds {b}, which overlaps listener `{other}` on {ob}: give each listener its own port (or distinct specific addresses)", l.name.value),
                 );
             }
+            binds.push((b, l.name.value.clone()));
         }
         let tls = l.tls.as_ref().and_then(|t| {
             if t.certificates.is_empty() {
@@ -186,7 +299,8 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
             for c in &t.certificates {
                 match tls::load(&cx.path(&c.cert.value), &cx.path(&c.key.value)) {
                     Ok(k) => loaded.push(k),
-                    Err(e) => cx.err(&c.cert, e),
+                    Err((tls::Part::Cert, e)) => cx.err(&c.cert, e),
+                    Err((tls::Part::Key, e)) => cx.err(&c.key, e),
                 }
             }
             Some(loaded)
@@ -210,7 +324,10 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
                 "combined" => AccessLog::Combined,
                 "json" => AccessLog::Json,
                 other => {
-                    cx.err(v, format!("access_log `{other}` is not known: use off, combined or json"));
+                    cx.err(
+                        v,
+                        format!("access_log `{other}` is not known: use off, combined or json"),
+                    );
                     AccessLog::Off
                 }
             },
@@ -221,7 +338,11 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
             DEFAULT_HEADER_READ,
             "timeouts.header_read",
         );
-        let idle_timeout = cx.duration(&t.and_then(|t| t.idle.clone()), DEFAULT_IDLE, "timeouts.idle");
+        let idle_timeout = cx.duration(
+            &t.and_then(|t| t.idle.clone()),
+            DEFAULT_IDLE,
+            "timeouts.idle",
+        );
         if let Some(bind) = bind {
             out.push(Listener {
                 name: l.name.value.clone(),
@@ -244,7 +365,13 @@ fn pools(cx: &mut Ctx<'_>, raw: &[RawPool]) -> (Vec<Pool>, HashMap<String, usize
         if p.name.value.is_empty() {
             cx.err(&p.name, "pool name is empty: give each pool a name");
         } else if index.contains_key(&p.name.value) {
-            cx.err(&p.name, format!("duplicate pool name `{}`: pool names must be unique", p.name.value));
+            cx.err(
+                &p.name,
+                format!(
+                    "duplicate pool name `{}`: pool names must be unique",
+                    p.name.value
+                ),
+            );
             continue;
         }
         let policy = match p.balance.as_ref().map(|b| b.value) {
@@ -257,11 +384,18 @@ fn pools(cx: &mut Ctx<'_>, raw: &[RawPool]) -> (Vec<Pool>, HashMap<String, usize
         let hash_key = match (&p.hash_key, policy) {
             (Some(k), Policy::Hash) => parse_hash_key(cx, k),
             (Some(k), _) => {
-                cx.err(k, "hash_key is only used with `balance: hash`: remove it or set `balance: hash`");
+                cx.err(
+                    k,
+                    "hash_key is only used with `balance: hash`: remove it or set `balance: hash`",
+                );
                 None
             }
             (None, Policy::Hash) => {
-                let pos = p.balance.as_ref().map(Pos::of).unwrap_or_else(|| Pos::of(&p.name));
+                let pos = p
+                    .balance
+                    .as_ref()
+                    .map(Pos::of)
+                    .unwrap_or_else(|| Pos::of(&p.name));
                 cx.errors.push(ConfigError::at(
                     cx.file,
                     pos,
@@ -272,7 +406,13 @@ fn pools(cx: &mut Ctx<'_>, raw: &[RawPool]) -> (Vec<Pool>, HashMap<String, usize
             (None, _) => None,
         };
         if p.backends.is_empty() {
-            cx.err(&p.name, format!("pool `{}` has no backends: add at least one `{{ name, address }}`", p.name.value));
+            cx.err(
+                &p.name,
+                format!(
+                    "pool `{}` has no backends: add at least one `{{ name, address }}`",
+                    p.name.value
+                ),
+            );
         }
         let mut backends = Vec::new();
         let mut names = HashSet::new();
@@ -316,14 +456,31 @@ fn pools(cx: &mut Ctx<'_>, raw: &[RawPool]) -> (Vec<Pool>, HashMap<String, usize
         }
         let health = p.health.as_ref().map(|h| health(cx, h));
         let t = p.timeouts.as_ref();
-        let connect_timeout = cx.duration(&t.and_then(|t| t.connect.clone()), DEFAULT_CONNECT, "timeouts.connect");
-        let response_timeout =
-            cx.duration(&t.and_then(|t| t.response.clone()), DEFAULT_RESPONSE, "timeouts.response");
+        let connect_timeout = cx.duration(
+            &t.and_then(|t| t.connect.clone()),
+            DEFAULT_CONNECT,
+            "timeouts.connect",
+        );
+        let response_timeout = cx.duration(
+            &t.and_then(|t| t.response.clone()),
+            DEFAULT_RESPONSE,
+            "timeouts.response",
+        );
         let pa = p.passive.as_ref();
         let passive = PassivePolicy {
-            failures: pa.and_then(|p| p.failures).unwrap_or(DEFAULT_PASSIVE_FAILURES),
-            base: cx.duration(&pa.and_then(|p| p.ejection.clone()), DEFAULT_EJECTION, "passive.ejection"),
-            max: cx.duration(&pa.and_then(|p| p.max_ejection.clone()), DEFAULT_MAX_EJECTION, "passive.max_ejection"),
+            failures: pa
+                .and_then(|p| p.failures)
+                .unwrap_or(DEFAULT_PASSIVE_FAILURES),
+            base: cx.duration(
+                &pa.and_then(|p| p.ejection.clone()),
+                DEFAULT_EJECTION,
+                "passive.ejection",
+            ),
+            max: cx.duration(
+                &pa.and_then(|p| p.max_ejection.clone()),
+                DEFAULT_MAX_EJECTION,
+                "passive.max_ejection",
+            ),
         };
         index.insert(p.name.value.clone(), out.len());
         out.push(Pool {
@@ -362,7 +519,10 @@ fn parse_hash_key(cx: &mut Ctx<'_>, k: &Spanned<String>) -> Option<HashKey> {
         cx.err(k, format!("`{name}` is not a valid cookie name"));
         return None;
     }
-    cx.err(k, format!("hash_key `{v}` is not known: use header:NAME, cookie:NAME or client_ip"));
+    cx.err(
+        k,
+        format!("hash_key `{v}` is not known: use header:NAME, cookie:NAME or client_ip"),
+    );
     None
 }
 
@@ -379,8 +539,17 @@ fn health(cx: &mut Ctx<'_>, h: &RawHealth) -> HealthCheck {
     let fall = count(&h.fall, DEFAULT_FALL, "fall");
     let path = match &h.path {
         None => DEFAULT_HEALTH_PATH.to_string(),
-        Some(p) if !p.value.starts_with('/') || http::uri::PathAndQuery::from_str(&p.value).is_err() => {
-            cx.err(p, format!("health.path `{}` must be an absolute path such as /healthz", p.value));
+        Some(p)
+            if !p.value.starts_with('/')
+                || http::uri::PathAndQuery::from_str(&p.value).is_err() =>
+        {
+            cx.err(
+                p,
+                format!(
+                    "health.path `{}` must be an absolute path such as /healthz",
+                    p.value
+                ),
+            );
             DEFAULT_HEALTH_PATH.to_string()
         }
         Some(p) => p.value.clone(),
@@ -424,14 +593,22 @@ fn routes(cx: &mut Ctx<'_>, raw: &[RawRoute], pools: &HashMap<String, usize>) ->
             None => {
                 let hint = match nearest(&r.pool.value, pools.keys().map(String::as_str)) {
                     Some(n) => format!("did you mean `{n}`?"),
-                    None if pools.is_empty() => "there are no pools: add one under `pools:`".to_string(),
+                    None if pools.is_empty() => {
+                        "there are no pools: add one under `pools:`".to_string()
+                    }
                     None => {
                         let mut names: Vec<&str> = pools.keys().map(String::as_str).collect();
                         names.sort_unstable();
                         format!("pools are: {}", names.join(", "))
                     }
                 };
-                cx.err(&r.pool, format!("route to pool `{}`, which does not exist: {hint}", r.pool.value));
+                cx.err(
+                    &r.pool,
+                    format!(
+                        "route to pool `{}`, which does not exist: {hint}",
+                        r.pool.value
+                    ),
+                );
             }
         }
     }
@@ -439,9 +616,14 @@ fn routes(cx: &mut Ctx<'_>, raw: &[RawRoute], pools: &HashMap<String, usize>) ->
 }
 
 fn admin(cx: &mut Ctx<'_>, raw: Option<&RawAdmin>) -> Admin {
-    let Some(a) = raw else { return Admin::default() };
+    let Some(a) = raw else {
+        return Admin::default();
+    };
     Admin {
-        bind: a.bind.as_ref().and_then(|b| cx.socket_addr(b, "admin bind")),
+        bind: a
+            .bind
+            .as_ref()
+            .and_then(|b| cx.socket_addr(b, "admin bind")),
         socket: a.socket.as_ref().map(|s| cx.path(&s.value)),
     }
 }

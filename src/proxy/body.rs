@@ -41,10 +41,16 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
-            RequestBody::Stream { inner, client_failed } => {
+            RequestBody::Stream {
+                inner,
+                client_failed,
+            } => {
                 let r = Pin::new(inner).poll_frame(cx);
                 if let Poll::Ready(Some(Err(_))) = &r {
                     client_failed.store(true, Ordering::Relaxed);

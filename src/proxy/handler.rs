@@ -48,21 +48,39 @@ struct Served<'a> {
 }
 
 /// Serves one request. Never fails: every error becomes a response.
-pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+pub async fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
     let live = ctx.live.load_full();
-    let log_fields = (ctx.listener.access_log != crate::config::AccessLog::Off).then(|| LogFields::of(&req));
+    let log_fields =
+        (ctx.listener.access_log != crate::config::AccessLog::Off).then(|| LogFields::of(&req));
 
     let host = authority(&req).map(str::to_owned);
     let Some(pool_idx) = live.table.routes.find(host.as_deref(), req.uri().path()) else {
         debug!(client.addr = %ctx.peer, host = host.as_deref().unwrap_or(""), path = req.uri().path(), "no route");
         let resp = plain(StatusCode::NOT_FOUND, "no route for this host and path\n");
-        finish(&ctx, start, log_fields, Served { status: resp.status(), pool: None, backend: None, bytes: None });
+        finish(
+            &ctx,
+            start,
+            log_fields,
+            Served {
+                status: resp.status(),
+                pool: None,
+                backend: None,
+                bytes: None,
+            },
+        );
         return Ok(resp);
     };
     // Routes are validated to point at existing pools, and clients are built per pool.
-    let (Some(pool), Some(client)) = (live.table.pools.get(pool_idx), live.clients.get(pool_idx)) else {
-        return Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, "routing table inconsistent\n"));
+    let (Some(pool), Some(client)) = (live.table.pools.get(pool_idx), live.clients.get(pool_idx))
+    else {
+        return Ok(plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "routing table inconsistent\n",
+        ));
     };
 
     let (resp, backend) = forward(&ctx, pool, client, req, host.as_deref()).await;
@@ -71,7 +89,17 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Respons
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok());
-    finish(&ctx, start, log_fields, Served { status: resp.status(), pool: Some(pool), backend, bytes });
+    finish(
+        &ctx,
+        start,
+        log_fields,
+        Served {
+            status: resp.status(),
+            pool: Some(pool),
+            backend,
+            bytes,
+        },
+    );
     Ok(resp)
 }
 
@@ -87,14 +115,24 @@ async fn forward(
         None => None,
         Some(HashKey::ClientIp) => Some(hash_key(ctx.peer.ip().to_string().as_bytes())),
         Some(HashKey::Header(name)) => req.headers().get(name).map(|v| hash_key(v.as_bytes())),
-        Some(HashKey::Cookie(name)) => headers::cookie(req.headers(), name).map(|v| hash_key(v.as_bytes())),
+        Some(HashKey::Cookie(name)) => {
+            headers::cookie(req.headers(), name).map(|v| hash_key(v.as_bytes()))
+        }
     };
 
     let wants_upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
-    let via = if parts.version == Version::HTTP_2 { "2 lockstep" } else { "1.1 lockstep" };
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    let via = if parts.version == Version::HTTP_2 {
+        "2 lockstep"
+    } else {
+        "1.1 lockstep"
+    };
     headers::strip_hop_by_hop(&mut parts.headers, wants_upgrade);
     headers::add_forwarded(
         &mut parts.headers,
@@ -118,7 +156,10 @@ async fn forward(
     let client_failed = (!bodyless).then(|| Arc::new(AtomicBool::new(false)));
     let mut body = Some(match &client_failed {
         None => RequestBody::Empty,
-        Some(flag) => RequestBody::Stream { inner: body, client_failed: flag.clone() },
+        Some(flag) => RequestBody::Stream {
+            inner: body,
+            client_failed: flag.clone(),
+        },
     });
 
     let attempts = 1 + if retryable { cfg.retries as usize } else { 0 };
@@ -127,11 +168,17 @@ async fn forward(
     for attempt in 0..attempts {
         let now = Instant::now();
         let health = pool.health.load();
-        let load = PoolLoad { backends: &pool.backends, now };
+        let load = PoolLoad {
+            backends: &pool.backends,
+            now,
+        };
         let random = rand::random::<u64>();
-        let pick = pool
-            .balancer
-            .pick(&load, &|i| health.available(i, now) && !tried.contains(&i), key, random);
+        let pick = pool.balancer.pick(
+            &load,
+            &|i| health.available(i, now) && !tried.contains(&i),
+            key,
+            random,
+        );
         let Some(i) = pick else { break };
         tried.push(i);
         let backend = &pool.backends[i];
@@ -141,7 +188,7 @@ async fn forward(
 
         let uri = match Uri::builder()
             .scheme("http")
-            .authority(backend.config.address.to_string())
+            .authority(backend.authority.clone())
             .path_and_query(path_and_query.as_str())
             .build()
         {
@@ -152,7 +199,12 @@ async fn forward(
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.version_mut() = Version::HTTP_11;
-        *up.headers_mut() = parts.headers.clone();
+        // The last possible attempt takes the headers; earlier ones copy them for a retry.
+        *up.headers_mut() = if attempt + 1 == attempts {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
 
         backend.in_flight.fetch_add(1, Ordering::Relaxed);
         let sent = Instant::now();
@@ -167,21 +219,36 @@ async fn forward(
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client_upgrade) = client_upgrade {
                         let backend_upgrade = hyper::upgrade::on(&mut resp);
-                        upgrade::bridge(client_upgrade, backend_upgrade, ctx.peer, backend.config.name.clone());
+                        upgrade::bridge(
+                            client_upgrade,
+                            backend_upgrade,
+                            ctx.peer,
+                            backend.config.name.clone(),
+                        );
                         let (mut rparts, _) = resp.into_parts();
                         headers::strip_hop_by_hop(&mut rparts.headers, true);
-                        return (Response::from_parts(rparts, local(bytes::Bytes::new())), Some(i));
+                        return (
+                            Response::from_parts(rparts, local(bytes::Bytes::new())),
+                            Some(i),
+                        );
                     }
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut rparts.headers, false);
-                return (Response::from_parts(rparts, http_body_util::Either::Left(rbody)), Some(i));
+                return (
+                    Response::from_parts(rparts, http_body_util::Either::Left(rbody)),
+                    Some(i),
+                );
             }
             Ok(Err(e)) => {
-                if client_failed.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+                if client_failed
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::Relaxed))
+                {
                     debug!(client.addr = %ctx.peer, error = %e, "client sent a broken request body");
                     let mut r = plain(StatusCode::BAD_REQUEST, "malformed request body\n");
-                    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    r.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
                     return (r, Some(i));
                 }
                 pool.record_outcome(i, false, done);
@@ -192,8 +259,10 @@ async fn forward(
                     "{}", if connect { "backend connect failed" } else { "backend request failed" }
                 );
                 last_error = Some(StatusCode::BAD_GATEWAY);
-                if !connect {
-                    // The request may have reached the backend: never replay it.
+                // No answer came back. A request whose replay cannot change anything (and
+                // whose body we do not hold) goes to another backend, as nginx's
+                // `proxy_next_upstream error` does; anything else is never replayed.
+                if !retryable {
                     break;
                 }
             }
@@ -203,7 +272,13 @@ async fn forward(
                     pool = %cfg.name, backend = %backend.config.name, timeout = ?cfg.response_timeout,
                     fault = "upstream", "backend response timed out"
                 );
-                return (plain(StatusCode::GATEWAY_TIMEOUT, "backend did not answer in time\n"), Some(i));
+                return (
+                    plain(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "backend did not answer in time\n",
+                    ),
+                    Some(i),
+                );
             }
         }
         if body.is_none() && !retryable {
@@ -211,30 +286,43 @@ async fn forward(
         }
     }
     match last_error {
-        Some(status) => (plain(status, "backend unavailable\n"), tried.last().copied()),
+        Some(status) => (
+            plain(status, "backend unavailable\n"),
+            tried.last().copied(),
+        ),
         None => {
             warn!(pool = %cfg.name, fault = "upstream", "no healthy backend");
-            (plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n"), None)
+            (
+                plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n"),
+                None,
+            )
         }
     }
 }
 
 fn is_idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// The host the client asked for: `:authority` (h2, absolute-form) or `Host`.
 fn authority<B>(req: &Request<B>) -> Option<&str> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers().get(header::HOST).and_then(|v| v.to_str().ok()))
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    })
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
     let mut r = Response::new(local(text));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -262,11 +350,20 @@ struct LogFields {
 
 impl LogFields {
     fn of<B>(req: &Request<B>) -> Self {
-        let h = |n: header::HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let h = |n: header::HeaderName| {
+            req.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
         LogFields {
             time: SystemTime::now(),
             method: req.method().to_string(),
-            target: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into()),
+            target: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "/".into()),
             version: match req.version() {
                 Version::HTTP_2 => "HTTP/2.0",
                 Version::HTTP_10 => "HTTP/1.0",
@@ -288,7 +385,11 @@ fn finish(ctx: &ConnCtx, start: Instant, log: Option<LogFields>, s: Served<'_>) 
         }
     }
     if let Some(f) = log {
-        let backend = s.pool.zip(s.backend).and_then(|(p, i)| p.backends.get(i)).map(|b| b.config.name.as_str());
+        let backend = s
+            .pool
+            .zip(s.backend)
+            .and_then(|(p, i)| p.backends.get(i))
+            .map(|b| b.config.name.as_str());
         let entry = access_log::Entry {
             client: ctx.peer.ip(),
             time: f.time,

@@ -37,7 +37,11 @@ impl<T> IdleIo<T> {
 }
 
 impl<T: AsyncRead> AsyncRead for IdleIo<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
         match this.inner.poll_read(cx, buf) {
@@ -53,7 +57,10 @@ impl<T: AsyncRead> AsyncRead for IdleIo<T> {
                     ready!(this.sleep.as_mut().poll(cx));
                     let deadline = *this.last + *this.idle;
                     if Instant::now() >= deadline {
-                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "idle timeout",
+                        )));
                     }
                     this.sleep.as_mut().reset(deadline);
                 }
@@ -63,7 +70,11 @@ impl<T: AsyncRead> AsyncRead for IdleIo<T> {
 }
 
 impl<T: AsyncWrite> AsyncWrite for IdleIo<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {

@@ -38,7 +38,9 @@ pub async fn serve(
 ) {
     let open = metrics
         .connections
-        .get_or_create(&ListenerLabels { listener: name.clone() })
+        .get_or_create(&ListenerLabels {
+            listener: name.clone(),
+        })
         .clone();
     loop {
         let (stream, peer) = tokio::select! {
@@ -122,8 +124,12 @@ async fn serve_connection(
     }
 }
 
-async fn run<I, S>(builder: &auto::Builder<TokioExecutor>, io: I, svc: S, shutdown: &CancellationToken)
-where
+async fn run<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    svc: S,
+    shutdown: &CancellationToken,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,

@@ -27,7 +27,9 @@ impl SniResolver {
         for c in certs {
             for n in &c.names {
                 match n.strip_prefix("*.") {
-                    Some(suffix) => wildcard.entry(suffix.to_string()).or_insert_with(|| c.key.clone()),
+                    Some(suffix) => wildcard
+                        .entry(suffix.to_string())
+                        .or_insert_with(|| c.key.clone()),
                     None => exact.entry(n.clone()).or_insert_with(|| c.key.clone()),
                 };
             }

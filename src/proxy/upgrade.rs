@@ -20,8 +20,12 @@ pub fn bridge(client: OnUpgrade, backend: OnUpgrade, peer: SocketAddr, backend_n
         let mut client = TokioIo::new(client);
         let mut backend = TokioIo::new(backend);
         match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-            Ok((up, down)) => debug!(client.addr = %peer, backend = %backend_name, up, down, "upgraded connection closed"),
-            Err(e) => debug!(client.addr = %peer, backend = %backend_name, error = %e, "upgraded connection ended"),
+            Ok((up, down)) => {
+                debug!(client.addr = %peer, backend = %backend_name, up, down, "upgraded connection closed")
+            }
+            Err(e) => {
+                debug!(client.addr = %peer, backend = %backend_name, error = %e, "upgraded connection ended")
+            }
         }
     });
 }

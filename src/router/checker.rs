@@ -30,17 +30,32 @@ pub fn spawn_all(table: &Table, stop: &CancellationToken, tracker: &TaskTracker)
         .pool_timer(TokioTimer::new())
         .build(connector);
     for pool in &table.pools {
-        let Some(hc) = &pool.config.health else { continue };
+        let Some(hc) = &pool.config.health else {
+            continue;
+        };
         for i in 0..pool.backends.len() {
             // Spread the first checks over the interval so a big pool is not probed at once.
             let jitter = hc.interval.mul_f64(rand::random::<f64>() * 0.2);
-            tracker.spawn(check_loop(pool.clone(), i, client.clone(), stop.clone(), jitter));
+            tracker.spawn(check_loop(
+                pool.clone(),
+                i,
+                client.clone(),
+                stop.clone(),
+                jitter,
+            ));
         }
     }
 }
 
-async fn check_loop(pool: Arc<PoolState>, i: usize, client: CheckClient, stop: CancellationToken, jitter: Duration) {
-    let (Some(hc), Some(backend)) = (pool.config.health.clone(), pool.backends.get(i).cloned()) else {
+async fn check_loop(
+    pool: Arc<PoolState>,
+    i: usize,
+    client: CheckClient,
+    stop: CancellationToken,
+    jitter: Duration,
+) {
+    let (Some(hc), Some(backend)) = (pool.config.health.clone(), pool.backends.get(i).cloned())
+    else {
         return;
     };
     let uri: Uri = match format!("http://{}{}", backend.config.address, hc.path).parse() {
@@ -75,8 +90,12 @@ async fn check_loop(pool: Arc<PoolState>, i: usize, client: CheckClient, stop: C
             backend.check_failures.inc();
         }
         match pool.record_check(i, ok) {
-            Some(false) => warn!(pool = %pool.config.name, backend = %backend.config.name, reason = %why, "backend down"),
-            Some(true) => info!(pool = %pool.config.name, backend = %backend.config.name, "backend up"),
+            Some(false) => {
+                warn!(pool = %pool.config.name, backend = %backend.config.name, reason = %why, "backend down")
+            }
+            Some(true) => {
+                info!(pool = %pool.config.name, backend = %backend.config.name, "backend up")
+            }
             None => {}
         }
     }

@@ -9,8 +9,8 @@
 //! - [`table`]: the live table built from a config and swapped on reload (state, no I/O).
 //! - [`checker`]: the active health-check tasks (I/O).
 pub mod balance;
+pub mod checker;
 pub mod ewma;
 pub mod health;
 pub mod route;
 pub mod table;
-pub mod checker;

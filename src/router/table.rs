@@ -77,7 +77,9 @@ impl PoolHealth {
 
     /// Number of backends available at `now`.
     pub fn available_count(&self, now: Instant) -> usize {
-        (0..self.up.len()).filter(|&i| self.available(i, now)).count()
+        (0..self.up.len())
+            .filter(|&i| self.available(i, now))
+            .count()
     }
 }
 
@@ -85,6 +87,8 @@ impl PoolHealth {
 pub struct BackendState {
     /// Its config.
     pub config: Backend,
+    /// `address` as a URI authority, parsed once for the request path.
+    pub authority: http::uri::Authority,
     /// Requests in flight to it.
     pub in_flight: AtomicU64,
     /// Latency EWMA, for `p2c_ewma`.
@@ -126,6 +130,9 @@ impl BackendState {
             up_gauge: metrics.backend_up.get_or_create(&labels).clone(),
             check_failures: metrics.check_failures.get_or_create(&labels).clone(),
             ejections: metrics.ejections.get_or_create(&labels).clone(),
+            // A SocketAddr always prints as a valid authority (`ip:port`, `[v6]:port`).
+            authority: http::uri::Authority::try_from(config.address.to_string())
+                .expect("socket address is a valid authority"),
             config,
             in_flight: AtomicU64::new(0),
             ewma: Ewma::new(EWMA_DECAY),
@@ -248,18 +255,27 @@ pub struct PoolLoad<'a> {
 
 impl Load for PoolLoad<'_> {
     fn in_flight(&self, i: usize) -> u64 {
-        self.backends.get(i).map_or(0, |b| b.in_flight.load(Ordering::Relaxed))
+        self.backends
+            .get(i)
+            .map_or(0, |b| b.in_flight.load(Ordering::Relaxed))
     }
 
     fn latency_ewma(&self, i: usize) -> f64 {
-        self.backends.get(i).map_or(0.0, |b| b.ewma.get_at(self.now))
+        self.backends
+            .get(i)
+            .map_or(0.0, |b| b.ewma.get_at(self.now))
     }
 }
 
 impl Table {
     /// Builds the table for `config`, reusing backend state from `previous` for backends that
     /// stay (same pool name, backend name and address).
-    pub fn build(config: &Config, previous: Option<&Table>, generation: u64, metrics: &Metrics) -> Table {
+    pub fn build(
+        config: &Config,
+        previous: Option<&Table>,
+        generation: u64,
+        metrics: &Metrics,
+    ) -> Table {
         let pools = config
             .pools
             .iter()
@@ -269,13 +285,10 @@ impl Table {
                     .backends
                     .iter()
                     .map(|b| {
-                        old.and_then(|o| {
-                            o.backends
-                                .iter()
-                                .find(|ob| ob.config == *b)
-                                .cloned()
-                        })
-                        .unwrap_or_else(|| Arc::new(BackendState::new(&p.name, b.clone(), metrics)))
+                        old.and_then(|o| o.backends.iter().find(|ob| ob.config == *b).cloned())
+                            .unwrap_or_else(|| {
+                                Arc::new(BackendState::new(&p.name, b.clone(), metrics))
+                            })
                     })
                     .collect();
                 Arc::new(PoolState::new(p.clone(), backends, metrics))

@@ -6,7 +6,7 @@
 # Everything goes through the same two nginx backends (../shared/peers: `peer start backends`).
 # Each server gets WORKERS worker threads/processes; wrk runs on the same 2-core machine, so the
 # absolute numbers are low and noisy: read the ratios, which come from interleaved rounds
-# (A B C A B C ...) and medians. Env: ROUNDS (3), DURATION (10s), CONNS (50), IDLE_CONNS (10000).
+# (A B C A B C ...) and medians. Env: ROUNDS (3), DURATION (10s), CONNS (50), IDLE_CONNS (5000: the HAProxy peer config allows 8000 connections).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -14,7 +14,7 @@ peer=${PEER:-$root/../shared/peers/peer}
 rounds=${ROUNDS:-3}
 duration=${DURATION:-10s}
 conns=${CONNS:-50}
-idle_conns=${IDLE_CONNS:-10000}
+idle_conns=${IDLE_CONNS:-5000}
 run=${PEER_RUN:-/tmp/lockstep-peers}
 export PEER_RUN=$run
 

@@ -26,14 +26,14 @@ use crate::router::checker;
 #[non_exhaustive]
 pub enum ApplianceError {
     /// A listening socket could not be bound.
-    #[error("cannot bind {what} on {addr}: {source} (is another process using it, or does binding it need privileges?)")]
+    #[error("cannot bind {what} on {addr}: {error} (is another process using it, or does binding it need privileges?)")]
     Bind {
         /// Which listener.
         what: String,
         /// The address.
         addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (part of the message, not a separate cause, so it prints once).
+        error: std::io::Error,
     },
 }
 
@@ -78,10 +78,10 @@ impl Appliance {
         };
         let bound = app.bind_new(&config)?;
         if let Some(addr) = config.admin.bind {
-            let socket = listener::bind(addr).map_err(|source| ApplianceError::Bind {
+            let socket = listener::bind(addr).map_err(|error| ApplianceError::Bind {
                 what: "admin listener".into(),
                 addr,
-                source,
+                error,
             })?;
             app.admin_addr = socket.local_addr().ok();
             let state = admin::AdminState {
@@ -114,10 +114,10 @@ impl Appliance {
             }
             // Rebinding an address another running listener of ours holds would fail; the
             // old one is stopped first only if the operator moved it, which we do not guess.
-            let socket = listener::bind(l.bind).map_err(|source| ApplianceError::Bind {
+            let socket = listener::bind(l.bind).map_err(|error| ApplianceError::Bind {
                 what: format!("listener `{}`", l.name),
                 addr: l.bind,
-                source,
+                error,
             })?;
             out.push((l.name.clone(), socket));
         }

@@ -928,3 +928,73 @@ async fn hash_on_header_keeps_each_user_on_one_backend() {
     assert_eq!(by_backend.len(), 3, "30 users landed on {by_backend:?}");
     app.shutdown(Duration::from_millis(200)).await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Client timeouts
+// ---------------------------------------------------------------------------------------
+
+/// Sends one keep-alive request on a raw connection, then stays silent; returns how long the
+/// proxy took to close the connection after the answer (None if it stayed open for 5 s).
+async fn silence_until_closed(addr: std::net::SocketAddr, head: &[u8]) -> Option<Duration> {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(head).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.expect("read answer");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "first answer: {}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let quiet = Instant::now();
+    match tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    {
+        Ok(()) => Some(quiet.elapsed()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let web = DemoBackend::start("web-1").await;
+    let yaml = farm_yaml_with(
+        "    timeouts: { idle: 300ms, header_read: 10s }\n",
+        &web.yaml(),
+        "",
+    );
+    let app = start(&yaml).await;
+    let closed = silence_until_closed(proxy_addr(&app), b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    let closed = closed.expect("an idle connection stayed open for 5 s despite idle: 300ms");
+    assert!(
+        closed >= Duration::from_millis(250) && closed < Duration::from_millis(1500),
+        "closed after {closed:?}; expected between idle and about twice idle"
+    );
+    app.shutdown(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_head_is_cut_off_by_header_read_timeout() {
+    let web = DemoBackend::start("web-1").await;
+    let yaml = farm_yaml_with(
+        "    timeouts: { idle: 10s, header_read: 300ms }\n",
+        &web.yaml(),
+        "",
+    );
+    let app = start(&yaml).await;
+    // The first request is complete; the wait for the next head is bounded by header_read.
+    let closed = silence_until_closed(proxy_addr(&app), b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    let closed =
+        closed.expect("a silent connection stayed open for 5 s despite header_read: 300ms");
+    assert!(
+        closed < Duration::from_millis(1500),
+        "closed after {closed:?}"
+    );
+    app.shutdown(Duration::from_millis(200)).await;
+}

@@ -57,9 +57,11 @@ pub async fn handle(
     let log_fields =
         (ctx.listener.access_log != crate::config::AccessLog::Off).then(|| LogFields::of(&req));
 
-    let host = authority(&req).map(str::to_owned);
-    let Some(pool_idx) = live.table.routes.find(host.as_deref(), req.uri().path()) else {
-        debug!(client.addr = %ctx.peer, host = host.as_deref().unwrap_or(""), path = req.uri().path(), "no route");
+    // A refcounted view of the host (no copy): it outlives `req`, which `forward` consumes.
+    let host = Host::of(&req);
+    let host = host.as_ref().and_then(Host::as_str);
+    let Some(pool_idx) = live.table.routes.find(host, req.uri().path()) else {
+        debug!(client.addr = %ctx.peer, host = host.unwrap_or(""), path = req.uri().path(), "no route");
         let resp = plain(StatusCode::NOT_FOUND, "no route for this host and path\n");
         finish(
             &ctx,
@@ -83,7 +85,7 @@ pub async fn handle(
         ));
     };
 
-    let (resp, backend) = forward(&ctx, pool, client, req, host.as_deref()).await;
+    let (resp, backend) = forward(&ctx, pool, client, req, host).await;
     pool.latency.observe(start.elapsed().as_secs_f64());
     let bytes = resp
         .headers()
@@ -126,8 +128,8 @@ async fn forward(
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let via = if parts.version == Version::HTTP_2 {
         "2 lockstep"
     } else {
@@ -186,14 +188,12 @@ async fn forward(
             pool.retries.inc();
         }
 
-        let uri = match Uri::builder()
-            .scheme("http")
-            .authority(backend.authority.clone())
-            .path_and_query(path_and_query.as_str())
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => return (plain(StatusCode::BAD_REQUEST, "bad request target\n"), None),
+        let mut target = http::uri::Parts::default();
+        target.scheme = Some(http::uri::Scheme::HTTP);
+        target.authority = Some(backend.authority.clone());
+        target.path_and_query = Some(path_and_query.clone());
+        let Ok(uri) = Uri::from_parts(target) else {
+            return (plain(StatusCode::BAD_REQUEST, "bad request target\n"), None);
         };
         let mut up = Request::new(body.take().unwrap_or(RequestBody::Empty));
         *up.method_mut() = parts.method.clone();
@@ -307,13 +307,27 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// The host the client asked for: `:authority` (h2, absolute-form) or `Host`.
-fn authority<B>(req: &Request<B>) -> Option<&str> {
-    req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-    })
+/// The host the client asked for: `:authority` (h2, absolute-form) or `Host`. Both variants
+/// share the request's buffer, so keeping one costs a reference count, not a copy.
+enum Host {
+    Authority(http::uri::Authority),
+    Header(HeaderValue),
+}
+
+impl Host {
+    fn of<B>(req: &Request<B>) -> Option<Host> {
+        match req.uri().authority() {
+            Some(a) => Some(Host::Authority(a.clone())),
+            None => req.headers().get(header::HOST).cloned().map(Host::Header),
+        }
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Host::Authority(a) => Some(a.as_str()),
+            Host::Header(v) => v.to_str().ok(),
+        }
+    }
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
@@ -371,7 +385,10 @@ impl LogFields {
             },
             referer: h(header::REFERER),
             user_agent: h(header::USER_AGENT),
-            host: authority(req).map(str::to_owned),
+            host: Host::of(req)
+                .as_ref()
+                .and_then(Host::as_str)
+                .map(str::to_owned),
         }
     }
 }

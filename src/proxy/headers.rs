@@ -46,6 +46,17 @@ fn has_token(v: &HeaderValue, token: &str) -> bool {
 /// Removes hop-by-hop headers and those named in `Connection`. When `keep_upgrade` is set
 /// (an upgrade being passed through), `Upgrade` and `Connection: upgrade` survive.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass of cheap name comparisons (standard header
+    // names compare as enum tags) saves hashing every name on the list for each removal.
+    let any = headers
+        .keys()
+        .any(|n| HOP_BY_HOP.contains(n) || n == "keep-alive" || n == "proxy-connection");
+    if !any {
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)

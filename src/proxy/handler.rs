@@ -33,6 +33,8 @@ pub struct ConnCtx {
     pub peer: SocketAddr,
     /// Whether the peer is a trusted proxy (decided once per connection).
     pub trusted: bool,
+    /// The peer's address as a header value, for `X-Forwarded-For`.
+    pub peer_value: HeaderValue,
     /// Whether TLS terminated here.
     pub tls: bool,
     /// The live state.
@@ -58,8 +60,8 @@ pub async fn handle(
         (ctx.listener.access_log != crate::config::AccessLog::Off).then(|| LogFields::of(&req));
 
     // A refcounted view of the host (no copy): it outlives `req`, which `forward` consumes.
-    let host = Host::of(&req);
-    let host = host.as_ref().and_then(Host::as_str);
+    let host_ref = Host::of(&req);
+    let host = host_ref.as_ref().and_then(Host::as_str);
     let Some(pool_idx) = live.table.routes.find(host, req.uri().path()) else {
         debug!(client.addr = %ctx.peer, host = host.unwrap_or(""), path = req.uri().path(), "no route");
         let resp = plain(StatusCode::NOT_FOUND, "no route for this host and path\n");
@@ -85,7 +87,12 @@ pub async fn handle(
         ));
     };
 
-    let (resp, backend) = forward(&ctx, pool, client, req, host).await;
+    let host_value = match &host_ref {
+        Some(Host::Header(v)) => Some(v.clone()),
+        Some(Host::Authority(a)) => HeaderValue::from_str(a.as_str()).ok(),
+        None => None,
+    };
+    let (resp, backend) = forward(&ctx, pool, client, req, host_value).await;
     pool.latency.observe(start.elapsed().as_secs_f64());
     let bytes = resp
         .headers()
@@ -110,7 +117,7 @@ async fn forward(
     pool: &PoolState,
     client: &super::upstream::Client,
     mut req: Request<Incoming>,
-    host: Option<&str>,
+    host: Option<HeaderValue>,
 ) -> (Response<ResponseBody>, Option<usize>) {
     let cfg = &pool.config;
     let key = match &cfg.hash_key {
@@ -136,21 +143,21 @@ async fn forward(
         "1.1 lockstep"
     };
     headers::strip_hop_by_hop(&mut parts.headers, wants_upgrade);
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(h) = host.clone() {
+            parts.headers.insert(header::HOST, h);
+        }
+    }
     headers::add_forwarded(
         &mut parts.headers,
-        &Forwarded {
-            peer: ctx.peer.ip(),
+        Forwarded {
+            peer: &ctx.peer_value,
             trusted: ctx.trusted,
             proto: if ctx.tls { "https" } else { "http" },
             host,
             via,
         },
     );
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(h) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-            parts.headers.insert(header::HOST, h);
-        }
-    }
     // Only requests whose replay cannot change anything, and whose body we do not have to
     // keep (bodies are streamed, not buffered), are retried.
     let bodyless = http_body::Body::is_end_stream(&body);
@@ -165,7 +172,8 @@ async fn forward(
     });
 
     let attempts = 1 + if retryable { cfg.retries as usize } else { 0 };
-    let mut tried: Vec<usize> = Vec::new();
+    // Backends already tried by this request; retries are few, so a short inline list.
+    let mut tried = Tried::default();
     let mut last_error = None;
     for attempt in 0..attempts {
         let now = Instant::now();
@@ -286,16 +294,43 @@ async fn forward(
         }
     }
     match last_error {
-        Some(status) => (
-            plain(status, "backend unavailable\n"),
-            tried.last().copied(),
-        ),
+        Some(status) => (plain(status, "backend unavailable\n"), tried.last()),
         None => {
             warn!(pool = %cfg.name, fault = "upstream", "no healthy backend");
             (
                 plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n"),
                 None,
             )
+        }
+    }
+}
+
+/// Backend indexes a request has tried, without allocating for the usual few.
+#[derive(Default)]
+struct Tried {
+    inline: [usize; 4],
+    len: usize,
+    more: Vec<usize>,
+}
+
+impl Tried {
+    fn push(&mut self, i: usize) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = i,
+            None => self.more.push(i),
+        }
+        self.len += 1;
+    }
+
+    fn contains(&self, i: &usize) -> bool {
+        self.inline[..self.len.min(4)].contains(i) || self.more.contains(i)
+    }
+
+    fn last(&self) -> Option<usize> {
+        match self.len {
+            0 => None,
+            n if n <= 4 => Some(self.inline[n - 1]),
+            _ => self.more.last().copied(),
         }
     }
 }

@@ -97,35 +97,46 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The peer address as a header value (IPv4-mapped IPv6 shown as IPv4); computed once per
+/// connection so that requests do not format it again.
+pub fn peer_value(peer: IpAddr) -> HeaderValue {
+    // An IP address prints as ASCII digits, dots, colons and hex: always a valid value.
+    HeaderValue::from_str(&canonical(peer).to_string())
+        .expect("an IP address is a valid header value")
+}
+
 /// What the proxy knows about the client side of one request.
 pub struct Forwarded<'a> {
-    /// The TCP peer.
-    pub peer: IpAddr,
+    /// The TCP peer, from [`peer_value`].
+    pub peer: &'a HeaderValue,
     /// Whether the peer is a trusted proxy.
     pub trusted: bool,
     /// `http` or `https`.
     pub proto: &'static str,
     /// The host the client asked for (Host or :authority), if any.
-    pub host: Option<&'a str>,
+    pub host: Option<HeaderValue>,
     /// `Via` token for the client's protocol version, e.g. `1.1 lockstep`.
     pub via: &'static str,
 }
 
 /// Adds `X-Forwarded-*` and `Via` to a request going to a backend.
-pub fn add_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
-    let peer = canonical(f.peer).to_string();
+pub fn add_forwarded(headers: &mut HeaderMap, f: Forwarded<'_>) {
     let xff = match (f.trusted, joined(headers, &X_FORWARDED_FOR)) {
-        (true, Some(prior)) => format!("{prior}, {peer}"),
-        _ => peer,
+        (true, Some(prior)) => {
+            let peer = f.peer.to_str().unwrap_or("");
+            HeaderValue::from_str(&format!("{prior}, {peer}")).ok()
+        }
+        // The common case: the cached value, shared by reference count.
+        _ => Some(f.peer.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !(f.trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
     }
     if !(f.trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-        match f.host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        match f.host {
             Some(v) => {
                 headers.insert(X_FORWARDED_HOST.clone(), v);
             }
@@ -194,12 +205,12 @@ mod tests {
         h
     }
 
-    fn fwd(peer: &str, trusted: bool) -> Forwarded<'static> {
+    fn fwd(peer: &HeaderValue, trusted: bool) -> Forwarded<'_> {
         Forwarded {
-            peer: peer.parse().unwrap(),
+            peer,
             trusted,
             proto: "https",
-            host: Some("www.farm.test"),
+            host: Some(HeaderValue::from_static("www.farm.test")),
             via: "1.1 lockstep",
         }
     }
@@ -242,7 +253,10 @@ mod tests {
             ("x-forwarded-proto", "gopher"),
             ("x-forwarded-host", "evil.test"),
         ]);
-        add_forwarded(&mut h, &fwd("192.0.2.1", false));
+        add_forwarded(
+            &mut h,
+            fwd(&peer_value("192.0.2.1".parse().unwrap()), false),
+        );
         assert_eq!(h["x-forwarded-for"], "192.0.2.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "www.farm.test");
@@ -257,7 +271,10 @@ mod tests {
             ("x-forwarded-proto", "http"),
             ("via", "1.0 edge"),
         ]);
-        add_forwarded(&mut h, &fwd("10.0.0.2", true));
+        add_forwarded(
+            &mut h,
+            fwd(&peer_value("::ffff:10.0.0.2".parse().unwrap()), true),
+        );
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.1.1.1, 10.0.0.2");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["via"], "1.0 edge, 1.1 lockstep");

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, warn, Instrument};
 
 use super::handler::{self, ConnCtx};
-use super::headers::is_trusted;
+use super::headers::{is_trusted, peer_value};
 use super::idle::IdleIo;
 use crate::config::Listener;
 use crate::live::Shared;
@@ -63,6 +63,7 @@ pub async fn serve(
         };
         let ctx = Arc::new(ConnCtx {
             trusted: is_trusted(peer.ip(), &listener.trusted_proxies),
+            peer_value: peer_value(peer.ip()),
             tls: acceptor.is_some(),
             listener,
             peer,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -53,11 +54,31 @@ pub struct Appliance {
     checkers: CancellationToken,
     admin_addr: Option<SocketAddr>,
     generation: u64,
+    workers: Vec<Handle>,
 }
 
+/// A bound listener: one socket per worker runtime (`SO_REUSEPORT` when there are several).
+type Bound = (String, Vec<std::net::TcpListener>);
+
 impl Appliance {
-    /// Binds everything `config` asks for and starts serving.
+    /// Binds everything `config` asks for and starts serving on the current runtime.
     pub async fn start(config: Config) -> Result<Appliance, ApplianceError> {
+        Appliance::start_on(config, vec![Handle::current()]).await
+    }
+
+    /// Like [`Appliance::start`], with the proxy's connections served by `workers`: one
+    /// single-threaded runtime per thread, each accepting on its own `SO_REUSEPORT` socket
+    /// (thread per core, as nginx runs a process per core). Admin, health checks and reloads
+    /// stay on the current runtime.
+    pub async fn start_on(
+        config: Config,
+        workers: Vec<Handle>,
+    ) -> Result<Appliance, ApplianceError> {
+        let workers = if workers.is_empty() {
+            vec![Handle::current()]
+        } else {
+            workers
+        };
         let metrics = Arc::new(Metrics::new());
         let config = Arc::new(config);
         let live: Shared = Arc::new(ArcSwap::from_pointee(Live::build(
@@ -75,6 +96,7 @@ impl Appliance {
             checkers: CancellationToken::new(),
             admin_addr: None,
             generation: 1,
+            workers,
         };
         let bound = app.bind_new(&config)?;
         if let Some(addr) = config.admin.bind {
@@ -99,10 +121,7 @@ impl Appliance {
 
     /// Binds the listeners of `config` that are not already running (new names, or a changed
     /// bind address). Nothing is started, so a failure leaves everything as it was.
-    fn bind_new(
-        &self,
-        config: &Config,
-    ) -> Result<Vec<(String, tokio::net::TcpListener)>, ApplianceError> {
+    fn bind_new(&self, config: &Config) -> Result<Vec<Bound>, ApplianceError> {
         let mut out = Vec::new();
         for l in &config.listeners {
             if self
@@ -114,23 +133,27 @@ impl Appliance {
             }
             // Rebinding an address another running listener of ours holds would fail; the
             // old one is stopped first only if the operator moved it, which we do not guess.
-            let socket = listener::bind(l.bind).map_err(|error| ApplianceError::Bind {
+            let err = |error| ApplianceError::Bind {
                 what: format!("listener `{}`", l.name),
                 addr: l.bind,
                 error,
-            })?;
-            out.push((l.name.clone(), socket));
+            };
+            let sockets = listener::bind_many(l.bind, self.workers.len()).map_err(err)?;
+            out.push((l.name.clone(), sockets));
         }
         Ok(out)
     }
 
-    fn start_listeners(&mut self, bound: Vec<(String, tokio::net::TcpListener)>) {
+    fn start_listeners(&mut self, bound: Vec<Bound>) {
         let config = self.live.load().config.clone();
-        for (name, socket) in bound {
+        for (name, sockets) in bound {
             let Some(l) = config.listeners.iter().find(|l| l.name == name) else {
                 continue;
             };
-            let local = socket.local_addr().unwrap_or(l.bind);
+            let local = sockets
+                .first()
+                .and_then(|s| s.local_addr().ok())
+                .unwrap_or(l.bind);
             info!(listener = %name, addr = %local, tls = l.tls.is_some(), "listening");
             let stop = self.shutdown.child_token();
             if let Some(old) = self.listeners.insert(
@@ -143,14 +166,17 @@ impl Appliance {
             ) {
                 old.stop.cancel();
             }
-            self.tracker.spawn(listener::serve(
-                name,
-                socket,
-                self.live.clone(),
-                self.metrics.clone(),
-                stop,
-                self.tracker.clone(),
-            ));
+            for (socket, worker) in sockets.into_iter().zip(&self.workers) {
+                let accept = listener::serve(
+                    name.clone(),
+                    socket,
+                    self.live.clone(),
+                    self.metrics.clone(),
+                    stop.clone(),
+                    self.tracker.clone(),
+                );
+                worker.spawn(self.tracker.track_future(accept));
+            }
         }
     }
 

@@ -33,7 +33,7 @@ pub enum Command {
         /// Config file.
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
-        /// Worker threads (default: one per CPU).
+        /// Worker threads, each with its own event loop and SO_REUSEPORT socket (default: one per CPU).
         #[arg(long)]
         workers: Option<usize>,
         /// Longest time to let in-flight requests finish on SIGTERM.

@@ -19,7 +19,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             crate::serve::init_tracing();
             let cfg = config::load(&config)?;
-            runtime(workers)?.block_on(crate::serve::run(config, cfg, drain))
+            let count = workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .max(1);
+            // The main runtime runs signals, admin, health checks and reloads; with one worker
+            // it serves the proxy too, otherwise each worker thread runs its own runtime.
+            let main = runtime(Some(1))?;
+            let handles = if count == 1 {
+                vec![main.handle().clone()]
+            } else {
+                worker_runtimes(count)?
+            };
+            main.block_on(crate::serve::run(config, cfg, drain, handles))
         }
         Command::Reload { config, socket } => {
             let socket = match socket {
@@ -56,6 +67,24 @@ fn check(path: &Path) -> anyhow::Result<()> {
         if cfg.sync.is_some() { ", sync" } else { "" },
     );
     Ok(())
+}
+
+/// Starts `count` threads, each running a single-threaded runtime until the process exits.
+fn worker_runtimes(count: usize) -> anyhow::Result<Vec<tokio::runtime::Handle>> {
+    (0..count)
+        .map(|i| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start a worker runtime")?;
+            let handle = rt.handle().clone();
+            std::thread::Builder::new()
+                .name(format!("lockstep-worker-{i}"))
+                .spawn(move || rt.block_on(std::future::pending::<()>()))
+                .context("cannot start a worker thread")?;
+            Ok(handle)
+        })
+        .collect()
 }
 
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {

@@ -24,11 +24,16 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Runs until SIGTERM/SIGINT.
-pub async fn run(path: PathBuf, cfg: Config, drain: Duration) -> anyhow::Result<()> {
+/// Runs until SIGTERM/SIGINT, serving connections on `workers` (see [`Appliance::start_on`]).
+pub async fn run(
+    path: PathBuf,
+    cfg: Config,
+    drain: Duration,
+    workers: Vec<tokio::runtime::Handle>,
+) -> anyhow::Result<()> {
     warn_unserved(&cfg);
     let socket_path = cfg.admin.socket.clone();
-    let mut app = Appliance::start(cfg).await?;
+    let mut app = Appliance::start_on(cfg, workers).await?;
     let (tx, mut rx) = mpsc::channel::<reload::ReloadRequest>(4);
     let stop_socket = tokio_util::sync::CancellationToken::new();
     if let Some(p) = &socket_path {

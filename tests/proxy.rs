@@ -998,3 +998,43 @@ async fn slow_request_head_is_cut_off_by_header_read_timeout() {
     );
     app.shutdown(Duration::from_millis(200)).await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Several worker runtimes
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_runtimes_share_the_listener_and_survive_a_reload() {
+    let workers: Vec<tokio::runtime::Handle> = (0..2)
+        .map(|_| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("worker runtime");
+            let handle = rt.handle().clone();
+            std::thread::spawn(move || rt.block_on(std::future::pending::<()>()));
+            handle
+        })
+        .collect();
+    let web1 = DemoBackend::start("web-1").await;
+    let web2 = DemoBackend::start("web-2").await;
+    let mut app =
+        lockstep::appliance::Appliance::start_on(config(&farm_yaml(&web1.yaml(), "")), workers)
+            .await
+            .expect("start on two workers");
+    let addr = proxy_addr(&app);
+    // Fresh connections each time, so both SO_REUSEPORT sockets take some.
+    for _ in 0..20 {
+        let r = get(&h1_client(), addr, "/").await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    }
+    app.reload(config(&farm_yaml(&web2.yaml(), "")))
+        .expect("reload");
+    let counts = tally(&h1_client(), addr, 20).await;
+    assert_eq!(counts, expected(&[("web-2", 20)]), "after the reload");
+    app.shutdown(Duration::from_millis(200)).await;
+    assert!(
+        refuses(addr).await,
+        "a worker kept accepting after shutdown"
+    );
+}

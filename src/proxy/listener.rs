@@ -27,15 +27,23 @@ use crate::metrics::{ListenerLabels, Metrics};
 /// Largest request head (request line + headers) accepted; bigger ones get 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// Accepts on `socket` until `shutdown`, spawning each connection on `tracker`.
+/// Accepts on `socket` until `shutdown`, spawning each connection on `tracker` (on the
+/// runtime this runs on).
 pub async fn serve(
     name: String,
-    socket: TcpListener,
+    socket: std::net::TcpListener,
     live: Shared,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let socket = match TcpListener::from_std(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(listener = %name, error = %e, "cannot register the listening socket");
+            return;
+        }
+    };
     let open = metrics
         .connections
         .get_or_create(&ListenerLabels {
@@ -153,6 +161,32 @@ async fn run<I, S>(
     if let Err(e) = result {
         debug!(error = %e, "connection ended with an error");
     }
+}
+
+/// Binds `count` listening sockets on `addr` for `count` worker runtimes: one plain socket
+/// when `count` is 1, else `SO_REUSEPORT` sockets (the kernel spreads connections over them);
+/// with port 0 the later ones take the port the first one got. They are returned as
+/// non-blocking std sockets so that each worker registers its own with its runtime.
+pub fn bind_many(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let reuseport = count > 1;
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(count);
+    let mut at = addr;
+    for _ in 0..count.max(1) {
+        let socket = if at.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        if reuseport {
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(at)?;
+        let l = socket.listen(4096)?.into_std()?;
+        at = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
 }
 
 /// Binds a listening socket with `SO_REUSEADDR` and a deep backlog.

@@ -41,14 +41,6 @@ pub struct ConnCtx {
     pub live: Shared,
 }
 
-/// Outcome of one request, for metrics and the access log.
-struct Served<'a> {
-    status: StatusCode,
-    pool: Option<&'a PoolState>,
-    backend: Option<usize>,
-    bytes: Option<u64>,
-}
-
 /// Serves one request. Never fails: every error becomes a response.
 pub async fn handle(
     ctx: Arc<ConnCtx>,
@@ -65,17 +57,7 @@ pub async fn handle(
     let Some(pool_idx) = live.table.routes.find(host, req.uri().path()) else {
         debug!(client.addr = %ctx.peer, host = host.unwrap_or(""), path = req.uri().path(), "no route");
         let resp = plain(StatusCode::NOT_FOUND, "no route for this host and path\n");
-        finish(
-            &ctx,
-            start,
-            log_fields,
-            Served {
-                status: resp.status(),
-                pool: None,
-                backend: None,
-                bytes: None,
-            },
-        );
+        finish(&ctx, start, log_fields, &resp, None, None);
         return Ok(resp);
     };
     // Routes are validated to point at existing pools, and clients are built per pool.
@@ -87,28 +69,10 @@ pub async fn handle(
         ));
     };
 
-    let host_value = match &host_ref {
-        Some(Host::Header(v)) => Some(v.clone()),
-        Some(Host::Authority(a)) => HeaderValue::from_str(a.as_str()).ok(),
-        None => None,
-    };
+    let host_value = host_ref.as_ref().and_then(Host::to_value);
     let (resp, backend) = forward(&ctx, pool, client, req, host_value).await;
     pool.latency.observe(start.elapsed().as_secs_f64());
-    let bytes = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok());
-    finish(
-        &ctx,
-        start,
-        log_fields,
-        Served {
-            status: resp.status(),
-            pool: Some(pool),
-            backend,
-            bytes,
-        },
-    );
+    finish(&ctx, start, log_fields, &resp, Some(pool), backend);
     Ok(resp)
 }
 
@@ -357,6 +321,14 @@ impl Host {
         }
     }
 
+    /// As a header value (shared, not copied, when it came from `Host`).
+    fn to_value(&self) -> Option<HeaderValue> {
+        match self {
+            Host::Header(v) => Some(v.clone()),
+            Host::Authority(a) => HeaderValue::from_str(a.as_str()).ok(),
+        }
+    }
+
     fn as_str(&self) -> Option<&str> {
         match self {
             Host::Authority(a) => Some(a.as_str()),
@@ -428,20 +400,31 @@ impl LogFields {
     }
 }
 
-fn finish(ctx: &ConnCtx, start: Instant, log: Option<LogFields>, s: Served<'_>) {
-    let status = s.status.as_u16();
-    if let (Some(pool), Some(i)) = (s.pool, s.backend) {
+/// Counts the outcome and writes the access log line (when on).
+fn finish(
+    ctx: &ConnCtx,
+    start: Instant,
+    log: Option<LogFields>,
+    resp: &Response<ResponseBody>,
+    pool: Option<&PoolState>,
+    backend: Option<usize>,
+) {
+    let status = resp.status().as_u16();
+    if let (Some(pool), Some(i)) = (pool, backend) {
         if let Some(b) = pool.backends.get(i) {
             let class = (status / 100).clamp(1, 5) as usize - 1;
             b.requests[class].inc();
         }
     }
     if let Some(f) = log {
-        let backend = s
-            .pool
-            .zip(s.backend)
+        let backend_name = pool
+            .zip(backend)
             .and_then(|(p, i)| p.backends.get(i))
             .map(|b| b.config.name.as_str());
+        let bytes = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
         let entry = access_log::Entry {
             client: ctx.peer.ip(),
             time: f.time,
@@ -449,12 +432,12 @@ fn finish(ctx: &ConnCtx, start: Instant, log: Option<LogFields>, s: Served<'_>) 
             target: &f.target,
             version: f.version,
             status,
-            bytes: s.bytes,
+            bytes,
             referer: f.referer.as_deref(),
             user_agent: f.user_agent.as_deref(),
             host: f.host.as_deref(),
-            pool: s.pool.map(|p| p.config.name.as_str()),
-            backend,
+            pool: pool.map(|p| p.config.name.as_str()),
+            backend: backend_name,
             duration: start.elapsed(),
             listener: &ctx.listener.name,
         };

@@ -177,7 +177,7 @@ impl DnsHandler {
             .queries
             .get_or_create(&QueryLabels {
                 qtype,
-                rcode: rcode.to_str(),
+                rcode: mnemonic(rcode),
             })
             .inc();
         self.metrics
@@ -193,5 +193,19 @@ impl DnsHandler {
                 .get_or_create(&NameLabels { pool: pool.clone() })
                 .inc();
         }
+    }
+}
+
+/// The rcode as dig prints it (`NOERROR`, `NXDOMAIN`, ...), for metric labels.
+fn mnemonic(rcode: ResponseCode) -> &'static str {
+    match rcode {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::NotImp => "NOTIMP",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::BADVERS => "BADVERS",
+        _ => "OTHER",
     }
 }

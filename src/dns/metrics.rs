@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 pub struct QueryLabels {
     /// Asked type (`A`, `AAAA`, ...).
     pub qtype: &'static str,
-    /// Response code (`NoError`, `NXDomain`, ...).
+    /// Response code as dig prints it (`NOERROR`, `NXDOMAIN`, ...).
     pub rcode: &'static str,
 }
 

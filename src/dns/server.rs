@@ -95,7 +95,8 @@ pub async fn serve(bound: Bound, handler: DnsHandler, stop: CancellationToken) {
     let mut server = Server::new(handler);
     server.register_socket(bound.udp);
     server.register_listener(bound.tcp, TCP_IDLE, TCP_RESPONSE_QUEUE);
-    info!(addr = ?addr, "dns listening (udp and tcp)");
+    let shown = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
+    info!(addr = %shown, "dns listening (udp and tcp)");
     tokio::select! {
         _ = stop.cancelled() => {
             if let Err(error) = server.shutdown_gracefully().await {

@@ -816,3 +816,24 @@ fn dig_against_lockstep_serve() {
     let badvers = dig(&args(&["www.farm.test", "+edns=1", "+noednsneg"])).unwrap();
     assert!(badvers.contains("status: BADVERS"), "{badvers}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// lockstep demo
+
+#[tokio::test]
+async fn demo_config_serves_www_farm_test_over_its_backends() {
+    let backends = DemoBackend::start_n(3).await;
+    let mut yaml = lockstep::demo::DEMO_YAML
+        .replace("@PORT@", "0")
+        .replace("@ADMIN@", "0")
+        .replace("@DNS@", "0");
+    for (i, b) in backends.iter().enumerate() {
+        yaml = yaml.replace(&format!("@WEB{}@", i + 1), &b.addr.port().to_string());
+    }
+    let app = common::start(&yaml).await;
+    let addr = dns_addr(&app);
+    let m = udp(addr, &query("www.farm.test.", RecordType::A)).await;
+    assert!(m.metadata.authoritative);
+    let got: BTreeSet<String> = addrs(&m).into_iter().collect();
+    assert_eq!(got, set(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]));
+}

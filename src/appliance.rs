@@ -1,5 +1,6 @@
 //! The appliance as one object: binds the listeners of a checked [`Config`], starts the proxy,
-//! the health checkers and the admin listener, applies reloads, and drains on shutdown.
+//! the health checkers, the DNS responder and the admin listener, applies reloads, and drains
+//! on shutdown.
 //!
 //! It takes an already checked config and never reads files or signals itself: `serve` (the
 //! command) and the tests drive it.
@@ -17,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::admin;
 use crate::config::Config;
+use crate::dns::{self, DnsError, DnsHandler, DnsMetrics};
 use crate::live::{Live, Shared};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::proxy::listener;
@@ -36,6 +38,9 @@ pub enum ApplianceError {
         /// The OS error (part of the message, not a separate cause, so it prints once).
         error: std::io::Error,
     },
+    /// The DNS sockets could not be bound.
+    #[error(transparent)]
+    Dns(#[from] DnsError),
 }
 
 struct RunningListener {
@@ -53,6 +58,7 @@ pub struct Appliance {
     listeners: HashMap<String, RunningListener>,
     checkers: CancellationToken,
     admin_addr: Option<SocketAddr>,
+    dns_addr: Option<SocketAddr>,
     generation: u64,
     workers: Vec<Handle>,
 }
@@ -95,10 +101,16 @@ impl Appliance {
             listeners: HashMap::new(),
             checkers: CancellationToken::new(),
             admin_addr: None,
+            dns_addr: None,
             generation: 1,
             workers,
         };
         let bound = app.bind_new(&config)?;
+        // Bound before anything starts, so a taken port fails the start cleanly.
+        let dns_bound = match &config.dns {
+            Some(d) => Some(dns::bind(d.bind)?),
+            None => None,
+        };
         if let Some(addr) = config.admin.bind {
             let socket = listener::bind(addr).map_err(|error| ApplianceError::Bind {
                 what: "admin listener".into(),
@@ -114,6 +126,14 @@ impl Appliance {
             app.tracker.spawn(admin::serve(socket, state));
         }
         app.start_listeners(bound);
+        if let Some(b) = dns_bound {
+            app.dns_addr = b.local_addr();
+            // The handler reads zones and health through the live pointer at every query, so
+            // reloads and health changes reach it without further plumbing.
+            let handler = DnsHandler::new(app.live.clone(), DnsMetrics::register(&app.metrics));
+            app.tracker
+                .spawn(dns::serve(b, handler, app.shutdown.child_token()));
+        }
         app.checkers = app.shutdown.child_token();
         checker::spawn_all(&app.live.load().table, &app.checkers, &app.tracker);
         Ok(app)
@@ -203,6 +223,20 @@ impl Appliance {
         if old.config.admin.bind != config.admin.bind {
             warn!("admin.bind changed: it takes effect at the next restart");
         }
+        match (&old.config.dns, &config.dns, self.dns_addr) {
+            (Some(o), Some(n), _) if o.bind != n.bind => {
+                warn!(
+                    "dns.bind changed: it takes effect at the next restart; zones are reloaded now"
+                )
+            }
+            (_, Some(_), None) => {
+                warn!("a dns: section was added: DNS starts at the next restart")
+            }
+            (Some(_), None, Some(_)) => {
+                warn!("the dns: section was removed: DNS now refuses every query; restart to close its sockets")
+            }
+            _ => {}
+        }
         let next = Live::build(config.clone(), Some(&old), generation, &self.metrics);
         self.live.store(Arc::new(next));
         self.generation = generation;
@@ -229,6 +263,11 @@ impl Appliance {
     /// The address listener `name` actually bound (useful with port 0).
     pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
         self.listeners.get(name).map(|r| r.local)
+    }
+
+    /// The address DNS serves on (UDP and TCP), when the config has a `dns:` section.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns_addr
     }
 
     /// The admin listener's address.

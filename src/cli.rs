@@ -17,7 +17,7 @@ pub struct Cli {
 }
 
 const EXAMPLES: &str = "Examples:
-  lockstep demo                                  a whole farm on loopback; prints curl lines to try
+  lockstep demo                                  a whole farm on loopback; prints curl and dig lines to try
   lockstep check -c /etc/lockstep/lockstep.yaml  validate a config (exit 2 and file:line:col on errors)
   lockstep serve -c /etc/lockstep/lockstep.yaml  run the appliance
   lockstep reload -c /etc/lockstep/lockstep.yaml reload the running appliance and wait for the result";
@@ -62,7 +62,9 @@ pub enum Command {
         socket: Option<PathBuf>,
     },
     /// Run a whole farm on loopback: the appliance in front of three demo backends.
-    #[command(after_help = "Example:\n  lockstep demo\n  curl -s http://127.0.0.1:8080/")]
+    #[command(
+        after_help = "Example:\n  lockstep demo\n  curl -s http://127.0.0.1:8080/\n  dig @127.0.0.1 -p 5300 www.farm.test +short"
+    )]
     Demo {
         /// Proxy port on 127.0.0.1.
         #[arg(long, default_value_t = 8080)]
@@ -70,6 +72,9 @@ pub enum Command {
         /// Admin port on 127.0.0.1.
         #[arg(long, default_value_t = 9900)]
         admin_port: u16,
+        /// DNS port (UDP and TCP) on 127.0.0.1.
+        #[arg(long, default_value_t = 5300)]
+        dns_port: u16,
     },
 }
 

@@ -46,9 +46,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("reloaded: config generation {generation} is serving");
             Ok(())
         }
-        Command::Demo { port, admin_port } => {
+        Command::Demo {
+            port,
+            admin_port,
+            dns_port,
+        } => {
             crate::serve::init_tracing();
-            runtime(None)?.block_on(crate::demo::run(port, admin_port))
+            runtime(None)?.block_on(crate::demo::run(port, admin_port, dns_port))
         }
     }
 }

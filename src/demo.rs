@@ -1,5 +1,6 @@
 //! `lockstep demo`: the embedded default. Three demo backends (each answers with its name)
-//! and the appliance in front of them, all on loopback, plus the commands to try.
+//! and the appliance in front of them (proxy and DNS), all on loopback, plus the commands to
+//! try.
 //!
 //! [`backend`] is a small real HTTP server (h1 and h2c) that tests use as a backend too.
 
@@ -107,11 +108,12 @@ async fn answer(
 }
 
 /// Runs the demo until Ctrl-C.
-pub async fn run(port: u16, admin_port: u16) -> anyhow::Result<()> {
+pub async fn run(port: u16, admin_port: u16, dns_port: u16) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let mut yaml = DEMO_YAML
         .replace("@PORT@", &port.to_string())
-        .replace("@ADMIN@", &admin_port.to_string());
+        .replace("@ADMIN@", &admin_port.to_string())
+        .replace("@DNS@", &dns_port.to_string());
     for i in 1..=3 {
         let socket = TcpListener::bind("127.0.0.1:0")
             .await
@@ -129,14 +131,19 @@ pub async fn run(port: u16, admin_port: u16) -> anyhow::Result<()> {
     let app = Appliance::start(cfg).await?;
     let proxy = app.local_addr("http").context("demo listener missing")?;
     let admin = app.admin_addr().context("demo admin listener missing")?;
+    let dns = app.dns_addr().context("demo DNS missing")?;
     println!(
-        "lockstep demo: the appliance on http://{proxy} in front of web-1, web-2, web-3 (Ctrl-C to stop)\n\n\
+        "lockstep demo: the appliance on http://{proxy} in front of web-1, web-2, web-3, DNS on {dns} (Ctrl-C to stop)\n\n\
          Try:\n  \
          for i in 1 2 3 4 5 6; do curl -s http://{proxy}/; done      # round robin: web-1, web-2, web-3, ...\n  \
          curl -si http://{proxy}/ | grep -i x-backend               # which backend answered\n  \
          curl -s --http2-prior-knowledge http://{proxy}/            # h2c\n  \
          curl -s -H 'Host: www.farm.test' http://{proxy}/echo-headers  # what the backend received\n  \
-         curl -s http://{admin}/metrics | grep lockstep_http_requests\n"
+         curl -s http://{admin}/metrics | grep lockstep_http_requests\n  \
+         dig @{dns_ip} -p {dns_port} www.farm.test +short       # the healthy backends, rotated: 127.0.0.1, .2, .3\n  \
+         dig @{dns_ip} -p {dns_port} farm.test SOA +norec       # authoritative (flags: qr aa)\n",
+        dns_ip = dns.ip(),
+        dns_port = dns.port(),
     );
     tokio::signal::ctrl_c()
         .await

@@ -1,5 +1,5 @@
-//! The appliance's live state: the routing table and one upstream client per pool, built
-//! together from one config and swapped together on reload.
+//! The appliance's live state: the routing table, one upstream client per pool and the DNS
+//! zone view, built together from one config and swapped together on reload.
 //!
 //! Readers (the proxy per request, the health checkers, the DNS responder, the admin API)
 //! `load` the pointer once and use that generation to the end of what they are doing.
@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Listener};
+use crate::dns::zone::{next_serial, Zones};
 use crate::metrics::Metrics;
 use crate::proxy::upstream::{self, Client};
 use crate::router::table::Table;
@@ -25,6 +26,8 @@ pub struct Live {
     pub clients: Vec<Client>,
     /// Each listener's settings and TLS acceptor, by listener name.
     pub listeners: Vec<(Arc<Listener>, Option<TlsAcceptor>)>,
+    /// The DNS zones, when the config has a `dns:` section.
+    pub dns: Option<Arc<Zones>>,
 }
 
 impl Live {
@@ -65,11 +68,20 @@ impl Live {
                 (Arc::new(l.clone()), acceptor)
             })
             .collect();
+        let dns = config.dns.as_ref().map(|d| {
+            // The shell reads the clock; `next_serial` (pure) makes every reload bump it.
+            let unix_now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let previous = previous.and_then(|p| p.dns.as_ref()).map(|z| z.serial);
+            Arc::new(Zones::build(d, next_serial(previous, unix_now)))
+        });
         Live {
             config,
             table,
             clients,
             listeners,
+            dns,
         }
     }
 

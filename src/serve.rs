@@ -114,9 +114,6 @@ fn status(app: &Appliance) -> String {
 }
 
 fn warn_unserved(cfg: &Config) {
-    if cfg.dns.is_some() {
-        warn!("the dns: section is parsed but this build does not serve DNS yet");
-    }
     if cfg.sync.is_some() {
         warn!("the sync: section is parsed but this build does not run the sync hub yet");
     }

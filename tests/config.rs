@@ -7,11 +7,11 @@
 //! a unique needle in the YAML text, so that the YAML stays readable and the assertion exact.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lockstep::config::{self, AccessLog, ConfigError, ConfigErrors, Pos};
+use lockstep::config::{self, AccessLog, ConfigError, ConfigErrors, Pos, Target};
 use lockstep::router::balance::Policy;
 use lockstep::router::route::HostMatch;
 
@@ -1053,14 +1053,255 @@ fn dns_and_sync_sections_of_the_design_are_accepted() {
     let yaml = format!("{POOL_WWW}{DNS_AND_SYNC}");
     let cfg = config::parse(Path::new("t.yaml"), &yaml).unwrap_or_else(|e| panic!("{e}"));
     let dns = cfg.dns.as_ref().expect("dns section kept");
-    assert_eq!(dns.bind.value, "0.0.0.0:53");
-    assert_eq!(dns.max_answers.as_ref().map(|m| m.value), Some(4));
+    assert_eq!(dns.bind, "0.0.0.0:53".parse::<SocketAddr>().unwrap());
+    assert_eq!(dns.max_answers, 4);
     assert_eq!(dns.zones.len(), 1);
-    assert_eq!(dns.zones[0].records.len(), 3);
-    assert_eq!(dns.zones[0].nameservers[0].value, "ns1.farm.test");
+    let z = &dns.zones[0];
+    assert_eq!((z.name.as_str(), z.ttl), ("farm.test", 30));
+    assert_eq!(z.nameservers, ["ns1.farm.test"]);
+    let records: Vec<(&str, &Target)> = z
+        .records
+        .iter()
+        .map(|r| (r.name.as_str(), &r.target))
+        .collect();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(
+        records,
+        [
+            ("www.farm.test", &Target::Pool("www".into())),
+            (
+                "lb.farm.test",
+                &Target::Addresses(vec![ip("192.0.2.10"), ip("192.0.2.11")])
+            ),
+            ("ns1.farm.test", &Target::Addresses(vec![ip("192.0.2.10")])),
+        ]
+    );
     let sync = cfg.sync.as_ref().expect("sync section kept");
     assert_eq!(sync.store.value, "/var/lib/lockstep/hub");
     assert_eq!(sync.cadence.as_ref().map(|c| c.value.as_str()), Some("60s"));
+}
+
+/// A `dns:` section over pool `www`, with `zone_extra` (records, indented as list items of
+/// `records:`) appended to zone `farm.test`.
+fn dns_yaml(zone_extra: &str) -> String {
+    format!(
+        r#"{POOL_WWW}
+dns:
+  bind: "127.0.0.1:5300"
+  zones:
+    - name: farm.test
+      records:
+        - {{ name: www, pool: www }}
+{zone_extra}"#
+    )
+}
+
+#[test]
+fn dns_defaults_and_apex_and_full_names() {
+    let yaml = dns_yaml(
+        "        - { name: \"@\", addresses: [\"2001:db8::1\"] }\n        - { name: Api.Farm.Test., pool: www }\n",
+    );
+    let cfg = config::parse(Path::new("t.yaml"), &yaml).unwrap_or_else(|e| panic!("{e}"));
+    let dns = cfg.dns.expect("dns");
+    assert_eq!(dns.max_answers, config::DEFAULT_MAX_ANSWERS);
+    assert_eq!(dns.zones[0].ttl, config::DEFAULT_DNS_TTL);
+    assert!(dns.zones[0].nameservers.is_empty());
+    let names: Vec<&str> = dns.zones[0]
+        .records
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(names, ["www.farm.test", "farm.test", "api.farm.test"]);
+}
+
+#[test]
+fn dns_bind_that_is_not_ip_port_is_refused() {
+    let yaml = dns_yaml("").replace("\"127.0.0.1:5300\"", "\"localhost:53\"");
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "\"localhost:53\"",
+        &["dns bind `localhost:53`", "ip:port"],
+    );
+}
+
+#[test]
+fn dns_bind_on_a_listener_port_is_refused() {
+    let yaml = format!(
+        "listeners:\n  - {{ name: http, bind: \"127.0.0.1:5300\" }}\nroutes:\n  - pool: www\n{}",
+        dns_yaml("")
+    );
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "\"127.0.0.1:5300\"\n  zones",
+        &["overlaps listener `http`", "own port"],
+    );
+}
+
+#[test]
+fn max_answers_zero_is_refused() {
+    let yaml = dns_yaml("").replace("  zones:", "  max_answers: 0\n  zones:");
+    let e = one_error(&yaml);
+    assert_error(&e, &yaml, "0\n", &["max_answers is 0", "at least 1"]);
+}
+
+#[test]
+fn ttl_zero_is_refused() {
+    let yaml = dns_yaml("").replace("      records:", "      ttl: 0\n      records:");
+    let e = one_error(&yaml);
+    assert_error(&e, &yaml, "0\n      records", &["ttl is 0", "at least 1"]);
+}
+
+#[test]
+fn bad_zone_name_is_refused_with_an_example() {
+    let yaml = dns_yaml("").replace("name: farm.test", "name: farm..test");
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "farm..test",
+        &["zone name `farm..test`", "empty label", "farm.test"],
+    );
+
+    let long = "a".repeat(64);
+    let yaml = dns_yaml("").replace("name: farm.test", &format!("name: {long}.test"));
+    let e = one_error(&yaml);
+    assert_error(&e, &yaml, &long, &["at most 63"]);
+}
+
+#[test]
+fn duplicate_zone_is_reported_at_the_second() {
+    let yaml = format!("{}    - name: Farm.Test.\n", dns_yaml(""));
+    let e = one_error(&yaml);
+    assert_error(&e, &yaml, "Farm.Test.", &["duplicate zone `farm.test`"]);
+}
+
+#[test]
+fn record_with_both_pool_and_addresses_is_refused() {
+    let yaml = dns_yaml("        - { name: lb, pool: www, addresses: [\"192.0.2.1\"] }\n");
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "lb,",
+        &["record `lb`", "both `pool:` and `addresses:`"],
+    );
+}
+
+#[test]
+fn record_with_neither_pool_nor_addresses_is_refused() {
+    let yaml = dns_yaml("        - { name: lb }\n");
+    let e = one_error(&yaml);
+    assert_error(&e, &yaml, "lb }", &["record `lb`", "neither"]);
+}
+
+#[test]
+fn record_to_a_missing_pool_suggests_the_nearest() {
+    let yaml = dns_yaml("        - { name: lb, pool: wwww }\n");
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "wwww",
+        &[
+            "record to pool `wwww`, which does not exist",
+            "did you mean `www`?",
+        ],
+    );
+}
+
+#[test]
+fn bad_record_address_is_reported_at_the_address() {
+    let yaml = dns_yaml("        - { name: lb, addresses: [\"192.0.2.1\", \"192.0.2.300\"] }\n");
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "\"192.0.2.300\"",
+        &["address `192.0.2.300` is not an IP address"],
+    );
+}
+
+#[test]
+fn empty_address_list_is_refused() {
+    let yaml = dns_yaml("        - { name: lb, addresses: [] }\n");
+    let e = one_error(&yaml);
+    assert_error(&e, &yaml, "lb,", &["empty `addresses:`"]);
+}
+
+#[test]
+fn duplicate_record_name_is_reported_at_the_second() {
+    let yaml = dns_yaml("        - { name: WWW, addresses: [\"192.0.2.1\"] }\n");
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "WWW",
+        &["duplicate record `WWW` in zone `farm.test`"],
+    );
+}
+
+#[test]
+fn bad_record_name_and_full_name_outside_the_zone_are_refused() {
+    let yaml = dns_yaml("        - { name: \"we b\", addresses: [\"192.0.2.1\"] }\n");
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "\"we b\"",
+        &["record name `we b`", "letters, digits"],
+    );
+
+    let yaml = dns_yaml("        - { name: www.example.com., addresses: [\"192.0.2.1\"] }\n");
+    let e = one_error(&yaml);
+    assert_error(&e, &yaml, "www.example.com.", &["outside zone `farm.test`"]);
+}
+
+#[test]
+fn nameserver_names_are_checked() {
+    let with_ns = |ns: &str| {
+        dns_yaml("").replace(
+            "      records:",
+            &format!("      nameservers: [{ns}]\n      records:"),
+        )
+    };
+    let yaml = with_ns("ns1");
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "ns1]",
+        &["not a full host name", "ns1.farm.test"],
+    );
+
+    let yaml = with_ns("\"ns_1..farm.test\"");
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "\"ns_1..farm.test\"",
+        &["nameserver `ns_1..farm.test`"],
+    );
+
+    // Inside the zone, the nameserver needs a record (its glue).
+    let yaml = with_ns("ns2.farm.test");
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "ns2.farm.test",
+        &[
+            "inside zone `farm.test` but has no record",
+            "{ name: ns2, addresses",
+        ],
+    );
+
+    // Outside the zone it needs none.
+    let yaml = with_ns("ns.provider.example");
+    config::parse(Path::new("t.yaml"), &yaml).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
@@ -1420,6 +1661,8 @@ fn example_config_documents_the_real_defaults() {
         ("failures", Want::Num(config::DEFAULT_PASSIVE_FAILURES)),
         ("ejection", Want::Dur(config::DEFAULT_EJECTION)),
         ("max_ejection", Want::Dur(config::DEFAULT_MAX_EJECTION)),
+        ("max_answers", Want::Num(config::DEFAULT_MAX_ANSWERS)),
+        ("ttl", Want::Num(config::DEFAULT_DNS_TTL)),
     ];
     let text = std::fs::read_to_string(example_path()).unwrap();
     let lines: Vec<&str> = text.lines().collect();

@@ -4,6 +4,7 @@
 //! Nothing here opens sockets; [`load`] reads the config file and the TLS files it names.
 //! Every problem is reported as `file:line:column: what is wrong and what to do`.
 
+pub mod dns;
 pub mod duration;
 pub mod error;
 pub mod raw;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub use dns::{Dns, Record, Target, Zone, DEFAULT_DNS_TTL, DEFAULT_MAX_ANSWERS};
 pub use error::{ConfigError, ConfigErrors, Pos};
 
 use crate::router::balance::Policy;
@@ -64,8 +66,8 @@ pub struct Config {
     pub pools: Vec<Pool>,
     /// Admin listener and reload socket.
     pub admin: Admin,
-    /// The `dns:` section, parsed; the DNS responder validates and serves it.
-    pub dns: Option<std::sync::Arc<raw::RawDns>>,
+    /// The DNS responder, when the `dns:` section is present.
+    pub dns: Option<Dns>,
     /// The `sync:` section, parsed; the sync hub validates and serves it.
     pub sync: Option<std::sync::Arc<raw::RawSync>>,
 }

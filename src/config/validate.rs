@@ -151,13 +151,14 @@ fn clean_parser_message(s: &str) -> String {
     s.to_string()
 }
 
-struct Ctx<'a> {
-    file: &'a Path,
-    errors: Vec<ConfigError>,
+/// The file being checked and the problems found so far.
+pub(super) struct Ctx<'a> {
+    pub(super) file: &'a Path,
+    pub(super) errors: Vec<ConfigError>,
 }
 
 impl Ctx<'_> {
-    fn err<T>(&mut self, at: &Spanned<T>, msg: impl Into<String>) {
+    pub(super) fn err<T>(&mut self, at: &Spanned<T>, msg: impl Into<String>) {
         self.errors
             .push(ConfigError::at(self.file, Pos::of(at), msg));
     }
@@ -177,7 +178,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn socket_addr(&mut self, v: &Spanned<String>, what: &str) -> Option<SocketAddr> {
+    pub(super) fn socket_addr(&mut self, v: &Spanned<String>, what: &str) -> Option<SocketAddr> {
         match SocketAddr::from_str(v.value.trim()) {
             Ok(a) => Some(a),
             Err(_) => {
@@ -232,6 +233,31 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         }
     }
 
+    let dns = raw
+        .dns
+        .as_ref()
+        .and_then(|d| super::dns::dns(&mut cx, d, &pool_index));
+    if let (Some(d), Some(raw_dns)) = (&dns, raw.dns.as_ref()) {
+        // DNS also listens on TCP, so it must not take a port the proxy or admin listen on.
+        if let Some(l) = listeners.iter().find(|l| overlaps(l.bind, d.bind)) {
+            cx.err(
+                &raw_dns.bind,
+                format!(
+                    "dns.bind {} overlaps listener `{}` on {}: give DNS its own port (53 is usual)",
+                    d.bind, l.name, l.bind
+                ),
+            );
+        } else if admin.bind.is_some_and(|a| overlaps(a, d.bind)) {
+            cx.err(
+                &raw_dns.bind,
+                format!(
+                    "dns.bind {} overlaps admin.bind: give DNS its own port (53 is usual)",
+                    d.bind
+                ),
+            );
+        }
+    }
+
     if cx.errors.is_empty() {
         Ok(Config {
             file: file.to_path_buf(),
@@ -239,7 +265,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             routes,
             pools,
             admin,
-            dns: raw.dns.map(Arc::new),
+            dns,
             sync: raw.sync.map(Arc::new),
         })
     } else {

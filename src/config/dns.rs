@@ -1,0 +1,387 @@
+//! The `dns:` section: raw zones → checked [`Dns`] that the DNS responder trusts.
+//!
+//! Names are kept as lowercase text without the trailing dot (`www.farm.test`); the responder
+//! turns them into wire names. Like the rest of `config`, this opens no sockets and reports
+//! every problem at the line and column where it was written.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use serde_saphyr::Spanned;
+
+use super::error::nearest;
+use super::raw::{RawDns, RawRecord, RawZone};
+use super::validate::Ctx;
+use super::{ConfigError, Pos};
+
+/// Default TTL of a zone's answers, seconds (short, so that health changes reach clients fast).
+pub const DEFAULT_DNS_TTL: u32 = 30;
+/// Default most addresses in one answer (fits a 512-byte UDP answer with room to spare).
+pub const DEFAULT_MAX_ANSWERS: u32 = 8;
+
+/// The checked `dns:` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dns {
+    /// Address for UDP and TCP.
+    pub bind: SocketAddr,
+    /// Most addresses in one answer (≥ 1).
+    pub max_answers: u32,
+    /// Authoritative zones, in config order.
+    pub zones: Vec<Zone>,
+}
+
+/// One authoritative zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    /// The apex, lowercase, no trailing dot (`farm.test`).
+    pub name: String,
+    /// TTL of every answer, seconds (≥ 1).
+    pub ttl: u32,
+    /// NS names of the apex, lowercase full names without the trailing dot.
+    pub nameservers: Vec<String>,
+    /// The names of the zone.
+    pub records: Vec<Record>,
+}
+
+/// One name of a zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The full name, lowercase, no trailing dot (`www.farm.test`; the apex for `@`).
+    pub name: String,
+    /// What it answers with.
+    pub target: Target,
+}
+
+/// What a name answers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The available backends of this pool (their `dns_address`).
+    Pool(String),
+    /// These fixed addresses.
+    Addresses(Vec<IpAddr>),
+}
+
+/// Checks a domain name written in the config: labels of 1–63 letters, digits, `-` or `_`,
+/// not starting or ending with `-`, 253 characters at most. Returns it lowercase without the
+/// trailing dot.
+pub fn check_name(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let s = s.strip_suffix('.').unwrap_or(s);
+    if s.is_empty() {
+        return Err("is empty".into());
+    }
+    if s.len() > 253 {
+        return Err(format!(
+            "is {} characters long; a domain name has at most 253",
+            s.len()
+        ));
+    }
+    for label in s.split('.') {
+        if label.is_empty() {
+            return Err("has an empty label (two dots in a row, or a leading dot)".into());
+        }
+        if label.len() > 63 {
+            return Err(format!(
+                "has the label `{label}` of {} characters; a label has at most 63",
+                label.len()
+            ));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return Err(format!(
+                "has `{c}` in the label `{label}`: use letters, digits, - and _"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("has the label `{label}` starting or ending with -"));
+        }
+    }
+    Ok(s.to_ascii_lowercase())
+}
+
+/// Whether `name` is `zone` or under it (both lowercase, no trailing dot).
+pub fn in_zone(name: &str, zone: &str) -> bool {
+    name == zone
+        || name
+            .strip_suffix(zone)
+            .is_some_and(|rest| rest.ends_with('.'))
+}
+
+/// Checks the `dns:` section; `pools` maps pool names to their index.
+pub(super) fn dns(cx: &mut Ctx<'_>, raw: &RawDns, pools: &HashMap<String, usize>) -> Option<Dns> {
+    let bind = cx.socket_addr(&raw.bind, "dns bind");
+    let max_answers = match &raw.max_answers {
+        None => DEFAULT_MAX_ANSWERS,
+        Some(m) if m.value == 0 => {
+            cx.err(
+                m,
+                "dns.max_answers is 0: an answer needs at least 1 address (default: 8)",
+            );
+            DEFAULT_MAX_ANSWERS
+        }
+        Some(m) => m.value,
+    };
+    let mut zones: Vec<Zone> = Vec::new();
+    for z in &raw.zones {
+        if let Some(zone) = zone(cx, z, pools) {
+            if zones.iter().any(|o| o.name == zone.name) {
+                cx.err(
+                    &z.name,
+                    format!(
+                        "duplicate zone `{}`: each zone may appear once; merge their records",
+                        zone.name
+                    ),
+                );
+                continue;
+            }
+            zones.push(zone);
+        }
+    }
+    Some(Dns {
+        bind: bind?,
+        max_answers,
+        zones,
+    })
+}
+
+fn zone(cx: &mut Ctx<'_>, z: &RawZone, pools: &HashMap<String, usize>) -> Option<Zone> {
+    let name = match check_name(&z.name.value) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            cx.err(
+                &z.name,
+                format!(
+                    "zone name `{}` {e}: write a domain such as farm.test",
+                    z.name.value
+                ),
+            );
+            None
+        }
+    };
+    let ttl = match &z.ttl {
+        None => DEFAULT_DNS_TTL,
+        Some(t) if t.value == 0 => {
+            cx.err(
+                t,
+                "zone ttl is 0: answers could not be cached at all; use at least 1 (default: 30)",
+            );
+            DEFAULT_DNS_TTL
+        }
+        Some(t) => t.value,
+    };
+    let mut records: Vec<Record> = Vec::new();
+    let mut seen = HashSet::new();
+    for r in &z.records {
+        let Some(rec) = record(cx, r, name.as_deref(), pools) else {
+            continue;
+        };
+        if !seen.insert(rec.name.clone()) {
+            cx.err(
+                &r.name,
+                format!(
+                    "duplicate record `{}` in zone `{}`: give each name one record (list several addresses in `addresses:`)",
+                    r.name.value,
+                    name.as_deref().unwrap_or("?")
+                ),
+            );
+            continue;
+        }
+        records.push(rec);
+    }
+    let mut nameservers = Vec::new();
+    for ns in &z.nameservers {
+        match check_name(&ns.value) {
+            Err(e) => cx.err(
+                ns,
+                format!(
+                    "nameserver `{}` {e}: write a full host name such as ns1.farm.test",
+                    ns.value
+                ),
+            ),
+            Ok(n) if !n.contains('.') => cx.err(
+                ns,
+                format!(
+                    "nameserver `{n}` is not a full host name: write e.g. `{n}.{}`",
+                    name.as_deref().unwrap_or("farm.test")
+                ),
+            ),
+            Ok(n) => {
+                // A nameserver inside the zone needs its address in the zone (glue), or
+                // resolvers could never reach it.
+                if let Some(zn) = &name {
+                    if in_zone(&n, zn) && !records.iter().any(|r| r.name == n) {
+                        let rel = n.strip_suffix(zn.as_str()).unwrap_or(&n);
+                        let rel = rel.strip_suffix('.').unwrap_or(rel);
+                        let rel = if rel.is_empty() { "@" } else { rel };
+                        cx.err(
+                            ns,
+                            format!(
+                                "nameserver `{n}` is inside zone `{zn}` but has no record there: add `{{ name: {rel}, addresses: [...] }}` so resolvers can find it"
+                            ),
+                        );
+                    }
+                }
+                nameservers.push(n);
+            }
+        }
+    }
+    Some(Zone {
+        name: name?,
+        ttl,
+        nameservers,
+        records,
+    })
+}
+
+fn record(
+    cx: &mut Ctx<'_>,
+    r: &RawRecord,
+    zone: Option<&str>,
+    pools: &HashMap<String, usize>,
+) -> Option<Record> {
+    let written = r.name.value.trim();
+    let name = if written == "@" {
+        zone.map(str::to_string)
+    } else {
+        match check_name(written) {
+            Err(e) => {
+                cx.err(
+                    &r.name,
+                    format!(
+                        "record name `{written}` {e}: write a name relative to the zone (www) or @ for the apex"
+                    ),
+                );
+                None
+            }
+            // A trailing dot marks a full name, which must then be inside the zone.
+            Ok(n) if written.ends_with('.') => match zone {
+                Some(z) if !in_zone(&n, z) => {
+                    cx.err(
+                        &r.name,
+                        format!("record name `{written}` is outside zone `{z}`: write a name relative to the zone (www) or @ for the apex"),
+                    );
+                    None
+                }
+                _ => Some(n),
+            },
+            Ok(n) => zone.map(|z| format!("{n}.{z}")),
+        }
+    };
+    if let Some(n) = &name {
+        if n.len() > 253 {
+            cx.err(
+                &r.name,
+                format!("record name `{n}` is longer than 253 characters with its zone"),
+            );
+            return None;
+        }
+    }
+    let target = match (&r.pool, &r.addresses) {
+        (Some(_), Some(_)) => {
+            cx.err(
+                &r.name,
+                format!("record `{written}` has both `pool:` and `addresses:`: keep one"),
+            );
+            None
+        }
+        (None, None) => {
+            cx.err(
+                &r.name,
+                format!(
+                    "record `{written}` has neither `pool:` nor `addresses:`: add one (pool: NAME, or addresses: [\"192.0.2.10\"])"
+                ),
+            );
+            None
+        }
+        (Some(p), None) => pool_target(cx, p, pools),
+        (None, Some(list)) => addresses(cx, r, list),
+    };
+    Some(Record {
+        name: name?,
+        target: target?,
+    })
+}
+
+fn pool_target(
+    cx: &mut Ctx<'_>,
+    p: &Spanned<String>,
+    pools: &HashMap<String, usize>,
+) -> Option<Target> {
+    if pools.contains_key(&p.value) {
+        return Some(Target::Pool(p.value.clone()));
+    }
+    let hint = match nearest(&p.value, pools.keys().map(String::as_str)) {
+        Some(n) => format!("did you mean `{n}`?"),
+        None if pools.is_empty() => "there are no pools: add one under `pools:`".to_string(),
+        None => {
+            let mut names: Vec<&str> = pools.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            format!("pools are: {}", names.join(", "))
+        }
+    };
+    cx.err(
+        p,
+        format!("record to pool `{}`, which does not exist: {hint}", p.value),
+    );
+    None
+}
+
+fn addresses(cx: &mut Ctx<'_>, r: &RawRecord, list: &[Spanned<String>]) -> Option<Target> {
+    if list.is_empty() {
+        cx.errors.push(ConfigError::at(
+            cx.file,
+            Pos::of(&r.name),
+            format!(
+                "record `{}` has an empty `addresses:` list: add at least one address",
+                r.name.value
+            ),
+        ));
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut ok = true;
+    for a in list {
+        match IpAddr::from_str(a.value.trim()) {
+            Ok(ip) => out.push(ip),
+            Err(_) => {
+                cx.err(
+                    a,
+                    format!(
+                        "address `{}` is not an IP address: write e.g. \"192.0.2.10\" or \"2001:db8::10\"",
+                        a.value
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(Target::Addresses(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_and_lowercased() {
+        assert_eq!(check_name("Farm.Test.").as_deref(), Ok("farm.test"));
+        assert_eq!(check_name("_srv.a-b.test").as_deref(), Ok("_srv.a-b.test"));
+        assert!(check_name("").is_err());
+        assert!(check_name("a..b").is_err());
+        assert!(check_name("-a.b").is_err());
+        assert!(check_name("a b.c").is_err());
+        assert!(check_name(&format!("{}.test", "a".repeat(64))).is_err());
+        assert!(check_name(&format!("{}.test", "a".repeat(63))).is_ok());
+    }
+
+    #[test]
+    fn in_zone_needs_a_label_boundary() {
+        assert!(in_zone("farm.test", "farm.test"));
+        assert!(in_zone("www.farm.test", "farm.test"));
+        assert!(!in_zone("myfarm.test", "farm.test"));
+        assert!(!in_zone("test", "farm.test"));
+    }
+}

@@ -1,0 +1,41 @@
+//! The DNS round-robin responder: authoritative answers for the farm's names, each name bound
+//! to a pool answering with the pool's available backends, rotated.
+//!
+//! Built on hickory-server (its `Server` runs the UDP and TCP sockets, its `RequestHandler`
+//! is the seam); hickory's types stay inside this module. The answer itself is a pure
+//! function ([`answer::answer`]) of the zone view, the pool health and a rotation turn.
+//!
+//! - [`zone`]: the zone view built from the config, one per config generation (in `Live`).
+//! - [`answer`]: zone view + health + rotation turn + question → records and rcode (pure).
+//! - [`handler`]: the hickory request handler: opcode, EDNS, one question, metrics.
+//! - [`server`]: binds UDP and TCP on one address and serves them until cancelled.
+//! - [`metrics`]: queries by type and rcode, answer latency, fail-open answers.
+
+pub mod answer;
+pub mod handler;
+pub mod metrics;
+pub mod server;
+pub mod zone;
+
+use std::net::SocketAddr;
+
+pub use handler::DnsHandler;
+pub use metrics::DnsMetrics;
+pub use server::{bind, serve, Bound};
+pub use zone::Zones;
+
+/// Failures of the DNS responder.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DnsError {
+    /// A socket could not be bound.
+    #[error("cannot bind DNS {proto} on {addr}: {error} (is another DNS server running, or does port {} need privileges? CAP_NET_BIND_SERVICE lets lockstep bind port 53)", addr.port())]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// `udp` or `tcp`.
+        proto: &'static str,
+        /// The OS error (in the message, so it prints once).
+        error: std::io::Error,
+    },
+}

@@ -1,0 +1,839 @@
+//! The DNS responder as clients meet it: real UDP and TCP sockets on `127.0.0.1:0`, queries and
+//! answers as raw hickory-proto messages, the appliance started from YAML. Rotation fairness,
+//! answers following health checks (and failing open), negative answers, the apex, EDNS, TC
+//! over UDP with the whole answer over TCP, malformed packets, reloads, and one end-to-end run
+//! of the real `dig` against `lockstep serve`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hickory_server::proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_server::proto::rr::rdata::opt::EdnsOption;
+use hickory_server::proto::rr::{Name, RData, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+use common::{eventually, h1_client, scrape, DemoBackend};
+use lockstep::appliance::Appliance;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// How long a test waits for one answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(3);
+
+/// The test zone: `lb` (3 fixed addresses), `v6`, `ns1` (glue), `big` (100 addresses) and
+/// `www` bound to pool `www`; `pool_backends` are its `backends:` lines.
+fn dns_yaml(pool_backends: &str, pool_extra: &str, extra_records: &str) -> String {
+    let big: Vec<String> = (1..=100)
+        .map(|i| format!("\"10.0.{}.{}\"", i / 250, i % 250 + 1))
+        .collect();
+    format!(
+        r#"pools:
+  - name: www
+{pool_extra}    backends:
+{pool_backends}dns:
+  bind: "127.0.0.1:0"
+  max_answers: 100
+  zones:
+    - name: farm.test
+      ttl: 30
+      nameservers: [ns1.farm.test, ns.provider.example]
+      records:
+        - {{ name: www, pool: www }}
+        - {{ name: lb, addresses: ["192.0.2.1", "192.0.2.2", "192.0.2.3"] }}
+        - {{ name: ns1, addresses: ["192.0.2.53", "2001:db8::53"] }}
+        - {{ name: v6, addresses: ["2001:db8::1", "2001:db8::2"] }}
+        - {{ name: big, addresses: [{big}] }}
+{extra_records}admin:
+  bind: "127.0.0.1:0"
+"#,
+        big = big.join(", ")
+    )
+}
+
+/// Backends lines for `backends`, with DNS addresses 127.0.0.11, .12, ...
+fn backends_with_dns(backends: &[DemoBackend]) -> String {
+    backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            format!(
+                "      - {{ name: {}, address: \"{}\", dns_address: \"127.0.0.{}\" }}\n",
+                b.name,
+                b.addr,
+                11 + i
+            )
+        })
+        .collect()
+}
+
+/// An appliance serving the test zone, its pool over three backends that are never checked
+/// (so always up).
+async fn start_static() -> Appliance {
+    let backends = "      - { name: web-1, address: \"127.0.0.1:9\", dns_address: \"192.0.2.11\" }\n      - { name: web-2, address: \"127.0.0.1:9\", dns_address: \"192.0.2.12\" }\n";
+    common::start(&dns_yaml(backends, "", "")).await
+}
+
+fn dns_addr(app: &Appliance) -> SocketAddr {
+    app.dns_addr().expect("dns is served")
+}
+
+/// A query for `name`/`qtype` with RD set, as dig sends it.
+fn query(name: &str, qtype: RecordType) -> Message {
+    let mut m = Message::new(rand_id(), MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    m
+}
+
+fn rand_id() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0x1234);
+    NEXT.fetch_add(7, Ordering::Relaxed)
+}
+
+/// `m` with an OPT record: EDNS `version`, payload 4096.
+fn with_edns(mut m: Message, version: u8, edit: impl FnOnce(&mut Edns)) -> Message {
+    let mut e = Edns::new();
+    e.set_version(version);
+    e.set_max_payload(4096);
+    edit(&mut e);
+    m.set_edns(e);
+    m
+}
+
+/// Sends raw bytes over UDP; the answer's bytes, or `None` when nothing came within `wait`.
+async fn udp_raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
+    sock.send_to(bytes, addr).await.expect("send");
+    let mut buf = vec![0u8; 65535];
+    match tokio::time::timeout(wait, sock.recv_from(&mut buf)).await {
+        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+/// Asks over UDP; panics when no parsable answer comes.
+async fn udp(addr: SocketAddr, m: &Message) -> Message {
+    let bytes = udp_raw(addr, &m.to_vec().unwrap(), ANSWER_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("no UDP answer to {:?}", m.queries));
+    let answer = Message::from_vec(&bytes).expect("answer parses");
+    assert_eq!(answer.metadata.id, m.metadata.id, "answer id");
+    answer
+}
+
+/// Size of the UDP answer to `m`, and the answer.
+async fn udp_sized(addr: SocketAddr, m: &Message) -> (usize, Message) {
+    let bytes = udp_raw(addr, &m.to_vec().unwrap(), ANSWER_WAIT)
+        .await
+        .expect("an answer");
+    (
+        bytes.len(),
+        Message::from_vec(&bytes).expect("answer parses"),
+    )
+}
+
+/// Asks over TCP (2-byte length prefix, RFC 1035 §4.2.2) on `stream`.
+async fn tcp_on(stream: &mut TcpStream, m: &Message) -> Message {
+    let bytes = m.to_vec().unwrap();
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&bytes);
+    stream.write_all(&framed).await.expect("tcp write");
+    let read = async {
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).await?;
+        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+        stream.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(ANSWER_WAIT, read)
+        .await
+        .expect("TCP answer in time")
+        .expect("TCP answer read");
+    Message::from_vec(&buf).expect("answer parses")
+}
+
+/// Asks over a fresh TCP connection.
+async fn tcp(addr: SocketAddr, m: &Message) -> Message {
+    let mut s = TcpStream::connect(addr).await.expect("tcp connect");
+    tcp_on(&mut s, m).await
+}
+
+/// The addresses in the answer section, in order.
+fn addrs(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            RData::AAAA(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn soa_serial(m: &Message) -> u32 {
+    match m.answers.first().map(|r| &r.data) {
+        Some(RData::SOA(s)) => s.serial,
+        _ => panic!("no SOA answer: {m:?}"),
+    }
+}
+
+/// Asserts `m` is a negative answer (`rcode`) with the zone's SOA in authority at the
+/// negative TTL.
+#[track_caller]
+fn assert_negative(m: &Message, rcode: ResponseCode) {
+    assert_eq!(m.metadata.response_code, rcode, "{m:?}");
+    assert!(m.metadata.authoritative, "AA: {m:?}");
+    assert!(m.answers.is_empty(), "{m:?}");
+    assert_eq!(m.authorities.len(), 1, "{m:?}");
+    let soa = &m.authorities[0];
+    let RData::SOA(data) = &soa.data else {
+        panic!("authority is not an SOA: {m:?}")
+    };
+    assert_eq!(soa.name.to_string(), "farm.test.");
+    assert_eq!(soa.ttl, 30u32.min(data.minimum), "negative TTL");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Answers
+
+#[tokio::test]
+async fn answer_is_authoritative_without_recursion_and_lists_every_address() {
+    let app = start_static().await;
+    let m = udp(dns_addr(&app), &query("lb.farm.test.", RecordType::A)).await;
+    assert_eq!(m.metadata.message_type, MessageType::Response);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.authoritative, "AA set");
+    assert!(!m.metadata.recursion_available, "RA clear");
+    assert!(m.metadata.recursion_desired, "RD copied");
+    assert_eq!(m.queries.len(), 1, "question echoed");
+    let mut got = addrs(&m);
+    got.sort();
+    assert_eq!(got, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
+    assert!(m.answers.iter().all(|r| r.ttl == 30));
+    assert!(m.edns.is_none(), "no OPT without one in the query");
+}
+
+#[tokio::test]
+async fn rotation_puts_each_address_first_equally_often() {
+    let app = start_static().await;
+    let addr = dns_addr(&app);
+    let mut firsts: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..300 {
+        let m = udp(addr, &query("lb.farm.test.", RecordType::A)).await;
+        assert_eq!(m.answers.len(), 3, "query {i}: {m:?}");
+        *firsts.entry(addrs(&m)[0].clone()).or_default() += 1;
+    }
+    assert_eq!(firsts.len(), 3, "{firsts:?}");
+    for (a, n) in &firsts {
+        assert!(
+            (95..=105).contains(n),
+            "{a} first {n} times of 300: {firsts:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn pool_name_answers_its_backends_and_aaaa_by_family() {
+    let app = start_static().await;
+    let addr = dns_addr(&app);
+    let m = udp(addr, &query("www.farm.test.", RecordType::A)).await;
+    let got: BTreeSet<String> = addrs(&m).into_iter().collect();
+    assert_eq!(
+        got,
+        BTreeSet::from(["192.0.2.11".into(), "192.0.2.12".into()])
+    );
+
+    let m = udp(addr, &query("v6.farm.test.", RecordType::AAAA)).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    let got: BTreeSet<String> = addrs(&m).into_iter().collect();
+    assert_eq!(
+        got,
+        BTreeSet::from(["2001:db8::1".into(), "2001:db8::2".into()])
+    );
+    assert!(m
+        .answers
+        .iter()
+        .all(|r| r.record_type() == RecordType::AAAA));
+
+    // A name with only IPv4 addresses has no AAAA: NODATA.
+    let m = udp(addr, &query("www.farm.test.", RecordType::AAAA)).await;
+    assert_negative(&m, ResponseCode::NoError);
+}
+
+#[tokio::test]
+async fn negative_answers_refused_and_notimp() {
+    let app = start_static().await;
+    let addr = dns_addr(&app);
+    assert_negative(
+        &udp(addr, &query("nope.farm.test.", RecordType::A)).await,
+        ResponseCode::NXDomain,
+    );
+    assert_negative(
+        &udp(addr, &query("www.farm.test.", RecordType::MX)).await,
+        ResponseCode::NoError,
+    );
+    let m = udp(addr, &query("www.example.com.", RecordType::A)).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    assert!(!m.metadata.authoritative && m.answers.is_empty() && m.authorities.is_empty());
+
+    let mut status = query("www.farm.test.", RecordType::A);
+    status.metadata.op_code = OpCode::Status;
+    let m = udp(addr, &status).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+    assert!(m.answers.is_empty());
+}
+
+#[tokio::test]
+async fn apex_has_soa_and_ns_with_glue_for_the_in_zone_nameserver() {
+    let app = start_static().await;
+    let addr = dns_addr(&app);
+    let m = udp(addr, &query("farm.test.", RecordType::SOA)).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.authoritative);
+    let RData::SOA(soa) = &m.answers[0].data else {
+        panic!("{m:?}")
+    };
+    assert_eq!(soa.mname.to_string(), "ns1.farm.test.");
+    assert!(
+        soa.serial > 1_600_000_000,
+        "unix-time serial: {}",
+        soa.serial
+    );
+
+    let m = udp(addr, &query("farm.test.", RecordType::NS)).await;
+    let ns: BTreeSet<String> = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::NS(n) => Some(n.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        ns,
+        BTreeSet::from(["ns1.farm.test.".into(), "ns.provider.example.".into()])
+    );
+    let glue: BTreeSet<(String, String)> = m
+        .additionals
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some((r.name.to_string(), a.0.to_string())),
+            RData::AAAA(a) => Some((r.name.to_string(), a.0.to_string())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        glue,
+        BTreeSet::from([
+            ("ns1.farm.test.".into(), "192.0.2.53".into()),
+            ("ns1.farm.test.".into(), "2001:db8::53".into()),
+        ])
+    );
+    // No address at the apex: NODATA.
+    assert_negative(
+        &udp(addr, &query("farm.test.", RecordType::A)).await,
+        ResponseCode::NoError,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health
+
+/// Three demo backends checked every 100 ms (one failure takes a backend down, one success
+/// brings it back), `www` bound to them with DNS addresses 127.0.0.11..13.
+async fn start_checked() -> (Appliance, Vec<DemoBackend>) {
+    let backends = DemoBackend::start_n(3).await;
+    let yaml = dns_yaml(
+        &backends_with_dns(&backends),
+        "    health: { path: /healthz, interval: 100ms, timeout: 500ms, rise: 1, fall: 1 }\n",
+        "",
+    );
+    (common::start(&yaml).await, backends)
+}
+
+async fn www_set(addr: SocketAddr) -> BTreeSet<String> {
+    addrs(&udp(addr, &query("www.farm.test.", RecordType::A)).await)
+        .into_iter()
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn backend_taken_down_leaves_the_answers_and_comes_back_when_it_recovers() {
+    let (app, backends) = start_checked().await;
+    let addr = dns_addr(&app);
+    let all = set(&["127.0.0.11", "127.0.0.12", "127.0.0.13"]);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            www_set(addr).await == all
+        })
+        .await,
+        "all three backends answered: {:?}",
+        www_set(addr).await
+    );
+    backends[1].set_unhealthy(true);
+    // A few check intervals (100 ms each, fall 1): well under a second.
+    let without = set(&["127.0.0.11", "127.0.0.13"]);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            www_set(addr).await == without
+        })
+        .await,
+        "web-2 still answered: {:?}",
+        www_set(addr).await
+    );
+    // And it stays out while down.
+    for _ in 0..20 {
+        assert_eq!(www_set(addr).await, without);
+    }
+    backends[1].set_unhealthy(false);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            www_set(addr).await == all
+        })
+        .await,
+        "web-2 did not come back: {:?}",
+        www_set(addr).await
+    );
+}
+
+#[tokio::test]
+async fn every_backend_down_fails_open_and_is_counted() {
+    let (app, backends) = start_checked().await;
+    let addr = dns_addr(&app);
+    let admin = app.admin_addr().expect("admin");
+    let client = h1_client();
+    for b in &backends {
+        b.set_unhealthy(true);
+    }
+    let all_down = || async {
+        let m = scrape(&client, admin).await;
+        let downs = m
+            .iter()
+            .filter(|(k, v)| k.starts_with("lockstep_backend_up{") && **v == 0.0)
+            .count();
+        downs == 3
+    };
+    assert!(
+        eventually(Duration::from_secs(2), all_down).await,
+        "backends did not go down"
+    );
+    let series = "lockstep_dns_fail_open_answers_total{pool=\"www\"}";
+    let before = scrape(&client, admin)
+        .await
+        .get(series)
+        .copied()
+        .unwrap_or(0.0);
+    let got = www_set(addr).await;
+    assert_eq!(got, set(&["127.0.0.11", "127.0.0.12", "127.0.0.13"]));
+    let after = scrape(&client, admin)
+        .await
+        .get(series)
+        .copied()
+        .unwrap_or(0.0);
+    assert_eq!(after, before + 1.0, "fail-open answer counted");
+    let m = scrape(&client, admin).await;
+    assert!(
+        m.get("lockstep_dns_queries_total{qtype=\"A\",rcode=\"NOERROR\"}")
+            .is_some_and(|v| *v >= 1.0),
+        "queries counted by type and rcode: {m:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// EDNS (the ISC EDNS compliance queries)
+
+#[tokio::test]
+async fn edns_compliance() {
+    let app = start_static().await;
+    let addr = dns_addr(&app);
+    let q = || query("lb.farm.test.", RecordType::A);
+
+    // plain: no OPT back.
+    let m = udp(addr, &q()).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.edns.is_none());
+
+    // EDNS 0: OPT back, version 0, payload clamped to 1232, no DO.
+    let m = udp(addr, &with_edns(q(), 0, |_| {})).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    let e = m.edns.as_ref().expect("OPT echoed");
+    assert_eq!(e.version(), 0);
+    assert_eq!(e.max_payload(), 1232);
+    assert!(!e.flags().dnssec_ok);
+    assert_eq!(m.answers.len(), 3);
+
+    // EDNS 1: BADVERS with an OPT of version 0, no answers.
+    let m = udp(addr, &with_edns(q(), 1, |_| {})).await;
+    // BADVERS and BADSIG share code 16; the decoder names it BADSIG.
+    assert_eq!(u16::from(m.metadata.response_code), 16, "BADVERS");
+    assert_eq!(m.edns.as_ref().expect("OPT with BADVERS").version(), 0);
+    assert!(m.answers.is_empty());
+
+    // Unknown flag: answered, flag not echoed.
+    let m = udp(addr, &with_edns(q(), 0, |e| e.flags_mut().z = 0x4000)).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(m.edns.as_ref().expect("OPT").flags().z, 0);
+    assert_eq!(m.answers.len(), 3);
+
+    // Unknown option: answered, option not echoed.
+    let m = udp(
+        addr,
+        &with_edns(q(), 0, |e| {
+            e.options_mut()
+                .insert(EdnsOption::Unknown(65001, vec![1, 2, 3]))
+        }),
+    )
+    .await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    let e = m.edns.as_ref().expect("OPT");
+    assert!(
+        e.option(65001.into()).is_none(),
+        "unknown option echoed: {e:?}"
+    );
+    assert_eq!(m.answers.len(), 3);
+
+    // DO: copied.
+    let m = udp(
+        addr,
+        &with_edns(q(), 0, |e| {
+            e.set_dnssec_ok(true);
+        }),
+    )
+    .await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.edns.as_ref().expect("OPT").flags().dnssec_ok);
+
+    // A small advertised payload is raised to 512, never below.
+    let m = udp(
+        addr,
+        &with_edns(q(), 0, |e| {
+            e.set_max_payload(100);
+        }),
+    )
+    .await;
+    assert_eq!(m.edns.as_ref().expect("OPT").max_payload(), 512);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Size: TC over UDP, the whole answer over TCP
+
+#[tokio::test]
+async fn too_big_for_udp_sets_tc_and_tcp_gets_the_whole_answer() {
+    let app = start_static().await;
+    let addr = dns_addr(&app);
+    let (size, m) = udp_sized(addr, &query("big.farm.test.", RecordType::A)).await;
+    assert!(m.metadata.truncation, "TC set: {} answers", m.answers.len());
+    assert!(size <= 512, "plain UDP answer of {size} bytes");
+
+    let (size, m) = udp_sized(
+        addr,
+        &with_edns(query("big.farm.test.", RecordType::A), 0, |_| {}),
+    )
+    .await;
+    assert!(m.metadata.truncation, "TC set with EDNS too");
+    assert!(size <= 1232, "EDNS UDP answer of {size} bytes");
+
+    let mut stream = TcpStream::connect(addr).await.expect("tcp connect");
+    let m = tcp_on(&mut stream, &query("big.farm.test.", RecordType::A)).await;
+    assert!(!m.metadata.truncation, "TC over TCP");
+    assert_eq!(m.answers.len(), 100);
+    // The connection stays open for further queries (RFC 7766).
+    let m = tcp_on(&mut stream, &query("lb.farm.test.", RecordType::A)).await;
+    assert_eq!(m.answers.len(), 3);
+    let m = tcp(addr, &query("nope.farm.test.", RecordType::A)).await;
+    assert_negative(&m, ResponseCode::NXDomain);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Malformed packets
+
+/// A header: id, flags (RD), and the four counts.
+fn header(id: u16, qd: u16, an: u16, ns: u16, ar: u16) -> Vec<u8> {
+    let mut h = id.to_be_bytes().to_vec();
+    h.extend_from_slice(&[0x01, 0x00]);
+    for c in [qd, an, ns, ar] {
+        h.extend_from_slice(&c.to_be_bytes());
+    }
+    h
+}
+
+#[tokio::test]
+async fn malformed_packets_never_crash_it() {
+    let app = start_static().await;
+    let addr = dns_addr(&app);
+    let short = Duration::from_millis(300);
+
+    // Shorter than a header: silence.
+    assert_eq!(udp_raw(addr, &[0x12, 0x34, 0x01], short).await, None);
+    assert_eq!(udp_raw(addr, &[], short).await, None);
+
+    // Parsable header, broken body: FORMERR with the same id.
+    let formerr = |bytes: Vec<u8>, what: &'static str| async move {
+        let reply = udp_raw(addr, &bytes, ANSWER_WAIT).await;
+        let reply = reply.unwrap_or_else(|| panic!("{what}: no answer"));
+        let m = Message::from_vec(&reply).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(m.metadata.id, 0xbeef, "{what}");
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr, "{what}");
+    };
+    // A question cut short.
+    let mut p = header(0xbeef, 1, 0, 0, 0);
+    p.extend_from_slice(&[3, b'w', b'w']);
+    formerr(p, "truncated question").await;
+    // A compression pointer to itself.
+    let mut p = header(0xbeef, 1, 0, 0, 0);
+    p.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+    formerr(p, "compression pointer loop").await;
+    // A label of 64 bytes.
+    let mut p = header(0xbeef, 1, 0, 0, 0);
+    p.push(64);
+    p.extend(std::iter::repeat_n(b'a', 64));
+    p.extend_from_slice(&[0, 0, 1, 0, 1]);
+    formerr(p, "label over 63").await;
+    // A name of 5 × 63-byte labels (over 255).
+    let mut p = header(0xbeef, 1, 0, 0, 0);
+    for _ in 0..5 {
+        p.push(63);
+        p.extend(std::iter::repeat_n(b'a', 63));
+    }
+    p.extend_from_slice(&[0, 0, 1, 0, 1]);
+    formerr(p, "name over 255").await;
+    // More questions than written.
+    let mut p = header(0xbeef, 3, 0, 0, 0);
+    p.extend_from_slice(&[0, 0, 1, 0, 1]);
+    formerr(p, "missing questions").await;
+
+    // No question at all: FORMERR from the handler.
+    let m = Message::from_vec(
+        &udp_raw(addr, &header(0xbeef, 0, 0, 0, 0), ANSWER_WAIT)
+            .await
+            .expect("answer to an empty query"),
+    )
+    .unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+
+    // Random bytes (a fixed xorshift stream, so a failure replays): whatever comes back, the
+    // server keeps serving.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for len in [12usize, 13, 17, 29, 64, 200, 512, 1500] {
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let _ = udp_raw(addr, &bytes, Duration::from_millis(50)).await;
+        // The same garbage over TCP.
+        if let Ok(mut s) = TcpStream::connect(addr).await {
+            let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = s.write_all(&framed).await;
+        }
+    }
+    // A TCP frame that claims more than it sends, then hangs up.
+    if let Ok(mut s) = TcpStream::connect(addr).await {
+        let _ = s.write_all(&[0xff, 0xff, 1, 2, 3]).await;
+    }
+
+    // Still answering, over both transports.
+    let m = udp(addr, &query("lb.farm.test.", RecordType::A)).await;
+    assert_eq!(m.answers.len(), 3);
+    let m = tcp(addr, &query("lb.farm.test.", RecordType::A)).await;
+    assert_eq!(m.answers.len(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reload
+
+#[tokio::test]
+async fn reload_swaps_the_zones_and_bumps_the_serial() {
+    let backends =
+        "      - { name: web-1, address: \"127.0.0.1:9\", dns_address: \"192.0.2.11\" }\n";
+    let mut app = common::start(&dns_yaml(backends, "", "")).await;
+    let addr = dns_addr(&app);
+    let serial = soa_serial(&udp(addr, &query("farm.test.", RecordType::SOA)).await);
+    assert_negative(
+        &udp(addr, &query("new.farm.test.", RecordType::A)).await,
+        ResponseCode::NXDomain,
+    );
+
+    let yaml = dns_yaml(
+        backends,
+        "",
+        "        - { name: new, addresses: [\"198.51.100.7\"] }\n",
+    );
+    app.reload(common::config(&yaml)).expect("reload");
+    let m = udp(addr, &query("new.farm.test.", RecordType::A)).await;
+    assert_eq!(addrs(&m), ["198.51.100.7"]);
+    let bumped = soa_serial(&udp(addr, &query("farm.test.", RecordType::SOA)).await);
+    assert!(bumped > serial, "serial {serial} → {bumped}");
+
+    // And again within the same second: still bumped.
+    app.reload(common::config(&yaml)).expect("reload");
+    let again = soa_serial(&udp(addr, &query("farm.test.", RecordType::SOA)).await);
+    assert!(again > bumped, "serial {bumped} → {again}");
+    // Same address: the sockets were kept.
+    assert_eq!(app.dns_addr(), Some(addr));
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end: dig against `lockstep serve`
+
+/// Runs `dig` with `args`; `None` when dig is not installed.
+fn dig(args: &[String]) -> Option<String> {
+    let out = std::process::Command::new("dig").args(args).output().ok()?;
+    assert!(
+        out.status.success(),
+        "dig {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn dig_against_lockstep_serve() {
+    if std::process::Command::new("dig")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED dig_against_lockstep_serve: `dig` is not installed (apt-get install bind9-dnsutils; .ci/run does)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("lockstep.yaml");
+    let log = dir.path().join("stderr.log");
+    // No health checks: the pool's backends count as up, so no backend has to run.
+    let backends = "      - { name: web-1, address: \"127.0.0.1:9\", dns_address: \"192.0.2.11\" }\n      - { name: web-2, address: \"127.0.0.1:9\", dns_address: \"192.0.2.12\" }\n      - { name: web-3, address: \"127.0.0.1:9\", dns_address: \"192.0.2.13\" }\n";
+    std::fs::write(&cfg, dns_yaml(backends, "", "")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .arg("serve")
+        .arg("-c")
+        .arg(&cfg)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start lockstep serve");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // The DNS port is read back from the log line `dns listening ... addr=127.0.0.1:PORT`.
+    let port = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter(|l| l.contains("dns listening"))
+            .find_map(|l| l.split("addr=127.0.0.1:").nth(1))
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse::<u16>().ok());
+        if let Some(p) = found {
+            break p;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("lockstep serve exited ({status}):\n{text}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dns listening line:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _guard = Kill(child);
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec![
+            "@127.0.0.1".to_string(),
+            "-p".into(),
+            port.to_string(),
+            "+time=2".into(),
+            "+tries=1".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+
+    let first = dig(&args(&["www.farm.test", "+short"])).unwrap();
+    let lines: Vec<&str> = first.lines().collect();
+    let got: BTreeSet<&str> = lines.iter().copied().collect();
+    assert_eq!(
+        got,
+        BTreeSet::from(["192.0.2.11", "192.0.2.12", "192.0.2.13"]),
+        "{first}"
+    );
+    let second = dig(&args(&["www.farm.test", "+short"])).unwrap();
+    assert_ne!(
+        second.lines().next(),
+        lines.first().copied(),
+        "rotation: the next answer starts elsewhere"
+    );
+
+    let full = dig(&args(&["www.farm.test", "A"])).unwrap();
+    assert!(full.contains("status: NOERROR"), "{full}");
+    assert!(
+        full.contains("flags: qr aa rd;"),
+        "AA set, RA clear: {full}"
+    );
+
+    let nx = dig(&args(&["nope.farm.test"])).unwrap();
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    let refused = dig(&args(&["example.com"])).unwrap();
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+
+    // dig retries over TCP on TC by itself; +tcp asks over TCP outright.
+    let big = dig(&args(&["big.farm.test", "+short", "+ignore", "+noedns"])).unwrap();
+    assert!(
+        big.lines().count() < 100,
+        "UDP answer without TC retry was complete"
+    );
+    let big = dig(&args(&["big.farm.test", "+short"])).unwrap();
+    assert_eq!(big.lines().count(), 100, "dig's TCP retry after TC");
+    let big = dig(&args(&["big.farm.test", "+short", "+tcp"])).unwrap();
+    assert_eq!(big.lines().count(), 100);
+
+    let soa = dig(&args(&["farm.test", "SOA", "+short"])).unwrap();
+    assert!(
+        soa.starts_with("ns1.farm.test. hostmaster.farm.test. "),
+        "{soa}"
+    );
+    let badvers = dig(&args(&["www.farm.test", "+edns=1", "+noednsneg"])).unwrap();
+    assert!(badvers.contains("status: BADVERS"), "{badvers}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// lockstep demo
+
+#[tokio::test]
+async fn demo_config_serves_www_farm_test_over_its_backends() {
+    let backends = DemoBackend::start_n(3).await;
+    let mut yaml = lockstep::demo::DEMO_YAML
+        .replace("@PORT@", "0")
+        .replace("@ADMIN@", "0")
+        .replace("@DNS@", "0");
+    for (i, b) in backends.iter().enumerate() {
+        yaml = yaml.replace(&format!("@WEB{}@", i + 1), &b.addr.port().to_string());
+    }
+    let app = common::start(&yaml).await;
+    let addr = dns_addr(&app);
+    let m = udp(addr, &query("www.farm.test.", RecordType::A)).await;
+    assert!(m.metadata.authoritative);
+    let got: BTreeSet<String> = addrs(&m).into_iter().collect();
+    assert_eq!(got, set(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]));
+}

@@ -1,17 +1,23 @@
 //! The DNS round-robin responder: authoritative answers for the farm's names, each name bound
 //! to a pool answering with the pool's available backends, rotated.
 //!
-//! Built on hickory-server (its `Server` runs the UDP and TCP sockets, its `RequestHandler`
-//! is the seam); hickory's types stay inside this module. The answer itself is a pure
+//! Built on hickory-server (its `Server` runs the TCP listener, its `RequestHandler` is the
+//! seam; lockstep reads the UDP socket itself so the common query can skip hickory's decoding
+//! and per-datagram task); hickory's types stay inside this module. The answer itself is a pure
 //! function ([`answer::answer`]) of the zone view, the pool health and a rotation turn.
 //!
 //! - [`zone`]: the zone view built from the config, one per config generation (in `Live`).
 //! - [`answer`]: zone view + health + rotation turn + question → records and rcode (pure).
-//! - [`handler`]: the hickory request handler: opcode, EDNS, one question, metrics.
-//! - [`server`]: binds UDP and TCP on one address and serves them until cancelled.
+//! - [`fast`]: the UDP fast path: the common A/AAAA query answered from the raw datagram into
+//!   a buffer (pure, no allocation); everything else goes to the handler.
+//! - [`handler`]: the hickory request handler: opcode, EDNS, one question, metrics; the
+//!   fast path's metrics, and the slow path for UDP datagrams.
+//! - [`server`]: binds UDP and TCP on one address and serves them until cancelled: TCP with
+//!   hickory's `Server`, UDP with lockstep's own receive loop (fast path, else the handler).
 //! - [`metrics`]: queries by type and rcode, answer latency, fail-open answers.
 
 pub mod answer;
+pub mod fast;
 pub mod handler;
 pub mod metrics;
 pub mod server;

@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use hickory_server::proto::rr::rdata::{NS, SOA};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record};
@@ -42,6 +43,9 @@ pub struct Zones {
     pub max_answers: usize,
     /// SOA serial of every zone of this generation.
     pub serial: u32,
+    /// Every name with addresses, keyed by its lowercased wire form, with the TTL of the zone
+    /// that answers for it (the most specific one): the UDP fast path's lookup.
+    by_wire: HashMap<Box<[u8]>, (u32, Arc<NameEntry>)>,
 }
 
 /// One zone.
@@ -58,7 +62,7 @@ pub struct ZoneView {
     pub negative_soa: Record,
     /// NS records of the apex.
     pub nameservers: Vec<Record>,
-    names: HashMap<LowerName, NameEntry>,
+    names: HashMap<LowerName, Arc<NameEntry>>,
     /// Names that own nothing but have names under them (`b` when `a.b` exists): they exist,
     /// so a query for them is NODATA, not NXDOMAIN (RFC 8020).
     empty_non_terminals: HashSet<LowerName>,
@@ -164,11 +168,11 @@ impl Zones {
                     };
                     names.insert(
                         LowerName::new(&name),
-                        NameEntry {
+                        Arc::new(NameEntry {
                             name,
                             source,
                             turn: AtomicUsize::new(0),
-                        },
+                        }),
                     );
                 }
                 Some(ZoneView {
@@ -183,13 +187,35 @@ impl Zones {
             })
             .collect();
         zones.sort_by_key(|z| std::cmp::Reverse(z.apex.num_labels()));
-        Zones {
+        let mut out = Zones {
             zones,
             max_answers: usize::try_from(dns.max_answers)
                 .unwrap_or(usize::MAX)
                 .max(1),
             serial,
+            by_wire: HashMap::new(),
+        };
+        let mut by_wire = HashMap::new();
+        for (i, zone) in out.zones.iter().enumerate() {
+            for (lower, entry) in &zone.names {
+                // Only where the query path would look: a name also inside a more specific
+                // zone is answered (or not) by that zone.
+                let owner = out.zones.iter().position(|z| z.apex.zone_of(lower));
+                if owner == Some(i) {
+                    by_wire.insert(wire_key(lower), (zone.ttl, entry.clone()));
+                }
+            }
         }
+        out.by_wire = by_wire;
+        out
+    }
+
+    /// The entry and TTL of a name with addresses, by its lowercased wire form (labels with
+    /// their length bytes, ending with the root's 0).
+    pub fn by_wire(&self, lower_wire: &[u8]) -> Option<(u32, &NameEntry)> {
+        self.by_wire
+            .get(lower_wire)
+            .map(|(ttl, e)| (*ttl, e.as_ref()))
     }
 
     /// The most specific zone containing `name`, if any.
@@ -203,11 +229,23 @@ impl Zones {
     }
 }
 
+/// The lowercased wire form of `name`.
+pub fn wire_key(name: &LowerName) -> Box<[u8]> {
+    let name: &Name = name;
+    let mut out = Vec::with_capacity(name.len() + 2);
+    for label in name.iter() {
+        out.push(u8::try_from(label.len()).unwrap_or(u8::MAX));
+        out.extend(label.iter().map(u8::to_ascii_lowercase));
+    }
+    out.push(0);
+    out.into_boxed_slice()
+}
+
 impl ZoneView {
     /// What `name` (inside this zone) is.
     pub fn node(&self, name: &LowerName) -> Node<'_> {
         if let Some(e) = self.names.get(name) {
-            return Node::Exists(Some(e));
+            return Node::Exists(Some(e.as_ref()));
         }
         if *name == self.apex || self.empty_non_terminals.contains(name) {
             return Node::Exists(None);
@@ -217,7 +255,7 @@ impl ZoneView {
 
     /// The entry of `name`, when it has addresses.
     pub fn entry(&self, name: &LowerName) -> Option<&NameEntry> {
-        self.names.get(name)
+        self.names.get(name).map(|e| e.as_ref())
     }
 }
 

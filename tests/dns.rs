@@ -449,6 +449,72 @@ async fn every_backend_down_fails_open_and_is_counted() {
     );
 }
 
+/// The UDP fast path (plain A/AAAA queries) and the slow path (everything else) share one
+/// socket and one set of metrics; fast answers mean what TCP's (always the slow path) do.
+#[tokio::test]
+async fn fast_path_answers_match_tcp_and_are_counted() {
+    let app = start_static().await;
+    let addr = dns_addr(&app);
+    let admin = app.admin_addr().expect("admin");
+    let client = h1_client();
+    let before = scrape(&client, admin).await;
+    let get = |m: &BTreeMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+
+    let mut firsts = BTreeSet::new();
+    for edns in [false, true] {
+        for _ in 0..3 {
+            let q = query("LB.farm.TEST.", RecordType::A);
+            let q = if edns { with_edns(q, 0, |_| {}) } else { q };
+            let u = udp(addr, &q).await;
+            let t = tcp(addr, &q).await;
+            for m in [&u, &t] {
+                assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+                assert!(m.metadata.authoritative && !m.metadata.recursion_available);
+                assert!(m.metadata.recursion_desired && !m.metadata.truncation);
+                assert!(m
+                    .answers
+                    .iter()
+                    .all(|r| r.name.to_string() == "LB.farm.TEST." && r.ttl == 30));
+                assert_eq!(m.queries, q.queries);
+            }
+            let mut a = addrs(&u);
+            let mut b = addrs(&t);
+            firsts.insert(a[0].clone());
+            a.sort();
+            b.sort();
+            assert_eq!(a, b);
+            assert_eq!(u.edns.is_some(), edns);
+            if let Some(e) = &u.edns {
+                assert_eq!((e.max_payload(), e.version()), (1232, 0));
+            }
+        }
+    }
+    assert_eq!(firsts.len(), 3, "rotation across both paths: {firsts:?}");
+    let m = udp(addr, &query("v6.farm.test.", RecordType::AAAA)).await;
+    assert_eq!(m.answers.len(), 2);
+    // Slow path over UDP, right after fast ones on the same socket.
+    assert_negative(
+        &udp(addr, &query("nope.farm.test.", RecordType::A)).await,
+        ResponseCode::NXDomain,
+    );
+
+    let after = scrape(&client, admin).await;
+    let a = "lockstep_dns_queries_total{qtype=\"A\",rcode=\"NOERROR\"}";
+    let aaaa = "lockstep_dns_queries_total{qtype=\"AAAA\",rcode=\"NOERROR\"}";
+    let lat = "lockstep_dns_answer_duration_seconds_count";
+    assert_eq!(
+        get(&after, a) - get(&before, a),
+        12.0,
+        "6 UDP + 6 TCP A answers"
+    );
+    assert_eq!(get(&after, aaaa) - get(&before, aaaa), 1.0);
+    assert_eq!(
+        get(&after, lat) - get(&before, lat),
+        14.0,
+        "every answer timed"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // EDNS (the ISC EDNS compliance queries)
 

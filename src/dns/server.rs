@@ -1,16 +1,19 @@
-//! The DNS sockets: binds UDP and TCP on one address, and serves both with hickory's
-//! [`Server`] over a [`DnsHandler`] until a [`CancellationToken`] fires.
+//! The DNS sockets: binds UDP and TCP on one address, and serves them over a [`DnsHandler`]
+//! until a [`CancellationToken`] fires: TCP with hickory's [`Server`], UDP with lockstep's own
+//! receive loop, which answers the common query on the [fast path](super::fast) in place and
+//! hands every other datagram to the handler's slow path (hickory's decoding and encoding).
 //!
 //! [`serve`] takes bound sockets, never an address, so tests bind `127.0.0.1:0` and read the
 //! port back.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hickory_server::Server;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::handler::DnsHandler;
 use super::DnsError;
@@ -89,25 +92,88 @@ fn into_tokio(
     })
 }
 
+/// Largest UDP query read (a query is a question and an OPT; anything longer is cut here and
+/// then fails to parse).
+const UDP_RECV: usize = 4096;
+
 /// Serves DNS on `bound` until `stop` is cancelled.
 pub async fn serve(bound: Bound, handler: DnsHandler, stop: CancellationToken) {
     let addr = bound.local_addr();
-    let mut server = Server::new(handler);
-    server.register_socket(bound.udp);
+    let mut server = Server::new(handler.clone());
     server.register_listener(bound.tcp, TCP_IDLE, TCP_RESPONSE_QUEUE);
     let shown = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
     info!(addr = %shown, "dns listening (udp and tcp)");
-    tokio::select! {
-        _ = stop.cancelled() => {
-            if let Err(error) = server.shutdown_gracefully().await {
-                warn!(%error, "dns server stopped with an error");
+    let tcp = async {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                if let Err(error) = server.shutdown_gracefully().await {
+                    warn!(%error, "dns server stopped with an error");
+                }
+            }
+            r = server.block_until_done() => {
+                // Only a socket failing for good ends the server on its own.
+                if let Err(error) = r {
+                    warn!(%error, "dns tcp server stopped");
+                }
             }
         }
-        r = server.block_until_done() => {
-            // Only a socket failing for good ends the server on its own.
-            if let Err(error) = r {
-                warn!(%error, "dns server stopped");
+    };
+    tokio::join!(tcp, serve_udp(bound.udp, handler, stop.clone()));
+}
+
+/// The UDP receive loop: each datagram is answered on the fast path into a reused buffer, or
+/// handed to the handler's slow path, in turn (the answers are computed from memory, so no
+/// task per datagram).
+async fn serve_udp(socket: UdpSocket, handler: DnsHandler, stop: CancellationToken) {
+    let socket = Arc::new(socket);
+    let mut buf = vec![0u8; UDP_RECV];
+    let mut out = vec![0u8; usize::from(super::handler::MAX_UDP_PAYLOAD)];
+    let mut scratch = Vec::new();
+    loop {
+        let (n, src) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(error) => {
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::NotConnected | std::io::ErrorKind::ConnectionAborted
+                    ) {
+                        warn!(%error, "dns udp socket failed; udp stopped");
+                        return;
+                    }
+                    debug!(%error, "dns udp receive error");
+                    continue;
+                }
+            },
+        };
+        if !answerable(src) {
+            continue;
+        }
+        let Some(packet) = buf.get(..n) else {
+            continue;
+        };
+        let started = Instant::now();
+        match handler.answer_fast(packet, &mut scratch, &mut out, started) {
+            Some(done) => {
+                if let Some(answer) = out.get(..done.len) {
+                    if let Err(error) = socket.send_to(answer, src).await {
+                        debug!(%error, %src, "cannot send a DNS answer");
+                    }
+                }
+                handler.record_fast(&done, started);
             }
+            None => handler.handle_udp(packet, src, &socket).await,
         }
     }
+}
+
+/// Whether an answer can go back to `src` (as hickory's server checks: not port 0, not an
+/// unspecified or broadcast address).
+fn answerable(src: SocketAddr) -> bool {
+    src.port() != 0
+        && match src.ip() {
+            IpAddr::V4(v4) => !v4.is_unspecified() && !v4.is_broadcast(),
+            IpAddr::V6(v6) => !v6.is_unspecified(),
+        }
 }

@@ -74,8 +74,9 @@ impl Appliance {
 
     /// Like [`Appliance::start`], with the proxy's connections served by `workers`: one
     /// single-threaded runtime per thread, each accepting on its own `SO_REUSEPORT` socket
-    /// (thread per core, as nginx runs a process per core). Admin, health checks and reloads
-    /// stay on the current runtime.
+    /// (thread per core, as nginx runs a process per core). DNS over UDP likewise: one
+    /// `SO_REUSEPORT` socket per worker. Admin, health checks, reloads and DNS over TCP stay
+    /// on the current runtime.
     pub async fn start_on(
         config: Config,
         workers: Vec<Handle>,
@@ -108,7 +109,7 @@ impl Appliance {
         let bound = app.bind_new(&config)?;
         // Bound before anything starts, so a taken port fails the start cleanly.
         let dns_bound = match &config.dns {
-            Some(d) => Some(dns::bind(d.bind)?),
+            Some(d) => Some(dns::bind(d.bind, app.workers.len())?),
             None => None,
         };
         if let Some(addr) = config.admin.bind {
@@ -131,8 +132,13 @@ impl Appliance {
             // The handler reads zones and health through the live pointer at every query, so
             // reloads and health changes reach it without further plumbing.
             let handler = DnsHandler::new(app.live.clone(), DnsMetrics::register(&app.metrics));
-            app.tracker
-                .spawn(dns::serve(b, handler, app.shutdown.child_token()));
+            // One UDP socket per worker runtime (SO_REUSEPORT), as the proxy's listeners.
+            app.tracker.spawn(dns::serve(
+                b,
+                handler,
+                app.shutdown.child_token(),
+                app.workers.clone(),
+            ));
         }
         app.checkers = app.shutdown.child_token();
         checker::spawn_all(&app.live.load().table, &app.checkers, &app.tracker);

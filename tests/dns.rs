@@ -515,6 +515,41 @@ async fn fast_path_answers_match_tcp_and_are_counted() {
     );
 }
 
+/// With several worker runtimes each serves its own SO_REUSEPORT UDP socket on the one port;
+/// every query is answered whichever socket the kernel gives it to, fast path or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_runtimes_each_serve_a_udp_socket_on_the_one_port() {
+    let workers: Vec<tokio::runtime::Handle> = (0..2)
+        .map(|_| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("worker runtime");
+            let handle = rt.handle().clone();
+            std::thread::spawn(move || rt.block_on(std::future::pending::<()>()));
+            handle
+        })
+        .collect();
+    let backends =
+        "      - { name: web-1, address: \"127.0.0.1:9\", dns_address: \"192.0.2.11\" }\n";
+    let app = Appliance::start_on(common::config(&dns_yaml(backends, "", "")), workers)
+        .await
+        .expect("start on two workers");
+    let addr = dns_addr(&app);
+    // Fresh source ports each time, so both sockets take some.
+    for _ in 0..20 {
+        let m = udp(addr, &query("lb.farm.test.", RecordType::A)).await;
+        assert_eq!(m.answers.len(), 3);
+        assert_negative(
+            &udp(addr, &query("nope.farm.test.", RecordType::A)).await,
+            ResponseCode::NXDomain,
+        );
+    }
+    let m = tcp(addr, &query("www.farm.test.", RecordType::A)).await;
+    assert_eq!(addrs(&m), ["192.0.2.11"]);
+    app.shutdown(Duration::from_millis(200)).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // EDNS (the ISC EDNS compliance queries)
 

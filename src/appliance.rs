@@ -74,9 +74,8 @@ impl Appliance {
 
     /// Like [`Appliance::start`], with the proxy's connections served by `workers`: one
     /// single-threaded runtime per thread, each accepting on its own `SO_REUSEPORT` socket
-    /// (thread per core, as nginx runs a process per core). DNS over UDP likewise: one
-    /// `SO_REUSEPORT` socket per worker. Admin, health checks, reloads and DNS over TCP stay
-    /// on the current runtime.
+    /// (thread per core, as nginx runs a process per core). Admin, health checks, reloads
+    /// and DNS stay on the current runtime.
     pub async fn start_on(
         config: Config,
         workers: Vec<Handle>,
@@ -109,7 +108,9 @@ impl Appliance {
         let bound = app.bind_new(&config)?;
         // Bound before anything starts, so a taken port fails the start cleanly.
         let dns_bound = match &config.dns {
-            Some(d) => Some(dns::bind(d.bind, app.workers.len())?),
+            // One UDP socket, on this runtime: one SO_REUSEPORT socket per worker measured
+            // slower here (2 cores shared with the load generator; BENCHMARKS.md, DNS).
+            Some(d) => Some(dns::bind(d.bind, 1)?),
             None => None,
         };
         if let Some(addr) = config.admin.bind {
@@ -132,12 +133,11 @@ impl Appliance {
             // The handler reads zones and health through the live pointer at every query, so
             // reloads and health changes reach it without further plumbing.
             let handler = DnsHandler::new(app.live.clone(), DnsMetrics::register(&app.metrics));
-            // One UDP socket per worker runtime (SO_REUSEPORT), as the proxy's listeners.
             app.tracker.spawn(dns::serve(
                 b,
                 handler,
                 app.shutdown.child_token(),
-                app.workers.clone(),
+                Vec::new(),
             ));
         }
         app.checkers = app.shutdown.child_token();

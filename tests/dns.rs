@@ -515,10 +515,10 @@ async fn fast_path_answers_match_tcp_and_are_counted() {
     );
 }
 
-/// With several worker runtimes each serves its own SO_REUSEPORT UDP socket on the one port;
-/// every query is answered whichever socket the kernel gives it to, fast path or not.
+/// With several worker runtimes (which serve the proxy), DNS answers over UDP, fast path or
+/// not, and TCP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_runtimes_each_serve_a_udp_socket_on_the_one_port() {
+async fn dns_answers_when_the_appliance_runs_on_worker_runtimes() {
     let workers: Vec<tokio::runtime::Handle> = (0..2)
         .map(|_| {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -536,7 +536,6 @@ async fn worker_runtimes_each_serve_a_udp_socket_on_the_one_port() {
         .await
         .expect("start on two workers");
     let addr = dns_addr(&app);
-    // Fresh source ports each time, so both sockets take some.
     for _ in 0..20 {
         let m = udp(addr, &query("lb.farm.test.", RecordType::A)).await;
         assert_eq!(m.answers.len(), 3);

@@ -254,3 +254,23 @@ fn answerable(src: SocketAddr) -> bool {
             IpAddr::V6(v6) => !v6.is_unspecified(),
         }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn several_udp_sockets_share_the_port_of_the_tcp_listener() {
+        let b = bind("127.0.0.1:0".parse().unwrap(), 3).expect("bind");
+        let addr = b.local_addr().expect("addr");
+        assert_eq!(b.udp.len(), 3);
+        for s in &b.udp {
+            assert_eq!(s.local_addr().ok(), Some(addr));
+        }
+        assert_eq!(b.tcp.local_addr().ok(), Some(addr));
+        // One socket: no SO_REUSEPORT, so a second bind of the port fails.
+        let one = bind("127.0.0.1:0".parse().unwrap(), 1).expect("bind");
+        let taken = one.local_addr().expect("addr");
+        assert!(bind(taken, 1).is_err());
+    }
+}

@@ -205,38 +205,52 @@ fn select(
     turn: usize,
     max: usize,
 ) -> (Vec<IpAddr>, bool) {
-    let mut all: Vec<(IpAddr, bool)> = Vec::new();
-    match source {
-        Source::Pool(p) => health.backends(p, &mut all),
-        Source::Addresses(a) => all.extend(a.iter().map(|ip| (*ip, true))),
-    }
-    all.retain(|(ip, _)| family.admits(ip));
-    // Two backends on one host (different ports) share an address: answer it once, available
-    // if either is.
-    let mut unique: Vec<(IpAddr, bool)> = Vec::with_capacity(all.len());
-    for (ip, up) in all {
-        match unique.iter_mut().find(|(u, _)| *u == ip) {
-            Some((_, u)) => *u |= up,
-            None => unique.push((ip, up)),
-        }
-    }
-    let mut chosen: Vec<IpAddr> = unique
-        .iter()
-        .filter(|(_, up)| *up)
-        .map(|(ip, _)| *ip)
-        .collect();
-    let fail_open = chosen.is_empty() && !unique.is_empty();
-    if fail_open {
-        chosen = unique.iter().map(|(ip, _)| *ip).collect();
-    }
+    let mut candidates = Vec::new();
+    let fail_open = candidates_in_place(source, |ip| family.admits(ip), health, &mut candidates);
+    let mut chosen: Vec<IpAddr> = candidates.into_iter().map(|(ip, _)| ip).collect();
     let n = chosen.len();
     if n == 0 {
         return (chosen, false);
     }
-    let start = turn % n;
-    chosen.rotate_left(start);
+    chosen.rotate_left(turn % n);
     chosen.truncate(max);
     (chosen, fail_open)
+}
+
+/// Fills `out` (cleared first; reused by the UDP fast path so it allocates nothing) with the
+/// addresses a name answers with, before rotation: those of `source` that `admits` takes,
+/// duplicates merged (two backends on one host share an address, available if either is),
+/// then only the available ones — or all of them when none is (a pool failing open, returned
+/// as `true`).
+pub(super) fn candidates_in_place(
+    source: &Source,
+    admits: impl Fn(&IpAddr) -> bool,
+    health: &impl Health,
+    out: &mut Vec<(IpAddr, bool)>,
+) -> bool {
+    out.clear();
+    match source {
+        Source::Pool(p) => health.backends(p, out),
+        Source::Addresses(a) => out.extend(a.iter().map(|ip| (*ip, true))),
+    }
+    out.retain(|(ip, _)| admits(ip));
+    let mut unique = 0;
+    for i in 0..out.len() {
+        let (ip, up) = out[i];
+        match out[..unique].iter_mut().find(|(u, _)| *u == ip) {
+            Some((_, u)) => *u |= up,
+            None => {
+                out[unique] = (ip, up);
+                unique += 1;
+            }
+        }
+    }
+    out.truncate(unique);
+    let fail_open = !out.is_empty() && !out.iter().any(|(_, up)| *up);
+    if !fail_open {
+        out.retain(|(_, up)| *up);
+    }
+    fail_open
 }
 
 #[cfg(test)]

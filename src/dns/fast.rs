@@ -15,7 +15,7 @@
 
 use std::net::IpAddr;
 
-use super::answer::Health;
+use super::answer::{candidates_in_place, Health};
 use super::handler::MAX_UDP_PAYLOAD;
 use super::zone::{NameEntry, Source, Zones};
 
@@ -147,37 +147,8 @@ pub fn answer<'z>(
     let (ttl, entry) = zones.by_wire(lower.get(..p.name_len)?)?;
     let v4 = p.qtype == TYPE_A;
 
-    // The same selection as `answer::select`: the family's addresses, duplicates merged
-    // (available if either is), the available ones or all of them when none is (a pool
-    // failing open), rotated, at most `max_answers`.
-    scratch.clear();
-    match &entry.source {
-        Source::Pool(pool) => health.backends(pool, scratch),
-        Source::Addresses(a) => scratch.extend(a.iter().map(|ip| (*ip, true))),
-    }
-    scratch.retain(|(ip, _)| ip.is_ipv4() == v4);
-    let mut unique = 0;
-    for i in 0..scratch.len() {
-        let Some(&(ip, up)) = scratch.get(i) else {
-            break;
-        };
-        match scratch
-            .get_mut(..unique)?
-            .iter_mut()
-            .find(|(u, _)| *u == ip)
-        {
-            Some((_, u)) => *u |= up,
-            None => {
-                *scratch.get_mut(unique)? = (ip, up);
-                unique += 1;
-            }
-        }
-    }
-    scratch.truncate(unique);
-    let fail_open = !scratch.is_empty() && !scratch.iter().any(|(_, up)| *up);
-    if !fail_open {
-        scratch.retain(|(_, up)| *up);
-    }
+    // The same selection as the slow path's (rotation is applied when writing below).
+    let fail_open = candidates_in_place(&entry.source, |ip| ip.is_ipv4() == v4, health, scratch);
     let n = scratch.len();
     if n == 0 {
         // NODATA (with the SOA): the slow path's.

@@ -24,7 +24,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .max(1);
             // The main runtime runs signals, admin, health checks and reloads; with one worker
             // it serves the proxy too, otherwise each worker thread runs its own runtime.
-            let main = runtime(Some(1))?;
+            let main = runtime(false)?;
             let handles = if count == 1 {
                 vec![main.handle().clone()]
             } else {
@@ -42,7 +42,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     )
                 })?,
             };
-            let generation = runtime(Some(1))?.block_on(crate::admin::reload::request(&socket))?;
+            let generation = runtime(false)?.block_on(crate::admin::reload::request(&socket))?;
             println!("reloaded: config generation {generation} is serving");
             Ok(())
         }
@@ -52,7 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             dns_port,
         } => {
             crate::serve::init_tracing();
-            runtime(None)?.block_on(crate::demo::run(port, admin_port, dns_port))
+            runtime(true)?.block_on(crate::demo::run(port, admin_port, dns_port))
         }
     }
 }
@@ -77,10 +77,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
 fn worker_runtimes(count: usize) -> anyhow::Result<Vec<tokio::runtime::Handle>> {
     (0..count)
         .map(|i| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start a worker runtime")?;
+            let rt = runtime(false).context("cannot start a worker runtime")?;
             let handle = rt.handle().clone();
             std::thread::Builder::new()
                 .name(format!("lockstep-worker-{i}"))
@@ -91,15 +88,13 @@ fn worker_runtimes(count: usize) -> anyhow::Result<Vec<tokio::runtime::Handle>> 
         .collect()
 }
 
-fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = match workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
+/// A single-threaded runtime (the main loop, each worker, the reload client) or, for the
+/// demo, tokio's multi-thread one.
+fn runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
     };
     b.enable_all()
         .build()

@@ -191,12 +191,9 @@ pub fn bind_many(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net
 
 /// Binds a listening socket with `SO_REUSEADDR` and a deep backlog.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
+    let mut sockets = bind_many(addr, 1)?;
+    let socket = sockets
+        .pop()
+        .ok_or_else(|| std::io::Error::other("no socket bound"))?;
+    TcpListener::from_std(socket)
 }

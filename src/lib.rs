@@ -30,3 +30,4 @@ pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod serve;
+pub mod sync;

@@ -1,0 +1,358 @@
+//! The HTTP(S) client agents, `lockstep publish` and `lockstep status` use to reach the hub:
+//! keep-alive HTTP/1.1 connections (a few kept for reuse, so clock samples do not pay for a
+//! handshake), the bearer token on every request, rustls for `https://` hubs.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::protocol::ErrorBody;
+
+/// Connect timeout to the hub.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default limit of a whole request/response exchange (long polls set their own).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest response body read.
+const MAX_BODY: usize = 256 * 1024 * 1024;
+/// Idle connections kept for reuse.
+const KEEP: usize = 16;
+
+/// Why a hub request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The URL is not `http://host:port[/]` or `https://…`.
+    #[error("hub URL `{0}`: {1}")]
+    Url(String, String),
+    /// Could not connect or the connection broke.
+    #[error("hub {hub}: {message}")]
+    Transport {
+        /// The hub URL.
+        hub: String,
+        /// What happened.
+        message: String,
+    },
+    /// The hub answered with an error status.
+    #[error("hub answered {status}: {message}")]
+    Status {
+        /// The status.
+        status: StatusCode,
+        /// The hub's `error` text, or the body.
+        message: String,
+    },
+    /// The answer is not the JSON expected.
+    #[error("hub answered something unexpected: {0}")]
+    Decode(String),
+    /// A TLS setting is unusable.
+    #[error("{0}")]
+    Tls(String),
+}
+
+impl ClientError {
+    /// The HTTP status, if the hub answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A raw answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+struct Target {
+    url: String,
+    host: String,
+    port: u16,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+/// A client of one hub.
+#[derive(Clone)]
+pub struct HubClient {
+    target: Arc<Target>,
+    token: Option<Arc<str>>,
+    idle: Arc<Mutex<Vec<SendRequest<Full<Bytes>>>>>,
+}
+
+impl std::fmt::Debug for HubClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HubClient({})", self.target.url)
+    }
+}
+
+impl HubClient {
+    /// A client of `url` (`http://host:port` or `https://host:port`), sending `token`; for
+    /// https, `ca_file` (PEM) holds the CA that signed the hub's certificate.
+    pub fn new(
+        url: &str,
+        token: Option<String>,
+        ca_file: Option<&Path>,
+    ) -> Result<HubClient, ClientError> {
+        let bad = |m: &str| ClientError::Url(url.to_string(), m.to_string());
+        let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(bad("must start with http:// or https://")),
+        };
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(bad(
+                "give only scheme, host and port (the API lives under /sync/v1)",
+            ));
+        }
+        let host = uri.host().ok_or_else(|| bad("no host"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = if https {
+            let ca = ca_file.ok_or_else(|| {
+                ClientError::Tls(format!(
+                    "hub {url} is https: name the CA that signed its certificate (agent `hub_ca:`, or --ca-file)"
+                ))
+            })?;
+            let pem = std::fs::read(ca).map_err(|e| {
+                ClientError::Tls(format!("cannot read CA file {}: {e}", ca.display()))
+            })?;
+            let mut roots = rustls::RootCertStore::empty();
+            use rustls_pki_types::pem::PemObject;
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                let cert =
+                    cert.map_err(|e| ClientError::Tls(format!("CA file {}: {e}", ca.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| ClientError::Tls(format!("CA file {}: {e}", ca.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(ClientError::Tls(format!(
+                    "CA file {} holds no certificate",
+                    ca.display()
+                )));
+            }
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let name = ServerName::try_from(host.clone())
+                .map_err(|_| bad("host is not a valid TLS server name"))?;
+            Some((TlsConnector::from(Arc::new(config)), name))
+        } else {
+            None
+        };
+        Ok(HubClient {
+            target: Arc::new(Target {
+                url: url.trim_end_matches('/').to_string(),
+                host,
+                port,
+                tls,
+            }),
+            token: token.map(Arc::from),
+            idle: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// The hub's URL.
+    pub fn url(&self) -> &str {
+        &self.target.url
+    }
+
+    fn transport(&self, message: impl std::fmt::Display) -> ClientError {
+        ClientError::Transport {
+            hub: self.target.url.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+        let t = &self.target;
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((t.host.as_str(), t.port)),
+        )
+        .await
+        .map_err(|_| self.transport("connect timed out"))?
+        .map_err(|e| self.transport(format!("cannot connect: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        match &t.tls {
+            None => self.handshake(TokioIo::new(tcp)).await,
+            Some((connector, name)) => {
+                let tls =
+                    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
+                        .await
+                        .map_err(|_| self.transport("TLS handshake timed out"))?
+                        .map_err(|e| self.transport(format!("TLS: {e}")))?;
+                self.handshake(TokioIo::new(tls)).await
+            }
+        }
+    }
+
+    async fn handshake<I>(&self, io: I) -> Result<SendRequest<Full<Bytes>>, ClientError>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| self.transport(e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// Sends one request and reads the whole answer (any status), within `timeout`.
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<(Bytes, &'static str)>,
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
+        tokio::time::timeout(timeout, self.send_inner(method, path_and_query, body))
+            .await
+            .map_err(|_| self.transport(format!("no answer within {timeout:?}")))?
+    }
+
+    async fn send_inner(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<(Bytes, &'static str)>,
+    ) -> Result<Answer, ClientError> {
+        // A reused connection may have been closed by the hub meanwhile: then try a fresh one
+        // (only requests that cannot have been acted on are resent: hyper reports those as
+        // errors before any byte of the answer).
+        for attempt in 0..2 {
+            let reused = if attempt == 0 { self.take_idle() } else { None };
+            let fresh = reused.is_none();
+            let mut sender = match reused {
+                Some(s) => s,
+                None => self.connect().await?,
+            };
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(path_and_query)
+                .header(
+                    http::header::HOST,
+                    format!("{}:{}", self.target.host, self.target.port),
+                );
+            if let Some(token) = &self.token {
+                req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+            }
+            let (bytes, ctype) = body.clone().unwrap_or((Bytes::new(), ""));
+            if !ctype.is_empty() {
+                req = req.header(http::header::CONTENT_TYPE, ctype);
+            }
+            let req = req.body(Full::new(bytes)).map_err(|e| self.transport(e))?;
+            if sender.ready().await.is_err() {
+                if fresh {
+                    return Err(self.transport("connection closed"));
+                }
+                continue;
+            }
+            let resp = match sender.send_request(req).await {
+                Ok(r) => r,
+                Err(e)
+                    if !fresh
+                        && (e.is_canceled() || e.is_closed() || e.is_incomplete_message()) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(self.transport(e)),
+            };
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| self.transport(format!("reading the answer: {e}")))?
+                .to_bytes();
+            self.put_idle(sender);
+            return Ok(Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            });
+        }
+        Err(self.transport("connection closed"))
+    }
+
+    fn take_idle(&self) -> Option<SendRequest<Full<Bytes>>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(s) = idle.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, sender: SendRequest<Full<Bytes>>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < KEEP && !sender.is_closed() {
+            idle.push(sender);
+        }
+    }
+
+    /// A request whose 2xx answer is JSON `T`; other statuses become [`ClientError::Status`].
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&impl Serialize>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let body = body.map(|b| {
+            // Protocol messages are plain structs: they always serialise.
+            (
+                Bytes::from(serde_json::to_vec(b).expect("message serialises")),
+                "application/json",
+            )
+        });
+        let answer = self.send(method, path_and_query, body, timeout).await?;
+        let answer = ok(answer)?;
+        serde_json::from_slice(&answer.body).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+}
+
+/// The answer if 2xx, else its error as [`ClientError::Status`].
+pub fn ok(answer: Answer) -> Result<Answer, ClientError> {
+    if answer.status.is_success() {
+        return Ok(answer);
+    }
+    let message = serde_json::from_slice::<ErrorBody>(&answer.body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| {
+            String::from_utf8_lossy(&answer.body)
+                .chars()
+                .take(300)
+                .collect()
+        });
+    Err(ClientError::Status {
+        status: answer.status,
+        message,
+    })
+}

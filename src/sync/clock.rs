@@ -1,0 +1,189 @@
+//! The agent's view of the hub's clock (claims 2–3, 16–18, 24–25): NTP-style offset estimation
+//! from request/response samples, and the conversion of a hub-clock activation time into a
+//! **monotonic** deadline.
+//!
+//! Pure: every reading of a clock is an argument. The agent's "local time" is its monotonic clock
+//! anchored once to its wall clock ([`Anchor`]), so a wall-clock step after the anchor moves
+//! neither the offset nor a deadline.
+
+use std::time::{Duration, Instant};
+
+/// One request/response exchange with the hub, in microseconds: `t1` local send, `t2` hub
+/// receive, `t3` hub send, `t4` local receive (local times on the anchored clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// Local time the request left.
+    pub t1: i64,
+    /// Hub time the request arrived.
+    pub t2: i64,
+    /// Hub time the response left.
+    pub t3: i64,
+    /// Local time the response arrived.
+    pub t4: i64,
+}
+
+impl Sample {
+    /// θ = ((t2 − t1) + (t3 − t4)) / 2: hub time minus local time, exact when the two legs of
+    /// the exchange take equally long.
+    pub fn offset(&self) -> i64 {
+        ((self.t2 - self.t1) + (self.t3 - self.t4)) / 2
+    }
+
+    /// δ = (t4 − t1) − (t3 − t2): the round trip without the hub's own time.
+    pub fn delay(&self) -> i64 {
+        ((self.t4 - self.t1) - (self.t3 - self.t2)).max(0)
+    }
+}
+
+/// The estimated offset of the hub's clock from the agent's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offset {
+    /// θ in µs: hub time = local time + θ.
+    pub offset_us: i64,
+    /// ε in µs: |true θ − θ| ≤ ε, whatever the split of the delay between the two legs.
+    pub error_us: i64,
+}
+
+/// The estimate from the sample with the lowest delay (the one least disturbed by queueing;
+/// NTP's clock filter does the same). `None` when there are no samples.
+pub fn estimate(samples: &[Sample]) -> Option<Offset> {
+    let best = samples.iter().min_by_key(|s| s.delay())?;
+    Some(Offset {
+        offset_us: best.offset(),
+        // The true offset lies within half the delay of the estimate; round up.
+        error_us: (best.delay() + 1) / 2,
+    })
+}
+
+/// A simultaneous reading of the agent's wall and monotonic clocks: local time from then on is
+/// `wall_us + (now − mono)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Anchor {
+    /// Wall clock, µs since the Unix epoch.
+    pub wall_us: i64,
+    /// Monotonic clock at the same moment.
+    pub mono: Instant,
+}
+
+impl Anchor {
+    /// Reads both clocks now (the one place this module's callers take real time from).
+    pub fn now() -> Anchor {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Anchor {
+            wall_us: wall.as_micros() as i64,
+            mono: Instant::now(),
+        }
+    }
+
+    /// Local time (µs) at monotonic instant `at`.
+    pub fn local_us(&self, at: Instant) -> i64 {
+        if at >= self.mono {
+            self.wall_us + (at - self.mono).as_micros() as i64
+        } else {
+            self.wall_us - (self.mono - at).as_micros() as i64
+        }
+    }
+
+    /// The monotonic instant at which local time reads `local_us`.
+    pub fn instant_at(&self, local_us: i64) -> Instant {
+        let delta = local_us - self.wall_us;
+        if delta >= 0 {
+            self.mono + Duration::from_micros(delta as u64)
+        } else {
+            self.mono
+                .checked_sub(Duration::from_micros(delta.unsigned_abs()))
+                .unwrap_or(self.mono)
+        }
+    }
+}
+
+/// The monotonic instant at which the hub's clock reads `hub_us`: local time `hub_us − θ`.
+pub fn deadline(hub_us: i64, offset: Offset, anchor: &Anchor) -> Instant {
+    anchor.instant_at(hub_us - offset.offset_us)
+}
+
+/// The hub's time (µs) at monotonic instant `at`.
+pub fn hub_time(at: Instant, offset: Offset, anchor: &Anchor) -> i64 {
+    anchor.local_us(at) + offset.offset_us
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An exchange with a hub whose clock is `theta` ahead, legs of `up` and `down` µs, and
+    /// `hold` µs spent inside the hub.
+    fn exchange(t1: i64, theta: i64, up: i64, hold: i64, down: i64) -> Sample {
+        let t2 = t1 + up + theta;
+        let t3 = t2 + hold;
+        Sample {
+            t1,
+            t2,
+            t3,
+            t4: t3 - theta + down,
+        }
+    }
+
+    #[test]
+    fn symmetric_delays_give_the_exact_offset() {
+        let hour = 3_600_000_000;
+        for theta in [0, hour, -hour, 17] {
+            let s = exchange(1_000_000, theta, 150, 20, 150);
+            assert_eq!(s.offset(), theta);
+            assert_eq!(s.delay(), 300);
+        }
+    }
+
+    #[test]
+    fn asymmetric_delays_stay_within_the_error_bound() {
+        let theta = -3_600_000_000;
+        for (up, down) in [(10, 990), (990, 10), (0, 500), (300, 0)] {
+            let s = exchange(5_000, theta, up, 40, down);
+            let e = estimate(&[s]).unwrap();
+            assert!(
+                (e.offset_us - theta).abs() <= e.error_us,
+                "{up}/{down}: {e:?}"
+            );
+            assert_eq!(e.offset_us - theta, (up - down) / 2);
+        }
+    }
+
+    #[test]
+    fn the_lowest_delay_sample_wins() {
+        let theta = 42_000;
+        let samples = [
+            exchange(0, theta, 5_000, 10, 100),  // queued on the way up
+            exchange(10_000, theta, 60, 10, 80), // the clean one
+            exchange(20_000, theta, 100, 10, 9_000),
+        ];
+        let e = estimate(&samples).unwrap();
+        assert_eq!(e.offset_us, theta - 10);
+        assert_eq!(e.error_us, 70);
+        assert_eq!(estimate(&[]), None);
+    }
+
+    #[test]
+    fn deadlines_are_monotonic_and_corrected_by_the_offset() {
+        let mono = Instant::now();
+        let anchor = Anchor {
+            wall_us: 1_000_000_000,
+            mono,
+        };
+        // The hub is an hour behind this agent; it activates at its 1_000_000_000 + 5 s − 1 h.
+        let offset = Offset {
+            offset_us: -3_600_000_000,
+            error_us: 50,
+        };
+        let t = 1_000_000_000 + 5_000_000 - 3_600_000_000;
+        assert_eq!(deadline(t, offset, &anchor), mono + Duration::from_secs(5));
+        assert_eq!(hub_time(mono + Duration::from_secs(5), offset, &anchor), t);
+        // A time already past maps before the anchor (or to it, at the start of the clock).
+        assert!(deadline(t - 10_000_000, offset, &anchor) <= mono);
+        assert_eq!(
+            anchor.local_us(mono + Duration::from_micros(7)),
+            1_000_000_007
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! The hub's synchronisation state and its transitions (claims 7–9, 20–21, 23, 26): publish
+//! stages a release for an activation time; after that time the first caller of *advance* for
+//! the current cycle promotes staged → active and computes the next activation; later callers
+//! of the same cycle are told it is done.
+//!
+//! Pure: `now` is an argument and a transition returns a new [`HubState`]; the store applies
+//! it with a compare-and-swap on [`HubState::version`], which is what makes "first one wins this
+//! cycle" hold across concurrent callers.
+
+use serde::{Deserialize, Serialize};
+
+use super::manifest::ReleaseId;
+use super::schedule::{Rules, ScheduleError};
+
+/// Everything the hub must not forget (persisted as `state` in the store).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubState {
+    /// Bumped by every change; long-polls wait for it and the store swaps on it.
+    pub version: u64,
+    /// The synchronisation cycle: bumped by each activation.
+    pub cycle: u64,
+    /// The release every agent should serve.
+    pub active: Option<ReleaseId>,
+    /// The release before it (what `publish --rollback` stages).
+    pub previous: Option<ReleaseId>,
+    /// The release agents stage now, and when they activate it.
+    pub staged: Option<Staged>,
+    /// Published too close to the staged activation: staged by the next advance.
+    pub queued: Option<Queued>,
+}
+
+/// A release staged for an activation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Staged {
+    /// The release.
+    pub id: ReleaseId,
+    /// Activation time, µs on the hub's clock.
+    pub at_us: u64,
+}
+
+/// A release waiting for the next cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Queued {
+    /// The release.
+    pub id: ReleaseId,
+    /// The publisher's explicit activation time, if any.
+    pub at_us: Option<u64>,
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Staged for this activation time.
+    Staged(u64),
+    /// Queued behind the staged release, which activates too soon to replace.
+    Queued,
+    /// Already the active release with nothing staged: nothing to do.
+    AlreadyActive,
+}
+
+/// What an advance did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Advance {
+    /// This caller promoted the staged release: the new state.
+    Won(HubState),
+    /// The cycle asked about has already been advanced (by someone else).
+    Already {
+        /// The hub's cycle now.
+        cycle: u64,
+    },
+    /// The activation time has not come yet.
+    TooEarly {
+        /// The activation time.
+        at_us: u64,
+    },
+    /// Nothing is staged in this cycle.
+    NothingStaged,
+}
+
+/// Why a publish is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CycleError {
+    /// The explicit time is unusable.
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    /// Rollback with no previous release.
+    #[error("there is no previous release to roll back to")]
+    NoPrevious,
+}
+
+impl HubState {
+    /// Stages `id` (activating at `at_us` if given, else on the grid), replacing a staged
+    /// release unless its activation is within the guard, in which case `id` is queued.
+    pub fn publish(
+        &self,
+        id: ReleaseId,
+        at_us: Option<u64>,
+        now_us: u64,
+        rules: &Rules,
+    ) -> Result<(HubState, Published), CycleError> {
+        if let Some(at) = at_us {
+            rules.explicit(at, now_us)?;
+        }
+        if self.staged.is_none() && self.queued.is_none() && self.active == Some(id) {
+            return Ok((self.clone(), Published::AlreadyActive));
+        }
+        let mut next = self.clone();
+        next.version += 1;
+        match self.staged {
+            Some(s) if now_us.saturating_add(rules.guard_us) >= s.at_us => {
+                next.queued = Some(Queued { id, at_us });
+                Ok((next, Published::Queued))
+            }
+            _ => {
+                let at = at_us.unwrap_or_else(|| rules.next_activation(now_us));
+                next.staged = Some(Staged { id, at_us: at });
+                Ok((next, Published::Staged(at)))
+            }
+        }
+    }
+
+    /// Stages the previous release.
+    pub fn rollback(
+        &self,
+        now_us: u64,
+        rules: &Rules,
+    ) -> Result<(HubState, Published), CycleError> {
+        let previous = self.previous.ok_or(CycleError::NoPrevious)?;
+        self.publish(previous, None, now_us, rules)
+    }
+
+    /// Advance of `cycle` at `now_us`: promotes staged → active, stages the queued release (if
+    /// any) for its next activation, and starts the next cycle — only if `cycle` is still the
+    /// current one and its activation time has come.
+    pub fn advance(&self, cycle: u64, now_us: u64, rules: &Rules) -> Advance {
+        if cycle != self.cycle {
+            return Advance::Already { cycle: self.cycle };
+        }
+        let Some(staged) = self.staged else {
+            return Advance::NothingStaged;
+        };
+        if now_us < staged.at_us {
+            return Advance::TooEarly {
+                at_us: staged.at_us,
+            };
+        }
+        let mut next = self.clone();
+        next.version += 1;
+        next.cycle += 1;
+        if self.active != Some(staged.id) {
+            next.previous = self.active;
+        }
+        next.active = Some(staged.id);
+        next.staged = self.queued.map(|q| Staged {
+            id: q.id,
+            at_us: q
+                .at_us
+                .filter(|&at| at > now_us.saturating_add(rules.lead_us))
+                .unwrap_or_else(|| rules.next_activation(now_us)),
+        });
+        next.queued = None;
+        Advance::Won(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::sync::manifest::Hash;
+
+    const S: u64 = 1_000_000;
+
+    fn rules() -> Rules {
+        Rules::new(Duration::from_secs(10), Duration::from_secs(3))
+    }
+
+    fn id(n: u8) -> ReleaseId {
+        Hash::of(&[n])
+    }
+
+    #[test]
+    fn publish_then_advance_promotes_once() {
+        let s0 = HubState::default();
+        let (s1, p) = s0.publish(id(1), None, 100 * S, &rules()).unwrap();
+        assert_eq!(p, Published::Staged(110 * S));
+        assert_eq!(
+            s1.advance(0, 109 * S, &rules()),
+            Advance::TooEarly { at_us: 110 * S }
+        );
+        let Advance::Won(s2) = s1.advance(0, 110 * S, &rules()) else {
+            panic!("advance at the activation time must win");
+        };
+        assert_eq!((s2.cycle, s2.active, s2.staged), (1, Some(id(1)), None));
+        assert_eq!(
+            s1.advance(5, 111 * S, &rules()),
+            Advance::Already { cycle: 0 }
+        );
+        assert_eq!(
+            s2.advance(0, 111 * S, &rules()),
+            Advance::Already { cycle: 1 }
+        );
+        assert_eq!(s2.advance(1, 111 * S, &rules()), Advance::NothingStaged);
+        assert!(s2.version > s1.version && s1.version > s0.version);
+    }
+
+    #[test]
+    fn a_late_publish_is_queued_and_staged_by_the_advance() {
+        let (s1, _) = HubState::default()
+            .publish(id(1), None, 100 * S, &rules())
+            .unwrap();
+        // Early enough: replaces the staged release.
+        let (s2, p) = s1.publish(id(2), None, 105 * S, &rules()).unwrap();
+        assert_eq!(p, Published::Staged(110 * S));
+        assert_eq!(s2.staged.unwrap().id, id(2));
+        // Within the guard (2 s) of the activation: queued.
+        let (s3, p) = s2.publish(id(3), None, 108 * S + 1, &rules()).unwrap();
+        assert_eq!(p, Published::Queued);
+        assert_eq!(s3.staged.unwrap().id, id(2));
+        let Advance::Won(s4) = s3.advance(0, 110 * S, &rules()) else {
+            panic!()
+        };
+        assert_eq!(s4.active, Some(id(2)));
+        assert_eq!(
+            s4.staged,
+            Some(Staged {
+                id: id(3),
+                at_us: 120 * S
+            })
+        );
+        assert_eq!(s4.queued, None);
+    }
+
+    #[test]
+    fn explicit_times_rollback_and_republishing_the_active_release() {
+        let r = rules();
+        assert!(HubState::default()
+            .publish(id(1), Some(5 * S), 6 * S, &r)
+            .is_err());
+        let (s1, p) = HubState::default()
+            .publish(id(1), Some(7 * S), 6 * S, &r)
+            .unwrap();
+        assert_eq!(p, Published::Staged(7 * S));
+        let Advance::Won(s2) = s1.advance(0, 7 * S, &r) else {
+            panic!()
+        };
+        assert_eq!(s2.rollback(8 * S, &r), Err(CycleError::NoPrevious));
+        assert_eq!(
+            s2.publish(id(1), None, 8 * S, &r).unwrap().1,
+            Published::AlreadyActive
+        );
+        let (s3, _) = s2.publish(id(2), None, 8 * S, &r).unwrap();
+        let Advance::Won(s4) = s3.advance(1, 20 * S, &r) else {
+            panic!()
+        };
+        assert_eq!((s4.active, s4.previous), (Some(id(2)), Some(id(1))));
+        let (s5, p) = s4.rollback(21 * S, &r).unwrap();
+        assert_eq!(p, Published::Staged(30 * S));
+        assert_eq!(s5.staged.unwrap().id, id(1));
+    }
+
+    /// Many callers race to advance the same cycle through a compare-and-swap on the version,
+    /// as the hub's store does: exactly one wins, every other is told it is done.
+    #[test]
+    fn concurrent_advances_have_exactly_one_winner() {
+        let r = rules();
+        let (staged, _) = HubState::default().publish(id(1), None, 0, &r).unwrap();
+        let store = Arc::new(Mutex::new(staged));
+        let wins = Arc::new(Mutex::new(0));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (store, wins) = (store.clone(), wins.clone());
+                std::thread::spawn(move || loop {
+                    let seen = store.lock().unwrap().clone();
+                    match seen.advance(0, 10 * S, &r) {
+                        Advance::Won(next) => {
+                            let mut cur = store.lock().unwrap();
+                            if cur.version == seen.version {
+                                *cur = next;
+                                *wins.lock().unwrap() += 1;
+                                return true;
+                            }
+                            // Lost the swap: read again and retry.
+                        }
+                        Advance::Already { cycle } => {
+                            assert_eq!(cycle, 1);
+                            return false;
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                })
+            })
+            .collect();
+        let winners = threads
+            .into_iter()
+            .filter(|_| true)
+            .map(|t| t.join().unwrap())
+            .filter(|w| *w)
+            .count();
+        assert_eq!(winners, 1);
+        assert_eq!(*wins.lock().unwrap(), 1);
+        assert_eq!(store.lock().unwrap().active, Some(id(1)));
+    }
+}

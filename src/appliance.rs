@@ -23,6 +23,8 @@ use crate::live::{Live, Shared};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::proxy::listener;
 use crate::router::checker;
+use crate::sync::hub::{self, Hub, HubMetrics};
+use crate::sync::store::FsStore;
 
 /// Failures while starting or reloading.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,14 @@ pub enum ApplianceError {
     /// The DNS sockets could not be bound.
     #[error(transparent)]
     Dns(#[from] DnsError),
+    /// The sync hub's store could not be opened.
+    #[error("sync store {path}: {error}")]
+    SyncStore {
+        /// `sync.store`.
+        path: std::path::PathBuf,
+        /// Why.
+        error: crate::sync::store::StoreError,
+    },
 }
 
 struct RunningListener {
@@ -59,6 +69,7 @@ pub struct Appliance {
     checkers: CancellationToken,
     admin_addr: Option<SocketAddr>,
     dns_addr: Option<SocketAddr>,
+    sync: Option<(SocketAddr, Arc<Hub>)>,
     generation: u64,
     workers: Vec<Handle>,
 }
@@ -102,6 +113,7 @@ impl Appliance {
             checkers: CancellationToken::new(),
             admin_addr: None,
             dns_addr: None,
+            sync: None,
             generation: 1,
             workers,
         };
@@ -111,6 +123,17 @@ impl Appliance {
             // One UDP socket, on this runtime: one SO_REUSEPORT socket per worker measured
             // slower here (2 cores shared with the load generator; BENCHMARKS.md, DNS).
             Some(d) => Some(dns::bind(d.bind, 1)?),
+            None => None,
+        };
+        let sync_bound = match &config.sync {
+            Some(s) => {
+                let socket = listener::bind(s.bind).map_err(|error| ApplianceError::Bind {
+                    what: "sync listener".into(),
+                    addr: s.bind,
+                    error,
+                })?;
+                Some((socket, s))
+            }
             None => None,
         };
         if let Some(addr) = config.admin.bind {
@@ -140,9 +163,68 @@ impl Appliance {
                 Vec::new(),
             ));
         }
+        if let Some((socket, s)) = sync_bound {
+            app.start_hub(socket, s)?;
+        }
         app.checkers = app.shutdown.child_token();
         checker::spawn_all(&app.live.load().table, &app.checkers, &app.tracker);
         Ok(app)
+    }
+
+    /// Opens the hub's store and serves the sync API on `socket`; keeps the router's view of
+    /// which backends are behind the fleet's release current.
+    fn start_hub(
+        &mut self,
+        socket: tokio::net::TcpListener,
+        config: &crate::config::sync::Sync,
+    ) -> Result<(), ApplianceError> {
+        let store = FsStore::open(&config.store).map_err(|error| ApplianceError::SyncStore {
+            path: config.store.clone(),
+            error,
+        })?;
+        let hub = Hub::new(
+            Arc::new(store),
+            hub::Settings::from_config(config),
+            hub::system_clock(),
+            HubMetrics::register(&self.metrics),
+        )
+        .map_err(|error| ApplianceError::SyncStore {
+            path: config.store.clone(),
+            error,
+        })?;
+        let local = socket.local_addr().unwrap_or(config.bind);
+        if config.tokens.agent.is_none() || config.tokens.publish.is_none() {
+            warn!("sync API without agent_token_file or publish_token_file: anyone who can reach {local} may do what that token guards");
+        }
+        info!(addr = %local, tls = config.tls.is_some(), store = %config.store.display(), "sync hub listening");
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|certs| tokio_rustls::TlsAcceptor::from(crate::proxy::tls::server_config(certs)));
+        self.tracker.spawn(hub::api::serve(
+            socket,
+            tls,
+            hub.clone(),
+            self.shutdown.child_token(),
+            self.tracker.clone(),
+        ));
+        self.tracker
+            .spawn(hub.clone().run(self.shutdown.child_token()));
+        let (live, mut behind, stop) = (self.live.clone(), hub.behind(), self.shutdown.clone());
+        self.tracker.spawn(async move {
+            loop {
+                let set = behind.borrow_and_update().clone();
+                for pool in &live.load().table.pools {
+                    pool.set_behind(&set);
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = behind.changed() => if r.is_err() { return },
+                }
+            }
+        });
+        self.sync = Some((local, hub));
+        Ok(())
     }
 
     /// Binds the listeners of `config` that are not already running (new names, or a changed
@@ -243,8 +325,30 @@ impl Appliance {
             }
             _ => {}
         }
+        match (&old.config.sync, &config.sync, &self.sync) {
+            (Some(o), Some(n), Some((_, hub))) => {
+                if o.bind != n.bind || o.store != n.store || o.tls.is_some() != n.tls.is_some() {
+                    warn!("sync.bind, sync.store or sync.tls changed: they take effect at the next restart; cadence, lead and tokens are reloaded now");
+                }
+                hub.set_settings(hub::Settings::from_config(n));
+            }
+            (_, Some(_), None) => {
+                warn!("a sync: section was added: the hub starts at the next restart")
+            }
+            (Some(_), None, Some(_)) => {
+                warn!("the sync: section was removed: the hub keeps running until the next restart")
+            }
+            _ => {}
+        }
         let next = Live::build(config.clone(), Some(&old), generation, &self.metrics);
         self.live.store(Arc::new(next));
+        if let Some((_, hub)) = &self.sync {
+            // Backends new in this generation start unflagged: apply the current view.
+            let set = hub.behind().borrow().clone();
+            for pool in &self.live.load().table.pools {
+                pool.set_behind(&set);
+            }
+        }
         self.generation = generation;
         self.start_listeners(bound);
         let gone: Vec<String> = self
@@ -274,6 +378,16 @@ impl Appliance {
     /// The address DNS serves on (UDP and TCP), when the config has a `dns:` section.
     pub fn dns_addr(&self) -> Option<SocketAddr> {
         self.dns_addr
+    }
+
+    /// The sync API's address, when the config has a `sync:` section.
+    pub fn sync_addr(&self) -> Option<SocketAddr> {
+        self.sync.as_ref().map(|(a, _)| *a)
+    }
+
+    /// The sync hub, when the config has a `sync:` section.
+    pub fn hub(&self) -> Option<&Arc<Hub>> {
+        self.sync.as_ref().map(|(_, h)| h)
     }
 
     /// The admin listener's address.

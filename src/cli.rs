@@ -20,7 +20,11 @@ const EXAMPLES: &str = "Examples:
   lockstep demo                                  a whole farm on loopback; prints curl and dig lines to try
   lockstep check -c /etc/lockstep/lockstep.yaml  validate a config (exit 2 and file:line:col on errors)
   lockstep serve -c /etc/lockstep/lockstep.yaml  run the appliance
-  lockstep reload -c /etc/lockstep/lockstep.yaml reload the running appliance and wait for the result";
+  lockstep reload -c /etc/lockstep/lockstep.yaml reload the running appliance and wait for the result
+  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token ./site
+                                                 stage ./site as the next release on every backend
+  lockstep status --hub http://10.0.0.1:7700 --token-file publish.token
+                                                 each agent's active and staged release, clock offset, last flip";
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
@@ -61,6 +65,40 @@ pub enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Turn a directory into a release and stage it on the hub for the next activation.
+    #[command(
+        after_help = "Examples:\n  lockstep publish --hub http://10.0.0.1:7700 --token-file /etc/lockstep/publish.token ./site\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --at +30s ./site\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --rollback"
+    )]
+    Publish {
+        /// Hub and token.
+        #[command(flatten)]
+        hub: HubArgs,
+        /// The directory to publish.
+        #[arg(required_unless_present = "rollback")]
+        dir: Option<PathBuf>,
+        /// Activation time: RFC 3339 (2026-11-22T10:00:00Z), +DURATION on the hub's clock (+30s),
+        /// or @UNIX_SECONDS. Default: the hub's next activation after its `lead`.
+        #[arg(long, value_parser = crate::sync::publish::parse_at)]
+        at: Option<crate::sync::publish::At>,
+        /// Stage the release before the active one instead.
+        #[arg(long, conflicts_with_all = ["dir", "at"])]
+        rollback: bool,
+        /// Blob uploads in flight at once.
+        #[arg(long, default_value_t = crate::sync::publish::DEFAULT_CONCURRENCY)]
+        concurrency: usize,
+    },
+    /// Show the fleet: each agent's active and staged release, clock offset, last flip.
+    #[command(
+        after_help = "Example:\n  lockstep status --hub http://10.0.0.1:7700 --token-file /etc/lockstep/publish.token"
+    )]
+    Status {
+        /// Hub and token.
+        #[command(flatten)]
+        hub: HubArgs,
+        /// Print the hub's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a whole farm on loopback: the appliance in front of three demo backends.
     #[command(
         after_help = "Example:\n  lockstep demo\n  curl -s http://127.0.0.1:8080/\n  dig @127.0.0.1 -p 5300 www.farm.test +short"
@@ -76,6 +114,20 @@ pub enum Command {
         #[arg(long, default_value_t = 5300)]
         dns_port: u16,
     },
+}
+
+/// How to reach the sync hub (shared by `publish` and `status`).
+#[derive(Debug, clap::Args)]
+pub struct HubArgs {
+    /// The hub's sync API, e.g. http://10.0.0.1:7700.
+    #[arg(long, env = "LOCKSTEP_HUB")]
+    pub hub: String,
+    /// File holding the bearer token (the publish token; `status` also takes the agent token).
+    #[arg(long, env = "LOCKSTEP_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// PEM file with the CA that signed an https hub's certificate.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -46,6 +46,46 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("reloaded: config generation {generation} is serving");
             Ok(())
         }
+        Command::Publish {
+            hub,
+            dir,
+            at,
+            rollback,
+            concurrency,
+        } => {
+            use crate::sync::publish;
+            let client = hub_client(&hub)?;
+            runtime(false)?.block_on(async {
+                if rollback {
+                    let c = publish::rollback(&client).await?;
+                    println!("release {}", c.id);
+                    println!("{}", publish::describe(&c, c.schedule.now_us));
+                    return Ok(());
+                }
+                // clap requires DIR unless --rollback.
+                let dir = dir.context("give the directory to publish")?;
+                let o = publish::publish(&client, &dir, at.unwrap_or(publish::At::Next), concurrency)
+                    .await
+                    .with_context(|| format!("publishing {}", dir.display()))?;
+                println!("release {}", o.committed.id);
+                println!(
+                    "files {} ({} bytes); uploaded {} of {} blob(s), {} bytes (the hub already had the others)",
+                    o.files, o.bytes, o.uploaded_blobs, o.blobs, o.uploaded_bytes
+                );
+                println!("{}", publish::describe(&o.committed, o.committed.schedule.now_us));
+                Ok(())
+            })
+        }
+        Command::Status { hub, json } => {
+            let client = hub_client(&hub)?;
+            let fleet = runtime(false)?.block_on(crate::sync::publish::fleet(&client))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&fleet)?);
+            } else {
+                print!("{}", crate::sync::publish::render_fleet(&fleet));
+            }
+            Ok(())
+        }
         Command::Demo {
             port,
             admin_port,
@@ -55,6 +95,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             runtime(true)?.block_on(crate::demo::run(port, admin_port, dns_port))
         }
     }
+}
+
+fn hub_client(args: &crate::cli::HubArgs) -> anyhow::Result<crate::sync::client::HubClient> {
+    let token = match &args.token_file {
+        Some(f) => Some(crate::sync::auth::read_token(f)?),
+        None => None,
+    };
+    Ok(crate::sync::client::HubClient::new(
+        &args.hub,
+        token,
+        args.ca_file.as_deref(),
+    )?)
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {

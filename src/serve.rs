@@ -31,7 +31,6 @@ pub async fn run(
     drain: Duration,
     workers: Vec<tokio::runtime::Handle>,
 ) -> anyhow::Result<()> {
-    warn_unserved(&cfg);
     let socket_path = cfg.admin.socket.clone();
     let mut app = Appliance::start_on(cfg, workers).await?;
     let (tx, mut rx) = mpsc::channel::<reload::ReloadRequest>(4);
@@ -88,13 +87,10 @@ fn reload_from(path: &std::path::Path, app: &mut Appliance) -> Result<u64, Strin
             }
             Err(errors.to_string())
         }
-        Ok(cfg) => {
-            warn_unserved(&cfg);
-            app.reload(cfg).map_err(|e| {
-                error!(error = %e, "reload failed; the running config keeps serving");
-                e.to_string()
-            })
-        }
+        Ok(cfg) => app.reload(cfg).map_err(|e| {
+            error!(error = %e, "reload failed; the running config keeps serving");
+            e.to_string()
+        }),
     };
     notify(&[
         sd_notify::NotifyState::Ready,
@@ -111,12 +107,6 @@ fn status(app: &Appliance) -> String {
         live.listeners.len(),
         live.table.pools.len()
     )
-}
-
-fn warn_unserved(cfg: &Config) {
-    if cfg.sync.is_some() {
-        warn!("the sync: section is parsed but this build does not run the sync hub yet");
-    }
 }
 
 fn notify(state: &[sd_notify::NotifyState<'_>]) {

@@ -8,6 +8,7 @@ pub mod dns;
 pub mod duration;
 pub mod error;
 pub mod raw;
+pub mod sync;
 pub mod tls;
 mod validate;
 
@@ -68,8 +69,8 @@ pub struct Config {
     pub admin: Admin,
     /// The DNS responder, when the `dns:` section is present.
     pub dns: Option<Dns>,
-    /// The `sync:` section, parsed; the sync hub validates and serves it.
-    pub sync: Option<std::sync::Arc<raw::RawSync>>,
+    /// The sync hub, when the `sync:` section is present.
+    pub sync: Option<sync::Sync>,
 }
 
 /// Access log format of a listener.

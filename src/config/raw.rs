@@ -236,6 +236,8 @@ pub struct RawSync {
     pub agent_token_file: Option<S<String>>,
     /// File holding the publishers' bearer token.
     pub publish_token_file: Option<S<String>>,
+    /// Serve the sync API over TLS with these certificates.
+    pub tls: Option<RawTls>,
 }
 
 /// Admin listener and reload socket.

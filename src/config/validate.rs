@@ -5,7 +5,6 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -194,7 +193,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn path(&self, v: &str) -> PathBuf {
+    pub(super) fn path(&self, v: &str) -> PathBuf {
         let p = PathBuf::from(v);
         if p.is_absolute() {
             p
@@ -258,6 +257,25 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         }
     }
 
+    let sync = raw
+        .sync
+        .as_ref()
+        .and_then(|s| super::sync::sync(&mut cx, s));
+    if let (Some(s), Some(raw_sync)) = (&sync, raw.sync.as_ref()) {
+        let taken = listeners
+            .iter()
+            .map(|l| (l.bind, format!("listener `{}`", l.name)))
+            .chain(admin.bind.map(|a| (a, "admin.bind".to_string())))
+            .chain(dns.as_ref().map(|d| (d.bind, "dns.bind".to_string())))
+            .find(|(b, _)| overlaps(*b, s.bind));
+        if let Some((b, what)) = taken {
+            cx.err(
+                &raw_sync.bind,
+                format!("sync.bind {} overlaps {what} on {b}: give the sync API its own port (7700 is usual)", s.bind),
+            );
+        }
+    }
+
     if cx.errors.is_empty() {
         Ok(Config {
             file: file.to_path_buf(),
@@ -266,7 +284,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             pools,
             admin,
             dns,
-            sync: raw.sync.map(Arc::new),
+            sync,
         })
     } else {
         cx.errors.sort_by_key(|e| (e.pos.line, e.pos.column));

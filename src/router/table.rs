@@ -61,12 +61,16 @@ pub struct PoolHealth {
     pub up: Vec<bool>,
     /// Passive ejection ends at this instant, if ejected.
     pub ejected_until: Vec<Option<Instant>>,
+    /// Its sync agent serves a release behind the fleet's, and another backend of the pool
+    /// that is up serves the current one (so a pool whose backends are all behind keeps them).
+    pub behind: Vec<bool>,
 }
 
 impl PoolHealth {
     /// Whether backend `i` may take traffic at `now`.
     pub fn available(&self, i: usize, now: Instant) -> bool {
         self.up.get(i).copied().unwrap_or(false)
+            && !self.behind.get(i).copied().unwrap_or(false)
             && self
                 .ejected_until
                 .get(i)
@@ -107,6 +111,8 @@ pub struct BackendState {
     pub ejections: Counter,
     /// Set after a failed request so that successes only take the ejection lock when needed.
     failing: AtomicBool,
+    /// Its sync agent reports a release behind the fleet's (set by the sync hub).
+    pub behind: AtomicBool,
 }
 
 impl BackendState {
@@ -139,6 +145,7 @@ impl BackendState {
             active: Mutex::new(ActiveHealth::new()),
             ejection: Mutex::new(Ejection::default()),
             failing: AtomicBool::new(false),
+            behind: AtomicBool::new(false),
         }
     }
 
@@ -173,6 +180,7 @@ impl PoolState {
             health: ArcSwap::from_pointee(PoolHealth {
                 up: Vec::new(),
                 ejected_until: Vec::new(),
+                behind: Vec::new(),
             }),
             latency: metrics
                 .latency
@@ -196,14 +204,41 @@ impl PoolState {
     /// Returns the new snapshot.
     pub fn publish_health(&self) -> Arc<PoolHealth> {
         let _guard = lock(&self.rebuild);
-        let (up, ejected_until) = self.backends.iter().map(|b| b.snapshot()).unzip();
-        let snap = Arc::new(PoolHealth { up, ejected_until });
+        let (up, ejected_until): (Vec<bool>, Vec<_>) =
+            self.backends.iter().map(|b| b.snapshot()).unzip();
+        let flagged: Vec<bool> = self
+            .backends
+            .iter()
+            .map(|b| b.behind.load(Ordering::Relaxed))
+            .collect();
+        // Backends behind the fleet's release leave only while some backend that is up serves
+        // the current one; otherwise stale content beats no content.
+        let some_current = (0..up.len()).any(|i| up[i] && !flagged[i]);
+        let behind = flagged.iter().map(|&f| f && some_current).collect();
+        let snap = Arc::new(PoolHealth {
+            up,
+            ejected_until,
+            behind,
+        });
         let now = Instant::now();
         for (i, b) in self.backends.iter().enumerate() {
             b.up_gauge.set(i64::from(snap.available(i, now)));
         }
         self.health.store(snap.clone());
         snap
+    }
+
+    /// Marks the backends whose names are in `behind` as serving a release behind the fleet's
+    /// (and clears the others); republishes the snapshot when anything changed.
+    pub fn set_behind(&self, behind: &std::collections::HashSet<String>) {
+        let mut changed = false;
+        for b in &self.backends {
+            let now_behind = behind.contains(&b.config.name);
+            changed |= b.behind.swap(now_behind, Ordering::Relaxed) != now_behind;
+        }
+        if changed {
+            self.publish_health();
+        }
     }
 
     /// Records an active check result for backend `i`; returns the new state when it changed.

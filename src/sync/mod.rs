@@ -10,6 +10,7 @@
 //! - [`cycle`]: the hub's state machine — publish, advance (compare-and-swap), rollback (pure)
 //! - [`protocol`]: the JSON messages of `/sync/v1/*`
 //! - [`store`]: content-addressed blobs, manifests and state on disk, written atomically
+//! - [`tree`]: a directory → a manifest and the files holding its blobs
 //! - [`auth`]: bearer tokens, compared in constant time
 //! - [`client`]: the HTTP(S) client agents, `publish` and `status` use to reach the hub
 //! - [`hub`]: the sync API inside `lockstep serve`
@@ -30,3 +31,4 @@ pub mod protocol;
 pub mod publish;
 pub mod schedule;
 pub mod store;
+pub mod tree;

@@ -1,1 +1,344 @@
-//! TODO
+//! `lockstep publish` and `lockstep status`: the publisher's side of the sync API.
+//!
+//! Publishing hashes a directory into a manifest, uploads the manifest, then only the blobs
+//! the hub lacks (a one-file change moves one file), then commits: the hub stages the release
+//! for the next activation. An interrupted publish loses nothing — blobs already uploaded stay,
+//! and the release is not staged until its commit.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::Method;
+use tokio::task::JoinSet;
+
+use super::client::{ok, ClientError, HubClient, REQUEST_TIMEOUT};
+use super::manifest::Hash;
+use super::protocol::{Commit, Committed, Fleet, Schedule, Uploaded};
+use super::tree::{scan, TreeError};
+
+/// Blob uploads in flight at once by default.
+pub const DEFAULT_CONCURRENCY: usize = 8;
+
+/// When the release should activate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At {
+    /// The hub's next activation on its grid.
+    Next,
+    /// This hub time, µs since the epoch.
+    Absolute(u64),
+    /// This long after the hub's clock now.
+    In(Duration),
+}
+
+/// Parses `--at`: an RFC 3339 time (`2026-11-22T10:00:00Z`), `+DURATION` from now on the hub's
+/// clock (`+30s`), or `@UNIX_SECONDS`.
+pub fn parse_at(s: &str) -> Result<At, String> {
+    let s = s.trim();
+    if let Some(d) = s.strip_prefix('+') {
+        return crate::config::duration::parse(d).map(At::In);
+    }
+    if let Some(secs) = s.strip_prefix('@') {
+        let secs: f64 = secs
+            .parse()
+            .map_err(|_| format!("`{s}`: after @ write Unix seconds, e.g. @1767225600"))?;
+        return Ok(At::Absolute((secs * 1e6) as u64));
+    }
+    humantime::parse_rfc3339_weak(s)
+        .map(|t| {
+            At::Absolute(
+                t.duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(0),
+            )
+        })
+        .map_err(|e| {
+            format!(
+                "`{s}`: {e}; write an RFC 3339 time (2026-11-22T10:00:00Z), +30s, or @UNIX_SECONDS"
+            )
+        })
+}
+
+/// Why a publish failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The directory cannot become a release.
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    /// The hub refused or could not be reached.
+    #[error(transparent)]
+    Hub(#[from] ClientError),
+    /// A blob's source changed while it was being published.
+    #[error("{path} changed while it was being published: publish again")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// What a publish did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The hub's answer to the commit.
+    pub committed: Committed,
+    /// Files in the release.
+    pub files: usize,
+    /// Distinct blobs in the release.
+    pub blobs: usize,
+    /// Their total size.
+    pub bytes: u64,
+    /// Blobs uploaded (the ones the hub lacked).
+    pub uploaded_blobs: usize,
+    /// Their total size.
+    pub uploaded_bytes: u64,
+}
+
+/// Publishes `dir` through `client`.
+pub async fn publish(
+    client: &HubClient,
+    dir: &Path,
+    at: At,
+    concurrency: usize,
+) -> Result<Outcome, PublishError> {
+    let root = dir.to_path_buf();
+    // Hashing reads every file: off the async threads.
+    let tree = tokio::task::spawn_blocking(move || scan(&root, &|_| false))
+        .await
+        .map_err(|e| TreeError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    let manifest_json = Bytes::from(tree.manifest.to_json());
+    let uploaded: Uploaded = {
+        let a = client
+            .send(
+                Method::POST,
+                "/sync/v1/releases",
+                Some((manifest_json, "application/json")),
+                REQUEST_TIMEOUT,
+            )
+            .await?;
+        serde_json::from_slice(&ok(a)?.body).map_err(|e| ClientError::Decode(e.to_string()))?
+    };
+    let sources = Arc::new(tree.sources);
+    let mut jobs = JoinSet::new();
+    let mut uploaded_bytes = 0u64;
+    let mut pending = uploaded.missing.clone().into_iter();
+    let upload = |hash: Hash| {
+        let (client, sources) = (client.clone(), sources.clone());
+        async move {
+            let path = sources.get(&hash).cloned().ok_or_else(|| {
+                ClientError::Decode(format!(
+                    "hub asked for blob {hash}, which is not in this release"
+                ))
+            })?;
+            let data = tokio::fs::read(&path)
+                .await
+                .map_err(|source| TreeError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            if Hash::of(&data) != hash {
+                return Err(PublishError::Changed { path });
+            }
+            let len = data.len() as u64;
+            let a = client
+                .send(
+                    Method::PUT,
+                    &format!("/sync/v1/blobs/{hash}"),
+                    Some((Bytes::from(data), "application/octet-stream")),
+                    REQUEST_TIMEOUT,
+                )
+                .await?;
+            ok(a)?;
+            Ok::<u64, PublishError>(len)
+        }
+    };
+    for hash in pending.by_ref().take(concurrency.max(1)) {
+        jobs.spawn(upload(hash));
+    }
+    while let Some(done) = jobs.join_next().await {
+        // A panicking upload task is a bug: report it as a failed publish.
+        let len = done.map_err(|e| ClientError::Decode(e.to_string()))??;
+        uploaded_bytes += len;
+        if let Some(hash) = pending.next() {
+            jobs.spawn(upload(hash));
+        }
+    }
+    let at_us = match at {
+        At::Next => None,
+        At::Absolute(t) => Some(t),
+        At::In(d) => {
+            let s: Schedule = client
+                .json(
+                    Method::GET,
+                    "/sync/v1/schedule",
+                    None::<&()>,
+                    REQUEST_TIMEOUT,
+                )
+                .await?;
+            Some(s.now_us + d.as_micros() as u64)
+        }
+    };
+    let committed: Committed = client
+        .json(
+            Method::POST,
+            &format!("/sync/v1/releases/{}/commit", uploaded.id),
+            Some(&Commit { at_us }),
+            REQUEST_TIMEOUT,
+        )
+        .await?;
+    Ok(Outcome {
+        files: tree.manifest.files().len(),
+        blobs: sources.len(),
+        bytes: tree.manifest.total_bytes(),
+        uploaded_blobs: uploaded.missing.len(),
+        uploaded_bytes,
+        committed,
+    })
+}
+
+/// Stages the release before the active one.
+pub async fn rollback(client: &HubClient) -> Result<Committed, ClientError> {
+    client
+        .json(
+            Method::POST,
+            "/sync/v1/rollback",
+            None::<&()>,
+            REQUEST_TIMEOUT,
+        )
+        .await
+}
+
+/// The fleet as the hub sees it.
+pub async fn fleet(client: &HubClient) -> Result<Fleet, ClientError> {
+    client
+        .json(Method::GET, "/sync/v1/agents", None::<&()>, REQUEST_TIMEOUT)
+        .await
+}
+
+/// A hub time as RFC 3339 with milliseconds.
+pub fn show_time(us: u64) -> String {
+    let t = UNIX_EPOCH + Duration::from_micros(us);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Signed µs as a short human string (`+1.234ms`, `-3600.000s`).
+pub fn show_us(us: i64) -> String {
+    let a = us.unsigned_abs();
+    let sign = if us < 0 { "-" } else { "+" };
+    if a < 1_000 {
+        format!("{sign}{a}µs")
+    } else if a < 1_000_000 {
+        format!("{sign}{:.3}ms", a as f64 / 1e3)
+    } else {
+        format!("{sign}{:.3}s", a as f64 / 1e6)
+    }
+}
+
+/// What `lockstep publish` prints after a commit.
+pub fn describe(c: &Committed, now_us: u64) -> String {
+    match c.state.as_str() {
+        "staged" => {
+            let at = c.activation_us.unwrap_or(0);
+            format!(
+                "staged: activates at {} (in {:.1}s on the hub's clock)",
+                show_time(at),
+                at.saturating_sub(now_us) as f64 / 1e6
+            )
+        }
+        "queued" => "queued: the staged release activates too soon to replace; this one is staged right after it".to_string(),
+        _ => "already the active release: nothing to do".to_string(),
+    }
+}
+
+/// `lockstep status`: the fleet as a table.
+pub fn render_fleet(f: &Fleet) -> String {
+    let s = &f.schedule;
+    let short = |h: Option<Hash>| h.map_or("-".to_string(), |h| h.short());
+    let mut out = format!(
+        "hub time {}  cycle {}  active {}  previous {}\n",
+        show_time(s.now_us),
+        s.cycle,
+        short(s.active),
+        short(s.previous)
+    );
+    match (s.staged, s.activation_us) {
+        (Some(id), Some(at)) => out.push_str(&format!(
+            "staged {} activates at {} (in {:.1}s)\n",
+            id.short(),
+            show_time(at),
+            at.saturating_sub(s.now_us) as f64 / 1e6
+        )),
+        _ => out.push_str("nothing staged\n"),
+    }
+    if let Some(q) = s.queued {
+        out.push_str(&format!("queued {}\n", q.short()));
+    }
+    out.push_str(&format!(
+        "\n{:<16} {:<13} {:<13} {:>14} {:>10} {:>12} {:>9}  {}\n",
+        "AGENT", "ACTIVE", "STAGED", "OFFSET θ", "ERROR ε", "LAST FLIP", "REPORTED", "STATE"
+    ));
+    for a in &f.agents {
+        let r = &a.report;
+        let ago = s.now_us.saturating_sub(a.reported_us) as f64 / 1e6;
+        let state = match (&r.error, a.current) {
+            (Some(e), _) => format!("error: {e}"),
+            (None, true) => "current".into(),
+            (None, false) => "BEHIND".into(),
+        };
+        out.push_str(&format!(
+            "{:<16} {:<13} {:<13} {:>14} {:>10} {:>12} {:>8.0}s  {}\n",
+            a.name,
+            short(r.active),
+            short(r.staged),
+            r.offset_us.map_or("-".into(), show_us),
+            r.error_us.map_or("-".into(), show_us),
+            r.last_flip_lateness_us.map_or("-".into(), show_us),
+            ago,
+            state
+        ));
+    }
+    if f.agents.is_empty() {
+        out.push_str("(no agent has reported yet)\n");
+    }
+    out
+}
+
+/// Now on this machine's clock, µs (for "in N s" when the hub's is not at hand).
+pub fn local_now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_accepts_rfc3339_relative_and_unix_seconds() {
+        assert_eq!(parse_at("+30s").unwrap(), At::In(Duration::from_secs(30)));
+        assert_eq!(
+            parse_at("@1767225600").unwrap(),
+            At::Absolute(1_767_225_600_000_000)
+        );
+        assert_eq!(
+            parse_at("2026-01-01T00:00:00Z").unwrap(),
+            At::Absolute(1_767_225_600_000_000)
+        );
+        assert!(parse_at("tomorrow").is_err());
+        assert!(parse_at("+soon").is_err());
+    }
+
+    #[test]
+    fn human_numbers() {
+        assert_eq!(show_us(-3_600_000_000), "-3600.000s");
+        assert_eq!(show_us(1_234), "+1.234ms");
+        assert_eq!(show_us(12), "+12µs");
+        assert_eq!(show_time(1_767_225_600_000_000), "2026-01-01T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,112 @@
+//! The `sync:` section: raw → checked [`Sync`] that the sync hub trusts. Token files are read
+//! (and refused when every user may read them) here, so `lockstep check` catches them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_saphyr::Spanned;
+
+use super::duration;
+use super::raw::RawSync;
+use super::tls;
+use super::validate::Ctx;
+use crate::sync::auth::{read_token, Tokens};
+use crate::sync::schedule::{DEFAULT_CADENCE, DEFAULT_LEAD};
+
+/// Shortest activation grid.
+pub const MIN_CADENCE: Duration = Duration::from_millis(100);
+
+/// The checked `sync:` section.
+#[derive(Debug, Clone)]
+pub struct Sync {
+    /// Address of the sync API.
+    pub bind: SocketAddr,
+    /// Directory of the hub's store.
+    pub store: PathBuf,
+    /// Activation grid.
+    pub cadence: Duration,
+    /// Least time from a publish to its activation.
+    pub lead: Duration,
+    /// The agent and publish tokens (a role without one is open).
+    pub tokens: Tokens,
+    /// Certificates when the sync API is served over TLS.
+    pub tls: Option<Vec<tls::LoadedCert>>,
+}
+
+fn span_duration(
+    cx: &mut Ctx<'_>,
+    v: &Option<Spanned<String>>,
+    default: Duration,
+    what: &str,
+) -> Duration {
+    let Some(v) = v else { return default };
+    match duration::parse(&v.value) {
+        Ok(d) => d,
+        Err(e) => {
+            cx.err(v, format!("{what}: {e}"));
+            default
+        }
+    }
+}
+
+pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
+    let bind = cx.socket_addr(&raw.bind, "sync bind");
+    if raw.store.value.trim().is_empty() {
+        cx.err(
+            &raw.store,
+            "sync.store is empty: name a directory, e.g. /var/lib/lockstep/hub",
+        );
+    }
+    let store = cx.path(&raw.store.value);
+    let cadence = span_duration(cx, &raw.cadence, DEFAULT_CADENCE, "sync.cadence");
+    if cadence < MIN_CADENCE {
+        if let Some(c) = &raw.cadence {
+            cx.err(
+                c,
+                "sync.cadence must be at least 100ms (activations happen on this grid)",
+            );
+        }
+    }
+    let lead = span_duration(cx, &raw.lead, DEFAULT_LEAD, "sync.lead");
+    let mut token = |v: &Option<Spanned<String>>| {
+        let v = v.as_ref()?;
+        match read_token(&cx.path(&v.value)) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                cx.err(v, e.to_string());
+                None
+            }
+        }
+    };
+    let tokens = Tokens {
+        agent: token(&raw.agent_token_file),
+        publish: token(&raw.publish_token_file),
+    };
+    let tls = raw.tls.as_ref().map(|t| {
+        if t.certificates.is_empty() {
+            cx.errors.push(super::ConfigError::at(
+                cx.file,
+                super::Pos::default(),
+                "sync.tls has no certificates: add `certificates: [{ cert: FILE, key: FILE }]`",
+            ));
+        }
+        let mut certs = Vec::new();
+        for c in &t.certificates {
+            match tls::load(&cx.path(&c.cert.value), &cx.path(&c.key.value)) {
+                Ok(l) => certs.push(l),
+                Err((tls::Part::Cert, e)) => cx.err(&c.cert, e),
+                Err((tls::Part::Key, e)) => cx.err(&c.key, e),
+            }
+        }
+        certs
+    });
+    Some(Sync {
+        bind: bind?,
+        store,
+        cadence,
+        lead,
+        tokens,
+        tls,
+    })
+}

@@ -1,0 +1,75 @@
+//! Which agents are behind the fleet's release (pure): the router stops sending traffic to
+//! their backends until they catch up.
+//!
+//! The fleet's release at hub time `now` is the staged one once its activation time has come
+//! (agents flip at that instant; the hub's own promotion follows a moment later), else the
+//! active one.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::sync::cycle::HubState;
+use crate::sync::manifest::ReleaseId;
+use crate::sync::protocol::Report;
+
+/// The release every agent should serve at `now_us`.
+pub fn fleet_release(state: &HubState, now_us: u64) -> Option<ReleaseId> {
+    match state.staged {
+        Some(s) if now_us >= s.at_us => Some(s.id),
+        _ => state.active,
+    }
+}
+
+/// Names of the agents whose active release is not the fleet's (none when the fleet has no
+/// release yet).
+pub fn behind<'a>(
+    state: &HubState,
+    now_us: u64,
+    reports: impl IntoIterator<Item = (&'a String, &'a Report)>,
+) -> HashSet<String> {
+    let Some(release) = fleet_release(state, now_us) else {
+        return HashSet::new();
+    };
+    reports
+        .into_iter()
+        .filter(|(_, r)| r.active != Some(release))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// Reports keyed by agent name, with the hub time each arrived.
+pub type Reports = BTreeMap<String, (Report, u64)>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::cycle::Staged;
+    use crate::sync::manifest::Hash;
+
+    fn report(active: Option<ReleaseId>) -> Report {
+        Report {
+            active,
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn agents_behind_the_active_or_just_activated_release() {
+        let (r1, r2) = (Hash::of(b"1"), Hash::of(b"2"));
+        let state = HubState {
+            active: Some(r1),
+            staged: Some(Staged { id: r2, at_us: 100 }),
+            ..HubState::default()
+        };
+        let reports: BTreeMap<String, Report> = [
+            ("a".to_string(), report(Some(r1))),
+            ("b".to_string(), report(Some(r2))),
+            ("c".to_string(), report(None)),
+        ]
+        .into();
+        let before: HashSet<String> = ["b".into(), "c".into()].into();
+        assert_eq!(behind(&state, 99, &reports), before);
+        let after: HashSet<String> = ["a".into(), "c".into()].into();
+        assert_eq!(behind(&state, 100, &reports), after);
+        assert!(behind(&HubState::default(), 100, &reports).is_empty());
+    }
+}

@@ -1,0 +1,134 @@
+//! The hub's metrics: cycle, activation time, publishes, blob bytes received, cycle advances
+//! won (by agents or by the hub after its grace period), agents behind, and each agent's
+//! reported clock offset, error bound and last flip lateness.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::Advancer;
+use crate::metrics::Metrics;
+use crate::sync::cycle::HubState;
+use crate::sync::protocol::Report;
+
+/// Labels naming who advanced a cycle.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByLabels {
+    /// `agent` or `hub`.
+    pub by: &'static str,
+}
+
+/// Labels naming an agent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabels {
+    /// The agent's name.
+    pub agent: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Handles to the hub's metrics.
+#[derive(Clone, Default)]
+pub struct HubMetrics {
+    /// The current cycle.
+    pub cycle: Gauge,
+    /// Activation time of the staged release (Unix seconds; 0 when nothing is staged).
+    pub activation: FloatGauge,
+    /// Releases committed.
+    pub publishes: Counter,
+    /// Blob bytes received from publishers.
+    pub blob_bytes: Counter,
+    /// Cycle advances won, by who.
+    pub advances: Family<ByLabels, Counter>,
+    /// Agents whose active release is behind the fleet's.
+    pub behind: Gauge,
+    /// Reported clock offset θ per agent, seconds.
+    pub offset: Family<AgentLabels, FloatGauge>,
+    /// Reported error bound ε per agent, seconds.
+    pub error: Family<AgentLabels, FloatGauge>,
+    /// Reported lateness of the last flip per agent, seconds.
+    pub lateness: Family<AgentLabels, FloatGauge>,
+}
+
+impl HubMetrics {
+    /// Creates the metrics and registers them in `metrics`' registry.
+    pub fn register(metrics: &Metrics) -> HubMetrics {
+        let m = HubMetrics::default();
+        metrics.with_registry(|r| {
+            r.register(
+                "sync_cycle",
+                "Current synchronisation cycle",
+                m.cycle.clone(),
+            );
+            r.register(
+                "sync_activation_timestamp_seconds",
+                "Activation time of the staged release (0: nothing staged)",
+                m.activation.clone(),
+            );
+            r.register("sync_publishes", "Releases committed", m.publishes.clone());
+            r.register(
+                "sync_blob_received_bytes",
+                "Blob bytes received from publishers",
+                m.blob_bytes.clone(),
+            );
+            r.register(
+                "sync_cycle_advances",
+                "Cycles advanced, by who won the compare-and-swap",
+                m.advances.clone(),
+            );
+            r.register(
+                "sync_agents_behind",
+                "Agents whose active release is behind the fleet's",
+                m.behind.clone(),
+            );
+            r.register(
+                "sync_agent_clock_offset_seconds",
+                "Clock offset (hub minus agent) each agent measured",
+                m.offset.clone(),
+            );
+            r.register(
+                "sync_agent_clock_error_seconds",
+                "Error bound of each agent's clock offset",
+                m.error.clone(),
+            );
+            r.register(
+                "sync_agent_flip_lateness_seconds",
+                "How late each agent's last flip was against its activation time",
+                m.lateness.clone(),
+            );
+        });
+        m
+    }
+
+    pub(super) fn observe_state(&self, s: &HubState) {
+        self.cycle.set(s.cycle as i64);
+        self.activation
+            .set(s.staged.map_or(0.0, |st| st.at_us as f64 / 1e6));
+    }
+
+    pub(super) fn advance(&self, by: Advancer) {
+        let by = match by {
+            Advancer::Agent => "agent",
+            Advancer::Hub => "hub",
+        };
+        self.advances.get_or_create(&ByLabels { by }).inc();
+    }
+
+    pub(super) fn observe_report(&self, name: &str, r: &Report) {
+        let labels = AgentLabels {
+            agent: name.to_string(),
+        };
+        if let Some(o) = r.offset_us {
+            self.offset.get_or_create(&labels).set(o as f64 / 1e6);
+        }
+        if let Some(e) = r.error_us {
+            self.error.get_or_create(&labels).set(e as f64 / 1e6);
+        }
+        if let Some(l) = r.last_flip_lateness_us {
+            self.lateness.get_or_create(&labels).set(l as f64 / 1e6);
+        }
+    }
+}

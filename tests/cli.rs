@@ -487,6 +487,14 @@ fn check_example_config_with_its_tls_files_prints_ok() {
     .unwrap();
     std::fs::write(dir.path().join("tls/farm.crt"), ck.cert.pem()).unwrap();
     std::fs::write(dir.path().join("tls/farm.key"), ck.key_pair.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("tls/sync.crt"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls/sync.key"), ck.key_pair.serialize_pem()).unwrap();
+    for token in ["agent.token", "publish.token"] {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.path().join(token);
+        std::fs::write(&p, "secret").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     // Run from elsewhere: the TLS paths resolve against the config's directory, not the cwd.
     let o = Command::new(BIN)
         .arg("check")

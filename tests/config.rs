@@ -1044,8 +1044,6 @@ sync:
   store: /var/lib/lockstep/hub
   cadence: 60s
   lead: 10s
-  agent_token_file: /etc/lockstep/agent.token
-  publish_token_file: /etc/lockstep/publish.token
 "#;
 
 #[test]
@@ -1077,8 +1075,10 @@ fn dns_and_sync_sections_of_the_design_are_accepted() {
         ]
     );
     let sync = cfg.sync.as_ref().expect("sync section kept");
-    assert_eq!(sync.store.value, "/var/lib/lockstep/hub");
-    assert_eq!(sync.cadence.as_ref().map(|c| c.value.as_str()), Some("60s"));
+    assert_eq!(sync.store, Path::new("/var/lib/lockstep/hub"));
+    assert_eq!(sync.cadence, std::time::Duration::from_secs(60));
+    assert_eq!(sync.lead, std::time::Duration::from_secs(10));
+    assert!(sync.tokens.agent.is_none() && sync.tls.is_none());
 }
 
 /// A `dns:` section over pool `www`, with `zone_extra` (records, indented as list items of
@@ -1413,7 +1413,48 @@ fn example_in_tempdir() -> (tempfile::TempDir, PathBuf) {
     let (cert, key) = self_signed(&["farm.test", "*.farm.test"]);
     std::fs::write(dir.path().join("tls/farm.crt"), cert).unwrap();
     std::fs::write(dir.path().join("tls/farm.key"), key).unwrap();
+    let (cert, key) = self_signed(&["hub.farm.test"]);
+    std::fs::write(dir.path().join("tls/sync.crt"), cert).unwrap();
+    std::fs::write(dir.path().join("tls/sync.key"), key).unwrap();
+    write_private(&dir.path().join("agent.token"), "agent-secret");
+    write_private(&dir.path().join("publish.token"), "publish-secret");
     (dir, cfg)
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn sync_section_problems_are_reported_where_they_are_written() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open.token");
+    std::fs::write(&open, "t").unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let yaml = format!(
+        "listeners:\n  - {{ name: http, bind: \"127.0.0.1:7700\" }}\nroutes:\n  - {{ pool: www }}\n\
+         pools:\n  - name: www\n    backends:\n      - {{ name: a, address: \"127.0.0.1:9\" }}\n\
+         sync:\n  bind: \"0.0.0.0:7700\"\n  store: /tmp/x\n  cadence: 10ms\n  lead: soon\n  \
+         agent_token_file: {}\n  publish_token_file: {}\n",
+        open.display(),
+        dir.path().join("missing.token").display()
+    );
+    let e = config::parse(Path::new("hub.yaml"), &yaml)
+        .unwrap_err()
+        .to_string();
+    for want in [
+        "hub.yaml:10:9: sync.bind 0.0.0.0:7700 overlaps listener `http`",
+        "hub.yaml:12:12: sync.cadence must be at least 100ms",
+        "hub.yaml:13:9: sync.lead:",
+        "hub.yaml:14:21: token file",
+        "is readable by every user: `chmod 600",
+        "hub.yaml:15:23: cannot read token file",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
 }
 
 #[test]
@@ -1481,13 +1522,26 @@ fn example_config_loads_with_its_tls_files() {
 }
 
 #[test]
-fn example_config_without_its_tls_files_says_which_file_is_missing() {
+fn example_config_without_its_files_says_which_files_are_missing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lockstep.yaml");
     std::fs::copy(example_path(), &path).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    let errs = config::load(&path).expect_err("the TLS files are missing");
-    assert_eq!(errs.0.len(), 1, "{errs}");
+    let errs = config::load(&path).expect_err("the TLS and token files are missing");
+    // The listener's certificate, the two token files and the sync API's certificate.
+    assert_eq!(errs.0.len(), 4, "{errs}");
+    for (e, file) in errs.0.iter().zip([
+        "tls/farm.crt",
+        "agent.token",
+        "publish.token",
+        "tls/sync.crt",
+    ]) {
+        assert!(
+            e.message
+                .contains(&dir.path().join(file).display().to_string()),
+            "{e}"
+        );
+    }
     let e = &errs.0[0];
     let cert_key = pos_of(&text, "cert: tls/farm.crt");
     let want = Pos {

@@ -1,0 +1,660 @@
+//! The sync hub inside the appliance, over real sockets: publishing (only missing blobs move),
+//! tokens and roles, refusals of bad input, the cycle compare-and-swap under concurrency, the
+//! grace-period advance, long polls, a restart losing nothing, and the router leaving
+//! backends whose agent is behind the fleet's release.
+
+mod common;
+
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use lockstep::appliance::Appliance;
+use lockstep::sync::client::{ClientError, HubClient, REQUEST_TIMEOUT};
+use lockstep::sync::manifest::Hash;
+use lockstep::sync::protocol::{Advanced, Report, Schedule, Uploaded};
+use lockstep::sync::publish::{self, At};
+
+use common::*;
+
+const AGENT: &str = "agent-token-123";
+const PUBLISH: &str = "publish-token-456";
+
+struct Hub {
+    dir: tempfile::TempDir,
+}
+
+impl Hub {
+    fn new() -> Hub {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, token) in [("agent.token", AGENT), ("publish.token", PUBLISH)] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, token).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        Hub { dir }
+    }
+
+    fn sync_yaml(&self, cadence: &str, lead: &str) -> String {
+        let d = self.dir.path().display();
+        format!(
+            "sync:\n  bind: \"127.0.0.1:0\"\n  store: {d}/store\n  cadence: {cadence}\n  lead: {lead}\n  \
+             agent_token_file: {d}/agent.token\n  publish_token_file: {d}/publish.token\n"
+        )
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// A site directory with `files`.
+    fn site(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let root = self.dir.path().join(name);
+        let _ = std::fs::remove_dir_all(&root);
+        for (path, content) in files {
+            let p = root.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, content).unwrap();
+        }
+        root
+    }
+}
+
+async fn start_hub(yaml: &str) -> Appliance {
+    start(&format!("{yaml}admin:\n  bind: \"127.0.0.1:0\"\n")).await
+}
+
+fn client(app: &Appliance, token: Option<&str>) -> HubClient {
+    let url = format!("http://{}", app.sync_addr().expect("sync hub running"));
+    HubClient::new(&url, token.map(String::from), None).unwrap()
+}
+
+async fn schedule(c: &HubClient) -> Schedule {
+    c.json(
+        Method::GET,
+        "/sync/v1/schedule",
+        None::<&()>,
+        REQUEST_TIMEOUT,
+    )
+    .await
+    .unwrap()
+}
+
+async fn status_of(c: &HubClient, method: Method, path: &str, body: &[u8]) -> StatusCode {
+    let body = (!body.is_empty()).then(|| (Bytes::copy_from_slice(body), "application/json"));
+    c.send(method, path, body, REQUEST_TIMEOUT)
+        .await
+        .unwrap()
+        .status
+}
+
+#[tokio::test]
+async fn publishing_moves_only_missing_blobs_and_stages_on_the_grid() {
+    let hub = Hub::new();
+    let app = start_hub(&hub.sync_yaml("1s", "2s")).await;
+    let c = client(&app, Some(PUBLISH));
+    let site = hub.site(
+        "site",
+        &[
+            ("index.html", "v1"),
+            ("css/a.css", "a{}"),
+            ("img/logo.png", "png"),
+        ],
+    );
+    let before = schedule(&c).await;
+    let first = publish::publish(&c, &site, At::Next, 4).await.unwrap();
+    assert_eq!((first.files, first.uploaded_blobs), (3, 3));
+    assert_eq!(first.committed.state, "staged");
+    let at = first.committed.activation_us.unwrap();
+    assert_eq!(at % 1_000_000, 0, "activations are on the 1 s grid");
+    assert!(at >= before.now_us + 2_000_000, "no sooner than the lead");
+    let s = schedule(&c).await;
+    assert_eq!(s.staged, Some(first.committed.id));
+    assert!(s.version > before.version);
+
+    // One file changed: one blob moves.
+    std::fs::write(site.join("index.html"), "v2").unwrap();
+    let second = publish::publish(&c, &site, At::Next, 4).await.unwrap();
+    assert_eq!((second.uploaded_blobs, second.uploaded_bytes), (1, 2));
+    assert_ne!(second.committed.id, first.committed.id);
+    assert_eq!(
+        schedule(&c).await.staged,
+        Some(second.committed.id),
+        "replaced before its activation"
+    );
+
+    // The hub serves what was published, byte for byte, and the manifest hashes to its id.
+    let m = c
+        .send(
+            Method::GET,
+            &format!("/sync/v1/releases/{}", second.committed.id),
+            None,
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(Hash::of(&m.body), second.committed.id);
+    let blob = c
+        .send(
+            Method::GET,
+            &format!("/sync/v1/blobs/{}", Hash::of(b"v2")),
+            None,
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(&blob.body[..], b"v2");
+    app.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn tokens_and_roles_are_enforced() {
+    let hub = Hub::new();
+    let app = start_hub(&hub.sync_yaml("1s", "2s")).await;
+    let none = client(&app, None);
+    let wrong = client(&app, Some("guess"));
+    let agent = client(&app, Some(AGENT));
+    let publisher = client(&app, Some(PUBLISH));
+    let a = none
+        .send(Method::GET, "/sync/v1/schedule", None, REQUEST_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert!(a.headers.get("www-authenticate").is_some());
+    assert_eq!(
+        status_of(&wrong, Method::GET, "/sync/v1/time", b"").await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        status_of(&agent, Method::GET, "/sync/v1/time", b"").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status_of(&publisher, Method::GET, "/sync/v1/agents", b"").await,
+        StatusCode::OK
+    );
+    // Agents may not publish; publishers may not advance cycles or report as agents.
+    assert_eq!(
+        status_of(&agent, Method::POST, "/sync/v1/releases", b"{\"files\":{}}").await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status_of(&agent, Method::POST, "/sync/v1/rollback", b"").await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status_of(&publisher, Method::POST, "/sync/v1/cycles/0/advance", b"").await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status_of(
+            &publisher,
+            Method::POST,
+            "/sync/v1/agents/web-1/report",
+            b"{}"
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status_of(&agent, Method::POST, "/sync/v1/agents/web-1/report", b"{}").await,
+        StatusCode::NO_CONTENT
+    );
+    app.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_the_reason_and_changes_nothing() {
+    let hub = Hub::new();
+    let app = start_hub(&hub.sync_yaml("1s", "2s")).await;
+    let c = client(&app, Some(PUBLISH));
+    let agent = client(&app, Some(AGENT));
+    let h = Hash::of(b"x");
+    for path in ["../etc/passwd", "/abs", "a//b", "a\\\\b", "a/./b", ""] {
+        let body =
+            format!(r#"{{"files":{{"{path}":{{"hash":"{h}","size":1,"type":"text/plain"}}}}}}"#);
+        let a = c
+            .send(
+                Method::POST,
+                "/sync/v1/releases",
+                Some((Bytes::from(body), "application/json")),
+                REQUEST_TIMEOUT,
+            )
+            .await
+            .unwrap();
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{path:?}");
+        assert!(
+            String::from_utf8_lossy(&a.body).contains("refused"),
+            "{path:?}: {:?}",
+            a.body
+        );
+    }
+    assert_eq!(
+        status_of(&c, Method::POST, "/sync/v1/releases", b"{not json").await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        status_of(
+            &c,
+            Method::POST,
+            "/sync/v1/releases",
+            b"{\"files\":{},\"extra\":1}"
+        )
+        .await,
+        StatusCode::BAD_REQUEST
+    );
+    // A blob whose bytes do not match the name it is put under.
+    let a = c
+        .send(
+            Method::PUT,
+            &format!("/sync/v1/blobs/{h}"),
+            Some((Bytes::from_static(b"not x"), "application/octet-stream")),
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(!hub
+        .store()
+        .join("blobs")
+        .join(&h.to_hex()[..2])
+        .join(h.to_hex())
+        .exists());
+    assert_eq!(
+        status_of(&c, Method::PUT, "/sync/v1/blobs/nothex", b"x").await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        status_of(&c, Method::GET, &format!("/sync/v1/releases/{h}"), b"").await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        status_of(&c, Method::GET, &format!("/sync/v1/blobs/{h}"), b"").await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        status_of(
+            &c,
+            Method::POST,
+            &format!("/sync/v1/releases/{h}/commit"),
+            b""
+        )
+        .await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        status_of(&c, Method::GET, "/sync/v1/nope", b"").await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        status_of(&c, Method::DELETE, "/sync/v1/schedule", b"").await,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        status_of(
+            &agent,
+            Method::POST,
+            "/sync/v1/agents/bad%20name/report",
+            b"{}"
+        )
+        .await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        status_of(
+            &agent,
+            Method::POST,
+            "/sync/v1/agents/web-1/report",
+            b"{\"active\":\"zz\"}"
+        )
+        .await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        status_of(&agent, Method::POST, "/sync/v1/cycles/x/advance", b"").await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        status_of(&agent, Method::GET, "/sync/v1/schedule?wait=x", b"").await,
+        StatusCode::BAD_REQUEST
+    );
+
+    // A manifest whose blobs were never uploaded cannot be committed.
+    let body =
+        format!(r#"{{"files":{{"index.html":{{"hash":"{h}","size":1,"type":"text/html"}}}}}}"#);
+    let up: Uploaded = serde_json::from_slice(
+        &c.send(
+            Method::POST,
+            "/sync/v1/releases",
+            Some((Bytes::from(body), "application/json")),
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .unwrap()
+        .body,
+    )
+    .unwrap();
+    assert_eq!(up.missing, vec![h]);
+    let a = c
+        .send(
+            Method::POST,
+            &format!("/sync/v1/releases/{}/commit", up.id),
+            None,
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, StatusCode::CONFLICT);
+    // An activation time in the past is refused.
+    c.send(
+        Method::PUT,
+        &format!("/sync/v1/blobs/{h}"),
+        Some((Bytes::from_static(b"x"), "application/octet-stream")),
+        REQUEST_TIMEOUT,
+    )
+    .await
+    .unwrap();
+    let a = c
+        .send(
+            Method::POST,
+            &format!("/sync/v1/releases/{}/commit", up.id),
+            Some((Bytes::from_static(b"{\"at_us\":1}"), "application/json")),
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, StatusCode::CONFLICT, "{:?}", a.body);
+    let s = schedule(&c).await;
+    assert_eq!(
+        (s.version, s.staged, s.active),
+        (0, None, None),
+        "nothing was staged"
+    );
+    // Rollback without a previous release.
+    assert_eq!(
+        status_of(&c, Method::POST, "/sync/v1/rollback", b"").await,
+        StatusCode::CONFLICT
+    );
+    app.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn concurrent_advances_after_the_activation_have_exactly_one_winner() {
+    let hub = Hub::new();
+    let app = start_hub(&hub.sync_yaml("100ms", "0s")).await;
+    let c = client(&app, Some(PUBLISH));
+    let site = hub.site("site", &[("index.html", "v1")]);
+    let now = schedule(&c).await.now_us;
+    let o = publish::publish(&c, &site, At::Absolute(now + 600_000), 1)
+        .await
+        .unwrap();
+    let agent = client(&app, Some(AGENT));
+    // Before the activation: too early.
+    let early = agent
+        .json::<Advanced>(
+            Method::POST,
+            "/sync/v1/cycles/0/advance",
+            None::<&()>,
+            REQUEST_TIMEOUT,
+        )
+        .await;
+    assert!(
+        matches!(
+            early,
+            Err(ClientError::Status {
+                status: StatusCode::CONFLICT,
+                ..
+            })
+        ),
+        "{early:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            schedule(&c).await.now_us >= now + 600_000
+        })
+        .await
+    );
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let a = client(&app, Some(AGENT));
+            tokio::spawn(async move {
+                a.json::<Advanced>(
+                    Method::POST,
+                    "/sync/v1/cycles/0/advance",
+                    None::<&()>,
+                    REQUEST_TIMEOUT,
+                )
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.cycle, 1);
+        won += usize::from(r.advanced);
+    }
+    assert_eq!(won, 1, "exactly one caller promotes the staged release");
+    let s = schedule(&c).await;
+    assert_eq!(
+        (s.cycle, s.active, s.staged),
+        (1, Some(o.committed.id), None)
+    );
+    let m = scrape(&h1_client(), app.admin_addr().unwrap()).await;
+    assert_eq!(
+        m.get("lockstep_sync_cycle_advances_total{by=\"agent\"}"),
+        Some(&1.0),
+        "{m:?}"
+    );
+    app.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn the_hub_advances_itself_when_no_agent_does_and_long_polls_wake_at_once() {
+    let hub = Hub::new();
+    let app = start_hub(&hub.sync_yaml("100ms", "100ms")).await;
+    let c = client(&app, Some(PUBLISH));
+    let agent = client(&app, Some(AGENT));
+    let v = schedule(&agent).await.version;
+    let poll = tokio::spawn(async move {
+        let started = Instant::now();
+        let s: Schedule = agent
+            .json(
+                Method::GET,
+                &format!("/sync/v1/schedule?wait={v}"),
+                None::<&()>,
+                REQUEST_TIMEOUT,
+            )
+            .await
+            .unwrap();
+        (s, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let site = hub.site("site", &[("index.html", "v1")]);
+    let o = publish::publish(&c, &site, At::Next, 1).await.unwrap();
+    let (s, waited) = poll.await.unwrap();
+    assert_eq!(
+        s.staged,
+        Some(o.committed.id),
+        "the long poll returns the publish"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "it returned when the publish happened, not at its timeout"
+    );
+    // No agent: the hub promotes the release itself after its grace period.
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            schedule(&c).await.active == Some(o.committed.id)
+        })
+        .await,
+        "the hub did not advance the cycle"
+    );
+    let m = scrape(&h1_client(), app.admin_addr().unwrap()).await;
+    assert_eq!(
+        m.get("lockstep_sync_cycle_advances_total{by=\"hub\"}"),
+        Some(&1.0)
+    );
+    app.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Every file in the store holds exactly the bytes its name says.
+fn assert_store_whole(store: &Path) {
+    for sub in ["blobs", "releases"] {
+        let mut stack = vec![store.join(sub)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let name = p.file_stem().unwrap().to_string_lossy().to_string();
+                assert_eq!(
+                    Hash::of(&std::fs::read(&p).unwrap()).to_hex(),
+                    name,
+                    "{}",
+                    p.display()
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_hub_loses_nothing() {
+    let hub = Hub::new();
+    let yaml = hub.sync_yaml("100ms", "0s");
+    let app = start_hub(&yaml).await;
+    let c = client(&app, Some(PUBLISH));
+    let site = hub.site("site", &[("index.html", "v1"), ("a/b.txt", "b")]);
+    let now = schedule(&c).await.now_us;
+    let one = publish::publish(&c, &site, At::Absolute(now + 200_000), 2)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(6), || async {
+            schedule(&c).await.active == Some(one.committed.id)
+        })
+        .await
+    );
+    std::fs::write(site.join("index.html"), "v2").unwrap();
+    let two = publish::publish(&c, &site, At::Absolute(now + 60_000_000), 2)
+        .await
+        .unwrap();
+    let before = schedule(&c).await;
+    app.shutdown(Duration::from_secs(1)).await;
+
+    let app = start_hub(&yaml).await;
+    let c = client(&app, Some(PUBLISH));
+    let after = schedule(&c).await;
+    assert_eq!(
+        (
+            after.version,
+            after.cycle,
+            after.active,
+            after.staged,
+            after.activation_us
+        ),
+        (
+            before.version,
+            before.cycle,
+            before.active,
+            before.staged,
+            before.activation_us
+        )
+    );
+    assert_eq!(after.staged, Some(two.committed.id));
+    assert_store_whole(&hub.store());
+    // Publishing the same tree again uploads nothing.
+    let again = publish::publish(&c, &site, At::Absolute(now + 60_000_000), 2)
+        .await
+        .unwrap();
+    assert_eq!(again.uploaded_blobs, 0);
+    // Rollback stages the previous release... there is none yet (one activation so far).
+    app.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn the_router_leaves_backends_whose_agent_is_behind_unless_none_is_current() {
+    let hub = Hub::new();
+    let backends = DemoBackend::start_n(2).await;
+    let yaml = format!(
+        "{}{}",
+        farm_yaml(&backends_yaml(&backends), ""),
+        hub.sync_yaml("100ms", "0s")
+    );
+    let app = start(&yaml).await;
+    let names: Vec<String> = backends.iter().map(|b| b.name.clone()).collect();
+    let c = client(&app, Some(PUBLISH));
+    let agent = client(&app, Some(AGENT));
+    let site = hub.site("site", &[("index.html", "v1")]);
+    let now = schedule(&c).await.now_us;
+    let o = publish::publish(&c, &site, At::Absolute(now + 100_000), 1)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(6), || async {
+            schedule(&c).await.active == Some(o.committed.id)
+        })
+        .await
+    );
+    let report = |name: &str, active: Option<Hash>| {
+        let agent = agent.clone();
+        let path = format!("/sync/v1/agents/{name}/report");
+        async move {
+            let body = serde_json::to_vec(&Report {
+                active,
+                ..Report::default()
+            })
+            .unwrap();
+            let a = agent
+                .send(
+                    Method::POST,
+                    &path,
+                    Some((Bytes::from(body), "application/json")),
+                    REQUEST_TIMEOUT,
+                )
+                .await
+                .unwrap();
+            assert_eq!(a.status, StatusCode::NO_CONTENT);
+        }
+    };
+    // Both behind: stale content beats none, both keep traffic.
+    report(&names[0], None).await;
+    report(&names[1], None).await;
+    let proxy = proxy_addr(&app);
+    let http = h1_client();
+    let t = tally(&http, proxy, 20).await;
+    assert_eq!(t.len(), 2, "{t:?}");
+    // One current: only it takes traffic.
+    report(&names[0], Some(o.committed.id)).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            tally(&http, proxy, 10)
+                .await
+                .keys()
+                .cloned()
+                .collect::<HashSet<_>>()
+                == HashSet::from([names[0].clone()])
+        })
+        .await,
+        "the backend behind kept taking traffic"
+    );
+    // It catches up: both again.
+    report(&names[1], Some(o.committed.id)).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            tally(&http, proxy, 20).await.len() == 2
+        })
+        .await
+    );
+    let fleet = publish::fleet(&agent).await.unwrap();
+    assert!(fleet.agents.iter().all(|a| a.current), "{fleet:?}");
+    assert!(publish::render_fleet(&fleet).contains("current"));
+    app.shutdown(Duration::from_secs(1)).await;
+}

@@ -41,6 +41,8 @@ pub struct HubMetrics {
     pub publishes: Counter,
     /// Blob bytes received from publishers.
     pub blob_bytes: Counter,
+    /// Blobs served to agents.
+    pub blobs_served: Counter,
     /// Cycle advances won, by who.
     pub advances: Family<ByLabels, Counter>,
     /// Agents whose active release is behind the fleet's.
@@ -73,6 +75,11 @@ impl HubMetrics {
                 "sync_blob_received_bytes",
                 "Blob bytes received from publishers",
                 m.blob_bytes.clone(),
+            );
+            r.register(
+                "sync_blobs_served",
+                "Blobs served to agents",
+                m.blobs_served.clone(),
             );
             r.register(
                 "sync_cycle_advances",

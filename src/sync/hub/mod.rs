@@ -279,9 +279,11 @@ impl Hub {
     /// A blob's bytes.
     pub async fn blob(self: &Arc<Self>, hash: Hash) -> Result<Vec<u8>, HubError> {
         let hub = self.clone();
-        blocking(move || hub.store.get_blob(&hash))
+        let blob = blocking(move || hub.store.get_blob(&hash))
             .await?
-            .ok_or_else(|| HubError::NotFound(format!("no blob {hash}")))
+            .ok_or_else(|| HubError::NotFound(format!("no blob {hash}")))?;
+        self.metrics.blobs_served.inc();
+        Ok(blob)
     }
 
     async fn check_complete(self: &Arc<Self>, id: ReleaseId) -> Result<(), HubError> {

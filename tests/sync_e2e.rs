@@ -1,0 +1,802 @@
+//! Content sync end to end with real processes: `lockstep serve` as the hub, `lockstep agent`
+//! sidecars (two of them under `faketime`, their clocks an hour ahead and an hour behind),
+//! `lockstep publish` and `lockstep status` — observed from outside, as an operator would:
+//! each agent's `X-Lockstep-Release` header, the hub's store on disk and its metrics.
+//!
+//! The tests share two cores, so they run one at a time ([`serial`]).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lockstep");
+const AGENT_TOKEN: &str = "e2e-agent-token";
+const PUBLISH_TOKEN: &str = "e2e-publish-token";
+/// How long anything we wait for may take.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_private(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` (and `context()`) after
+/// [`DEADLINE`].
+#[track_caller]
+fn wait_for(what: &str, context: impl Fn() -> String, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        if Instant::now() >= deadline {
+            panic!("waited {DEADLINE:?} for {what}\n{}", context());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal blocking HTTP/1.1 client (one request per connection).
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> std::io::Result<Reply> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no head"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no status"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"))
+    {
+        body = dechunk(&body);
+    }
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..i]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[i + 2..i + 2 + size]);
+        b = &b[i + 2 + size + 2..];
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let child = cmd
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("cannot start a process");
+        Proc { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Farm {
+    dir: tempfile::TempDir,
+    hub_port: u16,
+    admin_port: u16,
+    hub: Option<Proc>,
+}
+
+struct Agent {
+    name: String,
+    port: u16,
+    proc: Proc,
+    cfg: PathBuf,
+    clock: Option<&'static str>,
+}
+
+impl Farm {
+    fn new(cadence: &str, lead: &str) -> Farm {
+        let dir = tempfile::tempdir().unwrap();
+        write_private(&dir.path().join("agent.token"), AGENT_TOKEN);
+        write_private(&dir.path().join("publish.token"), PUBLISH_TOKEN);
+        let (hub_port, admin_port) = (free_port(), free_port());
+        let yaml = format!(
+            "sync:\n  bind: \"127.0.0.1:{hub_port}\"\n  store: hub-store\n  cadence: {cadence}\n  lead: {lead}\n  \
+             agent_token_file: agent.token\n  publish_token_file: publish.token\n\
+             admin:\n  bind: \"127.0.0.1:{admin_port}\"\n"
+        );
+        std::fs::write(dir.path().join("hub.yaml"), yaml).unwrap();
+        let mut farm = Farm {
+            dir,
+            hub_port,
+            admin_port,
+            hub: None,
+        };
+        farm.start_hub();
+        farm
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn hub_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.hub_port)
+    }
+
+    fn start_hub(&mut self) {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--workers", "1", "-c"])
+            .arg(self.path("hub.yaml"))
+            .current_dir(self.dir.path());
+        self.hub = Some(Proc::spawn(cmd, self.path("hub.log")));
+        let port = self.hub_port;
+        wait_for(
+            "the hub to answer",
+            || self.hub_log(),
+            || {
+                http(port, "GET", "/sync/v1/time", Some(AGENT_TOKEN), b"")
+                    .is_ok_and(|r| r.status == 200)
+            },
+        );
+    }
+
+    fn hub_log(&self) -> String {
+        self.hub.as_ref().map(Proc::log).unwrap_or_default()
+    }
+
+    fn schedule(&self) -> serde_json::Value {
+        let r = http(
+            self.hub_port,
+            "GET",
+            "/sync/v1/schedule",
+            Some(AGENT_TOKEN),
+            b"",
+        )
+        .unwrap();
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let r = http(self.admin_port, "GET", "/metrics", None, b"").unwrap();
+        String::from_utf8_lossy(&r.body)
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    /// Starts `lockstep agent`, under `faketime -f CLOCK` when `clock` is set.
+    fn agent(&self, name: &str, clock: Option<&'static str>, extra: &str) -> Agent {
+        let port = free_port();
+        let cfg = self.path(&format!("{name}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "name: {name}\nhub: \"{}\"\ntoken_file: agent.token\nstore: {name}-store\nserve: \"127.0.0.1:{port}\"\n{extra}",
+                self.hub_url()
+            ),
+        )
+        .unwrap();
+        let mut agent = Agent {
+            name: name.to_string(),
+            port,
+            proc: self.spawn_agent(&cfg, clock, name),
+            cfg,
+            clock,
+        };
+        agent.wait_listening();
+        agent
+    }
+
+    fn spawn_agent(&self, cfg: &Path, clock: Option<&'static str>, name: &str) -> Proc {
+        let mut cmd = match clock {
+            Some(offset) => {
+                let mut c = Command::new("faketime");
+                c.args(["-f", offset, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        cmd.args(["agent", "-c"])
+            .arg(cfg)
+            .current_dir(self.dir.path());
+        let n = std::fs::read_dir(self.dir.path()).unwrap().count();
+        Proc::spawn(cmd, self.path(&format!("{name}.{n}.log")))
+    }
+
+    fn restart(&self, agent: &mut Agent) {
+        agent.proc.kill9();
+        agent.proc = self.spawn_agent(&agent.cfg, agent.clock, &agent.name);
+        agent.wait_listening();
+    }
+
+    /// Runs `lockstep publish` to completion; returns the release id it printed.
+    fn publish(&self, site: &Path, at: &str) -> String {
+        let o = Command::new(BIN)
+            .args(["publish", "--hub", &self.hub_url(), "--token-file"])
+            .arg(self.path("publish.token"))
+            .args(["--at", at])
+            .arg(site)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            o.status.success(),
+            "publish failed: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out.lines()
+            .find_map(|l| l.strip_prefix("release "))
+            .unwrap_or_else(|| panic!("no release id in: {out}"))
+            .trim()
+            .to_string()
+    }
+
+    fn site(&self, name: &str, files: &[(String, Vec<u8>)]) -> PathBuf {
+        let root = self.path(name);
+        let _ = std::fs::remove_dir_all(&root);
+        for (path, content) in files {
+            let p = root.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, content).unwrap();
+        }
+        root
+    }
+}
+
+impl Agent {
+    fn wait_listening(&mut self) {
+        let port = self.port;
+        let log = self.proc.log.clone();
+        let deadline = Instant::now() + DEADLINE;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                self.proc.running(),
+                "agent {} exited:\n{}",
+                self.name,
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "agent {} did not listen:\n{}",
+                self.name,
+                self.proc.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The release the agent serves now (`X-Lockstep-Release` of `GET /`).
+    fn release(&self) -> Option<String> {
+        let r = http(self.port, "GET", "/", None, b"").ok()?;
+        r.header("x-lockstep-release")
+            .map(str::to_string)
+            .filter(|s| !s.is_empty())
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        http(self.port, "GET", path, None, b"").unwrap()
+    }
+}
+
+fn text_files(n: usize, tag: &str) -> Vec<(String, Vec<u8>)> {
+    let mut files = vec![(
+        "index.html".to_string(),
+        format!("<h1>{tag}</h1>").into_bytes(),
+    )];
+    for i in 1..n {
+        files.push((
+            format!("pages/p{i}.txt"),
+            format!("page {i} of {tag}\n").into_bytes(),
+        ));
+    }
+    files
+}
+
+/// Pseudo-random bytes (xorshift), distinct per `seed`.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Four agents, one an hour ahead and one an hour behind, flip to a published release together
+/// (seen from outside); a new agent bootstraps to the active release; `lockstep status` shows
+/// the fleet with the measured offsets.
+#[test]
+fn four_agents_with_skewed_clocks_flip_together_and_a_new_agent_bootstraps() {
+    let _serial = serial();
+    let farm = Farm::new("500ms", "1s");
+    let agents = [
+        farm.agent("web-1", None, ""),
+        farm.agent("web-2", None, ""),
+        farm.agent("web-3", Some("+1h"), ""),
+        farm.agent("web-4", Some("-1h"), ""),
+    ];
+    let logs = || {
+        agents
+            .iter()
+            .map(|a| format!("--- {} ---\n{}", a.name, a.proc.log()))
+            .collect::<String>()
+            + &format!("--- hub ---\n{}", farm.hub_log())
+    };
+    let v1 = farm.publish(&farm.site("v1", &text_files(20, "v1")), "+2s");
+    wait_for("every agent to serve v1", logs, || {
+        agents.iter().all(|a| a.release().as_deref() == Some(&v1))
+    });
+
+    let v2 = farm.publish(&farm.site("v2", &text_files(20, "v2")), "+3s");
+    // Poll every agent in its own thread until it serves v2; note when each first did.
+    let stop = Arc::new(AtomicBool::new(false));
+    let pollers: Vec<_> = agents
+        .iter()
+        .map(|a| {
+            let (port, v1, v2, stop) = (a.port, v1.clone(), v2.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + DEADLINE;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if let Ok(r) = http(port, "GET", "/index.html", None, b"") {
+                        let release = r.header("x-lockstep-release").unwrap_or("").to_string();
+                        let body = String::from_utf8_lossy(&r.body).to_string();
+                        // Never a mixed answer: the body belongs to the release in the header.
+                        if release == v1 {
+                            assert_eq!(body, "<h1>v1</h1>");
+                        } else if release == v2 {
+                            assert_eq!(body, "<h1>v2</h1>");
+                            return Some(Instant::now());
+                        }
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                None
+            })
+        })
+        .collect();
+    let seen: Vec<Option<Instant>> = pollers.into_iter().map(|p| p.join().unwrap()).collect();
+    stop.store(true, Ordering::Relaxed);
+    let seen: Vec<Instant> = seen
+        .into_iter()
+        .zip(&agents)
+        .map(|(s, a)| s.unwrap_or_else(|| panic!("{} never served v2\n{}", a.name, logs())))
+        .collect();
+    let first = *seen.iter().min().unwrap();
+    let spread = seen.iter().map(|s| *s - first).max().unwrap();
+    // Loose on purpose (two shared cores, one polling thread per agent): an uncorrected clock
+    // would be an hour off. bench/sync.sh measures the real skew.
+    assert!(
+        spread < Duration::from_millis(500),
+        "flips spread over {spread:?}\n{}",
+        logs()
+    );
+
+    // A new agent with an empty store bootstraps to the active release.
+    wait_for("the hub to promote v2", logs, || {
+        farm.schedule()["active"] == v2.as_str()
+    });
+    let late = farm.agent("web-5", None, "");
+    wait_for(
+        "web-5 to bootstrap to v2",
+        || late.proc.log(),
+        || late.release().as_deref() == Some(&v2),
+    );
+    assert_eq!(late.get("/pages/p3.txt").body, b"page 3 of v2\n");
+
+    // The fleet as `lockstep status` sees it: everyone current, the skewed clocks measured.
+    wait_for("every agent to report v2", logs, || {
+        let o = Command::new(BIN)
+            .args(["status", "--json", "--hub", &farm.hub_url(), "--token-file"])
+            .arg(farm.path("agent.token"))
+            .output()
+            .unwrap();
+        let fleet: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let Some(list) = fleet["agents"].as_array() else {
+            return false;
+        };
+        let offset = |name: &str| {
+            list.iter()
+                .find(|a| a["name"] == name)
+                .and_then(|a| a["report"]["offset_us"].as_i64())
+        };
+        let hour = 3_600_000_000i64;
+        list.len() == 5
+            && list.iter().all(|a| a["current"] == true)
+            && offset("web-3").is_some_and(|o| (o + hour).abs() < 5_000_000)
+            && offset("web-4").is_some_and(|o| (o - hour).abs() < 5_000_000)
+            && offset("web-1").is_some_and(|o| o.abs() < 5_000_000)
+    });
+    let o = Command::new(BIN)
+        .args(["status", "--hub", &farm.hub_url(), "--token-file"])
+        .arg(farm.path("publish.token"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("web-3") && table.contains("current"),
+        "{table}"
+    );
+}
+
+/// An agent killed while staging resumes after a restart without fetching again what it had,
+/// and a blob tampered with in the hub's store is refused: the agents keep serving the release
+/// they had and report the problem.
+#[test]
+fn an_agent_killed_mid_staging_resumes_and_a_tampered_blob_is_never_activated() {
+    let _serial = serial();
+    let farm = Farm::new("500ms", "1s");
+    let mut agent = farm.agent("web-1", None, "fetch_concurrency: 1\n");
+    let other = farm.agent("web-2", None, "");
+    let v1 = farm.publish(&farm.site("v1", &text_files(3, "v1")), "+2s");
+    wait_for(
+        "both agents to serve v1",
+        || agent.proc.log(),
+        || agent.release().as_deref() == Some(&v1) && other.release().as_deref() == Some(&v1),
+    );
+
+    // A big release, staged far ahead; kill web-1 once it holds part of it.
+    let files: Vec<(String, Vec<u8>)> = (0..400)
+        .map(|i| (format!("media/f{i}.bin"), noise(i, 32 * 1024)))
+        .collect();
+    let served_before = farm.metric("lockstep_sync_blobs_served_total");
+    let big = farm.publish(&farm.site("big", &files), "+40s");
+    let blobs_dir = farm.path("web-1-store/blobs");
+    let count = || walk(&blobs_dir).len();
+    wait_for(
+        "web-1 to fetch some blobs",
+        || agent.proc.log(),
+        || count() >= 20,
+    );
+    agent.proc.kill9();
+    let had = count();
+    assert!(
+        had < 400,
+        "web-1 fetched everything ({had}) before it could be killed"
+    );
+    // Whatever it had is whole: every blob file holds the bytes its name says.
+    for p in walk(&blobs_dir) {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert_eq!(
+            blake3::hash(&std::fs::read(&p).unwrap())
+                .to_hex()
+                .to_string(),
+            name
+        );
+    }
+    assert_eq!(agent.release(), None, "killed");
+    farm.restart(&mut agent);
+    assert_eq!(
+        agent.release().as_deref(),
+        Some(v1.as_str()),
+        "a restarted agent serves its active release at once"
+    );
+    wait_for(
+        "web-1 to finish staging",
+        || agent.proc.log(),
+        || count() >= 400,
+    );
+    let served = farm.metric("lockstep_sync_blobs_served_total") - served_before;
+    // web-2 fetched all 400; web-1 fetched what it lacked (plus at most the one in flight).
+    assert!(
+        served <= (400 + 400 - had + 1) as f64,
+        "refetched: {served} blobs served, web-1 had {had}"
+    );
+
+    // Tamper with a blob in the hub's store after its upload, then commit a release using it.
+    let tampered = b"tampered content".to_vec();
+    let genuine = blake3::hash(b"genuine").to_hex().to_string();
+    let manifest = format!(
+        r#"{{"files":{{"evil.txt":{{"hash":"{genuine}","size":7,"type":"text/plain; charset=utf-8"}},"index.html":{{"hash":"{}","size":11,"type":"text/html; charset=utf-8"}}}}}}"#,
+        blake3::hash(b"<h1>v3</h1>").to_hex()
+    );
+    let up = http(
+        farm.hub_port,
+        "POST",
+        "/sync/v1/releases",
+        Some(PUBLISH_TOKEN),
+        manifest.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(up.status, 200, "{}", String::from_utf8_lossy(&up.body));
+    let id = serde_json::from_slice::<serde_json::Value>(&up.body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (hash, body) in [
+        (&genuine, &b"genuine"[..]),
+        (
+            &blake3::hash(b"<h1>v3</h1>").to_hex().to_string(),
+            &b"<h1>v3</h1>"[..],
+        ),
+    ] {
+        let r = http(
+            farm.hub_port,
+            "PUT",
+            &format!("/sync/v1/blobs/{hash}"),
+            Some(PUBLISH_TOKEN),
+            body,
+        )
+        .unwrap();
+        assert!(r.status == 201 || r.status == 200);
+    }
+    let stored = farm
+        .path("hub-store/blobs")
+        .join(&genuine[..2])
+        .join(&genuine);
+    std::fs::write(&stored, &tampered).unwrap();
+    let now = farm.schedule()["now_us"].as_u64().unwrap();
+    let commit = format!(r#"{{"at_us":{}}}"#, now + 2_000_000);
+    let c = http(
+        farm.hub_port,
+        "POST",
+        &format!("/sync/v1/releases/{id}/commit"),
+        Some(PUBLISH_TOKEN),
+        commit.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(c.status, 200, "{}", String::from_utf8_lossy(&c.body));
+    // Past the activation (and the hub's own grace-period advance), nobody serves it: the
+    // agents keep v1 (the big release was replaced before its activation) and say why.
+    wait_for(
+        "the hub to promote the release itself",
+        || farm.hub_log(),
+        || farm.schedule()["active"] == id.as_str(),
+    );
+    for a in [&agent, &other] {
+        assert_eq!(
+            a.release().as_deref(),
+            Some(v1.as_str()),
+            "{}\n{}",
+            a.name,
+            a.proc.log()
+        );
+        assert_ne!(
+            a.get("/evil.txt").body,
+            tampered,
+            "{} served tampered bytes",
+            a.name
+        );
+    }
+    wait_for(
+        "the agents to report the refused blob",
+        || farm.hub_log(),
+        || {
+            let r = http(
+                farm.hub_port,
+                "GET",
+                "/sync/v1/agents",
+                Some(AGENT_TOKEN),
+                b"",
+            )
+            .unwrap();
+            let fleet: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            fleet["agents"].as_array().is_some_and(|l| {
+                l.len() == 2
+                    && l.iter()
+                        .all(|a| a["report"]["error"].is_string() && a["current"] == false)
+            })
+        },
+    );
+    let _ = big;
+}
+
+/// All the files under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The hub killed with SIGKILL in the middle of a publish loses nothing: its store holds only
+/// whole files, the schedule is what it was, and publishing again uploads only what is missing.
+#[test]
+fn a_hub_killed_mid_publish_loses_nothing_and_shows_no_torn_release() {
+    let _serial = serial();
+    let mut farm = Farm::new("500ms", "1s");
+    let v1 = farm.publish(&farm.site("v1", &text_files(3, "v1")), "+1s");
+    wait_for(
+        "v1 to activate",
+        || farm.hub_log(),
+        || farm.schedule()["active"] == v1.as_str(),
+    );
+    let before = farm.schedule();
+
+    let files: Vec<(String, Vec<u8>)> = (0..600)
+        .map(|i| (format!("f/{i}.bin"), noise(1000 + i, 16 * 1024)))
+        .collect();
+    let site = farm.site("big", &files);
+    let base = walk(&farm.path("hub-store/blobs")).len();
+    let mut publish = Command::new(BIN)
+        .args([
+            "publish",
+            "--concurrency",
+            "2",
+            "--hub",
+            &farm.hub_url(),
+            "--token-file",
+        ])
+        .arg(farm.path("publish.token"))
+        .arg(&site)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let blobs = farm.path("hub-store/blobs");
+    wait_for(
+        "the hub to receive some blobs",
+        || farm.hub_log(),
+        || walk(&blobs).len() >= 50,
+    );
+    farm.hub.as_mut().unwrap().kill9();
+    let status = publish.wait().unwrap();
+    let had = walk(&blobs).len() - base;
+    assert!(
+        !status.success(),
+        "publish must fail when the hub dies under it"
+    );
+    assert!(
+        had < 600,
+        "the hub received every blob before it was killed"
+    );
+    // No torn file: every blob and manifest holds the bytes its name says.
+    for p in walk(&blobs)
+        .into_iter()
+        .chain(walk(&farm.path("hub-store/releases")))
+    {
+        let stem = p.file_stem().unwrap().to_string_lossy().to_string();
+        assert_eq!(
+            blake3::hash(&std::fs::read(&p).unwrap())
+                .to_hex()
+                .to_string(),
+            stem,
+            "{}",
+            p.display()
+        );
+    }
+
+    farm.start_hub();
+    let after = farm.schedule();
+    for key in ["version", "cycle", "active", "staged", "activation_us"] {
+        assert_eq!(after[key], before[key], "{key} changed across the crash");
+    }
+    assert!(
+        walk(&farm.path("hub-store/tmp")).is_empty(),
+        "leftovers of interrupted writes are cleared"
+    );
+    let o = Command::new(BIN)
+        .args(["publish", "--hub", &farm.hub_url(), "--token-file"])
+        .arg(farm.path("publish.token"))
+        .arg(&site)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let uploaded: usize = out
+        .split("uploaded ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        uploaded == 600 - had,
+        "uploaded {uploaded} after {had} survived (base {base}): {out}"
+    );
+    assert!(out.contains("staged"), "{out}");
+}

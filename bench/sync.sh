@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Sync benchmark: flip skew across eight agents (two with clocks an hour off), wrong or mixed
+# answers under load during flips, and the bytes a one-file change moves in a 10 000-file release.
+#
+#   bench/sync.sh
+#
+# 1. Skew: a hub (`lockstep serve`, cadence 1s, lead 1s) and AGENTS (8) agents on loopback, the
+#    last two under `faketime -f +1h` and `faketime -f -1h`. FLIPS (20) releases are published,
+#    each with `--at +2s` on the hub's clock; `flipwatch` (examples/flipwatch.rs) polls every
+#    agent from outside, one thread per agent over a kept-alive connection, and notes when each
+#    first serves the new release. Skew of a flip = last agent's instant − first agent's;
+#    the polling resolution (median time between two polls of one agent) bounds what can be seen.
+# 2. Load: `wrk` on two agents (one skewed) during LOAD_FLIPS (5) flips; a Lua check counts
+#    answers whose body does not belong to the release in their X-Lockstep-Release header
+#    (mixed) and non-200 answers.
+# 3. Transfer: publish a 10 000-file release, change one file, publish again; report what the
+#    publisher uploaded and what each agent fetched (its lockstep_agent_fetched_* metrics).
+#
+# Everything shares two cores, so the agents, the pollers and wrk compete: read the skew as an
+# upper bound. Env: AGENTS, FLIPS, LOAD_FLIPS, FILES (10000).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+agents=${AGENTS:-8}
+flips=${FLIPS:-20}
+load_flips=${LOAD_FLIPS:-5}
+files=${FILES:-10000}
+command -v faketime >/dev/null || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; }
+
+(cd "$root" && cargo build --release --quiet && cargo build --release --quiet --example flipwatch)
+target=${CARGO_TARGET_DIR:-$root/target}/release
+bin=$target/lockstep
+watch=$target/examples/flipwatch
+
+work=$(mktemp -d /tmp/lockstep-sync-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+cd "$work"
+umask 077
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > agent.token
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > publish.token
+hub_port=7790
+cat > hub.yaml <<EOF
+sync:
+  bind: "127.0.0.1:$hub_port"
+  store: hub-store
+  cadence: 1s
+  lead: 1s
+  agent_token_file: agent.token
+  publish_token_file: publish.token
+admin:
+  bind: "127.0.0.1:9990"
+EOF
+NO_COLOR=1 "$bin" serve --workers 1 -c hub.yaml 2> hub.log &
+pids+=($!)
+hub=http://127.0.0.1:$hub_port
+
+ports=()
+for i in $(seq 1 "$agents"); do
+  port=$((8200 + i))
+  ports+=("$port")
+  cat > "agent-$i.yaml" <<EOF
+name: web-$i
+hub: "$hub"
+token_file: agent.token
+store: agent-$i
+serve: "127.0.0.1:$port"
+EOF
+  clock=()
+  if [ "$i" -eq "$agents" ]; then clock=(faketime -f -1h); elif [ "$i" -eq $((agents - 1)) ]; then clock=(faketime -f +1h); fi
+  NO_COLOR=1 "${clock[@]}" "$bin" agent -c "agent-$i.yaml" 2> "agent-$i.log" &
+  pids+=($!)
+done
+addrs=(); for p in "${ports[@]}"; do addrs+=("127.0.0.1:$p"); done
+
+publish() { # DIR AT -> release id
+  "$bin" publish --hub "$hub" --token-file publish.token --at "$2" "$1" | tee -a publish.log | awk '/^release /{print $2}'
+}
+wait_all() { # RELEASE
+  for _ in $(seq 1 400); do
+    ok=0
+    for p in "${ports[@]}"; do
+      r=$(curl -sI "http://127.0.0.1:$p/" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-lockstep-release"{print $2}')
+      [ "$r" = "$1" ] && ok=$((ok + 1))
+    done
+    [ "$ok" -eq "${#ports[@]}" ] && return 0
+    sleep 0.05
+  done
+  echo "not every agent serves $1" >&2; return 1
+}
+site() { # N -> a small site whose every file names flip N
+  rm -rf site; mkdir -p site/css
+  printf '<h1>flip %s</h1>\n' "$1" > site/index.html
+  printf 'body{--flip:%s}\n' "$1" > site/css/site.css
+}
+
+sleep 1
+site 0; r=$(publish site +2s); wait_all "$r"
+echo "== skew: $agents agents (web-$((agents - 1)) at +1h, web-$agents at -1h), $flips flips =="
+"$watch" --seconds $((flips * 3 + 6)) "${addrs[@]}" > flips.jsonl &
+watch_pid=$!
+sleep 1
+for n in $(seq 1 "$flips"); do
+  site "$n"; r=$(publish site +2s); echo "$r" >> releases.txt
+  sleep 3
+done
+wait "$watch_pid"
+python3 - "$agents" <<'EOF'
+import json, sys
+agents = int(sys.argv[1])
+releases = [l.strip() for l in open("releases.txt") if l.strip()]
+seen, summary = {}, []
+for line in open("flips.jsonl"):
+    d = json.loads(line)
+    if "release" in d:
+        seen.setdefault(d["release"], {})[d["agent"]] = (d["t_us"], d["gap_us"])
+    else:
+        summary.append(d)
+skews, gaps, missing = [], [], 0
+for r in releases:
+    got = seen.get(r, {})
+    if len(got) < agents:
+        missing += 1
+        continue
+    ts = [t for t, _ in got.values()]
+    skews.append(max(ts) - min(ts))
+    gaps.extend(g for _, g in got.values())
+skews.sort(); gaps.sort()
+pick = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+print(f"flips observed on all agents: {len(skews)}/{len(releases)} (missing {missing})")
+print(f"skew p50 {pick(skews, .5)/1000:.3f} ms  p99 {pick(skews, .99)/1000:.3f} ms  max {max(skews)/1000 if skews else float('nan'):.3f} ms")
+med = sorted(s["median_interval_us"] for s in summary)
+print(f"polling resolution: median poll interval per agent {med[0]}..{med[-1]} us; window of the flip observations p50 {pick(gaps, .5)} us, max {max(gaps) if gaps else 0} us")
+EOF
+echo "hub: offsets and lateness as the agents reported them:"
+"$bin" status --hub "$hub" --token-file publish.token | sed -n '1,20p'
+
+echo "== load: wrk on web-1 and web-$((agents - 1)) during $load_flips flips =="
+cat > check.lua <<'EOF'
+local tags, mixed, bad, total = {}, 0, 0, 0
+response = function(status, headers, body)
+  total = total + 1
+  if status ~= 200 then bad = bad + 1; return end
+  local rel = headers["X-Lockstep-Release"] or headers["x-lockstep-release"] or ""
+  local tag = string.match(body, "flip (%d+)") or "?"
+  if tags[rel] == nil then tags[rel] = tag elseif tags[rel] ~= tag then mixed = mixed + 1 end
+end
+done = function(summary, latency, requests)
+  io.write(string.format("checked %d answers: %d mixed (body of another release), %d not 200\n", total, mixed, bad))
+end
+EOF
+dur=$((load_flips * 3 + 2))
+for p in "${ports[0]}" "${ports[$((agents - 2))]}"; do
+  wrk -t1 -c4 -d"${dur}s" -s check.lua "http://127.0.0.1:$p/index.html" > "wrk-$p.txt" 2>&1 &
+done
+for n in $(seq 101 $((100 + load_flips))); do site "$n"; publish site +2s > /dev/null; sleep 3; done
+wait_wrk=$(jobs -p | tail -2); for j in $wait_wrk; do wait "$j" 2>/dev/null || true; done
+sleep 1
+for p in "${ports[0]}" "${ports[$((agents - 2))]}"; do echo "agent :$p: $(grep -E 'Requests/sec' "wrk-$p.txt" | tr -s ' ')"; grep checked "wrk-$p.txt"; done
+
+echo "== transfer: $files-file release, then one file changed =="
+rm -rf big; mkdir -p big
+python3 - "$files" <<'EOF'
+import os, sys
+n = int(sys.argv[1])
+for i in range(n):
+    d = f"big/d{i // 500}"
+    os.makedirs(d, exist_ok=True)
+    with open(f"{d}/f{i}.html", "w") as f:
+        f.write(f"<p>file {i}</p>\n" * 20)
+EOF
+fetched() { curl -s "http://127.0.0.1:${ports[0]}/.lockstep/metrics" | awk '/^lockstep_agent_fetched_bytes_total/{b=$2} /^lockstep_agent_fetched_blobs_total/{n=$2} END{printf "%d %d", b, n}'; }
+r=$(publish big +3s); wait_all "$r"
+set -- $(fetched); b0=$1; n0=$2
+echo "first publish: $(grep -E '^files' publish.log | tail -1)"
+printf '<p>changed</p>\n' > big/d3/f1600.html
+r=$(publish big +3s); wait_all "$r"
+set -- $(fetched); b1=$1; n1=$2
+echo "one file changed: $(grep -E '^files' publish.log | tail -1)"
+manifest=$(curl -s -H "Authorization: Bearer $(cat agent.token)" "$hub/sync/v1/releases/$r" | wc -c)
+echo "web-1 fetched $((n1 - n0)) blob(s), $((b1 - b0)) bytes of blobs, plus the manifest ($manifest bytes); the changed file is $(stat -c %s big/d3/f1600.html) bytes"

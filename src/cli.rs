@@ -6,6 +6,8 @@ use clap::{Parser, Subcommand};
 
 /// Default config path of the appliance.
 pub const DEFAULT_CONFIG: &str = "/etc/lockstep/lockstep.yaml";
+/// Default config path of the agent.
+pub const DEFAULT_AGENT_CONFIG: &str = "/etc/lockstep/agent.yaml";
 
 /// lockstep — a web-farm appliance: HTTP(S) load balancer, DNS round robin and content sync.
 #[derive(Debug, Parser)]
@@ -98,6 +100,15 @@ pub enum Command {
         /// Print the hub's JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Run the sync agent on a backend: serve the active release, stage new ones, flip on time.
+    #[command(
+        after_help = "Example:\n  lockstep agent -c /etc/lockstep/agent.yaml\n\nSIGTERM stops it; the active release is kept in its store and served again at the next start."
+    )]
+    Agent {
+        /// Agent config file.
+        #[arg(short, long, default_value = DEFAULT_AGENT_CONFIG)]
+        config: PathBuf,
     },
     /// Run a whole farm on loopback: the appliance in front of three demo backends.
     #[command(

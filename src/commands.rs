@@ -86,6 +86,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Agent { config } => {
+            crate::serve::init_tracing();
+            let cfg = crate::sync::agent::config::load(&config)?;
+            runtime(false)?.block_on(crate::sync::agent::run(cfg))
+        }
         Command::Demo {
             port,
             admin_port,

@@ -11,6 +11,7 @@ pub mod raw;
 pub mod sync;
 pub mod tls;
 mod validate;
+pub mod yaml;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};

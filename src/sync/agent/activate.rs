@@ -1,0 +1,262 @@
+//! The flip (claims 1, 4, 19, 28, 31): on a dedicated thread, sleep until just before a
+//! **monotonic** deadline, spin the last instants, then store the staged release into the
+//! active-release pointer — one atomic store, so every request after it sees the new release
+//! whole and none sees a mix.
+//!
+//! tokio's timer wheel ticks in whole milliseconds, so the wait runs on a std thread with
+//! relative sleeps (no `clock_nanosleep`: the crate forbids `unsafe`, and tests run agents under
+//! libfaketime) down to [`SPIN`] before the deadline, then `spin_loop` — a few hundred µs at
+//! most, because eight agents share two cores in the benchmark. The deadline can be moved
+//! while the thread sleeps (a fresher clock estimate), and the flip cancelled until it fires;
+//! exactly one of "fired" and "cancelled" wins.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::warn;
+
+use super::release::Release;
+use super::serve::Active;
+
+/// How long before the deadline the thread stops sleeping and spins.
+pub const SPIN: Duration = Duration::from_micros(300);
+/// Longest single sleep, so that a moved deadline or a cancel is seen promptly.
+pub const SLICE: Duration = Duration::from_millis(20);
+
+const ARMED: u8 = 0;
+const FIRED: u8 = 1;
+const CANCELLED: u8 = 2;
+
+/// What the flip thread does next (pure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Sleep this long, then look again.
+    Sleep(Duration),
+    /// Spin until the deadline.
+    Spin,
+    /// The deadline has come: store the pointer.
+    Fire,
+}
+
+/// The next step at `now` for `deadline`.
+pub fn step(now: Instant, deadline: Instant) -> Step {
+    if now >= deadline {
+        return Step::Fire;
+    }
+    let left = deadline - now;
+    if left <= SPIN {
+        Step::Spin
+    } else {
+        Step::Sleep((left - SPIN).min(SLICE))
+    }
+}
+
+/// A flip that fired: which release, and the monotonic instant right after the store.
+#[derive(Debug)]
+pub struct Fired<T> {
+    /// The release now active.
+    pub release: Arc<Release>,
+    /// When the pointer was stored.
+    pub at: Instant,
+    /// What the caller attached (which schedule it was for).
+    pub tag: T,
+}
+
+struct Ctl {
+    state: AtomicU8,
+    base: Instant,
+    /// The deadline, ns after `base`.
+    deadline_ns: AtomicU64,
+}
+
+impl Ctl {
+    fn deadline(&self) -> Instant {
+        self.base + Duration::from_nanos(self.deadline_ns.load(Ordering::Acquire))
+    }
+    fn set_deadline(&self, at: Instant) {
+        let ns = at.saturating_duration_since(self.base).as_nanos();
+        self.deadline_ns
+            .store(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::Release);
+    }
+}
+
+/// A flip waiting on its thread.
+pub struct Armed {
+    ctl: Arc<Ctl>,
+}
+
+impl Armed {
+    /// Moves the deadline (effective unless the thread is already spinning or has fired).
+    pub fn retarget(&self, deadline: Instant) {
+        self.ctl.set_deadline(deadline);
+    }
+
+    /// The current deadline.
+    pub fn deadline(&self) -> Instant {
+        self.ctl.deadline()
+    }
+
+    /// Cancels the flip; `false` if it has already fired (its [`Fired`] is on its way).
+    pub fn cancel(&self) -> bool {
+        match self
+            .ctl
+            .state
+            .compare_exchange(ARMED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(state) => state == CANCELLED,
+        }
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        // An abandoned handle must not leave a flip behind.
+        self.cancel();
+    }
+}
+
+/// Starts a thread that stores `release` into `active` at `deadline` (at once if it has
+/// passed) and sends a [`Fired`] on `done`.
+pub fn arm<T: Send + 'static>(
+    deadline: Instant,
+    active: Active,
+    release: Arc<Release>,
+    tag: T,
+    done: UnboundedSender<Fired<T>>,
+) -> Armed {
+    let base = Instant::now().min(deadline);
+    let ctl = Arc::new(Ctl {
+        state: AtomicU8::new(ARMED),
+        base,
+        deadline_ns: AtomicU64::new(0),
+    });
+    ctl.set_deadline(deadline);
+    let thread_ctl = ctl.clone();
+    let spawned = std::thread::Builder::new()
+        .name("lockstep-flip".into())
+        .spawn(move || run(&thread_ctl, &active, release, tag, &done));
+    if let Err(e) = spawned {
+        // Without a thread there is no flip: leave it cancelled so the caller can see it.
+        warn!(error = %e, "cannot start the flip thread");
+        ctl.state.store(CANCELLED, Ordering::Release);
+    }
+    Armed { ctl }
+}
+
+fn run<T>(
+    ctl: &Ctl,
+    active: &Active,
+    release: Arc<Release>,
+    tag: T,
+    done: &UnboundedSender<Fired<T>>,
+) {
+    loop {
+        if ctl.state.load(Ordering::Acquire) != ARMED {
+            return;
+        }
+        match step(Instant::now(), ctl.deadline()) {
+            Step::Sleep(d) => std::thread::sleep(d),
+            Step::Spin | Step::Fire => break,
+        }
+    }
+    // The last instants: the deadline is fixed from here.
+    let deadline = ctl.deadline();
+    while Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+    if ctl
+        .state
+        .compare_exchange(ARMED, FIRED, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return;
+    }
+    active.store(Some(release.clone()));
+    let at = Instant::now();
+    let _ = done.send(Fired { release, at, tag });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use arc_swap::ArcSwapOption;
+
+    use super::*;
+    use crate::sync::manifest::Manifest;
+    use crate::sync::store::FsStore;
+
+    #[test]
+    fn steps_sleep_in_slices_then_spin_then_fire() {
+        let t = Instant::now();
+        let d = t + Duration::from_secs(1);
+        assert_eq!(step(t, d), Step::Sleep(SLICE));
+        assert_eq!(
+            step(d - Duration::from_millis(5), d),
+            Step::Sleep(Duration::from_millis(5) - SPIN)
+        );
+        assert_eq!(step(d - SPIN, d), Step::Spin);
+        assert_eq!(step(d - Duration::from_micros(1), d), Step::Spin);
+        assert_eq!(step(d, d), Step::Fire);
+        assert_eq!(step(d + Duration::from_secs(1), d), Step::Fire);
+    }
+
+    fn empty_release() -> Arc<Release> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(dir.path()).unwrap());
+        Arc::new(Release::build(&store, Manifest::new(BTreeMap::new()).unwrap()).unwrap())
+    }
+
+    /// The pointer changes at the deadline, never before it (checked from outside, loosely).
+    #[tokio::test]
+    async fn fires_at_the_deadline_and_not_before() {
+        let active: Active = Arc::new(ArcSwapOption::empty());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let deadline = Instant::now() + Duration::from_millis(80);
+        let armed = arm(deadline, active.clone(), empty_release(), 7u32, tx);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(active.load().is_none(), "flipped 40 ms early");
+        let fired = rx.recv().await.unwrap();
+        assert!(fired.at >= deadline);
+        assert!(active.load().is_some());
+        assert_eq!(fired.tag, 7);
+        // Generous: a loaded CI machine may be late, never early.
+        assert!(fired.at - deadline < Duration::from_millis(500));
+        assert!(!armed.cancel(), "a fired flip cannot be cancelled");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_or_dropped_flip_never_fires_and_a_moved_one_follows() {
+        let active: Active = Arc::new(ArcSwapOption::empty());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let soon = Instant::now() + Duration::from_millis(30);
+        let a = arm(soon, active.clone(), empty_release(), 1u32, tx.clone());
+        assert!(a.cancel());
+        drop(arm(soon, active.clone(), empty_release(), 2u32, tx.clone()));
+        let b = arm(
+            Instant::now() + Duration::from_secs(3600),
+            active.clone(),
+            empty_release(),
+            3u32,
+            tx,
+        );
+        let moved = Instant::now() + Duration::from_millis(60);
+        b.retarget(moved);
+        let fired = rx.recv().await.unwrap();
+        assert_eq!(fired.tag, 3, "only the moved flip fires");
+        assert!(fired.at >= moved);
+        // Past deadlines fire at once.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _late = arm(
+            Instant::now() - Duration::from_secs(5),
+            active,
+            empty_release(),
+            4u32,
+            tx,
+        );
+        assert_eq!(rx.recv().await.unwrap().tag, 4);
+    }
+}

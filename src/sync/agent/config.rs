@@ -1,0 +1,403 @@
+//! `agent.yaml`: raw serde structs (unknown and duplicate keys refused, positions kept) →
+//! [`validate`] → the typed [`AgentConfig`] the agent trusts. Every problem is reported as
+//! `file:line:column: what is wrong and the fix`, as for `lockstep.yaml`.
+//!
+//! Reads the config file, the token file (to report a bad one at its line) and the hub's CA
+//! file; opens no sockets.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::config::error::{ConfigError, ConfigErrors, Pos};
+use crate::sync::auth::read_token;
+use crate::sync::client::{ClientError, HubClient};
+
+type S<T> = Spanned<T>;
+
+/// Default blobs fetched at once while staging.
+pub const DEFAULT_FETCH_CONCURRENCY: usize = 8;
+/// Most blobs fetched at once.
+pub const MAX_FETCH_CONCURRENCY: usize = 256;
+/// Longest agent name (it is a path segment of the sync API and a metrics label).
+pub const MAX_NAME_BYTES: usize = 64;
+/// The commented example every key is documented in.
+pub const EXAMPLE: &str = "deploy/examples/agent.yaml";
+
+/// The top level of `agent.yaml`, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgentConfig {
+    /// This agent's name: the backend it serves.
+    pub name: S<String>,
+    /// The hub's URL, `http://host:port` or `https://host:port`.
+    pub hub: S<String>,
+    /// File holding the agent token.
+    pub token_file: Option<S<String>>,
+    /// PEM file with the CA that signed an https hub's certificate.
+    pub hub_ca: Option<S<String>>,
+    /// Directory of the agent's blobs, manifests and state.
+    pub store: S<String>,
+    /// `ip:port` the active release is served on.
+    pub serve: S<String>,
+    /// Directory receiving `releases/<id>/` copies and the `current` symlink.
+    pub release_dir: Option<S<String>>,
+    /// Local change detection.
+    pub watch: Option<RawWatch>,
+    /// Blobs fetched at once while staging.
+    pub fetch_concurrency: Option<S<u32>>,
+}
+
+/// `watch:` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWatch {
+    /// The directory to watch.
+    pub dir: S<String>,
+    /// `scheduled` (default) or `immediate`.
+    pub mode: Option<S<WatchMode>>,
+}
+
+/// What a detected local change becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchMode {
+    /// Published to the hub: every backend activates it at the next shared instant.
+    Scheduled,
+    /// Forwarded to every other agent, which installs it at once.
+    Immediate,
+}
+
+/// `watch:`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    /// The directory to watch.
+    pub dir: PathBuf,
+    /// What a change becomes.
+    pub mode: WatchMode,
+}
+
+/// A checked agent configuration. Build it with [`load`]/[`parse`], or with
+/// [`AgentConfig::new`] in code (the demo and tests start agents in-process).
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// The file it was read from (empty when built in code).
+    pub file: PathBuf,
+    /// This agent's name.
+    pub name: String,
+    /// The hub's URL.
+    pub hub: String,
+    /// The agent token (read from `token_file`).
+    pub token: Option<String>,
+    /// The CA of an https hub.
+    pub hub_ca: Option<PathBuf>,
+    /// The agent's store directory.
+    pub store: PathBuf,
+    /// Where the active release is served.
+    pub serve: SocketAddr,
+    /// Where releases are materialised for a web server, with the `current` symlink.
+    pub release_dir: Option<PathBuf>,
+    /// Local change detection (parsed; the watcher arrives with its issue).
+    pub watch: Option<Watch>,
+    /// Blobs fetched at once while staging.
+    pub fetch_concurrency: usize,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("file", &self.file)
+            .field("name", &self.name)
+            .field("hub", &self.hub)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("hub_ca", &self.hub_ca)
+            .field("store", &self.store)
+            .field("serve", &self.serve)
+            .field("release_dir", &self.release_dir)
+            .field("watch", &self.watch)
+            .field("fetch_concurrency", &self.fetch_concurrency)
+            .finish()
+    }
+}
+
+impl AgentConfig {
+    /// A config with the defaults: no token, no CA, no release dir, no watcher.
+    pub fn new(name: &str, hub: &str, store: &Path, serve: SocketAddr) -> AgentConfig {
+        AgentConfig {
+            file: PathBuf::new(),
+            name: name.to_string(),
+            hub: hub.to_string(),
+            token: None,
+            hub_ca: None,
+            store: store.to_path_buf(),
+            serve,
+            release_dir: None,
+            watch: None,
+            fetch_concurrency: DEFAULT_FETCH_CONCURRENCY,
+        }
+    }
+}
+
+/// Reads and checks an agent config file, returning every problem found.
+pub fn load(path: &Path) -> Result<AgentConfig, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError::at(
+            path,
+            Pos::default(),
+            format!("cannot read the agent config file: {e}"),
+        )])
+    })?;
+    parse(path, &text)
+}
+
+/// Checks agent config text as if read from `path` (relative paths resolve against its
+/// directory).
+pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigErrors> {
+    let raw: RawAgentConfig = crate::config::yaml::parse(path, text, EXAMPLE)?;
+    validate(path, raw)
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Ctx<'_> {
+    fn err<T>(&mut self, at: &S<T>, msg: impl Into<String>) {
+        self.errors
+            .push(ConfigError::at(self.file, Pos::of(at), msg));
+    }
+
+    /// A path as written, relative ones against the config file's directory.
+    fn path(&mut self, v: &S<String>, key: &str) -> Option<PathBuf> {
+        if v.value.trim().is_empty() {
+            self.err(v, format!("{key} is empty: write a path"));
+            return None;
+        }
+        let p = PathBuf::from(&v.value);
+        Some(if p.is_absolute() {
+            p
+        } else {
+            self.file.parent().unwrap_or(Path::new(".")).join(p)
+        })
+    }
+}
+
+/// Whether `name` may name an agent: 1–64 of `A–Z a–z 0–9 . _ -`, not `.` or `..`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Checks the raw config, returning the typed one or every problem found.
+pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigErrors> {
+    let mut cx = Ctx {
+        file,
+        errors: Vec::new(),
+    };
+    if !valid_name(&raw.name.value) {
+        cx.err(
+            &raw.name,
+            format!(
+                "name `{}` cannot name an agent: use 1 to {MAX_NAME_BYTES} letters, digits, `.`, `_` or `-` (e.g. the backend's name, web-1)",
+                raw.name.value
+            ),
+        );
+    }
+    let serve = match SocketAddr::from_str(raw.serve.value.trim()) {
+        Ok(a) => Some(a),
+        Err(_) => {
+            cx.err(
+                &raw.serve,
+                format!(
+                    "serve `{}` is not an ip:port address: write e.g. \"127.0.0.1:8081\"",
+                    raw.serve.value
+                ),
+            );
+            None
+        }
+    };
+    let store = cx.path(&raw.store, "store");
+    let release_dir = raw
+        .release_dir
+        .as_ref()
+        .and_then(|v| cx.path(v, "release_dir"));
+    if let (Some(s), Some(r), Some(raw_r)) = (&store, &release_dir, &raw.release_dir) {
+        if s == r || r.starts_with(s) || s.starts_with(r) {
+            cx.err(
+                raw_r,
+                "release_dir and store overlap: give each its own directory (the store is the agent's own)",
+            );
+        }
+    }
+    let hub_ca = raw.hub_ca.as_ref().and_then(|v| cx.path(v, "hub_ca"));
+    // The client checks the URL and loads the CA exactly as it will when the agent starts.
+    let hub = raw.hub.value.trim().to_string();
+    match HubClient::new(&hub, None, hub_ca.as_deref()) {
+        Ok(_) => {}
+        Err(ClientError::Tls(m)) => match &raw.hub_ca {
+            Some(ca) => cx.err(ca, m),
+            None => cx.err(&raw.hub, m),
+        },
+        Err(e) => cx.err(
+            &raw.hub,
+            format!("{e}: write e.g. \"http://10.0.0.1:7700\""),
+        ),
+    }
+    let token = raw.token_file.as_ref().and_then(|v| {
+        let p = cx.path(v, "token_file")?;
+        match read_token(&p) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                cx.err(v, e.to_string());
+                None
+            }
+        }
+    });
+    let fetch_concurrency = match &raw.fetch_concurrency {
+        None => DEFAULT_FETCH_CONCURRENCY,
+        Some(v) if v.value == 0 || v.value as usize > MAX_FETCH_CONCURRENCY => {
+            cx.err(
+                v,
+                format!("fetch_concurrency must be between 1 and {MAX_FETCH_CONCURRENCY} (default {DEFAULT_FETCH_CONCURRENCY})"),
+            );
+            DEFAULT_FETCH_CONCURRENCY
+        }
+        Some(v) => v.value as usize,
+    };
+    let watch = raw.watch.as_ref().and_then(|w| {
+        let dir = cx.path(&w.dir, "watch.dir")?;
+        Some(Watch {
+            dir,
+            mode: w.mode.as_ref().map_or(WatchMode::Scheduled, |m| m.value),
+        })
+    });
+    match (serve, store, cx.errors.is_empty()) {
+        (Some(serve), Some(store), true) => Ok(AgentConfig {
+            file: file.to_path_buf(),
+            name: raw.name.value,
+            hub,
+            token,
+            hub_ca,
+            store,
+            serve,
+            release_dir,
+            watch,
+            fetch_concurrency,
+        }),
+        _ => {
+            cx.errors.sort_by_key(|e| (e.pos.line, e.pos.column));
+            Err(ConfigErrors(cx.errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        match parse(Path::new("/etc/lockstep/agent.yaml"), text) {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(ConfigErrors(e)) => e.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    const GOOD: &str = r#"
+name: web-1
+hub: "http://10.0.0.1:7700"
+store: /var/lib/lockstep/agent
+serve: "127.0.0.1:8081"
+release_dir: www
+watch: { dir: /srv/www-edit, mode: immediate }
+fetch_concurrency: 4
+"#;
+
+    #[test]
+    fn a_good_config_is_typed_with_paths_resolved() {
+        let c = parse(Path::new("/etc/lockstep/agent.yaml"), GOOD).unwrap();
+        assert_eq!(c.name, "web-1");
+        assert_eq!(c.serve, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(c.release_dir, Some(PathBuf::from("/etc/lockstep/www")));
+        assert_eq!(c.watch.unwrap().mode, WatchMode::Immediate);
+        assert_eq!(c.fetch_concurrency, 4);
+        assert!(c.token.is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_its_line() {
+        let e = errors(
+            r#"
+name: "web 1"
+hub: "ftp://hub"
+store: /var/lib/a
+serve: "localhost"
+release_dir: /var/lib/a/www
+fetch_concurrency: 0
+"#,
+        );
+        assert_eq!(e.len(), 5, "{e:#?}");
+        assert!(e[0].starts_with("/etc/lockstep/agent.yaml:2:7: name `web 1`"));
+        assert!(e[1].starts_with("/etc/lockstep/agent.yaml:3:6: hub URL"));
+        assert!(e[1].contains("http://"), "{}", e[1]);
+        assert!(e[2].contains(":5:8: serve `localhost`"), "{}", e[2]);
+        assert!(e[3].contains(":6:14: release_dir and store overlap"));
+        assert!(e[4].contains(":7:20: fetch_concurrency must be between 1"));
+    }
+
+    #[test]
+    fn unknown_keys_missing_keys_and_bad_modes() {
+        let e = errors(&GOOD.replace("fetch_concurrency", "fetch_concurency"));
+        assert!(
+            e[0].contains(
+                ":8:1: unknown key `fetch_concurency`: did you mean `fetch_concurrency`?"
+            ),
+            "{e:?}"
+        );
+        let e = errors(&GOOD.replace("immediate", "immedate"));
+        assert!(e[0].contains("did you mean `immediate`"), "{e:?}");
+        let e = errors(&GOOD.replace("name: web-1\n", ""));
+        assert!(e[0].contains("name"), "{e:?}");
+        let e = errors("# nothing\n");
+        assert!(e[0].contains("deploy/examples/agent.yaml"), "{e:?}");
+    }
+
+    #[test]
+    fn https_needs_a_ca_and_tokens_must_be_private() {
+        let e = errors(&GOOD.replace("http://", "https://"));
+        assert!(e[0].contains(":3:6:") && e[0].contains("hub_ca"), "{e:?}");
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("agent.token");
+        std::fs::write(&token, "secret\n").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = format!("{GOOD}token_file: {}\n", token.display());
+        let e = errors(&text);
+        assert!(
+            e[0].contains(":9:13:") && e[0].contains("chmod 600"),
+            "{e:?}"
+        );
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = parse(Path::new("a.yaml"), &text).unwrap();
+        assert_eq!(c.token.as_deref(), Some("secret"));
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    #[test]
+    fn names() {
+        for good in ["web-1", "a", "w.b_c", &"x".repeat(64)] {
+            assert!(valid_name(good), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,514 @@
+//! The agent's loop: one task owns what the agent holds (active, previous and staged
+//! releases, the armed flip, the clock estimate) and reacts to events — a schedule from the
+//! long-poll, a staging job done, a clock measurement, a flip fired — by re-planning with
+//! [`plan::decide`]. Everything slow runs elsewhere: staging in background tasks, the flip on
+//! its own thread, disk writes on one ordered worker, reports and advances in their tasks.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::activate::{self, Armed, Fired};
+use super::metrics::AgentMetrics;
+use super::plan::{self, HubView, Scheduled};
+use super::release::Release;
+use super::release_dir;
+use super::serve::Active;
+use super::stage::{StageError, Stager};
+use super::state::{AgentState, STATE_NAME};
+use crate::sync::client::HubClient;
+use crate::sync::clock::{self, Anchor, Offset};
+use crate::sync::manifest::ReleaseId;
+use crate::sync::protocol::{Report, Schedule};
+use crate::sync::store::FsStore;
+
+/// The clock is measured again this long before an activation.
+pub const PREMEASURE: Duration = Duration::from_millis(1500);
+/// First pause before staging a release again after a failure.
+pub const STAGE_RETRY_BASE: Duration = Duration::from_secs(2);
+/// Longest pause between staging attempts.
+pub const STAGE_RETRY_MAX: Duration = Duration::from_secs(60);
+/// Error bound given to an offset guessed from a schedule's `now_us` (used only until a real
+/// measurement exists).
+const ROUGH_ERROR_US: i64 = 1_000_000;
+
+/// What a flip was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tag {
+    /// A scheduled activation.
+    Scheduled(Scheduled),
+    /// At once: bootstrap (or the hub moved on without this agent).
+    Now,
+}
+
+struct ArmedFlip {
+    plan: Scheduled,
+    handle: Armed,
+    premeasured: bool,
+}
+
+struct Retry {
+    attempts: u32,
+    at: Instant,
+}
+
+/// Ordered disk work after a flip (state file, `current` symlink, pruning old copies).
+#[derive(Debug)]
+pub enum DiskJob {
+    /// Write the state file.
+    State(AgentState),
+    /// Make sure `releases/<id>` exists and point `current` at it.
+    Current(Arc<Release>),
+    /// Drop release copies other than these.
+    Prune(Vec<ReleaseId>),
+}
+
+/// Runs disk jobs one after another, so that two quick flips cannot reorder their writes.
+pub async fn disk_worker(
+    store: Arc<FsStore>,
+    release_dir: Option<PathBuf>,
+    mut rx: mpsc::UnboundedReceiver<DiskJob>,
+) {
+    while let Some(job) = rx.recv().await {
+        let (store, dir) = (store.clone(), release_dir.clone());
+        let outcome = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            match job {
+                DiskJob::State(s) => store
+                    .write_state(STATE_NAME, &s)
+                    .map_err(|e| format!("cannot record the active release: {e}")),
+                DiskJob::Current(r) => match &dir {
+                    Some(dir) => release_dir::materialise(dir, &r.id(), r.manifest(), &store)
+                        .and_then(|_| release_dir::switch_current(dir, &r.id()))
+                        .map_err(|e| format!("release_dir: {e}")),
+                    None => Ok(()),
+                },
+                DiskJob::Prune(keep) => match &dir {
+                    Some(dir) => {
+                        release_dir::prune(dir, &keep).map_err(|e| format!("release_dir: {e}"))
+                    }
+                    None => Ok(()),
+                },
+            }
+        })
+        .await;
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(error = %e, "disk write after a flip failed; the release is served from memory")
+            }
+            Err(e) => error!(error = %e, "disk task failed"),
+        }
+    }
+}
+
+/// The loop's state.
+pub struct Controller {
+    /// Hub client (advance calls).
+    pub client: HubClient,
+    /// The one anchor local times come from.
+    pub anchor: Anchor,
+    /// The served pointer.
+    pub active: Active,
+    /// Metrics.
+    pub metrics: Arc<AgentMetrics>,
+    /// Starts staging jobs.
+    pub stager: Stager,
+    /// Ordered disk work.
+    pub disk: mpsc::UnboundedSender<DiskJob>,
+    /// The latest report.
+    pub report: watch::Sender<Report>,
+    /// Asks the measurer for a fresh estimate.
+    pub measure_now: Arc<Notify>,
+    /// The release served.
+    pub current: Option<Arc<Release>>,
+    /// The release before it.
+    pub previous: Option<Arc<Release>>,
+    ready: HashMap<ReleaseId, Arc<Release>>,
+    staging: JoinSet<(ReleaseId, Result<Arc<Release>, StageError>)>,
+    in_flight: HashMap<tokio::task::Id, ReleaseId>,
+    failed: HashMap<ReleaseId, Retry>,
+    schedule: Option<Schedule>,
+    clock: Option<Offset>,
+    rough: Option<Offset>,
+    armed: Option<ArmedFlip>,
+    /// Flips that fired after their handle was given up; their [`Fired`] is still coming.
+    pending_fired: u32,
+    fired_tx: mpsc::UnboundedSender<Fired<Tag>>,
+    fired_rx: mpsc::UnboundedReceiver<Fired<Tag>>,
+}
+
+impl Controller {
+    /// A controller serving `current` (loaded from the store at start, if any).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: HubClient,
+        anchor: Anchor,
+        active: Active,
+        metrics: Arc<AgentMetrics>,
+        stager: Stager,
+        disk: mpsc::UnboundedSender<DiskJob>,
+        report: watch::Sender<Report>,
+        measure_now: Arc<Notify>,
+        current: Option<Arc<Release>>,
+        previous: Option<Arc<Release>>,
+    ) -> Controller {
+        let (fired_tx, fired_rx) = mpsc::unbounded_channel();
+        Controller {
+            client,
+            anchor,
+            active,
+            metrics,
+            stager,
+            disk,
+            report,
+            measure_now,
+            current,
+            previous,
+            ready: HashMap::new(),
+            staging: JoinSet::new(),
+            in_flight: HashMap::new(),
+            failed: HashMap::new(),
+            schedule: None,
+            clock: None,
+            rough: None,
+            armed: None,
+            pending_fired: 0,
+            fired_tx,
+            fired_rx,
+        }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(
+        mut self,
+        mut schedules: mpsc::Receiver<Schedule>,
+        mut clock: watch::Receiver<Option<Offset>>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let wake = tokio::time::Instant::from_std(self.next_wake());
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(f) = self.fired_rx.recv() => self.on_fired(f),
+                Ok(()) = clock.changed() => {
+                    let o = *clock.borrow_and_update();
+                    self.on_clock(o);
+                }
+                Some(s) = schedules.recv() => self.on_schedule(s),
+                Some(done) = self.staging.join_next_with_id(), if !self.staging.is_empty() => {
+                    self.on_staged(done);
+                }
+                _ = tokio::time::sleep_until(wake) => self.on_wake(),
+            }
+            self.replan();
+        }
+        if let Some(a) = self.armed.take() {
+            a.handle.cancel();
+        }
+        self.staging.abort_all();
+    }
+
+    fn offset(&self) -> Option<Offset> {
+        self.clock.or(self.rough)
+    }
+
+    fn known(&self, id: ReleaseId) -> Option<Arc<Release>> {
+        [&self.current, &self.previous]
+            .into_iter()
+            .flatten()
+            .find(|r| r.id() == id)
+            .cloned()
+            .or_else(|| self.ready.get(&id).cloned())
+    }
+
+    fn update_report(&self, f: impl FnOnce(&mut Report)) {
+        self.report.send_if_modified(|r| {
+            let before = r.clone();
+            f(r);
+            *r != before
+        });
+    }
+
+    fn next_wake(&self) -> Instant {
+        let mut wake = Instant::now() + Duration::from_secs(3600);
+        if let Some(a) = &self.armed {
+            if !a.premeasured {
+                wake = wake.min(a.handle.deadline().checked_sub(PREMEASURE).unwrap_or(wake));
+            }
+        }
+        for r in self.failed.values() {
+            wake = wake.min(r.at);
+        }
+        wake
+    }
+
+    fn on_wake(&mut self) {
+        let now = Instant::now();
+        if let Some(a) = &mut self.armed {
+            if !a.premeasured && a.handle.deadline() <= now + PREMEASURE {
+                a.premeasured = true;
+                self.measure_now.notify_one();
+            }
+        }
+    }
+
+    fn on_clock(&mut self, o: Option<Offset>) {
+        let Some(o) = o else { return };
+        self.clock = Some(o);
+        self.metrics.clock_offset.set(o.offset_us as f64 / 1e6);
+        self.metrics.clock_error.set(o.error_us as f64 / 1e6);
+        self.update_report(|r| {
+            r.offset_us = Some(o.offset_us);
+            r.error_us = Some(o.error_us);
+        });
+        if let Some(a) = &self.armed {
+            a.handle
+                .retarget(clock::deadline(a.plan.at_us as i64, o, &self.anchor));
+        }
+    }
+
+    fn on_schedule(&mut self, s: Schedule) {
+        // A first guess at the offset, good to a round trip, until a measurement exists.
+        let local = self.anchor.local_us(Instant::now());
+        self.rough = Some(Offset {
+            offset_us: s.now_us as i64 - local,
+            error_us: ROUGH_ERROR_US,
+        });
+        if self.clock.is_none() {
+            self.measure_now.notify_one();
+        }
+        self.schedule = Some(s);
+    }
+
+    fn on_staged(
+        &mut self,
+        done: Result<
+            (
+                tokio::task::Id,
+                (ReleaseId, Result<Arc<Release>, StageError>),
+            ),
+            tokio::task::JoinError,
+        >,
+    ) {
+        let (task, id, result) = match done {
+            Ok((task, (id, r))) => (task, id, r),
+            Err(e) => {
+                let Some(id) = self.in_flight.remove(&e.id()) else {
+                    return;
+                };
+                (e.id(), id, Err(StageError::Task(e.to_string())))
+            }
+        };
+        self.in_flight.remove(&task);
+        match result {
+            Ok(release) => {
+                self.failed.remove(&id);
+                self.ready.insert(id, release);
+                self.update_report(|r| {
+                    if r.error.as_deref().is_some_and(|e| e.starts_with("staging")) {
+                        r.error = None;
+                    }
+                });
+            }
+            Err(e) => {
+                self.metrics.staging_failures.inc();
+                let attempts = self.failed.get(&id).map_or(0, |r| r.attempts) + 1;
+                let wait = plan::backoff(attempts, STAGE_RETRY_BASE, STAGE_RETRY_MAX);
+                error!(release = %id.short(), error = %e, retry_in = ?wait, "staging failed; the active release keeps serving");
+                self.failed.insert(
+                    id,
+                    Retry {
+                        attempts,
+                        at: Instant::now() + wait,
+                    },
+                );
+                let message = format!("staging {} failed: {e}", id.short());
+                self.update_report(|r| r.error = Some(message));
+            }
+        }
+    }
+
+    fn start_staging(&mut self, id: ReleaseId) {
+        let stager = self.stager.clone();
+        let handle = self
+            .staging
+            .spawn(async move { (id, stager.stage(id).await) });
+        self.in_flight.insert(handle.id(), id);
+    }
+
+    /// Gives up the armed flip; counts it if it had already fired.
+    fn disarm(&mut self) {
+        if let Some(a) = self.armed.take() {
+            if !a.handle.cancel() {
+                self.pending_fired += 1;
+            }
+        }
+    }
+
+    fn arm(&mut self, p: Scheduled) {
+        let Some(release) = self.known(p.id) else {
+            return;
+        };
+        let Some(offset) = self.offset() else {
+            // Armed as soon as the clock is known (the next re-plan).
+            self.measure_now.notify_one();
+            return;
+        };
+        let deadline = clock::deadline(p.at_us as i64, offset, &self.anchor);
+        let now = Instant::now();
+        info!(
+            release = %p.id.short(),
+            at_us = p.at_us,
+            in_ms = deadline.saturating_duration_since(now).as_millis() as u64,
+            "flip armed"
+        );
+        let handle = activate::arm(
+            deadline,
+            self.active.clone(),
+            release,
+            Tag::Scheduled(p),
+            self.fired_tx.clone(),
+        );
+        self.armed = Some(ArmedFlip {
+            plan: p,
+            handle,
+            premeasured: deadline <= now + PREMEASURE,
+        });
+    }
+
+    /// Activates `release` at once (bootstrap).
+    fn flip_now(&mut self, release: Arc<Release>) {
+        if self.pending_fired > 0 {
+            // A scheduled flip has fired and is not accounted for yet: decide after it.
+            return;
+        }
+        if let Some(a) = self.armed.take() {
+            if !a.handle.cancel() {
+                self.pending_fired += 1;
+                return;
+            }
+            // Re-armed by the plan right after, if still wanted.
+        }
+        self.active.store(Some(release.clone()));
+        self.on_fired(Fired {
+            release,
+            at: Instant::now(),
+            tag: Tag::Now,
+        });
+    }
+
+    fn on_fired(&mut self, f: Fired<Tag>) {
+        match (&f.tag, &self.armed) {
+            (Tag::Scheduled(p), Some(a)) if a.plan == *p => self.armed = None,
+            (Tag::Scheduled(_), _) => self.pending_fired = self.pending_fired.saturating_sub(1),
+            (Tag::Now, _) => {}
+        }
+        let id = f.release.id();
+        if self.current.as_ref().map(|r| r.id()) != Some(id) {
+            self.previous = self.current.replace(f.release.clone());
+        }
+        self.ready.remove(&id);
+        let lateness = match f.tag {
+            Tag::Scheduled(p) => self
+                .offset()
+                .map(|o| plan::lateness_us(clock::hub_time(f.at, o, &self.anchor), p.at_us)),
+            Tag::Now => None,
+        };
+        if let Some(l) = lateness {
+            self.metrics.flip_lateness.observe(l.max(0) as f64 / 1e6);
+            self.metrics.last_flip_lateness.set(l as f64 / 1e6);
+        }
+        self.metrics.flips.inc();
+        self.metrics.set_active(Some(id));
+        let previous = self.previous.as_ref().map(|r| r.id());
+        match f.tag {
+            Tag::Scheduled(p) => {
+                info!(release = %id.short(), lateness_us = ?lateness, cycle = p.cycle, "flipped")
+            }
+            Tag::Now => info!(release = %id.short(), "activated the hub's active release"),
+        }
+        self.update_report(|r| {
+            r.active = Some(id);
+            if r.staged == Some(id) {
+                r.staged = None;
+            }
+            if lateness.is_some() {
+                r.last_flip = Some(id);
+                r.last_flip_lateness_us = lateness;
+            }
+        });
+        let _ = self.disk.send(DiskJob::State(AgentState {
+            active: Some(id),
+            previous,
+        }));
+        let _ = self.disk.send(DiskJob::Current(f.release));
+        let _ = self.disk.send(DiskJob::Prune(
+            [Some(id), previous].into_iter().flatten().collect(),
+        ));
+        if let Tag::Scheduled(p) = f.tag {
+            tokio::spawn(super::advance::advance(self.client.clone(), p.cycle));
+        }
+    }
+
+    /// Re-plans from the latest schedule and what is held.
+    fn replan(&mut self) {
+        while let Ok(f) = self.fired_rx.try_recv() {
+            self.on_fired(f);
+        }
+        let Some(s) = &self.schedule else { return };
+        let view = HubView {
+            cycle: s.cycle,
+            active: s.active,
+            staged: s.staged.zip(s.activation_us),
+        };
+        let hub_now = self
+            .offset()
+            .map(|o| clock::hub_time(Instant::now(), o, &self.anchor));
+        let ours = self.current.as_ref().map(|r| r.id());
+        let d = plan::decide(ours, &view, |id| self.known(id).is_some(), hub_now);
+
+        let now = Instant::now();
+        let in_flight: HashSet<ReleaseId> = self.in_flight.values().copied().collect();
+        for id in &d.want {
+            let waiting = self.failed.get(id).is_some_and(|r| r.at > now);
+            if self.known(*id).is_none() && !in_flight.contains(id) && !waiting {
+                self.start_staging(*id);
+            }
+        }
+        self.failed.retain(|id, _| d.want.contains(id));
+        if let Some(id) = d.now {
+            if let Some(r) = self.known(id) {
+                self.flip_now(r);
+            }
+        }
+        match d.at {
+            None => self.disarm(),
+            Some(p) if self.armed.as_ref().map(|a| a.plan) != Some(p) => {
+                if let Some(a) = &self.armed {
+                    warn!(was = %a.plan.id.short(), now = %p.id.short(), "the hub's staged release changed; re-planning the flip");
+                }
+                self.disarm();
+                self.arm(p);
+            }
+            Some(_) => {}
+        }
+        // Keep in memory only what may still be activated.
+        let armed = self.armed.as_ref().map(|a| a.plan.id);
+        self.ready
+            .retain(|id, _| d.want.contains(id) || Some(*id) == armed);
+        let ours = self.current.as_ref().map(|r| r.id());
+        let staged = view
+            .staged
+            .map(|(id, _)| id)
+            .filter(|id| Some(*id) != ours && self.known(*id).is_some());
+        self.metrics.set_staged(staged);
+        self.update_report(|r| r.staged = staged);
+    }
+}

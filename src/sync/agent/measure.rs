@@ -1,0 +1,92 @@
+//! Measures the offset between the hub's clock and this agent's (claims 2, 16–17, 24):
+//! several `GET /sync/v1/time` exchanges over one kept-alive connection, the lowest-delay one
+//! kept ([`clock::estimate`]). Local times `t1`/`t4` come from one [`Anchor`] taken at start
+//! plus the monotonic clock, never from the wall clock per sample, so a wall-clock step moves
+//! neither the offset nor a deadline.
+
+use std::time::{Duration, Instant};
+
+use http::Method;
+
+use crate::sync::client::{ok, ClientError, HubClient};
+use crate::sync::clock::{self, Anchor, Offset, Sample};
+use crate::sync::protocol::{TimeReply, PREFIX};
+
+/// Exchanges per measurement.
+pub const SAMPLES: usize = 8;
+/// Longest one exchange may take.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Takes `samples` exchanges and returns the estimate of the best. Stops at the first
+/// transport failure (a hub that is down is not asked eight times); returns the last error
+/// when no exchange succeeded.
+pub async fn measure(
+    client: &HubClient,
+    anchor: &Anchor,
+    samples: usize,
+) -> Result<Offset, ClientError> {
+    let mut got = Vec::with_capacity(samples);
+    let mut last_err = None;
+    let path = format!("{PREFIX}/time");
+    for _ in 0..samples.max(1) {
+        let t1 = anchor.local_us(Instant::now());
+        let answer = client
+            .send(Method::GET, &path, None, EXCHANGE_TIMEOUT)
+            .await;
+        let t4 = anchor.local_us(Instant::now());
+        match answer.and_then(ok) {
+            Ok(a) => match serde_json::from_slice::<TimeReply>(&a.body) {
+                Ok(r) => got.push(Sample {
+                    t1,
+                    t2: r.receive_us,
+                    t3: r.send_us,
+                    t4,
+                }),
+                Err(e) => last_err = Some(ClientError::Decode(e.to_string())),
+            },
+            Err(e) => {
+                let transport = matches!(e, ClientError::Transport { .. });
+                last_err = Some(e);
+                if transport {
+                    break;
+                }
+            }
+        }
+    }
+    match clock::estimate(&got) {
+        Some(o) => Ok(o),
+        None => Err(last_err.unwrap_or_else(|| ClientError::Decode("no time samples".into()))),
+    }
+}
+
+/// How often the offset is measured when nothing asks sooner.
+pub const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Measures at start, every [`EVERY`], and whenever `now` is notified (shortly before an
+/// activation, or when the hub comes back), publishing each estimate on `tx`.
+pub async fn measurer(
+    client: HubClient,
+    anchor: Anchor,
+    tx: tokio::sync::watch::Sender<Option<Offset>>,
+    now: std::sync::Arc<tokio::sync::Notify>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match measure(&client, &anchor, SAMPLES).await {
+            Ok(o) => {
+                tracing::debug!(
+                    offset_us = o.offset_us,
+                    error_us = o.error_us,
+                    "clock measured"
+                );
+                tx.send_replace(Some(o));
+            }
+            Err(e) => tracing::debug!(error = %e, "clock not measured"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = now.notified() => {}
+        }
+    }
+}

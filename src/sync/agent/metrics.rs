@@ -1,0 +1,199 @@
+//! The agent's Prometheus metrics, in a registry of its own (prefix `lockstep_agent`), rendered
+//! on the serve listener's `/.lockstep/metrics`. Several agents in one process (the demo, the
+//! tests) each keep their own.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::sync::manifest::ReleaseId;
+
+/// Labels naming a release.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReleaseLabels {
+    /// The release id (full hex).
+    pub release: String,
+}
+
+/// Labels of served requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// `2xx` … `5xx`.
+    pub class: String,
+}
+
+/// Every metric of one agent.
+pub struct AgentMetrics {
+    registry: Mutex<Registry>,
+    /// 1 for the release being served (info-style: the id is the label).
+    pub active: Family<ReleaseLabels, Gauge>,
+    /// 1 for a release fully staged and waiting for its activation.
+    pub staged: Family<ReleaseLabels, Gauge>,
+    /// θ: hub clock minus this agent's, seconds.
+    pub clock_offset: Gauge<f64, AtomicU64>,
+    /// ε: the bound on θ's error, seconds.
+    pub clock_error: Gauge<f64, AtomicU64>,
+    /// How late each scheduled flip was against its activation time (0 when early), seconds.
+    pub flip_lateness: Histogram,
+    /// The last scheduled flip's lateness, signed (negative = early), seconds.
+    pub last_flip_lateness: Gauge<f64, AtomicU64>,
+    /// Flips of the active release (scheduled, late and bootstrap).
+    pub flips: Counter,
+    /// Blob bytes fetched from the hub.
+    pub fetched_bytes: Counter,
+    /// Blobs fetched from the hub (verified and stored).
+    pub fetched_blobs: Counter,
+    /// Blobs (and manifests) whose content did not match their hash: discarded.
+    pub hash_failures: Counter,
+    /// Staging attempts that failed (the old release kept serving).
+    pub staging_failures: Counter,
+    /// Responses served, by status class.
+    pub requests: Family<ClassLabels, Counter>,
+}
+
+impl AgentMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> AgentMetrics {
+        let mut r = Registry::with_prefix("lockstep_agent");
+        let m = AgentMetrics {
+            registry: Mutex::new(Registry::default()),
+            active: Family::default(),
+            staged: Family::default(),
+            clock_offset: Gauge::default(),
+            clock_error: Gauge::default(),
+            // 10 µs … ~5 s.
+            flip_lateness: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
+            last_flip_lateness: Gauge::default(),
+            flips: Counter::default(),
+            fetched_bytes: Counter::default(),
+            fetched_blobs: Counter::default(),
+            hash_failures: Counter::default(),
+            staging_failures: Counter::default(),
+            requests: Family::default(),
+        };
+        r.register(
+            "active_release",
+            "1 for the release this agent serves",
+            m.active.clone(),
+        );
+        r.register(
+            "staged_release",
+            "1 for a release staged and waiting for its activation time",
+            m.staged.clone(),
+        );
+        r.register(
+            "clock_offset_seconds",
+            "Hub clock minus agent clock (theta)",
+            m.clock_offset.clone(),
+        );
+        r.register(
+            "clock_error_seconds",
+            "Bound on the offset's error (epsilon, half the best round trip)",
+            m.clock_error.clone(),
+        );
+        r.register(
+            "flip_lateness_seconds",
+            "Time from a scheduled activation to this agent's flip, on the hub's clock",
+            m.flip_lateness.clone(),
+        );
+        r.register(
+            "last_flip_lateness_seconds",
+            "The last scheduled flip's lateness (negative = early)",
+            m.last_flip_lateness.clone(),
+        );
+        r.register("flips", "Flips of the active release", m.flips.clone());
+        r.register(
+            "fetched_bytes",
+            "Blob bytes fetched from the hub",
+            m.fetched_bytes.clone(),
+        );
+        r.register(
+            "fetched_blobs",
+            "Blobs fetched from the hub",
+            m.fetched_blobs.clone(),
+        );
+        r.register(
+            "hash_failures",
+            "Blobs or manifests refused because their content did not match their hash",
+            m.hash_failures.clone(),
+        );
+        r.register(
+            "staging_failures",
+            "Staging attempts that failed",
+            m.staging_failures.clone(),
+        );
+        r.register(
+            "http_requests",
+            "Responses served from the active release, by status class",
+            m.requests.clone(),
+        );
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
+        m
+    }
+
+    /// Marks `id` as the one active release.
+    pub fn set_active(&self, id: Option<ReleaseId>) {
+        self.active.clear();
+        if let Some(id) = id {
+            self.active
+                .get_or_create(&ReleaseLabels {
+                    release: id.to_hex(),
+                })
+                .set(1);
+        }
+    }
+
+    /// Marks `id` as the one staged release.
+    pub fn set_staged(&self, id: Option<ReleaseId>) {
+        self.staged.clear();
+        if let Some(id) = id {
+            self.staged
+                .get_or_create(&ReleaseLabels {
+                    release: id.to_hex(),
+                })
+                .set(1);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4 * 1024);
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
+        out
+    }
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        AgentMetrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::manifest::Hash;
+
+    #[test]
+    fn active_release_is_exactly_one_series() {
+        let m = AgentMetrics::new();
+        m.set_active(Some(Hash::of(b"1")));
+        m.set_active(Some(Hash::of(b"2")));
+        m.hash_failures.inc();
+        let text = m.render();
+        assert!(text.contains(&format!(
+            "lockstep_agent_active_release{{release=\"{}\"}} 1",
+            Hash::of(b"2")
+        )));
+        assert!(!text.contains(&Hash::of(b"1").to_hex()));
+        assert!(text.contains("lockstep_agent_hash_failures_total 1"));
+    }
+}

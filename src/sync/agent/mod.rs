@@ -1,0 +1,307 @@
+//! `lockstep agent`: the sidecar on each backend (seed 000). It serves the active release
+//! from memory and its store, stages each new release in the background ahead of its
+//! activation time, measures its clock's offset from the hub's, and flips to the new release
+//! at the hub's instant — with no word to any other agent (claims 5, 32).
+//!
+//! # Layout
+//!
+//! - [`config`]: `agent.yaml` → [`AgentConfig`]
+//! - [`state`]: the persisted active/previous releases (restart keeps serving)
+//! - [`release`]: a release ready to serve; path resolution, `If-None-Match`        (pure parts)
+//! - [`serve`]: the HTTP listener serving the active release
+//! - [`poll`]: long-poll of the hub's schedule, with back-off
+//! - [`stage`]: manifest + missing blobs, verified, bounded concurrency
+//! - [`release_dir`]: `releases/<id>/` copies and the atomic `current` symlink
+//! - [`measure`]: clock offset from `GET /sync/v1/time` samples
+//! - [`plan`]: what to stage, what to activate now, what to arm                     (pure)
+//! - [`activate`]: the flip thread: sleep, spin, pointer store
+//! - [`advance`]: the cycle compare-and-swap after a flip
+//! - [`report`]: the agent's state, reported to the hub
+//! - [`control`]: the loop tying them together
+//! - [`metrics`]: the agent's Prometheus metrics
+//!
+//! Start one in-process with [`start`] (the demo and tests do), or run the process with
+//! [`run`] (`lockstep agent -c agent.yaml`: signals, systemd notification).
+
+pub mod activate;
+pub mod advance;
+pub mod config;
+pub mod control;
+pub mod measure;
+pub mod metrics;
+pub mod plan;
+pub mod poll;
+pub mod release;
+pub mod release_dir;
+pub mod report;
+pub mod serve;
+pub mod stage;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::AgentConfig;
+pub use release::Release;
+
+use crate::sync::client::{ClientError, HubClient};
+use crate::sync::clock::Anchor;
+use crate::sync::manifest::ReleaseId;
+use crate::sync::protocol::Report;
+use crate::sync::store::{FsStore, StoreError};
+use control::{Controller, DiskJob};
+use metrics::AgentMetrics;
+use serve::{Active, ServeState};
+use stage::Stager;
+use state::{AgentState, STATE_NAME};
+
+/// Why an agent cannot start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The store directory is unusable.
+    #[error("agent store: {0}")]
+    Store(#[from] StoreError),
+    /// The serve address cannot be bound.
+    #[error("cannot listen on serve address {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The hub settings are unusable.
+    #[error(transparent)]
+    Hub(#[from] ClientError),
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    serve_addr: SocketAddr,
+    active: Active,
+    metrics: Arc<AgentMetrics>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl AgentHandle {
+    /// Where the active release is served (the bound address: a real port for `:0`).
+    pub fn serve_addr(&self) -> SocketAddr {
+        self.serve_addr
+    }
+
+    /// The id of the release being served.
+    pub fn active(&self) -> Option<ReleaseId> {
+        self.active.load().as_ref().map(|r| r.id())
+    }
+
+    /// The release being served.
+    pub fn active_release(&self) -> Option<Arc<Release>> {
+        self.active.load_full()
+    }
+
+    /// The agent's metrics.
+    pub fn metrics(&self) -> &Arc<AgentMetrics> {
+        &self.metrics
+    }
+
+    /// The token that stops the agent.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops the agent: no new connections, in-flight requests get up to `grace`.
+    pub async fn shutdown(self, grace: Duration) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(?grace, "agent tasks still running after the grace period");
+        }
+    }
+}
+
+/// Starts an agent: binds `config.serve`, then as [`start_on`].
+pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+    let listener = TcpListener::bind(config.serve)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: config.serve,
+            source,
+        })?;
+    start_on(config, listener, CancellationToken::new()).await
+}
+
+/// Starts an agent serving on `listener`, stopped by `shutdown` (or [`AgentHandle::shutdown`]).
+/// The release recorded in the store is loaded and served before the hub is asked anything,
+/// so a restarted agent keeps serving while the hub is away.
+pub async fn start_on(
+    config: AgentConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<AgentHandle, AgentError> {
+    let anchor = Anchor::now();
+    let serve_addr = listener.local_addr().map_err(|source| AgentError::Bind {
+        addr: config.serve,
+        source,
+    })?;
+    let client = HubClient::new(&config.hub, config.token.clone(), config.hub_ca.as_deref())?;
+    // Creating a few directories and clearing tmp/: quick enough to do here.
+    let store = FsStore::open(&config.store)?;
+    let store = Arc::new(store);
+    let (current, previous) = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || load_state(&store))
+            .await
+            .unwrap_or((None, None))
+    };
+    let metrics = Arc::new(AgentMetrics::new());
+    let active: Active = Arc::new(ArcSwapOption::new(current.clone()));
+    metrics.set_active(current.as_ref().map(|r| r.id()));
+    if let Some(w) = &config.watch {
+        warn!(dir = %w.dir.display(), mode = ?w.mode, "watch: is configured but local change detection is not active in this build yet");
+    }
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(serve::serve(
+        listener,
+        ServeState {
+            active: active.clone(),
+            metrics: metrics.clone(),
+        },
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+
+    let (disk_tx, disk_rx) = mpsc::unbounded_channel();
+    tracker.spawn(control::disk_worker(
+        store.clone(),
+        config.release_dir.clone(),
+        disk_rx,
+    ));
+    if let Some(r) = &current {
+        // A release_dir removed or changed while the agent was down is put right.
+        let _ = disk_tx.send(DiskJob::Current(r.clone()));
+    }
+
+    let report = Report {
+        active: current.as_ref().map(|r| r.id()),
+        serve: Some(serve_addr.to_string()),
+        ..Report::default()
+    };
+    let (report_tx, report_rx) = watch::channel(report);
+    tracker.spawn(report::reporter(
+        client.clone(),
+        config.name.clone(),
+        report_rx,
+        shutdown.clone(),
+    ));
+
+    let (clock_tx, clock_rx) = watch::channel(None);
+    let measure_now = Arc::new(Notify::new());
+    tracker.spawn(measure::measurer(
+        client.clone(),
+        anchor,
+        clock_tx,
+        measure_now.clone(),
+        shutdown.clone(),
+    ));
+
+    let (sched_tx, sched_rx) = mpsc::channel(8);
+    tracker.spawn(poll::poll(client.clone(), sched_tx, shutdown.clone()));
+
+    let stager = Stager {
+        client: client.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        permits: Arc::new(Semaphore::new(config.fetch_concurrency.max(1))),
+        release_dir: config.release_dir.clone(),
+    };
+    let controller = Controller::new(
+        client,
+        anchor,
+        active.clone(),
+        metrics.clone(),
+        stager,
+        disk_tx,
+        report_tx,
+        measure_now,
+        current.clone(),
+        previous,
+    );
+    tracker.spawn(controller.run(sched_rx, clock_rx, shutdown.clone()));
+    info!(
+        name = %config.name,
+        serve = %serve_addr,
+        hub = %config.hub,
+        active = ?current.as_ref().map(|r| r.id().short()),
+        "agent started"
+    );
+    Ok(AgentHandle {
+        serve_addr,
+        active,
+        metrics,
+        shutdown,
+        tracker,
+    })
+}
+
+/// The active and previous releases recorded in the store, when they load whole.
+fn load_state(store: &Arc<FsStore>) -> (Option<Arc<Release>>, Option<Arc<Release>>) {
+    let state: AgentState = match store.read_state(STATE_NAME) {
+        Ok(s) => s.unwrap_or_default(),
+        Err(e) => {
+            warn!(error = %e, "agent state unreadable; starting empty and fetching the hub's active release");
+            return (None, None);
+        }
+    };
+    let load = |id: Option<ReleaseId>, what: &str| {
+        let id = id?;
+        match Release::load(store, id) {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                warn!(release = %id.short(), error = %e, "the {what} release recorded in the store cannot be served; it will be fetched again");
+                None
+            }
+        }
+    };
+    (
+        load(state.active, "active"),
+        load(state.previous, "previous"),
+    )
+}
+
+/// Longest time in-flight requests get at shutdown.
+pub const DRAIN: Duration = Duration::from_secs(5);
+
+/// `lockstep agent`: runs until SIGTERM/SIGINT; tells systemd `READY=1` once the serve
+/// listener is bound.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let agent = start(config).await?;
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    info!("agent stopping");
+    agent.shutdown(DRAIN).await;
+    Ok(())
+}

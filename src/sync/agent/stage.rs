@@ -1,0 +1,249 @@
+//! Staging (claims 1, 6, 30): brings a release into the agent's store in the background while
+//! the active one keeps serving — the manifest (its canonical hash must be the release id),
+//! then only the blobs the store lacks, at most `fetch_concurrency` at once, each verified
+//! against its blake3 hash before it is written (a mismatch is discarded, counted, retried a
+//! few times, then staging fails). A restarted agent resumes: blobs already stored are not
+//! fetched again. The result is a [`Release`] ready to be swapped in; nothing partial ever is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::metrics::AgentMetrics;
+use super::release::{check_manifest, LoadError, Release};
+use super::release_dir;
+use crate::sync::client::{ok, ClientError, HubClient};
+use crate::sync::manifest::{Hash, Manifest, ReleaseId};
+use crate::sync::protocol::PREFIX;
+use crate::sync::store::{FsStore, StoreError};
+
+/// Tries per blob (and per manifest) before staging fails.
+pub const ATTEMPTS: u32 = 3;
+/// Longest one blob download may take (64 MiB at a slow 1 MB/s).
+pub const BLOB_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pause between tries.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Why staging a release failed. The release is not activated; the old one keeps serving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StageError {
+    /// The hub could not be asked, or refused.
+    #[error("fetching {what} from the hub: {source}")]
+    Hub {
+        /// The manifest or which blob.
+        what: String,
+        /// Why.
+        source: ClientError,
+    },
+    /// The manifest is not one, or does not hash to the release id.
+    #[error("the hub's manifest for release {id} is refused: {reason}")]
+    Manifest {
+        /// The release.
+        id: ReleaseId,
+        /// Why.
+        reason: String,
+    },
+    /// A blob arrived damaged every time.
+    #[error("blob {hash} (`{path}`) did not match its hash in {ATTEMPTS} tries: the hub's copy or the network is damaging it")]
+    Damaged {
+        /// The blob.
+        hash: Hash,
+        /// A file using it.
+        path: String,
+    },
+    /// The store could not write (a full disk shows here as "No space left on device").
+    #[error("the agent's store: {0}")]
+    Store(StoreError),
+    /// The staged release does not load.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The copy under `release_dir` failed.
+    #[error("release_dir: {0}")]
+    ReleaseDir(std::io::Error),
+    /// A background task died.
+    #[error("staging task failed: {0}")]
+    Task(String),
+}
+
+/// Stages releases from one hub into one store.
+#[derive(Clone)]
+pub struct Stager {
+    /// The hub.
+    pub client: HubClient,
+    /// The agent's store.
+    pub store: Arc<FsStore>,
+    /// Metrics (bytes, blobs, hash failures).
+    pub metrics: Arc<AgentMetrics>,
+    /// Shared by every staging job: at most `fetch_concurrency` blob downloads at once.
+    pub permits: Arc<Semaphore>,
+    /// Where releases are copied for a web server, if anywhere.
+    pub release_dir: Option<std::path::PathBuf>,
+}
+
+impl Stager {
+    /// Stages release `id` and returns it ready to serve.
+    pub async fn stage(&self, id: ReleaseId) -> Result<Arc<Release>, StageError> {
+        let manifest = self.manifest(id).await?;
+        // Each blob the store lacks, once, with a file that uses it (for messages).
+        let missing = {
+            let (store, manifest) = (self.store.clone(), manifest.clone());
+            blocking(move || {
+                let mut seen = std::collections::HashSet::new();
+                Ok::<_, StageError>(
+                    manifest
+                        .files()
+                        .iter()
+                        .filter(|(_, e)| seen.insert(e.hash) && !store.has_blob(&e.hash))
+                        .map(|(p, e)| (e.hash, e.size, p.clone()))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .await?
+        };
+        let bytes: u64 = missing.iter().map(|(_, s, _)| s).sum();
+        info!(
+            release = %id.short(),
+            files = manifest.files().len(),
+            missing_blobs = missing.len(),
+            missing_bytes = bytes,
+            "staging"
+        );
+        let mut jobs = JoinSet::new();
+        for (hash, size, path) in missing {
+            let me = self.clone();
+            jobs.spawn(async move { me.blob(hash, size, &path).await });
+        }
+        while let Some(done) = jobs.join_next().await {
+            // The first failure ends the job; dropping the set aborts the other downloads.
+            done.map_err(|e| StageError::Task(e.to_string()))??;
+        }
+        let store = self.store.clone();
+        let release_dir = self.release_dir.clone();
+        let release = blocking(move || {
+            if let Some(dir) = &release_dir {
+                release_dir::materialise(dir, &id, &manifest, &store)
+                    .map_err(StageError::ReleaseDir)?;
+            }
+            Ok(Release::build(&store, manifest)?)
+        })
+        .await?;
+        info!(release = %id.short(), "staged");
+        Ok(Arc::new(release))
+    }
+
+    /// The manifest, from the store if it is there, else from the hub (checked, then stored).
+    async fn manifest(&self, id: ReleaseId) -> Result<Manifest, StageError> {
+        let store = self.store.clone();
+        let stored = blocking(move || store.read_release(&id).map_err(StageError::Store)).await?;
+        if let Some(bytes) = stored {
+            if let Ok(m) = check_manifest(id, &bytes) {
+                return Ok(m);
+            }
+        }
+        let path = format!("{PREFIX}/releases/{id}");
+        let mut last = String::new();
+        for attempt in 1..=ATTEMPTS {
+            let answer = self
+                .client
+                .send(Method::GET, &path, None, BLOB_TIMEOUT)
+                .await
+                .and_then(ok)
+                .map_err(|source| StageError::Hub {
+                    what: format!("the manifest of release {}", id.short()),
+                    source,
+                })?;
+            match check_manifest(id, &answer.body) {
+                Ok(m) => {
+                    let (store, canonical) = (self.store.clone(), m.to_json());
+                    blocking(move || {
+                        store
+                            .write_release(&id, &canonical)
+                            .map_err(StageError::Store)
+                    })
+                    .await?;
+                    return Ok(m);
+                }
+                Err(e) => {
+                    self.metrics.hash_failures.inc();
+                    warn!(release = %id.short(), attempt, error = %e, "manifest refused");
+                    last = e.to_string();
+                    tokio::time::sleep(RETRY_PAUSE * attempt).await;
+                }
+            }
+        }
+        Err(StageError::Manifest { id, reason: last })
+    }
+
+    /// Fetches one blob, verifies and stores it; retries transport failures and damaged
+    /// content a few times.
+    async fn blob(&self, hash: Hash, size: u64, path: &str) -> Result<(), StageError> {
+        // The semaphore is never closed.
+        let _permit = self.permits.acquire().await.expect("semaphore open");
+        let url = format!("{PREFIX}/blobs/{hash}");
+        for attempt in 1..=ATTEMPTS {
+            let answer = self
+                .client
+                .send(Method::GET, &url, None, BLOB_TIMEOUT)
+                .await
+                .and_then(ok);
+            let body = match answer {
+                Ok(a) => a.body,
+                Err(source) if attempt == ATTEMPTS => {
+                    return Err(StageError::Hub {
+                        what: format!("blob {} (`{path}`)", hash.short()),
+                        source,
+                    })
+                }
+                Err(e) => {
+                    debug!(blob = %hash.short(), attempt, error = %e, "blob fetch failed; retrying");
+                    tokio::time::sleep(RETRY_PAUSE * attempt).await;
+                    continue;
+                }
+            };
+            let len = body.len() as u64;
+            let store = self.store.clone();
+            // Hash and write off the async threads; the store refuses bytes that do not hash
+            // to the name, so nothing unverified is ever stored.
+            let written = blocking(move || {
+                if len != size {
+                    return Ok(Err(()));
+                }
+                match store.write_blob(&hash, &body) {
+                    Ok(()) => Ok(Ok(())),
+                    Err(StoreError::HashMismatch(_)) => Ok(Err(())),
+                    Err(e) => Err(StageError::Store(e)),
+                }
+            })
+            .await?;
+            match written {
+                Ok(()) => {
+                    self.metrics.fetched_blobs.inc();
+                    self.metrics.fetched_bytes.inc_by(len);
+                    return Ok(());
+                }
+                Err(()) => {
+                    self.metrics.hash_failures.inc();
+                    warn!(blob = %hash.short(), file = path, attempt, "blob does not match its hash; discarded");
+                    tokio::time::sleep(RETRY_PAUSE * attempt).await;
+                }
+            }
+        }
+        Err(StageError::Damaged {
+            hash,
+            path: path.to_string(),
+        })
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StageError> + Send + 'static,
+) -> Result<T, StageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StageError::Task(e.to_string()))?
+}

@@ -47,6 +47,9 @@ pub enum Tag {
     Now,
 }
 
+/// What a staging task returns.
+type Staged = (ReleaseId, Result<Arc<Release>, StageError>);
+
 struct ArmedFlip {
     plan: Scheduled,
     handle: Armed,
@@ -130,7 +133,7 @@ pub struct Controller {
     /// The release before it.
     pub previous: Option<Arc<Release>>,
     ready: HashMap<ReleaseId, Arc<Release>>,
-    staging: JoinSet<(ReleaseId, Result<Arc<Release>, StageError>)>,
+    staging: JoinSet<Staged>,
     in_flight: HashMap<tokio::task::Id, ReleaseId>,
     failed: HashMap<ReleaseId, Retry>,
     schedule: Option<Schedule>,
@@ -287,16 +290,7 @@ impl Controller {
         self.schedule = Some(s);
     }
 
-    fn on_staged(
-        &mut self,
-        done: Result<
-            (
-                tokio::task::Id,
-                (ReleaseId, Result<Arc<Release>, StageError>),
-            ),
-            tokio::task::JoinError,
-        >,
-    ) {
+    fn on_staged(&mut self, done: Result<(tokio::task::Id, Staged), tokio::task::JoinError>) {
         let (task, id, result) = match done {
             Ok((task, (id, r))) => (task, id, r),
             Err(e) => {

@@ -363,6 +363,12 @@ async fn staging_fetches_only_missing_blobs_and_resumes_after_a_restart() {
     assert_eq!(metric(&a, "lockstep_agent_fetched_blobs_total"), 2.0);
     assert_eq!(metric(&a, "lockstep_agent_fetched_bytes_total"), 6.0 + 12.0);
     assert_eq!(metric(&a, "lockstep_agent_hash_failures_total"), 0.0);
+
+    // Rollback: the previous release is still held, so nothing moves.
+    let back = publish::rollback(&hub.publisher()).await.unwrap();
+    assert_eq!((back.id, back.state.as_str()), (v1, "staged"));
+    assert!(wait_active(&a, v1, Duration::from_secs(10)).await);
+    assert_eq!(metric(&a, "lockstep_agent_fetched_blobs_total"), 2.0);
     a.shutdown(Duration::from_secs(2)).await;
     hub.stop().await;
 }

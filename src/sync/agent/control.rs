@@ -134,7 +134,7 @@ pub struct Controller {
     pub previous: Option<Arc<Release>>,
     ready: HashMap<ReleaseId, Arc<Release>>,
     staging: JoinSet<Staged>,
-    in_flight: HashMap<tokio::task::Id, ReleaseId>,
+    in_flight: HashMap<tokio::task::Id, (ReleaseId, tokio::task::AbortHandle)>,
     failed: HashMap<ReleaseId, Retry>,
     schedule: Option<Schedule>,
     clock: Option<Offset>,
@@ -294,9 +294,13 @@ impl Controller {
         let (task, id, result) = match done {
             Ok((task, (id, r))) => (task, id, r),
             Err(e) => {
-                let Some(id) = self.in_flight.remove(&e.id()) else {
+                let Some((id, _)) = self.in_flight.remove(&e.id()) else {
                     return;
                 };
+                if e.is_cancelled() {
+                    // Aborted because the release is no longer wanted: not a failure.
+                    return;
+                }
                 (e.id(), id, Err(StageError::Task(e.to_string())))
             }
         };
@@ -334,7 +338,7 @@ impl Controller {
         let handle = self
             .staging
             .spawn(async move { (id, stager.stage(id).await) });
-        self.in_flight.insert(handle.id(), id);
+        self.in_flight.insert(handle.id(), (id, handle));
     }
 
     /// Gives up the armed flip; counts it if it had already fired.
@@ -469,7 +473,7 @@ impl Controller {
         let d = plan::decide(ours, &view, |id| self.known(id).is_some(), hub_now);
 
         let now = Instant::now();
-        let in_flight: HashSet<ReleaseId> = self.in_flight.values().copied().collect();
+        let in_flight: HashSet<ReleaseId> = self.in_flight.values().map(|(id, _)| *id).collect();
         for id in &d.want {
             let waiting = self.failed.get(id).is_some_and(|r| r.at > now);
             if self.known(*id).is_none() && !in_flight.contains(id) && !waiting {
@@ -477,6 +481,12 @@ impl Controller {
             }
         }
         self.failed.retain(|id, _| d.want.contains(id));
+        // A release the hub no longer stages is not worth the bandwidth.
+        for (id, task) in self.in_flight.values() {
+            if !d.want.contains(id) {
+                task.abort();
+            }
+        }
         if let Some(id) = d.now {
             if let Some(r) = self.known(id) {
                 self.flip_now(r);

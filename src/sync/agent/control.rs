@@ -428,7 +428,7 @@ impl Controller {
         let previous = self.previous.as_ref().map(|r| r.id());
         match f.tag {
             Tag::Scheduled(p) => {
-                info!(release = %id.short(), lateness_us = ?lateness, cycle = p.cycle, "flipped")
+                info!(release = %id.short(), lateness_us = lateness.unwrap_or_default(), cycle = p.cycle, "flipped")
             }
             Tag::Now => info!(release = %id.short(), "activated the hub's active release"),
         }

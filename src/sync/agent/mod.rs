@@ -303,5 +303,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     info!("agent stopping");
     agent.shutdown(DRAIN).await;
+    info!("agent stopped");
     Ok(())
 }

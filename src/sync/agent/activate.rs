@@ -5,8 +5,9 @@
 //!
 //! tokio's timer wheel ticks in whole milliseconds, so the wait runs on a std thread with
 //! relative sleeps (no `clock_nanosleep`: the crate forbids `unsafe`, and tests run agents under
-//! libfaketime) down to [`SPIN`] before the deadline, then `spin_loop` — a few hundred µs at
-//! most, because eight agents share two cores in the benchmark. The deadline can be moved
+//! libfaketime) down to [`SPIN`] before the deadline, then spins — a few hundred µs at most,
+//! yielding the core while more than [`YIELD_UNTIL`] is left, because eight agents share two
+//! cores in the benchmark and all of them spin at the same instant. The deadline can be moved
 //! while the thread sleeps (a fresher clock estimate), and the flip cancelled until it fires;
 //! exactly one of "fired" and "cancelled" wins.
 
@@ -22,6 +23,9 @@ use super::serve::Active;
 
 /// How long before the deadline the thread stops sleeping and spins.
 pub const SPIN: Duration = Duration::from_micros(300);
+/// While more than this is left, the spinning thread yields its core to other runnable
+/// threads (other agents flipping at the same instant on a shared machine).
+pub const YIELD_UNTIL: Duration = Duration::from_micros(50);
 /// Longest single sleep, so that a moved deadline or a cancel is seen promptly.
 pub const SLICE: Duration = Duration::from_millis(20);
 
@@ -164,8 +168,16 @@ fn run<T>(
     }
     // The last instants: the deadline is fixed from here.
     let deadline = ctl.deadline();
-    while Instant::now() < deadline {
-        std::hint::spin_loop();
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        if deadline - now > YIELD_UNTIL {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
     if ctl
         .state

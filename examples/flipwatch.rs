@@ -45,7 +45,10 @@ fn main() {
     let mut agents: Vec<SocketAddr> = Vec::new();
     while let Some(a) = args.next() {
         if a == "--seconds" {
-            seconds = args.next().and_then(|s| s.parse().ok()).expect("--seconds N");
+            seconds = args
+                .next()
+                .and_then(|s| s.parse().ok())
+                .expect("--seconds N");
         } else {
             agents.push(a.parse().expect("agent address ip:port"));
         }

@@ -481,6 +481,14 @@ impl Controller {
             }
         }
         self.failed.retain(|id, _| d.want.contains(id));
+        if self.failed.is_empty() {
+            // The release that failed is no longer wanted: its error is history.
+            self.update_report(|r| {
+                if r.error.as_deref().is_some_and(|e| e.starts_with("staging")) {
+                    r.error = None;
+                }
+            });
+        }
         // A release the hub no longer stages is not worth the bandwidth.
         for (id, task) in self.in_flight.values() {
             if !d.want.contains(id) {

@@ -4,9 +4,13 @@
 //! plus the monotonic clock, never from the wall clock per sample, so a wall-clock step moves
 //! neither the offset nor a deadline.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Method;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
 use crate::sync::client::{ok, ClientError, HubClient};
 use crate::sync::clock::{self, Anchor, Offset, Sample};
@@ -60,28 +64,28 @@ pub async fn measure(
 }
 
 /// How often the offset is measured when nothing asks sooner.
-pub const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+pub const EVERY: Duration = Duration::from_secs(30);
 
 /// Measures at start, every [`EVERY`], and whenever `now` is notified (shortly before an
 /// activation, or when the hub comes back), publishing each estimate on `tx`.
 pub async fn measurer(
     client: HubClient,
     anchor: Anchor,
-    tx: tokio::sync::watch::Sender<Option<Offset>>,
-    now: std::sync::Arc<tokio::sync::Notify>,
-    shutdown: tokio_util::sync::CancellationToken,
+    tx: watch::Sender<Option<Offset>>,
+    now: Arc<Notify>,
+    shutdown: CancellationToken,
 ) {
     loop {
         match measure(&client, &anchor, SAMPLES).await {
             Ok(o) => {
-                tracing::debug!(
+                debug!(
                     offset_us = o.offset_us,
                     error_us = o.error_us,
                     "clock measured"
                 );
                 tx.send_replace(Some(o));
             }
-            Err(e) => tracing::debug!(error = %e, "clock not measured"),
+            Err(e) => debug!(error = %e, "clock not measured"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

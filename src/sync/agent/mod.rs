@@ -131,6 +131,13 @@ impl AgentHandle {
     }
 }
 
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        // A handle dropped without `shutdown` still stops its agent's tasks.
+        self.shutdown.cancel();
+    }
+}
+
 /// Starts an agent: binds `config.serve`, then as [`start_on`].
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
     let listener = TcpListener::bind(config.serve)
@@ -150,6 +157,8 @@ pub async fn start_on(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<AgentHandle, AgentError> {
+    // A child: dropping or stopping this agent never cancels the caller's other work.
+    let shutdown = shutdown.child_token();
     let anchor = Anchor::now();
     let serve_addr = listener.local_addr().map_err(|source| AgentError::Bind {
         addr: config.serve,

@@ -269,6 +269,20 @@ async fn agents_an_hour_off_flip_at_the_hubs_instant_and_advance_the_cycle() {
     );
     assert_eq!(std::fs::read_dir(www.join("releases")).unwrap().count(), 2);
     assert_eq!(metric(&a, "lockstep_agent_flips_total"), 2.0);
+    let v2 = hub.hub.state().active.unwrap();
+    let metrics = parse_metrics(&a.metrics().render()).unwrap();
+    assert_eq!(
+        metrics.get(&format!(
+            "lockstep_agent_active_release{{release=\"{v2}\"}}"
+        )),
+        Some(&1.0)
+    );
+    assert!(
+        !metrics
+            .keys()
+            .any(|k| k.starts_with("lockstep_agent_staged_release{")),
+        "nothing is staged after the flip: {metrics:?}"
+    );
     assert_eq!(
         metric(&a, "lockstep_agent_flip_lateness_seconds_count"),
         2.0

@@ -432,6 +432,9 @@ impl Controller {
             }
             Tag::Now => info!(release = %id.short(), "activated the hub's active release"),
         }
+        if self.report.borrow().staged == Some(id) {
+            self.metrics.set_staged(None);
+        }
         self.update_report(|r| {
             r.active = Some(id);
             if r.staged == Some(id) {
@@ -520,7 +523,9 @@ impl Controller {
             .staged
             .map(|(id, _)| id)
             .filter(|id| Some(*id) != ours && self.known(*id).is_some());
-        self.metrics.set_staged(staged);
-        self.update_report(|r| r.staged = staged);
+        if self.report.borrow().staged != staged {
+            self.metrics.set_staged(staged);
+            self.update_report(|r| r.staged = staged);
+        }
     }
 }

@@ -139,26 +139,12 @@ impl AgentMetrics {
 
     /// Marks `id` as the one active release.
     pub fn set_active(&self, id: Option<ReleaseId>) {
-        self.active.clear();
-        if let Some(id) = id {
-            self.active
-                .get_or_create(&ReleaseLabels {
-                    release: id.to_hex(),
-                })
-                .set(1);
-        }
+        set_only(&self.active, id);
     }
 
     /// Marks `id` as the one staged release.
     pub fn set_staged(&self, id: Option<ReleaseId>) {
-        self.staged.clear();
-        if let Some(id) = id {
-            self.staged
-                .get_or_create(&ReleaseLabels {
-                    release: id.to_hex(),
-                })
-                .set(1);
-        }
+        set_only(&self.staged, id);
     }
 
     /// The text exposition format.
@@ -168,6 +154,18 @@ impl AgentMetrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
         out
+    }
+}
+
+/// Leaves `family` with one series, `id`'s, at 1 (or none).
+fn set_only(family: &Family<ReleaseLabels, Gauge>, id: Option<ReleaseId>) {
+    family.clear();
+    if let Some(id) = id {
+        family
+            .get_or_create(&ReleaseLabels {
+                release: id.to_hex(),
+            })
+            .set(1);
     }
 }
 

@@ -374,10 +374,15 @@ impl Controller {
             Tag::Scheduled(p),
             self.fired_tx.clone(),
         );
+        let premeasured = deadline <= now + PREMEASURE;
+        if premeasured && deadline > now + Duration::from_millis(50) {
+            // Armed late: still worth a fresh estimate (a few ms) before the instant.
+            self.measure_now.notify_one();
+        }
         self.armed = Some(ArmedFlip {
             plan: p,
             handle,
-            premeasured: deadline <= now + PREMEASURE,
+            premeasured,
         });
     }
 

@@ -124,6 +124,9 @@ pub enum Command {
         /// DNS port (UDP and TCP) on 127.0.0.1.
         #[arg(long, default_value_t = 5300)]
         dns_port: u16,
+        /// Sync hub port on 127.0.0.1.
+        #[arg(long, default_value_t = 7700)]
+        sync_port: u16,
     },
 }
 

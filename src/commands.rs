@@ -95,9 +95,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             port,
             admin_port,
             dns_port,
+            sync_port,
         } => {
             crate::serve::init_tracing();
-            runtime(true)?.block_on(crate::demo::run(port, admin_port, dns_port))
+            runtime(true)?.block_on(crate::demo::run(port, admin_port, dns_port, sync_port))
         }
     }
 }

@@ -1,11 +1,11 @@
-//! `lockstep demo`: the embedded default. Three demo backends (each answers with its name)
-//! and the appliance in front of them (proxy and DNS), all on loopback, plus the commands to
-//! try.
+//! `lockstep demo`: the embedded default. Three demo backends (each answers with its name),
+//! a sync agent beside each, and the appliance in front of them (proxy, DNS and the sync hub),
+//! all on loopback; a first release is published, then the commands to try are printed.
 //!
 //! [`backend`] is a small real HTTP server (h1 and h2c) that tests use as a backend too.
 
 use std::convert::Infallible;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::appliance::Appliance;
+use crate::sync::agent::{self, AgentConfig, AgentHandle};
+use crate::sync::client::HubClient;
+use crate::sync::manifest::ReleaseId;
+use crate::sync::publish;
 
 /// The demo config, with placeholders for ports.
 pub const DEMO_YAML: &str = include_str!("../deploy/demo.yaml");
@@ -107,33 +111,182 @@ async fn answer(
     Ok(reply(StatusCode::OK, text))
 }
 
-/// Runs the demo until Ctrl-C.
-pub async fn run(port: u16, admin_port: u16, dns_port: u16) -> anyhow::Result<()> {
+/// The demo's ports on 127.0.0.1 (0: any free port).
+#[derive(Debug, Clone, Copy)]
+pub struct DemoPorts {
+    /// The proxy listener.
+    pub proxy: u16,
+    /// The admin listener.
+    pub admin: u16,
+    /// DNS, UDP and TCP.
+    pub dns: u16,
+    /// The sync hub.
+    pub sync: u16,
+}
+
+/// A running demo farm: the appliance (proxy, DNS, sync hub), three demo backends and an agent
+/// beside each.
+pub struct Demo {
+    /// The appliance.
+    pub app: Appliance,
+    /// The agents, web-1..web-3.
+    pub agents: Vec<AgentHandle>,
+    /// The working directory (tokens, stores, the first site).
+    pub dir: PathBuf,
+    /// The release published at start.
+    pub first_release: ReleaseId,
+    stop: CancellationToken,
+}
+
+const FIRST_SITE: &str = "<!doctype html>\n<title>lockstep demo</title>\n<h1>release 1 of the demo site</h1>\n<p>Publish a directory with <code>lockstep publish</code> and every backend flips to it at the same instant.</p>\n";
+
+fn write_token(path: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = format!("{:032x}", rand::random::<u128>());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    Ok(())
+}
+
+/// Starts the demo farm with its working files under `dir`, publishes a first release and
+/// waits until every agent serves it.
+pub async fn start(ports: DemoPorts, dir: &Path) -> anyhow::Result<Demo> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    write_token(&dir.join("agent.token"))?;
+    write_token(&dir.join("publish.token"))?;
     let stop = CancellationToken::new();
     let mut yaml = DEMO_YAML
-        .replace("@PORT@", &port.to_string())
-        .replace("@ADMIN@", &admin_port.to_string())
-        .replace("@DNS@", &dns_port.to_string());
+        .replace("@PORT@", &ports.proxy.to_string())
+        .replace("@ADMIN@", &ports.admin.to_string())
+        .replace("@DNS@", &ports.dns.to_string())
+        .replace("@SYNC@", &ports.sync.to_string())
+        .replace("@DIR@", &dir.display().to_string());
+    let mut agent_sockets = Vec::new();
     for i in 1..=3 {
         let socket = TcpListener::bind("127.0.0.1:0")
             .await
             .context("cannot bind a demo backend")?;
-        let addr = socket.local_addr()?;
-        yaml = yaml.replace(&format!("@WEB{i}@"), &addr.port().to_string());
+        yaml = yaml.replace(
+            &format!("@WEB{i}@"),
+            &socket.local_addr()?.port().to_string(),
+        );
         tokio::spawn(backend(
             format!("web-{i}"),
             socket,
             BackendControl::default(),
             stop.clone(),
         ));
+        let agent = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("cannot bind a demo agent")?;
+        yaml = yaml.replace(
+            &format!("@AGENT{i}@"),
+            &agent.local_addr()?.port().to_string(),
+        );
+        agent_sockets.push(agent);
     }
-    let cfg = crate::config::parse(Path::new("<demo>"), &yaml)?;
+    let cfg = crate::config::parse(&dir.join("demo.yaml"), &yaml)?;
     let app = Appliance::start(cfg).await?;
+    let hub = format!("http://{}", app.sync_addr().context("demo hub missing")?);
+    let agent_token = crate::sync::auth::read_token(&dir.join("agent.token"))?;
+    let mut agents = Vec::new();
+    for (i, socket) in agent_sockets.into_iter().enumerate() {
+        let name = format!("web-{}", i + 1);
+        let mut cfg = AgentConfig::new(
+            &name,
+            &hub,
+            &dir.join(format!("agent-{}", i + 1)),
+            socket.local_addr()?,
+        );
+        cfg.token = Some(agent_token.clone());
+        agents.push(agent::start_on(cfg, socket, stop.child_token()).await?);
+    }
+    let site = dir.join("site");
+    std::fs::create_dir_all(&site)?;
+    std::fs::write(site.join("index.html"), FIRST_SITE)?;
+    let publisher = HubClient::new(
+        &hub,
+        Some(crate::sync::auth::read_token(&dir.join("publish.token"))?),
+        None,
+    )?;
+    let first = publish::publish(&publisher, &site, publish::At::Next, 4)
+        .await
+        .context("publishing the first demo release")?;
+    let id = first.committed.id;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // Every agent serves the release, and the proxy's checks have seen them do so.
+    let ready = |app: &Appliance| {
+        let live = app.live().load();
+        live.table.pool("static").is_some_and(|p| {
+            p.health.load().available_count(std::time::Instant::now()) == p.backends.len()
+        })
+    };
+    while agents.iter().any(|a| a.active() != Some(id)) || !ready(&app) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the demo agents did not activate the first release"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Demo {
+        app,
+        agents,
+        dir,
+        first_release: id,
+        stop,
+    })
+}
+
+impl Demo {
+    /// Stops everything and removes the working directory.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        for a in self.agents {
+            a.shutdown(Duration::from_secs(1)).await;
+        }
+        self.app.shutdown(Duration::from_secs(2)).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs the demo until Ctrl-C.
+pub async fn run(port: u16, admin_port: u16, dns_port: u16, sync_port: u16) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("lockstep-demo-{}", std::process::id()));
+    let demo = start(
+        DemoPorts {
+            proxy: port,
+            admin: admin_port,
+            dns: dns_port,
+            sync: sync_port,
+        },
+        &dir,
+    )
+    .await?;
+    let app = &demo.app;
     let proxy = app.local_addr("http").context("demo listener missing")?;
     let admin = app.admin_addr().context("demo admin listener missing")?;
     let dns = app.dns_addr().context("demo DNS missing")?;
+    let hub = app.sync_addr().context("demo hub missing")?;
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "lockstep".into());
+    let agents: Vec<String> = demo
+        .agents
+        .iter()
+        .map(|a| a.serve_addr().port().to_string())
+        .collect();
+    let d = demo.dir.display();
     println!(
-        "lockstep demo: the appliance on http://{proxy} in front of web-1, web-2, web-3, DNS on {dns} (Ctrl-C to stop)\n\n\
+        "lockstep demo: the appliance on http://{proxy} in front of web-1, web-2, web-3, DNS on {dns},\n\
+         the sync hub on http://{hub} and an agent beside each backend (Ctrl-C to stop)\n\n\
          Try:\n  \
          for i in 1 2 3 4 5 6; do curl -s http://{proxy}/; done      # round robin: web-1, web-2, web-3, ...\n  \
          curl -si http://{proxy}/ | grep -i x-backend               # which backend answered\n  \
@@ -141,14 +294,21 @@ pub async fn run(port: u16, admin_port: u16, dns_port: u16) -> anyhow::Result<()
          curl -s -H 'Host: www.farm.test' http://{proxy}/echo-headers  # what the backend received\n  \
          curl -s http://{admin}/metrics | grep lockstep_http_requests\n  \
          dig @{dns_ip} -p {dns_port} www.farm.test +short       # the healthy backends, rotated: 127.0.0.1, .2, .3\n  \
-         dig @{dns_ip} -p {dns_port} farm.test SOA +norec       # authoritative (flags: qr aa)\n",
+         dig @{dns_ip} -p {dns_port} farm.test SOA +norec       # authoritative (flags: qr aa)\n\n\
+         Content sync (release {first} is active on every agent):\n  \
+         curl -s -H 'Host: static.farm.test' http://{proxy}/   # the published site, through the proxy\n  \
+         for p in {ports}; do curl -sI http://127.0.0.1:$p/ | grep -i x-lockstep-release; done\n  \
+         mkdir -p /tmp/site && echo '<h1>release 2</h1>' > /tmp/site/index.html\n  \
+         {exe} publish --hub http://{hub} --token-file {d}/publish.token --at +5s /tmp/site\n  \
+         {exe} status --hub http://{hub} --token-file {d}/publish.token   # every agent, its clock offset and last flip\n",
         dns_ip = dns.ip(),
         dns_port = dns.port(),
+        first = demo.first_release.short(),
+        ports = agents.join(" "),
     );
     tokio::signal::ctrl_c()
         .await
         .context("cannot wait for Ctrl-C")?;
-    stop.cancel();
-    app.shutdown(Duration::from_secs(2)).await;
+    demo.shutdown().await;
     Ok(())
 }

@@ -921,19 +921,19 @@ fn dig_against_lockstep_serve() {
 // lockstep demo
 
 #[tokio::test]
-async fn demo_config_serves_www_farm_test_over_its_backends() {
-    let backends = DemoBackend::start_n(3).await;
-    let mut yaml = lockstep::demo::DEMO_YAML
-        .replace("@PORT@", "0")
-        .replace("@ADMIN@", "0")
-        .replace("@DNS@", "0");
-    for (i, b) in backends.iter().enumerate() {
-        yaml = yaml.replace(&format!("@WEB{}@", i + 1), &b.addr.port().to_string());
-    }
-    let app = common::start(&yaml).await;
-    let addr = dns_addr(&app);
+async fn demo_serves_www_farm_test_over_its_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = lockstep::demo::DemoPorts {
+        proxy: 0,
+        admin: 0,
+        dns: 0,
+        sync: 0,
+    };
+    let demo = lockstep::demo::start(ports, dir.path()).await.unwrap();
+    let addr = dns_addr(&demo.app);
     let m = udp(addr, &query("www.farm.test.", RecordType::A)).await;
     assert!(m.metadata.authoritative);
     let got: BTreeSet<String> = addrs(&m).into_iter().collect();
     assert_eq!(got, set(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]));
+    demo.shutdown().await;
 }

@@ -658,3 +658,51 @@ async fn the_router_leaves_backends_whose_agent_is_behind_unless_none_is_current
     assert!(publish::render_fleet(&fleet).contains("current"));
     app.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn the_demo_flips_its_three_backends_to_a_published_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = lockstep::demo::DemoPorts {
+        proxy: 0,
+        admin: 0,
+        dns: 0,
+        sync: 0,
+    };
+    let demo = lockstep::demo::start(ports, dir.path()).await.unwrap();
+    let proxy = proxy_addr(&demo.app);
+    let http = h1_client();
+    let host = [("host", "static.farm.test")];
+    let first = get_with(&http, proxy, "/", &host).await.unwrap();
+    assert!(
+        first.body.contains("release 1 of the demo site"),
+        "{first:?}"
+    );
+    assert_eq!(
+        first.headers.get("x-lockstep-release").unwrap(),
+        &demo.first_release.to_hex()
+    );
+
+    let token = lockstep::sync::auth::read_token(&dir.path().join("publish.token")).unwrap();
+    let url = format!("http://{}", demo.app.sync_addr().unwrap());
+    let c = HubClient::new(&url, Some(token), None).unwrap();
+    let site = dir.path().join("site-2");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("index.html"), "<h1>two</h1>").unwrap();
+    let o = publish::publish(&c, &site, At::In(Duration::from_secs(2)), 2)
+        .await
+        .unwrap();
+    let id = o.committed.id;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            demo.agents.iter().all(|a| a.active() == Some(id))
+        })
+        .await,
+        "the demo agents did not flip"
+    );
+    for _ in 0..6 {
+        let r = get_with(&http, proxy, "/", &host).await.unwrap();
+        assert_eq!(r.body, "<h1>two</h1>");
+        assert_eq!(r.headers.get("x-lockstep-release").unwrap(), &id.to_hex());
+    }
+    demo.shutdown().await;
+}

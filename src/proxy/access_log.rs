@@ -126,8 +126,10 @@ pub fn write(line: String) {
             .name("access-log".into())
             .spawn(move || {
                 let stdout = std::io::stdout();
-                let mut out = std::io::BufWriter::new(stdout.lock());
                 while let Ok(first) = rx.recv() {
+                    // Lock stdout per batch, never while waiting: anything else printing to
+                    // stdout (the demo's instructions, a test harness) must not block forever.
+                    let mut out = std::io::BufWriter::new(stdout.lock());
                     let _ = writeln!(out, "{first}");
                     while let Ok(more) = rx.try_recv() {
                         let _ = writeln!(out, "{more}");

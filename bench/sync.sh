@@ -7,9 +7,10 @@
 # 1. Skew: a hub (`lockstep serve`, cadence 1s, lead 1s) and AGENTS (8) agents on loopback, the
 #    last two under `faketime -f +1h` and `faketime -f -1h`. FLIPS (20) releases are published,
 #    each with `--at +2s` on the hub's clock; `flipwatch` (examples/flipwatch.rs) polls every
-#    agent from outside, one thread per agent over a kept-alive connection, and notes when each
-#    first serves the new release. Skew of a flip = last agent's instant − first agent's;
-#    the polling resolution (median time between two polls of one agent) bounds what can be seen.
+#    agent from outside, one thread per agent over a kept-alive connection, and notes for each
+#    the window [last poll answered with the old release, first answered with the new one].
+#    Skew of a flip: the spread of the windows' midpoints, and the least spread the windows
+#    allow; the windows' width is the resolution.
 # 2. Load: `wrk` on two agents (one skewed) during LOAD_FLIPS (5) flips; a Lua check counts
 #    answers whose body does not belong to the release in their X-Lockstep-Release header
 #    (mixed) and non-200 answers.
@@ -17,7 +18,8 @@
 #    publisher uploaded and what each agent fetched (its lockstep_agent_fetched_* metrics).
 #
 # Everything shares two cores, so the agents, the pollers and wrk compete: read the skew as an
-# upper bound. Env: AGENTS, FLIPS, LOAD_FLIPS, FILES (10000).
+# upper bound. Env: AGENTS, FLIPS, LOAD_FLIPS, FILES (10000), PAUSE_US (200: each poller sleeps
+# this long between polls, leaving the cores to the agents), KEEP=1 keeps the working directory.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -25,6 +27,7 @@ agents=${AGENTS:-8}
 flips=${FLIPS:-20}
 load_flips=${LOAD_FLIPS:-5}
 files=${FILES:-10000}
+pause_us=${PAUSE_US:-200}
 command -v faketime >/dev/null || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; }
 
 (cd "$root" && cargo build --release --quiet && cargo build --release --quiet --example flipwatch)
@@ -34,7 +37,8 @@ watch=$target/examples/flipwatch
 
 work=$(mktemp -d /tmp/lockstep-sync-bench.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+# faketime runs its agent as a child: kill by the working directory in the command lines too.
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; pkill -f "$work/" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
 cd "$work"
 umask 077
@@ -69,7 +73,7 @@ serve: "127.0.0.1:$port"
 EOF
   clock=()
   if [ "$i" -eq "$agents" ]; then clock=(faketime -f -1h); elif [ "$i" -eq $((agents - 1)) ]; then clock=(faketime -f +1h); fi
-  NO_COLOR=1 "${clock[@]}" "$bin" agent -c "agent-$i.yaml" 2> "agent-$i.log" &
+  NO_COLOR=1 "${clock[@]}" "$bin" agent -c "$work/agent-$i.yaml" 2> "agent-$i.log" &
   pids+=($!)
 done
 addrs=(); for p in "${ports[@]}"; do addrs+=("127.0.0.1:$p"); done
@@ -98,7 +102,7 @@ site() { # N -> a small site whose every file names flip N
 sleep 1
 site 0; r=$(publish site +2s); wait_all "$r"
 echo "== skew: $agents agents (web-$((agents - 1)) at +1h, web-$agents at -1h), $flips flips =="
-"$watch" --seconds $((flips * 3 + 6)) "${addrs[@]}" > flips.jsonl &
+"$watch" --seconds $((flips * 4 + 10)) --pause-us "$pause_us" "${addrs[@]}" > flips.jsonl &
 watch_pid=$!
 sleep 1
 for n in $(seq 1 "$flips"); do
@@ -114,40 +118,52 @@ seen, summary = {}, []
 for line in open("flips.jsonl"):
     d = json.loads(line)
     if "release" in d:
-        seen.setdefault(d["release"], {})[d["agent"]] = (d["t_us"], d["gap_us"])
+        seen.setdefault(d["release"], {})[d["agent"]] = (d["lo_us"], d["hi_us"])
     else:
         summary.append(d)
-skews, gaps, missing = [], [], 0
+mids, lows, widths, missing = [], [], [], []
 for r in releases:
     got = seen.get(r, {})
     if len(got) < agents:
-        missing += 1
+        missing.append(sorted(set(range(agents)) - set(got)))
         continue
-    ts = [t for t, _ in got.values()]
-    skews.append(max(ts) - min(ts))
-    gaps.extend(g for _, g in got.values())
-skews.sort(); gaps.sort()
+    mid = [(lo + hi) / 2 for lo, hi in got.values()]
+    mids.append(max(mid) - min(mid))
+    # The least spread the observations allow: the latest possible first flip vs the
+    # earliest possible last one.
+    lows.append(max(0, max(lo for lo, _ in got.values()) - min(hi for _, hi in got.values())))
+    widths.extend(hi - lo for lo, hi in got.values())
+for xs in (mids, lows, widths):
+    xs.sort()
 pick = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
-print(f"flips observed on all agents: {len(skews)}/{len(releases)} (missing {missing})")
-print(f"skew p50 {pick(skews, .5)/1000:.3f} ms  p99 {pick(skews, .99)/1000:.3f} ms  max {max(skews)/1000 if skews else float('nan'):.3f} ms")
-med = sorted(s["median_interval_us"] for s in summary)
-print(f"polling resolution: median poll interval per agent {med[0]}..{med[-1]} us; window of the flip observations p50 {pick(gaps, .5)} us, max {max(gaps) if gaps else 0} us")
+ms = lambda x: f"{x / 1000:.3f} ms"
+print(f"flips observed on all agents: {len(mids)}/{len(releases)}" + (f" (agents missing a flip: {missing})" if missing else ""))
+print(f"skew, window midpoints:        p50 {ms(pick(mids, .5))}  p99 {ms(pick(mids, .99))}  max {ms(mids[-1] if mids else 0)}")
+print(f"skew, least the windows allow: p50 {ms(pick(lows, .5))}  p99 {ms(pick(lows, .99))}  max {ms(lows[-1] if lows else 0)}")
+rt = sorted(s["median_round_trip_us"] for s in summary)
+print(f"resolution: observation window p50 {ms(pick(widths, .5))}  p99 {ms(pick(widths, .99))}  max {ms(widths[-1] if widths else 0)}; median poll round trip {rt[0]}..{rt[-1]} us")
 EOF
 echo "hub: offsets and lateness as the agents reported them:"
 "$bin" status --hub "$hub" --token-file publish.token | sed -n '1,20p'
 
 echo "== load: wrk on web-1 and web-$((agents - 1)) during $load_flips flips =="
 cat > check.lua <<'EOF'
-local tags, mixed, bad, total = {}, 0, 0, 0
-response = function(status, headers, body)
+-- Per wrk thread: remember which body each release served; a release seen with two different
+-- bodies is a mixed answer. done() sums the threads' counters.
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) tags = {}; mixed = 0; bad = 0; total = 0 end
+function response(status, headers, body)
   total = total + 1
   if status ~= 200 then bad = bad + 1; return end
   local rel = headers["X-Lockstep-Release"] or headers["x-lockstep-release"] or ""
   local tag = string.match(body, "flip (%d+)") or "?"
   if tags[rel] == nil then tags[rel] = tag elseif tags[rel] ~= tag then mixed = mixed + 1 end
 end
-done = function(summary, latency, requests)
-  io.write(string.format("checked %d answers: %d mixed (body of another release), %d not 200\n", total, mixed, bad))
+function done(summary, latency, requests)
+  local m, b, t = 0, 0, 0
+  for _, th in ipairs(threads) do m = m + th:get("mixed"); b = b + th:get("bad"); t = t + th:get("total") end
+  io.write(string.format("checked %d answers: %d mixed (body of another release), %d not 200\n", t, m, b))
 end
 EOF
 dur=$((load_flips * 3 + 2))

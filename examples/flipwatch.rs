@@ -3,13 +3,16 @@
 //!
 //! One thread per agent sends `HEAD /` over a kept-alive connection in a tight loop and reads
 //! `X-Lockstep-Release`. Every change is printed as a JSON line
-//! `{"agent":I,"release":"…","t_us":T,"gap_us":G}`, where `T` is the send time of the first
-//! answer carrying the new release (µs on this process's monotonic clock) and `G` the time
-//! since the previous poll's send: the flip happened inside that window, so `G` is the
-//! resolution of that observation. At the end (after `--seconds`), one summary line per agent
-//! gives its poll count and median poll interval.
+//! `{"agent":I,"release":"…","lo_us":L,"hi_us":H}` (µs on this process's monotonic clock):
+//! the agent answered the previous poll, sent at `L`, with the old release and this poll,
+//! answered by `H`, with the new one, so it flipped inside `[L, H]` — the width of that window
+//! is the resolution of the observation (it grows when the agent or the poller waits for a
+//! core). At the end (after `--seconds`), one summary line per agent gives its poll count and
+//! median poll round trip.
 //!
-//! Usage: `flipwatch --seconds 60 127.0.0.1:8101 127.0.0.1:8102 …`
+//! Usage: `flipwatch --seconds 60 [--pause-us 200] 127.0.0.1:8101 127.0.0.1:8102 …`
+//! (`--pause-us`: sleep between two polls of one agent, so that eight pollers do not take the
+//! cores the agents flip on).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -42,9 +45,16 @@ fn release_of(stream: &mut BufReader<TcpStream>) -> std::io::Result<String> {
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut seconds = 60u64;
+    let mut pause = Duration::ZERO;
     let mut agents: Vec<SocketAddr> = Vec::new();
     while let Some(a) = args.next() {
-        if a == "--seconds" {
+        if a == "--pause-us" {
+            pause = Duration::from_micros(
+                args.next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--pause-us N"),
+            );
+        } else if a == "--seconds" {
             seconds = args
                 .next()
                 .and_then(|s| s.parse().ok())
@@ -80,18 +90,20 @@ fn main() {
                             }
                         },
                     };
+                    if !pause.is_zero() {
+                        std::thread::sleep(pause);
+                    }
                     let sent = Instant::now();
                     match release_of(c) {
                         Ok(r) => {
-                            let gap = last_send.map_or(0, |l| (sent - l).as_micros() as u64);
-                            if last_send.is_some() {
-                                intervals.push(gap as u32);
-                            }
+                            let received = Instant::now();
+                            intervals.push((received - sent).as_micros() as u32);
+                            let lo = last_send.unwrap_or(sent);
                             last_send = Some(sent);
                             if r != current {
-                                let t = (sent - start).as_micros();
+                                let (lo, hi) = ((lo - start).as_micros(), (received - start).as_micros());
                                 let line = format!(
-                                    "{{\"agent\":{i},\"release\":\"{r}\",\"t_us\":{t},\"gap_us\":{gap}}}\n"
+                                    "{{\"agent\":{i},\"release\":\"{r}\",\"lo_us\":{lo},\"hi_us\":{hi}}}\n"
                                 );
                                 let _ = out.lock().unwrap().write_all(line.as_bytes());
                                 current = r;
@@ -106,8 +118,8 @@ fn main() {
                 intervals.sort_unstable();
                 let median = intervals.get(intervals.len() / 2).copied().unwrap_or(0);
                 let line = format!(
-                    "{{\"agent\":{i},\"polls\":{},\"median_interval_us\":{median}}}\n",
-                    intervals.len() + 1
+                    "{{\"agent\":{i},\"polls\":{},\"median_round_trip_us\":{median}}}\n",
+                    intervals.len()
                 );
                 let _ = out.lock().unwrap().write_all(line.as_bytes());
             })

@@ -142,7 +142,11 @@ struct Proc {
 
 impl Proc {
     fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        use std::os::unix::process::CommandExt;
+        // Its own process group: `faketime` runs the agent as its child, and killing the group
+        // kills both (killing `faketime` alone would leave the agent running).
         let child = cmd
+            .process_group(0)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -158,6 +162,11 @@ impl Proc {
     }
 
     fn kill9(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -585,7 +594,9 @@ fn an_agent_killed_mid_staging_resumes_and_a_tampered_blob_is_never_activated() 
     );
 
     // Tamper with a blob in the hub's store after its upload, then commit a release using it.
-    let tampered = b"tampered content".to_vec();
+    // Same length as the genuine bytes, so only the hash can tell (a length mismatch is refused
+    // by the hub at commit already).
+    let tampered = b"GENUINE".to_vec();
     let genuine = blake3::hash(b"genuine").to_hex().to_string();
     let manifest = format!(
         r#"{{"files":{{"evil.txt":{{"hash":"{genuine}","size":7,"type":"text/plain; charset=utf-8"}},"index.html":{{"hash":"{}","size":11,"type":"text/html; charset=utf-8"}}}}}}"#,

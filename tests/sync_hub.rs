@@ -706,3 +706,72 @@ async fn the_demo_flips_its_three_backends_to_a_published_directory() {
     }
     demo.shutdown().await;
 }
+
+#[tokio::test]
+async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() {
+    let hub = Hub::new();
+    let cert = TestCert::new(hub.dir.path(), "localhost");
+    let other = TestCert::new(hub.dir.path(), "elsewhere");
+    let yaml = format!(
+        "{}  tls:\n    certificates:\n{}",
+        hub.sync_yaml("100ms", "0s"),
+        cert.yaml()
+    );
+    let app = start_hub(&yaml).await;
+    let port = app.sync_addr().unwrap().port();
+    let url = format!("https://localhost:{port}");
+    let c = HubClient::new(&url, Some(PUBLISH.into()), Some(&cert.cert_path)).unwrap();
+    let site = hub.site("site", &[("index.html", "over tls")]);
+    let o = publish::publish(&c, &site, At::In(Duration::from_millis(500)), 2)
+        .await
+        .unwrap();
+
+    // Plain HTTP to the TLS port, an https client without a CA, or trusting another one: no.
+    let plain = HubClient::new(
+        &format!("http://127.0.0.1:{port}"),
+        Some(PUBLISH.into()),
+        None,
+    )
+    .unwrap();
+    assert!(plain
+        .send(
+            Method::GET,
+            "/sync/v1/schedule",
+            None,
+            Duration::from_secs(3)
+        )
+        .await
+        .is_err());
+    assert!(matches!(
+        HubClient::new(&url, None, None),
+        Err(ClientError::Tls(_))
+    ));
+    let wrong = HubClient::new(&url, Some(PUBLISH.into()), Some(&other.cert_path)).unwrap();
+    let e = wrong
+        .send(Method::GET, "/sync/v1/schedule", None, REQUEST_TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("TLS"), "{e}");
+
+    // An agent naming the CA stages and serves the release.
+    let mut cfg = lockstep::sync::agent::AgentConfig::new(
+        "web-1",
+        &url,
+        &hub.dir.path().join("agent-store"),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    cfg.token = Some(AGENT.into());
+    cfg.hub_ca = Some(cert.cert_path.clone());
+    let agent = lockstep::sync::agent::start(cfg).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            agent.active() == Some(o.committed.id)
+        })
+        .await,
+        "the agent did not activate the release over TLS"
+    );
+    let r = get(&h1_client(), agent.serve_addr(), "/").await;
+    assert_eq!(r.body, "over tls");
+    agent.shutdown(Duration::from_secs(1)).await;
+    app.shutdown(Duration::from_secs(1)).await;
+}

@@ -26,12 +26,23 @@ impl Sample {
     /// θ = ((t2 − t1) + (t3 − t4)) / 2: hub time minus local time, exact when the two legs of
     /// the exchange take equally long.
     pub fn offset(&self) -> i64 {
-        ((self.t2 - self.t1) + (self.t3 - self.t4)) / 2
+        let up = i128::from(self.t2) - i128::from(self.t1);
+        let down = i128::from(self.t3) - i128::from(self.t4);
+        ((up + down) / 2).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
     }
 
     /// δ = (t4 − t1) − (t3 − t2): the round trip without the hub's own time.
     pub fn delay(&self) -> i64 {
-        ((self.t4 - self.t1) - (self.t3 - self.t2)).max(0)
+        let rtt = i128::from(self.t4) - i128::from(self.t1);
+        let hold = i128::from(self.t3) - i128::from(self.t2);
+        (rtt - hold).clamp(0, i128::from(i64::MAX)) as i64
+    }
+
+    /// Whether the sample can be true: the hub answered after it received, and held the
+    /// request no longer than the whole round trip. Anything else (a clock stepped inside the
+    /// hub, a forged answer) says nothing about the offset.
+    pub fn is_plausible(&self) -> bool {
+        self.t3 >= self.t2 && self.t4 >= self.t1 && (self.t3 - self.t2) <= (self.t4 - self.t1)
     }
 }
 
@@ -47,7 +58,10 @@ pub struct Offset {
 /// The estimate from the sample with the lowest delay (the one least disturbed by queueing;
 /// NTP's clock filter does the same). `None` when there are no samples.
 pub fn estimate(samples: &[Sample]) -> Option<Offset> {
-    let best = samples.iter().min_by_key(|s| s.delay())?;
+    let best = samples
+        .iter()
+        .filter(|s| s.is_plausible())
+        .min_by_key(|s| s.delay())?;
     Some(Offset {
         offset_us: best.offset(),
         // The true offset lies within half the delay of the estimate; round up.
@@ -88,7 +102,7 @@ impl Anchor {
 
     /// The monotonic instant at which local time reads `local_us`.
     pub fn instant_at(&self, local_us: i64) -> Instant {
-        let delta = local_us - self.wall_us;
+        let delta = local_us.saturating_sub(self.wall_us);
         if delta >= 0 {
             self.mono + Duration::from_micros(delta as u64)
         } else {
@@ -101,12 +115,12 @@ impl Anchor {
 
 /// The monotonic instant at which the hub's clock reads `hub_us`: local time `hub_us − θ`.
 pub fn deadline(hub_us: i64, offset: Offset, anchor: &Anchor) -> Instant {
-    anchor.instant_at(hub_us - offset.offset_us)
+    anchor.instant_at(hub_us.saturating_sub(offset.offset_us))
 }
 
 /// The hub's time (µs) at monotonic instant `at`.
 pub fn hub_time(at: Instant, offset: Offset, anchor: &Anchor) -> i64 {
-    anchor.local_us(at) + offset.offset_us
+    anchor.local_us(at).saturating_add(offset.offset_us)
 }
 
 #[cfg(test)]
@@ -162,6 +176,32 @@ mod tests {
         assert_eq!(e.offset_us, theta - 10);
         assert_eq!(e.error_us, 70);
         assert_eq!(estimate(&[]), None);
+        // Impossible samples (the hub answering before it received, or holding the request
+        // longer than the round trip) are ignored, however small their delay looks.
+        let forged = Sample {
+            t1: 0,
+            t2: 500,
+            t3: 400,
+            t4: 50,
+        };
+        let held = Sample {
+            t1: 0,
+            t2: 10,
+            t3: 900,
+            t4: 100,
+        };
+        assert_eq!(estimate(&[forged, held]), None);
+        assert_eq!(
+            estimate(&[forged, samples[1]]).unwrap().offset_us,
+            theta - 10
+        );
+        let huge = Sample {
+            t1: i64::MIN,
+            t2: i64::MAX,
+            t3: i64::MAX,
+            t4: i64::MAX,
+        };
+        let _ = (huge.offset(), huge.delay());
     }
 
     #[test]

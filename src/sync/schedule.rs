@@ -22,6 +22,8 @@ pub struct Rules {
 pub const DEFAULT_CADENCE: Duration = Duration::from_secs(60);
 /// Default least time from publish to activation.
 pub const DEFAULT_LEAD: Duration = Duration::from_secs(10);
+/// Farthest an explicit activation time may lie ahead.
+pub const MAX_HORIZON: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Longest replace guard ([`Rules::guard_us`] is this or `lead`, the smaller).
 pub const MAX_GUARD: Duration = Duration::from_secs(2);
 
@@ -45,10 +47,14 @@ impl Rules {
             .unwrap_or(u64::MAX / self.cadence_us * self.cadence_us)
     }
 
-    /// An explicit activation time, or why it cannot be used.
+    /// An explicit activation time, or why it cannot be used: it must be in the future and
+    /// within [`MAX_HORIZON`] of now (so every time on the wire also fits an `i64`).
     pub fn explicit(&self, at_us: u64, now_us: u64) -> Result<u64, ScheduleError> {
         if at_us <= now_us {
             return Err(ScheduleError::InPast { at_us, now_us });
+        }
+        if at_us - now_us > MAX_HORIZON.as_micros() as u64 {
+            return Err(ScheduleError::TooFar { at_us, now_us });
         }
         Ok(at_us)
     }
@@ -61,6 +67,14 @@ pub enum ScheduleError {
     /// The time has passed on the hub's clock.
     #[error("activation time {at_us} µs is not in the future (hub time is {now_us} µs)")]
     InPast {
+        /// The time asked for.
+        at_us: u64,
+        /// The hub's time.
+        now_us: u64,
+    },
+    /// More than [`MAX_HORIZON`] ahead.
+    #[error("activation time {at_us} µs is more than a year after the hub's time ({now_us} µs)")]
+    TooFar {
         /// The time asked for.
         at_us: u64,
         /// The hub's time.
@@ -100,5 +114,9 @@ mod tests {
         let r = Rules::new(Duration::from_secs(60), Duration::from_secs(10));
         assert_eq!(r.explicit(5 * S, 4 * S), Ok(5 * S));
         assert!(r.explicit(4 * S, 4 * S).is_err());
+        assert!(r.explicit(u64::MAX, 4 * S).is_err());
+        assert!(r
+            .explicit(4 * S + MAX_HORIZON.as_micros() as u64 + 1, 4 * S)
+            .is_err());
     }
 }

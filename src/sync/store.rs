@@ -67,6 +67,8 @@ pub trait HubStore: Send + Sync + 'static {
     fn has_blob(&self, hash: &Hash) -> Result<bool, StoreError>;
     /// The blob's bytes.
     fn get_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A stored blob's length, `None` if absent.
+    fn blob_len(&self, hash: &Hash) -> Result<Option<u64>, StoreError>;
     /// Stores a blob; refuses bytes that do not hash to `hash`.
     fn put_blob(&self, hash: &Hash, data: &[u8]) -> Result<(), StoreError>;
     /// A manifest's canonical bytes.
@@ -138,7 +140,15 @@ impl FsStore {
             f.write_all(data).map_err(io_err("cannot write", &tmp))?;
             f.sync_all().map_err(io_err("cannot sync", &tmp))?;
             let dir = dest.parent().unwrap_or(&self.root);
-            fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+            if !dir.is_dir() {
+                fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+                // The new directory's entry must be durable too, or a crash could lose it
+                // while state written later names what it holds.
+                let parent = dir.parent().unwrap_or(&self.root);
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err("cannot sync", parent))?;
+            }
             fs::rename(&tmp, dest).map_err(io_err("cannot rename into", dest))?;
             File::open(dir)
                 .and_then(|d| d.sync_all())
@@ -227,6 +237,14 @@ impl HubStore for FsStore {
     }
     fn get_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
         self.read_blob(hash)
+    }
+    fn blob_len(&self, hash: &Hash) -> Result<Option<u64>, StoreError> {
+        let path = self.blob_path(hash);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("cannot stat", &path)(e)),
+        }
     }
     fn put_blob(&self, hash: &Hash, data: &[u8]) -> Result<(), StoreError> {
         self.write_blob(hash, data)

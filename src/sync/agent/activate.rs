@@ -5,9 +5,11 @@
 //!
 //! tokio's timer wheel ticks in whole milliseconds, so the wait runs on a std thread with
 //! relative sleeps (no `clock_nanosleep`: the crate forbids `unsafe`, and tests run agents under
-//! libfaketime) down to [`SPIN`] before the deadline, then spins — a few hundred µs at most,
-//! yielding the core while more than [`YIELD_UNTIL`] is left, because eight agents share two
-//! cores in the benchmark and all of them spin at the same instant. The deadline can be moved
+//! libfaketime) down to [`SPIN`] before the deadline, then spins for at most that long. The spin
+//! is kept to about the kernel's timer slack on purpose: eight agents share two cores in the
+//! benchmark and all of them flip at the same instant, and longer spins (300 µs–1 ms, yielding
+//! or not) kept cores from the threads still asleep and made them 3–6 ms late, where sleeping
+//! to the deadline lets the kernel wake each one within a few hundred µs (BENCHMARKS.md). The deadline can be moved
 //! while the thread sleeps (a fresher clock estimate), and the flip cancelled until it fires;
 //! exactly one of "fired" and "cancelled" wins.
 
@@ -21,10 +23,11 @@ use tracing::warn;
 use super::release::Release;
 use super::serve::Active;
 
-/// How long before the deadline the thread stops sleeping and spins.
-pub const SPIN: Duration = Duration::from_micros(300);
-/// While more than this is left, the spinning thread yields its core to other runnable
-/// threads (other agents flipping at the same instant on a shared machine).
+/// How long before the deadline the thread stops sleeping and spins: about the default timer
+/// slack (50 µs), which a sleep may overrun by anyway.
+pub const SPIN: Duration = Duration::from_micros(50);
+/// While more than this is left, the spinning thread yields its core between two looks at the
+/// clock (with [`SPIN`] this short it never does; kept for a longer `SPIN`).
 pub const YIELD_UNTIL: Duration = Duration::from_micros(50);
 /// Longest single sleep, so that a moved deadline or a cancel is seen promptly.
 pub const SLICE: Duration = Duration::from_millis(20);

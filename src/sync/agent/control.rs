@@ -215,6 +215,11 @@ impl Controller {
         if let Some(a) = self.armed.take() {
             a.handle.cancel();
         }
+        // A flip that fired just before the stop still has its state to record, or a restart
+        // would come back on the release before it.
+        while let Ok(f) = self.fired_rx.try_recv() {
+            self.on_fired(f);
+        }
         self.staging.abort_all();
     }
 

@@ -192,6 +192,10 @@ pub async fn start_on(
         tracker.clone(),
     ));
 
+    if let Some(dir) = &config.release_dir {
+        // Copies an earlier run left half-done; nothing of this run is copying yet.
+        release_dir::clear_leftovers(dir);
+    }
     let (disk_tx, disk_rx) = mpsc::unbounded_channel();
     tracker.spawn(control::disk_worker(
         store.clone(),

@@ -93,7 +93,21 @@ pub fn switch_current(dir: &Path, id: &ReleaseId) -> io::Result<()> {
         .map_err(ctx("cannot sync", dir))
 }
 
-/// Removes the copies of releases other than `keep` (and leftovers of interrupted copies).
+/// Removes the `.tmp-*` copies an interrupted run left under `releases/` (call at start,
+/// before any staging).
+pub fn clear_leftovers(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir.join("releases")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Removes the copies of releases other than `keep`. Copies in progress (`.tmp-*`) are left
+/// to their writer; leftovers of interrupted ones are cleared when the agent starts.
 pub fn prune(dir: &Path, keep: &[ReleaseId]) -> io::Result<()> {
     let releases = dir.join("releases");
     let entries = match fs::read_dir(&releases) {
@@ -104,7 +118,8 @@ pub fn prune(dir: &Path, keep: &[ReleaseId]) -> io::Result<()> {
     let keep: Vec<String> = keep.iter().map(|k| k.to_hex()).collect();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if !keep.contains(&name) {
+        // A `.tmp-*` directory is a copy staging is writing right now: never pull it away.
+        if !keep.contains(&name) && !name.starts_with(".tmp-") {
             let p = e.path();
             fs::remove_dir_all(&p).map_err(ctx("cannot remove", &p))?;
         }

@@ -19,6 +19,11 @@ pub fn fleet_release(state: &HubState, now_us: u64) -> Option<ReleaseId> {
     }
 }
 
+/// For this long after an activation time, an agent still reporting the release before it is
+/// not counted behind: its report of the flip is on its way, and marking agents behind one by
+/// one as their reports land would send a whole pool to the first one for that moment.
+pub const FLIP_REPORT_GRACE_US: u64 = 1_000_000;
+
 /// Names of the agents whose active release is not the fleet's (none when the fleet has no
 /// release yet).
 pub fn behind<'a>(
@@ -29,11 +34,26 @@ pub fn behind<'a>(
     let Some(release) = fleet_release(state, now_us) else {
         return HashSet::new();
     };
+    let also = match state.staged {
+        Some(s) if now_us >= s.at_us && now_us < s.at_us.saturating_add(FLIP_REPORT_GRACE_US) => {
+            state.active
+        }
+        _ => None,
+    };
     reports
         .into_iter()
-        .filter(|(_, r)| r.active != Some(release))
+        .filter(|(_, r)| r.active != Some(release) && (also.is_none() || r.active != also))
         .map(|(name, _)| name.clone())
         .collect()
+}
+
+/// When [`behind`] may change by time alone after `now_us`: the activation and the end of the
+/// flip-report grace.
+pub fn next_change(state: &HubState, now_us: u64) -> Option<u64> {
+    let s = state.staged?;
+    [s.at_us, s.at_us.saturating_add(FLIP_REPORT_GRACE_US)]
+        .into_iter()
+        .find(|&t| t > now_us)
 }
 
 /// Reports keyed by agent name, with the hub time each arrived.
@@ -68,8 +88,13 @@ mod tests {
         .into();
         let before: HashSet<String> = ["b".into(), "c".into()].into();
         assert_eq!(behind(&state, 99, &reports), before);
+        // Right after the activation both releases count as current while reports land.
+        let settling: HashSet<String> = ["c".into()].into();
+        assert_eq!(behind(&state, 100, &reports), settling);
         let after: HashSet<String> = ["a".into(), "c".into()].into();
-        assert_eq!(behind(&state, 100, &reports), after);
+        assert_eq!(behind(&state, 100 + FLIP_REPORT_GRACE_US, &reports), after);
+        assert_eq!(next_change(&state, 50), Some(100));
+        assert_eq!(next_change(&state, 100), Some(100 + FLIP_REPORT_GRACE_US));
         assert!(behind(&HubState::default(), 100, &reports).is_empty());
     }
 }

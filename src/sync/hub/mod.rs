@@ -33,6 +33,11 @@ pub use metrics::HubMetrics;
 /// If no agent has advanced a cycle this long after its activation time, the hub does it.
 pub const GRACE: Duration = Duration::from_secs(2);
 
+/// Most agents the hub keeps reports of (a peer cannot grow the map without bound).
+pub const MAX_AGENTS: usize = 4096;
+/// Longest `error` text kept from a report.
+const MAX_REPORT_ERROR: usize = 1024;
+
 /// The hub's clock: µs since the Unix epoch (injected so tests can move time).
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
@@ -214,7 +219,14 @@ impl Hub {
             let Some(next) = next else { return Ok(out) };
             if hub.store.swap_state(current.version, &next)? {
                 hub.metrics.observe_state(&next);
-                hub.state.send_replace(next);
+                // Two transitions may publish out of order: never let the watch go back.
+                hub.state.send_if_modified(|cur| {
+                    let newer = next.version > cur.version;
+                    if newer {
+                        *cur = next;
+                    }
+                    newer
+                });
                 return Ok(out);
             }
         })
@@ -289,16 +301,23 @@ impl Hub {
     async fn check_complete(self: &Arc<Self>, id: ReleaseId) -> Result<(), HubError> {
         let manifest = Manifest::from_json(&self.release(id).await?)?;
         let hub = self.clone();
-        let missing = blocking(move || {
-            let mut n = 0usize;
-            for (hash, _) in manifest.blobs() {
-                if !hub.store.has_blob(&hash)? {
-                    n += 1;
+        let (missing, wrong) = blocking(move || {
+            let (mut missing, mut wrong) = (0usize, None);
+            for (hash, size) in manifest.blobs() {
+                match hub.store.blob_len(&hash)? {
+                    None => missing += 1,
+                    Some(len) if len != size => wrong = Some((hash, size, len)),
+                    Some(_) => {}
                 }
             }
-            Ok::<_, StoreError>(n)
+            Ok::<_, StoreError>((missing, wrong))
         })
         .await?;
+        if let Some((hash, size, len)) = wrong {
+            return Err(HubError::Bad(format!(
+                "release {id} says blob {hash} is {size} bytes; it is {len}: fix the manifest"
+            )));
+        }
         if missing > 0 {
             return Err(HubError::Conflict(format!(
                 "release {id} lacks {missing} blob(s): PUT them before the commit"
@@ -389,11 +408,25 @@ impl Hub {
     }
 
     /// Records an agent's report.
-    pub fn report(&self, name: &str, report: Report) -> Result<(), HubError> {
+    pub fn report(&self, name: &str, mut report: Report) -> Result<(), HubError> {
         check_agent_name(name)?;
-        self.metrics.observe_report(name, &report);
+        if let Some(e) = report.error.as_mut() {
+            if e.len() > MAX_REPORT_ERROR {
+                let mut cut = MAX_REPORT_ERROR;
+                while !e.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                e.truncate(cut);
+            }
+        }
         let now = self.now_us();
         let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        if !reports.contains_key(name) && reports.len() >= MAX_AGENTS {
+            return Err(HubError::Conflict(format!(
+                "the hub already tracks {MAX_AGENTS} agents; restart it to forget old names"
+            )));
+        }
+        self.metrics.observe_report(name, &report);
         reports.insert(name.to_string(), (report, now));
         drop(reports);
         self.reports_changed.notify_one();
@@ -446,24 +479,27 @@ impl Hub {
             // behind) or the end of its grace period (the hub advances).
             let now = self.now_us();
             let wake = state.staged.map(|s| {
-                let at = if now < s.at_us {
-                    s.at_us
-                } else {
-                    s.at_us + GRACE.as_micros() as u64
-                };
+                let at = fleet::next_change(&state, now)
+                    .unwrap_or_else(|| s.at_us.saturating_add(GRACE.as_micros() as u64));
                 Duration::from_micros(at.saturating_sub(now))
             });
             if let Some(s) = state.staged {
-                if now >= s.at_us + GRACE.as_micros() as u64 {
+                if now >= s.at_us.saturating_add(GRACE.as_micros() as u64) {
                     match self.advance(state.cycle, Advancer::Hub).await {
                         Ok(a) if a.advanced => {
                             warn!(
                                 cycle = state.cycle,
                                 "no agent advanced the cycle within the grace period; the hub did"
-                            )
+                            );
+                            continue;
                         }
                         Ok(_) => {}
-                        Err(e) => warn!(error = %e, "hub advance failed"),
+                        Err(e) => warn!(error = %e, "hub advance failed; retrying in 1 s"),
+                    }
+                    // Not advanced (a failing store, a clock stepped back): do not spin.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                     continue;
                 }

@@ -306,9 +306,13 @@ pub async fn run(port: u16, admin_port: u16, dns_port: u16, sync_port: u16) -> a
         first = demo.first_release.short(),
         ports = agents.join(" "),
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for Ctrl-C")?;
+    // Ctrl-C or SIGTERM: stop and remove the working directory either way.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot wait for SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
     demo.shutdown().await;
     Ok(())
 }

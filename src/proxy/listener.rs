@@ -133,6 +133,39 @@ async fn serve_connection(
     }
 }
 
+/// Serves one connection with `builder` (h1/h2 auto, upgrades allowed) until it ends; at
+/// `shutdown`, finishes the requests in flight and closes (the caller bounds how long). Shared
+/// by the proxy, the sync API and the agent.
+pub async fn serve_until_shutdown<I, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    svc: S,
+    shutdown: &CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
 async fn run<I, S>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
@@ -148,17 +181,7 @@ async fn run<I, S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shutdown.cancelled() => {
-            // Finish in-flight requests, then close; the caller bounds how long this may take.
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
+    if let Err(e) = serve_until_shutdown(builder, io, svc, shutdown).await {
         debug!(error = %e, "connection ended with an error");
     }
 }

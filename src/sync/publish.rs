@@ -304,7 +304,30 @@ pub fn render_fleet(f: &Fleet) -> String {
     if f.agents.is_empty() {
         out.push_str("(no agent has reported yet)\n");
     }
+    if let Some((release, n, spread, lo, hi)) = last_flip_skew(f) {
+        out.push_str(&format!(
+            "\nlast flip to {}: {n} agent(s), skew {} (lateness from {} to {}, as each agent measured it)\n",
+            release.short(),
+            show_us(spread).trim_start_matches('+'),
+            show_us(lo),
+            show_us(hi)
+        ));
+    }
     out
+}
+
+/// The skew of the fleet's last flip: among agents whose last flip activated the hub's active
+/// release, the spread of their measured lateness. `(release, agents, spread, min, max)`.
+pub fn last_flip_skew(f: &Fleet) -> Option<(Hash, usize, i64, i64, i64)> {
+    let release = f.schedule.active?;
+    let late: Vec<i64> = f
+        .agents
+        .iter()
+        .filter(|a| a.report.last_flip == Some(release))
+        .filter_map(|a| a.report.last_flip_lateness_us)
+        .collect();
+    let (lo, hi) = (*late.iter().min()?, *late.iter().max()?);
+    Some((release, late.len(), hi - lo, lo, hi))
 }
 
 /// Now on this machine's clock, µs (for "in N s" when the hub's is not at hand).
@@ -332,6 +355,42 @@ mod tests {
         );
         assert!(parse_at("tomorrow").is_err());
         assert!(parse_at("+soon").is_err());
+    }
+
+    #[test]
+    fn the_last_flip_skew_is_the_spread_of_the_agents_lateness() {
+        use crate::sync::protocol::{AgentView, Report};
+        let (r1, r2) = (Hash::of(b"1"), Hash::of(b"2"));
+        let agent = |name: &str, flip: Hash, late: i64| AgentView {
+            name: name.into(),
+            report: Report {
+                active: Some(flip),
+                last_flip: Some(flip),
+                last_flip_lateness_us: Some(late),
+                ..Report::default()
+            },
+            reported_us: 0,
+            current: flip == r2,
+        };
+        let fleet = Fleet {
+            schedule: Schedule {
+                version: 3,
+                cycle: 2,
+                active: Some(r2),
+                staged: None,
+                activation_us: None,
+                queued: None,
+                previous: Some(r1),
+                now_us: 0,
+            },
+            agents: vec![
+                agent("a", r2, 120),
+                agent("b", r2, -30),
+                agent("c", r1, 9_000),
+            ],
+        };
+        assert_eq!(last_flip_skew(&fleet), Some((r2, 2, 150, -30, 120)));
+        assert!(render_fleet(&fleet).contains("2 agent(s), skew 150µs"));
     }
 
     #[test]

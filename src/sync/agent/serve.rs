@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpListener;
@@ -30,6 +30,7 @@ use tracing::{debug, warn};
 
 use super::metrics::{AgentMetrics, ClassLabels};
 use super::release::{not_modified, Release, Resolved};
+use crate::proxy::listener::serve_until_shutdown;
 use crate::sync::protocol::RELEASE_HEADER;
 
 /// Time a client may take to send a request head.
@@ -168,15 +169,7 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT);
             builder.http2().timer(TokioTimer::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
+            let result = serve_until_shutdown(&builder, stream, svc, &shutdown).await;
             if let Err(e) = result {
                 debug!(client.addr = %peer, error = %e, "agent connection ended with an error");
             }

@@ -11,7 +11,7 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::{Advancer, Hub, HubError};
+use crate::proxy::listener::serve_until_shutdown;
 use crate::sync::auth::{Check, Role};
 use crate::sync::manifest::{Hash, MAX_BLOB_BYTES};
 use crate::sync::protocol::{Commit, ErrorBody, Report, TimeReply, LONG_POLL, MAX_JSON_BYTES};
@@ -67,24 +68,13 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30));
             let result = match tls {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = shutdown.cancelled() => { conn.as_mut().graceful_shutdown(); conn.await }
-                    }
-                }
+                None => serve_until_shutdown(&builder, stream, svc, &shutdown).await,
                 Some(acceptor) => {
-                    let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(s)) => serve_until_shutdown(&builder, s, svc, &shutdown).await,
                         _ => return,
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = shutdown.cancelled() => { conn.as_mut().graceful_shutdown(); conn.await }
                     }
                 }
             };

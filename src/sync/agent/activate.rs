@@ -9,7 +9,9 @@
 //! is kept to about the kernel's timer slack on purpose: eight agents share two cores in the
 //! benchmark and all of them flip at the same instant, and longer spins (300 µs–1 ms, yielding
 //! or not) kept cores from the threads still asleep and made them 3–6 ms late, where sleeping
-//! to the deadline lets the kernel wake each one within a few hundred µs (BENCHMARKS.md). The deadline can be moved
+//! to the deadline lets the kernel wake each one within a few hundred µs (BENCHMARKS.md). The
+//! thread also asks for real-time priority (SCHED_FIFO 1) so that a busy host does not make it
+//! wait for a core at the deadline; without the privilege it runs as an ordinary thread. The deadline can be moved
 //! while the thread sleeps (a fresher clock estimate), and the flip cancelled until it fires;
 //! exactly one of "fired" and "cancelled" wins.
 
@@ -153,6 +155,24 @@ pub fn arm<T: Send + 'static>(
     Armed { ctl }
 }
 
+/// Asks for the lowest real-time priority (SCHED_FIFO 1) for the calling thread, above every
+/// ordinary thread, so that at the deadline it gets a core at once even when other threads
+/// (other agents on the host, its own request workers) keep every core busy. It sleeps until
+/// the deadline and then runs a few µs, so it cannot starve anyone. Without the privilege
+/// (`CAP_SYS_NICE`, or `LimitRTPRIO=` in the unit) it stays an ordinary thread.
+fn prefer_this_thread() -> bool {
+    use thread_priority::unix::{
+        set_thread_priority_and_policy, thread_native_id, RealtimeThreadSchedulePolicy,
+        ThreadSchedulePolicy,
+    };
+    set_thread_priority_and_policy(
+        thread_native_id(),
+        thread_priority::ThreadPriority::Min,
+        ThreadSchedulePolicy::Realtime(RealtimeThreadSchedulePolicy::Fifo),
+    )
+    .is_ok()
+}
+
 fn run<T>(
     ctl: &Ctl,
     active: &Active,
@@ -160,6 +180,9 @@ fn run<T>(
     tag: T,
     done: &UnboundedSender<Fired<T>>,
 ) {
+    if !prefer_this_thread() {
+        tracing::debug!("flip thread runs at normal priority (no real-time privilege)");
+    }
     loop {
         if ctl.state.load(Ordering::Acquire) != ARMED {
             return;

@@ -112,7 +112,7 @@ async fn answer(
 }
 
 /// The demo's ports on 127.0.0.1 (0: any free port).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct DemoPorts {
     /// The proxy listener.
     pub proxy: u16,

@@ -378,7 +378,14 @@ async fn staging_fetches_only_missing_blobs_and_resumes_after_a_restart() {
     assert_eq!(metric(&a, "lockstep_agent_fetched_bytes_total"), 6.0 + 12.0);
     assert_eq!(metric(&a, "lockstep_agent_hash_failures_total"), 0.0);
 
-    // Rollback: the previous release is still held, so nothing moves.
+    // Rollback: the previous release is still held, so nothing moves. "Previous" is the hub's:
+    // wait for the agent's advance to have promoted v2 there.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            hub.hub.state().active == Some(v2)
+        })
+        .await
+    );
     let back = publish::rollback(&hub.publisher()).await.unwrap();
     assert_eq!((back.id, back.state.as_str()), (v1, "staged"));
     assert!(wait_active(&a, v1, Duration::from_secs(10)).await);

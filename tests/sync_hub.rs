@@ -662,13 +662,10 @@ async fn the_router_leaves_backends_whose_agent_is_behind_unless_none_is_current
 #[tokio::test]
 async fn the_demo_flips_its_three_backends_to_a_published_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let ports = lockstep::demo::DemoPorts {
-        proxy: 0,
-        admin: 0,
-        dns: 0,
-        sync: 0,
-    };
-    let demo = lockstep::demo::start(ports, dir.path()).await.unwrap();
+    // Every port 0: any free one.
+    let demo = lockstep::demo::start(Default::default(), dir.path())
+        .await
+        .unwrap();
     let proxy = proxy_addr(&demo.app);
     let http = h1_client();
     let host = [("host", "static.farm.test")];

@@ -211,16 +211,20 @@ impl PoolState {
             .iter()
             .map(|b| b.behind.load(Ordering::Relaxed))
             .collect();
-        // Backends behind the fleet's release leave only while some backend that is up serves
-        // the current one; otherwise stale content beats no content.
-        let some_current = (0..up.len()).any(|i| up[i] && !flagged[i]);
+        // Backends behind the fleet's release leave only while some backend that can take
+        // traffic (up, not ejected) serves the current one; otherwise stale content beats no
+        // content. (An ejection ending later does not rebuild the snapshot: until the next
+        // rebuild the behind backends then stay in, which errs on the side of serving.)
+        let now = Instant::now();
+        let some_current = (0..up.len()).any(|i| {
+            up[i] && !flagged[i] && ejected_until[i].is_none_or(|until: Instant| now >= until)
+        });
         let behind = flagged.iter().map(|&f| f && some_current).collect();
         let snap = Arc::new(PoolHealth {
             up,
             ejected_until,
             behind,
         });
-        let now = Instant::now();
         for (i, b) in self.backends.iter().enumerate() {
             b.up_gauge.set(i64::from(snap.available(i, now)));
         }

@@ -475,8 +475,9 @@ impl Hub {
                 changed
             });
             let state = self.state();
-            // The next moment something changes by time alone: the activation (agents go
-            // behind) or the end of its grace period (the hub advances).
+            // The next moment something changes by time alone: the activation, the end of the
+            // flip-report grace (agents still on the old release go behind), or the end of the
+            // advance grace period (the hub advances).
             let now = self.now_us();
             let wake = state.staged.map(|s| {
                 let at = fleet::next_change(&state, now)

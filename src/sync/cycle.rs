@@ -9,8 +9,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::changeset::{Applied, Stamp, Stamps};
 use super::manifest::ReleaseId;
 use super::schedule::{Rules, ScheduleError};
+
+/// How long the hub remembers the last writer of a path (concurrent edits are closer than
+/// this; an older write counts as "before any changeset").
+pub const STAMP_TTL_US: u64 = 3600 * 1_000_000;
 
 /// Everything the hub must not forget (persisted as `state` in the store).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -28,6 +33,26 @@ pub struct HubState {
     pub staged: Option<Staged>,
     /// Published too close to the staged activation: staged by the next advance.
     pub queued: Option<Queued>,
+    /// Highest changeset sequence applied per origin agent.
+    #[serde(default, skip_serializing_if = "Applied::is_empty")]
+    pub applied: Applied,
+    /// Last changeset write per path (pruned after [`STAMP_TTL_US`]).
+    #[serde(default, skip_serializing_if = "Stamps::is_empty")]
+    pub stamps: Stamps,
+    /// Hub time the active release was last changed by an immediate changeset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded_us: Option<u64>,
+}
+
+/// What a changeset changed in the hub's releases (computed from the manifests by the hub).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// The origin agent.
+    pub origin: String,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The paths it wrote, with the stamp each now carries.
+    pub written: Vec<(String, Stamp)>,
 }
 
 /// A release staged for an activation time.
@@ -121,6 +146,95 @@ impl HubState {
                 Ok((next, Published::Staged(at)))
             }
         }
+    }
+
+    /// Records an applied changeset: its origin's sequence and the paths' stamps (old stamps
+    /// pruned).
+    fn record(&self, f: Forward, now_us: u64) -> HubState {
+        let mut next = self.clone();
+        next.version += 1;
+        let seq = next.applied.entry(f.origin).or_insert(0);
+        *seq = (*seq).max(f.seq);
+        next.stamps
+            .retain(|_, s| s.at_us.saturating_add(STAMP_TTL_US) > now_us);
+        next.stamps.extend(f.written);
+        next
+    }
+
+    /// An immediate changeset applied: `active` (and the staged and queued releases rebased
+    /// onto it, so an activation does not undo the edit) replace the current ones at once.
+    pub fn forward_immediate(
+        &self,
+        f: Forward,
+        active: ReleaseId,
+        staged: Option<ReleaseId>,
+        queued: Option<ReleaseId>,
+        now_us: u64,
+    ) -> HubState {
+        let mut next = self.record(f, now_us);
+        if next.active != Some(active) {
+            next.forwarded_us = Some(now_us);
+        }
+        next.active = Some(active);
+        if let (Some(s), Some(id)) = (next.staged.as_mut(), staged) {
+            s.id = id;
+        }
+        if let (Some(q), Some(id)) = (next.queued.as_mut(), queued) {
+            q.id = id;
+        }
+        next
+    }
+
+    /// A scheduled changeset applied to the newest pending release (queued, else staged, else
+    /// active), giving `release`: it takes that release's place — the queued one, the staged
+    /// one (same activation time, unless that is within the guard: then queued), or it is
+    /// staged for the next activation.
+    pub fn forward_scheduled(
+        &self,
+        f: Forward,
+        release: ReleaseId,
+        now_us: u64,
+        rules: &Rules,
+    ) -> (HubState, Published) {
+        let mut next = self.record(f, now_us);
+        if let Some(q) = next.queued.as_mut() {
+            q.id = release;
+            return (next, Published::Queued);
+        }
+        match next.staged {
+            Some(s) if now_us.saturating_add(rules.guard_us) >= s.at_us => {
+                next.queued = Some(Queued {
+                    id: release,
+                    at_us: None,
+                });
+                (next, Published::Queued)
+            }
+            Some(s) => {
+                next.staged = Some(Staged {
+                    id: release,
+                    at_us: s.at_us,
+                });
+                (next, Published::Staged(s.at_us))
+            }
+            None if next.active == Some(release) => (next, Published::AlreadyActive),
+            None => {
+                let at = rules.next_activation(now_us);
+                next.staged = Some(Staged {
+                    id: release,
+                    at_us: at,
+                });
+                (next, Published::Staged(at))
+            }
+        }
+    }
+
+    /// The release a scheduled changeset applies to: the queued, else the staged, else the
+    /// active one.
+    pub fn newest(&self) -> Option<ReleaseId> {
+        self.queued
+            .map(|q| q.id)
+            .or(self.staged.map(|s| s.id))
+            .or(self.active)
     }
 
     /// Stages the previous release.
@@ -267,6 +381,85 @@ mod tests {
 
     /// Many callers race to advance the same cycle through a compare-and-swap on the version,
     /// as the hub's store does: exactly one wins, every other is told it is done.
+    fn fwd(origin: &str, seq: u64, path: &str, at_us: u64) -> Forward {
+        Forward {
+            origin: origin.into(),
+            seq,
+            written: vec![(
+                path.into(),
+                Stamp {
+                    at_us,
+                    origin: origin.into(),
+                },
+            )],
+        }
+    }
+
+    #[test]
+    fn immediate_changesets_replace_active_and_rebase_pending_releases() {
+        let (s1, _) = HubState {
+            active: Some(id(1)),
+            ..HubState::default()
+        }
+        .publish(id(2), None, 100 * S, &rules())
+        .unwrap();
+        let s2 = s1.forward_immediate(
+            fwd("a", 1, "x", 101 * S),
+            id(11),
+            Some(id(12)),
+            None,
+            101 * S,
+        );
+        assert_eq!(s2.active, Some(id(11)));
+        assert_eq!(s2.staged.unwrap().id, id(12));
+        assert_eq!(s2.staged.unwrap().at_us, s1.staged.unwrap().at_us);
+        assert_eq!(s2.applied["a"], 1);
+        assert_eq!(s2.forwarded_us, Some(101 * S));
+        assert_eq!(
+            s2.previous, s1.previous,
+            "an edit is not a release to roll back to"
+        );
+        assert!(s2.version > s1.version);
+        // Stamps older than the TTL are forgotten; sequences only grow.
+        let later = 101 * S + STAMP_TTL_US;
+        let s3 = s2.forward_immediate(fwd("a", 1, "y", later), id(13), None, None, later);
+        assert!(!s3.stamps.contains_key("x") && s3.stamps.contains_key("y"));
+        assert_eq!(s3.applied["a"], 1);
+    }
+
+    #[test]
+    fn scheduled_changesets_take_the_newest_pending_place() {
+        let r = rules();
+        // Nothing pending: staged for the next activation.
+        let s0 = HubState {
+            active: Some(id(1)),
+            ..HubState::default()
+        };
+        assert_eq!(s0.newest(), Some(id(1)));
+        let (s1, p) = s0.forward_scheduled(fwd("a", 1, "x", 100 * S), id(2), 100 * S, &r);
+        assert_eq!(
+            (s1.staged.unwrap().id, p),
+            (id(2), Published::Staged(110 * S))
+        );
+        assert_eq!(s1.newest(), Some(id(2)));
+        // A staged release: replaced, same instant.
+        let (s2, p) = s1.forward_scheduled(fwd("b", 1, "y", 101 * S), id(3), 101 * S, &r);
+        assert_eq!(
+            (s2.staged.unwrap().id, p),
+            (id(3), Published::Staged(110 * S))
+        );
+        // Within the guard: queued, staged by the advance.
+        let (s3, p) = s2.forward_scheduled(fwd("b", 2, "y", 109 * S), id(4), 109 * S, &r);
+        assert_eq!(
+            (s3.staged.unwrap().id, s3.queued.unwrap().id, p),
+            (id(3), id(4), Published::Queued)
+        );
+        assert_eq!(s3.newest(), Some(id(4)));
+        let (s4, _) = s3.forward_scheduled(fwd("b", 3, "z", 109 * S), id(5), 109 * S, &r);
+        assert_eq!(s4.queued.unwrap().id, id(5));
+        assert_eq!(s4.applied["b"], 3);
+    }
+
     #[test]
     fn concurrent_advances_have_exactly_one_winner() {
         let r = rules();

@@ -5,6 +5,7 @@
 //! # Layout
 //!
 //! - [`manifest`]: a release's manifest, its id, path validation                    (pure)
+//! - [`changeset`]: a backend's edits, applying them, last-writer-wins resolution    (pure)
 //! - [`clock`]: NTP-style offset estimation, hub time → monotonic deadline           (pure)
 //! - [`schedule`]: activation times on the cadence grid                              (pure)
 //! - [`cycle`]: the hub's state machine — publish, advance (compare-and-swap), rollback (pure)
@@ -22,6 +23,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod changeset;
 pub mod client;
 pub mod clock;
 pub mod cycle;

@@ -14,6 +14,8 @@
 //! | `POST /sync/v1/cycles/{n}/advance` | agent | [`Advanced`] |
 //! | `POST /sync/v1/agents/{name}/report` ([`Report`]) | agent | 204 |
 //! | `GET /sync/v1/agents` | agent or publish | [`Fleet`] |
+//! | `PUT /sync/v1/blobs/{hash}` (bytes) | agent | as for publish: the blobs of a changeset |
+//! | `POST /sync/v1/changesets` ([`Changeset`]) | agent | [`ChangesetReply`] |
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed), 401 (no or wrong token), 403 (the
 //! token's role may not do this), 404 (unknown release or blob), 409 (not now), 413 (too big).
@@ -22,6 +24,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::changeset::Changeset;
+use super::changeset::{Applied, Conflict};
 use super::manifest::{Hash, ReleaseId};
 
 /// Path prefix of every sync request.
@@ -61,6 +65,9 @@ pub struct Schedule {
     pub previous: Option<ReleaseId>,
     /// Hub time of this answer.
     pub now_us: u64,
+    /// Highest changeset sequence applied per origin agent (the releases above include them).
+    #[serde(default)]
+    pub applied: Applied,
 }
 
 /// `POST /releases`: what the hub needs to commit the release.
@@ -144,6 +151,34 @@ pub struct AgentView {
     pub current: bool,
 }
 
+/// `POST /changesets`: what the hub did with a changeset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangesetReply {
+    /// `applied`, `duplicate` (already applied: nothing done) or `missing` (PUT the blobs in
+    /// `missing`, then send it again).
+    pub state: String,
+    /// Blobs the hub lacks.
+    #[serde(default)]
+    pub missing: Vec<Hash>,
+    /// The release the changeset went into (active for immediate, staged or queued for
+    /// scheduled).
+    #[serde(default)]
+    pub release: Option<ReleaseId>,
+    /// Concurrent writes it met, resolved (the later by hub time won).
+    #[serde(default)]
+    pub conflicts: Vec<Conflict>,
+}
+
+/// A resolved conflict as the hub recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictView {
+    /// The conflict.
+    #[serde(flatten)]
+    pub conflict: Conflict,
+    /// Hub time it was resolved.
+    pub resolved_us: u64,
+}
+
 /// `GET /agents`: the fleet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fleet {
@@ -151,6 +186,9 @@ pub struct Fleet {
     pub schedule: Schedule,
     /// Agents by name.
     pub agents: Vec<AgentView>,
+    /// The latest concurrent edits resolved (newest last).
+    #[serde(default)]
+    pub conflicts: Vec<ConflictView>,
 }
 
 /// The body of every error answer.

@@ -313,6 +313,25 @@ pub fn render_fleet(f: &Fleet) -> String {
             show_us(hi)
         ));
     }
+    if !f.conflicts.is_empty() {
+        out.push_str("\nconcurrent edits resolved (the later by hub time wins):\n");
+        for c in &f.conflicts {
+            let c_ = &c.conflict;
+            let who = |s: &crate::sync::changeset::Stamp| {
+                if s.origin.is_empty() {
+                    "a publish".to_string()
+                } else {
+                    format!("{} at {}", s.origin, show_time(s.at_us))
+                }
+            };
+            out.push_str(&format!(
+                "  conflict {}: kept {}, dropped {}\n",
+                c_.path,
+                who(&c_.winner),
+                who(&c_.loser)
+            ));
+        }
+    }
     out
 }
 
@@ -373,6 +392,7 @@ mod tests {
             current: flip == r2,
         };
         let fleet = Fleet {
+            conflicts: Vec::new(),
             schedule: Schedule {
                 version: 3,
                 cycle: 2,
@@ -382,6 +402,7 @@ mod tests {
                 queued: None,
                 previous: Some(r1),
                 now_us: 0,
+                applied: Default::default(),
             },
             agents: vec![
                 agent("a", r2, 120),

@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
@@ -15,6 +16,7 @@ use serde_saphyr::Spanned;
 use crate::config::error::{ConfigError, ConfigErrors, Pos};
 use crate::sync::auth::read_token;
 use crate::sync::client::{ClientError, HubClient};
+use crate::sync::manifest::MAX_BLOB_BYTES;
 
 type S<T> = Spanned<T>;
 
@@ -49,35 +51,90 @@ pub struct RawAgentConfig {
     pub watch: Option<RawWatch>,
     /// Blobs fetched at once while staging.
     pub fetch_concurrency: Option<S<u32>>,
+    /// Other agents' serve URLs for immediate forwarding (default: the hub's registry).
+    pub peers: Option<S<Vec<S<String>>>>,
 }
 
 /// `watch:` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWatch {
-    /// The directory to watch.
-    pub dir: S<String>,
+    /// The directory to watch (absent: only writes through the API are forwarded).
+    pub dir: Option<S<String>>,
     /// `scheduled` (default) or `immediate`.
     pub mode: Option<S<WatchMode>>,
+    /// Globs of files never forwarded (default: editor temp files).
+    pub ignore: Option<S<Vec<String>>>,
+    /// Edits within this window become one changeset (default 50ms).
+    pub debounce: Option<S<String>>,
+    /// A full rescan this often, as a backstop (default 5m).
+    pub rescan: Option<S<String>>,
+    /// Largest file forwarded (default 64MiB, the most a release file may be).
+    pub max_file_size: Option<S<String>>,
 }
 
 /// What a detected local change becomes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WatchMode {
-    /// Published to the hub: every backend activates it at the next shared instant.
-    Scheduled,
-    /// Forwarded to every other agent, which installs it at once.
-    Immediate,
-}
+pub use crate::sync::changeset::Mode as WatchMode;
+
+/// Default debounce window.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
+/// Default backstop rescan period.
+pub const DEFAULT_RESCAN: Duration = Duration::from_secs(300);
 
 /// `watch:`, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Watch {
-    /// The directory to watch.
-    pub dir: PathBuf,
+    /// The directory to watch, if any.
+    pub dir: Option<PathBuf>,
     /// What a change becomes.
     pub mode: WatchMode,
+    /// Globs of ignored files (the defaults when not configured).
+    pub ignore: Vec<String>,
+    /// Debounce window.
+    pub debounce: Duration,
+    /// Backstop rescan period.
+    pub rescan: Duration,
+    /// Largest file forwarded, bytes.
+    pub max_file_bytes: u64,
+}
+
+impl Watch {
+    /// Watching `dir` (or only the API with `None`) in `mode`, with the defaults.
+    pub fn new(dir: Option<&Path>, mode: WatchMode) -> Watch {
+        Watch {
+            dir: dir.map(Path::to_path_buf),
+            mode,
+            ignore: crate::sync::agent::detect::Ignore::DEFAULTS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            debounce: DEFAULT_DEBOUNCE,
+            rescan: DEFAULT_RESCAN,
+            max_file_bytes: MAX_BLOB_BYTES,
+        }
+    }
+}
+
+/// `64MiB`, `512KiB`, `1GiB`, `100kB`, or plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size: write e.g. 64MiB or 1048576"))?;
+    let mul: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1000,
+        "KiB" | "K" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" | "M" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" | "G" => 1 << 30,
+        u => return Err(format!("unknown size unit `{u}`: use B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 /// A checked agent configuration. Build it with [`load`]/[`parse`], or with
@@ -100,8 +157,10 @@ pub struct AgentConfig {
     pub serve: SocketAddr,
     /// Where releases are materialised for a web server, with the `current` symlink.
     pub release_dir: Option<PathBuf>,
-    /// Local change detection (parsed; the watcher arrives with its issue).
+    /// Local change detection and the write API.
     pub watch: Option<Watch>,
+    /// Other agents' serve URLs (`http://ip:port`); empty = ask the hub's registry.
+    pub peers: Vec<String>,
     /// Blobs fetched at once while staging.
     pub fetch_concurrency: usize,
 }
@@ -118,6 +177,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("serve", &self.serve)
             .field("release_dir", &self.release_dir)
             .field("watch", &self.watch)
+            .field("peers", &self.peers)
             .field("fetch_concurrency", &self.fetch_concurrency)
             .finish()
     }
@@ -136,6 +196,7 @@ impl AgentConfig {
             serve,
             release_dir: None,
             watch: None,
+            peers: Vec::new(),
             fetch_concurrency: DEFAULT_FETCH_CONCURRENCY,
         }
     }
@@ -273,13 +334,76 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
         }
         Some(v) => v.value as usize,
     };
-    let watch = raw.watch.as_ref().and_then(|w| {
-        let dir = cx.path(&w.dir, "watch.dir")?;
-        Some(Watch {
-            dir,
-            mode: w.mode.as_ref().map_or(WatchMode::Scheduled, |m| m.value),
-        })
+    let watch = raw.watch.as_ref().map(|w| {
+        let dir = w.dir.as_ref().and_then(|d| cx.path(d, "watch.dir"));
+        let mut watch = Watch::new(
+            dir.as_deref(),
+            w.mode.as_ref().map_or(WatchMode::Scheduled, |m| m.value),
+        );
+        if let (Some(d), Some(raw_d), Some(s)) = (&dir, &w.dir, &store) {
+            if d == s || d.starts_with(s) || s.starts_with(d) {
+                cx.err(raw_d, "watch.dir and store overlap: give each its own directory");
+            }
+        }
+        if let (Some(d), Some(raw_d), Some(r)) = (&dir, &w.dir, &release_dir) {
+            if d == r || d.starts_with(r) || r.starts_with(d) {
+                cx.err(
+                    raw_d,
+                    "watch.dir and release_dir overlap: edit in a directory of its own (release_dir is written by the agent)",
+                );
+            }
+        }
+        if let Some(g) = &w.ignore {
+            match crate::sync::agent::detect::Ignore::new(&g.value) {
+                Ok(_) => watch.ignore = g.value.clone(),
+                Err(e) => cx.err(g, format!("watch.ignore: {e}")),
+            }
+        }
+        let mut duration = |v: &Option<S<String>>, what: &str, default: Duration| match v {
+            None => default,
+            Some(v) => match crate::config::duration::parse(&v.value) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    cx.err(v, format!("{what} must be longer than 0"));
+                    default
+                }
+                Err(e) => {
+                    cx.err(v, format!("{what}: {e}"));
+                    default
+                }
+            },
+        };
+        watch.debounce = duration(&w.debounce, "watch.debounce", DEFAULT_DEBOUNCE);
+        watch.rescan = duration(&w.rescan, "watch.rescan", DEFAULT_RESCAN);
+        if let Some(v) = &w.max_file_size {
+            match parse_size(&v.value) {
+                Ok(n) if n > 0 && n <= MAX_BLOB_BYTES => watch.max_file_bytes = n,
+                Ok(_) => cx.err(
+                    v,
+                    format!("watch.max_file_size must be between 1 byte and 64MiB (the largest file a release holds)"),
+                ),
+                Err(e) => cx.err(v, format!("watch.max_file_size: {e}")),
+            }
+        }
+        watch
     });
+    let peers = match &raw.peers {
+        None => Vec::new(),
+        Some(list) => list
+            .value
+            .iter()
+            .filter_map(|p| {
+                let url = p.value.trim().trim_end_matches('/').to_string();
+                match HubClient::new(&url, None, hub_ca.as_deref()) {
+                    Ok(_) => Some(url),
+                    Err(e) => {
+                        cx.err(p, format!("peer: {e}: write another agent's serve address, e.g. \"http://10.0.0.2:8081\""));
+                        None
+                    }
+                }
+            })
+            .collect(),
+    };
     match (serve, store, cx.errors.is_empty()) {
         (Some(serve), Some(store), true) => Ok(AgentConfig {
             file: file.to_path_buf(),
@@ -291,6 +415,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             serve,
             release_dir,
             watch,
+            peers,
             fetch_concurrency,
         }),
         _ => {

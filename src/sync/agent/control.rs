@@ -3,6 +3,15 @@
 //! long-poll, a staging job done, a clock measurement, a flip fired — by re-planning with
 //! [`plan::decide`]. Everything slow runs elsewhere: staging in background tasks, the flip on
 //! its own thread, disk writes on one ordered worker, reports and advances in their tasks.
+//!
+//! Detect and forward (seed 004): changesets — this backend's own in `immediate` mode, or
+//! other backends' sent directly — are installed at once: applied to the served release (all
+//! of a batch, or the one that does not fit is refused), built reusing the served release's
+//! files, and swapped in with a compare-and-swap of the pointer, so an activation that lands
+//! meanwhile is never overwritten (the batch is then applied to the new release). The agent
+//! tracks which changesets its release includes (per origin, the highest sequence) and adopts
+//! the hub's release only when the hub includes all of them, so a direct install is not
+//! undone by a hub that has not heard of it yet — unless that lasts [`ADOPT_ANYWAY`].
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -15,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::activate::{self, Armed, Fired};
+use super::local;
 use super::metrics::AgentMetrics;
 use super::plan::{self, HubView, Scheduled};
 use super::release::Release;
@@ -22,9 +32,10 @@ use super::release_dir;
 use super::serve::Active;
 use super::stage::{StageError, Stager};
 use super::state::{AgentState, STATE_NAME};
+use crate::sync::changeset::{self, Applied, Changeset};
 use crate::sync::client::HubClient;
 use crate::sync::clock::{self, Anchor, Offset};
-use crate::sync::manifest::ReleaseId;
+use crate::sync::manifest::{Manifest, ReleaseId};
 use crate::sync::protocol::{Report, Schedule};
 use crate::sync::store::FsStore;
 
@@ -34,6 +45,9 @@ pub const PREMEASURE: Duration = Duration::from_millis(1500);
 pub const STAGE_RETRY_BASE: Duration = Duration::from_secs(2);
 /// Longest pause between staging attempts.
 pub const STAGE_RETRY_MAX: Duration = Duration::from_secs(60);
+/// The hub's release is adopted even though it lacks changesets this agent installed, when
+/// that has lasted this long (the hub refused one, or its origin is gone for good).
+pub const ADOPT_ANYWAY: Duration = Duration::from_secs(30);
 /// Error bound given to an offset guessed from a schedule's `now_us` (used only until a real
 /// measurement exists).
 const ROUGH_ERROR_US: i64 = 1_000_000;
@@ -45,7 +59,26 @@ pub enum Tag {
     Scheduled(Scheduled),
     /// At once: bootstrap (or the hub moved on without this agent).
     Now,
+    /// Changesets installed at once (immediate mode).
+    Installed,
 }
+
+/// A changeset to install at once.
+#[derive(Debug)]
+pub struct Install {
+    /// The changeset; its blobs are in the store, verified.
+    pub cs: Changeset,
+    /// From another agent (else this agent's own, immediate mode).
+    pub remote: bool,
+}
+
+/// What an install task returns: the release it built on, the jobs it applied, and the new
+/// release (or why none).
+type Installed = (
+    Option<ReleaseId>,
+    Vec<Install>,
+    Result<Arc<Release>, String>,
+);
 
 /// What a staging task returns.
 type Staged = (ReleaseId, Result<Arc<Release>, StageError>);
@@ -144,6 +177,14 @@ pub struct Controller {
     pending_fired: u32,
     fired_tx: mpsc::UnboundedSender<Fired<Tag>>,
     fired_rx: mpsc::UnboundedReceiver<Fired<Tag>>,
+    /// Changesets the served release includes (highest sequence per origin).
+    applied: Applied,
+    /// Since when the hub has lacked some of them.
+    uncovered_since: Option<Instant>,
+    install_queue: Vec<Install>,
+    installing: JoinSet<Installed>,
+    /// The local-edit thread, told of every release change.
+    local: Option<mpsc::UnboundedSender<local::Input>>,
 }
 
 impl Controller {
@@ -160,6 +201,8 @@ impl Controller {
         measure_now: Arc<Notify>,
         current: Option<Arc<Release>>,
         previous: Option<Arc<Release>>,
+        applied: Applied,
+        local: Option<mpsc::UnboundedSender<local::Input>>,
     ) -> Controller {
         let (fired_tx, fired_rx) = mpsc::unbounded_channel();
         Controller {
@@ -184,6 +227,11 @@ impl Controller {
             pending_fired: 0,
             fired_tx,
             fired_rx,
+            applied,
+            uncovered_since: None,
+            install_queue: Vec::new(),
+            installing: JoinSet::new(),
+            local,
         }
     }
 
@@ -192,6 +240,7 @@ impl Controller {
         mut self,
         mut schedules: mpsc::Receiver<Schedule>,
         mut clock: watch::Receiver<Option<Offset>>,
+        mut installs: mpsc::UnboundedReceiver<Install>,
         shutdown: CancellationToken,
     ) {
         loop {
@@ -205,6 +254,16 @@ impl Controller {
                     self.on_clock(o);
                 }
                 Some(s) = schedules.recv() => self.on_schedule(s),
+                Some(job) = installs.recv() => {
+                    self.install_queue.push(job);
+                    while let Ok(job) = installs.try_recv() {
+                        self.install_queue.push(job);
+                    }
+                    self.start_install();
+                }
+                Some(done) = self.installing.join_next(), if !self.installing.is_empty() => {
+                    self.on_installed(done);
+                }
                 Some(done) = self.staging.join_next_with_id(), if !self.staging.is_empty() => {
                     self.on_staged(done);
                 }
@@ -221,6 +280,113 @@ impl Controller {
             self.on_fired(f);
         }
         self.staging.abort_all();
+        if let Some(l) = &self.local {
+            let _ = l.send(local::Input::Stop);
+        }
+    }
+
+    /// Builds the served release plus every queued changeset, in the background.
+    fn start_install(&mut self) {
+        if !self.installing.is_empty() || self.install_queue.is_empty() {
+            return;
+        }
+        let jobs = std::mem::take(&mut self.install_queue);
+        let base = self.current.clone();
+        let store = self.stager.store.clone();
+        let metrics = self.metrics.clone();
+        self.installing.spawn_blocking(move || {
+            let mut manifest = base
+                .as_ref()
+                .map(|r| r.manifest().clone())
+                .unwrap_or_else(Manifest::default);
+            let mut kept = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                let changes = job
+                    .cs
+                    .changes
+                    .iter()
+                    .map(|(p, c)| (p, &c.entry));
+                match changeset::apply(&manifest, changes) {
+                    Ok(m) => {
+                        manifest = m;
+                        kept.push(job);
+                    }
+                    Err(e) => {
+                        metrics.refused("changeset");
+                        warn!(changeset = %job.cs.name(), error = %e, "changeset refused: it does not fit the served release; nothing of it is installed");
+                    }
+                }
+            }
+            let built = Release::build_reusing(&store, manifest, base.as_deref())
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
+            (base.map(|r| r.id()), kept, built)
+        });
+    }
+
+    fn on_installed(&mut self, done: Result<Installed, tokio::task::JoinError>) {
+        let Ok((base, jobs, built)) = done else {
+            error!("install task failed");
+            return;
+        };
+        // A flip that fired meanwhile is accounted for first.
+        while let Ok(f) = self.fired_rx.try_recv() {
+            self.on_fired(f);
+        }
+        let release = match built {
+            Ok(r) => r,
+            Err(e) => {
+                for j in &jobs {
+                    self.metrics.refused("changeset");
+                    error!(changeset = %j.cs.name(), error = %e, "cannot install the changeset; the hub's release brings it later");
+                }
+                self.start_install();
+                return;
+            }
+        };
+        let current = self.active.load_full();
+        let still_base = current.as_ref().map(|r| r.id()) == base
+            && self.current.as_ref().map(|r| r.id()) == base
+            && self.pending_fired == 0;
+        let swapped = still_base && {
+            let prev = self
+                .active
+                .compare_and_swap(&current, Some(release.clone()));
+            match (&*prev, &current) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        };
+        if !swapped {
+            // The served release moved on (an activation): apply the batch to it instead.
+            let mut jobs = jobs;
+            jobs.append(&mut self.install_queue);
+            self.install_queue = jobs;
+            self.start_install();
+            return;
+        }
+        let hub_now = self
+            .offset()
+            .map(|o| clock::hub_time(Instant::now(), o, &self.anchor));
+        for j in &jobs {
+            let seq = self.applied.entry(j.cs.origin.clone()).or_insert(0);
+            *seq = (*seq).max(j.cs.seq);
+            if j.remote {
+                self.metrics.installed.inc();
+                if let Some(now) = hub_now {
+                    let latency = (now - j.cs.detected_us as i64).max(0) as f64 / 1e6;
+                    self.metrics.forward_latency.observe(latency);
+                }
+                info!(changeset = %j.cs.name(), paths = j.cs.changes.len(), release = %release.id().short(), "changeset installed");
+            }
+        }
+        self.on_fired(Fired {
+            release,
+            at: Instant::now(),
+            tag: Tag::Installed,
+        });
+        self.start_install();
     }
 
     fn offset(&self) -> Option<Offset> {
@@ -253,6 +419,9 @@ impl Controller {
         }
         for r in self.failed.values() {
             wake = wake.min(r.at);
+        }
+        if let Some(since) = self.uncovered_since {
+            wake = wake.min(since + ADOPT_ANYWAY);
         }
         wake
     }
@@ -416,7 +585,16 @@ impl Controller {
         match (&f.tag, &self.armed) {
             (Tag::Scheduled(p), Some(a)) if a.plan == *p => self.armed = None,
             (Tag::Scheduled(_), _) => self.pending_fired = self.pending_fired.saturating_sub(1),
-            (Tag::Now, _) => {}
+            (Tag::Now | Tag::Installed, _) => {}
+        }
+        if !matches!(f.tag, Tag::Installed) {
+            // The hub's release: it includes what the schedule says it does.
+            if let Some(s) = &self.schedule {
+                for (origin, seq) in &s.applied {
+                    let ours = self.applied.entry(origin.clone()).or_insert(0);
+                    *ours = (*ours).max(*seq);
+                }
+            }
         }
         let id = f.release.id();
         if self.current.as_ref().map(|r| r.id()) != Some(id) {
@@ -427,7 +605,7 @@ impl Controller {
             Tag::Scheduled(p) => self
                 .offset()
                 .map(|o| plan::lateness_us(clock::hub_time(f.at, o, &self.anchor), p.at_us)),
-            Tag::Now => None,
+            Tag::Now | Tag::Installed => None,
         };
         if let Some(l) = lateness {
             self.metrics.flip_lateness.observe(l.max(0) as f64 / 1e6);
@@ -441,6 +619,10 @@ impl Controller {
                 info!(release = %id.short(), lateness_us = lateness.unwrap_or_default(), cycle = p.cycle, "flipped")
             }
             Tag::Now => info!(release = %id.short(), "activated the hub's active release"),
+            Tag::Installed => {}
+        }
+        if let Some(l) = &self.local {
+            let _ = l.send(local::Input::Installed(f.release.clone()));
         }
         if self.report.borrow().staged == Some(id) {
             self.metrics.set_staged(None);
@@ -458,6 +640,7 @@ impl Controller {
         let _ = self.disk.send(DiskJob::State(AgentState {
             active: Some(id),
             previous,
+            applied: self.applied.clone(),
         }));
         let _ = self.disk.send(DiskJob::Current(f.release));
         let _ = self.disk.send(DiskJob::Prune(
@@ -474,9 +657,23 @@ impl Controller {
             self.on_fired(f);
         }
         let Some(s) = &self.schedule else { return };
+        let ours = self.current.as_ref().map(|r| r.id());
+        // Adopt the hub's release only if it includes every changeset ours does.
+        let covered = changeset::covers(&s.applied, &self.applied);
+        let adopt = if covered || s.active == ours {
+            self.uncovered_since = None;
+            true
+        } else {
+            let since = *self.uncovered_since.get_or_insert_with(Instant::now);
+            let anyway = since.elapsed() >= ADOPT_ANYWAY;
+            if anyway {
+                warn!("the hub's release still lacks changesets this agent installed {ADOPT_ANYWAY:?} ago; adopting it anyway");
+            }
+            anyway
+        };
         let view = HubView {
             cycle: s.cycle,
-            active: s.active,
+            active: if adopt { s.active } else { ours },
             staged: s.staged.zip(s.activation_us),
         };
         let hub_now = self

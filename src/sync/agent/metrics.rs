@@ -28,6 +28,13 @@ pub struct ClassLabels {
     pub class: String,
 }
 
+/// Labels of a forwarding step or a refusal.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WhatLabels {
+    /// `hub`/`peer` (forwarded), or what was refused.
+    pub what: &'static str,
+}
+
 /// Every metric of one agent.
 pub struct AgentMetrics {
     registry: Mutex<Registry>,
@@ -55,6 +62,21 @@ pub struct AgentMetrics {
     pub staging_failures: Counter,
     /// Responses served, by status class.
     pub requests: Family<ClassLabels, Counter>,
+    /// Paths changed on this backend (watch.dir or the API), detected.
+    pub changes_detected: Counter,
+    /// Changesets delivered, to the hub or to a peer.
+    pub forwarded: Family<WhatLabels, Counter>,
+    /// Direct sends to a peer that failed twice (the peer catches up from the hub).
+    pub forward_failures: Counter,
+    /// Changesets from peers installed.
+    pub installed: Counter,
+    /// Things refused: `path` (escaping, oversized…), `changeset` (from a peer or local),
+    /// `hub` (the hub refused ours), `watch_dir` (first start refused).
+    pub refused: Family<WhatLabels, Counter>,
+    /// Concurrent edits met by our changesets (either side lost).
+    pub conflicts: Counter,
+    /// From detection on the origin to installation here (hub clock), seconds.
+    pub forward_latency: Histogram,
 }
 
 impl AgentMetrics {
@@ -76,6 +98,14 @@ impl AgentMetrics {
             hash_failures: Counter::default(),
             staging_failures: Counter::default(),
             requests: Family::default(),
+            changes_detected: Counter::default(),
+            forwarded: Family::default(),
+            forward_failures: Counter::default(),
+            installed: Counter::default(),
+            refused: Family::default(),
+            conflicts: Counter::default(),
+            // 100 µs … ~50 s.
+            forward_latency: Histogram::new(exponential_buckets(0.000_1, 2.0, 20)),
         };
         r.register(
             "active_release",
@@ -133,6 +163,41 @@ impl AgentMetrics {
             "Responses served from the active release, by status class",
             m.requests.clone(),
         );
+        r.register(
+            "changes_detected",
+            "Paths changed on this backend (watch.dir or the API)",
+            m.changes_detected.clone(),
+        );
+        r.register(
+            "changesets_forwarded",
+            "Changesets delivered, to the hub or to a peer",
+            m.forwarded.clone(),
+        );
+        r.register(
+            "forward_failures",
+            "Direct sends to a peer that failed (it catches up from the hub)",
+            m.forward_failures.clone(),
+        );
+        r.register(
+            "changesets_installed",
+            "Changesets from other backends installed",
+            m.installed.clone(),
+        );
+        r.register(
+            "refused",
+            "Refused paths, changesets, hub answers or watch directories",
+            m.refused.clone(),
+        );
+        r.register(
+            "conflicts",
+            "Concurrent edits met by this agent's changesets",
+            m.conflicts.clone(),
+        );
+        r.register(
+            "forward_latency_seconds",
+            "From detection on the origin to installation here (hub clock)",
+            m.forward_latency.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m
     }
@@ -145,6 +210,16 @@ impl AgentMetrics {
     /// Marks `id` as the one staged release.
     pub fn set_staged(&self, id: Option<ReleaseId>) {
         set_only(&self.staged, id);
+    }
+
+    /// Counts a refusal.
+    pub fn refused(&self, what: &'static str) {
+        self.refused.get_or_create(&WhatLabels { what }).inc();
+    }
+
+    /// Counts a delivery.
+    pub fn forwarded(&self, what: &'static str) {
+        self.forwarded.get_or_create(&WhatLabels { what }).inc();
     }
 
     /// The text exposition format.

@@ -20,13 +20,23 @@
 //! - [`control`]: the loop tying them together
 //! - [`metrics`]: the agent's Prometheus metrics
 //!
+//! Detect and forward (seed 004):
+//!
+//! - [`local`]: the thread owning `watch.dir`: edits → changesets, installs → the directory
+//! - [`forward`]: changesets to the hub (durable outbox) and to peers (immediate mode)
+//! - [`api`]: `PUT`/`DELETE /content/…` and changesets from peers
+//!
 //! Start one in-process with [`start`] (the demo and tests do), or run the process with
 //! [`run`] (`lockstep agent -c agent.yaml`: signals, systemd notification).
 
 pub mod activate;
 pub mod advance;
+pub mod api;
 pub mod config;
 pub mod control;
+pub mod detect;
+pub mod forward;
+pub mod local;
 pub mod measure;
 pub mod metrics;
 pub mod plan;
@@ -37,6 +47,7 @@ pub mod report;
 pub mod serve;
 pub mod stage;
 pub mod state;
+pub mod watcher;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,7 +55,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -52,8 +63,10 @@ use tracing::{info, warn};
 pub use config::AgentConfig;
 pub use release::Release;
 
+use crate::sync::auth::Tokens;
+use crate::sync::changeset::{Applied, Mode};
 use crate::sync::client::{ClientError, HubClient};
-use crate::sync::clock::Anchor;
+use crate::sync::clock::{self, Anchor, Offset};
 use crate::sync::manifest::ReleaseId;
 use crate::sync::protocol::Report;
 use crate::sync::store::{FsStore, StoreError};
@@ -81,6 +94,9 @@ pub enum AgentError {
     /// The hub settings are unusable.
     #[error(transparent)]
     Hub(#[from] ClientError),
+    /// Local change detection cannot start.
+    #[error("watch: {0}")]
+    Watch(String),
 }
 
 /// A running agent.
@@ -168,25 +184,53 @@ pub async fn start_on(
     // Creating a few directories and clearing tmp/: quick enough to do here.
     let store = FsStore::open(&config.store)?;
     let store = Arc::new(store);
-    let (current, previous) = {
+    let (current, previous, applied) = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || load_state(&store))
             .await
-            .unwrap_or((None, None))
+            .unwrap_or((None, None, Applied::new()))
     };
     let metrics = Arc::new(AgentMetrics::new());
     let active: Active = Arc::new(ArcSwapOption::new(current.clone()));
     metrics.set_active(current.as_ref().map(|r| r.id()));
-    if let Some(w) = &config.watch {
-        warn!(dir = %w.dir.display(), mode = ?w.mode, "watch: is configured but local change detection is not active in this build yet");
-    }
-
     let tracker = TaskTracker::new();
+    let (clock_tx, clock_rx) = tokio::sync::watch::channel(None);
+    let (install_tx, install_rx) = mpsc::unbounded_channel();
+    let local_tx = match &config.watch {
+        Some(w) => Some(start_local(
+            &config,
+            w,
+            &store,
+            &metrics,
+            &client,
+            current.clone(),
+            hub_clock(anchor, clock_rx.clone()),
+            install_tx.clone(),
+            &shutdown,
+            &tracker,
+        )?),
+        None => None,
+    };
     tracker.spawn(serve::serve(
         listener,
         ServeState {
             active: active.clone(),
             metrics: metrics.clone(),
+            api: Some(Arc::new(api::AgentApi {
+                name: config.name.clone(),
+                tokens: Tokens {
+                    agent: config.token.clone(),
+                    publish: None,
+                },
+                store: store.clone(),
+                installs: install_tx,
+                local: local_tx.clone(),
+                max_file_bytes: config
+                    .watch
+                    .as_ref()
+                    .map_or(crate::sync::manifest::MAX_BLOB_BYTES, |w| w.max_file_bytes),
+                metrics: metrics.clone(),
+            })),
         },
         shutdown.clone(),
         tracker.clone(),
@@ -212,7 +256,7 @@ pub async fn start_on(
         serve: Some(serve_addr.to_string()),
         ..Report::default()
     };
-    let (report_tx, report_rx) = watch::channel(report);
+    let (report_tx, report_rx) = tokio::sync::watch::channel(report);
     tracker.spawn(report::reporter(
         client.clone(),
         config.name.clone(),
@@ -220,7 +264,6 @@ pub async fn start_on(
         shutdown.clone(),
     ));
 
-    let (clock_tx, clock_rx) = watch::channel(None);
     let measure_now = Arc::new(Notify::new());
     tracker.spawn(measure::measurer(
         client.clone(),
@@ -251,8 +294,10 @@ pub async fn start_on(
         measure_now,
         current.clone(),
         previous,
+        applied,
+        local_tx,
     );
-    tracker.spawn(controller.run(sched_rx, clock_rx, shutdown.clone()));
+    tracker.spawn(controller.run(sched_rx, clock_rx, install_rx, shutdown.clone()));
     info!(
         name = %config.name,
         serve = %serve_addr,
@@ -269,13 +314,116 @@ pub async fn start_on(
     })
 }
 
-/// The active and previous releases recorded in the store, when they load whole.
-fn load_state(store: &Arc<FsStore>) -> (Option<Arc<Release>>, Option<Arc<Release>>) {
+/// Hub time now (µs) from the agent's clock estimate; the wall clock until one exists.
+fn hub_clock(
+    anchor: Anchor,
+    clock: tokio::sync::watch::Receiver<Option<Offset>>,
+) -> Arc<dyn Fn() -> u64 + Send + Sync> {
+    Arc::new(move || {
+        let offset = *clock.borrow();
+        match offset {
+            Some(o) => clock::hub_time(std::time::Instant::now(), o, &anchor).max(0) as u64,
+            None => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0),
+        }
+    })
+}
+
+/// Starts detect-and-forward: the local-edit thread, the watcher (with `watch.dir`), the
+/// forwarder and, for immediate mode without a static `peers:` list, the registry reader.
+#[allow(clippy::too_many_arguments)]
+fn start_local(
+    config: &AgentConfig,
+    w: &config::Watch,
+    store: &Arc<FsStore>,
+    metrics: &Arc<AgentMetrics>,
+    client: &HubClient,
+    current: Option<Arc<Release>>,
+    hub_now: Arc<dyn Fn() -> u64 + Send + Sync>,
+    installs: mpsc::UnboundedSender<control::Install>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<mpsc::UnboundedSender<local::Input>, AgentError> {
+    let ignore =
+        Arc::new(detect::Ignore::new(&w.ignore).map_err(|e| AgentError::Watch(e.to_string()))?);
+    let (local_tx, local_rx) = mpsc::unbounded_channel();
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    local::Local {
+        name: config.name.clone(),
+        mode: w.mode,
+        dir: w.dir.clone(),
+        ignore: ignore.clone(),
+        max_file_bytes: w.max_file_bytes,
+        store: store.clone(),
+        hub_now,
+        out: out_tx,
+        installs,
+        metrics: metrics.clone(),
+    }
+    .spawn(current, local_rx)
+    .map_err(|e| AgentError::Watch(format!("cannot start the local-edit thread: {e}")))?;
+    if let Some(dir) = &w.dir {
+        // Watcher batches go straight to the local thread.
+        let (scope_tx, mut scope_rx) = mpsc::unbounded_channel();
+        let watcher = watcher::spawn(
+            dir,
+            w.debounce,
+            w.rescan,
+            ignore,
+            scope_tx,
+            shutdown.clone(),
+        )
+        .map_err(|e| AgentError::Watch(e.to_string()))?;
+        let tx = local_tx.clone();
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            let _watcher = watcher;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    s = scope_rx.recv() => match s {
+                        Some(s) => if tx.send(local::Input::Scope(s)).is_err() { return },
+                        None => return,
+                    },
+                }
+            }
+        });
+    }
+    let peers = if !config.peers.is_empty() {
+        forward::Peers::Static(config.peers.clone())
+    } else {
+        let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+        if w.mode == Mode::Immediate {
+            tracker.spawn(forward::registry(
+                client.clone(),
+                config.name.clone(),
+                tx,
+                shutdown.clone(),
+            ));
+        }
+        forward::Peers::Registry(rx)
+    };
+    let forwarder = forward::Forwarder {
+        client: client.clone(),
+        token: config.token.clone(),
+        store: store.clone(),
+        peers,
+        metrics: metrics.clone(),
+    };
+    tracker.spawn(forwarder.run(out_rx, shutdown.clone()));
+    Ok(local_tx)
+}
+
+/// The active and previous releases recorded in the store, when they load whole, and the
+/// changesets the active one includes.
+fn load_state(store: &Arc<FsStore>) -> (Option<Arc<Release>>, Option<Arc<Release>>, Applied) {
     let state: AgentState = match store.read_state(STATE_NAME) {
         Ok(s) => s.unwrap_or_default(),
         Err(e) => {
             warn!(error = %e, "agent state unreadable; starting empty and fetching the hub's active release");
-            return (None, None);
+            return (None, None, Applied::new());
         }
     };
     let load = |id: Option<ReleaseId>, what: &str| {
@@ -288,10 +436,14 @@ fn load_state(store: &Arc<FsStore>) -> (Option<Arc<Release>>, Option<Arc<Release
             }
         }
     };
-    (
-        load(state.active, "active"),
-        load(state.previous, "previous"),
-    )
+    let active = load(state.active, "active");
+    // Without its release, the record of what it included means nothing.
+    let applied = if active.is_some() {
+        state.applied
+    } else {
+        Applied::new()
+    };
+    (active, load(state.previous, "previous"), applied)
 }
 
 /// Longest time in-flight requests get at shutdown.

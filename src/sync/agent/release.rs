@@ -37,6 +37,22 @@ pub struct File {
     pub body: Option<Bytes>,
 }
 
+impl File {
+    fn new(entry: &crate::sync::manifest::Entry, body: Option<Bytes>) -> File {
+        let content_type = HeaderValue::from_str(&entry.content_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+        let etag = HeaderValue::from_str(&format!("\"{}\"", entry.hash))
+            .expect("hex in quotes is a valid header value");
+        File {
+            hash: entry.hash,
+            size: entry.size,
+            content_type,
+            etag,
+            body,
+        }
+    }
+}
+
 /// A release ready to serve.
 pub struct Release {
     id: ReleaseId,
@@ -122,11 +138,36 @@ impl Release {
 
     /// A release of `manifest`, whose blobs are all in `store`. Blocking.
     pub fn build(store: &Arc<FsStore>, manifest: Manifest) -> Result<Release, LoadError> {
+        Release::build_reusing(store, manifest, None)
+    }
+
+    /// As [`Release::build`], taking the files `reuse` already holds (same blob) from it
+    /// instead of the disk: installing a one-file changeset into a large release reads one
+    /// file. Blocking.
+    pub fn build_reusing(
+        store: &Arc<FsStore>,
+        manifest: Manifest,
+        reuse: Option<&Release>,
+    ) -> Result<Release, LoadError> {
         let id = manifest.id();
         let mut bodies: HashMap<Hash, Bytes> = HashMap::new();
         let mut budget = INLINE_BUDGET_BYTES;
         let mut files = HashMap::with_capacity(manifest.files().len());
+        let mut checked: HashMap<Hash, Option<Bytes>> = HashMap::new();
+        if let Some(r) = reuse {
+            for f in r.files.values() {
+                checked.insert(f.hash, f.body.clone());
+                if let Some(b) = &f.body {
+                    budget = budget.saturating_sub(f.size);
+                    bodies.insert(f.hash, b.clone());
+                }
+            }
+        }
         for (path, entry) in manifest.files() {
+            if let Some(body) = checked.get(&entry.hash) {
+                files.insert(path.as_str().into(), File::new(entry, body.clone()));
+                continue;
+            }
             let damaged = || {
                 // Gone or wrong: drop it so that staging fetches a good copy.
                 let _ = std::fs::remove_file(store.blob_path(&entry.hash));
@@ -157,20 +198,7 @@ impl Release {
                     None
                 }
             };
-            let content_type = HeaderValue::from_str(&entry.content_type)
-                .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-            let etag = HeaderValue::from_str(&format!("\"{}\"", entry.hash))
-                .expect("hex in quotes is a valid header value");
-            files.insert(
-                path.as_str().into(),
-                File {
-                    hash: entry.hash,
-                    size: entry.size,
-                    content_type,
-                    etag,
-                    body,
-                },
-            );
+            files.insert(path.as_str().into(), File::new(entry, body));
         }
         Ok(Release {
             id,

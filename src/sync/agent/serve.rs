@@ -7,6 +7,8 @@
 //! A request loads the active-release pointer exactly once, so its status, headers and body
 //! all come from one release, whatever flips meanwhile. `/.lockstep/healthz` and
 //! `/.lockstep/metrics` are the agent's own (a release's files under `.lockstep/` are shadowed).
+//! Writes (`PUT`/`DELETE /content/…`) and changesets from peers (`POST /.lockstep/changesets`)
+//! go to [`super::api`].
 
 use std::convert::Infallible;
 use std::io;
@@ -50,6 +52,8 @@ pub struct ServeState {
     pub active: Active,
     /// The agent's metrics.
     pub metrics: Arc<AgentMetrics>,
+    /// The write and peer API (absent in tests of serving alone).
+    pub api: Option<Arc<super::api::AgentApi>>,
 }
 
 /// A response body: bytes in memory, or a blob streamed from the store.
@@ -69,10 +73,10 @@ pub enum Body {
 }
 
 impl Body {
-    fn empty() -> Body {
+    pub(super) fn empty() -> Body {
         Body::Bytes(None)
     }
-    fn bytes(b: impl Into<Bytes>) -> Body {
+    pub(super) fn bytes(b: impl Into<Bytes>) -> Body {
         Body::Bytes(Some(b.into()))
     }
 }
@@ -161,7 +165,14 @@ pub async fn serve(
         tracker.spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+                async move {
+                    if let Some(api) = state.api.as_ref() {
+                        if super::api::is_api(req.method(), req.uri().path()) {
+                            return Ok::<_, Infallible>(super::api::handle(api, req).await);
+                        }
+                    }
+                    Ok::<_, Infallible>(handle(&state, req).await)
+                }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
@@ -370,6 +381,7 @@ mod tests {
         let state = ServeState {
             active: Arc::new(ArcSwapOption::empty()),
             metrics: Arc::new(AgentMetrics::new()),
+            api: None,
         };
         let (resp, _) = get(&state, Method::GET, "/", None).await;
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -4,19 +4,23 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::sync::changeset::Applied;
 use crate::sync::manifest::ReleaseId;
 
 /// The state file's name in the store (`agent.json`).
 pub const STATE_NAME: &str = "agent";
 
 /// What the agent must remember across restarts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentState {
     /// The release being served.
     pub active: Option<ReleaseId>,
     /// The release before it (kept for an instant rollback).
     pub previous: Option<ReleaseId>,
+    /// Highest changeset sequence per origin the active release includes.
+    #[serde(default, skip_serializing_if = "Applied::is_empty")]
+    pub applied: Applied,
 }
 
 #[cfg(test)]
@@ -33,6 +37,7 @@ mod tests {
         let s = AgentState {
             active: Some(Hash::of(b"2")),
             previous: Some(Hash::of(b"1")),
+            applied: [("web-2".to_string(), 9)].into(),
         };
         store.write_state(STATE_NAME, &s).unwrap();
         let store = FsStore::open(dir.path()).unwrap();

@@ -31,6 +31,8 @@ type Answer = Response<Full<Bytes>>;
 const READ: &[Role] = &[Role::Agent, Role::Publish];
 const PUBLISH: &[Role] = &[Role::Publish];
 const AGENT: &[Role] = &[Role::Agent];
+/// Blobs come from publishers and from agents forwarding changesets.
+const WRITE: &[Role] = &[Role::Agent, Role::Publish];
 
 /// Serves the sync API on `socket` (TLS when `tls` is set) until `shutdown`.
 pub async fn serve(
@@ -192,8 +194,9 @@ async fn route(
     let roles = match (&method, segments.as_slice()) {
         (&Method::GET | &Method::HEAD, ["time" | "schedule" | "agents"])
         | (&Method::GET | &Method::HEAD, ["releases" | "blobs", _]) => READ,
+        (&Method::PUT, ["blobs", _]) => WRITE,
+        (&Method::POST, ["changesets"]) => AGENT,
         (&Method::POST, ["releases"])
-        | (&Method::PUT, ["blobs", _])
         | (&Method::POST, ["releases", _, "commit"])
         | (&Method::POST, ["rollback"]) => PUBLISH,
         (&Method::POST, ["cycles", _, "advance"]) | (&Method::POST, ["agents", _, "report"]) => {
@@ -201,7 +204,8 @@ async fn route(
         }
         (
             _,
-            ["time" | "schedule" | "agents" | "releases" | "blobs" | "rollback" | "cycles", ..],
+            ["time" | "schedule" | "agents" | "releases" | "blobs" | "rollback" | "cycles"
+            | "changesets", ..],
         ) => {
             return Err(error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -305,6 +309,12 @@ async fn route(
                 StatusCode::OK,
                 &hub.commit(id, commit.at_us).await.map_err(hub_error)?,
             )
+        }
+        (Method::POST, ["changesets"]) => {
+            let b = body(req, MAX_JSON_BYTES).await?;
+            let cs: crate::sync::protocol::Changeset = serde_json::from_slice(&b)
+                .map_err(|e| error(StatusCode::BAD_REQUEST, format!("changeset body: {e}")))?;
+            json(StatusCode::OK, &hub.changeset(cs).await.map_err(hub_error)?)
         }
         (Method::POST, ["rollback"]) => {
             json(StatusCode::OK, &hub.rollback().await.map_err(hub_error)?)

@@ -24,8 +24,13 @@ pub fn fleet_release(state: &HubState, now_us: u64) -> Option<ReleaseId> {
 /// one as their reports land would send a whole pool to the first one for that moment.
 pub const FLIP_REPORT_GRACE_US: u64 = 1_000_000;
 
+/// For this long after an immediate changeset changed the active release, no agent is counted
+/// behind: the changeset reaches agents directly and their reports follow; a burst of edits
+/// must not pull backends out of rotation one after another.
+pub const FORWARD_GRACE_US: u64 = 5_000_000;
+
 /// Names of the agents whose active release is not the fleet's (none when the fleet has no
-/// release yet).
+/// release yet, or while immediate changesets are settling).
 pub fn behind<'a>(
     state: &HubState,
     now_us: u64,
@@ -34,6 +39,12 @@ pub fn behind<'a>(
     let Some(release) = fleet_release(state, now_us) else {
         return HashSet::new();
     };
+    if state
+        .forwarded_us
+        .is_some_and(|t| now_us < t.saturating_add(FORWARD_GRACE_US))
+    {
+        return HashSet::new();
+    }
     let also = match state.staged {
         Some(s) if now_us >= s.at_us && now_us < s.at_us.saturating_add(FLIP_REPORT_GRACE_US) => {
             state.active
@@ -50,10 +61,17 @@ pub fn behind<'a>(
 /// When [`behind`] may change by time alone after `now_us`: the activation and the end of the
 /// flip-report grace.
 pub fn next_change(state: &HubState, now_us: u64) -> Option<u64> {
-    let s = state.staged?;
-    [s.at_us, s.at_us.saturating_add(FLIP_REPORT_GRACE_US)]
-        .into_iter()
-        .find(|&t| t > now_us)
+    let flip = state
+        .staged
+        .map(|s| [s.at_us, s.at_us.saturating_add(FLIP_REPORT_GRACE_US)]);
+    let forward = state
+        .forwarded_us
+        .map(|t| t.saturating_add(FORWARD_GRACE_US));
+    flip.into_iter()
+        .flatten()
+        .chain(forward)
+        .filter(|&t| t > now_us)
+        .min()
 }
 
 /// Reports keyed by agent name, with the hub time each arrived.
@@ -96,5 +114,21 @@ mod tests {
         assert_eq!(next_change(&state, 50), Some(100));
         assert_eq!(next_change(&state, 100), Some(100 + FLIP_REPORT_GRACE_US));
         assert!(behind(&HubState::default(), 100, &reports).is_empty());
+        // While immediate changesets settle, nobody is behind.
+        let forwarding = HubState {
+            active: Some(r2),
+            forwarded_us: Some(1000),
+            ..HubState::default()
+        };
+        assert!(behind(&forwarding, 1000 + FORWARD_GRACE_US - 1, &reports).is_empty());
+        assert_eq!(
+            next_change(&forwarding, 1000),
+            Some(1000 + FORWARD_GRACE_US)
+        );
+        let after: HashSet<String> = ["a".into(), "c".into()].into();
+        assert_eq!(
+            behind(&forwarding, 1000 + FORWARD_GRACE_US, &reports),
+            after
+        );
     }
 }

@@ -21,6 +21,13 @@ pub struct ByLabels {
     pub by: &'static str,
 }
 
+/// Labels naming a changeset mode.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    /// `immediate` or `scheduled`.
+    pub mode: &'static str,
+}
+
 /// Labels naming an agent.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AgentLabels {
@@ -47,6 +54,10 @@ pub struct HubMetrics {
     pub advances: Family<ByLabels, Counter>,
     /// Agents whose active release is behind the fleet's.
     pub behind: Gauge,
+    /// Changesets applied, by mode.
+    pub changesets: Family<ModeLabels, Counter>,
+    /// Concurrent edits of one path resolved (one loser each).
+    pub conflicts: Counter,
     /// Reported clock offset θ per agent, seconds.
     pub offset: Family<AgentLabels, FloatGauge>,
     /// Reported error bound ε per agent, seconds.
@@ -92,6 +103,16 @@ impl HubMetrics {
                 m.behind.clone(),
             );
             r.register(
+                "sync_changesets",
+                "Changesets from agents applied, by mode",
+                m.changesets.clone(),
+            );
+            r.register(
+                "sync_conflicts",
+                "Concurrent edits of one path resolved (the later by hub time won)",
+                m.conflicts.clone(),
+            );
+            r.register(
                 "sync_agent_clock_offset_seconds",
                 "Clock offset (hub minus agent) each agent measured",
                 m.offset.clone(),
@@ -114,6 +135,14 @@ impl HubMetrics {
         self.cycle.set(s.cycle as i64);
         self.activation
             .set(s.staged.map_or(0.0, |st| st.at_us as f64 / 1e6));
+    }
+
+    pub(super) fn changeset(&self, mode: crate::sync::changeset::Mode) {
+        let mode = match mode {
+            crate::sync::changeset::Mode::Immediate => "immediate",
+            crate::sync::changeset::Mode::Scheduled => "scheduled",
+        };
+        self.changesets.get_or_create(&ModeLabels { mode }).inc();
     }
 
     pub(super) fn advance(&self, by: Advancer) {

@@ -12,7 +12,7 @@ pub mod api;
 pub mod fleet;
 mod metrics;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,9 +22,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::auth::Tokens;
-use super::cycle::{Advance, CycleError, HubState, Published};
+use super::changeset::{self, Changeset, Mode, Stamp};
+use super::cycle::{Advance, CycleError, Forward, HubState, Published};
 use super::manifest::{Hash, Manifest, ManifestError, ReleaseId, MAX_BLOB_BYTES};
-use super::protocol::{Advanced, AgentView, Committed, Fleet, Report, Schedule, Uploaded};
+use super::protocol::{
+    Advanced, AgentView, ChangesetReply, Committed, ConflictView, Fleet, Report, Schedule, Uploaded,
+};
 use super::schedule::Rules;
 use super::store::{HubStore, StoreError};
 use crate::config::sync::Sync as SyncConfig;
@@ -35,6 +38,8 @@ pub const GRACE: Duration = Duration::from_secs(2);
 
 /// Most agents the hub keeps reports of (a peer cannot grow the map without bound).
 pub const MAX_AGENTS: usize = 4096;
+/// Resolved conflicts kept for `lockstep status`.
+pub const MAX_CONFLICTS: usize = 64;
 /// Longest `error` text kept from a report.
 const MAX_REPORT_ERROR: usize = 1024;
 
@@ -115,6 +120,7 @@ pub struct Hub {
     reports: Mutex<fleet::Reports>,
     reports_changed: Notify,
     behind: watch::Sender<HashSet<String>>,
+    conflicts: Mutex<VecDeque<ConflictView>>,
     metrics: HubMetrics,
 }
 
@@ -145,6 +151,7 @@ impl Hub {
             reports: Mutex::new(fleet::Reports::new()),
             reports_changed: Notify::new(),
             behind: watch::Sender::new(HashSet::new()),
+            conflicts: Mutex::new(VecDeque::new()),
             metrics,
         }))
     }
@@ -181,6 +188,7 @@ impl Hub {
             queued: s.queued.map(|q| q.id),
             previous: s.previous,
             now_us: self.now_us(),
+            applied: s.applied.clone(),
         }
     }
 
@@ -345,6 +353,135 @@ impl Hub {
         Ok(self.committed(id, published))
     }
 
+    /// Applies a changeset from an agent (seed 004): `immediate` changes the active release at
+    /// once (and the staged and queued ones, so an activation does not undo them);
+    /// `scheduled` makes the next release from the newest pending one. Concurrent edits of a
+    /// path resolve last-writer-by-hub-time-wins; the losers are logged, counted and listed in
+    /// [`Hub::fleet`]. A changeset whose blobs are not all here is answered `missing`; one
+    /// already applied, `duplicate`. Whole or nothing: a refused one changes nothing.
+    pub async fn changeset(self: &Arc<Self>, cs: Changeset) -> Result<ChangesetReply, HubError> {
+        cs.check().map_err(|e| HubError::Bad(e.to_string()))?;
+        let reply = |state: &str| ChangesetReply {
+            state: state.into(),
+            missing: Vec::new(),
+            release: None,
+            conflicts: Vec::new(),
+        };
+        if self.state().applied.get(&cs.origin) >= Some(&cs.seq) {
+            return Ok(reply("duplicate"));
+        }
+        let hub = self.clone();
+        let blobs = cs.blobs();
+        let missing = blocking(move || {
+            let mut missing = Vec::new();
+            for (hash, size) in blobs {
+                if hub.store.blob_len(&hash)? != Some(size) {
+                    missing.push(hash);
+                }
+            }
+            Ok::<_, StoreError>(missing)
+        })
+        .await?;
+        if !missing.is_empty() {
+            return Ok(ChangesetReply {
+                missing,
+                ..reply("missing")
+            });
+        }
+        let hub = self.clone();
+        let name = cs.name();
+        let mode = cs.mode;
+        let outcome = self
+            .transition(move |s, now, rules| {
+                if s.applied.get(&cs.origin) >= Some(&cs.seq) {
+                    return Ok((None, None));
+                }
+                let load = |id: Option<ReleaseId>| -> Result<Manifest, HubError> {
+                    let Some(id) = id else {
+                        return Ok(Manifest::default());
+                    };
+                    let bytes = hub
+                        .store
+                        .get_release(&id)?
+                        .ok_or_else(|| HubError::NotFound(format!("release {id} is not stored")))?;
+                    Ok(Manifest::from_json(&bytes)?)
+                };
+                let put = |m: &Manifest| -> Result<ReleaseId, HubError> {
+                    let id = m.id();
+                    hub.store.put_release(&id, &m.to_json())?;
+                    Ok(id)
+                };
+                let target = match cs.mode {
+                    Mode::Immediate => s.active,
+                    Mode::Scheduled => s.newest(),
+                };
+                let current = load(target)?;
+                let r = changeset::resolve(&current, &s.stamps, &cs);
+                let stamp = Stamp {
+                    at_us: cs.detected_us,
+                    origin: cs.origin.clone(),
+                };
+                let f = Forward {
+                    origin: cs.origin.clone(),
+                    seq: cs.seq,
+                    written: r.apply.keys().map(|p| (p.clone(), stamp.clone())).collect(),
+                };
+                let refused = |e: ManifestError| {
+                    HubError::Bad(format!("changeset {} refused: {e}", cs.name()))
+                };
+                let release = put(&changeset::apply(&current, &r.apply).map_err(refused)?)?;
+                let next = match cs.mode {
+                    Mode::Immediate => {
+                        let rebase = |id: Option<ReleaseId>| match id {
+                            Some(_) => changeset::apply(&load(id)?, &r.apply)
+                                .map_err(refused)
+                                .and_then(|m| put(&m))
+                                .map(Some),
+                            None => Ok(None),
+                        };
+                        let staged = rebase(s.staged.map(|x| x.id))?;
+                        let queued = rebase(s.queued.map(|x| x.id))?;
+                        s.forward_immediate(f, release, staged, queued, now)
+                    }
+                    Mode::Scheduled => s.forward_scheduled(f, release, now, rules).0,
+                };
+                Ok((Some(next), Some((release, r.conflicts))))
+            })
+            .await?;
+        let Some((release, conflicts)) = outcome else {
+            return Ok(reply("duplicate"));
+        };
+        self.metrics.changeset(mode);
+        info!(changeset = %name, ?mode, release = %release.short(), conflicts = conflicts.len(), "changeset applied");
+        if !conflicts.is_empty() {
+            let now = self.now_us();
+            let mut kept = self.conflicts.lock().unwrap_or_else(|p| p.into_inner());
+            for c in &conflicts {
+                self.metrics.conflicts.inc();
+                warn!(
+                    path = %c.path,
+                    winner = %c.winner.origin,
+                    winner_us = c.winner.at_us,
+                    loser = %if c.loser.origin.is_empty() { "a publish" } else { &c.loser.origin },
+                    loser_us = c.loser.at_us,
+                    "concurrent edits of one path: the later by hub time wins"
+                );
+                if kept.len() == MAX_CONFLICTS {
+                    kept.pop_front();
+                }
+                kept.push_back(ConflictView {
+                    conflict: c.clone(),
+                    resolved_us: now,
+                });
+            }
+        }
+        Ok(ChangesetReply {
+            release: Some(release),
+            conflicts,
+            ..reply("applied")
+        })
+    }
+
     /// Stages the previous release.
     pub async fn rollback(self: &Arc<Self>) -> Result<Committed, HubError> {
         let (id, published) = self
@@ -449,6 +586,13 @@ impl Hub {
                 })
                 .collect(),
             schedule,
+            conflicts: self
+                .conflicts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned()
+                .collect(),
         }
     }
 
@@ -479,11 +623,14 @@ impl Hub {
             // flip-report grace (agents still on the old release go behind), or the end of the
             // advance grace period (the hub advances).
             let now = self.now_us();
-            let wake = state.staged.map(|s| {
-                let at = fleet::next_change(&state, now)
-                    .unwrap_or_else(|| s.at_us.saturating_add(GRACE.as_micros() as u64));
-                Duration::from_micros(at.saturating_sub(now))
-            });
+            let grace_end = state
+                .staged
+                .map(|s| s.at_us.saturating_add(GRACE.as_micros() as u64));
+            let wake = fleet::next_change(&state, now)
+                .into_iter()
+                .chain(grace_end.filter(|&t| t > now))
+                .min()
+                .map(|at| Duration::from_micros(at.saturating_sub(now)));
             if let Some(s) = state.staged {
                 if now >= s.at_us.saturating_add(GRACE.as_micros() as u64) {
                     match self.advance(state.cycle, Advancer::Hub).await {

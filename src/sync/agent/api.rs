@@ -1,0 +1,213 @@
+//! The agent's write and peer API, on its serve address, behind the agent token
+//! (`Authorization: Bearer …`, compared in constant time; open when the agent has no token):
+//!
+//! | request | answer |
+//! |---|---|
+//! | `PUT /content/{path}` (the file's bytes) | 200 `{"changeset": "name/seq"}`, or `null` when unchanged; 400 bad path, 413 over `watch.max_file_size` |
+//! | `DELETE /content/{path}` | 200 as above; 404 no such file |
+//! | `POST /.lockstep/changesets` (a frame of [`super::forward::encode`]) | 202 installed in the background; 400 malformed or damaged; 200 `echo` for our own |
+//!
+//! A write is a local edit like one made in `watch.dir` (it is written there too, and
+//! forwarded by the `watch.mode`). A changeset from a peer is verified whole — every blob
+//! against its hash — before any of it is stored or installed; installing it never forwards it
+//! again, and one whose origin is this agent is dropped (nothing comes back to its origin).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use super::control::Install;
+use super::forward::{self, PEER_PATH};
+use super::local::{self, WriteError};
+use super::metrics::AgentMetrics;
+use super::release::decode_path;
+use super::serve::Body;
+use crate::sync::auth::{Check, Role, Tokens};
+use crate::sync::changeset::MAX_CHANGESET_BYTES;
+use crate::sync::store::FsStore;
+
+/// Prefix of the write API.
+pub const CONTENT_PREFIX: &str = "/content/";
+
+/// What the API needs.
+pub struct AgentApi {
+    /// This agent's name.
+    pub name: String,
+    /// Accepted token (the agent token).
+    pub tokens: Tokens,
+    /// The agent's store.
+    pub store: Arc<FsStore>,
+    /// Changesets to install.
+    pub installs: mpsc::UnboundedSender<Install>,
+    /// The local-edit thread (absent without `watch:`).
+    pub local: Option<mpsc::UnboundedSender<local::Input>>,
+    /// Largest file a `PUT` may carry.
+    pub max_file_bytes: u64,
+    /// Metrics.
+    pub metrics: Arc<AgentMetrics>,
+}
+
+/// Whether a request is for this API (else it is served from the release).
+pub fn is_api(method: &Method, path: &str) -> bool {
+    (method == Method::POST && path == PEER_PATH)
+        || ((method == Method::PUT || method == Method::DELETE) && path.starts_with(CONTENT_PREFIX))
+}
+
+fn answer(status: StatusCode, json: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Body::bytes(json.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
+    let mut r = answer(status, serde_json::json!({ "error": message.to_string() }));
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"lockstep-agent\""),
+        );
+    }
+    r
+}
+
+async fn read(req: Request<Incoming>, limit: u64) -> Result<Bytes, Response<Body>> {
+    match Limited::new(req.into_body(), limit as usize)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than {limit} bytes"),
+        )),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("reading the body: {e}"),
+        )),
+    }
+}
+
+/// Answers one API request.
+pub async fn handle(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match api.tokens.check(auth, &[Role::Agent]) {
+        Check::Allow => {}
+        _ => {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or unknown bearer token (the agent token)",
+            )
+        }
+    }
+    if req.uri().path() == PEER_PATH {
+        return from_peer(api, req).await;
+    }
+    write(api, req).await
+}
+
+async fn from_peer(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
+    let frame = match read(req, MAX_CHANGESET_BYTES + 64 * 1024 * 1024).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let (cs, blobs) = match forward::decode(&frame) {
+        Ok(v) => v,
+        Err(e) => {
+            api.metrics.refused("changeset");
+            warn!(error = %e, "changeset from a peer refused");
+            return error(StatusCode::BAD_REQUEST, e);
+        }
+    };
+    if cs.origin == api.name {
+        debug!(changeset = %cs.name(), "our own changeset came back; dropped");
+        return answer(StatusCode::OK, serde_json::json!({ "state": "echo" }));
+    }
+    let store = api.store.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        for (hash, data) in blobs {
+            if !store.has_blob(&hash) {
+                store.write_blob(&hash, &data)?;
+            }
+        }
+        Ok::<_, crate::sync::store::StoreError>(())
+    })
+    .await;
+    match stored {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the agent's store: {e}"),
+            )
+        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+    let name = cs.name();
+    if api.installs.send(Install { cs, remote: true }).is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping");
+    }
+    answer(
+        StatusCode::ACCEPTED,
+        serde_json::json!({ "state": "accepted", "changeset": name }),
+    )
+}
+
+async fn write(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
+    let Some(local) = &api.local else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "the write API needs `watch:` in agent.yaml (its mode says where writes go)",
+        );
+    };
+    let raw = req.uri().path()[CONTENT_PREFIX.len()..].to_string();
+    let Some(path) = decode_path(&raw) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "malformed percent-encoding in the path",
+        );
+    };
+    let body = if req.method() == Method::PUT {
+        match read(req, api.max_file_bytes).await {
+            Ok(b) => Some(b),
+            Err(r) => return r,
+        }
+    } else {
+        None
+    };
+    let (tx, rx) = oneshot::channel();
+    if local
+        .send(local::Input::Write {
+            path,
+            body,
+            reply: tx,
+        })
+        .is_err()
+    {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping");
+    }
+    match rx.await {
+        Ok(Ok(name)) => answer(StatusCode::OK, serde_json::json!({ "changeset": name })),
+        Ok(Err(e)) => {
+            let status = match &e {
+                WriteError::Bad(_) => StatusCode::BAD_REQUEST,
+                WriteError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                WriteError::NotFound(_) => StatusCode::NOT_FOUND,
+                WriteError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error(status, e)
+        }
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping"),
+    }
+}

@@ -1,0 +1,476 @@
+//! Forwarding (seed 004, claims 1, 8): a changeset detected on this backend goes
+//!
+//! - to the **hub**, always, from the durable outbox (`outbox/<seq>.json`, oldest first): the
+//!   hub answers `missing` with the blobs it lacks (uploaded, then the changeset again),
+//!   `applied` with any conflicts it resolved, or `duplicate`. Failures are retried with
+//!   doubling back-off; a file leaves the outbox only once the hub has it. A changeset the hub
+//!   refuses as malformed moves to `outbox/refused/` (kept for the operator, never retried).
+//!   The hub is how a stopped or new agent catches up, and in `scheduled` mode the only path;
+//! - in `immediate` mode, also **directly to every other agent** (`POST
+//!   /.lockstep/changesets` on their serve address, blobs inline — see [`encode`]), one try
+//!   and one retry: this is the fast path; an agent it misses gets the change from the hub.
+//!   Peers are the static `peers:` list, or the other agents the hub's registry knows.
+//!
+//! Installing never re-triggers forwarding: only [`super::local`] creates changesets.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::Method;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::metrics::AgentMetrics;
+use crate::sync::changeset::{Changeset, Mode};
+use crate::sync::client::{ok, HubClient};
+use crate::sync::manifest::Hash;
+use crate::sync::protocol::{ChangesetReply, Fleet, PREFIX};
+use crate::sync::store::FsStore;
+
+use super::local::OUTBOX;
+
+/// Path of the peer endpoint on an agent's serve address.
+pub const PEER_PATH: &str = "/.lockstep/changesets";
+/// Content type of a framed changeset.
+pub const FRAME_TYPE: &str = "application/x-lockstep-changeset";
+/// Changesets carrying more new content than this are not sent to peers directly (they fetch
+/// it through the hub).
+pub const MAX_INLINE_BYTES: u64 = 16 * 1024 * 1024;
+/// How often the peer list is read from the hub's registry.
+pub const PEER_REFRESH: Duration = Duration::from_secs(2);
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+const HUB_TIMEOUT: Duration = Duration::from_secs(30);
+const RETRY_BASE: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Why a frame is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// Cut short or malformed.
+    #[error("malformed changeset frame: {0}")]
+    Malformed(String),
+    /// A blob does not hash to its name.
+    #[error("blob {0} does not match its hash")]
+    Damaged(Hash),
+}
+
+/// A changeset with its new blobs: `u32` big-endian length of the JSON, the JSON, then each
+/// blob of [`Changeset::blobs`] in order.
+pub fn encode(cs: &Changeset, blob: impl Fn(&Hash) -> Option<Vec<u8>>) -> Option<Bytes> {
+    // Protocol messages are plain structs: they always serialise.
+    let json = serde_json::to_vec(cs).expect("changeset serialises");
+    let blobs = cs.blobs();
+    let total: u64 = blobs.iter().map(|(_, n)| n).sum();
+    let mut out = BytesMut::with_capacity(4 + json.len() + total as usize);
+    out.put_u32(json.len() as u32);
+    out.put_slice(&json);
+    for (hash, size) in blobs {
+        let b = blob(&hash)?;
+        if b.len() as u64 != size {
+            return None;
+        }
+        out.put_slice(&b);
+    }
+    Some(out.freeze())
+}
+
+/// Reads a frame: the changeset (checked) and its blobs, each verified against its hash.
+pub fn decode(frame: &[u8]) -> Result<(Changeset, Vec<(Hash, Bytes)>), FrameError> {
+    let bad = |m: &str| FrameError::Malformed(m.to_string());
+    if frame.len() < 4 {
+        return Err(bad("shorter than its header"));
+    }
+    let n = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+    let json = frame.get(4..4 + n).ok_or_else(|| bad("JSON cut short"))?;
+    let cs: Changeset =
+        serde_json::from_slice(json).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    cs.check()
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let mut at = 4 + n;
+    let mut blobs = Vec::new();
+    for (hash, size) in cs.blobs() {
+        let end = at
+            .checked_add(size as usize)
+            .filter(|&e| e <= frame.len())
+            .ok_or_else(|| bad("blobs cut short"))?;
+        let data = &frame[at..end];
+        if Hash::of(data) != hash {
+            return Err(FrameError::Damaged(hash));
+        }
+        blobs.push((hash, Bytes::copy_from_slice(data)));
+        at = end;
+    }
+    if at != frame.len() {
+        return Err(bad("bytes after the last blob"));
+    }
+    Ok((cs, blobs))
+}
+
+/// Where peers come from.
+#[derive(Clone)]
+pub enum Peers {
+    /// A fixed list of serve URLs.
+    Static(Vec<String>),
+    /// The hub's registry, refreshed in the background.
+    Registry(watch::Receiver<Vec<String>>),
+}
+
+impl Peers {
+    fn list(&self) -> Vec<String> {
+        match self {
+            Peers::Static(v) => v.clone(),
+            Peers::Registry(rx) => rx.borrow().clone(),
+        }
+    }
+}
+
+/// Keeps the peer list from the hub's registry: every other agent that reported a serve
+/// address.
+pub async fn registry(
+    client: HubClient,
+    name: String,
+    tx: watch::Sender<Vec<String>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match client
+            .json::<Fleet>(
+                Method::GET,
+                &format!("{PREFIX}/agents"),
+                None::<&()>,
+                HUB_TIMEOUT,
+            )
+            .await
+        {
+            Ok(fleet) => {
+                let mut peers: Vec<String> = fleet
+                    .agents
+                    .iter()
+                    .filter(|a| a.name != name)
+                    .filter_map(|a| a.report.serve.as_ref())
+                    .map(|s| format!("http://{s}"))
+                    .collect();
+                peers.sort();
+                tx.send_if_modified(|p| {
+                    let changed = *p != peers;
+                    *p = peers;
+                    changed
+                });
+            }
+            Err(e) => debug!(error = %e, "cannot read the hub's agent registry"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PEER_REFRESH) => {}
+        }
+    }
+}
+
+/// Sends changesets on: to peers at once (immediate), and through the outbox to the hub.
+pub struct Forwarder {
+    /// The hub.
+    pub client: HubClient,
+    /// The agent's token (sent to peers).
+    pub token: Option<String>,
+    /// The agent's store (blobs, outbox).
+    pub store: Arc<FsStore>,
+    /// The other agents.
+    pub peers: Peers,
+    /// Metrics.
+    pub metrics: Arc<AgentMetrics>,
+}
+
+impl Forwarder {
+    /// Runs until `shutdown`: each changeset from `rx` is sent to the peers (immediate mode)
+    /// and the outbox is drained to the hub.
+    pub async fn run(
+        self,
+        mut rx: mpsc::UnboundedReceiver<Changeset>,
+        shutdown: CancellationToken,
+    ) {
+        let me = Arc::new(self);
+        let wake = Arc::new(Notify::new());
+        let drain = tokio::spawn(me.clone().drain(wake.clone(), shutdown.clone()));
+        let clients: Arc<Mutex<HashMap<String, HubClient>>> = Arc::default();
+        loop {
+            let cs = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                cs = rx.recv() => match cs { Some(cs) => cs, None => break },
+            };
+            wake.notify_one();
+            if cs.mode == Mode::Immediate {
+                me.to_peers(cs, &clients);
+            }
+        }
+        drain.abort();
+    }
+
+    fn to_peers(self: &Arc<Self>, cs: Changeset, clients: &Arc<Mutex<HashMap<String, HubClient>>>) {
+        let bytes: u64 = cs.blobs().iter().map(|(_, n)| n).sum();
+        if bytes > MAX_INLINE_BYTES {
+            debug!(changeset = %cs.name(), bytes, "too big to send to peers directly; they get it through the hub");
+            return;
+        }
+        let store = self.store.clone();
+        let Some(frame) = encode(&cs, |h| store.read_blob(h).ok().flatten()) else {
+            warn!(changeset = %cs.name(), "a blob of the changeset is missing from the store; peers get it through the hub");
+            return;
+        };
+        for peer in self.peers.list() {
+            let client = {
+                let mut map = clients.lock().unwrap_or_else(|p| p.into_inner());
+                match map.get(&peer) {
+                    Some(c) => c.clone(),
+                    None => match HubClient::new(&peer, self.token.clone(), None) {
+                        Ok(c) => {
+                            map.insert(peer.clone(), c.clone());
+                            c
+                        }
+                        Err(e) => {
+                            warn!(peer = %peer, error = %e, "unusable peer address");
+                            continue;
+                        }
+                    },
+                }
+            };
+            let (frame, metrics, name) = (frame.clone(), self.metrics.clone(), cs.name());
+            tokio::spawn(async move {
+                for attempt in 0..2 {
+                    let r = client
+                        .send(
+                            Method::POST,
+                            PEER_PATH,
+                            Some((frame.clone(), FRAME_TYPE)),
+                            PEER_TIMEOUT,
+                        )
+                        .await
+                        .and_then(ok);
+                    match r {
+                        Ok(_) => {
+                            metrics.forwarded("peer");
+                            return;
+                        }
+                        Err(e) if attempt == 0 => {
+                            debug!(peer = %client.url(), changeset = %name, error = %e, "forward to peer failed; once more");
+                            tokio::time::sleep(RETRY_BASE).await;
+                        }
+                        Err(e) => {
+                            metrics.forward_failures.inc();
+                            debug!(peer = %client.url(), changeset = %name, error = %e, "forward to peer failed; it will catch up from the hub");
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    fn outbox(&self) -> PathBuf {
+        self.store.root().join(OUTBOX)
+    }
+
+    /// The outbox's files, oldest first.
+    fn pending(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.outbox())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+    }
+
+    async fn drain(self: Arc<Self>, wake: Arc<Notify>, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let mut stalled = false;
+            for file in self.pending() {
+                let cs = match std::fs::read(&file)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        serde_json::from_slice::<Changeset>(&b).map_err(|e| e.to_string())
+                    }) {
+                    Ok(cs) => cs,
+                    Err(e) => {
+                        error!(file = %file.display(), error = %e, "unreadable outbox entry set aside");
+                        self.set_aside(&file);
+                        continue;
+                    }
+                };
+                match self.to_hub(&cs).await {
+                    Ok(()) => {
+                        failures = 0;
+                        let _ = std::fs::remove_file(&file);
+                    }
+                    Err(Refused(e)) => {
+                        error!(changeset = %cs.name(), error = %e, "the hub refused the changeset; set aside in outbox/refused");
+                        self.metrics.refused("hub");
+                        self.set_aside(&file);
+                    }
+                    Err(Retry(e)) => {
+                        failures += 1;
+                        warn!(changeset = %cs.name(), error = %e, "cannot send the changeset to the hub yet; retrying");
+                        stalled = true;
+                        break;
+                    }
+                }
+            }
+            let pause = if stalled {
+                super::plan::backoff(failures, RETRY_BASE, RETRY_MAX)
+            } else {
+                Duration::from_secs(3600)
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    fn set_aside(&self, file: &std::path::Path) {
+        let dir = self.outbox().join("refused");
+        let _ = std::fs::create_dir_all(&dir);
+        if let Some(name) = file.file_name() {
+            let _ = std::fs::rename(file, dir.join(name));
+        }
+    }
+
+    async fn to_hub(&self, cs: &Changeset) -> Result<(), HubFailure> {
+        let path = format!("{PREFIX}/changesets");
+        for _ in 0..3 {
+            let reply: ChangesetReply = match self
+                .client
+                .json(Method::POST, &path, Some(cs), HUB_TIMEOUT)
+                .await
+            {
+                Ok(r) => r,
+                Err(e)
+                    if e.status().is_some_and(|s| {
+                        s.is_client_error()
+                            && s.as_u16() != 401
+                            && s.as_u16() != 403
+                            && s.as_u16() != 409
+                    }) =>
+                {
+                    return Err(Refused(e.to_string()))
+                }
+                Err(e) => return Err(Retry(e.to_string())),
+            };
+            match reply.state.as_str() {
+                "missing" => {
+                    for hash in &reply.missing {
+                        let data = self
+                            .store
+                            .read_blob(hash)
+                            .map_err(|e| Retry(e.to_string()))?
+                            .ok_or_else(|| {
+                                Refused(format!("blob {hash} is no longer in the agent's store"))
+                            })?;
+                        self.client
+                            .send(
+                                Method::PUT,
+                                &format!("{PREFIX}/blobs/{hash}"),
+                                Some((Bytes::from(data), "application/octet-stream")),
+                                HUB_TIMEOUT,
+                            )
+                            .await
+                            .and_then(ok)
+                            .map_err(|e| Retry(e.to_string()))?;
+                    }
+                }
+                _ => {
+                    self.metrics.forwarded("hub");
+                    for c in &reply.conflicts {
+                        self.metrics.conflicts.inc();
+                        if c.loser.origin == cs.origin {
+                            warn!(path = %c.path, winner = %c.winner.origin, "our edit crossed a later one from another backend and lost");
+                        } else {
+                            info!(path = %c.path, loser = %if c.loser.origin.is_empty() { "a publish" } else { &c.loser.origin }, "our edit won over a concurrent one");
+                        }
+                    }
+                    debug!(changeset = %cs.name(), state = %reply.state, "the hub has the changeset");
+                    return Ok(());
+                }
+            }
+        }
+        Err(Retry("the hub kept asking for blobs".into()))
+    }
+}
+
+enum HubFailure {
+    Refused(String),
+    Retry(String),
+}
+use HubFailure::{Refused, Retry};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::changeset::{diff, Mode};
+    use crate::sync::manifest::Entry;
+    use std::collections::BTreeMap;
+
+    fn changeset(files: &[(&str, &[u8])]) -> Changeset {
+        let new: BTreeMap<String, Entry> = files
+            .iter()
+            .map(|(p, d)| {
+                (
+                    p.to_string(),
+                    Entry {
+                        hash: Hash::of(d),
+                        size: d.len() as u64,
+                        content_type: "text/plain".into(),
+                    },
+                )
+            })
+            .collect();
+        Changeset {
+            origin: "a1".into(),
+            seq: 7,
+            mode: Mode::Immediate,
+            base: None,
+            detected_us: 1,
+            changes: diff(&BTreeMap::new(), &new),
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_refuse_damage() {
+        let files: &[(&str, &[u8])] = &[("a", b"hello"), ("b", b"world"), ("c", b"hello")];
+        let cs = changeset(files);
+        let blob = |h: &Hash| {
+            files
+                .iter()
+                .find(|(_, d)| Hash::of(d) == *h)
+                .map(|(_, d)| d.to_vec())
+        };
+        let frame = encode(&cs, blob).unwrap();
+        let (back, blobs) = decode(&frame).unwrap();
+        assert_eq!(back, cs);
+        assert_eq!(blobs.len(), 2, "a blob shared by two paths travels once");
+        // Any flipped byte of a blob is caught; a cut frame is refused.
+        let mut bad = frame.to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(matches!(decode(&bad), Err(FrameError::Damaged(_))));
+        assert!(decode(&frame[..frame.len() - 1]).is_err());
+        assert!(decode(&frame[..3]).is_err());
+        let mut long = frame.to_vec();
+        long.push(0);
+        assert!(decode(&long).is_err());
+        // A huge declared length does not overflow or panic.
+        let mut huge = frame.to_vec();
+        huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode(&huge).is_err());
+        // A blob missing from the store: nothing to send.
+        assert!(encode(&cs, |_| None).is_none());
+    }
+}

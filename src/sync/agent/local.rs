@@ -1,0 +1,526 @@
+//! The agent's own backend in detect-and-forward (seed 004, claims 1, 8): it turns edits made
+//! in `watch.dir` (reported by [`super::watch`], examined by [`super::detect`]) and writes
+//! through the agent's API into [`Changeset`]s, and keeps `watch.dir` following the release
+//! the agent serves, so that every backend's editing directory holds the fleet's content.
+//!
+//! One thread owns the directory and its *known state* (path → entry, as last seen or
+//! written), so detection and installation never race each other:
+//!
+//! - **Detect**: the paths a watcher batch names are compared with the known state; the
+//!   differences become one changeset (its `prev` hashes taken from the known state), written
+//!   to the outbox *before* the known state is saved, so a crash between the two re-detects
+//!   rather than loses.
+//! - **Install → directory**: when the served release changes, every path it changed is
+//!   written into the directory (a `.lockstep-tmp-*` file renamed into place) — but only where
+//!   the file on disk is still what the known state says; a file edited and not yet detected is
+//!   left alone (it will be detected and resolved by the hub). The known state is updated
+//!   first, so the watcher's events for these writes find no difference: an install never
+//!   re-triggers forwarding.
+//! - **First start**: an empty directory is filled from the active release. A directory that
+//!   holds something else than the active release is not forwarded (it would overwrite the
+//!   fleet with whatever was lying there): watching is refused with the reason and the fix.
+//!   With no release anywhere yet, the directory's content is the first changeset.
+//!
+//! State lives in the store as `watch.json`; the outbox under `outbox/`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use super::detect::{self, Files, Ignore, Scope};
+use super::metrics::AgentMetrics;
+use super::release::Release;
+use crate::sync::changeset::{self, Change, Changeset, Mode};
+use crate::sync::manifest::{check_path, content_type, Entry, Hash, Manifest, ReleaseId};
+use crate::sync::store::FsStore;
+
+/// The state file's name in the store (`watch.json`).
+pub const STATE_NAME: &str = "watch";
+/// The outbox directory's name in the store.
+pub const OUTBOX: &str = "outbox";
+
+/// What the thread persists.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchState {
+    /// The directory's content as last seen or written.
+    pub known: Files,
+    /// The release the directory was last brought up to.
+    pub synced: Option<ReleaseId>,
+    /// The last changeset sequence used.
+    pub last_seq: u64,
+    /// Whether the first start has been handled.
+    pub started: bool,
+}
+
+/// What the thread is asked to do.
+pub enum Input {
+    /// The watcher saw these paths change.
+    Scope(Scope),
+    /// `PUT` (Some) or `DELETE` (None) of a path through the API.
+    Write {
+        /// The release path.
+        path: String,
+        /// The new content.
+        body: Option<Bytes>,
+        /// The outcome.
+        reply: oneshot::Sender<Result<Option<String>, WriteError>>,
+    },
+    /// The served release changed.
+    Installed(Arc<Release>),
+    /// Stop.
+    Stop,
+}
+
+/// Why an API write is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// Bad path or size (400/413).
+    #[error("{0}")]
+    Bad(String),
+    /// Too large (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// No such file to delete (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The agent could not write (500).
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The settings of the thread.
+pub struct Local {
+    /// This agent's name (the changesets' origin).
+    pub name: String,
+    /// What a change becomes.
+    pub mode: Mode,
+    /// The watched directory, if any.
+    pub dir: Option<PathBuf>,
+    /// Ignored names.
+    pub ignore: Arc<Ignore>,
+    /// Largest file forwarded.
+    pub max_file_bytes: u64,
+    /// The agent's store (blobs, outbox, state).
+    pub store: Arc<FsStore>,
+    /// Hub time now (µs), as the agent estimates it.
+    pub hub_now: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Where new changesets go (after they are in the outbox).
+    pub out: mpsc::UnboundedSender<Changeset>,
+    /// Where immediate ones are installed on this backend at once.
+    pub installs: mpsc::UnboundedSender<super::control::Install>,
+    /// Metrics.
+    pub metrics: Arc<AgentMetrics>,
+}
+
+struct Worker {
+    cfg: Local,
+    state: WatchState,
+    /// The manifest of `state.synced`.
+    synced: Manifest,
+    /// The release served now.
+    current: Option<Arc<Release>>,
+    /// Why watching is refused, if it is.
+    refused: Option<String>,
+}
+
+impl Local {
+    /// Runs on a thread of its own until [`Input::Stop`] or the channel closes. `current` is
+    /// the release the agent serves at start.
+    pub fn spawn(
+        self,
+        current: Option<Arc<Release>>,
+        rx: mpsc::UnboundedReceiver<Input>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("lockstep-local".into())
+            .spawn(move || run(self, current, rx))
+    }
+}
+
+fn run(cfg: Local, current: Option<Arc<Release>>, mut rx: mpsc::UnboundedReceiver<Input>) {
+    let state: WatchState = match cfg.store.read_state(STATE_NAME) {
+        Ok(s) => s.unwrap_or_default(),
+        Err(e) => {
+            error!(error = %e, "watch state unreadable: local edits are not forwarded until it is fixed or removed");
+            return;
+        }
+    };
+    let synced = state
+        .synced
+        .and_then(|id| load_manifest(&cfg.store, id))
+        .unwrap_or_default();
+    let mut w = Worker {
+        cfg,
+        state,
+        synced,
+        current,
+        refused: None,
+    };
+    w.start();
+    while let Some(input) = rx.blocking_recv() {
+        match input {
+            Input::Stop => break,
+            Input::Scope(scope) => w.detect(&scope),
+            Input::Installed(r) => {
+                w.current = Some(r.clone());
+                w.follow(&r);
+            }
+            Input::Write { path, body, reply } => {
+                let _ = reply.send(w.write(&path, body));
+            }
+        }
+    }
+}
+
+fn load_manifest(store: &FsStore, id: ReleaseId) -> Option<Manifest> {
+    let bytes = store.read_release(&id).ok()??;
+    Manifest::from_json(&bytes).ok()
+}
+
+impl Worker {
+    fn save(&self) {
+        if let Err(e) = self.cfg.store.write_state(STATE_NAME, &self.state) {
+            error!(error = %e, "cannot save the watch state; edits may be detected again after a restart");
+        }
+    }
+
+    /// First start, or a restart: bring the directory up to the served release, then look
+    /// for edits made while the agent was away.
+    fn start(&mut self) {
+        let Some(dir) = self.cfg.dir.clone() else {
+            return;
+        };
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            self.refuse(format!("cannot create watch.dir {}: {e}", dir.display()));
+            return;
+        }
+        let current = self.current.clone();
+        if !self.state.started {
+            let empty = std::fs::read_dir(&dir)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+            if !empty {
+                // Compare what is there with the release.
+                let base = current
+                    .as_ref()
+                    .map(|r| r.manifest().files().clone())
+                    .unwrap_or_default();
+                match detect::detect(
+                    &dir,
+                    &base,
+                    &Scope::All,
+                    &self.cfg.ignore,
+                    self.cfg.max_file_bytes,
+                    &self.cfg.store,
+                ) {
+                    Ok(d) if !d.changes.is_empty() && current.is_some() => {
+                        let first = d.changes.keys().next().cloned().unwrap_or_default();
+                        self.refuse(format!(
+                            "watch.dir {} is not empty and differs from the active release {} in {} path(s) (e.g. `{first}`): it is not forwarded, so it cannot overwrite the fleet. Empty the directory to start from the fleet's content, or publish it with `lockstep publish` to make it the fleet's",
+                            dir.display(),
+                            current.as_ref().map(|r| r.id().short()).unwrap_or_default(),
+                            d.changes.len()
+                        ));
+                        return;
+                    }
+                    Ok(_) => {
+                        // Same as the release (or no release yet: then the content is the
+                        // first changeset, found by the initial scan below).
+                        self.state.known = base;
+                        self.state.synced = current.as_ref().map(|r| r.id());
+                        self.synced = current
+                            .as_ref()
+                            .map(|r| r.manifest().clone())
+                            .unwrap_or_default();
+                    }
+                    Err(e) => {
+                        self.refuse(format!("cannot read watch.dir {}: {e}", dir.display()));
+                        return;
+                    }
+                }
+            }
+            self.state.started = true;
+            self.save();
+        }
+        if let Some(r) = current {
+            self.follow(&r);
+        }
+        info!(dir = %dir.display(), mode = ?self.cfg.mode, known = self.state.known.len(), "watching for local edits");
+    }
+
+    fn refuse(&mut self, why: String) {
+        error!("{why}");
+        self.cfg.metrics.refused("watch_dir");
+        self.refused = Some(why);
+    }
+
+    /// A watcher batch: the differences become one changeset.
+    fn detect(&mut self, scope: &Scope) {
+        let Some(dir) = self.cfg.dir.clone() else {
+            return;
+        };
+        if self.refused.is_some() {
+            return;
+        }
+        let d = match detect::detect(
+            &dir,
+            &self.state.known,
+            scope,
+            &self.cfg.ignore,
+            self.cfg.max_file_bytes,
+            &self.cfg.store,
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "examining watch.dir failed; the next batch or rescan tries again");
+                return;
+            }
+        };
+        for r in &d.refused {
+            warn!(path = %r.path, "{}", r.reason);
+            self.cfg.metrics.refused("path");
+        }
+        if d.changes.is_empty() {
+            return;
+        }
+        let changes = d
+            .changes
+            .into_iter()
+            .map(|(path, entry)| {
+                let prev = self.state.known.get(&path).map(|e| e.hash);
+                (path, Change { entry, prev })
+            })
+            .collect();
+        self.emit(changes);
+    }
+
+    /// Records `changes` as a changeset: outbox first, then the known state, then onwards.
+    fn emit(&mut self, changes: BTreeMap<String, Change>) -> Option<String> {
+        let now = (self.cfg.hub_now)();
+        // Sequence numbers are hub-time µs (strictly increasing): one reused after a crash
+        // would be taken by the hub for a duplicate.
+        let seq = (self.state.last_seq + 1).max(now);
+        let cs = Changeset {
+            origin: self.cfg.name.clone(),
+            seq,
+            mode: self.cfg.mode,
+            base: self.current.as_ref().map(|r| r.id()),
+            detected_us: now,
+            changes,
+        };
+        if let Err(e) = cs.check() {
+            warn!(error = %e, "local changeset refused");
+            self.cfg.metrics.refused("changeset");
+            return None;
+        }
+        if let Err(e) = write_outbox(&self.cfg.store, &cs) {
+            error!(error = %e, "cannot write the outbox; the edit will be detected again");
+            return None;
+        }
+        for (path, c) in &cs.changes {
+            match &c.entry {
+                Some(e) => self.state.known.insert(path.clone(), e.clone()),
+                None => self.state.known.remove(path),
+            };
+        }
+        self.state.last_seq = seq;
+        self.save();
+        self.cfg
+            .metrics
+            .changes_detected
+            .inc_by(cs.changes.len() as u64);
+        info!(changeset = %cs.name(), paths = cs.changes.len(), mode = ?cs.mode, "local edit detected");
+        let name = cs.name();
+        if cs.mode == Mode::Immediate {
+            let _ = self.cfg.installs.send(super::control::Install {
+                cs: cs.clone(),
+                remote: false,
+            });
+        }
+        let _ = self.cfg.out.send(cs);
+        Some(name)
+    }
+
+    /// The served release changed: bring the directory along where it has no pending edit.
+    fn follow(&mut self, release: &Release) {
+        if self.state.synced == Some(release.id()) {
+            return;
+        }
+        let Some(dir) = self.cfg.dir.clone() else {
+            // No directory: the known state is the release (the `prev` of API writes).
+            self.state.known = release.manifest().files().clone();
+            self.state.synced = Some(release.id());
+            self.synced = release.manifest().clone();
+            return;
+        };
+        if self.refused.is_some() {
+            return;
+        }
+        let diff = changeset::diff(self.synced.files(), release.manifest().files());
+        let (mut written, mut kept) = (0usize, 0usize);
+        // Removals first, so that a file can take the place of a removed directory.
+        let order = diff
+            .iter()
+            .filter(|(_, c)| c.entry.is_none())
+            .chain(diff.iter().filter(|(_, c)| c.entry.is_some()));
+        for (path, change) in order {
+            let known = self.state.known.get(path).cloned();
+            if known.as_ref() == change.entry.as_ref() {
+                continue;
+            }
+            let target = dir.join(path);
+            if on_disk(&target) != known.as_ref().map(|e| e.hash) {
+                // Edited here and not yet detected: the hub will resolve it.
+                kept += 1;
+                continue;
+            }
+            let outcome = match &change.entry {
+                Some(e) => place(&self.cfg.store, &dir, path, e),
+                None => remove(&dir, path),
+            };
+            match outcome {
+                Ok(()) => {
+                    match &change.entry {
+                        Some(e) => self.state.known.insert(path.clone(), e.clone()),
+                        None => self.state.known.remove(path),
+                    };
+                    written += 1;
+                }
+                Err(e) => {
+                    warn!(path = %path, error = %e, "cannot bring the file in watch.dir up to the release")
+                }
+            }
+        }
+        self.state.synced = Some(release.id());
+        self.synced = release.manifest().clone();
+        self.save();
+        debug!(release = %release.id().short(), written, kept, "watch.dir follows the served release");
+    }
+
+    /// An API write.
+    fn write(&mut self, path: &str, body: Option<Bytes>) -> Result<Option<String>, WriteError> {
+        check_path(path).map_err(|e| WriteError::Bad(e.to_string()))?;
+        if self.cfg.ignore.is_ignored(path) {
+            return Err(WriteError::Bad(format!(
+                "`{path}` matches watch.ignore: it would never be forwarded"
+            )));
+        }
+        let prev = self.state.known.get(path).cloned();
+        let entry = match &body {
+            Some(b) => {
+                if b.len() as u64 > self.cfg.max_file_bytes {
+                    return Err(WriteError::TooLarge(format!(
+                        "{} bytes is over watch.max_file_size ({} bytes)",
+                        b.len(),
+                        self.cfg.max_file_bytes
+                    )));
+                }
+                let hash = Hash::of(b);
+                if !self.cfg.store.has_blob(&hash) {
+                    self.cfg
+                        .store
+                        .write_blob(&hash, b)
+                        .map_err(|e| WriteError::Io(e.to_string()))?;
+                }
+                Some(Entry {
+                    hash,
+                    size: b.len() as u64,
+                    content_type: content_type(path),
+                })
+            }
+            None if prev.is_none() => {
+                return Err(WriteError::NotFound(format!("no file `{path}` to delete")))
+            }
+            None => None,
+        };
+        if entry == prev {
+            return Ok(None);
+        }
+        if let (Some(dir), None) = (&self.cfg.dir, &self.refused) {
+            let r = match &entry {
+                Some(e) => place(&self.cfg.store, dir, path, e),
+                None => remove(dir, path),
+            };
+            r.map_err(|e| WriteError::Io(format!("writing into watch.dir: {e}")))?;
+        }
+        let change = Change {
+            entry,
+            prev: prev.map(|e| e.hash),
+        };
+        let name = self.emit([(path.to_string(), change)].into());
+        match name {
+            Some(n) => Ok(Some(n)),
+            None => Err(WriteError::Io(
+                "the change could not be recorded: see the agent's log".into(),
+            )),
+        }
+    }
+}
+
+/// The hash of a regular file (None when missing, not a regular file, or unreadable).
+fn on_disk(path: &Path) -> Option<Hash> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    std::fs::read(path).ok().map(|b| Hash::of(&b))
+}
+
+/// Writes blob `e` at `dir/path`: a temp file beside it, then a rename.
+fn place(store: &FsStore, dir: &Path, path: &str, e: &Entry) -> std::io::Result<()> {
+    let target = dir.join(path);
+    let parent = target.parent().unwrap_or(dir);
+    std::fs::create_dir_all(parent)?;
+    let data = store
+        .read_blob(&e.hash)
+        .map_err(|err| std::io::Error::other(err.to_string()))?
+        .ok_or_else(|| std::io::Error::other(format!("blob {} is not in the store", e.hash)))?;
+    let tmp = parent.join(format!(".lockstep-tmp-{}", rand::random::<u64>()));
+    let mut f = std::fs::File::create(&tmp)?;
+    let written = f.write_all(&data).and_then(|_| f.sync_data());
+    drop(f);
+    if let Err(err) = written.and_then(|_| std::fs::rename(&tmp, &target)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// Removes `dir/path`, and its parent directories left empty.
+fn remove(dir: &Path, path: &str) -> std::io::Result<()> {
+    let target = dir.join(path);
+    match std::fs::remove_file(&target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut p = target.parent();
+    while let Some(d) = p {
+        if d == dir || std::fs::remove_dir(d).is_err() {
+            break;
+        }
+        p = d.parent();
+    }
+    Ok(())
+}
+
+/// Writes `cs` as `outbox/<seq>.json`, durably.
+pub fn write_outbox(store: &FsStore, cs: &Changeset) -> Result<(), crate::sync::store::StoreError> {
+    let path = store
+        .root()
+        .join(OUTBOX)
+        .join(format!("{:020}.json", cs.seq));
+    // Protocol messages are plain structs: they always serialise.
+    store.write_atomic(
+        &path,
+        &serde_json::to_vec(cs).expect("changeset serialises"),
+    )
+}

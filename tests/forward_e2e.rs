@@ -1,0 +1,307 @@
+//! Detect and forward end to end with real processes (seed 004): a hub (`lockstep serve`) and
+//! three `lockstep agent`s with `watch:`; edits are made in an agent's `watch.dir` with plain
+//! file operations, or through its `PUT`/`DELETE /content/…` API, and observed from outside —
+//! what each agent serves, its `X-Lockstep-Release`, its metrics, the other agents' edit
+//! directories, the hub's `/sync/v1/agents`.
+//!
+//! The tests share two cores, so they run one at a time ([`serial`]).
+
+use std::process::Command;
+use std::time::Duration;
+
+mod farm;
+use farm::*;
+
+fn watch(mode: &str, extra: &str) -> String {
+    format!("watch: {{ dir: {{DIR}}, mode: {mode}, debounce: 20ms{extra} }}\n")
+}
+
+/// Starts agent `name` with its watch directory `<name>-edit`.
+fn agent(farm: &Farm, name: &str, watch_line: &str, more: &str) -> Agent {
+    let line = watch_line.replace("{DIR}", &format!("{name}-edit"));
+    farm.agent(name, None, &format!("{line}{more}"))
+}
+
+fn edit_dir(farm: &Farm, a: &Agent) -> std::path::PathBuf {
+    farm.path(&format!("{}-edit", a.name))
+}
+
+#[track_caller]
+fn wait_served(agents: &[&Agent], path: &str, want: Option<&[u8]>) {
+    for a in agents {
+        wait_for(
+            &format!(
+                "{} to serve {path} as {:?}",
+                a.name,
+                want.map(String::from_utf8_lossy)
+            ),
+            || a.proc.log(),
+            || a.body(path).as_deref() == want,
+        );
+    }
+}
+
+#[track_caller]
+fn wait_converged(farm: &Farm, agents: &[&Agent]) -> String {
+    let mut id = String::new();
+    wait_for(
+        "every agent and the hub to hold the same release",
+        || {
+            let ids: Vec<_> = agents
+                .iter()
+                .map(|a| (a.name.clone(), a.release()))
+                .collect();
+            format!("agents: {ids:?}\nhub: {}", farm.schedule())
+        },
+        || {
+            let hub = farm.schedule()["active"].as_str().map(str::to_string);
+            let all = agents
+                .iter()
+                .all(|a| a.release().is_some() && a.release() == hub);
+            if all {
+                id = hub.unwrap_or_default();
+            }
+            all
+        },
+    );
+    id
+}
+
+fn put(a: &Agent, path: &str, body: &[u8], token: Option<&str>) -> Reply {
+    http(a.port, "PUT", &format!("/content/{path}"), token, body).unwrap()
+}
+
+/// Edits, a new file, a delete and a rename in one agent's `watch.dir` are served by the
+/// other two at once and land in their edit directories; an API write on agent 2 reaches 1 and
+/// 3; escaping symlinks and oversized files are refused; nothing comes back to its origin.
+#[test]
+fn immediate_edits_reach_every_other_agent_and_never_come_back() {
+    let _serial = serial();
+    let farm = Farm::new("2s", "1s");
+    let w = watch("immediate", ", max_file_size: 4KiB");
+    let a1 = agent(&farm, "a1", &w, "");
+    let a2 = agent(&farm, "a2", &w, "");
+    let a3 = agent(&farm, "a3", &w, "");
+    let d1 = edit_dir(&farm, &a1);
+    let others = [&a2, &a3];
+
+    // A new file, then an edit of it.
+    std::fs::write(d1.join("index.html"), "<h1>one</h1>").unwrap();
+    wait_served(&others, "/index.html", Some(b"<h1>one</h1>"));
+    std::fs::write(d1.join("index.html"), "<h1>two</h1>").unwrap();
+    wait_served(&others, "/index.html", Some(b"<h1>two</h1>"));
+    // A new file in a new directory, then a rename, then a delete.
+    std::fs::create_dir_all(d1.join("docs")).unwrap();
+    std::fs::write(d1.join("docs/a.txt"), "doc").unwrap();
+    wait_served(&others, "/docs/a.txt", Some(b"doc"));
+    std::fs::rename(d1.join("docs/a.txt"), d1.join("docs/b.txt")).unwrap();
+    wait_served(&others, "/docs/b.txt", Some(b"doc"));
+    wait_served(&others, "/docs/a.txt", None);
+    std::fs::remove_file(d1.join("docs/b.txt")).unwrap();
+    wait_served(&others, "/docs/b.txt", None);
+    // Editor droppings are not forwarded.
+    std::fs::write(d1.join(".index.html.swp"), "vim").unwrap();
+    std::fs::write(d1.join("index.html~"), "backup").unwrap();
+
+    // An API write on agent 2 reaches 1 and 3 (and their edit directories).
+    assert_eq!(put(&a2, "api.txt", b"via api", None).status, 401);
+    let r = put(&a2, "api.txt", b"via api", Some(AGENT_TOKEN));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(put(&a2, "../escape", b"x", Some(AGENT_TOKEN)).status, 400);
+    wait_served(&[&a1, &a3], "/api.txt", Some(b"via api"));
+    wait_for("api.txt in a1's edit directory", String::new, || {
+        std::fs::read(d1.join("api.txt")).is_ok_and(|b| b == b"via api")
+    });
+
+    // Refused: a symlink out of the directory, a file over max_file_size (4 KiB).
+    std::os::unix::fs::symlink("/etc/passwd", d1.join("passwd")).unwrap();
+    std::fs::write(d1.join("big.bin"), vec![7u8; 8 * 1024]).unwrap();
+    wait_for(
+        "both refusals counted",
+        || a1.proc.log(),
+        || a1.metric("lockstep_agent_refused_total") >= 2.0,
+    );
+    // A later edit goes through, and the refused ones never did.
+    std::fs::write(d1.join("last.txt"), "last").unwrap();
+    wait_served(&others, "/last.txt", Some(b"last"));
+    for a in others {
+        assert_eq!(a.body("/passwd"), None);
+        assert_eq!(a.body("/big.bin"), None);
+        assert_eq!(a.body("/.index.html.swp"), None);
+        assert_eq!(a.body("/index.html~"), None);
+    }
+    let id = wait_converged(&farm, &[&a1, &a2, &a3]);
+    assert!(!id.is_empty());
+
+    // Every edit directory holds the fleet's content (less what a1 refused or ignores).
+    let expect = {
+        let mut t = tree(&d1);
+        for p in ["passwd", "big.bin", ".index.html.swp", "index.html~"] {
+            t.remove(p);
+        }
+        t
+    };
+    assert_eq!(tree(&edit_dir(&farm, &a2)), expect);
+    assert_eq!(tree(&edit_dir(&farm, &a3)), expect);
+
+    // Nothing came back: a1 installed only a2's changeset; a2 and a3 detected only their own
+    // edits (the API write), none of the installs they wrote into their directories.
+    assert_eq!(a1.metric("lockstep_agent_changesets_installed_total"), 1.0);
+    assert_eq!(a2.metric("lockstep_agent_changes_detected_total"), 1.0);
+    assert_eq!(a3.metric("lockstep_agent_changes_detected_total"), 0.0);
+    assert!(a2.metric("lockstep_agent_changesets_installed_total") >= 6.0);
+}
+
+/// A burst of 1 000 edits leaves every agent on the same release with identical edit
+/// directories; an agent stopped during the burst catches up from the hub after its restart.
+#[test]
+fn a_burst_of_edits_converges_and_a_stopped_agent_catches_up() {
+    let _serial = serial();
+    let farm = Farm::new("2s", "1s");
+    let w = watch("immediate", "");
+    let a1 = agent(&farm, "a1", &w, "");
+    let a2 = agent(&farm, "a2", &w, "");
+    let mut a3 = agent(&farm, "a3", &w, "");
+    let d1 = edit_dir(&farm, &a1);
+    std::fs::write(d1.join("index.html"), "start").unwrap();
+    wait_served(&[&a2, &a3], "/index.html", Some(b"start"));
+
+    a3.proc.kill9();
+    // 1 000 edits: 400 new files, 400 of them edited again, 200 deleted.
+    for i in 0..400 {
+        std::fs::write(d1.join(format!("f{i}.txt")), format!("v1 {i}")).unwrap();
+    }
+    for i in 0..400 {
+        std::fs::write(d1.join(format!("f{i}.txt")), format!("v2 {i}")).unwrap();
+    }
+    for i in 0..200 {
+        std::fs::remove_file(d1.join(format!("f{i}.txt"))).unwrap();
+    }
+    wait_served(&[&a2], "/f399.txt", Some(b"v2 399"));
+    let id = wait_converged(&farm, &[&a1, &a2]);
+    assert_eq!(tree(&edit_dir(&farm, &a2)), tree(&d1));
+
+    farm.restart(&mut a3);
+    let after = wait_converged(&farm, &[&a1, &a2, &a3]);
+    assert_eq!(after, id);
+    wait_for("a3's edit directory to follow", String::new, || {
+        tree(&edit_dir(&farm, &a3)) == tree(&d1)
+    });
+    assert_eq!(a3.body("/f0.txt"), None);
+    assert_eq!(a3.body("/f200.txt").as_deref(), Some(&b"v2 200"[..]));
+}
+
+/// Two agents write one path while neither can hear the other (direct forwarding pointed at a
+/// dead peer, the hub paused): when the hub resumes, the later write by hub time wins on every
+/// agent, and the loser is reported by the hub (`/sync/v1/agents` conflicts, metric).
+#[test]
+fn concurrent_edits_of_one_path_resolve_to_the_later_and_report_the_loser() {
+    let _serial = serial();
+    let farm = Farm::new("2s", "1s");
+    let w = watch("immediate", "");
+    let dead = format!("peers: [\"http://127.0.0.1:{}\"]\n", free_port());
+    let a1 = agent(&farm, "a1", &w, &dead);
+    let a2 = agent(&farm, "a2", &w, &dead);
+    assert_eq!(
+        put(&a1, "page.html", b"base", Some(AGENT_TOKEN)).status,
+        200
+    );
+    wait_served(&[&a2], "/page.html", Some(b"base"));
+    wait_converged(&farm, &[&a1, &a2]);
+
+    let hub_pid = farm.hub.as_ref().unwrap().child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &hub_pid])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(
+        put(&a1, "page.html", b"from a1", Some(AGENT_TOKEN)).status,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        put(&a2, "page.html", b"from a2", Some(AGENT_TOKEN)).status,
+        200
+    );
+    // Each serves its own write meanwhile.
+    assert_eq!(a1.body("/page.html").as_deref(), Some(&b"from a1"[..]));
+    assert_eq!(a2.body("/page.html").as_deref(), Some(&b"from a2"[..]));
+    assert!(Command::new("kill")
+        .args(["-CONT", &hub_pid])
+        .status()
+        .unwrap()
+        .success());
+
+    wait_served(&[&a1, &a2], "/page.html", Some(b"from a2"));
+    wait_converged(&farm, &[&a1, &a2]);
+    let fleet = http(
+        farm.hub_port,
+        "GET",
+        "/sync/v1/agents",
+        Some(AGENT_TOKEN),
+        b"",
+    )
+    .unwrap();
+    let fleet: serde_json::Value = serde_json::from_slice(&fleet.body).unwrap();
+    let conflicts = fleet["conflicts"].as_array().unwrap();
+    assert_eq!(conflicts.len(), 1, "{fleet}");
+    assert_eq!(conflicts[0]["path"], "page.html");
+    assert_eq!(conflicts[0]["winner"]["origin"], "a2");
+    assert_eq!(conflicts[0]["loser"]["origin"], "a1");
+    assert_eq!(farm.metric("lockstep_sync_conflicts_total"), 1.0);
+    assert!(farm.hub_log().contains("concurrent edits of one path"));
+    // a1's edit directory follows the winner.
+    wait_for(
+        "a1's edit directory to hold the winner",
+        String::new,
+        || std::fs::read(edit_dir(&farm, &a1).join("page.html")).is_ok_and(|b| b == b"from a2"),
+    );
+    // `lockstep status` shows it too.
+    let o = Command::new(BIN)
+        .args(["status", "--hub", &farm.hub_url(), "--token-file"])
+        .arg(farm.path("agent.token"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("conflict") && out.contains("page.html"),
+        "{out}"
+    );
+}
+
+/// Scheduled mode: an edit goes to the hub, which stages the next release; every agent, the
+/// origin included, activates it at the same instant (one release id, the hub's cycle moved).
+#[test]
+fn scheduled_edits_activate_everywhere_at_the_next_instant() {
+    let _serial = serial();
+    let farm = Farm::new("2s", "1s");
+    let w = watch("scheduled", "");
+    let a1 = agent(&farm, "a1", &w, "");
+    let a2 = agent(&farm, "a2", &w, "");
+    let a3 = agent(&farm, "a3", &w, "");
+    let d1 = edit_dir(&farm, &a1);
+    let cycle = farm.schedule()["cycle"].as_u64().unwrap();
+    std::fs::write(d1.join("index.html"), "scheduled").unwrap();
+    wait_for(
+        "the hub to stage the edit",
+        || farm.hub_log(),
+        || !farm.schedule()["staged"].is_null() || farm.schedule()["cycle"].as_u64() > Some(cycle),
+    );
+    let id = wait_converged(&farm, &[&a1, &a2, &a3]);
+    for a in [&a1, &a2, &a3] {
+        assert_eq!(a.body("/index.html").as_deref(), Some(&b"scheduled"[..]));
+        // A scheduled flip: its lateness was measured and reported.
+        assert!(
+            a.metric("lockstep_agent_flip_lateness_seconds_count") >= 1.0,
+            "{}",
+            a.name
+        );
+    }
+    assert!(farm.schedule()["cycle"].as_u64().unwrap() > cycle);
+    assert_eq!(a1.metric("lockstep_agent_changesets_installed_total"), 0.0);
+    wait_for("a2's edit directory to follow", String::new, || {
+        std::fs::read(edit_dir(&farm, &a2).join("index.html")).is_ok_and(|b| b == b"scheduled")
+    });
+    assert!(!id.is_empty());
+}

@@ -16,10 +16,11 @@
 //!   left alone (it will be detected and resolved by the hub). The known state is updated
 //!   first, so the watcher's events for these writes find no difference: an install never
 //!   re-triggers forwarding.
-//! - **First start**: an empty directory is filled from the active release. A directory that
-//!   holds something else than the active release is not forwarded (it would overwrite the
-//!   fleet with whatever was lying there): watching is refused with the reason and the fix.
-//!   With no release anywhere yet, the directory's content is the first changeset.
+//! - **First start**: an empty directory is filled from the active release. A non-empty one is
+//!   compared with the active release (once the agent has one: nothing is forwarded before);
+//!   if it holds something else, it is not forwarded (it would overwrite the fleet with
+//!   whatever was lying there): watching is refused with the reason and the fix. To seed a
+//!   fleet from a directory, publish it.
 //!
 //! State lives in the store as `watch.json`; the outbox under `outbox/`.
 
@@ -129,6 +130,8 @@ struct Worker {
     current: Option<Arc<Release>>,
     /// Why watching is refused, if it is.
     refused: Option<String>,
+    /// First start with a non-empty directory and no release yet: wait for one to compare.
+    deferred: bool,
 }
 
 impl Local {
@@ -163,6 +166,7 @@ fn run(cfg: Local, current: Option<Arc<Release>>, mut rx: mpsc::UnboundedReceive
         synced,
         current,
         refused: None,
+        deferred: false,
     };
     w.start();
     while let Some(input) = rx.blocking_recv() {
@@ -171,7 +175,12 @@ fn run(cfg: Local, current: Option<Arc<Release>>, mut rx: mpsc::UnboundedReceive
             Input::Scope(scope) => w.detect(&scope),
             Input::Installed(r) => {
                 w.current = Some(r.clone());
-                w.follow(&r);
+                if w.deferred {
+                    w.deferred = false;
+                    w.start();
+                } else {
+                    w.follow(&r);
+                }
             }
             Input::Write { path, body, reply } => {
                 let _ = reply.send(w.write(&path, body));
@@ -207,6 +216,13 @@ impl Worker {
             let empty = std::fs::read_dir(&dir)
                 .map(|mut d| d.next().is_none())
                 .unwrap_or(false);
+            if !empty && current.is_none() {
+                // Compared with the fleet's release once the agent has it; nothing of the
+                // directory is forwarded before.
+                info!(dir = %dir.display(), "watch.dir is not empty: waiting for the fleet's release to compare it with before watching");
+                self.deferred = true;
+                return;
+            }
             if !empty {
                 // Compare what is there with the release.
                 let base = current
@@ -221,7 +237,7 @@ impl Worker {
                     self.cfg.max_file_bytes,
                     &self.cfg.store,
                 ) {
-                    Ok(d) if !d.changes.is_empty() && current.is_some() => {
+                    Ok(d) if !d.changes.is_empty() => {
                         let first = d.changes.keys().next().cloned().unwrap_or_default();
                         self.refuse(format!(
                             "watch.dir {} is not empty and differs from the active release {} in {} path(s) (e.g. `{first}`): it is not forwarded, so it cannot overwrite the fleet. Empty the directory to start from the fleet's content, or publish it with `lockstep publish` to make it the fleet's",
@@ -232,8 +248,7 @@ impl Worker {
                         return;
                     }
                     Ok(_) => {
-                        // Same as the release (or no release yet: then the content is the
-                        // first changeset, found by the initial scan below).
+                        // Same as the release.
                         self.state.known = base;
                         self.state.synced = current.as_ref().map(|r| r.id());
                         self.synced = current
@@ -267,7 +282,7 @@ impl Worker {
         let Some(dir) = self.cfg.dir.clone() else {
             return;
         };
-        if self.refused.is_some() {
+        if self.refused.is_some() || self.deferred {
             return;
         }
         let d = match detect::detect(

@@ -1,11 +1,14 @@
-//! A directory on disk → a [`Manifest`] and where each blob's bytes are (for `lockstep publish`,
-//! and for agents detecting local edits).
+//! A directory on disk → a [`Manifest`] and where each blob's bytes are (for `lockstep publish`),
+//! and the walk both it and the agent's change detection (`agent::detect`) use.
 //!
 //! Regular files are taken; a symlink is followed only when it stays inside the directory
 //! (one pointing out is refused, so a release can never carry `/etc/shadow`); directories
 //! reached through symlinks are skipped. Names must be UTF-8 and valid release paths.
+//! [`walk`] and [`classify`] hold these rules once; what a refusal means (an error for a
+//! publish, a reported path for the agent) is the caller's.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::FileType;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -84,21 +87,108 @@ pub fn hash_file(path: &Path) -> Result<(Hash, u64), TreeError> {
     Ok((Hash::from_hasher(&hasher), size))
 }
 
-/// Scans `root`, skipping relative paths for which `ignore` is true.
-pub fn scan(root: &Path, ignore: &dyn Fn(&str) -> bool) -> Result<Tree, TreeError> {
-    let canonical_root = root.canonicalize().map_err(io(root))?;
-    let mut files = BTreeMap::new();
-    let mut sources = HashMap::new();
-    let mut stack = vec![(root.to_path_buf(), String::new())];
+/// What an entry of the directory is, for a release.
+#[derive(Debug)]
+pub(crate) enum Kind {
+    /// A directory (not a symlink to one): walked.
+    Dir,
+    /// A regular file, or a symlink to one inside the root: its content is taken.
+    File,
+    /// Not content: a socket, FIFO or device, or a symlink to one.
+    Skip,
+    /// Cannot be taken.
+    Refused(Refusal),
+}
+
+/// Why an entry cannot be taken.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// Its name is not UTF-8.
+    NotUtf8,
+    /// A symlink leading out of the root, to this canonical target.
+    Escapes(PathBuf),
+    /// A symlink to a directory: never followed (it could loop, or double the tree).
+    LinkedDir,
+    /// A symlink that cannot be resolved: dangling (`NotFound`), a loop, no permission.
+    Broken(std::io::Error),
+}
+
+/// Classifies the entry at `path` from its own (`lstat`) type; `canonical_root` is the
+/// canonical path of the directory being synced.
+pub(crate) fn classify(path: &Path, kind: FileType, canonical_root: &Path) -> Kind {
+    if kind.is_dir() {
+        return Kind::Dir;
+    }
+    if kind.is_file() {
+        return Kind::File;
+    }
+    if !kind.is_symlink() {
+        return Kind::Skip;
+    }
+    let target = match path.canonicalize() {
+        Ok(t) => t,
+        Err(e) => return Kind::Refused(Refusal::Broken(e)),
+    };
+    if !target.starts_with(canonical_root) {
+        return Kind::Refused(Refusal::Escapes(target));
+    }
+    match std::fs::metadata(&target) {
+        Ok(m) if m.is_file() => Kind::File,
+        Ok(m) if m.is_dir() => Kind::Refused(Refusal::LinkedDir),
+        Ok(_) => Kind::Skip,
+        Err(e) => Kind::Refused(Refusal::Broken(e)),
+    }
+}
+
+/// What [`walk`] meets; each call may stop the walk with an error.
+pub(crate) trait Visit {
+    /// What stops the walk.
+    type Error;
+    /// A file to take, at release path `rel` (not yet checked with [`check_path`]).
+    fn file(&mut self, path: &Path, rel: String) -> Result<(), Self::Error>;
+    /// An entry that cannot be taken; `rel` is `None` when the name is not UTF-8.
+    fn refused(
+        &mut self,
+        path: &Path,
+        rel: Option<String>,
+        why: Refusal,
+    ) -> Result<(), Self::Error>;
+    /// Listing a directory or reading an entry's type failed.
+    fn io(&mut self, path: &Path, source: std::io::Error) -> Result<(), Self::Error>;
+}
+
+/// Walks the directory `dir`, whose release path is `prefix` (`""` for the root), depth
+/// first. Entries for which `ignore(rel)` is true are passed over, directories with their
+/// whole subtree.
+pub(crate) fn walk<V: Visit>(
+    dir: PathBuf,
+    prefix: String,
+    canonical_root: &Path,
+    ignore: &dyn Fn(&str) -> bool,
+    visit: &mut V,
+) -> Result<(), V::Error> {
+    let mut stack = vec![(dir, prefix)];
     while let Some((dir, prefix)) = stack.pop() {
-        let entries = std::fs::read_dir(&dir).map_err(io(&dir))?;
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                visit.io(&dir, e)?;
+                continue;
+            }
+        };
         for entry in entries {
-            let entry = entry.map_err(io(&dir))?;
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    visit.io(&dir, e)?;
+                    continue;
+                }
+            };
             let path = entry.path();
-            let name = entry
-                .file_name()
-                .into_string()
-                .map_err(|_| TreeError::NotUtf8(path.clone()))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                visit.refused(&path, None, Refusal::NotUtf8)?;
+                continue;
+            };
             let rel = if prefix.is_empty() {
                 name
             } else {
@@ -107,43 +197,88 @@ pub fn scan(root: &Path, ignore: &dyn Fn(&str) -> bool) -> Result<Tree, TreeErro
             if ignore(&rel) {
                 continue;
             }
-            let kind = entry.file_type().map_err(io(&path))?;
-            if kind.is_dir() {
-                stack.push((path, rel));
-                continue;
-            }
-            if kind.is_symlink() {
-                let target = path.canonicalize().map_err(io(&path))?;
-                if !target.starts_with(&canonical_root) {
-                    return Err(TreeError::Escapes {
-                        link: path,
-                        root: root.to_path_buf(),
-                        target,
-                    });
-                }
-                if !target.is_file() {
+            let kind = match entry.file_type() {
+                Ok(k) => k,
+                Err(e) => {
+                    visit.io(&path, e)?;
                     continue;
                 }
-            } else if !kind.is_file() {
-                // Sockets, FIFOs, devices: not content.
-                continue;
+            };
+            match classify(&path, kind, canonical_root) {
+                Kind::Dir => stack.push((path, rel)),
+                Kind::File => visit.file(&path, rel)?,
+                Kind::Skip => {}
+                Kind::Refused(why) => visit.refused(&path, Some(rel), why)?,
             }
-            check_path(&rel)?;
-            let (hash, size) = hash_file(&path)?;
-            sources.entry(hash).or_insert(path);
-            files.insert(
-                rel.clone(),
-                Entry {
-                    hash,
-                    size,
-                    content_type: content_type(&rel),
-                },
-            );
         }
     }
+    Ok(())
+}
+
+/// [`scan`]'s visitor: every refusal but a linked directory fails the scan.
+struct Scan<'a> {
+    root: &'a Path,
+    files: BTreeMap<String, Entry>,
+    sources: HashMap<Hash, PathBuf>,
+}
+
+impl Visit for Scan<'_> {
+    type Error = TreeError;
+
+    fn file(&mut self, path: &Path, rel: String) -> Result<(), TreeError> {
+        check_path(&rel)?;
+        let (hash, size) = hash_file(path)?;
+        self.sources
+            .entry(hash)
+            .or_insert_with(|| path.to_path_buf());
+        let content_type = content_type(&rel);
+        self.files.insert(
+            rel,
+            Entry {
+                hash,
+                size,
+                content_type,
+            },
+        );
+        Ok(())
+    }
+
+    fn refused(&mut self, path: &Path, _: Option<String>, why: Refusal) -> Result<(), TreeError> {
+        match why {
+            Refusal::NotUtf8 => Err(TreeError::NotUtf8(path.to_path_buf())),
+            Refusal::Escapes(target) => Err(TreeError::Escapes {
+                link: path.to_path_buf(),
+                root: self.root.to_path_buf(),
+                target,
+            }),
+            Refusal::LinkedDir => Ok(()),
+            Refusal::Broken(source) => Err(io(path)(source)),
+        }
+    }
+
+    fn io(&mut self, path: &Path, source: std::io::Error) -> Result<(), TreeError> {
+        Err(io(path)(source))
+    }
+}
+
+/// Scans `root`, skipping relative paths for which `ignore` is true.
+pub fn scan(root: &Path, ignore: &dyn Fn(&str) -> bool) -> Result<Tree, TreeError> {
+    let canonical_root = root.canonicalize().map_err(io(root))?;
+    let mut scan = Scan {
+        root,
+        files: BTreeMap::new(),
+        sources: HashMap::new(),
+    };
+    walk(
+        root.to_path_buf(),
+        String::new(),
+        &canonical_root,
+        ignore,
+        &mut scan,
+    )?;
     Ok(Tree {
-        manifest: Manifest::new(files)?,
-        sources,
+        manifest: Manifest::new(scan.files)?,
+        sources: scan.sources,
     })
 }
 

@@ -19,6 +19,7 @@
 //! - [`report`]: the agent's state, reported to the hub
 //! - [`control`]: the loop tying them together
 //! - [`metrics`]: the agent's Prometheus metrics
+//! - [`detect`]: what changed in `watch.dir`: files read, hashed, blobs stored, refusals
 //!
 //! Start one in-process with [`start`] (the demo and tests do), or run the process with
 //! [`run`] (`lockstep agent -c agent.yaml`: signals, systemd notification).
@@ -27,6 +28,7 @@ pub mod activate;
 pub mod advance;
 pub mod config;
 pub mod control;
+pub mod detect;
 pub mod measure;
 pub mod metrics;
 pub mod plan;

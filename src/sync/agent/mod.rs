@@ -19,7 +19,9 @@
 //! - [`report`]: the agent's state, reported to the hub
 //! - [`control`]: the loop tying them together
 //! - [`metrics`]: the agent's Prometheus metrics
+//! - [`ignore`]: globs of editor temporaries and the agent's own files, never synced  (pure)
 //! - [`detect`]: what changed in `watch.dir`: files read, hashed, blobs stored, refusals
+//! - [`watcher`]: inotify (debounced) → scopes for [`detect`]; full rescans on overflow and periodically
 //!
 //! Start one in-process with [`start`] (the demo and tests do), or run the process with
 //! [`run`] (`lockstep agent -c agent.yaml`: signals, systemd notification).
@@ -29,6 +31,7 @@ pub mod advance;
 pub mod config;
 pub mod control;
 pub mod detect;
+pub mod ignore;
 pub mod measure;
 pub mod metrics;
 pub mod plan;
@@ -39,6 +42,7 @@ pub mod report;
 pub mod serve;
 pub mod stage;
 pub mod state;
+pub mod watcher;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

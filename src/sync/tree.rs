@@ -4,7 +4,7 @@
 //! Regular files are taken; a symlink is followed only when it stays inside the directory
 //! (one pointing out is refused, so a release can never carry `/etc/shadow`); directories
 //! reached through symlinks are skipped. Names must be UTF-8 and valid release paths.
-//! [`walk`] and [`classify`] hold these rules once; what a refusal means (an error for a
+//! `walk` and `classify` hold these rules once; what a refusal means (an error for a
 //! publish, a reported path for the agent) is the caller's.
 
 use std::collections::{BTreeMap, HashMap};

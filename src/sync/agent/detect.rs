@@ -3,7 +3,7 @@
 //! paths added, changed and removed, and the paths refused with a reason an operator can act
 //! on.
 //!
-//! Blocking file I/O, run off the async threads; no watching here (that is `watch`), no
+//! Blocking file I/O, run off the async threads; no watching here (that is `watcher`), no
 //! network. Each file in scope is read once, whole, into memory, hashed, and — when it differs
 //! from what is known — its bytes are stored as a blob in the agent's store before the change
 //! is reported, so a change always names bytes that are stored, whatever the file becomes
@@ -31,137 +31,14 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
-
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::sync::manifest::{check_path, content_type, Entry, Hash, ManifestError, MAX_BLOB_BYTES};
 use crate::sync::store::{FsStore, StoreError};
 use crate::sync::tree::{classify, walk, Kind, Refusal, Visit};
 
-/// The prefix of the agent's own temporary files in the watched directory (always ignored).
-pub const OWN_PREFIX: &str = ".lockstep-";
-
-/// Which paths of the watched directory are not content: editor temporaries, OS litter and
-/// the agent's own temporaries.
-///
-/// A glob without `/` matches a file or directory *name*; a glob with `/` matches the whole
-/// release path (`drafts/**`; a leading `/` is dropped). `*` never crosses a `/`. A path is
-/// ignored when any of its directories is: a file inside an ignored directory is ignored too,
-/// as a walk never enters an ignored directory. Names starting with [`OWN_PREFIX`] are always
-/// ignored.
-#[derive(Debug, Clone)]
-pub struct Ignore {
-    names: GlobSet,
-    paths: GlobSet,
-}
-
-/// A glob that does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum IgnoreError {
-    /// The glob and why.
-    #[error("ignore glob `{glob}` is not valid: {reason}")]
-    BadGlob {
-        /// The glob as written.
-        glob: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-}
-
-impl Ignore {
-    /// The default globs: vim's swap and write-test files (`*.swp`, `*.swo`, `*.swn`, `*.swx`,
-    /// `4913`), backups (`*~`), emacs lock and autosave files (`.#*`, `#*#`), JetBrains' safe
-    /// write temporaries, Kate's swap files, GNOME's `.goutputstream-*`, LibreOffice locks,
-    /// and OS litter (`.DS_Store`, `._*` AppleDouble files, `Thumbs.db`, `desktop.ini`). None
-    /// is content a site serves on purpose; all of it appears and vanishes as people edit.
-    pub const DEFAULTS: &'static [&'static str] = &[
-        "*.swp",
-        "*.swo",
-        "*.swn",
-        "*.swx",
-        "4913",
-        "*~",
-        ".#*",
-        "#*#",
-        "*___jb_tmp___",
-        "*___jb_old___",
-        "*.kate-swp",
-        ".goutputstream-*",
-        ".~lock.*#",
-        ".DS_Store",
-        "._*",
-        "Thumbs.db",
-        "desktop.ini",
-    ];
-
-    /// Ignores exactly `globs` (plus [`OWN_PREFIX`] names); the error names the bad glob.
-    /// [`Ignore::default`] is `Ignore::new(DEFAULTS)`.
-    pub fn new<S: AsRef<str>>(globs: &[S]) -> Result<Ignore, IgnoreError> {
-        let mut names = GlobSetBuilder::new();
-        let mut paths = GlobSetBuilder::new();
-        for glob in globs {
-            let glob = glob.as_ref();
-            let bad = |reason: String| IgnoreError::BadGlob {
-                glob: glob.to_string(),
-                reason,
-            };
-            let pattern = glob.strip_prefix('/').unwrap_or(glob);
-            if pattern.is_empty() {
-                return Err(bad("it is empty".into()));
-            }
-            let built = GlobBuilder::new(pattern)
-                .literal_separator(true)
-                .build()
-                .map_err(|e| bad(e.kind().to_string()))?;
-            if glob.contains('/') {
-                paths.add(built);
-            } else {
-                names.add(built);
-            }
-        }
-        let build = |b: GlobSetBuilder| {
-            b.build().map_err(|e| IgnoreError::BadGlob {
-                glob: e.glob().unwrap_or_default().to_string(),
-                reason: e.kind().to_string(),
-            })
-        };
-        Ok(Ignore {
-            names: build(names)?,
-            paths: build(paths)?,
-        })
-    }
-
-    /// Whether `rel_path` (a release path: relative, `/`-separated) or any directory on the
-    /// way to it is ignored.
-    pub fn is_ignored(&self, rel_path: &str) -> bool {
-        let mut end = 0;
-        for segment in rel_path.split('/') {
-            end += segment.len();
-            if self.ignores_last(&rel_path[..end]) {
-                return true;
-            }
-            end += 1;
-        }
-        false
-    }
-
-    /// Whether the last segment of `rel_path` is ignored (its directories already checked).
-    fn ignores_last(&self, rel_path: &str) -> bool {
-        let name = rel_path.rsplit('/').next().unwrap_or(rel_path);
-        name.starts_with(OWN_PREFIX)
-            || self.names.is_match(name)
-            || (!self.paths.is_empty() && self.paths.is_match(rel_path))
-    }
-}
-
-impl Default for Ignore {
-    fn default() -> Ignore {
-        // DEFAULTS are fixed, valid globs (`defaults_are_valid` checks them).
-        Ignore::new(Ignore::DEFAULTS).expect("the default ignore globs are valid")
-    }
-}
+pub use super::ignore::{Ignore, IgnoreError};
 
 /// What the agent knows the directory holds: release path → manifest entry.
 pub type Files = BTreeMap<String, Entry>;
@@ -445,10 +322,7 @@ impl Detector<'_> {
                 .into_iter()
                 .chain(
                     known
-                        .range::<str, _>((
-                            std::ops::Bound::Included(under.as_str()),
-                            std::ops::Bound::Unbounded,
-                        ))
+                        .range::<str, _>((Bound::Included(under.as_str()), Bound::Unbounded))
                         .take_while(|(p, _)| p.starts_with(&under)),
                 )
                 .filter(|e| gone(*e))
@@ -603,5 +477,498 @@ fn bad_path(e: &ManifestError) -> String {
     match e {
         ManifestError::Path { reason, .. } => format!("the name {reason}: refused; rename it"),
         other => format!("{other}: refused"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    const MIB: u64 = 1024 * 1024;
+
+    struct Site {
+        _tmp: tempfile::TempDir,
+        dir: PathBuf,
+        outside: PathBuf,
+        store: FsStore,
+        known: Files,
+        ignore: Ignore,
+    }
+
+    impl Site {
+        fn new() -> Site {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("www-edit");
+            let outside = tmp.path().join("outside");
+            fs::create_dir_all(&dir).unwrap();
+            fs::create_dir_all(&outside).unwrap();
+            let store = FsStore::open(&tmp.path().join("store")).unwrap();
+            Site {
+                _tmp: tmp,
+                dir,
+                outside,
+                store,
+                known: Files::new(),
+                ignore: Ignore::default(),
+            }
+        }
+
+        fn write(&self, rel: &str, data: &str) {
+            let p = self.dir.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, data).unwrap();
+        }
+
+        fn try_detect(&self, scope: &Scope) -> Result<Detected, DetectError> {
+            detect(
+                &self.dir,
+                &self.known,
+                scope,
+                &self.ignore,
+                MIB,
+                &self.store,
+            )
+        }
+
+        fn detect(&self, scope: &Scope) -> Detected {
+            self.try_detect(scope).unwrap()
+        }
+
+        /// Detects and takes the changes as known, as the agent will.
+        fn sync(&mut self, scope: &Scope) -> Detected {
+            let d = self.detect(scope);
+            for (path, change) in &d.changes {
+                match change {
+                    Some(e) => self.known.insert(path.clone(), e.clone()),
+                    None => self.known.remove(path),
+                };
+            }
+            d
+        }
+    }
+
+    fn paths(list: &[&str]) -> Scope {
+        Scope::Paths(list.iter().map(|p| p.to_string()).collect())
+    }
+
+    fn changed(d: &Detected) -> Vec<(&str, bool)> {
+        d.changes
+            .iter()
+            .map(|(p, e)| (p.as_str(), e.is_some()))
+            .collect()
+    }
+
+    #[test]
+    fn add_change_unchanged_and_remove_of_a_file() {
+        let mut s = Site::new();
+        s.write("index.html", "<h1>v1</h1>");
+        s.write("css/a.css", "a{}");
+        let d = s.sync(&Scope::All);
+        assert_eq!(changed(&d), [("css/a.css", true), ("index.html", true)]);
+        let e = &d.changes["index.html"].as_ref().unwrap();
+        assert_eq!(e.hash, Hash::of(b"<h1>v1</h1>"));
+        assert_eq!(e.size, 11);
+        assert_eq!(e.content_type, "text/html; charset=utf-8");
+
+        // Nothing changed: nothing reported, by path or whole.
+        assert_eq!(s.detect(&paths(&["index.html"])), Detected::default());
+        assert_eq!(s.detect(&Scope::All), Detected::default());
+
+        s.write("index.html", "<h1>v2</h1>");
+        let d = s.sync(&paths(&["index.html"]));
+        assert_eq!(changed(&d), [("index.html", true)]);
+        assert_eq!(s.known["index.html"].hash, Hash::of(b"<h1>v2</h1>"));
+
+        fs::remove_file(s.dir.join("index.html")).unwrap();
+        let d = s.sync(&paths(&["index.html"]));
+        assert_eq!(changed(&d), [("index.html", false)]);
+        assert_eq!(s.known.keys().collect::<Vec<_>>(), ["css/a.css"]);
+        assert!(d.refused.is_empty());
+    }
+
+    #[test]
+    fn blobs_hold_exactly_the_bytes_hashed() {
+        let mut s = Site::new();
+        s.write("a.txt", "alpha");
+        s.write("b/c.txt", "gamma");
+        let d = s.sync(&Scope::All);
+        for entry in d.changes.values().flatten() {
+            let blob = s.store.read_blob(&entry.hash).unwrap().unwrap();
+            assert_eq!(Hash::of(&blob), entry.hash);
+            assert_eq!(blob.len() as u64, entry.size);
+        }
+        assert_eq!(
+            s.store.read_blob(&Hash::of(b"gamma")).unwrap().unwrap(),
+            b"gamma"
+        );
+    }
+
+    #[test]
+    fn renames_of_a_file_and_of_a_directory() {
+        let mut s = Site::new();
+        s.write("a.html", "A");
+        s.write("docs/x.html", "X");
+        s.write("docs/deep/y.css", "Y");
+        s.sync(&Scope::All);
+
+        fs::rename(s.dir.join("a.html"), s.dir.join("b.html")).unwrap();
+        let d = s.sync(&paths(&["a.html", "b.html"]));
+        assert_eq!(changed(&d), [("a.html", false), ("b.html", true)]);
+
+        fs::rename(s.dir.join("docs"), s.dir.join("guide")).unwrap();
+        let d = s.sync(&paths(&["docs", "guide"]));
+        assert_eq!(
+            changed(&d),
+            [
+                ("docs/deep/y.css", false),
+                ("docs/x.html", false),
+                ("guide/deep/y.css", true),
+                ("guide/x.html", true),
+            ]
+        );
+        assert_eq!(
+            d.changes["guide/x.html"].as_ref().unwrap().hash,
+            Hash::of(b"X")
+        );
+    }
+
+    #[test]
+    fn a_deleted_tree_is_removed_whole_even_when_named_by_a_nested_path() {
+        let mut s = Site::new();
+        s.write("keep.html", "k");
+        s.write("docs-old.html", "o");
+        s.write("docs/a.html", "a");
+        s.write("docs/sub/b.html", "b");
+        s.write("docs/sub/deeper/c.html", "c");
+        s.sync(&Scope::All);
+        fs::remove_dir_all(s.dir.join("docs")).unwrap();
+        // The watcher may only name the deepest file it saw go.
+        let d = s.sync(&paths(&["docs/sub/deeper/c.html"]));
+        assert_eq!(
+            changed(&d),
+            [
+                ("docs/a.html", false),
+                ("docs/sub/b.html", false),
+                ("docs/sub/deeper/c.html", false),
+            ]
+        );
+        assert_eq!(
+            s.known.keys().collect::<Vec<_>>(),
+            ["docs-old.html", "keep.html"]
+        );
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_file_and_back() {
+        let mut s = Site::new();
+        s.write("x/y.html", "y");
+        s.sync(&Scope::All);
+        fs::remove_dir_all(s.dir.join("x")).unwrap();
+        s.write("x", "now a file");
+        let d = s.sync(&paths(&["x/y.html"]));
+        assert_eq!(changed(&d), [("x", true), ("x/y.html", false)]);
+        fs::remove_file(s.dir.join("x")).unwrap();
+        s.write("x/z.html", "z");
+        let d = s.sync(&paths(&["x"]));
+        assert_eq!(changed(&d), [("x", false), ("x/z.html", true)]);
+    }
+
+    #[test]
+    fn symlinks_inside_are_followed_and_those_leading_out_refused() {
+        let mut s = Site::new();
+        s.write("index.html", "home");
+        s.write("assets/logo.svg", "<svg/>");
+        symlink(s.dir.join("index.html"), s.dir.join("home.html")).unwrap();
+        symlink("assets/logo.svg", s.dir.join("logo.svg")).unwrap();
+        let d = s.sync(&Scope::All);
+        assert_eq!(
+            changed(&d),
+            [
+                ("assets/logo.svg", true),
+                ("home.html", true),
+                ("index.html", true),
+                ("logo.svg", true),
+            ]
+        );
+        assert_eq!(s.known["home.html"].hash, Hash::of(b"home"));
+        assert!(d.refused.is_empty());
+
+        // A known file replaced by a link to a secret: refused, and not removed either.
+        fs::write(s.outside.join("passwd"), "root:x:0:0").unwrap();
+        fs::remove_file(s.dir.join("index.html")).unwrap();
+        symlink(s.outside.join("passwd"), s.dir.join("index.html")).unwrap();
+        for scope in [paths(&["index.html"]), Scope::All] {
+            let d = s.detect(&scope);
+            // home.html now leads out too (through index.html).
+            let refused: Vec<_> = d.refused.iter().map(|r| r.path.as_str()).collect();
+            assert!(refused.contains(&"index.html"), "{d:?}");
+            assert!(!d.changes.contains_key("index.html"), "{d:?}");
+            let r = d.refused.iter().find(|r| r.path == "index.html").unwrap();
+            assert!(
+                r.to_string().starts_with(&format!(
+                    "index.html: symlink points outside {} (to ",
+                    s.dir.display()
+                )),
+                "{r}"
+            );
+            assert!(r.reason.ends_with("passwd): refused"), "{r}");
+        }
+        assert!(s
+            .store
+            .read_blob(&Hash::of(b"root:x:0:0"))
+            .unwrap()
+            .is_none());
+
+        // A dangling link is no file.
+        fs::remove_file(s.dir.join("assets/logo.svg")).unwrap();
+        let d = s.detect(&paths(&["assets/logo.svg", "logo.svg"]));
+        assert_eq!(
+            changed(&d),
+            [("assets/logo.svg", false), ("logo.svg", false)]
+        );
+        assert!(d.refused.is_empty());
+    }
+
+    #[test]
+    fn symlinked_directories_are_refused_and_keep_what_was_known() {
+        let mut s = Site::new();
+        s.write("docs/a.html", "a");
+        s.sync(&Scope::All);
+        fs::rename(s.dir.join("docs"), s.dir.join("real-docs")).unwrap();
+        symlink("real-docs", s.dir.join("docs")).unwrap();
+        let d = s.detect(&paths(&["docs", "real-docs"]));
+        assert_eq!(changed(&d), [("real-docs/a.html", true)]);
+        assert_eq!(d.refused.len(), 1);
+        assert_eq!(d.refused[0].path, "docs");
+        assert!(d.refused[0].reason.contains("symlink to a directory"));
+        // The same by the whole tree, and through a path under the link.
+        let all = s.detect(&Scope::All);
+        assert_eq!(all, d);
+        assert_eq!(s.detect(&paths(&["docs/a.html", "real-docs"])), d);
+    }
+
+    #[test]
+    fn files_over_the_limit_are_refused_with_a_reason() {
+        let mut s = Site::new();
+        s.write("big.iso", "small at first");
+        s.sync(&Scope::All);
+        fs::write(s.dir.join("big.iso"), vec![0u8; (MIB + 1) as usize]).unwrap();
+        let d = s.detect(&paths(&["big.iso"]));
+        assert!(d.changes.is_empty(), "the known version stays: {d:?}");
+        assert_eq!(
+            d.refused[0].to_string(),
+            "big.iso: 1 MiB is over watch.max_file_size (1 MiB): refused; \
+             the other backends keep the previous version"
+        );
+        let d = detect(&s.dir, &s.known, &Scope::All, &s.ignore, 80 * MIB, &s.store).unwrap();
+        assert_eq!(changed(&d), [("big.iso", true)]);
+        let d = detect(
+            &s.dir,
+            &s.known,
+            &Scope::All,
+            &s.ignore,
+            512 * 1024,
+            &s.store,
+        )
+        .unwrap();
+        assert!(d.refused[0]
+            .reason
+            .starts_with("1 MiB is over watch.max_file_size (512 KiB)"));
+        assert!(Limit::new(u64::MAX)
+            .refusal(80 * MIB)
+            .contains("80 MiB is over the largest file a release may hold (64 MiB)"));
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(12), "12 bytes");
+    }
+
+    #[test]
+    fn default_ignores_and_the_agents_own_temporaries() {
+        let mut s = Site::new();
+        for name in [
+            ".index.html.swp",
+            "x~",
+            ".#x",
+            "#x#",
+            "4913",
+            ".DS_Store",
+            ".lockstep-tmp-1",
+            "sub/.lockstep-tmp-2",
+        ] {
+            s.write(name, "junk");
+        }
+        s.write("index.html", "real");
+        let d = s.sync(&Scope::All);
+        assert_eq!(changed(&d), [("index.html", true)]);
+        let d = s.detect(&paths(&[".index.html.swp", "x~", ".lockstep-tmp-1", "sub"]));
+        assert_eq!(d, Detected::default());
+        assert!(s.ignore.is_ignored(".lockstep-tmp-9/inner.html"));
+        assert!(!s.ignore.is_ignored("index.html"));
+        assert!(!s.ignore.is_ignored("a.swf"));
+    }
+
+    #[test]
+    fn custom_globs_and_known_paths_that_are_ignored_now() {
+        let ig = Ignore::new(&["*.bak", "/drafts/*"]).unwrap();
+        let mut s = Site::new();
+        s.ignore = ig;
+        s.write("drafts/new.html", "d");
+        s.write("page.html.bak", "b");
+        s.write("page.html", "p");
+        let d = s.sync(&Scope::All);
+        assert_eq!(changed(&d), [("page.html", true)]);
+        // A known path that is ignored now stays known: adding a glob deletes nothing.
+        s.known
+            .insert("old.bak".into(), s.known["page.html"].clone());
+        assert_eq!(s.detect(&Scope::All), Detected::default());
+        assert_eq!(
+            s.detect(&paths(&["old.bak", "drafts"])),
+            Detected::default()
+        );
+    }
+
+    #[test]
+    fn names_that_cannot_be_release_paths_are_refused() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let mut s = Site::new();
+        s.write("ok.html", "ok");
+        s.write("a\\b.html", "backslash");
+        fs::write(s.dir.join(OsStr::from_bytes(b"caf\xe9.html")), "latin-1").unwrap();
+        let d = s.sync(&Scope::All);
+        assert_eq!(changed(&d), [("ok.html", true)]);
+        let mut reasons: Vec<String> = d.refused.iter().map(|r| r.to_string()).collect();
+        reasons.sort();
+        assert_eq!(
+            reasons,
+            [
+                "a\\b.html: the name contains a backslash: refused; rename it",
+                "caf\u{fffd}.html: the name is not UTF-8: refused; rename it",
+            ]
+        );
+    }
+
+    #[test]
+    fn unreadable_files_are_refused_not_fatal() {
+        use std::os::unix::fs::PermissionsExt;
+        let mut s = Site::new();
+        s.write("secret.html", "s");
+        s.write("open.html", "o");
+        s.sync(&Scope::All);
+        s.write("secret.html", "changed");
+        let secret = s.dir.join("secret.html");
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o000)).unwrap();
+        s.write("open.html", "o2");
+        if fs::read(&secret).is_ok() {
+            return; // Running as root: permissions do not apply (see the next test).
+        }
+        let d = s.detect(&Scope::All);
+        assert_eq!(changed(&d), [("open.html", true)]);
+        assert_eq!(d.refused[0].path, "secret.html");
+        assert!(
+            d.refused[0].reason.starts_with("cannot be read ("),
+            "{:?}",
+            d.refused
+        );
+    }
+
+    #[test]
+    fn io_errors_gone_is_absent_denied_is_refused_others_fail() {
+        let mut s = Site::new();
+        s.write("locked/a.html", "a");
+        s.sync(&Scope::All);
+        let mut d = Detector {
+            root: &s.dir,
+            known: &s.known,
+            ignore: &s.ignore,
+            limit: Limit::new(MIB),
+            store: &s.store,
+            seen: HashSet::new(),
+            protected: BTreeSet::new(),
+            out: Detected::default(),
+        };
+        let locked = s.dir.join("locked");
+        let err = |k: io::ErrorKind| io::Error::from(k);
+        d.io(&locked, err(io::ErrorKind::NotFound)).unwrap();
+        d.io(&locked, err(io::ErrorKind::NotADirectory)).unwrap();
+        assert!(d.out.refused.is_empty());
+        d.io(&locked, err(io::ErrorKind::PermissionDenied)).unwrap();
+        assert_eq!(d.out.refused[0].path, "locked");
+        assert!(d.out.refused[0].reason.starts_with("cannot be read ("));
+        // What was known under the unreadable directory is kept.
+        d.removals("locked");
+        assert!(d.out.changes.is_empty());
+        let e = d.io(&locked, err(io::ErrorKind::Other)).unwrap_err();
+        assert!(e.to_string().starts_with("watch.dir: cannot read "), "{e}");
+    }
+
+    #[test]
+    fn one_path_does_not_walk_the_tree_and_a_missing_root_is_an_error() {
+        let mut s = Site::new();
+        s.write("a.html", "a");
+        s.sync(&Scope::All);
+        // Something a walk would report, elsewhere in the tree.
+        symlink(&s.outside, s.dir.join("out")).unwrap();
+        s.write("a.html", "a2");
+        let d = s.detect(&paths(&["a.html"]));
+        assert_eq!(changed(&d), [("a.html", true)]);
+        assert!(d.refused.is_empty());
+        assert_eq!(s.detect(&Scope::All).refused.len(), 1);
+        // "" in a scope is the whole tree.
+        assert_eq!(s.detect(&paths(&[""])).refused.len(), 1);
+
+        fs::remove_dir_all(&s.dir).unwrap();
+        for scope in [Scope::All, paths(&["a.html"])] {
+            let err = s.try_detect(&scope).unwrap_err();
+            assert!(matches!(err, DetectError::Root { .. }), "{err}");
+            assert!(err
+                .to_string()
+                .contains("nothing is detected until it is back"));
+        }
+    }
+
+    #[test]
+    fn a_symlinked_watch_dir_is_scanned_through_its_link() {
+        let mut s = Site::new();
+        s.write("a.html", "a");
+        let link = s.outside.join("www-link");
+        symlink(&s.dir, &link).unwrap();
+        // An inner link written through the outer one still stays inside.
+        symlink(link.join("a.html"), s.dir.join("b.html")).unwrap();
+        s.dir = link;
+        let d = s.sync(&Scope::All);
+        assert_eq!(changed(&d), [("a.html", true), ("b.html", true)]);
+        assert!(d.refused.is_empty(), "{:?}", d.refused);
+    }
+
+    #[test]
+    fn scopes_merge() {
+        let mut a = paths(&["x"]);
+        a.merge(paths(&["y"]));
+        assert_eq!(a, paths(&["x", "y"]));
+        a.merge(Scope::All);
+        assert_eq!(a, Scope::All);
+        a.merge(paths(&["z"]));
+        assert_eq!(a, Scope::All);
+    }
+
+    /// `cargo test --lib sync::agent::detect -- --ignored --nocapture`: a full scan of 10 000
+    /// small files (debug build; release is several times faster).
+    #[test]
+    #[ignore]
+    fn ten_thousand_files() {
+        let mut s = Site::new();
+        for i in 0..10_000 {
+            s.write(&format!("d{}/f{i}.html", i % 100), &format!("<p>{i}</p>"));
+        }
+        let t = std::time::Instant::now();
+        let d = s.sync(&Scope::All);
+        println!("first scan (stores 10 000 blobs): {:?}", t.elapsed());
+        assert_eq!(d.changes.len(), 10_000);
+        let t = std::time::Instant::now();
+        let d = s.detect(&Scope::All);
+        println!("rescan, nothing changed: {:?}", t.elapsed());
+        assert!(d.changes.is_empty());
     }
 }

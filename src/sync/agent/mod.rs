@@ -22,6 +22,9 @@
 //!
 //! Detect and forward (seed 004):
 //!
+//! - [`ignore`]: globs of editor temporaries and the agent's own files, never synced  (pure)
+//! - [`detect`]: what changed in `watch.dir`: files read, hashed, blobs stored, refusals
+//! - [`watcher`]: inotify (debounced) → scopes for [`detect`]; full rescans on overflow and periodically
 //! - [`local`]: the thread owning `watch.dir`: edits → changesets, installs → the directory
 //! - [`forward`]: changesets to the hub (durable outbox) and to peers (immediate mode)
 //! - [`api`]: `PUT`/`DELETE /content/…` and changesets from peers
@@ -36,6 +39,7 @@ pub mod config;
 pub mod control;
 pub mod detect;
 pub mod forward;
+pub mod ignore;
 pub mod local;
 pub mod measure;
 pub mod metrics;
@@ -384,7 +388,15 @@ fn start_local(
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     s = scope_rx.recv() => match s {
-                        Some(s) => if tx.send(local::Input::Scope(s)).is_err() { return },
+                        Some(mut s) => {
+                            // Windows that piled up while the last one was examined: one pass.
+                            while let Ok(more) = scope_rx.try_recv() {
+                                s.merge(more);
+                            }
+                            if tx.send(local::Input::Scope(s)).is_err() {
+                                return;
+                            }
+                        }
                         None => return,
                     },
                 }

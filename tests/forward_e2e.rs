@@ -84,6 +84,12 @@ fn immediate_edits_reach_every_other_agent_and_never_come_back() {
     let a3 = agent(&farm, "a3", &w, "");
     let d1 = edit_dir(&farm, &a1);
     let others = [&a2, &a3];
+    // Peers come from the hub's registry: wait until a1 knows both.
+    wait_for(
+        "a1 to know its two peers",
+        || a1.proc.log(),
+        || a1.metric("lockstep_agent_peers") == 2.0,
+    );
 
     // A new file, then an edit of it.
     std::fs::write(d1.join("index.html"), "<h1>one</h1>").unwrap();
@@ -149,7 +155,9 @@ fn immediate_edits_reach_every_other_agent_and_never_come_back() {
     assert_eq!(a1.metric("lockstep_agent_changesets_installed_total"), 1.0);
     assert_eq!(a2.metric("lockstep_agent_changes_detected_total"), 1.0);
     assert_eq!(a3.metric("lockstep_agent_changes_detected_total"), 0.0);
+    // Every edit of a1's reached a2 directly (the hub's release only confirmed them).
     assert!(a2.metric("lockstep_agent_changesets_installed_total") >= 6.0);
+    assert!(a1.metric("lockstep_agent_changesets_forwarded_total") >= 12.0);
 }
 
 /// A burst of 1 000 edits leaves every agent on the same release with identical edit
@@ -179,7 +187,9 @@ fn a_burst_of_edits_converges_and_a_stopped_agent_catches_up() {
     }
     wait_served(&[&a2], "/f399.txt", Some(b"v2 399"));
     let id = wait_converged(&farm, &[&a1, &a2]);
-    assert_eq!(tree(&edit_dir(&farm, &a2)), tree(&d1));
+    wait_for("a2's edit directory to follow", String::new, || {
+        tree(&edit_dir(&farm, &a2)) == tree(&d1)
+    });
 
     farm.restart(&mut a3);
     let after = wait_converged(&farm, &[&a1, &a2, &a3]);

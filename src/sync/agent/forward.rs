@@ -135,6 +135,7 @@ pub async fn registry(
     client: HubClient,
     name: String,
     tx: watch::Sender<Vec<String>>,
+    metrics: Arc<AgentMetrics>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -156,6 +157,7 @@ pub async fn registry(
                     .map(|s| format!("http://{s}"))
                     .collect();
                 peers.sort();
+                metrics.peers.set(peers.len() as i64);
                 tx.send_if_modified(|p| {
                     let changed = *p != peers;
                     *p = peers;

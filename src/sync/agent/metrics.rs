@@ -77,6 +77,8 @@ pub struct AgentMetrics {
     pub conflicts: Counter,
     /// From detection on the origin to installation here (hub clock), seconds.
     pub forward_latency: Histogram,
+    /// Peers immediate changesets are sent to.
+    pub peers: Gauge,
 }
 
 impl AgentMetrics {
@@ -106,6 +108,7 @@ impl AgentMetrics {
             conflicts: Counter::default(),
             // 100 µs … ~50 s.
             forward_latency: Histogram::new(exponential_buckets(0.000_1, 2.0, 20)),
+            peers: Gauge::default(),
         };
         r.register(
             "active_release",
@@ -197,6 +200,11 @@ impl AgentMetrics {
             "forward_latency_seconds",
             "From detection on the origin to installation here (hub clock)",
             m.forward_latency.clone(),
+        );
+        r.register(
+            "peers",
+            "Other agents immediate changesets are sent to",
+            m.peers.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m

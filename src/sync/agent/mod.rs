@@ -369,6 +369,9 @@ fn start_local(
     .spawn(current, local_rx)
     .map_err(|e| AgentError::Watch(format!("cannot start the local-edit thread: {e}")))?;
     if let Some(dir) = &w.dir {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            AgentError::Watch(format!("cannot create watch.dir {}: {e}", dir.display()))
+        })?;
         // Watcher batches go straight to the local thread.
         let (scope_tx, mut scope_rx) = mpsc::unbounded_channel();
         let watcher = watcher::spawn(
@@ -404,6 +407,7 @@ fn start_local(
         });
     }
     let peers = if !config.peers.is_empty() {
+        metrics.peers.set(config.peers.len() as i64);
         forward::Peers::Static(config.peers.clone())
     } else {
         let (tx, rx) = tokio::sync::watch::channel(Vec::new());
@@ -412,6 +416,7 @@ fn start_local(
                 client.clone(),
                 config.name.clone(),
                 tx,
+                metrics.clone(),
                 shutdown.clone(),
             ));
         }

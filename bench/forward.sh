@@ -34,7 +34,7 @@
 # as in an editor's checkout of the site); BASE=0 skips it.
 #
 # Env: EDITS (100), ROUNDS (4), PAUSE_MS (100), POLL_US (100), TIMEOUT_MS (10000), SIZE (2048:
-# bytes of the edited page, plus 0–15), SAME_SIZE=1, DEBOUNCE (10ms; empty: no `debounce:` key),
+# bytes of the edited page, plus 0–15), SAME_SIZE=1, DEBOUNCE (2ms — lockstep's window, as small as lsyncd's `delay = 0`; the agent's default is 50ms; empty: no `debounce:` key),
 # SEED_TIMEOUT (20), BASE (1), SKIP_LOCKSTEP=1 / SKIP_LSYNCD=1 (measure one side only),
 # LOCKSTEP_BIN (use this binary instead of building one), PEER_RUN (/tmp/lockstep-peers, the
 # peer's directory), KEEP=1 keeps the working directory (raw-*.txt: every edit's times).
@@ -49,7 +49,7 @@ pause_ms=${PAUSE_MS:-100}
 poll_us=${POLL_US:-100}
 timeout_ms=${TIMEOUT_MS:-10000}
 size=${SIZE:-2048}
-debounce=${DEBOUNCE-10ms}
+debounce=${DEBOUNCE-2ms}
 seed_timeout=${SEED_TIMEOUT:-20}
 base=${BASE:-1}
 skip_lockstep=${SKIP_LOCKSTEP:-}

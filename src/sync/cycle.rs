@@ -90,7 +90,7 @@ pub enum Published {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Advance {
     /// This caller promoted the staged release: the new state.
-    Won(HubState),
+    Won(Box<HubState>),
     /// The cycle asked about has already been advanced (by someone else).
     Already {
         /// The hub's cycle now.
@@ -277,7 +277,7 @@ impl HubState {
                 .unwrap_or_else(|| rules.next_activation(now_us)),
         });
         next.queued = None;
-        Advance::Won(next)
+        Advance::Won(Box::new(next))
     }
 }
 
@@ -475,7 +475,7 @@ mod tests {
                         Advance::Won(next) => {
                             let mut cur = store.lock().unwrap();
                             if cur.version == seen.version {
-                                *cur = next;
+                                *cur = *next;
                                 *wins.lock().unwrap() += 1;
                                 return true;
                             }

@@ -380,7 +380,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
                 Ok(n) if n > 0 && n <= MAX_BLOB_BYTES => watch.max_file_bytes = n,
                 Ok(_) => cx.err(
                     v,
-                    format!("watch.max_file_size must be between 1 byte and 64MiB (the largest file a release holds)"),
+                    "watch.max_file_size must be between 1 byte and 64MiB (the largest file a release holds)",
                 ),
                 Err(e) => cx.err(v, format!("watch.max_file_size: {e}")),
             }

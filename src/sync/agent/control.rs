@@ -35,7 +35,7 @@ use super::state::{AgentState, STATE_NAME};
 use crate::sync::changeset::{self, Applied, Changeset};
 use crate::sync::client::HubClient;
 use crate::sync::clock::{self, Anchor, Offset};
-use crate::sync::manifest::{Manifest, ReleaseId};
+use crate::sync::manifest::ReleaseId;
 use crate::sync::protocol::{Report, Schedule};
 use crate::sync::store::FsStore;
 
@@ -298,7 +298,7 @@ impl Controller {
             let mut manifest = base
                 .as_ref()
                 .map(|r| r.manifest().clone())
-                .unwrap_or_else(Manifest::default);
+                .unwrap_or_default();
             let mut kept = Vec::with_capacity(jobs.len());
             for job in jobs {
                 let changes = job

@@ -25,13 +25,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::metrics::AgentMetrics;
-use crate::sync::changeset::{Changeset, Mode};
+use crate::sync::changeset::Changeset;
 use crate::sync::client::{ok, HubClient};
 use crate::sync::manifest::Hash;
 use crate::sync::protocol::{ChangesetReply, Fleet, PREFIX};
 use crate::sync::store::FsStore;
 
-use super::local::OUTBOX;
+use super::local::{Out, OUTBOX};
 
 /// Path of the peer endpoint on an agent's serve address.
 pub const PEER_PATH: &str = "/.lockstep/changesets";
@@ -174,6 +174,7 @@ pub async fn registry(
 }
 
 /// Sends changesets on: to peers at once (immediate), and through the outbox to the hub.
+/// The forwarder never creates a changeset; it only carries what [`super::local`] made.
 pub struct Forwarder {
     /// The hub.
     pub client: HubClient,
@@ -190,23 +191,19 @@ pub struct Forwarder {
 impl Forwarder {
     /// Runs until `shutdown`: each changeset from `rx` is sent to the peers (immediate mode)
     /// and the outbox is drained to the hub.
-    pub async fn run(
-        self,
-        mut rx: mpsc::UnboundedReceiver<Changeset>,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Out>, shutdown: CancellationToken) {
         let me = Arc::new(self);
         let wake = Arc::new(Notify::new());
         let drain = tokio::spawn(me.clone().drain(wake.clone(), shutdown.clone()));
         let clients: Arc<Mutex<HashMap<String, HubClient>>> = Arc::default();
         loop {
-            let cs = tokio::select! {
+            let out = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                cs = rx.recv() => match cs { Some(cs) => cs, None => break },
+                out = rx.recv() => match out { Some(o) => o, None => break },
             };
-            wake.notify_one();
-            if cs.mode == Mode::Immediate {
-                me.to_peers(cs, &clients);
+            match out {
+                Out::Peers(cs) => me.to_peers(cs, &clients),
+                Out::Recorded => wake.notify_one(),
             }
         }
         drain.abort();

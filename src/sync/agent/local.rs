@@ -79,6 +79,16 @@ pub enum Input {
     Stop,
 }
 
+/// What the local thread tells the forwarder.
+#[derive(Debug)]
+pub enum Out {
+    /// A new immediate changeset: send it to the peers now (before it is durable: a crash
+    /// before the outbox write re-detects the edit, and installing twice changes nothing).
+    Peers(Changeset),
+    /// The outbox has a new entry for the hub.
+    Recorded,
+}
+
 /// Why an API write is refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -113,8 +123,8 @@ pub struct Local {
     pub store: Arc<FsStore>,
     /// Hub time now (µs), as the agent estimates it.
     pub hub_now: Arc<dyn Fn() -> u64 + Send + Sync>,
-    /// Where new changesets go (after they are in the outbox).
-    pub out: mpsc::UnboundedSender<Changeset>,
+    /// Where new changesets go: to peers at once, to the hub once in the outbox.
+    pub out: mpsc::UnboundedSender<Out>,
     /// Where immediate ones are installed on this backend at once.
     pub installs: mpsc::UnboundedSender<super::control::Install>,
     /// Metrics.
@@ -336,6 +346,14 @@ impl Worker {
             self.cfg.metrics.refused("changeset");
             return None;
         }
+        if cs.mode == Mode::Immediate {
+            // The fast path first: this backend and its peers.
+            let _ = self.cfg.installs.send(super::control::Install {
+                cs: cs.clone(),
+                remote: false,
+            });
+            let _ = self.cfg.out.send(Out::Peers(cs.clone()));
+        }
         if let Err(e) = write_outbox(&self.cfg.store, &cs) {
             error!(error = %e, "cannot write the outbox; the edit will be detected again");
             return None;
@@ -353,15 +371,8 @@ impl Worker {
             .changes_detected
             .inc_by(cs.changes.len() as u64);
         info!(changeset = %cs.name(), paths = cs.changes.len(), mode = ?cs.mode, "local edit detected");
-        let name = cs.name();
-        if cs.mode == Mode::Immediate {
-            let _ = self.cfg.installs.send(super::control::Install {
-                cs: cs.clone(),
-                remote: false,
-            });
-        }
-        let _ = self.cfg.out.send(cs);
-        Some(name)
+        let _ = self.cfg.out.send(Out::Recorded);
+        Some(cs.name())
     }
 
     /// The served release changed: bring the directory along where it has no pending edit.

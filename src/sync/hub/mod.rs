@@ -516,7 +516,7 @@ impl Hub {
             .transition(move |s, now, rules| match s.advance(cycle, now, rules) {
                 Advance::Won(next) => {
                     let c = next.cycle;
-                    Ok((Some(next), Ok(c)))
+                    Ok((Some(*next), Ok(c)))
                 }
                 other => Ok((None, Err(other))),
             })

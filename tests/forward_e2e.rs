@@ -268,12 +268,7 @@ fn concurrent_edits_of_one_path_resolve_to_the_later_and_report_the_loser() {
         || std::fs::read(edit_dir(&farm, &a1).join("page.html")).is_ok_and(|b| b == b"from a2"),
     );
     // `lockstep status` shows it too.
-    let o = Command::new(BIN)
-        .args(["status", "--hub", &farm.hub_url(), "--token-file"])
-        .arg(farm.path("agent.token"))
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = farm.status("agent.token");
     assert!(
         out.contains("conflict") && out.contains("page.html"),
         "{out}"

@@ -120,12 +120,7 @@ fn four_agents_with_skewed_clocks_flip_together_and_a_new_agent_bootstraps() {
             && offset("web-4").is_some_and(|o| (o - hour).abs() < 5_000_000)
             && offset("web-1").is_some_and(|o| o.abs() < 5_000_000)
     });
-    let o = Command::new(BIN)
-        .args(["status", "--hub", &farm.hub_url(), "--token-file"])
-        .arg(farm.path("publish.token"))
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&o.stdout);
+    let table = farm.status("publish.token");
     assert!(
         table.contains("web-3") && table.contains("current"),
         "{table}"

@@ -310,6 +310,16 @@ impl Farm {
         agent.wait_listening();
     }
 
+    /// `lockstep status` with the token in `token_file` (of the farm's directory): its output.
+    pub fn status(&self, token_file: &str) -> String {
+        let o = Command::new(BIN)
+            .args(["status", "--hub", &self.hub_url(), "--token-file"])
+            .arg(self.path(token_file))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    }
+
     /// Runs `lockstep publish` to completion; returns the release id it printed.
     pub fn publish(&self, site: &Path, at: &str) -> String {
         let o = Command::new(BIN)

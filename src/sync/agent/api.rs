@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -80,20 +79,9 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> 
 }
 
 async fn read(req: Request<Incoming>, limit: u64) -> Result<Bytes, Response<Body>> {
-    match Limited::new(req.into_body(), limit as usize)
-        .collect()
+    crate::sync::hub::api::read_body(req.into_body(), limit as usize)
         .await
-    {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body larger than {limit} bytes"),
-        )),
-        Err(e) => Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("reading the body: {e}"),
-        )),
-    }
+        .map_err(|(status, why)| error(status, why))
 }
 
 /// Answers one API request.

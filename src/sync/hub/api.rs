@@ -142,18 +142,24 @@ fn hub_error(e: HubError) -> Answer {
     error(status, e.to_string())
 }
 
-async fn body(req: Request<Incoming>, limit: usize) -> Result<Vec<u8>, Answer> {
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => Ok(b.to_bytes().to_vec()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+/// A request body read whole, at most `limit` bytes: else the status (413 or 400) and why.
+/// Shared with the agent's API.
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, (StatusCode, String)> {
+    match Limited::new(body, limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err((
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("body larger than {limit} bytes"),
         )),
-        Err(e) => Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("reading the body: {e}"),
-        )),
+        Err(e) => Err((StatusCode::BAD_REQUEST, format!("reading the body: {e}"))),
     }
+}
+
+async fn body(req: Request<Incoming>, limit: usize) -> Result<Vec<u8>, Answer> {
+    read_body(req.into_body(), limit)
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|(status, why)| error(status, why))
 }
 
 // The error is the ready answer; boxing it would buy nothing on this path.

@@ -207,6 +207,11 @@ pub async fn start(ports: DemoPorts, dir: &Path) -> anyhow::Result<Demo> {
             socket.local_addr()?,
         );
         cfg.token = Some(agent_token.clone());
+        // Each backend's editing directory: an edit there reaches the others at once.
+        cfg.watch = Some(crate::sync::agent::config::Watch::new(
+            Some(&dir.join(format!("edit-{}", i + 1))),
+            crate::sync::changeset::Mode::Immediate,
+        ));
         agents.push(agent::start_on(cfg, socket, stop.child_token()).await?);
     }
     let site = dir.join("site");
@@ -300,11 +305,17 @@ pub async fn run(port: u16, admin_port: u16, dns_port: u16, sync_port: u16) -> a
          for p in {ports}; do curl -sI http://127.0.0.1:$p/ | grep -i x-lockstep-release; done\n  \
          mkdir -p /tmp/site && echo '<h1>release 2</h1>' > /tmp/site/index.html\n  \
          {exe} publish --hub http://{hub} --token-file {d}/publish.token --at +5s /tmp/site\n  \
-         {exe} status --hub http://{hub} --token-file {d}/publish.token   # every agent, its clock offset and last flip\n",
+         {exe} status --hub http://{hub} --token-file {d}/publish.token   # every agent, its clock offset and last flip\n\n\
+         Detect and forward (each agent watches {d}/edit-N, immediate mode):\n  \
+         echo '<h1>edited on web-1</h1>' > {d}/edit-1/index.html\n  \
+         curl -s http://127.0.0.1:{port2}/    # web-2 serves the edit at once; {d}/edit-2 has it too\n  \
+         curl -s -X PUT -H \"Authorization: Bearer $(cat {d}/agent.token)\" --data-binary 'hi' http://127.0.0.1:{port3}/content/hi.txt\n",
         dns_ip = dns.ip(),
         dns_port = dns.port(),
         first = demo.first_release.short(),
         ports = agents.join(" "),
+        port2 = agents.get(1).cloned().unwrap_or_default(),
+        port3 = agents.get(2).cloned().unwrap_or_default(),
     );
     // Ctrl-C or SIGTERM: stop and remove the working directory either way.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

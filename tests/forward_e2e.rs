@@ -155,6 +155,54 @@ fn immediate_edits_reach_every_other_agent_and_never_come_back() {
     assert_eq!(a1.metric("lockstep_agent_changesets_installed_total"), 1.0);
     assert_eq!(a2.metric("lockstep_agent_changes_detected_total"), 1.0);
     assert_eq!(a3.metric("lockstep_agent_changes_detected_total"), 0.0);
+    // Bad input from the network: garbage, no token, a blob that does not match its hash, a
+    // path escaping the tree — refused whole, nothing installed, the agent keeps serving.
+    let post = |token, body: &[u8]| {
+        http(a3.port, "POST", "/.lockstep/changesets", token, body)
+            .unwrap()
+            .status
+    };
+    assert_eq!(post(None, b"x"), 401);
+    assert_eq!(post(Some(AGENT_TOKEN), b"\xff\xff\xff\xffjunk"), 400);
+    assert_eq!(post(Some(AGENT_TOKEN), b""), 400);
+    let forged = |path: &str, bytes: &[u8], claimed: &[u8]| {
+        use lockstep::sync::changeset::{Change, Changeset, Mode};
+        use lockstep::sync::manifest::{Entry, Hash};
+        let cs = Changeset {
+            origin: "intruder".into(),
+            seq: 1,
+            mode: Mode::Immediate,
+            base: None,
+            detected_us: 1,
+            changes: [(
+                path.to_string(),
+                Change {
+                    entry: Some(Entry {
+                        hash: Hash::of(claimed),
+                        size: bytes.len() as u64,
+                        content_type: "text/html".into(),
+                    }),
+                    prev: None,
+                },
+            )]
+            .into(),
+        };
+        lockstep::sync::agent::forward::encode(&cs, |_| Some(bytes.to_vec())).unwrap()
+    };
+    assert_eq!(
+        post(Some(AGENT_TOKEN), &forged("index.html", b"evil", b"good")),
+        400
+    );
+    assert_eq!(
+        post(Some(AGENT_TOKEN), &forged("../x", b"evil", b"evil")),
+        400
+    );
+    assert_eq!(
+        a3.body("/index.html").as_deref(),
+        Some(&b"<h1>two</h1>"[..])
+    );
+    assert!(a3.metric("lockstep_agent_refused_total") >= 4.0);
+
     // Every edit of a1's reached a2 directly (the hub's release only confirmed them).
     assert!(a2.metric("lockstep_agent_changesets_installed_total") >= 6.0);
     assert!(a1.metric("lockstep_agent_changesets_forwarded_total") >= 12.0);

@@ -701,6 +701,33 @@ async fn the_demo_flips_its_three_backends_to_a_published_directory() {
         assert_eq!(r.body, "<h1>two</h1>");
         assert_eq!(r.headers.get("x-lockstep-release").unwrap(), &id.to_hex());
     }
+
+    // Detect and forward: web-1's editing directory holds the release; an edit there is
+    // served by every backend, through the proxy.
+    let edit = dir.path().join("edit-1/index.html");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            std::fs::read_to_string(&edit).is_ok_and(|b| b == "<h1>two</h1>")
+        })
+        .await,
+        "web-1's edit directory did not follow the release"
+    );
+    std::fs::write(&edit, "<h1>edited on web-1</h1>").unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            demo.agents.iter().all(|a| {
+                a.active_release()
+                    .and_then(|r| r.file("index.html").map(|f| f.size))
+                    == Some(24)
+            })
+        })
+        .await,
+        "the edit did not reach every agent"
+    );
+    for _ in 0..6 {
+        let r = get_with(&http, proxy, "/", &host).await.unwrap();
+        assert_eq!(r.body, "<h1>edited on web-1</h1>");
+    }
     demo.shutdown().await;
 }
 

@@ -24,7 +24,7 @@ use super::control::Install;
 use super::forward::{self, PEER_PATH};
 use super::local::{self, WriteError};
 use super::metrics::AgentMetrics;
-use super::release::decode_path;
+use super::release::{decode_path, MAX_INLINE_BYTES};
 use super::serve::Body;
 use crate::sync::auth::{Check, Role, Tokens};
 use crate::sync::changeset::MAX_CHANGESET_BYTES;
@@ -122,9 +122,14 @@ async fn from_peer(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
         debug!(changeset = %cs.name(), "our own changeset came back; dropped");
         return answer(StatusCode::OK, serde_json::json!({ "state": "echo" }));
     }
+    // Large files are served from the store: they must be on disk before the install. Small
+    // ones are served from memory at once and written by the agent's disk worker.
+    let (large, small): (Vec<_>, Vec<_>) = blobs
+        .into_iter()
+        .partition(|(_, b)| b.len() as u64 > MAX_INLINE_BYTES);
     let store = api.store.clone();
     let stored = tokio::task::spawn_blocking(move || {
-        for (hash, data) in blobs {
+        for (hash, data) in large {
             if !store.has_blob(&hash) {
                 store.write_blob(&hash, &data)?;
             }
@@ -143,7 +148,12 @@ async fn from_peer(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
     let name = cs.name();
-    if api.installs.send(Install { cs, remote: true }).is_err() {
+    let install = Install {
+        cs,
+        remote: true,
+        blobs: small,
+    };
+    if api.installs.send(install).is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping");
     }
     answer(

@@ -70,6 +70,9 @@ pub struct Install {
     pub cs: Changeset,
     /// From another agent (else this agent's own, immediate mode).
     pub remote: bool,
+    /// Small blobs received with it, verified, not yet in the store: served from memory at
+    /// once and written by the disk worker before anything that names the release.
+    pub blobs: Vec<(crate::sync::manifest::Hash, bytes::Bytes)>,
 }
 
 /// What an install task returns: the release it built on, the jobs it applied, and the new
@@ -103,6 +106,8 @@ pub enum DiskJob {
     Current(Arc<Release>),
     /// Drop release copies other than these.
     Prune(Vec<ReleaseId>),
+    /// Store blobs received from a peer (before the state that names them).
+    Blobs(Vec<(crate::sync::manifest::Hash, bytes::Bytes)>),
 }
 
 /// Runs disk jobs one after another, so that two quick flips cannot reorder their writes.
@@ -115,6 +120,11 @@ pub async fn disk_worker(
         let (store, dir) = (store.clone(), release_dir.clone());
         let outcome = tokio::task::spawn_blocking(move || -> Result<(), String> {
             match job {
+                DiskJob::Blobs(blobs) => blobs
+                    .iter()
+                    .filter(|(h, _)| !store.has_blob(h))
+                    .try_for_each(|(h, b)| store.write_blob(h, b))
+                    .map_err(|e| format!("cannot store blobs from a peer: {e}")),
                 DiskJob::State(s) => store
                     .write_state(STATE_NAME, &s)
                     .map_err(|e| format!("cannot record the active release: {e}")),
@@ -294,6 +304,8 @@ impl Controller {
         let base = self.current.clone();
         let store = self.stager.store.clone();
         let metrics = self.metrics.clone();
+        let fresh: std::collections::HashMap<_, _> =
+            jobs.iter().flat_map(|j| j.blobs.iter().cloned()).collect();
         self.installing.spawn_blocking(move || {
             let mut manifest = base
                 .as_ref()
@@ -317,7 +329,7 @@ impl Controller {
                     }
                 }
             }
-            let built = Release::build_reusing(&store, manifest, base.as_deref())
+            let built = Release::build_reusing(&store, manifest, base.as_deref(), &fresh)
                 .map(Arc::new)
                 .map_err(|e| e.to_string());
             (base.map(|r| r.id()), kept, built)
@@ -369,6 +381,10 @@ impl Controller {
         let hub_now = self
             .offset()
             .map(|o| clock::hub_time(Instant::now(), o, &self.anchor));
+        let blobs: Vec<_> = jobs.iter().flat_map(|j| j.blobs.iter().cloned()).collect();
+        if !blobs.is_empty() {
+            let _ = self.disk.send(DiskJob::Blobs(blobs));
+        }
         for j in &jobs {
             let seq = self.applied.entry(j.cs.origin.clone()).or_insert(0);
             *seq = (*seq).max(j.cs.seq);

@@ -351,6 +351,7 @@ impl Worker {
             let _ = self.cfg.installs.send(super::control::Install {
                 cs: cs.clone(),
                 remote: false,
+                blobs: Vec::new(),
             });
             let _ = self.cfg.out.send(Out::Peers(cs.clone()));
         }
@@ -409,7 +410,11 @@ impl Worker {
                 continue;
             }
             let outcome = match &change.entry {
-                Some(e) => place(&self.cfg.store, &dir, path, e),
+                Some(e) => {
+                    // In memory when just received (its blob may still be on its way to disk).
+                    let body = release.file(path).and_then(|f| f.body.clone());
+                    place(&self.cfg.store, &dir, path, e, body)
+                }
                 None => remove(&dir, path),
             };
             match outcome {
@@ -472,7 +477,7 @@ impl Worker {
         }
         if let (Some(dir), None) = (&self.cfg.dir, &self.refused) {
             let r = match &entry {
-                Some(e) => place(&self.cfg.store, dir, path, e),
+                Some(e) => place(&self.cfg.store, dir, path, e, None),
                 None => remove(dir, path),
             };
             r.map_err(|e| WriteError::Io(format!("writing into watch.dir: {e}")))?;
@@ -501,14 +506,23 @@ fn on_disk(path: &Path) -> Option<Hash> {
 }
 
 /// Writes blob `e` at `dir/path`: a temp file beside it, then a rename.
-fn place(store: &FsStore, dir: &Path, path: &str, e: &Entry) -> std::io::Result<()> {
+fn place(
+    store: &FsStore,
+    dir: &Path,
+    path: &str,
+    e: &Entry,
+    body: Option<Bytes>,
+) -> std::io::Result<()> {
     let target = dir.join(path);
     let parent = target.parent().unwrap_or(dir);
     std::fs::create_dir_all(parent)?;
-    let data = store
-        .read_blob(&e.hash)
-        .map_err(|err| std::io::Error::other(err.to_string()))?
-        .ok_or_else(|| std::io::Error::other(format!("blob {} is not in the store", e.hash)))?;
+    let data = match body {
+        Some(b) => b.to_vec(),
+        None => store
+            .read_blob(&e.hash)
+            .map_err(|err| std::io::Error::other(err.to_string()))?
+            .ok_or_else(|| std::io::Error::other(format!("blob {} is not in the store", e.hash)))?,
+    };
     let tmp = parent.join(format!(".lockstep-tmp-{}", rand::random::<u64>()));
     let mut f = std::fs::File::create(&tmp)?;
     let written = f.write_all(&data).and_then(|_| f.sync_data());

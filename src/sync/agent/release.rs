@@ -138,16 +138,18 @@ impl Release {
 
     /// A release of `manifest`, whose blobs are all in `store`. Blocking.
     pub fn build(store: &Arc<FsStore>, manifest: Manifest) -> Result<Release, LoadError> {
-        Release::build_reusing(store, manifest, None)
+        Release::build_reusing(store, manifest, None, &HashMap::new())
     }
 
-    /// As [`Release::build`], taking the files `reuse` already holds (same blob) from it
-    /// instead of the disk: installing a one-file changeset into a large release reads one
-    /// file. Blocking.
+    /// As [`Release::build`], taking the files `reuse` already holds (same blob) from it, and
+    /// small files from `fresh` (blobs just received and verified, possibly not yet on disk),
+    /// instead of the disk: installing a one-file changeset into a large release reads nothing.
+    /// Blocking.
     pub fn build_reusing(
         store: &Arc<FsStore>,
         manifest: Manifest,
         reuse: Option<&Release>,
+        fresh: &HashMap<Hash, Bytes>,
     ) -> Result<Release, LoadError> {
         let id = manifest.id();
         let mut bodies: HashMap<Hash, Bytes> = HashMap::new();
@@ -164,6 +166,13 @@ impl Release {
             }
         }
         for (path, entry) in manifest.files() {
+            let fresh = fresh
+                .get(&entry.hash)
+                .filter(|b| b.len() as u64 == entry.size && entry.size <= MAX_INLINE_BYTES);
+            if let Some(b) = fresh {
+                files.insert(path.as_str().into(), File::new(entry, Some(b.clone())));
+                continue;
+            }
             if let Some(body) = checked.get(&entry.hash) {
                 files.insert(path.as_str().into(), File::new(entry, body.clone()));
                 continue;

@@ -358,3 +358,53 @@ fn scheduled_edits_activate_everywhere_at_the_next_instant() {
     });
     assert!(!id.is_empty());
 }
+
+/// An agent started with a `watch.dir` that holds something else than the fleet's release does
+/// not push it over the fleet: watching is refused with the reason; an empty one is filled
+/// from the release.
+#[test]
+fn a_stale_watch_dir_is_refused_and_an_empty_one_is_filled() {
+    let _serial = serial();
+    let farm = Farm::new("2s", "1s");
+    let w = watch("immediate", "");
+    let a1 = agent(&farm, "a1", &w, "");
+    std::fs::write(edit_dir(&farm, &a1).join("index.html"), "fleet").unwrap();
+    wait_converged(&farm, &[&a1]);
+
+    // a2: an empty directory, filled from the release.
+    let a2 = agent(&farm, "a2", &w, "");
+    wait_for(
+        "a2's edit directory to be filled",
+        || a2.proc.log(),
+        || std::fs::read(edit_dir(&farm, &a2).join("index.html")).is_ok_and(|b| b == b"fleet"),
+    );
+    // a3: a directory left over from something else.
+    let stale = farm.path("a3-edit");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("index.html"), "stale").unwrap();
+    let a3 = agent(&farm, "a3", &w, "");
+    wait_for(
+        "a3 to refuse its watch.dir",
+        || a3.proc.log(),
+        || {
+            a3.proc
+                .log()
+                .contains("is not empty and differs from the active release")
+        },
+    );
+    wait_converged(&farm, &[&a1, &a2, &a3]);
+    for a in [&a1, &a2, &a3] {
+        assert_eq!(
+            a.body("/index.html").as_deref(),
+            Some(&b"fleet"[..]),
+            "{}",
+            a.name
+        );
+    }
+    assert_eq!(
+        std::fs::read(stale.join("index.html")).unwrap(),
+        b"stale",
+        "nothing lost"
+    );
+    assert_eq!(a3.metric("lockstep_agent_refused_total"), 1.0);
+}

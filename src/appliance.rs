@@ -70,6 +70,8 @@ pub struct Appliance {
     admin_addr: Option<SocketAddr>,
     dns_addr: Option<SocketAddr>,
     sync: Option<(SocketAddr, Arc<Hub>)>,
+    /// The hub as the admin API sees it (set once the hub starts).
+    admin_hub: Arc<std::sync::OnceLock<Arc<Hub>>>,
     generation: u64,
     workers: Vec<Handle>,
 }
@@ -114,6 +116,7 @@ impl Appliance {
             admin_addr: None,
             dns_addr: None,
             sync: None,
+            admin_hub: Arc::default(),
             generation: 1,
             workers,
         };
@@ -147,6 +150,7 @@ impl Appliance {
                 live: app.live.clone(),
                 metrics: app.metrics.clone(),
                 shutdown: app.shutdown.clone(),
+                hub: app.admin_hub.clone(),
             };
             app.tracker.spawn(admin::serve(socket, state));
         }
@@ -223,6 +227,7 @@ impl Appliance {
                 }
             }
         });
+        let _ = self.admin_hub.set(hub.clone());
         self.sync = Some((local, hub));
         Ok(())
     }

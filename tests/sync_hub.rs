@@ -702,6 +702,14 @@ async fn the_demo_flips_its_three_backends_to_a_published_directory() {
         assert_eq!(r.headers.get("x-lockstep-release").unwrap(), &id.to_hex());
     }
 
+    // The admin API lists the same fleet.
+    let admin = demo.app.admin_addr().unwrap();
+    let agents = get_with(&http, admin, "/api/agents", &[]).await.unwrap();
+    assert_eq!(agents.status, 200);
+    let fleet: serde_json::Value = serde_json::from_str(&agents.body).unwrap();
+    assert_eq!(fleet["agents"].as_array().map(Vec::len), Some(3), "{fleet}");
+    assert_eq!(fleet["schedule"]["active"], id.to_hex());
+
     // Detect and forward: web-1's editing directory holds the release; an edit there is
     // served by every backend, through the proxy.
     let edit = dir.path().join("edit-1/index.html");

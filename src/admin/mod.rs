@@ -1,7 +1,8 @@
 //! The admin side: an HTTP listener (loopback by default) with `/metrics` (Prometheus text),
-//! `/healthz` (the process is alive) and `/ready` (listeners bound, not draining); and
-//! [`reload`], the unix socket `lockstep reload` talks to.
+//! `/healthz` (the process is alive), `/ready` (listeners bound, not draining) and the JSON
+//! [`api`] under `/api/`; and [`reload`], the unix socket `lockstep reload` talks to.
 
+pub mod api;
 pub mod reload;
 
 use std::convert::Infallible;
@@ -29,6 +30,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the appliance drains.
     pub shutdown: CancellationToken,
+    /// The sync hub, once started (when the config has `sync:`).
+    pub hub: Arc<std::sync::OnceLock<Arc<crate::sync::hub::Hub>>>,
 }
 
 /// Serves the admin listener until shutdown.
@@ -49,7 +52,7 @@ pub async fn serve(socket: TcpListener, state: AdminState) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
+                async move { Ok::<_, Infallible>(route(&state, &req, peer)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -62,7 +65,19 @@ pub async fn serve(socket: TcpListener, state: AdminState) {
     }
 }
 
-fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(
+    state: &AdminState,
+    req: &Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<Full<Bytes>> {
+    let live = state.live.load();
+    let hub = state.hub.get().map(|h| h.as_ref());
+    if let Some(a) = api::route(&live, hub, req.method(), req.uri().path(), peer) {
+        return match a {
+            api::ApiAnswer::Json(status, v) => text(status, "application/json", v.to_string()),
+            api::ApiAnswer::Text(status, ctype, body) => text(status, ctype, body),
+        };
+    }
     match req.uri().path() {
         "/metrics" => text(
             StatusCode::OK,
@@ -89,7 +104,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /healthz or /ready\n".into(),
+            "not found: try /metrics, /healthz, /ready or /api/pools\n".into(),
         ),
     }
 }

@@ -15,6 +15,7 @@ pub mod yaml;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -72,6 +73,8 @@ pub struct Config {
     pub dns: Option<Dns>,
     /// The sync hub, when the `sync:` section is present.
     pub sync: Option<sync::Sync>,
+    /// The YAML text it was parsed from (served by the admin API's `/api/config`).
+    pub source: Arc<str>,
 }
 
 /// Access log format of a listener.
@@ -190,5 +193,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Checks config text as if read from `path` (relative TLS paths resolve against its directory).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let raw = validate::parse_raw(path, text)?;
-    validate::validate(path, raw)
+    let mut config = validate::validate(path, raw)?;
+    config.source = text.into();
+    Ok(config)
 }

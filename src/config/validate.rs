@@ -155,6 +155,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             admin,
             dns,
             sync,
+            source: "".into(),
         })
     } else {
         cx.errors.sort_by_key(|e| (e.pos.line, e.pos.column));

@@ -64,6 +64,8 @@ pub struct PoolHealth {
     /// Its sync agent serves a release behind the fleet's, and another backend of the pool
     /// that is up serves the current one (so a pool whose backends are all behind keeps them).
     pub behind: Vec<bool>,
+    /// Drained by an operator (admin API): no new requests, no DNS answers.
+    pub drained: Vec<bool>,
 }
 
 impl PoolHealth {
@@ -71,6 +73,7 @@ impl PoolHealth {
     pub fn available(&self, i: usize, now: Instant) -> bool {
         self.up.get(i).copied().unwrap_or(false)
             && !self.behind.get(i).copied().unwrap_or(false)
+            && !self.drained.get(i).copied().unwrap_or(false)
             && self
                 .ejected_until
                 .get(i)
@@ -113,6 +116,8 @@ pub struct BackendState {
     failing: AtomicBool,
     /// Its sync agent reports a release behind the fleet's (set by the sync hub).
     pub behind: AtomicBool,
+    /// Drained through the admin API (kept across reloads while the backend is configured).
+    pub drained: AtomicBool,
 }
 
 impl BackendState {
@@ -146,6 +151,7 @@ impl BackendState {
             ejection: Mutex::new(Ejection::default()),
             failing: AtomicBool::new(false),
             behind: AtomicBool::new(false),
+            drained: AtomicBool::new(false),
         }
     }
 
@@ -181,6 +187,7 @@ impl PoolState {
                 up: Vec::new(),
                 ejected_until: Vec::new(),
                 behind: Vec::new(),
+                drained: Vec::new(),
             }),
             latency: metrics
                 .latency
@@ -220,10 +227,16 @@ impl PoolState {
             up[i] && !flagged[i] && ejected_until[i].is_none_or(|until: Instant| now >= until)
         });
         let behind = flagged.iter().map(|&f| f && some_current).collect();
+        let drained = self
+            .backends
+            .iter()
+            .map(|b| b.drained.load(Ordering::Relaxed))
+            .collect();
         let snap = Arc::new(PoolHealth {
             up,
             ejected_until,
             behind,
+            drained,
         });
         for (i, b) in self.backends.iter().enumerate() {
             b.up_gauge.set(i64::from(snap.available(i, now)));
@@ -243,6 +256,16 @@ impl PoolState {
         if changed {
             self.publish_health();
         }
+    }
+
+    /// Drains (or enables) backend `name`: a drained backend gets no new requests and leaves
+    /// the DNS answers; requests in flight finish. `None` when the pool has no such backend.
+    pub fn set_drained(&self, name: &str, drained: bool) -> Option<bool> {
+        let b = self.backends.iter().find(|b| b.config.name == name)?;
+        if b.drained.swap(drained, Ordering::Relaxed) != drained {
+            self.publish_health();
+        }
+        Some(drained)
     }
 
     /// Records an active check result for backend `i`; returns the new state when it changed.
@@ -326,7 +349,15 @@ impl Table {
                     .map(|b| {
                         old.and_then(|o| o.backends.iter().find(|ob| ob.config == *b).cloned())
                             .unwrap_or_else(|| {
-                                Arc::new(BackendState::new(&p.name, b.clone(), metrics))
+                                let fresh = BackendState::new(&p.name, b.clone(), metrics);
+                                // A drain outlives a change of the backend's settings.
+                                let drained = old
+                                    .and_then(|o| {
+                                        o.backends.iter().find(|ob| ob.config.name == b.name)
+                                    })
+                                    .is_some_and(|ob| ob.drained.load(Ordering::Relaxed));
+                                fresh.drained.store(drained, Ordering::Relaxed);
+                                Arc::new(fresh)
                             })
                     })
                     .collect();

@@ -47,6 +47,7 @@ pub async fn run(
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status(&app)),
     ]);
+    let watchdog = spawn_watchdog();
     info!(config = %path.display(), generation = app.generation(), "lockstep serving");
 
     loop {
@@ -62,6 +63,9 @@ pub async fn run(
         }
     }
     notify(&[sd_notify::NotifyState::Stopping]);
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     info!(?drain, "draining");
     stop_socket.cancel();
     if let Some(p) = &socket_path {
@@ -107,6 +111,25 @@ fn status(app: &Appliance) -> String {
         live.listeners.len(),
         live.table.pools.len()
     )
+}
+
+/// With `WatchdogSec=` in the unit (systemd sets `WATCHDOG_USEC`), pings `WATCHDOG=1` at half
+/// the interval from a task of the calling runtime: a wedged runtime stops the pings and
+/// systemd restarts the service.
+pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let every = Duration::from_micros(usec / 2);
+    info!(?every, "systemd watchdog enabled");
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    }))
 }
 
 fn notify(state: &[sd_notify::NotifyState<'_>]) {

@@ -474,15 +474,34 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let agent_name = config.name.clone();
     let agent = start(config).await?;
-    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+    let status = format!(
+        "agent {} serving {} on {}",
+        agent_name,
+        agent
+            .active()
+            .map_or_else(|| "nothing yet".to_string(), |id| id.short()),
+        agent.serve_addr()
+    );
+    if let Err(e) = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ],
+    ) {
         warn!(error = %e, "cannot notify systemd");
     }
+    let watchdog = crate::serve::spawn_watchdog();
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     info!("agent stopping");
     agent.shutdown(DRAIN).await;
     info!("agent stopped");

@@ -100,6 +100,10 @@ pub enum Command {
         /// Print the hub's JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also show the pools and their backends' health from the appliance's admin API,
+        /// e.g. http://127.0.0.1:9901.
+        #[arg(long, env = "LOCKSTEP_ADMIN")]
+        admin: Option<String>,
     },
     /// Run the sync agent on a backend: serve the active release, stage new ones, flip on time.
     #[command(

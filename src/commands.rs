@@ -76,12 +76,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Status { hub, json } => {
+        Command::Status { hub, json, admin } => {
             let client = hub_client(&hub)?;
-            let fleet = runtime(false)?.block_on(crate::sync::publish::fleet(&client))?;
+            let rt = runtime(false)?;
+            let pools = match &admin {
+                Some(url) => {
+                    let c =
+                        crate::sync::client::HubClient::new(url.trim_end_matches('/'), None, None)?;
+                    Some(rt.block_on(c.json::<serde_json::Value>(
+                        http::Method::GET,
+                        "/api/pools",
+                        None::<&()>,
+                        std::time::Duration::from_secs(10),
+                    ))?)
+                }
+                None => None,
+            };
+            let fleet = rt.block_on(crate::sync::publish::fleet(&client))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&fleet)?);
+                let mut v = serde_json::to_value(&fleet)?;
+                if let Some(p) = pools {
+                    v["pools"] = p["pools"].clone();
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
+                if let Some(p) = &pools {
+                    print!("{}\n", crate::admin::api::render_pools(p));
+                }
                 print!("{}", crate::sync::publish::render_fleet(&fleet));
             }
             Ok(())

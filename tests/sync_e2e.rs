@@ -122,7 +122,7 @@ fn four_agents_with_skewed_clocks_flip_together_and_a_new_agent_bootstraps() {
     });
     let table = farm.status("publish.token");
     assert!(
-        table.contains("web-3") && table.contains("current"),
+        table.contains("web-3") && table.contains("current") && table.contains("POOL"),
         "{table}"
     );
 }

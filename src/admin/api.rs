@@ -132,6 +132,40 @@ pub fn pools(live: &Live) -> Value {
     json!({ "generation": live.table.generation, "pools": pools })
 }
 
+/// `/api/pools` as the table `lockstep status --admin` prints.
+pub fn render_pools(v: &Value) -> String {
+    let mut out = format!(
+        "{:<12} {:<16} {:<22} {:>6} {:>9}  {}\n",
+        "POOL", "BACKEND", "ADDRESS", "WEIGHT", "IN FLIGHT", "STATE"
+    );
+    for p in v["pools"].as_array().into_iter().flatten() {
+        for b in p["backends"].as_array().into_iter().flatten() {
+            let flag = |k: &str| b[k].as_bool().unwrap_or(false);
+            let state = if flag("drained") {
+                "drained"
+            } else if !flag("up") {
+                "DOWN"
+            } else if flag("ejected") {
+                "ejected"
+            } else if flag("behind") {
+                "behind"
+            } else {
+                "up"
+            };
+            out.push_str(&format!(
+                "{:<12} {:<16} {:<22} {:>6} {:>9}  {}\n",
+                p["name"].as_str().unwrap_or("?"),
+                b["name"].as_str().unwrap_or("?"),
+                b["address"].as_str().unwrap_or("?"),
+                b["weight"].as_u64().unwrap_or(0),
+                b["in_flight"].as_u64().unwrap_or(0),
+                state
+            ));
+        }
+    }
+    out
+}
+
 fn drain(live: &Live, pool: &str, name: &str, drained: bool) -> ApiAnswer {
     let Some(p) = live.table.pools.iter().find(|p| p.config.name == pool) else {
         return err(StatusCode::NOT_FOUND, format!("no pool `{pool}`"));
@@ -206,5 +240,7 @@ mod tests {
         );
         assert!(!live.table.pools[0].health.load().drained[1]);
         assert!(route(&live, None, &Method::GET, "/metrics", local).is_none());
+        let table = render_pools(&pools(&live));
+        assert!(table.contains("www") && table.contains(" up\n"), "{table}");
     }
 }

@@ -315,6 +315,7 @@ impl Farm {
         let o = Command::new(BIN)
             .args(["status", "--hub", &self.hub_url(), "--token-file"])
             .arg(self.path(token_file))
+            .args(["--admin", &format!("http://127.0.0.1:{}", self.admin_port)])
             .output()
             .unwrap();
         String::from_utf8_lossy(&o.stdout).to_string()

@@ -101,7 +101,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 if let Some(p) = &pools {
-                    print!("{}\n", crate::admin::api::render_pools(p));
+                    println!("{}", crate::admin::api::render_pools(p));
                 }
                 print!("{}", crate::sync::publish::render_fleet(&fleet));
             }

@@ -19,7 +19,19 @@ fn watch(mode: &str, extra: &str) -> String {
 /// Starts agent `name` with its watch directory `<name>-edit`.
 fn agent(farm: &Farm, name: &str, watch_line: &str, more: &str) -> Agent {
     let line = watch_line.replace("{DIR}", &format!("{name}-edit"));
-    farm.agent(name, None, &format!("{line}{more}"))
+    let a = farm.agent(name, None, &format!("{line}{more}"));
+    // Listening comes first; the watch.dir is examined a moment later.
+    wait_for(
+        &format!("{name} to look at its watch.dir"),
+        || a.proc.log(),
+        || {
+            let log = a.proc.log();
+            ["watching for local edits", "is not empty"]
+                .iter()
+                .any(|l| log.contains(l))
+        },
+    );
+    a
 }
 
 fn edit_dir(farm: &Farm, a: &Agent) -> std::path::PathBuf {

@@ -4,7 +4,8 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /api/pools` | every pool: policy, and per backend its address, weight, health (up, ejected, behind, drained, available), requests in flight |
-//! | `GET /api/agents` | the sync hub's fleet (schedule, every agent's releases, θ, ε, last flip lateness, conflicts); 404 without `sync:` |
+//! | `GET /api/agents` | the sync hub's fleet (schedule, every agent's releases, θ, ε, last flip lateness, conflicts) and the last flip's skew; 404 without `sync:` |
+//! | `GET /api/dns` | DNS queries answered by type and response code, and fail-open answers by pool, read from the metrics; 404 without `dns:` |
 //! | `POST /api/pools/{pool}/backends/{name}/drain` | no new requests and no DNS answers for it; in-flight requests finish |
 //! | `POST /api/pools/{pool}/backends/{name}/enable` | back in rotation |
 //! | `GET /api/config` | the YAML the running generation was loaded from (lockstep configs hold no secrets inline: tokens and keys are files, named by path) |
@@ -22,7 +23,10 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::live::Live;
+use crate::metrics::Metrics;
 use crate::sync::hub::Hub;
+use crate::sync::protocol::Fleet;
+use crate::sync::publish::last_flip_skew;
 
 /// An answer: status and JSON body (or YAML text for `/api/config`).
 pub enum ApiAnswer {
@@ -40,6 +44,7 @@ fn err(status: StatusCode, message: impl Into<String>) -> ApiAnswer {
 pub fn route(
     live: &Live,
     hub: Option<&Hub>,
+    metrics: &Metrics,
     method: &Method,
     path: &str,
     peer: SocketAddr,
@@ -49,13 +54,17 @@ pub fn route(
     Some(match (method, segments.as_slice()) {
         (&Method::GET, ["pools"]) => ApiAnswer::Json(StatusCode::OK, pools(live)),
         (&Method::GET, ["agents"]) => match hub {
-            Some(h) => ApiAnswer::Json(
-                StatusCode::OK,
-                serde_json::to_value(h.fleet()).unwrap_or(Value::Null),
-            ),
+            Some(h) => ApiAnswer::Json(StatusCode::OK, agents(&h.fleet())),
             None => err(
                 StatusCode::NOT_FOUND,
                 "this appliance runs no sync hub (no `sync:` section)",
+            ),
+        },
+        (&Method::GET, ["dns"]) => match live.config.dns {
+            Some(_) => ApiAnswer::Json(StatusCode::OK, dns(&metrics.render())),
+            None => err(
+                StatusCode::NOT_FOUND,
+                "this appliance answers no DNS (no `dns:` section)",
             ),
         },
         (&Method::GET, ["config"]) => ApiAnswer::Text(
@@ -77,13 +86,13 @@ pub fn route(
             }
             drain(live, pool, name, *action == "drain")
         }
-        (_, ["pools"] | ["agents"] | ["config"] | ["pools", _, "backends", _, _]) => err(
+        (_, ["pools"] | ["agents"] | ["dns"] | ["config"] | ["pools", _, "backends", _, _]) => err(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),
         ),
         _ => err(
             StatusCode::NOT_FOUND,
-            format!("no admin API path {path}: see /api/pools, /api/agents, /api/config"),
+            format!("no admin API path {path}: see /api/pools, /api/agents, /api/dns, /api/config"),
         ),
     })
 }
@@ -166,6 +175,98 @@ pub fn render_pools(v: &Value) -> String {
     out
 }
 
+/// `GET /api/agents`: the fleet as the sync API gives it, plus `last_flip_skew` (the rule of
+/// `lockstep status`) when agents have reported a flip to the active release.
+pub fn agents(f: &Fleet) -> Value {
+    let mut v = serde_json::to_value(f).unwrap_or(Value::Null);
+    if let (Some(o), Some((release, n, spread, lo, hi))) = (v.as_object_mut(), last_flip_skew(f)) {
+        o.insert(
+            "last_flip_skew".into(),
+            json!({
+                "release": release,
+                "agents": n,
+                "spread_us": spread,
+                "min_us": lo,
+                "max_us": hi,
+            }),
+        );
+    }
+    v
+}
+
+/// `GET /api/dns` from the metrics text: `lockstep_dns_queries_total{qtype,rcode}` and
+/// `lockstep_dns_fail_open_answers_total{pool}`. (prometheus-client's families cannot be
+/// listed, so the rendered text is the one place every label set appears.)
+pub fn dns(metrics_text: &str) -> Value {
+    let mut queries = Vec::new();
+    let mut fail_open = Vec::new();
+    let mut total = 0u64;
+    for s in metrics_text.lines().filter_map(Series::parse) {
+        match s.name {
+            "lockstep_dns_queries_total" => {
+                total += s.value;
+                queries.push(json!({
+                    "qtype": s.label("qtype"),
+                    "rcode": s.label("rcode"),
+                    "count": s.value,
+                }));
+            }
+            "lockstep_dns_fail_open_answers_total" => {
+                fail_open.push(json!({ "pool": s.label("pool"), "count": s.value }));
+            }
+            _ => {}
+        }
+    }
+    json!({ "total": total, "queries": queries, "fail_open": fail_open })
+}
+
+/// One labelled counter line of the text format: `name{k="v",...} 12`.
+struct Series<'a> {
+    name: &'a str,
+    labels: Vec<(&'a str, String)>,
+    value: u64,
+}
+
+impl<'a> Series<'a> {
+    /// `None` for lines without labels (comments, `# EOF`) and anything malformed.
+    fn parse(line: &'a str) -> Option<Series<'a>> {
+        let (name, mut rest) = line.split_once('{')?;
+        let mut labels = Vec::new();
+        loop {
+            if let Some(tail) = rest.strip_prefix('}') {
+                let value: f64 = tail.trim().split(' ').next()?.parse().ok()?;
+                return Some(Series {
+                    name,
+                    labels,
+                    value: value as u64,
+                });
+            }
+            let (key, after) = rest.split_once("=\"")?;
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (_, '\\') => value.push(match chars.next()?.1 {
+                        'n' => '\n',
+                        c => c,
+                    }),
+                    (i, '"') => break i,
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((key, value));
+            rest = after[end + 1..].trim_start_matches(',');
+        }
+    }
+
+    fn label(&self, key: &str) -> &str {
+        self.labels
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
 fn drain(live: &Live, pool: &str, name: &str, drained: bool) -> ApiAnswer {
     let Some(p) = live.table.pools.iter().find(|p| p.config.name == pool) else {
         return err(StatusCode::NOT_FOUND, format!("no pool `{pool}`"));
@@ -201,6 +302,10 @@ mod tests {
         Live::build(Arc::new(config), None, 1, &crate::metrics::Metrics::new())
     }
 
+    fn metrics() -> Metrics {
+        Metrics::new()
+    }
+
     fn status(a: Option<ApiAnswer>) -> StatusCode {
         match a {
             Some(ApiAnswer::Json(s, _)) | Some(ApiAnswer::Text(s, _, _)) => s,
@@ -210,23 +315,23 @@ mod tests {
 
     #[test]
     fn drains_are_refused_from_remote_peers_and_honoured_from_loopback() {
-        let live = live();
+        let (live, m) = (live(), metrics());
         let path = "/api/pools/www/backends/b/drain";
         let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let local6: SocketAddr = "[::1]:5000".parse().unwrap();
         assert_eq!(
-            status(route(&live, None, &Method::POST, path, remote)),
+            status(route(&live, None, &m, &Method::POST, path, remote)),
             StatusCode::FORBIDDEN
         );
         assert!(!live.table.pools[0].health.load().drained[1]);
         // Reading is fine from anywhere the listener is reachable.
         assert_eq!(
-            status(route(&live, None, &Method::GET, "/api/pools", remote)),
+            status(route(&live, None, &m, &Method::GET, "/api/pools", remote)),
             StatusCode::OK
         );
         assert_eq!(
-            status(route(&live, None, &Method::POST, path, local6)),
+            status(route(&live, None, &m, &Method::POST, path, local6)),
             StatusCode::OK
         );
         assert!(live.table.pools[0].health.load().drained[1]);
@@ -235,12 +340,116 @@ mod tests {
         assert_eq!(v["pools"][0]["available"], 1);
         let enable = "/api/pools/www/backends/b/enable";
         assert_eq!(
-            status(route(&live, None, &Method::POST, enable, local)),
+            status(route(&live, None, &m, &Method::POST, enable, local)),
             StatusCode::OK
         );
         assert!(!live.table.pools[0].health.load().drained[1]);
-        assert!(route(&live, None, &Method::GET, "/metrics", local).is_none());
+        assert!(route(&live, None, &m, &Method::GET, "/metrics", local).is_none());
         let table = render_pools(&pools(&live));
         assert!(table.contains("www") && table.contains(" up\n"), "{table}");
+    }
+
+    #[test]
+    fn dns_counts_come_from_the_dns_metrics_and_need_a_dns_section() {
+        let m = metrics();
+        let d = crate::dns::DnsMetrics::register(&m);
+        let q = |qtype, rcode| crate::dns::metrics::QueryLabels { qtype, rcode };
+        d.queries.get_or_create(&q("A", "NOERROR")).inc_by(7);
+        d.queries.get_or_create(&q("AAAA", "NOERROR")).inc();
+        d.queries.get_or_create(&q("A", "NXDOMAIN")).inc_by(2);
+        d.fail_open
+            .get_or_create(&crate::dns::metrics::NameLabels { pool: "www".into() })
+            .inc_by(3);
+        let v = dns(&m.render());
+        assert_eq!(v["total"], 10, "{v}");
+        let mut queries: Vec<(String, String, u64)> = v["queries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| {
+                (
+                    q["qtype"].as_str().unwrap().to_owned(),
+                    q["rcode"].as_str().unwrap().to_owned(),
+                    q["count"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        queries.sort();
+        assert_eq!(
+            queries,
+            [
+                ("A".into(), "NOERROR".into(), 7),
+                ("A".into(), "NXDOMAIN".into(), 2),
+                ("AAAA".into(), "NOERROR".into(), 1)
+            ]
+        );
+        assert_eq!(v["fail_open"], json!([{ "pool": "www", "count": 3 }]));
+        // Other series, comments and escapes do not confuse the reader.
+        let v = dns("# HELP lockstep_dns_queries {x}\nlockstep_http_requests_total{pool=\"a\"} 4\nlockstep_dns_fail_open_answers_total{pool=\"a\\\"b,c\"} 1\n# EOF\n");
+        assert_eq!(
+            v,
+            json!({ "total": 0, "queries": [], "fail_open": [{ "pool": "a\"b,c", "count": 1 }] })
+        );
+
+        // Without `dns:` the page hides the section: 404.
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        assert_eq!(
+            status(route(&live(), None, &m, &Method::GET, "/api/dns", local)),
+            StatusCode::NOT_FOUND
+        );
+        let yaml = "pools:\n  - name: www\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\ndns:\n  bind: \"127.0.0.1:0\"\n  zones:\n    - name: farm.test\n      nameservers: [ns.provider.example]\n      records:\n        - { name: www, pool: www }\n";
+        let config = crate::config::parse(std::path::Path::new("t.yaml"), yaml).unwrap();
+        let with_dns = Live::build(Arc::new(config), None, 1, &m);
+        match route(&with_dns, None, &m, &Method::GET, "/api/dns", local) {
+            Some(ApiAnswer::Json(StatusCode::OK, v)) => assert_eq!(v["total"], 10, "{v}"),
+            _ => panic!("/api/dns did not answer 200 with `dns:`"),
+        }
+    }
+
+    #[test]
+    fn agents_carry_the_last_flips_skew() {
+        use crate::sync::manifest::Hash;
+        use crate::sync::protocol::{AgentView, Report, Schedule};
+        let (r1, r2) = (Hash::of(b"1"), Hash::of(b"2"));
+        let agent = |name: &str, flip: Hash, late: i64| AgentView {
+            name: name.into(),
+            report: Report {
+                active: Some(flip),
+                last_flip: Some(flip),
+                last_flip_lateness_us: Some(late),
+                ..Report::default()
+            },
+            reported_us: 0,
+            current: flip == r2,
+        };
+        let mut fleet = Fleet {
+            conflicts: Vec::new(),
+            schedule: Schedule {
+                version: 3,
+                cycle: 2,
+                active: Some(r2),
+                staged: None,
+                activation_us: None,
+                queued: None,
+                previous: Some(r1),
+                now_us: 0,
+                applied: Default::default(),
+            },
+            agents: vec![
+                agent("a", r2, 120),
+                agent("b", r2, -30),
+                agent("c", r1, 9_000),
+            ],
+        };
+        let v = agents(&fleet);
+        assert_eq!(
+            v["last_flip_skew"],
+            json!({ "release": r2, "agents": 2, "spread_us": 150, "min_us": -30, "max_us": 120 })
+        );
+        // Still the fleet the sync API gives.
+        assert_eq!(serde_json::from_value::<Fleet>(v).unwrap(), fleet);
+        // No flip to the active release reported: no skew.
+        fleet.schedule.active = None;
+        assert!(agents(&fleet).get("last_flip_skew").is_none());
     }
 }

@@ -1,9 +1,11 @@
 //! The admin side: an HTTP listener (loopback by default) with `/metrics` (Prometheus text),
-//! `/healthz` (the process is alive), `/ready` (listeners bound, not draining) and the JSON
-//! [`api`] under `/api/`; and [`reload`], the unix socket `lockstep reload` talks to.
+//! `/healthz` (the process is alive), `/ready` (listeners bound, not draining), the JSON
+//! [`api`] under `/api/` and [`status`], the self-refreshing HTML page at `/status` that shows
+//! it; and [`reload`], the unix socket `lockstep reload` talks to.
 
 pub mod api;
 pub mod reload;
+pub mod status;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -72,7 +74,14 @@ fn route(
 ) -> Response<Full<Bytes>> {
     let live = state.live.load();
     let hub = state.hub.get().map(|h| h.as_ref());
-    if let Some(a) = api::route(&live, hub, req.method(), req.uri().path(), peer) {
+    if let Some(a) = api::route(
+        &live,
+        hub,
+        &state.metrics,
+        req.method(),
+        req.uri().path(),
+        peer,
+    ) {
         return match a {
             api::ApiAnswer::Json(status, v) => text(status, "application/json", v.to_string()),
             api::ApiAnswer::Text(status, ctype, body) => text(status, ctype, body),
@@ -85,6 +94,7 @@ fn route(
             state.metrics.render(),
         ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/status" => status::page(),
         "/ready" => {
             if state.shutdown.is_cancelled() {
                 text(
@@ -104,7 +114,7 @@ fn route(
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /healthz, /ready or /api/pools\n".into(),
+            "not found: try /status, /metrics, /healthz, /ready or /api/pools\n".into(),
         ),
     }
 }

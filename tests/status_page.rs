@@ -1,0 +1,418 @@
+//! The status page (`/status`) in a real browser: headless Chromium loads it from a running
+//! appliance and runs its script against the admin API; the rendered DOM is read back with
+//! `--dump-dom` and a screenshot is taken. A backend killed under active health checks turns
+//! its row DOWN; the demo farm shows its agents, the next activation's countdown, the last
+//! flip's skew and DNS answers.
+//!
+//! Chromium is required, not optional: without it these tests fail and say how to install it
+//! (CI's `.ci/run` installs the Debian package `chromium`). `LOCKSTEP_CHROMIUM` names another
+//! binary; `LOCKSTEP_STATUS_SCREENSHOTS=DIR` keeps copies of the screenshots.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hickory_server::proto::op::{Message, MessageType, OpCode, Query};
+use hickory_server::proto::rr::{Name, RecordType};
+use lockstep::sync::client::HubClient;
+use lockstep::sync::publish::{self, At};
+
+/// Longest one Chromium run may take (it starts slowly on 2 busy cores).
+const BROWSER_WAIT: Duration = Duration::from_secs(25);
+
+/// Headless Chromium, one fresh profile per run.
+struct Chromium {
+    exe: String,
+    dir: tempfile::TempDir,
+    runs: usize,
+}
+
+/// What one page load left behind.
+struct Rendered {
+    /// The DOM after the page's script ran (`--dump-dom`).
+    dom: String,
+    /// The screenshot (`--screenshot`).
+    png: PathBuf,
+}
+
+impl Chromium {
+    /// Finds Chromium; panics with how to install it when it is not there.
+    fn find() -> Chromium {
+        let exe = std::env::var("LOCKSTEP_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+        match Command::new(&exe)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!(
+                "`{exe} --version` failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => panic!(
+                "the status page tests drive headless Chromium, and `{exe}` cannot be run ({e}).\n\
+                 Install it: `sudo apt-get install chromium` (Debian/Ubuntu; .ci/run does this), \
+                 or set LOCKSTEP_CHROMIUM to a Chromium or Chrome binary."
+            ),
+        }
+        Chromium {
+            exe,
+            dir: tempfile::tempdir().expect("temp dir"),
+            runs: 0,
+        }
+    }
+
+    /// Loads `url` in a 1280×900 window, lets its script run for 3 s of virtual time (the
+    /// clock stands still while requests are in flight, so every refresh it starts finishes),
+    /// then dumps the DOM and takes a screenshot. Blocking: run it off the async threads.
+    fn render(&mut self, url: &str) -> Rendered {
+        self.runs += 1;
+        let run = self.dir.path().join(format!("run-{}", self.runs));
+        std::fs::create_dir_all(&run).expect("run dir");
+        let png = run.join("status.png");
+        let (out, err) = (run.join("dom.html"), run.join("stderr.txt"));
+        let started = Instant::now();
+        let mut child = Command::new(&self.exe)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--virtual-time-budget=3000",
+                "--window-size=1280,900",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", run.join("profile").display()))
+            .arg(format!("--screenshot={}", png.display()))
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("dom file"))
+            .stderr(std::fs::File::create(&err).expect("stderr file"))
+            // Its own process group, so a hung run can be stopped with its helpers.
+            .process_group(0)
+            .spawn()
+            .expect("start chromium");
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait for chromium") {
+                break s;
+            }
+            if started.elapsed() > BROWSER_WAIT {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", child.id())])
+                    .status();
+                let _ = child.wait();
+                panic!(
+                    "chromium did not finish {url} within {BROWSER_WAIT:?}; stderr:\n{}",
+                    tail(&err)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let dom = std::fs::read_to_string(&out).unwrap_or_default();
+        assert!(
+            status.success() && dom.contains("</html>"),
+            "chromium {status} on {url}, no DOM; stderr:\n{}",
+            tail(&err)
+        );
+        eprintln!("chromium rendered {url} in {:?}", started.elapsed());
+        Rendered { dom, png }
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Renders `url` on a blocking thread (the appliance keeps serving on the runtime).
+async fn render(browser: Chromium, url: String) -> (Chromium, Rendered) {
+    tokio::task::spawn_blocking(move || {
+        let mut b = browser;
+        let r = b.render(&url);
+        (b, r)
+    })
+    .await
+    .expect("the chromium thread panicked")
+}
+
+/// Checks the screenshot is a real PNG of a page with content, and keeps a copy under
+/// `LOCKSTEP_STATUS_SCREENSHOTS` when that is set.
+fn check_screenshot(png: &Path, keep_as: &str) {
+    let bytes = std::fs::read(png).unwrap_or_else(|e| panic!("no screenshot {png:?}: {e}"));
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "{png:?} is not a PNG"
+    );
+    // A blank 1280×900 page compresses to a few KB; tables, text and colour take more.
+    assert!(
+        bytes.len() > 20_000,
+        "{png:?} is {} bytes: an empty page?",
+        bytes.len()
+    );
+    if let Ok(dir) = std::env::var("LOCKSTEP_STATUS_SCREENSHOTS") {
+        std::fs::create_dir_all(&dir).expect("screenshot dir");
+        std::fs::copy(png, Path::new(&dir).join(keep_as)).expect("copy the screenshot");
+    }
+}
+
+/// Value of attribute `name` in the start tag `tag`.
+fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+    let start = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+    let len = tag[start..].find('"')?;
+    Some(&tag[start..start + len])
+}
+
+/// Every table row with attribute `key`: its value → (`data-state`, the row's inner HTML).
+fn rows(dom: &str, key: &str, pool: Option<&str>) -> BTreeMap<String, (String, String)> {
+    let mut out = BTreeMap::new();
+    for (i, _) in dom.match_indices("<tr ") {
+        let Some(end) = dom[i..].find('>') else {
+            continue;
+        };
+        let tag = &dom[i..i + end];
+        let Some(k) = attr(tag, key) else { continue };
+        if pool.is_some() && attr(tag, "data-pool") != pool {
+            continue;
+        }
+        let body_end = dom[i..].find("</tr>").map_or(dom.len(), |e| i + e);
+        let state = attr(tag, "data-state").unwrap_or("").to_string();
+        out.insert(
+            k.to_string(),
+            (state, dom[i + end + 1..body_end].to_string()),
+        );
+    }
+    out
+}
+
+/// Text of the element with id `id` up to its first child tag.
+fn text_of<'a>(dom: &'a str, id: &str) -> Option<&'a str> {
+    let at = dom.find(&format!("id=\"{id}\""))?;
+    let start = at + dom[at..].find('>')? + 1;
+    let len = dom[start..].find('<')?;
+    Some(&dom[start..start + len])
+}
+
+async fn pools(client: &HttpClient, admin: SocketAddr) -> serde_json::Value {
+    let r = get(client, admin, "/api/pools").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    serde_json::from_str(&r.body).expect("/api/pools is JSON")
+}
+
+/// `backend` → `up` from `/api/pools` (pool `www`).
+async fn up(client: &HttpClient, admin: SocketAddr) -> BTreeMap<String, bool> {
+    let v = pools(client, admin).await;
+    v["pools"][0]["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| (b["name"].as_str().unwrap().to_owned(), b["up"] == true))
+        .collect()
+}
+
+/// One A query over UDP; returns once it is answered.
+async fn dns_query(server: SocketAddr, name: &str) {
+    let mut m = Message::new(0x5157, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.send_to(&m.to_vec().unwrap(), server).await.unwrap();
+    let mut buf = [0u8; 1500];
+    tokio::time::timeout(Duration::from_secs(3), socket.recv_from(&mut buf))
+        .await
+        .expect("no DNS answer within 3s")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_backend_health_and_a_backend_going_down() {
+    let browser = Chromium::find();
+    let webs = DemoBackend::start_n(3).await;
+    let pool = "    balance: round_robin\n    \
+                health: { path: /healthz, interval: 100ms, timeout: 500ms, rise: 1, fall: 1 }\n";
+    let yaml = farm_yaml(&backends_yaml(&webs), pool)
+        + "dns:\n  bind: \"127.0.0.1:0\"\n  zones:\n    - name: farm.test\n      \
+           nameservers: [ns.provider.example]\n      records:\n        - { name: www, pool: www }\n";
+    let app = start(&yaml).await;
+    let client = h1_client();
+    let admin = app.admin_addr().expect("admin listener");
+    let url = format!("http://{admin}/status");
+
+    let page = get(&client, admin, "/status").await;
+    assert_eq!(page.status, 200);
+    assert_eq!(
+        page.headers["content-type"], "text/html; charset=utf-8",
+        "{page:?}"
+    );
+    assert_eq!(page.headers["cache-control"], "no-store");
+
+    // One DNS answer, counted before the browser looks.
+    dns_query(app.dns_addr().expect("dns"), "www.farm.test").await;
+    let c = &client;
+    let counted = eventually(Duration::from_secs(3), || async move {
+        let r = get(c, admin, "/api/dns").await;
+        serde_json::from_str::<serde_json::Value>(&r.body).is_ok_and(|v| v["total"] == 1)
+    })
+    .await;
+    assert!(counted, "/api/dns did not count the query");
+    let all_up = eventually(Duration::from_secs(5), || async move {
+        up(c, admin).await.values().all(|u| *u)
+    })
+    .await;
+    assert!(
+        all_up,
+        "not every backend up: {:?}",
+        up(&client, admin).await
+    );
+
+    let (browser, first) = render(browser, url.clone()).await;
+    let r = rows(&first.dom, "data-backend", Some("www"));
+    let states: Vec<(&str, &str)> = r.iter().map(|(k, v)| (k.as_str(), v.0.as_str())).collect();
+    assert_eq!(
+        states,
+        [("web-1", "up"), ("web-2", "up"), ("web-3", "up")],
+        "{}",
+        first.dom
+    );
+    for (name, (_, row)) in &r {
+        let web = webs.iter().find(|w| &w.name == name).unwrap();
+        assert!(
+            row.contains(&web.addr.to_string()) && row.contains(">up<"),
+            "{name}'s row: {row}"
+        );
+    }
+    assert!(first.dom.contains("3 of 3 available"), "{}", first.dom);
+    // No sync hub here: its section stays hidden. DNS: the one answer.
+    assert!(first.dom.contains("id=\"sync\" hidden"), "{}", first.dom);
+    assert!(!first.dom.contains("id=\"dns\" hidden"), "{}", first.dom);
+    assert_eq!(text_of(&first.dom, "dns-total"), Some("1"), "{}", first.dom);
+    assert!(first
+        .dom
+        .contains("<tr data-qtype=\"A\" data-rcode=\"NOERROR\">"));
+    assert!(
+        !first.dom.contains("class=\"stale\""),
+        "the page thinks the appliance is not answering:\n{}",
+        first.dom
+    );
+    check_screenshot(&first.png, "status-all-up.png");
+
+    webs[1].kill().await;
+    let down = eventually(Duration::from_secs(5), || async move {
+        up(c, admin).await.get("web-2") == Some(&false)
+    })
+    .await;
+    assert!(
+        down,
+        "the checks did not take web-2 down within 5s (50 intervals)"
+    );
+
+    let (_browser, second) = render(browser, url).await;
+    let r = rows(&second.dom, "data-backend", Some("www"));
+    let states: Vec<(&str, &str)> = r.iter().map(|(k, v)| (k.as_str(), v.0.as_str())).collect();
+    assert_eq!(
+        states,
+        [("web-1", "up"), ("web-2", "down"), ("web-3", "up")],
+        "{}",
+        second.dom
+    );
+    assert!(
+        r["web-2"].1.contains(">DOWN<"),
+        "web-2's row: {}",
+        r["web-2"].1
+    );
+    assert!(second.dom.contains("2 of 3 available"), "{}", second.dom);
+    check_screenshot(&second.png, "status-backend-down.png");
+    app.shutdown(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_shows_its_agents_the_next_activation_and_the_last_flips_skew() {
+    let browser = Chromium::find();
+    let dir = tempfile::tempdir().unwrap();
+    let demo = lockstep::demo::start(Default::default(), dir.path())
+        .await
+        .unwrap();
+    let client = h1_client();
+    let admin = demo.app.admin_addr().expect("admin listener");
+
+    // A second release, staged to activate in an hour: the page counts down to it.
+    let token = lockstep::sync::auth::read_token(&dir.path().join("publish.token")).unwrap();
+    let hub = HubClient::new(
+        &format!("http://{}", demo.app.sync_addr().unwrap()),
+        Some(token),
+        None,
+    )
+    .unwrap();
+    let site = dir.path().join("site-2");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("index.html"), "<h1>two</h1>").unwrap();
+    let staged = publish::publish(&hub, &site, At::In(Duration::from_secs(3600)), 2)
+        .await
+        .unwrap()
+        .committed
+        .id;
+    let first = demo.first_release;
+    // Every agent has reported the first flip and staged the second release.
+    let c = &client;
+    let reported = eventually(Duration::from_secs(15), || async move {
+        let r = get(c, admin, "/api/agents").await;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.body) else {
+            return false;
+        };
+        v["last_flip_skew"]["agents"] == 3
+            && v["agents"].as_array().is_some_and(|a| {
+                a.iter()
+                    .all(|a| a["report"]["staged"] == staged.to_hex() && a["current"] == true)
+            })
+    })
+    .await;
+    assert!(
+        reported,
+        "the agents did not report: {}",
+        get(&client, admin, "/api/agents").await.body
+    );
+
+    let (_browser, page) = render(browser, format!("http://{admin}/status")).await;
+    let dom = &page.dom;
+    let agents = rows(dom, "data-agent", None);
+    assert_eq!(
+        agents.keys().collect::<Vec<_>>(),
+        ["web-1", "web-2", "web-3"],
+        "{dom}"
+    );
+    for (name, (state, row)) in &agents {
+        assert_eq!(state, "current", "{name}: {row}");
+        assert!(
+            row.contains(&first.short()) && row.contains(&staged.short()),
+            "{name}'s row names neither its active nor its staged release: {row}"
+        );
+    }
+    let countdown = text_of(dom, "countdown").unwrap_or_default();
+    assert!(
+        countdown.starts_with("in 59 min") || countdown.starts_with("in 1 h"),
+        "countdown {countdown:?}\n{dom}"
+    );
+    let skew = text_of(dom, "skew").unwrap_or_default();
+    // The spread, unsigned: `150µs`, `1.234ms`.
+    assert!(
+        skew.starts_with(|c: char| c.is_ascii_digit()) && skew.ends_with('s'),
+        "skew {skew:?}\n{dom}"
+    );
+    assert!(dom.contains("3 agent(s) flipped to"), "{dom}");
+    // The demo's two pools, each backend up; DNS is shown (no query yet).
+    for pool in ["www", "static"] {
+        let r = rows(dom, "data-backend", Some(pool));
+        assert_eq!(r.len(), 3, "pool {pool}: {dom}");
+        assert!(r.values().all(|(s, _)| s == "up"), "pool {pool}: {r:?}");
+    }
+    assert!(!dom.contains("id=\"dns\" hidden"), "{dom}");
+    check_screenshot(&page.png, "status-demo.png");
+    demo.shutdown().await;
+}

@@ -298,6 +298,7 @@ pub async fn run(port: u16, admin_port: u16, dns_port: u16, sync_port: u16) -> a
          curl -s --http2-prior-knowledge http://{proxy}/            # h2c\n  \
          curl -s -H 'Host: www.farm.test' http://{proxy}/echo-headers  # what the backend received\n  \
          curl -s http://{admin}/metrics | grep lockstep_http_requests\n  \
+         curl -s http://{admin}/api/pools                          # or open http://{admin}/status in a browser\n  \
          dig @{dns_ip} -p {dns_port} www.farm.test +short       # the healthy backends, rotated: 127.0.0.1, .2, .3\n  \
          dig @{dns_ip} -p {dns_port} farm.test SOA +norec       # authoritative (flags: qr aa)\n\n\
          Content sync (release {first} is active on every agent):\n  \

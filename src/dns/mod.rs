@@ -21,6 +21,7 @@ pub mod fast;
 pub mod handler;
 pub mod metrics;
 pub mod server;
+pub mod udp_batch;
 pub mod zone;
 
 use std::net::SocketAddr;

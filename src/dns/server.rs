@@ -3,6 +3,13 @@
 //! receive loop, which answers the common query on the [fast path](super::fast) in place and
 //! hands every other datagram to the handler's slow path (hickory's decoding and encoding).
 //!
+//! The UDP loop works a batch at a time through [`udp_batch`](super::udp_batch): one
+//! `recvmmsg` reads up to 64 queued datagrams, the fast answers go into per-slot buffers and
+//! out with one `sendmmsg` (on Linux; elsewhere one syscall per datagram). A datagram for the
+//! slow path is handled in its turn, after the fast answers before it were sent, so a client
+//! gets its answers in the order it asked. After a full batch the loop yields, so a busy
+//! socket cannot starve the worker's other tasks.
+//!
 //! [`serve`] takes bound sockets, never an address, so tests bind `127.0.0.1:0` and read the
 //! port back.
 

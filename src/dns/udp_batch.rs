@@ -4,9 +4,9 @@
 //! elsewhere the same two types read and send one datagram per call.
 //!
 //! It owns the syscalls and the socket's readiness, nothing else: what is answered, and in what
-//! order, is the loop's. Every call is non-blocking and goes through tokio's `try_io`, so a
-//! `WouldBlock` clears the socket's readiness and the next `readable()` / `writable()` really
-//! waits. An answer is never dropped for a full socket buffer: the rest waits for writability.
+//! order, is the loop's. Every call is non-blocking and goes through tokio's `try_io` (elsewhere
+//! than Linux, `try_recv_from` / `try_send_to`), so a `WouldBlock` clears the socket's readiness
+//! and the next `readable()` / `writable()` really waits. An answer is never dropped for a full socket buffer: the rest waits for writability.
 //! The crate forbids `unsafe`: `recvmmsg` is nix's safe wrapper and `sendmmsg` rustix's
 //! (ARCHITECTURE.md, "Dependencies", says why two crates).
 

@@ -14,6 +14,8 @@
 //!   fast path's metrics, and the slow path for UDP datagrams.
 //! - [`server`]: binds UDP and TCP on one address and serves them until cancelled: TCP with
 //!   hickory's `Server`, UDP with lockstep's own receive loop (fast path, else the handler).
+//! - [`udp_batch`]: the UDP loop's syscalls, a batch at a time (`recvmmsg` / `sendmmsg` on
+//!   Linux) into and out of per-slot buffers.
 //! - [`metrics`]: queries by type and rcode, answer latency, fail-open answers.
 
 pub mod answer;
@@ -21,6 +23,7 @@ pub mod fast;
 pub mod handler;
 pub mod metrics;
 pub mod server;
+pub mod udp_batch;
 pub mod zone;
 
 use std::net::SocketAddr;

@@ -3,6 +3,13 @@
 //! receive loop, which answers the common query on the [fast path](super::fast) in place and
 //! hands every other datagram to the handler's slow path (hickory's decoding and encoding).
 //!
+//! The UDP loop works a batch at a time through [`udp_batch`](super::udp_batch): one
+//! `recvmmsg` reads up to 64 queued datagrams, the fast answers go into per-slot buffers and
+//! out with one `sendmmsg` (on Linux; elsewhere one syscall per datagram). A datagram for the
+//! slow path is handled in its turn, after the fast answers before it were sent, so a client
+//! gets its answers in the order it asked. After a full batch the loop yields, so a busy
+//! socket cannot starve the worker's other tasks.
+//!
 //! [`serve`] takes bound sockets, never an address, so tests bind `127.0.0.1:0` and read the
 //! port back.
 
@@ -16,7 +23,8 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::handler::DnsHandler;
+use super::handler::{DnsHandler, FastDone};
+use super::udp_batch::{Inbox, Outbox, SLOTS};
 use super::DnsError;
 
 /// How long a TCP client may stay silent between queries before its connection is closed
@@ -111,13 +119,6 @@ fn udp_socket(addr: SocketAddr, reuseport: bool) -> std::io::Result<std::net::Ud
     Ok(socket.into())
 }
 
-/// Largest UDP query read (a query is a question and an OPT; anything longer is cut here and
-/// then fails to parse).
-const UDP_RECV: usize = 4096;
-
-/// Datagrams answered in a row before the loop lets the worker's other tasks run.
-const UDP_BATCH: usize = 64;
-
 /// Serves DNS on `bound` until `stop` is cancelled: TCP on the current runtime, UDP socket
 /// `i` on runtime `workers[i]` (the current one when `workers` is empty).
 pub async fn serve(
@@ -171,13 +172,22 @@ pub async fn serve(
     tokio::join!(tcp, udp);
 }
 
-/// The UDP receive loop of one socket: each datagram is answered on the fast path into a reused buffer, or
-/// handed to the handler's slow path, in turn (the answers are computed from memory, so no
-/// task per datagram).
+/// The UDP receive loop of one socket. Each wakeup reads up to a batch of datagrams at once
+/// ([`Inbox`]); each is answered on the fast path into its own slot of the [`Outbox`], and the
+/// slots go out together (one `recvmmsg` and one `sendmmsg` per batch on Linux). A datagram the
+/// fast path does not take goes to the handler's slow path in turn, after the fast answers
+/// before it were sent, so each client gets its answers in the order it asked. The answers
+/// are computed from memory, so there is no task per datagram.
 async fn serve_udp(socket: UdpSocket, handler: DnsHandler, stop: CancellationToken) {
     let socket = Arc::new(socket);
-    let mut buf = vec![0u8; UDP_RECV];
-    let mut out = vec![0u8; usize::from(super::handler::MAX_UDP_PAYLOAD)];
+    let mut inbox = match socket.local_addr() {
+        Ok(local) => Inbox::new(local),
+        Err(error) => {
+            warn!(%error, "dns udp socket has no address; udp stopped");
+            return;
+        }
+    };
+    let mut outbox = Outbox::default();
     let mut scratch = Vec::new();
     loop {
         tokio::select! {
@@ -187,61 +197,48 @@ async fn serve_udp(socket: UdpSocket, handler: DnsHandler, stop: CancellationTok
                 return;
             },
         }
-        // Drain what is queued without going back to the runtime for each datagram, at
-        // most a batch at a time so a busy socket cannot starve the worker's other tasks.
-        let mut drained = false;
-        for _ in 0..UDP_BATCH {
-            let (n, src) = match socket.try_recv_from(&mut buf) {
-                Ok(r) => r,
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                    drained = true;
-                    break;
-                }
-                Err(error) => {
-                    if matches!(
-                        error.kind(),
-                        std::io::ErrorKind::NotConnected | std::io::ErrorKind::ConnectionAborted
-                    ) {
-                        warn!(%error, "dns udp socket failed; udp stopped");
-                        return;
-                    }
-                    debug!(%error, "dns udp receive error");
-                    continue;
-                }
-            };
+        let received = match inbox.recv(&socket) {
+            Ok(n) => n,
+            // Drained: readiness is cleared, the next `readable` waits.
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::NotConnected | std::io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                warn!(%error, "dns udp socket failed; udp stopped");
+                return;
+            }
+            Err(error) => {
+                debug!(%error, "dns udp receive error");
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        let started = Instant::now();
+        let record = |done: FastDone| handler.record_fast(&done, started);
+        for (packet, src) in inbox.datagrams() {
             if !answerable(src) {
                 continue;
             }
-            let Some(packet) = buf.get(..n) else {
-                continue;
-            };
-            let started = Instant::now();
-            match handler.answer_fast(packet, &mut scratch, &mut out, started) {
-                Some(done) => {
-                    if let Some(answer) = out.get(..done.len) {
-                        send(&socket, answer, src).await;
-                    }
-                    handler.record_fast(&done, started);
-                }
-                None => handler.handle_udp(packet, src, &socket).await,
+            if outbox.is_full() {
+                outbox.flush(&socket, &record).await;
+            }
+            let fast = outbox.queue(src, |out| {
+                let done = handler.answer_fast(packet, &mut scratch, out, started)?;
+                Some((done.len, done))
+            });
+            if !fast {
+                outbox.flush(&socket, &record).await;
+                handler.handle_udp(packet, src, &socket).await;
             }
         }
-        if !drained {
+        outbox.flush(&socket, &record).await;
+        // A full batch: more may be queued, but the worker's other tasks get a turn first.
+        if received >= SLOTS {
             tokio::task::yield_now().await;
         }
-    }
-}
-
-/// Sends `answer` to `dst`, waiting for the socket only when its buffer is full.
-async fn send(socket: &UdpSocket, answer: &[u8], dst: SocketAddr) {
-    let result = match socket.try_send_to(answer, dst) {
-        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-            socket.send_to(answer, dst).await
-        }
-        r => r,
-    };
-    if let Err(error) = result {
-        debug!(%error, %dst, "cannot send a DNS answer");
     }
 }
 

@@ -408,39 +408,7 @@ mod tests {
 
     #[test]
     fn agents_carry_the_last_flips_skew() {
-        use crate::sync::manifest::Hash;
-        use crate::sync::protocol::{AgentView, Report, Schedule};
-        let (r1, r2) = (Hash::of(b"1"), Hash::of(b"2"));
-        let agent = |name: &str, flip: Hash, late: i64| AgentView {
-            name: name.into(),
-            report: Report {
-                active: Some(flip),
-                last_flip: Some(flip),
-                last_flip_lateness_us: Some(late),
-                ..Report::default()
-            },
-            reported_us: 0,
-            current: flip == r2,
-        };
-        let mut fleet = Fleet {
-            conflicts: Vec::new(),
-            schedule: Schedule {
-                version: 3,
-                cycle: 2,
-                active: Some(r2),
-                staged: None,
-                activation_us: None,
-                queued: None,
-                previous: Some(r1),
-                now_us: 0,
-                applied: Default::default(),
-            },
-            agents: vec![
-                agent("a", r2, 120),
-                agent("b", r2, -30),
-                agent("c", r1, 9_000),
-            ],
-        };
+        let (mut fleet, _, r2) = crate::sync::publish::sample_fleet();
         let v = agents(&fleet);
         assert_eq!(
             v["last_flip_skew"],

@@ -357,6 +357,45 @@ pub fn local_now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// A fleet of three agents — two flipped to release 2 (lateness +120 and −30 µs), one
+/// still on release 1 — and the two release ids; for tests here and in the admin API.
+#[cfg(test)]
+pub(crate) fn sample_fleet() -> (Fleet, Hash, Hash) {
+    use crate::sync::protocol::{AgentView, Report};
+    let (r1, r2) = (Hash::of(b"1"), Hash::of(b"2"));
+    let agent = |name: &str, flip: Hash, late: i64| AgentView {
+        name: name.into(),
+        report: Report {
+            active: Some(flip),
+            last_flip: Some(flip),
+            last_flip_lateness_us: Some(late),
+            ..Report::default()
+        },
+        reported_us: 0,
+        current: flip == r2,
+    };
+    let fleet = Fleet {
+        conflicts: Vec::new(),
+        schedule: Schedule {
+            version: 3,
+            cycle: 2,
+            active: Some(r2),
+            staged: None,
+            activation_us: None,
+            queued: None,
+            previous: Some(r1),
+            now_us: 0,
+            applied: Default::default(),
+        },
+        agents: vec![
+            agent("a", r2, 120),
+            agent("b", r2, -30),
+            agent("c", r1, 9_000),
+        ],
+    };
+    (fleet, r1, r2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,38 +417,7 @@ mod tests {
 
     #[test]
     fn the_last_flip_skew_is_the_spread_of_the_agents_lateness() {
-        use crate::sync::protocol::{AgentView, Report};
-        let (r1, r2) = (Hash::of(b"1"), Hash::of(b"2"));
-        let agent = |name: &str, flip: Hash, late: i64| AgentView {
-            name: name.into(),
-            report: Report {
-                active: Some(flip),
-                last_flip: Some(flip),
-                last_flip_lateness_us: Some(late),
-                ..Report::default()
-            },
-            reported_us: 0,
-            current: flip == r2,
-        };
-        let fleet = Fleet {
-            conflicts: Vec::new(),
-            schedule: Schedule {
-                version: 3,
-                cycle: 2,
-                active: Some(r2),
-                staged: None,
-                activation_us: None,
-                queued: None,
-                previous: Some(r1),
-                now_us: 0,
-                applied: Default::default(),
-            },
-            agents: vec![
-                agent("a", r2, 120),
-                agent("b", r2, -30),
-                agent("c", r1, 9_000),
-            ],
-        };
+        let (fleet, _, r2) = sample_fleet();
         assert_eq!(last_flip_skew(&fleet), Some((r2, 2, 150, -30, 120)));
         assert!(render_fleet(&fleet).contains("2 agent(s), skew 150µs"));
     }

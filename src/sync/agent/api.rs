@@ -27,7 +27,6 @@ use super::metrics::AgentMetrics;
 use super::release::{decode_path, MAX_INLINE_BYTES};
 use super::serve::Body;
 use crate::sync::auth::{Check, Role, Tokens};
-use crate::sync::changeset::MAX_CHANGESET_BYTES;
 use crate::sync::store::FsStore;
 
 /// Prefix of the write API.
@@ -106,7 +105,8 @@ pub async fn handle(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn from_peer(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
-    let frame = match read(req, MAX_CHANGESET_BYTES + 64 * 1024 * 1024).await {
+    // Peers inline at most forward::MAX_INLINE_BYTES of blobs; the rest is the JSON.
+    let frame = match read(req, forward::MAX_INLINE_BYTES + 32 * 1024 * 1024).await {
         Ok(b) => b,
         Err(r) => return r,
     };

@@ -132,6 +132,21 @@ pub enum Command {
         #[arg(long, default_value_t = 7700)]
         sync_port: u16,
     },
+    /// Print the shell completion script for SHELL on stdout.
+    #[command(
+        after_help = "Examples:\n  lockstep completions bash > /usr/share/bash-completion/completions/lockstep\n  lockstep completions zsh > /usr/share/zsh/vendor-completions/_lockstep\n  lockstep completions fish > /usr/share/fish/vendor_completions.d/lockstep.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (lockstep.1 and one lockstep-COMMAND.1 per command) into DIR.
+    #[command(after_help = "Example:\n  lockstep manpages --dir /usr/share/man/man1")]
+    Manpages {
+        /// Directory to write the pages into (created if missing).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 /// How to reach the sync hub (shared by `publish` and `status`).

@@ -121,6 +121,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             crate::serve::init_tracing();
             runtime(true)?.block_on(crate::demo::run(port, admin_port, dns_port, sync_port))
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "lockstep",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Manpages { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            // No `build()` before: generate_to disables the help subcommand itself.
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,131 @@
+#!/bin/bash
+# The steps of deploy/test-systemd.sh, run by a unit inside the booted container (as root, as
+# an operator would): install the .deb, start both units, check routing with dig and curl,
+# publish a release, reload good and broken configs, kill -9 the service. Exit 0 = all passed.
+set -euo pipefail
+exec 2>&1
+
+step() { echo; echo "== $*"; }
+fail() { echo "FAILED: $*"; exit 1; }
+# wait_for SECONDS CMD...: runs CMD every 0.2 s until it succeeds.
+wait_for() {
+  local deadline=$(( $(date +%s) + $1 )); shift
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "timed out waiting for: $*"
+    sleep 0.2
+  done
+}
+body_is() { [ "$(curl -s --max-time 2 "$1")" = "$2" ]; }
+# cursor UNIT: where UNIT's journal ends now; since CURSOR UNIT: what it logged after that.
+cursor() { journalctl -u "$1" -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p'; }
+since() { journalctl -u "$2" --no-pager -o cat --after-cursor="$1"; }
+conf=/etc/lockstep/lockstep.yaml
+
+step "boot finished: $(systemctl is-system-running --wait || true)"
+
+step "dpkg -i lockstep.deb"
+dpkg -i /root/lockstep.deb
+getent passwd lockstep
+for t in agent publish; do
+  perms="$(stat -c '%a %U %G' /etc/lockstep/$t.token)"
+  [ "$perms" = "640 root lockstep" ] || fail "$t.token is '$perms', not '640 root lockstep'"
+done
+test -s /usr/share/man/man1/lockstep.1.gz
+test -s /usr/share/bash-completion/completions/lockstep
+dpkg-query -W -f='${Conffiles}\n' lockstep | grep -q /etc/lockstep/lockstep.yaml \
+  || fail "/etc/lockstep/lockstep.yaml is not a conffile"
+[ "$(systemctl is-enabled lockstep.service)" = disabled ] || fail "installing enabled the unit"
+lockstep check -c "$conf"
+
+step "systemctl enable --now lockstep lockstep-agent"
+systemctl enable --now lockstep.service lockstep-agent.service
+systemctl is-active lockstep.service lockstep-agent.service
+systemctl show -p StatusText lockstep.service lockstep-agent.service
+ps -o user=,comm= -C lockstep | grep -v '^lockstep ' && fail "a lockstep process runs as another user"
+
+step "dig answers for www.farm.test, authoritatively"
+dig @127.0.0.1 www.farm.test +norec
+dig @127.0.0.1 www.farm.test +norec | grep -q 'flags: qr aa' || fail "the answer is not authoritative"
+[ "$(dig @127.0.0.1 www.farm.test +short)" = 127.0.0.1 ] || fail "dig did not answer 127.0.0.1"
+[ "$(dig @127.0.0.1 nope.farm.test +short +norec | wc -l)" = 0 ] || fail "unknown name answered"
+dig @127.0.0.1 nope.farm.test | grep -q 'status: NXDOMAIN' || fail "no NXDOMAIN"
+
+step "before any release: no healthy backend, 503"
+code="$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1/)"
+[ "$code" = 503 ] || fail "expected 503 before the first release, got $code"
+
+step "lockstep publish; the release is served through the proxy"
+mkdir -p /root/site
+echo "release one" >/root/site/index.html
+lockstep publish --hub http://127.0.0.1:7700 --token-file /etc/lockstep/publish.token --at +2s /root/site
+wait_for 30 body_is http://127.0.0.1/ "release one"
+curl -si http://127.0.0.1/ | grep -i '^x-lockstep-release:' || fail "no X-Lockstep-Release header"
+lockstep status --hub http://127.0.0.1:7700 --token-file /etc/lockstep/publish.token --admin http://127.0.0.1:9900
+curl -sf http://127.0.0.1:9900/api/pools | grep -q '"web-1"' || fail "/api/pools lacks web-1"
+curl -sf http://127.0.0.1:9900/status | grep -qi '<html' || fail "/status is not a page"
+
+step "systemctl reload with a good change: a new DNS name appears"
+cp "$conf" /root/lockstep.yaml.good
+sed -i 's/^        - { name: www, pool: www }.*/&\n        - { name: lb, addresses: ["192.0.2.10"] }/' "$conf"
+systemctl reload lockstep.service
+[ "$(dig @127.0.0.1 lb.farm.test +short)" = 192.0.2.10 ] || fail "the reloaded zone lacks lb.farm.test"
+
+step "systemctl reload with a broken config fails loudly; the old config keeps serving"
+sed -i 's/balance: round_robin/balance: round_robbin/' "$conf"
+c="$(cursor lockstep.service)"
+if systemctl reload lockstep.service; then fail "reload of a broken config succeeded"; fi
+since "$c" lockstep.service | tee /root/reload.journal
+grep -Eq '^/etc/lockstep/lockstep.yaml:20:[0-9]+: unknown value .round_robbin.' /root/reload.journal \
+  || fail "the journal does not name the file, line and column"
+if grep -q $'\x1b\[' /root/reload.journal; then fail "colour escape codes in the journal"; fi
+systemctl is-active lockstep.service
+body_is http://127.0.0.1/ "release one" || fail "the old config stopped serving"
+[ "$(dig @127.0.0.1 lb.farm.test +short)" = 192.0.2.10 ] || fail "DNS lost the running zone"
+
+step "a start with a broken config fails in ExecStartPre, with line and column"
+c="$(cursor lockstep.service)"
+if systemctl restart lockstep.service; then fail "restart with a broken config succeeded"; fi
+since "$c" lockstep.service | tee /root/start.journal
+grep -Eq '^/etc/lockstep/lockstep.yaml:20:[0-9]+: unknown value' /root/start.journal \
+  || fail "ExecStartPre's error lacks line and column"
+pre="$(systemctl show -p ExecStartPre --value lockstep.service)"
+echo "$pre"
+grep -q 'status=2 ' <<<"$pre" || fail "the failure was not ExecStartPre's (exit 2, bad config)"
+cp /root/lockstep.yaml.good "$conf"
+systemctl reset-failed lockstep.service
+systemctl start lockstep.service
+wait_for 30 body_is http://127.0.0.1/ "release one"
+
+step "kill -9 of the service: systemd restarts it"
+pid="$(systemctl show -p MainPID --value lockstep.service)"
+restarts="$(systemctl show -p NRestarts --value lockstep.service)"
+kill -9 "$pid"
+wait_for 30 bash -c "[ \"\$(systemctl show -p MainPID --value lockstep.service)\" != $pid ] && systemctl is-active -q lockstep.service"
+systemctl show -p NRestarts lockstep.service
+[ "$(systemctl show -p NRestarts --value lockstep.service)" -gt "$restarts" ] || fail "NRestarts did not move"
+wait_for 30 body_is http://127.0.0.1/ "release one"
+[ "$(dig @127.0.0.1 www.farm.test +short)" = 127.0.0.1 ] || fail "DNS did not come back"
+
+step "a world-readable token is refused with a clear error"
+chmod 0644 /etc/lockstep/agent.token
+c="$(cursor lockstep-agent.service)"
+if systemctl restart lockstep-agent.service; then fail "the agent started with a world-readable token"; fi
+since "$c" lockstep-agent.service | grep 'agent.token is readable by every user: `chmod 600' \
+  || fail "no clear error about the token"
+chmod 0640 /etc/lockstep/agent.token
+systemctl reset-failed lockstep-agent.service
+systemctl start lockstep-agent.service
+wait_for 30 body_is http://127.0.0.1/ "release one"
+
+step "exposure as systemd sees the installed units"
+systemd-analyze security lockstep.service lockstep-agent.service --no-pager | tail -n 3 || true
+
+step "systemctl stop: both stop cleanly"
+systemctl stop lockstep.service lockstep-agent.service
+for u in lockstep lockstep-agent; do
+  r="$(systemctl show -p Result --value $u.service)"
+  [ "$r" = success ] || fail "$u stopped with result $r"
+done
+
+echo
+echo "ALL STEPS PASSED"

@@ -710,6 +710,29 @@ routes:
 }
 
 #[test]
+fn bad_admin_allow_changes_from_entry_is_reported_at_the_entry() {
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: http, bind: "127.0.0.1:8080" }}
+routes:
+  - pool: www
+{POOL_WWW}
+admin:
+  bind: "127.0.0.1:9900"
+  allow_changes_from: ["10.0.0.0/8", "ops-laptop"]
+"#
+    );
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "\"ops-laptop\"",
+        &["admin client `ops-laptop`", "not an address or CIDR"],
+    );
+}
+
+#[test]
 fn path_prefix_without_leading_slash_is_refused() {
     let yaml = format!("\nroutes:\n  - {{ path_prefix: \"api/\", pool: www }}\n{POOL_WWW}");
     let e = one_error(&yaml);

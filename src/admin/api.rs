@@ -10,8 +10,9 @@
 //! | `POST /api/pools/{pool}/backends/{name}/enable` | back in rotation |
 //! | `GET /api/config` | the YAML the running generation was loaded from (lockstep configs hold no secrets inline: tokens and keys are files, named by path) |
 //!
-//! Requests that change state are accepted from loopback addresses only (the admin listener
-//! is on loopback by default; one bound elsewhere still refuses remote drains with 403). A
+//! Requests that change state are accepted from loopback addresses, and from the networks in
+//! `admin.allow_changes_from` (none by default): the admin listener is on loopback by default,
+//! and one bound elsewhere still refuses other peers' drains with 403. A
 //! drain lasts until `enable`, across reloads, while the backend stays configured; it is not
 //! persisted across restarts.
 
@@ -78,10 +79,13 @@ pub fn route(
             ),
         ),
         (&Method::POST, ["pools", pool, "backends", name, action @ ("drain" | "enable")]) => {
-            if !peer.ip().is_loopback() {
+            if !live.config.admin.may_change_state(peer.ip()) {
                 return Some(err(
                     StatusCode::FORBIDDEN,
-                    "state-changing admin requests are accepted from loopback only",
+                    format!(
+                        "state-changing admin requests are accepted from loopback and admin.allow_changes_from only, not from {}",
+                        peer.ip()
+                    ),
                 ));
             }
             drain(live, pool, name, *action == "drain")
@@ -297,8 +301,14 @@ mod tests {
     use std::sync::Arc;
 
     fn live() -> Live {
+        live_with("")
+    }
+
+    /// A live table whose config ends with `extra` (e.g. an `admin:` section).
+    fn live_with(extra: &str) -> Live {
         let yaml = "listeners:\n  - { name: http, bind: \"127.0.0.1:0\" }\nroutes:\n  - { path_prefix: \"/\", pool: www }\npools:\n  - name: www\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\n      - { name: b, address: \"127.0.0.1:10\" }\n";
-        let config = crate::config::parse(std::path::Path::new("t.yaml"), yaml).unwrap();
+        let yaml = format!("{yaml}{extra}");
+        let config = crate::config::parse(std::path::Path::new("t.yaml"), &yaml).unwrap();
         Live::build(Arc::new(config), None, 1, &crate::metrics::Metrics::new())
     }
 
@@ -310,6 +320,29 @@ mod tests {
         match a {
             Some(ApiAnswer::Json(s, _)) | Some(ApiAnswer::Text(s, _, _)) => s,
             None => panic!("not an API path"),
+        }
+    }
+
+    #[test]
+    fn allow_changes_from_admits_those_networks_and_no_others() {
+        let live = live_with("admin:\n  allow_changes_from: [\"10.1.0.0/16\", \"192.0.2.7\"]\n");
+        let m = metrics();
+        let path = "/api/pools/www/backends/a/drain";
+        for (peer, want) in [
+            ("10.1.2.3:5000", StatusCode::OK),
+            ("192.0.2.7:5000", StatusCode::OK),
+            ("[::ffff:10.1.9.9]:5000", StatusCode::OK), // a v4 peer on a dual-stack socket
+            ("10.2.0.1:5000", StatusCode::FORBIDDEN),
+            ("192.0.2.8:5000", StatusCode::FORBIDDEN),
+            ("[2001:db8::1]:5000", StatusCode::FORBIDDEN),
+            ("127.0.0.1:5000", StatusCode::OK),
+        ] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            assert_eq!(
+                status(route(&live, None, &m, &Method::POST, path, peer)),
+                want,
+                "{peer}"
+            );
         }
     }
 

@@ -176,6 +176,17 @@ pub struct Admin {
     pub bind: Option<SocketAddr>,
     /// The reload socket, when set.
     pub socket: Option<PathBuf>,
+    /// Networks, besides loopback, whose admin requests may change state (drain/enable).
+    pub allow_changes_from: Vec<IpNet>,
+}
+
+impl Admin {
+    /// Whether a request from `ip` may change state: loopback always, else only from
+    /// `allow_changes_from` (an IPv4-mapped IPv6 peer counts as its IPv4 address).
+    pub fn may_change_state(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_loopback() || self.allow_changes_from.iter().any(|n| n.contains(&ip))
+    }
 }
 
 /// Reads and checks a config file, returning every problem found.

@@ -248,4 +248,6 @@ pub struct RawAdmin {
     pub bind: Option<S<String>>,
     /// Unix socket `lockstep reload` talks to.
     pub socket: Option<S<String>>,
+    /// Addresses or CIDRs, besides loopback, whose admin requests may change state.
+    pub allow_changes_from: Option<Vec<S<String>>>,
 }

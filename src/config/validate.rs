@@ -220,18 +220,7 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
             }
             Some(loaded)
         });
-        let mut trusted = Vec::new();
-        for t in l.trusted_proxies.iter().flatten() {
-            let s = t.value.trim();
-            let net = IpNet::from_str(s).or_else(|_| IpAddr::from_str(s).map(IpNet::from));
-            match net {
-                Ok(n) => trusted.push(n),
-                Err(_) => cx.err(
-                    t,
-                    format!("trusted proxy `{s}` is not an address or CIDR: write e.g. \"10.0.0.0/8\" or \"192.0.2.7\""),
-                ),
-            }
-        }
+        let trusted = networks(cx, l.trusted_proxies.as_deref(), "trusted proxy");
         let access_log = match l.access_log.as_ref() {
             None => AccessLog::Off,
             Some(v) => match v.value.as_str() {
@@ -540,5 +529,23 @@ fn admin(cx: &mut Ctx<'_>, raw: Option<&RawAdmin>) -> Admin {
             .as_ref()
             .and_then(|b| cx.socket_addr(b, "admin bind")),
         socket: a.socket.as_ref().map(|s| cx.path(&s.value)),
+        allow_changes_from: networks(cx, a.allow_changes_from.as_deref(), "admin client"),
     }
+}
+
+/// A list of addresses or CIDRs (`trusted_proxies`, `admin.allow_changes_from`); `what` names
+/// an entry in the error.
+fn networks(cx: &mut Ctx<'_>, raw: Option<&[Spanned<String>]>, what: &str) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for t in raw.unwrap_or_default() {
+        let s = t.value.trim();
+        match IpNet::from_str(s).or_else(|_| IpAddr::from_str(s).map(IpNet::from)) {
+            Ok(n) => out.push(n),
+            Err(_) => cx.err(
+                t,
+                format!("{what} `{s}` is not an address or CIDR: write e.g. \"10.0.0.0/8\" or \"192.0.2.7\""),
+            ),
+        }
+    }
+    out
 }

@@ -214,6 +214,8 @@ impl Appliance {
         ));
         self.tracker
             .spawn(hub.clone().run(self.shutdown.child_token()));
+        self.tracker
+            .spawn(hub.clone().run_gc(self.shutdown.child_token()));
         let (live, mut behind, stop) = (self.live.clone(), hub.behind(), self.shutdown.clone());
         self.tracker.spawn(async move {
             loop {

@@ -1461,7 +1461,7 @@ fn sync_section_problems_are_reported_where_they_are_written() {
         "listeners:\n  - {{ name: http, bind: \"127.0.0.1:7700\" }}\nroutes:\n  - {{ pool: www }}\n\
          pools:\n  - name: www\n    backends:\n      - {{ name: a, address: \"127.0.0.1:9\" }}\n\
          sync:\n  bind: \"0.0.0.0:7700\"\n  store: /tmp/x\n  cadence: 10ms\n  lead: soon\n  \
-         agent_token_file: {}\n  publish_token_file: {}\n",
+         agent_token_file: {}\n  publish_token_file: {}\n  gc_interval: often\n  gc_grace: 10ms\n",
         open.display(),
         dir.path().join("missing.token").display()
     );
@@ -1475,6 +1475,9 @@ fn sync_section_problems_are_reported_where_they_are_written() {
         "hub.yaml:14:21: token file",
         "is readable by every user: `chmod 600",
         "hub.yaml:15:23: cannot read token file",
+        "hub.yaml:16:16: sync.gc_interval:",
+        "(0s turns collection off)",
+        "hub.yaml:17:13: sync.gc_grace must be at least 1s",
     ] {
         assert!(e.contains(want), "missing {want:?} in:\n{e}");
     }
@@ -1740,6 +1743,11 @@ fn example_config_documents_the_real_defaults() {
         ("max_ejection", Want::Dur(config::DEFAULT_MAX_EJECTION)),
         ("max_answers", Want::Num(config::DEFAULT_MAX_ANSWERS)),
         ("ttl", Want::Num(config::DEFAULT_DNS_TTL)),
+        (
+            "gc_interval",
+            Want::Dur(lockstep::sync::gc::DEFAULT_INTERVAL),
+        ),
+        ("gc_grace", Want::Dur(lockstep::sync::gc::DEFAULT_GRACE)),
     ];
     let text = std::fs::read_to_string(example_path()).unwrap();
     let lines: Vec<&str> = text.lines().collect();

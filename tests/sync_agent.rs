@@ -69,6 +69,7 @@ impl TestHub {
                     agent: Some(AGENT_TOKEN.into()),
                     publish: Some(PUBLISH_TOKEN.into()),
                 },
+                gc: Default::default(),
             },
             clock,
             HubMetrics::register(&metrics),
@@ -686,4 +687,22 @@ fn the_example_agent_config_loads() {
     let c = agent::config::parse(Path::new("agent.yaml"), &text).unwrap();
     assert_eq!(c.name, "web-1");
     assert!(c.token.is_some() && c.watch.is_some() && c.release_dir.is_some());
+    assert_eq!(c.gc, lockstep::sync::gc::Gc::default());
+    // A grace too short to protect a staging in progress is refused where it is written.
+    let e = agent::config::parse(
+        Path::new("agent.yaml"),
+        &text.replace("gc_grace: 1h", "gc_grace: 0s"),
+    )
+    .unwrap_err()
+    .to_string();
+    let line = 1 + text
+        .lines()
+        .position(|l| l.starts_with("gc_grace:"))
+        .unwrap();
+    assert!(
+        e.contains(&format!(
+            "agent.yaml:{line}:11: gc_grace must be at least 1s"
+        )),
+        "{e}"
+    );
 }

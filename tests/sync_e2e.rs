@@ -413,3 +413,133 @@ fn a_hub_killed_mid_publish_loses_nothing_and_shows_no_torn_release() {
     );
     assert!(out.contains("staged"), "{out}");
 }
+
+/// The ids of the manifests and the names of the blobs a store holds.
+fn stored(store: &Path) -> (Vec<String>, Vec<String>) {
+    let mut releases: Vec<String> = std::fs::read_dir(store.join("releases"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.strip_suffix(".json").map(str::to_string)
+        })
+        .collect();
+    releases.sort();
+    let mut blobs: Vec<String> = walk(&store.join("blobs"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    blobs.sort();
+    (releases, blobs)
+}
+
+/// Old releases leave the hub's and the agents' stores (with the blobs only they used) once
+/// past the grace period; the active and previous releases stay whole, a rollback to the
+/// previous one works without fetching anything, and a release an agent built from a changeset
+/// is stored so that a restart serves it even with the hub gone.
+#[test]
+fn old_releases_leave_the_stores_while_active_and_previous_stay() {
+    let _serial = serial();
+    let gc = "gc_interval: 200ms\ngc_grace: 1s\n";
+    let farm = Farm::with_sync("500ms", "500ms", "  gc_interval: 200ms\n  gc_grace: 1s\n");
+    let mut a = farm.agent("web-1", None, &format!("{gc}watch:\n  mode: immediate\n"));
+    let logs = || {
+        format!(
+            "--- agent ---\n{}--- hub ---\n{}",
+            a.proc.log(),
+            farm.hub_log()
+        )
+    };
+    // Five files each: one shared by every version, four of its own.
+    let site = |v: usize| {
+        let mut files = text_files(4, &format!("v{v}"));
+        files.push(("shared.txt".into(), b"the same in every release\n".to_vec()));
+        farm.site(&format!("v{v}"), &files)
+    };
+    let mut ids = Vec::new();
+    for v in 1..=4 {
+        let id = farm.publish(&site(v), "+1s");
+        wait_for(&format!("web-1 to serve v{v}"), logs, || {
+            a.release().as_deref() == Some(&id)
+        });
+        ids.push(id);
+    }
+    wait_for("the hub to promote v4", logs, || {
+        farm.schedule()["active"] == ids[3].as_str()
+    });
+    let (v3, v4) = (ids[2].clone(), ids[3].clone());
+    let mut want_releases = vec![v3.clone(), v4.clone()];
+    want_releases.sort();
+    // v3 and v4: four files of their own each, and the shared one.
+    let want_blobs = 4 + 4 + 1;
+    for store in [farm.path("hub-store"), farm.path("web-1-store")] {
+        wait_for(
+            &format!("{} to hold only v3 and v4", store.display()),
+            || format!("{:?}\n{}", stored(&store), logs()),
+            || {
+                let (releases, blobs) = stored(&store);
+                releases == want_releases && blobs.len() == want_blobs
+            },
+        );
+    }
+    assert!(
+        farm.metric("lockstep_sync_gc_removed_total{what=\"blobs\"}") >= 8.0,
+        "{}",
+        logs()
+    );
+    assert!(a.metric("lockstep_agent_gc_removed_total") >= 10.0);
+    assert!(a.metric("lockstep_agent_gc_removed_bytes_total") > 0.0);
+    assert_eq!(a.get("/index.html").body, b"<h1>v4</h1>");
+    assert_eq!(a.get("/shared.txt").body, b"the same in every release\n");
+
+    // The previous release is whole: a rollback needs nothing from the hub's upload path.
+    let fetched = a.metric("lockstep_agent_fetched_blobs_total");
+    let o = Command::new(BIN)
+        .args([
+            "publish",
+            "--rollback",
+            "--hub",
+            &farm.hub_url(),
+            "--token-file",
+        ])
+        .arg(farm.path("publish.token"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for("web-1 to roll back to v3", logs, || {
+        a.release().as_deref() == Some(&v3)
+    });
+    assert_eq!(a.get("/pages/p2.txt").body, b"page 2 of v3\n");
+    assert_eq!(a.metric("lockstep_agent_fetched_blobs_total"), fetched);
+
+    // A write through the agent's API becomes a release built on the agent: its manifest is
+    // stored, and a restart serves it while the hub is down.
+    let put = http(
+        a.port,
+        "PUT",
+        "/content/news.txt",
+        Some(AGENT_TOKEN),
+        b"written on web-1\n",
+    )
+    .unwrap();
+    assert!(put.status < 300, "PUT answered {}", put.status);
+    wait_for("web-1 to serve its own write", logs, || {
+        a.body("/news.txt").as_deref() == Some(b"written on web-1\n".as_slice())
+    });
+    let built = a.release().unwrap();
+    wait_for("web-1 to store the built release's manifest", logs, || {
+        farm.path("web-1-store/releases")
+            .join(format!("{built}.json"))
+            .is_file()
+    });
+    let mut farm = farm;
+    farm.hub.as_mut().unwrap().kill9();
+    farm.restart(&mut a);
+    assert_eq!(
+        a.release().as_deref(),
+        Some(built.as_str()),
+        "{}",
+        a.proc.log()
+    );
+    assert_eq!(a.get("/news.txt").body, b"written on web-1\n");
+}

@@ -232,6 +232,10 @@ pub struct RawSync {
     pub cadence: Option<S<String>>,
     /// Least time between a publish and its activation.
     pub lead: Option<S<String>>,
+    /// Time between collections of unused releases and blobs (`0s`: never).
+    pub gc_interval: Option<S<String>>,
+    /// Unused content younger than this is kept.
+    pub gc_grace: Option<S<String>>,
     /// File holding the agents' bearer token.
     pub agent_token_file: Option<S<String>>,
     /// File holding the publishers' bearer token.

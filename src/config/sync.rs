@@ -12,6 +12,7 @@ use super::raw::RawSync;
 use super::tls;
 use super::validate::Ctx;
 use crate::sync::auth::{read_token, Tokens};
+use crate::sync::gc::{self, Gc};
 use crate::sync::schedule::{DEFAULT_CADENCE, DEFAULT_LEAD};
 
 /// Shortest activation grid.
@@ -28,6 +29,8 @@ pub struct Sync {
     pub cadence: Duration,
     /// Least time from a publish to its activation.
     pub lead: Duration,
+    /// Collection of unused releases and blobs in the store.
+    pub gc: Gc,
     /// The agent and publish tokens (a role without one is open).
     pub tokens: Tokens,
     /// Certificates when the sync API is served over TLS.
@@ -69,6 +72,22 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         }
     }
     let lead = span_duration(cx, &raw.lead, DEFAULT_LEAD, "sync.lead");
+    let mut gc = Gc::default();
+    for (v, parse, slot) in [
+        (
+            &raw.gc_interval,
+            gc::parse_interval as fn(&str) -> _,
+            &mut gc.interval,
+        ),
+        (&raw.gc_grace, gc::parse_grace, &mut gc.grace),
+    ] {
+        if let Some(v) = v {
+            match parse(&v.value) {
+                Ok(d) => *slot = d,
+                Err(e) => cx.err(v, format!("sync.{e}")),
+            }
+        }
+    }
     let mut token = |v: &Option<Spanned<String>>| {
         let v = v.as_ref()?;
         match read_token(&cx.path(&v.value)) {
@@ -106,6 +125,7 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         store,
         cadence,
         lead,
+        gc,
         tokens,
         tls,
     })

@@ -11,6 +11,7 @@
 //! - [`cycle`]: the hub's state machine — publish, advance (compare-and-swap), rollback (pure)
 //! - [`protocol`]: the JSON messages of `/sync/v1/*`
 //! - [`store`]: content-addressed blobs, manifests and state on disk, written atomically
+//! - [`gc`]: which manifests and blobs a store may drop                             (pure)
 //! - [`tree`]: a directory → a manifest and the files holding its blobs
 //! - [`auth`]: bearer tokens, compared in constant time
 //! - [`client`]: the HTTP(S) client agents, `publish` and `status` use to reach the hub
@@ -27,6 +28,7 @@ pub mod changeset;
 pub mod client;
 pub mod clock;
 pub mod cycle;
+pub mod gc;
 pub mod hub;
 pub mod manifest;
 pub mod protocol;

@@ -13,18 +13,25 @@
 //! checked before they are written). State is written last and only names what is already
 //! stored. The hub reaches its store through [`HubStore`], the seam where a distributed store
 //! (etcd's transactions give the same compare-and-swap) can come later.
+//!
+//! Old content is collected by [`FsStore::collect`] (what may go is decided by [`super::gc`]).
+//! Answering "stored" refreshes a file's modification time, under a lock the collector takes
+//! to delete: a blob someone was just told not to upload or fetch is young again and stays.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::cycle::HubState;
-use super::manifest::{Hash, ReleaseId};
+use super::gc::{self, GcError, Listing};
+use super::manifest::{Hash, Manifest, ReleaseId};
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +58,20 @@ pub enum StoreError {
     /// Bytes that do not hash to the name they were to be stored under.
     #[error("content does not match its hash {0}")]
     HashMismatch(Hash),
+    /// A collection that could not be made safely.
+    #[error(transparent)]
+    Gc(#[from] GcError),
+}
+
+/// What one collection removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Collected {
+    /// Manifests removed.
+    pub releases: usize,
+    /// Blobs removed.
+    pub blobs: usize,
+    /// Bytes freed by the blobs.
+    pub bytes: u64,
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -80,6 +101,9 @@ pub trait HubStore: Send + Sync + 'static {
     /// Replaces the state with `new` if its version is still `expected`; false if another
     /// writer got there first.
     fn swap_state(&self, expected: u64, new: &HubState) -> Result<bool, StoreError>;
+    /// Removes manifests and blobs that `keep` does not need and that are older than `grace`
+    /// (see [`gc`]).
+    fn collect(&self, keep: &[ReleaseId], grace: Duration) -> Result<Collected, StoreError>;
 }
 
 /// A store in a directory.
@@ -88,6 +112,9 @@ pub struct FsStore {
     tmp_seq: AtomicU64,
     /// Serialises state swaps (one process owns a store directory).
     state_lock: Mutex<()>,
+    /// Held (shared) while answering "stored" and refreshing the file's time; held alone by
+    /// the collector while it re-checks a file's age and deletes it.
+    gc_lock: RwLock<()>,
 }
 
 const HUB_STATE: &str = "state";
@@ -110,6 +137,7 @@ impl FsStore {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
             state_lock: Mutex::new(()),
+            gc_lock: RwLock::new(()),
         })
     }
 
@@ -161,8 +189,108 @@ impl FsStore {
     }
 
     /// Whether the blob is stored (a name in `blobs/` is only ever a whole, verified blob).
+    /// A stored blob counts as just used: the collector leaves it alone for its grace period.
     pub fn has_blob(&self, hash: &Hash) -> bool {
-        self.blob_path(hash).is_file()
+        self.present(&self.blob_path(hash)).is_some()
+    }
+
+    /// The length of a stored file, refreshing its modification time (see [`FsStore::collect`]).
+    fn present(&self, path: &Path) -> Option<u64> {
+        let _shared = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        let meta = fs::metadata(path).ok().filter(|m| m.is_file())?;
+        // Best effort: a file whose time cannot be set is still there.
+        let _ = File::open(path).and_then(|f| f.set_modified(SystemTime::now()));
+        Some(meta.len())
+    }
+
+    /// What the store holds, with each file's age (names that are not hashes are ignored).
+    pub fn list(&self) -> Result<Listing, StoreError> {
+        let mut listing = Listing::default();
+        let releases = self.root.join("releases");
+        for e in fs::read_dir(&releases)
+            .map_err(io_err("cannot list", &releases))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (Some(id), Ok(m)) = (
+                name.strip_suffix(".json").and_then(|h| h.parse().ok()),
+                e.metadata(),
+            ) else {
+                continue;
+            };
+            listing.releases.push((id, age(&m)));
+        }
+        let blobs = self.root.join("blobs");
+        for dir in fs::read_dir(&blobs)
+            .map_err(io_err("cannot list", &blobs))?
+            .flatten()
+        {
+            let Ok(entries) = fs::read_dir(dir.path()) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let (Ok(hash), Ok(m)) = (
+                    e.file_name().to_string_lossy().parse::<Hash>(),
+                    e.metadata(),
+                ) else {
+                    continue;
+                };
+                if m.is_file() {
+                    listing.blobs.push((hash, age(&m)));
+                }
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Removes the manifests and blobs that the releases in `keep` do not need, that are not
+    /// `pinned` and that are older than `grace`; every file's age is checked again, under the
+    /// lock [`FsStore::has_blob`] takes, right before it is deleted.
+    pub fn collect(
+        &self,
+        keep: &[ReleaseId],
+        pinned: &HashSet<Hash>,
+        grace: Duration,
+    ) -> Result<Collected, StoreError> {
+        let listing = self.list()?;
+        let manifests: Vec<(ReleaseId, Option<Manifest>)> =
+            gc::manifests_to_read(keep, &listing, grace)
+                .into_iter()
+                .map(|id| {
+                    let m = self
+                        .read_release(&id)
+                        .ok()
+                        .flatten()
+                        .and_then(|b| Manifest::from_json(&b).ok());
+                    (id, m)
+                })
+                .collect();
+        let plan = gc::plan(keep, &listing, &manifests, pinned, grace)?;
+        let mut done = Collected::default();
+        let paths = plan
+            .releases
+            .iter()
+            .map(|id| (self.release_path(id), false))
+            .chain(plan.blobs.iter().map(|h| (self.blob_path(h), true)));
+        for (path, is_blob) in paths {
+            let _alone = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
+            if age(&meta) < grace {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) if is_blob => {
+                    done.blobs += 1;
+                    done.bytes += meta.len();
+                }
+                Ok(()) => done.releases += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("cannot remove", &path)(e)),
+            }
+        }
+        Ok(done)
     }
 
     /// The blob's bytes, `None` if absent.
@@ -181,6 +309,11 @@ impl FsStore {
         self.write_atomic(&self.blob_path(hash), data)
     }
 
+    /// Whether the manifest is stored (refreshing its time, as [`FsStore::has_blob`]).
+    pub fn has_release(&self, id: &ReleaseId) -> bool {
+        self.present(&self.release_path(id)).is_some()
+    }
+
     /// A manifest's bytes, `None` if absent.
     pub fn read_release(&self, id: &ReleaseId) -> Result<Option<Vec<u8>>, StoreError> {
         read_optional(&self.release_path(id))
@@ -192,7 +325,7 @@ impl FsStore {
             return Err(StoreError::HashMismatch(*id));
         }
         let path = self.release_path(id);
-        if path.is_file() {
+        if self.present(&path).is_some() {
             return Ok(());
         }
         self.write_atomic(&path, manifest)
@@ -223,6 +356,14 @@ impl FsStore {
     }
 }
 
+/// How long ago a file was last modified (zero for a time in the future).
+fn age(m: &fs::Metadata) -> Duration {
+    m.modified()
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .unwrap_or(Duration::ZERO)
+}
+
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
     match fs::read(path) {
         Ok(b) => Ok(Some(b)),
@@ -239,12 +380,7 @@ impl HubStore for FsStore {
         self.read_blob(hash)
     }
     fn blob_len(&self, hash: &Hash) -> Result<Option<u64>, StoreError> {
-        let path = self.blob_path(hash);
-        match fs::metadata(&path) {
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("cannot stat", &path)(e)),
-        }
+        Ok(self.present(&self.blob_path(hash)))
     }
     fn put_blob(&self, hash: &Hash, data: &[u8]) -> Result<(), StoreError> {
         self.write_blob(hash, data)
@@ -266,6 +402,9 @@ impl HubStore for FsStore {
         }
         self.write_state(HUB_STATE, new)?;
         Ok(true)
+    }
+    fn collect(&self, keep: &[ReleaseId], grace: Duration) -> Result<Collected, StoreError> {
+        FsStore::collect(self, keep, &HashSet::new(), grace)
     }
 }
 
@@ -293,6 +432,82 @@ mod tests {
         );
         assert!(store.read_release(&h).unwrap().is_none());
         assert!(store.write_release(&h, b"not it").is_err());
+    }
+
+    /// Sets a file's modification time `ago` in the past.
+    fn age_file(path: &Path, ago: Duration) {
+        File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(SystemTime::now() - ago)
+            .unwrap();
+    }
+
+    fn stored_release(store: &FsStore, files: &[&[u8]]) -> ReleaseId {
+        let m: std::collections::BTreeMap<String, crate::sync::manifest::Entry> = files
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                store.write_blob(&Hash::of(d), d).unwrap();
+                let e = crate::sync::manifest::Entry {
+                    hash: Hash::of(d),
+                    size: d.len() as u64,
+                    content_type: "text/plain".into(),
+                };
+                (format!("f{i}"), e)
+            })
+            .collect();
+        let m = Manifest::new(m).unwrap();
+        store.write_release(&m.id(), &m.to_json()).unwrap();
+        m.id()
+    }
+
+    #[test]
+    fn collect_removes_old_unneeded_content_and_spares_what_was_just_used() {
+        const HOUR: Duration = Duration::from_secs(3600);
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let keep = stored_release(&store, &[b"shared", b"kept"]);
+        let gone = stored_release(&store, &[b"shared", b"gone", b"asked-for"]);
+        for p in [
+            store.release_path(&keep),
+            store.release_path(&gone),
+            store.blob_path(&Hash::of(b"shared")),
+            store.blob_path(&Hash::of(b"kept")),
+            store.blob_path(&Hash::of(b"gone")),
+            store.blob_path(&Hash::of(b"asked-for")),
+        ] {
+            age_file(&p, 2 * HOUR);
+        }
+        // A publisher is told this old blob is stored: it must outlive the collection.
+        assert!(store.has_blob(&Hash::of(b"asked-for")));
+        store.write_blob(&Hash::of(b"fresh"), b"fresh").unwrap();
+
+        let done = store.collect(&[keep], &HashSet::new(), HOUR).unwrap();
+        assert_eq!(
+            done,
+            Collected {
+                releases: 1,
+                blobs: 1,
+                bytes: 4
+            }
+        );
+        assert!(store.read_release(&gone).unwrap().is_none());
+        assert!(!store.blob_path(&Hash::of(b"gone")).exists());
+        for kept in [&b"shared"[..], b"kept", b"asked-for", b"fresh"] {
+            assert!(store.blob_path(&Hash::of(kept)).exists(), "{kept:?}");
+        }
+        assert!(store.read_release(&keep).unwrap().is_some());
+
+        // A named release whose manifest is gone: nothing is collected on a guess.
+        std::fs::remove_file(store.release_path(&keep)).unwrap();
+        age_file(&store.blob_path(&Hash::of(b"fresh")), 2 * HOUR);
+        assert!(matches!(
+            store.collect(&[keep], &HashSet::new(), HOUR),
+            Err(StoreError::Gc(GcError::MissingManifest(_)))
+        ));
+        assert!(store.blob_path(&Hash::of(b"fresh")).exists());
     }
 
     #[test]

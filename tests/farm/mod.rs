@@ -196,13 +196,18 @@ pub struct Agent {
 
 impl Farm {
     pub fn new(cadence: &str, lead: &str) -> Farm {
+        Farm::with_sync(cadence, lead, "")
+    }
+
+    /// As [`Farm::new`], with `extra` lines in the hub's `sync:` section (indented by two).
+    pub fn with_sync(cadence: &str, lead: &str, extra: &str) -> Farm {
         let dir = tempfile::tempdir().unwrap();
         write_private(&dir.path().join("agent.token"), AGENT_TOKEN);
         write_private(&dir.path().join("publish.token"), PUBLISH_TOKEN);
         let (hub_port, admin_port) = (free_port(), free_port());
         let yaml = format!(
             "sync:\n  bind: \"127.0.0.1:{hub_port}\"\n  store: hub-store\n  cadence: {cadence}\n  lead: {lead}\n  \
-             agent_token_file: agent.token\n  publish_token_file: publish.token\n\
+             agent_token_file: agent.token\n  publish_token_file: publish.token\n{extra}\
              admin:\n  bind: \"127.0.0.1:{admin_port}\"\n"
         );
         std::fs::write(dir.path().join("hub.yaml"), yaml).unwrap();

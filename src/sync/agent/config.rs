@@ -16,6 +16,7 @@ use serde_saphyr::Spanned;
 use crate::config::error::{ConfigError, ConfigErrors, Pos};
 use crate::sync::auth::read_token;
 use crate::sync::client::{ClientError, HubClient};
+use crate::sync::gc::{self, Gc};
 use crate::sync::manifest::MAX_BLOB_BYTES;
 
 type S<T> = Spanned<T>;
@@ -53,6 +54,10 @@ pub struct RawAgentConfig {
     pub fetch_concurrency: Option<S<u32>>,
     /// Other agents' serve URLs for immediate forwarding (default: the hub's registry).
     pub peers: Option<S<Vec<S<String>>>>,
+    /// Time between collections of unused releases and blobs in the store (`0s`: never).
+    pub gc_interval: Option<S<String>>,
+    /// Unused content younger than this is kept.
+    pub gc_grace: Option<S<String>>,
 }
 
 /// `watch:` as written.
@@ -163,6 +168,8 @@ pub struct AgentConfig {
     pub peers: Vec<String>,
     /// Blobs fetched at once while staging.
     pub fetch_concurrency: usize,
+    /// Collection of unused releases and blobs in the store.
+    pub gc: Gc,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -179,6 +186,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("watch", &self.watch)
             .field("peers", &self.peers)
             .field("fetch_concurrency", &self.fetch_concurrency)
+            .field("gc", &self.gc)
             .finish()
     }
 }
@@ -198,6 +206,7 @@ impl AgentConfig {
             watch: None,
             peers: Vec::new(),
             fetch_concurrency: DEFAULT_FETCH_CONCURRENCY,
+            gc: Gc::default(),
         }
     }
 }
@@ -404,6 +413,22 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             })
             .collect(),
     };
+    let mut gc = Gc::default();
+    for (v, parse, slot) in [
+        (
+            &raw.gc_interval,
+            gc::parse_interval as fn(&str) -> _,
+            &mut gc.interval,
+        ),
+        (&raw.gc_grace, gc::parse_grace, &mut gc.grace),
+    ] {
+        if let Some(v) = v {
+            match parse(&v.value) {
+                Ok(d) => *slot = d,
+                Err(e) => cx.err(v, e),
+            }
+        }
+    }
     match (serve, store, cx.errors.is_empty()) {
         (Some(serve), Some(store), true) => Ok(AgentConfig {
             file: file.to_path_buf(),
@@ -417,6 +442,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             watch,
             peers,
             fetch_concurrency,
+            gc,
         }),
         _ => {
             cx.errors.sort_by_key(|e| (e.pos.line, e.pos.column));

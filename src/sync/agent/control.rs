@@ -35,6 +35,7 @@ use super::state::{AgentState, STATE_NAME};
 use crate::sync::changeset::{self, Applied, Changeset};
 use crate::sync::client::HubClient;
 use crate::sync::clock::{self, Anchor, Offset};
+use crate::sync::gc::Gc;
 use crate::sync::manifest::ReleaseId;
 use crate::sync::protocol::{Report, Schedule};
 use crate::sync::store::FsStore;
@@ -108,18 +109,49 @@ pub enum DiskJob {
     Prune(Vec<ReleaseId>),
     /// Store blobs received from a peer (before the state that names them).
     Blobs(Vec<(crate::sync::manifest::Hash, bytes::Bytes)>),
+    /// Store the release's manifest if it is not (a release built from changesets), before
+    /// the state that names it, so a restart can load it.
+    Manifest(Arc<Release>),
+    /// Remove what these releases and the outbox do not need (see [`crate::sync::gc`]).
+    Collect {
+        /// Releases held: active, previous, staged.
+        keep: Vec<ReleaseId>,
+        /// Age below which nothing goes.
+        grace: Duration,
+    },
 }
 
 /// Runs disk jobs one after another, so that two quick flips cannot reorder their writes.
 pub async fn disk_worker(
     store: Arc<FsStore>,
     release_dir: Option<PathBuf>,
+    metrics: Arc<AgentMetrics>,
     mut rx: mpsc::UnboundedReceiver<DiskJob>,
 ) {
     while let Some(job) = rx.recv().await {
-        let (store, dir) = (store.clone(), release_dir.clone());
+        let (store, dir, metrics) = (store.clone(), release_dir.clone(), metrics.clone());
         let outcome = tokio::task::spawn_blocking(move || -> Result<(), String> {
             match job {
+                DiskJob::Manifest(r) if store.has_release(&r.id()) => Ok(()),
+                DiskJob::Manifest(r) => store
+                    .write_release(&r.id(), &r.manifest().to_json())
+                    .map_err(|e| format!("cannot store the release's manifest: {e}")),
+                DiskJob::Collect { keep, grace } => {
+                    let pinned = super::forward::outbox_blobs(&store);
+                    let c = store
+                        .collect(&keep, &pinned, grace)
+                        .map_err(|e| format!("store collection: {e}"))?;
+                    metrics.gc_removed(&c);
+                    if c.releases + c.blobs > 0 {
+                        info!(
+                            releases = c.releases,
+                            blobs = c.blobs,
+                            bytes = c.bytes,
+                            "collected unused content from the store"
+                        );
+                    }
+                    Ok(())
+                }
                 DiskJob::Blobs(blobs) => blobs
                     .iter()
                     .filter(|(h, _)| !store.has_blob(h))
@@ -151,6 +183,12 @@ pub async fn disk_worker(
             Err(e) => error!(error = %e, "disk task failed"),
         }
     }
+}
+
+/// `d` after `t`, or a year after it for a `d` too long to add.
+fn after(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .unwrap_or_else(|| t + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// The loop's state.
@@ -195,6 +233,10 @@ pub struct Controller {
     installing: JoinSet<Installed>,
     /// The local-edit thread, told of every release change.
     local: Option<mpsc::UnboundedSender<local::Input>>,
+    /// Store collection settings.
+    gc: Gc,
+    /// When the store is next collected.
+    next_gc: Instant,
 }
 
 impl Controller {
@@ -213,6 +255,7 @@ impl Controller {
         previous: Option<Arc<Release>>,
         applied: Applied,
         local: Option<mpsc::UnboundedSender<local::Input>>,
+        gc: Gc,
     ) -> Controller {
         let (fired_tx, fired_rx) = mpsc::unbounded_channel();
         Controller {
@@ -242,6 +285,8 @@ impl Controller {
             install_queue: Vec::new(),
             installing: JoinSet::new(),
             local,
+            gc,
+            next_gc: after(Instant::now(), gc.interval),
         }
     }
 
@@ -439,11 +484,29 @@ impl Controller {
         if let Some(since) = self.uncovered_since {
             wake = wake.min(since + ADOPT_ANYWAY);
         }
+        if !self.gc.interval.is_zero() {
+            wake = wake.min(self.next_gc);
+        }
         wake
     }
 
     fn on_wake(&mut self) {
         let now = Instant::now();
+        if !self.gc.interval.is_zero() && self.next_gc <= now {
+            self.next_gc = after(now, self.gc.interval);
+            // Ready releases are staged (their manifests are stored); one still being staged
+            // is protected by its age.
+            let keep = [&self.current, &self.previous]
+                .into_iter()
+                .flatten()
+                .map(|r| r.id())
+                .chain(self.ready.keys().copied())
+                .collect();
+            let _ = self.disk.send(DiskJob::Collect {
+                keep,
+                grace: self.gc.grace,
+            });
+        }
         if let Some(a) = &mut self.armed {
             if !a.premeasured && a.handle.deadline() <= now + PREMEASURE {
                 a.premeasured = true;
@@ -653,6 +716,7 @@ impl Controller {
                 r.last_flip_lateness_us = lateness;
             }
         });
+        let _ = self.disk.send(DiskJob::Manifest(f.release.clone()));
         let _ = self.disk.send(DiskJob::State(AgentState {
             active: Some(id),
             previous,

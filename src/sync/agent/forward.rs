@@ -13,7 +13,7 @@
 //!
 //! Installing never re-triggers forwarding: only [`super::local`] creates changesets.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -269,7 +269,7 @@ impl Forwarder {
     }
 
     fn outbox(&self) -> PathBuf {
-        self.store.root().join(OUTBOX)
+        outbox_dir(&self.store)
     }
 
     /// The outbox's files, oldest first.
@@ -410,6 +410,30 @@ enum HubFailure {
 }
 use HubFailure::{Refused, Retry};
 
+fn outbox_dir(store: &FsStore) -> PathBuf {
+    store.root().join(OUTBOX)
+}
+
+/// The blobs the changesets waiting in the outbox name: a store collection must keep them
+/// however long the hub stays away. Blocking.
+pub fn outbox_blobs(store: &FsStore) -> HashSet<Hash> {
+    let Ok(dir) = std::fs::read_dir(outbox_dir(store)) else {
+        return HashSet::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter_map(|p| std::fs::read(p).ok())
+        .filter_map(|b| serde_json::from_slice::<Changeset>(&b).ok())
+        .flat_map(|cs| {
+            cs.changes
+                .into_values()
+                .filter_map(|c| c.entry.map(|e| e.hash))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,6 +463,37 @@ mod tests {
             detected_us: 1,
             changes: diff(&BTreeMap::new(), &new),
         }
+    }
+
+    #[test]
+    fn blobs_of_changesets_waiting_for_the_hub_outlive_a_collection() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let cs = changeset(&[("a", b"waiting"), ("b", b"also waiting")]);
+        for d in [&b"waiting"[..], b"also waiting", b"unneeded"] {
+            store.write_blob(&Hash::of(d), d).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(store.blob_path(&Hash::of(d)))
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+                .unwrap();
+        }
+        crate::sync::agent::local::write_outbox(&store, &cs).unwrap();
+        let pinned = outbox_blobs(&store);
+        assert_eq!(pinned.len(), 2);
+        let hour = Duration::from_secs(3600);
+        let done = store.collect(&[], &pinned, hour).unwrap();
+        assert_eq!(done.blobs, 1, "only the blob no changeset needs");
+        assert!(store.has_blob(&Hash::of(b"waiting")));
+        // Delivered (the file leaves the outbox): the blobs are no longer pinned.
+        for e in std::fs::read_dir(dir.path().join(OUTBOX))
+            .unwrap()
+            .flatten()
+        {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+        assert!(outbox_blobs(&store).is_empty());
     }
 
     #[test]

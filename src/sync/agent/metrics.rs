@@ -79,6 +79,10 @@ pub struct AgentMetrics {
     pub forward_latency: Histogram,
     /// Peers immediate changesets are sent to.
     pub peers: Gauge,
+    /// Manifests and blobs removed from the store by collections.
+    pub gc_removed: Family<WhatLabels, Counter>,
+    /// Blob bytes freed by collections.
+    pub gc_bytes: Counter,
 }
 
 impl AgentMetrics {
@@ -109,6 +113,8 @@ impl AgentMetrics {
             // 100 µs … ~50 s.
             forward_latency: Histogram::new(exponential_buckets(0.000_1, 2.0, 20)),
             peers: Gauge::default(),
+            gc_removed: Family::default(),
+            gc_bytes: Counter::default(),
         };
         r.register(
             "active_release",
@@ -206,6 +212,16 @@ impl AgentMetrics {
             "Other agents immediate changesets are sent to",
             m.peers.clone(),
         );
+        r.register(
+            "gc_removed",
+            "Unused manifests (releases) and blobs removed from the store",
+            m.gc_removed.clone(),
+        );
+        r.register(
+            "gc_removed_bytes",
+            "Blob bytes freed in the store",
+            m.gc_bytes.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m
     }
@@ -218,6 +234,16 @@ impl AgentMetrics {
     /// Marks `id` as the one staged release.
     pub fn set_staged(&self, id: Option<ReleaseId>) {
         set_only(&self.staged, id);
+    }
+
+    /// Counts what a collection removed.
+    pub fn gc_removed(&self, c: &crate::sync::store::Collected) {
+        for (what, n) in [("releases", c.releases), ("blobs", c.blobs)] {
+            self.gc_removed
+                .get_or_create(&WhatLabels { what })
+                .inc_by(n as u64);
+        }
+        self.gc_bytes.inc_by(c.bytes);
     }
 
     /// Counts a refusal.

@@ -248,6 +248,7 @@ pub async fn start_on(
     tracker.spawn(control::disk_worker(
         store.clone(),
         config.release_dir.clone(),
+        metrics.clone(),
         disk_rx,
     ));
     if let Some(r) = &current {
@@ -300,6 +301,7 @@ pub async fn start_on(
         previous,
         applied,
         local_tx,
+        config.gc,
     );
     tracker.spawn(controller.run(sched_rx, clock_rx, install_rx, shutdown.clone()));
     info!(

@@ -1,6 +1,6 @@
 //! The hub's metrics: cycle, activation time, publishes, blob bytes received, cycle advances
-//! won (by agents or by the hub after its grace period), agents behind, and each agent's
-//! reported clock offset, error bound and last flip lateness.
+//! won (by agents or by the hub after its grace period), agents behind, content collected from
+//! the store, and each agent's reported clock offset, error bound and last flip lateness.
 
 use std::sync::atomic::AtomicU64;
 
@@ -26,6 +26,13 @@ pub struct ByLabels {
 pub struct ModeLabels {
     /// `immediate` or `scheduled`.
     pub mode: &'static str,
+}
+
+/// Labels naming what a collection removed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WhatLabels {
+    /// `releases` or `blobs`.
+    pub what: &'static str,
 }
 
 /// Labels naming an agent.
@@ -58,6 +65,10 @@ pub struct HubMetrics {
     pub changesets: Family<ModeLabels, Counter>,
     /// Concurrent edits of one path resolved (one loser each).
     pub conflicts: Counter,
+    /// Manifests and blobs removed by store collections.
+    pub gc_removed: Family<WhatLabels, Counter>,
+    /// Blob bytes freed by store collections.
+    pub gc_bytes: Counter,
     /// Reported clock offset θ per agent, seconds.
     pub offset: Family<AgentLabels, FloatGauge>,
     /// Reported error bound ε per agent, seconds.
@@ -113,6 +124,16 @@ impl HubMetrics {
                 m.conflicts.clone(),
             );
             r.register(
+                "sync_gc_removed",
+                "Unused manifests (releases) and blobs removed from the hub's store",
+                m.gc_removed.clone(),
+            );
+            r.register(
+                "sync_gc_removed_bytes",
+                "Blob bytes freed in the hub's store",
+                m.gc_bytes.clone(),
+            );
+            r.register(
                 "sync_agent_clock_offset_seconds",
                 "Clock offset (hub minus agent) each agent measured",
                 m.offset.clone(),
@@ -143,6 +164,16 @@ impl HubMetrics {
             crate::sync::changeset::Mode::Scheduled => "scheduled",
         };
         self.changesets.get_or_create(&ModeLabels { mode }).inc();
+    }
+
+    pub(super) fn gc_removed(&self, c: &crate::sync::store::Collected) {
+        self.gc_removed
+            .get_or_create(&WhatLabels { what: "releases" })
+            .inc_by(c.releases as u64);
+        self.gc_removed
+            .get_or_create(&WhatLabels { what: "blobs" })
+            .inc_by(c.blobs as u64);
+        self.gc_bytes.inc_by(c.bytes);
     }
 
     pub(super) fn advance(&self, by: Advancer) {

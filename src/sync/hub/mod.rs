@@ -24,12 +24,13 @@ use tracing::{info, warn};
 use super::auth::Tokens;
 use super::changeset::{self, Changeset, Mode, Stamp};
 use super::cycle::{Advance, CycleError, Forward, HubState, Published};
+use super::gc::Gc;
 use super::manifest::{Hash, Manifest, ManifestError, ReleaseId, MAX_BLOB_BYTES};
 use super::protocol::{
     Advanced, AgentView, ChangesetReply, Committed, ConflictView, Fleet, Report, Schedule, Uploaded,
 };
 use super::schedule::Rules;
-use super::store::{HubStore, StoreError};
+use super::store::{Collected, HubStore, StoreError};
 use crate::config::sync::Sync as SyncConfig;
 pub use metrics::HubMetrics;
 
@@ -63,6 +64,8 @@ pub struct Settings {
     pub rules: Rules,
     /// Accepted tokens.
     pub tokens: Tokens,
+    /// Collection of unused releases and blobs.
+    pub gc: Gc,
 }
 
 impl Settings {
@@ -71,6 +74,7 @@ impl Settings {
         Settings {
             rules: Rules::new(c.cadence, c.lead),
             tokens: c.tokens.clone(),
+            gc: c.gc,
         }
     }
 }
@@ -604,6 +608,62 @@ impl Hub {
             self.now_us(),
             reports.iter().map(|(n, (r, _))| (n, r)),
         )
+    }
+
+    /// Removes the releases no one needs (anything but active, previous, staged and queued)
+    /// and the blobs only they used, once older than the grace period.
+    pub async fn collect(&self) -> Result<Collected, HubError> {
+        let state = self.state();
+        let keep: Vec<ReleaseId> = [
+            state.active,
+            state.previous,
+            state.staged.map(|s| s.id),
+            state.queued.map(|q| q.id),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let grace = self.settings().gc.grace;
+        let store = self.store.clone();
+        let done = blocking(move || store.collect(&keep, grace)).await?;
+        self.metrics.gc_removed(&done);
+        Ok(done)
+    }
+
+    /// Runs until `shutdown`: collects the store every `gc.interval` (re-read after each, so
+    /// a reload applies).
+    pub async fn run_gc(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let interval = self.settings().gc.interval;
+            // Off: look again later, a reload may turn it on.
+            let off = interval.is_zero();
+            let wait = if off {
+                Duration::from_secs(60)
+            } else {
+                interval
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if off || self.settings().gc.interval.is_zero() {
+                continue;
+            }
+            match self.collect().await {
+                Ok(c) if c.releases + c.blobs > 0 => {
+                    info!(
+                        releases = c.releases,
+                        blobs = c.blobs,
+                        bytes = c.bytes,
+                        "collected unused content from the store"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "store collection failed; nothing was removed on a guess")
+                }
+            }
+        }
     }
 
     /// Runs until `shutdown`: advances a cycle itself when no agent has within [`GRACE`] of

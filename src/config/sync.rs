@@ -72,21 +72,9 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         }
     }
     let lead = span_duration(cx, &raw.lead, DEFAULT_LEAD, "sync.lead");
-    let mut gc = Gc::default();
-    for (v, parse, slot) in [
-        (
-            &raw.gc_interval,
-            gc::parse_interval as fn(&str) -> _,
-            &mut gc.interval,
-        ),
-        (&raw.gc_grace, gc::parse_grace, &mut gc.grace),
-    ] {
-        if let Some(v) = v {
-            match parse(&v.value) {
-                Ok(d) => *slot = d,
-                Err(e) => cx.err(v, format!("sync.{e}")),
-            }
-        }
+    let (gc, errors) = gc::from_raw(raw.gc_interval.as_ref(), raw.gc_grace.as_ref());
+    for (at, e) in errors {
+        cx.err(at, format!("sync.{e}"));
     }
     let mut token = |v: &Option<Spanned<String>>| {
         let v = v.as_ref()?;

@@ -18,6 +18,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use serde_saphyr::Spanned;
+
 use super::manifest::{Hash, Manifest, ReleaseId};
 
 /// How often a store is collected and how long unused content stays.
@@ -52,6 +54,29 @@ pub fn parse_grace(v: &str) -> Result<Duration, String> {
         );
     }
     Ok(d)
+}
+
+/// Reads `gc_interval` and `gc_grace` as written (absent: the defaults); each refused value
+/// comes back with the text it was written at and the reason.
+pub fn from_raw<'a>(
+    interval: Option<&'a Spanned<String>>,
+    grace: Option<&'a Spanned<String>>,
+) -> (Gc, Vec<(&'a Spanned<String>, String)>) {
+    let mut errors = Vec::new();
+    let mut read = |v: Option<&'a Spanned<String>>,
+                    parse: fn(&str) -> Result<Duration, String>,
+                    default: Duration| {
+        v.map_or(Ok(default), |v| parse(&v.value).map_err(|e| (v, e)))
+            .unwrap_or_else(|e| {
+                errors.push(e);
+                default
+            })
+    };
+    let gc = Gc {
+        interval: read(interval, parse_interval, DEFAULT_INTERVAL),
+        grace: read(grace, parse_grace, DEFAULT_GRACE),
+    };
+    (gc, errors)
 }
 
 impl Default for Gc {

@@ -356,6 +356,17 @@ impl FsStore {
     }
 }
 
+/// Sets a file's modification time `ago` in the past (tests of collection).
+#[cfg(test)]
+pub(crate) fn age_file(path: &Path, ago: Duration) {
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(SystemTime::now() - ago)
+        .unwrap();
+}
+
 /// How long ago a file was last modified (zero for a time in the future).
 fn age(m: &fs::Metadata) -> Duration {
     m.modified()
@@ -432,16 +443,6 @@ mod tests {
         );
         assert!(store.read_release(&h).unwrap().is_none());
         assert!(store.write_release(&h, b"not it").is_err());
-    }
-
-    /// Sets a file's modification time `ago` in the past.
-    fn age_file(path: &Path, ago: Duration) {
-        File::options()
-            .write(true)
-            .open(path)
-            .unwrap()
-            .set_modified(SystemTime::now() - ago)
-            .unwrap();
     }
 
     fn stored_release(store: &FsStore, files: &[&[u8]]) -> ReleaseId {

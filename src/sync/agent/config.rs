@@ -413,21 +413,9 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             })
             .collect(),
     };
-    let mut gc = Gc::default();
-    for (v, parse, slot) in [
-        (
-            &raw.gc_interval,
-            gc::parse_interval as fn(&str) -> _,
-            &mut gc.interval,
-        ),
-        (&raw.gc_grace, gc::parse_grace, &mut gc.grace),
-    ] {
-        if let Some(v) = v {
-            match parse(&v.value) {
-                Ok(d) => *slot = d,
-                Err(e) => cx.err(v, e),
-            }
-        }
+    let (gc, errors) = gc::from_raw(raw.gc_interval.as_ref(), raw.gc_grace.as_ref());
+    for (at, e) in errors {
+        cx.err(at, e);
     }
     match (serve, store, cx.errors.is_empty()) {
         (Some(serve), Some(store), true) => Ok(AgentConfig {

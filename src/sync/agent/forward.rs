@@ -472,12 +472,7 @@ mod tests {
         let cs = changeset(&[("a", b"waiting"), ("b", b"also waiting")]);
         for d in [&b"waiting"[..], b"also waiting", b"unneeded"] {
             store.write_blob(&Hash::of(d), d).unwrap();
-            std::fs::File::options()
-                .write(true)
-                .open(store.blob_path(&Hash::of(d)))
-                .unwrap()
-                .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
-                .unwrap();
+            crate::sync::store::age_file(&store.blob_path(&Hash::of(d)), Duration::from_secs(7200));
         }
         crate::sync::agent::local::write_outbox(&store, &cs).unwrap();
         let pinned = outbox_blobs(&store);

@@ -67,8 +67,10 @@ pub struct Appliance {
     tracker: TaskTracker,
     listeners: HashMap<String, RunningListener>,
     checkers: CancellationToken,
-    admin_addr: Option<SocketAddr>,
-    dns_addr: Option<SocketAddr>,
+    admin: Option<RunningListener>,
+    dns: Option<RunningListener>,
+    /// Registered with the first DNS socket and kept across rebinds.
+    dns_metrics: Option<DnsMetrics>,
     sync: Option<(SocketAddr, Arc<Hub>)>,
     /// The hub as the admin API sees it (set once the hub starts).
     admin_hub: Arc<std::sync::OnceLock<Arc<Hub>>>,
@@ -113,8 +115,9 @@ impl Appliance {
             tracker: TaskTracker::new(),
             listeners: HashMap::new(),
             checkers: CancellationToken::new(),
-            admin_addr: None,
-            dns_addr: None,
+            admin: None,
+            dns: None,
+            dns_metrics: None,
             sync: None,
             admin_hub: Arc::default(),
             generation: 1,
@@ -122,12 +125,7 @@ impl Appliance {
         };
         let bound = app.bind_new(&config)?;
         // Bound before anything starts, so a taken port fails the start cleanly.
-        let dns_bound = match &config.dns {
-            // One UDP socket, on this runtime: one SO_REUSEPORT socket per worker measured
-            // slower here (2 cores shared with the load generator; BENCHMARKS.md, DNS).
-            Some(d) => Some(dns::bind(d.bind, 1)?),
-            None => None,
-        };
+        let dns_bound = app.bind_dns(&config)?;
         let sync_bound = match &config.sync {
             Some(s) => {
                 let socket = listener::bind(s.bind).map_err(|error| ApplianceError::Bind {
@@ -139,34 +137,10 @@ impl Appliance {
             }
             None => None,
         };
-        if let Some(addr) = config.admin.bind {
-            let socket = listener::bind(addr).map_err(|error| ApplianceError::Bind {
-                what: "admin listener".into(),
-                addr,
-                error,
-            })?;
-            app.admin_addr = socket.local_addr().ok();
-            let state = admin::AdminState {
-                live: app.live.clone(),
-                metrics: app.metrics.clone(),
-                shutdown: app.shutdown.clone(),
-                hub: app.admin_hub.clone(),
-            };
-            app.tracker.spawn(admin::serve(socket, state));
-        }
+        let admin_bound = app.bind_admin(&config)?;
+        app.start_admin(admin_bound);
         app.start_listeners(bound);
-        if let Some(b) = dns_bound {
-            app.dns_addr = b.local_addr();
-            // The handler reads zones and health through the live pointer at every query, so
-            // reloads and health changes reach it without further plumbing.
-            let handler = DnsHandler::new(app.live.clone(), DnsMetrics::register(&app.metrics));
-            app.tracker.spawn(dns::serve(
-                b,
-                handler,
-                app.shutdown.child_token(),
-                Vec::new(),
-            ));
-        }
+        app.start_dns(dns_bound);
         if let Some((socket, s)) = sync_bound {
             app.start_hub(socket, s)?;
         }
@@ -232,6 +206,97 @@ impl Appliance {
         let _ = self.admin_hub.set(hub.clone());
         self.sync = Some((local, hub));
         Ok(())
+    }
+
+    /// Binds DNS's sockets when `config` has a `dns:` section whose address is not the one
+    /// served now. Nothing is started.
+    fn bind_dns(
+        &self,
+        config: &Config,
+    ) -> Result<Option<(SocketAddr, dns::Bound)>, ApplianceError> {
+        match &config.dns {
+            Some(d) if self.dns.as_ref().is_none_or(|r| r.bind != d.bind) => {
+                // One UDP socket, on this runtime: one SO_REUSEPORT socket per worker
+                // measured slower here (2 cores shared with the load generator; BENCHMARKS.md).
+                Ok(Some((d.bind, dns::bind(d.bind, 1)?)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Serves DNS on `bound`, stopping the sockets it replaces; with nothing bound and no
+    /// `dns:` section left, stops DNS.
+    fn start_dns(&mut self, bound: Option<(SocketAddr, dns::Bound)>) {
+        let Some((bind, b)) = bound else {
+            if self.live.load().config.dns.is_none() {
+                if let Some(old) = self.dns.take() {
+                    info!(addr = %old.local, "dns: section removed; DNS stopped");
+                    old.stop.cancel();
+                }
+            }
+            return;
+        };
+        let local = b.local_addr().unwrap_or(bind);
+        let metrics = self
+            .dns_metrics
+            .get_or_insert_with(|| DnsMetrics::register(&self.metrics))
+            .clone();
+        // The handler reads zones and health through the live pointer at every query, so
+        // reloads and health changes reach it without further plumbing.
+        let handler = DnsHandler::new(self.live.clone(), metrics);
+        let stop = self.shutdown.child_token();
+        self.tracker
+            .spawn(dns::serve(b, handler, stop.clone(), Vec::new()));
+        if let Some(old) = self.dns.replace(RunningListener { bind, local, stop }) {
+            info!(from = %old.local, to = %local, "dns moved");
+            old.stop.cancel();
+        }
+    }
+
+    /// Binds the admin listener when `admin.bind` is set and not the address served now.
+    fn bind_admin(
+        &self,
+        config: &Config,
+    ) -> Result<Option<(SocketAddr, tokio::net::TcpListener)>, ApplianceError> {
+        match config.admin.bind {
+            Some(addr) if self.admin.as_ref().is_none_or(|r| r.bind != addr) => {
+                let socket = listener::bind(addr).map_err(|error| ApplianceError::Bind {
+                    what: "admin listener".into(),
+                    addr,
+                    error,
+                })?;
+                Ok(Some((addr, socket)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Serves the admin API on `bound`, stopping the listener it replaces; with nothing bound
+    /// and no `admin.bind` left, stops the admin listener.
+    fn start_admin(&mut self, bound: Option<(SocketAddr, tokio::net::TcpListener)>) {
+        let Some((bind, socket)) = bound else {
+            if self.live.load().config.admin.bind.is_none() {
+                if let Some(old) = self.admin.take() {
+                    info!(addr = %old.local, "admin.bind removed; admin listener stopped");
+                    old.stop.cancel();
+                }
+            }
+            return;
+        };
+        let local = socket.local_addr().unwrap_or(bind);
+        let stop = self.shutdown.child_token();
+        let state = admin::AdminState {
+            live: self.live.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+            hub: self.admin_hub.clone(),
+        };
+        self.tracker
+            .spawn(admin::serve(socket, state, stop.clone()));
+        if let Some(old) = self.admin.replace(RunningListener { bind, local, stop }) {
+            info!(from = %old.local, to = %local, "admin listener moved");
+            old.stop.cancel();
+        }
     }
 
     /// Binds the listeners of `config` that are not already running (new names, or a changed
@@ -311,27 +376,13 @@ impl Appliance {
     }
 
     fn try_reload(&mut self, config: Config) -> Result<u64, ApplianceError> {
+        // Everything new is bound before anything changes: a taken address refuses the reload.
         let bound = self.bind_new(&config)?;
+        let dns_bound = self.bind_dns(&config)?;
+        let admin_bound = self.bind_admin(&config)?;
         let generation = self.generation + 1;
         let config = Arc::new(config);
         let old = self.live.load_full();
-        if old.config.admin.bind != config.admin.bind {
-            warn!("admin.bind changed: it takes effect at the next restart");
-        }
-        match (&old.config.dns, &config.dns, self.dns_addr) {
-            (Some(o), Some(n), _) if o.bind != n.bind => {
-                warn!(
-                    "dns.bind changed: it takes effect at the next restart; zones are reloaded now"
-                )
-            }
-            (_, Some(_), None) => {
-                warn!("a dns: section was added: DNS starts at the next restart")
-            }
-            (Some(_), None, Some(_)) => {
-                warn!("the dns: section was removed: DNS now refuses every query; restart to close its sockets")
-            }
-            _ => {}
-        }
         match (&old.config.sync, &config.sync, &self.sync) {
             (Some(o), Some(n), Some((_, hub))) => {
                 if o.bind != n.bind || o.store != n.store || o.tls.is_some() != n.tls.is_some() {
@@ -358,6 +409,8 @@ impl Appliance {
         }
         self.generation = generation;
         self.start_listeners(bound);
+        self.start_dns(dns_bound);
+        self.start_admin(admin_bound);
         let gone: Vec<String> = self
             .listeners
             .keys()
@@ -384,7 +437,7 @@ impl Appliance {
 
     /// The address DNS serves on (UDP and TCP), when the config has a `dns:` section.
     pub fn dns_addr(&self) -> Option<SocketAddr> {
-        self.dns_addr
+        self.dns.as_ref().map(|r| r.local)
     }
 
     /// The sync API's address, when the config has a `sync:` section.
@@ -399,7 +452,7 @@ impl Appliance {
 
     /// The admin listener's address.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
+        self.admin.as_ref().map(|r| r.local)
     }
 
     /// The live state (routing table, health) for other parts to read.

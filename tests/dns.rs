@@ -965,6 +965,101 @@ async fn reload_swaps_the_zones_and_bumps_the_serial() {
     assert_eq!(app.dns_addr(), Some(addr));
 }
 
+/// A port free for both UDP and TCP on 127.0.0.1 (as far as one can tell without holding it).
+fn free_port_udp_tcp() -> u16 {
+    loop {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+#[tokio::test]
+async fn reload_moves_dns_and_admin_and_refuses_a_taken_address() {
+    let backends =
+        "      - { name: web-1, address: \"127.0.0.1:9\", dns_address: \"192.0.2.11\" }\n";
+    let base = dns_yaml(backends, "", "");
+    let mut app = common::start(&base).await;
+    let (old, old_admin) = (dns_addr(&app), app.admin_addr().unwrap());
+    let with = |dns_port: u16, admin_port: u16| {
+        base.replacen(
+            "  bind: \"127.0.0.1:0\"\n  max_answers",
+            &format!("  bind: \"127.0.0.1:{dns_port}\"\n  max_answers"),
+            1,
+        )
+        .replace(
+            "admin:\n  bind: \"127.0.0.1:0\"",
+            &format!("admin:\n  bind: \"127.0.0.1:{admin_port}\""),
+        )
+    };
+
+    let (dns_port, admin_port) = (free_port_udp_tcp(), common::dead_address().await.port());
+    app.reload(common::config(&with(dns_port, admin_port)))
+        .expect("reload");
+    let new = dns_addr(&app);
+    assert_eq!(new.port(), dns_port);
+    assert_eq!(
+        addrs(&udp(new, &query("www.farm.test.", RecordType::A)).await),
+        ["192.0.2.11"]
+    );
+    assert_eq!(
+        tcp(new, &query("lb.farm.test.", RecordType::A))
+            .await
+            .answers
+            .len(),
+        3
+    );
+    let admin = app.admin_addr().unwrap();
+    assert_eq!(admin.port(), admin_port);
+    let healthz = common::raw_exchange(
+        admin,
+        b"GET /healthz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        ANSWER_WAIT,
+    )
+    .await;
+    assert_eq!(healthz.statuses(), [200], "{}", healthz.text());
+    // The old sockets are closed: no answer there, no admin there.
+    let q = query("www.farm.test.", RecordType::A).to_vec().unwrap();
+    assert!(
+        eventually(ANSWER_WAIT, || async {
+            udp_raw(old, &q, Duration::from_millis(200)).await.is_none()
+                && common::refuses(old_admin).await
+        })
+        .await,
+        "the old DNS socket or admin listener still answers"
+    );
+
+    // An address another socket holds refuses the whole reload; DNS stays where it was.
+    let blocker = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken = blocker.local_addr().unwrap().port();
+    let e = app
+        .reload(common::config(&with(taken, admin_port)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&format!("127.0.0.1:{taken}")), "{e}");
+    assert_eq!(app.dns_addr(), Some(new));
+    assert_eq!(
+        addrs(&udp(new, &query("www.farm.test.", RecordType::A)).await),
+        ["192.0.2.11"]
+    );
+
+    // No dns: section any more: DNS stops.
+    let moved = with(dns_port, admin_port);
+    let (head, tail) = moved.split_at(moved.find("dns:\n").unwrap());
+    let without = format!("{head}{}", &tail[tail.find("admin:").unwrap()..]);
+    app.reload(common::config(&without)).expect("reload");
+    assert_eq!(app.dns_addr(), None);
+    assert!(
+        eventually(ANSWER_WAIT, || async {
+            udp_raw(new, &q, Duration::from_millis(200)).await.is_none()
+        })
+        .await,
+        "DNS still answers without a dns: section"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // End to end: dig against `lockstep serve`
 

@@ -36,10 +36,11 @@ pub struct AdminState {
     pub hub: Arc<std::sync::OnceLock<Arc<crate::sync::hub::Hub>>>,
 }
 
-/// Serves the admin listener until shutdown.
-pub async fn serve(socket: TcpListener, state: AdminState) {
+/// Serves the admin listener until shutdown or `stop` (a reload that moves it).
+pub async fn serve(socket: TcpListener, state: AdminState, stop: CancellationToken) {
     loop {
         let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
             _ = state.shutdown.cancelled() => return,
             r = socket.accept() => match r {
                 Ok(p) => p,

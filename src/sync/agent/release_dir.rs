@@ -5,8 +5,8 @@
 //! <release_dir>/current           symlink → releases/<id>, swapped atomically at the flip
 //! ```
 //!
-//! A copy is built under a temporary name and renamed into place, so `releases/<id>` is always
-//! whole; `current` is replaced by creating a new symlink beside it and `rename`-ing it over
+//! A copy is built under a temporary name, flushed to disk and renamed into place, so
+//! `releases/<id>` is always whole, also after a crash; `current` is replaced by creating a new symlink beside it and `rename`-ing it over
 //! (atomic on POSIX), so a reader of `current/…` sees the old tree or the new one, never none.
 //! Blocking file I/O: call from a blocking task.
 
@@ -59,6 +59,11 @@ pub fn materialise(
             }
             fs::copy(store.blob_path(&entry.hash), &to).map_err(ctx("cannot write", &to))?;
         }
+        // One syncfs for the whole copy (files and directories) instead of an fsync per file:
+        // what the rename makes visible is on disk, even after a power cut.
+        fs::File::open(&tmp)
+            .and_then(|d| rustix::fs::syncfs(&d).map_err(io::Error::from))
+            .map_err(ctx("cannot sync", &tmp))?;
         fs::rename(&tmp, &dest).map_err(ctx("cannot rename into", &dest))?;
         fs::File::open(&releases)
             .and_then(|d| d.sync_all())

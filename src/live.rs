@@ -13,7 +13,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::{Config, Listener};
 use crate::dns::zone::{next_serial, Zones};
 use crate::metrics::Metrics;
-use crate::proxy::upstream::{self, Client};
+use crate::proxy::upstream::Clients;
 use crate::router::table::Table;
 
 /// One generation of live state.
@@ -22,8 +22,8 @@ pub struct Live {
     pub config: Arc<Config>,
     /// Routes, pools, backends and their health.
     pub table: Table,
-    /// Upstream client of each pool (same index as `table.pools`).
-    pub clients: Vec<Client>,
+    /// Upstream clients of each pool (same index as `table.pools`).
+    pub clients: Vec<Clients>,
     /// Each listener's settings and TLS acceptor, by listener name.
     pub listeners: Vec<(Arc<Listener>, Option<TlsAcceptor>)>,
     /// The DNS zones, when the config has a `dns:` section.
@@ -54,7 +54,7 @@ impl Live {
                             })
                             .and_then(|i| prev.clients.get(i).cloned())
                     })
-                    .unwrap_or_else(|| upstream::client(p.connect_timeout))
+                    .unwrap_or_else(|| Clients::new(p.connect_timeout))
             })
             .collect();
         let listeners = config

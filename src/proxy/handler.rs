@@ -79,7 +79,7 @@ pub async fn handle(
 async fn forward(
     ctx: &ConnCtx,
     pool: &PoolState,
-    client: &super::upstream::Client,
+    client: &super::upstream::Clients,
     mut req: Request<Incoming>,
     host: Option<HeaderValue>,
 ) -> (Response<ResponseBody>, Option<usize>) {

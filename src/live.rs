@@ -1,4 +1,4 @@
-//! The appliance's live state: the routing table, one upstream client per pool and the DNS
+//! The appliance's live state: the routing table, the upstream clients of each pool and the DNS
 //! zone view, built together from one config and swapped together on reload.
 //!
 //! Readers (the proxy per request, the health checkers, the DNS responder, the admin API)

@@ -48,12 +48,15 @@ pub enum Command {
     },
     /// Validate a config file and print every problem as file:line:column (exit 2 if any).
     #[command(
-        after_help = "Example:\n  lockstep check -c /etc/lockstep/lockstep.yaml   # prints OK, or every problem as file:line:column"
+        after_help = "Example:\n  lockstep check -c /etc/lockstep/lockstep.yaml   # prints OK, or every problem as file:line:column\n  lockstep check --agent -c /etc/lockstep/agent.yaml"
     )]
     Check {
-        /// Config file.
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        /// Config file (with --agent: default /etc/lockstep/agent.yaml).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The file is a sync agent's config (what `lockstep agent` reads).
+        #[arg(long)]
+        agent: bool,
     },
     /// Ask the running appliance to reload its config, and wait for the outcome.
     #[command(

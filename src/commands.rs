@@ -11,7 +11,14 @@ use crate::config::{self, ConfigErrors};
 /// Runs one command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            agent: false,
+        } => check(&config.unwrap_or_else(|| crate::cli::DEFAULT_CONFIG.into())),
+        Command::Check {
+            config,
+            agent: true,
+        } => check_agent(&config.unwrap_or_else(|| crate::cli::DEFAULT_AGENT_CONFIG.into())),
         Command::Serve {
             config,
             workers,
@@ -167,6 +174,28 @@ fn check(path: &Path) -> anyhow::Result<()> {
         cfg.pools.iter().map(|p| p.backends.len()).sum::<usize>(),
         if cfg.dns.is_some() { ", dns" } else { "" },
         if cfg.sync.is_some() { ", sync" } else { "" },
+    );
+    Ok(())
+}
+
+fn check_agent(path: &Path) -> anyhow::Result<()> {
+    let cfg = crate::sync::agent::config::load(path)?;
+    println!(
+        "{}: OK (agent {}, hub {}, serves {}{}{})",
+        path.display(),
+        cfg.name,
+        cfg.hub,
+        cfg.serve,
+        if cfg.release_dir.is_some() {
+            ", release_dir"
+        } else {
+            ""
+        },
+        match &cfg.watch {
+            Some(w) if w.mode == crate::sync::changeset::Mode::Immediate => ", watch: immediate",
+            Some(_) => ", watch: scheduled",
+            None => "",
+        },
     );
     Ok(())
 }

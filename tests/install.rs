@@ -89,21 +89,55 @@ fn install_sh_stages_a_working_installation_and_keeps_what_the_operator_changed(
     }
     assert_ne!(tokens[0], tokens[1]);
 
-    // The installed configs are valid as they are.
+    // The installed configs are valid as they are: each unit's ExecStartPre (the check systemd
+    // runs before starting it) passes on them.
+    let exec_start_pre = |unit: &str| -> Vec<String> {
+        let text = read(&d.join("etc/systemd/system").join(unit));
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStartPre="))
+            .unwrap_or_else(|| panic!("{unit} has no ExecStartPre"));
+        // Paths as installed, inside the staging directory.
+        line.split_whitespace()
+            .map(|w| match w.strip_prefix('/') {
+                Some(rest) if w.starts_with("/etc/") || w.starts_with("/opt/ls/") => {
+                    d.join(rest).to_string_lossy().into_owned()
+                }
+                _ => w.to_string(),
+            })
+            .collect()
+    };
     let conf = d.join("etc/lockstep/lockstep.yaml");
-    let check = Command::new(&bin)
-        .args(["check", "-c", conf.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "the installed lockstep.yaml fails check: {}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    for unit in ["lockstep.service", "lockstep-agent.service"] {
+        let argv = exec_start_pre(unit);
+        let check = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
+        assert!(
+            check.status.success() && String::from_utf8_lossy(&check.stdout).contains(": OK"),
+            "{unit}'s ExecStartPre fails on the installed config: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
     let agent = lockstep::sync::agent::config::load(&d.join("etc/lockstep/agent.yaml"))
         .unwrap_or_else(|e| panic!("the installed agent.yaml: {e}"));
     assert_eq!(agent.name, "web-1");
+    // A broken agent config fails the agent's pre-start check with exit 2 and the position.
+    let agent_yaml = d.join("etc/lockstep/agent.yaml");
+    let good = read(&agent_yaml);
+    std::fs::write(
+        &agent_yaml,
+        good.replacen("name: web-1", "name: web-1\nnmae: x", 1),
+    )
+    .unwrap();
+    let argv = exec_start_pre("lockstep-agent.service");
+    let broken = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
+    let said = String::from_utf8_lossy(&broken.stderr);
+    assert_eq!(broken.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("agent.yaml:") && said.contains("nmae"),
+        "{said}"
+    );
+    std::fs::write(&agent_yaml, good).unwrap();
 
     // Man pages and completions, generated from the command line itself.
     let man = read(&d.join("opt/ls/share/man/man1/lockstep.1"));

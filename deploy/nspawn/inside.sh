@@ -106,12 +106,15 @@ systemctl show -p NRestarts lockstep.service
 wait_for 30 body_is http://127.0.0.1/ "release one"
 [ "$(dig @127.0.0.1 www.farm.test +short)" = 127.0.0.1 ] || fail "DNS did not come back"
 
-step "a world-readable token is refused with a clear error"
+step "a world-readable token is refused with a clear error, by the agent's ExecStartPre"
 chmod 0644 /etc/lockstep/agent.token
 c="$(cursor lockstep-agent.service)"
 if systemctl restart lockstep-agent.service; then fail "the agent started with a world-readable token"; fi
 since "$c" lockstep-agent.service | grep 'agent.token is readable by every user: `chmod 600' \
   || fail "no clear error about the token"
+pre="$(systemctl show -p ExecStartPre --value lockstep-agent.service)"
+echo "$pre"
+grep -q 'status=2 ' <<<"$pre" || fail "the agent's failure was not its ExecStartPre's (exit 2)"
 chmod 0640 /etc/lockstep/agent.token
 systemctl reset-failed lockstep-agent.service
 systemctl start lockstep-agent.service

@@ -59,6 +59,32 @@ struct RunningListener {
     stop: CancellationToken,
 }
 
+/// Binds one TCP listener; a failure names `what`.
+fn bind_tcp(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ApplianceError> {
+    listener::bind(addr).map_err(|error| ApplianceError::Bind {
+        what: what.into(),
+        addr,
+        error,
+    })
+}
+
+/// Puts `new` in `slot`, stopping the one it replaces (a reload that moved it).
+fn replace(slot: &mut Option<RunningListener>, new: RunningListener, what: &str) {
+    let to = new.local;
+    if let Some(old) = slot.replace(new) {
+        info!(from = %old.local, %to, "{what} moved");
+        old.stop.cancel();
+    }
+}
+
+/// Stops what `slot` runs when its config section is `gone`.
+fn stop_if(slot: &mut Option<RunningListener>, gone: bool, what: &str) {
+    if let Some(old) = slot.take_if(|_| gone) {
+        info!(addr = %old.local, "{what} removed from the config; stopped");
+        old.stop.cancel();
+    }
+}
+
 /// A running appliance.
 pub struct Appliance {
     live: Shared,
@@ -127,14 +153,7 @@ impl Appliance {
         // Bound before anything starts, so a taken port fails the start cleanly.
         let dns_bound = app.bind_dns(&config)?;
         let sync_bound = match &config.sync {
-            Some(s) => {
-                let socket = listener::bind(s.bind).map_err(|error| ApplianceError::Bind {
-                    what: "sync listener".into(),
-                    addr: s.bind,
-                    error,
-                })?;
-                Some((socket, s))
-            }
+            Some(s) => Some((bind_tcp("sync listener", s.bind)?, s)),
             None => None,
         };
         let admin_bound = app.bind_admin(&config)?;
@@ -228,12 +247,8 @@ impl Appliance {
     /// `dns:` section left, stops DNS.
     fn start_dns(&mut self, bound: Option<(SocketAddr, dns::Bound)>) {
         let Some((bind, b)) = bound else {
-            if self.live.load().config.dns.is_none() {
-                if let Some(old) = self.dns.take() {
-                    info!(addr = %old.local, "dns: section removed; DNS stopped");
-                    old.stop.cancel();
-                }
-            }
+            let gone = self.live.load().config.dns.is_none();
+            stop_if(&mut self.dns, gone, "dns");
             return;
         };
         let local = b.local_addr().unwrap_or(bind);
@@ -247,10 +262,7 @@ impl Appliance {
         let stop = self.shutdown.child_token();
         self.tracker
             .spawn(dns::serve(b, handler, stop.clone(), Vec::new()));
-        if let Some(old) = self.dns.replace(RunningListener { bind, local, stop }) {
-            info!(from = %old.local, to = %local, "dns moved");
-            old.stop.cancel();
-        }
+        replace(&mut self.dns, RunningListener { bind, local, stop }, "dns");
     }
 
     /// Binds the admin listener when `admin.bind` is set and not the address served now.
@@ -260,12 +272,7 @@ impl Appliance {
     ) -> Result<Option<(SocketAddr, tokio::net::TcpListener)>, ApplianceError> {
         match config.admin.bind {
             Some(addr) if self.admin.as_ref().is_none_or(|r| r.bind != addr) => {
-                let socket = listener::bind(addr).map_err(|error| ApplianceError::Bind {
-                    what: "admin listener".into(),
-                    addr,
-                    error,
-                })?;
-                Ok(Some((addr, socket)))
+                Ok(Some((addr, bind_tcp("admin listener", addr)?)))
             }
             _ => Ok(None),
         }
@@ -275,12 +282,8 @@ impl Appliance {
     /// and no `admin.bind` left, stops the admin listener.
     fn start_admin(&mut self, bound: Option<(SocketAddr, tokio::net::TcpListener)>) {
         let Some((bind, socket)) = bound else {
-            if self.live.load().config.admin.bind.is_none() {
-                if let Some(old) = self.admin.take() {
-                    info!(addr = %old.local, "admin.bind removed; admin listener stopped");
-                    old.stop.cancel();
-                }
-            }
+            let gone = self.live.load().config.admin.bind.is_none();
+            stop_if(&mut self.admin, gone, "admin listener");
             return;
         };
         let local = socket.local_addr().unwrap_or(bind);
@@ -293,10 +296,11 @@ impl Appliance {
         };
         self.tracker
             .spawn(admin::serve(socket, state, stop.clone()));
-        if let Some(old) = self.admin.replace(RunningListener { bind, local, stop }) {
-            info!(from = %old.local, to = %local, "admin listener moved");
-            old.stop.cancel();
-        }
+        replace(
+            &mut self.admin,
+            RunningListener { bind, local, stop },
+            "admin listener",
+        );
     }
 
     /// Binds the listeners of `config` that are not already running (new names, or a changed

@@ -11,14 +11,19 @@ use crate::config::{self, ConfigErrors};
 /// Runs one command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Check {
-            config,
-            agent: false,
-        } => check(&config.unwrap_or_else(|| crate::cli::DEFAULT_CONFIG.into())),
-        Command::Check {
-            config,
-            agent: true,
-        } => check_agent(&config.unwrap_or_else(|| crate::cli::DEFAULT_AGENT_CONFIG.into())),
+        Command::Check { config, agent } => {
+            let default = if agent {
+                crate::cli::DEFAULT_AGENT_CONFIG
+            } else {
+                crate::cli::DEFAULT_CONFIG
+            };
+            let path = config.unwrap_or_else(|| default.into());
+            if agent {
+                check_agent(&path)
+            } else {
+                check(&path)
+            }
+        }
         Command::Serve {
             config,
             workers,

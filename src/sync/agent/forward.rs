@@ -272,25 +272,11 @@ impl Forwarder {
         outbox_dir(&self.store)
     }
 
-    /// The outbox's files, oldest first.
-    fn pending(&self) -> Vec<PathBuf> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(self.outbox())
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        files
-    }
-
     async fn drain(self: Arc<Self>, wake: Arc<Notify>, shutdown: CancellationToken) {
         let mut failures = 0u32;
         loop {
             let mut stalled = false;
-            for file in self.pending() {
+            for file in outbox_files(&self.store) {
                 let cs = match std::fs::read(&file)
                     .map_err(|e| e.to_string())
                     .and_then(|b| {
@@ -414,15 +400,26 @@ fn outbox_dir(store: &FsStore) -> PathBuf {
     store.root().join(OUTBOX)
 }
 
+/// The changesets waiting in the outbox, oldest first (their file names are zero-padded
+/// sequence numbers). Blocking.
+fn outbox_files(store: &FsStore) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(outbox_dir(store))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
 /// The blobs the changesets waiting in the outbox name: a store collection must keep them
 /// however long the hub stays away. Blocking.
 pub fn outbox_blobs(store: &FsStore) -> HashSet<Hash> {
-    let Ok(dir) = std::fs::read_dir(outbox_dir(store)) else {
-        return HashSet::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+    outbox_files(store)
+        .into_iter()
         .filter_map(|p| std::fs::read(p).ok())
         .filter_map(|b| serde_json::from_slice::<Changeset>(&b).ok())
         .flat_map(|cs| {

@@ -634,10 +634,9 @@ impl Hub {
     /// a reload applies).
     pub async fn run_gc(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
+            // Off: look again in a minute, a reload may turn it on.
             let interval = self.settings().gc.interval;
-            // Off: look again later, a reload may turn it on.
-            let off = interval.is_zero();
-            let wait = if off {
+            let wait = if interval.is_zero() {
                 Duration::from_secs(60)
             } else {
                 interval
@@ -646,7 +645,7 @@ impl Hub {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
-            if off || self.settings().gc.interval.is_zero() {
+            if self.settings().gc.interval.is_zero() {
                 continue;
             }
             match self.collect().await {

@@ -19,11 +19,12 @@ use tracing::{info, warn};
 use crate::admin;
 use crate::config::Config;
 use crate::dns::{self, DnsError, DnsHandler, DnsMetrics};
+use crate::dns::view::{SharedView, View};
 use crate::live::{Live, Shared};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::proxy::listener;
-use crate::router::checker;
-use crate::sync::hub::{self, Hub, HubMetrics};
+use crate::pools::checker;
+use crate::hub::{self, Hub, HubMetrics};
 use crate::sync::store::FsStore;
 
 /// Failures while starting or reloading.
@@ -61,7 +62,7 @@ struct RunningListener {
 
 /// Binds one TCP listener; a failure names `what`.
 fn bind_tcp(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ApplianceError> {
-    listener::bind(addr).map_err(|error| ApplianceError::Bind {
+    crate::net::bind::bind(addr).map_err(|error| ApplianceError::Bind {
         what: what.into(),
         addr,
         error,
@@ -88,6 +89,8 @@ fn stop_if(slot: &mut Option<RunningListener>, gone: bool, what: &str) {
 /// A running appliance.
 pub struct Appliance {
     live: Shared,
+    /// What DNS answers from: the zones and table of the live generation.
+    dns_view: SharedView,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -134,8 +137,15 @@ impl Appliance {
             1,
             &metrics,
         )));
+        let dns_view: SharedView = Arc::new(ArcSwap::from_pointee(View::build(
+            &config,
+            live.load().table.clone(),
+            None,
+            unix_now(),
+        )));
         let mut app = Appliance {
             live,
+            dns_view,
             metrics,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -197,7 +207,7 @@ impl Appliance {
         let tls = config
             .tls
             .as_ref()
-            .map(|certs| tokio_rustls::TlsAcceptor::from(crate::proxy::tls::server_config(certs)));
+            .map(|certs| tokio_rustls::TlsAcceptor::from(crate::net::tls::server_config(certs)));
         self.tracker.spawn(hub::api::serve(
             socket,
             tls,
@@ -258,7 +268,7 @@ impl Appliance {
             .clone();
         // The handler reads zones and health through the live pointer at every query, so
         // reloads and health changes reach it without further plumbing.
-        let handler = DnsHandler::new(self.live.clone(), metrics);
+        let handler = DnsHandler::new(self.dns_view.clone(), metrics);
         let stop = self.shutdown.child_token();
         self.tracker
             .spawn(dns::serve(b, handler, stop.clone(), Vec::new()));
@@ -295,7 +305,7 @@ impl Appliance {
             hub: self.admin_hub.clone(),
         };
         self.tracker
-            .spawn(admin::serve(socket, state, stop.clone()));
+            .spawn(admin::serve(socket, state, stop.clone(), self.tracker.clone()));
         replace(
             &mut self.admin,
             RunningListener { bind, local, stop },
@@ -322,7 +332,7 @@ impl Appliance {
                 addr: l.bind,
                 error,
             };
-            let sockets = listener::bind_many(l.bind, self.workers.len()).map_err(err)?;
+            let sockets = crate::net::bind::bind_many(l.bind, self.workers.len()).map_err(err)?;
             out.push((l.name.clone(), sockets));
         }
         Ok(out)
@@ -403,7 +413,9 @@ impl Appliance {
             _ => {}
         }
         let next = Live::build(config.clone(), Some(&old), generation, &self.metrics);
+        let view = View::build(&config, next.table.clone(), Some(&self.dns_view.load()), unix_now());
         self.live.store(Arc::new(next));
+        self.dns_view.store(Arc::new(view));
         if let Some((_, hub)) = &self.sync {
             // Backends new in this generation start unflagged: apply the current view.
             let set = hub.behind().borrow().clone();
@@ -485,4 +497,11 @@ impl Appliance {
             warn!(?drain, "drain period over; closing remaining connections");
         }
     }
+}
+
+/// Seconds since the Unix epoch (the DNS zones' serial starts from it).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -83,13 +83,13 @@ pub enum Command {
         dir: Option<PathBuf>,
         /// Activation time: RFC 3339 (2026-11-22T10:00:00Z), +DURATION on the hub's clock (+30s),
         /// or @UNIX_SECONDS. Default: the hub's next activation after its `lead`.
-        #[arg(long, value_parser = crate::sync::publish::parse_at)]
-        at: Option<crate::sync::publish::At>,
+        #[arg(long, value_parser = crate::publish::parse_at)]
+        at: Option<crate::publish::At>,
         /// Stage the release before the active one instead.
         #[arg(long, conflicts_with_all = ["dir", "at"])]
         rollback: bool,
         /// Blob uploads in flight at once.
-        #[arg(long, default_value_t = crate::sync::publish::DEFAULT_CONCURRENCY)]
+        #[arg(long, default_value_t = crate::publish::DEFAULT_CONCURRENCY)]
         concurrency: usize,
     },
     /// Show the fleet: each agent's active and staged release, clock offset, last flip.

@@ -65,7 +65,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             rollback,
             concurrency,
         } => {
-            use crate::sync::publish;
+            use crate::publish;
             let client = hub_client(&hub)?;
             runtime(false)?.block_on(async {
                 if rollback {
@@ -94,7 +94,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let pools = match &admin {
                 Some(url) => {
                     let c =
-                        crate::sync::client::HubClient::new(url.trim_end_matches('/'), None, None)?;
+                        crate::net::client::HttpClient::new(crate::net::client::Remote::Admin, url.trim_end_matches('/'), None, None)?;
                     Some(rt.block_on(c.json::<serde_json::Value>(
                         http::Method::GET,
                         "/api/pools",
@@ -104,7 +104,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let fleet = rt.block_on(crate::sync::publish::fleet(&client))?;
+            let fleet = rt.block_on(crate::publish::fleet(&client))?;
             if json {
                 let mut v = serde_json::to_value(&fleet)?;
                 if let Some(p) = pools {
@@ -115,14 +115,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(p) = &pools {
                     println!("{}", crate::admin::api::render_pools(p));
                 }
-                print!("{}", crate::sync::publish::render_fleet(&fleet));
+                print!("{}", crate::publish::render_fleet(&fleet));
             }
             Ok(())
         }
         Command::Agent { config } => {
             crate::serve::init_tracing();
-            let cfg = crate::sync::agent::config::load(&config)?;
-            runtime(false)?.block_on(crate::sync::agent::run(cfg))
+            let cfg = crate::agent::config::load(&config)?;
+            runtime(false)?.block_on(crate::agent::run(cfg))
         }
         Command::Demo {
             port,
@@ -155,12 +155,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn hub_client(args: &crate::cli::HubArgs) -> anyhow::Result<crate::sync::client::HubClient> {
+fn hub_client(args: &crate::cli::HubArgs) -> anyhow::Result<crate::net::client::HttpClient> {
     let token = match &args.token_file {
         Some(f) => Some(crate::sync::auth::read_token(f)?),
         None => None,
     };
-    Ok(crate::sync::client::HubClient::new(
+    Ok(crate::net::client::HttpClient::hub(
         &args.hub,
         token,
         args.ca_file.as_deref(),
@@ -184,7 +184,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
 }
 
 fn check_agent(path: &Path) -> anyhow::Result<()> {
-    let cfg = crate::sync::agent::config::load(path)?;
+    let cfg = crate::agent::config::load(path)?;
     println!(
         "{}: OK (agent {}, hub {}, serves {}{}{})",
         path.display(),

@@ -4,6 +4,8 @@
 //!
 //! [`backend`] is a small real HTTP server (h1 and h2c) that tests use as a backend too.
 
+use crate::net::accept::{accept_loop, Accepted};
+use tokio_util::task::TaskTracker;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,10 +24,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::appliance::Appliance;
-use crate::sync::agent::{self, AgentConfig, AgentHandle};
-use crate::sync::client::HubClient;
+use crate::agent::{self, AgentConfig, AgentHandle};
+use crate::net::client::HttpClient;
 use crate::sync::manifest::ReleaseId;
-use crate::sync::publish;
+use crate::publish;
 
 /// The demo config, with placeholders for ports.
 pub const DEMO_YAML: &str = include_str!("../deploy/demo.yaml");
@@ -48,15 +50,12 @@ pub async fn backend(
     stop: CancellationToken,
 ) {
     let name: Arc<str> = name.into();
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = socket.accept() => match r { Ok(p) => p, Err(_) => continue },
-        };
-        let name = name.clone();
-        let control = control.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
+    // Its connections end with the backend (they are not drained: a stopped demo backend
+    // is how tests make a backend fail).
+    let tracker = TaskTracker::new();
+    accept_loop(&socket, &name, &stop.clone(), &tracker, |stream, _| {
+        let (name, control, stop) = (name.clone(), control.clone(), stop.clone());
+        Accepted::Serve(async move {
             let svc = service_fn(move |req| answer(name.clone(), control.clone(), req));
             let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
@@ -64,8 +63,9 @@ pub async fn backend(
                 _ = conn => {}
                 _ = stop.cancelled() => {}
             }
-        });
-    }
+        })
+    })
+    .await
 }
 
 async fn answer(
@@ -208,7 +208,7 @@ pub async fn start(ports: DemoPorts, dir: &Path) -> anyhow::Result<Demo> {
         );
         cfg.token = Some(agent_token.clone());
         // Each backend's editing directory: an edit there reaches the others at once.
-        cfg.watch = Some(crate::sync::agent::config::Watch::new(
+        cfg.watch = Some(crate::agent::config::Watch::new(
             Some(&dir.join(format!("edit-{}", i + 1))),
             crate::sync::changeset::Mode::Immediate,
         ));
@@ -217,7 +217,7 @@ pub async fn start(ports: DemoPorts, dir: &Path) -> anyhow::Result<Demo> {
     let site = dir.join("site");
     std::fs::create_dir_all(&site)?;
     std::fs::write(site.join("index.html"), FIRST_SITE)?;
-    let publisher = HubClient::new(
+    let publisher = HttpClient::hub(
         &hub,
         Some(crate::sync::auth::read_token(&dir.join("publish.token"))?),
         None,

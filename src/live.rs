@@ -1,8 +1,9 @@
-//! The appliance's live state: the routing table, the upstream clients of each pool and the DNS
-//! zone view, built together from one config and swapped together on reload.
+//! The appliance's live state: the routing table, the upstream clients of each pool and each
+//! listener's settings, built together from one config and swapped together on reload (the
+//! DNS responder's view, [`crate::dns::view`], is built from the same generation's table).
 //!
-//! Readers (the proxy per request, the health checkers, the DNS responder, the admin API)
-//! `load` the pointer once and use that generation to the end of what they are doing.
+//! Readers (the proxy per request, the health checkers, the admin API) `load` the pointer once
+//! and use that generation to the end of what they are doing.
 
 use std::sync::Arc;
 
@@ -11,23 +12,20 @@ use arc_swap::ArcSwap;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Listener};
-use crate::dns::zone::{next_serial, Zones};
 use crate::metrics::Metrics;
-use crate::proxy::upstream::Clients;
-use crate::router::table::Table;
+use crate::net::upstream::Clients;
+use crate::pools::table::Table;
 
 /// One generation of live state.
 pub struct Live {
     /// The config it was built from.
     pub config: Arc<Config>,
-    /// Routes, pools, backends and their health.
-    pub table: Table,
+    /// Routes, pools, backends and their health (shared with the DNS view of the generation).
+    pub table: Arc<Table>,
     /// Upstream clients of each pool (same index as `table.pools`).
     pub clients: Vec<Clients>,
     /// Each listener's settings and TLS acceptor, by listener name.
     pub listeners: Vec<(Arc<Listener>, Option<TlsAcceptor>)>,
-    /// The DNS zones, when the config has a `dns:` section.
-    pub dns: Option<Arc<Zones>>,
 }
 
 impl Live {
@@ -39,7 +37,12 @@ impl Live {
         generation: u64,
         metrics: &Metrics,
     ) -> Live {
-        let table = Table::build(&config, previous.map(|p| &p.table), generation, metrics);
+        let table = Arc::new(Table::build(
+            &config,
+            previous.map(|p| &*p.table),
+            generation,
+            metrics,
+        ));
         let clients = config
             .pools
             .iter()
@@ -64,24 +67,15 @@ impl Live {
                 let acceptor = l
                     .tls
                     .as_ref()
-                    .map(|certs| TlsAcceptor::from(crate::proxy::tls::server_config(certs)));
+                    .map(|certs| TlsAcceptor::from(crate::net::tls::server_config(certs)));
                 (Arc::new(l.clone()), acceptor)
             })
             .collect();
-        let dns = config.dns.as_ref().map(|d| {
-            // The shell reads the clock; `next_serial` (pure) makes every reload bump it.
-            let unix_now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let previous = previous.and_then(|p| p.dns.as_ref()).map(|z| z.serial);
-            Arc::new(Zones::build(d, next_serial(previous, unix_now)))
-        });
         Live {
             config,
             table,
             clients,
             listeners,
-            dns,
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::admin::reload;
 use crate::appliance::Appliance;
@@ -47,16 +47,21 @@ pub async fn run(
     if let Some(p) = &socket_path {
         let l = reload::listen(p)
             .with_context(|| format!("cannot create the reload socket {}", p.display()))?;
-        tokio::spawn(reload::serve(l, tx.clone(), stop_socket.clone()));
+        tokio::spawn(reload::serve(
+            l,
+            tx.clone(),
+            stop_socket.clone(),
+            tokio_util::task::TaskTracker::new(),
+        ));
     }
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    notify(&[
+    crate::systemd::notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status(&app)),
     ]);
-    let watchdog = spawn_watchdog();
+    let watchdog = crate::systemd::spawn_watchdog();
     info!(config = %path.display(), generation = app.generation(), "lockstep serving");
 
     loop {
@@ -71,7 +76,7 @@ pub async fn run(
             _ = int.recv() => break,
         }
     }
-    notify(&[sd_notify::NotifyState::Stopping]);
+    crate::systemd::notify(&[sd_notify::NotifyState::Stopping]);
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -86,7 +91,7 @@ pub async fn run(
 }
 
 fn reload_from(path: &std::path::Path, app: &mut Appliance) -> Result<u64, String> {
-    notify(&[sd_notify::NotifyState::Reloading]);
+    crate::systemd::notify(&[sd_notify::NotifyState::Reloading]);
     let outcome = match config::load(path) {
         Err(errors) => {
             app.metrics()
@@ -105,7 +110,7 @@ fn reload_from(path: &std::path::Path, app: &mut Appliance) -> Result<u64, Strin
             e.to_string()
         }),
     };
-    notify(&[
+    crate::systemd::notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status(app)),
     ]);
@@ -120,29 +125,4 @@ fn status(app: &Appliance) -> String {
         live.listeners.len(),
         live.table.pools.len()
     )
-}
-
-/// With `WatchdogSec=` in the unit (systemd sets `WATCHDOG_USEC`), pings `WATCHDOG=1` at half
-/// the interval from a task of the calling runtime: a wedged runtime stops the pings and
-/// systemd restarts the service.
-pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return None;
-    }
-    let every = Duration::from_micros(usec / 2);
-    info!(?every, "systemd watchdog enabled");
-    Some(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            notify(&[sd_notify::NotifyState::Watchdog]);
-        }
-    }))
-}
-
-fn notify(state: &[sd_notify::NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(false, state) {
-        warn!(error = %e, "cannot notify systemd");
-    }
 }

@@ -199,7 +199,7 @@ fn immediate_edits_reach_every_other_agent_and_never_come_back() {
             )]
             .into(),
         };
-        lockstep::sync::agent::forward::encode(&cs, |_| Some(bytes.to_vec())).unwrap()
+        lockstep::agent::frame::encode(&cs, |_| Some(bytes.to_vec())).unwrap()
     };
     assert_eq!(
         post(Some(AGENT_TOKEN), &forged("index.html", b"evil", b"good")),

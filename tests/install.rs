@@ -118,7 +118,7 @@ fn install_sh_stages_a_working_installation_and_keeps_what_the_operator_changed(
             String::from_utf8_lossy(&check.stderr)
         );
     }
-    let agent = lockstep::sync::agent::config::load(&d.join("etc/lockstep/agent.yaml"))
+    let agent = lockstep::agent::config::load(&d.join("etc/lockstep/agent.yaml"))
         .unwrap_or_else(|e| panic!("the installed agent.yaml: {e}"));
     assert_eq!(agent.name, "web-1");
     // A broken agent config fails the agent's pre-start check with exit 2 and the position.

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use hickory_server::proto::op::{Message, MessageType, OpCode, Query};
 use hickory_server::proto::rr::{Name, RecordType};
-use lockstep::sync::client::HubClient;
-use lockstep::sync::publish::{self, At};
+use lockstep::net::client::HttpClient as HubClient;
+use lockstep::publish::{self, At};
 
 /// Longest one Chromium run may take (it starts slowly on 2 busy cores).
 const BROWSER_WAIT: Duration = Duration::from_secs(25);
@@ -344,7 +344,7 @@ async fn the_demo_shows_its_agents_the_next_activation_and_the_last_flips_skew()
 
     // A second release, staged to activate in an hour: the page counts down to it.
     let token = lockstep::sync::auth::read_token(&dir.path().join("publish.token")).unwrap();
-    let hub = HubClient::new(
+    let hub = HubClient::hub(
         &format!("http://{}", demo.app.sync_addr().unwrap()),
         Some(token),
         None,

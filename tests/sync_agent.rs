@@ -18,13 +18,13 @@ use std::time::Duration;
 
 use http::StatusCode;
 use lockstep::metrics::Metrics;
-use lockstep::sync::agent::{self, AgentConfig, AgentHandle};
+use lockstep::agent::{self, AgentConfig, AgentHandle};
 use lockstep::sync::auth::Tokens;
-use lockstep::sync::client::HubClient;
-use lockstep::sync::hub::{self, Hub, HubMetrics, Settings};
+use lockstep::net::client::HttpClient as HubClient;
+use lockstep::hub::{self, Hub, HubMetrics, Settings};
 use lockstep::sync::manifest::{Hash, ReleaseId};
 use lockstep::sync::protocol::{Report, RELEASE_HEADER};
-use lockstep::sync::publish::{self, At};
+use lockstep::publish::{self, At};
 use lockstep::sync::schedule::Rules;
 use lockstep::sync::store::FsStore;
 use tokio_util::sync::CancellationToken;
@@ -102,7 +102,7 @@ impl TestHub {
     }
 
     fn publisher(&self) -> HubClient {
-        HubClient::new(&self.url(), Some(PUBLISH_TOKEN.into()), None).unwrap()
+        HubClient::hub(&self.url(), Some(PUBLISH_TOKEN.into()), None).unwrap()
     }
 
     /// Publishes `site` to activate `after` from now (hub clock); returns (id, activation).

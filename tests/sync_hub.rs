@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use lockstep::appliance::Appliance;
-use lockstep::sync::client::{ClientError, HubClient, REQUEST_TIMEOUT};
+use lockstep::net::client::{ClientError, HttpClient as HubClient, REQUEST_TIMEOUT};
 use lockstep::sync::manifest::Hash;
 use lockstep::sync::protocol::{Advanced, Report, Schedule, Uploaded};
-use lockstep::sync::publish::{self, At};
+use lockstep::publish::{self, At};
 
 use common::*;
 
@@ -69,7 +69,7 @@ async fn start_hub(yaml: &str) -> Appliance {
 
 fn client(app: &Appliance, token: Option<&str>) -> HubClient {
     let url = format!("http://{}", app.sync_addr().expect("sync hub running"));
-    HubClient::new(&url, token.map(String::from), None).unwrap()
+    HubClient::hub(&url, token.map(String::from), None).unwrap()
 }
 
 async fn schedule(c: &HubClient) -> Schedule {
@@ -681,7 +681,7 @@ async fn the_demo_flips_its_three_backends_to_a_published_directory() {
 
     let token = lockstep::sync::auth::read_token(&dir.path().join("publish.token")).unwrap();
     let url = format!("http://{}", demo.app.sync_addr().unwrap());
-    let c = HubClient::new(&url, Some(token), None).unwrap();
+    let c = HubClient::hub(&url, Some(token), None).unwrap();
     let site = dir.path().join("site-2");
     std::fs::create_dir_all(&site).unwrap();
     std::fs::write(site.join("index.html"), "<h1>two</h1>").unwrap();
@@ -752,14 +752,14 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
     let app = start_hub(&yaml).await;
     let port = app.sync_addr().unwrap().port();
     let url = format!("https://localhost:{port}");
-    let c = HubClient::new(&url, Some(PUBLISH.into()), Some(&cert.cert_path)).unwrap();
+    let c = HubClient::hub(&url, Some(PUBLISH.into()), Some(&cert.cert_path)).unwrap();
     let site = hub.site("site", &[("index.html", "over tls")]);
     let o = publish::publish(&c, &site, At::In(Duration::from_millis(500)), 2)
         .await
         .unwrap();
 
     // Plain HTTP to the TLS port, an https client without a CA, or trusting another one: no.
-    let plain = HubClient::new(
+    let plain = HubClient::hub(
         &format!("http://127.0.0.1:{port}"),
         Some(PUBLISH.into()),
         None,
@@ -775,10 +775,10 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
         .await
         .is_err());
     assert!(matches!(
-        HubClient::new(&url, None, None),
+        HubClient::hub(&url, None, None),
         Err(ClientError::Tls(_))
     ));
-    let wrong = HubClient::new(&url, Some(PUBLISH.into()), Some(&other.cert_path)).unwrap();
+    let wrong = HubClient::hub(&url, Some(PUBLISH.into()), Some(&other.cert_path)).unwrap();
     let e = wrong
         .send(Method::GET, "/sync/v1/schedule", None, REQUEST_TIMEOUT)
         .await
@@ -786,7 +786,7 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
     assert!(e.to_string().contains("TLS"), "{e}");
 
     // An agent naming the CA stages and serves the release.
-    let mut cfg = lockstep::sync::agent::AgentConfig::new(
+    let mut cfg = lockstep::agent::AgentConfig::new(
         "web-1",
         &url,
         &hub.dir.path().join("agent-store"),
@@ -794,7 +794,7 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
     );
     cfg.token = Some(AGENT.into());
     cfg.hub_ca = Some(cert.cert_path.clone());
-    let agent = lockstep::sync::agent::start(cfg).await.unwrap();
+    let agent = lockstep::agent::start(cfg).await.unwrap();
     assert!(
         eventually(Duration::from_secs(10), || async {
             agent.active() == Some(o.committed.id)

@@ -25,9 +25,9 @@ use serde_json::{json, Value};
 
 use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::sync::hub::Hub;
+use crate::hub::Hub;
 use crate::sync::protocol::Fleet;
-use crate::sync::publish::last_flip_skew;
+use crate::publish::last_flip_skew;
 
 /// An answer: status and JSON body (or YAML text for `/api/config`).
 pub enum ApiAnswer {
@@ -441,7 +441,7 @@ mod tests {
 
     #[test]
     fn agents_carry_the_last_flips_skew() {
-        let (mut fleet, _, r2) = crate::sync::publish::sample_fleet();
+        let (mut fleet, _, r2) = crate::publish::sample_fleet();
         let v = agents(&fleet);
         assert_eq!(
             v["last_flip_skew"],

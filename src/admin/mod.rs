@@ -7,18 +7,18 @@ pub mod api;
 pub mod reload;
 pub mod status;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tokio_util::task::TaskTracker;
+
+use crate::net::respond;
+use crate::net::server::HttpServer;
 
 use crate::live::Shared;
 use crate::metrics::Metrics;
@@ -33,39 +33,25 @@ pub struct AdminState {
     /// Cancelled when the appliance drains.
     pub shutdown: CancellationToken,
     /// The sync hub, once started (when the config has `sync:`).
-    pub hub: Arc<std::sync::OnceLock<Arc<crate::sync::hub::Hub>>>,
+    pub hub: Arc<std::sync::OnceLock<Arc<crate::hub::Hub>>>,
 }
 
-/// Serves the admin listener until shutdown or `stop` (a reload that moves it).
-pub async fn serve(socket: TcpListener, state: AdminState, stop: CancellationToken) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = state.shutdown.cancelled() => return,
-            r = socket.accept() => match r {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+/// Serves the admin listener until `stop` (a child of the appliance's shutdown, also
+/// cancelled by a reload that moves the listener); connections run on `tracker`.
+pub async fn serve(socket: TcpListener, state: AdminState, stop: CancellationToken, tracker: TaskTracker) {
+    let mut server = HttpServer::new("admin");
+    server.settings.header_read_timeout = std::time::Duration::from_secs(10);
+    server
+        .serve(
+            socket,
+            move |peer, req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req, peer)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                debug!(client.addr = %peer, error = %e, "admin connection error");
-            }
-        });
-    }
+                async move { route(&state, &req, peer) }
+            },
+            stop,
+            tracker,
+        )
+        .await
 }
 
 fn route(
@@ -121,11 +107,5 @@ fn route(
 }
 
 fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(ctype),
-    );
-    r
+    respond::bytes(status, ctype, body)
 }

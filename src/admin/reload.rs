@@ -2,6 +2,8 @@
 //! reads the outcome to the end (`ok generation N` or `error` followed by every problem), so
 //! systemd's `ExecReload` sees a reload that failed as a failure.
 
+use crate::net::accept::{accept_loop, Accepted};
+use tokio_util::task::TaskTracker;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// A reload asked for over the socket; answer on `reply` with `Ok(generation)` or the errors.
 pub struct ReloadRequest {
@@ -56,31 +58,22 @@ pub fn listen(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-/// Serves the socket until `shutdown`.
+/// Serves the socket until `shutdown`; each client runs on `tracker`.
 pub async fn serve(
     listener: UnixListener,
     tx: mpsc::Sender<ReloadRequest>,
     shutdown: CancellationToken,
+    tracker: TaskTracker,
 ) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "reload socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    accept_loop(&listener, "reload socket", &shutdown, &tracker, |stream, ()| {
         let tx = tx.clone();
-        tokio::spawn(async move {
+        Accepted::Serve(async move {
             if let Err(e) = answer(stream, tx).await {
                 debug!(error = %e, "reload socket client error");
             }
-        });
-    }
+        })
+    })
+    .await
 }
 
 async fn answer(stream: UnixStream, tx: mpsc::Sender<ReloadRequest>) -> std::io::Result<()> {

@@ -12,7 +12,7 @@ use serde_saphyr::Spanned;
 
 use super::error::nearest;
 use super::raw::{RawDns, RawRecord, RawZone};
-use super::validate::Ctx;
+use super::check::Ctx;
 use super::{ConfigError, Pos};
 
 /// Default TTL of a zone's answers, seconds (short, so that health changes reach clients fast).

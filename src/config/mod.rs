@@ -4,9 +4,11 @@
 //! Nothing here opens sockets; [`load`] reads the config file and the TLS files it names.
 //! Every problem is reported as `file:line:column: what is wrong and what to do`.
 
+pub mod check;
 pub mod dns;
 pub mod duration;
 pub mod error;
+pub mod gc;
 pub mod raw;
 pub mod sync;
 pub mod tls;

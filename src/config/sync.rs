@@ -10,9 +10,10 @@ use serde_saphyr::Spanned;
 use super::duration;
 use super::raw::RawSync;
 use super::tls;
-use super::validate::Ctx;
+use super::check::Ctx;
 use crate::sync::auth::{read_token, Tokens};
-use crate::sync::gc::{self, Gc};
+use super::gc;
+use crate::sync::gc::Gc;
 use crate::sync::schedule::{DEFAULT_CADENCE, DEFAULT_LEAD};
 
 /// Shortest activation grid.

@@ -3,9 +3,8 @@
 use std::collections::{HashMap, HashSet};
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
-use std::time::Duration;
 
 use ipnet::IpNet;
 use serde_saphyr::Spanned;
@@ -13,6 +12,7 @@ use serde_saphyr::Spanned;
 use super::error::nearest;
 use super::raw::*;
 use super::*;
+use super::check::Ctx;
 use crate::router::route::{HostMatch, Route};
 
 /// YAML → raw structs (see [`super::yaml::parse`]).
@@ -20,65 +20,9 @@ pub(super) fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigErro
     super::yaml::parse(path, text, "deploy/examples/lockstep.yaml")
 }
 
-/// The file being checked and the problems found so far.
-pub(super) struct Ctx<'a> {
-    pub(super) file: &'a Path,
-    pub(super) errors: Vec<ConfigError>,
-}
-
-impl Ctx<'_> {
-    pub(super) fn err<T>(&mut self, at: &Spanned<T>, msg: impl Into<String>) {
-        self.errors
-            .push(ConfigError::at(self.file, Pos::of(at), msg));
-    }
-
-    fn duration(&mut self, v: &Option<Spanned<String>>, default: Duration, what: &str) -> Duration {
-        let Some(v) = v else { return default };
-        match duration::parse(&v.value) {
-            Ok(d) if d.is_zero() => {
-                self.err(v, format!("{what} must be longer than 0"));
-                default
-            }
-            Ok(d) => d,
-            Err(e) => {
-                self.err(v, format!("{what}: {e}"));
-                default
-            }
-        }
-    }
-
-    pub(super) fn socket_addr(&mut self, v: &Spanned<String>, what: &str) -> Option<SocketAddr> {
-        match SocketAddr::from_str(v.value.trim()) {
-            Ok(a) => Some(a),
-            Err(_) => {
-                self.err(
-                    v,
-                    format!(
-                        "{what} `{}` is not an ip:port address: write e.g. \"0.0.0.0:80\" or \"[::]:443\"",
-                        v.value
-                    ),
-                );
-                None
-            }
-        }
-    }
-
-    pub(super) fn path(&self, v: &str) -> PathBuf {
-        let p = PathBuf::from(v);
-        if p.is_absolute() {
-            p
-        } else {
-            self.file.parent().unwrap_or(Path::new(".")).join(p)
-        }
-    }
-}
-
 /// Checks the raw config, returning the typed one or every problem found.
 pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
-    let mut cx = Ctx {
-        file,
-        errors: Vec::new(),
-    };
+    let mut cx = Ctx::new(file);
 
     let listeners = listeners(&mut cx, &raw.listeners);
     let (pools, pool_index) = pools(&mut cx, &raw.pools);

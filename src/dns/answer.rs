@@ -13,6 +13,10 @@ use hickory_server::proto::rr::{DNSClass, LowerName, Name, RData, Record, Record
 
 use super::zone::{NameEntry, Node, Source, ZoneView, Zones};
 
+/// Largest UDP payload lockstep advertises and sends: the DNS flag day 2020 value, which
+/// avoids IP fragmentation on common paths.
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
+
 /// The backends of a pool as DNS sees them right now.
 pub trait Health {
     /// Appends each backend of pool `pool` as (its DNS address, whether it is available now),

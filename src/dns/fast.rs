@@ -15,8 +15,7 @@
 
 use std::net::IpAddr;
 
-use super::answer::{candidates_in_place, Health};
-use super::handler::MAX_UDP_PAYLOAD;
+use super::answer::{candidates_in_place, Health, MAX_UDP_PAYLOAD};
 use super::zone::{NameEntry, Source, Zones};
 
 /// Size of a DNS header.

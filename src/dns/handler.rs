@@ -30,16 +30,13 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::net::UdpSocket;
 use tracing::debug;
 
-use super::answer::{answer, Answer, Health, Question};
+use super::answer::{answer, Answer, Health, Question, MAX_UDP_PAYLOAD};
 use super::fast;
 use super::metrics::{DnsMetrics, NameLabels, QueryLabels};
 use super::zone::{NameEntry, Zones};
-use crate::live::Shared;
-use crate::router::table::Table;
+use super::view::SharedView;
+use crate::pools::table::Table;
 
-/// Largest UDP payload lockstep advertises and sends: the DNS flag day 2020 value, which
-/// avoids IP fragmentation on common paths.
-pub const MAX_UDP_PAYLOAD: u16 = 1232;
 
 /// The EDNS version lockstep speaks.
 const EDNS_VERSION: u8 = 0;
@@ -47,7 +44,7 @@ const EDNS_VERSION: u8 = 0;
 /// Answers queries from the live state.
 #[derive(Clone)]
 pub struct DnsHandler {
-    live: Shared,
+    live: SharedView,
     metrics: DnsMetrics,
     /// `dns_queries{qtype="A",rcode="NOERROR"}` and the AAAA one, looked up once for the
     /// fast path.
@@ -57,7 +54,7 @@ pub struct DnsHandler {
 
 impl DnsHandler {
     /// A handler over `live`.
-    pub fn new(live: Shared, metrics: DnsMetrics) -> DnsHandler {
+    pub fn new(live: SharedView, metrics: DnsMetrics) -> DnsHandler {
         let counter = |qtype| {
             metrics
                 .queries
@@ -276,7 +273,7 @@ impl DnsHandler {
         now: Instant,
     ) -> Option<FastDone> {
         let live = self.live.load();
-        let zones = live.dns.as_deref()?;
+        let zones = live.zones.as_deref()?;
         let health = LiveHealth {
             table: &live.table,
             now,
@@ -358,7 +355,7 @@ impl RequestHandler for DnsHandler {
                 table: &live.table,
                 now: started,
             };
-            respond(request, live.dns.as_deref(), &health, NameEntry::next_turn)
+            respond(request, live.zones.as_deref(), &health, NameEntry::next_turn)
         };
         let response = build(request, edns.as_ref(), metadata, &outcome);
         let info = match response_handle.send_response(response).await {

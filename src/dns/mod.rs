@@ -6,7 +6,8 @@
 //! and per-datagram task); hickory's types stay inside this module. The answer itself is a pure
 //! function ([`answer::answer`]) of the zone view, the pool health and a rotation turn.
 //!
-//! - [`zone`]: the zone view built from the config, one per config generation (in `Live`).
+//! - [`zone`]: the zone view built from the config, one per config generation.
+//! - [`view`]: the zones + pool table of one generation, swapped whole at reload.
 //! - [`answer`]: zone view + health + rotation turn + question → records and rcode (pure).
 //! - [`fast`]: the UDP fast path: the common A/AAAA query answered from the raw datagram into
 //!   a buffer (pure, no allocation); everything else goes to the handler.
@@ -24,6 +25,7 @@ pub mod handler;
 pub mod metrics;
 pub mod server;
 pub mod udp_batch;
+pub mod view;
 pub mod zone;
 
 use std::net::SocketAddr;

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use tokio::net::UdpSocket;
 use tracing::debug;
 
-use super::handler::MAX_UDP_PAYLOAD;
+use super::answer::MAX_UDP_PAYLOAD;
 
 /// Datagrams read per call, and answers sent per call.
 pub const SLOTS: usize = 64;

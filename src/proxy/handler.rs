@@ -17,13 +17,13 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
-use super::body::{local, RequestBody, ResponseBody};
+use crate::net::body::{local, RequestBody, ResponseBody};
 use super::headers::{self, Forwarded};
 use super::{access_log, upgrade};
 use crate::config::{HashKey, Listener};
 use crate::live::Shared;
 use crate::router::balance::hash_key;
-use crate::router::table::{PoolLoad, PoolState};
+use crate::pools::table::{PoolLoad, PoolState};
 
 /// What a connection knows while it serves requests.
 pub struct ConnCtx {
@@ -79,7 +79,7 @@ pub async fn handle(
 async fn forward(
     ctx: &ConnCtx,
     pool: &PoolState,
-    client: &super::upstream::Clients,
+    client: &crate::net::upstream::Clients,
     mut req: Request<Incoming>,
     host: Option<HeaderValue>,
 ) -> (Response<ResponseBody>, Option<usize>) {

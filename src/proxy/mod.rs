@@ -1,21 +1,14 @@
-//! The HTTP side: listeners, TLS, the request path and the upstream client.
+//! The HTTP side: listeners and the request path (the sockets, TLS, bodies and the upstream
+//! client are [`crate::net`]'s).
 //!
-//! - [`listener`]: accept loop, TLS handshake, hyper-util auto (h1/h2/h2c) connections.
+//! - [`listener`]: each accepted connection's context, served by [`crate::net::server`].
 //! - [`handler`]: route → pick → forward → answer, retries and error statuses.
 //! - [`headers`]: hop-by-hop stripping, `X-Forwarded-*`, `Via` (pure).
-//! - [`upstream`]: pooled keep-alive client to backends.
 //! - [`upgrade`]: WebSocket/`Upgrade` pass-through.
-//! - [`tls`]: SNI certificate selection.
-//! - [`idle`]: idle-connection timeout.
 //! - [`access_log`]: `combined` / `json` lines.
-//! - [`body`]: streamed body types.
 
 pub mod access_log;
-pub mod body;
 pub mod handler;
 pub mod headers;
-pub mod idle;
 pub mod listener;
-pub mod tls;
 pub mod upgrade;
-pub mod upstream;

@@ -6,11 +6,7 @@
 //! - [`ewma`]: decaying latency average used by `p2c_ewma` (time passed in).
 //! - [`health`]: active (rise/fall) and passive (ejection with back-off) health state
 //!   machines (pure: time passed in).
-//! - [`table`]: the live table built from a config and swapped on reload (state, no I/O).
-//! - [`checker`]: the active health-check tasks (I/O).
 pub mod balance;
-pub mod checker;
 pub mod ewma;
 pub mod health;
 pub mod route;
-pub mod table;

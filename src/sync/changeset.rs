@@ -1,4 +1,4 @@
-//! Changesets (seed 004, claims 1, 8): what one backend changed in its content — paths added,
+//! Changesets: what one backend changed in its content — paths added,
 //! changed and removed, with the hash each had before — and the rules that turn a changeset
 //! into a release: applied whole or not at all, and on the hub, with concurrent edits of one
 //! path resolved *last writer by hub time wins*.

@@ -1,4 +1,4 @@
-//! The agent's view of the hub's clock (claims 2–3, 16–18, 24–25): NTP-style offset estimation
+//! The agent's view of the hub's clock: NTP-style offset estimation
 //! from request/response samples, and the conversion of a hub-clock activation time into a
 //! **monotonic** deadline.
 //!

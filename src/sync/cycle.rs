@@ -1,4 +1,4 @@
-//! The hub's synchronisation state and its transitions (claims 7–9, 20–21, 23, 26): publish
+//! The hub's synchronisation state and its transitions: publish
 //! stages a release for an activation time; after that time the first caller of *advance* for
 //! the current cycle promotes staged → active and computes the next activation; later callers
 //! of the same cycle are told it is done.

@@ -190,10 +190,3 @@ pub struct Fleet {
     #[serde(default)]
     pub conflicts: Vec<ConflictView>,
 }
-
-/// The body of every error answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// What went wrong and what to do.
-    pub error: String,
-}

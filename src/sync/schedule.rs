@@ -1,4 +1,4 @@
-//! Activation times (claims 1, 8, 21): on a grid of `cadence` aligned to the Unix epoch of the
+//! Activation times: on a grid of `cadence` aligned to the Unix epoch of the
 //! hub's clock, no sooner than `lead` after now, or an explicit time chosen by the publisher.
 //!
 //! Pure: `now` is an argument; all times are µs on the hub's clock.

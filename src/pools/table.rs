@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use super::balance::{Balancer, Load, Member};
-use super::ewma::Ewma;
-use super::health::{ActiveHealth, Ejection};
-use super::route::RouteTable;
+use crate::router::balance::{Balancer, Load, Member};
+use crate::router::ewma::Ewma;
+use crate::router::health::{ActiveHealth, Ejection};
+use crate::router::route::RouteTable;
 use crate::config::{Backend, Config, Pool};
 use crate::metrics::{BackendLabels, Metrics, PoolLabels, RequestLabels};
 use prometheus_client::metrics::counter::Counter;

@@ -1,5 +1,6 @@
-//! Body types of the proxy. Bodies are streamed frame by frame in both directions, never
-//! buffered whole.
+//! Body types of the proxy (streamed frame by frame in both directions, never buffered whole)
+//! and [`read_body`], the one reader of a whole, bounded request body (the sync hub's and the
+//! agent's APIs).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,8 +12,6 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-/// Error type of the bodies we hand to hyper.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What goes back to the client: a backend's streamed body or a short local one.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
@@ -72,5 +71,40 @@ impl Body for RequestBody {
             RequestBody::Empty => SizeHint::with_exact(0),
             RequestBody::Stream { inner, .. } => inner.size_hint(),
         }
+    }
+}
+
+/// Why a request body could not be read whole.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    /// It is longer than the limit.
+    #[error("body larger than {limit} bytes")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The client's stream failed (bad chunk, early close).
+    #[error("reading the body: {0}")]
+    Read(String),
+}
+
+impl BodyError {
+    /// The status answering it: 413 or 400.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            BodyError::TooLarge { .. } => http::StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Read(_) => http::StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// A request body read whole, at most `limit` bytes.
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
+        Err(e) => Err(BodyError::Read(e.to_string())),
     }
 }

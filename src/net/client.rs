@@ -1,6 +1,10 @@
-//! The HTTP(S) client agents, `lockstep publish` and `lockstep status` use to reach the hub:
-//! keep-alive HTTP/1.1 connections (a few kept for reuse, so clock samples do not pay for a
-//! handshake), the bearer token on every request, rustls for `https://` hubs.
+//! The control-plane HTTP(S) client: agents, `lockstep publish` and `lockstep status` reach the
+//! hub with it, agents reach their peers, `lockstep status --admin` the admin API. Keep-alive
+//! HTTP/1.1 connections (a few kept for reuse, so clock samples do not pay for a handshake), the
+//! bearer token on every request, rustls for `https://` URLs. Errors name what was called
+//! ([`Remote`]) and its URL.
+//!
+//! The data path's client to backends is [`super::upstream`], which pools per worker thread.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -17,9 +21,30 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::protocol::ErrorBody;
+use super::respond::ErrorBody;
 
-/// Connect timeout to the hub.
+/// What a client talks to; its errors say so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remote {
+    /// The sync hub.
+    Hub,
+    /// Another backend's agent.
+    Peer,
+    /// An appliance's admin API.
+    Admin,
+}
+
+impl std::fmt::Display for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Remote::Hub => "hub",
+            Remote::Peer => "peer",
+            Remote::Admin => "admin API",
+        })
+    }
+}
+
+/// Connect timeout.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default limit of a whole request/response exchange (long polls set their own).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,39 +53,55 @@ const MAX_BODY: usize = 256 * 1024 * 1024;
 /// Idle connections kept for reuse.
 const KEEP: usize = 16;
 
-/// Why a hub request failed.
+/// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
     /// The URL is not `http://host:port[/]` or `https://…`.
-    #[error("hub URL `{0}`: {1}")]
-    Url(String, String),
+    #[error("{remote} URL `{url}`: {message}")]
+    Url {
+        /// What the URL was for.
+        remote: Remote,
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// Could not connect or the connection broke.
-    #[error("hub {hub}: {message}")]
+    #[error("{remote} {url}: {message}")]
     Transport {
-        /// The hub URL.
-        hub: String,
+        /// What was called.
+        remote: Remote,
+        /// Its URL.
+        url: String,
         /// What happened.
         message: String,
     },
-    /// The hub answered with an error status.
-    #[error("hub answered {status}: {message}")]
+    /// The remote answered with an error status.
+    #[error("{remote} answered {status}: {message}")]
     Status {
+        /// What was called.
+        remote: Remote,
         /// The status.
         status: StatusCode,
-        /// The hub's `error` text, or the body.
+        /// The remote's `error` text, or the body.
         message: String,
     },
     /// The answer is not the JSON expected.
-    #[error("hub answered something unexpected: {0}")]
-    Decode(String),
+    #[error("{remote} answered something unexpected: {message}")]
+    Decode {
+        /// What was called.
+        remote: Remote,
+        /// What did not decode.
+        message: String,
+    },
     /// A TLS setting is unusable.
     #[error("{0}")]
     Tls(String),
 }
 
 impl ClientError {
-    /// The HTTP status, if the hub answered.
+    /// The HTTP status, if the remote answered.
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ClientError::Status { status, .. } => Some(*status),
@@ -72,6 +113,8 @@ impl ClientError {
 /// A raw answer.
 #[derive(Debug)]
 pub struct Answer {
+    /// Who answered.
+    pub remote: Remote,
     /// Status.
     pub status: StatusCode,
     /// Headers.
@@ -81,35 +124,42 @@ pub struct Answer {
 }
 
 struct Target {
+    remote: Remote,
     url: String,
     host: String,
     port: u16,
     tls: Option<(TlsConnector, ServerName<'static>)>,
 }
 
-/// A client of one hub.
+/// A client of one hub, peer or admin API.
 #[derive(Clone)]
-pub struct HubClient {
+pub struct HttpClient {
     target: Arc<Target>,
     token: Option<Arc<str>>,
     idle: Arc<Mutex<Vec<SendRequest<Full<Bytes>>>>>,
 }
 
-impl std::fmt::Debug for HubClient {
+impl std::fmt::Debug for HttpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HubClient({})", self.target.url)
+        write!(f, "HttpClient({} {})", self.target.remote, self.target.url)
     }
 }
 
-impl HubClient {
-    /// A client of `url` (`http://host:port` or `https://host:port`), sending `token`; for
-    /// https, `ca_file` (PEM) holds the CA that signed the hub's certificate.
+impl HttpClient {
+    /// A client of the hub at `url`; see [`HttpClient::new`].
+    pub fn hub(url: &str, token: Option<String>, ca_file: Option<&Path>) -> Result<HttpClient, ClientError> {
+        HttpClient::new(Remote::Hub, url, token, ca_file)
+    }
+
+    /// A client of `remote` at `url` (`http://host:port` or `https://host:port`), sending
+    /// `token`; for https, `ca_file` (PEM) holds the CA that signed the remote's certificate.
     pub fn new(
+        remote: Remote,
         url: &str,
         token: Option<String>,
         ca_file: Option<&Path>,
-    ) -> Result<HubClient, ClientError> {
-        let bad = |m: &str| ClientError::Url(url.to_string(), m.to_string());
+    ) -> Result<HttpClient, ClientError> {
+        let bad = |m: &str| ClientError::Url { remote, url: url.to_string(), message: m.to_string() };
         let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
         let https = match uri.scheme_str() {
             Some("http") => false,
@@ -130,7 +180,7 @@ impl HubClient {
         let tls = if https {
             let ca = ca_file.ok_or_else(|| {
                 ClientError::Tls(format!(
-                    "hub {url} is https: name the CA that signed its certificate (agent `hub_ca:`, or --ca-file)"
+                    "{remote} {url} is https: name the CA that signed its certificate (agent `hub_ca:`, or --ca-file)"
                 ))
             })?;
             let pem = std::fs::read(ca).map_err(|e| {
@@ -164,8 +214,9 @@ impl HubClient {
         } else {
             None
         };
-        Ok(HubClient {
+        Ok(HttpClient {
             target: Arc::new(Target {
+                remote,
                 url: url.trim_end_matches('/').to_string(),
                 host,
                 port,
@@ -176,14 +227,20 @@ impl HubClient {
         })
     }
 
-    /// The hub's URL.
+    /// The URL called.
     pub fn url(&self) -> &str {
         &self.target.url
     }
 
+    /// What is called.
+    pub fn remote(&self) -> Remote {
+        self.target.remote
+    }
+
     fn transport(&self, message: impl std::fmt::Display) -> ClientError {
         ClientError::Transport {
-            hub: self.target.url.clone(),
+            remote: self.target.remote,
+            url: self.target.url.clone(),
             message: message.to_string(),
         }
     }
@@ -292,6 +349,7 @@ impl HubClient {
                 .to_bytes();
             self.put_idle(sender);
             return Ok(Answer {
+                remote: self.target.remote,
                 status: parts.status,
                 headers: parts.headers,
                 body,
@@ -333,8 +391,10 @@ impl HubClient {
             )
         });
         let answer = self.send(method, path_and_query, body, timeout).await?;
+        let remote = self.target.remote;
         let answer = ok(answer)?;
-        serde_json::from_slice(&answer.body).map_err(|e| ClientError::Decode(e.to_string()))
+        serde_json::from_slice(&answer.body)
+            .map_err(|e| ClientError::Decode { remote, message: e.to_string() })
     }
 }
 
@@ -352,6 +412,7 @@ pub fn ok(answer: Answer) -> Result<Answer, ClientError> {
                 .collect()
         });
     Err(ClientError::Status {
+        remote: answer.remote,
         status: answer.status,
         message,
     })

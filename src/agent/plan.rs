@@ -1,4 +1,4 @@
-//! What the agent should do given the hub's schedule and what it holds (claims 1, 10–11, 27):
+//! What the agent should do given the hub's schedule and what it holds:
 //! which releases to stage, which to activate at once (bootstrap, or a flip already due), and
 //! which to arm for its activation time. Also the back-off between retries.
 //!

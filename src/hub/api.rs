@@ -2,29 +2,26 @@
 //! [`Hub`], checks bearer tokens per role, bounds bodies, and maps every failure to a status
 //! with a JSON `{"error": …}` (see [`crate::sync::protocol`] for the table).
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::{Advancer, Hub, HubError};
-use crate::proxy::listener::serve_until_shutdown;
+use crate::net::body::read_body;
+use crate::net::respond;
+use crate::net::server::HttpServer;
 use crate::sync::auth::{Check, Role};
 use crate::sync::manifest::{Hash, MAX_BLOB_BYTES};
-use crate::sync::protocol::{Commit, ErrorBody, Report, TimeReply, LONG_POLL, MAX_JSON_BYTES};
+use crate::sync::protocol::{Commit, Report, TimeReply, LONG_POLL, MAX_JSON_BYTES};
 
 type Answer = Response<Full<Bytes>>;
 
@@ -42,85 +39,34 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = socket.accept() => match r {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!(error = %e, "sync accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+    let server = HttpServer { tls, ..HttpServer::new("sync") };
+    let stop = shutdown.clone();
+    server
+        .serve(
+            socket,
+            move |_peer, req| {
+                let (hub, shutdown) = (hub.clone(), shutdown.clone());
+                async move { handle(&hub, req, &shutdown).await }
             },
-        };
-        let _ = stream.set_nodelay(true);
-        let (hub, tls, shutdown) = (hub.clone(), tls.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            let svc = {
-                let shutdown = shutdown.clone();
-                service_fn(move |req| {
-                    let (hub, shutdown) = (hub.clone(), shutdown.clone());
-                    async move { Ok::<_, Infallible>(handle(&hub, req, &shutdown).await) }
-                })
-            };
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30));
-            let result = match tls {
-                None => serve_until_shutdown(&builder, stream, svc, &shutdown).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(s)) => serve_until_shutdown(&builder, s, svc, &shutdown).await,
-                        _ => return,
-                    }
-                }
-            };
-            if let Err(e) = result {
-                debug!(client.addr = %peer, error = %e, "sync connection closed with an error");
-            }
-        });
-    }
+            stop,
+            tracker,
+        )
+        .await
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Answer {
-    // Protocol messages are plain structs: they always serialise.
-    let body = serde_json::to_vec(value).expect("message serialises");
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    r
+    respond::json(status, value)
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Answer {
-    let mut r = json(
-        status,
-        &ErrorBody {
-            error: message.into(),
-        },
-    );
     if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer realm=\"lockstep-sync\""),
-        );
+        return respond::unauthorized("lockstep-sync", message);
     }
-    r
+    respond::error(status, message)
 }
 
 fn bytes(body: Vec<u8>, ctype: &'static str) -> Answer {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(ctype),
-    );
+    let mut r = respond::bytes(StatusCode::OK, ctype, body);
     // Releases and blobs are named by their hash: they never change.
     r.headers_mut().insert(
         header::CACHE_CONTROL,
@@ -142,24 +88,11 @@ fn hub_error(e: HubError) -> Answer {
     error(status, e.to_string())
 }
 
-/// A request body read whole, at most `limit` bytes: else the status (413 or 400) and why.
-/// Shared with the agent's API.
-pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, (StatusCode, String)> {
-    match Limited::new(body, limit).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err((
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body larger than {limit} bytes"),
-        )),
-        Err(e) => Err((StatusCode::BAD_REQUEST, format!("reading the body: {e}"))),
-    }
-}
-
 async fn body(req: Request<Incoming>, limit: usize) -> Result<Vec<u8>, Answer> {
     read_body(req.into_body(), limit)
         .await
         .map(|b| b.to_vec())
-        .map_err(|(status, why)| error(status, why))
+        .map_err(|e| error(e.status(), e.to_string()))
 }
 
 // The error is the ready answer; boxing it would buy nothing on this path.
@@ -340,9 +273,7 @@ async fn route(
             let report: Report = serde_json::from_slice(&b)
                 .map_err(|e| error(StatusCode::BAD_REQUEST, format!("report body: {e}")))?;
             hub.report(&name, report).map_err(hub_error)?;
-            let mut r = Response::new(Full::new(Bytes::new()));
-            *r.status_mut() = StatusCode::NO_CONTENT;
-            r
+            respond::empty(StatusCode::NO_CONTENT)
         }
         // Every (method, path) pair that passed the role table above is handled here.
         _ => error(StatusCode::NOT_FOUND, "no such sync API path"),

@@ -5,27 +5,28 @@
 //! |---|---|
 //! | `PUT /content/{path}` (the file's bytes) | 200 `{"changeset": "name/seq"}`, or `null` when unchanged; 400 bad path, 413 over `watch.max_file_size` |
 //! | `DELETE /content/{path}` | 200 as above; 404 no such file |
-//! | `POST /.lockstep/changesets` (a frame of [`super::forward::encode`]) | 202 installed in the background; 400 malformed or damaged; 200 `echo` for our own |
+//! | `POST /.lockstep/changesets` (a frame of [`super::frame::encode`]) | 202 installed in the background; 400 malformed or damaged; 200 `echo` for our own |
 //!
 //! A write is a local edit like one made in `watch.dir` (it is written there too, and
 //! forwarded by the `watch.mode`). A changeset from a peer is verified whole — every blob
 //! against its hash — before any of it is stored or installed; installing it never forwards it
 //! again, and one whose origin is this agent is dropped (nothing comes back to its origin).
 
+use crate::net::body::read_body;
+use crate::net::respond;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use super::control::Install;
-use super::forward::{self, PEER_PATH};
-use super::local::{self, WriteError};
+use super::frame::{self, PEER_PATH};
+use super::messages::{Input, Install, WriteError};
 use super::metrics::AgentMetrics;
 use super::release::{decode_path, MAX_INLINE_BYTES};
-use super::serve::Body;
+use super::body::Body;
 use crate::sync::auth::{Check, Role, Tokens};
 use crate::sync::store::FsStore;
 
@@ -43,7 +44,7 @@ pub struct AgentApi {
     /// Changesets to install.
     pub installs: mpsc::UnboundedSender<Install>,
     /// The local-edit thread (absent without `watch:`).
-    pub local: Option<mpsc::UnboundedSender<local::Input>>,
+    pub local: Option<mpsc::UnboundedSender<Input>>,
     /// Largest file a `PUT` may carry.
     pub max_file_bytes: u64,
     /// Metrics.
@@ -57,30 +58,20 @@ pub fn is_api(method: &Method, path: &str) -> bool {
 }
 
 fn answer(status: StatusCode, json: serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(Body::bytes(json.to_string()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
+    respond::json(status, &json)
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
-    let mut r = answer(status, serde_json::json!({ "error": message.to_string() }));
     if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"lockstep-agent\""),
-        );
+        return respond::unauthorized("lockstep-agent", message.to_string());
     }
-    r
+    respond::error(status, message.to_string())
 }
 
 async fn read(req: Request<Incoming>, limit: u64) -> Result<Bytes, Response<Body>> {
-    crate::sync::hub::api::read_body(req.into_body(), limit as usize)
+    read_body(req.into_body(), usize::try_from(limit).unwrap_or(usize::MAX))
         .await
-        .map_err(|(status, why)| error(status, why))
+        .map_err(|e| error(e.status(), e))
 }
 
 /// Answers one API request.
@@ -105,12 +96,12 @@ pub async fn handle(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn from_peer(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
-    // Peers inline at most forward::MAX_INLINE_BYTES of blobs; the rest is the JSON.
-    let frame = match read(req, forward::MAX_INLINE_BYTES + 32 * 1024 * 1024).await {
+    // Peers inline at most frame::MAX_INLINE_BYTES of blobs; the rest is the JSON.
+    let frame = match read(req, frame::MAX_INLINE_BYTES + 32 * 1024 * 1024).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let (cs, blobs) = match forward::decode(&frame) {
+    let (cs, blobs) = match frame::decode(&frame) {
         Ok(v) => v,
         Err(e) => {
             api.metrics.refused("changeset");
@@ -186,7 +177,7 @@ async fn write(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
     };
     let (tx, rx) = oneshot::channel();
     if local
-        .send(local::Input::Write {
+        .send(Input::Write {
             path,
             body,
             reply: tx,

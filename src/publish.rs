@@ -13,10 +13,10 @@ use bytes::Bytes;
 use http::Method;
 use tokio::task::JoinSet;
 
-use super::client::{ok, ClientError, HubClient, REQUEST_TIMEOUT};
-use super::manifest::Hash;
-use super::protocol::{Commit, Committed, Fleet, Schedule, Uploaded};
-use super::tree::{scan, TreeError};
+use crate::net::client::{ok, ClientError, HttpClient, Remote, REQUEST_TIMEOUT};
+use crate::sync::manifest::Hash;
+use crate::sync::protocol::{Commit, Committed, Fleet, Schedule, Uploaded};
+use crate::sync::tree::{scan, TreeError};
 
 /// Blob uploads in flight at once by default.
 pub const DEFAULT_CONCURRENCY: usize = 8;
@@ -97,7 +97,7 @@ pub struct Outcome {
 
 /// Publishes `dir` through `client`.
 pub async fn publish(
-    client: &HubClient,
+    client: &HttpClient,
     dir: &Path,
     at: At,
     concurrency: usize,
@@ -120,7 +120,7 @@ pub async fn publish(
                 REQUEST_TIMEOUT,
             )
             .await?;
-        serde_json::from_slice(&ok(a)?.body).map_err(|e| ClientError::Decode(e.to_string()))?
+        serde_json::from_slice(&ok(a)?.body).map_err(|e| ClientError::Decode { remote: Remote::Hub, message: e.to_string() })?
     };
     let sources = Arc::new(tree.sources);
     let mut jobs = JoinSet::new();
@@ -130,9 +130,10 @@ pub async fn publish(
         let (client, sources) = (client.clone(), sources.clone());
         async move {
             let path = sources.get(&hash).cloned().ok_or_else(|| {
-                ClientError::Decode(format!(
-                    "hub asked for blob {hash}, which is not in this release"
-                ))
+                ClientError::Decode {
+                    remote: Remote::Hub,
+                    message: format!("hub asked for blob {hash}, which is not in this release"),
+                }
             })?;
             let data = tokio::fs::read(&path)
                 .await
@@ -161,7 +162,7 @@ pub async fn publish(
     }
     while let Some(done) = jobs.join_next().await {
         // A panicking upload task is a bug: report it as a failed publish.
-        let len = done.map_err(|e| ClientError::Decode(e.to_string()))??;
+        let len = done.map_err(|e| ClientError::Decode { remote: Remote::Hub, message: e.to_string() })??;
         uploaded_bytes += len;
         if let Some(hash) = pending.next() {
             jobs.spawn(upload(hash));
@@ -201,7 +202,7 @@ pub async fn publish(
 }
 
 /// Stages the release before the active one.
-pub async fn rollback(client: &HubClient) -> Result<Committed, ClientError> {
+pub async fn rollback(client: &HttpClient) -> Result<Committed, ClientError> {
     client
         .json(
             Method::POST,
@@ -213,7 +214,7 @@ pub async fn rollback(client: &HubClient) -> Result<Committed, ClientError> {
 }
 
 /// The fleet as the hub sees it.
-pub async fn fleet(client: &HubClient) -> Result<Fleet, ClientError> {
+pub async fn fleet(client: &HttpClient) -> Result<Fleet, ClientError> {
     client
         .json(Method::GET, "/sync/v1/agents", None::<&()>, REQUEST_TIMEOUT)
         .await

@@ -1,4 +1,4 @@
-//! The agent's own backend in detect-and-forward (seed 004, claims 1, 8): it turns edits made
+//! The agent's own backend in detect-and-forward: it turns edits made
 //! in `watch.dir` (reported by [`super::watch`], examined by [`super::detect`]) and writes
 //! through the agent's API into [`Changeset`]s, and keeps `watch.dir` following the release
 //! the agent serves, so that every backend's editing directory holds the fleet's content.
@@ -31,10 +31,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::detect::{self, Files, Ignore, Scope};
+use super::messages::{Input, Install, Out, WriteError};
+use super::outbox::OUTBOX;
 use super::metrics::AgentMetrics;
 use super::release::Release;
 use crate::sync::changeset::{self, Change, Changeset, Mode};
@@ -43,8 +45,6 @@ use crate::sync::store::FsStore;
 
 /// The state file's name in the store (`watch.json`).
 pub const STATE_NAME: &str = "watch";
-/// The outbox directory's name in the store.
-pub const OUTBOX: &str = "outbox";
 
 /// What the thread persists.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -58,53 +58,6 @@ pub struct WatchState {
     pub last_seq: u64,
     /// Whether the first start has been handled.
     pub started: bool,
-}
-
-/// What the thread is asked to do.
-pub enum Input {
-    /// The watcher saw these paths change.
-    Scope(Scope),
-    /// `PUT` (Some) or `DELETE` (None) of a path through the API.
-    Write {
-        /// The release path.
-        path: String,
-        /// The new content.
-        body: Option<Bytes>,
-        /// The outcome.
-        reply: oneshot::Sender<Result<Option<String>, WriteError>>,
-    },
-    /// The served release changed.
-    Installed(Arc<Release>),
-    /// Stop.
-    Stop,
-}
-
-/// What the local thread tells the forwarder.
-#[derive(Debug)]
-pub enum Out {
-    /// A new immediate changeset: send it to the peers now (before it is durable: a crash
-    /// before the outbox write re-detects the edit, and installing twice changes nothing).
-    Peers(Changeset),
-    /// The outbox has a new entry for the hub.
-    Recorded,
-}
-
-/// Why an API write is refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum WriteError {
-    /// Bad path or size (400/413).
-    #[error("{0}")]
-    Bad(String),
-    /// Too large (413).
-    #[error("{0}")]
-    TooLarge(String),
-    /// No such file to delete (404).
-    #[error("{0}")]
-    NotFound(String),
-    /// The agent could not write (500).
-    #[error("{0}")]
-    Io(String),
 }
 
 /// The settings of the thread.
@@ -126,7 +79,7 @@ pub struct Local {
     /// Where new changesets go: to peers at once, to the hub once in the outbox.
     pub out: mpsc::UnboundedSender<Out>,
     /// Where immediate ones are installed on this backend at once.
-    pub installs: mpsc::UnboundedSender<super::control::Install>,
+    pub installs: mpsc::UnboundedSender<Install>,
     /// Metrics.
     pub metrics: Arc<AgentMetrics>,
 }
@@ -348,7 +301,7 @@ impl Worker {
         }
         if cs.mode == Mode::Immediate {
             // The fast path first: this backend and its peers.
-            let _ = self.cfg.installs.send(super::control::Install {
+            let _ = self.cfg.installs.send(Install {
                 cs: cs.clone(),
                 remote: false,
                 blobs: Vec::new(),

@@ -1,7 +1,7 @@
-//! `lockstep agent`: the sidecar on each backend (seed 000). It serves the active release
+//! `lockstep agent`: the sidecar on each backend. It serves the active release
 //! from memory and its store, stages each new release in the background ahead of its
 //! activation time, measures its clock's offset from the hub's, and flips to the new release
-//! at the hub's instant — with no word to any other agent (claims 5, 32).
+//! at the hub's instant — with no word to any other agent.
 //!
 //! # Layout
 //!
@@ -20,7 +20,7 @@
 //! - [`control`]: the loop tying them together
 //! - [`metrics`]: the agent's Prometheus metrics
 //!
-//! Detect and forward (seed 004):
+//! Detect and forward:
 //!
 //! - [`ignore`]: globs of editor temporaries and the agent's own files, never synced  (pure)
 //! - [`detect`]: what changed in `watch.dir`: files read, hashed, blobs stored, refusals
@@ -35,14 +35,18 @@
 pub mod activate;
 pub mod advance;
 pub mod api;
+pub mod body;
 pub mod config;
 pub mod control;
 pub mod detect;
 pub mod forward;
+pub mod frame;
 pub mod ignore;
 pub mod local;
 pub mod measure;
+pub mod messages;
 pub mod metrics;
+pub mod outbox;
 pub mod plan;
 pub mod poll;
 pub mod release;
@@ -69,14 +73,15 @@ pub use release::Release;
 
 use crate::sync::auth::Tokens;
 use crate::sync::changeset::{Applied, Mode};
-use crate::sync::client::{ClientError, HubClient};
+use crate::net::client::{ClientError, HttpClient};
 use crate::sync::clock::{self, Anchor, Offset};
 use crate::sync::manifest::ReleaseId;
 use crate::sync::protocol::Report;
 use crate::sync::store::{FsStore, StoreError};
 use control::{Controller, DiskJob};
 use metrics::AgentMetrics;
-use serve::{Active, ServeState};
+use messages::Active;
+use serve::ServeState;
 use stage::Stager;
 use state::{AgentState, STATE_NAME};
 
@@ -184,7 +189,7 @@ pub async fn start_on(
         addr: config.serve,
         source,
     })?;
-    let client = HubClient::new(&config.hub, config.token.clone(), config.hub_ca.as_deref())?;
+    let client = HttpClient::hub(&config.hub, config.token.clone(), config.hub_ca.as_deref())?;
     // Creating a few directories and clearing tmp/: quick enough to do here.
     let store = FsStore::open(&config.store)?;
     let store = Arc::new(store);
@@ -345,13 +350,13 @@ fn start_local(
     w: &config::Watch,
     store: &Arc<FsStore>,
     metrics: &Arc<AgentMetrics>,
-    client: &HubClient,
+    client: &HttpClient,
     current: Option<Arc<Release>>,
     hub_now: Arc<dyn Fn() -> u64 + Send + Sync>,
-    installs: mpsc::UnboundedSender<control::Install>,
+    installs: mpsc::UnboundedSender<messages::Install>,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
-) -> Result<mpsc::UnboundedSender<local::Input>, AgentError> {
+) -> Result<mpsc::UnboundedSender<messages::Input>, AgentError> {
     let ignore =
         Arc::new(detect::Ignore::new(&w.ignore).map_err(|e| AgentError::Watch(e.to_string()))?);
     let (local_tx, local_rx) = mpsc::unbounded_channel();
@@ -398,7 +403,7 @@ fn start_local(
                             while let Ok(more) = scope_rx.try_recv() {
                                 s.merge(more);
                             }
-                            if tx.send(local::Input::Scope(s)).is_err() {
+                            if tx.send(messages::Input::Scope(s)).is_err() {
                                 return;
                             }
                         }
@@ -486,21 +491,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .map_or_else(|| "nothing yet".to_string(), |id| id.short()),
         agent.serve_addr()
     );
-    if let Err(e) = sd_notify::notify(
-        false,
-        &[
-            sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::Status(&status),
-        ],
-    ) {
-        warn!(error = %e, "cannot notify systemd");
-    }
-    let watchdog = crate::serve::spawn_watchdog();
+    crate::systemd::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
+    let watchdog = crate::systemd::spawn_watchdog();
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    crate::systemd::notify(&[sd_notify::NotifyState::Stopping]);
     if let Some(w) = watchdog {
         w.abort();
     }

@@ -15,8 +15,10 @@ use serde_saphyr::Spanned;
 
 use crate::config::error::{ConfigError, ConfigErrors, Pos};
 use crate::sync::auth::read_token;
-use crate::sync::client::{ClientError, HubClient};
-use crate::sync::gc::{self, Gc};
+use crate::net::client::{ClientError, HttpClient};
+use crate::config::check::Ctx;
+use crate::config::gc;
+use crate::sync::gc::Gc;
 use crate::sync::manifest::MAX_BLOB_BYTES;
 
 type S<T> = Spanned<T>;
@@ -109,7 +111,7 @@ impl Watch {
         Watch {
             dir: dir.map(Path::to_path_buf),
             mode,
-            ignore: crate::sync::agent::detect::Ignore::DEFAULTS
+            ignore: crate::agent::detect::Ignore::DEFAULTS
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
@@ -230,32 +232,6 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigErrors> {
     validate(path, raw)
 }
 
-struct Ctx<'a> {
-    file: &'a Path,
-    errors: Vec<ConfigError>,
-}
-
-impl Ctx<'_> {
-    fn err<T>(&mut self, at: &S<T>, msg: impl Into<String>) {
-        self.errors
-            .push(ConfigError::at(self.file, Pos::of(at), msg));
-    }
-
-    /// A path as written, relative ones against the config file's directory.
-    fn path(&mut self, v: &S<String>, key: &str) -> Option<PathBuf> {
-        if v.value.trim().is_empty() {
-            self.err(v, format!("{key} is empty: write a path"));
-            return None;
-        }
-        let p = PathBuf::from(&v.value);
-        Some(if p.is_absolute() {
-            p
-        } else {
-            self.file.parent().unwrap_or(Path::new(".")).join(p)
-        })
-    }
-}
-
 /// Whether `name` may name an agent: 1–64 of `A–Z a–z 0–9 . _ -`, not `.` or `..`.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -269,10 +245,7 @@ pub fn valid_name(name: &str) -> bool {
 
 /// Checks the raw config, returning the typed one or every problem found.
 pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigErrors> {
-    let mut cx = Ctx {
-        file,
-        errors: Vec::new(),
-    };
+    let mut cx = Ctx::new(file);
     if !valid_name(&raw.name.value) {
         cx.err(
             &raw.name,
@@ -295,11 +268,11 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             None
         }
     };
-    let store = cx.path(&raw.store, "store");
+    let store = cx.path_at(&raw.store, "store");
     let release_dir = raw
         .release_dir
         .as_ref()
-        .and_then(|v| cx.path(v, "release_dir"));
+        .and_then(|v| cx.path_at(v, "release_dir"));
     if let (Some(s), Some(r), Some(raw_r)) = (&store, &release_dir, &raw.release_dir) {
         if s == r || r.starts_with(s) || s.starts_with(r) {
             cx.err(
@@ -308,10 +281,10 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             );
         }
     }
-    let hub_ca = raw.hub_ca.as_ref().and_then(|v| cx.path(v, "hub_ca"));
+    let hub_ca = raw.hub_ca.as_ref().and_then(|v| cx.path_at(v, "hub_ca"));
     // The client checks the URL and loads the CA exactly as it will when the agent starts.
     let hub = raw.hub.value.trim().to_string();
-    match HubClient::new(&hub, None, hub_ca.as_deref()) {
+    match HttpClient::hub(&hub, None, hub_ca.as_deref()) {
         Ok(_) => {}
         Err(ClientError::Tls(m)) => match &raw.hub_ca {
             Some(ca) => cx.err(ca, m),
@@ -323,7 +296,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
         ),
     }
     let token = raw.token_file.as_ref().and_then(|v| {
-        let p = cx.path(v, "token_file")?;
+        let p = cx.path_at(v, "token_file")?;
         match read_token(&p) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -344,7 +317,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
         Some(v) => v.value as usize,
     };
     let watch = raw.watch.as_ref().map(|w| {
-        let dir = w.dir.as_ref().and_then(|d| cx.path(d, "watch.dir"));
+        let dir = w.dir.as_ref().and_then(|d| cx.path_at(d, "watch.dir"));
         let mut watch = Watch::new(
             dir.as_deref(),
             w.mode.as_ref().map_or(WatchMode::Scheduled, |m| m.value),
@@ -363,7 +336,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             }
         }
         if let Some(g) = &w.ignore {
-            match crate::sync::agent::detect::Ignore::new(&g.value) {
+            match crate::agent::detect::Ignore::new(&g.value) {
                 Ok(_) => watch.ignore = g.value.clone(),
                 Err(e) => cx.err(g, format!("watch.ignore: {e}")),
             }
@@ -403,7 +376,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             .iter()
             .filter_map(|p| {
                 let url = p.value.trim().trim_end_matches('/').to_string();
-                match HubClient::new(&url, None, hub_ca.as_deref()) {
+                match HttpClient::hub(&url, None, hub_ca.as_deref()) {
                     Ok(_) => Some(url),
                     Err(e) => {
                         cx.err(p, format!("peer: {e}: write another agent's serve address, e.g. \"http://10.0.0.2:8081\""));

@@ -1,4 +1,4 @@
-//! Measures the offset between the hub's clock and this agent's (claims 2, 16–17, 24):
+//! Measures the offset between the hub's clock and this agent's:
 //! several `GET /sync/v1/time` exchanges over one kept-alive connection, the lowest-delay one
 //! kept ([`clock::estimate`]). Local times `t1`/`t4` come from one [`Anchor`] taken at start
 //! plus the monotonic clock, never from the wall clock per sample, so a wall-clock step moves
@@ -12,7 +12,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::sync::client::{ok, ClientError, HubClient};
+use crate::net::client::{ok, ClientError, HttpClient, Remote};
 use crate::sync::clock::{self, Anchor, Offset, Sample};
 use crate::sync::protocol::{TimeReply, PREFIX};
 
@@ -25,7 +25,7 @@ pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(2);
 /// transport failure (a hub that is down is not asked eight times); returns the last error
 /// when no exchange succeeded.
 pub async fn measure(
-    client: &HubClient,
+    client: &HttpClient,
     anchor: &Anchor,
     samples: usize,
 ) -> Result<Offset, ClientError> {
@@ -46,7 +46,7 @@ pub async fn measure(
                     t3: r.send_us,
                     t4,
                 }),
-                Err(e) => last_err = Some(ClientError::Decode(e.to_string())),
+                Err(e) => last_err = Some(ClientError::Decode { remote: Remote::Hub, message: e.to_string() }),
             },
             Err(e) => {
                 let transport = matches!(e, ClientError::Transport { .. });
@@ -59,7 +59,7 @@ pub async fn measure(
     }
     match clock::estimate(&got) {
         Some(o) => Ok(o),
-        None => Err(last_err.unwrap_or_else(|| ClientError::Decode("no time samples".into()))),
+        None => Err(last_err.unwrap_or_else(|| ClientError::Decode { remote: Remote::Hub, message: "no time samples".into() })),
     }
 }
 
@@ -69,7 +69,7 @@ pub const EVERY: Duration = Duration::from_secs(30);
 /// Measures at start, every [`EVERY`], and whenever `now` is notified (shortly before an
 /// activation, or when the hub comes back), publishing each estimate on `tx`.
 pub async fn measurer(
-    client: HubClient,
+    client: HttpClient,
     anchor: Anchor,
     tx: watch::Sender<Option<Offset>>,
     now: Arc<Notify>,

@@ -1,4 +1,4 @@
-//! The flip (claims 1, 4, 19, 28, 31): on a dedicated thread, sleep until just before a
+//! The flip: on a dedicated thread, sleep until just before a
 //! **monotonic** deadline, spin the last instants, then store the staged release into the
 //! active-release pointer — one atomic store, so every request after it sees the new release
 //! whole and none sees a mix.
@@ -23,7 +23,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
 use super::release::Release;
-use super::serve::Active;
+use super::messages::Active;
 
 /// How long before the deadline the thread stops sleeping and spins: about the default timer
 /// slack (50 µs), which a sleep may overrun by anyway.

@@ -1,4 +1,4 @@
-//! After a scheduled flip, asks the hub to advance the cycle (claims 7–9, 20–21, 23, 26):
+//! After a scheduled flip, asks the hub to advance the cycle:
 //! `POST /sync/v1/cycles/{n}/advance` is a compare-and-swap, so the first agent to ask promotes
 //! the staged release on the hub and computes the next activation; the others are told it is
 //! done. An agent whose clock estimate is a little early gets 409 "too early" and asks again
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use http::{Method, StatusCode};
 use tracing::{debug, info};
 
-use crate::sync::client::HubClient;
+use crate::net::client::HttpClient;
 use crate::sync::protocol::{Advanced, PREFIX};
 
 /// How long "too early" answers are retried.
@@ -20,7 +20,7 @@ const PAUSE: Duration = Duration::from_millis(100);
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Advances `cycle`; never fails loudly (the hub has its own fallback).
-pub async fn advance(client: HubClient, cycle: u64) {
+pub async fn advance(client: HttpClient, cycle: u64) {
     let path = format!("{PREFIX}/cycles/{cycle}/advance");
     let until = Instant::now() + RETRY_FOR;
     loop {

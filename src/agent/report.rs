@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::plan::backoff;
-use crate::sync::client::{ok, HubClient};
+use crate::net::client::{ok, HttpClient};
 use crate::sync::protocol::{Report, PREFIX};
 
 /// A report is sent at least this often.
@@ -22,7 +22,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends the latest report on every change, and every [`REFRESH`], until `shutdown`.
 pub async fn reporter(
-    client: HubClient,
+    client: HttpClient,
     name: String,
     mut rx: watch::Receiver<Report>,
     shutdown: CancellationToken,

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::plan::backoff;
-use crate::sync::client::HubClient;
+use crate::net::client::HttpClient;
 use crate::sync::protocol::{Schedule, LONG_POLL, PREFIX};
 
 /// First pause after a failed poll.
@@ -22,7 +22,7 @@ pub const RETRY_MAX: Duration = Duration::from_secs(10);
 const SLACK: Duration = Duration::from_secs(10);
 
 /// Polls until `shutdown` (or until the receiver is gone), sending every schedule received.
-pub async fn poll(client: HubClient, tx: mpsc::Sender<Schedule>, shutdown: CancellationToken) {
+pub async fn poll(client: HttpClient, tx: mpsc::Sender<Schedule>, shutdown: CancellationToken) {
     let mut version: Option<u64> = None;
     let mut failures: u32 = 0;
     loop {

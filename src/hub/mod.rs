@@ -1,4 +1,4 @@
-//! The data server (claims 1, 7–11, 23, 26, 29): releases, the schedule, the hub clock, the
+//! The data server: releases, the schedule, the hub clock, the
 //! cycle compare-and-swap and the agents' reports, served as the sync API inside
 //! `lockstep serve` when the config has a `sync:` section.
 //!
@@ -21,16 +21,16 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::auth::Tokens;
-use super::changeset::{self, Changeset, Mode, Stamp};
-use super::cycle::{Advance, CycleError, Forward, HubState, Published};
-use super::gc::Gc;
-use super::manifest::{Hash, Manifest, ManifestError, ReleaseId, MAX_BLOB_BYTES};
-use super::protocol::{
+use crate::sync::auth::Tokens;
+use crate::sync::changeset::{self, Changeset, Mode, Stamp};
+use crate::sync::cycle::{Advance, CycleError, Forward, HubState, Published};
+use crate::sync::gc::Gc;
+use crate::sync::manifest::{Hash, Manifest, ManifestError, ReleaseId, MAX_BLOB_BYTES};
+use crate::sync::protocol::{
     Advanced, AgentView, ChangesetReply, Committed, ConflictView, Fleet, Report, Schedule, Uploaded,
 };
-use super::schedule::Rules;
-use super::store::{Collected, HubStore, StoreError};
+use crate::sync::schedule::Rules;
+use crate::sync::store::{Collected, HubStore, StoreError};
 use crate::config::sync::Sync as SyncConfig;
 pub use metrics::HubMetrics;
 
@@ -338,7 +338,7 @@ impl Hub {
         Ok(())
     }
 
-    /// Stages a complete release for activation (claims 1, 29).
+    /// Stages a complete release for activation.
     pub async fn commit(
         self: &Arc<Self>,
         id: ReleaseId,
@@ -357,7 +357,7 @@ impl Hub {
         Ok(self.committed(id, published))
     }
 
-    /// Applies a changeset from an agent (seed 004): `immediate` changes the active release at
+    /// Applies a changeset from an agent: `immediate` changes the active release at
     /// once (and the staged and queued ones, so an activation does not undo them);
     /// `scheduled` makes the next release from the newest pending one. Concurrent edits of a
     /// path resolve last-writer-by-hub-time-wins; the losers are logged, counted and listed in
@@ -514,7 +514,7 @@ impl Hub {
         }
     }
 
-    /// The cycle compare-and-swap (claims 7–9, 20–21, 23, 26).
+    /// The cycle compare-and-swap.
     pub async fn advance(self: &Arc<Self>, cycle: u64, by: Advancer) -> Result<Advanced, HubError> {
         let outcome = self
             .transition(move |s, now, rules| match s.advance(cycle, now, rules) {

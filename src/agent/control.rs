@@ -4,7 +4,7 @@
 //! [`plan::decide`]. Everything slow runs elsewhere: staging in background tasks, the flip on
 //! its own thread, disk writes on one ordered worker, reports and advances in their tasks.
 //!
-//! Detect and forward (seed 004): changesets — this backend's own in `immediate` mode, or
+//! Detect and forward: changesets — this backend's own in `immediate` mode, or
 //! other backends' sent directly — are installed at once: applied to the served release (all
 //! of a batch, or the one that does not fit is refused), built reusing the served release's
 //! files, and swapped in with a compare-and-swap of the pointer, so an activation that lands
@@ -24,16 +24,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::activate::{self, Armed, Fired};
-use super::local;
+use super::messages::{Active, Input, Install};
 use super::metrics::AgentMetrics;
 use super::plan::{self, HubView, Scheduled};
 use super::release::Release;
 use super::release_dir;
-use super::serve::Active;
 use super::stage::{StageError, Stager};
 use super::state::{AgentState, STATE_NAME};
-use crate::sync::changeset::{self, Applied, Changeset};
-use crate::sync::client::HubClient;
+use crate::sync::changeset::{self, Applied};
+use crate::net::client::HttpClient;
 use crate::sync::clock::{self, Anchor, Offset};
 use crate::sync::gc::Gc;
 use crate::sync::manifest::ReleaseId;
@@ -62,18 +61,6 @@ pub enum Tag {
     Now,
     /// Changesets installed at once (immediate mode).
     Installed,
-}
-
-/// A changeset to install at once.
-#[derive(Debug)]
-pub struct Install {
-    /// The changeset; its blobs are in the store, verified.
-    pub cs: Changeset,
-    /// From another agent (else this agent's own, immediate mode).
-    pub remote: bool,
-    /// Small blobs received with it, verified, not yet in the store: served from memory at
-    /// once and written by the disk worker before anything that names the release.
-    pub blobs: Vec<(crate::sync::manifest::Hash, bytes::Bytes)>,
 }
 
 /// What an install task returns: the release it built on, the jobs it applied, and the new
@@ -137,7 +124,7 @@ pub async fn disk_worker(
                     .write_release(&r.id(), &r.manifest().to_json())
                     .map_err(|e| format!("cannot store the release's manifest: {e}")),
                 DiskJob::Collect { keep, grace } => {
-                    let pinned = super::forward::outbox_blobs(&store);
+                    let pinned = super::outbox::outbox_blobs(&store);
                     let c = store
                         .collect(&keep, &pinned, grace)
                         .map_err(|e| format!("store collection: {e}"))?;
@@ -194,7 +181,7 @@ fn after(t: Instant, d: Duration) -> Instant {
 /// The loop's state.
 pub struct Controller {
     /// Hub client (advance calls).
-    pub client: HubClient,
+    pub client: HttpClient,
     /// The one anchor local times come from.
     pub anchor: Anchor,
     /// The served pointer.
@@ -232,7 +219,7 @@ pub struct Controller {
     install_queue: Vec<Install>,
     installing: JoinSet<Installed>,
     /// The local-edit thread, told of every release change.
-    local: Option<mpsc::UnboundedSender<local::Input>>,
+    local: Option<mpsc::UnboundedSender<Input>>,
     /// Store collection settings.
     gc: Gc,
     /// When the store is next collected.
@@ -243,7 +230,7 @@ impl Controller {
     /// A controller serving `current` (loaded from the store at start, if any).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        client: HubClient,
+        client: HttpClient,
         anchor: Anchor,
         active: Active,
         metrics: Arc<AgentMetrics>,
@@ -254,7 +241,7 @@ impl Controller {
         current: Option<Arc<Release>>,
         previous: Option<Arc<Release>>,
         applied: Applied,
-        local: Option<mpsc::UnboundedSender<local::Input>>,
+        local: Option<mpsc::UnboundedSender<Input>>,
         gc: Gc,
     ) -> Controller {
         let (fired_tx, fired_rx) = mpsc::unbounded_channel();
@@ -336,7 +323,7 @@ impl Controller {
         }
         self.staging.abort_all();
         if let Some(l) = &self.local {
-            let _ = l.send(local::Input::Stop);
+            let _ = l.send(Input::Stop);
         }
     }
 
@@ -701,7 +688,7 @@ impl Controller {
             Tag::Installed => {}
         }
         if let Some(l) = &self.local {
-            let _ = l.send(local::Input::Installed(f.release.clone()));
+            let _ = l.send(Input::Installed(f.release.clone()));
         }
         if self.report.borrow().staged == Some(id) {
             self.metrics.set_staged(None);

@@ -10,40 +10,26 @@
 //! Writes (`PUT`/`DELETE /content/…`) and changesets from peers (`POST /.lockstep/changesets`)
 //! go to [`super::api`].
 
-use std::convert::Infallible;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
-use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body::{Frame, SizeHint};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::warn;
 
+pub use super::body::Body;
+use super::messages::Active;
 use super::metrics::{AgentMetrics, ClassLabels};
 use super::release::{not_modified, Release, Resolved};
-use crate::proxy::listener::serve_until_shutdown;
+use crate::net::server::HttpServer;
 use crate::sync::protocol::RELEASE_HEADER;
 
 /// Time a client may take to send a request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bytes read from disk per body frame for files not kept in memory.
-const CHUNK: usize = 64 * 1024;
 /// The prefix of the agent's own paths.
 pub const OWN_PREFIX: &str = "/.lockstep/";
-
-/// The active release, swapped whole at each flip.
-pub type Active = Arc<ArcSwapOption<Release>>;
 
 /// What the handler reads.
 #[derive(Clone)]
@@ -56,88 +42,6 @@ pub struct ServeState {
     pub api: Option<Arc<super::api::AgentApi>>,
 }
 
-/// A response body: bytes in memory, or a blob streamed from the store.
-#[derive(Debug)]
-pub enum Body {
-    /// In memory (or empty).
-    Bytes(Option<Bytes>),
-    /// Read from a blob file in chunks.
-    File {
-        /// The open blob.
-        file: tokio::fs::File,
-        /// Bytes still to send.
-        remaining: u64,
-        /// Read buffer.
-        buf: Vec<u8>,
-    },
-}
-
-impl Body {
-    pub(super) fn empty() -> Body {
-        Body::Bytes(None)
-    }
-    pub(super) fn bytes(b: impl Into<Bytes>) -> Body {
-        Body::Bytes(Some(b.into()))
-    }
-}
-
-impl http_body::Body for Body {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        match self.get_mut() {
-            Body::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::File {
-                file,
-                remaining,
-                buf,
-            } => {
-                if *remaining == 0 {
-                    return Poll::Ready(None);
-                }
-                let want = (*remaining).min(CHUNK as u64) as usize;
-                buf.resize(want, 0);
-                let mut rb = ReadBuf::new(&mut buf[..want]);
-                match Pin::new(file).poll_read(cx, &mut rb) {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
-                    Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                        // Shorter than the manifest says: end the response broken rather
-                        // than pretend it is whole.
-                        Poll::Ready(Some(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "blob shorter than its manifest entry",
-                        ))))
-                    }
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        *remaining -= n as u64;
-                        Poll::Ready(Some(Ok(Frame::data(Bytes::copy_from_slice(&buf[..n])))))
-                    }
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Body::Bytes(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-            Body::File { remaining, .. } => *remaining == 0,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Body::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::File { remaining, .. } => SizeHint::with_exact(*remaining),
-        }
-    }
-}
-
 /// Accepts on `listener` until `shutdown`; connections are spawned on `tracker` and finish
 /// their in-flight requests when it fires.
 pub async fn serve(
@@ -146,46 +50,26 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(p) => p,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "agent accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let svc = service_fn(move |req| {
+    let mut server = HttpServer::new("agent");
+    server.settings.header_read_timeout = HEADER_READ_TIMEOUT;
+    server
+        .serve(
+            listener,
+            move |_peer, req| {
                 let state = state.clone();
                 async move {
                     if let Some(api) = state.api.as_ref() {
                         if super::api::is_api(req.method(), req.uri().path()) {
-                            return Ok::<_, Infallible>(super::api::handle(api, req).await);
+                            return super::api::handle(api, req).await;
                         }
                     }
-                    Ok::<_, Infallible>(handle(&state, req).await)
+                    handle(&state, req).await
                 }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            builder.http2().timer(TokioTimer::new());
-            let result = serve_until_shutdown(&builder, stream, svc, &shutdown).await;
-            if let Err(e) = result {
-                debug!(client.addr = %peer, error = %e, "agent connection ended with an error");
-            }
-        });
-    }
+            },
+            shutdown,
+            tracker,
+        )
+        .await
 }
 
 /// Answers one request from the release active when it arrived.
@@ -327,6 +211,8 @@ fn text(release: Option<&HeaderValue>, status: StatusCode, body: &str) -> Respon
 mod tests {
     use std::collections::BTreeMap;
 
+    use arc_swap::ArcSwapOption;
+    use bytes::Bytes;
     use http_body_util::BodyExt;
 
     use super::*;

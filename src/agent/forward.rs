@@ -1,4 +1,4 @@
-//! Forwarding (seed 004, claims 1, 8): a changeset detected on this backend goes
+//! Forwarding: a changeset detected on this backend goes
 //!
 //! - to the **hub**, always, from the durable outbox (`outbox/<seq>.json`, oldest first): the
 //!   hub answers `missing` with the blobs it lacks (uploaded, then the changeset again),
@@ -13,12 +13,12 @@
 //!
 //! Installing never re-triggers forwarding: only [`super::local`] creates changesets.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::Method;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -26,90 +26,20 @@ use tracing::{debug, error, info, warn};
 
 use super::metrics::AgentMetrics;
 use crate::sync::changeset::Changeset;
-use crate::sync::client::{ok, HubClient};
-use crate::sync::manifest::Hash;
+use crate::net::client::{ok, HttpClient, Remote};
 use crate::sync::protocol::{ChangesetReply, Fleet, PREFIX};
 use crate::sync::store::FsStore;
 
-use super::local::{Out, OUTBOX};
+use super::frame::{encode, FRAME_TYPE, MAX_INLINE_BYTES, PEER_PATH};
+use super::messages::Out;
+use super::outbox::{outbox_dir, outbox_files};
 
-/// Path of the peer endpoint on an agent's serve address.
-pub const PEER_PATH: &str = "/.lockstep/changesets";
-/// Content type of a framed changeset.
-pub const FRAME_TYPE: &str = "application/x-lockstep-changeset";
-/// Changesets carrying more new content than this are not sent to peers directly (they fetch
-/// it through the hub).
-pub const MAX_INLINE_BYTES: u64 = 16 * 1024 * 1024;
 /// How often the peer list is read from the hub's registry.
 pub const PEER_REFRESH: Duration = Duration::from_secs(2);
 const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 const HUB_TIMEOUT: Duration = Duration::from_secs(30);
 const RETRY_BASE: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
-
-/// Why a frame is refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum FrameError {
-    /// Cut short or malformed.
-    #[error("malformed changeset frame: {0}")]
-    Malformed(String),
-    /// A blob does not hash to its name.
-    #[error("blob {0} does not match its hash")]
-    Damaged(Hash),
-}
-
-/// A changeset with its new blobs: `u32` big-endian length of the JSON, the JSON, then each
-/// blob of [`Changeset::blobs`] in order.
-pub fn encode(cs: &Changeset, blob: impl Fn(&Hash) -> Option<Vec<u8>>) -> Option<Bytes> {
-    // Protocol messages are plain structs: they always serialise.
-    let json = serde_json::to_vec(cs).expect("changeset serialises");
-    let blobs = cs.blobs();
-    let total: u64 = blobs.iter().map(|(_, n)| n).sum();
-    let mut out = BytesMut::with_capacity(4 + json.len() + total as usize);
-    out.put_u32(json.len() as u32);
-    out.put_slice(&json);
-    for (hash, size) in blobs {
-        let b = blob(&hash)?;
-        if b.len() as u64 != size {
-            return None;
-        }
-        out.put_slice(&b);
-    }
-    Some(out.freeze())
-}
-
-/// Reads a frame: the changeset (checked) and its blobs, each verified against its hash.
-pub fn decode(frame: &[u8]) -> Result<(Changeset, Vec<(Hash, Bytes)>), FrameError> {
-    let bad = |m: &str| FrameError::Malformed(m.to_string());
-    if frame.len() < 4 {
-        return Err(bad("shorter than its header"));
-    }
-    let n = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
-    let json = frame.get(4..4 + n).ok_or_else(|| bad("JSON cut short"))?;
-    let cs: Changeset =
-        serde_json::from_slice(json).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    cs.check()
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let mut at = 4 + n;
-    let mut blobs = Vec::new();
-    for (hash, size) in cs.blobs() {
-        let end = at
-            .checked_add(size as usize)
-            .filter(|&e| e <= frame.len())
-            .ok_or_else(|| bad("blobs cut short"))?;
-        let data = &frame[at..end];
-        if Hash::of(data) != hash {
-            return Err(FrameError::Damaged(hash));
-        }
-        blobs.push((hash, Bytes::copy_from_slice(data)));
-        at = end;
-    }
-    if at != frame.len() {
-        return Err(bad("bytes after the last blob"));
-    }
-    Ok((cs, blobs))
-}
 
 /// Where peers come from.
 #[derive(Clone)]
@@ -132,7 +62,7 @@ impl Peers {
 /// Keeps the peer list from the hub's registry: every other agent that reported a serve
 /// address.
 pub async fn registry(
-    client: HubClient,
+    client: HttpClient,
     name: String,
     tx: watch::Sender<Vec<String>>,
     metrics: Arc<AgentMetrics>,
@@ -177,7 +107,7 @@ pub async fn registry(
 /// The forwarder never creates a changeset; it only carries what [`super::local`] made.
 pub struct Forwarder {
     /// The hub.
-    pub client: HubClient,
+    pub client: HttpClient,
     /// The agent's token (sent to peers).
     pub token: Option<String>,
     /// The agent's store (blobs, outbox).
@@ -195,7 +125,7 @@ impl Forwarder {
         let me = Arc::new(self);
         let wake = Arc::new(Notify::new());
         let drain = tokio::spawn(me.clone().drain(wake.clone(), shutdown.clone()));
-        let clients: Arc<Mutex<HashMap<String, HubClient>>> = Arc::default();
+        let clients: Arc<Mutex<HashMap<String, HttpClient>>> = Arc::default();
         loop {
             let out = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -209,7 +139,7 @@ impl Forwarder {
         drain.abort();
     }
 
-    fn to_peers(self: &Arc<Self>, cs: Changeset, clients: &Arc<Mutex<HashMap<String, HubClient>>>) {
+    fn to_peers(self: &Arc<Self>, cs: Changeset, clients: &Arc<Mutex<HashMap<String, HttpClient>>>) {
         let bytes: u64 = cs.blobs().iter().map(|(_, n)| n).sum();
         if bytes > MAX_INLINE_BYTES {
             debug!(changeset = %cs.name(), bytes, "too big to send to peers directly; they get it through the hub");
@@ -225,7 +155,7 @@ impl Forwarder {
                 let mut map = clients.lock().unwrap_or_else(|p| p.into_inner());
                 match map.get(&peer) {
                     Some(c) => c.clone(),
-                    None => match HubClient::new(&peer, self.token.clone(), None) {
+                    None => match HttpClient::new(Remote::Peer, &peer, self.token.clone(), None) {
                         Ok(c) => {
                             map.insert(peer.clone(), c.clone());
                             c
@@ -396,45 +326,13 @@ enum HubFailure {
 }
 use HubFailure::{Refused, Retry};
 
-fn outbox_dir(store: &FsStore) -> PathBuf {
-    store.root().join(OUTBOX)
-}
-
-/// The changesets waiting in the outbox, oldest first (their file names are zero-padded
-/// sequence numbers). Blocking.
-fn outbox_files(store: &FsStore) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(outbox_dir(store))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files
-}
-
-/// The blobs the changesets waiting in the outbox name: a store collection must keep them
-/// however long the hub stays away. Blocking.
-pub fn outbox_blobs(store: &FsStore) -> HashSet<Hash> {
-    outbox_files(store)
-        .into_iter()
-        .filter_map(|p| std::fs::read(p).ok())
-        .filter_map(|b| serde_json::from_slice::<Changeset>(&b).ok())
-        .flat_map(|cs| {
-            cs.changes
-                .into_values()
-                .filter_map(|c| c.entry.map(|e| e.hash))
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::frame::{decode, FrameError};
+    use crate::agent::outbox::{outbox_blobs, OUTBOX};
     use crate::sync::changeset::{diff, Mode};
+    use crate::sync::manifest::Hash;
     use crate::sync::manifest::Entry;
     use std::collections::BTreeMap;
 
@@ -471,7 +369,7 @@ mod tests {
             store.write_blob(&Hash::of(d), d).unwrap();
             crate::sync::store::age_file(&store.blob_path(&Hash::of(d)), Duration::from_secs(7200));
         }
-        crate::sync::agent::local::write_outbox(&store, &cs).unwrap();
+        crate::agent::local::write_outbox(&store, &cs).unwrap();
         let pinned = outbox_blobs(&store);
         assert_eq!(pinned.len(), 2);
         let hour = Duration::from_secs(3600);

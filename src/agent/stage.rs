@@ -1,4 +1,4 @@
-//! Staging (claims 1, 6, 30): brings a release into the agent's store in the background while
+//! Staging: brings a release into the agent's store in the background while
 //! the active one keeps serving — the manifest (its canonical hash must be the release id),
 //! then only the blobs the store lacks, at most `fetch_concurrency` at once, each verified
 //! against its blake3 hash before it is written (a mismatch is discarded, counted, retried a
@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use super::metrics::AgentMetrics;
 use super::release::{check_manifest, LoadError, Release};
 use super::release_dir;
-use crate::sync::client::{ok, ClientError, HubClient};
+use crate::net::client::{ok, ClientError, HttpClient};
 use crate::sync::manifest::{Hash, Manifest, ReleaseId};
 use crate::sync::protocol::PREFIX;
 use crate::sync::store::{FsStore, StoreError};
@@ -74,7 +74,7 @@ pub enum StageError {
 #[derive(Clone)]
 pub struct Stager {
     /// The hub.
-    pub client: HubClient,
+    pub client: HttpClient,
     /// The agent's store.
     pub store: Arc<FsStore>,
     /// Metrics (bytes, blobs, hash failures).

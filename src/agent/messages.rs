@@ -1,0 +1,77 @@
+//! The messages the agent's tasks and threads send each other, in one place: what the
+//! controller installs ([`Install`]), what the local-edit thread is asked ([`Input`]) and
+//! tells the forwarder ([`Out`]), how an API write fails ([`WriteError`]), and the pointer to
+//! the active release that serving reads and flips store ([`Active`]).
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::detect::Scope;
+use super::release::Release;
+use crate::sync::changeset::Changeset;
+
+/// The active release, swapped whole at each flip.
+pub type Active = Arc<ArcSwapOption<Release>>;
+
+/// A changeset to install at once.
+#[derive(Debug)]
+pub struct Install {
+    /// The changeset; its blobs are in the store, verified.
+    pub cs: Changeset,
+    /// From another agent (else this agent's own, immediate mode).
+    pub remote: bool,
+    /// Small blobs received with it, verified, not yet in the store: served from memory at
+    /// once and written by the disk worker before anything that names the release.
+    pub blobs: Vec<(crate::sync::manifest::Hash, bytes::Bytes)>,
+}
+
+/// What the thread is asked to do.
+pub enum Input {
+    /// The watcher saw these paths change.
+    Scope(Scope),
+    /// `PUT` (Some) or `DELETE` (None) of a path through the API.
+    Write {
+        /// The release path.
+        path: String,
+        /// The new content.
+        body: Option<Bytes>,
+        /// The outcome.
+        reply: oneshot::Sender<Result<Option<String>, WriteError>>,
+    },
+    /// The served release changed.
+    Installed(Arc<Release>),
+    /// Stop.
+    Stop,
+}
+
+/// What the local thread tells the forwarder.
+#[derive(Debug)]
+pub enum Out {
+    /// A new immediate changeset: send it to the peers now (before it is durable: a crash
+    /// before the outbox write re-detects the edit, and installing twice changes nothing).
+    Peers(Changeset),
+    /// The outbox has a new entry for the hub.
+    Recorded,
+}
+
+/// Why an API write is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// Bad path or size (400/413).
+    #[error("{0}")]
+    Bad(String),
+    /// Too large (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// No such file to delete (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The agent could not write (500).
+    #[error("{0}")]
+    Io(String),
+}
+

@@ -1,0 +1,28 @@
+//! The one network layer every listener and every control-plane call goes through.
+//!
+//! Layout:
+//! - [`accept`]: the accept loop (TCP or unix socket) with back-off on accept errors,
+//!   connections spawned on a `TaskTracker` so shutdown can drain them.
+//! - [`server`]: one HTTP connection served (TLS handshake with a deadline, h1 / h2 / h2c
+//!   through hyper-util's auto builder, graceful close at shutdown) and [`server::HttpServer`],
+//!   the accept loop + connection serving that the admin, hub, agent and demo listeners use.
+//! - [`bind`]: listening sockets (`SO_REUSEADDR`, `SO_REUSEPORT` for several workers).
+//! - [`idle`]: the idle-connection timeout wrapper.
+//! - [`tls`]: the rustls server config (SNI among several certificates, ALPN h2 / http/1.1).
+//! - [`body`]: the body types of the proxy and the one bounded body reader.
+//! - [`respond`]: the one set of response helpers (text, JSON, `{"error": …}`).
+//! - [`client`]: the control-plane HTTP(S) client (hub, peer and admin calls).
+//! - [`upstream`]: the data-path client to backends (pooled per worker thread), also used by
+//!   the active health checks.
+//!
+//! It knows nothing of routing, DNS or sync: it is handed bound sockets, services and a
+//! shutdown token, never an address string to bind on its own.
+pub mod accept;
+pub mod bind;
+pub mod body;
+pub mod client;
+pub mod idle;
+pub mod respond;
+pub mod server;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,215 @@
+//! One HTTP connection served, and [`HttpServer`]: the accept loop with connection serving that
+//! the admin, sync hub, agent and demo listeners share (the proxy listener uses
+//! [`serve_connection`] under its own accept callback, which reads its settings per accept).
+//!
+//! A connection: optional TLS handshake within the header-read deadline (ALPN decides h2 or
+//! HTTP/1.1), then hyper-util's auto builder (HTTP/1.1 with upgrades, h2, h2c by prior
+//! knowledge). At shutdown the connection finishes the requests in flight and closes; the
+//! caller bounds how long through its `TaskTracker`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, debug_span, Instrument};
+
+use super::accept::{accept_loop, Accepted};
+use super::idle::IdleIo;
+
+/// Error of a connection, as hyper reports it.
+pub type ConnError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Largest request head (request line + headers) accepted; bigger ones get 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// How connections of one listener are served.
+#[derive(Clone, Debug)]
+pub struct ConnSettings {
+    /// Time a client may take to finish the TLS handshake and to send a request head.
+    pub header_read_timeout: Duration,
+    /// Close a connection that moves no bytes for this long (none: only the peer closes it).
+    pub idle_timeout: Option<Duration>,
+    /// Most concurrent h2 streams per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ConnSettings {
+    fn default() -> ConnSettings {
+        ConnSettings {
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: None,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+impl ConnSettings {
+    /// hyper-util's auto builder with these settings.
+    pub fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            .max_buf_size(MAX_HEAD_BYTES);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_header_list_size(MAX_HEAD_BYTES as u32);
+        builder
+    }
+}
+
+/// Serves one accepted connection: TLS when `tls` is set, then HTTP until the peer closes or
+/// `shutdown` (then gracefully). Errors are logged at `debug`: a client going away is normal.
+pub async fn serve_connection<S, B>(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    settings: &ConnSettings,
+    svc: S,
+    shutdown: &CancellationToken,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<ConnError>,
+{
+    let builder = settings.builder();
+    let result = match tls {
+        None => serve_io(&builder, stream, settings.idle_timeout, svc, shutdown).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await
+            {
+                Ok(Ok(tls)) => serve_io(&builder, tls, settings.idle_timeout, svc, shutdown).await,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!("TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "connection ended with an error");
+    }
+}
+
+async fn serve_io<I, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    idle: Option<Duration>,
+    svc: S,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<ConnError>,
+{
+    match idle {
+        Some(idle) => until_shutdown(builder, IdleIo::new(io, idle), svc, shutdown).await,
+        None => until_shutdown(builder, io, svc, shutdown).await,
+    }
+}
+
+/// Serves `io` with `builder` (h1/h2 auto, upgrades allowed) until it ends; at `shutdown`,
+/// finishes the requests in flight and closes.
+async fn until_shutdown<I, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    svc: S,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<ConnError>,
+{
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
+/// An HTTP listener: the accept loop and [`serve_connection`] for every connection, all
+/// answered by one handler.
+#[derive(Clone)]
+pub struct HttpServer {
+    /// Names the listener in logs ("admin", "sync", "agent", …).
+    pub name: &'static str,
+    /// TLS, when the listener terminates it.
+    pub tls: Option<TlsAcceptor>,
+    /// Timeouts and limits of each connection.
+    pub settings: ConnSettings,
+}
+
+impl HttpServer {
+    /// A plain-HTTP listener named `name` with default settings.
+    pub fn new(name: &'static str) -> HttpServer {
+        HttpServer { name, tls: None, settings: ConnSettings::default() }
+    }
+
+    /// Accepts on `listener` until `shutdown`, answering every request with
+    /// `handler(peer, request)`; connections run on `tracker` and finish their requests in
+    /// flight when `shutdown` fires.
+    pub async fn serve<H, Fut, B>(
+        &self,
+        listener: TcpListener,
+        handler: H,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) where
+        H: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<B>> + Send + 'static,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<ConnError>,
+    {
+        accept_loop(&listener, self.name, &shutdown, &tracker, |stream, peer| {
+            let (handler, tls, settings, shutdown) =
+                (handler.clone(), self.tls.clone(), self.settings.clone(), shutdown.clone());
+            let svc = service_fn(move |req| {
+                let f = handler(peer, req);
+                async move { Ok::<_, Infallible>(f.await) }
+            });
+            Accepted::Serve(
+                async move { serve_connection(stream, tls, &settings, svc, &shutdown).await }
+                    .instrument(debug_span!("conn", client.addr = %peer, listener = self.name)),
+            )
+        })
+        .await
+    }
+}

@@ -297,6 +297,7 @@ impl Appliance {
             return;
         };
         let local = socket.local_addr().unwrap_or(bind);
+        info!(addr = %local, "admin listening");
         let stop = self.shutdown.child_token();
         let state = admin::AdminState {
             live: self.live.clone(),

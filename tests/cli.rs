@@ -2,73 +2,24 @@
 //! and `serve` as a real child process with demo backends, reloads over the socket and by
 //! SIGHUP, a refused reload that keeps the old config serving, and SIGTERM.
 //!
-//! A child's ports cannot be read back, so free ports are found by binding `127.0.0.1:0` and
-//! releasing the socket before the child binds it. Every wait polls a condition with a
-//! deadline; every child is killed if its test fails.
+//! A child's listeners are configured on `127.0.0.1:0` and their real addresses read back
+//! from the `listening` lines it logs. Every wait polls a condition with a deadline; every
+//! child is killed if its test fails.
+
+mod common;
 
 use std::fmt::Write as _;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use lockstep::demo::BackendControl;
-use tokio_util::sync::CancellationToken;
-
-const BIN: &str = env!("CARGO_BIN_EXE_lockstep");
-
-/// How long a child gets to become ready, or to do anything else we wait for.
-const DEADLINE: Duration = Duration::from_secs(10);
+use common::wait::{self, DEADLINE};
+use common::{request, run_lockstep, DemoBackends, Proc, BIN};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// Runs `lockstep args…` to completion, killing it after [`DEADLINE`].
-fn lockstep(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let dir = tempfile::tempdir().unwrap();
-    let out_path = dir.path().join("stdout");
-    let err_path = dir.path().join("stderr");
-    let mut child = Command::new(BIN)
-        .args(args.iter().map(|a| a.as_ref()))
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(File::create(&out_path).unwrap())
-        .stderr(File::create(&err_path).unwrap())
-        .spawn()
-        .expect("cannot start lockstep");
-    let status = wait_exit(&mut child, DEADLINE).unwrap_or_else(|| {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "lockstep {:?} did not finish within {DEADLINE:?}; stderr:\n{}",
-            args.iter()
-                .map(|a| a.as_ref().to_owned())
-                .collect::<Vec<_>>(),
-            std::fs::read_to_string(&err_path).unwrap_or_default()
-        )
-    });
-    Output {
-        status,
-        stdout: std::fs::read(&out_path).unwrap(),
-        stderr: std::fs::read(&err_path).unwrap(),
-    }
-}
-
-/// Waits for `child` to exit, at most `within`.
-fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -76,15 +27,6 @@ fn stdout(o: &Output) -> String {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `line:column` (1-based) of the unique `needle` in `text`.
@@ -100,120 +42,22 @@ fn pos_of(text: &str, needle: &str) -> String {
     format!("{line}:{column}")
 }
 
-/// Demo backends (each answers with its name) on a runtime of their own.
-struct Backends {
-    addrs: Vec<SocketAddr>,
-    stop: CancellationToken,
-    _rt: tokio::runtime::Runtime,
-}
-
-impl Backends {
-    fn start(names: &[&str]) -> Backends {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let stop = CancellationToken::new();
-        let addrs = names
-            .iter()
-            .map(|name| {
-                let socket = TcpListener::bind("127.0.0.1:0").unwrap();
-                socket.set_nonblocking(true).unwrap();
-                let addr = socket.local_addr().unwrap();
-                let _enter = rt.enter();
-                let socket = tokio::net::TcpListener::from_std(socket).unwrap();
-                rt.spawn(lockstep::demo::backend(
-                    name.to_string(),
-                    socket,
-                    BackendControl::default(),
-                    stop.clone(),
-                ));
-                addr
-            })
-            .collect();
-        Backends {
-            addrs,
-            stop,
-            _rt: rt,
-        }
-    }
-}
-
-impl Drop for Backends {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// A response read by [`get`].
-struct Reply {
-    status: u16,
-    body: String,
-}
-
-/// `GET path` over a fresh HTTP/1.1 connection (`Connection: close`).
-fn get(addr: SocketAddr, path: &str) -> std::io::Result<Reply> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: www.farm.test\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let bad = || {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("not an HTTP response: {raw:?}"),
-        )
-    };
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(bad)?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:")
-            && l.to_ascii_lowercase().contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body).ok_or_else(bad)?
-    } else {
-        body.to_string()
-    };
-    Ok(Reply { status, body })
-}
-
-fn dechunk(mut s: &str) -> Option<String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = s.split_once("\r\n")?;
-        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        if size == 0 {
-            return Some(out);
-        }
-        out.push_str(rest.get(..size)?);
-        s = rest.get(size + 2..)?;
-    }
-}
-
 /// The name of the backend that answers `GET /` through the proxy.
 #[track_caller]
 fn backend_behind(proxy: SocketAddr) -> String {
-    let r = get(proxy, "/").unwrap_or_else(|e| panic!("GET through the proxy: {e}"));
+    let r = request(proxy, "GET", "/", None, b"")
+        .unwrap_or_else(|e| panic!("GET through the proxy: {e}"));
     assert_eq!(r.status, 200, "body: {}", r.body);
     r.body.lines().next().unwrap_or_default().to_string()
 }
 
-/// The config the `serve` tests use: two pools of one demo backend each, one route.
-fn farm_yaml(proxy: u16, admin: u16, backends: &Backends, route_to: &str) -> String {
+/// The config the `serve` tests use: two pools of one demo backend each, one route; the
+/// listener and the admin listener on port 0.
+fn farm_yaml(backends: &DemoBackends, route_to: &str) -> String {
     format!(
         r#"listeners:
   - name: http
-    bind: "127.0.0.1:{proxy}"
+    bind: "127.0.0.1:0"
 routes:
   - pool: {route_to}
 pools:
@@ -224,48 +68,41 @@ pools:
     backends:
       - {{ name: web-2, address: "{}" }}
 admin:
-  bind: "127.0.0.1:{admin}"
+  bind: "127.0.0.1:0"
   socket: admin.sock
 "#,
-        backends.addrs[0], backends.addrs[1]
+        backends.addr(0),
+        backends.addr(1)
     )
 }
 
 /// A running `lockstep serve`, killed when dropped (so a failing test leaves no process).
 struct Server {
-    child: Child,
+    proc: Proc,
     cfg: PathBuf,
-    log: PathBuf,
     proxy: SocketAddr,
     admin: SocketAddr,
     dir: tempfile::TempDir,
 }
 
 impl Server {
-    /// Starts `lockstep serve -c DIR/lockstep.yaml` on `yaml` (whose listener is `proxy` and
-    /// admin listener `admin`) and waits until `/ready` answers.
-    fn start(yaml: &str, proxy: u16, admin: u16) -> Server {
+    /// Starts `lockstep serve -c DIR/lockstep.yaml` on `yaml` (whose listener `http` and admin
+    /// listener are on port 0), reads the addresses they bound from its log and waits until
+    /// `/ready` answers.
+    fn start(yaml: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("lockstep.yaml");
-        let log = dir.path().join("stderr.log");
         std::fs::write(&cfg, yaml).unwrap();
-        let child = Command::new(BIN)
-            .arg("serve")
-            .arg("-c")
-            .arg(&cfg)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("cannot start lockstep serve");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").arg("-c").arg(&cfg);
+        let mut proc = Proc::spawn(cmd, dir.path().join("stderr.log"));
+        let proxy = proc.bound_addr(&["listening", "listener=http"], "addr");
+        let admin = proc.bound_addr(&["admin listening"], "addr");
         let mut server = Server {
-            child,
+            proc,
             cfg,
-            log,
-            proxy: SocketAddr::from(([127, 0, 0, 1], proxy)),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            proxy,
+            admin,
             dir,
         };
         server.wait_until("/ready answers 200", |s| s.generation().is_some());
@@ -274,7 +111,7 @@ impl Server {
 
     /// The generation `/ready` reports, if it answers 200.
     fn generation(&self) -> Option<u64> {
-        let r = get(self.admin, "/ready").ok()?;
+        let r = request(self.admin, "GET", "/ready", None, b"").ok()?;
         if r.status != 200 {
             return None;
         }
@@ -286,47 +123,38 @@ impl Server {
     }
 
     fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.log()
     }
 
     fn socket(&self) -> PathBuf {
         self.dir.path().join("admin.sock")
     }
 
-    /// Polls `cond` until it holds; fails (with the server's log) after [`DEADLINE`] or if
-    /// the server exits.
+    /// Waits until `cond` holds; fails (with the server's log) after the deadline, or at once
+    /// if the server exits.
     #[track_caller]
     fn wait_until(&mut self, what: &str, cond: impl Fn(&Server) -> bool) {
-        let deadline = Instant::now() + DEADLINE;
-        while !cond(self) {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "lockstep serve exited ({status}) while waiting for {what}; stderr:\n{}",
-                    self.stderr()
+        let log = self.proc.log.clone();
+        let server = std::cell::RefCell::new(self);
+        wait::until_blocking(
+            what,
+            DEADLINE,
+            || std::fs::read_to_string(&log).unwrap_or_default(),
+            || {
+                let mut s = server.borrow_mut();
+                assert!(
+                    s.proc.running(),
+                    "lockstep serve exited while waiting for {what}; stderr:\n{}",
+                    s.stderr()
                 );
-            }
-            if Instant::now() >= deadline {
-                panic!("waited {DEADLINE:?} for {what}; stderr:\n{}", self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+                cond(&s)
+            },
+        );
     }
 
     /// Sends `signal` (a `kill` name: HUP, TERM) to the server.
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("cannot run kill");
-        assert!(status.success(), "kill -{signal} failed");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.signal(signal);
     }
 }
 
@@ -335,7 +163,7 @@ impl Drop for Server {
 
 #[test]
 fn version_prints_name_and_version() {
-    let o = lockstep(&[&"--version"]);
+    let o = run_lockstep(&[&"--version"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         stdout(&o).trim(),
@@ -345,7 +173,7 @@ fn version_prints_name_and_version() {
 
 #[test]
 fn help_lists_the_commands_with_examples() {
-    let o = lockstep(&[&"--help"]);
+    let o = run_lockstep(&[&"--help"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     for word in [
@@ -360,7 +188,7 @@ fn help_lists_the_commands_with_examples() {
         assert!(out.contains(word), "--help lacks `{word}`:\n{out}");
     }
     for command in ["serve", "check", "reload", "demo"] {
-        let o = lockstep(&[&command, &"--help"]);
+        let o = run_lockstep(&[&command, &"--help"]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(
             stdout(&o).contains(&format!("lockstep {command}")),
@@ -391,7 +219,7 @@ pools:
 "#,
     )
     .unwrap();
-    let o = lockstep(&[&"check", &"-c", &cfg]);
+    let o = run_lockstep(&[&"check", &"-c", &cfg]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.starts_with(&format!("{}: OK", cfg.display())), "{out}");
@@ -416,7 +244,7 @@ pools:
     health: { interval: 30 }
 "#;
     std::fs::write(&cfg, yaml).unwrap();
-    let o = lockstep(&[&"check", &"-c", &cfg]);
+    let o = run_lockstep(&[&"check", &"-c", &cfg]);
     assert_eq!(
         o.status.code(),
         Some(2),
@@ -460,7 +288,7 @@ pools:
 fn check_missing_file_says_it_cannot_read_it_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("nope.yaml");
-    let o = lockstep(&[&"check", &"-c", &cfg]);
+    let o = run_lockstep(&[&"check", &"-c", &cfg]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -517,9 +345,8 @@ fn check_example_config_with_its_tls_files_prints_ok() {
 
 #[test]
 fn serve_proxies_then_reloads_by_socket_and_sighup_and_refuses_a_broken_config() {
-    let backends = Backends::start(&["web-1", "web-2"]);
-    let (proxy, admin) = (free_port(), free_port());
-    let mut server = Server::start(&farm_yaml(proxy, admin, &backends, "one"), proxy, admin);
+    let backends = DemoBackends::start(&["web-1", "web-2"]);
+    let mut server = Server::start(&farm_yaml(&backends, "one"));
     assert_eq!(server.generation(), Some(1));
     assert_eq!(backend_behind(server.proxy), "web-1");
     assert!(
@@ -529,8 +356,8 @@ fn serve_proxies_then_reloads_by_socket_and_sighup_and_refuses_a_broken_config()
     );
 
     // `lockstep reload` applies the rewritten config and prints the new generation.
-    std::fs::write(&server.cfg, farm_yaml(proxy, admin, &backends, "two")).unwrap();
-    let o = lockstep(&[&"reload", &"-c", &server.cfg]);
+    std::fs::write(&server.cfg, farm_yaml(&backends, "two")).unwrap();
+    let o = run_lockstep(&[&"reload", &"-c", &server.cfg]);
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -546,14 +373,14 @@ fn serve_proxies_then_reloads_by_socket_and_sighup_and_refuses_a_broken_config()
     assert_eq!(server.generation(), Some(2));
 
     // A broken config: `reload -c` refuses it (it reads the same file for admin.socket) ...
-    let broken = farm_yaml(proxy, admin, &backends, "three");
+    let broken = farm_yaml(&backends, "three");
     std::fs::write(&server.cfg, &broken).unwrap();
     let at = format!(
         "{}:{}: route to pool `three`",
         server.cfg.display(),
         pos_of(&broken, "three")
     );
-    let o = lockstep(&[&"reload", &"-c", &server.cfg]);
+    let o = run_lockstep(&[&"reload", &"-c", &server.cfg]);
     assert_ne!(o.status.code(), Some(0));
     assert!(
         stderr(&o).contains(&at),
@@ -561,7 +388,7 @@ fn serve_proxies_then_reloads_by_socket_and_sighup_and_refuses_a_broken_config()
         stderr(&o)
     );
     // ... and so does the appliance when asked over the socket directly.
-    let o = lockstep(&[&"reload", &"--socket", &server.socket()]);
+    let o = run_lockstep(&[&"reload", &"--socket", &server.socket()]);
     assert_ne!(o.status.code(), Some(0));
     let err = stderr(&o);
     assert!(
@@ -577,7 +404,7 @@ fn serve_proxies_then_reloads_by_socket_and_sighup_and_refuses_a_broken_config()
     assert_eq!(server.generation(), Some(2));
 
     // SIGHUP applies a changed config.
-    std::fs::write(&server.cfg, farm_yaml(proxy, admin, &backends, "one")).unwrap();
+    std::fs::write(&server.cfg, farm_yaml(&backends, "one")).unwrap();
     server.signal("HUP");
     server.wait_until("generation 3 after SIGHUP", |s| s.generation() == Some(3));
     assert_eq!(backend_behind(server.proxy), "web-1");
@@ -607,17 +434,16 @@ fn serve_proxies_then_reloads_by_socket_and_sighup_and_refuses_a_broken_config()
 
 #[test]
 fn reload_that_cannot_bind_a_new_listener_is_refused_and_the_old_config_keeps_serving() {
-    let backends = Backends::start(&["web-1", "web-2"]);
-    let (proxy, admin) = (free_port(), free_port());
-    let mut server = Server::start(&farm_yaml(proxy, admin, &backends, "one"), proxy, admin);
+    let backends = DemoBackends::start(&["web-1", "web-2"]);
+    let mut server = Server::start(&farm_yaml(&backends, "one"));
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let yaml = farm_yaml(proxy, admin, &backends, "two").replace(
+    let yaml = farm_yaml(&backends, "two").replace(
         "routes:",
         &format!("  - {{ name: extra, bind: \"{addr}\" }}\nroutes:"),
     );
     std::fs::write(&server.cfg, yaml).unwrap();
-    let o = lockstep(&[&"reload", &"-c", &server.cfg]);
+    let o = run_lockstep(&[&"reload", &"-c", &server.cfg]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -637,7 +463,7 @@ fn reload_that_cannot_bind_a_new_listener_is_refused_and_the_old_config_keeps_se
 
     // Once the address is free the same config applies.
     drop(taken);
-    let o = lockstep(&[&"reload", &"-c", &server.cfg]);
+    let o = run_lockstep(&[&"reload", &"-c", &server.cfg]);
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -652,9 +478,8 @@ fn reload_that_cannot_bind_a_new_listener_is_refused_and_the_old_config_keeps_se
 
 #[test]
 fn sigterm_exits_0_promptly_and_removes_the_reload_socket() {
-    let backends = Backends::start(&["web-1", "web-2"]);
-    let (proxy, admin) = (free_port(), free_port());
-    let mut server = Server::start(&farm_yaml(proxy, admin, &backends, "one"), proxy, admin);
+    let backends = DemoBackends::start(&["web-1", "web-2"]);
+    let mut server = Server::start(&farm_yaml(&backends, "one"));
     // A request first, so that a pooled upstream connection is open during the drain, and an
     // idle keep-alive client connection, which must not hold the drain up.
     assert_eq!(backend_behind(server.proxy), "web-1");
@@ -677,12 +502,7 @@ fn sigterm_exits_0_promptly_and_removes_the_reload_socket() {
 
     let sent = Instant::now();
     server.signal("TERM");
-    let status = wait_exit(&mut server.child, Duration::from_secs(3)).unwrap_or_else(|| {
-        panic!(
-            "still running 3s after SIGTERM; stderr:\n{}",
-            server.stderr()
-        )
-    });
+    let status = server.proc.wait_exit(Duration::from_secs(3));
     assert_eq!(status.code(), Some(0), "stderr:\n{}", server.stderr());
     assert!(sent.elapsed() < Duration::from_secs(3));
     assert!(
@@ -702,7 +522,7 @@ fn serve_with_a_bad_config_exits_2_with_the_problem() {
     let cfg = dir.path().join("lockstep.yaml");
     let yaml = "listeners:\n  - { name: http, bind: \"127.0.0.1:8080\" }\nroutes:\n  - pool: www\n";
     std::fs::write(&cfg, yaml).unwrap();
-    let o = lockstep(&[&"serve", &"-c", &cfg]);
+    let o = run_lockstep(&[&"serve", &"-c", &cfg]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let want = format!(
         "{}:{}: route to pool `www`, which does not exist",
@@ -726,7 +546,7 @@ fn serve_on_an_address_in_use_exits_1_naming_the_address() {
     writeln!(yaml, "listeners:\n  - {{ name: http, bind: \"{addr}\" }}").unwrap();
     yaml.push_str("routes:\n  - pool: www\npools:\n  - name: www\n    backends:\n      - { name: web-1, address: \"127.0.0.1:9\" }\n");
     std::fs::write(&cfg, yaml).unwrap();
-    let o = lockstep(&[&"serve", &"-c", &cfg]);
+    let o = run_lockstep(&[&"serve", &"-c", &cfg]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -744,7 +564,7 @@ fn serve_on_an_address_in_use_exits_1_naming_the_address() {
 fn reload_without_a_running_appliance_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("admin.sock");
-    let o = lockstep(&[&"reload", &"--socket", &socket]);
+    let o = run_lockstep(&[&"reload", &"--socket", &socket]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -766,7 +586,7 @@ fn reload_with_a_config_without_admin_socket_says_what_to_set() {
         "pools:\n  - name: www\n    backends: [{ name: a, address: \"127.0.0.1:9\" }]\n",
     )
     .unwrap();
-    let o = lockstep(&[&"reload", &"-c", &cfg]);
+    let o = run_lockstep(&[&"reload", &"-c", &cfg]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(

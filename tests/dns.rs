@@ -16,7 +16,7 @@ use hickory_server::proto::rr::{Name, RData, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use common::{eventually, h1_client, scrape, DemoBackend};
+use common::{h1_client, require_tool, scrape, wait, DemoBackend, Proc, BIN};
 use lockstep::appliance::Appliance;
 
 // ---------------------------------------------------------------------------------------------
@@ -372,38 +372,32 @@ async fn backend_taken_down_leaves_the_answers_and_comes_back_when_it_recovers()
     let (app, backends) = start_checked().await;
     let addr = dns_addr(&app);
     let all = set(&["127.0.0.11", "127.0.0.12", "127.0.0.13"]);
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            www_set(addr).await == all
-        })
-        .await,
-        "all three backends answered: {:?}",
-        www_set(addr).await
-    );
+    wait::until(
+        "all three backends in the answers",
+        Duration::from_secs(2),
+        || async { www_set(addr).await == all },
+    )
+    .await;
     backends[1].set_unhealthy(true);
     // A few check intervals (100 ms each, fall 1): well under a second.
     let without = set(&["127.0.0.11", "127.0.0.13"]);
-    assert!(
-        eventually(Duration::from_secs(1), || async {
-            www_set(addr).await == without
-        })
-        .await,
-        "web-2 still answered: {:?}",
-        www_set(addr).await
-    );
+    wait::until(
+        "web-2 to leave the answers",
+        Duration::from_secs(1),
+        || async { www_set(addr).await == without },
+    )
+    .await;
     // And it stays out while down.
     for _ in 0..20 {
         assert_eq!(www_set(addr).await, without);
     }
     backends[1].set_unhealthy(false);
-    assert!(
-        eventually(Duration::from_secs(1), || async {
-            www_set(addr).await == all
-        })
-        .await,
-        "web-2 did not come back: {:?}",
-        www_set(addr).await
-    );
+    wait::until(
+        "web-2 to come back in the answers",
+        Duration::from_secs(1),
+        || async { www_set(addr).await == all },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -423,10 +417,7 @@ async fn every_backend_down_fails_open_and_is_counted() {
             .count();
         downs == 3
     };
-    assert!(
-        eventually(Duration::from_secs(2), all_down).await,
-        "backends did not go down"
-    );
+    wait::until("every backend to go down", Duration::from_secs(2), all_down).await;
     let series = "lockstep_dns_fail_open_answers_total{pool=\"www\"}";
     let before = scrape(&client, admin)
         .await
@@ -965,17 +956,6 @@ async fn reload_swaps_the_zones_and_bumps_the_serial() {
     assert_eq!(app.dns_addr(), Some(addr));
 }
 
-/// A port free for both UDP and TCP on 127.0.0.1 (as far as one can tell without holding it).
-fn free_port_udp_tcp() -> u16 {
-    loop {
-        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = u.local_addr().unwrap().port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 #[tokio::test]
 async fn reload_moves_dns_and_admin_and_refuses_a_taken_address() {
     let backends =
@@ -983,23 +963,26 @@ async fn reload_moves_dns_and_admin_and_refuses_a_taken_address() {
     let base = dns_yaml(backends, "", "");
     let mut app = common::start(&base).await;
     let (old, old_admin) = (dns_addr(&app), app.admin_addr().unwrap());
-    let with = |dns_port: u16, admin_port: u16| {
+    let with = |dns_bind: &str, admin_bind: &str| {
         base.replacen(
             "  bind: \"127.0.0.1:0\"\n  max_answers",
-            &format!("  bind: \"127.0.0.1:{dns_port}\"\n  max_answers"),
+            &format!("  bind: \"{dns_bind}\"\n  max_answers"),
             1,
         )
         .replace(
             "admin:\n  bind: \"127.0.0.1:0\"",
-            &format!("admin:\n  bind: \"127.0.0.1:{admin_port}\""),
+            &format!("admin:\n  bind: \"{admin_bind}\""),
         )
     };
 
-    let (dns_port, admin_port) = (free_port_udp_tcp(), common::dead_address().await.port());
-    app.reload(common::config(&with(dns_port, admin_port)))
+    // Moved to another loopback address, port 0 again: a changed bind address, so new
+    // sockets (no port is picked in advance, so none can be taken meanwhile).
+    let (dns_bind, admin_bind) = ("127.0.0.2:0", "127.0.0.2:0");
+    app.reload(common::config(&with(dns_bind, admin_bind)))
         .expect("reload");
     let new = dns_addr(&app);
-    assert_eq!(new.port(), dns_port);
+    assert_eq!(new.ip().to_string(), "127.0.0.2");
+    assert_ne!(new, old);
     assert_eq!(
         addrs(&udp(new, &query("www.farm.test.", RecordType::A)).await),
         ["192.0.2.11"]
@@ -1012,7 +995,8 @@ async fn reload_moves_dns_and_admin_and_refuses_a_taken_address() {
         3
     );
     let admin = app.admin_addr().unwrap();
-    assert_eq!(admin.port(), admin_port);
+    assert_eq!(admin.ip().to_string(), "127.0.0.2");
+    assert_ne!(admin, old_admin);
     let healthz = common::raw_exchange(
         admin,
         b"GET /healthz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
@@ -1022,20 +1006,24 @@ async fn reload_moves_dns_and_admin_and_refuses_a_taken_address() {
     assert_eq!(healthz.statuses(), [200], "{}", healthz.text());
     // The old sockets are closed: no answer there, no admin there.
     let q = query("www.farm.test.", RecordType::A).to_vec().unwrap();
-    assert!(
-        eventually(ANSWER_WAIT, || async {
+    wait::until(
+        "the old DNS socket and admin listener to close",
+        ANSWER_WAIT,
+        || async {
             udp_raw(old, &q, Duration::from_millis(200)).await.is_none()
                 && common::refuses(old_admin).await
-        })
-        .await,
-        "the old DNS socket or admin listener still answers"
-    );
+        },
+    )
+    .await;
 
     // An address another socket holds refuses the whole reload; DNS stays where it was.
     let blocker = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let taken = blocker.local_addr().unwrap().port();
     let e = app
-        .reload(common::config(&with(taken, admin_port)))
+        .reload(common::config(&with(
+            &format!("127.0.0.1:{taken}"),
+            admin_bind,
+        )))
         .unwrap_err()
         .to_string();
     assert!(e.contains(&format!("127.0.0.1:{taken}")), "{e}");
@@ -1046,91 +1034,49 @@ async fn reload_moves_dns_and_admin_and_refuses_a_taken_address() {
     );
 
     // No dns: section any more: DNS stops.
-    let moved = with(dns_port, admin_port);
+    let moved = with(dns_bind, admin_bind);
     let (head, tail) = moved.split_at(moved.find("dns:\n").unwrap());
     let without = format!("{head}{}", &tail[tail.find("admin:").unwrap()..]);
     app.reload(common::config(&without)).expect("reload");
     assert_eq!(app.dns_addr(), None);
-    assert!(
-        eventually(ANSWER_WAIT, || async {
-            udp_raw(new, &q, Duration::from_millis(200)).await.is_none()
-        })
-        .await,
-        "DNS still answers without a dns: section"
-    );
+    wait::until(
+        "DNS to stop answering without a dns: section",
+        ANSWER_WAIT,
+        || async { udp_raw(new, &q, Duration::from_millis(200)).await.is_none() },
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // End to end: dig against `lockstep serve`
 
-/// Runs `dig` with `args`; `None` when dig is not installed.
-fn dig(args: &[String]) -> Option<String> {
-    let out = std::process::Command::new("dig").args(args).output().ok()?;
+/// Runs `dig` with `args`; its output.
+fn dig(args: &[String]) -> String {
+    let out = std::process::Command::new("dig")
+        .args(args)
+        .output()
+        .expect("run dig");
     assert!(
         out.status.success(),
         "dig {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
 fn dig_against_lockstep_serve() {
-    if std::process::Command::new("dig")
-        .arg("-v")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED dig_against_lockstep_serve: `dig` is not installed (apt-get install bind9-dnsutils; .ci/run does)");
-        return;
-    }
+    require_tool("dig", "bind9-dnsutils");
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("lockstep.yaml");
-    let log = dir.path().join("stderr.log");
     // No health checks: the pool's backends count as up, so no backend has to run.
     let backends = "      - { name: web-1, address: \"127.0.0.1:9\", dns_address: \"192.0.2.11\" }\n      - { name: web-2, address: \"127.0.0.1:9\", dns_address: \"192.0.2.12\" }\n      - { name: web-3, address: \"127.0.0.1:9\", dns_address: \"192.0.2.13\" }\n";
     std::fs::write(&cfg, dns_yaml(backends, "", "")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .arg("serve")
-        .arg("-c")
-        .arg(&cfg)
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start lockstep serve");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    // The DNS port is read back from the log line `dns listening ... addr=127.0.0.1:PORT`.
-    let port = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let found = text
-            .lines()
-            .filter(|l| l.contains("dns listening"))
-            .find_map(|l| l.split("addr=127.0.0.1:").nth(1))
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|p| p.parse::<u16>().ok());
-        if let Some(p) = found {
-            break p;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("lockstep serve exited ({status}):\n{text}");
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no dns listening line:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let _guard = Kill(child);
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("serve").arg("-c").arg(&cfg);
+    let mut serve = Proc::spawn(cmd, dir.path().join("stderr.log"));
+    // DNS binds 127.0.0.1:0 (UDP and TCP on one port); the port is read back from its log.
+    let port = serve.bound_addr(&["dns listening"], "addr").port();
     let args = |extra: &[&str]| -> Vec<String> {
         let mut v = vec![
             "@127.0.0.1".to_string(),
@@ -1143,7 +1089,7 @@ fn dig_against_lockstep_serve() {
         v
     };
 
-    let first = dig(&args(&["www.farm.test", "+short"])).unwrap();
+    let first = dig(&args(&["www.farm.test", "+short"]));
     let lines: Vec<&str> = first.lines().collect();
     let got: BTreeSet<&str> = lines.iter().copied().collect();
     assert_eq!(
@@ -1151,42 +1097,42 @@ fn dig_against_lockstep_serve() {
         BTreeSet::from(["192.0.2.11", "192.0.2.12", "192.0.2.13"]),
         "{first}"
     );
-    let second = dig(&args(&["www.farm.test", "+short"])).unwrap();
+    let second = dig(&args(&["www.farm.test", "+short"]));
     assert_ne!(
         second.lines().next(),
         lines.first().copied(),
         "rotation: the next answer starts elsewhere"
     );
 
-    let full = dig(&args(&["www.farm.test", "A"])).unwrap();
+    let full = dig(&args(&["www.farm.test", "A"]));
     assert!(full.contains("status: NOERROR"), "{full}");
     assert!(
         full.contains("flags: qr aa rd;"),
         "AA set, RA clear: {full}"
     );
 
-    let nx = dig(&args(&["nope.farm.test"])).unwrap();
+    let nx = dig(&args(&["nope.farm.test"]));
     assert!(nx.contains("status: NXDOMAIN"), "{nx}");
-    let refused = dig(&args(&["example.com"])).unwrap();
+    let refused = dig(&args(&["example.com"]));
     assert!(refused.contains("status: REFUSED"), "{refused}");
 
     // dig retries over TCP on TC by itself; +tcp asks over TCP outright.
-    let big = dig(&args(&["big.farm.test", "+short", "+ignore", "+noedns"])).unwrap();
+    let big = dig(&args(&["big.farm.test", "+short", "+ignore", "+noedns"]));
     assert!(
         big.lines().count() < 100,
         "UDP answer without TC retry was complete"
     );
-    let big = dig(&args(&["big.farm.test", "+short"])).unwrap();
+    let big = dig(&args(&["big.farm.test", "+short"]));
     assert_eq!(big.lines().count(), 100, "dig's TCP retry after TC");
-    let big = dig(&args(&["big.farm.test", "+short", "+tcp"])).unwrap();
+    let big = dig(&args(&["big.farm.test", "+short", "+tcp"]));
     assert_eq!(big.lines().count(), 100);
 
-    let soa = dig(&args(&["farm.test", "SOA", "+short"])).unwrap();
+    let soa = dig(&args(&["farm.test", "SOA", "+short"]));
     assert!(
         soa.starts_with("ns1.farm.test. hostmaster.farm.test. "),
         "{soa}"
     );
-    let badvers = dig(&args(&["www.farm.test", "+edns=1", "+noednsneg"])).unwrap();
+    let badvers = dig(&args(&["www.farm.test", "+edns=1", "+noednsneg"]));
     assert!(badvers.contains("status: BADVERS"), "{badvers}");
 }
 

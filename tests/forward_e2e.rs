@@ -6,11 +6,10 @@
 //!
 //! The tests share two cores, so they run one at a time ([`serial`]).
 
-use std::process::Command;
-use std::time::Duration;
-
-mod farm;
-use farm::*;
+mod common;
+use common::farm::*;
+use common::wait::{self, DEADLINE};
+use common::{dead_address, request, Reply};
 
 fn watch(mode: &str, extra: &str) -> String {
     format!("watch: {{ dir: {{DIR}}, mode: {mode}, debounce: 20ms{extra} }}\n")
@@ -21,8 +20,9 @@ fn agent(farm: &Farm, name: &str, watch_line: &str, more: &str) -> Agent {
     let line = watch_line.replace("{DIR}", &format!("{name}-edit"));
     let a = farm.agent(name, None, &format!("{line}{more}"));
     // Listening comes first; the watch.dir is examined a moment later.
-    wait_for(
+    wait::until_blocking(
         &format!("{name} to look at its watch.dir"),
+        DEADLINE,
         || a.proc.log(),
         || {
             let log = a.proc.log();
@@ -41,12 +41,13 @@ fn edit_dir(farm: &Farm, a: &Agent) -> std::path::PathBuf {
 #[track_caller]
 fn wait_served(agents: &[&Agent], path: &str, want: Option<&[u8]>) {
     for a in agents {
-        wait_for(
+        wait::until_blocking(
             &format!(
                 "{} to serve {path} as {:?}",
                 a.name,
                 want.map(String::from_utf8_lossy)
             ),
+            DEADLINE,
             || a.proc.log(),
             || a.body(path).as_deref() == want,
         );
@@ -56,8 +57,9 @@ fn wait_served(agents: &[&Agent], path: &str, want: Option<&[u8]>) {
 #[track_caller]
 fn wait_converged(farm: &Farm, agents: &[&Agent]) -> String {
     let mut id = String::new();
-    wait_for(
+    wait::until_blocking(
         "every agent and the hub to hold the same release",
+        DEADLINE,
         || {
             let ids: Vec<_> = agents
                 .iter()
@@ -79,8 +81,28 @@ fn wait_converged(farm: &Farm, agents: &[&Agent]) -> String {
     id
 }
 
+/// The hub-time stamp (µs) of the changeset a write answered with (`{"changeset":"a1/SEQ"}`:
+/// the sequence number is the hub time of the write).
+fn changeset_stamp(r: &Reply) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes).unwrap();
+    v["changeset"]
+        .as_str()
+        .and_then(|c| c.rsplit_once('/'))
+        .and_then(|(_, seq)| seq.parse().ok())
+        .unwrap_or_else(|| panic!("no changeset in {}", r.body))
+}
+
+/// Hub time now (µs) as agent `a` estimates it: the wall clock plus its measured offset.
+fn hub_now_us(a: &Agent) -> u64 {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as f64;
+    (wall + a.metric("lockstep_agent_clock_offset_seconds") * 1e6) as u64
+}
+
 fn put(a: &Agent, path: &str, body: &[u8], token: Option<&str>) -> Reply {
-    http(a.port, "PUT", &format!("/content/{path}"), token, body).unwrap()
+    request(a.addr, "PUT", &format!("/content/{path}"), token, body).unwrap()
 }
 
 /// Edits, a new file, a delete and a rename in one agent's `watch.dir` are served by the
@@ -97,8 +119,9 @@ fn immediate_edits_reach_every_other_agent_and_never_come_back() {
     let d1 = edit_dir(&farm, &a1);
     let others = [&a2, &a3];
     // Peers come from the hub's registry: wait until a1 knows both.
-    wait_for(
+    wait::until_blocking(
         "a1 to know its two peers",
+        DEADLINE,
         || a1.proc.log(),
         || a1.metric("lockstep_agent_peers") == 2.0,
     );
@@ -124,18 +147,22 @@ fn immediate_edits_reach_every_other_agent_and_never_come_back() {
     // An API write on agent 2 reaches 1 and 3 (and their edit directories).
     assert_eq!(put(&a2, "api.txt", b"via api", None).status, 401);
     let r = put(&a2, "api.txt", b"via api", Some(AGENT_TOKEN));
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(put(&a2, "../escape", b"x", Some(AGENT_TOKEN)).status, 400);
     wait_served(&[&a1, &a3], "/api.txt", Some(b"via api"));
-    wait_for("api.txt in a1's edit directory", String::new, || {
-        std::fs::read(d1.join("api.txt")).is_ok_and(|b| b == b"via api")
-    });
+    wait::until_blocking(
+        "api.txt in a1's edit directory",
+        DEADLINE,
+        String::new,
+        || std::fs::read(d1.join("api.txt")).is_ok_and(|b| b == b"via api"),
+    );
 
     // Refused: a symlink out of the directory, a file over max_file_size (4 KiB).
     std::os::unix::fs::symlink("/etc/passwd", d1.join("passwd")).unwrap();
     std::fs::write(d1.join("big.bin"), vec![7u8; 8 * 1024]).unwrap();
-    wait_for(
+    wait::until_blocking(
         "both refusals counted",
+        DEADLINE,
         || a1.proc.log(),
         || a1.metric("lockstep_agent_refused_total") >= 2.0,
     );
@@ -170,7 +197,7 @@ fn immediate_edits_reach_every_other_agent_and_never_come_back() {
     // Bad input from the network: garbage, no token, a blob that does not match its hash, a
     // path escaping the tree — refused whole, nothing installed, the agent keeps serving.
     let post = |token, body: &[u8]| {
-        http(a3.port, "POST", "/.lockstep/changesets", token, body)
+        request(a3.addr, "POST", "/.lockstep/changesets", token, body)
             .unwrap()
             .status
     };
@@ -247,16 +274,22 @@ fn a_burst_of_edits_converges_and_a_stopped_agent_catches_up() {
     }
     wait_served(&[&a2], "/f399.txt", Some(b"v2 399"));
     let id = wait_converged(&farm, &[&a1, &a2]);
-    wait_for("a2's edit directory to follow", String::new, || {
-        tree(&edit_dir(&farm, &a2)) == tree(&d1)
-    });
+    wait::until_blocking(
+        "a2's edit directory to follow",
+        DEADLINE,
+        String::new,
+        || tree(&edit_dir(&farm, &a2)) == tree(&d1),
+    );
 
     farm.restart(&mut a3);
     let after = wait_converged(&farm, &[&a1, &a2, &a3]);
     assert_eq!(after, id);
-    wait_for("a3's edit directory to follow", String::new, || {
-        tree(&edit_dir(&farm, &a3)) == tree(&d1)
-    });
+    wait::until_blocking(
+        "a3's edit directory to follow",
+        DEADLINE,
+        String::new,
+        || tree(&edit_dir(&farm, &a3)) == tree(&d1),
+    );
     assert_eq!(a3.body("/f0.txt"), None);
     assert_eq!(a3.body("/f200.txt").as_deref(), Some(&b"v2 200"[..]));
 }
@@ -269,7 +302,9 @@ fn concurrent_edits_of_one_path_resolve_to_the_later_and_report_the_loser() {
     let _serial = serial();
     let farm = Farm::new("2s", "1s");
     let w = watch("immediate", "");
-    let dead = format!("peers: [\"http://127.0.0.1:{}\"]\n", free_port());
+    // A peer address nothing accepts on (held for the whole test, so nobody else takes it).
+    let dead_peer = dead_address();
+    let dead = format!("peers: [\"http://{}\"]\n", dead_peer.addr);
     let a1 = agent(&farm, "a1", &w, &dead);
     let a2 = agent(&farm, "a2", &w, &dead);
     assert_eq!(
@@ -279,41 +314,43 @@ fn concurrent_edits_of_one_path_resolve_to_the_later_and_report_the_loser() {
     wait_served(&[&a2], "/page.html", Some(b"base"));
     wait_converged(&farm, &[&a1, &a2]);
 
-    let hub_pid = farm.hub.as_ref().unwrap().child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-STOP", &hub_pid])
-        .status()
-        .unwrap()
-        .success());
-    assert_eq!(
-        put(&a1, "page.html", b"from a1", Some(AGENT_TOKEN)).status,
-        200
+    let hub = farm.hub.as_ref().unwrap();
+    hub.signal("STOP");
+    let first = put(&a1, "page.html", b"from a1", Some(AGENT_TOKEN));
+    assert_eq!(first.status, 200, "{}", first.body);
+    // a2 must write later by hub time: wait until a2's estimate of the hub clock (its wall
+    // clock plus the offset it measured) has passed the stamp of a1's changeset.
+    let first_us = changeset_stamp(&first);
+    wait::until_blocking(
+        "a2's hub clock to pass the stamp of a1's write",
+        DEADLINE,
+        || a2.proc.log(),
+        || hub_now_us(&a2) > first_us,
     );
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(
-        put(&a2, "page.html", b"from a2", Some(AGENT_TOKEN)).status,
-        200
+    let second = put(&a2, "page.html", b"from a2", Some(AGENT_TOKEN));
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert!(
+        changeset_stamp(&second) > first_us,
+        "a2's write is not later by hub time: {} then {}",
+        first.body,
+        second.body
     );
     // Each serves its own write meanwhile.
     assert_eq!(a1.body("/page.html").as_deref(), Some(&b"from a1"[..]));
     assert_eq!(a2.body("/page.html").as_deref(), Some(&b"from a2"[..]));
-    assert!(Command::new("kill")
-        .args(["-CONT", &hub_pid])
-        .status()
-        .unwrap()
-        .success());
+    hub.signal("CONT");
 
     wait_served(&[&a1, &a2], "/page.html", Some(b"from a2"));
     wait_converged(&farm, &[&a1, &a2]);
-    let fleet = http(
-        farm.hub_port,
+    let fleet = request(
+        farm.hub_addr,
         "GET",
         "/sync/v1/agents",
         Some(AGENT_TOKEN),
         b"",
     )
     .unwrap();
-    let fleet: serde_json::Value = serde_json::from_slice(&fleet.body).unwrap();
+    let fleet: serde_json::Value = serde_json::from_slice(&fleet.bytes).unwrap();
     let conflicts = fleet["conflicts"].as_array().unwrap();
     assert_eq!(conflicts.len(), 1, "{fleet}");
     assert_eq!(conflicts[0]["path"], "page.html");
@@ -322,8 +359,9 @@ fn concurrent_edits_of_one_path_resolve_to_the_later_and_report_the_loser() {
     assert_eq!(farm.metric("lockstep_sync_conflicts_total"), 1.0);
     assert!(farm.hub_log().contains("concurrent edits of one path"));
     // a1's edit directory follows the winner.
-    wait_for(
+    wait::until_blocking(
         "a1's edit directory to hold the winner",
+        DEADLINE,
         String::new,
         || std::fs::read(edit_dir(&farm, &a1).join("page.html")).is_ok_and(|b| b == b"from a2"),
     );
@@ -348,8 +386,9 @@ fn scheduled_edits_activate_everywhere_at_the_next_instant() {
     let d1 = edit_dir(&farm, &a1);
     let cycle = farm.schedule()["cycle"].as_u64().unwrap();
     std::fs::write(d1.join("index.html"), "scheduled").unwrap();
-    wait_for(
+    wait::until_blocking(
         "the hub to stage the edit",
+        DEADLINE,
         || farm.hub_log(),
         || !farm.schedule()["staged"].is_null() || farm.schedule()["cycle"].as_u64() > Some(cycle),
     );
@@ -365,9 +404,12 @@ fn scheduled_edits_activate_everywhere_at_the_next_instant() {
     }
     assert!(farm.schedule()["cycle"].as_u64().unwrap() > cycle);
     assert_eq!(a1.metric("lockstep_agent_changesets_installed_total"), 0.0);
-    wait_for("a2's edit directory to follow", String::new, || {
-        std::fs::read(edit_dir(&farm, &a2).join("index.html")).is_ok_and(|b| b == b"scheduled")
-    });
+    wait::until_blocking(
+        "a2's edit directory to follow",
+        DEADLINE,
+        String::new,
+        || std::fs::read(edit_dir(&farm, &a2).join("index.html")).is_ok_and(|b| b == b"scheduled"),
+    );
     assert!(!id.is_empty());
 }
 
@@ -385,8 +427,9 @@ fn a_stale_watch_dir_is_refused_and_an_empty_one_is_filled() {
 
     // a2: an empty directory, filled from the release.
     let a2 = agent(&farm, "a2", &w, "");
-    wait_for(
+    wait::until_blocking(
         "a2's edit directory to be filled",
+        DEADLINE,
         || a2.proc.log(),
         || std::fs::read(edit_dir(&farm, &a2).join("index.html")).is_ok_and(|b| b == b"fleet"),
     );
@@ -395,8 +438,9 @@ fn a_stale_watch_dir_is_refused_and_an_empty_one_is_filled() {
     std::fs::create_dir_all(&stale).unwrap();
     std::fs::write(stale.join("index.html"), "stale").unwrap();
     let a3 = agent(&farm, "a3", &w, "");
-    wait_for(
+    wait::until_blocking(
         "a3 to refuse its watch.dir",
+        DEADLINE,
         || a3.proc.log(),
         || {
             a3.proc

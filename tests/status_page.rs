@@ -11,8 +11,8 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,24 +44,20 @@ struct Rendered {
 impl Chromium {
     /// Finds Chromium; panics with how to install it when it is not there.
     fn find() -> Chromium {
+        // LOCKSTEP_CHROMIUM may name another Chromium or Chrome binary.
         let exe = std::env::var("LOCKSTEP_CHROMIUM").unwrap_or_else(|_| "chromium".into());
-        match Command::new(&exe)
+        require_tool(&exe, "chromium");
+        let o = Command::new(&exe)
             .arg("--version")
             .stdin(Stdio::null())
             .output()
-        {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => panic!(
-                "`{exe} --version` failed ({}): {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => panic!(
-                "the status page tests drive headless Chromium, and `{exe}` cannot be run ({e}).\n\
-                 Install it: `sudo apt-get install chromium` (Debian/Ubuntu; .ci/run does this), \
-                 or set LOCKSTEP_CHROMIUM to a Chromium or Chrome binary."
-            ),
-        }
+            .unwrap_or_else(|e| panic!("cannot run `{exe} --version`: {e}"));
+        assert!(
+            o.status.success(),
+            "`{exe} --version` failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
         Chromium {
             exe,
             dir: tempfile::tempdir().expect("temp dir"),
@@ -79,43 +75,23 @@ impl Chromium {
         let png = run.join("status.png");
         let (out, err) = (run.join("dom.html"), run.join("stderr.txt"));
         let started = Instant::now();
-        let mut child = Command::new(&self.exe)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--virtual-time-budget=3000",
-                "--window-size=1280,900",
-                "--dump-dom",
-            ])
-            .arg(format!("--user-data-dir={}", run.join("profile").display()))
-            .arg(format!("--screenshot={}", png.display()))
-            .arg(url)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).expect("dom file"))
-            .stderr(std::fs::File::create(&err).expect("stderr file"))
-            // Its own process group, so a hung run can be stopped with its helpers.
-            .process_group(0)
-            .spawn()
-            .expect("start chromium");
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait for chromium") {
-                break s;
-            }
-            if started.elapsed() > BROWSER_WAIT {
-                let _ = Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{}", child.id())])
-                    .status();
-                let _ = child.wait();
-                panic!(
-                    "chromium did not finish {url} within {BROWSER_WAIT:?}; stderr:\n{}",
-                    tail(&err)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let mut cmd = Command::new(&self.exe);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--virtual-time-budget=3000",
+            "--window-size=1280,900",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", run.join("profile").display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(url);
+        // Its own process group, so a hung run is stopped with its helpers (on drop).
+        let mut chromium = Proc::start(cmd, err.clone(), File::create(&out).expect("dom file"));
+        let status = chromium.wait_exit(BROWSER_WAIT);
         let dom = std::fs::read_to_string(&out).unwrap_or_default();
         assert!(
             status.success() && dom.contains("</html>"),
@@ -256,21 +232,21 @@ async fn the_page_shows_backend_health_and_a_backend_going_down() {
     // One DNS answer, counted before the browser looks.
     dns_query(app.dns_addr().expect("dns"), "www.farm.test").await;
     let c = &client;
-    let counted = eventually(Duration::from_secs(3), || async move {
-        let r = get(c, admin, "/api/dns").await;
-        serde_json::from_str::<serde_json::Value>(&r.body).is_ok_and(|v| v["total"] == 1)
-    })
+    wait::until(
+        "/api/dns to count the query",
+        Duration::from_secs(3),
+        || async move {
+            let r = get(c, admin, "/api/dns").await;
+            serde_json::from_str::<serde_json::Value>(&r.body).is_ok_and(|v| v["total"] == 1)
+        },
+    )
     .await;
-    assert!(counted, "/api/dns did not count the query");
-    let all_up = eventually(Duration::from_secs(5), || async move {
-        up(c, admin).await.values().all(|u| *u)
-    })
+    wait::until(
+        "every backend to be up",
+        Duration::from_secs(5),
+        || async move { up(c, admin).await.values().all(|u| *u) },
+    )
     .await;
-    assert!(
-        all_up,
-        "not every backend up: {:?}",
-        up(&client, admin).await
-    );
 
     let (browser, first) = render(browser, url.clone()).await;
     let r = rows(&first.dom, "data-backend", Some("www"));
@@ -304,14 +280,12 @@ async fn the_page_shows_backend_health_and_a_backend_going_down() {
     check_screenshot(&first.png, "status-all-up.png");
 
     webs[1].kill().await;
-    let down = eventually(Duration::from_secs(5), || async move {
-        up(c, admin).await.get("web-2") == Some(&false)
-    })
+    wait::until(
+        "the checks to take web-2 down (50 intervals)",
+        Duration::from_secs(5),
+        || async move { up(c, admin).await.get("web-2") == Some(&false) },
+    )
     .await;
-    assert!(
-        down,
-        "the checks did not take web-2 down within 5s (50 intervals)"
-    );
 
     let (_browser, second) = render(browser, url).await;
     let r = rows(&second.dom, "data-backend", Some("www"));
@@ -361,23 +335,22 @@ async fn the_demo_shows_its_agents_the_next_activation_and_the_last_flips_skew()
     let first = demo.first_release;
     // Every agent has reported the first flip and staged the second release.
     let c = &client;
-    let reported = eventually(Duration::from_secs(15), || async move {
-        let r = get(c, admin, "/api/agents").await;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.body) else {
-            return false;
-        };
-        v["last_flip_skew"]["agents"] == 3
-            && v["agents"].as_array().is_some_and(|a| {
-                a.iter()
-                    .all(|a| a["report"]["staged"] == staged.to_hex() && a["current"] == true)
-            })
-    })
+    wait::until(
+        "the agents to report the first flip and the staged release",
+        Duration::from_secs(15),
+        || async move {
+            let r = get(c, admin, "/api/agents").await;
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.body) else {
+                return false;
+            };
+            v["last_flip_skew"]["agents"] == 3
+                && v["agents"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .all(|a| a["report"]["staged"] == staged.to_hex() && a["current"] == true)
+                })
+        },
+    )
     .await;
-    assert!(
-        reported,
-        "the agents did not report: {}",
-        get(&client, admin, "/api/agents").await.body
-    );
 
     let (_browser, page) = render(browser, format!("http://{admin}/status")).await;
     let dom = &page.dom;

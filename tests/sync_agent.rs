@@ -171,8 +171,10 @@ async fn release_of(client: &HttpClient, agent: &AgentHandle) -> (Option<String>
     (id, r)
 }
 
-async fn wait_active(agent: &AgentHandle, id: ReleaseId, within: Duration) -> bool {
-    eventually(within, || async { agent.active() == Some(id) }).await
+/// Waits (at most `within`) until `agent` serves release `id`.
+async fn wait_active(agent: &AgentHandle, id: ReleaseId, within: Duration) {
+    let what = format!("the agent to serve {}", id.short());
+    wait::until(&what, within, || async { agent.active() == Some(id) }).await
 }
 
 fn metric(agent: &AgentHandle, name: &str) -> f64 {
@@ -211,7 +213,8 @@ async fn agents_an_hour_off_flip_at_the_hubs_instant_and_advance_the_cycle() {
         // Staged in the background, then flipped at the activation time: watched from
         // outside, no answer names the new release before the hub's clock reaches it.
         let seen_new = std::cell::RefCell::new([false, false]);
-        let done = eventually(Duration::from_secs(10), || async {
+        let what = format!("round {round}: both agents to flip to {body}");
+        wait::until(&what, Duration::from_secs(10), || async {
             for (i, agent) in [&a, &b].into_iter().enumerate() {
                 let (got, r) = release_of(&client, agent).await;
                 let hub_after = hub.hub.now_us();
@@ -228,22 +231,21 @@ async fn agents_an_hour_off_flip_at_the_hubs_instant_and_advance_the_cycle() {
             seen_new.borrow().iter().all(|s| *s)
         })
         .await;
-        assert!(done, "round {round}: not both agents flipped to {body}");
         // The first agent after the activation advanced the cycle.
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                hub.hub.state().active == Some(id)
-            })
-            .await
-        );
+        wait::until(
+            "the hub's cycle to advance to the release",
+            Duration::from_secs(5),
+            || async { hub.hub.state().active == Some(id) },
+        )
+        .await;
         assert_eq!(hub.hub.state().cycle, round as u64 + 1);
         for name in ["web-1", "web-2"] {
-            let ok = eventually(Duration::from_secs(5), || async {
+            let what = format!("{name} to report its flip");
+            wait::until(&what, Duration::from_secs(5), || async {
                 hub.report(name)
                     .is_some_and(|r| r.active == Some(id) && r.last_flip == Some(id))
             })
             .await;
-            assert!(ok, "{name} did not report its flip: {:?}", hub.report(name));
             let r = hub.report(name).unwrap();
             let lateness = r.last_flip_lateness_us.unwrap();
             assert!(lateness.abs() < 1_000_000, "{name} lateness {lateness} µs");
@@ -259,15 +261,17 @@ async fn agents_an_hour_off_flip_at_the_hubs_instant_and_advance_the_cycle() {
     assert_eq!(hub.advances_by("hub"), 0.0);
     // release_dir: `current` follows the flip; the copy of v1 stays as the previous.
     let www = dir.path().join("www");
-    assert!(
-        eventually(Duration::from_secs(5), || async {
+    wait::until(
+        "release_dir's current to follow the flip to v2",
+        Duration::from_secs(5),
+        || async {
             std::fs::read_to_string(www.join("current/index.html"))
                 .ok()
                 .as_deref()
                 == Some("v2")
-        })
-        .await
-    );
+        },
+    )
+    .await;
     assert_eq!(std::fs::read_dir(www.join("releases")).unwrap().count(), 2);
     assert_eq!(metric(&a, "lockstep_agent_flips_total"), 2.0);
     let v2 = hub.hub.state().active.unwrap();
@@ -302,7 +306,7 @@ async fn a_restarted_agent_serves_from_disk_without_the_hub_and_a_new_one_bootst
     let a = start_agent(agent_config("web-1", &hub.url(), &dir.path().join("a"))).await;
     let s = site(&dir.path().join("site"), &[("index.html", "v1")]);
     let (v1, _) = hub.publish(&s, Duration::from_millis(800)).await;
-    assert!(wait_active(&a, v1, Duration::from_secs(10)).await);
+    wait_active(&a, v1, Duration::from_secs(10)).await;
     a.shutdown(Duration::from_secs(2)).await;
     let hub_addr = hub.addr;
     hub.stop().await;
@@ -323,15 +327,14 @@ async fn a_restarted_agent_serves_from_disk_without_the_hub_and_a_new_one_bootst
     // at once (claims 10–11, 27), and the restarted one reports again.
     let hub = TestHub::start_on(&hub_store, 0, hub_addr).await;
     let b = start_agent(agent_config("web-2", &hub.url(), &dir.path().join("b"))).await;
-    assert!(wait_active(&b, v1, Duration::from_secs(10)).await);
+    wait_active(&b, v1, Duration::from_secs(10)).await;
     assert_eq!(release_of(&client, &b).await.1.body, "v1");
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            hub.report("web-1").is_some_and(|r| r.active == Some(v1))
-        })
-        .await,
-        "the restarted agent did not reconnect"
-    );
+    wait::until(
+        "the restarted agent to reconnect",
+        Duration::from_secs(15),
+        || async { hub.report("web-1").is_some_and(|r| r.active == Some(v1)) },
+    )
+    .await;
     // A bootstrap is not a scheduled flip: no lateness.
     assert_eq!(hub.report("web-2").unwrap().last_flip, None);
     a.shutdown(Duration::from_secs(2)).await;
@@ -360,7 +363,7 @@ async fn staging_fetches_only_missing_blobs_and_resumes_after_a_restart() {
     }
     drop(partial);
     let a = start_agent(agent_config("web-1", &hub.url(), &agent_store)).await;
-    assert!(wait_active(&a, v1, Duration::from_secs(10)).await);
+    wait_active(&a, v1, Duration::from_secs(10)).await;
     assert_eq!(metric(&a, "lockstep_agent_fetched_blobs_total"), 1.0);
     assert_eq!(metric(&a, "lockstep_agent_fetched_bytes_total"), 6.0);
 
@@ -374,22 +377,22 @@ async fn staging_fetches_only_missing_blobs_and_resumes_after_a_restart() {
         ],
     );
     let (v2, _) = hub.publish(&s, Duration::from_millis(800)).await;
-    assert!(wait_active(&a, v2, Duration::from_secs(10)).await);
+    wait_active(&a, v2, Duration::from_secs(10)).await;
     assert_eq!(metric(&a, "lockstep_agent_fetched_blobs_total"), 2.0);
     assert_eq!(metric(&a, "lockstep_agent_fetched_bytes_total"), 6.0 + 12.0);
     assert_eq!(metric(&a, "lockstep_agent_hash_failures_total"), 0.0);
 
     // Rollback: the previous release is still held, so nothing moves. "Previous" is the hub's:
     // wait for the agent's advance to have promoted v2 there.
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            hub.hub.state().active == Some(v2)
-        })
-        .await
-    );
+    wait::until(
+        "the agent's advance to promote v2 on the hub",
+        Duration::from_secs(5),
+        || async { hub.hub.state().active == Some(v2) },
+    )
+    .await;
     let back = publish::rollback(&hub.publisher()).await.unwrap();
     assert_eq!((back.id, back.state.as_str()), (v1, "staged"));
-    assert!(wait_active(&a, v1, Duration::from_secs(10)).await);
+    wait_active(&a, v1, Duration::from_secs(10)).await;
     assert_eq!(metric(&a, "lockstep_agent_fetched_blobs_total"), 2.0);
     a.shutdown(Duration::from_secs(2)).await;
     hub.stop().await;
@@ -400,7 +403,7 @@ async fn agent_serving_v1(dir: &Path, hub: &TestHub) -> ReleaseId {
     let s = site(&dir.join("site"), &[("index.html", "v1")]);
     let (v1, _) = hub.publish(&s, Duration::from_millis(800)).await;
     let a = start_agent(agent_config("web-1", &hub.url(), &dir.join("a"))).await;
-    assert!(wait_active(&a, v1, Duration::from_secs(10)).await);
+    wait_active(&a, v1, Duration::from_secs(10)).await;
     a.shutdown(Duration::from_secs(2)).await;
     v1
 }
@@ -424,29 +427,28 @@ async fn a_damaged_blob_is_refused_counted_reported_and_never_activated() {
 
     let a = start_agent(agent_config("web-1", &hub.url(), &dir.path().join("a"))).await;
     assert_eq!(a.active(), Some(v1));
-    let reported = eventually(Duration::from_secs(10), || async {
-        hub.report("web-1")
-            .and_then(|r| r.error)
-            .is_some_and(|e| e.contains("did not match its hash"))
-    })
+    wait::until(
+        "web-1 to report the staging error",
+        Duration::from_secs(10),
+        || async {
+            hub.report("web-1")
+                .and_then(|r| r.error)
+                .is_some_and(|e| e.contains("did not match its hash"))
+        },
+    )
     .await;
-    assert!(
-        reported,
-        "no staging error reported: {:?}",
-        hub.report("web-1")
-    );
     assert_eq!(metric(&a, "lockstep_agent_hash_failures_total"), 3.0);
     assert!(metric(&a, "lockstep_agent_staging_failures_total") >= 1.0);
     assert!(!FsStore::open(&dir.path().join("a"))
         .unwrap()
         .has_blob(&Hash::of(b"fresh content")));
     // Past the activation (and the hub's own advance): still v1, whole.
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            hub.hub.state().active == Some(v2)
-        })
-        .await
-    );
+    wait::until(
+        "the hub to advance to v2 itself",
+        Duration::from_secs(10),
+        || async { hub.hub.state().active == Some(v2) },
+    )
+    .await;
     assert!(hub.hub.now_us() > at);
     let (id, r) = release_of(&client, &a).await;
     assert_eq!((id, r.body.as_str()), (Some(v1.to_hex()), "v1"));
@@ -457,7 +459,7 @@ async fn a_damaged_blob_is_refused_counted_reported_and_never_activated() {
 
     // Repaired on the hub: the agent's next attempt fetches it and catches up.
     std::fs::write(&hub_blob, b"fresh content").unwrap();
-    assert!(wait_active(&a, v2, Duration::from_secs(20)).await);
+    wait_active(&a, v2, Duration::from_secs(20)).await;
     assert_eq!(
         get(&client, a.serve_addr(), "/new.txt").await.body,
         "fresh content"
@@ -486,21 +488,28 @@ async fn a_store_that_cannot_write_fails_staging_and_the_old_release_keeps_servi
         &dir.path().join("site"),
         &[("index.html", "v1"), ("new.txt", &content)],
     );
-    let (_v2, _) = hub.publish(&s, Duration::from_millis(1000)).await;
+    let (v2, at) = hub.publish(&s, Duration::from_millis(1000)).await;
     let a = start_agent(agent_config("web-1", &hub.url(), &dir.path().join("a"))).await;
-    let reported = eventually(Duration::from_secs(10), || async {
-        hub.report("web-1")
-            .and_then(|r| r.error)
-            .is_some_and(|e| e.contains("the agent's store"))
-    })
+    wait::until(
+        "web-1 to report the store error",
+        Duration::from_secs(10),
+        || async {
+            hub.report("web-1")
+                .and_then(|r| r.error)
+                .is_some_and(|e| e.contains("the agent's store"))
+        },
+    )
     .await;
-    assert!(
-        reported,
-        "no store error reported: {:?}",
-        hub.report("web-1")
-    );
     assert_eq!(metric(&a, "lockstep_agent_hash_failures_total"), 0.0);
-    tokio::time::sleep(Duration::from_millis(1200)).await; // past the activation time
+    // Past the activation time, and past the hub's own advance (the agent could not stage
+    // v2, so it did not advance): still v1, whole.
+    wait::until(
+        "the hub to advance to v2 itself",
+        Duration::from_secs(10),
+        || async { hub.hub.state().active == Some(v2) },
+    )
+    .await;
+    assert!(hub.hub.now_us() > at);
     assert_eq!(a.active(), Some(v1));
     let (id, r) = release_of(&client, &a).await;
     assert_eq!((id, r.body.as_str()), (Some(v1.to_hex()), "v1"));
@@ -519,26 +528,28 @@ async fn a_replaced_staged_release_is_never_activated() {
     let s = site(&dir.path().join("site"), &[("index.html", "v2")]);
     let (v2, _) = hub.publish(&s, Duration::from_secs(4)).await;
     // v2 staged and armed on the agent; then v3 replaces it, earlier.
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            hub.report("web-1").is_some_and(|r| r.staged == Some(v2))
-        })
-        .await
-    );
+    wait::until(
+        "web-1 to stage and arm v2",
+        Duration::from_secs(5),
+        || async { hub.report("web-1").is_some_and(|r| r.staged == Some(v2)) },
+    )
+    .await;
     let s = site(&dir.path().join("site"), &[("index.html", "v3")]);
     let (v3, _) = hub.publish(&s, Duration::from_millis(1500)).await;
     let mut bodies = std::collections::BTreeSet::new();
-    let flipped = eventually(Duration::from_secs(10), || async { a.active() == Some(v3) });
+    let flipped = wait::until("web-1 to flip to v3", Duration::from_secs(10), || async {
+        a.active() == Some(v3)
+    });
     let watch = async {
         // Watch past v2's original time too.
         let until = std::time::Instant::now() + Duration::from_secs(5);
         while std::time::Instant::now() < until {
             bodies.insert(release_of(&client, &a).await.1.body);
+            // The sampler's pacing, not a synchronisation: it watches for a fixed window.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
-    let (flipped, ()) = tokio::join!(flipped, watch);
-    assert!(flipped);
+    tokio::join!(flipped, watch);
     assert!(
         !bodies.contains("v2"),
         "served the replaced release: {bodies:?}"
@@ -556,19 +567,20 @@ async fn an_agent_staged_after_the_activation_flips_at_once_and_reports_how_late
     let (v1, at) = hub.publish(&s, Duration::from_millis(600)).await;
     // Nobody is staged at the activation time; this agent starts 300 ms after it, before
     // the hub's own advance (2 s after).
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            hub.hub.now_us() >= at + 300_000
-        })
-        .await
-    );
-    let a = start_agent(agent_config("web-1", &hub.url(), &dir.path().join("a"))).await;
-    assert!(wait_active(&a, v1, Duration::from_secs(5)).await);
-    let r = eventually(Duration::from_secs(5), || async {
-        hub.report("web-1").is_some_and(|r| r.last_flip == Some(v1))
-    })
+    wait::until(
+        "the hub clock to pass the activation by 300 ms",
+        Duration::from_secs(5),
+        || async { hub.hub.now_us() >= at + 300_000 },
+    )
     .await;
-    assert!(r, "{:?}", hub.report("web-1"));
+    let a = start_agent(agent_config("web-1", &hub.url(), &dir.path().join("a"))).await;
+    wait_active(&a, v1, Duration::from_secs(5)).await;
+    wait::until(
+        "web-1 to report its flip",
+        Duration::from_secs(5),
+        || async { hub.report("web-1").is_some_and(|r| r.last_flip == Some(v1)) },
+    )
+    .await;
     let lateness = hub.report("web-1").unwrap().last_flip_lateness_us.unwrap();
     assert!(lateness >= 300_000, "lateness {lateness} µs");
     assert!(lateness < 2_000_000, "lateness {lateness} µs");
@@ -594,7 +606,7 @@ async fn no_response_mixes_two_releases_across_a_flip() {
     let s = site(&dir.path().join("site"), &v1_refs);
     let (v1, _) = hub.publish(&s, Duration::from_millis(800)).await;
     let a = start_agent(agent_config("web-1", &hub.url(), &dir.path().join("a"))).await;
-    assert!(wait_active(&a, v1, Duration::from_secs(10)).await);
+    wait_active(&a, v1, Duration::from_secs(10)).await;
     let v2_files = files("v2");
     let v2_refs: Vec<(&str, &str)> = v2_files
         .iter()

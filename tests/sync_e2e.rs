@@ -11,8 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod farm;
-use farm::*;
+mod common;
+use common::farm::*;
+use common::wait::{self, DEADLINE};
+use common::{request, BIN};
 
 // ---------------------------------------------------------------------------------------------
 
@@ -37,7 +39,7 @@ fn four_agents_with_skewed_clocks_flip_together_and_a_new_agent_bootstraps() {
             + &format!("--- hub ---\n{}", farm.hub_log())
     };
     let v1 = farm.publish(&farm.site("v1", &text_files(20, "v1")), "+2s");
-    wait_for("every agent to serve v1", logs, || {
+    wait::until_blocking("every agent to serve v1", DEADLINE, logs, || {
         agents.iter().all(|a| a.release().as_deref() == Some(&v1))
     });
 
@@ -47,13 +49,13 @@ fn four_agents_with_skewed_clocks_flip_together_and_a_new_agent_bootstraps() {
     let pollers: Vec<_> = agents
         .iter()
         .map(|a| {
-            let (port, v1, v2, stop) = (a.port, v1.clone(), v2.clone(), stop.clone());
+            let (addr, v1, v2, stop) = (a.addr, v1.clone(), v2.clone(), stop.clone());
             std::thread::spawn(move || {
                 let deadline = Instant::now() + DEADLINE;
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    if let Ok(r) = http(port, "GET", "/index.html", None, b"") {
+                    if let Ok(r) = request(addr, "GET", "/index.html", None, b"") {
                         let release = r.header("x-lockstep-release").unwrap_or("").to_string();
-                        let body = String::from_utf8_lossy(&r.body).to_string();
+                        let body = r.body.clone();
                         // Never a mixed answer: the body belongs to the release in the header.
                         if release == v1 {
                             assert_eq!(body, "<h1>v1</h1>");
@@ -62,6 +64,8 @@ fn four_agents_with_skewed_clocks_flip_together_and_a_new_agent_bootstraps() {
                             return Some(Instant::now());
                         }
                     }
+                    // The sampler's pacing, not a synchronisation: it timestamps the flip to
+                    // within this interval, and the loop ends on the flip or the deadline.
                     std::thread::sleep(Duration::from_micros(500));
                 }
                 None
@@ -86,19 +90,20 @@ fn four_agents_with_skewed_clocks_flip_together_and_a_new_agent_bootstraps() {
     );
 
     // A new agent with an empty store bootstraps to the active release.
-    wait_for("the hub to promote v2", logs, || {
+    wait::until_blocking("the hub to promote v2", DEADLINE, logs, || {
         farm.schedule()["active"] == v2.as_str()
     });
     let late = farm.agent("web-5", None, "");
-    wait_for(
+    wait::until_blocking(
         "web-5 to bootstrap to v2",
+        DEADLINE,
         || late.proc.log(),
         || late.release().as_deref() == Some(&v2),
     );
-    assert_eq!(late.get("/pages/p3.txt").body, b"page 3 of v2\n");
+    assert_eq!(late.get("/pages/p3.txt").bytes, b"page 3 of v2\n");
 
     // The fleet as `lockstep status` sees it: everyone current, the skewed clocks measured.
-    wait_for("every agent to report v2", logs, || {
+    wait::until_blocking("every agent to report v2", DEADLINE, logs, || {
         let o = Command::new(BIN)
             .args(["status", "--json", "--hub", &farm.hub_url(), "--token-file"])
             .arg(farm.path("agent.token"))
@@ -137,8 +142,9 @@ fn an_agent_killed_mid_staging_resumes_and_a_tampered_blob_is_never_activated() 
     let mut agent = farm.agent("web-1", None, "fetch_concurrency: 1\n");
     let other = farm.agent("web-2", None, "");
     let v1 = farm.publish(&farm.site("v1", &text_files(3, "v1")), "+2s");
-    wait_for(
+    wait::until_blocking(
         "both agents to serve v1",
+        DEADLINE,
         || agent.proc.log(),
         || agent.release().as_deref() == Some(&v1) && other.release().as_deref() == Some(&v1),
     );
@@ -151,8 +157,9 @@ fn an_agent_killed_mid_staging_resumes_and_a_tampered_blob_is_never_activated() 
     let big = farm.publish(&farm.site("big", &files), "+40s");
     let blobs_dir = farm.path("web-1-store/blobs");
     let count = || walk(&blobs_dir).len();
-    wait_for(
+    wait::until_blocking(
         "web-1 to fetch some blobs",
+        DEADLINE,
         || agent.proc.log(),
         || count() >= 20,
     );
@@ -179,8 +186,9 @@ fn an_agent_killed_mid_staging_resumes_and_a_tampered_blob_is_never_activated() 
         Some(v1.as_str()),
         "a restarted agent serves its active release at once"
     );
-    wait_for(
+    wait::until_blocking(
         "web-1 to finish staging",
+        DEADLINE,
         || agent.proc.log(),
         || count() >= 400,
     );
@@ -202,16 +210,16 @@ fn an_agent_killed_mid_staging_resumes_and_a_tampered_blob_is_never_activated() 
         r#"{{"files":{{"evil.txt":{{"hash":"{genuine}","size":7,"type":"text/plain; charset=utf-8"}},"index.html":{{"hash":"{}","size":11,"type":"text/html; charset=utf-8"}}}}}}"#,
         blake3::hash(b"<h1>v3</h1>").to_hex()
     );
-    let up = http(
-        farm.hub_port,
+    let up = request(
+        farm.hub_addr,
         "POST",
         "/sync/v1/releases",
         Some(PUBLISH_TOKEN),
         manifest.as_bytes(),
     )
     .unwrap();
-    assert_eq!(up.status, 200, "{}", String::from_utf8_lossy(&up.body));
-    let id = serde_json::from_slice::<serde_json::Value>(&up.body).unwrap()["id"]
+    assert_eq!(up.status, 200, "{}", up.body);
+    let id = serde_json::from_slice::<serde_json::Value>(&up.bytes).unwrap()["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -222,8 +230,8 @@ fn an_agent_killed_mid_staging_resumes_and_a_tampered_blob_is_never_activated() 
             &b"<h1>v3</h1>"[..],
         ),
     ] {
-        let r = http(
-            farm.hub_port,
+        let r = request(
+            farm.hub_addr,
             "PUT",
             &format!("/sync/v1/blobs/{hash}"),
             Some(PUBLISH_TOKEN),
@@ -239,19 +247,20 @@ fn an_agent_killed_mid_staging_resumes_and_a_tampered_blob_is_never_activated() 
     std::fs::write(&stored, &tampered).unwrap();
     let now = farm.schedule()["now_us"].as_u64().unwrap();
     let commit = format!(r#"{{"at_us":{}}}"#, now + 2_000_000);
-    let c = http(
-        farm.hub_port,
+    let c = request(
+        farm.hub_addr,
         "POST",
         &format!("/sync/v1/releases/{id}/commit"),
         Some(PUBLISH_TOKEN),
         commit.as_bytes(),
     )
     .unwrap();
-    assert_eq!(c.status, 200, "{}", String::from_utf8_lossy(&c.body));
+    assert_eq!(c.status, 200, "{}", c.body);
     // Past the activation (and the hub's own grace-period advance), nobody serves it: the
     // agents keep v1 (the big release was replaced before its activation) and say why.
-    wait_for(
+    wait::until_blocking(
         "the hub to promote the release itself",
+        DEADLINE,
         || farm.hub_log(),
         || farm.schedule()["active"] == id.as_str(),
     );
@@ -264,25 +273,26 @@ fn an_agent_killed_mid_staging_resumes_and_a_tampered_blob_is_never_activated() 
             a.proc.log()
         );
         assert_ne!(
-            a.get("/evil.txt").body,
+            a.get("/evil.txt").bytes,
             tampered,
             "{} served tampered bytes",
             a.name
         );
     }
-    wait_for(
+    wait::until_blocking(
         "the agents to report the refused blob",
+        DEADLINE,
         || farm.hub_log(),
         || {
-            let r = http(
-                farm.hub_port,
+            let r = request(
+                farm.hub_addr,
                 "GET",
                 "/sync/v1/agents",
                 Some(AGENT_TOKEN),
                 b"",
             )
             .unwrap();
-            let fleet: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            let fleet: serde_json::Value = serde_json::from_slice(&r.bytes).unwrap();
             fleet["agents"].as_array().is_some_and(|l| {
                 l.len() == 2
                     && l.iter()
@@ -320,8 +330,9 @@ fn a_hub_killed_mid_publish_loses_nothing_and_shows_no_torn_release() {
     let _serial = serial();
     let mut farm = Farm::new("500ms", "1s");
     let v1 = farm.publish(&farm.site("v1", &text_files(3, "v1")), "+1s");
-    wait_for(
+    wait::until_blocking(
         "v1 to activate",
+        DEADLINE,
         || farm.hub_log(),
         || farm.schedule()["active"] == v1.as_str(),
     );
@@ -348,8 +359,9 @@ fn a_hub_killed_mid_publish_loses_nothing_and_shows_no_torn_release() {
         .spawn()
         .unwrap();
     let blobs = farm.path("hub-store/blobs");
-    wait_for(
+    wait::until_blocking(
         "the hub to receive some blobs",
+        DEADLINE,
         || farm.hub_log(),
         || walk(&blobs).len() >= 50,
     );
@@ -459,12 +471,12 @@ fn old_releases_leave_the_stores_while_active_and_previous_stay() {
     let mut ids = Vec::new();
     for v in 1..=4 {
         let id = farm.publish(&site(v), "+1s");
-        wait_for(&format!("web-1 to serve v{v}"), logs, || {
+        wait::until_blocking(&format!("web-1 to serve v{v}"), DEADLINE, logs, || {
             a.release().as_deref() == Some(&id)
         });
         ids.push(id);
     }
-    wait_for("the hub to promote v4", logs, || {
+    wait::until_blocking("the hub to promote v4", DEADLINE, logs, || {
         farm.schedule()["active"] == ids[3].as_str()
     });
     let (v3, v4) = (ids[2].clone(), ids[3].clone());
@@ -473,8 +485,9 @@ fn old_releases_leave_the_stores_while_active_and_previous_stay() {
     // v3 and v4: four files of their own each, and the shared one.
     let want_blobs = 4 + 4 + 1;
     for store in [farm.path("hub-store"), farm.path("web-1-store")] {
-        wait_for(
+        wait::until_blocking(
             &format!("{} to hold only v3 and v4", store.display()),
+            DEADLINE,
             || format!("{:?}\n{}", stored(&store), logs()),
             || {
                 let (releases, blobs) = stored(&store);
@@ -489,8 +502,8 @@ fn old_releases_leave_the_stores_while_active_and_previous_stay() {
     );
     assert!(a.metric("lockstep_agent_gc_removed_total") >= 10.0);
     assert!(a.metric("lockstep_agent_gc_removed_bytes_total") > 0.0);
-    assert_eq!(a.get("/index.html").body, b"<h1>v4</h1>");
-    assert_eq!(a.get("/shared.txt").body, b"the same in every release\n");
+    assert_eq!(a.get("/index.html").bytes, b"<h1>v4</h1>");
+    assert_eq!(a.get("/shared.txt").bytes, b"the same in every release\n");
 
     // The previous release is whole: a rollback needs nothing from the hub's upload path.
     let fetched = a.metric("lockstep_agent_fetched_blobs_total");
@@ -506,32 +519,37 @@ fn old_releases_leave_the_stores_while_active_and_previous_stay() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    wait_for("web-1 to roll back to v3", logs, || {
+    wait::until_blocking("web-1 to roll back to v3", DEADLINE, logs, || {
         a.release().as_deref() == Some(&v3)
     });
-    assert_eq!(a.get("/pages/p2.txt").body, b"page 2 of v3\n");
+    assert_eq!(a.get("/pages/p2.txt").bytes, b"page 2 of v3\n");
     assert_eq!(a.metric("lockstep_agent_fetched_blobs_total"), fetched);
 
     // A write through the agent's API becomes a release built on the agent: its manifest is
     // stored, and a restart serves it while the hub is down.
-    let put = http(
-        a.port,
+    let put = request(
+        a.addr,
         "PUT",
         "/content/news.txt",
         Some(AGENT_TOKEN),
         b"written on web-1\n",
     )
     .unwrap();
-    assert!(put.status < 300, "PUT answered {}", put.status);
-    wait_for("web-1 to serve its own write", logs, || {
+    assert!(put.status.as_u16() < 300, "PUT answered {}", put.status);
+    wait::until_blocking("web-1 to serve its own write", DEADLINE, logs, || {
         a.body("/news.txt").as_deref() == Some(b"written on web-1\n".as_slice())
     });
     let built = a.release().unwrap();
-    wait_for("web-1 to store the built release's manifest", logs, || {
-        farm.path("web-1-store/releases")
-            .join(format!("{built}.json"))
-            .is_file()
-    });
+    wait::until_blocking(
+        "web-1 to store the built release's manifest",
+        DEADLINE,
+        logs,
+        || {
+            farm.path("web-1-store/releases")
+                .join(format!("{built}.json"))
+                .is_file()
+        },
+    );
     let mut farm = farm;
     farm.hub.as_mut().unwrap().kill9();
     farm.restart(&mut a);
@@ -541,5 +559,5 @@ fn old_releases_leave_the_stores_while_active_and_previous_stay() {
         "{}",
         a.proc.log()
     );
-    assert_eq!(a.get("/news.txt").body, b"written on web-1\n");
+    assert_eq!(a.get("/news.txt").bytes, b"written on web-1\n");
 }

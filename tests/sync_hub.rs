@@ -411,12 +411,12 @@ async fn concurrent_advances_after_the_activation_have_exactly_one_winner() {
         ),
         "{early:?}"
     );
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            schedule(&c).await.now_us >= now + 600_000
-        })
-        .await
-    );
+    wait::until(
+        "the hub clock to pass the activation",
+        Duration::from_secs(3),
+        || async { schedule(&c).await.now_us >= now + 600_000 },
+    )
+    .await;
     let tasks: Vec<_> = (0..16)
         .map(|_| {
             let a = client(&app, Some(AGENT));
@@ -473,7 +473,19 @@ async fn the_hub_advances_itself_when_no_agent_does_and_long_polls_wake_at_once(
             .unwrap();
         (s, started.elapsed())
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The long poll is parked on the hub (its gauge says so) before anything is published.
+    let (metrics_client, admin) = (h1_client(), app.admin_addr().unwrap());
+    wait::until(
+        "the long poll to be parked on the hub",
+        Duration::from_secs(5),
+        || async {
+            scrape(&metrics_client, admin)
+                .await
+                .get("lockstep_sync_long_polls_waiting")
+                == Some(&1.0)
+        },
+    )
+    .await;
     let site = hub.site("site", &[("index.html", "v1")]);
     let o = publish::publish(&c, &site, At::Next, 1).await.unwrap();
     let (s, waited) = poll.await.unwrap();
@@ -486,14 +498,15 @@ async fn the_hub_advances_itself_when_no_agent_does_and_long_polls_wake_at_once(
         waited < Duration::from_secs(10),
         "it returned when the publish happened, not at its timeout"
     );
+    let m = scrape(&metrics_client, admin).await;
+    assert_eq!(m.get("lockstep_sync_long_polls_waiting"), Some(&0.0));
     // No agent: the hub promotes the release itself after its grace period.
-    assert!(
-        eventually(Duration::from_secs(8), || async {
-            schedule(&c).await.active == Some(o.committed.id)
-        })
-        .await,
-        "the hub did not advance the cycle"
-    );
+    wait::until(
+        "the hub to advance the cycle itself",
+        Duration::from_secs(8),
+        || async { schedule(&c).await.active == Some(o.committed.id) },
+    )
+    .await;
     let m = scrape(&h1_client(), app.admin_addr().unwrap()).await;
     assert_eq!(
         m.get("lockstep_sync_cycle_advances_total{by=\"hub\"}"),
@@ -536,12 +549,12 @@ async fn a_restarted_hub_loses_nothing() {
     let one = publish::publish(&c, &site, At::Absolute(now + 200_000), 2)
         .await
         .unwrap();
-    assert!(
-        eventually(Duration::from_secs(6), || async {
-            schedule(&c).await.active == Some(one.committed.id)
-        })
-        .await
-    );
+    wait::until(
+        "release one to activate",
+        Duration::from_secs(6),
+        || async { schedule(&c).await.active == Some(one.committed.id) },
+    )
+    .await;
     std::fs::write(site.join("index.html"), "v2").unwrap();
     let two = publish::publish(&c, &site, At::Absolute(now + 60_000_000), 2)
         .await
@@ -597,12 +610,12 @@ async fn the_router_leaves_backends_whose_agent_is_behind_unless_none_is_current
     let o = publish::publish(&c, &site, At::Absolute(now + 100_000), 1)
         .await
         .unwrap();
-    assert!(
-        eventually(Duration::from_secs(6), || async {
-            schedule(&c).await.active == Some(o.committed.id)
-        })
-        .await
-    );
+    wait::until(
+        "the release to activate",
+        Duration::from_secs(6),
+        || async { schedule(&c).await.active == Some(o.committed.id) },
+    )
+    .await;
     let report = |name: &str, active: Option<Hash>| {
         let agent = agent.clone();
         let path = format!("/sync/v1/agents/{name}/report");
@@ -633,26 +646,27 @@ async fn the_router_leaves_backends_whose_agent_is_behind_unless_none_is_current
     assert_eq!(t.len(), 2, "{t:?}");
     // One current: only it takes traffic.
     report(&names[0], Some(o.committed.id)).await;
-    assert!(
-        eventually(Duration::from_secs(3), || async {
+    wait::until(
+        "the backend behind to stop taking traffic",
+        Duration::from_secs(3),
+        || async {
             tally(&http, proxy, 10)
                 .await
                 .keys()
                 .cloned()
                 .collect::<HashSet<_>>()
                 == HashSet::from([names[0].clone()])
-        })
-        .await,
-        "the backend behind kept taking traffic"
-    );
+        },
+    )
+    .await;
     // It catches up: both again.
     report(&names[1], Some(o.committed.id)).await;
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            tally(&http, proxy, 20).await.len() == 2
-        })
-        .await
-    );
+    wait::until(
+        "both backends to take traffic again",
+        Duration::from_secs(3),
+        || async { tally(&http, proxy, 20).await.len() == 2 },
+    )
+    .await;
     let fleet = publish::fleet(&agent).await.unwrap();
     assert!(fleet.agents.iter().all(|a| a.current), "{fleet:?}");
     assert!(publish::render_fleet(&fleet).contains("current"));
@@ -689,49 +703,58 @@ async fn the_demo_flips_its_three_backends_to_a_published_directory() {
         .await
         .unwrap();
     let id = o.committed.id;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            demo.agents.iter().all(|a| a.active() == Some(id))
-        })
-        .await,
-        "the demo agents did not flip"
-    );
+    wait::until(
+        "the demo agents to flip",
+        Duration::from_secs(10),
+        || async { demo.agents.iter().all(|a| a.active() == Some(id)) },
+    )
+    .await;
     for _ in 0..6 {
         let r = get_with(&http, proxy, "/", &host).await.unwrap();
         assert_eq!(r.body, "<h1>two</h1>");
         assert_eq!(r.headers.get("x-lockstep-release").unwrap(), &id.to_hex());
     }
 
-    // The admin API lists the same fleet.
+    // The admin API lists the same fleet, once the first agent's advance (which follows its
+    // flip) has made the release the hub's active one.
     let admin = demo.app.admin_addr().unwrap();
-    let agents = get_with(&http, admin, "/api/agents", &[]).await.unwrap();
-    assert_eq!(agents.status, 200);
-    let fleet: serde_json::Value = serde_json::from_str(&agents.body).unwrap();
+    let fleet = || async {
+        let agents = get_with(&http, admin, "/api/agents", &[]).await.unwrap();
+        assert_eq!(agents.status, 200);
+        serde_json::from_str::<serde_json::Value>(&agents.body).unwrap()
+    };
+    wait::until(
+        "the admin API to show the release as the hub's active one",
+        Duration::from_secs(10),
+        || async { fleet().await["schedule"]["active"] == id.to_hex() },
+    )
+    .await;
+    let fleet = fleet().await;
     assert_eq!(fleet["agents"].as_array().map(Vec::len), Some(3), "{fleet}");
     assert_eq!(fleet["schedule"]["active"], id.to_hex());
 
     // Detect and forward: web-1's editing directory holds the release; an edit there is
     // served by every backend, through the proxy.
     let edit = dir.path().join("edit-1/index.html");
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            std::fs::read_to_string(&edit).is_ok_and(|b| b == "<h1>two</h1>")
-        })
-        .await,
-        "web-1's edit directory did not follow the release"
-    );
+    wait::until(
+        "web-1's edit directory to follow the release",
+        Duration::from_secs(10),
+        || async { std::fs::read_to_string(&edit).is_ok_and(|b| b == "<h1>two</h1>") },
+    )
+    .await;
     std::fs::write(&edit, "<h1>edited on web-1</h1>").unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait::until(
+        "the edit to reach every agent",
+        Duration::from_secs(10),
+        || async {
             demo.agents.iter().all(|a| {
                 a.active_release()
                     .and_then(|r| r.file("index.html").map(|f| f.size))
                     == Some(24)
             })
-        })
-        .await,
-        "the edit did not reach every agent"
-    );
+        },
+    )
+    .await;
     for _ in 0..6 {
         let r = get_with(&http, proxy, "/", &host).await.unwrap();
         assert_eq!(r.body, "<h1>edited on web-1</h1>");
@@ -795,13 +818,12 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
     cfg.token = Some(AGENT.into());
     cfg.hub_ca = Some(cert.cert_path.clone());
     let agent = lockstep::agent::start(cfg).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            agent.active() == Some(o.committed.id)
-        })
-        .await,
-        "the agent did not activate the release over TLS"
-    );
+    wait::until(
+        "the agent to activate the release over TLS",
+        Duration::from_secs(10),
+        || async { agent.active() == Some(o.committed.id) },
+    )
+    .await;
     let r = get(&h1_client(), agent.serve_addr(), "/").await;
     assert_eq!(r.body, "over tls");
     agent.shutdown(Duration::from_secs(1)).await;

@@ -2,22 +2,19 @@
 //! `systemd-analyze security --offline=true` scores each at an exposure of 2.0 or less
 //! (Debian's nginx and haproxy units score about 9.6). `.ci/run` installs systemd's tools.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
+
+use common::require_tool;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lockstep");
 const UNITS: [&str; 2] = ["lockstep.service", "lockstep-agent.service"];
 
 fn analyze() -> Command {
-    let c = Command::new("systemd-analyze");
-    if Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        panic!("systemd-analyze is missing: install the `systemd` package (.ci/run does)");
-    }
-    c
+    require_tool("systemd-analyze", "systemd");
+    Command::new("systemd-analyze")
 }
 
 fn unit(name: &str) -> String {

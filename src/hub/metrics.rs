@@ -1,6 +1,7 @@
 //! The hub's metrics: cycle, activation time, publishes, blob bytes received, cycle advances
 //! won (by agents or by the hub after its grace period), agents behind, content collected from
-//! the store, and each agent's reported clock offset, error bound and last flip lateness.
+//! the store, each agent's reported clock offset, error bound and last flip lateness, and the
+//! long polls parked now.
 
 use std::sync::atomic::AtomicU64;
 
@@ -75,6 +76,17 @@ pub struct HubMetrics {
     pub error: Family<AgentLabels, FloatGauge>,
     /// Reported lateness of the last flip per agent, seconds.
     pub lateness: Family<AgentLabels, FloatGauge>,
+    /// Long polls (`GET /sync/v1/schedule?wait=`) parked now.
+    pub long_polls: Gauge,
+}
+
+/// Counts one parked long poll in [`HubMetrics::long_polls`] until dropped.
+pub(super) struct Parked(Gauge);
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl HubMetrics {
@@ -148,6 +160,11 @@ impl HubMetrics {
                 "How late each agent's last flip was against its activation time",
                 m.lateness.clone(),
             );
+            r.register(
+                "sync_long_polls_waiting",
+                "Long polls of the schedule parked until it changes",
+                m.long_polls.clone(),
+            );
         });
         m
     }
@@ -156,6 +173,12 @@ impl HubMetrics {
         self.cycle.set(s.cycle as i64);
         self.activation
             .set(s.staged.map_or(0.0, |st| st.at_us as f64 / 1e6));
+    }
+
+    /// Counts a long poll as parked until the returned guard is dropped.
+    pub(super) fn park(&self) -> Parked {
+        self.long_polls.inc();
+        Parked(self.long_polls.clone())
     }
 
     pub(super) fn changeset(&self, mode: crate::sync::changeset::Mode) {

@@ -205,6 +205,7 @@ impl Hub {
         shutdown: &CancellationToken,
     ) -> Schedule {
         let mut rx = self.state.subscribe();
+        let _parked = self.metrics.park();
         let changed = rx.wait_for(|s| s.version != version);
         tokio::select! {
             _ = changed => {}

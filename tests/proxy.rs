@@ -1036,3 +1036,43 @@ async fn worker_runtimes_share_the_listener_and_survive_a_reload() {
         "a worker kept accepting after shutdown"
     );
 }
+
+/// A request abandoned while its backend still thinks (an h2 client resets the stream, an
+/// HTTP/1.1 client hangs up) stops counting as in flight: a leaked count would skew
+/// `least_conn` and `p2c_ewma` against that backend for good.
+#[tokio::test]
+async fn an_abandoned_request_no_longer_counts_in_flight() {
+    let stop = CancellationToken::new();
+    let silent = silent_backend(stop.clone()).await;
+    let app = start(&farm_yaml(
+        &backend_yaml("slow", silent, 1),
+        "    balance: least_conn\n    retries: 0\n    timeouts: { response: 60s }\n",
+    ))
+    .await;
+    let proxy = proxy_addr(&app);
+    let in_flight = || {
+        app.live().load().table.pools[0].backends[0]
+            .in_flight
+            .load(Ordering::Relaxed)
+    };
+    for (name, client) in [("h2c", h2c_client()), ("HTTP/1.1", h1_client())] {
+        let pending = tokio::spawn(async move { get_with(&client, proxy, "/", &[]).await });
+        wait::until(
+            &format!("the {name} request to be in flight"),
+            Duration::from_secs(10),
+            || async { in_flight() == 1 },
+        )
+        .await;
+        // Dropping the client's request: h2 sends RST_STREAM, HTTP/1.1 closes the connection.
+        pending.abort();
+        let _ = pending.await;
+        wait::until(
+            &format!("the abandoned {name} request to leave the in-flight count"),
+            Duration::from_secs(10),
+            || async { in_flight() == 0 },
+        )
+        .await;
+    }
+    app.shutdown(Duration::from_secs(1)).await;
+    stop.cancel();
+}

@@ -120,7 +120,25 @@ pub struct BackendState {
     pub drained: AtomicBool,
 }
 
+/// One request in flight to a backend: counted from [`BackendState::start_request`] until
+/// dropped, so a request future dropped midway (an h2 reset, a client gone, an idle timeout)
+/// ends its count as surely as one that completes.
+#[must_use = "the request counts as in flight only while this lives"]
+pub struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl BackendState {
+    /// Counts a request in flight until the returned guard is dropped.
+    pub fn start_request(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
+    }
+
     fn new(pool: &str, config: Backend, metrics: &Metrics) -> Self {
         let labels = BackendLabels {
             pool: pool.to_string(),

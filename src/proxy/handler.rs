@@ -1,4 +1,5 @@
-//! The request path: route → pool → pick a backend → forward → stream the answer back.
+//! The request path: route → pool → [`super::forward`] (pick a backend, forward, retry) →
+//! stream the answer back → count and log.
 //!
 //! Faults are told apart: a backend that refuses or cannot be reached is a 502 (and an
 //! idempotent request without a body is retried once per `retries` on a *different*
@@ -7,39 +8,19 @@
 //! line saying which side failed.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::net::body::{local, RequestBody, ResponseBody};
-use super::headers::{self, Forwarded};
-use super::{access_log, upgrade};
-use crate::config::{HashKey, Listener};
-use crate::live::Shared;
-use crate::router::balance::hash_key;
-use crate::pools::table::{PoolLoad, PoolState};
-
-/// What a connection knows while it serves requests.
-pub struct ConnCtx {
-    /// The listener it arrived on.
-    pub listener: Arc<Listener>,
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// Whether the peer is a trusted proxy (decided once per connection).
-    pub trusted: bool,
-    /// The peer's address as a header value, for `X-Forwarded-For`.
-    pub peer_value: HeaderValue,
-    /// Whether TLS terminated here.
-    pub tls: bool,
-    /// The live state.
-    pub live: Shared,
-}
+use super::access_log;
+use super::conn::ConnCtx;
+use super::forward::{forward, plain};
+use crate::net::body::ResponseBody;
+use crate::pools::table::PoolState;
 
 /// Serves one request. Never fails: every error becomes a response.
 pub async fn handle(
@@ -76,236 +57,6 @@ pub async fn handle(
     Ok(resp)
 }
 
-async fn forward(
-    ctx: &ConnCtx,
-    pool: &PoolState,
-    client: &crate::net::upstream::Clients,
-    mut req: Request<Incoming>,
-    host: Option<HeaderValue>,
-) -> (Response<ResponseBody>, Option<usize>) {
-    let cfg = &pool.config;
-    let key = match &cfg.hash_key {
-        None => None,
-        Some(HashKey::ClientIp) => Some(hash_key(ctx.peer.ip().to_string().as_bytes())),
-        Some(HashKey::Header(name)) => req.headers().get(name).map(|v| hash_key(v.as_bytes())),
-        Some(HashKey::Cookie(name)) => {
-            headers::cookie(req.headers(), name).map(|v| hash_key(v.as_bytes()))
-        }
-    };
-
-    let wants_upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
-    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let via = if parts.version == Version::HTTP_2 {
-        "2 lockstep"
-    } else {
-        "1.1 lockstep"
-    };
-    headers::strip_hop_by_hop(&mut parts.headers, wants_upgrade);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(h) = host.clone() {
-            parts.headers.insert(header::HOST, h);
-        }
-    }
-    headers::add_forwarded(
-        &mut parts.headers,
-        Forwarded {
-            peer: &ctx.peer_value,
-            trusted: ctx.trusted,
-            proto: if ctx.tls { "https" } else { "http" },
-            host,
-            via,
-        },
-    );
-    // Only requests whose replay cannot change anything, and whose body we do not have to
-    // keep (bodies are streamed, not buffered), are retried.
-    let bodyless = http_body::Body::is_end_stream(&body);
-    let retryable = is_idempotent(&parts.method) && bodyless && !wants_upgrade;
-    let client_failed = (!bodyless).then(|| Arc::new(AtomicBool::new(false)));
-    let mut body = Some(match &client_failed {
-        None => RequestBody::Empty,
-        Some(flag) => RequestBody::Stream {
-            inner: body,
-            client_failed: flag.clone(),
-        },
-    });
-
-    let attempts = 1 + if retryable { cfg.retries as usize } else { 0 };
-    // Backends already tried by this request; retries are few, so a short inline list.
-    let mut tried = Tried::default();
-    let mut last_error = None;
-    for attempt in 0..attempts {
-        let now = Instant::now();
-        let health = pool.health.load();
-        let load = PoolLoad {
-            backends: &pool.backends,
-            now,
-        };
-        let random = rand::random::<u64>();
-        let pick = pool.balancer.pick(
-            &load,
-            &|i| health.available(i, now) && !tried.contains(&i),
-            key,
-            random,
-        );
-        let Some(i) = pick else { break };
-        tried.push(i);
-        let backend = &pool.backends[i];
-        if attempt > 0 {
-            pool.retries.inc();
-        }
-
-        let mut target = http::uri::Parts::default();
-        target.scheme = Some(http::uri::Scheme::HTTP);
-        target.authority = Some(backend.authority.clone());
-        target.path_and_query = Some(path_and_query.clone());
-        let Ok(uri) = Uri::from_parts(target) else {
-            return (plain(StatusCode::BAD_REQUEST, "bad request target\n"), None);
-        };
-        let mut up = Request::new(body.take().unwrap_or(RequestBody::Empty));
-        *up.method_mut() = parts.method.clone();
-        *up.uri_mut() = uri;
-        *up.version_mut() = Version::HTTP_11;
-        // The last possible attempt takes the headers; earlier ones copy them for a retry.
-        *up.headers_mut() = if attempt + 1 == attempts {
-            std::mem::take(&mut parts.headers)
-        } else {
-            parts.headers.clone()
-        };
-
-        backend.in_flight.fetch_add(1, Ordering::Relaxed);
-        let sent = Instant::now();
-        let result = tokio::time::timeout(cfg.response_timeout, client.request(up)).await;
-        backend.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let done = Instant::now();
-
-        match result {
-            Ok(Ok(mut resp)) => {
-                backend.ewma.observe(done - sent, done);
-                pool.record_outcome(i, !resp.status().is_server_error(), done);
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    if let Some(client_upgrade) = client_upgrade {
-                        let backend_upgrade = hyper::upgrade::on(&mut resp);
-                        upgrade::bridge(
-                            client_upgrade,
-                            backend_upgrade,
-                            ctx.peer,
-                            backend.config.name.clone(),
-                        );
-                        let (mut rparts, _) = resp.into_parts();
-                        headers::strip_hop_by_hop(&mut rparts.headers, true);
-                        return (
-                            Response::from_parts(rparts, local(bytes::Bytes::new())),
-                            Some(i),
-                        );
-                    }
-                }
-                let (mut rparts, rbody) = resp.into_parts();
-                headers::strip_hop_by_hop(&mut rparts.headers, false);
-                return (
-                    Response::from_parts(rparts, http_body_util::Either::Left(rbody)),
-                    Some(i),
-                );
-            }
-            Ok(Err(e)) => {
-                if client_failed
-                    .as_ref()
-                    .is_some_and(|f| f.load(Ordering::Relaxed))
-                {
-                    debug!(client.addr = %ctx.peer, error = %e, "client sent a broken request body");
-                    let mut r = plain(StatusCode::BAD_REQUEST, "malformed request body\n");
-                    r.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                    return (r, Some(i));
-                }
-                pool.record_outcome(i, false, done);
-                let connect = e.is_connect();
-                warn!(
-                    pool = %cfg.name, backend = %backend.config.name, backend.addr = %backend.config.address,
-                    error = %error_chain(&e), fault = "upstream",
-                    "{}", if connect { "backend connect failed" } else { "backend request failed" }
-                );
-                last_error = Some(StatusCode::BAD_GATEWAY);
-                // No answer came back. A request whose replay cannot change anything (and
-                // whose body we do not hold) goes to another backend, as nginx's
-                // `proxy_next_upstream error` does; anything else is never replayed.
-                if !retryable {
-                    break;
-                }
-            }
-            Err(_) => {
-                pool.record_outcome(i, false, done);
-                warn!(
-                    pool = %cfg.name, backend = %backend.config.name, timeout = ?cfg.response_timeout,
-                    fault = "upstream", "backend response timed out"
-                );
-                return (
-                    plain(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "backend did not answer in time\n",
-                    ),
-                    Some(i),
-                );
-            }
-        }
-        if body.is_none() && !retryable {
-            break;
-        }
-    }
-    match last_error {
-        Some(status) => (plain(status, "backend unavailable\n"), tried.last()),
-        None => {
-            warn!(pool = %cfg.name, fault = "upstream", "no healthy backend");
-            (
-                plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n"),
-                None,
-            )
-        }
-    }
-}
-
-/// Backend indexes a request has tried, without allocating for the usual few.
-#[derive(Default)]
-struct Tried {
-    inline: [usize; 4],
-    len: usize,
-    more: Vec<usize>,
-}
-
-impl Tried {
-    fn push(&mut self, i: usize) {
-        match self.inline.get_mut(self.len) {
-            Some(slot) => *slot = i,
-            None => self.more.push(i),
-        }
-        self.len += 1;
-    }
-
-    fn contains(&self, i: &usize) -> bool {
-        self.inline[..self.len.min(4)].contains(i) || self.more.contains(i)
-    }
-
-    fn last(&self) -> Option<usize> {
-        match self.len {
-            0 => None,
-            n if n <= 4 => Some(self.inline[n - 1]),
-            _ => self.more.last().copied(),
-        }
-    }
-}
-
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 /// The host the client asked for: `:authority` (h2, absolute-form) or `Host`. Both variants
 /// share the request's buffer, so keeping one costs a reference count, not a copy.
 enum Host {
@@ -335,27 +86,6 @@ impl Host {
             Host::Header(v) => v.to_str().ok(),
         }
     }
-}
-
-fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
-    let mut r = Response::new(local(text));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Request fields kept for the access log (only when it is on).

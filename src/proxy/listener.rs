@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, warn, Instrument};
 
-use super::handler::{self, ConnCtx};
+use super::conn::ConnCtx;
+use super::handler;
 use super::headers::{is_trusted, peer_value};
 use crate::live::Shared;
 use crate::metrics::{ListenerLabels, Metrics};

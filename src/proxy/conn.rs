@@ -1,0 +1,28 @@
+//! What a proxy connection knows while it serves requests: decided once at accept (listener
+//! settings of that generation, the peer, whether it is a trusted proxy, TLS) and read by every
+//! request on it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::HeaderValue;
+
+use crate::config::Listener;
+use crate::live::Shared;
+
+/// What a connection knows while it serves requests.
+pub struct ConnCtx {
+    /// The listener it arrived on.
+    pub listener: Arc<Listener>,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Whether the peer is a trusted proxy (decided once per connection).
+    pub trusted: bool,
+    /// The peer's address as a header value, for `X-Forwarded-For`.
+    pub peer_value: HeaderValue,
+    /// Whether TLS terminated here.
+    pub tls: bool,
+    /// The live state.
+    pub live: Shared,
+}
+

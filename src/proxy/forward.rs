@@ -1,0 +1,273 @@
+//! The upstream phases of one request, named as Pingora's `ProxyHttp` names them, each a
+//! function of its own: [`prepare`] (the request as backends get it: hash key, hop-by-hop
+//! headers, `X-Forwarded-*`, `Via`; what may be replayed), [`choose`] (which backend: health,
+//! tried ones, the pool's policy), [`upstream_request`] (one attempt's request), [`send`] (the
+//! exchange under `response_timeout`, counted in flight by a guard, its failure classified),
+//! [`crate::proxy::retry::after_failure`] (retry or answer, pure) and [`respond`] (the response
+//! as the client gets it, upgrades bridged). [`forward`] runs them in order.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http_body_util::{Either, Full};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use tracing::{debug, warn};
+
+use super::conn::ConnCtx;
+use super::headers::{self, Forwarded};
+use super::retry::{self, Fault, Next, Tried};
+use super::upgrade;
+use crate::config::{HashKey, Pool};
+use crate::net::body::{local, RequestBody, ResponseBody};
+use crate::net::respond;
+use crate::net::upstream::Clients;
+use crate::pools::table::{PoolLoad, PoolState};
+use crate::router::balance::hash_key;
+
+/// A request made ready for backends.
+pub struct Prepared {
+    /// Method, version and rewritten headers (the URI is set per attempt).
+    parts: http::request::Parts,
+    /// The target's path and query.
+    path_and_query: http::uri::PathAndQuery,
+    /// The body, until an attempt takes it.
+    body: Option<RequestBody>,
+    /// Raised when reading the client's body failed.
+    client_failed: Option<Arc<AtomicBool>>,
+    /// The client side of an `Upgrade`, when it asked for one.
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The hash key of a `hash` pool.
+    pub key: Option<u64>,
+    /// Whether it may be replayed on another backend.
+    pub retryable: bool,
+}
+
+/// The key a `hash` pool places the request by.
+pub fn key_of(cfg: &Pool, peer: std::net::IpAddr, headers: &http::HeaderMap) -> Option<u64> {
+    match &cfg.hash_key {
+        None => None,
+        Some(HashKey::ClientIp) => Some(hash_key(peer.to_string().as_bytes())),
+        Some(HashKey::Header(name)) => headers.get(name).map(|v| hash_key(v.as_bytes())),
+        Some(HashKey::Cookie(name)) => {
+            headers::cookie(headers, name).map(|v| hash_key(v.as_bytes()))
+        }
+    }
+}
+
+/// Phase 1: the request as every backend will get it.
+pub fn prepare(
+    ctx: &ConnCtx,
+    cfg: &Pool,
+    mut req: Request<Incoming>,
+    host: Option<HeaderValue>,
+) -> Prepared {
+    let key = key_of(cfg, ctx.peer.ip(), req.headers());
+    let wants_upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let via = if parts.version == Version::HTTP_2 { "2 lockstep" } else { "1.1 lockstep" };
+    headers::strip_hop_by_hop(&mut parts.headers, wants_upgrade);
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(h) = host.clone() {
+            parts.headers.insert(header::HOST, h);
+        }
+    }
+    headers::add_forwarded(
+        &mut parts.headers,
+        Forwarded {
+            peer: &ctx.peer_value,
+            trusted: ctx.trusted,
+            proto: if ctx.tls { "https" } else { "http" },
+            host,
+            via,
+        },
+    );
+    let bodyless = http_body::Body::is_end_stream(&body);
+    let retryable = retry::retryable(&parts.method, bodyless, wants_upgrade);
+    let client_failed = (!bodyless).then(|| Arc::new(AtomicBool::new(false)));
+    let body = Some(match &client_failed {
+        None => RequestBody::Empty,
+        Some(flag) => RequestBody::Stream { inner: body, client_failed: flag.clone() },
+    });
+    Prepared { parts, path_and_query, body, client_failed, client_upgrade, key, retryable }
+}
+
+/// Phase 2: the backend for the next attempt, among the available ones not yet tried.
+pub fn choose(pool: &PoolState, key: Option<u64>, tried: &Tried, now: Instant, random: u64) -> Option<usize> {
+    let health = pool.health.load();
+    let load = PoolLoad { backends: &pool.backends, now };
+    pool.balancer.pick(&load, &|i| health.available(i, now) && !tried.contains(&i), key, random)
+}
+
+/// Phase 3: the request of one attempt to backend `authority`; the `last` attempt takes the
+/// headers, earlier ones copy them for a retry. `None` when the target cannot be a URI.
+pub fn upstream_request(
+    p: &mut Prepared,
+    authority: &http::uri::Authority,
+    last: bool,
+) -> Option<Request<RequestBody>> {
+    let mut target = http::uri::Parts::default();
+    target.scheme = Some(http::uri::Scheme::HTTP);
+    target.authority = Some(authority.clone());
+    target.path_and_query = Some(p.path_and_query.clone());
+    let uri = Uri::from_parts(target).ok()?;
+    let mut up = Request::new(p.body.take().unwrap_or(RequestBody::Empty));
+    *up.method_mut() = p.parts.method.clone();
+    *up.uri_mut() = uri;
+    *up.version_mut() = Version::HTTP_11;
+    *up.headers_mut() =
+        if last { std::mem::take(&mut p.parts.headers) } else { p.parts.headers.clone() };
+    Some(up)
+}
+
+/// Phase 4: sends `up` to backend `i`, counted in flight for as long as the exchange lives
+/// (the guard also ends the count when this future is dropped: an h2 reset, a client gone),
+/// under the pool's `response_timeout`; records latency and the passive-health outcome.
+pub async fn send(
+    pool: &PoolState,
+    i: usize,
+    client: &Clients,
+    up: Request<RequestBody>,
+    client_failed: Option<&AtomicBool>,
+) -> Result<Response<Incoming>, Fault> {
+    let backend = &pool.backends[i];
+    let cfg = &pool.config;
+    let result = {
+        let _in_flight = backend.start_request();
+        let sent = Instant::now();
+        let r = tokio::time::timeout(cfg.response_timeout, client.request(up)).await;
+        (r, sent, Instant::now())
+    };
+    match result {
+        (Ok(Ok(resp)), sent, done) => {
+            backend.ewma.observe(done - sent, done);
+            pool.record_outcome(i, !resp.status().is_server_error(), done);
+            Ok(resp)
+        }
+        (Ok(Err(e)), _, done) => {
+            if client_failed.is_some_and(|f| f.load(Ordering::Relaxed)) {
+                debug!(error = %e, fault = Fault::ClientBody.side(), "client sent a broken request body");
+                return Err(Fault::ClientBody);
+            }
+            pool.record_outcome(i, false, done);
+            let fault = if e.is_connect() { Fault::Connect } else { Fault::Request };
+            warn!(
+                pool = %cfg.name, backend = %backend.config.name, backend.addr = %backend.config.address,
+                error = %error_chain(&e), fault = fault.side(),
+                "{}", if fault == Fault::Connect { "backend connect failed" } else { "backend request failed" }
+            );
+            Err(fault)
+        }
+        (Err(_), _, done) => {
+            pool.record_outcome(i, false, done);
+            warn!(
+                pool = %cfg.name, backend = %backend.config.name, timeout = ?cfg.response_timeout,
+                fault = Fault::Timeout.side(), "backend response timed out"
+            );
+            Err(Fault::Timeout)
+        }
+    }
+}
+
+/// Phase 6: the backend's response as the client gets it: hop-by-hop headers gone, body
+/// streamed; a `101` to a client that asked for the upgrade bridges the two connections.
+pub fn respond(
+    mut resp: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ctx: &ConnCtx,
+    backend_name: &str,
+) -> Response<ResponseBody> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let backend_upgrade = hyper::upgrade::on(&mut resp);
+            upgrade::bridge(client_upgrade, backend_upgrade, ctx.peer, backend_name.to_string());
+            let (mut parts, _) = resp.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers, true);
+            return Response::from_parts(parts, local(Bytes::new()));
+        }
+    }
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    Response::from_parts(parts, Either::Left(body))
+}
+
+/// Forwards `req` to a backend of `pool`: the phases above in order, retrying as
+/// [`retry::after_failure`] decides. Returns the answer and the backend that gave it (or the
+/// last one tried).
+pub async fn forward(
+    ctx: &ConnCtx,
+    pool: &PoolState,
+    client: &Clients,
+    req: Request<Incoming>,
+    host: Option<HeaderValue>,
+) -> (Response<ResponseBody>, Option<usize>) {
+    let mut p = prepare(ctx, &pool.config, req, host);
+    let attempts = retry::attempts(p.retryable, pool.config.retries);
+    let mut tried = Tried::default();
+    let mut failed = false;
+    for attempt in 0..attempts {
+        let Some(i) = choose(pool, p.key, &tried, Instant::now(), rand::random::<u64>()) else {
+            break;
+        };
+        tried.push(i);
+        if attempt > 0 {
+            pool.retries.inc();
+        }
+        let backend = &pool.backends[i];
+        let Some(up) = upstream_request(&mut p, &backend.authority, attempt + 1 == attempts) else {
+            return (plain(StatusCode::BAD_REQUEST, "bad request target\n"), None);
+        };
+        match send(pool, i, client, up, p.client_failed.as_deref()).await {
+            Ok(resp) => return (respond(resp, p.client_upgrade.take(), ctx, &backend.config.name), Some(i)),
+            Err(fault) => match retry::after_failure(fault, p.retryable) {
+                Next::Retry => failed = true,
+                Next::Answer { status, text, close } => return (answer(status, text, close), Some(i)),
+            },
+        }
+    }
+    if failed {
+        return (answer_of(retry::UNAVAILABLE), tried.last());
+    }
+    warn!(pool = %pool.config.name, fault = "upstream", "no healthy backend");
+    (plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n"), None)
+}
+
+/// A short local plain-text answer.
+pub fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    respond::text::<Full<Bytes>>(status, text).map(Either::Right)
+}
+
+fn answer_of(next: Next) -> Response<ResponseBody> {
+    match next {
+        Next::Answer { status, text, close } => answer(status, text, close),
+        Next::Retry => plain(StatusCode::BAD_GATEWAY, "backend unavailable\n"),
+    }
+}
+
+fn answer(status: StatusCode, text: &'static str, close: bool) -> Response<ResponseBody> {
+    let mut r = plain(status, text);
+    if close {
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -107,6 +107,18 @@ pub struct Appliance {
     workers: Vec<Handle>,
 }
 
+/// Why a reload from a file was refused; the running config keeps serving either way.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadFailure {
+    /// The file does not check.
+    #[error("{0}")]
+    Config(crate::config::ConfigErrors),
+    /// It checks, but could not be applied (an address is taken, …).
+    #[error("{0}")]
+    Apply(ApplianceError),
+}
+
 /// A bound listener: one socket per worker runtime (`SO_REUSEPORT` when there are several).
 type Bound = (String, Vec<std::net::TcpListener>);
 
@@ -271,7 +283,7 @@ impl Appliance {
         let handler = DnsHandler::new(self.dns_view.clone(), metrics);
         let stop = self.shutdown.child_token();
         self.tracker
-            .spawn(dns::serve(b, handler, stop.clone(), Vec::new()));
+            .spawn(dns::serve(b, handler, stop.clone()));
         replace(&mut self.dns, RunningListener { bind, local, stop }, "dns");
     }
 
@@ -380,14 +392,26 @@ impl Appliance {
     /// stops listeners that are gone. In-flight requests finish on the state they started on.
     pub fn reload(&mut self, config: Config) -> Result<u64, ApplianceError> {
         let result = self.try_reload(config);
-        let label = if result.is_ok() { "ok" } else { "error" };
-        self.metrics
-            .reloads
-            .get_or_create(&ResultLabels {
-                result: label.into(),
-            })
-            .inc();
+        self.count_reload(result.is_ok());
         result
+    }
+
+    /// Reads the config at `path` and applies it ([`Appliance::reload`]); a config that does
+    /// not check is refused like a failed reload (and counted once, as one).
+    pub fn reload_file(&mut self, path: &std::path::Path) -> Result<u64, ReloadFailure> {
+        match crate::config::load(path) {
+            Ok(config) => self.reload(config).map_err(ReloadFailure::Apply),
+            Err(errors) => {
+                self.count_reload(false);
+                Err(ReloadFailure::Config(errors))
+            }
+        }
+    }
+
+    /// The one place `lockstep_reloads_total` is counted.
+    fn count_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.metrics.reloads.get_or_create(&ResultLabels { result: result.into() }).inc();
     }
 
     fn try_reload(&mut self, config: Config) -> Result<u64, ApplianceError> {

@@ -128,6 +128,11 @@ impl Metrics {
             "Open client connections",
             m.connections.clone(),
         );
+        registry.register(
+            "access_log_dropped_lines",
+            "Access log lines dropped because the writer could not keep up",
+            access_log_dropped().clone(),
+        );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
     }
@@ -153,13 +158,29 @@ impl Default for Metrics {
     }
 }
 
+/// Access-log lines dropped because stdout could not keep up. One per process, as the access
+/// log's writer thread is; every registry exports the same counter.
+pub fn access_log_dropped() -> &'static Counter {
+    static DROPPED: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
+    DROPPED.get_or_init(Counter::default)
+}
+
+/// The status classes, as metric labels, in order.
+pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The index in [`CLASSES`] of a status code's class (anything outside 100–599 counts as 5xx:
+/// hyper never hands out such a status, so only a bug would make one).
+pub fn class_index(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
 /// Status class label of a status code.
 pub fn class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
+    CLASSES[class_index(status)]
 }

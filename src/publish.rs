@@ -7,12 +7,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::Method;
 use tokio::task::JoinSet;
 
+use crate::admin::view::{PoolView, PoolsView};
+use crate::hub::fleet::last_flip_skew;
 use crate::net::client::{ok, ClientError, HttpClient, Remote, REQUEST_TIMEOUT};
 use crate::sync::manifest::Hash;
 use crate::sync::protocol::{Commit, Committed, Fleet, Schedule, Uploaded};
@@ -220,6 +222,36 @@ pub async fn fleet(client: &HttpClient) -> Result<Fleet, ClientError> {
         .await
 }
 
+/// `GET /api/pools` of an appliance's admin API.
+pub async fn pools(admin: &HttpClient) -> Result<PoolsView, ClientError> {
+    admin.json(Method::GET, "/api/pools", None::<&()>, Duration::from_secs(10)).await
+}
+
+/// What `lockstep status --json` prints: the hub's fleet, and the pools when `--admin` is given.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StatusView {
+    /// The hub's view of the fleet.
+    #[serde(flatten)]
+    pub fleet: Fleet,
+    /// The appliance's pools (`--admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pools: Option<Vec<PoolView>>,
+}
+
+/// What `lockstep publish` prints about a publish that went through.
+pub fn render_outcome(o: &Outcome) -> String {
+    format!(
+        "release {}\nfiles {} ({} bytes); uploaded {} of {} blob(s), {} bytes (the hub already had the others)\n{}\n",
+        o.committed.id,
+        o.files,
+        o.bytes,
+        o.uploaded_blobs,
+        o.blobs,
+        o.uploaded_bytes,
+        describe(&o.committed, o.committed.schedule.now_us)
+    )
+}
+
 /// A hub time as RFC 3339 with milliseconds.
 pub fn show_time(us: u64) -> String {
     let t = UNIX_EPOCH + Duration::from_micros(us);
@@ -253,6 +285,20 @@ pub fn describe(c: &Committed, now_us: u64) -> String {
         "queued" => "queued: the staged release activates too soon to replace; this one is staged right after it".to_string(),
         _ => "already the active release: nothing to do".to_string(),
     }
+}
+
+/// `lockstep status --admin`: the admin API's pools as a table.
+pub fn render_pools(v: &PoolsView) -> String {
+    let row = |p: &str, b: &str, a: &str, w: &dyn std::fmt::Display, f: &dyn std::fmt::Display, s: &str| {
+        format!("{p:<12} {b:<16} {a:<22} {w:>6} {f:>9}  {s}\n")
+    };
+    let mut out = row("POOL", "BACKEND", "ADDRESS", &"WEIGHT", &"IN FLIGHT", "STATE");
+    for p in &v.pools {
+        for b in &p.backends {
+            out.push_str(&row(&p.name, &b.name, &b.address, &b.weight, &b.in_flight, b.state()));
+        }
+    }
+    out
 }
 
 /// `lockstep status`: the fleet as a table.
@@ -305,13 +351,14 @@ pub fn render_fleet(f: &Fleet) -> String {
     if f.agents.is_empty() {
         out.push_str("(no agent has reported yet)\n");
     }
-    if let Some((release, n, spread, lo, hi)) = last_flip_skew(f) {
+    if let Some(k) = last_flip_skew(f) {
         out.push_str(&format!(
-            "\nlast flip to {}: {n} agent(s), skew {} (lateness from {} to {}, as each agent measured it)\n",
-            release.short(),
-            show_us(spread).trim_start_matches('+'),
-            show_us(lo),
-            show_us(hi)
+            "\nlast flip to {}: {} agent(s), skew {} (lateness from {} to {}, as each agent measured it)\n",
+            k.release.short(),
+            k.agents,
+            show_us(k.spread_us).trim_start_matches('+'),
+            show_us(k.min_us),
+            show_us(k.max_us)
         ));
     }
     if !f.conflicts.is_empty() {
@@ -336,67 +383,6 @@ pub fn render_fleet(f: &Fleet) -> String {
     out
 }
 
-/// The skew of the fleet's last flip: among agents whose last flip activated the hub's active
-/// release, the spread of their measured lateness. `(release, agents, spread, min, max)`.
-pub fn last_flip_skew(f: &Fleet) -> Option<(Hash, usize, i64, i64, i64)> {
-    let release = f.schedule.active?;
-    let late: Vec<i64> = f
-        .agents
-        .iter()
-        .filter(|a| a.report.last_flip == Some(release))
-        .filter_map(|a| a.report.last_flip_lateness_us)
-        .collect();
-    let (lo, hi) = (*late.iter().min()?, *late.iter().max()?);
-    Some((release, late.len(), hi - lo, lo, hi))
-}
-
-/// Now on this machine's clock, µs (for "in N s" when the hub's is not at hand).
-pub fn local_now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// A fleet of three agents — two flipped to release 2 (lateness +120 and −30 µs), one
-/// still on release 1 — and the two release ids; for tests here and in the admin API.
-#[cfg(test)]
-pub(crate) fn sample_fleet() -> (Fleet, Hash, Hash) {
-    use crate::sync::protocol::{AgentView, Report};
-    let (r1, r2) = (Hash::of(b"1"), Hash::of(b"2"));
-    let agent = |name: &str, flip: Hash, late: i64| AgentView {
-        name: name.into(),
-        report: Report {
-            active: Some(flip),
-            last_flip: Some(flip),
-            last_flip_lateness_us: Some(late),
-            ..Report::default()
-        },
-        reported_us: 0,
-        current: flip == r2,
-    };
-    let fleet = Fleet {
-        conflicts: Vec::new(),
-        schedule: Schedule {
-            version: 3,
-            cycle: 2,
-            active: Some(r2),
-            staged: None,
-            activation_us: None,
-            queued: None,
-            previous: Some(r1),
-            now_us: 0,
-            applied: Default::default(),
-        },
-        agents: vec![
-            agent("a", r2, 120),
-            agent("b", r2, -30),
-            agent("c", r1, 9_000),
-        ],
-    };
-    (fleet, r1, r2)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,8 +404,9 @@ mod tests {
 
     #[test]
     fn the_last_flip_skew_is_the_spread_of_the_agents_lateness() {
-        let (fleet, _, r2) = sample_fleet();
-        assert_eq!(last_flip_skew(&fleet), Some((r2, 2, 150, -30, 120)));
+        let (fleet, _, r2) = crate::hub::fleet::sample_fleet();
+        let k = last_flip_skew(&fleet).unwrap();
+        assert_eq!((k.release, k.agents, k.spread_us, k.min_us, k.max_us), (r2, 2, 150, -30, 120));
         assert!(render_fleet(&fleet).contains("2 agent(s), skew 150µs"));
     }
 

@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tracing::{error, info};
 
 use crate::admin::reload;
-use crate::appliance::Appliance;
-use crate::config::{self, Config};
+use crate::appliance::{Appliance, ReloadFailure};
+use crate::config::Config;
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_tracing() {
@@ -92,24 +92,17 @@ pub async fn run(
 
 fn reload_from(path: &std::path::Path, app: &mut Appliance) -> Result<u64, String> {
     crate::systemd::notify(&[sd_notify::NotifyState::Reloading]);
-    let outcome = match config::load(path) {
-        Err(errors) => {
-            app.metrics()
-                .reloads
-                .get_or_create(&crate::metrics::ResultLabels {
-                    result: "error".into(),
-                })
-                .inc();
-            for e in &errors.0 {
-                error!(problem = %e, "config refused; the running config keeps serving");
+    let outcome = app.reload_file(path).map_err(|failure| {
+        match &failure {
+            ReloadFailure::Config(errors) => {
+                for e in &errors.0 {
+                    error!(problem = %e, "config refused; the running config keeps serving");
+                }
             }
-            Err(errors.to_string())
+            e => error!(error = %e, "reload failed; the running config keeps serving"),
         }
-        Ok(cfg) => app.reload(cfg).map_err(|e| {
-            error!(error = %e, "reload failed; the running config keeps serving");
-            e.to_string()
-        }),
-    };
+        failure.to_string()
+    });
     crate::systemd::notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status(app)),

@@ -94,7 +94,7 @@ async fn status_of(c: &HubClient, method: Method, path: &str, body: &[u8]) -> St
 #[tokio::test]
 async fn publishing_moves_only_missing_blobs_and_stages_on_the_grid() {
     let hub = Hub::new();
-    let app = start_hub(&hub.sync_yaml("1s", "2s")).await;
+    let app = start_hub(&hub.sync_yaml("10s", "2s")).await;
     let c = client(&app, Some(PUBLISH));
     let site = hub.site(
         "site",
@@ -104,12 +104,22 @@ async fn publishing_moves_only_missing_blobs_and_stages_on_the_grid() {
             ("img/logo.png", "png"),
         ],
     );
+    // Two publishes before the first one's activation need room before it (a publish within
+    // the lead of the staged activation is queued instead): wait, on the hub's clock, until the
+    // next activation on the 10 s grid is more than 5 s beyond the lead.
+    let room = |now: u64| (now + 2_000_000).div_ceil(10_000_000) * 10_000_000 - 2_000_000 - now;
+    wait::until(
+        "the hub's clock to leave room before the next activation",
+        Duration::from_secs(15),
+        || async { room(schedule(&c).await.now_us) > 5_000_000 },
+    )
+    .await;
     let before = schedule(&c).await;
     let first = publish::publish(&c, &site, At::Next, 4).await.unwrap();
     assert_eq!((first.files, first.uploaded_blobs), (3, 3));
     assert_eq!(first.committed.state, "staged");
     let at = first.committed.activation_us.unwrap();
-    assert_eq!(at % 1_000_000, 0, "activations are on the 1 s grid");
+    assert_eq!(at % 10_000_000, 0, "activations are on the 10 s grid");
     assert!(at >= before.now_us + 2_000_000, "no sooner than the lead");
     let s = schedule(&c).await;
     assert_eq!(s.staged, Some(first.committed.id));

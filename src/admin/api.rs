@@ -20,25 +20,29 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use http::{Method, StatusCode};
-use serde_json::{json, Value};
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::Full;
 
+use super::view::{
+    AgentsView, BackendView, DnsView, DrainReply, FailOpenCount, PoolView, PoolsView, QueryCount,
+};
+use crate::hub::fleet::last_flip_skew;
+use crate::hub::Hub;
 use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::hub::Hub;
+use crate::net::respond;
 use crate::sync::protocol::Fleet;
-use crate::publish::last_flip_skew;
 
-/// An answer: status and JSON body (or YAML text for `/api/config`).
-pub enum ApiAnswer {
-    /// JSON.
-    Json(StatusCode, Value),
-    /// Plain text of a content type.
-    Text(StatusCode, &'static str, String),
-}
+/// An answer of the API.
+pub type ApiAnswer = Response<Full<Bytes>>;
 
 fn err(status: StatusCode, message: impl Into<String>) -> ApiAnswer {
-    ApiAnswer::Json(status, json!({ "error": message.into() }))
+    respond::error(status, message)
+}
+
+fn ok<T: serde::Serialize>(value: &T) -> ApiAnswer {
+    respond::json(StatusCode::OK, value)
 }
 
 /// Answers `method path` (under `/api/`) from `peer`, or `None` when the path is not the API's.
@@ -53,22 +57,22 @@ pub fn route(
     let rest = path.strip_prefix("/api/")?;
     let segments: Vec<&str> = rest.split('/').collect();
     Some(match (method, segments.as_slice()) {
-        (&Method::GET, ["pools"]) => ApiAnswer::Json(StatusCode::OK, pools(live)),
+        (&Method::GET, ["pools"]) => ok(&pools(live)),
         (&Method::GET, ["agents"]) => match hub {
-            Some(h) => ApiAnswer::Json(StatusCode::OK, agents(&h.fleet())),
+            Some(h) => ok(&agents(h.fleet())),
             None => err(
                 StatusCode::NOT_FOUND,
                 "this appliance runs no sync hub (no `sync:` section)",
             ),
         },
         (&Method::GET, ["dns"]) => match live.config.dns {
-            Some(_) => ApiAnswer::Json(StatusCode::OK, dns(&metrics.render())),
+            Some(_) => ok(&dns(&metrics.render())),
             None => err(
                 StatusCode::NOT_FOUND,
                 "this appliance answers no DNS (no `dns:` section)",
             ),
         },
-        (&Method::GET, ["config"]) => ApiAnswer::Text(
+        (&Method::GET, ["config"]) => respond::bytes(
             StatusCode::OK,
             "application/yaml; charset=utf-8",
             format!(
@@ -102,126 +106,75 @@ pub fn route(
 }
 
 /// `GET /api/pools`.
-pub fn pools(live: &Live) -> Value {
+pub fn pools(live: &Live) -> PoolsView {
     let now = Instant::now();
-    let pools: Vec<Value> = live
+    let pools = live
         .table
         .pools
         .iter()
         .map(|p| {
             let h = p.health.load();
-            let backends: Vec<Value> = p
+            let flag = |v: &[bool], i: usize| v.get(i).copied().unwrap_or(false);
+            let backends = p
                 .backends
                 .iter()
                 .enumerate()
-                .map(|(i, b)| {
-                    let ejected = h
+                .map(|(i, b)| BackendView {
+                    name: b.config.name.clone(),
+                    address: b.config.address.to_string(),
+                    weight: b.config.weight,
+                    up: flag(&h.up, i),
+                    ejected: h
                         .ejected_until
                         .get(i)
                         .copied()
                         .flatten()
-                        .is_some_and(|until| now < until);
-                    json!({
-                        "name": b.config.name,
-                        "address": b.config.address.to_string(),
-                        "weight": b.config.weight,
-                        "up": h.up.get(i).copied().unwrap_or(false),
-                        "ejected": ejected,
-                        "behind": h.behind.get(i).copied().unwrap_or(false),
-                        "drained": h.drained.get(i).copied().unwrap_or(false),
-                        "available": h.available(i, now),
-                        "in_flight": b.in_flight.load(Ordering::Relaxed),
-                    })
+                        .is_some_and(|until| now < until),
+                    behind: flag(&h.behind, i),
+                    drained: flag(&h.drained, i),
+                    available: h.available(i, now),
+                    in_flight: b.in_flight.load(Ordering::Relaxed),
                 })
                 .collect();
-            json!({
-                "name": p.config.name,
-                "policy": format!("{:?}", p.config.policy),
-                "available": h.available_count(now),
-                "backends": backends,
-            })
+            PoolView {
+                name: p.config.name.clone(),
+                policy: format!("{:?}", p.config.policy),
+                available: h.available_count(now),
+                backends,
+            }
         })
         .collect();
-    json!({ "generation": live.table.generation, "pools": pools })
-}
-
-/// `/api/pools` as the table `lockstep status --admin` prints.
-pub fn render_pools(v: &Value) -> String {
-    let mut out = format!(
-        "{:<12} {:<16} {:<22} {:>6} {:>9}  {}\n",
-        "POOL", "BACKEND", "ADDRESS", "WEIGHT", "IN FLIGHT", "STATE"
-    );
-    for p in v["pools"].as_array().into_iter().flatten() {
-        for b in p["backends"].as_array().into_iter().flatten() {
-            let flag = |k: &str| b[k].as_bool().unwrap_or(false);
-            let state = if flag("drained") {
-                "drained"
-            } else if !flag("up") {
-                "DOWN"
-            } else if flag("ejected") {
-                "ejected"
-            } else if flag("behind") {
-                "behind"
-            } else {
-                "up"
-            };
-            out.push_str(&format!(
-                "{:<12} {:<16} {:<22} {:>6} {:>9}  {}\n",
-                p["name"].as_str().unwrap_or("?"),
-                b["name"].as_str().unwrap_or("?"),
-                b["address"].as_str().unwrap_or("?"),
-                b["weight"].as_u64().unwrap_or(0),
-                b["in_flight"].as_u64().unwrap_or(0),
-                state
-            ));
-        }
-    }
-    out
+    PoolsView { generation: live.table.generation, pools }
 }
 
 /// `GET /api/agents`: the fleet as the sync API gives it, plus `last_flip_skew` (the rule of
 /// `lockstep status`) when agents have reported a flip to the active release.
-pub fn agents(f: &Fleet) -> Value {
-    let mut v = serde_json::to_value(f).unwrap_or(Value::Null);
-    if let (Some(o), Some((release, n, spread, lo, hi))) = (v.as_object_mut(), last_flip_skew(f)) {
-        o.insert(
-            "last_flip_skew".into(),
-            json!({
-                "release": release,
-                "agents": n,
-                "spread_us": spread,
-                "min_us": lo,
-                "max_us": hi,
-            }),
-        );
-    }
-    v
+pub fn agents(fleet: Fleet) -> AgentsView {
+    AgentsView { last_flip_skew: last_flip_skew(&fleet), fleet }
 }
 
 /// `GET /api/dns` from the metrics text: `lockstep_dns_queries_total{qtype,rcode}` and
 /// `lockstep_dns_fail_open_answers_total{pool}`. (prometheus-client's families cannot be
 /// listed, so the rendered text is the one place every label set appears.)
-pub fn dns(metrics_text: &str) -> Value {
-    let mut queries = Vec::new();
-    let mut fail_open = Vec::new();
-    let mut total = 0u64;
+pub fn dns(metrics_text: &str) -> DnsView {
+    let mut v = DnsView::default();
     for s in metrics_text.lines().filter_map(Series::parse) {
         match s.name {
             "lockstep_dns_queries_total" => {
-                total += s.value;
-                queries.push(json!({
-                    "qtype": s.label("qtype"),
-                    "rcode": s.label("rcode"),
-                    "count": s.value,
-                }));
+                v.total += s.value;
+                v.queries.push(QueryCount {
+                    qtype: s.label("qtype").to_owned(),
+                    rcode: s.label("rcode").to_owned(),
+                    count: s.value,
+                });
             }
             "lockstep_dns_fail_open_answers_total" => {
-                fail_open.push(json!({ "pool": s.label("pool"), "count": s.value }));
+                v.fail_open.push(FailOpenCount { pool: s.label("pool").to_owned(), count: s.value });
             }
             _ => {}
         }
     }
-    json!({ "total": total, "queries": queries, "fail_open": fail_open })
+    v
 }
 
 /// One labelled counter line of the text format: `name{k="v",...} 12`.
@@ -283,10 +236,7 @@ fn drain(live: &Live, pool: &str, name: &str, drained: bool) -> ApiAnswer {
                 drained = d,
                 "backend drain changed by the admin API"
             );
-            ApiAnswer::Json(
-                StatusCode::OK,
-                json!({ "pool": pool, "backend": name, "drained": d }),
-            )
+            ok(&DrainReply { pool: pool.to_owned(), backend: name.to_owned(), drained: d })
         }
         None => err(
             StatusCode::NOT_FOUND,
@@ -298,6 +248,7 @@ fn drain(live: &Live, pool: &str, name: &str, drained: bool) -> ApiAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::sync::Arc;
 
     fn live() -> Live {
@@ -317,10 +268,7 @@ mod tests {
     }
 
     fn status(a: Option<ApiAnswer>) -> StatusCode {
-        match a {
-            Some(ApiAnswer::Json(s, _)) | Some(ApiAnswer::Text(s, _, _)) => s,
-            None => panic!("not an API path"),
-        }
+        a.expect("an API path").status()
     }
 
     #[test]
@@ -369,8 +317,8 @@ mod tests {
         );
         assert!(live.table.pools[0].health.load().drained[1]);
         let v = pools(&live);
-        assert_eq!(v["pools"][0]["backends"][1]["drained"], true);
-        assert_eq!(v["pools"][0]["available"], 1);
+        assert!(v.pools[0].backends[1].drained);
+        assert_eq!(v.pools[0].available, 1);
         let enable = "/api/pools/www/backends/b/enable";
         assert_eq!(
             status(route(&live, None, &m, &Method::POST, enable, local)),
@@ -378,7 +326,7 @@ mod tests {
         );
         assert!(!live.table.pools[0].health.load().drained[1]);
         assert!(route(&live, None, &m, &Method::GET, "/metrics", local).is_none());
-        let table = render_pools(&pools(&live));
+        let table = crate::publish::render_pools(&pools(&live));
         assert!(table.contains("www") && table.contains(" up\n"), "{table}");
     }
 
@@ -394,19 +342,9 @@ mod tests {
             .get_or_create(&crate::dns::metrics::NameLabels { pool: "www".into() })
             .inc_by(3);
         let v = dns(&m.render());
-        assert_eq!(v["total"], 10, "{v}");
-        let mut queries: Vec<(String, String, u64)> = v["queries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|q| {
-                (
-                    q["qtype"].as_str().unwrap().to_owned(),
-                    q["rcode"].as_str().unwrap().to_owned(),
-                    q["count"].as_u64().unwrap(),
-                )
-            })
-            .collect();
+        assert_eq!(v.total, 10, "{v:?}");
+        let mut queries: Vec<(String, String, u64)> =
+            v.queries.iter().map(|q| (q.qtype.clone(), q.rcode.clone(), q.count)).collect();
         queries.sort();
         assert_eq!(
             queries,
@@ -416,11 +354,11 @@ mod tests {
                 ("AAAA".into(), "NOERROR".into(), 1)
             ]
         );
-        assert_eq!(v["fail_open"], json!([{ "pool": "www", "count": 3 }]));
+        assert_eq!(serde_json::to_value(&v.fail_open).unwrap(), json!([{ "pool": "www", "count": 3 }]));
         // Other series, comments and escapes do not confuse the reader.
         let v = dns("# HELP lockstep_dns_queries {x}\nlockstep_http_requests_total{pool=\"a\"} 4\nlockstep_dns_fail_open_answers_total{pool=\"a\\\"b,c\"} 1\n# EOF\n");
         assert_eq!(
-            v,
+            serde_json::to_value(&v).unwrap(),
             json!({ "total": 0, "queries": [], "fail_open": [{ "pool": "a\"b,c", "count": 1 }] })
         );
 
@@ -433,24 +371,24 @@ mod tests {
         let yaml = "pools:\n  - name: www\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\ndns:\n  bind: \"127.0.0.1:0\"\n  zones:\n    - name: farm.test\n      nameservers: [ns.provider.example]\n      records:\n        - { name: www, pool: www }\n";
         let config = crate::config::parse(std::path::Path::new("t.yaml"), yaml).unwrap();
         let with_dns = Live::build(Arc::new(config), None, 1, &m);
-        match route(&with_dns, None, &m, &Method::GET, "/api/dns", local) {
-            Some(ApiAnswer::Json(StatusCode::OK, v)) => assert_eq!(v["total"], 10, "{v}"),
-            _ => panic!("/api/dns did not answer 200 with `dns:`"),
-        }
+        let a = route(&with_dns, None, &m, &Method::GET, "/api/dns", local).expect("an API path");
+        assert_eq!(a.status(), StatusCode::OK, "/api/dns answers with `dns:`");
     }
 
     #[test]
     fn agents_carry_the_last_flips_skew() {
-        let (mut fleet, _, r2) = crate::publish::sample_fleet();
-        let v = agents(&fleet);
+        let (mut fleet, _, r2) = crate::hub::fleet::sample_fleet();
+        let v = serde_json::to_value(agents(fleet.clone())).unwrap();
         assert_eq!(
             v["last_flip_skew"],
             json!({ "release": r2, "agents": 2, "spread_us": 150, "min_us": -30, "max_us": 120 })
         );
-        // Still the fleet the sync API gives.
-        assert_eq!(serde_json::from_value::<Fleet>(v).unwrap(), fleet);
+        // Still the fleet the sync API gives, and read back whole by clients.
+        assert_eq!(serde_json::from_value::<Fleet>(v.clone()).unwrap(), fleet);
+        assert_eq!(serde_json::from_value::<AgentsView>(v).unwrap(), agents(fleet.clone()));
         // No flip to the active release reported: no skew.
         fleet.schedule.active = None;
-        assert!(agents(&fleet).get("last_flip_skew").is_none());
+        let v = serde_json::to_value(agents(fleet)).unwrap();
+        assert!(v.get("last_flip_skew").is_none());
     }
 }

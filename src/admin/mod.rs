@@ -6,6 +6,7 @@
 pub mod api;
 pub mod reload;
 pub mod status;
+pub mod view;
 
 use std::sync::Arc;
 
@@ -69,10 +70,7 @@ fn route(
         req.uri().path(),
         peer,
     ) {
-        return match a {
-            api::ApiAnswer::Json(status, v) => text(status, "application/json", v.to_string()),
-            api::ApiAnswer::Text(status, ctype, body) => text(status, ctype, body),
-        };
+        return a;
     }
     match req.uri().path() {
         "/metrics" => text(

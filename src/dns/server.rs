@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use hickory_server::Server;
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -119,24 +118,15 @@ fn udp_socket(addr: SocketAddr, reuseport: bool) -> std::io::Result<std::net::Ud
     Ok(socket.into())
 }
 
-/// Serves DNS on `bound` until `stop` is cancelled: TCP on the current runtime, UDP socket
-/// `i` on runtime `workers[i]` (the current one when `workers` is empty).
-pub async fn serve(
-    bound: Bound,
-    handler: DnsHandler,
-    stop: CancellationToken,
-    workers: Vec<Handle>,
-) {
+/// Serves DNS on `bound` until `stop` is cancelled, TCP and every UDP socket on the current
+/// runtime (one UDP socket measured faster than one per worker on 2 shared cores:
+/// BENCHMARKS.md).
+pub async fn serve(bound: Bound, handler: DnsHandler, stop: CancellationToken) {
     let addr = bound.local_addr();
-    let workers = if workers.is_empty() {
-        vec![Handle::current()]
-    } else {
-        workers
-    };
     let mut udp = Vec::new();
-    for (socket, worker) in bound.udp.into_iter().zip(workers.iter().cycle()) {
+    for socket in bound.udp {
         let (handler, stop) = (handler.clone(), stop.clone());
-        udp.push(worker.spawn(async move {
+        udp.push(tokio::spawn(async move {
             match UdpSocket::from_std(socket) {
                 Ok(socket) => serve_udp(socket, handler, stop).await,
                 Err(error) => warn!(%error, "cannot register a dns udp socket"),

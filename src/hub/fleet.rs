@@ -1,5 +1,5 @@
 //! Which agents are behind the fleet's release (pure): the router stops sending traffic to
-//! their backends until they catch up.
+//! their backends until they catch up; and the skew of the fleet's last flip.
 //!
 //! The fleet's release at hub time `now` is the staged one once its activation time has come
 //! (agents flip at that instant; the hub's own promotion follows a moment later), else the
@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use crate::sync::cycle::HubState;
 use crate::sync::manifest::ReleaseId;
-use crate::sync::protocol::Report;
+use serde::{Deserialize, Serialize};
+
+use crate::sync::protocol::{Fleet, Report};
 
 /// The release every agent should serve at `now_us`.
 pub fn fleet_release(state: &HubState, now_us: u64) -> Option<ReleaseId> {
@@ -76,6 +78,75 @@ pub fn next_change(state: &HubState, now_us: u64) -> Option<u64> {
 
 /// Reports keyed by agent name, with the hub time each arrived.
 pub type Reports = BTreeMap<String, (Report, u64)>;
+
+/// The skew of the fleet's last flip, as the agents measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlipSkew {
+    /// The release flipped to (the hub's active one).
+    pub release: ReleaseId,
+    /// How many agents reported their lateness for it.
+    pub agents: usize,
+    /// Latest minus earliest lateness, µs.
+    pub spread_us: i64,
+    /// The earliest lateness, µs (negative: early).
+    pub min_us: i64,
+    /// The latest lateness, µs.
+    pub max_us: i64,
+}
+
+/// The skew of the fleet's last flip: among agents whose last flip activated the hub's active
+/// release, the spread of their measured lateness.
+pub fn last_flip_skew(f: &Fleet) -> Option<FlipSkew> {
+    let release = f.schedule.active?;
+    let late: Vec<i64> = f
+        .agents
+        .iter()
+        .filter(|a| a.report.last_flip == Some(release))
+        .filter_map(|a| a.report.last_flip_lateness_us)
+        .collect();
+    let (min_us, max_us) = (*late.iter().min()?, *late.iter().max()?);
+    Some(FlipSkew { release, agents: late.len(), spread_us: max_us - min_us, min_us, max_us })
+}
+
+/// A fleet of three agents — two flipped to release 2 (lateness +120 and −30 µs), one
+/// still on release 1 — and the two release ids; for the tests of `lockstep status` and the admin API.
+#[cfg(test)]
+pub(crate) fn sample_fleet() -> (Fleet, crate::sync::manifest::Hash, crate::sync::manifest::Hash) {
+    use crate::sync::manifest::Hash;
+    use crate::sync::protocol::{AgentView, Report, Schedule};
+    let (r1, r2) = (Hash::of(b"1"), Hash::of(b"2"));
+    let agent = |name: &str, flip: Hash, late: i64| AgentView {
+        name: name.into(),
+        report: Report {
+            active: Some(flip),
+            last_flip: Some(flip),
+            last_flip_lateness_us: Some(late),
+            ..Report::default()
+        },
+        reported_us: 0,
+        current: flip == r2,
+    };
+    let fleet = Fleet {
+        conflicts: Vec::new(),
+        schedule: Schedule {
+            version: 3,
+            cycle: 2,
+            active: Some(r2),
+            staged: None,
+            activation_us: None,
+            queued: None,
+            previous: Some(r1),
+            now_us: 0,
+            applied: Default::default(),
+        },
+        agents: vec![
+            agent("a", r2, 120),
+            agent("b", r2, -30),
+            agent("c", r1, 9_000),
+        ],
+    };
+    (fleet, r1, r2)
+}
 
 #[cfg(test)]
 mod tests {

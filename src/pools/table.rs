@@ -144,7 +144,7 @@ impl BackendState {
             pool: pool.to_string(),
             backend: config.name.clone(),
         };
-        let requests = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+        let requests = crate::metrics::CLASSES.map(|class| {
             metrics
                 .requests
                 .get_or_create(&RequestLabels {

@@ -4,7 +4,6 @@
 
 use std::io::Write;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -114,9 +113,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-/// Lines dropped because the writer could not keep up.
-pub static DROPPED: AtomicU64 = AtomicU64::new(0);
-
 /// Queues a line for stdout.
 pub fn write(line: String) {
     static TX: OnceLock<SyncSender<String>> = OnceLock::new();
@@ -141,7 +137,7 @@ pub fn write(line: String) {
         tx
     });
     if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
-        DROPPED.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::access_log_dropped().inc();
     }
 }
 

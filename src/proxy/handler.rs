@@ -142,8 +142,7 @@ fn finish(
     let status = resp.status().as_u16();
     if let (Some(pool), Some(i)) = (pool, backend) {
         if let Some(b) = pool.backends.get(i) {
-            let class = (status / 100).clamp(1, 5) as usize - 1;
-            b.requests[class].inc();
+            b.requests[crate::metrics::class_index(status)].inc();
         }
     }
     if let Some(f) = log {

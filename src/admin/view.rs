@@ -1,0 +1,124 @@
+//! The admin API's answers as types, shared by the server ([`super::api`]) and its clients
+//! (`lockstep status --admin`, the status page reads the same JSON): what `/api/pools`,
+//! `/api/agents`, `/api/dns` and a drain answer carry. Serialised field by field as the JSON
+//! the API has always given.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hub::fleet::FlipSkew;
+use crate::sync::protocol::Fleet;
+
+/// `GET /api/pools`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolsView {
+    /// The config generation serving.
+    pub generation: u64,
+    /// Every pool, in config order.
+    pub pools: Vec<PoolView>,
+}
+
+/// One pool of `/api/pools`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolView {
+    /// Its name.
+    pub name: String,
+    /// Its balancing policy.
+    pub policy: String,
+    /// How many of its backends take traffic now.
+    pub available: usize,
+    /// Its backends, in config order.
+    pub backends: Vec<BackendView>,
+}
+
+/// One backend of `/api/pools`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendView {
+    /// Its name.
+    pub name: String,
+    /// `ip:port`.
+    pub address: String,
+    /// Its weight.
+    pub weight: u32,
+    /// Passing its active checks (or not checked).
+    pub up: bool,
+    /// Ejected by passive health now.
+    pub ejected: bool,
+    /// Its agent reports a release behind the fleet's.
+    pub behind: bool,
+    /// Drained through the admin API.
+    pub drained: bool,
+    /// Takes traffic now.
+    pub available: bool,
+    /// Requests in flight to it.
+    pub in_flight: u64,
+}
+
+impl BackendView {
+    /// The one word `lockstep status` shows: the first reason it takes no traffic, else `up`.
+    pub fn state(&self) -> &'static str {
+        if self.drained {
+            "drained"
+        } else if !self.up {
+            "DOWN"
+        } else if self.ejected {
+            "ejected"
+        } else if self.behind {
+            "behind"
+        } else {
+            "up"
+        }
+    }
+}
+
+/// `GET /api/agents`: the fleet as the sync API gives it, plus the last flip's skew.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentsView {
+    /// The fleet.
+    #[serde(flatten)]
+    pub fleet: Fleet,
+    /// The skew of the last flip to the active release, once agents reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_flip_skew: Option<FlipSkew>,
+}
+
+/// `GET /api/dns`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsView {
+    /// Queries answered.
+    pub total: u64,
+    /// Queries answered by type and response code.
+    pub queries: Vec<QueryCount>,
+    /// Answers that listed every backend because none was healthy, by pool.
+    pub fail_open: Vec<FailOpenCount>,
+}
+
+/// One `qtype`/`rcode` count of `/api/dns`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct QueryCount {
+    /// `A`, `AAAA`, …
+    pub qtype: String,
+    /// `NOERROR`, `NXDOMAIN`, …
+    pub rcode: String,
+    /// How many.
+    pub count: u64,
+}
+
+/// One pool's fail-open answers of `/api/dns`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailOpenCount {
+    /// The pool.
+    pub pool: String,
+    /// How many.
+    pub count: u64,
+}
+
+/// The answer to `POST /api/pools/{pool}/backends/{name}/drain` (or `enable`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReply {
+    /// The pool.
+    pub pool: String,
+    /// The backend.
+    pub backend: String,
+    /// Whether it is drained now.
+    pub drained: bool,
+}

@@ -186,7 +186,9 @@ impl Appliance {
             app.start_hub(socket, s)?;
         }
         app.checkers = app.shutdown.child_token();
-        checker::spawn_all(&app.live.load().table, &app.checkers, &app.tracker);
+        let live = app.live.load();
+        checker::spawn_all(&live.table, &live.clients, &app.checkers, &app.tracker);
+        drop(live);
         Ok(app)
     }
 
@@ -466,7 +468,8 @@ impl Appliance {
         }
         self.checkers.cancel();
         self.checkers = self.shutdown.child_token();
-        checker::spawn_all(&self.live.load().table, &self.checkers, &self.tracker);
+        let live = self.live.load();
+        checker::spawn_all(&live.table, &live.clients, &self.checkers, &self.tracker);
         info!(generation, "config reloaded");
         Ok(generation)
     }

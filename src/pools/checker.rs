@@ -1,35 +1,26 @@
 //! Active health checks: one task per backend of every pool with `health:` configured,
 //! GETting the check path on the interval and feeding the result to the pool's rise/fall
-//! state machine. The tasks of a table generation stop when a reload replaces it.
+//! state machine. The tasks of a table generation stop when a reload replaces it. Checks go
+//! through the pool's own upstream client ([`crate::net::upstream::Clients`]): the same
+//! connect timeout and keep-alive connections as the requests they vouch for.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Uri};
-use http_body_util::Empty;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::table::{PoolState, Table};
+use crate::net::body::RequestBody;
+use crate::net::upstream::Clients;
 
-type CheckClient = Client<HttpConnector, Empty<Bytes>>;
-
-/// Starts the checkers of `table`; they stop when `stop` is cancelled.
-pub fn spawn_all(table: &Table, stop: &CancellationToken, tracker: &TaskTracker) {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: CheckClient = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(1)
-        .pool_timer(TokioTimer::new())
-        .build(connector);
-    for pool in &table.pools {
+/// Starts the checkers of `table`, each pool's through `clients` (same index as
+/// `table.pools`); they stop when `stop` is cancelled.
+pub fn spawn_all(table: &Table, clients: &[Clients], stop: &CancellationToken, tracker: &TaskTracker) {
+    for (pool, client) in table.pools.iter().zip(clients) {
         let Some(hc) = &pool.config.health else {
             continue;
         };
@@ -50,7 +41,7 @@ pub fn spawn_all(table: &Table, stop: &CancellationToken, tracker: &TaskTracker)
 async fn check_loop(
     pool: Arc<PoolState>,
     i: usize,
-    client: CheckClient,
+    client: Clients,
     stop: CancellationToken,
     jitter: Duration,
 ) {
@@ -75,7 +66,7 @@ async fn check_loop(
         }
         let req = Request::get(uri.clone())
             .header(http::header::USER_AGENT, "lockstep-health-check")
-            .body(Empty::<Bytes>::new());
+            .body(RequestBody::Empty);
         let Ok(req) = req else { return };
         let outcome = tokio::time::timeout(hc.timeout, client.request(req)).await;
         let (ok, why) = match outcome {

@@ -35,60 +35,9 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         ));
     }
     let admin = admin(&mut cx, raw.admin.as_ref());
-    if let (Some(a), Some(raw_bind)) =
-        (admin.bind, raw.admin.as_ref().and_then(|a| a.bind.as_ref()))
-    {
-        if let Some(l) = listeners.iter().find(|l| overlaps(l.bind, a)) {
-            cx.err(
-                raw_bind,
-                format!("admin.bind {a} overlaps listener `{}` on {}: give the admin listener its own port", l.name, l.bind),
-            );
-        }
-    }
-
-    let dns = raw
-        .dns
-        .as_ref()
-        .and_then(|d| super::dns::dns(&mut cx, d, &pool_index));
-    if let (Some(d), Some(raw_dns)) = (&dns, raw.dns.as_ref()) {
-        // DNS also listens on TCP, so it must not take a port the proxy or admin listen on.
-        if let Some(l) = listeners.iter().find(|l| overlaps(l.bind, d.bind)) {
-            cx.err(
-                &raw_dns.bind,
-                format!(
-                    "dns.bind {} overlaps listener `{}` on {}: give DNS its own port (53 is usual)",
-                    d.bind, l.name, l.bind
-                ),
-            );
-        } else if admin.bind.is_some_and(|a| overlaps(a, d.bind)) {
-            cx.err(
-                &raw_dns.bind,
-                format!(
-                    "dns.bind {} overlaps admin.bind: give DNS its own port (53 is usual)",
-                    d.bind
-                ),
-            );
-        }
-    }
-
-    let sync = raw
-        .sync
-        .as_ref()
-        .and_then(|s| super::sync::sync(&mut cx, s));
-    if let (Some(s), Some(raw_sync)) = (&sync, raw.sync.as_ref()) {
-        let taken = listeners
-            .iter()
-            .map(|l| (l.bind, format!("listener `{}`", l.name)))
-            .chain(admin.bind.map(|a| (a, "admin.bind".to_string())))
-            .chain(dns.as_ref().map(|d| (d.bind, "dns.bind".to_string())))
-            .find(|(b, _)| overlaps(*b, s.bind));
-        if let Some((b, what)) = taken {
-            cx.err(
-                &raw_sync.bind,
-                format!("sync.bind {} overlaps {what} on {b}: give the sync API its own port (7700 is usual)", s.bind),
-            );
-        }
-    }
+    let dns = raw.dns.as_ref().and_then(|d| super::dns::dns(&mut cx, d, &pool_index));
+    let sync = raw.sync.as_ref().and_then(|s| super::sync::sync(&mut cx, s));
+    check_binds(&mut cx, &raw, &listeners, &admin, dns.as_ref(), sync.as_ref());
 
     if cx.errors.is_empty() {
         Ok(Config {
@@ -104,6 +53,58 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     } else {
         cx.errors.sort_by_key(|e| (e.pos.line, e.pos.column));
         Err(ConfigErrors(cx.errors))
+    }
+}
+
+/// The admin, DNS and sync listeners each need an address no other listener of the appliance
+/// takes (listeners among themselves are checked by [`listeners`]).
+fn check_binds(
+    cx: &mut Ctx,
+    raw: &RawConfig,
+    listeners: &[Listener],
+    admin: &Admin,
+    dns: Option<&Dns>,
+    sync: Option<&super::sync::Sync>,
+) {
+    let listener_on = |addr: SocketAddr| listeners.iter().find(|l| overlaps(l.bind, addr));
+    if let (Some(a), Some(raw_bind)) = (admin.bind, raw.admin.as_ref().and_then(|a| a.bind.as_ref())) {
+        if let Some(l) = listener_on(a) {
+            cx.err(
+                raw_bind,
+                format!("admin.bind {a} overlaps listener `{}` on {}: give the admin listener its own port", l.name, l.bind),
+            );
+        }
+    }
+    if let (Some(d), Some(raw_dns)) = (dns, raw.dns.as_ref()) {
+        // DNS also listens on TCP, so it must not take a port the proxy or admin listen on.
+        if let Some(l) = listener_on(d.bind) {
+            cx.err(
+                &raw_dns.bind,
+                format!(
+                    "dns.bind {} overlaps listener `{}` on {}: give DNS its own port (53 is usual)",
+                    d.bind, l.name, l.bind
+                ),
+            );
+        } else if admin.bind.is_some_and(|a| overlaps(a, d.bind)) {
+            cx.err(
+                &raw_dns.bind,
+                format!("dns.bind {} overlaps admin.bind: give DNS its own port (53 is usual)", d.bind),
+            );
+        }
+    }
+    if let (Some(s), Some(raw_sync)) = (sync, raw.sync.as_ref()) {
+        let taken = listeners
+            .iter()
+            .map(|l| (l.bind, format!("listener `{}`", l.name)))
+            .chain(admin.bind.map(|a| (a, "admin.bind".to_string())))
+            .chain(dns.map(|d| (d.bind, "dns.bind".to_string())))
+            .find(|(b, _)| overlaps(*b, s.bind));
+        if let Some((b, what)) = taken {
+            cx.err(
+                &raw_sync.bind,
+                format!("sync.bind {} overlaps {what} on {b}: give the sync API its own port (7700 is usual)", s.bind),
+            );
+        }
     }
 }
 
@@ -145,41 +146,9 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
             }
             binds.push((b, l.name.value.clone()));
         }
-        let tls = l.tls.as_ref().and_then(|t| {
-            if t.certificates.is_empty() {
-                cx.errors.push(ConfigError::at(
-                    cx.file,
-                    Pos::of(&l.name),
-                    format!("listener `{}` has `tls:` with no certificates: add `certificates: [{{ cert: FILE, key: FILE }}]`", l.name.value),
-                ));
-                return None;
-            }
-            let mut loaded = Vec::new();
-            for c in &t.certificates {
-                match tls::load(&cx.path(&c.cert.value), &cx.path(&c.key.value)) {
-                    Ok(k) => loaded.push(k),
-                    Err((tls::Part::Cert, e)) => cx.err(&c.cert, e),
-                    Err((tls::Part::Key, e)) => cx.err(&c.key, e),
-                }
-            }
-            Some(loaded)
-        });
+        let tls = l.tls.as_ref().and_then(|t| listener_tls(cx, l, t));
         let trusted = networks(cx, l.trusted_proxies.as_deref(), "trusted proxy");
-        let access_log = match l.access_log.as_ref() {
-            None => AccessLog::Off,
-            Some(v) => match v.value.as_str() {
-                "off" => AccessLog::Off,
-                "combined" => AccessLog::Combined,
-                "json" => AccessLog::Json,
-                other => {
-                    cx.err(
-                        v,
-                        format!("access_log `{other}` is not known: use off, combined or json"),
-                    );
-                    AccessLog::Off
-                }
-            },
-        };
+        let access_log = access_log(cx, l.access_log.as_ref());
         let t = l.timeouts.as_ref();
         let header_read_timeout = cx.duration(
             &t.and_then(|t| t.header_read.clone()),
@@ -206,6 +175,41 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
     out
 }
 
+/// A listener's `tls:` certificates, loaded (errors at `cert:` or `key:`).
+fn listener_tls(cx: &mut Ctx<'_>, l: &RawListener, t: &RawTls) -> Option<Vec<tls::LoadedCert>> {
+    if t.certificates.is_empty() {
+        cx.errors.push(ConfigError::at(
+            cx.file,
+            Pos::of(&l.name),
+            format!("listener `{}` has `tls:` with no certificates: add `certificates: [{{ cert: FILE, key: FILE }}]`", l.name.value),
+        ));
+        return None;
+    }
+    let mut loaded = Vec::new();
+    for c in &t.certificates {
+        match tls::load(&cx.path(&c.cert.value), &cx.path(&c.key.value)) {
+            Ok(k) => loaded.push(k),
+            Err((tls::Part::Cert, e)) => cx.err(&c.cert, e),
+            Err((tls::Part::Key, e)) => cx.err(&c.key, e),
+        }
+    }
+    Some(loaded)
+}
+
+/// `access_log: off | combined | json`.
+fn access_log(cx: &mut Ctx<'_>, v: Option<&Spanned<String>>) -> AccessLog {
+    let Some(v) = v else { return AccessLog::Off };
+    match v.value.as_str() {
+        "off" => AccessLog::Off,
+        "combined" => AccessLog::Combined,
+        "json" => AccessLog::Json,
+        other => {
+            cx.err(v, format!("access_log `{other}` is not known: use off, combined or json"));
+            AccessLog::Off
+        }
+    }
+}
+
 fn pools(cx: &mut Ctx<'_>, raw: &[RawPool]) -> (Vec<Pool>, HashMap<String, usize>) {
     let mut out = Vec::new();
     let mut index = HashMap::new();
@@ -215,135 +219,125 @@ fn pools(cx: &mut Ctx<'_>, raw: &[RawPool]) -> (Vec<Pool>, HashMap<String, usize
         } else if index.contains_key(&p.name.value) {
             cx.err(
                 &p.name,
-                format!(
-                    "duplicate pool name `{}`: pool names must be unique",
-                    p.name.value
-                ),
+                format!("duplicate pool name `{}`: pool names must be unique", p.name.value),
             );
             continue;
         }
-        let policy = match p.balance.as_ref().map(|b| b.value) {
-            None | Some(RawBalance::RoundRobin) => Policy::RoundRobin,
-            Some(RawBalance::Weighted) => Policy::Weighted,
-            Some(RawBalance::LeastConn) => Policy::LeastConn,
-            Some(RawBalance::P2cEwma) => Policy::P2cEwma,
-            Some(RawBalance::Hash) => Policy::Hash,
-        };
-        let hash_key = match (&p.hash_key, policy) {
-            (Some(k), Policy::Hash) => parse_hash_key(cx, k),
-            (Some(k), _) => {
-                cx.err(
-                    k,
-                    "hash_key is only used with `balance: hash`: remove it or set `balance: hash`",
-                );
-                None
-            }
-            (None, Policy::Hash) => {
-                let pos = p
-                    .balance
-                    .as_ref()
-                    .map(Pos::of)
-                    .unwrap_or_else(|| Pos::of(&p.name));
-                cx.errors.push(ConfigError::at(
-                    cx.file,
-                    pos,
-                    "`balance: hash` needs `hash_key:` (header:NAME, cookie:NAME or client_ip)",
-                ));
-                None
-            }
-            (None, _) => None,
-        };
-        if p.backends.is_empty() {
-            cx.err(
-                &p.name,
-                format!(
-                    "pool `{}` has no backends: add at least one `{{ name, address }}`",
-                    p.name.value
-                ),
-            );
-        }
-        let mut backends = Vec::new();
-        let mut names = HashSet::new();
-        let mut total_weight: u64 = 0;
-        for b in &p.backends {
-            if b.name.value.is_empty() {
-                cx.err(&b.name, "backend name is empty: give each backend a name");
-            } else if !names.insert(b.name.value.clone()) {
-                cx.err(
-                    &b.name,
-                    format!("duplicate backend name `{}` in pool `{}`: names must be unique within a pool", b.name.value, p.name.value),
-                );
-            }
-            let address = cx.socket_addr(&b.address, "backend address");
-            let weight = b.weight.as_ref().map(|w| w.value).unwrap_or(1);
-            total_weight += u64::from(weight);
-            let dns_address = match &b.dns_address {
-                None => address.map(|a| a.ip()),
-                Some(d) => match IpAddr::from_str(d.value.trim()) {
-                    Ok(ip) => Some(ip),
-                    Err(_) => {
-                        cx.err(d, format!("dns_address `{}` is not an IP address: write e.g. \"203.0.113.12\"", d.value));
-                        None
-                    }
-                },
-            };
-            if let (Some(address), Some(dns_address)) = (address, dns_address) {
-                backends.push(Backend {
-                    name: b.name.value.clone(),
-                    address,
-                    dns_address,
-                    weight,
-                });
-            }
-        }
-        if !p.backends.is_empty() && total_weight == 0 {
-            cx.err(
-                &p.name,
-                format!("pool `{}` has a total weight of 0, so no backend could ever be picked: give at least one backend a weight ≥ 1", p.name.value),
-            );
-        }
-        let health = p.health.as_ref().map(|h| health(cx, h));
-        let t = p.timeouts.as_ref();
-        let connect_timeout = cx.duration(
+        index.insert(p.name.value.clone(), out.len());
+        out.push(pool(cx, p));
+    }
+    (out, index)
+}
+
+/// One pool: its policy and hash key, backends, health checks, timeouts and ejection.
+fn pool(cx: &mut Ctx<'_>, p: &RawPool) -> Pool {
+    let policy = match p.balance.as_ref().map(|b| b.value) {
+        None | Some(RawBalance::RoundRobin) => Policy::RoundRobin,
+        Some(RawBalance::Weighted) => Policy::Weighted,
+        Some(RawBalance::LeastConn) => Policy::LeastConn,
+        Some(RawBalance::P2cEwma) => Policy::P2cEwma,
+        Some(RawBalance::Hash) => Policy::Hash,
+    };
+    let t = p.timeouts.as_ref();
+    Pool {
+        name: p.name.value.clone(),
+        policy,
+        hash_key: pool_hash_key(cx, p, policy),
+        backends: backends(cx, p),
+        health: p.health.as_ref().map(|h| health(cx, h)),
+        connect_timeout: cx.duration(
             &t.and_then(|t| t.connect.clone()),
             DEFAULT_CONNECT,
             "timeouts.connect",
-        );
-        let response_timeout = cx.duration(
+        ),
+        response_timeout: cx.duration(
             &t.and_then(|t| t.response.clone()),
             DEFAULT_RESPONSE,
             "timeouts.response",
-        );
-        let pa = p.passive.as_ref();
-        let passive = PassivePolicy {
-            failures: pa
-                .and_then(|p| p.failures)
-                .unwrap_or(DEFAULT_PASSIVE_FAILURES),
-            base: cx.duration(
-                &pa.and_then(|p| p.ejection.clone()),
-                DEFAULT_EJECTION,
-                "passive.ejection",
-            ),
-            max: cx.duration(
-                &pa.and_then(|p| p.max_ejection.clone()),
-                DEFAULT_MAX_EJECTION,
-                "passive.max_ejection",
-            ),
-        };
-        index.insert(p.name.value.clone(), out.len());
-        out.push(Pool {
-            name: p.name.value.clone(),
-            policy,
-            hash_key,
-            backends,
-            health,
-            connect_timeout,
-            response_timeout,
-            retries: p.retries.unwrap_or(DEFAULT_RETRIES),
-            passive,
-        });
+        ),
+        retries: p.retries.unwrap_or(DEFAULT_RETRIES),
+        passive: passive(cx, p.passive.as_ref()),
     }
-    (out, index)
+}
+
+/// `hash_key:`, which `balance: hash` needs and every other policy refuses.
+fn pool_hash_key(cx: &mut Ctx<'_>, p: &RawPool, policy: Policy) -> Option<HashKey> {
+    match (&p.hash_key, policy) {
+        (Some(k), Policy::Hash) => parse_hash_key(cx, k),
+        (Some(k), _) => {
+            cx.err(k, "hash_key is only used with `balance: hash`: remove it or set `balance: hash`");
+            None
+        }
+        (None, Policy::Hash) => {
+            let pos = p.balance.as_ref().map(Pos::of).unwrap_or_else(|| Pos::of(&p.name));
+            cx.errors.push(ConfigError::at(
+                cx.file,
+                pos,
+                "`balance: hash` needs `hash_key:` (header:NAME, cookie:NAME or client_ip)",
+            ));
+            None
+        }
+        (None, _) => None,
+    }
+}
+
+/// A pool's backends: unique names, addresses, weights (not all 0), DNS addresses.
+fn backends(cx: &mut Ctx<'_>, p: &RawPool) -> Vec<Backend> {
+    if p.backends.is_empty() {
+        cx.err(
+            &p.name,
+            format!("pool `{}` has no backends: add at least one `{{ name, address }}`", p.name.value),
+        );
+    }
+    let mut backends = Vec::new();
+    let mut names = HashSet::new();
+    let mut total_weight: u64 = 0;
+    for b in &p.backends {
+        if b.name.value.is_empty() {
+            cx.err(&b.name, "backend name is empty: give each backend a name");
+        } else if !names.insert(b.name.value.clone()) {
+            cx.err(
+                &b.name,
+                format!("duplicate backend name `{}` in pool `{}`: names must be unique within a pool", b.name.value, p.name.value),
+            );
+        }
+        let address = cx.socket_addr(&b.address, "backend address");
+        let weight = b.weight.as_ref().map(|w| w.value).unwrap_or(1);
+        total_weight += u64::from(weight);
+        let dns_address = match &b.dns_address {
+            None => address.map(|a| a.ip()),
+            Some(d) => match IpAddr::from_str(d.value.trim()) {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    cx.err(d, format!("dns_address `{}` is not an IP address: write e.g. \"203.0.113.12\"", d.value));
+                    None
+                }
+            },
+        };
+        if let (Some(address), Some(dns_address)) = (address, dns_address) {
+            backends.push(Backend { name: b.name.value.clone(), address, dns_address, weight });
+        }
+    }
+    if !p.backends.is_empty() && total_weight == 0 {
+        cx.err(
+            &p.name,
+            format!("pool `{}` has a total weight of 0, so no backend could ever be picked: give at least one backend a weight ≥ 1", p.name.value),
+        );
+    }
+    backends
+}
+
+/// `passive:` ejection settings, defaults where absent.
+fn passive(cx: &mut Ctx<'_>, pa: Option<&RawPassive>) -> PassivePolicy {
+    PassivePolicy {
+        failures: pa.and_then(|p| p.failures).unwrap_or(DEFAULT_PASSIVE_FAILURES),
+        base: cx.duration(&pa.and_then(|p| p.ejection.clone()), DEFAULT_EJECTION, "passive.ejection"),
+        max: cx.duration(
+            &pa.and_then(|p| p.max_ejection.clone()),
+            DEFAULT_MAX_EJECTION,
+            "passive.max_ejection",
+        ),
+    }
 }
 
 fn parse_hash_key(cx: &mut Ctx<'_>, k: &Spanned<String>) -> Option<HashKey> {

@@ -23,7 +23,7 @@ use lockstep::sync::auth::Tokens;
 use lockstep::net::client::HttpClient as HubClient;
 use lockstep::hub::{self, Hub, HubMetrics, Settings};
 use lockstep::sync::manifest::{Hash, ReleaseId};
-use lockstep::sync::protocol::{Report, RELEASE_HEADER};
+use lockstep::sync::protocol::{CommitState, Report, RELEASE_HEADER};
 use lockstep::publish::{self, At};
 use lockstep::sync::schedule::Rules;
 use lockstep::sync::store::FsStore;
@@ -110,7 +110,7 @@ impl TestHub {
         let o = publish::publish(&self.publisher(), site, At::In(after), 4)
             .await
             .unwrap();
-        assert_eq!(o.committed.state, "staged", "{o:?}");
+        assert_eq!(o.committed.state, CommitState::Staged, "{o:?}");
         (o.committed.id, o.committed.activation_us.unwrap())
     }
 
@@ -391,7 +391,7 @@ async fn staging_fetches_only_missing_blobs_and_resumes_after_a_restart() {
     )
     .await;
     let back = publish::rollback(&hub.publisher()).await.unwrap();
-    assert_eq!((back.id, back.state.as_str()), (v1, "staged"));
+    assert_eq!((back.id, back.state), (v1, CommitState::Staged));
     wait_active(&a, v1, Duration::from_secs(10)).await;
     assert_eq!(metric(&a, "lockstep_agent_fetched_blobs_total"), 2.0);
     a.shutdown(Duration::from_secs(2)).await;

@@ -15,7 +15,7 @@ use http::{Method, StatusCode};
 use lockstep::appliance::Appliance;
 use lockstep::net::client::{ClientError, HttpClient as HubClient, REQUEST_TIMEOUT};
 use lockstep::sync::manifest::Hash;
-use lockstep::sync::protocol::{Advanced, Report, Schedule, Uploaded};
+use lockstep::sync::protocol::{Advanced, CommitState, Report, Schedule, Uploaded};
 use lockstep::publish::{self, At};
 
 use common::*;
@@ -117,7 +117,7 @@ async fn publishing_moves_only_missing_blobs_and_stages_on_the_grid() {
     let before = schedule(&c).await;
     let first = publish::publish(&c, &site, At::Next, 4).await.unwrap();
     assert_eq!((first.files, first.uploaded_blobs), (3, 3));
-    assert_eq!(first.committed.state, "staged");
+    assert_eq!(first.committed.state, CommitState::Staged);
     let at = first.committed.activation_us.unwrap();
     assert_eq!(at % 10_000_000, 0, "activations are on the 10 s grid");
     assert!(at >= before.now_us + 2_000_000, "no sooner than the lead");

@@ -279,8 +279,9 @@ impl Forwarder {
                 }
                 Err(e) => return Err(Retry(e.to_string())),
             };
-            match reply.state.as_str() {
-                "missing" => {
+            use crate::sync::protocol::ChangesetState;
+            match reply.state {
+                ChangesetState::Missing => {
                     for hash in &reply.missing {
                         let data = self
                             .store
@@ -301,7 +302,7 @@ impl Forwarder {
                             .map_err(|e| Retry(e.to_string()))?;
                     }
                 }
-                _ => {
+                ChangesetState::Applied | ChangesetState::Duplicate => {
                     self.metrics.forwarded("hub");
                     for c in &reply.conflicts {
                         self.metrics.conflicts.inc();

@@ -10,9 +10,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::Advancer;
 use crate::metrics::Metrics;
-use crate::sync::cycle::HubState;
+use crate::sync::cycle::{Advancer, HubState};
 use crate::sync::protocol::Report;
 
 /// Labels naming who advanced a cycle.

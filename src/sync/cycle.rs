@@ -7,6 +7,8 @@
 //! it with a compare-and-swap on [`HubState::version`], which is what makes "first one wins this
 //! cycle" hold across concurrent callers.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use super::changeset::{Applied, Stamp, Stamps};
@@ -103,6 +105,18 @@ pub enum Advance {
     },
     /// Nothing is staged in this cycle.
     NothingStaged,
+}
+
+/// If no agent has advanced a cycle this long after its activation time, the hub does it.
+pub const GRACE: Duration = Duration::from_secs(2);
+
+/// Who advanced a cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advancer {
+    /// An agent, after its flip.
+    Agent,
+    /// The hub itself, [`GRACE`] after the activation time.
+    Hub,
 }
 
 /// Why a publish is refused.
@@ -247,6 +261,13 @@ impl HubState {
         self.publish(previous, None, now_us, rules)
     }
 
+    /// Hub time from which the hub advances the current cycle itself, because no agent did:
+    /// [`GRACE`] after the staged release's activation (none when nothing is staged).
+    pub fn hub_advance_at(&self) -> Option<u64> {
+        self.staged
+            .map(|s| s.at_us.saturating_add(GRACE.as_micros() as u64))
+    }
+
     /// Advance of `cycle` at `now_us`: promotes staged → active, stages the queued release (if
     /// any) for its next activation, and starts the next cycle — only if `cycle` is still the
     /// current one and its activation time has come.
@@ -322,6 +343,26 @@ mod tests {
         );
         assert_eq!(s2.advance(1, 111 * S, &rules()), Advance::NothingStaged);
         assert!(s2.version > s1.version && s1.version > s0.version);
+    }
+
+    #[test]
+    fn the_hub_advances_itself_only_a_grace_after_the_activation() {
+        assert_eq!(HubState::default().hub_advance_at(), None);
+        let (s1, _) = HubState::default()
+            .publish(id(1), None, 100 * S, &rules())
+            .unwrap();
+        assert_eq!(
+            s1.hub_advance_at(),
+            Some(110 * S + GRACE.as_micros() as u64)
+        );
+        let Advance::Won(s2) = s1.advance(0, 110 * S, &rules()) else {
+            panic!("advance at the activation time must win");
+        };
+        assert_eq!(
+            s2.hub_advance_at(),
+            None,
+            "nothing staged: nothing to advance"
+        );
     }
 
     #[test]

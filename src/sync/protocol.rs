@@ -88,13 +88,43 @@ pub struct Commit {
     pub at_us: Option<u64>,
 }
 
+/// What a commit or rollback did with its release (`"state"` of [`Committed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitState {
+    /// Staged for `activation_us`.
+    Staged,
+    /// Queued behind the staged release, which activates too soon to replace; staged by the
+    /// next activation.
+    Queued,
+    /// Already the active release with nothing staged: nothing to do.
+    Active,
+}
+
+impl CommitState {
+    /// The name on the wire (`staged`, `queued`, `active`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommitState::Staged => "staged",
+            CommitState::Queued => "queued",
+            CommitState::Active => "active",
+        }
+    }
+}
+
+impl std::fmt::Display for CommitState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Answer to a commit or rollback.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Committed {
     /// The release.
     pub id: ReleaseId,
-    /// `staged`, `queued` or `active` (already active: nothing to do).
-    pub state: String,
+    /// What the commit did.
+    pub state: CommitState,
     /// When it activates (staged only).
     pub activation_us: Option<u64>,
     /// The schedule after the commit.
@@ -110,7 +140,16 @@ pub struct Advanced {
     pub cycle: u64,
     /// Why not, when not.
     #[serde(default)]
-    pub reason: Option<String>,
+    pub reason: Option<NotAdvanced>,
+}
+
+/// Why an advance that was not refused did not promote anything (`"reason"` of
+/// [`Advanced`]); a refused one is an error (409: too early, nothing staged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NotAdvanced {
+    /// Someone else advanced this cycle first.
+    #[serde(rename = "already advanced")]
+    AlreadyAdvanced,
 }
 
 /// `POST /agents/{name}/report` body: an agent's view of itself.
@@ -154,9 +193,8 @@ pub struct AgentView {
 /// `POST /changesets`: what the hub did with a changeset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangesetReply {
-    /// `applied`, `duplicate` (already applied: nothing done) or `missing` (PUT the blobs in
-    /// `missing`, then send it again).
-    pub state: String,
+    /// What the hub did with it.
+    pub state: ChangesetState,
     /// Blobs the hub lacks.
     #[serde(default)]
     pub missing: Vec<Hash>,
@@ -167,6 +205,61 @@ pub struct ChangesetReply {
     /// Concurrent writes it met, resolved (the later by hub time won).
     #[serde(default)]
     pub conflicts: Vec<Conflict>,
+}
+
+impl ChangesetReply {
+    /// Already applied: nothing done.
+    pub fn duplicate() -> ChangesetReply {
+        ChangesetReply::empty(ChangesetState::Duplicate)
+    }
+
+    /// The hub lacks these blobs: PUT them, then send the changeset again.
+    pub fn missing(missing: Vec<Hash>) -> ChangesetReply {
+        ChangesetReply {
+            missing,
+            ..ChangesetReply::empty(ChangesetState::Missing)
+        }
+    }
+
+    /// Applied, into `release`, resolving `conflicts`.
+    pub fn applied(release: ReleaseId, conflicts: Vec<Conflict>) -> ChangesetReply {
+        ChangesetReply {
+            release: Some(release),
+            conflicts,
+            ..ChangesetReply::empty(ChangesetState::Applied)
+        }
+    }
+
+    fn empty(state: ChangesetState) -> ChangesetReply {
+        ChangesetReply {
+            state,
+            missing: Vec::new(),
+            release: None,
+            conflicts: Vec::new(),
+        }
+    }
+}
+
+/// What the hub did with a changeset (`"state"` of [`ChangesetReply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangesetState {
+    /// Applied: `release` holds it.
+    Applied,
+    /// Already applied (its sequence is not above the origin's last): nothing done.
+    Duplicate,
+    /// The hub lacks the blobs in `missing`: PUT them, then send the changeset again.
+    Missing,
+}
+
+impl std::fmt::Display for ChangesetState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ChangesetState::Applied => "applied",
+            ChangesetState::Duplicate => "duplicate",
+            ChangesetState::Missing => "missing",
+        })
+    }
 }
 
 /// A resolved conflict as the hub recorded it.
@@ -189,4 +282,112 @@ pub struct Fleet {
     /// The latest concurrent edits resolved (newest last).
     #[serde(default)]
     pub conflicts: Vec<ConflictView>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::changeset::Stamp;
+
+    fn id(n: u8) -> ReleaseId {
+        Hash::of(&[n])
+    }
+
+    fn schedule() -> Schedule {
+        Schedule {
+            version: 3,
+            cycle: 1,
+            active: Some(id(1)),
+            staged: None,
+            activation_us: None,
+            queued: None,
+            previous: None,
+            now_us: 42,
+            applied: Applied::default(),
+        }
+    }
+
+    /// The typed states keep the JSON agents and publishers of earlier builds send and expect.
+    #[test]
+    fn changeset_reply_states_keep_their_json() {
+        let json = |r: &ChangesetReply| serde_json::to_value(r).unwrap();
+        assert_eq!(json(&ChangesetReply::duplicate())["state"], "duplicate");
+        let missing = ChangesetReply::missing(vec![id(7)]);
+        assert_eq!(json(&missing)["state"], "missing");
+        assert_eq!(json(&missing)["missing"][0], id(7).to_hex());
+        let conflict = Conflict {
+            path: "a.html".into(),
+            winner: Stamp {
+                at_us: 2,
+                origin: "b".into(),
+            },
+            loser: Stamp {
+                at_us: 1,
+                origin: "c".into(),
+            },
+        };
+        let applied = ChangesetReply::applied(id(2), vec![conflict]);
+        assert_eq!(json(&applied)["state"], "applied");
+        assert_eq!(json(&applied)["release"], id(2).to_hex());
+        // Byte for byte, as the string field wrote it.
+        assert_eq!(
+            serde_json::to_string(&ChangesetReply::duplicate()).unwrap(),
+            r#"{"state":"duplicate","missing":[],"release":null,"conflicts":[]}"#
+        );
+        for r in [ChangesetReply::duplicate(), missing, applied] {
+            let back: ChangesetReply = serde_json::from_value(json(&r)).unwrap();
+            assert_eq!(back, r);
+        }
+        let unknown = r#"{"state":"maybe","missing":[],"release":null,"conflicts":[]}"#;
+        assert!(serde_json::from_str::<ChangesetReply>(unknown).is_err());
+    }
+
+    #[test]
+    fn commit_states_keep_their_json() {
+        for (state, text) in [
+            (CommitState::Staged, "staged"),
+            (CommitState::Queued, "queued"),
+            (CommitState::Active, "active"),
+        ] {
+            let c = Committed {
+                id: id(1),
+                state,
+                activation_us: None,
+                schedule: schedule(),
+            };
+            let v = serde_json::to_value(&c).unwrap();
+            assert_eq!(v["state"], text);
+            assert_eq!(
+                (state.as_str(), state.to_string()),
+                (text, text.to_string())
+            );
+            assert_eq!(serde_json::from_value::<Committed>(v).unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn advanced_reasons_keep_their_json() {
+        let already = Advanced {
+            advanced: false,
+            cycle: 4,
+            reason: Some(NotAdvanced::AlreadyAdvanced),
+        };
+        assert_eq!(
+            serde_json::to_string(&already).unwrap(),
+            r#"{"advanced":false,"cycle":4,"reason":"already advanced"}"#
+        );
+        let won = Advanced {
+            advanced: true,
+            cycle: 5,
+            reason: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&won).unwrap(),
+            r#"{"advanced":true,"cycle":5,"reason":null}"#
+        );
+        let back: Advanced =
+            serde_json::from_str(r#"{"advanced":false,"cycle":4,"reason":"already advanced"}"#)
+                .unwrap();
+        assert_eq!(back, already);
+    }
 }

@@ -1,0 +1,185 @@
+//! The hub's content: manifests and blobs uploaded by publishers (and agents' changesets),
+//! served to agents, checked complete before a commit, and collected once no release needs
+//! them. Content-addressed: a blob or manifest that does not hash to its name is refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{blocking, Hub, HubError};
+use crate::sync::manifest::{Hash, Manifest, ReleaseId, MAX_BLOB_BYTES};
+use crate::sync::protocol::Uploaded;
+use crate::sync::store::{Collected, StoreError};
+
+impl Hub {
+    /// Stores a manifest and answers which of its blobs the hub lacks.
+    pub async fn upload_manifest(self: &Arc<Self>, body: Vec<u8>) -> Result<Uploaded, HubError> {
+        let manifest = Manifest::from_json(&body)?;
+        let hub = self.clone();
+        blocking(move || {
+            let id = manifest.id();
+            hub.store.put_release(&id, &manifest.to_json())?;
+            let mut missing = Vec::new();
+            for (hash, _) in manifest.blobs() {
+                if !hub.store.has_blob(&hash)? {
+                    missing.push(hash);
+                }
+            }
+            Ok(Uploaded { id, missing })
+        })
+        .await
+    }
+
+    /// Stores a blob whose bytes hash to `hash`.
+    pub async fn put_blob(self: &Arc<Self>, hash: Hash, body: Vec<u8>) -> Result<bool, HubError> {
+        if body.len() as u64 > MAX_BLOB_BYTES {
+            return Err(HubError::Bad(format!(
+                "blob of {} bytes; the largest is {MAX_BLOB_BYTES}",
+                body.len()
+            )));
+        }
+        if Hash::of(&body) != hash {
+            return Err(HubError::Bad(format!(
+                "the body does not hash to {hash}: it was corrupted on the way, or the URL names the wrong blob"
+            )));
+        }
+        let hub = self.clone();
+        let len = body.len() as u64;
+        let created = blocking(move || {
+            if hub.store.has_blob(&hash)? {
+                return Ok::<_, StoreError>(false);
+            }
+            hub.store.put_blob(&hash, &body)?;
+            Ok(true)
+        })
+        .await?;
+        if created {
+            self.metrics.blob_bytes.inc_by(len);
+        }
+        Ok(created)
+    }
+
+    /// The manifest of a release (canonical bytes).
+    pub async fn release(self: &Arc<Self>, id: ReleaseId) -> Result<Vec<u8>, HubError> {
+        let hub = self.clone();
+        blocking(move || hub.store.get_release(&id))
+            .await?
+            .ok_or_else(|| HubError::NotFound(format!("no release {id}")))
+    }
+
+    /// A blob's bytes.
+    pub async fn blob(self: &Arc<Self>, hash: Hash) -> Result<Vec<u8>, HubError> {
+        let hub = self.clone();
+        let blob = blocking(move || hub.store.get_blob(&hash))
+            .await?
+            .ok_or_else(|| HubError::NotFound(format!("no blob {hash}")))?;
+        self.metrics.blobs_served.inc();
+        Ok(blob)
+    }
+
+    /// Whether every blob of release `id` is stored with the size its manifest gives: a
+    /// commit stages only a complete release.
+    pub(super) async fn check_complete(self: &Arc<Self>, id: ReleaseId) -> Result<(), HubError> {
+        let manifest = Manifest::from_json(&self.release(id).await?)?;
+        let hub = self.clone();
+        let (missing, wrong) = blocking(move || {
+            let (mut missing, mut wrong) = (0usize, None);
+            for (hash, size) in manifest.blobs() {
+                match hub.store.blob_len(&hash)? {
+                    None => missing += 1,
+                    Some(len) if len != size => wrong = Some((hash, size, len)),
+                    Some(_) => {}
+                }
+            }
+            Ok::<_, StoreError>((missing, wrong))
+        })
+        .await?;
+        if let Some((hash, size, len)) = wrong {
+            return Err(HubError::Bad(format!(
+                "release {id} says blob {hash} is {size} bytes; it is {len}: fix the manifest"
+            )));
+        }
+        if missing > 0 {
+            return Err(HubError::Conflict(format!(
+                "release {id} lacks {missing} blob(s): PUT them before the commit"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The blobs of `blobs` the store lacks or holds with another size.
+    pub(super) async fn lacking(
+        self: &Arc<Self>,
+        blobs: Vec<(Hash, u64)>,
+    ) -> Result<Vec<Hash>, HubError> {
+        let hub = self.clone();
+        let missing = blocking(move || {
+            let mut missing = Vec::new();
+            for (hash, size) in blobs {
+                if hub.store.blob_len(&hash)? != Some(size) {
+                    missing.push(hash);
+                }
+            }
+            Ok::<_, StoreError>(missing)
+        })
+        .await?;
+        Ok(missing)
+    }
+
+    /// Removes the releases no one needs (anything but active, previous, staged and queued)
+    /// and the blobs only they used, once older than the grace period.
+    pub async fn collect(&self) -> Result<Collected, HubError> {
+        let state = self.state();
+        let keep: Vec<ReleaseId> = [
+            state.active,
+            state.previous,
+            state.staged.map(|s| s.id),
+            state.queued.map(|q| q.id),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let grace = self.settings().gc.grace;
+        let store = self.store.clone();
+        let done = blocking(move || store.collect(&keep, grace)).await?;
+        self.metrics.gc_removed(&done);
+        Ok(done)
+    }
+
+    /// Runs until `shutdown`: collects the store every `gc.interval` (re-read after each, so
+    /// a reload applies).
+    pub async fn run_gc(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            // Off: look again in a minute, a reload may turn it on.
+            let interval = self.settings().gc.interval;
+            let wait = if interval.is_zero() {
+                Duration::from_secs(60)
+            } else {
+                interval
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if self.settings().gc.interval.is_zero() {
+                continue;
+            }
+            match self.collect().await {
+                Ok(c) if c.releases + c.blobs > 0 => {
+                    info!(
+                        releases = c.releases,
+                        blobs = c.blobs,
+                        bytes = c.bytes,
+                        "collected unused content from the store"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "store collection failed; nothing was removed on a guess")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Why a hub operation failed: one error enum for every [`super::Hub`] operation, which the
+//! HTTP face maps to a status. Vocabulary only: no I/O.
+
+use crate::sync::cycle::CycleError;
+use crate::sync::manifest::ManifestError;
+use crate::sync::store::StoreError;
+
+/// Why a hub operation failed; the sync API maps each to a status.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubError {
+    /// Malformed input (400).
+    #[error("{0}")]
+    Bad(String),
+    /// A refused manifest (400).
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// Unknown release or blob (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Not possible now (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The store failed (500; a full disk reads "No space left on device").
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<CycleError> for HubError {
+    fn from(e: CycleError) -> HubError {
+        HubError::Conflict(e.to_string())
+    }
+}

@@ -1,0 +1,45 @@
+//! What the hub is given besides its store: the settings a reload may change (activation
+//! rules, tokens, collection) and its clock, injected so tests can move time. Reads no clock
+//! itself except in [`system_clock`], the real one.
+
+use std::sync::Arc;
+
+use crate::config::sync::Sync as SyncConfig;
+use crate::sync::auth::Tokens;
+use crate::sync::gc::Gc;
+use crate::sync::schedule::Rules;
+
+/// The hub's clock: µs since the Unix epoch (injected so tests can move time).
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0)
+    })
+}
+
+/// Settings a reload may change.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Activation times.
+    pub rules: Rules,
+    /// Accepted tokens.
+    pub tokens: Tokens,
+    /// Collection of unused releases and blobs.
+    pub gc: Gc,
+}
+
+impl Settings {
+    /// From the checked `sync:` section.
+    pub fn from_config(c: &SyncConfig) -> Settings {
+        Settings {
+            rules: Rules::new(c.cadence, c.lead),
+            tokens: c.tokens.clone(),
+            gc: c.gc,
+        }
+    }
+}

@@ -17,7 +17,7 @@ use crate::admin::view::{PoolView, PoolsView};
 use crate::hub::fleet::last_flip_skew;
 use crate::net::client::{ok, ClientError, HttpClient, Remote, REQUEST_TIMEOUT};
 use crate::sync::manifest::Hash;
-use crate::sync::protocol::{Commit, Committed, Fleet, Schedule, Uploaded};
+use crate::sync::protocol::{Commit, CommitState, Committed, Fleet, Schedule, Uploaded};
 use crate::sync::tree::{scan, TreeError};
 
 /// Blob uploads in flight at once by default.
@@ -273,8 +273,8 @@ pub fn show_us(us: i64) -> String {
 
 /// What `lockstep publish` prints after a commit.
 pub fn describe(c: &Committed, now_us: u64) -> String {
-    match c.state.as_str() {
-        "staged" => {
+    match c.state {
+        CommitState::Staged => {
             let at = c.activation_us.unwrap_or(0);
             format!(
                 "staged: activates at {} (in {:.1}s on the hub's clock)",
@@ -282,8 +282,8 @@ pub fn describe(c: &Committed, now_us: u64) -> String {
                 at.saturating_sub(now_us) as f64 / 1e6
             )
         }
-        "queued" => "queued: the staged release activates too soon to replace; this one is staged right after it".to_string(),
-        _ => "already the active release: nothing to do".to_string(),
+        CommitState::Queued => "queued: the staged release activates too soon to replace; this one is staged right after it".to_string(),
+        CommitState::Active => "already the active release: nothing to do".to_string(),
     }
 }
 

@@ -135,13 +135,28 @@ fn expand_use(tree: &str) -> Vec<Vec<String>> {
     }
 }
 
-/// Every path the code names, with its line: `use` trees and inline `crate::`/`super::` paths.
-fn referenced_paths(code: &[(usize, String)]) -> Vec<(usize, Vec<String>)> {
+/// Every path the code names, with its line and how deep inside inline `mod x { … }` blocks of
+/// the file it sits (their `super` is the file's module): `use` trees and inline
+/// `crate::`/`super::` paths. Inline modules are found by rustfmt's layout: `mod x {` closes at
+/// the first `}` with the same indentation.
+fn referenced_paths(code: &[(usize, String)]) -> Vec<(usize, Vec<String>, usize)> {
     let mut out = Vec::new();
+    let mut inline: Vec<usize> = Vec::new();
     let mut i = 0;
     while i < code.len() {
         let (line_no, line) = &code[i];
         let t = line.trim_start();
+        let indent = line.len() - t.len();
+        if inline.last() == Some(&indent) && t.starts_with('}') {
+            inline.pop();
+        }
+        let decl = t.strip_prefix("pub ").unwrap_or(t);
+        if decl.starts_with("mod ") && decl.trim_end().ends_with('{') {
+            inline.push(indent);
+            i += 1;
+            continue;
+        }
+        let depth = inline.len();
         let after_vis = t
             .strip_prefix("pub(crate) ")
             .or_else(|| t.strip_prefix("pub(super) "))
@@ -156,7 +171,7 @@ fn referenced_paths(code: &[(usize, String)]) -> Vec<(usize, Vec<String>)> {
             }
             let stmt = stmt.split(';').next().unwrap();
             for p in expand_use(stmt) {
-                out.push((*line_no, p));
+                out.push((*line_no, p, depth));
             }
             i += 1;
             continue;
@@ -174,7 +189,8 @@ fn referenced_paths(code: &[(usize, String)]) -> Vec<(usize, Vec<String>)> {
                     .chars()
                     .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
                     .collect();
-                out.push((*line_no, path.split("::").filter(|s| !s.is_empty()).map(String::from).collect()));
+                let path = path.split("::").filter(|s| !s.is_empty()).map(String::from).collect();
+                out.push((*line_no, path, depth));
             }
         }
         i += 1;
@@ -182,10 +198,27 @@ fn referenced_paths(code: &[(usize, String)]) -> Vec<(usize, Vec<String>)> {
     out
 }
 
-/// Resolves a referenced path to an absolute module-or-item path from the crate root.
-fn absolute(from: &ModFile, path: &[String]) -> Option<Vec<String>> {
+/// Resolves a referenced path to an absolute module-or-item path from the crate root. A path
+/// that starts with the name of one of the file's own child modules (`use metrics::X` in a
+/// `mod.rs`) is relative to the file; other bare paths name external crates.
+fn absolute(
+    from: &ModFile,
+    path: &[String],
+    depth: usize,
+    modules: &BTreeSet<Vec<String>>,
+) -> Option<Vec<String>> {
     let mut base: Vec<String> = from.path.clone();
     let mut rest = path;
+    // Inside inline modules, the first `super`s climb back to the file's own module.
+    let mut inner = depth;
+    while inner > 0 && rest.first().map(String::as_str) == Some("super") {
+        rest = &rest[1..];
+        inner -= 1;
+    }
+    if inner < depth && rest.first().map(String::as_str) != Some("super") {
+        base.extend(rest.iter().cloned());
+        return Some(base); // an item of the file itself
+    }
     match rest.first().map(String::as_str) {
         Some("crate") => {
             base.clear();
@@ -203,7 +236,14 @@ fn absolute(from: &ModFile, path: &[String]) -> Option<Vec<String>> {
                 rest = &rest[1..];
             }
         }
-        _ => return None, // an external crate or a local name
+        Some(first) => {
+            let mut child = from.path.clone();
+            child.push(first.to_string());
+            if !modules.contains(&child) {
+                return None; // an external crate or a local name
+            }
+        }
+        None => return None,
     }
     base.extend(rest.iter().cloned());
     Some(base)
@@ -268,8 +308,8 @@ fn load() -> (Vec<ModFile>, Tree) {
     let mut reexports = BTreeMap::new();
     for f in files.iter().filter(|f| f.is_dir_module) {
         let mut names = BTreeMap::new();
-        for (_, p) in referenced_paths(&code_of(&f.text)) {
-            let Some(abs) = absolute(f, &p) else { continue };
+        for (_, p, depth) in referenced_paths(&code_of(&f.text)) {
+            let Some(abs) = absolute(f, &p, depth, &modules) else { continue };
             if abs.len() == f.path.len() + 2 && abs[..f.path.len()] == f.path[..] {
                 let child = &abs[f.path.len()];
                 let mut cm = f.path.clone();
@@ -289,8 +329,8 @@ fn edges() -> BTreeMap<Edge, String> {
     let (files, tree) = load();
     let mut out = BTreeMap::new();
     for f in &files {
-        for (line, p) in referenced_paths(&code_of(&f.text)) {
-            let Some(abs) = absolute(f, &p) else { continue };
+        for (line, p, depth) in referenced_paths(&code_of(&f.text)) {
+            let Some(abs) = absolute(f, &p, depth, &tree.modules) else { continue };
             let target = tree.module_of(&abs);
             // A `mod.rs` naming its own child through `self::child` is the parent using it.
             if let Some(e) = level_edge(&f.path, &target) {
@@ -439,7 +479,7 @@ fn the_checker_sees_use_trees_and_relative_paths() {
          let x = super::fast::MAX; // crate::not::this\n\
          let s = \"http://x\"; crate::dns::serve();\n",
     );
-    let paths: Vec<Vec<String>> = referenced_paths(&code).into_iter().map(|(_, p)| p).collect();
+    let paths: Vec<Vec<String>> = referenced_paths(&code).into_iter().map(|(_, p, _)| p).collect();
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     assert!(paths.contains(&s(&["crate", "config", "Config"])));
     assert!(paths.contains(&s(&["crate", "config", "raw", "Raw"])));

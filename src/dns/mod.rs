@@ -20,6 +20,7 @@
 //! - [`metrics`]: queries by type and rcode, answer latency, fail-open answers.
 
 pub mod answer;
+pub mod error;
 pub mod fast;
 pub mod handler;
 pub mod metrics;
@@ -28,25 +29,8 @@ pub mod udp_batch;
 pub mod view;
 pub mod zone;
 
-use std::net::SocketAddr;
-
+pub use error::DnsError;
 pub use handler::DnsHandler;
 pub use metrics::DnsMetrics;
 pub use server::{bind, serve, Bound};
 pub use zone::Zones;
-
-/// Failures of the DNS responder.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum DnsError {
-    /// A socket could not be bound.
-    #[error("cannot bind DNS {proto} on {addr}: {error} (is another DNS server running, or does port {} need privileges? CAP_NET_BIND_SERVICE lets lockstep bind port 53)", addr.port())]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// `udp` or `tcp`.
-        proto: &'static str,
-        /// The OS error (in the message, so it prints once).
-        error: std::io::Error,
-    },
-}

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::handler::{DnsHandler, FastDone};
 use super::udp_batch::{Inbox, Outbox, SLOTS};
-use super::DnsError;
+use super::error::DnsError;
 
 /// How long a TCP client may stay silent between queries before its connection is closed
 /// (RFC 7766 §6.2.3 suggests tens of seconds; idle connections cost a task each).

@@ -294,21 +294,32 @@ pub async fn start_on(
         release_dir: config.release_dir.clone(),
     };
     let controller = Controller::new(
-        client,
-        anchor,
-        active.clone(),
-        metrics.clone(),
-        stager,
-        disk_tx,
-        report_tx,
-        measure_now,
-        current.clone(),
-        previous,
-        applied,
-        local_tx,
-        config.gc,
+        control::Handles {
+            client,
+            active: active.clone(),
+            metrics: metrics.clone(),
+            stager,
+            disk: disk_tx,
+            report: report_tx,
+            measure_now,
+            local: local_tx,
+        },
+        control::Settings {
+            anchor,
+            gc: config.gc,
+        },
+        control::Start {
+            current: current.clone(),
+            previous,
+            applied,
+        },
     );
-    tracker.spawn(controller.run(sched_rx, clock_rx, install_rx, shutdown.clone()));
+    let inbox = control::Inbox {
+        schedules: sched_rx,
+        clock: clock_rx,
+        installs: install_rx,
+    };
+    tracker.spawn(controller.run(inbox, shutdown.clone()));
     info!(
         name = %config.name,
         serve = %serve_addr,

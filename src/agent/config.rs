@@ -246,35 +246,15 @@ pub fn valid_name(name: &str) -> bool {
 /// Checks the raw config, returning the typed one or every problem found.
 pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigErrors> {
     let mut cx = Ctx::new(file);
-    if !valid_name(&raw.name.value) {
-        cx.err(
-            &raw.name,
-            format!(
-                "name `{}` cannot name an agent: use 1 to {MAX_NAME_BYTES} letters, digits, `.`, `_` or `-` (e.g. the backend's name, web-1)",
-                raw.name.value
-            ),
-        );
-    }
-    let serve = match SocketAddr::from_str(raw.serve.value.trim()) {
-        Ok(a) => Some(a),
-        Err(_) => {
-            cx.err(
-                &raw.serve,
-                format!(
-                    "serve `{}` is not an ip:port address: write e.g. \"127.0.0.1:8081\"",
-                    raw.serve.value
-                ),
-            );
-            None
-        }
-    };
+    check_name(&mut cx, &raw.name);
+    let serve = serve_addr(&mut cx, &raw.serve);
     let store = cx.path_at(&raw.store, "store");
     let release_dir = raw
         .release_dir
         .as_ref()
         .and_then(|v| cx.path_at(v, "release_dir"));
     if let (Some(s), Some(r), Some(raw_r)) = (&store, &release_dir, &raw.release_dir) {
-        if s == r || r.starts_with(s) || s.starts_with(r) {
+        if overlap(s, r) {
             cx.err(
                 raw_r,
                 "release_dir and store overlap: give each its own directory (the store is the agent's own)",
@@ -282,19 +262,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
         }
     }
     let hub_ca = raw.hub_ca.as_ref().and_then(|v| cx.path_at(v, "hub_ca"));
-    // The client checks the URL and loads the CA exactly as it will when the agent starts.
-    let hub = raw.hub.value.trim().to_string();
-    match HttpClient::hub(&hub, None, hub_ca.as_deref()) {
-        Ok(_) => {}
-        Err(ClientError::Tls(m)) => match &raw.hub_ca {
-            Some(ca) => cx.err(ca, m),
-            None => cx.err(&raw.hub, m),
-        },
-        Err(e) => cx.err(
-            &raw.hub,
-            format!("{e}: write e.g. \"http://10.0.0.1:7700\""),
-        ),
-    }
+    let hub = hub_url(&mut cx, &raw, hub_ca.as_deref());
     let token = raw.token_file.as_ref().and_then(|v| {
         let p = cx.path_at(v, "token_file")?;
         match read_token(&p) {
@@ -305,87 +273,12 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             }
         }
     });
-    let fetch_concurrency = match &raw.fetch_concurrency {
-        None => DEFAULT_FETCH_CONCURRENCY,
-        Some(v) if v.value == 0 || v.value as usize > MAX_FETCH_CONCURRENCY => {
-            cx.err(
-                v,
-                format!("fetch_concurrency must be between 1 and {MAX_FETCH_CONCURRENCY} (default {DEFAULT_FETCH_CONCURRENCY})"),
-            );
-            DEFAULT_FETCH_CONCURRENCY
-        }
-        Some(v) => v.value as usize,
-    };
-    let watch = raw.watch.as_ref().map(|w| {
-        let dir = w.dir.as_ref().and_then(|d| cx.path_at(d, "watch.dir"));
-        let mut watch = Watch::new(
-            dir.as_deref(),
-            w.mode.as_ref().map_or(WatchMode::Scheduled, |m| m.value),
-        );
-        if let (Some(d), Some(raw_d), Some(s)) = (&dir, &w.dir, &store) {
-            if d == s || d.starts_with(s) || s.starts_with(d) {
-                cx.err(raw_d, "watch.dir and store overlap: give each its own directory");
-            }
-        }
-        if let (Some(d), Some(raw_d), Some(r)) = (&dir, &w.dir, &release_dir) {
-            if d == r || d.starts_with(r) || r.starts_with(d) {
-                cx.err(
-                    raw_d,
-                    "watch.dir and release_dir overlap: edit in a directory of its own (release_dir is written by the agent)",
-                );
-            }
-        }
-        if let Some(g) = &w.ignore {
-            match crate::agent::detect::Ignore::new(&g.value) {
-                Ok(_) => watch.ignore = g.value.clone(),
-                Err(e) => cx.err(g, format!("watch.ignore: {e}")),
-            }
-        }
-        let mut duration = |v: &Option<S<String>>, what: &str, default: Duration| match v {
-            None => default,
-            Some(v) => match crate::config::duration::parse(&v.value) {
-                Ok(d) if !d.is_zero() => d,
-                Ok(_) => {
-                    cx.err(v, format!("{what} must be longer than 0"));
-                    default
-                }
-                Err(e) => {
-                    cx.err(v, format!("{what}: {e}"));
-                    default
-                }
-            },
-        };
-        watch.debounce = duration(&w.debounce, "watch.debounce", DEFAULT_DEBOUNCE);
-        watch.rescan = duration(&w.rescan, "watch.rescan", DEFAULT_RESCAN);
-        if let Some(v) = &w.max_file_size {
-            match parse_size(&v.value) {
-                Ok(n) if n > 0 && n <= MAX_BLOB_BYTES => watch.max_file_bytes = n,
-                Ok(_) => cx.err(
-                    v,
-                    "watch.max_file_size must be between 1 byte and 64MiB (the largest file a release holds)",
-                ),
-                Err(e) => cx.err(v, format!("watch.max_file_size: {e}")),
-            }
-        }
-        watch
-    });
-    let peers = match &raw.peers {
-        None => Vec::new(),
-        Some(list) => list
-            .value
-            .iter()
-            .filter_map(|p| {
-                let url = p.value.trim().trim_end_matches('/').to_string();
-                match HttpClient::hub(&url, None, hub_ca.as_deref()) {
-                    Ok(_) => Some(url),
-                    Err(e) => {
-                        cx.err(p, format!("peer: {e}: write another agent's serve address, e.g. \"http://10.0.0.2:8081\""));
-                        None
-                    }
-                }
-            })
-            .collect(),
-    };
+    let fetch_concurrency = fetch_concurrency(&mut cx, raw.fetch_concurrency.as_ref());
+    let watch = raw
+        .watch
+        .as_ref()
+        .map(|w| watch(&mut cx, w, store.as_deref(), release_dir.as_deref()));
+    let peers = peers(&mut cx, raw.peers.as_ref(), hub_ca.as_deref());
     let (gc, errors) = gc::from_raw(raw.gc_interval.as_ref(), raw.gc_grace.as_ref());
     for (at, e) in errors {
         cx.err(at, e);
@@ -410,6 +303,155 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             Err(ConfigErrors(cx.errors))
         }
     }
+}
+
+/// Whether one directory is, or is inside, the other.
+fn overlap(a: &Path, b: &Path) -> bool {
+    a == b || a.starts_with(b) || b.starts_with(a)
+}
+
+fn check_name(cx: &mut Ctx, name: &S<String>) {
+    if !valid_name(&name.value) {
+        cx.err(
+            name,
+            format!(
+                "name `{}` cannot name an agent: use 1 to {MAX_NAME_BYTES} letters, digits, `.`, `_` or `-` (e.g. the backend's name, web-1)",
+                name.value
+            ),
+        );
+    }
+}
+
+fn serve_addr(cx: &mut Ctx, serve: &S<String>) -> Option<SocketAddr> {
+    match SocketAddr::from_str(serve.value.trim()) {
+        Ok(a) => Some(a),
+        Err(_) => {
+            cx.err(
+                serve,
+                format!(
+                    "serve `{}` is not an ip:port address: write e.g. \"127.0.0.1:8081\"",
+                    serve.value
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// The hub's URL, trimmed; checked (with the CA) exactly as the client will when the agent
+/// starts.
+fn hub_url(cx: &mut Ctx, raw: &RawAgentConfig, hub_ca: Option<&Path>) -> String {
+    let hub = raw.hub.value.trim().to_string();
+    match HttpClient::hub(&hub, None, hub_ca) {
+        Ok(_) => {}
+        Err(ClientError::Tls(m)) => match &raw.hub_ca {
+            Some(ca) => cx.err(ca, m),
+            None => cx.err(&raw.hub, m),
+        },
+        Err(e) => cx.err(
+            &raw.hub,
+            format!("{e}: write e.g. \"http://10.0.0.1:7700\""),
+        ),
+    }
+    hub
+}
+
+fn fetch_concurrency(cx: &mut Ctx, v: Option<&S<u32>>) -> usize {
+    match v {
+        None => DEFAULT_FETCH_CONCURRENCY,
+        Some(v) if v.value == 0 || v.value as usize > MAX_FETCH_CONCURRENCY => {
+            cx.err(
+                v,
+                format!("fetch_concurrency must be between 1 and {MAX_FETCH_CONCURRENCY} (default {DEFAULT_FETCH_CONCURRENCY})"),
+            );
+            DEFAULT_FETCH_CONCURRENCY
+        }
+        Some(v) => v.value as usize,
+    }
+}
+
+/// The `watch:` section; `store` and `release_dir` as checked, to refuse overlaps.
+fn watch(
+    cx: &mut Ctx,
+    w: &RawWatch,
+    store: Option<&Path>,
+    release_dir: Option<&Path>,
+) -> Watch {
+    let dir = w.dir.as_ref().and_then(|d| cx.path_at(d, "watch.dir"));
+    let mut watch = Watch::new(
+        dir.as_deref(),
+        w.mode.as_ref().map_or(WatchMode::Scheduled, |m| m.value),
+    );
+    if let (Some(d), Some(raw_d), Some(s)) = (&dir, &w.dir, store) {
+        if overlap(d, s) {
+            cx.err(raw_d, "watch.dir and store overlap: give each its own directory");
+        }
+    }
+    if let (Some(d), Some(raw_d), Some(r)) = (&dir, &w.dir, release_dir) {
+        if overlap(d, r) {
+            cx.err(
+                raw_d,
+                "watch.dir and release_dir overlap: edit in a directory of its own (release_dir is written by the agent)",
+            );
+        }
+    }
+    if let Some(g) = &w.ignore {
+        match crate::agent::detect::Ignore::new(&g.value) {
+            Ok(_) => watch.ignore = g.value.clone(),
+            Err(e) => cx.err(g, format!("watch.ignore: {e}")),
+        }
+    }
+    watch.debounce = duration(cx, &w.debounce, "watch.debounce", DEFAULT_DEBOUNCE);
+    watch.rescan = duration(cx, &w.rescan, "watch.rescan", DEFAULT_RESCAN);
+    if let Some(v) = &w.max_file_size {
+        match parse_size(&v.value) {
+            Ok(n) if n > 0 && n <= MAX_BLOB_BYTES => watch.max_file_bytes = n,
+            Ok(_) => cx.err(
+                v,
+                "watch.max_file_size must be between 1 byte and 64MiB (the largest file a release holds)",
+            ),
+            Err(e) => cx.err(v, format!("watch.max_file_size: {e}")),
+        }
+    }
+    watch
+}
+
+/// A duration longer than zero, else `default` (and the problem noted).
+fn duration(cx: &mut Ctx, v: &Option<S<String>>, what: &str, default: Duration) -> Duration {
+    match v {
+        None => default,
+        Some(v) => match crate::config::duration::parse(&v.value) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                cx.err(v, format!("{what} must be longer than 0"));
+                default
+            }
+            Err(e) => {
+                cx.err(v, format!("{what}: {e}"));
+                default
+            }
+        },
+    }
+}
+
+/// The `peers:` URLs, trimmed of a trailing `/`; each checked as the client will.
+fn peers(cx: &mut Ctx, list: Option<&S<Vec<S<String>>>>, hub_ca: Option<&Path>) -> Vec<String> {
+    let Some(list) = list else {
+        return Vec::new();
+    };
+    list.value
+        .iter()
+        .filter_map(|p| {
+            let url = p.value.trim().trim_end_matches('/').to_string();
+            match HttpClient::hub(&url, None, hub_ca) {
+                Ok(_) => Some(url),
+                Err(e) => {
+                    cx.err(p, format!("peer: {e}: write another agent's serve address, e.g. \"http://10.0.0.2:8081\""));
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

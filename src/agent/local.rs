@@ -1,5 +1,5 @@
 //! The agent's own backend in detect-and-forward: it turns edits made
-//! in `watch.dir` (reported by [`super::watch`], examined by [`super::detect`]) and writes
+//! in `watch.dir` (reported by [`super::watcher`], examined by [`super::detect`]) and writes
 //! through the agent's API into [`Changeset`]s, and keeps `watch.dir` following the release
 //! the agent serves, so that every backend's editing directory holds the fleet's content.
 //!

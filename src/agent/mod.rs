@@ -17,7 +17,8 @@
 //! - [`activate`]: the flip thread: sleep, spin, pointer store
 //! - [`advance`]: the cycle compare-and-swap after a flip
 //! - [`report`]: the agent's state, reported to the hub
-//! - [`control`]: the loop tying them together
+//! - [`control`]: the loop tying them together (I/O shell); its decisions in
+//!   [`control::decide`] (pure), installs in [`control::install`], disk writes in [`control::disk`]
 //! - [`metrics`]: the agent's Prometheus metrics
 //!
 //! Detect and forward:
@@ -191,89 +192,165 @@ pub async fn start_on(
     })?;
     let client = HttpClient::hub(&config.hub, config.token.clone(), config.hub_ca.as_deref())?;
     // Creating a few directories and clearing tmp/: quick enough to do here.
-    let store = FsStore::open(&config.store)?;
-    let store = Arc::new(store);
-    let (current, previous, applied) = {
+    let store = Arc::new(FsStore::open(&config.store)?);
+    let loaded = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || load_state(&store))
             .await
-            .unwrap_or((None, None, Applied::new()))
+            .unwrap_or_default()
     };
     let metrics = Arc::new(AgentMetrics::new());
+    let current = loaded.current.clone();
     let active: Active = Arc::new(ArcSwapOption::new(current.clone()));
     metrics.set_active(current.as_ref().map(|r| r.id()));
-    let tracker = TaskTracker::new();
+    let agent = Wiring {
+        config: &config,
+        store,
+        metrics,
+        client,
+        shutdown,
+        tracker: TaskTracker::new(),
+    };
     let (clock_tx, clock_rx) = tokio::sync::watch::channel(None);
     let (install_tx, install_rx) = mpsc::unbounded_channel();
     let local_tx = match &config.watch {
         Some(w) => Some(start_local(
-            &config,
+            &agent,
             w,
-            &store,
-            &metrics,
-            &client,
             current.clone(),
             hub_clock(anchor, clock_rx.clone()),
             install_tx.clone(),
-            &shutdown,
-            &tracker,
         )?),
         None => None,
     };
-    tracker.spawn(serve::serve(
-        listener,
-        ServeState {
-            active: active.clone(),
-            metrics: metrics.clone(),
-            api: Some(Arc::new(api::AgentApi {
-                name: config.name.clone(),
-                tokens: Tokens {
-                    agent: config.token.clone(),
-                    publish: None,
-                },
-                store: store.clone(),
-                installs: install_tx,
-                local: local_tx.clone(),
-                max_file_bytes: config
-                    .watch
-                    .as_ref()
-                    .map_or(crate::sync::manifest::MAX_BLOB_BYTES, |w| w.max_file_bytes),
-                metrics: metrics.clone(),
-            })),
-        },
-        shutdown.clone(),
-        tracker.clone(),
-    ));
+    spawn_serve(&agent, listener, &active, install_tx, local_tx.clone());
+    let disk_tx = spawn_disk(&agent, current.as_ref());
+    let (hub, schedules) = spawn_hub_tasks(&agent, anchor, serve_addr, current.as_ref(), clock_tx);
+    let controller = controller(&agent, anchor, &active, hub, disk_tx, local_tx, loaded);
+    let inbox = control::Inbox {
+        schedules,
+        clock: clock_rx,
+        installs: install_rx,
+    };
+    agent
+        .tracker
+        .spawn(controller.run(inbox, agent.shutdown.clone()));
+    info!(
+        name = %config.name,
+        serve = %serve_addr,
+        hub = %config.hub,
+        active = ?current.as_ref().map(|r| r.id().short()),
+        "agent started"
+    );
+    let Wiring {
+        metrics,
+        shutdown,
+        tracker,
+        ..
+    } = agent;
+    Ok(AgentHandle {
+        serve_addr,
+        active,
+        metrics,
+        shutdown,
+        tracker,
+    })
+}
 
-    if let Some(dir) = &config.release_dir {
+/// What every task of one agent is started with.
+struct Wiring<'a> {
+    config: &'a AgentConfig,
+    store: Arc<FsStore>,
+    metrics: Arc<AgentMetrics>,
+    client: HttpClient,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Starts the serve listener, with the content API (`PUT`/`DELETE`, peers' changesets).
+fn spawn_serve(
+    agent: &Wiring,
+    listener: TcpListener,
+    active: &Active,
+    installs: mpsc::UnboundedSender<messages::Install>,
+    local: Option<mpsc::UnboundedSender<messages::Input>>,
+) {
+    let config = agent.config;
+    let api = api::AgentApi {
+        name: config.name.clone(),
+        tokens: Tokens {
+            agent: config.token.clone(),
+            publish: None,
+        },
+        store: agent.store.clone(),
+        installs,
+        local,
+        max_file_bytes: config
+            .watch
+            .as_ref()
+            .map_or(crate::sync::manifest::MAX_BLOB_BYTES, |w| w.max_file_bytes),
+        metrics: agent.metrics.clone(),
+    };
+    let state = ServeState {
+        active: active.clone(),
+        metrics: agent.metrics.clone(),
+        api: Some(Arc::new(api)),
+    };
+    agent.tracker.spawn(serve::serve(
+        listener,
+        state,
+        agent.shutdown.clone(),
+        agent.tracker.clone(),
+    ));
+}
+
+/// Starts the ordered disk worker; `current`'s copy in `release_dir` is put right first.
+fn spawn_disk(agent: &Wiring, current: Option<&Arc<Release>>) -> mpsc::UnboundedSender<DiskJob> {
+    if let Some(dir) = &agent.config.release_dir {
         // Copies an earlier run left half-done; nothing of this run is copying yet.
         release_dir::clear_leftovers(dir);
     }
     let (disk_tx, disk_rx) = mpsc::unbounded_channel();
-    tracker.spawn(control::disk_worker(
-        store.clone(),
-        config.release_dir.clone(),
-        metrics.clone(),
+    agent.tracker.spawn(control::disk_worker(
+        agent.store.clone(),
+        agent.config.release_dir.clone(),
+        agent.metrics.clone(),
         disk_rx,
     ));
-    if let Some(r) = &current {
+    if let Some(r) = current {
         // A release_dir removed or changed while the agent was down is put right.
         let _ = disk_tx.send(DiskJob::Current(r.clone()));
     }
+    disk_tx
+}
 
+/// The ends of the hub-facing tasks the controller drives.
+struct HubEnds {
+    report: tokio::sync::watch::Sender<Report>,
+    measure_now: Arc<Notify>,
+}
+
+/// Starts the reporter, the clock measurer and the schedule long-poll.
+fn spawn_hub_tasks(
+    agent: &Wiring,
+    anchor: Anchor,
+    serve_addr: SocketAddr,
+    current: Option<&Arc<Release>>,
+    clock_tx: tokio::sync::watch::Sender<Option<Offset>>,
+) -> (HubEnds, mpsc::Receiver<crate::sync::protocol::Schedule>) {
+    let (client, shutdown, tracker) = (&agent.client, &agent.shutdown, &agent.tracker);
     let report = Report {
-        active: current.as_ref().map(|r| r.id()),
+        active: current.map(|r| r.id()),
         serve: Some(serve_addr.to_string()),
         ..Report::default()
     };
     let (report_tx, report_rx) = tokio::sync::watch::channel(report);
     tracker.spawn(report::reporter(
         client.clone(),
-        config.name.clone(),
+        agent.config.name.clone(),
         report_rx,
         shutdown.clone(),
     ));
-
     let measure_now = Arc::new(Notify::new());
     tracker.spawn(measure::measurer(
         client.clone(),
@@ -282,47 +359,48 @@ pub async fn start_on(
         measure_now.clone(),
         shutdown.clone(),
     ));
-
     let (sched_tx, sched_rx) = mpsc::channel(8);
     tracker.spawn(poll::poll(client.clone(), sched_tx, shutdown.clone()));
+    let ends = HubEnds {
+        report: report_tx,
+        measure_now,
+    };
+    (ends, sched_rx)
+}
 
+/// The controller, with its stager.
+fn controller(
+    agent: &Wiring,
+    anchor: Anchor,
+    active: &Active,
+    hub: HubEnds,
+    disk: mpsc::UnboundedSender<DiskJob>,
+    local: Option<mpsc::UnboundedSender<messages::Input>>,
+    start: control::Start,
+) -> Controller {
+    let config = agent.config;
     let stager = Stager {
-        client: client.clone(),
-        store: store.clone(),
-        metrics: metrics.clone(),
+        client: agent.client.clone(),
+        store: agent.store.clone(),
+        metrics: agent.metrics.clone(),
         permits: Arc::new(Semaphore::new(config.fetch_concurrency.max(1))),
         release_dir: config.release_dir.clone(),
     };
-    let controller = Controller::new(
-        client,
-        anchor,
-        active.clone(),
-        metrics.clone(),
+    let handles = control::Handles {
+        client: agent.client.clone(),
+        active: active.clone(),
+        metrics: agent.metrics.clone(),
         stager,
-        disk_tx,
-        report_tx,
-        measure_now,
-        current.clone(),
-        previous,
-        applied,
-        local_tx,
-        config.gc,
-    );
-    tracker.spawn(controller.run(sched_rx, clock_rx, install_rx, shutdown.clone()));
-    info!(
-        name = %config.name,
-        serve = %serve_addr,
-        hub = %config.hub,
-        active = ?current.as_ref().map(|r| r.id().short()),
-        "agent started"
-    );
-    Ok(AgentHandle {
-        serve_addr,
-        active,
-        metrics,
-        shutdown,
-        tracker,
-    })
+        disk,
+        report: hub.report,
+        measure_now: hub.measure_now,
+        local,
+    };
+    let settings = control::Settings {
+        anchor,
+        gc: config.gc,
+    };
+    Controller::new(handles, settings, start)
 }
 
 /// Hub time now (µs) from the agent's clock estimate; the wall clock until one exists.
@@ -344,110 +422,123 @@ fn hub_clock(
 
 /// Starts detect-and-forward: the local-edit thread, the watcher (with `watch.dir`), the
 /// forwarder and, for immediate mode without a static `peers:` list, the registry reader.
-#[allow(clippy::too_many_arguments)]
 fn start_local(
-    config: &AgentConfig,
+    agent: &Wiring,
     w: &config::Watch,
-    store: &Arc<FsStore>,
-    metrics: &Arc<AgentMetrics>,
-    client: &HttpClient,
     current: Option<Arc<Release>>,
     hub_now: Arc<dyn Fn() -> u64 + Send + Sync>,
     installs: mpsc::UnboundedSender<messages::Install>,
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
 ) -> Result<mpsc::UnboundedSender<messages::Input>, AgentError> {
     let ignore =
         Arc::new(detect::Ignore::new(&w.ignore).map_err(|e| AgentError::Watch(e.to_string()))?);
     let (local_tx, local_rx) = mpsc::unbounded_channel();
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     local::Local {
-        name: config.name.clone(),
+        name: agent.config.name.clone(),
         mode: w.mode,
         dir: w.dir.clone(),
         ignore: ignore.clone(),
         max_file_bytes: w.max_file_bytes,
-        store: store.clone(),
+        store: agent.store.clone(),
         hub_now,
         out: out_tx,
         installs,
-        metrics: metrics.clone(),
+        metrics: agent.metrics.clone(),
     }
     .spawn(current, local_rx)
     .map_err(|e| AgentError::Watch(format!("cannot start the local-edit thread: {e}")))?;
     if let Some(dir) = &w.dir {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            AgentError::Watch(format!("cannot create watch.dir {}: {e}", dir.display()))
-        })?;
-        // Watcher batches go straight to the local thread.
-        let (scope_tx, mut scope_rx) = mpsc::unbounded_channel();
-        let watcher = watcher::spawn(
-            dir,
-            w.debounce,
-            w.rescan,
-            ignore,
-            scope_tx,
-            shutdown.clone(),
-        )
-        .map_err(|e| AgentError::Watch(e.to_string()))?;
-        let tx = local_tx.clone();
-        let stop = shutdown.clone();
-        tracker.spawn(async move {
-            let _watcher = watcher;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    s = scope_rx.recv() => match s {
-                        Some(mut s) => {
-                            // Windows that piled up while the last one was examined: one pass.
-                            while let Ok(more) = scope_rx.try_recv() {
-                                s.merge(more);
-                            }
-                            if tx.send(messages::Input::Scope(s)).is_err() {
-                                return;
-                            }
-                        }
-                        None => return,
-                    },
-                }
-            }
-        });
+        spawn_watcher(agent, dir, w, ignore, local_tx.clone())?;
     }
-    let peers = if !config.peers.is_empty() {
-        metrics.peers.set(config.peers.len() as i64);
-        forward::Peers::Static(config.peers.clone())
-    } else {
-        let (tx, rx) = tokio::sync::watch::channel(Vec::new());
-        if w.mode == Mode::Immediate {
-            tracker.spawn(forward::registry(
-                client.clone(),
-                config.name.clone(),
-                tx,
-                metrics.clone(),
-                shutdown.clone(),
-            ));
-        }
-        forward::Peers::Registry(rx)
-    };
     let forwarder = forward::Forwarder {
-        client: client.clone(),
-        token: config.token.clone(),
-        store: store.clone(),
-        peers,
-        metrics: metrics.clone(),
+        client: agent.client.clone(),
+        token: agent.config.token.clone(),
+        store: agent.store.clone(),
+        peers: peers(agent, w.mode),
+        metrics: agent.metrics.clone(),
     };
-    tracker.spawn(forwarder.run(out_rx, shutdown.clone()));
+    agent
+        .tracker
+        .spawn(forwarder.run(out_rx, agent.shutdown.clone()));
     Ok(local_tx)
+}
+
+/// Creates `watch.dir` if need be and watches it; the watcher's scopes go to the local thread
+/// (those that piled up while it was busy merged into one).
+fn spawn_watcher(
+    agent: &Wiring,
+    dir: &std::path::Path,
+    w: &config::Watch,
+    ignore: Arc<detect::Ignore>,
+    local: mpsc::UnboundedSender<messages::Input>,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        AgentError::Watch(format!("cannot create watch.dir {}: {e}", dir.display()))
+    })?;
+    // Watcher batches go straight to the local thread.
+    let (scope_tx, mut scope_rx) = mpsc::unbounded_channel();
+    let watcher = watcher::spawn(
+        dir,
+        w.debounce,
+        w.rescan,
+        ignore,
+        scope_tx,
+        agent.shutdown.clone(),
+    )
+    .map_err(|e| AgentError::Watch(e.to_string()))?;
+    let stop = agent.shutdown.clone();
+    agent.tracker.spawn(async move {
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                s = scope_rx.recv() => match s {
+                    Some(mut s) => {
+                        // Windows that piled up while the last one was examined: one pass.
+                        while let Ok(more) = scope_rx.try_recv() {
+                            s.merge(more);
+                        }
+                        if local.send(messages::Input::Scope(s)).is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The peers immediate changesets go to: the static `peers:` list, else the hub's registry
+/// (read by a task in immediate mode).
+fn peers(agent: &Wiring, mode: Mode) -> forward::Peers {
+    let config = agent.config;
+    if !config.peers.is_empty() {
+        agent.metrics.peers.set(config.peers.len() as i64);
+        return forward::Peers::Static(config.peers.clone());
+    }
+    let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+    if mode == Mode::Immediate {
+        agent.tracker.spawn(forward::registry(
+            agent.client.clone(),
+            config.name.clone(),
+            tx,
+            agent.metrics.clone(),
+            agent.shutdown.clone(),
+        ));
+    }
+    forward::Peers::Registry(rx)
 }
 
 /// The active and previous releases recorded in the store, when they load whole, and the
 /// changesets the active one includes.
-fn load_state(store: &Arc<FsStore>) -> (Option<Arc<Release>>, Option<Arc<Release>>, Applied) {
+fn load_state(store: &Arc<FsStore>) -> control::Start {
     let state: AgentState = match store.read_state(STATE_NAME) {
         Ok(s) => s.unwrap_or_default(),
         Err(e) => {
             warn!(error = %e, "agent state unreadable; starting empty and fetching the hub's active release");
-            return (None, None, Applied::new());
+            return control::Start::default();
         }
     };
     let load = |id: Option<ReleaseId>, what: &str| {
@@ -467,7 +558,11 @@ fn load_state(store: &Arc<FsStore>) -> (Option<Arc<Release>>, Option<Arc<Release
     } else {
         Applied::new()
     };
-    (active, load(state.previous, "previous"), applied)
+    control::Start {
+        current: active,
+        previous: load(state.previous, "previous"),
+        applied,
+    }
 }
 
 /// Longest time in-flight requests get at shutdown.

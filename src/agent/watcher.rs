@@ -122,14 +122,7 @@ pub fn spawn(
     tx: UnboundedSender<Scope>,
     shutdown: CancellationToken,
 ) -> Result<Watcher, WatchError> {
-    if debounce.is_zero() {
-        return Err(WatchError::Zero { what: "debounce" });
-    }
-    if rescan_every.is_zero() {
-        return Err(WatchError::Zero {
-            what: "rescan interval",
-        });
-    }
+    check_settings(debounce, rescan_every)?;
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| WatchError::NoRuntime)?;
     let root = match std::env::current_dir() {
         Ok(cwd) => cwd.join(dir),
@@ -144,31 +137,7 @@ pub fn spawn(
     let current = Arc::new(Mutex::new(target.path.clone()));
     let first = current.lock().unwrap_or_else(PoisonError::into_inner);
     let root_gone = Arc::new(Notify::new());
-    let handler = {
-        let (tx, current, root_gone) = (tx.clone(), current.clone(), root_gone.clone());
-        move |result: DebounceEventResult| {
-            let dir = current.lock().unwrap_or_else(PoisonError::into_inner);
-            let scope = match result {
-                Ok(events) => {
-                    let batch = batch(&dir, &ignore, &events);
-                    if batch.root_gone {
-                        warn!(dir = %dir.display(), "watch.dir was deleted or moved away; watching again once it is back");
-                        root_gone.notify_one();
-                    }
-                    batch.scope
-                }
-                Err(errors) => {
-                    for e in &errors {
-                        warn!(error = %e, hint = hint(e), "file watcher error; rescanning watch.dir whole");
-                    }
-                    Some(Scope::All)
-                }
-            };
-            if let Some(scope) = scope {
-                let _ = tx.send(scope);
-            }
-        }
-    };
+    let handler = handler(tx.clone(), current.clone(), root_gone.clone(), ignore);
     // Links are not followed into directories, as `detect` does not follow them.
     let config = notify::Config::default().with_follow_symlinks(false);
     let watch_err = |source: notify::Error| WatchError::Watch {
@@ -206,6 +175,51 @@ pub fn spawn(
         stop.clone(),
     ));
     Ok(Watcher { stop, task })
+}
+
+fn check_settings(debounce: Duration, rescan_every: Duration) -> Result<(), WatchError> {
+    if debounce.is_zero() {
+        return Err(WatchError::Zero { what: "debounce" });
+    }
+    if rescan_every.is_zero() {
+        return Err(WatchError::Zero {
+            what: "rescan interval",
+        });
+    }
+    Ok(())
+}
+
+/// The debouncer's handler (on its thread): each batch → a scope for `tx`, paths read under
+/// `current` (held while sending, which orders the scopes after the first `All`); a vanished
+/// root is told to the supervisor through `root_gone`; watcher errors mean a full rescan.
+fn handler(
+    tx: UnboundedSender<Scope>,
+    current: Arc<Mutex<PathBuf>>,
+    root_gone: Arc<Notify>,
+    ignore: Arc<Ignore>,
+) -> impl FnMut(DebounceEventResult) + Send + 'static {
+    move |result: DebounceEventResult| {
+        let dir = current.lock().unwrap_or_else(PoisonError::into_inner);
+        let scope = match result {
+            Ok(events) => {
+                let batch = batch(&dir, &ignore, &events);
+                if batch.root_gone {
+                    warn!(dir = %dir.display(), "watch.dir was deleted or moved away; watching again once it is back");
+                    root_gone.notify_one();
+                }
+                batch.scope
+            }
+            Err(errors) => {
+                for e in &errors {
+                    warn!(error = %e, hint = hint(e), "file watcher error; rescanning watch.dir whole");
+                }
+                Some(Scope::All)
+            }
+        };
+        if let Some(scope) = scope {
+            let _ = tx.send(scope);
+        }
+    }
 }
 
 /// The directory notify watches: `watch.dir` resolved (notify does not watch a symlinked root

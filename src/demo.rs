@@ -163,6 +163,23 @@ pub async fn start(ports: DemoPorts, dir: &Path) -> anyhow::Result<Demo> {
     write_token(&dir.join("agent.token"))?;
     write_token(&dir.join("publish.token"))?;
     let stop = CancellationToken::new();
+    let (yaml, agent_sockets) = start_backends(&ports, &dir, &stop).await?;
+    let cfg = crate::config::parse(&dir.join("demo.yaml"), &yaml)?;
+    let app = Appliance::start(cfg).await?;
+    let hub = format!("http://{}", app.sync_addr().context("demo hub missing")?);
+    let agents = start_agents(&hub, &dir, agent_sockets, &stop).await?;
+    let id = publish_first(&hub, &dir).await?;
+    wait_until_served(&app, &agents, id).await?;
+    Ok(Demo { app, agents, dir, first_release: id, stop })
+}
+
+/// Starts the three demo backends and binds their agents' sockets; the demo config with their
+/// ports filled in.
+async fn start_backends(
+    ports: &DemoPorts,
+    dir: &Path,
+    stop: &CancellationToken,
+) -> anyhow::Result<(String, Vec<TcpListener>)> {
     let mut yaml = DEMO_YAML
         .replace("@PORT@", &ports.proxy.to_string())
         .replace("@ADMIN@", &ports.admin.to_string())
@@ -171,83 +188,74 @@ pub async fn start(ports: DemoPorts, dir: &Path) -> anyhow::Result<Demo> {
         .replace("@DIR@", &dir.display().to_string());
     let mut agent_sockets = Vec::new();
     for i in 1..=3 {
-        let socket = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("cannot bind a demo backend")?;
-        yaml = yaml.replace(
-            &format!("@WEB{i}@"),
-            &socket.local_addr()?.port().to_string(),
-        );
-        tokio::spawn(backend(
-            format!("web-{i}"),
-            socket,
-            BackendControl::default(),
-            stop.clone(),
-        ));
-        let agent = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("cannot bind a demo agent")?;
-        yaml = yaml.replace(
-            &format!("@AGENT{i}@"),
-            &agent.local_addr()?.port().to_string(),
-        );
+        let socket = TcpListener::bind("127.0.0.1:0").await.context("cannot bind a demo backend")?;
+        yaml = yaml.replace(&format!("@WEB{i}@"), &socket.local_addr()?.port().to_string());
+        tokio::spawn(backend(format!("web-{i}"), socket, BackendControl::default(), stop.clone()));
+        let agent = TcpListener::bind("127.0.0.1:0").await.context("cannot bind a demo agent")?;
+        yaml = yaml.replace(&format!("@AGENT{i}@"), &agent.local_addr()?.port().to_string());
         agent_sockets.push(agent);
     }
-    let cfg = crate::config::parse(&dir.join("demo.yaml"), &yaml)?;
-    let app = Appliance::start(cfg).await?;
-    let hub = format!("http://{}", app.sync_addr().context("demo hub missing")?);
+    Ok((yaml, agent_sockets))
+}
+
+/// An agent beside each demo backend, each with an editing directory whose edits reach the
+/// others at once.
+async fn start_agents(
+    hub: &str,
+    dir: &Path,
+    sockets: Vec<TcpListener>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Vec<AgentHandle>> {
     let agent_token = crate::sync::auth::read_token(&dir.join("agent.token"))?;
     let mut agents = Vec::new();
-    for (i, socket) in agent_sockets.into_iter().enumerate() {
+    for (i, socket) in sockets.into_iter().enumerate() {
         let name = format!("web-{}", i + 1);
-        let mut cfg = AgentConfig::new(
-            &name,
-            &hub,
-            &dir.join(format!("agent-{}", i + 1)),
-            socket.local_addr()?,
-        );
+        let mut cfg =
+            AgentConfig::new(&name, hub, &dir.join(format!("agent-{}", i + 1)), socket.local_addr()?);
         cfg.token = Some(agent_token.clone());
-        // Each backend's editing directory: an edit there reaches the others at once.
         cfg.watch = Some(crate::agent::config::Watch::new(
             Some(&dir.join(format!("edit-{}", i + 1))),
             crate::sync::changeset::Mode::Immediate,
         ));
         agents.push(agent::start_on(cfg, socket, stop.child_token()).await?);
     }
+    Ok(agents)
+}
+
+/// Publishes the first demo site; its release id.
+async fn publish_first(hub: &str, dir: &Path) -> anyhow::Result<crate::sync::manifest::ReleaseId> {
     let site = dir.join("site");
     std::fs::create_dir_all(&site)?;
     std::fs::write(site.join("index.html"), FIRST_SITE)?;
-    let publisher = HttpClient::hub(
-        &hub,
-        Some(crate::sync::auth::read_token(&dir.join("publish.token"))?),
-        None,
-    )?;
+    let token = crate::sync::auth::read_token(&dir.join("publish.token"))?;
+    let publisher = HttpClient::hub(hub, Some(token), None)?;
     let first = publish::publish(&publisher, &site, publish::At::Next, 4)
         .await
         .context("publishing the first demo release")?;
-    let id = first.committed.id;
+    Ok(first.committed.id)
+}
+
+/// Waits until every agent serves release `id` and the proxy's checks have seen them do so.
+async fn wait_until_served(
+    app: &Appliance,
+    agents: &[AgentHandle],
+    id: crate::sync::manifest::ReleaseId,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    // Every agent serves the release, and the proxy's checks have seen them do so.
     let ready = |app: &Appliance| {
         let live = app.live().load();
         live.table.pool("static").is_some_and(|p| {
             p.health.load().available_count(std::time::Instant::now()) == p.backends.len()
         })
     };
-    while agents.iter().any(|a| a.active() != Some(id)) || !ready(&app) {
+    while agents.iter().any(|a| a.active() != Some(id)) || !ready(app) {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "the demo agents did not activate the first release"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(Demo {
-        app,
-        agents,
-        dir,
-        first_release: id,
-        stop,
-    })
+    Ok(())
 }
 
 impl Demo {

@@ -5,6 +5,7 @@
 //! for the next activation. An interrupted publish loses nothing — blobs already uploaded stay,
 //! and the release is not staged until its commit.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -16,9 +17,9 @@ use tokio::task::JoinSet;
 use crate::admin::view::{PoolView, PoolsView};
 use crate::hub::fleet::last_flip_skew;
 use crate::net::client::{ok, ClientError, HttpClient, Remote, REQUEST_TIMEOUT};
-use crate::sync::manifest::Hash;
+use crate::sync::manifest::{Hash, Manifest};
 use crate::sync::protocol::{Commit, CommitState, Committed, Fleet, Schedule, Uploaded};
-use crate::sync::tree::{scan, TreeError};
+use crate::sync::tree::{scan, Tree, TreeError};
 
 /// Blob uploads in flight at once by default.
 pub const DEFAULT_CONCURRENCY: usize = 8;
@@ -72,6 +73,9 @@ pub enum PublishError {
     /// The hub refused or could not be reached.
     #[error(transparent)]
     Hub(#[from] ClientError),
+    /// An upload task failed (a bug: it panicked).
+    #[error("an upload task failed: {0}")]
+    Task(String),
     /// A blob's source changed while it was being published.
     #[error("{path} changed while it was being published: publish again")]
     Changed {
@@ -97,94 +101,19 @@ pub struct Outcome {
     pub uploaded_bytes: u64,
 }
 
-/// Publishes `dir` through `client`.
+/// Publishes `dir` through `client`: scan it, send the manifest, upload the blobs the hub
+/// lacks (`concurrency` at a time), commit for `at`.
 pub async fn publish(
     client: &HttpClient,
     dir: &Path,
     at: At,
     concurrency: usize,
 ) -> Result<Outcome, PublishError> {
-    let root = dir.to_path_buf();
-    // Hashing reads every file: off the async threads.
-    let tree = tokio::task::spawn_blocking(move || scan(&root, &|_| false))
-        .await
-        .map_err(|e| TreeError::Io {
-            path: dir.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
-    let manifest_json = Bytes::from(tree.manifest.to_json());
-    let uploaded: Uploaded = {
-        let a = client
-            .send(
-                Method::POST,
-                "/sync/v1/releases",
-                Some((manifest_json, "application/json")),
-                REQUEST_TIMEOUT,
-            )
-            .await?;
-        serde_json::from_slice(&ok(a)?.body).map_err(|e| ClientError::Decode { remote: Remote::Hub, message: e.to_string() })?
-    };
+    let tree = scan_dir(dir).await?;
+    let uploaded = upload_manifest(client, &tree.manifest).await?;
     let sources = Arc::new(tree.sources);
-    let mut jobs = JoinSet::new();
-    let mut uploaded_bytes = 0u64;
-    let mut pending = uploaded.missing.clone().into_iter();
-    let upload = |hash: Hash| {
-        let (client, sources) = (client.clone(), sources.clone());
-        async move {
-            let path = sources.get(&hash).cloned().ok_or_else(|| {
-                ClientError::Decode {
-                    remote: Remote::Hub,
-                    message: format!("hub asked for blob {hash}, which is not in this release"),
-                }
-            })?;
-            let data = tokio::fs::read(&path)
-                .await
-                .map_err(|source| TreeError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-            if Hash::of(&data) != hash {
-                return Err(PublishError::Changed { path });
-            }
-            let len = data.len() as u64;
-            let a = client
-                .send(
-                    Method::PUT,
-                    &format!("/sync/v1/blobs/{hash}"),
-                    Some((Bytes::from(data), "application/octet-stream")),
-                    REQUEST_TIMEOUT,
-                )
-                .await?;
-            ok(a)?;
-            Ok::<u64, PublishError>(len)
-        }
-    };
-    for hash in pending.by_ref().take(concurrency.max(1)) {
-        jobs.spawn(upload(hash));
-    }
-    while let Some(done) = jobs.join_next().await {
-        // A panicking upload task is a bug: report it as a failed publish.
-        let len = done.map_err(|e| ClientError::Decode { remote: Remote::Hub, message: e.to_string() })??;
-        uploaded_bytes += len;
-        if let Some(hash) = pending.next() {
-            jobs.spawn(upload(hash));
-        }
-    }
-    let at_us = match at {
-        At::Next => None,
-        At::Absolute(t) => Some(t),
-        At::In(d) => {
-            let s: Schedule = client
-                .json(
-                    Method::GET,
-                    "/sync/v1/schedule",
-                    None::<&()>,
-                    REQUEST_TIMEOUT,
-                )
-                .await?;
-            Some(s.now_us + d.as_micros() as u64)
-        }
-    };
+    let uploaded_bytes = upload_missing(client, &uploaded.missing, &sources, concurrency).await?;
+    let at_us = activation_us(client, at).await?;
     let committed: Committed = client
         .json(
             Method::POST,
@@ -200,6 +129,98 @@ pub async fn publish(
         uploaded_blobs: uploaded.missing.len(),
         uploaded_bytes,
         committed,
+    })
+}
+
+/// The directory as a manifest and the files holding its blobs (hashing reads every file:
+/// off the async threads).
+async fn scan_dir(dir: &Path) -> Result<Tree, PublishError> {
+    let root = dir.to_path_buf();
+    let tree = tokio::task::spawn_blocking(move || scan(&root, &|_| false))
+        .await
+        .map_err(|e| TreeError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    Ok(tree)
+}
+
+/// `POST /releases`: the hub answers the release id and the blobs it lacks.
+async fn upload_manifest(client: &HttpClient, manifest: &Manifest) -> Result<Uploaded, PublishError> {
+    let json = Bytes::from(manifest.to_json());
+    let a = client
+        .send(Method::POST, "/sync/v1/releases", Some((json, "application/json")), REQUEST_TIMEOUT)
+        .await?;
+    let body = ok(a)?.body;
+    serde_json::from_slice(&body)
+        .map_err(|e| PublishError::Hub(ClientError::Decode { remote: Remote::Hub, message: e.to_string() }))
+}
+
+/// Uploads `missing`, `concurrency` at a time; the bytes sent.
+async fn upload_missing(
+    client: &HttpClient,
+    missing: &[Hash],
+    sources: &Arc<HashMap<Hash, PathBuf>>,
+    concurrency: usize,
+) -> Result<u64, PublishError> {
+    let mut jobs = JoinSet::new();
+    let mut sent = 0u64;
+    let mut pending = missing.iter().copied();
+    let spawn = |jobs: &mut JoinSet<_>, hash: Hash| {
+        jobs.spawn(upload_blob(client.clone(), sources.clone(), hash));
+    };
+    for hash in pending.by_ref().take(concurrency.max(1)) {
+        spawn(&mut jobs, hash);
+    }
+    while let Some(done) = jobs.join_next().await {
+        // A panicking upload task is a bug: report it as a failed publish.
+        sent += done.map_err(|e| PublishError::Task(e.to_string()))??;
+        if let Some(hash) = pending.next() {
+            spawn(&mut jobs, hash);
+        }
+    }
+    Ok(sent)
+}
+
+/// `PUT /blobs/{hash}` from the file the scan found it in, checked again against its hash.
+async fn upload_blob(
+    client: HttpClient,
+    sources: Arc<HashMap<Hash, PathBuf>>,
+    hash: Hash,
+) -> Result<u64, PublishError> {
+    let path = sources.get(&hash).cloned().ok_or_else(|| ClientError::Decode {
+        remote: Remote::Hub,
+        message: format!("hub asked for blob {hash}, which is not in this release"),
+    })?;
+    let data = tokio::fs::read(&path)
+        .await
+        .map_err(|source| TreeError::Io { path: path.clone(), source })?;
+    if Hash::of(&data) != hash {
+        return Err(PublishError::Changed { path });
+    }
+    let len = data.len() as u64;
+    let a = client
+        .send(
+            Method::PUT,
+            &format!("/sync/v1/blobs/{hash}"),
+            Some((Bytes::from(data), "application/octet-stream")),
+            REQUEST_TIMEOUT,
+        )
+        .await?;
+    ok(a)?;
+    Ok(len)
+}
+
+/// The hub time to commit for: none for the hub's next grid point; `+D` from the hub's clock.
+async fn activation_us(client: &HttpClient, at: At) -> Result<Option<u64>, PublishError> {
+    Ok(match at {
+        At::Next => None,
+        At::Absolute(t) => Some(t),
+        At::In(d) => {
+            let s: Schedule =
+                client.json(Method::GET, "/sync/v1/schedule", None::<&()>, REQUEST_TIMEOUT).await?;
+            Some(s.now_us + d.as_micros() as u64)
+        }
     })
 }
 

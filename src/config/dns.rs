@@ -172,10 +172,27 @@ fn zone(cx: &mut Ctx<'_>, z: &RawZone, pools: &HashMap<String, usize>) -> Option
         }
         Some(t) => t.value,
     };
+    let records = records(cx, z, name.as_deref(), pools);
+    let nameservers = nameservers(cx, z, name.as_deref(), &records);
+    Some(Zone {
+        name: name?,
+        ttl,
+        nameservers,
+        records,
+    })
+}
+
+/// A zone's records, each name once.
+fn records(
+    cx: &mut Ctx<'_>,
+    z: &RawZone,
+    zone: Option<&str>,
+    pools: &HashMap<String, usize>,
+) -> Vec<Record> {
     let mut records: Vec<Record> = Vec::new();
     let mut seen = HashSet::new();
     for r in &z.records {
-        let Some(rec) = record(cx, r, name.as_deref(), pools) else {
+        let Some(rec) = record(cx, r, zone, pools) else {
             continue;
         };
         if !seen.insert(rec.name.clone()) {
@@ -184,36 +201,37 @@ fn zone(cx: &mut Ctx<'_>, z: &RawZone, pools: &HashMap<String, usize>) -> Option
                 format!(
                     "duplicate record `{}` in zone `{}`: give each name one record (list several addresses in `addresses:`)",
                     r.name.value,
-                    name.as_deref().unwrap_or("?")
+                    zone.unwrap_or("?")
                 ),
             );
             continue;
         }
         records.push(rec);
     }
+    records
+}
+
+/// A zone's nameservers: full host names, and one inside the zone has its address there (glue),
+/// or resolvers could never reach it.
+fn nameservers(cx: &mut Ctx<'_>, z: &RawZone, zone: Option<&str>, records: &[Record]) -> Vec<String> {
     let mut nameservers = Vec::new();
     for ns in &z.nameservers {
         match check_name(&ns.value) {
             Err(e) => cx.err(
                 ns,
-                format!(
-                    "nameserver `{}` {e}: write a full host name such as ns1.farm.test",
-                    ns.value
-                ),
+                format!("nameserver `{}` {e}: write a full host name such as ns1.farm.test", ns.value),
             ),
             Ok(n) if !n.contains('.') => cx.err(
                 ns,
                 format!(
                     "nameserver `{n}` is not a full host name: write e.g. `{n}.{}`",
-                    name.as_deref().unwrap_or("farm.test")
+                    zone.unwrap_or("farm.test")
                 ),
             ),
             Ok(n) => {
-                // A nameserver inside the zone needs its address in the zone (glue), or
-                // resolvers could never reach it.
-                if let Some(zn) = &name {
+                if let Some(zn) = zone {
                     if in_zone(&n, zn) && !records.iter().any(|r| r.name == n) {
-                        let rel = n.strip_suffix(zn.as_str()).unwrap_or(&n);
+                        let rel = n.strip_suffix(zn).unwrap_or(&n);
                         let rel = rel.strip_suffix('.').unwrap_or(rel);
                         let rel = if rel.is_empty() { "@" } else { rel };
                         cx.err(
@@ -228,12 +246,7 @@ fn zone(cx: &mut Ctx<'_>, z: &RawZone, pools: &HashMap<String, usize>) -> Option
             }
         }
     }
-    Some(Zone {
-        name: name?,
-        ttl,
-        nameservers,
-        records,
-    })
+    nameservers
 }
 
 fn record(

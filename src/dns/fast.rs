@@ -133,6 +133,10 @@ fn parse(q: &[u8], lower: &mut [u8; MAX_NAME]) -> Option<Parsed> {
 /// Answers `query` into `out` when it is the common case (see the module doc); `None` sends
 /// it to the slow path. `scratch` is reused between calls; `turn` takes the name's rotation
 /// turn and is called only when the fast path answers.
+// Long on purpose: one straight pass over one datagram (parse, look up, select, encode the
+// header, question, answers and OPT into `out`), the UDP hot path measured against NSD in
+// BENCHMARKS.md; each step is commented where it happens, and its parsing and selection are
+// already their own functions (`parse`, `candidates_in_place`).
 pub fn answer<'z>(
     query: &[u8],
     zones: &'z Zones,

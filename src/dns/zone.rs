@@ -115,99 +115,83 @@ fn wire_name(s: &str) -> Option<Name> {
     }
 }
 
+impl ZoneView {
+    /// One configured zone: its SOA (serial `serial`), NS records, names and the empty
+    /// non-terminals between them and the apex. `None` when the apex is not a DNS name.
+    fn build(z: &crate::config::Zone, serial: u32) -> Option<ZoneView> {
+        let apex = wire_name(&z.name)?;
+        let mname = z.nameservers.first().and_then(|n| wire_name(n)).unwrap_or_else(|| apex.clone());
+        let rname = wire_name(&format!("hostmaster.{}", z.name)).unwrap_or(apex.clone());
+        let soa_data = SOA::new(mname, rname, serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, z.ttl);
+        let soa = Record::from_rdata(apex.clone(), z.ttl, RData::SOA(soa_data.clone()));
+        let negative_soa =
+            Record::from_rdata(apex.clone(), z.ttl.min(soa_data.minimum), RData::SOA(soa_data));
+        let nameservers = z
+            .nameservers
+            .iter()
+            .filter_map(|n| wire_name(n))
+            .map(|n| Record::from_rdata(apex.clone(), z.ttl, RData::NS(NS(n))))
+            .collect();
+        let apex_lower = LowerName::new(&apex);
+        let mut names = HashMap::new();
+        let mut empty_non_terminals = HashSet::new();
+        for r in &z.records {
+            let Some(name) = wire_name(&r.name) else {
+                continue;
+            };
+            let mut parent = name.base_name();
+            while LowerName::new(&parent) != apex_lower && !parent.is_root() {
+                empty_non_terminals.insert(LowerName::new(&parent));
+                parent = parent.base_name();
+            }
+            let source = match &r.target {
+                Target::Pool(p) => Source::Pool(p.clone()),
+                Target::Addresses(a) => Source::Addresses(a.clone()),
+            };
+            let entry = NameEntry { name: name.clone(), source, turn: AtomicUsize::new(0) };
+            names.insert(LowerName::new(&name), Arc::new(entry));
+        }
+        Some(ZoneView {
+            apex: apex_lower,
+            ttl: z.ttl,
+            soa,
+            negative_soa,
+            nameservers,
+            names,
+            empty_non_terminals,
+        })
+    }
+}
+
+/// The fast path's index: each name with addresses by its lowercased wire form, only where the
+/// query path would look (a name also inside a more specific zone is that zone's).
+fn index_by_wire(zones: &[ZoneView]) -> HashMap<Box<[u8]>, (u32, Arc<NameEntry>)> {
+    let mut by_wire = HashMap::new();
+    for (i, zone) in zones.iter().enumerate() {
+        for (lower, entry) in &zone.names {
+            let owner = zones.iter().position(|z| z.apex.zone_of(lower));
+            if owner == Some(i) {
+                by_wire.insert(wire_key(lower), (zone.ttl, entry.clone()));
+            }
+        }
+    }
+    by_wire
+}
+
 impl Zones {
     /// Builds the view of `dns` with SOA serial `serial`.
     pub fn build(dns: &Dns, serial: u32) -> Zones {
-        let mut zones: Vec<ZoneView> = dns
-            .zones
-            .iter()
-            .filter_map(|z| {
-                let apex = wire_name(&z.name)?;
-                let mname = z
-                    .nameservers
-                    .first()
-                    .and_then(|n| wire_name(n))
-                    .unwrap_or_else(|| apex.clone());
-                let rname = wire_name(&format!("hostmaster.{}", z.name)).unwrap_or(apex.clone());
-                let soa_data = SOA::new(
-                    mname,
-                    rname,
-                    serial,
-                    SOA_REFRESH,
-                    SOA_RETRY,
-                    SOA_EXPIRE,
-                    z.ttl,
-                );
-                let soa = Record::from_rdata(apex.clone(), z.ttl, RData::SOA(soa_data.clone()));
-                let negative_soa = Record::from_rdata(
-                    apex.clone(),
-                    z.ttl.min(soa_data.minimum),
-                    RData::SOA(soa_data),
-                );
-                let nameservers = z
-                    .nameservers
-                    .iter()
-                    .filter_map(|n| wire_name(n))
-                    .map(|n| Record::from_rdata(apex.clone(), z.ttl, RData::NS(NS(n))))
-                    .collect();
-                let apex_lower = LowerName::new(&apex);
-                let mut names = HashMap::new();
-                let mut empty_non_terminals = HashSet::new();
-                for r in &z.records {
-                    let Some(name) = wire_name(&r.name) else {
-                        continue;
-                    };
-                    let mut parent = name.base_name();
-                    while LowerName::new(&parent) != apex_lower && !parent.is_root() {
-                        empty_non_terminals.insert(LowerName::new(&parent));
-                        parent = parent.base_name();
-                    }
-                    let source = match &r.target {
-                        Target::Pool(p) => Source::Pool(p.clone()),
-                        Target::Addresses(a) => Source::Addresses(a.clone()),
-                    };
-                    names.insert(
-                        LowerName::new(&name),
-                        Arc::new(NameEntry {
-                            name,
-                            source,
-                            turn: AtomicUsize::new(0),
-                        }),
-                    );
-                }
-                Some(ZoneView {
-                    apex: apex_lower,
-                    ttl: z.ttl,
-                    soa,
-                    negative_soa,
-                    nameservers,
-                    names,
-                    empty_non_terminals,
-                })
-            })
-            .collect();
+        let mut zones: Vec<ZoneView> =
+            dns.zones.iter().filter_map(|z| ZoneView::build(z, serial)).collect();
+        // Most specific first: a name is answered by the deepest zone that holds it.
         zones.sort_by_key(|z| std::cmp::Reverse(z.apex.num_labels()));
-        let mut out = Zones {
+        let by_wire = index_by_wire(&zones);
+        Zones {
             zones,
-            max_answers: usize::try_from(dns.max_answers)
-                .unwrap_or(usize::MAX)
-                .max(1),
+            max_answers: usize::try_from(dns.max_answers).unwrap_or(usize::MAX).max(1),
             serial,
-            by_wire: HashMap::new(),
-        };
-        let mut by_wire = HashMap::new();
-        for (i, zone) in out.zones.iter().enumerate() {
-            for (lower, entry) in &zone.names {
-                // Only where the query path would look: a name also inside a more specific
-                // zone is answered (or not) by that zone.
-                let owner = out.zones.iter().position(|z| z.apex.zone_of(lower));
-                if owner == Some(i) {
-                    by_wire.insert(wire_key(lower), (zone.ttl, entry.clone()));
-                }
-            }
+            by_wire,
         }
-        out.by_wire = by_wire;
-        out
     }
 
     /// The entry and TTL of a name with addresses, by its lowercased wire form (labels with

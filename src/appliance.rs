@@ -529,7 +529,5 @@ impl Appliance {
 
 /// Seconds since the Unix epoch (the DNS zones' serial starts from it).
 fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::sync::clock::wall_us() / 1_000_000
 }

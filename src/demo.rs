@@ -3,6 +3,7 @@
 //! all on loopback; a first release is published, then the commands to try are printed.
 //!
 //! [`backend`] is a small real HTTP server (h1 and h2c) that tests use as a backend too.
+#![allow(clippy::disallowed_methods)] // I/O shell: random demo tokens; waits for the demo farm with a deadline
 
 use crate::net::accept::{accept_loop, Accepted};
 use tokio_util::task::TaskTracker;

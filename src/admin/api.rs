@@ -15,6 +15,7 @@
 //! and one bound elsewhere still refuses other peers' drains with 403. A
 //! drain lasts until `enable`, across reloads, while the backend stays configured; it is not
 //! persisted across restarts.
+#![allow(clippy::disallowed_methods)] // I/O shell: reads the clock once per view: health snapshots are judged as of now
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

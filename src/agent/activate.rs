@@ -14,6 +14,7 @@
 //! wait for a core at the deadline; without the privilege it runs as an ordinary thread. The deadline can be moved
 //! while the thread sleeps (a fresher clock estimate), and the flip cancelled until it fires;
 //! exactly one of "fired" and "cancelled" wins.
+#![allow(clippy::disallowed_methods)] // I/O shell: the flip thread sleeps and spins against the monotonic clock
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;

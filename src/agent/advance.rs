@@ -3,6 +3,7 @@
 //! the staged release on the hub and computes the next activation; the others are told it is
 //! done. An agent whose clock estimate is a little early gets 409 "too early" and asks again
 //! briefly; if none manages, the hub advances by itself after its grace period.
+#![allow(clippy::disallowed_methods)] // I/O shell: retries a refused advance for a bounded time
 
 use std::time::{Duration, Instant};
 

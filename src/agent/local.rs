@@ -23,6 +23,7 @@
 //!   fleet from a directory, publish it.
 //!
 //! State lives in the store as `watch.json`; the outbox under `outbox/`.
+#![allow(clippy::disallowed_methods)] // I/O shell: random names for temporary files
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -31,6 +31,7 @@
 //! Threads: notify's inotify thread and the debouncer's thread (which sends the scopes), plus
 //! one tokio task for the periodic rescan and re-watching. All stop when the [`Watcher`] is
 //! dropped, [`Watcher::stop`] is called, `shutdown` is cancelled or the receiver is dropped.
+#![allow(clippy::disallowed_methods)] // I/O shell: schedules the periodic rescan
 
 use std::collections::BTreeSet;
 use std::io;

@@ -12,6 +12,7 @@
 //!
 //! [`serve`] takes bound sockets, never an address, so tests bind `127.0.0.1:0` and read the
 //! port back.
+#![allow(clippy::disallowed_methods)] // I/O shell: answer latency for the metrics
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! Closes client connections that move no bytes either way for a while (keep-alive idle
 //! timeout), for HTTP/1.1 and h2 alike.
+#![allow(clippy::disallowed_methods)] // I/O shell: the idle timer
 
 use std::future::Future;
 use std::io;

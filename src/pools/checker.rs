@@ -3,6 +3,7 @@
 //! state machine. The tasks of a table generation stop when a reload replaces it. Checks go
 //! through the pool's own upstream client ([`crate::net::upstream::Clients`]): the same
 //! connect timeout and keep-alive connections as the requests they vouch for.
+#![allow(clippy::disallowed_methods)] // I/O shell: check jitter
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,6 +5,7 @@
 //! exchange under `response_timeout`, counted in flight by a guard, its failure classified),
 //! [`crate::proxy::retry::after_failure`] (retry or answer, pure) and [`respond`] (the response
 //! as the client gets it, upgrades bridged). [`forward`] runs them in order.
+#![allow(clippy::disallowed_methods)] // I/O shell: the request path: latency, the balancer's `now` and random draw
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

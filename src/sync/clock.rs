@@ -79,14 +79,21 @@ pub struct Anchor {
     pub mono: Instant,
 }
 
+/// The wall clock, µs since the Unix epoch (0 before it): the one place lockstep reads it.
+/// Logic takes the value as an argument; only shells call this.
+#[allow(clippy::disallowed_methods)] // the process's one reader of the wall clock
+pub fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 impl Anchor {
     /// Reads both clocks now (the one place this module's callers take real time from).
+    #[allow(clippy::disallowed_methods)] // the agent's one reading of both clocks
     pub fn now() -> Anchor {
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
         Anchor {
-            wall_us: wall.as_micros() as i64,
+            wall_us: wall_us() as i64,
             mono: Instant::now(),
         }
     }

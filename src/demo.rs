@@ -5,6 +5,7 @@
 //! [`backend`] is a small real HTTP server (h1 and h2c) that tests use as a backend too.
 #![allow(clippy::disallowed_methods)] // I/O shell: random demo tokens; waits for the demo farm with a deadline
 
+use crate::net::respond;
 use crate::net::accept::{accept_loop, Accepted};
 use tokio_util::task::TaskTracker;
 use std::convert::Infallible;
@@ -76,12 +77,7 @@ async fn answer(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let reply = |status: StatusCode, body: String| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("text/plain"),
-        );
+        let mut r: Response<Full<Bytes>> = respond::bytes(status, "text/plain", body);
         if let Ok(v) = header::HeaderValue::from_str(&name) {
             r.headers_mut().insert("x-backend", v);
         }

@@ -8,6 +8,7 @@
 //! Content-Security-Policy lets it reach nothing but this listener), and no state here — the
 //! handler only hands out the bytes.
 
+use crate::net::respond;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
@@ -22,13 +23,8 @@ const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'un
 
 /// The `/status` response: the page, never cached (a reload after an upgrade gets the new one).
 pub fn page() -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
-    *r.status_mut() = StatusCode::OK;
+    let mut r = respond::bytes(StatusCode::OK, "text/html; charset=utf-8", PAGE);
     let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,

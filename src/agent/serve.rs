@@ -23,6 +23,7 @@ pub use super::body::Body;
 use super::messages::Active;
 use super::metrics::{AgentMetrics, ClassLabels};
 use super::release::{not_modified, Release, Resolved};
+use crate::net::respond;
 use crate::net::server::HttpServer;
 use crate::sync::protocol::RELEASE_HEADER;
 
@@ -194,15 +195,9 @@ fn own_path(state: &ServeState, release: Option<&Release>, path: &str) -> Respon
 }
 
 fn text(release: Option<&HeaderValue>, status: StatusCode, body: &str) -> Response<Body> {
-    let mut r = Response::new(Body::bytes(body.to_string()));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    let mut r = respond::text(status, body.to_string());
     if let Some(id) = release {
-        h.insert(RELEASE_HEADER, id.clone());
+        r.headers_mut().insert(RELEASE_HEADER, id.clone());
     }
     r
 }

@@ -140,11 +140,6 @@ impl AgentHandle {
         &self.metrics
     }
 
-    /// The token that stops the agent.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
     /// Stops the agent: no new connections, in-flight requests get up to `grace`.
     pub async fn shutdown(self, grace: Duration) {
         self.shutdown.cancel();

@@ -30,6 +30,34 @@ use super::idle::IdleIo;
 /// Error of a connection, as hyper reports it.
 pub type ConnError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A service that answers every request of a connection (never fails: errors are answers).
+pub trait Handler<B>:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<S, B> Handler<B> for S where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
+/// A response body hyper can send on any runtime thread.
+pub trait ResponseBody: http_body::Body<Data: Send, Error: Into<ConnError>> + Send + 'static {}
+
+impl<B> ResponseBody for B where B: http_body::Body<Data: Send, Error: Into<ConnError>> + Send + 'static {}
+
 /// Largest request head (request line + headers) accepted; bigger ones get 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
@@ -81,13 +109,8 @@ pub async fn serve_connection<S, B>(
     svc: S,
     shutdown: &CancellationToken,
 ) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<ConnError>,
+    S: Handler<B>,
+    B: ResponseBody,
 {
     let builder = settings.builder();
     let result = match tls {
@@ -121,13 +144,8 @@ async fn serve_io<I, S, B>(
 ) -> Result<(), ConnError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<ConnError>,
+    S: Handler<B>,
+    B: ResponseBody,
 {
     match idle {
         Some(idle) => until_shutdown(builder, IdleIo::new(io, idle), svc, shutdown).await,
@@ -145,13 +163,8 @@ async fn until_shutdown<I, S, B>(
 ) -> Result<(), ConnError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<ConnError>,
+    S: Handler<B>,
+    B: ResponseBody,
 {
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
@@ -194,9 +207,7 @@ impl HttpServer {
     ) where
         H: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<B>> + Send + 'static,
-        B: http_body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<ConnError>,
+        B: ResponseBody,
     {
         accept_loop(&listener, self.name, &shutdown, &tracker, |stream, peer| {
             let (handler, tls, settings, shutdown) =

@@ -36,7 +36,7 @@ const AGENT_TOKEN: &str = "agent-token-0123456789";
 const PUBLISH_TOKEN: &str = "publish-token-0123456789";
 const HOUR_US: i64 = 3_600_000_000;
 
-/// The real hub (`sync::hub`), on `127.0.0.1:0`, with its clock `offset_us` ahead of the
+/// The real hub (`lockstep::hub`), on `127.0.0.1:0`, with its clock `offset_us` ahead of the
 /// system clock.
 struct TestHub {
     hub: Arc<Hub>,

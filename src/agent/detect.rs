@@ -953,7 +953,7 @@ mod tests {
         assert_eq!(a, Scope::All);
     }
 
-    /// `cargo test --lib sync::agent::detect -- --ignored --nocapture`: a full scan of 10 000
+    /// `cargo test --lib agent::detect -- --ignored --nocapture`: a full scan of 10 000
     /// small files (debug build; release is several times faster).
     #[test]
     #[ignore]

@@ -184,3 +184,31 @@ pub fn class_index(status: u16) -> usize {
 pub fn class(status: u16) -> &'static str {
     CLASSES[class_index(status)]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes_label_and_index_alike() {
+        for (status, label) in [(101, "1xx"), (200, "2xx"), (304, "3xx"), (404, "4xx"), (503, "5xx")] {
+            assert_eq!(class(status), label);
+            assert_eq!(CLASSES[class_index(status)], label);
+        }
+        assert_eq!(class(999), "5xx");
+    }
+
+    #[test]
+    fn dropped_access_log_lines_are_exported() {
+        let m = Metrics::new();
+        let before = access_log_dropped().get();
+        access_log_dropped().inc();
+        let text = m.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("lockstep_access_log_dropped_lines_total "))
+            .unwrap_or_else(|| panic!("no dropped-lines counter in:\n{text}"));
+        let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(value > before, "{line}");
+    }
+}

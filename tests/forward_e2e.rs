@@ -101,6 +101,24 @@ fn hub_now_us(a: &Agent) -> u64 {
     (wall + a.metric("lockstep_agent_clock_offset_seconds") * 1e6) as u64
 }
 
+/// The paths where the trees under `dir` and `want` differ, for a failure message.
+fn tree_diff(dir: &std::path::Path, want: &std::path::Path) -> String {
+    let (have, want) = (tree(dir), tree(want));
+    let extra: Vec<_> = have.keys().filter(|p| !want.contains_key(*p)).collect();
+    let missing: Vec<_> = want.keys().filter(|p| !have.contains_key(*p)).collect();
+    let differ: Vec<_> = have
+        .iter()
+        .filter(|(p, b)| want.get(*p).is_some_and(|w| w != *b))
+        .map(|(p, _)| p)
+        .collect();
+    format!(
+        "{}: extra {extra:?}, missing {} {:?}, differing {differ:?}",
+        dir.display(),
+        missing.len(),
+        missing.iter().take(10).collect::<Vec<_>>()
+    )
+}
+
 fn put(a: &Agent, path: &str, body: &[u8], token: Option<&str>) -> Reply {
     request(a.addr, "PUT", &format!("/content/{path}"), token, body).unwrap()
 }
@@ -277,7 +295,7 @@ fn a_burst_of_edits_converges_and_a_stopped_agent_catches_up() {
     wait::until_blocking(
         "a2's edit directory to follow",
         DEADLINE,
-        String::new,
+        || tree_diff(&edit_dir(&farm, &a2), &d1),
         || tree(&edit_dir(&farm, &a2)) == tree(&d1),
     );
 
@@ -287,7 +305,13 @@ fn a_burst_of_edits_converges_and_a_stopped_agent_catches_up() {
     wait::until_blocking(
         "a3's edit directory to follow",
         DEADLINE,
-        String::new,
+        || {
+            format!(
+                "{}\n{}",
+                tree_diff(&edit_dir(&farm, &a3), &d1),
+                a3.proc.log()
+            )
+        },
         || tree(&edit_dir(&farm, &a3)) == tree(&d1),
     );
     assert_eq!(a3.body("/f0.txt"), None);

@@ -15,7 +15,9 @@
 //!   the file on disk is still what the known state says; a file edited and not yet detected is
 //!   left alone (it will be detected and resolved by the hub). The known state is updated
 //!   first, so the watcher's events for these writes find no difference: an install never
-//!   re-triggers forwarding.
+//!   re-triggers forwarding. A temp file a crash left behind (killed between its creation and
+//!   its rename) is removed when the thread starts: it is ignored by detection, so nothing
+//!   else would ever remove it, and the directory would never equal the release.
 //! - **First start**: an empty directory is filled from the active release. A non-empty one is
 //!   compared with the active release (once the agent has one: nothing is forwarded before);
 //!   if it holds something else, it is not forwarded (it would overwrite the fleet with
@@ -46,6 +48,10 @@ use crate::sync::store::FsStore;
 
 /// The state file's name in the store (`watch.json`).
 pub const STATE_NAME: &str = "watch";
+
+/// The prefix of the temp files [`place`] writes beside their target (under
+/// [`super::ignore::OWN_PREFIX`], so never detected as edits).
+pub const TMP_PREFIX: &str = ".lockstep-tmp-";
 
 /// What the thread persists.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -174,6 +180,12 @@ impl Worker {
         if let Err(e) = std::fs::create_dir_all(&dir) {
             self.refuse(format!("cannot create watch.dir {}: {e}", dir.display()));
             return;
+        }
+        // This thread is the only writer of temp files, and it is writing none now: any
+        // there is left over from a run that was killed mid-write.
+        let cleared = clear_leftovers(&dir);
+        if cleared > 0 {
+            info!(dir = %dir.display(), files = cleared, "removed temp files an earlier run left in watch.dir");
         }
         let current = self.current.clone();
         if !self.state.started {
@@ -477,7 +489,7 @@ fn place(
             .map_err(|err| std::io::Error::other(err.to_string()))?
             .ok_or_else(|| std::io::Error::other(format!("blob {} is not in the store", e.hash)))?,
     };
-    let tmp = parent.join(format!(".lockstep-tmp-{}", rand::random::<u64>()));
+    let tmp = parent.join(format!("{TMP_PREFIX}{}", rand::random::<u64>()));
     let mut f = std::fs::File::create(&tmp)?;
     let written = f.write_all(&data).and_then(|_| f.sync_data());
     drop(f);
@@ -486,6 +498,28 @@ fn place(
         return Err(err);
     }
     Ok(())
+}
+
+/// Removes the [`place`] temp files under `dir` (symlinks are not followed); how many.
+fn clear_leftovers(dir: &Path) -> usize {
+    let mut removed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() && e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => removed += 1,
+                    Err(err) => {
+                        warn!(path = %e.path().display(), error = %err, "cannot remove a leftover temp file")
+                    }
+                }
+            }
+        }
+    }
+    removed
 }
 
 /// Removes `dir/path`, and its parent directories left empty.
@@ -517,4 +551,122 @@ pub fn write_outbox(store: &FsStore, cs: &Changeset) -> Result<(), crate::sync::
         &path,
         &serde_json::to_vec(cs).expect("changeset serialises"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// A release of `files` (path, content), built from memory.
+    fn release(store: &Arc<FsStore>, files: &[(&str, &str)]) -> Arc<Release> {
+        let mut entries = BTreeMap::new();
+        let mut fresh = HashMap::new();
+        for (path, body) in files {
+            let data = Bytes::from(body.to_string());
+            let hash = Hash::of(&data);
+            entries.insert(
+                path.to_string(),
+                Entry {
+                    hash,
+                    size: data.len() as u64,
+                    content_type: content_type(path),
+                },
+            );
+            fresh.insert(hash, data);
+        }
+        let manifest = Manifest::new(entries).unwrap();
+        Arc::new(Release::build_reusing(store, manifest, None, &fresh).unwrap())
+    }
+
+    /// Runs the thread on `dir` serving `current` until it has handled its start.
+    fn run_start(store: &Arc<FsStore>, dir: &Path, current: Option<Arc<Release>>) {
+        let (out, _out_rx) = mpsc::unbounded_channel();
+        let (installs, _installs_rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(Input::Stop).unwrap();
+        Local {
+            name: "a".into(),
+            mode: Mode::Immediate,
+            dir: Some(dir.to_path_buf()),
+            ignore: Arc::new(Ignore::default()),
+            max_file_bytes: 1 << 20,
+            store: store.clone(),
+            hub_now: Arc::new(|| 1),
+            out,
+            installs,
+            metrics: Arc::new(AgentMetrics::new()),
+        }
+        .spawn(current, rx)
+        .unwrap()
+        .join()
+        .unwrap();
+    }
+
+    /// Every regular file under `dir`, by relative path.
+    fn files(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    let rel = e.path().strip_prefix(dir).unwrap().to_owned();
+                    out.push(rel.to_string_lossy().to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// An agent killed while writing a file into watch.dir (between the temp file's creation
+    /// and its rename) leaves the temp file: the restarted thread removes it, so the
+    /// directory comes to hold exactly the release.
+    #[test]
+    fn temp_files_left_by_a_killed_run_are_removed_at_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(&tmp.path().join("store")).unwrap());
+        let dir = tmp.path().join("edit");
+        // The earlier run had started on an empty directory, then was killed mid-write.
+        let state = WatchState {
+            started: true,
+            ..WatchState::default()
+        };
+        store.write_state(STATE_NAME, &state).unwrap();
+        std::fs::create_dir_all(dir.join("docs")).unwrap();
+        std::fs::write(dir.join(format!("{TMP_PREFIX}17")), "half").unwrap();
+        std::fs::write(dir.join(format!("docs/{TMP_PREFIX}4")), "half").unwrap();
+        // Not ours: left alone.
+        std::fs::write(dir.join("docs/.lockstep-tmp"), "other").unwrap();
+
+        let r = release(&store, &[("index.html", "start"), ("docs/a.txt", "a")]);
+        run_start(&store, &dir, Some(r));
+
+        assert_eq!(
+            files(&dir),
+            ["docs/.lockstep-tmp", "docs/a.txt", "index.html"]
+        );
+        assert_eq!(std::fs::read(dir.join("index.html")).unwrap(), b"start");
+    }
+
+    /// A first start on a directory holding only such a leftover fills it from the release:
+    /// the leftover does not make it "not empty" (which would defer or refuse watching).
+    #[test]
+    fn a_directory_holding_only_a_leftover_temp_file_is_filled_as_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(&tmp.path().join("store")).unwrap());
+        let dir = tmp.path().join("edit");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{TMP_PREFIX}3")), "half").unwrap();
+
+        let r = release(&store, &[("index.html", "fleet")]);
+        run_start(&store, &dir, Some(r));
+
+        assert_eq!(files(&dir), ["index.html"]);
+        let state: WatchState = store.read_state(STATE_NAME).unwrap().unwrap();
+        assert!(state.started);
+    }
 }

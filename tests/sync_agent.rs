@@ -420,9 +420,7 @@ async fn a_damaged_blob_is_refused_counted_reported_and_never_activated() {
         &[("index.html", "v1"), ("new.txt", "fresh content")],
     );
     let (v2, at) = hub.publish(&s, Duration::from_millis(1500)).await;
-    let hub_blob = FsStore::open(&hub.store)
-        .unwrap()
-        .blob_path(&Hash::of(b"fresh content"));
+    let hub_blob = FsStore::blob_path_under(&hub.store, &Hash::of(b"fresh content"));
     std::fs::write(&hub_blob, b"FRESH CONTENT").unwrap();
 
     let a = start_agent(agent_config("web-1", &hub.url(), &dir.path().join("a"))).await;
@@ -439,9 +437,7 @@ async fn a_damaged_blob_is_refused_counted_reported_and_never_activated() {
     .await;
     assert_eq!(metric(&a, "lockstep_agent_hash_failures_total"), 3.0);
     assert!(metric(&a, "lockstep_agent_staging_failures_total") >= 1.0);
-    assert!(!FsStore::open(&dir.path().join("a"))
-        .unwrap()
-        .has_blob(&Hash::of(b"fresh content")));
+    assert!(!FsStore::blob_path_under(&dir.path().join("a"), &Hash::of(b"fresh content")).exists());
     // Past the activation (and the hub's own advance): still v1, whole.
     wait::until(
         "the hub to advance to v2 itself",

@@ -839,3 +839,28 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
     agent.shutdown(Duration::from_secs(1)).await;
     app.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Two appliances on one store would break the compare-and-swap and wipe each other's
+/// uploads in progress: a second `lockstep serve` on a store in use is refused, naming the
+/// holder, and the first keeps its state.
+#[tokio::test]
+async fn a_second_lockstep_serve_on_the_same_store_is_refused() {
+    let hub = Hub::new();
+    let yaml = hub.sync_yaml("1s", "2s");
+    let app = start_hub(&yaml).await;
+    let c = client(&app, Some(PUBLISH));
+    let site = hub.site("site", &[("index.html", "v1")]);
+    let first = publish::publish(&c, &site, At::Next, 4).await.unwrap();
+    let file = hub.dir.path().join("second.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    let out = tokio::task::spawn_blocking(move || run_lockstep(&[&"serve", &"-c", &file]))
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second appliance started on a store in use:\n{stderr}");
+    let want = format!("in use by another process (pid {})", std::process::id());
+    assert!(stderr.contains(&want), "the refusal names the holder ({want}):\n{stderr}");
+    // The first one still serves its state.
+    assert_eq!(schedule(&c).await.staged, Some(first.committed.id));
+    app.shutdown(Duration::from_secs(1)).await;
+}

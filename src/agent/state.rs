@@ -40,6 +40,7 @@ mod tests {
             applied: [("web-2".to_string(), 9)].into(),
         };
         store.write_state(STATE_NAME, &s).unwrap();
+        drop(store);
         let store = FsStore::open(dir.path()).unwrap();
         assert_eq!(store.read_state(STATE_NAME).unwrap(), Some(s));
         assert!(dir.path().join("agent.json").is_file());

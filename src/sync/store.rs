@@ -21,7 +21,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -62,6 +62,14 @@ pub enum StoreError {
     /// A collection that could not be made safely.
     #[error(transparent)]
     Gc(#[from] GcError),
+    /// Another process has the store open.
+    #[error("the store {path} is in use by another process{}: one process per store (stop it, or give this one its own store)", holder.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked {
+        /// The store's directory.
+        path: PathBuf,
+        /// The holder's pid, as it wrote it into the lock file.
+        holder: Option<u32>,
+    },
 }
 
 /// What one collection removed.
@@ -110,6 +118,9 @@ pub trait HubStore: Send + Sync + 'static {
 /// A store in a directory.
 pub struct FsStore {
     root: PathBuf,
+    /// `<root>/lock`, exclusively locked (flock) for as long as this store is open: two
+    /// processes on one store would break the compare-and-swap and wipe each other's `tmp/`.
+    _lock: File,
     tmp_seq: AtomicU64,
     /// Serialises state swaps (one process owns a store directory).
     state_lock: Mutex<()>,
@@ -120,10 +131,41 @@ pub struct FsStore {
 
 const HUB_STATE: &str = "state";
 
+/// Takes `<root>/lock` exclusively (without waiting) and writes this process's pid into it;
+/// the lock ends when the file is closed, so a crashed holder leaves nothing to clean up.
+fn lock(root: &Path) -> Result<File, StoreError> {
+    let path = root.join("lock");
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err("cannot open", &path))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = f.read_to_string(&mut text);
+            return Err(StoreError::Locked { path: root.to_path_buf(), holder: text.trim().parse().ok() });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock", &path)(e)),
+    }
+    let pid = std::process::id().to_string();
+    f.set_len(0)
+        .and_then(|()| f.seek(io::SeekFrom::Start(0)).map(|_| ()))
+        .and_then(|()| f.write_all(pid.as_bytes()))
+        .map_err(io_err("cannot write", &path))?;
+    Ok(f)
+}
+
 impl FsStore {
     /// Opens (creating) a store under `root` and clears what an interrupted write left in
     /// `tmp/`.
     pub fn open(root: &Path) -> Result<FsStore, StoreError> {
+        fs::create_dir_all(root).map_err(io_err("cannot create", root))?;
+        // Locked before anything is touched: `tmp/` below may be another process's.
+        let lock = lock(root)?;
         for sub in ["blobs", "releases", "tmp"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
@@ -136,6 +178,7 @@ impl FsStore {
         }
         Ok(FsStore {
             root: root.to_path_buf(),
+            _lock: lock,
             tmp_seq: AtomicU64::new(0),
             state_lock: Mutex::new(()),
             gc_lock: RwLock::new(()),
@@ -149,8 +192,14 @@ impl FsStore {
 
     /// Where a blob lives.
     pub fn blob_path(&self, hash: &Hash) -> PathBuf {
+        FsStore::blob_path_under(&self.root, hash)
+    }
+
+    /// Where a blob lives in the store under `root` (for looking at a store another process
+    /// holds open, e.g. in tests, without opening it).
+    pub fn blob_path_under(root: &Path, hash: &Hash) -> PathBuf {
         let hex = hash.to_hex();
-        self.root.join("blobs").join(&hex[..2]).join(hex)
+        root.join("blobs").join(&hex[..2]).join(hex)
     }
 
     fn release_path(&self, id: &ReleaseId) -> PathBuf {
@@ -425,6 +474,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_store_opens_once_at_a_time_and_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = FsStore::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("tmp/in-flight"), b"x").unwrap();
+        match FsStore::open(dir.path()) {
+            Err(e @ StoreError::Locked { holder: Some(pid), .. }) => {
+                assert_eq!(pid, std::process::id());
+                assert!(e.to_string().contains("in use by another process"), "{e}");
+            }
+            other => panic!("a second open must be refused, got {:?}", other.map(|_| ())),
+        }
+        // The refused open touched nothing of the holder's.
+        assert!(dir.path().join("tmp/in-flight").exists());
+        drop(first);
+        FsStore::open(dir.path()).expect("free again once the holder closed it");
+    }
+
+    #[test]
     fn blobs_and_releases_are_checked_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::open(dir.path()).unwrap();
@@ -436,6 +503,7 @@ mod tests {
         assert!(!store.has_blob(&h));
         store.write_blob(&h, b"hello").unwrap();
         std::fs::write(dir.path().join("tmp/leftover"), b"x").unwrap();
+        drop(store);
         let store = FsStore::open(dir.path()).unwrap();
         assert_eq!(store.read_blob(&h).unwrap().unwrap(), b"hello");
         assert_eq!(

@@ -12,7 +12,12 @@
 //!
 //! Requests that change state are accepted from loopback addresses, and from the networks in
 //! `admin.allow_changes_from` (none by default): the admin listener is on loopback by default,
-//! and one bound elsewhere still refuses other peers' drains with 403. A
+//! and one bound elsewhere still refuses other peers' drains with 403. They must also be ones a
+//! browser cannot send cross-site: `Content-Type: application/json` and an
+//! `X-Lockstep-Admin` header (a page elsewhere can send neither without a CORS preflight,
+//! which this API never grants), so a page the operator opens behind an `ssh -L` tunnel
+//! cannot drain the farm. Every `/api/` request (and `/status`) must name an IP address,
+//! `localhost` or one of `admin.hosts` in its `Host`, so DNS rebinding reads nothing. A
 //! drain lasts until `enable`, across reloads, while the backend stays configured; it is not
 //! persisted across restarts.
 #![allow(clippy::disallowed_methods)] // I/O shell: reads the clock once per view: health snapshots are judged as of now
@@ -46,6 +51,26 @@ fn ok<T: serde::Serialize>(value: &T) -> ApiAnswer {
     respond::json(StatusCode::OK, value)
 }
 
+/// The header a state-changing request must carry (with a JSON content type).
+pub const ADMIN_HEADER: &str = "x-lockstep-admin";
+
+/// Why a state-changing request could have been forged by a page in the operator's browser,
+/// or `None` when it could not (pure).
+pub fn forgeable(headers: &http::HeaderMap) -> Option<&'static str> {
+    let json = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Some("state-changing admin requests must be sent with `Content-Type: application/json` and an `X-Lockstep-Admin: 1` header (a browser page elsewhere can send neither)");
+    }
+    if !headers.contains_key(ADMIN_HEADER) {
+        return Some("state-changing admin requests must carry an `X-Lockstep-Admin: 1` header (a browser page elsewhere cannot send it)");
+    }
+    None
+}
+
 /// Answers `method path` (under `/api/`) from `peer`, or `None` when the path is not the API's.
 pub fn route(
     live: &Live,
@@ -53,6 +78,7 @@ pub fn route(
     metrics: &Metrics,
     method: &Method,
     path: &str,
+    headers: &http::HeaderMap,
     peer: SocketAddr,
 ) -> Option<ApiAnswer> {
     let rest = path.strip_prefix("/api/")?;
@@ -92,6 +118,9 @@ pub fn route(
                         peer.ip()
                     ),
                 ));
+            }
+            if let Some(why) = forgeable(headers) {
+                return Some(err(StatusCode::FORBIDDEN, why));
             }
             drain(live, pool, name, *action == "drain")
         }
@@ -268,6 +297,45 @@ mod tests {
         Metrics::new()
     }
 
+    /// What lockstep's own clients send with a state change.
+    fn json_headers() -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h.insert(ADMIN_HEADER, "1".parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn a_state_change_a_browser_could_forge_cross_site_is_refused() {
+        let (live, m) = (live(), metrics());
+        let path = "/api/pools/www/backends/b/drain";
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let form = |ctype: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, ctype.parse().unwrap());
+            h
+        };
+        // What an HTML form can send, and JSON without the header (fetch with no-cors).
+        for h in [
+            http::HeaderMap::new(),
+            form("application/x-www-form-urlencoded"),
+            form("multipart/form-data; boundary=x"),
+            form("text/plain"),
+            form("application/json"),
+        ] {
+            assert_eq!(
+                status(route(&live, None, &m, &Method::POST, path, &h, local)),
+                StatusCode::FORBIDDEN,
+                "{h:?}"
+            );
+            assert!(!live.table.pools[0].health.load().drained[1], "{h:?} drained");
+        }
+        let mut h = form("application/json; charset=utf-8");
+        h.insert(ADMIN_HEADER, "1".parse().unwrap());
+        assert_eq!(status(route(&live, None, &m, &Method::POST, path, &h, local)), StatusCode::OK);
+        assert!(live.table.pools[0].health.load().drained[1]);
+    }
+
     fn status(a: Option<ApiAnswer>) -> StatusCode {
         a.expect("an API path").status()
     }
@@ -288,7 +356,7 @@ mod tests {
         ] {
             let peer: SocketAddr = peer.parse().unwrap();
             assert_eq!(
-                status(route(&live, None, &m, &Method::POST, path, peer)),
+                status(route(&live, None, &m, &Method::POST, path, &json_headers(), peer)),
                 want,
                 "{peer}"
             );
@@ -303,17 +371,17 @@ mod tests {
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let local6: SocketAddr = "[::1]:5000".parse().unwrap();
         assert_eq!(
-            status(route(&live, None, &m, &Method::POST, path, remote)),
+            status(route(&live, None, &m, &Method::POST, path, &json_headers(), remote)),
             StatusCode::FORBIDDEN
         );
         assert!(!live.table.pools[0].health.load().drained[1]);
         // Reading is fine from anywhere the listener is reachable.
         assert_eq!(
-            status(route(&live, None, &m, &Method::GET, "/api/pools", remote)),
+            status(route(&live, None, &m, &Method::GET, "/api/pools", &json_headers(), remote)),
             StatusCode::OK
         );
         assert_eq!(
-            status(route(&live, None, &m, &Method::POST, path, local6)),
+            status(route(&live, None, &m, &Method::POST, path, &json_headers(), local6)),
             StatusCode::OK
         );
         assert!(live.table.pools[0].health.load().drained[1]);
@@ -322,11 +390,11 @@ mod tests {
         assert_eq!(v.pools[0].available, 1);
         let enable = "/api/pools/www/backends/b/enable";
         assert_eq!(
-            status(route(&live, None, &m, &Method::POST, enable, local)),
+            status(route(&live, None, &m, &Method::POST, enable, &json_headers(), local)),
             StatusCode::OK
         );
         assert!(!live.table.pools[0].health.load().drained[1]);
-        assert!(route(&live, None, &m, &Method::GET, "/metrics", local).is_none());
+        assert!(route(&live, None, &m, &Method::GET, "/metrics", &json_headers(), local).is_none());
         let table = crate::publish::render_pools(&pools(&live));
         assert!(table.contains("www") && table.contains(" up\n"), "{table}");
     }
@@ -366,13 +434,13 @@ mod tests {
         // Without `dns:` the page hides the section: 404.
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         assert_eq!(
-            status(route(&live(), None, &m, &Method::GET, "/api/dns", local)),
+            status(route(&live(), None, &m, &Method::GET, "/api/dns", &json_headers(), local)),
             StatusCode::NOT_FOUND
         );
         let yaml = "pools:\n  - name: www\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\ndns:\n  bind: \"127.0.0.1:0\"\n  zones:\n    - name: farm.test\n      nameservers: [ns.provider.example]\n      records:\n        - { name: www, pool: www }\n";
         let config = crate::config::parse(std::path::Path::new("t.yaml"), yaml).unwrap();
         let with_dns = Live::build(Arc::new(config), None, 1, &m);
-        let a = route(&with_dns, None, &m, &Method::GET, "/api/dns", local).expect("an API path");
+        let a = route(&with_dns, None, &m, &Method::GET, "/api/dns", &json_headers(), local).expect("an API path");
         assert_eq!(a.status(), StatusCode::OK, "/api/dns answers with `dns:`");
     }
 

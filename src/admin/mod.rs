@@ -62,14 +62,24 @@ fn route(
 ) -> Response<Full<Bytes>> {
     let live = state.live.load();
     let hub = state.hub.get().map(|h| h.as_ref());
-    if let Some(a) = api::route(
-        &live,
-        hub,
-        &state.metrics,
-        req.method(),
-        req.uri().path(),
-        peer,
-    ) {
+    let path = req.uri().path();
+    if path.starts_with("/api/") || path == "/status" {
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
+        if !live.config.admin.serves_host(host) {
+            return respond::error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this admin listener does not answer to the name `{}`: use its IP address or localhost, or add the name to admin.hosts (names nobody configured are how DNS rebinding reaches it)",
+                    host.unwrap_or_default()
+                ),
+            );
+        }
+    }
+    if let Some(a) = api::route(&live, hub, &state.metrics, req.method(), path, req.headers(), peer) {
         return a;
     }
     match req.uri().path() {

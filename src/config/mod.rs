@@ -180,6 +180,9 @@ pub struct Admin {
     pub socket: Option<PathBuf>,
     /// Networks, besides loopback, whose admin requests may change state (drain/enable).
     pub allow_changes_from: Vec<IpNet>,
+    /// Host names (lowercase) the status page and API answer to, besides IP addresses and
+    /// `localhost`: a name an attacker's DNS points at the appliance (rebinding) is refused.
+    pub hosts: Vec<String>,
 }
 
 impl Admin {
@@ -188,6 +191,30 @@ impl Admin {
     pub fn may_change_state(&self, ip: std::net::IpAddr) -> bool {
         let ip = ip.to_canonical();
         ip.is_loopback() || self.allow_changes_from.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Whether the status page and API answer a request that named `host` (its `Host`
+    /// header, port included or not): an IP address, `localhost`, or one of `hosts`. A
+    /// request without a `Host` comes from no browser and is answered.
+    pub fn serves_host(&self, host: Option<&str>) -> bool {
+        let Some(host) = host else { return true };
+        let name = match host.strip_prefix('[') {
+            // `[v6]` or `[v6]:port`
+            Some(rest) => {
+                return rest.split_once(']').is_some_and(|(ip, port)| {
+                    ip.parse::<std::net::Ipv6Addr>().is_ok()
+                        && (port.is_empty()
+                            || port.strip_prefix(':').is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())))
+                })
+            }
+            None => host.rsplit_once(':').map_or(host, |(n, port)| {
+                if port.bytes().all(|b| b.is_ascii_digit()) { n } else { host }
+            }),
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        name.parse::<std::net::Ipv4Addr>().is_ok()
+            || name == "localhost"
+            || self.hosts.iter().any(|h| *h == name)
     }
 }
 
@@ -209,4 +236,38 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let mut config = validate::validate(path, raw)?;
     config.source = text.into();
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_pages_answer_ip_addresses_localhost_and_configured_names_only() {
+        let admin = Admin { hosts: vec!["lb1.mgmt.example".into()], ..Admin::default() };
+        for ok in [
+            None,
+            Some("127.0.0.1:9900"),
+            Some("10.1.2.3"),
+            Some("[::1]:9900"),
+            Some("[2001:db8::1]"),
+            Some("localhost:9900"),
+            Some("LOCALHOST"),
+            Some("lb1.mgmt.example:9900"),
+            Some("LB1.mgmt.example."),
+        ] {
+            assert!(admin.serves_host(ok), "{ok:?} refused");
+        }
+        for rebinding in [
+            Some("evil.example"),
+            Some("evil.example:9900"),
+            Some("127.0.0.1.evil.example"),
+            Some("localhost.evil.example"),
+            Some("lb1.mgmt.example.evil"),
+            Some("[::1"),
+            Some(""),
+        ] {
+            assert!(!admin.serves_host(rebinding), "{rebinding:?} answered");
+        }
+    }
 }

@@ -254,4 +254,6 @@ pub struct RawAdmin {
     pub socket: Option<S<String>>,
     /// Addresses or CIDRs, besides loopback, whose admin requests may change state.
     pub allow_changes_from: Option<Vec<S<String>>>,
+    /// Host names the status page and API answer to, besides IP addresses and `localhost`.
+    pub hosts: Option<Vec<S<String>>>,
 }

@@ -468,7 +468,24 @@ fn admin(cx: &mut Ctx<'_>, raw: Option<&RawAdmin>) -> Admin {
             .and_then(|b| cx.socket_addr(b, "admin bind")),
         socket: a.socket.as_ref().map(|s| cx.path(&s.value)),
         allow_changes_from: networks(cx, a.allow_changes_from.as_deref(), "admin client"),
+        hosts: admin_hosts(cx, a.hosts.as_deref()),
     }
+}
+
+/// `admin.hosts`: exact DNS names (no wildcards: each name is one the operator uses).
+fn admin_hosts(cx: &mut Ctx<'_>, raw: Option<&[Spanned<String>]>) -> Vec<String> {
+    let mut out = Vec::new();
+    for h in raw.unwrap_or_default() {
+        match HostMatch::parse(h.value.trim()) {
+            Ok(HostMatch::Exact(name)) => out.push(name),
+            Ok(HostMatch::Suffix(_)) => cx.err(
+                h,
+                format!("admin host `{}` is a wildcard: list each name the admin pages are reached by, e.g. \"lb1.mgmt.example\"", h.value),
+            ),
+            Err(e) => cx.err(h, format!("admin host: {e}")),
+        }
+    }
+    out
 }
 
 /// A list of addresses or CIDRs (`trusted_proxies`, `admin.allow_changes_from`); `what` names

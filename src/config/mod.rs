@@ -214,7 +214,7 @@ impl Admin {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         name.parse::<std::net::Ipv4Addr>().is_ok()
             || name == "localhost"
-            || self.hosts.iter().any(|h| *h == name)
+            || self.hosts.contains(&name)
     }
 }
 

@@ -1063,7 +1063,7 @@ dns:
         - { name: lb,  addresses: ["192.0.2.10", "192.0.2.11"] }
         - { name: ns1, addresses: ["192.0.2.10"] }
 sync:
-  bind: "0.0.0.0:7700"
+  bind: "127.0.0.1:7700"
   store: /var/lib/lockstep/hub
   cadence: 60s
   lead: 10s
@@ -1102,6 +1102,42 @@ fn dns_and_sync_sections_of_the_design_are_accepted() {
     assert_eq!(sync.cadence, std::time::Duration::from_secs(60));
     assert_eq!(sync.lead, std::time::Duration::from_secs(10));
     assert!(sync.tokens.agent.is_none() && sync.tls.is_none());
+}
+
+/// Fail closed: a sync API other hosts can reach needs both token files; `check` names the
+/// missing keys at `sync.bind`'s line and column. Loopback may go without (a farm of one).
+#[test]
+fn a_sync_api_off_loopback_without_both_tokens_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let token = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, "0123456789abcdef").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p.display().to_string()
+    };
+    let (agent, publish) = (token("agent.token"), token("publish.token"));
+    let sync = |bind: &str, extra: &str| {
+        format!("{POOL_WWW}sync:\n  bind: \"{bind}\"\n  store: /var/lib/lockstep/hub\n{extra}")
+    };
+    let refused = |yaml: String| match config::parse(Path::new("t.yaml"), &yaml) {
+        Ok(_) => panic!("accepted:\n{yaml}"),
+        Err(e) => e.to_string(),
+    };
+    for bind in ["0.0.0.0:7700", "[::]:7700", "192.0.2.7:7700"] {
+        let e = refused(sync(bind, ""));
+        assert!(e.contains("agent_token_file and publish_token_file is not set"), "{e}");
+        assert!(e.contains("reachable from other hosts"), "{e}");
+        let line = POOL_WWW.lines().count() + 2;
+        assert!(e.starts_with(&format!("t.yaml:{line}:9:")), "at sync.bind: {e}");
+    }
+    // One of the two is not enough: changesets and blobs are written with the agent token.
+    let e = refused(sync("0.0.0.0:7700", &format!("  publish_token_file: {publish}\n")));
+    assert!(e.contains("agent_token_file is not set"), "{e}");
+    let both = format!("  agent_token_file: {agent}\n  publish_token_file: {publish}\n");
+    config::parse(Path::new("t.yaml"), &sync("0.0.0.0:7700", &both)).unwrap_or_else(|e| panic!("{e}"));
+    config::parse(Path::new("t.yaml"), &sync("127.0.0.1:7700", "")).unwrap_or_else(|e| panic!("{e}"));
+    config::parse(Path::new("t.yaml"), &sync("[::1]:7700", "")).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A `dns:` section over pool `www`, with `zone_extra` (records, indented as list items of

@@ -263,6 +263,16 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
     }
     let hub_ca = raw.hub_ca.as_ref().and_then(|v| cx.path_at(v, "hub_ca"));
     let hub = hub_url(&mut cx, &raw, hub_ca.as_deref());
+    // Fail closed: an agent other hosts can reach takes writes and peers' changesets, which
+    // need the agent token; only a loopback agent may go without.
+    if let (Some(addr), None) = (serve, &raw.token_file) {
+        if !addr.ip().to_canonical().is_loopback() {
+            cx.err(
+                &raw.serve,
+                format!("serve {addr} is reachable from other hosts, but token_file is not set: anyone who reaches it could write this backend's content. Set token_file (the agent token, e.g. /etc/lockstep/agent.token), or serve on 127.0.0.1"),
+            );
+        }
+    }
     let token = raw.token_file.as_ref().and_then(|v| {
         let p = cx.path_at(v, "token_file")?;
         match read_token(&p) {
@@ -522,6 +532,16 @@ fetch_concurrency: 0
         assert!(e[0].contains("name"), "{e:?}");
         let e = errors("# nothing\n");
         assert!(e[0].contains("deploy/examples/agent.yaml"), "{e:?}");
+    }
+
+    #[test]
+    fn an_agent_others_can_reach_needs_its_token() {
+        let open = GOOD.replace("serve: \"127.0.0.1:8081\"", "serve: \"0.0.0.0:8081\"");
+        let e = parse(Path::new("agent.yaml"), &open).unwrap_err().to_string();
+        assert!(e.starts_with("agent.yaml:5:8:"), "at serve: {e}");
+        assert!(e.contains("token_file is not set"), "{e}");
+        // Loopback may go without (tests, one host).
+        parse(Path::new("agent.yaml"), GOOD).unwrap();
     }
 
     #[test]

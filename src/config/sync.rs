@@ -91,6 +91,26 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         agent: token(&raw.agent_token_file),
         publish: token(&raw.publish_token_file),
     };
+    // Fail closed: a sync API other hosts can reach writes what every backend serves, so it
+    // needs both credentials; only a loopback one may go without (tests, a farm of one).
+    let open_roles: Vec<&str> = [
+        (raw.agent_token_file.is_none(), "agent_token_file"),
+        (raw.publish_token_file.is_none(), "publish_token_file"),
+    ]
+    .into_iter()
+    .filter_map(|(missing, key)| missing.then_some(key))
+    .collect();
+    if let (Some(b), false) = (bind, open_roles.is_empty()) {
+        if !b.ip().to_canonical().is_loopback() {
+            cx.err(
+                &raw.bind,
+                format!(
+                    "sync.bind {b} is reachable from other hosts, but {} is not set: anyone who reaches it could publish or change what every backend serves. Set both token files (the package creates /etc/lockstep/agent.token and publish.token), or bind the sync API to 127.0.0.1",
+                    open_roles.join(" and ")
+                ),
+            );
+        }
+    }
     let tls = raw.tls.as_ref().map(|t| {
         if t.certificates.is_empty() {
             cx.errors.push(super::ConfigError::at(

@@ -488,3 +488,105 @@ fn a_stale_watch_dir_is_refused_and_an_empty_one_is_filled() {
     );
     assert_eq!(a3.metric("lockstep_agent_refused_total"), 1.0);
 }
+
+/// Every file under `dir` whose bytes are exactly `secret`, for a failure message.
+fn holding(dir: &std::path::Path, secret: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() && std::fs::read(e.path()).is_ok_and(|b| b == secret) {
+                found.push(e.path());
+            }
+        }
+    }
+    found
+}
+
+/// The security issue through real agents: a file of a1's `watch.dir` swapped back and forth
+/// for a symlink to a secret (the agent token itself) while a1 detects edits never makes any
+/// agent serve the secret nor store it; a `PUT` through a symlinked directory of `watch.dir`
+/// is refused with the reason and writes nothing outside.
+#[test]
+fn links_in_watch_dir_never_ship_a_secret_nor_lead_a_write_out() {
+    let _serial = serial();
+    let farm = Farm::new("2s", "1s");
+    let w = watch("immediate", "");
+    // A whole-tree rescan every 5 ms: detection runs while the file flips (the debouncer
+    // alone would wait for it to go quiet).
+    let a1 = agent(&farm, "a1", &watch("immediate", ", rescan: 5ms"), "");
+    let a2 = agent(&farm, "a2", &w, "");
+    let d1 = edit_dir(&farm, &a1);
+    wait::until_blocking(
+        "a1 to know its peer",
+        DEADLINE,
+        || a1.proc.log(),
+        || a1.metric("lockstep_agent_peers") == 1.0,
+    );
+    std::fs::write(d1.join("page.html"), "public").unwrap();
+    wait_served(&[&a1, &a2], "/page.html", Some(b"public"));
+
+    let secret = farm.path("agent.token");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (stop, d1, secret) = (stop.clone(), d1.clone(), secret.clone());
+        std::thread::spawn(move || {
+            let tmp = d1.join(".lockstep-tmp-flip");
+            let mut flips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::remove_file(&tmp);
+                if flips % 2 == 0 {
+                    std::os::unix::fs::symlink(&secret, &tmp).unwrap();
+                } else {
+                    std::fs::write(&tmp, "public").unwrap();
+                }
+                std::fs::rename(&tmp, d1.join("page.html")).unwrap();
+                flips += 1;
+            }
+            flips
+        })
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut served = Vec::new();
+    while std::time::Instant::now() < until {
+        for a in [&a1, &a2] {
+            if a.body("/page.html").as_deref() == Some(AGENT_TOKEN.as_bytes()) {
+                served.push(a.name.clone());
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(flipper.join().unwrap() > 100);
+    // The flipper may have left the link: replace it, do not write through it.
+    let _ = std::fs::remove_file(d1.join("page.html"));
+    std::fs::write(d1.join("page.html"), "last").unwrap();
+    wait_served(&[&a1, &a2], "/page.html", Some(b"last"));
+    assert_eq!(served, Vec::<String>::new(), "the secret was served");
+    for store in ["a1-store", "a2-store", "hub-store"] {
+        assert_eq!(
+            holding(&farm.path(store), AGENT_TOKEN.as_bytes()),
+            Vec::<std::path::PathBuf>::new(),
+            "the secret was stored"
+        );
+    }
+    assert!(a1.metric("lockstep_agent_refused_total") >= 1.0);
+
+    // A write through a directory of watch.dir that links out of it.
+    let outside = farm.path("elsewhere");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, d1.join("out")).unwrap();
+    let r = put(&a1, "out/planted.html", b"planted", Some(AGENT_TOKEN));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body
+            .contains("is a symlink: lockstep never follows links inside watch.dir"),
+        "{}",
+        r.body
+    );
+    assert!(!outside.join("planted.html").exists());
+    assert_eq!(a2.body("/out/planted.html"), None);
+}

@@ -3,7 +3,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `PUT /content/{path}` (the file's bytes) | 200 `{"changeset": "name/seq"}`, or `null` when unchanged; 400 bad path, 413 over `watch.max_file_size` |
+//! | `PUT /content/{path}` (the file's bytes) | 200 `{"changeset": "name/seq"}`, or `null` when unchanged; 400 bad path (or a symlink on its way in `watch.dir`: never followed), 413 over `watch.max_file_size` |
 //! | `DELETE /content/{path}` | 200 as above; 404 no such file |
 //! | `POST /.lockstep/changesets` (a frame of [`super::frame::encode`]) | 202 installed in the background; 400 malformed or damaged; 200 `echo` for our own |
 //!

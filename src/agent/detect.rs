@@ -21,7 +21,13 @@
 //!   directories, names that are not UTF-8 or not valid release paths, files over the size
 //!   limit, and files or directories the agent may not read (permission denied: refused rather
 //!   than failing, so one root-owned file cannot stop detection for everything else).
-//! - a symlink to a file inside the directory is followed (its release path is the link's).
+//! - a symlink to a file inside the directory is resolved (its release path is the link's):
+//!   its target is checked to be inside, then opened by that target path.
+//! - no open follows a symlink (`sync::beneath`): directories are listed and files read
+//!   through a handle on `watch.dir`, and a read whose path meets a link (a file or directory
+//!   swapped for one since it was listed or checked) is refused with the link's name, like a
+//!   link leading out. A known file that became a link to a secret is never read, whatever the
+//!   timing, and is not reported removed either.
 //! - a file that vanishes between listing and reading counts as removed; a dangling symlink
 //!   counts as no file. Other I/O errors fail with [`DetectError`], naming the path.
 //! - the watched directory itself missing is an error, never "everything was removed": a
@@ -29,11 +35,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
-use std::fs::File;
 use std::io::{self, Read};
 use std::ops::Bound;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::FileType;
+
+use crate::sync::beneath::{BeneathError, Dir};
 use crate::sync::manifest::{check_path, content_type, Entry, Hash, ManifestError, MAX_BLOB_BYTES};
 use crate::sync::store::{FsStore, StoreError};
 use crate::sync::tree::{classify, walk, Kind, Refusal, Visit};
@@ -131,8 +140,13 @@ pub fn detect(
         dir: dir.to_path_buf(),
         source,
     })?;
+    let handle = Dir::open(dir, "watch.dir").map_err(|e| DetectError::Root {
+        dir: dir.to_path_buf(),
+        source: e.into(),
+    })?;
     let mut d = Detector {
         root: dir,
+        handle: &handle,
         known,
         ignore,
         limit: Limit::new(max_file_bytes),
@@ -210,6 +224,8 @@ fn is_gone(e: &io::Error) -> bool {
 
 struct Detector<'a> {
     root: &'a Path,
+    /// `root` held open: every listing and read goes through it.
+    handle: &'a Dir,
     known: &'a Files,
     ignore: &'a Ignore,
     limit: Limit,
@@ -277,27 +293,24 @@ impl Detector<'_> {
         // A copy of the reference, so the walk's filter does not borrow `self`.
         let ignore: &Ignore = self.ignore;
         let filter = |rel: &str| ignore.ignores_last(rel);
+        let handle: &Dir = self.handle;
         if region.is_empty() {
-            return walk(
-                self.root.to_path_buf(),
-                String::new(),
-                canonical_root,
-                &filter,
-                self,
-            );
+            return walk(handle, String::new(), canonical_root, &filter, self);
         }
         if let Err(e) = check_path(region) {
             self.refuse(region, bad_path(&e));
             return Ok(());
         }
         let full = self.root.join(region);
+        // Only a first look: what is read is opened through the handle.
         let kind = match std::fs::symlink_metadata(&full) {
-            Ok(m) => m.file_type(),
+            Ok(m) => FileType::from_raw_mode(m.mode()),
             Err(e) => return self.io(&full, e),
         };
         match classify(&full, kind, canonical_root) {
-            Kind::Dir => walk(full, region.to_string(), canonical_root, &filter, self),
-            Kind::File => self.file(&full, region.to_string()),
+            Kind::Dir => walk(handle, region.to_string(), canonical_root, &filter, self),
+            Kind::File => self.file(&full, region.to_string(), Path::new(region)),
+            Kind::Link(target) => self.file(&full, region.to_string(), &target),
             Kind::Skip => Ok(()),
             Kind::Refused(why) => self.refused(&full, Some(region.to_string()), why),
         }
@@ -402,18 +415,19 @@ impl Visit for Detector<'_> {
             // A dangling symlink is simply not a file.
             Refusal::Broken(e) if is_gone(&e) => return Ok(()),
             Refusal::Broken(e) => format!("symlink cannot be resolved ({e}): refused"),
+            Refusal::Link(e) => link_met(&e),
         };
         self.refuse(&rel, reason);
         Ok(())
     }
 
     /// Reads, hashes and compares one file; stores its blob when it is a change.
-    fn file(&mut self, path: &Path, rel: String) -> Result<(), DetectError> {
+    fn file(&mut self, path: &Path, rel: String, source: &Path) -> Result<(), DetectError> {
         if let Err(e) = check_path(&rel) {
             self.refuse(&rel, bad_path(&e));
             return Ok(());
         }
-        let data = match self.read(path) {
+        let data = match self.read(source) {
             Ok(Content::Data(d)) => d,
             Ok(Content::Absent) => return Ok(()),
             Ok(Content::TooLarge(size)) => {
@@ -421,7 +435,11 @@ impl Visit for Detector<'_> {
                 self.refuse(&rel, reason);
                 return Ok(());
             }
-            Err(e) => return self.io(path, e),
+            Err(e) if e.is_symlink() => {
+                self.refuse(&rel, link_met(&e));
+                return Ok(());
+            }
+            Err(e) => return self.io(path, e.into()),
         };
         let entry = Entry {
             hash: Hash::of(&data),
@@ -438,14 +456,18 @@ impl Visit for Detector<'_> {
 }
 
 impl Detector<'_> {
-    /// The whole content of `path`, at most the limit.
-    fn read(&self, path: &Path) -> io::Result<Content> {
-        let mut f = match File::open(path) {
+    /// The whole content of `source` (beneath the root, no link followed), at most the limit.
+    fn read(&self, source: &Path) -> Result<Content, BeneathError> {
+        let mut f = match self.handle.open_file(source) {
             Ok(f) => f,
-            Err(e) if is_gone(&e) => return Ok(Content::Absent),
+            Err(e) if is_gone(&io::Error::from(e.kind())) => return Ok(Content::Absent),
             Err(e) => return Err(e),
         };
-        let meta = f.metadata()?;
+        let failed = |e: io::Error| BeneathError::Io {
+            path: self.root.join(source),
+            source: e,
+        };
+        let meta = f.metadata().map_err(failed)?;
         if !meta.is_file() {
             // Replaced by a directory (or other) since it was listed.
             return Ok(Content::Absent);
@@ -455,7 +477,10 @@ impl Detector<'_> {
         }
         // The length is at most the limit (≤ 64 MiB), so it fits a usize.
         let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-        (&mut f).take(self.limit.bytes + 1).read_to_end(&mut data)?;
+        (&mut f)
+            .take(self.limit.bytes + 1)
+            .read_to_end(&mut data)
+            .map_err(failed)?;
         if data.len() as u64 > self.limit.bytes {
             // It grew while being read.
             return Ok(Content::TooLarge(data.len() as u64));
@@ -471,6 +496,11 @@ enum Content {
     Absent,
     /// Over the limit: its size (at least).
     TooLarge(u64),
+}
+
+/// The reason for a path whose read met a symlink (named in `e`).
+fn link_met(e: &BeneathError) -> String {
+    format!("{e}: refused; the other backends keep the previous version")
 }
 
 fn bad_path(e: &ManifestError) -> String {
@@ -731,6 +761,62 @@ mod tests {
         assert!(d.refused.is_empty());
     }
 
+    /// The race of the security issue: a file of watch.dir swapped back and forth for a
+    /// symlink to a secret (an editor's save, or someone with write access to watch.dir) while
+    /// edits are detected. Whatever moment the swap hits (between listing and opening, between
+    /// `lstat` and reading), the secret's bytes are never read into a change nor stored as a
+    /// blob, by one path or by the whole tree.
+    #[test]
+    fn a_file_swapped_for_a_link_to_a_secret_never_ships_the_secret() {
+        let mut s = Site::new();
+        let secret = s.outside.join("agent.token");
+        fs::write(&secret, "TOP-SECRET-TOKEN").unwrap();
+        let leaked = Hash::of(b"TOP-SECRET-TOKEN");
+        s.write("page.html", "public");
+        s.write("docs/inner.html", "public");
+        s.sync(&Scope::All);
+
+        // Detection runs for as long as the flipper takes to swap the file 20 000 times.
+        let flipper = {
+            let dir = s.dir.clone();
+            std::thread::spawn(move || {
+                // Renamed over the file, so `page.html` is always there: a file or a link.
+                let tmp = dir.join(".lockstep-tmp-flip");
+                for i in 0..20_000u64 {
+                    let _ = fs::remove_file(&tmp);
+                    if i % 2 == 0 {
+                        symlink(&secret, &tmp).unwrap();
+                    } else {
+                        fs::write(&tmp, "public").unwrap();
+                    }
+                    fs::rename(&tmp, dir.join("page.html")).unwrap();
+                }
+            })
+        };
+        let mut rounds = 0;
+        while !flipper.is_finished() {
+            for scope in [
+                paths(&["page.html"]),
+                paths(&["docs", "page.html"]),
+                Scope::All,
+            ] {
+                // An I/O error is "try again later"; what matters is what was read.
+                if let Ok(d) = s.try_detect(&scope) {
+                    for e in d.changes.values().flatten() {
+                        assert_ne!(e.hash, leaked, "the secret was read as a change: {d:?}");
+                    }
+                }
+                assert!(
+                    s.store.read_blob(&leaked).unwrap().is_none(),
+                    "the secret was stored as a blob (round {rounds})"
+                );
+            }
+            rounds += 1;
+        }
+        flipper.join().unwrap();
+        assert!(rounds > 100, "the race was not exercised");
+    }
+
     #[test]
     fn symlinked_directories_are_refused_and_keep_what_was_known() {
         let mut s = Site::new();
@@ -878,8 +964,10 @@ mod tests {
         let mut s = Site::new();
         s.write("locked/a.html", "a");
         s.sync(&Scope::All);
+        let handle = Dir::open(&s.dir, "watch.dir").unwrap();
         let mut d = Detector {
             root: &s.dir,
+            handle: &handle,
             known: &s.known,
             ignore: &s.ignore,
             limit: Limit::new(MIB),

@@ -18,6 +18,11 @@
 //!   re-triggers forwarding. A temp file a crash left behind (killed between its creation and
 //!   its rename) is removed when the thread starts: it is ignored by detection, so nothing
 //!   else would ever remove it, and the directory would never equal the release.
+//! - **No link followed**: every write, rename and removal in the directory (installs, API
+//!   writes, leftovers) goes through a handle on `watch.dir` (`sync::beneath`): a path that
+//!   meets a symlink on the way — `watch.dir/a` linking to `/tmp/elsewhere` — is refused with
+//!   the link's name, warned about and counted (`refused{what="path"}`); nothing is written
+//!   or removed outside the directory.
 //! - **First start**: an empty directory is filled from the active release. A non-empty one is
 //!   compared with the active release (once the agent has one: nothing is forwarded before);
 //!   if it holds something else, it is not forwarded (it would overwrite the fleet with
@@ -28,6 +33,7 @@
 #![allow(clippy::disallowed_methods)] // I/O shell: random names for temporary files
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,9 +45,10 @@ use tracing::{debug, error, info, warn};
 
 use super::detect::{self, Files, Ignore, Scope};
 use super::messages::{Input, Install, Out, WriteError};
-use super::outbox::OUTBOX;
 use super::metrics::AgentMetrics;
+use super::outbox::OUTBOX;
 use super::release::Release;
+use crate::sync::beneath::{BeneathError, Dir};
 use crate::sync::changeset::{self, Change, Changeset, Mode};
 use crate::sync::manifest::{check_path, content_type, Entry, Hash, Manifest, ReleaseId};
 use crate::sync::store::FsStore;
@@ -357,6 +364,13 @@ impl Worker {
         if self.refused.is_some() {
             return;
         }
+        let root = match Dir::open(&dir, WATCH_DIR) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot open watch.dir to bring it up to the release; the next release tries again");
+                return;
+            }
+        };
         let diff = changeset::diff(self.synced.files(), release.manifest().files());
         let (mut written, mut kept) = (0usize, 0usize);
         // Removals first, so that a file can take the place of a removed directory.
@@ -369,8 +383,7 @@ impl Worker {
             if known.as_ref() == change.entry.as_ref() {
                 continue;
             }
-            let target = dir.join(path);
-            if on_disk(&target) != known.as_ref().map(|e| e.hash) {
+            if on_disk(&root, path) != known.as_ref().map(|e| e.hash) {
                 // Edited here and not yet detected: the hub will resolve it.
                 kept += 1;
                 continue;
@@ -379,9 +392,9 @@ impl Worker {
                 Some(e) => {
                     // In memory when just received (its blob may still be on its way to disk).
                     let body = release.file(path).and_then(|f| f.body.clone());
-                    place(&self.cfg.store, &dir, path, e, body)
+                    place(&self.cfg.store, &root, path, e, body)
                 }
-                None => remove(&dir, path),
+                None => remove(&root, path),
             };
             match outcome {
                 Ok(()) => {
@@ -392,6 +405,9 @@ impl Worker {
                     written += 1;
                 }
                 Err(e) => {
+                    if e.is_symlink() {
+                        self.cfg.metrics.refused("path");
+                    }
                     warn!(path = %path, error = %e, "cannot bring the file in watch.dir up to the release")
                 }
             }
@@ -442,11 +458,20 @@ impl Worker {
             return Ok(None);
         }
         if let (Some(dir), None) = (&self.cfg.dir, &self.refused) {
-            let r = match &entry {
-                Some(e) => place(&self.cfg.store, dir, path, e, None),
-                None => remove(dir, path),
-            };
-            r.map_err(|e| WriteError::Io(format!("writing into watch.dir: {e}")))?;
+            let r = Dir::open(dir, WATCH_DIR).and_then(|root| match &entry {
+                Some(e) => place(&self.cfg.store, &root, path, e, None),
+                None => remove(&root, path),
+            });
+            match r {
+                Ok(()) => {}
+                // Refused like a link found by detection: the request cannot be done as asked.
+                Err(e) if e.is_symlink() => {
+                    warn!(path = %path, error = %e, "write refused");
+                    self.cfg.metrics.refused("path");
+                    return Err(WriteError::Bad(format!("writing into watch.dir: {e}")));
+                }
+                Err(e) => return Err(WriteError::Io(format!("writing into watch.dir: {e}"))),
+            }
         }
         let change = Change {
             entry,
@@ -462,58 +487,98 @@ impl Worker {
     }
 }
 
-/// The hash of a regular file (None when missing, not a regular file, or unreadable).
-fn on_disk(path: &Path) -> Option<Hash> {
-    let meta = std::fs::symlink_metadata(path).ok()?;
-    if !meta.is_file() {
+/// What the directory is called in messages.
+const WATCH_DIR: &str = "watch.dir";
+
+/// The hash of the regular file at `path` (None when missing, not a regular file, a symlink or
+/// behind one, or unreadable).
+fn on_disk(root: &Dir, path: &str) -> Option<Hash> {
+    let mut f = root.open_file(Path::new(path)).ok()?;
+    if !f.metadata().ok()?.is_file() {
         return None;
     }
-    std::fs::read(path).ok().map(|b| Hash::of(&b))
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut data).ok()?;
+    Some(Hash::of(&data))
 }
 
-/// Writes blob `e` at `dir/path`: a temp file beside it, then a rename.
+/// The parent directory and the name of release path `path`.
+fn split(path: &str) -> Result<(&Path, &OsStr), BeneathError> {
+    let rel = Path::new(path);
+    match (rel.parent(), rel.file_name()) {
+        (Some(parent), Some(name)) => Ok((parent, name)),
+        _ => Err(BeneathError::NotBeneath {
+            path: rel.to_path_buf(),
+            area: WATCH_DIR,
+        }),
+    }
+}
+
+/// Writes blob `e` at `path` beneath `root`: a temp file beside it, then a rename; missing
+/// directories are created; nothing through a symlink.
 fn place(
     store: &FsStore,
-    dir: &Path,
+    root: &Dir,
     path: &str,
     e: &Entry,
     body: Option<Bytes>,
-) -> std::io::Result<()> {
-    let target = dir.join(path);
-    let parent = target.parent().unwrap_or(dir);
-    std::fs::create_dir_all(parent)?;
+) -> Result<(), BeneathError> {
+    let (parent, name) = split(path)?;
+    let parent = root.create_dirs(parent)?;
+    let failed = |source: std::io::Error| BeneathError::Io {
+        path: root.path().join(path),
+        source,
+    };
     let data = match body {
         Some(b) => b.to_vec(),
         None => store
             .read_blob(&e.hash)
-            .map_err(|err| std::io::Error::other(err.to_string()))?
-            .ok_or_else(|| std::io::Error::other(format!("blob {} is not in the store", e.hash)))?,
+            .map_err(|err| failed(std::io::Error::other(err.to_string())))?
+            .ok_or_else(|| {
+                failed(std::io::Error::other(format!(
+                    "blob {} is not in the store",
+                    e.hash
+                )))
+            })?,
     };
-    let tmp = parent.join(format!("{TMP_PREFIX}{}", rand::random::<u64>()));
-    let mut f = std::fs::File::create(&tmp)?;
+    let tmp = format!("{TMP_PREFIX}{}", rand::random::<u64>());
+    let tmp = OsStr::new(&tmp);
+    let mut f = parent.create_new(tmp)?;
     let written = f.write_all(&data).and_then(|_| f.sync_data());
     drop(f);
-    if let Err(err) = written.and_then(|_| std::fs::rename(&tmp, &target)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err);
+    let placed = written
+        .map_err(|source| BeneathError::Io {
+            path: parent.path().join(tmp),
+            source,
+        })
+        .and_then(|()| parent.rename(tmp, name));
+    if placed.is_err() {
+        let _ = parent.remove_file(tmp);
     }
-    Ok(())
+    placed
 }
 
 /// Removes the [`place`] temp files under `dir` (symlinks are not followed); how many.
 fn clear_leftovers(dir: &Path) -> usize {
+    let Ok(root) = Dir::open(dir, WATCH_DIR) else {
+        return 0;
+    };
     let mut removed = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let Ok(t) = e.file_type() else { continue };
-            if t.is_dir() {
-                stack.push(e.path());
-            } else if t.is_file() && e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-                match std::fs::remove_file(e.path()) {
+    // Relative paths, not open handles: a wide tree would hold too many descriptors.
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let Ok(d) = root.open_dir(&rel) else { continue };
+        let Ok(entries) = d.entries() else { continue };
+        for (name, kind) in entries {
+            if kind == rustix::fs::FileType::Directory {
+                stack.push(rel.join(&name));
+            } else if kind == rustix::fs::FileType::RegularFile
+                && name.to_string_lossy().starts_with(TMP_PREFIX)
+            {
+                match d.remove_file(&name) {
                     Ok(()) => removed += 1,
                     Err(err) => {
-                        warn!(path = %e.path().display(), error = %err, "cannot remove a leftover temp file")
+                        warn!(error = %err, "cannot remove a leftover temp file")
                     }
                 }
             }
@@ -522,20 +587,22 @@ fn clear_leftovers(dir: &Path) -> usize {
     removed
 }
 
-/// Removes `dir/path`, and its parent directories left empty.
-fn remove(dir: &Path, path: &str) -> std::io::Result<()> {
-    let target = dir.join(path);
-    match std::fs::remove_file(&target) {
+/// Removes `path` beneath `root`, and its parent directories left empty; nothing through a
+/// symlink.
+fn remove(root: &Dir, path: &str) -> Result<(), BeneathError> {
+    let (parent, name) = split(path)?;
+    let gone = |e: &BeneathError| e.kind() == std::io::ErrorKind::NotFound;
+    match root.open_dir(parent).and_then(|p| p.remove_file(name)) {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if gone(&e) => {}
         Err(e) => return Err(e),
     }
-    let mut p = target.parent();
-    while let Some(d) = p {
-        if d == dir || std::fs::remove_dir(d).is_err() {
+    let mut dir = parent;
+    while let (Some(up), Some(name)) = (dir.parent(), dir.file_name()) {
+        if root.open_dir(up).and_then(|u| u.remove_dir(name)).is_err() {
             break;
         }
-        p = d.parent();
+        dir = up;
     }
     Ok(())
 }
@@ -668,5 +735,138 @@ mod tests {
         assert_eq!(files(&dir), ["index.html"]);
         let state: WatchState = store.read_state(STATE_NAME).unwrap().unwrap();
         assert!(state.started);
+    }
+
+    /// Runs the thread on `dir` with `metrics`, handling `writes` (path, body) after its
+    /// start; what each write answered.
+    fn run_writes(
+        store: &Arc<FsStore>,
+        dir: &Path,
+        current: Option<Arc<Release>>,
+        metrics: &Arc<AgentMetrics>,
+        writes: &[(&str, Option<&str>)],
+    ) -> Vec<Result<Option<String>, WriteError>> {
+        let (out, _out_rx) = mpsc::unbounded_channel();
+        let (installs, _installs_rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut replies = Vec::new();
+        for (path, body) in writes {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            tx.send(Input::Write {
+                path: path.to_string(),
+                body: body.map(|b| Bytes::from(b.to_string())),
+                reply,
+            })
+            .unwrap();
+            replies.push(answer);
+        }
+        tx.send(Input::Stop).unwrap();
+        Local {
+            name: "a".into(),
+            mode: Mode::Immediate,
+            dir: Some(dir.to_path_buf()),
+            ignore: Arc::new(Ignore::default()),
+            max_file_bytes: 1 << 20,
+            store: store.clone(),
+            hub_now: Arc::new(|| 1),
+            out,
+            installs,
+            metrics: metrics.clone(),
+        }
+        .spawn(current, rx)
+        .unwrap()
+        .join()
+        .unwrap();
+        replies
+            .into_iter()
+            .map(|r| r.blocking_recv().unwrap())
+            .collect()
+    }
+
+    fn refused_paths(metrics: &AgentMetrics) -> u64 {
+        metrics
+            .refused
+            .get_or_create(&super::super::metrics::WhatLabels { what: "path" })
+            .get()
+    }
+
+    /// The security issue's second attack: `watch.dir/a` is a symlink out of the tree. API
+    /// writes (`PUT`/`DELETE /content/a/…`) and installs from the fleet under `a/` are
+    /// refused with a reason naming the link, counted, and nothing outside is written or
+    /// removed.
+    #[test]
+    fn writes_never_follow_a_symlinked_directory_out_of_watch_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(&tmp.path().join("store")).unwrap());
+        let dir = tmp.path().join("edit");
+        let outside = tmp.path().join("elsewhere");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("victim.html"), "precious").unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("a")).unwrap();
+        // The agent knows `a/victim.html` (as if `a` had been a real directory).
+        let victim = Entry {
+            hash: Hash::of(b"precious"),
+            size: 8,
+            content_type: content_type("a/victim.html"),
+        };
+        store.write_blob(&victim.hash, b"precious").unwrap();
+        let state = WatchState {
+            known: [("a/victim.html".to_string(), victim)].into(),
+            started: true,
+            ..WatchState::default()
+        };
+        store.write_state(STATE_NAME, &state).unwrap();
+        let metrics = Arc::new(AgentMetrics::new());
+
+        let answers = run_writes(
+            &store,
+            &dir,
+            None,
+            &metrics,
+            &[
+                ("a/new.html", Some("planted")),
+                ("a/victim.html", Some("overwritten")),
+                ("a/victim.html", None),
+                ("ok.html", Some("fine")),
+            ],
+        );
+        for a in &answers[..3] {
+            let e = a.as_ref().unwrap_err();
+            assert!(matches!(e, WriteError::Bad(_)), "{e:?}");
+            assert!(
+                e.to_string().contains(&format!(
+                    "{} is a symlink: lockstep never follows links inside watch.dir",
+                    dir.join("a").display()
+                )),
+                "{e}"
+            );
+        }
+        assert!(answers[3].as_ref().unwrap().is_some(), "{:?}", answers[3]);
+        assert_eq!(refused_paths(&metrics), 3);
+        assert_eq!(files(&outside), ["victim.html"]);
+        assert_eq!(
+            std::fs::read(outside.join("victim.html")).unwrap(),
+            b"precious"
+        );
+        assert_eq!(std::fs::read(dir.join("ok.html")).unwrap(), b"fine");
+
+        // An install from the fleet under the link: not written, counted.
+        let metrics = Arc::new(AgentMetrics::new());
+        let r = release(
+            &store,
+            &[
+                ("a/victim.html", "precious"),
+                ("a/fleet.html", "from the fleet"),
+                ("ok.html", "fine"),
+            ],
+        );
+        run_writes(&store, &dir, Some(r), &metrics, &[]);
+        assert_eq!(files(&outside), ["victim.html"]);
+        assert_eq!(
+            std::fs::read(outside.join("victim.html")).unwrap(),
+            b"precious"
+        );
+        assert_eq!(refused_paths(&metrics), 1);
     }
 }

@@ -13,12 +13,14 @@
 //! - [`store`]: content-addressed blobs, manifests and state on disk, written atomically
 //! - [`gc`]: which manifests and blobs a store may drop                             (pure)
 //! - [`tree`]: a directory → a manifest and the files holding its blobs
+//! - [`beneath`]: open, create, rename, remove beneath a directory handle, never through a symlink
 //! - [`auth`]: bearer tokens, compared in constant time
 //!
 //! Time on the wire is microseconds since the Unix epoch on the *hub's* clock; agents never
 //! trust their own wall clock for a flip, only their monotonic clock and the measured offset.
 
 pub mod auth;
+pub mod beneath;
 pub mod changeset;
 pub mod clock;
 pub mod cycle;

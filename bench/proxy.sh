@@ -42,9 +42,11 @@ start_all() { # start_all WORKERS
   WORKERS=$1 "$peer" start haproxy >/dev/null
   RUST_LOG=warn "$bin" serve -c "$here/proxy.yaml" --workers "$1" 2>"$run/lockstep.log" &
   lockstep_pid=$!
-  wait_port 8091; wait_port 8092; wait_port 8093
+  wait_port 8091; wait_port 8092; wait_port 8090
+  # The port answering must be lockstep's: a peer on it would be measured in its place.
+  kill -0 "$lockstep_pid" 2>/dev/null || { echo "lockstep did not start:" >&2; cat "$run/lockstep.log" >&2; exit 1; }
   # Warm every path (pools fill, health checks pass).
-  for p in 8091 8092 8093; do wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$p/" >/dev/null; done
+  for p in 8091 8092 8090; do wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$p/" >/dev/null; done
 }
 
 # wrk_once PORT -> "rps p99_ms"
@@ -63,7 +65,7 @@ bench_h1() { # bench_h1 WORKERS
   declare -A rps p99
   for r in $(seq "$rounds"); do
     for name in lockstep nginx haproxy; do
-      case $name in lockstep) port=8093 ;; nginx) port=8091 ;; haproxy) port=8092 ;; esac
+      case $name in lockstep) port=8090 ;; nginx) port=8091 ;; haproxy) port=8092 ;; esac
       read -r a b < <(wrk_once $port)
       rps[$name]+="$a "; p99[$name]+="$b "
       echo "  round $r $name: $a req/s, p99 $b ms" >&2
@@ -95,7 +97,7 @@ bench_h2() {
   echo "The nginx and HAProxy peers are configured for HTTP/1.1 only (their configs are used as they"
   echo "are), so this row has no peer; it shows lockstep's h2 path against its own h1 figure above."
   echo
-  h2load -n 200000 -c 10 -m 10 "http://127.0.0.1:8093/" | awk '/^finished in/ {print "- lockstep h2c: " $0} /requests:/ {print "- " $0}'
+  h2load -n 200000 -c 10 -m 10 "http://127.0.0.1:8090/" | awk '/^finished in/ {print "- lockstep h2c: " $0} /requests:/ {print "- " $0}'
   echo
   stop_all
 }
@@ -110,7 +112,7 @@ bench_idle() {
   echo "|---|---:|---:|---:|"
   for name in lockstep nginx haproxy; do
     case $name in
-      lockstep) port=8093; pid=$lockstep_pid ;;
+      lockstep) port=8090; pid=$lockstep_pid ;;
       nginx) port=8091; pid=$(pgrep -f "nginx: worker process" -n || cat "$run/nginx.pid") ;;
       haproxy) port=8092; pid=$(cat "$run/haproxy.pid") ;;
     esac

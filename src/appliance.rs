@@ -18,13 +18,13 @@ use tracing::{info, warn};
 
 use crate::admin;
 use crate::config::Config;
-use crate::dns::{self, DnsError, DnsHandler, DnsMetrics};
 use crate::dns::view::{SharedView, View};
+use crate::dns::{self, DnsError, DnsHandler, DnsMetrics};
+use crate::hub::{self, Hub, HubMetrics};
 use crate::live::{Live, Shared};
 use crate::metrics::{Metrics, ResultLabels};
-use crate::proxy::listener;
 use crate::pools::checker;
-use crate::hub::{self, Hub, HubMetrics};
+use crate::proxy::listener;
 use crate::sync::store::FsStore;
 
 /// Failures while starting or reloading.
@@ -284,8 +284,7 @@ impl Appliance {
         // reloads and health changes reach it without further plumbing.
         let handler = DnsHandler::new(self.dns_view.clone(), metrics);
         let stop = self.shutdown.child_token();
-        self.tracker
-            .spawn(dns::serve(b, handler, stop.clone()));
+        self.tracker.spawn(dns::serve(b, handler, stop.clone()));
         replace(&mut self.dns, RunningListener { bind, local, stop }, "dns");
     }
 
@@ -319,8 +318,12 @@ impl Appliance {
             shutdown: self.shutdown.clone(),
             hub: self.admin_hub.clone(),
         };
-        self.tracker
-            .spawn(admin::serve(socket, state, stop.clone(), self.tracker.clone()));
+        self.tracker.spawn(admin::serve(
+            socket,
+            state,
+            stop.clone(),
+            self.tracker.clone(),
+        ));
         replace(
             &mut self.admin,
             RunningListener { bind, local, stop },
@@ -413,7 +416,12 @@ impl Appliance {
     /// The one place `lockstep_reloads_total` is counted.
     fn count_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.metrics.reloads.get_or_create(&ResultLabels { result: result.into() }).inc();
+        self.metrics
+            .reloads
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
     }
 
     fn try_reload(&mut self, config: Config) -> Result<u64, ApplianceError> {
@@ -440,7 +448,12 @@ impl Appliance {
             _ => {}
         }
         let next = Live::build(config.clone(), Some(&old), generation, &self.metrics);
-        let view = View::build(&config, next.table.clone(), Some(&self.dns_view.load()), unix_now());
+        let view = View::build(
+            &config,
+            next.table.clone(),
+            Some(&self.dns_view.load()),
+            unix_now(),
+        );
         self.live.store(Arc::new(next));
         self.dns_view.store(Arc::new(view));
         if let Some((_, hub)) = &self.sync {

@@ -14,20 +14,38 @@ use crate::publish;
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config, agent } => check_command(config, agent),
-        Command::Serve { config, workers, drain } => serve(&config, workers, drain),
+        Command::Serve {
+            config,
+            workers,
+            drain,
+        } => serve(&config, workers, drain),
         Command::Reload { config, socket } => reload(&config, socket),
-        Command::Publish { hub, dir, at, rollback, concurrency } => {
-            publish(&hub, dir, at, rollback, concurrency)
-        }
+        Command::Publish {
+            hub,
+            dir,
+            at,
+            rollback,
+            concurrency,
+        } => publish(&hub, dir, at, rollback, concurrency),
         Command::Status { hub, json, admin } => status(&hub, json, admin.as_deref()),
         Command::Agent { config } => agent(&config),
-        Command::Demo { port, admin_port, dns_port, sync_port } => {
+        Command::Demo {
+            port,
+            admin_port,
+            dns_port,
+            sync_port,
+        } => {
             crate::serve::init_tracing();
             runtime(true)?.block_on(crate::demo::run(port, admin_port, dns_port, sync_port))
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "lockstep", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "lockstep",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
         Command::Manpages { dir } => manpages(&dir),
@@ -36,7 +54,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// `lockstep check [--agent] [-c FILE]`.
 fn check_command(config: Option<PathBuf>, agent: bool) -> anyhow::Result<()> {
-    let default = if agent { crate::cli::DEFAULT_AGENT_CONFIG } else { crate::cli::DEFAULT_CONFIG };
+    let default = if agent {
+        crate::cli::DEFAULT_AGENT_CONFIG
+    } else {
+        crate::cli::DEFAULT_CONFIG
+    };
     let path = config.unwrap_or_else(|| default.into());
     if agent {
         check_agent(&path)
@@ -54,7 +76,11 @@ fn serve(config: &Path, workers: Option<usize>, drain: std::time::Duration) -> a
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
     let main = runtime(false)?;
-    let handles = if count == 1 { vec![main.handle().clone()] } else { worker_runtimes(count)? };
+    let handles = if count == 1 {
+        vec![main.handle().clone()]
+    } else {
+        worker_runtimes(count)?
+    };
     main.block_on(crate::serve::run(config.to_path_buf(), cfg, drain, handles))
 }
 
@@ -93,7 +119,12 @@ fn publish(
     // clap requires DIR unless --rollback.
     let dir = dir.context("give the directory to publish")?;
     let o = rt
-        .block_on(publish::publish(&client, &dir, at.unwrap_or(publish::At::Next), concurrency))
+        .block_on(publish::publish(
+            &client,
+            &dir,
+            at.unwrap_or(publish::At::Next),
+            concurrency,
+        ))
         .with_context(|| format!("publishing {}", dir.display()))?;
     print!("{}", publish::render_outcome(&o));
     Ok(())
@@ -112,7 +143,10 @@ fn status(hub: &crate::cli::HubArgs, json: bool, admin: Option<&str>) -> anyhow:
     };
     let fleet = rt.block_on(publish::fleet(&client))?;
     if json {
-        let view = publish::StatusView { fleet, pools: pools.map(|p| p.pools) };
+        let view = publish::StatusView {
+            fleet,
+            pools: pools.map(|p| p.pools),
+        };
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
         if let Some(p) = &pools {
@@ -145,11 +179,7 @@ fn hub_client(args: &crate::cli::HubArgs) -> anyhow::Result<HttpClient> {
         Some(f) => Some(crate::sync::auth::read_token(f)?),
         None => None,
     };
-    Ok(HttpClient::hub(
-        &args.hub,
-        token,
-        args.ca_file.as_deref(),
-    )?)
+    Ok(HttpClient::hub(&args.hub, token, args.ca_file.as_deref())?)
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {

@@ -5,14 +5,14 @@
 //! [`backend`] is a small real HTTP server (h1 and h2c) that tests use as a backend too.
 #![allow(clippy::disallowed_methods)] // I/O shell: random demo tokens; waits for the demo farm with a deadline
 
-use crate::net::respond;
 use crate::net::accept::{accept_loop, Accepted};
-use tokio_util::task::TaskTracker;
+use crate::net::respond;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::task::TaskTracker;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -25,11 +25,11 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::appliance::Appliance;
 use crate::agent::{self, AgentConfig, AgentHandle};
+use crate::appliance::Appliance;
 use crate::net::client::HttpClient;
-use crate::sync::manifest::ReleaseId;
 use crate::publish;
+use crate::sync::manifest::ReleaseId;
 
 /// The demo config, with placeholders for ports.
 pub const DEMO_YAML: &str = include_str!("../deploy/demo.yaml");
@@ -167,7 +167,13 @@ pub async fn start(ports: DemoPorts, dir: &Path) -> anyhow::Result<Demo> {
     let agents = start_agents(&hub, &dir, agent_sockets, &stop).await?;
     let id = publish_first(&hub, &dir).await?;
     wait_until_served(&app, &agents, id).await?;
-    Ok(Demo { app, agents, dir, first_release: id, stop })
+    Ok(Demo {
+        app,
+        agents,
+        dir,
+        first_release: id,
+        stop,
+    })
 }
 
 /// Starts the three demo backends and binds their agents' sockets; the demo config with their
@@ -185,11 +191,26 @@ async fn start_backends(
         .replace("@DIR@", &dir.display().to_string());
     let mut agent_sockets = Vec::new();
     for i in 1..=3 {
-        let socket = TcpListener::bind("127.0.0.1:0").await.context("cannot bind a demo backend")?;
-        yaml = yaml.replace(&format!("@WEB{i}@"), &socket.local_addr()?.port().to_string());
-        tokio::spawn(backend(format!("web-{i}"), socket, BackendControl::default(), stop.clone()));
-        let agent = TcpListener::bind("127.0.0.1:0").await.context("cannot bind a demo agent")?;
-        yaml = yaml.replace(&format!("@AGENT{i}@"), &agent.local_addr()?.port().to_string());
+        let socket = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("cannot bind a demo backend")?;
+        yaml = yaml.replace(
+            &format!("@WEB{i}@"),
+            &socket.local_addr()?.port().to_string(),
+        );
+        tokio::spawn(backend(
+            format!("web-{i}"),
+            socket,
+            BackendControl::default(),
+            stop.clone(),
+        ));
+        let agent = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("cannot bind a demo agent")?;
+        yaml = yaml.replace(
+            &format!("@AGENT{i}@"),
+            &agent.local_addr()?.port().to_string(),
+        );
         agent_sockets.push(agent);
     }
     Ok((yaml, agent_sockets))
@@ -207,8 +228,12 @@ async fn start_agents(
     let mut agents = Vec::new();
     for (i, socket) in sockets.into_iter().enumerate() {
         let name = format!("web-{}", i + 1);
-        let mut cfg =
-            AgentConfig::new(&name, hub, &dir.join(format!("agent-{}", i + 1)), socket.local_addr()?);
+        let mut cfg = AgentConfig::new(
+            &name,
+            hub,
+            &dir.join(format!("agent-{}", i + 1)),
+            socket.local_addr()?,
+        );
         cfg.token = Some(agent_token.clone());
         cfg.watch = Some(crate::agent::config::Watch::new(
             Some(&dir.join(format!("edit-{}", i + 1))),

@@ -191,7 +191,13 @@ mod tests {
 
     #[test]
     fn status_classes_label_and_index_alike() {
-        for (status, label) in [(101, "1xx"), (200, "2xx"), (304, "3xx"), (404, "4xx"), (503, "5xx")] {
+        for (status, label) in [
+            (101, "1xx"),
+            (200, "2xx"),
+            (304, "3xx"),
+            (404, "4xx"),
+            (503, "5xx"),
+        ] {
             assert_eq!(class(status), label);
             assert_eq!(CLASSES[class_index(status)], label);
         }

@@ -146,14 +146,26 @@ async fn scan_dir(dir: &Path) -> Result<Tree, PublishError> {
 }
 
 /// `POST /releases`: the hub answers the release id and the blobs it lacks.
-async fn upload_manifest(client: &HttpClient, manifest: &Manifest) -> Result<Uploaded, PublishError> {
+async fn upload_manifest(
+    client: &HttpClient,
+    manifest: &Manifest,
+) -> Result<Uploaded, PublishError> {
     let json = Bytes::from(manifest.to_json());
     let a = client
-        .send(Method::POST, "/sync/v1/releases", Some((json, "application/json")), REQUEST_TIMEOUT)
+        .send(
+            Method::POST,
+            "/sync/v1/releases",
+            Some((json, "application/json")),
+            REQUEST_TIMEOUT,
+        )
         .await?;
     let body = ok(a)?.body;
-    serde_json::from_slice(&body)
-        .map_err(|e| PublishError::Hub(ClientError::Decode { remote: Remote::Hub, message: e.to_string() }))
+    serde_json::from_slice(&body).map_err(|e| {
+        PublishError::Hub(ClientError::Decode {
+            remote: Remote::Hub,
+            message: e.to_string(),
+        })
+    })
 }
 
 /// Uploads `missing`, `concurrency` at a time; the bytes sent.
@@ -188,13 +200,19 @@ async fn upload_blob(
     sources: Arc<HashMap<Hash, PathBuf>>,
     hash: Hash,
 ) -> Result<u64, PublishError> {
-    let path = sources.get(&hash).cloned().ok_or_else(|| ClientError::Decode {
-        remote: Remote::Hub,
-        message: format!("hub asked for blob {hash}, which is not in this release"),
-    })?;
+    let path = sources
+        .get(&hash)
+        .cloned()
+        .ok_or_else(|| ClientError::Decode {
+            remote: Remote::Hub,
+            message: format!("hub asked for blob {hash}, which is not in this release"),
+        })?;
     let data = tokio::fs::read(&path)
         .await
-        .map_err(|source| TreeError::Io { path: path.clone(), source })?;
+        .map_err(|source| TreeError::Io {
+            path: path.clone(),
+            source,
+        })?;
     if Hash::of(&data) != hash {
         return Err(PublishError::Changed { path });
     }
@@ -217,8 +235,14 @@ async fn activation_us(client: &HttpClient, at: At) -> Result<Option<u64>, Publi
         At::Next => None,
         At::Absolute(t) => Some(t),
         At::In(d) => {
-            let s: Schedule =
-                client.json(Method::GET, "/sync/v1/schedule", None::<&()>, REQUEST_TIMEOUT).await?;
+            let s: Schedule = client
+                .json(
+                    Method::GET,
+                    "/sync/v1/schedule",
+                    None::<&()>,
+                    REQUEST_TIMEOUT,
+                )
+                .await?;
             Some(s.now_us + d.as_micros() as u64)
         }
     })
@@ -245,7 +269,14 @@ pub async fn fleet(client: &HttpClient) -> Result<Fleet, ClientError> {
 
 /// `GET /api/pools` of an appliance's admin API.
 pub async fn pools(admin: &HttpClient) -> Result<PoolsView, ClientError> {
-    admin.json(Method::GET, "/api/pools", None::<&()>, Duration::from_secs(10)).await
+    admin
+        .json(
+            Method::GET,
+            "/api/pools",
+            None::<&()>,
+            Duration::from_secs(10),
+        )
+        .await
 }
 
 /// What `lockstep status --json` prints: the hub's fleet, and the pools when `--admin` is given.
@@ -310,13 +341,30 @@ pub fn describe(c: &Committed, now_us: u64) -> String {
 
 /// `lockstep status --admin`: the admin API's pools as a table.
 pub fn render_pools(v: &PoolsView) -> String {
-    let row = |p: &str, b: &str, a: &str, w: &dyn std::fmt::Display, f: &dyn std::fmt::Display, s: &str| {
-        format!("{p:<12} {b:<16} {a:<22} {w:>6} {f:>9}  {s}\n")
-    };
-    let mut out = row("POOL", "BACKEND", "ADDRESS", &"WEIGHT", &"IN FLIGHT", "STATE");
+    let row = |p: &str,
+               b: &str,
+               a: &str,
+               w: &dyn std::fmt::Display,
+               f: &dyn std::fmt::Display,
+               s: &str| { format!("{p:<12} {b:<16} {a:<22} {w:>6} {f:>9}  {s}\n") };
+    let mut out = row(
+        "POOL",
+        "BACKEND",
+        "ADDRESS",
+        &"WEIGHT",
+        &"IN FLIGHT",
+        "STATE",
+    );
     for p in &v.pools {
         for b in &p.backends {
-            out.push_str(&row(&p.name, &b.name, &b.address, &b.weight, &b.in_flight, b.state()));
+            out.push_str(&row(
+                &p.name,
+                &b.name,
+                &b.address,
+                &b.weight,
+                &b.in_flight,
+                b.state(),
+            ));
         }
     }
     out
@@ -427,7 +475,10 @@ mod tests {
     fn the_last_flip_skew_is_the_spread_of_the_agents_lateness() {
         let (fleet, _, r2) = crate::hub::fleet::sample_fleet();
         let k = last_flip_skew(&fleet).unwrap();
-        assert_eq!((k.release, k.agents, k.spread_us, k.min_us, k.max_us), (r2, 2, 150, -30, 120));
+        assert_eq!(
+            (k.release, k.agents, k.spread_us, k.min_us, k.max_us),
+            (r2, 2, 150, -30, 120)
+        );
         assert!(render_fleet(&fleet).contains("2 agent(s), skew 150µs"));
     }
 

@@ -13,7 +13,16 @@ use http_body_util::{BodyExt, Full};
 
 /// A state change as lockstep's own clients send it (JSON, `X-Lockstep-Admin`).
 async fn post(client: &HttpClient, admin: std::net::SocketAddr, path: &str) -> (u16, String) {
-    send(client, admin, path, &[("content-type", "application/json"), ("x-lockstep-admin", "1")]).await
+    send(
+        client,
+        admin,
+        path,
+        &[
+            ("content-type", "application/json"),
+            ("x-lockstep-admin", "1"),
+        ],
+    )
+    .await
 }
 
 /// POST `path` with exactly `headers`.
@@ -27,7 +36,9 @@ async fn send(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(Bytes::from_static(b"pool=www"))).unwrap();
+    let req = req
+        .body(Full::new(Bytes::from_static(b"pool=www")))
+        .unwrap();
     let resp = client.request(req).await.unwrap();
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -133,29 +144,67 @@ async fn a_cross_site_form_and_a_rebinding_host_are_refused() {
     let drain = format!("/api/pools/www/backends/{web2}/drain");
 
     // What a cross-site HTML form (or a no-cors fetch) can send.
-    for ctype in ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/plain"] {
+    for ctype in [
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "text/plain",
+    ] {
         let (status, body) = send(&client, admin, &drain, &[("content-type", ctype)]).await;
         assert_eq!(status, 403, "{ctype}: {body}");
-        assert!(body.contains("X-Lockstep-Admin"), "the refusal says what is missing: {body}");
+        assert!(
+            body.contains("X-Lockstep-Admin"),
+            "the refusal says what is missing: {body}"
+        );
     }
-    let (status, _) = send(&client, admin, &drain, &[("content-type", "application/json")]).await;
+    let (status, _) = send(
+        &client,
+        admin,
+        &drain,
+        &[("content-type", "application/json")],
+    )
+    .await;
     assert_eq!(status, 403, "JSON without the header");
     let pools = json(&client, admin, "/api/pools").await;
-    assert_eq!(pools["pools"][0]["backends"][1]["drained"], false, "nothing was drained");
+    assert_eq!(
+        pools["pools"][0]["backends"][1]["drained"], false,
+        "nothing was drained"
+    );
 
     // DNS rebinding: the browser sends the attacker's name as Host.
     for path in ["/api/config", "/api/pools", "/status"] {
-        let r = get_with(&client, admin, path, &[("host", "rebind.attacker.example")]).await.unwrap();
+        let r = get_with(&client, admin, path, &[("host", "rebind.attacker.example")])
+            .await
+            .unwrap();
         assert_eq!(r.status, 403, "{path}: {}", r.body);
         assert!(!r.body.contains("pools:"), "{path} leaked the config");
-        assert!(r.body.contains("admin.hosts"), "the refusal names the fix: {}", r.body);
+        assert!(
+            r.body.contains("admin.hosts"),
+            "the refusal names the fix: {}",
+            r.body
+        );
     }
-    let r = get_with(&client, admin, "/api/config", &[("host", "rebind.attacker.example")]).await.unwrap();
+    let r = get_with(
+        &client,
+        admin,
+        "/api/config",
+        &[("host", "rebind.attacker.example")],
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 403);
     // Monitoring by any name still works; so do IP addresses and localhost.
-    let r = get_with(&client, admin, "/metrics", &[("host", "appliance1.internal:9900")]).await.unwrap();
+    let r = get_with(
+        &client,
+        admin,
+        "/metrics",
+        &[("host", "appliance1.internal:9900")],
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200);
-    let r = get_with(&client, admin, "/api/pools", &[("host", "localhost:9900")]).await.unwrap();
+    let r = get_with(&client, admin, "/api/pools", &[("host", "localhost:9900")])
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     let (status, body) = post(&client, admin, &drain).await;
     assert_eq!(status, 200, "lockstep's own request: {body}");

@@ -1126,17 +1126,28 @@ fn a_sync_api_off_loopback_without_both_tokens_is_refused() {
     };
     for bind in ["0.0.0.0:7700", "[::]:7700", "192.0.2.7:7700"] {
         let e = refused(sync(bind, ""));
-        assert!(e.contains("agent_token_file and publish_token_file is not set"), "{e}");
+        assert!(
+            e.contains("agent_token_file and publish_token_file is not set"),
+            "{e}"
+        );
         assert!(e.contains("reachable from other hosts"), "{e}");
         let line = POOL_WWW.lines().count() + 2;
-        assert!(e.starts_with(&format!("t.yaml:{line}:9:")), "at sync.bind: {e}");
+        assert!(
+            e.starts_with(&format!("t.yaml:{line}:9:")),
+            "at sync.bind: {e}"
+        );
     }
     // One of the two is not enough: changesets and blobs are written with the agent token.
-    let e = refused(sync("0.0.0.0:7700", &format!("  publish_token_file: {publish}\n")));
+    let e = refused(sync(
+        "0.0.0.0:7700",
+        &format!("  publish_token_file: {publish}\n"),
+    ));
     assert!(e.contains("agent_token_file is not set"), "{e}");
     let both = format!("  agent_token_file: {agent}\n  publish_token_file: {publish}\n");
-    config::parse(Path::new("t.yaml"), &sync("0.0.0.0:7700", &both)).unwrap_or_else(|e| panic!("{e}"));
-    config::parse(Path::new("t.yaml"), &sync("127.0.0.1:7700", "")).unwrap_or_else(|e| panic!("{e}"));
+    config::parse(Path::new("t.yaml"), &sync("0.0.0.0:7700", &both))
+        .unwrap_or_else(|e| panic!("{e}"));
+    config::parse(Path::new("t.yaml"), &sync("127.0.0.1:7700", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
     config::parse(Path::new("t.yaml"), &sync("[::1]:7700", "")).unwrap_or_else(|e| panic!("{e}"));
 }
 

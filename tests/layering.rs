@@ -50,7 +50,12 @@ fn collect(dir: &Path, prefix: &[String], out: &mut Vec<ModFile>) {
                 }
             };
             let text = fs::read_to_string(&p).expect("read source");
-            out.push(ModFile { path, file: p, is_dir_module, text });
+            out.push(ModFile {
+                path,
+                file: p,
+                is_dir_module,
+                text,
+            });
         }
     }
 }
@@ -189,7 +194,11 @@ fn referenced_paths(code: &[(usize, String)]) -> Vec<(usize, Vec<String>, usize)
                     .chars()
                     .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
                     .collect();
-                let path = path.split("::").filter(|s| !s.is_empty()).map(String::from).collect();
+                let path = path
+                    .split("::")
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect();
                 out.push((*line_no, path, depth));
             }
         }
@@ -297,7 +306,11 @@ fn level_edge(from: &[String], to: &[String]) -> Option<Edge> {
     }
     let level = from[..common].to_vec();
     let name = |p: &[String]| p.get(common).cloned().unwrap_or_else(|| SELF.to_string());
-    Some(Edge { level, from: name(from), to: name(to) })
+    Some(Edge {
+        level,
+        from: name(from),
+        to: name(to),
+    })
 }
 
 fn load() -> (Vec<ModFile>, Tree) {
@@ -309,7 +322,9 @@ fn load() -> (Vec<ModFile>, Tree) {
     for f in files.iter().filter(|f| f.is_dir_module) {
         let mut names = BTreeMap::new();
         for (_, p, depth) in referenced_paths(&code_of(&f.text)) {
-            let Some(abs) = absolute(f, &p, depth, &modules) else { continue };
+            let Some(abs) = absolute(f, &p, depth, &modules) else {
+                continue;
+            };
             if abs.len() == f.path.len() + 2 && abs[..f.path.len()] == f.path[..] {
                 let child = &abs[f.path.len()];
                 let mut cm = f.path.clone();
@@ -330,12 +345,18 @@ fn edges() -> BTreeMap<Edge, String> {
     let mut out = BTreeMap::new();
     for f in &files {
         for (line, p, depth) in referenced_paths(&code_of(&f.text)) {
-            let Some(abs) = absolute(f, &p, depth, &tree.modules) else { continue };
+            let Some(abs) = absolute(f, &p, depth, &tree.modules) else {
+                continue;
+            };
             let target = tree.module_of(&abs);
             // A `mod.rs` naming its own child through `self::child` is the parent using it.
             if let Some(e) = level_edge(&f.path, &target) {
-                let rel = f.file.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(&f.file);
-                out.entry(e).or_insert_with(|| format!("{}:{line}", rel.display()));
+                let rel = f
+                    .file
+                    .strip_prefix(env!("CARGO_MANIFEST_DIR"))
+                    .unwrap_or(&f.file);
+                out.entry(e)
+                    .or_insert_with(|| format!("{}:{line}", rel.display()));
             }
         }
     }
@@ -353,7 +374,8 @@ fn cycles(edges: &BTreeMap<Edge, String>) -> Vec<(Vec<String>, Vec<String>)> {
     let mut found = Vec::new();
     for (level, g) in by_level {
         let nodes: Vec<&String> = g.keys().collect();
-        let idx: BTreeMap<&String, usize> = nodes.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+        let idx: BTreeMap<&String, usize> =
+            nodes.iter().enumerate().map(|(i, n)| (*n, i)).collect();
         let n = nodes.len();
         let (mut index, mut low, mut on) = (vec![usize::MAX; n], vec![0; n], vec![false; n]);
         let (mut stack, mut counter) = (Vec::new(), 0);
@@ -362,7 +384,13 @@ fn cycles(edges: &BTreeMap<Edge, String>) -> Vec<(Vec<String>, Vec<String>)> {
             g: &BTreeMap<String, BTreeSet<String>>,
             nodes: &[&String],
             idx: &BTreeMap<&String, usize>,
-            st: (&mut Vec<usize>, &mut Vec<usize>, &mut Vec<bool>, &mut Vec<usize>, &mut usize),
+            st: (
+                &mut Vec<usize>,
+                &mut Vec<usize>,
+                &mut Vec<bool>,
+                &mut Vec<usize>,
+                &mut usize,
+            ),
             found: &mut Vec<Vec<String>>,
         ) {
             let (index, low, on, stack, counter) = st;
@@ -399,7 +427,14 @@ fn cycles(edges: &BTreeMap<Edge, String>) -> Vec<(Vec<String>, Vec<String>)> {
         let mut comps = Vec::new();
         for v in 0..n {
             if index[v] == usize::MAX {
-                strong(v, &g, &nodes, &idx, (&mut index, &mut low, &mut on, &mut stack, &mut counter), &mut comps);
+                strong(
+                    v,
+                    &g,
+                    &nodes,
+                    &idx,
+                    (&mut index, &mut low, &mut on, &mut stack, &mut counter),
+                    &mut comps,
+                );
             }
         }
         found.extend(comps.into_iter().map(|c| (level.clone(), c)));
@@ -413,7 +448,11 @@ fn no_module_depends_on_itself_around_a_circle() {
     let found = cycles(&edges);
     let mut report = String::new();
     for (level, comp) in &found {
-        let at = if level.is_empty() { "crate".to_string() } else { level.join("::") };
+        let at = if level.is_empty() {
+            "crate".to_string()
+        } else {
+            level.join("::")
+        };
         report.push_str(&format!("\ncycle in `{at}` among {comp:?}:\n"));
         for (e, place) in &edges {
             if &e.level == level && comp.contains(&e.from) && comp.contains(&e.to) {
@@ -428,9 +467,13 @@ fn no_module_depends_on_itself_around_a_circle() {
 fn declared_layers() -> Vec<Vec<String>> {
     let arch = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md"))
         .expect("read ARCHITECTURE.md");
-    let start = arch.find("<!-- layers -->").expect("ARCHITECTURE.md has a `<!-- layers -->` block");
+    let start = arch
+        .find("<!-- layers -->")
+        .expect("ARCHITECTURE.md has a `<!-- layers -->` block");
     let block = &arch[start..];
-    let block = &block[..block.find("<!-- /layers -->").expect("the layers block is closed")];
+    let block = &block[..block
+        .find("<!-- /layers -->")
+        .expect("the layers block is closed")];
     block
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- "))
@@ -455,9 +498,15 @@ fn top_level_modules_depend_only_downwards_as_architecture_md_draws() {
         .flat_map(|(i, ms)| ms.iter().map(move |m| (m.clone(), i)))
         .collect();
     let (files, _) = load();
-    let top: BTreeSet<String> = files.iter().filter_map(|f| f.path.first().cloned()).collect();
+    let top: BTreeSet<String> = files
+        .iter()
+        .filter_map(|f| f.path.first().cloned())
+        .collect();
     let unlisted: Vec<_> = top.iter().filter(|m| !rank.contains_key(*m)).collect();
-    assert!(unlisted.is_empty(), "top-level modules missing from ARCHITECTURE.md's layers: {unlisted:?}");
+    assert!(
+        unlisted.is_empty(),
+        "top-level modules missing from ARCHITECTURE.md's layers: {unlisted:?}"
+    );
     let mut wrong = String::new();
     for (e, place) in edges() {
         if !e.level.is_empty() || e.from == SELF || e.to == SELF {
@@ -465,11 +514,18 @@ fn top_level_modules_depend_only_downwards_as_architecture_md_draws() {
         }
         let (f, t) = (rank[&e.from], rank[&e.to]);
         if t <= f {
-            let why = if t == f { "the same layer" } else { "a higher layer" };
+            let why = if t == f {
+                "the same layer"
+            } else {
+                "a higher layer"
+            };
             wrong.push_str(&format!("\n  {} -> {} ({why}; {place})", e.from, e.to));
         }
     }
-    assert!(wrong.is_empty(), "imports that do not point down the layers of ARCHITECTURE.md:{wrong}");
+    assert!(
+        wrong.is_empty(),
+        "imports that do not point down the layers of ARCHITECTURE.md:{wrong}"
+    );
 }
 
 #[test]
@@ -479,7 +535,10 @@ fn the_checker_sees_use_trees_and_relative_paths() {
          let x = super::fast::MAX; // crate::not::this\n\
          let s = \"http://x\"; crate::dns::serve();\n",
     );
-    let paths: Vec<Vec<String>> = referenced_paths(&code).into_iter().map(|(_, p, _)| p).collect();
+    let paths: Vec<Vec<String>> = referenced_paths(&code)
+        .into_iter()
+        .map(|(_, p, _)| p)
+        .collect();
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     assert!(paths.contains(&s(&["crate", "config", "Config"])));
     assert!(paths.contains(&s(&["crate", "config", "raw", "Raw"])));
@@ -488,7 +547,10 @@ fn the_checker_sees_use_trees_and_relative_paths() {
     assert!(paths.contains(&s(&["crate", "dns", "serve"])));
     assert!(!paths.iter().any(|p| p.contains(&"not".to_string())));
     let e = level_edge(&s(&["dns", "handler"]), &s(&["dns", "fast"])).unwrap();
-    assert_eq!((e.level, e.from, e.to), (s(&["dns"]), "handler".into(), "fast".into()));
+    assert_eq!(
+        (e.level, e.from, e.to),
+        (s(&["dns"]), "handler".into(), "fast".into())
+    );
     let e = level_edge(&s(&["sync", "agent", "control"]), &s(&["sync", "agent"])).unwrap();
     assert_eq!((e.from, e.to), ("control".into(), SELF.into()));
 }

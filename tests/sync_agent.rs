@@ -17,14 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use lockstep::metrics::Metrics;
 use lockstep::agent::{self, AgentConfig, AgentHandle};
-use lockstep::sync::auth::Tokens;
-use lockstep::net::client::HttpClient as HubClient;
 use lockstep::hub::{self, Hub, HubMetrics, Settings};
+use lockstep::metrics::Metrics;
+use lockstep::net::client::HttpClient as HubClient;
+use lockstep::publish::{self, At};
+use lockstep::sync::auth::Tokens;
 use lockstep::sync::manifest::{Hash, ReleaseId};
 use lockstep::sync::protocol::{CommitState, Report, RELEASE_HEADER};
-use lockstep::publish::{self, At};
 use lockstep::sync::schedule::Rules;
 use lockstep::sync::store::FsStore;
 use tokio_util::sync::CancellationToken;

@@ -14,9 +14,9 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use lockstep::appliance::Appliance;
 use lockstep::net::client::{ClientError, HttpClient as HubClient, REQUEST_TIMEOUT};
+use lockstep::publish::{self, At};
 use lockstep::sync::manifest::Hash;
 use lockstep::sync::protocol::{Advanced, CommitState, Report, Schedule, Uploaded};
-use lockstep::publish::{self, At};
 
 use common::*;
 
@@ -857,9 +857,15 @@ async fn a_second_lockstep_serve_on_the_same_store_is_refused() {
         .await
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a second appliance started on a store in use:\n{stderr}");
+    assert!(
+        !out.status.success(),
+        "a second appliance started on a store in use:\n{stderr}"
+    );
     let want = format!("in use by another process (pid {})", std::process::id());
-    assert!(stderr.contains(&want), "the refusal names the holder ({want}):\n{stderr}");
+    assert!(
+        stderr.contains(&want),
+        "the refusal names the holder ({want}):\n{stderr}"
+    );
     // The first one still serves its state.
     assert_eq!(schedule(&c).await.staged, Some(first.committed.id));
     app.shutdown(Duration::from_secs(1)).await;

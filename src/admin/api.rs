@@ -174,13 +174,19 @@ pub fn pools(live: &Live) -> PoolsView {
             }
         })
         .collect();
-    PoolsView { generation: live.table.generation, pools }
+    PoolsView {
+        generation: live.table.generation,
+        pools,
+    }
 }
 
 /// `GET /api/agents`: the fleet as the sync API gives it, plus `last_flip_skew` (the rule of
 /// `lockstep status`) when agents have reported a flip to the active release.
 pub fn agents(fleet: Fleet) -> AgentsView {
-    AgentsView { last_flip_skew: last_flip_skew(&fleet), fleet }
+    AgentsView {
+        last_flip_skew: last_flip_skew(&fleet),
+        fleet,
+    }
 }
 
 /// `GET /api/dns` from the metrics text: `lockstep_dns_queries_total{qtype,rcode}` and
@@ -199,7 +205,10 @@ pub fn dns(metrics_text: &str) -> DnsView {
                 });
             }
             "lockstep_dns_fail_open_answers_total" => {
-                v.fail_open.push(FailOpenCount { pool: s.label("pool").to_owned(), count: s.value });
+                v.fail_open.push(FailOpenCount {
+                    pool: s.label("pool").to_owned(),
+                    count: s.value,
+                });
             }
             _ => {}
         }
@@ -266,7 +275,11 @@ fn drain(live: &Live, pool: &str, name: &str, drained: bool) -> ApiAnswer {
                 drained = d,
                 "backend drain changed by the admin API"
             );
-            ok(&DrainReply { pool: pool.to_owned(), backend: name.to_owned(), drained: d })
+            ok(&DrainReply {
+                pool: pool.to_owned(),
+                backend: name.to_owned(),
+                drained: d,
+            })
         }
         None => err(
             StatusCode::NOT_FOUND,
@@ -300,7 +313,10 @@ mod tests {
     /// What lockstep's own clients send with a state change.
     fn json_headers() -> http::HeaderMap {
         let mut h = http::HeaderMap::new();
-        h.insert(http::header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h.insert(
+            http::header::CONTENT_TYPE,
+            "application/json".parse().unwrap(),
+        );
         h.insert(ADMIN_HEADER, "1".parse().unwrap());
         h
     }
@@ -328,11 +344,17 @@ mod tests {
                 StatusCode::FORBIDDEN,
                 "{h:?}"
             );
-            assert!(!live.table.pools[0].health.load().drained[1], "{h:?} drained");
+            assert!(
+                !live.table.pools[0].health.load().drained[1],
+                "{h:?} drained"
+            );
         }
         let mut h = form("application/json; charset=utf-8");
         h.insert(ADMIN_HEADER, "1".parse().unwrap());
-        assert_eq!(status(route(&live, None, &m, &Method::POST, path, &h, local)), StatusCode::OK);
+        assert_eq!(
+            status(route(&live, None, &m, &Method::POST, path, &h, local)),
+            StatusCode::OK
+        );
         assert!(live.table.pools[0].health.load().drained[1]);
     }
 
@@ -356,7 +378,15 @@ mod tests {
         ] {
             let peer: SocketAddr = peer.parse().unwrap();
             assert_eq!(
-                status(route(&live, None, &m, &Method::POST, path, &json_headers(), peer)),
+                status(route(
+                    &live,
+                    None,
+                    &m,
+                    &Method::POST,
+                    path,
+                    &json_headers(),
+                    peer
+                )),
                 want,
                 "{peer}"
             );
@@ -371,17 +401,41 @@ mod tests {
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let local6: SocketAddr = "[::1]:5000".parse().unwrap();
         assert_eq!(
-            status(route(&live, None, &m, &Method::POST, path, &json_headers(), remote)),
+            status(route(
+                &live,
+                None,
+                &m,
+                &Method::POST,
+                path,
+                &json_headers(),
+                remote
+            )),
             StatusCode::FORBIDDEN
         );
         assert!(!live.table.pools[0].health.load().drained[1]);
         // Reading is fine from anywhere the listener is reachable.
         assert_eq!(
-            status(route(&live, None, &m, &Method::GET, "/api/pools", &json_headers(), remote)),
+            status(route(
+                &live,
+                None,
+                &m,
+                &Method::GET,
+                "/api/pools",
+                &json_headers(),
+                remote
+            )),
             StatusCode::OK
         );
         assert_eq!(
-            status(route(&live, None, &m, &Method::POST, path, &json_headers(), local6)),
+            status(route(
+                &live,
+                None,
+                &m,
+                &Method::POST,
+                path,
+                &json_headers(),
+                local6
+            )),
             StatusCode::OK
         );
         assert!(live.table.pools[0].health.load().drained[1]);
@@ -390,11 +444,28 @@ mod tests {
         assert_eq!(v.pools[0].available, 1);
         let enable = "/api/pools/www/backends/b/enable";
         assert_eq!(
-            status(route(&live, None, &m, &Method::POST, enable, &json_headers(), local)),
+            status(route(
+                &live,
+                None,
+                &m,
+                &Method::POST,
+                enable,
+                &json_headers(),
+                local
+            )),
             StatusCode::OK
         );
         assert!(!live.table.pools[0].health.load().drained[1]);
-        assert!(route(&live, None, &m, &Method::GET, "/metrics", &json_headers(), local).is_none());
+        assert!(route(
+            &live,
+            None,
+            &m,
+            &Method::GET,
+            "/metrics",
+            &json_headers(),
+            local
+        )
+        .is_none());
         let table = crate::publish::render_pools(&pools(&live));
         assert!(table.contains("www") && table.contains(" up\n"), "{table}");
     }
@@ -412,8 +483,11 @@ mod tests {
             .inc_by(3);
         let v = dns(&m.render());
         assert_eq!(v.total, 10, "{v:?}");
-        let mut queries: Vec<(String, String, u64)> =
-            v.queries.iter().map(|q| (q.qtype.clone(), q.rcode.clone(), q.count)).collect();
+        let mut queries: Vec<(String, String, u64)> = v
+            .queries
+            .iter()
+            .map(|q| (q.qtype.clone(), q.rcode.clone(), q.count))
+            .collect();
         queries.sort();
         assert_eq!(
             queries,
@@ -423,7 +497,10 @@ mod tests {
                 ("AAAA".into(), "NOERROR".into(), 1)
             ]
         );
-        assert_eq!(serde_json::to_value(&v.fail_open).unwrap(), json!([{ "pool": "www", "count": 3 }]));
+        assert_eq!(
+            serde_json::to_value(&v.fail_open).unwrap(),
+            json!([{ "pool": "www", "count": 3 }])
+        );
         // Other series, comments and escapes do not confuse the reader.
         let v = dns("# HELP lockstep_dns_queries {x}\nlockstep_http_requests_total{pool=\"a\"} 4\nlockstep_dns_fail_open_answers_total{pool=\"a\\\"b,c\"} 1\n# EOF\n");
         assert_eq!(
@@ -434,13 +511,30 @@ mod tests {
         // Without `dns:` the page hides the section: 404.
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         assert_eq!(
-            status(route(&live(), None, &m, &Method::GET, "/api/dns", &json_headers(), local)),
+            status(route(
+                &live(),
+                None,
+                &m,
+                &Method::GET,
+                "/api/dns",
+                &json_headers(),
+                local
+            )),
             StatusCode::NOT_FOUND
         );
         let yaml = "pools:\n  - name: www\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\ndns:\n  bind: \"127.0.0.1:0\"\n  zones:\n    - name: farm.test\n      nameservers: [ns.provider.example]\n      records:\n        - { name: www, pool: www }\n";
         let config = crate::config::parse(std::path::Path::new("t.yaml"), yaml).unwrap();
         let with_dns = Live::build(Arc::new(config), None, 1, &m);
-        let a = route(&with_dns, None, &m, &Method::GET, "/api/dns", &json_headers(), local).expect("an API path");
+        let a = route(
+            &with_dns,
+            None,
+            &m,
+            &Method::GET,
+            "/api/dns",
+            &json_headers(),
+            local,
+        )
+        .expect("an API path");
         assert_eq!(a.status(), StatusCode::OK, "/api/dns answers with `dns:`");
     }
 
@@ -454,7 +548,10 @@ mod tests {
         );
         // Still the fleet the sync API gives, and read back whole by clients.
         assert_eq!(serde_json::from_value::<Fleet>(v.clone()).unwrap(), fleet);
-        assert_eq!(serde_json::from_value::<AgentsView>(v).unwrap(), agents(fleet.clone()));
+        assert_eq!(
+            serde_json::from_value::<AgentsView>(v).unwrap(),
+            agents(fleet.clone())
+        );
         // No flip to the active release reported: no skew.
         fleet.schedule.active = None;
         let v = serde_json::to_value(agents(fleet)).unwrap();

@@ -39,7 +39,12 @@ pub struct AdminState {
 
 /// Serves the admin listener until `stop` (a child of the appliance's shutdown, also
 /// cancelled by a reload that moves the listener); connections run on `tracker`.
-pub async fn serve(socket: TcpListener, state: AdminState, stop: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    socket: TcpListener,
+    state: AdminState,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
     let mut server = HttpServer::new("admin");
     server.settings.header_read_timeout = std::time::Duration::from_secs(10);
     server
@@ -64,11 +69,11 @@ fn route(
     let hub = state.hub.get().map(|h| h.as_ref());
     let path = req.uri().path();
     if path.starts_with("/api/") || path == "/status" {
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
+        let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        });
         if !live.config.admin.serves_host(host) {
             return respond::error(
                 StatusCode::FORBIDDEN,
@@ -79,7 +84,15 @@ fn route(
             );
         }
     }
-    if let Some(a) = api::route(&live, hub, &state.metrics, req.method(), path, req.headers(), peer) {
+    if let Some(a) = api::route(
+        &live,
+        hub,
+        &state.metrics,
+        req.method(),
+        path,
+        req.headers(),
+        peer,
+    ) {
         return a;
     }
     match req.uri().path() {

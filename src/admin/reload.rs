@@ -3,9 +3,9 @@
 //! systemd's `ExecReload` sees a reload that failed as a failure.
 
 use crate::net::accept::{accept_loop, Accepted};
-use tokio_util::task::TaskTracker;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tokio_util::task::TaskTracker;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -65,14 +65,20 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    accept_loop(&listener, "reload socket", &shutdown, &tracker, |stream, ()| {
-        let tx = tx.clone();
-        Accepted::Serve(async move {
-            if let Err(e) = answer(stream, tx).await {
-                debug!(error = %e, "reload socket client error");
-            }
-        })
-    })
+    accept_loop(
+        &listener,
+        "reload socket",
+        &shutdown,
+        &tracker,
+        |stream, ()| {
+            let tx = tx.clone();
+            Accepted::Serve(async move {
+                if let Err(e) = answer(stream, tx).await {
+                    debug!(error = %e, "reload socket client error");
+                }
+            })
+        },
+    )
     .await
 }
 

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
-use super::release::Release;
 use super::messages::Active;
+use super::release::Release;
 
 /// How long before the deadline the thread stops sleeping and spins: about the default timer
 /// slack (50 µs), which a sleep may overrun by anyway.
@@ -262,7 +262,10 @@ mod tests {
         // a loaded machine this look may come after the deadline; `fired.at` below still
         // proves the flip was not early.)
         let flipped = active.load().is_some();
-        assert!(!(flipped && Instant::now() < deadline), "flipped before its deadline");
+        assert!(
+            !(flipped && Instant::now() < deadline),
+            "flipped before its deadline"
+        );
         let fired = rx.recv().await.unwrap();
         assert!(fired.at >= deadline);
         assert!(active.load().is_some());

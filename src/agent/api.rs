@@ -22,11 +22,11 @@ use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
+use super::body::Body;
 use super::frame::{self, PEER_PATH};
 use super::messages::{Input, Install, WriteError};
 use super::metrics::AgentMetrics;
 use super::release::{decode_path, MAX_INLINE_BYTES};
-use super::body::Body;
 use crate::sync::auth::{Check, Role, Tokens};
 use crate::sync::store::FsStore;
 
@@ -69,9 +69,12 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> 
 }
 
 async fn read(req: Request<Incoming>, limit: u64) -> Result<Bytes, Response<Body>> {
-    read_body(req.into_body(), usize::try_from(limit).unwrap_or(usize::MAX))
-        .await
-        .map_err(|e| error(e.status(), e))
+    read_body(
+        req.into_body(),
+        usize::try_from(limit).unwrap_or(usize::MAX),
+    )
+    .await
+    .map_err(|e| error(e.status(), e))
 }
 
 /// Answers one API request.

@@ -99,4 +99,3 @@ impl http_body::Body for Body {
         }
     }
 }
-

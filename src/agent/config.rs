@@ -13,11 +13,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::config::error::{ConfigError, ConfigErrors, Pos};
-use crate::sync::auth::read_token;
-use crate::net::client::{ClientError, HttpClient};
 use crate::config::check::Ctx;
+use crate::config::error::{ConfigError, ConfigErrors, Pos};
 use crate::config::gc;
+use crate::net::client::{ClientError, HttpClient};
+use crate::sync::auth::read_token;
 use crate::sync::gc::Gc;
 use crate::sync::manifest::MAX_BLOB_BYTES;
 
@@ -381,12 +381,7 @@ fn fetch_concurrency(cx: &mut Ctx, v: Option<&S<u32>>) -> usize {
 }
 
 /// The `watch:` section; `store` and `release_dir` as checked, to refuse overlaps.
-fn watch(
-    cx: &mut Ctx,
-    w: &RawWatch,
-    store: Option<&Path>,
-    release_dir: Option<&Path>,
-) -> Watch {
+fn watch(cx: &mut Ctx, w: &RawWatch, store: Option<&Path>, release_dir: Option<&Path>) -> Watch {
     let dir = w.dir.as_ref().and_then(|d| cx.path_at(d, "watch.dir"));
     let mut watch = Watch::new(
         dir.as_deref(),
@@ -394,7 +389,10 @@ fn watch(
     );
     if let (Some(d), Some(raw_d), Some(s)) = (&dir, &w.dir, store) {
         if overlap(d, s) {
-            cx.err(raw_d, "watch.dir and store overlap: give each its own directory");
+            cx.err(
+                raw_d,
+                "watch.dir and store overlap: give each its own directory",
+            );
         }
     }
     if let (Some(d), Some(raw_d), Some(r)) = (&dir, &w.dir, release_dir) {
@@ -537,7 +535,9 @@ fetch_concurrency: 0
     #[test]
     fn an_agent_others_can_reach_needs_its_token() {
         let open = GOOD.replace("serve: \"127.0.0.1:8081\"", "serve: \"0.0.0.0:8081\"");
-        let e = parse(Path::new("agent.yaml"), &open).unwrap_err().to_string();
+        let e = parse(Path::new("agent.yaml"), &open)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("agent.yaml:5:8:"), "at serve: {e}");
         assert!(e.contains("token_file is not set"), "{e}");
         // Loopback may go without (tests, one host).

@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::metrics::AgentMetrics;
-use crate::sync::changeset::Changeset;
 use crate::net::client::{ok, HttpClient, Remote};
+use crate::sync::changeset::Changeset;
 use crate::sync::protocol::{ChangesetReply, Fleet, PREFIX};
 use crate::sync::store::FsStore;
 
@@ -139,7 +139,11 @@ impl Forwarder {
         drain.abort();
     }
 
-    fn to_peers(self: &Arc<Self>, cs: Changeset, clients: &Arc<Mutex<HashMap<String, HttpClient>>>) {
+    fn to_peers(
+        self: &Arc<Self>,
+        cs: Changeset,
+        clients: &Arc<Mutex<HashMap<String, HttpClient>>>,
+    ) {
         let bytes: u64 = cs.blobs().iter().map(|(_, n)| n).sum();
         if bytes > MAX_INLINE_BYTES {
             debug!(changeset = %cs.name(), bytes, "too big to send to peers directly; they get it through the hub");
@@ -333,8 +337,8 @@ mod tests {
     use crate::agent::frame::{decode, FrameError};
     use crate::agent::outbox::{outbox_blobs, OUTBOX};
     use crate::sync::changeset::{diff, Mode};
-    use crate::sync::manifest::Hash;
     use crate::sync::manifest::Entry;
+    use crate::sync::manifest::Hash;
     use std::collections::BTreeMap;
 
     fn changeset(files: &[(&str, &[u8])]) -> Changeset {

@@ -77,4 +77,3 @@ pub fn decode(frame: &[u8]) -> Result<(Changeset, Vec<(Hash, Bytes)>), FrameErro
     }
     Ok((cs, blobs))
 }
-

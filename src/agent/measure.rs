@@ -47,7 +47,12 @@ pub async fn measure(
                     t3: r.send_us,
                     t4,
                 }),
-                Err(e) => last_err = Some(ClientError::Decode { remote: Remote::Hub, message: e.to_string() }),
+                Err(e) => {
+                    last_err = Some(ClientError::Decode {
+                        remote: Remote::Hub,
+                        message: e.to_string(),
+                    })
+                }
             },
             Err(e) => {
                 let transport = matches!(e, ClientError::Transport { .. });
@@ -60,7 +65,10 @@ pub async fn measure(
     }
     match clock::estimate(&got) {
         Some(o) => Ok(o),
-        None => Err(last_err.unwrap_or_else(|| ClientError::Decode { remote: Remote::Hub, message: "no time samples".into() })),
+        None => Err(last_err.unwrap_or_else(|| ClientError::Decode {
+            remote: Remote::Hub,
+            message: "no time samples".into(),
+        })),
     }
 }
 

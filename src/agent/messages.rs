@@ -74,4 +74,3 @@ pub enum WriteError {
     #[error("{0}")]
     Io(String),
 }
-

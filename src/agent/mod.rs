@@ -73,16 +73,16 @@ use tracing::{info, warn};
 pub use config::AgentConfig;
 pub use release::Release;
 
+use crate::net::client::{ClientError, HttpClient};
 use crate::sync::auth::Tokens;
 use crate::sync::changeset::{Applied, Mode};
-use crate::net::client::{ClientError, HttpClient};
 use crate::sync::clock::{self, Anchor, Offset};
 use crate::sync::manifest::ReleaseId;
 use crate::sync::protocol::Report;
 use crate::sync::store::{FsStore, StoreError};
 use control::{Controller, DiskJob};
-use metrics::AgentMetrics;
 use messages::Active;
+use metrics::AgentMetrics;
 use serve::ServeState;
 use stage::Stager;
 use state::{AgentState, STATE_NAME};

@@ -47,4 +47,3 @@ pub fn outbox_blobs(store: &FsStore) -> HashSet<Hash> {
         })
         .collect()
 }
-

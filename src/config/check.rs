@@ -23,7 +23,10 @@ pub struct Ctx<'a> {
 impl<'a> Ctx<'a> {
     /// Starts checking `file`.
     pub fn new(file: &'a Path) -> Ctx<'a> {
-        Ctx { file, errors: Vec::new() }
+        Ctx {
+            file,
+            errors: Vec::new(),
+        }
     }
 
     /// A non-empty path as written at `v`, relative ones against the config file's directory.
@@ -42,7 +45,12 @@ impl<'a> Ctx<'a> {
     }
 
     /// A duration key, `default` when absent; zero and unparsable values are refused.
-    pub fn duration(&mut self, v: &Option<Spanned<String>>, default: Duration, what: &str) -> Duration {
+    pub fn duration(
+        &mut self,
+        v: &Option<Spanned<String>>,
+        default: Duration,
+        what: &str,
+    ) -> Duration {
         let Some(v) = v else { return default };
         match duration::parse(&v.value) {
             Ok(d) if d.is_zero() => {
@@ -84,4 +92,3 @@ impl<'a> Ctx<'a> {
         }
     }
 }
-

@@ -10,9 +10,9 @@ use std::str::FromStr;
 
 use serde_saphyr::Spanned;
 
+use super::check::Ctx;
 use super::error::nearest;
 use super::raw::{RawDns, RawRecord, RawZone};
-use super::check::Ctx;
 use super::{ConfigError, Pos};
 
 /// Default TTL of a zone's answers, seconds (short, so that health changes reach clients fast).
@@ -213,13 +213,21 @@ fn records(
 
 /// A zone's nameservers: full host names, and one inside the zone has its address there (glue),
 /// or resolvers could never reach it.
-fn nameservers(cx: &mut Ctx<'_>, z: &RawZone, zone: Option<&str>, records: &[Record]) -> Vec<String> {
+fn nameservers(
+    cx: &mut Ctx<'_>,
+    z: &RawZone,
+    zone: Option<&str>,
+    records: &[Record],
+) -> Vec<String> {
     let mut nameservers = Vec::new();
     for ns in &z.nameservers {
         match check_name(&ns.value) {
             Err(e) => cx.err(
                 ns,
-                format!("nameserver `{}` {e}: write a full host name such as ns1.farm.test", ns.value),
+                format!(
+                    "nameserver `{}` {e}: write a full host name such as ns1.farm.test",
+                    ns.value
+                ),
             ),
             Ok(n) if !n.contains('.') => cx.err(
                 ns,

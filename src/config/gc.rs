@@ -9,8 +9,7 @@ use crate::sync::gc::{Gc, DEFAULT_GRACE, DEFAULT_INTERVAL, MIN_GRACE};
 
 /// Checks a `gc_interval` value: a duration, `0s` for never.
 pub fn parse_interval(v: &str) -> Result<Duration, String> {
-    super::duration::parse(v)
-        .map_err(|e| format!("gc_interval: {e} (0s turns collection off)"))
+    super::duration::parse(v).map_err(|e| format!("gc_interval: {e} (0s turns collection off)"))
 }
 
 /// Checks a `gc_grace` value: a duration of at least [`MIN_GRACE`].
@@ -47,4 +46,3 @@ pub fn from_raw<'a>(
     };
     (gc, errors)
 }
-

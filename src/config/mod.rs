@@ -204,11 +204,17 @@ impl Admin {
                 return rest.split_once(']').is_some_and(|(ip, port)| {
                     ip.parse::<std::net::Ipv6Addr>().is_ok()
                         && (port.is_empty()
-                            || port.strip_prefix(':').is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())))
+                            || port
+                                .strip_prefix(':')
+                                .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())))
                 })
             }
             None => host.rsplit_once(':').map_or(host, |(n, port)| {
-                if port.bytes().all(|b| b.is_ascii_digit()) { n } else { host }
+                if port.bytes().all(|b| b.is_ascii_digit()) {
+                    n
+                } else {
+                    host
+                }
             }),
         };
         let name = name.trim_end_matches('.').to_ascii_lowercase();
@@ -244,7 +250,10 @@ mod tests {
 
     #[test]
     fn the_admin_pages_answer_ip_addresses_localhost_and_configured_names_only() {
-        let admin = Admin { hosts: vec!["lb1.mgmt.example".into()], ..Admin::default() };
+        let admin = Admin {
+            hosts: vec!["lb1.mgmt.example".into()],
+            ..Admin::default()
+        };
         for ok in [
             None,
             Some("127.0.0.1:9900"),

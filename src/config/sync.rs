@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use serde_saphyr::Spanned;
 
+use super::check::Ctx;
 use super::duration;
+use super::gc;
 use super::raw::RawSync;
 use super::tls;
-use super::check::Ctx;
 use crate::sync::auth::{read_token, Tokens};
-use super::gc;
 use crate::sync::gc::Gc;
 use crate::sync::schedule::{DEFAULT_CADENCE, DEFAULT_LEAD};
 

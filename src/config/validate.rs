@@ -9,10 +9,10 @@ use std::str::FromStr;
 use ipnet::IpNet;
 use serde_saphyr::Spanned;
 
+use super::check::Ctx;
 use super::error::nearest;
 use super::raw::*;
 use super::*;
-use super::check::Ctx;
 use crate::router::route::{HostMatch, Route};
 
 /// YAML → raw structs (see [`super::yaml::parse`]).
@@ -35,9 +35,22 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         ));
     }
     let admin = admin(&mut cx, raw.admin.as_ref());
-    let dns = raw.dns.as_ref().and_then(|d| super::dns::dns(&mut cx, d, &pool_index));
-    let sync = raw.sync.as_ref().and_then(|s| super::sync::sync(&mut cx, s));
-    check_binds(&mut cx, &raw, &listeners, &admin, dns.as_ref(), sync.as_ref());
+    let dns = raw
+        .dns
+        .as_ref()
+        .and_then(|d| super::dns::dns(&mut cx, d, &pool_index));
+    let sync = raw
+        .sync
+        .as_ref()
+        .and_then(|s| super::sync::sync(&mut cx, s));
+    check_binds(
+        &mut cx,
+        &raw,
+        &listeners,
+        &admin,
+        dns.as_ref(),
+        sync.as_ref(),
+    );
 
     if cx.errors.is_empty() {
         Ok(Config {
@@ -67,7 +80,9 @@ fn check_binds(
     sync: Option<&super::sync::Sync>,
 ) {
     let listener_on = |addr: SocketAddr| listeners.iter().find(|l| overlaps(l.bind, addr));
-    if let (Some(a), Some(raw_bind)) = (admin.bind, raw.admin.as_ref().and_then(|a| a.bind.as_ref())) {
+    if let (Some(a), Some(raw_bind)) =
+        (admin.bind, raw.admin.as_ref().and_then(|a| a.bind.as_ref()))
+    {
         if let Some(l) = listener_on(a) {
             cx.err(
                 raw_bind,
@@ -88,7 +103,10 @@ fn check_binds(
         } else if admin.bind.is_some_and(|a| overlaps(a, d.bind)) {
             cx.err(
                 &raw_dns.bind,
-                format!("dns.bind {} overlaps admin.bind: give DNS its own port (53 is usual)", d.bind),
+                format!(
+                    "dns.bind {} overlaps admin.bind: give DNS its own port (53 is usual)",
+                    d.bind
+                ),
             );
         }
     }
@@ -204,7 +222,10 @@ fn access_log(cx: &mut Ctx<'_>, v: Option<&Spanned<String>>) -> AccessLog {
         "combined" => AccessLog::Combined,
         "json" => AccessLog::Json,
         other => {
-            cx.err(v, format!("access_log `{other}` is not known: use off, combined or json"));
+            cx.err(
+                v,
+                format!("access_log `{other}` is not known: use off, combined or json"),
+            );
             AccessLog::Off
         }
     }
@@ -219,7 +240,10 @@ fn pools(cx: &mut Ctx<'_>, raw: &[RawPool]) -> (Vec<Pool>, HashMap<String, usize
         } else if index.contains_key(&p.name.value) {
             cx.err(
                 &p.name,
-                format!("duplicate pool name `{}`: pool names must be unique", p.name.value),
+                format!(
+                    "duplicate pool name `{}`: pool names must be unique",
+                    p.name.value
+                ),
             );
             continue;
         }
@@ -265,11 +289,18 @@ fn pool_hash_key(cx: &mut Ctx<'_>, p: &RawPool, policy: Policy) -> Option<HashKe
     match (&p.hash_key, policy) {
         (Some(k), Policy::Hash) => parse_hash_key(cx, k),
         (Some(k), _) => {
-            cx.err(k, "hash_key is only used with `balance: hash`: remove it or set `balance: hash`");
+            cx.err(
+                k,
+                "hash_key is only used with `balance: hash`: remove it or set `balance: hash`",
+            );
             None
         }
         (None, Policy::Hash) => {
-            let pos = p.balance.as_ref().map(Pos::of).unwrap_or_else(|| Pos::of(&p.name));
+            let pos = p
+                .balance
+                .as_ref()
+                .map(Pos::of)
+                .unwrap_or_else(|| Pos::of(&p.name));
             cx.errors.push(ConfigError::at(
                 cx.file,
                 pos,
@@ -286,7 +317,10 @@ fn backends(cx: &mut Ctx<'_>, p: &RawPool) -> Vec<Backend> {
     if p.backends.is_empty() {
         cx.err(
             &p.name,
-            format!("pool `{}` has no backends: add at least one `{{ name, address }}`", p.name.value),
+            format!(
+                "pool `{}` has no backends: add at least one `{{ name, address }}`",
+                p.name.value
+            ),
         );
     }
     let mut backends = Vec::new();
@@ -298,7 +332,10 @@ fn backends(cx: &mut Ctx<'_>, p: &RawPool) -> Vec<Backend> {
         } else if !names.insert(b.name.value.clone()) {
             cx.err(
                 &b.name,
-                format!("duplicate backend name `{}` in pool `{}`: names must be unique within a pool", b.name.value, p.name.value),
+                format!(
+                    "duplicate backend name `{}` in pool `{}`: names must be unique within a pool",
+                    b.name.value, p.name.value
+                ),
             );
         }
         let address = cx.socket_addr(&b.address, "backend address");
@@ -306,16 +343,23 @@ fn backends(cx: &mut Ctx<'_>, p: &RawPool) -> Vec<Backend> {
         total_weight += u64::from(weight);
         let dns_address = match &b.dns_address {
             None => address.map(|a| a.ip()),
-            Some(d) => match IpAddr::from_str(d.value.trim()) {
-                Ok(ip) => Some(ip),
-                Err(_) => {
-                    cx.err(d, format!("dns_address `{}` is not an IP address: write e.g. \"203.0.113.12\"", d.value));
-                    None
+            Some(d) => {
+                match IpAddr::from_str(d.value.trim()) {
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        cx.err(d, format!("dns_address `{}` is not an IP address: write e.g. \"203.0.113.12\"", d.value));
+                        None
+                    }
                 }
-            },
+            }
         };
         if let (Some(address), Some(dns_address)) = (address, dns_address) {
-            backends.push(Backend { name: b.name.value.clone(), address, dns_address, weight });
+            backends.push(Backend {
+                name: b.name.value.clone(),
+                address,
+                dns_address,
+                weight,
+            });
         }
     }
     if !p.backends.is_empty() && total_weight == 0 {
@@ -330,8 +374,14 @@ fn backends(cx: &mut Ctx<'_>, p: &RawPool) -> Vec<Backend> {
 /// `passive:` ejection settings, defaults where absent.
 fn passive(cx: &mut Ctx<'_>, pa: Option<&RawPassive>) -> PassivePolicy {
     PassivePolicy {
-        failures: pa.and_then(|p| p.failures).unwrap_or(DEFAULT_PASSIVE_FAILURES),
-        base: cx.duration(&pa.and_then(|p| p.ejection.clone()), DEFAULT_EJECTION, "passive.ejection"),
+        failures: pa
+            .and_then(|p| p.failures)
+            .unwrap_or(DEFAULT_PASSIVE_FAILURES),
+        base: cx.duration(
+            &pa.and_then(|p| p.ejection.clone()),
+            DEFAULT_EJECTION,
+            "passive.ejection",
+        ),
         max: cx.duration(
             &pa.and_then(|p| p.max_ejection.clone()),
             DEFAULT_MAX_EJECTION,

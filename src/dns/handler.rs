@@ -34,10 +34,9 @@ use tracing::debug;
 use super::answer::{answer, Answer, Health, Question, MAX_UDP_PAYLOAD};
 use super::fast;
 use super::metrics::{DnsMetrics, NameLabels, QueryLabels};
-use super::zone::{NameEntry, Zones};
 use super::view::SharedView;
+use super::zone::{NameEntry, Zones};
 use crate::pools::table::Table;
-
 
 /// The EDNS version lockstep speaks.
 const EDNS_VERSION: u8 = 0;
@@ -356,7 +355,12 @@ impl RequestHandler for DnsHandler {
                 table: &live.table,
                 now: started,
             };
-            respond(request, live.zones.as_deref(), &health, NameEntry::next_turn)
+            respond(
+                request,
+                live.zones.as_deref(),
+                &health,
+                NameEntry::next_turn,
+            )
         };
         let response = build(request, edns.as_ref(), metadata, &outcome);
         let info = match response_handle.send_response(response).await {

@@ -23,9 +23,9 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::error::DnsError;
 use super::handler::{DnsHandler, FastDone};
 use super::udp_batch::{Inbox, Outbox, SLOTS};
-use super::error::DnsError;
 
 /// How long a TCP client may stay silent between queries before its connection is closed
 /// (RFC 7766 §6.2.3 suggests tens of seconds; idle connections cost a task each).

@@ -25,7 +25,12 @@ pub type SharedView = Arc<ArcSwap<View>>;
 impl View {
     /// The view of `config` and its `table`; the zones' serial moves past `previous`'s, from
     /// `unix_now` (seconds, read by the caller).
-    pub fn build(config: &Config, table: Arc<Table>, previous: Option<&View>, unix_now: u64) -> View {
+    pub fn build(
+        config: &Config,
+        table: Arc<Table>,
+        previous: Option<&View>,
+        unix_now: u64,
+    ) -> View {
         let zones = config.dns.as_ref().map(|d| {
             let previous = previous.and_then(|p| p.zones.as_ref()).map(|z| z.serial);
             Arc::new(Zones::build(d, next_serial(previous, unix_now)))

@@ -120,12 +120,27 @@ impl ZoneView {
     /// non-terminals between them and the apex. `None` when the apex is not a DNS name.
     fn build(z: &crate::config::Zone, serial: u32) -> Option<ZoneView> {
         let apex = wire_name(&z.name)?;
-        let mname = z.nameservers.first().and_then(|n| wire_name(n)).unwrap_or_else(|| apex.clone());
+        let mname = z
+            .nameservers
+            .first()
+            .and_then(|n| wire_name(n))
+            .unwrap_or_else(|| apex.clone());
         let rname = wire_name(&format!("hostmaster.{}", z.name)).unwrap_or(apex.clone());
-        let soa_data = SOA::new(mname, rname, serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, z.ttl);
+        let soa_data = SOA::new(
+            mname,
+            rname,
+            serial,
+            SOA_REFRESH,
+            SOA_RETRY,
+            SOA_EXPIRE,
+            z.ttl,
+        );
         let soa = Record::from_rdata(apex.clone(), z.ttl, RData::SOA(soa_data.clone()));
-        let negative_soa =
-            Record::from_rdata(apex.clone(), z.ttl.min(soa_data.minimum), RData::SOA(soa_data));
+        let negative_soa = Record::from_rdata(
+            apex.clone(),
+            z.ttl.min(soa_data.minimum),
+            RData::SOA(soa_data),
+        );
         let nameservers = z
             .nameservers
             .iter()
@@ -148,7 +163,11 @@ impl ZoneView {
                 Target::Pool(p) => Source::Pool(p.clone()),
                 Target::Addresses(a) => Source::Addresses(a.clone()),
             };
-            let entry = NameEntry { name: name.clone(), source, turn: AtomicUsize::new(0) };
+            let entry = NameEntry {
+                name: name.clone(),
+                source,
+                turn: AtomicUsize::new(0),
+            };
             names.insert(LowerName::new(&name), Arc::new(entry));
         }
         Some(ZoneView {
@@ -181,14 +200,19 @@ fn index_by_wire(zones: &[ZoneView]) -> HashMap<Box<[u8]>, (u32, Arc<NameEntry>)
 impl Zones {
     /// Builds the view of `dns` with SOA serial `serial`.
     pub fn build(dns: &Dns, serial: u32) -> Zones {
-        let mut zones: Vec<ZoneView> =
-            dns.zones.iter().filter_map(|z| ZoneView::build(z, serial)).collect();
+        let mut zones: Vec<ZoneView> = dns
+            .zones
+            .iter()
+            .filter_map(|z| ZoneView::build(z, serial))
+            .collect();
         // Most specific first: a name is answered by the deepest zone that holds it.
         zones.sort_by_key(|z| std::cmp::Reverse(z.apex.num_labels()));
         let by_wire = index_by_wire(&zones);
         Zones {
             zones,
-            max_answers: usize::try_from(dns.max_answers).unwrap_or(usize::MAX).max(1),
+            max_answers: usize::try_from(dns.max_answers)
+                .unwrap_or(usize::MAX)
+                .max(1),
             serial,
             by_wire,
         }

@@ -105,13 +105,23 @@ pub fn last_flip_skew(f: &Fleet) -> Option<FlipSkew> {
         .filter_map(|a| a.report.last_flip_lateness_us)
         .collect();
     let (min_us, max_us) = (*late.iter().min()?, *late.iter().max()?);
-    Some(FlipSkew { release, agents: late.len(), spread_us: max_us - min_us, min_us, max_us })
+    Some(FlipSkew {
+        release,
+        agents: late.len(),
+        spread_us: max_us - min_us,
+        min_us,
+        max_us,
+    })
 }
 
 /// A fleet of three agents — two flipped to release 2 (lateness +120 and −30 µs), one
 /// still on release 1 — and the two release ids; for the tests of `lockstep status` and the admin API.
 #[cfg(test)]
-pub(crate) fn sample_fleet() -> (Fleet, crate::sync::manifest::Hash, crate::sync::manifest::Hash) {
+pub(crate) fn sample_fleet() -> (
+    Fleet,
+    crate::sync::manifest::Hash,
+    crate::sync::manifest::Hash,
+) {
     use crate::sync::manifest::Hash;
     use crate::sync::protocol::{AgentView, Report, Schedule};
     let (r1, r2) = (Hash::of(b"1"), Hash::of(b"2"));

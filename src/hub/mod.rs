@@ -42,14 +42,14 @@ use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-pub use crate::sync::cycle::{Advancer, GRACE};
-use crate::sync::cycle::HubState;
-use crate::sync::protocol::{ConflictView, Schedule};
-use crate::sync::schedule::Rules;
-use crate::sync::store::{HubStore, StoreError};
 pub use self::error::HubError;
 pub use self::metrics::HubMetrics;
 pub use self::settings::{system_clock, Clock, Settings};
+use crate::sync::cycle::HubState;
+pub use crate::sync::cycle::{Advancer, GRACE};
+use crate::sync::protocol::{ConflictView, Schedule};
+use crate::sync::schedule::Rules;
+use crate::sync::store::{HubStore, StoreError};
 
 /// The hub.
 pub struct Hub {

@@ -164,7 +164,10 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
         let task = tokio::spawn(async move {
-            accept_loop(&l, "test", &stop, &tracker, |_, _| Accepted::<std::future::Ready<()>>::Stop).await
+            accept_loop(&l, "test", &stop, &tracker, |_, _| {
+                Accepted::<std::future::Ready<()>>::Stop
+            })
+            .await
         });
         let _c = TcpStream::connect(addr).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), task)

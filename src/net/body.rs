@@ -12,7 +12,6 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-
 /// What goes back to the client: a backend's streamed body or a short local one.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 

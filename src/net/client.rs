@@ -147,7 +147,11 @@ impl std::fmt::Debug for HttpClient {
 
 impl HttpClient {
     /// A client of the hub at `url`; see [`HttpClient::new`].
-    pub fn hub(url: &str, token: Option<String>, ca_file: Option<&Path>) -> Result<HttpClient, ClientError> {
+    pub fn hub(
+        url: &str,
+        token: Option<String>,
+        ca_file: Option<&Path>,
+    ) -> Result<HttpClient, ClientError> {
         HttpClient::new(Remote::Hub, url, token, ca_file)
     }
 
@@ -159,7 +163,11 @@ impl HttpClient {
         token: Option<String>,
         ca_file: Option<&Path>,
     ) -> Result<HttpClient, ClientError> {
-        let bad = |m: &str| ClientError::Url { remote, url: url.to_string(), message: m.to_string() };
+        let bad = |m: &str| ClientError::Url {
+            remote,
+            url: url.to_string(),
+            message: m.to_string(),
+        };
         let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
         let https = match uri.scheme_str() {
             Some("http") => false,
@@ -393,8 +401,10 @@ impl HttpClient {
         let answer = self.send(method, path_and_query, body, timeout).await?;
         let remote = self.target.remote;
         let answer = ok(answer)?;
-        serde_json::from_slice(&answer.body)
-            .map_err(|e| ClientError::Decode { remote, message: e.to_string() })
+        serde_json::from_slice(&answer.body).map_err(|e| ClientError::Decode {
+            remote,
+            message: e.to_string(),
+        })
     }
 }
 

@@ -14,7 +14,11 @@ pub struct ErrorBody {
 }
 
 /// An answer of `status` with `body` as `ctype`.
-pub fn bytes<B: From<Bytes>>(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<B> {
+pub fn bytes<B: From<Bytes>>(
+    status: StatusCode,
+    ctype: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<B> {
     let mut r = Response::new(B::from(body.into()));
     *r.status_mut() = status;
     r.headers_mut()
@@ -32,20 +36,28 @@ pub fn json<B: From<Bytes>, T: Serialize + ?Sized>(status: StatusCode, value: &T
     match serde_json::to_vec(value) {
         Ok(body) => bytes(status, "application/json", body),
         // Only a map with non-string keys fails to serialise; lockstep's messages have none.
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the answer: {e}")),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the answer: {e}"),
+        ),
     }
 }
 
 /// A JSON [`ErrorBody`] answer.
 pub fn error<B: From<Bytes>>(status: StatusCode, message: impl Into<String>) -> Response<B> {
-    let body = ErrorBody { error: message.into() };
+    let body = ErrorBody {
+        error: message.into(),
+    };
     // A struct of one string always serialises.
     let text = serde_json::to_vec(&body).unwrap_or_default();
     bytes(status, "application/json", text)
 }
 
 /// A bearer-token refusal: 401 with `WWW-Authenticate: Bearer realm="<realm>"`.
-pub fn unauthorized<B: From<Bytes>>(realm: &'static str, message: impl Into<String>) -> Response<B> {
+pub fn unauthorized<B: From<Bytes>>(
+    realm: &'static str,
+    message: impl Into<String>,
+) -> Response<B> {
     let mut r = error(StatusCode::UNAUTHORIZED, message);
     let v = format!("Bearer realm=\"{realm}\"");
     if let Ok(v) = HeaderValue::from_str(&v) {
@@ -70,7 +82,10 @@ mod tests {
     fn error_bodies_are_json_and_401_names_the_realm() {
         let r: Response<Full<Bytes>> = unauthorized("lockstep-sync", "no token");
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-        assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer realm=\"lockstep-sync\"");
+        assert_eq!(
+            r.headers()[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"lockstep-sync\""
+        );
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
         let r: Response<Full<Bytes>> = json(StatusCode::OK, &ErrorBody { error: "x".into() });
         assert_eq!(r.status(), StatusCode::OK);

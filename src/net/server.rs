@@ -54,9 +54,15 @@ impl<S, B> Handler<B> for S where
 }
 
 /// A response body hyper can send on any runtime thread.
-pub trait ResponseBody: http_body::Body<Data: Send, Error: Into<ConnError>> + Send + 'static {}
+pub trait ResponseBody:
+    http_body::Body<Data: Send, Error: Into<ConnError>> + Send + 'static
+{
+}
 
-impl<B> ResponseBody for B where B: http_body::Body<Data: Send, Error: Into<ConnError>> + Send + 'static {}
+impl<B> ResponseBody for B where
+    B: http_body::Body<Data: Send, Error: Into<ConnError>> + Send + 'static
+{
+}
 
 /// Largest request head (request line + headers) accepted; bigger ones get 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -192,7 +198,11 @@ pub struct HttpServer {
 impl HttpServer {
     /// A plain-HTTP listener named `name` with default settings.
     pub fn new(name: &'static str) -> HttpServer {
-        HttpServer { name, tls: None, settings: ConnSettings::default() }
+        HttpServer {
+            name,
+            tls: None,
+            settings: ConnSettings::default(),
+        }
     }
 
     /// Accepts on `listener` until `shutdown`, answering every request with
@@ -210,8 +220,12 @@ impl HttpServer {
         B: ResponseBody,
     {
         accept_loop(&listener, self.name, &shutdown, &tracker, |stream, peer| {
-            let (handler, tls, settings, shutdown) =
-                (handler.clone(), self.tls.clone(), self.settings.clone(), shutdown.clone());
+            let (handler, tls, settings, shutdown) = (
+                handler.clone(),
+                self.tls.clone(),
+                self.settings.clone(),
+                shutdown.clone(),
+            );
             let svc = service_fn(move |req| {
                 let f = handler(peer, req);
                 async move { Ok::<_, Infallible>(f.await) }

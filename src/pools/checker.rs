@@ -20,7 +20,12 @@ use crate::net::upstream::Clients;
 
 /// Starts the checkers of `table`, each pool's through `clients` (same index as
 /// `table.pools`); they stop when `stop` is cancelled.
-pub fn spawn_all(table: &Table, clients: &[Clients], stop: &CancellationToken, tracker: &TaskTracker) {
+pub fn spawn_all(
+    table: &Table,
+    clients: &[Clients],
+    stop: &CancellationToken,
+    tracker: &TaskTracker,
+) {
     for (pool, client) in table.pools.iter().zip(clients) {
         let Some(hc) = &pool.config.health else {
             continue;

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
+use crate::config::{Backend, Config, Pool};
+use crate::metrics::{BackendLabels, Metrics, PoolLabels, RequestLabels};
 use crate::router::balance::{Balancer, Load, Member};
 use crate::router::ewma::Ewma;
 use crate::router::health::{ActiveHealth, Ejection};
 use crate::router::route::RouteTable;
-use crate::config::{Backend, Config, Pool};
-use crate::metrics::{BackendLabels, Metrics, PoolLabels, RequestLabels};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;

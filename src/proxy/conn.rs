@@ -25,4 +25,3 @@ pub struct ConnCtx {
     /// The live state.
     pub live: Shared,
 }
-

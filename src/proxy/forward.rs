@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http_body_util::{Either, Full};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
@@ -75,7 +75,11 @@ pub fn prepare(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let via = if parts.version == Version::HTTP_2 { "2 lockstep" } else { "1.1 lockstep" };
+    let via = if parts.version == Version::HTTP_2 {
+        "2 lockstep"
+    } else {
+        "1.1 lockstep"
+    };
     headers::strip_hop_by_hop(&mut parts.headers, wants_upgrade);
     if !parts.headers.contains_key(header::HOST) {
         if let Some(h) = host.clone() {
@@ -97,16 +101,41 @@ pub fn prepare(
     let client_failed = (!bodyless).then(|| Arc::new(AtomicBool::new(false)));
     let body = Some(match &client_failed {
         None => RequestBody::Empty,
-        Some(flag) => RequestBody::Stream { inner: body, client_failed: flag.clone() },
+        Some(flag) => RequestBody::Stream {
+            inner: body,
+            client_failed: flag.clone(),
+        },
     });
-    Prepared { parts, path_and_query, body, client_failed, client_upgrade, key, retryable }
+    Prepared {
+        parts,
+        path_and_query,
+        body,
+        client_failed,
+        client_upgrade,
+        key,
+        retryable,
+    }
 }
 
 /// Phase 2: the backend for the next attempt, among the available ones not yet tried.
-pub fn choose(pool: &PoolState, key: Option<u64>, tried: &Tried, now: Instant, random: u64) -> Option<usize> {
+pub fn choose(
+    pool: &PoolState,
+    key: Option<u64>,
+    tried: &Tried,
+    now: Instant,
+    random: u64,
+) -> Option<usize> {
     let health = pool.health.load();
-    let load = PoolLoad { backends: &pool.backends, now };
-    pool.balancer.pick(&load, &|i| health.available(i, now) && !tried.contains(&i), key, random)
+    let load = PoolLoad {
+        backends: &pool.backends,
+        now,
+    };
+    pool.balancer.pick(
+        &load,
+        &|i| health.available(i, now) && !tried.contains(&i),
+        key,
+        random,
+    )
 }
 
 /// Phase 3: the request of one attempt to backend `authority`; the `last` attempt takes the
@@ -125,8 +154,11 @@ pub fn upstream_request(
     *up.method_mut() = p.parts.method.clone();
     *up.uri_mut() = uri;
     *up.version_mut() = Version::HTTP_11;
-    *up.headers_mut() =
-        if last { std::mem::take(&mut p.parts.headers) } else { p.parts.headers.clone() };
+    *up.headers_mut() = if last {
+        std::mem::take(&mut p.parts.headers)
+    } else {
+        p.parts.headers.clone()
+    };
     Some(up)
 }
 
@@ -160,7 +192,11 @@ pub async fn send(
                 return Err(Fault::ClientBody);
             }
             pool.record_outcome(i, false, done);
-            let fault = if e.is_connect() { Fault::Connect } else { Fault::Request };
+            let fault = if e.is_connect() {
+                Fault::Connect
+            } else {
+                Fault::Request
+            };
             warn!(
                 pool = %cfg.name, backend = %backend.config.name, backend.addr = %backend.config.address,
                 error = %error_chain(&e), fault = fault.side(),
@@ -190,7 +226,12 @@ pub fn respond(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let backend_upgrade = hyper::upgrade::on(&mut resp);
-            upgrade::bridge(client_upgrade, backend_upgrade, ctx.peer, backend_name.to_string());
+            upgrade::bridge(
+                client_upgrade,
+                backend_upgrade,
+                ctx.peer,
+                backend_name.to_string(),
+            );
             let (mut parts, _) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
             return Response::from_parts(parts, local(Bytes::new()));
@@ -228,10 +269,19 @@ pub async fn forward(
             return (plain(StatusCode::BAD_REQUEST, "bad request target\n"), None);
         };
         match send(pool, i, client, up, p.client_failed.as_deref()).await {
-            Ok(resp) => return (respond(resp, p.client_upgrade.take(), ctx, &backend.config.name), Some(i)),
+            Ok(resp) => {
+                return (
+                    respond(resp, p.client_upgrade.take(), ctx, &backend.config.name),
+                    Some(i),
+                )
+            }
             Err(fault) => match retry::after_failure(fault, p.retryable) {
                 Next::Retry => failed = true,
-                Next::Answer { status, text, close } => return (answer(status, text, close), Some(i)),
+                Next::Answer {
+                    status,
+                    text,
+                    close,
+                } => return (answer(status, text, close), Some(i)),
             },
         }
     }
@@ -239,7 +289,10 @@ pub async fn forward(
         return (answer_of(retry::UNAVAILABLE), tried.last());
     }
     warn!(pool = %pool.config.name, fault = "upstream", "no healthy backend");
-    (plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n"), None)
+    (
+        plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n"),
+        None,
+    )
 }
 
 /// A short local plain-text answer.
@@ -249,7 +302,11 @@ pub fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
 
 fn answer_of(next: Next) -> Response<ResponseBody> {
     match next {
-        Next::Answer { status, text, close } => answer(status, text, close),
+        Next::Answer {
+            status,
+            text,
+            close,
+        } => answer(status, text, close),
         Next::Retry => plain(StatusCode::BAD_GATEWAY, "backend unavailable\n"),
     }
 }
@@ -257,7 +314,8 @@ fn answer_of(next: Next) -> Response<ResponseBody> {
 fn answer(status: StatusCode, text: &'static str, close: bool) -> Response<ResponseBody> {
     let mut r = plain(status, text);
     if close {
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     r
 }

@@ -41,7 +41,9 @@ pub async fn serve(
     };
     let open = metrics
         .connections
-        .get_or_create(&ListenerLabels { listener: name.clone() })
+        .get_or_create(&ListenerLabels {
+            listener: name.clone(),
+        })
         .clone();
     accept_loop(&socket, &name, &shutdown, &tracker, |stream, peer| {
         let generation = live.load();

@@ -130,9 +130,18 @@ mod tests {
     fn only_bodyless_idempotent_requests_without_upgrade_are_replayed() {
         assert!(retryable(&Method::GET, true, false));
         assert!(retryable(&Method::PUT, true, false));
-        assert!(!retryable(&Method::POST, true, false), "POST is not idempotent");
-        assert!(!retryable(&Method::GET, false, false), "a streamed body cannot be replayed");
-        assert!(!retryable(&Method::GET, true, true), "an upgrade is not replayed");
+        assert!(
+            !retryable(&Method::POST, true, false),
+            "POST is not idempotent"
+        );
+        assert!(
+            !retryable(&Method::GET, false, false),
+            "a streamed body cannot be replayed"
+        );
+        assert!(
+            !retryable(&Method::GET, true, true),
+            "an upgrade is not replayed"
+        );
         assert_eq!(attempts(true, 2), 3);
         assert_eq!(attempts(false, 2), 1);
     }

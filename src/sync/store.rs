@@ -147,7 +147,10 @@ fn lock(root: &Path) -> Result<File, StoreError> {
         Err(fs::TryLockError::WouldBlock) => {
             let mut text = String::new();
             let _ = f.read_to_string(&mut text);
-            return Err(StoreError::Locked { path: root.to_path_buf(), holder: text.trim().parse().ok() });
+            return Err(StoreError::Locked {
+                path: root.to_path_buf(),
+                holder: text.trim().parse().ok(),
+            });
         }
         Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock", &path)(e)),
     }
@@ -479,7 +482,11 @@ mod tests {
         let first = FsStore::open(dir.path()).unwrap();
         std::fs::write(dir.path().join("tmp/in-flight"), b"x").unwrap();
         match FsStore::open(dir.path()) {
-            Err(e @ StoreError::Locked { holder: Some(pid), .. }) => {
+            Err(
+                e @ StoreError::Locked {
+                    holder: Some(pid), ..
+                },
+            ) => {
                 assert_eq!(pid, std::process::id());
                 assert!(e.to_string().contains("in use by another process"), "{e}");
             }

@@ -53,8 +53,7 @@ use crate::sync::gc::Gc;
 use crate::sync::manifest::ReleaseId;
 use crate::sync::protocol::{Report, Schedule};
 pub use decide::{
-    Action, Core, Flipped, Start, Tag, ADOPT_ANYWAY, PREMEASURE, STAGE_RETRY_BASE,
-    STAGE_RETRY_MAX,
+    Action, Core, Flipped, Start, Tag, ADOPT_ANYWAY, PREMEASURE, STAGE_RETRY_BASE, STAGE_RETRY_MAX,
 };
 pub use disk::{disk_worker, DiskJob};
 use install::Installed;
@@ -164,7 +163,8 @@ impl Controller {
             self.replan();
         }
         let flip = &mut self.flip;
-        self.core.disarm(&mut || flip.take().is_none_or(|h| h.cancel()));
+        self.core
+            .disarm(&mut || flip.take().is_none_or(|h| h.cancel()));
         // A flip that fired just before the stop still has its state to record, or a restart
         // would come back on the release before it.
         while let Ok(f) = self.fired_rx.try_recv() {
@@ -372,7 +372,10 @@ impl Controller {
         });
         self.record(&f);
         if let Tag::Scheduled(p) = f.tag {
-            tokio::spawn(crate::agent::advance::advance(self.io.client.clone(), p.cycle));
+            tokio::spawn(crate::agent::advance::advance(
+                self.io.client.clone(),
+                p.cycle,
+            ));
         }
     }
 
@@ -400,9 +403,9 @@ impl Controller {
         let now = Instant::now();
         let staging: HashSet<ReleaseId> = self.in_flight.values().map(|(id, _)| *id).collect();
         let flip = &mut self.flip;
-        let actions = self
-            .core
-            .replan(now, &staging, &mut || flip.take().is_none_or(|h| h.cancel()));
+        let actions = self.core.replan(now, &staging, &mut || {
+            flip.take().is_none_or(|h| h.cancel())
+        });
         self.carry_out(actions, now);
     }
 

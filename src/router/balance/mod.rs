@@ -8,8 +8,8 @@
 //! load, the key hash) is [`member`]'s.
 
 mod hash;
-mod member;
 mod least_conn;
+mod member;
 mod p2c_ewma;
 mod round_robin;
 mod weighted;
@@ -33,8 +33,6 @@ pub enum Policy {
     /// Consistent hashing of a per-request key (sticky by header, cookie or client IP).
     Hash,
 }
-
-
 
 /// A built balancer for one pool (built once per config; picks are `&self` and thread-safe:
 /// Send + Sync).
@@ -108,7 +106,6 @@ impl Balancer {
         }
     }
 }
-
 
 /// A fixed load for the policy tests: indices past the vectors read as idle/unknown.
 #[cfg(test)]

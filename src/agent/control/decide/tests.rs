@@ -52,11 +52,7 @@ fn core(t0: Instant, current: Option<Arc<Release>>, applied: Applied) -> Core {
     c
 }
 
-fn schedule(
-    active: &Arc<Release>,
-    staged: Option<(&Arc<Release>, u64)>,
-    now_us: u64,
-) -> Schedule {
+fn schedule(active: &Arc<Release>, staged: Option<(&Arc<Release>, u64)>, now_us: u64) -> Schedule {
     Schedule {
         version: 1,
         cycle: 7,

@@ -54,8 +54,6 @@ impl Listen for UnixListener {
 pub enum Accepted<F> {
     /// Serve it with this future (spawned on the tracker).
     Serve(F),
-    /// Drop it and keep accepting.
-    Skip,
     /// Drop it and stop accepting: the listener is no longer configured.
     Stop,
 }
@@ -101,7 +99,6 @@ pub async fn accept_loop<L, F, Fut>(
             Accepted::Serve(f) => {
                 tracker.spawn(f);
             }
-            Accepted::Skip => {}
             Accepted::Stop => return,
         }
     }

@@ -240,11 +240,6 @@ impl HttpClient {
         &self.target.url
     }
 
-    /// What is called.
-    pub fn remote(&self) -> Remote {
-        self.target.remote
-    }
-
     fn transport(&self, message: impl std::fmt::Display) -> ClientError {
         ClientError::Transport {
             remote: self.target.remote,

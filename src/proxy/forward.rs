@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use super::conn::ConnCtx;
 use super::headers::{self, Forwarded};
-use super::retry::{self, Fault, Next, Tried};
+use super::retry::{self, Answer, Fault, Next, Tried};
 use super::upgrade;
 use crate::config::{HashKey, Pool};
 use crate::net::body::{local, RequestBody, ResponseBody};
@@ -277,16 +277,12 @@ pub async fn forward(
             }
             Err(fault) => match retry::after_failure(fault, p.retryable) {
                 Next::Retry => failed = true,
-                Next::Answer {
-                    status,
-                    text,
-                    close,
-                } => return (answer(status, text, close), Some(i)),
+                Next::Answer(a) => return (answer(a), Some(i)),
             },
         }
     }
     if failed {
-        return (answer_of(retry::UNAVAILABLE), tried.last());
+        return (answer(retry::UNAVAILABLE), tried.last());
     }
     warn!(pool = %pool.config.name, fault = "upstream", "no healthy backend");
     (
@@ -300,20 +296,9 @@ pub fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
     respond::text::<Full<Bytes>>(status, text).map(Either::Right)
 }
 
-fn answer_of(next: Next) -> Response<ResponseBody> {
-    match next {
-        Next::Answer {
-            status,
-            text,
-            close,
-        } => answer(status, text, close),
-        Next::Retry => plain(StatusCode::BAD_GATEWAY, "backend unavailable\n"),
-    }
-}
-
-fn answer(status: StatusCode, text: &'static str, close: bool) -> Response<ResponseBody> {
-    let mut r = plain(status, text);
-    if close {
+fn answer(a: Answer) -> Response<ResponseBody> {
+    let mut r = plain(a.status, a.text);
+    if a.close {
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }

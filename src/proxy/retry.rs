@@ -36,19 +36,23 @@ impl Fault {
 pub enum Next {
     /// Try another backend (if one is left and attempts remain).
     Retry,
-    /// Answer the client with this status and text; `close` ends the connection.
-    Answer {
-        /// The status.
-        status: StatusCode,
-        /// A short plain-text body.
-        text: &'static str,
-        /// Whether to close the client connection after it.
-        close: bool,
-    },
+    /// Answer the client.
+    Answer(Answer),
 }
 
-/// The answer when every attempt failed before a response, or when none could be made.
-pub const UNAVAILABLE: Next = Next::Answer {
+/// A short local answer to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// The status.
+    pub status: StatusCode,
+    /// A short plain-text body.
+    pub text: &'static str,
+    /// Whether to close the client connection after it.
+    pub close: bool,
+}
+
+/// The answer when every attempt failed before a response.
+pub const UNAVAILABLE: Answer = Answer {
     status: StatusCode::BAD_GATEWAY,
     text: "backend unavailable\n",
     close: false,
@@ -57,18 +61,18 @@ pub const UNAVAILABLE: Next = Next::Answer {
 /// After `fault`, for a request that may (`retryable`) or may not be replayed.
 pub fn after_failure(fault: Fault, retryable: bool) -> Next {
     match fault {
-        Fault::ClientBody => Next::Answer {
+        Fault::ClientBody => Next::Answer(Answer {
             status: StatusCode::BAD_REQUEST,
             text: "malformed request body\n",
             close: true,
-        },
+        }),
         Fault::Connect | Fault::Request if retryable => Next::Retry,
-        Fault::Connect | Fault::Request => UNAVAILABLE,
-        Fault::Timeout => Next::Answer {
+        Fault::Connect | Fault::Request => Next::Answer(UNAVAILABLE),
+        Fault::Timeout => Next::Answer(Answer {
             status: StatusCode::GATEWAY_TIMEOUT,
             text: "backend did not answer in time\n",
             close: false,
-        },
+        }),
     }
 }
 
@@ -150,12 +154,16 @@ mod tests {
     fn failures_before_an_answer_retry_timeouts_and_client_faults_do_not() {
         assert_eq!(after_failure(Fault::Connect, true), Next::Retry);
         assert_eq!(after_failure(Fault::Request, true), Next::Retry);
-        assert_eq!(after_failure(Fault::Connect, false), UNAVAILABLE);
-        let Next::Answer { status, close, .. } = after_failure(Fault::Timeout, true) else {
+        assert_eq!(
+            after_failure(Fault::Connect, false),
+            Next::Answer(UNAVAILABLE)
+        );
+        let Next::Answer(Answer { status, close, .. }) = after_failure(Fault::Timeout, true) else {
             panic!("a timeout is never replayed")
         };
         assert_eq!((status, close), (StatusCode::GATEWAY_TIMEOUT, false));
-        let Next::Answer { status, close, .. } = after_failure(Fault::ClientBody, true) else {
+        let Next::Answer(Answer { status, close, .. }) = after_failure(Fault::ClientBody, true)
+        else {
             panic!("a broken client body is the client's fault")
         };
         assert_eq!((status, close), (StatusCode::BAD_REQUEST, true));

@@ -51,12 +51,25 @@ impl<'a> Ctx<'a> {
         default: Duration,
         what: &str,
     ) -> Duration {
-        let Some(v) = v else { return default };
-        match duration::parse(&v.value) {
-            Ok(d) if d.is_zero() => {
+        let d = self.any_duration(v, default, what);
+        match v {
+            Some(v) if d.is_zero() => {
                 self.err(v, format!("{what} must be longer than 0"));
                 default
             }
+            _ => d,
+        }
+    }
+
+    /// A duration key that may be zero, `default` when absent; unparsable values are refused.
+    pub fn any_duration(
+        &mut self,
+        v: &Option<Spanned<String>>,
+        default: Duration,
+        what: &str,
+    ) -> Duration {
+        let Some(v) = v else { return default };
+        match duration::parse(&v.value) {
             Ok(d) => d,
             Err(e) => {
                 self.err(v, format!("{what}: {e}"));

@@ -8,7 +8,6 @@ use std::time::Duration;
 use serde_saphyr::Spanned;
 
 use super::check::Ctx;
-use super::duration;
 use super::gc;
 use super::raw::RawSync;
 use super::tls;
@@ -38,22 +37,6 @@ pub struct Sync {
     pub tls: Option<Vec<tls::LoadedCert>>,
 }
 
-fn span_duration(
-    cx: &mut Ctx<'_>,
-    v: &Option<Spanned<String>>,
-    default: Duration,
-    what: &str,
-) -> Duration {
-    let Some(v) = v else { return default };
-    match duration::parse(&v.value) {
-        Ok(d) => d,
-        Err(e) => {
-            cx.err(v, format!("{what}: {e}"));
-            default
-        }
-    }
-}
-
 pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
     let bind = cx.socket_addr(&raw.bind, "sync bind");
     if raw.store.value.trim().is_empty() {
@@ -63,7 +46,7 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         );
     }
     let store = cx.path(&raw.store.value);
-    let cadence = span_duration(cx, &raw.cadence, DEFAULT_CADENCE, "sync.cadence");
+    let cadence = cx.any_duration(&raw.cadence, DEFAULT_CADENCE, "sync.cadence");
     if cadence < MIN_CADENCE {
         if let Some(c) = &raw.cadence {
             cx.err(
@@ -72,7 +55,7 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
             );
         }
     }
-    let lead = span_duration(cx, &raw.lead, DEFAULT_LEAD, "sync.lead");
+    let lead = cx.any_duration(&raw.lead, DEFAULT_LEAD, "sync.lead");
     let (gc, errors) = gc::from_raw(raw.gc_interval.as_ref(), raw.gc_grace.as_ref());
     for (at, e) in errors {
         cx.err(at, format!("sync.{e}"));

@@ -7,6 +7,10 @@ exec 2>&1
 
 step() { echo; echo "== $*"; }
 fail() { echo "FAILED: $*"; exit 1; }
+# contains PATTERN: whether stdin holds PATTERN (case-insensitive). Reads all of stdin first:
+# `cmd | grep -q` stops reading at the first match, and under pipefail the writer's SIGPIPE
+# then fails the step at random (seen with curl writing a 14 KiB page in two writes).
+contains() { local all; all=$(cat); grep -qi -- "$1" <<<"$all"; }
 # wait_for SECONDS CMD...: runs CMD every 0.2 s until it succeeds.
 wait_for() {
   local deadline=$(( $(date +%s) + $1 )); shift
@@ -32,7 +36,7 @@ for t in agent publish; do
 done
 test -s /usr/share/man/man1/lockstep.1.gz
 test -s /usr/share/bash-completion/completions/lockstep
-dpkg-query -W -f='${Conffiles}\n' lockstep | grep -q /etc/lockstep/lockstep.yaml \
+dpkg-query -W -f='${Conffiles}\n' lockstep | contains /etc/lockstep/lockstep.yaml \
   || fail "/etc/lockstep/lockstep.yaml is not a conffile"
 [ "$(systemctl is-enabled lockstep.service)" = disabled ] || fail "installing enabled the unit"
 lockstep check -c "$conf"
@@ -45,10 +49,10 @@ ps -o user=,comm= -C lockstep | grep -v '^lockstep ' && fail "a lockstep process
 
 step "dig answers for www.farm.test, authoritatively"
 dig @127.0.0.1 www.farm.test +norec
-dig @127.0.0.1 www.farm.test +norec | grep -q 'flags: qr aa' || fail "the answer is not authoritative"
+dig @127.0.0.1 www.farm.test +norec | contains 'flags: qr aa' || fail "the answer is not authoritative"
 [ "$(dig @127.0.0.1 www.farm.test +short)" = 127.0.0.1 ] || fail "dig did not answer 127.0.0.1"
 [ "$(dig @127.0.0.1 nope.farm.test +short +norec | wc -l)" = 0 ] || fail "unknown name answered"
-dig @127.0.0.1 nope.farm.test | grep -q 'status: NXDOMAIN' || fail "no NXDOMAIN"
+dig @127.0.0.1 nope.farm.test | contains 'status: NXDOMAIN' || fail "no NXDOMAIN"
 
 step "before any release: no healthy backend, 503"
 code="$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1/)"
@@ -61,8 +65,8 @@ lockstep publish --hub http://127.0.0.1:7700 --token-file /etc/lockstep/publish.
 wait_for 30 body_is http://127.0.0.1/ "release one"
 curl -si http://127.0.0.1/ | grep -i '^x-lockstep-release:' || fail "no X-Lockstep-Release header"
 lockstep status --hub http://127.0.0.1:7700 --token-file /etc/lockstep/publish.token --admin http://127.0.0.1:9900
-curl -sf http://127.0.0.1:9900/api/pools | grep -q '"web-1"' || fail "/api/pools lacks web-1"
-curl -sf http://127.0.0.1:9900/status | grep -qi '<html' || fail "/status is not a page"
+curl -sf http://127.0.0.1:9900/api/pools | contains '"web-1"' || fail "/api/pools lacks web-1"
+curl -sf http://127.0.0.1:9900/status | contains '<html' || fail "/status is not a page"
 
 step "systemctl reload with a good change: a new DNS name appears"
 cp "$conf" /root/lockstep.yaml.good

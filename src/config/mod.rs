@@ -198,29 +198,17 @@ impl Admin {
     /// request without a `Host` comes from no browser and is answered.
     pub fn serves_host(&self, host: Option<&str>) -> bool {
         let Some(host) = host else { return true };
-        let name = match host.strip_prefix('[') {
-            // `[v6]` or `[v6]:port`
-            Some(rest) => {
-                return rest.split_once(']').is_some_and(|(ip, port)| {
-                    ip.parse::<std::net::Ipv6Addr>().is_ok()
-                        && (port.is_empty()
-                            || port
-                                .strip_prefix(':')
-                                .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())))
-                })
+        let name = crate::router::route::normalize_host(host);
+        match name.strip_prefix('[') {
+            Some(v6) => v6
+                .strip_suffix(']')
+                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+            None => {
+                name.parse::<std::net::Ipv4Addr>().is_ok()
+                    || name == "localhost"
+                    || self.hosts.iter().any(|h| *h == name)
             }
-            None => host.rsplit_once(':').map_or(host, |(n, port)| {
-                if port.bytes().all(|b| b.is_ascii_digit()) {
-                    n
-                } else {
-                    host
-                }
-            }),
-        };
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        name.parse::<std::net::Ipv4Addr>().is_ok()
-            || name == "localhost"
-            || self.hosts.contains(&name)
+        }
     }
 }
 

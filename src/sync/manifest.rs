@@ -35,6 +35,11 @@ impl Hash {
         Hash(*h.finalize().as_bytes())
     }
 
+    /// The 32 bytes (what a release signature covers, see [`super::sign`]).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Lower-case hex, 64 characters.
     pub fn to_hex(&self) -> String {
         blake3::Hash::from_bytes(self.0).to_hex().to_string()

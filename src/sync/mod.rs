@@ -15,6 +15,7 @@
 //! - [`tree`]: a directory → a manifest and the files holding its blobs
 //! - [`beneath`]: open, create, rename, remove beneath a directory handle, never through a symlink
 //! - [`auth`]: bearer tokens, compared in constant time
+//! - [`sign`]: publisher keys and Ed25519 release signatures; the trusted keys that check them
 //!
 //! Time on the wire is microseconds since the Unix epoch on the *hub's* clock; agents never
 //! trust their own wall clock for a flip, only their monotonic clock and the measured offset.
@@ -28,5 +29,6 @@ pub mod gc;
 pub mod manifest;
 pub mod protocol;
 pub mod schedule;
+pub mod sign;
 pub mod store;
 pub mod tree;

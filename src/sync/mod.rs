@@ -15,6 +15,7 @@
 //! - [`tree`]: a directory → a manifest and the files holding its blobs
 //! - [`beneath`]: open, create, rename, remove beneath a directory handle, never through a symlink
 //! - [`auth`]: bearer tokens, compared in constant time
+//! - [`provenance`]: what a hub-built release was made of, and the check agents make of it (pure)
 //! - [`sign`]: publisher keys and Ed25519 release signatures; the trusted keys that check them
 //!
 //! Time on the wire is microseconds since the Unix epoch on the *hub's* clock; agents never
@@ -28,6 +29,7 @@ pub mod cycle;
 pub mod gc;
 pub mod manifest;
 pub mod protocol;
+pub mod provenance;
 pub mod schedule;
 pub mod sign;
 pub mod store;

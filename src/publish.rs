@@ -118,7 +118,10 @@ pub async fn publish(
         .json(
             Method::POST,
             &format!("/sync/v1/releases/{}/commit", uploaded.id),
-            Some(&Commit { at_us }),
+            Some(&Commit {
+                at_us,
+                signatures: Vec::new(),
+            }),
             REQUEST_TIMEOUT,
         )
         .await?;

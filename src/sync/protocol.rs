@@ -6,10 +6,12 @@
 //! | `GET /sync/v1/time` | agent or publish | [`TimeReply`] |
 //! | `GET /sync/v1/schedule[?wait=VERSION]` | agent or publish | [`Schedule`]; with `wait`, held until the version differs (at most [`LONG_POLL`]) |
 //! | `GET /sync/v1/releases/{id}` | agent or publish | the manifest (canonical JSON; its blake3 is `id`) |
+//! | `GET /sync/v1/releases/{id}/signatures` | agent or publish | [`Signatures`]: the publishers' signatures of the release (empty: unsigned) |
+//! | `GET /sync/v1/releases/{id}/provenance` | agent or publish | [`Provenance`]: the base and changesets the hub built the release from; 404 for a publisher's release |
 //! | `GET /sync/v1/blobs/{hash}` | agent or publish | the blob's bytes |
 //! | `POST /sync/v1/releases` (manifest) | publish | [`Uploaded`]: the id and the blobs the hub lacks |
 //! | `PUT /sync/v1/blobs/{hash}` (bytes) | publish | 201/200; 400 if the bytes do not hash to `hash` |
-//! | `POST /sync/v1/releases/{id}/commit` ([`Commit`]) | publish | [`Committed`]; 409 while blobs are missing |
+//! | `POST /sync/v1/releases/{id}/commit` ([`Commit`]) | publish | [`Committed`]; 409 while blobs are missing; 400 for a signature that does not verify; 403 when `sync.trusted_keys` is set and none of the release's signatures is a trusted key's |
 //! | `POST /sync/v1/rollback` | publish | [`Committed`] for the previous release |
 //! | `POST /sync/v1/cycles/{n}/advance` | agent | [`Advanced`] |
 //! | `POST /sync/v1/agents/{name}/report` ([`Report`]) | agent | 204 |
@@ -18,7 +20,12 @@
 //! | `POST /sync/v1/changesets` ([`Changeset`]) | agent | [`ChangesetReply`] |
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed), 401 (no or wrong token), 403 (the
-//! token's role may not do this), 404 (unknown release or blob), 409 (not now), 413 (too big).
+//! token's role may not do this, or an untrusted release), 404 (unknown release or blob), 409
+//! (not now), 413 (too big).
+//!
+//! Signatures ([`crate::sync::sign`]) travel with the commit and are kept beside the release;
+//! a commit without any (an older publisher's body) parses as before. A rollback stages the
+//! previous release with the signatures it was committed with.
 
 use std::time::Duration;
 
@@ -27,6 +34,8 @@ use serde::{Deserialize, Serialize};
 pub use super::changeset::Changeset;
 use super::changeset::{Applied, Conflict};
 use super::manifest::{Hash, ReleaseId};
+pub use super::provenance::Provenance;
+use super::sign::Signature;
 
 /// Path prefix of every sync request.
 pub const PREFIX: &str = "/sync/v1";
@@ -86,6 +95,17 @@ pub struct Commit {
     /// An explicit activation time; else the next grid point after `lead`.
     #[serde(default)]
     pub at_us: Option<u64>,
+    /// Publishers' signatures of the release, added to those the hub keeps beside it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signatures: Vec<Signature>,
+}
+
+/// `GET /releases/{id}/signatures`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signatures {
+    /// The signatures kept beside the release (one per key).
+    pub signatures: Vec<Signature>,
 }
 
 /// What a commit or rollback did with its release (`"state"` of [`Committed`]).
@@ -363,6 +383,29 @@ mod tests {
             );
             assert_eq!(serde_json::from_value::<Committed>(v).unwrap(), c);
         }
+    }
+
+    #[test]
+    fn a_commit_body_without_signatures_parses_as_before() {
+        let old: Commit = serde_json::from_str(r#"{"at_us":5}"#).unwrap();
+        assert_eq!(
+            old,
+            Commit {
+                at_us: Some(5),
+                signatures: vec![]
+            }
+        );
+        assert_eq!(serde_json::to_string(&old).unwrap(), r#"{"at_us":5}"#);
+        let key = crate::sync::sign::SecretKey::generate(&ring::rand::SystemRandom::new())
+            .unwrap()
+            .0;
+        let signed = Commit {
+            at_us: None,
+            signatures: vec![key.sign_release(&id(1))],
+        };
+        let json = serde_json::to_string(&signed).unwrap();
+        assert_eq!(serde_json::from_str::<Commit>(&json).unwrap(), signed);
+        assert!(serde_json::from_str::<Commit>(r#"{"at_us":5,"sigs":[]}"#).is_err());
     }
 
     #[test]

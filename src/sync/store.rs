@@ -3,6 +3,8 @@
 //! ```text
 //! <root>/blobs/ab/abcdef…   a file's bytes, named by their blake3 hash
 //! <root>/releases/<id>.json a manifest, named by its hash (the release id)
+//! <root>/releases/<id>.sigs.json        the hub's: the publishers' signatures of the release
+//! <root>/releases/<id>.provenance.json  the hub's: the changesets it built the release from
 //! <root>/<state>.json       the hub's cycle state or the agent's active/previous releases
 //! <root>/tmp/               files being written
 //! ```
@@ -13,6 +15,9 @@
 //! checked before they are written). State is written last and only names what is already
 //! stored. The hub reaches its store through [`HubStore`], the seam where a distributed store
 //! (etcd's transactions give the same compare-and-swap) can come later.
+//!
+//! A release's signatures and provenance live beside its manifest and go with it: the
+//! collector removes them with the manifest (and any a crash left without one).
 //!
 //! Old content is collected by [`FsStore::collect`] (what may go is decided by [`super::gc`]).
 //! Answering "stored" refreshes a file's modification time, under a lock the collector takes
@@ -33,6 +38,8 @@ use serde::Serialize;
 use super::cycle::HubState;
 use super::gc::{self, GcError, Listing};
 use super::manifest::{Hash, Manifest, ReleaseId};
+use super::provenance::Provenance;
+use super::sign::Signature;
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +69,9 @@ pub enum StoreError {
     /// A collection that could not be made safely.
     #[error(transparent)]
     Gc(#[from] GcError),
+    /// Something to keep beside a release that is not stored.
+    #[error("release {0} is not stored")]
+    NoRelease(ReleaseId),
     /// Another process has the store open.
     #[error("the store {path} is in use by another process{}: one process per store (stop it, or give this one its own store)", holder.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     Locked {
@@ -111,8 +121,40 @@ pub trait HubStore: Send + Sync + 'static {
     /// writer got there first.
     fn swap_state(&self, expected: u64, new: &HubState) -> Result<bool, StoreError>;
     /// Removes manifests and blobs that `keep` does not need and that are older than `grace`
-    /// (see [`gc`]).
+    /// (see [`gc`]), and with each manifest what is kept beside it.
     fn collect(&self, keep: &[ReleaseId], grace: Duration) -> Result<Collected, StoreError>;
+    /// The publishers' signatures kept beside release `id` (none: empty).
+    fn signatures(&self, id: &ReleaseId) -> Result<Vec<Signature>, StoreError>;
+    /// Adds `sigs` to those kept beside the stored release `id` (one per key, the first
+    /// kept); all of them after. Refused when the release is not stored.
+    fn add_signatures(
+        &self,
+        id: &ReleaseId,
+        sigs: &[Signature],
+    ) -> Result<Vec<Signature>, StoreError>;
+    /// The provenance kept beside release `id`, if the hub built it from changesets.
+    fn provenance(&self, id: &ReleaseId) -> Result<Option<Provenance>, StoreError>;
+    /// Keeps `p` beside the stored release `id`, unless it has one already (the first stays:
+    /// either explains the release). Refused when the release is not stored.
+    fn put_provenance(&self, id: &ReleaseId, p: &Provenance) -> Result<(), StoreError>;
+}
+
+/// What the hub keeps beside a release's manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Beside {
+    Signatures,
+    Provenance,
+}
+
+impl Beside {
+    const ALL: [Beside; 2] = [Beside::Signatures, Beside::Provenance];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Beside::Signatures => ".sigs.json",
+            Beside::Provenance => ".provenance.json",
+        }
+    }
 }
 
 /// A store in a directory.
@@ -127,6 +169,8 @@ pub struct FsStore {
     /// Held (shared) while answering "stored" and refreshing the file's time; held alone by
     /// the collector while it re-checks a file's age and deletes it.
     gc_lock: RwLock<()>,
+    /// Serialises the read-merge-write of what is kept beside a release.
+    beside_lock: Mutex<()>,
 }
 
 const HUB_STATE: &str = "state";
@@ -185,6 +229,7 @@ impl FsStore {
             tmp_seq: AtomicU64::new(0),
             state_lock: Mutex::new(()),
             gc_lock: RwLock::new(()),
+            beside_lock: Mutex::new(()),
         })
     }
 
@@ -207,6 +252,83 @@ impl FsStore {
 
     fn release_path(&self, id: &ReleaseId) -> PathBuf {
         self.root.join("releases").join(format!("{id}.json"))
+    }
+
+    fn beside_path(&self, id: &ReleaseId, what: Beside) -> PathBuf {
+        self.root
+            .join("releases")
+            .join(format!("{id}{}", what.suffix()))
+    }
+
+    /// What is kept beside release `id`, parsed; `None` if nothing is.
+    fn read_beside<T: DeserializeOwned>(
+        &self,
+        id: &ReleaseId,
+        what: Beside,
+    ) -> Result<Option<T>, StoreError> {
+        let path = self.beside_path(id, what);
+        let Some(bytes) = read_optional(&path)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                path,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Writes what is kept beside release `id` as `update` makes it from what is there, while
+    /// the release is stored (checked, and its time refreshed, under the collector's shared
+    /// lock: it cannot be collected in between).
+    fn update_beside<T: DeserializeOwned + Serialize>(
+        &self,
+        id: &ReleaseId,
+        what: Beside,
+        update: impl FnOnce(Option<T>) -> Option<T>,
+    ) -> Result<Option<T>, StoreError> {
+        let _one = self.beside_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _shared = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        let release = self.release_path(id);
+        if !fs::metadata(&release).is_ok_and(|m| m.is_file()) {
+            return Err(StoreError::NoRelease(*id));
+        }
+        let _ = File::open(&release).and_then(|f| f.set_modified(SystemTime::now()));
+        let current = self.read_beside(id, what)?;
+        let Some(next) = update(current) else {
+            return Ok(None);
+        };
+        // Plain structs of ids, keys and strings always serialise.
+        let bytes = serde_json::to_vec_pretty(&next).expect("serialises");
+        self.write_atomic(&self.beside_path(id, what), &bytes)?;
+        Ok(Some(next))
+    }
+
+    /// Removes what is kept beside releases whose manifest is gone (a crash between the two
+    /// removals); under the collector's lock.
+    fn collect_orphans(&self) -> Result<(), StoreError> {
+        let releases = self.root.join("releases");
+        for e in fs::read_dir(&releases)
+            .map_err(io_err("cannot list", &releases))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = Beside::ALL.iter().find_map(|w| {
+                name.strip_suffix(w.suffix())
+                    .and_then(|h| h.parse::<ReleaseId>().ok())
+            }) else {
+                continue;
+            };
+            let _alone = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+            if !self.release_path(&id).exists() {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(io_err("cannot remove", &e.path())(err)),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes `data` to `dest` atomically: tmp file, fsync, rename, fsync of the directory.
@@ -323,9 +445,10 @@ impl FsStore {
         let paths = plan
             .releases
             .iter()
-            .map(|id| (self.release_path(id), false))
-            .chain(plan.blobs.iter().map(|h| (self.blob_path(h), true)));
-        for (path, is_blob) in paths {
+            .map(|id| (self.release_path(id), Some(id)))
+            .chain(plan.blobs.iter().map(|h| (self.blob_path(h), None)));
+        for (path, release) in paths {
+            let is_blob = release.is_none();
             let _alone = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
             let Ok(meta) = fs::metadata(&path) else {
                 continue;
@@ -342,7 +465,19 @@ impl FsStore {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err("cannot remove", &path)(e)),
             }
+            if let Some(id) = release {
+                // What was kept beside the manifest goes with it (still under the lock).
+                for what in Beside::ALL {
+                    let p = self.beside_path(id, what);
+                    match fs::remove_file(&p) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io_err("cannot remove", &p)(e)),
+                    }
+                }
+            }
         }
+        self.collect_orphans()?;
         Ok(done)
     }
 
@@ -470,6 +605,38 @@ impl HubStore for FsStore {
     fn collect(&self, keep: &[ReleaseId], grace: Duration) -> Result<Collected, StoreError> {
         FsStore::collect(self, keep, &HashSet::new(), grace)
     }
+    fn signatures(&self, id: &ReleaseId) -> Result<Vec<Signature>, StoreError> {
+        Ok(self
+            .read_beside(id, Beside::Signatures)?
+            .unwrap_or_default())
+    }
+    fn add_signatures(
+        &self,
+        id: &ReleaseId,
+        sigs: &[Signature],
+    ) -> Result<Vec<Signature>, StoreError> {
+        let mut all = Vec::new();
+        self.update_beside(id, Beside::Signatures, |stored: Option<Vec<Signature>>| {
+            all = stored.unwrap_or_default();
+            let before = all.len();
+            for s in sigs {
+                if !all.iter().any(|k| k.key == s.key) {
+                    all.push(*s);
+                }
+            }
+            (all.len() > before).then(|| all.clone())
+        })?;
+        Ok(all)
+    }
+    fn provenance(&self, id: &ReleaseId) -> Result<Option<Provenance>, StoreError> {
+        self.read_beside(id, Beside::Provenance)
+    }
+    fn put_provenance(&self, id: &ReleaseId, p: &Provenance) -> Result<(), StoreError> {
+        self.update_beside(id, Beside::Provenance, |stored: Option<Provenance>| {
+            stored.is_none().then(|| p.clone())
+        })?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -585,6 +752,70 @@ mod tests {
             Err(StoreError::Gc(GcError::MissingManifest(_)))
         ));
         assert!(store.blob_path(&Hash::of(b"fresh")).exists());
+    }
+
+    #[test]
+    fn signatures_and_provenance_live_beside_their_release_and_go_with_it() {
+        use crate::sync::provenance::Provenance;
+        use crate::sync::sign::SecretKey;
+        const HOUR: Duration = Duration::from_secs(3600);
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let rng = ring::rand::SystemRandom::new();
+        let (a, b) = (
+            SecretKey::generate(&rng).unwrap().0,
+            SecretKey::generate(&rng).unwrap().0,
+        );
+        let unknown = Hash::of(b"never stored");
+        assert!(matches!(
+            store.add_signatures(&unknown, &[a.sign_release(&unknown)]),
+            Err(StoreError::NoRelease(_))
+        ));
+        let kept = stored_release(&store, &[b"kept"]);
+        let gone = stored_release(&store, &[b"gone"]);
+        assert!(HubStore::signatures(&store, &kept).unwrap().is_empty());
+        let sa = a.sign_release(&kept);
+        assert_eq!(store.add_signatures(&kept, &[sa]).unwrap(), vec![sa]);
+        // One per key; another key's is added.
+        let sb = b.sign_release(&kept);
+        assert_eq!(
+            store.add_signatures(&kept, &[sa, sb]).unwrap(),
+            vec![sa, sb]
+        );
+        assert_eq!(store.signatures(&kept).unwrap(), vec![sa, sb]);
+        store
+            .add_signatures(&gone, &[a.sign_release(&gone)])
+            .unwrap();
+        let p = Provenance {
+            base: Some(kept),
+            changesets: vec![],
+        };
+        store.put_provenance(&gone, &p).unwrap();
+        // The first provenance stays.
+        let other = Provenance {
+            base: None,
+            changesets: vec![],
+        };
+        store.put_provenance(&gone, &other).unwrap();
+        assert_eq!(store.provenance(&gone).unwrap(), Some(p));
+        assert_eq!(store.provenance(&kept).unwrap(), None);
+        // Names that are not manifests are not releases.
+        let listed = store.list().unwrap().releases;
+        assert_eq!(listed.len(), 2, "{listed:?}");
+
+        // A crash left a signature file without its manifest.
+        let orphan = Hash::of(b"orphan");
+        std::fs::write(store.beside_path(&orphan, Beside::Signatures), b"[]").unwrap();
+        for id in [kept, gone] {
+            age_file(&store.release_path(&id), 2 * HOUR);
+        }
+        store.collect(&[kept], &HashSet::new(), HOUR).unwrap();
+        assert_eq!(store.signatures(&kept).unwrap(), vec![sa, sb]);
+        assert!(store.read_release(&gone).unwrap().is_none());
+        for what in Beside::ALL {
+            assert!(!store.beside_path(&gone, what).exists(), "{what:?}");
+        }
+        assert!(!store.beside_path(&orphan, Beside::Signatures).exists());
     }
 
     #[test]

@@ -240,6 +240,8 @@ pub struct RawSync {
     pub agent_token_file: Option<S<String>>,
     /// File holding the publishers' bearer token.
     pub publish_token_file: Option<S<String>>,
+    /// Publisher public keys (`.pub` files): a commit must carry a signature by one of them.
+    pub trusted_keys: Option<S<Vec<S<String>>>>,
     /// Serve the sync API over TLS with these certificates.
     pub tls: Option<RawTls>,
 }

@@ -1,5 +1,6 @@
 //! The `sync:` section: raw → checked [`Sync`] that the sync hub trusts. Token files are read
-//! (and refused when every user may read them) here, so `lockstep check` catches them.
+//! (and refused when every user may read them) here, so `lockstep check` catches them; so are
+//! the trusted publisher keys (shared with `agent.yaml`'s `trusted_keys`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use super::tls;
 use crate::sync::auth::{read_token, Tokens};
 use crate::sync::gc::Gc;
 use crate::sync::schedule::{DEFAULT_CADENCE, DEFAULT_LEAD};
+use crate::sync::sign::{read_public_key, TrustedKeys};
 
 /// Shortest activation grid.
 pub const MIN_CADENCE: Duration = Duration::from_millis(100);
@@ -35,6 +37,9 @@ pub struct Sync {
     pub tokens: Tokens,
     /// Certificates when the sync API is served over TLS.
     pub tls: Option<Vec<tls::LoadedCert>>,
+    /// Publisher keys one of which must sign every committed release (`None`: not checked
+    /// at commit).
+    pub trusted_keys: Option<TrustedKeys>,
 }
 
 pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
@@ -112,7 +117,12 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         }
         certs
     });
+    let trusted_keys = raw
+        .trusted_keys
+        .as_ref()
+        .map(|list| trusted_keys(cx, list, "sync.trusted_keys"));
     Some(Sync {
+        trusted_keys,
         bind: bind?,
         store,
         cadence,
@@ -121,4 +131,27 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         tokens,
         tls,
     })
+}
+
+/// A list of public key files (`key`: its name in messages), each read and checked at its
+/// own line; an empty list is refused (it would trust nothing).
+pub fn trusted_keys(
+    cx: &mut Ctx<'_>,
+    list: &Spanned<Vec<Spanned<String>>>,
+    key: &str,
+) -> TrustedKeys {
+    if list.value.is_empty() {
+        cx.err(
+            list,
+            format!("{key} is empty: list the publishers' public key files (`lockstep keygen` writes KEY.pub), or remove the key"),
+        );
+    }
+    let mut keys = Vec::new();
+    for file in &list.value {
+        match read_public_key(&cx.path(&file.value)) {
+            Ok(k) => keys.push(k),
+            Err(e) => cx.err(file, format!("{key}: {e}")),
+        }
+    }
+    TrustedKeys::new(keys)
 }

@@ -114,7 +114,7 @@ mod tests {
             assert!(matches!(e, HubError::Bad(_)), "{bad:?}: {e:?}");
         }
         let v1 = release(&fx.hub, &[("index.html", "v1")]).await;
-        fx.hub.commit(v1, None).await.unwrap();
+        fx.hub.commit(v1, None, vec![]).await.unwrap();
         set(&now, 110 * S);
         fx.hub.advance(0, Advancer::Agent).await.unwrap();
         let long = format!("{}é", "e".repeat(MAX_REPORT_ERROR - 1));

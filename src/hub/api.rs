@@ -80,6 +80,7 @@ fn hub_error(e: HubError) -> Answer {
         HubError::Bad(_) | HubError::Manifest(_) => StatusCode::BAD_REQUEST,
         HubError::NotFound(_) => StatusCode::NOT_FOUND,
         HubError::Conflict(_) => StatusCode::CONFLICT,
+        HubError::Untrusted(_) => StatusCode::FORBIDDEN,
         HubError::Store(_) => {
             warn!(error = %e, "sync store failed");
             StatusCode::INTERNAL_SERVER_ERROR
@@ -153,6 +154,14 @@ async fn dispatch(
         Endpoint::Schedule { wait } => Ok(schedule(hub, wait, shutdown).await),
         Endpoint::Fleet => Ok(json(StatusCode::OK, &hub.fleet())),
         Endpoint::Release(id) => release(hub, id).await,
+        Endpoint::Signatures(id) => Ok(json(
+            StatusCode::OK,
+            &hub.signatures(id).await.map_err(hub_error)?,
+        )),
+        Endpoint::Provenance(id) => Ok(json(
+            StatusCode::OK,
+            &hub.provenance(id).await.map_err(hub_error)?,
+        )),
         Endpoint::Blob(hash) => blob(hub, hash).await,
         Endpoint::Upload => upload(hub, req).await,
         Endpoint::PutBlob(hash) => put_blob(hub, hash, req).await,
@@ -225,7 +234,10 @@ async fn commit(hub: &Arc<Hub>, id: ReleaseId, req: Request<Incoming>) -> Result
         serde_json::from_slice(&b)
             .map_err(|e| error(StatusCode::BAD_REQUEST, format!("commit body: {e}")))?
     };
-    let committed = hub.commit(id, commit.at_us).await.map_err(hub_error)?;
+    let committed = hub
+        .commit(id, commit.at_us, commit.signatures)
+        .await
+        .map_err(hub_error)?;
     Ok(json(StatusCode::OK, &committed))
 }
 

@@ -3,7 +3,9 @@
 //! (last writer by hub time wins), applied whole and recorded with the store's
 //! compare-and-swap; the conflicts it met are logged, counted and kept for `lockstep status`.
 //! The rules are [`crate::sync::changeset`]'s and [`crate::sync::cycle`]'s; this file applies
-//! them to stored manifests.
+//! them to stored manifests. Every release it builds is kept with its provenance
+//! ([`crate::sync::provenance`]): no publisher signed it, so agents that check signatures
+//! accept it by checking it against the signed release it came from.
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use crate::sync::changeset::{self, Changeset, Conflict, Mode, Resolution, Stamp}
 use crate::sync::cycle::{Forward, HubState};
 use crate::sync::manifest::{Manifest, ManifestError, ReleaseId};
 use crate::sync::protocol::{ChangesetReply, ConflictView};
+use crate::sync::provenance::{self, SignedChangeset};
 use crate::sync::schedule::Rules;
 use crate::sync::store::HubStore;
 
@@ -110,13 +113,13 @@ fn apply(
     };
     let current = load(store, target)?;
     let r = changeset::resolve(&current, &s.stamps, cs);
-    let release = rebase(store, &current, &r, cs)?;
+    let release = rebase(store, target, &current, &r, cs)?;
     let f = forward(cs, &r);
     let next = match cs.mode {
         Mode::Immediate => {
             // The staged and queued releases take the edit too, so an activation keeps it.
             let carry = |id: Option<ReleaseId>| match id {
-                Some(_) => rebase(store, &load(store, id)?, &r, cs).map(Some),
+                Some(_) => rebase(store, id, &load(store, id)?, &r, cs).map(Some),
                 None => Ok(None),
             };
             let staged = carry(s.staged.map(|x| x.id))?;
@@ -145,9 +148,11 @@ fn forward(cs: &Changeset, r: &Resolution) -> Forward {
     }
 }
 
-/// `base` with the resolved changes applied, stored: the new release's id.
+/// `base` (the manifest of release `base_id`) with the resolved changes applied, stored with
+/// its provenance: the new release's id.
 fn rebase(
     store: &dyn HubStore,
+    base_id: Option<ReleaseId>,
     base: &Manifest,
     r: &Resolution,
     cs: &Changeset,
@@ -157,7 +162,46 @@ fn rebase(
     })?;
     let id = m.id();
     store.put_release(&id, &m.to_json())?;
+    record_provenance(store, base_id, base, &m, cs)?;
     Ok(id)
+}
+
+/// Keeps beside `release` how it was made — `cs` applied to release `base_id` — so that
+/// agents can check it against a signed release. Flattened: when the base was itself built
+/// from changesets, onto the base's base. Nothing for a release that is signed or explained
+/// already, or that the changeset left as it was.
+fn record_provenance(
+    store: &dyn HubStore,
+    base_id: Option<ReleaseId>,
+    base: &Manifest,
+    release: &Manifest,
+    cs: &Changeset,
+) -> Result<(), HubError> {
+    let id = release.id();
+    if Some(id) == base_id || !store.signatures(&id)?.is_empty() || store.provenance(&id)?.is_some()
+    {
+        return Ok(());
+    }
+    let base_provenance = match base_id {
+        Some(b) if store.signatures(&b)?.is_empty() => store.provenance(&b)?,
+        _ => None,
+    };
+    let loaded;
+    let root = match &base_provenance {
+        Some(p) => {
+            loaded = load(store, p.base)?;
+            &loaded
+        }
+        None => base,
+    };
+    let cs = SignedChangeset::unsigned(cs.clone());
+    let p = provenance::extend(base_id, base_provenance, cs, root, release);
+    if p.base == Some(id) {
+        // Edited back to its root: the root's signatures are its own.
+        return Ok(());
+    }
+    store.put_provenance(&id, &p)?;
+    Ok(())
 }
 
 /// The manifest of release `id` (an empty one for no release).
@@ -278,11 +322,11 @@ mod tests {
         let (clock, now) = manual(100 * S);
         let fx = testing::hub(clock);
         let v1 = release(&fx.hub, &[("index.html", "v1"), ("a.html", "a1")]).await;
-        fx.hub.commit(v1, None).await.unwrap();
+        fx.hub.commit(v1, None, vec![]).await.unwrap();
         set(&now, 110 * S);
         fx.hub.advance(0, Advancer::Agent).await.unwrap();
         let v2 = release(&fx.hub, &[("index.html", "v2"), ("a.html", "a1")]).await;
-        fx.hub.commit(v2, None).await.unwrap();
+        fx.hub.commit(v2, None, vec![]).await.unwrap();
         put(&fx.hub, "a2").await;
         let reply = fx
             .hub
@@ -300,6 +344,57 @@ mod tests {
         let staged = files(&fx.hub, staged.id).await;
         assert_eq!(staged["a.html"], Hash::of(b"a2"));
         assert_eq!(staged["index.html"], Hash::of(b"v2"));
+    }
+
+    #[tokio::test]
+    async fn releases_built_from_changesets_keep_a_provenance_down_to_the_signed_release() {
+        use crate::sync::provenance::TrustedOrigins;
+        let (clock, now) = manual(100 * S);
+        let fx = testing::hub(clock);
+        let key = crate::sync::sign::SecretKey::generate(&ring::rand::SystemRandom::new())
+            .unwrap()
+            .0;
+        let v1 = release(&fx.hub, &[("index.html", "v1"), ("a.html", "a1")]).await;
+        fx.hub
+            .commit(v1, None, vec![key.sign_release(&v1)])
+            .await
+            .unwrap();
+        set(&now, 110 * S);
+        fx.hub.advance(0, Advancer::Agent).await.unwrap();
+        let manifest = |id| {
+            let hub = fx.hub.clone();
+            async move { Manifest::from_json(&hub.release(id).await.unwrap()).unwrap() }
+        };
+        let web = TrustedOrigins::new(["web1".to_string(), "web2".to_string()]);
+        let mut seq = 0;
+        let mut last = v1;
+        for (origin, path, prev, data) in [
+            ("web1", "a.html", Some("a1"), "a2"),
+            ("web2", "b.html", None, "b"),
+            ("web1", "a.html", Some("a2"), "a3"),
+        ] {
+            seq += 1;
+            put(&fx.hub, data).await;
+            let reply = fx
+                .hub
+                .changeset(edit(origin, seq, Mode::Immediate, path, prev, data))
+                .await
+                .unwrap();
+            let id = reply.release.unwrap();
+            assert_ne!(id, last);
+            let p = fx.hub.provenance(id).await.unwrap();
+            assert_eq!(p.base, Some(v1), "flattened onto the signed release");
+            p.check(&web, &manifest(v1).await, &manifest(id).await)
+                .unwrap();
+            last = id;
+        }
+        // The first edit of a.html was written again: only the last two explain anything.
+        let p = fx.hub.provenance(last).await.unwrap();
+        let names: Vec<String> = p.changesets.iter().map(|c| c.changeset.name()).collect();
+        assert_eq!(names, ["web2/2", "web1/3"]);
+        // No publisher signed the built releases; the signed one has no provenance.
+        assert!(fx.hub.signatures(last).await.unwrap().signatures.is_empty());
+        assert!(fx.hub.provenance(v1).await.is_err());
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use super::{blocking, Hub, HubError};
 use crate::sync::manifest::{Hash, Manifest, ReleaseId, MAX_BLOB_BYTES};
 use crate::sync::protocol::Uploaded;
+use crate::sync::provenance::MAX_DEPTH;
 use crate::sync::store::{Collected, StoreError};
 
 impl Hub {
@@ -128,11 +129,12 @@ impl Hub {
         Ok(missing)
     }
 
-    /// Removes the releases no one needs (anything but active, previous, staged and queued)
+    /// Removes the releases no one needs (anything but active, previous, staged and queued,
+    /// and the releases their provenance names: agents check a built release against them)
     /// and the blobs only they used, once older than the grace period.
     pub async fn collect(&self) -> Result<Collected, HubError> {
         let state = self.state();
-        let keep: Vec<ReleaseId> = [
+        let named: Vec<ReleaseId> = [
             state.active,
             state.previous,
             state.staged.map(|s| s.id),
@@ -143,7 +145,24 @@ impl Hub {
         .collect();
         let grace = self.settings().gc.grace;
         let store = self.store.clone();
-        let done = blocking(move || store.collect(&keep, grace)).await?;
+        let done = blocking(move || {
+            let mut keep = named.clone();
+            let mut next = named;
+            for _ in 0..MAX_DEPTH {
+                let mut bases = Vec::new();
+                for id in &next {
+                    if let Some(b) = store.provenance(id)?.and_then(|p| p.base) {
+                        if !keep.contains(&b) {
+                            keep.push(b);
+                            bases.push(b);
+                        }
+                    }
+                }
+                next = bases;
+            }
+            store.collect(&keep, grace)
+        })
+        .await?;
         self.metrics.gc_removed(&done);
         Ok(done)
     }
@@ -181,5 +200,85 @@ impl Hub {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::hub::testing::{self, entry, manual, release, set, S};
+    use crate::sync::changeset::{Change, Changeset, Mode};
+    use crate::sync::cycle::Advancer;
+
+    /// Every file under `dir`, by name.
+    fn names(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn collection_keeps_the_signed_release_a_built_one_is_checked_against() {
+        let (clock, now) = manual(100 * S);
+        let fx = testing::hub(clock);
+        let key = crate::sync::sign::SecretKey::generate(&ring::rand::SystemRandom::new())
+            .unwrap()
+            .0;
+        let old = release(&fx.hub, &[("index.html", "old")]).await;
+        let v1 = release(&fx.hub, &[("index.html", "v1")]).await;
+        for (i, v) in [old, v1].into_iter().enumerate() {
+            fx.hub
+                .commit(v, None, vec![key.sign_release(&v)])
+                .await
+                .unwrap();
+            set(&now, (110 + 10 * i as u64) * S);
+            let cycle = fx.hub.state().cycle;
+            fx.hub.advance(cycle, Advancer::Agent).await.unwrap();
+        }
+        // Two edits: the second is active, the first named by no one; `old` is the previous
+        // release, v1 named by no one but the active release's provenance.
+        let mut built = Vec::new();
+        for seq in 1..=2u64 {
+            let data = format!("edit {seq}");
+            fx.hub
+                .put_blob(Hash::of(data.as_bytes()), data.clone().into_bytes())
+                .await
+                .unwrap();
+            let cs = Changeset {
+                origin: "web1".into(),
+                seq,
+                mode: Mode::Immediate,
+                base: None,
+                detected_us: seq,
+                changes: BTreeMap::from([(
+                    format!("e{seq}.html"),
+                    Change {
+                        entry: Some(entry(&data)),
+                        prev: None,
+                    },
+                )]),
+            };
+            built.push(fx.hub.changeset(cs).await.unwrap().release.unwrap());
+        }
+        let s = fx.hub.state();
+        assert_eq!((s.active, s.previous), (Some(built[1]), Some(old)));
+        let releases = fx.dir.path().join("releases");
+        for name in names(&releases) {
+            crate::sync::store::age_file(&releases.join(name), Duration::from_secs(7200));
+        }
+        let done = fx.hub.collect().await.unwrap();
+        assert_eq!(done.releases, 1, "only the first built release goes");
+        let left = names(&releases);
+        for kept in [format!("{v1}.json"), format!("{v1}.sigs.json")] {
+            assert!(left.contains(&kept), "{kept} collected: {left:?}");
+        }
+        assert!(
+            !left.iter().any(|n| n.starts_with(&built[0].to_hex())),
+            "{left:?}"
+        );
     }
 }

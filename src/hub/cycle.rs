@@ -11,15 +11,19 @@ use super::{Hub, HubError};
 use crate::sync::cycle::{Advance, Advancer, Published};
 use crate::sync::manifest::ReleaseId;
 use crate::sync::protocol::{Advanced, CommitState, Committed, NotAdvanced};
+use crate::sync::sign::Signature;
 
 impl Hub {
-    /// Stages a complete release for activation.
+    /// Stages a complete release for activation, keeping `signatures` beside it (each must
+    /// verify; with `sync.trusted_keys` one of those keys must have signed it).
     pub async fn commit(
         self: &Arc<Self>,
         id: ReleaseId,
         at_us: Option<u64>,
+        signatures: Vec<Signature>,
     ) -> Result<Committed, HubError> {
         self.check_complete(id).await?;
+        self.sign(id, signatures).await?;
         let published = self
             .transition(move |s, now, rules| {
                 let (next, p) = s.publish(id, at_us, now, rules)?;
@@ -32,7 +36,8 @@ impl Hub {
         Ok(self.committed(id, published))
     }
 
-    /// Stages the previous release.
+    /// Stages the previous release (with the signatures it was committed with: they stay
+    /// beside it).
     pub async fn rollback(self: &Arc<Self>) -> Result<Committed, HubError> {
         let (id, published) = self
             .transition(|s, now, rules| {
@@ -108,7 +113,7 @@ mod tests {
         let (clock, now) = manual(100 * S);
         let fx = testing::hub(clock);
         let id = release(&fx.hub, &[("index.html", "v1")]).await;
-        let c = fx.hub.commit(id, None).await.unwrap();
+        let c = fx.hub.commit(id, None, vec![]).await.unwrap();
         // First grid point (10 s) at least the lead (3 s) ahead.
         assert_eq!(
             (c.state, c.activation_us),
@@ -162,17 +167,17 @@ mod tests {
         let v1 = release(&fx.hub, &[("index.html", "v1")]).await;
         let v2 = release(&fx.hub, &[("index.html", "v2")]).await;
         let v3 = release(&fx.hub, &[("index.html", "v3")]).await;
-        fx.hub.commit(v1, None).await.unwrap();
+        fx.hub.commit(v1, None, vec![]).await.unwrap();
         // Outside the guard (2 s before 110 s): replaces the staged release, same instant.
         set(&now, 105 * S);
-        let c = fx.hub.commit(v2, None).await.unwrap();
+        let c = fx.hub.commit(v2, None, vec![]).await.unwrap();
         assert_eq!(
             (c.state, c.activation_us),
             (CommitState::Staged, Some(110 * S))
         );
         // Inside it: agents may be flipping to v2 already, so v3 waits.
         set(&now, 108 * S + 1);
-        let c = fx.hub.commit(v3, None).await.unwrap();
+        let c = fx.hub.commit(v3, None, vec![]).await.unwrap();
         assert_eq!((c.state, c.activation_us), (CommitState::Queued, None));
         assert_eq!((c.schedule.staged, c.schedule.queued), (Some(v2), Some(v3)));
         // The advance activates v2 and stages v3 for the next grid point past the lead.
@@ -190,7 +195,7 @@ mod tests {
         let m = testing::manifest(&[("a.html", "a"), ("b.html", "b")]);
         let up = fx.hub.upload_manifest(m.to_json()).await.unwrap();
         assert_eq!(up.missing.len(), 2);
-        let e = fx.hub.commit(up.id, None).await.unwrap_err();
+        let e = fx.hub.commit(up.id, None, vec![]).await.unwrap_err();
         assert!(matches!(e, HubError::Conflict(_)), "{e:?}");
         assert_eq!(
             e.to_string(),
@@ -207,11 +212,11 @@ mod tests {
         let (clock, now) = manual(100 * S);
         let fx = testing::hub(clock);
         let v1 = release(&fx.hub, &[("index.html", "v1")]).await;
-        fx.hub.commit(v1, None).await.unwrap();
+        fx.hub.commit(v1, None, vec![]).await.unwrap();
         set(&now, 110 * S);
         fx.hub.advance(0, Advancer::Agent).await.unwrap();
         let version = fx.hub.state().version;
-        let c = fx.hub.commit(v1, None).await.unwrap();
+        let c = fx.hub.commit(v1, None, vec![]).await.unwrap();
         assert_eq!((c.state, c.activation_us), (CommitState::Active, None));
         assert_eq!(fx.hub.state().version, version, "no new state was written");
     }
@@ -227,7 +232,7 @@ mod tests {
         let v1 = release(&fx.hub, &[("index.html", "v1")]).await;
         let v2 = release(&fx.hub, &[("index.html", "v2")]).await;
         for (v, at) in [(v1, 110), (v2, 120)] {
-            fx.hub.commit(v, None).await.unwrap();
+            fx.hub.commit(v, None, vec![]).await.unwrap();
             set(&now, at * S);
             let cycle = fx.hub.state().cycle;
             assert!(

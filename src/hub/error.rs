@@ -3,6 +3,7 @@
 
 use crate::sync::cycle::CycleError;
 use crate::sync::manifest::ManifestError;
+use crate::sync::sign::Unsigned;
 use crate::sync::store::StoreError;
 
 /// Why a hub operation failed; the sync API maps each to a status.
@@ -21,6 +22,9 @@ pub enum HubError {
     /// Not possible now (409).
     #[error("{0}")]
     Conflict(String),
+    /// A release no trusted key signed, committed to a hub with `sync.trusted_keys` (403).
+    #[error(transparent)]
+    Untrusted(#[from] Unsigned),
     /// The store failed (500; a full disk reads "No space left on device").
     #[error("store: {0}")]
     Store(#[from] StoreError),

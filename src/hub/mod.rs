@@ -17,6 +17,7 @@
 //! - `cycle`: commit, rollback and the cycle advance
 //! - `changesets`: agents' changesets applied to the releases, conflicts kept
 //! - `agents`: agents' reports, the fleet view, who is behind
+//! - `signatures`: publishers' signatures and changeset provenance kept beside releases, served
 //! - `task`: the timer task (the hub's own advance after the grace, the behind set)
 //! - [`api`]: the HTTP face; `route`: its route table (pure)
 //! - [`fleet`]: which agents are behind (pure); `metrics`: the hub's metrics
@@ -32,6 +33,7 @@ pub mod fleet;
 mod metrics;
 mod route;
 mod settings;
+mod signatures;
 mod task;
 
 use std::collections::{HashSet, VecDeque};

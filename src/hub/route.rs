@@ -46,6 +46,10 @@ pub enum Endpoint {
     Fleet,
     /// `GET /releases/{id}`: a manifest.
     Release(ReleaseId),
+    /// `GET /releases/{id}/signatures`: the publishers' signatures kept beside it.
+    Signatures(ReleaseId),
+    /// `GET /releases/{id}/provenance`: how the hub built it from changesets.
+    Provenance(ReleaseId),
     /// `GET /blobs/{hash}`.
     Blob(Hash),
     /// `POST /releases`: a manifest.
@@ -140,6 +144,8 @@ impl Endpoint {
             (_, ["schedule"]) if read => Endpoint::Schedule { wait: wait(query)? },
             (_, ["agents"]) if read => Endpoint::Fleet,
             (_, ["releases", id]) if read => Endpoint::Release(hash(id, READ)?),
+            (_, ["releases", id, "signatures"]) if read => Endpoint::Signatures(hash(id, READ)?),
+            (_, ["releases", id, "provenance"]) if read => Endpoint::Provenance(hash(id, READ)?),
             (_, ["blobs", h]) if read => Endpoint::Blob(hash(h, READ)?),
             (&Method::PUT, ["blobs", h]) => Endpoint::PutBlob(hash(h, WRITE)?),
             (&Method::POST, ["releases"]) => Endpoint::Upload,
@@ -171,6 +177,8 @@ impl Endpoint {
             | Endpoint::Schedule { .. }
             | Endpoint::Fleet
             | Endpoint::Release(_)
+            | Endpoint::Signatures(_)
+            | Endpoint::Provenance(_)
             | Endpoint::Blob(_) => READ,
             Endpoint::PutBlob(_) => WRITE,
             Endpoint::Upload | Endpoint::Commit(_) | Endpoint::Rollback => PUBLISH,
@@ -222,6 +230,18 @@ mod tests {
                 Method::GET,
                 format!("/sync/v1/releases/{H}"),
                 Endpoint::Release(hash()),
+                READ,
+            ),
+            (
+                Method::GET,
+                format!("/sync/v1/releases/{H}/signatures"),
+                Endpoint::Signatures(hash()),
+                READ,
+            ),
+            (
+                Method::GET,
+                format!("/sync/v1/releases/{H}/provenance"),
+                Endpoint::Provenance(hash()),
                 READ,
             ),
             (
@@ -339,6 +359,8 @@ mod tests {
             (Method::POST, format!("/sync/v1/blobs/{H}")),
             (Method::DELETE, format!("/sync/v1/releases/{H}")),
             (Method::GET, format!("/sync/v1/releases/{H}/commit")),
+            (Method::POST, format!("/sync/v1/releases/{H}/signatures")),
+            (Method::PUT, format!("/sync/v1/releases/{H}/provenance")),
             (Method::GET, "/sync/v1/rollback".into()),
             (Method::GET, "/sync/v1/cycles/1/advance".into()),
             (Method::GET, "/sync/v1/agents/web1/report".into()),
@@ -364,6 +386,8 @@ mod tests {
         let rows = [
             (Method::GET, "/sync/v1/blobs/xyz", READ),
             (Method::GET, "/sync/v1/releases/", READ),
+            (Method::GET, "/sync/v1/releases/xyz/signatures", READ),
+            (Method::GET, "/sync/v1/releases/xyz/provenance", READ),
             (Method::PUT, "/sync/v1/blobs/xyz", WRITE),
             (Method::POST, "/sync/v1/releases/XYZ/commit", PUBLISH),
         ];

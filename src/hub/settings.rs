@@ -1,5 +1,5 @@
 //! What the hub is given besides its store: the settings a reload may change (activation
-//! rules, tokens, collection) and its clock, injected so tests can move time. Reads no clock
+//! rules, tokens, collection, trusted keys) and its clock, injected so tests can move time. Reads no clock
 //! itself except in [`system_clock`], the real one.
 
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use crate::config::sync::Sync as SyncConfig;
 use crate::sync::auth::Tokens;
 use crate::sync::gc::Gc;
 use crate::sync::schedule::Rules;
+use crate::sync::sign::TrustedKeys;
 
 /// The hub's clock: µs since the Unix epoch (injected so tests can move time).
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -26,6 +27,9 @@ pub struct Settings {
     pub tokens: Tokens,
     /// Collection of unused releases and blobs.
     pub gc: Gc,
+    /// Publisher keys one of which must have signed a committed release (`None`: any
+    /// release may be committed; agents check signatures either way).
+    pub trusted_keys: Option<TrustedKeys>,
 }
 
 impl Settings {
@@ -35,6 +39,7 @@ impl Settings {
             rules: Rules::new(c.cadence, c.lead),
             tokens: c.tokens.clone(),
             gc: c.gc,
+            trusted_keys: c.trusted_keys.clone(),
         }
     }
 }

@@ -115,7 +115,7 @@ mod tests {
         let id = release(&fx.hub, &[("index.html", "v1")]).await;
         let at = fx
             .hub
-            .commit(id, None)
+            .commit(id, None, vec![])
             .await
             .unwrap()
             .activation_us
@@ -145,7 +145,7 @@ mod tests {
         let id = release(&fx.hub, &[("index.html", "v1")]).await;
         let at = fx
             .hub
-            .commit(id, None)
+            .commit(id, None, vec![])
             .await
             .unwrap()
             .activation_us
@@ -168,7 +168,7 @@ mod tests {
         let v1 = release(&fx.hub, &[("index.html", "v1")]).await;
         let at1 = fx
             .hub
-            .commit(v1, None)
+            .commit(v1, None, vec![])
             .await
             .unwrap()
             .activation_us
@@ -178,7 +178,7 @@ mod tests {
         let v2 = release(&fx.hub, &[("index.html", "v2")]).await;
         let at2 = fx
             .hub
-            .commit(v2, None)
+            .commit(v2, None, vec![])
             .await
             .unwrap()
             .activation_us

@@ -23,7 +23,8 @@ pub struct Fixture {
     pub hub: Arc<Hub>,
     /// Its metrics (not registered anywhere).
     pub metrics: HubMetrics,
-    _dir: tempfile::TempDir,
+    /// The store's directory.
+    pub dir: tempfile::TempDir,
 }
 
 /// Activations every 10 s, at least 3 s after the publish (so the replace guard is 2 s).
@@ -39,14 +40,11 @@ pub fn hub(clock: Clock) -> Fixture {
         rules: rules(),
         tokens: Tokens::default(),
         gc: Gc::default(),
+        trusted_keys: None,
     };
     let metrics = HubMetrics::default();
     let hub = Hub::new(Arc::new(store), settings, clock, metrics.clone()).expect("new hub");
-    Fixture {
-        hub,
-        metrics,
-        _dir: dir,
-    }
+    Fixture { hub, metrics, dir }
 }
 
 /// A clock that stands still until the test sets it (µs).

@@ -23,8 +23,10 @@ const EXAMPLES: &str = "Examples:
   lockstep check -c /etc/lockstep/lockstep.yaml  validate a config (exit 2 and file:line:col on errors)
   lockstep serve -c /etc/lockstep/lockstep.yaml  run the appliance
   lockstep reload -c /etc/lockstep/lockstep.yaml reload the running appliance and wait for the result
-  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token ./site
-                                                 stage ./site as the next release on every backend
+  lockstep keygen --out /etc/lockstep/publisher.key
+                                                 a key pair to sign releases (give agents the .pub)
+  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --key publisher.key ./site
+                                                 stage ./site, signed, as the next release on every backend
   lockstep status --hub http://10.0.0.1:7700 --token-file publish.token
                                                  each agent's active and staged release, clock offset, last flip";
 
@@ -72,7 +74,7 @@ pub enum Command {
     },
     /// Turn a directory into a release and stage it on the hub for the next activation.
     #[command(
-        after_help = "Examples:\n  lockstep publish --hub http://10.0.0.1:7700 --token-file /etc/lockstep/publish.token ./site\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --at +30s ./site\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --rollback"
+        after_help = "Examples:\n  lockstep publish --hub http://10.0.0.1:7700 --token-file /etc/lockstep/publish.token --key /etc/lockstep/publisher.key ./site\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --key publisher.key --at +30s ./site\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --key old.key --key new.key ./site   # during a key rotation\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --rollback"
     )]
     Publish {
         /// Hub and token.
@@ -91,6 +93,22 @@ pub enum Command {
         /// Blob uploads in flight at once.
         #[arg(long, default_value_t = crate::publish::DEFAULT_CONCURRENCY)]
         concurrency: usize,
+        /// Sign the release with this secret key (from `lockstep keygen`); repeat to sign with
+        /// several (a key rotation). Agents with `trusted_keys` serve only signed releases.
+        #[arg(long = "key", value_name = "PATH", conflicts_with = "rollback")]
+        keys: Vec<PathBuf>,
+    },
+    /// Make a key pair to sign releases with: PATH (secret, mode 0600) and PATH.pub.
+    #[command(
+        after_help = "Example:\n  lockstep keygen --out /etc/lockstep/publisher.key --comment \"release key 2026\"\n\nKeep PATH on the publishing host (lockstep publish --key PATH); list PATH.pub in every agent's\ntrusted_keys (and the hub's sync.trusted_keys). An existing file is never overwritten."
+    )]
+    Keygen {
+        /// Where to write the secret key; the public key goes to PATH.pub.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+        /// Text kept after the public key, e.g. who holds it.
+        #[arg(long)]
+        comment: Option<String>,
     },
     /// Show the fleet: each agent's active and staged release, clock offset, last flip.
     #[command(

@@ -26,7 +26,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             at,
             rollback,
             concurrency,
-        } => publish(&hub, dir, at, rollback, concurrency),
+            keys,
+        } => publish(&hub, dir, at, rollback, concurrency, &keys),
+        Command::Keygen { out, comment } => keygen(&out, comment.as_deref()),
         Command::Status { hub, json, admin } => status(&hub, json, admin.as_deref()),
         Command::Agent { config } => agent(&config),
         Command::Demo {
@@ -100,14 +102,20 @@ fn reload(config: &Path, socket: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `lockstep publish DIR [--at WHEN]` or `lockstep publish --rollback`.
+/// `lockstep publish DIR [--at WHEN] [--key PATH…]` or `lockstep publish --rollback`.
 fn publish(
     hub: &crate::cli::HubArgs,
     dir: Option<PathBuf>,
     at: Option<publish::At>,
     rollback: bool,
     concurrency: usize,
+    keys: &[PathBuf],
 ) -> anyhow::Result<()> {
+    // Read first: a key that cannot sign stops the publish before anything is uploaded.
+    let keys = keys
+        .iter()
+        .map(|k| crate::sync::sign::read_secret_key(k))
+        .collect::<Result<Vec<_>, _>>()?;
     let client = hub_client(hub)?;
     let rt = runtime(false)?;
     if rollback {
@@ -124,9 +132,27 @@ fn publish(
             &dir,
             at.unwrap_or(publish::At::Next),
             concurrency,
+            &keys,
         ))
         .with_context(|| format!("publishing {}", dir.display()))?;
     print!("{}", publish::render_outcome(&o));
+    Ok(())
+}
+
+/// `lockstep keygen --out PATH [--comment TEXT]`.
+fn keygen(out: &Path, comment: Option<&str>) -> anyhow::Result<()> {
+    use crate::sync::sign;
+    let public = sign::write_key_pair(out, comment, &ring::rand::SystemRandom::new())?;
+    println!(
+        "secret key {} (mode 0600): keep it on the publishing host; sign with `lockstep publish --key {}`",
+        out.display(),
+        out.display()
+    );
+    println!(
+        "public key {} (key id {}): list it in every agent's trusted_keys (and the hub's sync.trusted_keys)",
+        sign::public_path(out).display(),
+        public.id()
+    );
     Ok(())
 }
 

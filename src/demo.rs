@@ -251,7 +251,7 @@ async fn publish_first(hub: &str, dir: &Path) -> anyhow::Result<crate::sync::man
     std::fs::write(site.join("index.html"), FIRST_SITE)?;
     let token = crate::sync::auth::read_token(&dir.join("publish.token"))?;
     let publisher = HttpClient::hub(hub, Some(token), None)?;
-    let first = publish::publish(&publisher, &site, publish::At::Next, 4)
+    let first = publish::publish(&publisher, &site, publish::At::Next, 4, &[])
         .await
         .context("publishing the first demo release")?;
     Ok(first.committed.id)

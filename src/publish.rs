@@ -3,7 +3,9 @@
 //! Publishing hashes a directory into a manifest, uploads the manifest, then only the blobs
 //! the hub lacks (a one-file change moves one file), then commits: the hub stages the release
 //! for the next activation. An interrupted publish loses nothing — blobs already uploaded stay,
-//! and the release is not staged until its commit.
+//! and the release is not staged until its commit. With `--key`, the commit carries the
+//! publisher's signature of the release id computed here (never the hub's word for it): what
+//! agents with `trusted_keys` require.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,8 +19,9 @@ use tokio::task::JoinSet;
 use crate::admin::view::{PoolView, PoolsView};
 use crate::hub::fleet::last_flip_skew;
 use crate::net::client::{ok, ClientError, HttpClient, Remote, REQUEST_TIMEOUT};
-use crate::sync::manifest::{Hash, Manifest};
+use crate::sync::manifest::{Hash, Manifest, ReleaseId};
 use crate::sync::protocol::{Commit, CommitState, Committed, Fleet, Schedule, Uploaded};
+use crate::sync::sign::{KeyId, SecretKey, Signature};
 use crate::sync::tree::{scan, Tree, TreeError};
 
 /// Blob uploads in flight at once by default.
@@ -76,6 +79,14 @@ pub enum PublishError {
     /// An upload task failed (a bug: it panicked).
     #[error("an upload task failed: {0}")]
     Task(String),
+    /// The hub named the uploaded manifest by another id than its hash.
+    #[error("the hub answered release {hub} for the manifest whose id is {ours}: not signing it")]
+    WrongId {
+        /// The id computed here.
+        ours: ReleaseId,
+        /// The hub's answer.
+        hub: ReleaseId,
+    },
     /// A blob's source changed while it was being published.
     #[error("{path} changed while it was being published: publish again")]
     Changed {
@@ -99,33 +110,43 @@ pub struct Outcome {
     pub uploaded_blobs: usize,
     /// Their total size.
     pub uploaded_bytes: u64,
+    /// The keys that signed it.
+    pub signed_by: Vec<KeyId>,
 }
 
 /// Publishes `dir` through `client`: scan it, send the manifest, upload the blobs the hub
-/// lacks (`concurrency` at a time), commit for `at`.
+/// lacks (`concurrency` at a time), commit for `at` with a signature by each of `keys`.
 pub async fn publish(
     client: &HttpClient,
     dir: &Path,
     at: At,
     concurrency: usize,
+    keys: &[SecretKey],
 ) -> Result<Outcome, PublishError> {
     let tree = scan_dir(dir).await?;
+    let id = tree.manifest.id();
     let uploaded = upload_manifest(client, &tree.manifest).await?;
+    if uploaded.id != id {
+        return Err(PublishError::WrongId {
+            ours: id,
+            hub: uploaded.id,
+        });
+    }
     let sources = Arc::new(tree.sources);
     let uploaded_bytes = upload_missing(client, &uploaded.missing, &sources, concurrency).await?;
     let at_us = activation_us(client, at).await?;
+    let signatures: Vec<Signature> = keys.iter().map(|k| k.sign_release(&id)).collect();
+    let signed_by = signatures.iter().map(|s| s.key.id()).collect();
     let committed: Committed = client
         .json(
             Method::POST,
-            &format!("/sync/v1/releases/{}/commit", uploaded.id),
-            Some(&Commit {
-                at_us,
-                signatures: Vec::new(),
-            }),
+            &format!("/sync/v1/releases/{id}/commit"),
+            Some(&Commit { at_us, signatures }),
             REQUEST_TIMEOUT,
         )
         .await?;
     Ok(Outcome {
+        signed_by,
         files: tree.manifest.files().len(),
         blobs: sources.len(),
         bytes: tree.manifest.total_bytes(),
@@ -295,8 +316,18 @@ pub struct StatusView {
 
 /// What `lockstep publish` prints about a publish that went through.
 pub fn render_outcome(o: &Outcome) -> String {
+    let signed = match o.signed_by.as_slice() {
+        [] => "unsigned (agents with trusted_keys refuse it: publish with --key)".to_string(),
+        keys => format!(
+            "signed by key {}",
+            keys.iter()
+                .map(KeyId::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     format!(
-        "release {}\nfiles {} ({} bytes); uploaded {} of {} blob(s), {} bytes (the hub already had the others)\n{}\n",
+        "release {}\nfiles {} ({} bytes); uploaded {} of {} blob(s), {} bytes (the hub already had the others)\n{signed}\n{}\n",
         o.committed.id,
         o.files,
         o.bytes,

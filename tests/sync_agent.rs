@@ -108,7 +108,7 @@ impl TestHub {
 
     /// Publishes `site` to activate `after` from now (hub clock); returns (id, activation).
     async fn publish(&self, site: &Path, after: Duration) -> (ReleaseId, u64) {
-        let o = publish::publish(&self.publisher(), site, At::In(after), 4)
+        let o = publish::publish(&self.publisher(), site, At::In(after), 4, &[])
             .await
             .unwrap();
         assert_eq!(o.committed.state, CommitState::Staged, "{o:?}");

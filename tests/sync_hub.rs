@@ -115,7 +115,7 @@ async fn publishing_moves_only_missing_blobs_and_stages_on_the_grid() {
     )
     .await;
     let before = schedule(&c).await;
-    let first = publish::publish(&c, &site, At::Next, 4).await.unwrap();
+    let first = publish::publish(&c, &site, At::Next, 4, &[]).await.unwrap();
     assert_eq!((first.files, first.uploaded_blobs), (3, 3));
     assert_eq!(first.committed.state, CommitState::Staged);
     let at = first.committed.activation_us.unwrap();
@@ -127,7 +127,7 @@ async fn publishing_moves_only_missing_blobs_and_stages_on_the_grid() {
 
     // One file changed: one blob moves.
     std::fs::write(site.join("index.html"), "v2").unwrap();
-    let second = publish::publish(&c, &site, At::Next, 4).await.unwrap();
+    let second = publish::publish(&c, &site, At::Next, 4, &[]).await.unwrap();
     assert_eq!((second.uploaded_blobs, second.uploaded_bytes), (1, 2));
     assert_ne!(second.committed.id, first.committed.id);
     assert_eq!(
@@ -398,7 +398,7 @@ async fn concurrent_advances_after_the_activation_have_exactly_one_winner() {
     let c = client(&app, Some(PUBLISH));
     let site = hub.site("site", &[("index.html", "v1")]);
     let now = schedule(&c).await.now_us;
-    let o = publish::publish(&c, &site, At::Absolute(now + 600_000), 1)
+    let o = publish::publish(&c, &site, At::Absolute(now + 600_000), 1, &[])
         .await
         .unwrap();
     let agent = client(&app, Some(AGENT));
@@ -497,7 +497,7 @@ async fn the_hub_advances_itself_when_no_agent_does_and_long_polls_wake_at_once(
     )
     .await;
     let site = hub.site("site", &[("index.html", "v1")]);
-    let o = publish::publish(&c, &site, At::Next, 1).await.unwrap();
+    let o = publish::publish(&c, &site, At::Next, 1, &[]).await.unwrap();
     let (s, waited) = poll.await.unwrap();
     assert_eq!(
         s.staged,
@@ -556,7 +556,7 @@ async fn a_restarted_hub_loses_nothing() {
     let c = client(&app, Some(PUBLISH));
     let site = hub.site("site", &[("index.html", "v1"), ("a/b.txt", "b")]);
     let now = schedule(&c).await.now_us;
-    let one = publish::publish(&c, &site, At::Absolute(now + 200_000), 2)
+    let one = publish::publish(&c, &site, At::Absolute(now + 200_000), 2, &[])
         .await
         .unwrap();
     wait::until(
@@ -566,7 +566,7 @@ async fn a_restarted_hub_loses_nothing() {
     )
     .await;
     std::fs::write(site.join("index.html"), "v2").unwrap();
-    let two = publish::publish(&c, &site, At::Absolute(now + 60_000_000), 2)
+    let two = publish::publish(&c, &site, At::Absolute(now + 60_000_000), 2, &[])
         .await
         .unwrap();
     let before = schedule(&c).await;
@@ -594,7 +594,7 @@ async fn a_restarted_hub_loses_nothing() {
     assert_eq!(after.staged, Some(two.committed.id));
     assert_store_whole(&hub.store());
     // Publishing the same tree again uploads nothing.
-    let again = publish::publish(&c, &site, At::Absolute(now + 60_000_000), 2)
+    let again = publish::publish(&c, &site, At::Absolute(now + 60_000_000), 2, &[])
         .await
         .unwrap();
     assert_eq!(again.uploaded_blobs, 0);
@@ -617,7 +617,7 @@ async fn the_router_leaves_backends_whose_agent_is_behind_unless_none_is_current
     let agent = client(&app, Some(AGENT));
     let site = hub.site("site", &[("index.html", "v1")]);
     let now = schedule(&c).await.now_us;
-    let o = publish::publish(&c, &site, At::Absolute(now + 100_000), 1)
+    let o = publish::publish(&c, &site, At::Absolute(now + 100_000), 1, &[])
         .await
         .unwrap();
     wait::until(
@@ -709,7 +709,7 @@ async fn the_demo_flips_its_three_backends_to_a_published_directory() {
     let site = dir.path().join("site-2");
     std::fs::create_dir_all(&site).unwrap();
     std::fs::write(site.join("index.html"), "<h1>two</h1>").unwrap();
-    let o = publish::publish(&c, &site, At::In(Duration::from_secs(2)), 2)
+    let o = publish::publish(&c, &site, At::In(Duration::from_secs(2)), 2, &[])
         .await
         .unwrap();
     let id = o.committed.id;
@@ -787,7 +787,7 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
     let url = format!("https://localhost:{port}");
     let c = HubClient::hub(&url, Some(PUBLISH.into()), Some(&cert.cert_path)).unwrap();
     let site = hub.site("site", &[("index.html", "over tls")]);
-    let o = publish::publish(&c, &site, At::In(Duration::from_millis(500)), 2)
+    let o = publish::publish(&c, &site, At::In(Duration::from_millis(500)), 2, &[])
         .await
         .unwrap();
 
@@ -850,7 +850,7 @@ async fn a_second_lockstep_serve_on_the_same_store_is_refused() {
     let app = start_hub(&yaml).await;
     let c = client(&app, Some(PUBLISH));
     let site = hub.site("site", &[("index.html", "v1")]);
-    let first = publish::publish(&c, &site, At::Next, 4).await.unwrap();
+    let first = publish::publish(&c, &site, At::Next, 4, &[]).await.unwrap();
     let file = hub.dir.path().join("second.yaml");
     std::fs::write(&file, &yaml).unwrap();
     let out = tokio::task::spawn_blocking(move || run_lockstep(&[&"serve", &"-c", &file]))

@@ -226,8 +226,12 @@ fn check(path: &Path) -> anyhow::Result<()> {
 
 fn check_agent(path: &Path) -> anyhow::Result<()> {
     let cfg = crate::agent::config::load(path)?;
+    let trust = match &cfg.trusted_keys {
+        Some(k) => format!(", {} trusted key(s)", k.len()),
+        None => ", unsigned releases accepted (hub on this host; set trusted_keys)".to_string(),
+    };
     println!(
-        "{}: OK (agent {}, hub {}, serves {}{}{})",
+        "{}: OK (agent {}, hub {}, serves {}{trust}{}{})",
         path.display(),
         cfg.name,
         cfg.hub,

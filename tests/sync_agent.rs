@@ -693,7 +693,13 @@ fn the_example_agent_config_loads() {
     // Point the token file at a real private file; every other key as in the example.
     let token = token_file(dir.path());
     let text = text.replace("/etc/lockstep/agent.token", token.to_str().unwrap());
+    // And the trusted key at a real public key.
+    let key = dir.path().join("publisher.key");
+    lockstep::sync::sign::write_key_pair(&key, None, &ring::rand::SystemRandom::new()).unwrap();
+    let public = lockstep::sync::sign::public_path(&key);
+    let text = text.replace("/etc/lockstep/publisher.key.pub", public.to_str().unwrap());
     let c = agent::config::parse(Path::new("agent.yaml"), &text).unwrap();
+    assert_eq!(c.trusted_keys.as_ref().map(|k| k.len()), Some(1));
     assert_eq!(c.name, "web-1");
     assert!(c.token.is_some() && c.watch.is_some() && c.release_dir.is_some());
     assert_eq!(c.gc, lockstep::sync::gc::Gc::default());

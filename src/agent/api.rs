@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `PUT /content/{path}` (the file's bytes) | 200 `{"changeset": "name/seq"}`, or `null` when unchanged; 400 bad path (or a symlink on its way in `watch.dir`: never followed), 413 over `watch.max_file_size` |
 //! | `DELETE /content/{path}` | 200 as above; 404 no such file |
-//! | `POST /.lockstep/changesets` (a frame of [`super::frame::encode`]) | 202 installed in the background; 400 malformed or damaged; 200 `echo` for our own |
+//! | `POST /.lockstep/changesets` (a frame of [`super::frame::encode`]) | 202 installed in the background; 400 malformed or damaged; 403 from an origin `trusted_origins` does not list (with `trusted_keys`); 200 `echo` for our own |
 //!
 //! A write is a local edit like one made in `watch.dir` (it is written there too, and
 //! forwarded by the `watch.mode`). A changeset from a peer is verified whole — every blob
@@ -27,7 +27,9 @@ use super::frame::{self, PEER_PATH};
 use super::messages::{Input, Install, WriteError};
 use super::metrics::AgentMetrics;
 use super::release::{decode_path, MAX_INLINE_BYTES};
+use super::verify::Trust;
 use crate::sync::auth::{Check, Role, Tokens};
+use crate::sync::provenance::SignedChangeset;
 use crate::sync::store::FsStore;
 
 /// Prefix of the write API.
@@ -49,6 +51,8 @@ pub struct AgentApi {
     pub max_file_bytes: u64,
     /// Metrics.
     pub metrics: Arc<AgentMetrics>,
+    /// With `trusted_keys`: which peers' changesets may be installed.
+    pub trust: Option<Arc<Trust>>,
 }
 
 /// Whether a request is for this API (else it is served from the release).
@@ -116,6 +120,20 @@ async fn from_peer(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
         debug!(changeset = %cs.name(), "our own changeset came back; dropped");
         return answer(StatusCode::OK, serde_json::json!({ "state": "echo" }));
     }
+    // The same authority that decides on the hub's built releases: a changeset it refuses is
+    // not installed here either.
+    let cs = match &api.trust {
+        Some(trust) => {
+            let signed = SignedChangeset::unsigned(cs);
+            if let Err(e) = trust.accepts_changeset(&signed) {
+                api.metrics.refused("signature");
+                warn!(error = %e, "changeset from a peer refused");
+                return error(StatusCode::FORBIDDEN, e);
+            }
+            signed.changeset
+        }
+        None => cs,
+    };
     // Large files are served from the store: they must be on disk before the install. Small
     // ones are served from memory at once and written by the agent's disk worker.
     let (large, small): (Vec<_>, Vec<_>) = blobs

@@ -2,8 +2,8 @@
 //! [`validate`] → the typed [`AgentConfig`] the agent trusts. Every problem is reported as
 //! `file:line:column: what is wrong and the fix`, as for `lockstep.yaml`.
 //!
-//! Reads the config file, the token file (to report a bad one at its line) and the hub's CA
-//! file; opens no sockets.
+//! Reads the config file, the token file (to report a bad one at its line), the hub's CA
+//! file and the trusted publisher keys; opens no sockets.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,7 @@ use crate::net::client::{ClientError, HttpClient};
 use crate::sync::auth::read_token;
 use crate::sync::gc::Gc;
 use crate::sync::manifest::MAX_BLOB_BYTES;
+use crate::sync::sign::TrustedKeys;
 
 type S<T> = Spanned<T>;
 
@@ -60,6 +61,10 @@ pub struct RawAgentConfig {
     pub gc_interval: Option<S<String>>,
     /// Unused content younger than this is kept.
     pub gc_grace: Option<S<String>>,
+    /// Publisher public keys (`.pub` files): only releases one of them signed are staged.
+    pub trusted_keys: Option<S<Vec<S<String>>>>,
+    /// Agents whose changesets a release the hub built may contain (with `trusted_keys`).
+    pub trusted_origins: Option<S<Vec<S<String>>>>,
 }
 
 /// `watch:` as written.
@@ -172,6 +177,12 @@ pub struct AgentConfig {
     pub fetch_concurrency: usize,
     /// Collection of unused releases and blobs in the store.
     pub gc: Gc,
+    /// The publisher keys one of which must have signed every release this agent stages and
+    /// activates; `None` (only with a hub on loopback): releases are not checked.
+    pub trusted_keys: Option<TrustedKeys>,
+    /// The agents whose changesets a release the hub built from them may contain (this agent
+    /// itself is added when it has `watch:`).
+    pub trusted_origins: Vec<String>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -189,12 +200,15 @@ impl std::fmt::Debug for AgentConfig {
             .field("peers", &self.peers)
             .field("fetch_concurrency", &self.fetch_concurrency)
             .field("gc", &self.gc)
+            .field("trusted_keys", &self.trusted_keys)
+            .field("trusted_origins", &self.trusted_origins)
             .finish()
     }
 }
 
 impl AgentConfig {
-    /// A config with the defaults: no token, no CA, no release dir, no watcher.
+    /// A config with the defaults: no token, no CA, no release dir, no watcher, no trusted
+    /// keys (unsigned releases accepted: only for a hub on loopback).
     pub fn new(name: &str, hub: &str, store: &Path, serve: SocketAddr) -> AgentConfig {
         AgentConfig {
             file: PathBuf::new(),
@@ -209,6 +223,8 @@ impl AgentConfig {
             peers: Vec::new(),
             fetch_concurrency: DEFAULT_FETCH_CONCURRENCY,
             gc: Gc::default(),
+            trusted_keys: None,
+            trusted_origins: Vec::new(),
         }
     }
 }
@@ -262,7 +278,9 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
         }
     }
     let hub_ca = raw.hub_ca.as_ref().and_then(|v| cx.path_at(v, "hub_ca"));
+    let before = cx.errors.len();
     let hub = hub_url(&mut cx, &raw, hub_ca.as_deref());
+    let hub_ok = cx.errors.len() == before;
     // Fail closed: an agent other hosts can reach takes writes and peers' changesets, which
     // need the agent token; only a loopback agent may go without.
     if let (Some(addr), None) = (serve, &raw.token_file) {
@@ -283,6 +301,19 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             }
         }
     });
+    let trusted_keys = raw
+        .trusted_keys
+        .as_ref()
+        .map(|list| cx.public_keys(list, "trusted_keys"));
+    // Fail closed: without trusted keys, whoever controls the hub, or the path to it, chooses
+    // what this backend serves; only a hub on this host may go without (tests, a farm of one).
+    if raw.trusted_keys.is_none() && hub_ok && !hub_is_loopback(&hub) {
+        cx.err(
+            &raw.hub,
+            format!("hub {hub} is not on this host, but trusted_keys is not set: whoever controls the hub, or the network path to it, would choose what this backend serves. Set trusted_keys to the publishers' public key files (`lockstep keygen` writes KEY.pub; sign with `lockstep publish --key KEY`), or use a hub on 127.0.0.1"),
+        );
+    }
+    let trusted_origins = trusted_origins(&mut cx, &raw);
     let fetch_concurrency = fetch_concurrency(&mut cx, raw.fetch_concurrency.as_ref());
     let watch = raw
         .watch
@@ -307,12 +338,57 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             peers,
             fetch_concurrency,
             gc,
+            trusted_keys,
+            trusted_origins,
         }),
         _ => {
             cx.errors.sort_by_key(|e| (e.pos.line, e.pos.column));
             Err(ConfigErrors(cx.errors))
         }
     }
+}
+
+/// Whether the hub's URL names this host: a loopback address, or `localhost`.
+pub fn hub_is_loopback(url: &str) -> bool {
+    let Some(host) = url
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(str::to_string))
+    else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.to_canonical().is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// `trusted_origins:`, each a valid agent name; only meaningful with `trusted_keys`.
+fn trusted_origins(cx: &mut Ctx, raw: &RawAgentConfig) -> Vec<String> {
+    let Some(list) = &raw.trusted_origins else {
+        return Vec::new();
+    };
+    if raw.trusted_keys.is_none() {
+        cx.err(
+            list,
+            "trusted_origins has no effect without trusted_keys (without them every release is accepted): set trusted_keys, or remove trusted_origins",
+        );
+    }
+    list.value
+        .iter()
+        .filter(|o| {
+            let ok = valid_name(&o.value);
+            if !ok {
+                cx.err(
+                    *o,
+                    format!("trusted_origins: `{}` cannot name an agent: use the agents' names, e.g. web-1", o.value),
+                );
+            }
+            ok
+        })
+        .map(|o| o.value.clone())
+        .collect()
 }
 
 /// Whether one directory is, or is inside, the other.
@@ -475,7 +551,7 @@ mod tests {
 
     const GOOD: &str = r#"
 name: web-1
-hub: "http://10.0.0.1:7700"
+hub: "http://127.0.0.1:7700"
 store: /var/lib/lockstep/agent
 serve: "127.0.0.1:8081"
 release_dir: www
@@ -563,6 +639,93 @@ fetch_concurrency: 0
         let c = parse(Path::new("a.yaml"), &text).unwrap();
         assert_eq!(c.token.as_deref(), Some("secret"));
         assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    /// A public key file in `dir`; its path.
+    fn public_key(dir: &Path, name: &str) -> PathBuf {
+        let out = dir.join(name);
+        crate::sync::sign::write_key_pair(&out, None, &ring::rand::SystemRandom::new()).unwrap();
+        crate::sync::sign::public_path(&out)
+    }
+
+    #[test]
+    fn an_agent_of_a_hub_on_another_host_needs_trusted_keys() {
+        let remote = GOOD.replace("127.0.0.1:7700", "10.0.0.1:7700");
+        let e = errors(&remote);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("/etc/lockstep/agent.yaml:3:6: hub http://10.0.0.1:7700 is not on this host, but trusted_keys is not set"), "{e:?}");
+        assert!(e[0].contains("lockstep keygen"), "{e:?}");
+        for local in [
+            "http://localhost:7700",
+            "http://[::1]:7700",
+            "https://127.0.0.2:7700",
+        ] {
+            assert!(hub_is_loopback(local), "{local}");
+        }
+        for remote in [
+            "http://10.0.0.1:7700",
+            "http://hub.farm:7700",
+            "http://127.0.0.1.nip.io:1",
+        ] {
+            assert!(!hub_is_loopback(remote), "{remote}");
+        }
+        // With keys, a remote hub is fine; the keys are read.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            public_key(dir.path(), "a.key"),
+            public_key(dir.path(), "b.key"),
+        );
+        let text = format!(
+            "{remote}trusted_keys: [{}, {}]\ntrusted_origins: [web-1, web-2]\n",
+            a.display(),
+            b.display()
+        );
+        let c = parse(Path::new("/etc/lockstep/agent.yaml"), &text).unwrap();
+        assert_eq!(c.trusted_keys.unwrap().len(), 2);
+        assert_eq!(c.trusted_origins, ["web-1", "web-2"]);
+        // Loopback and no keys: accepted, unchecked.
+        assert!(parse(Path::new("a.yaml"), GOOD)
+            .unwrap()
+            .trusted_keys
+            .is_none());
+    }
+
+    #[test]
+    fn trusted_keys_and_origins_are_checked_at_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = public_key(dir.path(), "good.key");
+        let text = format!(
+            "{GOOD}trusted_keys:\n  - {}\n  - {}\n  - {}\n",
+            good.display(),
+            dir.path().join("missing.pub").display(),
+            dir.path().join("good.key").display(),
+        );
+        let e = errors(&text);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].contains(":11:5: trusted_keys: cannot read key file"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].contains(":12:5: trusted_keys: ") && e[1].contains("looks like a secret key"),
+            "{e:?}"
+        );
+        let e = errors(&format!("{GOOD}trusted_keys: []\n"));
+        assert!(e[0].contains(":9:15: trusted_keys is empty"), "{e:?}");
+        let e = errors(&format!("{GOOD}trusted_origins: [web-1]\n"));
+        assert!(
+            e[0].contains(":9:18: trusted_origins has no effect without trusted_keys"),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "{GOOD}trusted_keys: [{}]\ntrusted_origins: [web-1, \"a b\"]\n",
+            good.display()
+        ));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains(":10:26: trusted_origins: `a b` cannot name an agent"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -71,7 +71,8 @@ pub struct AgentMetrics {
     /// Changesets from peers installed.
     pub installed: Counter,
     /// Things refused: `path` (escaping, oversized…), `changeset` (from a peer or local),
-    /// `hub` (the hub refused ours), `watch_dir` (first start refused).
+    /// `hub` (the hub refused ours), `watch_dir` (first start refused), `signature` (a
+    /// release no trusted key vouches for, or a peer's changeset from an untrusted origin).
     pub refused: Family<WhatLabels, Counter>,
     /// Concurrent edits met by our changesets (either side lost).
     pub conflicts: Counter,
@@ -196,7 +197,7 @@ impl AgentMetrics {
         );
         r.register(
             "refused",
-            "Refused paths, changesets, hub answers or watch directories",
+            "Refused paths, changesets, hub answers, watch directories or releases no trusted key signed",
             m.refused.clone(),
         );
         r.register(

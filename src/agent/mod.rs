@@ -11,6 +11,8 @@
 //! - [`serve`]: the HTTP listener serving the active release
 //! - [`poll`]: long-poll of the hub's schedule, with back-off
 //! - [`stage`]: manifest + missing blobs, verified, bounded concurrency
+//! - [`verify`]: with `trusted_keys`, whether a release is signed, or built from accepted
+//!   changesets on a signed one
 //! - [`release_dir`]: `releases/<id>/` copies and the atomic `current` symlink
 //! - [`measure`]: clock offset from `GET /sync/v1/time` samples
 //! - [`plan`]: what to stage, what to activate now, what to arm                     (pure)
@@ -57,6 +59,7 @@ pub mod report;
 pub mod serve;
 pub mod stage;
 pub mod state;
+pub mod verify;
 pub mod watcher;
 
 use std::net::SocketAddr;
@@ -196,6 +199,15 @@ pub async fn start_on(
             .unwrap_or_default()
     };
     let metrics = Arc::new(AgentMetrics::new());
+    let trust = verify::Trust::from_config(&config);
+    match &trust {
+        Some(t) => {
+            info!(trusted_keys = ?t, "releases are staged only when a trusted key signed them, or the hub built them from accepted changesets on such a release")
+        }
+        None => {
+            warn!(hub = %config.hub, "no trusted_keys: releases are staged unsigned (allowed only because the hub is on this host)")
+        }
+    }
     let current = loaded.current.clone();
     let active: Active = Arc::new(ArcSwapOption::new(current.clone()));
     metrics.set_active(current.as_ref().map(|r| r.id()));
@@ -203,6 +215,7 @@ pub async fn start_on(
         config: &config,
         store,
         metrics,
+        trust,
         client,
         shutdown,
         tracker: TaskTracker::new(),
@@ -258,6 +271,7 @@ struct Wiring<'a> {
     config: &'a AgentConfig,
     store: Arc<FsStore>,
     metrics: Arc<AgentMetrics>,
+    trust: Option<Arc<verify::Trust>>,
     client: HttpClient,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -286,6 +300,7 @@ fn spawn_serve(
             .as_ref()
             .map_or(crate::sync::manifest::MAX_BLOB_BYTES, |w| w.max_file_bytes),
         metrics: agent.metrics.clone(),
+        trust: agent.trust.clone(),
     };
     let state = ServeState {
         active: active.clone(),
@@ -381,6 +396,7 @@ fn controller(
         metrics: agent.metrics.clone(),
         permits: Arc::new(Semaphore::new(config.fetch_concurrency.max(1))),
         release_dir: config.release_dir.clone(),
+        trust: agent.trust.clone(),
     };
     let handles = control::Handles {
         client: agent.client.clone(),

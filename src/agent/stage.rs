@@ -4,6 +4,8 @@
 //! against its blake3 hash before it is written (a mismatch is discarded, counted, retried a
 //! few times, then staging fails). A restarted agent resumes: blobs already stored are not
 //! fetched again. The result is a [`Release`] ready to be swapped in; nothing partial ever is.
+//! With `trusted_keys`, a release is checked ([`super::verify`]) before its blobs are fetched
+//! and again once built: one no trusted key vouches for is never staged.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,7 @@ use tracing::{debug, info, warn};
 use super::metrics::AgentMetrics;
 use super::release::{check_manifest, LoadError, Release};
 use super::release_dir;
+use super::verify::{log_accepted, Refused, Trust};
 use crate::net::client::{ok, ClientError, HttpClient};
 use crate::sync::manifest::{Hash, Manifest, ReleaseId};
 use crate::sync::protocol::PREFIX;
@@ -68,6 +71,9 @@ pub enum StageError {
     /// A background task died.
     #[error("staging task failed: {0}")]
     Task(String),
+    /// Not a release this agent trusts (`trusted_keys`): nothing of it is staged.
+    #[error(transparent)]
+    Untrusted(Box<Refused>),
 }
 
 /// Stages releases from one hub into one store.
@@ -83,12 +89,17 @@ pub struct Stager {
     pub permits: Arc<Semaphore>,
     /// Where releases are copied for a web server, if anywhere.
     pub release_dir: Option<std::path::PathBuf>,
+    /// What releases must be to be staged (`None`: no `trusted_keys`, anything is).
+    pub trust: Option<Arc<Trust>>,
 }
 
 impl Stager {
     /// Stages release `id` and returns it ready to serve.
     pub async fn stage(&self, id: ReleaseId) -> Result<Arc<Release>, StageError> {
         let manifest = self.manifest(id).await?;
+        // Trusted before any blob is fetched: a refused release leaves nothing but its
+        // manifest behind.
+        self.verify(id, &manifest).await?;
         // Each blob the store lacks, once, with a file that uses it (for messages).
         let missing = {
             let (store, manifest) = (self.store.clone(), manifest.clone());
@@ -132,12 +143,16 @@ impl Stager {
             Ok(Release::build(&store, manifest)?)
         })
         .await?;
+        // And again, for the release exactly as built (its id is its manifest's hash), just
+        // before it becomes one the controller may activate.
+        let accepted = self.verify(release.id(), release.manifest()).await?;
+        log_accepted(id, accepted);
         info!(release = %id.short(), "staged");
         Ok(Arc::new(release))
     }
 
     /// The manifest, from the store if it is there, else from the hub (checked, then stored).
-    async fn manifest(&self, id: ReleaseId) -> Result<Manifest, StageError> {
+    pub(super) async fn manifest(&self, id: ReleaseId) -> Result<Manifest, StageError> {
         let store = self.store.clone();
         let stored = blocking(move || store.read_release(&id).map_err(StageError::Store)).await?;
         if let Some(bytes) = stored {

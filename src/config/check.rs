@@ -1,6 +1,6 @@
 //! The one context every config check writes into (the appliance's `lockstep.yaml` and the
 //! agent's `agent.yaml`): the file being checked, the problems found so far, and the readers
-//! of values every section shares (durations, addresses, paths).
+//! of values every section shares (durations, addresses, paths, publisher key files).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use serde_saphyr::Spanned;
 
 use super::duration;
 use super::error::{ConfigError, Pos};
+use crate::sync::sign::{read_public_key, TrustedKeys};
 
 /// The file being checked and the problems found so far.
 pub struct Ctx<'a> {
@@ -36,6 +37,28 @@ impl<'a> Ctx<'a> {
             return None;
         }
         Some(self.path(&v.value))
+    }
+
+    /// The publisher keys of a list of public key files (`key`: its name in messages), each
+    /// read and checked at its own line; an empty list is refused (it would trust nothing).
+    pub fn public_keys(&mut self, list: &Spanned<Vec<Spanned<String>>>, key: &str) -> TrustedKeys {
+        if list.value.is_empty() {
+            self.err(
+                list,
+                format!("{key} is empty: list the publishers' public key files (`lockstep keygen` writes KEY.pub), or remove the key"),
+            );
+        }
+        let mut keys = Vec::new();
+        for file in &list.value {
+            let Some(path) = self.path_at(file, key) else {
+                continue;
+            };
+            match read_public_key(&path) {
+                Ok(k) => keys.push(k),
+                Err(e) => self.err(file, format!("{key}: {e}")),
+            }
+        }
+        TrustedKeys::new(keys)
     }
 
     /// Records a problem at `at`'s line and column.

@@ -15,7 +15,7 @@ use super::tls;
 use crate::sync::auth::{read_token, Tokens};
 use crate::sync::gc::Gc;
 use crate::sync::schedule::{DEFAULT_CADENCE, DEFAULT_LEAD};
-use crate::sync::sign::{read_public_key, TrustedKeys};
+use crate::sync::sign::TrustedKeys;
 
 /// Shortest activation grid.
 pub const MIN_CADENCE: Duration = Duration::from_millis(100);
@@ -120,7 +120,7 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
     let trusted_keys = raw
         .trusted_keys
         .as_ref()
-        .map(|list| trusted_keys(cx, list, "sync.trusted_keys"));
+        .map(|list| cx.public_keys(list, "sync.trusted_keys"));
     Some(Sync {
         trusted_keys,
         bind: bind?,
@@ -131,27 +131,4 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         tokens,
         tls,
     })
-}
-
-/// A list of public key files (`key`: its name in messages), each read and checked at its
-/// own line; an empty list is refused (it would trust nothing).
-pub fn trusted_keys(
-    cx: &mut Ctx<'_>,
-    list: &Spanned<Vec<Spanned<String>>>,
-    key: &str,
-) -> TrustedKeys {
-    if list.value.is_empty() {
-        cx.err(
-            list,
-            format!("{key} is empty: list the publishers' public key files (`lockstep keygen` writes KEY.pub), or remove the key"),
-        );
-    }
-    let mut keys = Vec::new();
-    for file in &list.value {
-        match read_public_key(&cx.path(&file.value)) {
-            Ok(k) => keys.push(k),
-            Err(e) => cx.err(file, format!("{key}: {e}")),
-        }
-    }
-    TrustedKeys::new(keys)
 }

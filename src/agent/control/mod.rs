@@ -310,6 +310,15 @@ impl Controller {
                 self.core.on_staged(id, release);
                 self.staging_settled();
             }
+            Err(StageError::Untrusted(e)) => {
+                // Asked again after the back-off: a trusted signature may be added meanwhile.
+                self.io.metrics.refused("signature");
+                let (_, wait) = self.core.on_stage_failed(id, Instant::now());
+                let signed_by: Vec<String> = e.signed_by().iter().map(|k| k.to_string()).collect();
+                error!(release = %id.short(), ?signed_by, error = %e, retry_in = ?wait, "release refused: no trusted key vouches for it; the active release keeps serving");
+                let message = format!("staging {} refused: {e}", id.short());
+                self.update_report(|r| r.error = Some(message));
+            }
             Err(e) => {
                 self.io.metrics.staging_failures.inc();
                 let (_, wait) = self.core.on_stage_failed(id, Instant::now());

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Method;
+use http::{Method, StatusCode};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -18,10 +18,12 @@ use tracing::{debug, info, warn};
 use super::metrics::AgentMetrics;
 use super::release::{check_manifest, LoadError, Release};
 use super::release_dir;
-use super::verify::{log_accepted, Refused, Trust};
-use crate::net::client::{ok, ClientError, HttpClient};
+use super::verify::{log_accepted, refused, Accepted, Refused, Trust};
+use crate::net::client::{ok, ClientError, HttpClient, REQUEST_TIMEOUT};
 use crate::sync::manifest::{Hash, Manifest, ReleaseId};
-use crate::sync::protocol::PREFIX;
+use crate::sync::protocol::{Provenance, Signatures, PREFIX};
+use crate::sync::provenance::{ProvenanceError, MAX_DEPTH};
+use crate::sync::sign::Signature;
 use crate::sync::store::{FsStore, StoreError};
 
 /// Tries per blob (and per manifest) before staging fails.
@@ -253,6 +255,126 @@ impl Stager {
             path: path.to_string(),
         })
     }
+}
+
+impl Stager {
+    /// Whether release `id` (whose manifest, checked against `id`, is `manifest`) may be
+    /// served ([`super::verify`]): its signatures, else its provenance down to a signed
+    /// release, whose manifests are fetched (and checked against their ids) like any other.
+    pub(super) async fn verify(
+        &self,
+        id: ReleaseId,
+        manifest: &Manifest,
+    ) -> Result<Accepted, StageError> {
+        let Some(trust) = &self.trust else {
+            return Ok(Accepted::Unchecked);
+        };
+        // The chain walked down so far: each release was built on the next.
+        let mut chain: Vec<ReleaseId> = Vec::new();
+        let (mut cid, mut below): (ReleaseId, Option<Manifest>) = (id, None);
+        loop {
+            if !chain.is_empty() && trust.remembered(&cid) {
+                trust.remember(&chain);
+                return Ok(Accepted::Built {
+                    key: None,
+                    steps: chain.len(),
+                });
+            }
+            let unsigned = match trust.keys().verify(&cid, &self.signatures(cid).await?) {
+                Ok(key) => {
+                    chain.push(cid);
+                    trust.remember(&chain);
+                    return Ok(match chain.len() {
+                        1 => Accepted::Signed(key),
+                        n => Accepted::Built {
+                            key: Some(key),
+                            steps: n - 1,
+                        },
+                    });
+                }
+                Err(u) => u,
+            };
+            let Some(p) = self.provenance(cid).await? else {
+                return Err(untrusted(Refused::Unsigned(unsigned), cid, &chain));
+            };
+            if chain.len() >= MAX_DEPTH {
+                let source = ProvenanceError::TooDeep(id.short());
+                return Err(untrusted(
+                    Refused::Provenance { unsigned, source },
+                    cid,
+                    &chain,
+                ));
+            }
+            let base = match p.base {
+                Some(b) => self.manifest(b).await?,
+                None => Manifest::default(),
+            };
+            let built = below.as_ref().unwrap_or(manifest);
+            if let Err(source) = p.check(trust.authority(), &base, built) {
+                return Err(untrusted(
+                    Refused::Provenance { unsigned, source },
+                    cid,
+                    &chain,
+                ));
+            }
+            debug!(release = %cid.short(), base = ?p.base.map(|b| b.short()), changesets = p.changesets.len(), "provenance checked");
+            chain.push(cid);
+            match p.base {
+                Some(b) => (cid, below) = (b, Some(base)),
+                None => {
+                    trust.remember(&chain);
+                    return Ok(Accepted::Built {
+                        key: None,
+                        steps: chain.len(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// `GET /releases/{id}/signatures`.
+    async fn signatures(&self, id: ReleaseId) -> Result<Vec<Signature>, StageError> {
+        let s: Signatures = self
+            .client
+            .json(
+                Method::GET,
+                &format!("{PREFIX}/releases/{id}/signatures"),
+                None::<&()>,
+                REQUEST_TIMEOUT,
+            )
+            .await
+            .map_err(|source| StageError::Hub {
+                what: format!("the signatures of release {}", id.short()),
+                source,
+            })?;
+        Ok(s.signatures)
+    }
+
+    /// `GET /releases/{id}/provenance`; `None` when the hub did not build it (404).
+    async fn provenance(&self, id: ReleaseId) -> Result<Option<Provenance>, StageError> {
+        let got = self
+            .client
+            .json(
+                Method::GET,
+                &format!("{PREFIX}/releases/{id}/provenance"),
+                None::<&()>,
+                REQUEST_TIMEOUT,
+            )
+            .await;
+        match got {
+            Ok(p) => Ok(Some(p)),
+            Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => Ok(None),
+            Err(source) => Err(StageError::Hub {
+                what: format!("the provenance of release {}", id.short()),
+                source,
+            }),
+        }
+    }
+}
+
+/// Why a release is refused, as a staging error.
+fn untrusted(r: Refused, refused_id: ReleaseId, chain: &[ReleaseId]) -> StageError {
+    StageError::Untrusted(Box::new(refused(r, refused_id, chain)))
 }
 
 async fn blocking<T: Send + 'static>(

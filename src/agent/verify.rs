@@ -1,8 +1,9 @@
-//! Whether this agent may serve a release: with `trusted_keys`, only a release signed by one
-//! of them, or one the hub built from changesets whose provenance checks down to such a
-//! release ([`crate::sync::provenance`]). The stager asks before it fetches a release's
-//! blobs and again once the release is built, just before it can be activated; a refused
-//! release is never staged, so never activated, and the active one keeps serving.
+//! What this agent trusts, and why it refuses a release: with `trusted_keys`, only a release
+//! signed by one of them, or one the hub built from changesets whose provenance checks down
+//! to such a release ([`crate::sync::provenance`]). The stager (`Stager::verify`) asks before
+//! it fetches a release's blobs and again once the release is built, just before it can be
+//! activated; a refused release is never staged, so never activated, and the active one keeps
+//! serving.
 //!
 //! The signatures and provenances come from the hub (`GET /releases/{id}/signatures`,
 //! `/provenance`), but the hub is not what is trusted: a signature verifies or not, and a
@@ -13,15 +14,11 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use http::{Method, StatusCode};
-use tracing::{debug, info};
+use tracing::info;
 
-use super::stage::{StageError, Stager};
-use crate::net::client::REQUEST_TIMEOUT;
-use crate::sync::manifest::{Manifest, ReleaseId};
-use crate::sync::protocol::{Provenance, Signatures, PREFIX};
+use crate::sync::manifest::ReleaseId;
 use crate::sync::provenance::{
-    ChangesetAuthority, ProvenanceError, SignedChangeset, TrustedOrigins, Unauthorised, MAX_DEPTH,
+    ChangesetAuthority, ProvenanceError, SignedChangeset, TrustedOrigins, Unauthorised,
 };
 use crate::sync::sign::{KeyId, TrustedKeys, Unsigned};
 
@@ -73,14 +70,26 @@ impl Trust {
         self.authority.verify(cs)
     }
 
-    fn remembered(&self, id: &ReleaseId) -> bool {
+    /// The publisher keys.
+    pub fn keys(&self) -> &TrustedKeys {
+        &self.keys
+    }
+
+    /// The authority over changesets.
+    pub fn authority(&self) -> &dyn ChangesetAuthority {
+        self.authority.as_ref()
+    }
+
+    /// Whether `id` was found acceptable before (as the base of another release).
+    pub fn remembered(&self, id: &ReleaseId) -> bool {
         self.accepted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(id)
     }
 
-    fn remember(&self, ids: &[ReleaseId]) {
+    /// Remembers `ids` as acceptable.
+    pub fn remember(&self, ids: &[ReleaseId]) {
         let mut accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
         if accepted.len() + ids.len() > REMEMBERED {
             accepted.clear();
@@ -143,126 +152,9 @@ pub enum Accepted {
     },
 }
 
-impl Stager {
-    /// Whether release `id` (whose manifest, checked against `id`, is `manifest`) may be
-    /// served: its signatures, else its provenance down to a signed release.
-    pub(super) async fn verify(
-        &self,
-        id: ReleaseId,
-        manifest: &Manifest,
-    ) -> Result<Accepted, StageError> {
-        let Some(trust) = &self.trust else {
-            return Ok(Accepted::Unchecked);
-        };
-        // The chain walked down so far: each release was built on the next.
-        let mut chain: Vec<ReleaseId> = Vec::new();
-        let (mut cid, mut below): (ReleaseId, Option<Manifest>) = (id, None);
-        loop {
-            if !chain.is_empty() && trust.remembered(&cid) {
-                trust.remember(&chain);
-                return Ok(Accepted::Built {
-                    key: None,
-                    steps: chain.len(),
-                });
-            }
-            let unsigned = match trust.keys.verify(&cid, &self.signatures(cid).await?) {
-                Ok(key) => {
-                    chain.push(cid);
-                    trust.remember(&chain);
-                    return Ok(match chain.len() {
-                        1 => Accepted::Signed(key),
-                        n => Accepted::Built {
-                            key: Some(key),
-                            steps: n - 1,
-                        },
-                    });
-                }
-                Err(u) => u,
-            };
-            let Some(p) = self.provenance(cid).await? else {
-                return Err(refused(Refused::Unsigned(unsigned), cid, &chain));
-            };
-            if chain.len() >= MAX_DEPTH {
-                let source = ProvenanceError::TooDeep(id.short());
-                return Err(refused(
-                    Refused::Provenance { unsigned, source },
-                    cid,
-                    &chain,
-                ));
-            }
-            let base = match p.base {
-                Some(b) => self.manifest(b).await?,
-                None => Manifest::default(),
-            };
-            let built = below.as_ref().unwrap_or(manifest);
-            if let Err(source) = p.check(trust.authority.as_ref(), &base, built) {
-                return Err(refused(
-                    Refused::Provenance { unsigned, source },
-                    cid,
-                    &chain,
-                ));
-            }
-            debug!(release = %cid.short(), base = ?p.base.map(|b| b.short()), changesets = p.changesets.len(), "provenance checked");
-            chain.push(cid);
-            match p.base {
-                Some(b) => (cid, below) = (b, Some(base)),
-                None => {
-                    trust.remember(&chain);
-                    return Ok(Accepted::Built {
-                        key: None,
-                        steps: chain.len(),
-                    });
-                }
-            }
-        }
-    }
-
-    /// `GET /releases/{id}/signatures`.
-    async fn signatures(
-        &self,
-        id: ReleaseId,
-    ) -> Result<Vec<crate::sync::sign::Signature>, StageError> {
-        let s: Signatures = self
-            .client
-            .json(
-                Method::GET,
-                &format!("{PREFIX}/releases/{id}/signatures"),
-                None::<&()>,
-                REQUEST_TIMEOUT,
-            )
-            .await
-            .map_err(|source| StageError::Hub {
-                what: format!("the signatures of release {}", id.short()),
-                source,
-            })?;
-        Ok(s.signatures)
-    }
-
-    /// `GET /releases/{id}/provenance`; `None` when the hub did not build it (404).
-    async fn provenance(&self, id: ReleaseId) -> Result<Option<Provenance>, StageError> {
-        let got = self
-            .client
-            .json(
-                Method::GET,
-                &format!("{PREFIX}/releases/{id}/provenance"),
-                None::<&()>,
-                REQUEST_TIMEOUT,
-            )
-            .await;
-        match got {
-            Ok(p) => Ok(Some(p)),
-            Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => Ok(None),
-            Err(source) => Err(StageError::Hub {
-                what: format!("the provenance of release {}", id.short()),
-                source,
-            }),
-        }
-    }
-}
-
 /// `r` (why `refused_id` is refused) as the reason for the release `chain` starts with: each
 /// release of `chain` was built on the next, the last on `refused_id`.
-fn refused(r: Refused, refused_id: ReleaseId, chain: &[ReleaseId]) -> StageError {
+pub fn refused(r: Refused, refused_id: ReleaseId, chain: &[ReleaseId]) -> Refused {
     let mut e = r;
     let mut below = refused_id;
     for above in chain.iter().rev() {
@@ -273,7 +165,7 @@ fn refused(r: Refused, refused_id: ReleaseId, chain: &[ReleaseId]) -> StageError
         };
         below = *above;
     }
-    StageError::Untrusted(Box::new(e))
+    e
 }
 
 /// Logs an accepted release (the key that vouches for it).

@@ -1,6 +1,8 @@
 //! `lockstep demo`: the embedded default. Three demo backends (each answers with its name),
 //! a sync agent beside each, and the appliance in front of them (proxy, DNS and the sync hub),
-//! all on loopback; a first release is published, then the commands to try are printed.
+//! all on loopback; a first release is published, then the commands to try are printed. The
+//! demo makes its own credentials: the tokens, and a publisher key ([`KEY_FILE`]) that signs
+//! its releases and that the hub and every agent trust.
 //!
 //! [`backend`] is a small real HTTP server (h1 and h2c) that tests use as a backend too.
 #![allow(clippy::disallowed_methods)] // I/O shell: random demo tokens; waits for the demo farm with a deadline
@@ -30,6 +32,7 @@ use crate::appliance::Appliance;
 use crate::net::client::HttpClient;
 use crate::publish;
 use crate::sync::manifest::ReleaseId;
+use crate::sync::sign::{self, PublicKey, SecretKey, TrustedKeys};
 
 /// The demo config, with placeholders for ports.
 pub const DEMO_YAML: &str = include_str!("../deploy/demo.yaml");
@@ -132,10 +135,29 @@ pub struct Demo {
     pub dir: PathBuf,
     /// The release published at start.
     pub first_release: ReleaseId,
+    /// The publisher key the hub and the agents trust ([`KEY_FILE`] in `dir`).
+    pub key: PublicKey,
     stop: CancellationToken,
 }
 
 const FIRST_SITE: &str = "<!doctype html>\n<title>lockstep demo</title>\n<h1>release 1 of the demo site</h1>\n<p>Publish a directory with <code>lockstep publish</code> and every backend flips to it at the same instant.</p>\n";
+
+/// The demo's publisher key in its directory (the public key is `publisher.key.pub`): sign
+/// releases for the demo with `lockstep publish --key DIR/publisher.key`.
+pub const KEY_FILE: &str = "publisher.key";
+
+/// The demo's publisher key: the one in `dir` if an earlier run made it, else a new one.
+fn publisher_key(dir: &Path) -> anyhow::Result<SecretKey> {
+    let path = dir.join(KEY_FILE);
+    if !path.exists() {
+        sign::write_key_pair(
+            &path,
+            Some("lockstep demo"),
+            &ring::rand::SystemRandom::new(),
+        )?;
+    }
+    Ok(sign::read_secret_key(&path)?)
+}
 
 fn write_token(path: &Path) -> anyhow::Result<()> {
     use std::io::Write;
@@ -159,19 +181,21 @@ pub async fn start(ports: DemoPorts, dir: &Path) -> anyhow::Result<Demo> {
     let dir = dir.canonicalize()?;
     write_token(&dir.join("agent.token"))?;
     write_token(&dir.join("publish.token"))?;
+    let key = publisher_key(&dir)?;
     let stop = CancellationToken::new();
     let (yaml, agent_sockets) = start_backends(&ports, &dir, &stop).await?;
     let cfg = crate::config::parse(&dir.join("demo.yaml"), &yaml)?;
     let app = Appliance::start(cfg).await?;
     let hub = format!("http://{}", app.sync_addr().context("demo hub missing")?);
-    let agents = start_agents(&hub, &dir, agent_sockets, &stop).await?;
-    let id = publish_first(&hub, &dir).await?;
+    let agents = start_agents(&hub, &dir, key.public(), agent_sockets, &stop).await?;
+    let id = publish_first(&hub, &dir, &key).await?;
     wait_until_served(&app, &agents, id).await?;
     Ok(Demo {
         app,
         agents,
         dir,
         first_release: id,
+        key: key.public(),
         stop,
     })
 }
@@ -217,14 +241,16 @@ async fn start_backends(
 }
 
 /// An agent beside each demo backend, each with an editing directory whose edits reach the
-/// others at once.
+/// others at once; each trusts releases `key` signed and the other demo agents' edits.
 async fn start_agents(
     hub: &str,
     dir: &Path,
+    key: PublicKey,
     sockets: Vec<TcpListener>,
     stop: &CancellationToken,
 ) -> anyhow::Result<Vec<AgentHandle>> {
     let agent_token = crate::sync::auth::read_token(&dir.join("agent.token"))?;
+    let names: Vec<String> = (1..=sockets.len()).map(|i| format!("web-{i}")).collect();
     let mut agents = Vec::new();
     for (i, socket) in sockets.into_iter().enumerate() {
         let name = format!("web-{}", i + 1);
@@ -235,6 +261,8 @@ async fn start_agents(
             socket.local_addr()?,
         );
         cfg.token = Some(agent_token.clone());
+        cfg.trusted_keys = Some(TrustedKeys::new([key]));
+        cfg.trusted_origins = names.clone();
         cfg.watch = Some(crate::agent::config::Watch::new(
             Some(&dir.join(format!("edit-{}", i + 1))),
             crate::sync::changeset::Mode::Immediate,
@@ -244,16 +272,26 @@ async fn start_agents(
     Ok(agents)
 }
 
-/// Publishes the first demo site; its release id.
-async fn publish_first(hub: &str, dir: &Path) -> anyhow::Result<crate::sync::manifest::ReleaseId> {
+/// Publishes the first demo site, signed with `key`; its release id.
+async fn publish_first(
+    hub: &str,
+    dir: &Path,
+    key: &SecretKey,
+) -> anyhow::Result<crate::sync::manifest::ReleaseId> {
     let site = dir.join("site");
     std::fs::create_dir_all(&site)?;
     std::fs::write(site.join("index.html"), FIRST_SITE)?;
     let token = crate::sync::auth::read_token(&dir.join("publish.token"))?;
     let publisher = HttpClient::hub(hub, Some(token), None)?;
-    let first = publish::publish(&publisher, &site, publish::At::Next, 4, &[])
-        .await
-        .context("publishing the first demo release")?;
+    let first = publish::publish(
+        &publisher,
+        &site,
+        publish::At::Next,
+        4,
+        std::slice::from_ref(key),
+    )
+    .await
+    .context("publishing the first demo release")?;
     Ok(first.committed.id)
 }
 
@@ -331,11 +369,12 @@ pub async fn run(port: u16, admin_port: u16, dns_port: u16, sync_port: u16) -> a
          curl -s http://{admin}/api/pools                          # or open http://{admin}/status in a browser\n  \
          dig @{dns_ip} -p {dns_port} www.farm.test +short       # the healthy backends, rotated: 127.0.0.1, .2, .3\n  \
          dig @{dns_ip} -p {dns_port} farm.test SOA +norec       # authoritative (flags: qr aa)\n\n\
-         Content sync (release {first} is active on every agent):\n  \
+         Content sync (release {first}, signed by the demo's key {key_id}, is active on every agent;\n\
+         the hub and the agents refuse releases that key did not sign):\n  \
          curl -s -H 'Host: static.farm.test' http://{proxy}/   # the published site, through the proxy\n  \
          for p in {ports}; do curl -sI http://127.0.0.1:$p/ | grep -i x-lockstep-release; done\n  \
          mkdir -p /tmp/site && echo '<h1>release 2</h1>' > /tmp/site/index.html\n  \
-         {exe} publish --hub http://{hub} --token-file {d}/publish.token --at +5s /tmp/site\n  \
+         {exe} publish --hub http://{hub} --token-file {d}/publish.token --key {d}/publisher.key --at +5s /tmp/site\n  \
          {exe} status --hub http://{hub} --token-file {d}/publish.token   # every agent, its clock offset and last flip\n\n\
          Detect and forward (each agent watches {d}/edit-N, immediate mode):\n  \
          echo '<h1>edited on web-1</h1>' > {d}/edit-1/index.html\n  \
@@ -344,6 +383,7 @@ pub async fn run(port: u16, admin_port: u16, dns_port: u16, sync_port: u16) -> a
         dns_ip = dns.ip(),
         dns_port = dns.port(),
         first = demo.first_release.short(),
+        key_id = demo.key.id(),
         ports = agents.join(" "),
         port2 = agents.get(1).cloned().unwrap_or_default(),
         port3 = agents.get(2).cloned().unwrap_or_default(),

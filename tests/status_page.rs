@@ -327,7 +327,9 @@ async fn the_demo_shows_its_agents_the_next_activation_and_the_last_flips_skew()
     let site = dir.path().join("site-2");
     std::fs::create_dir_all(&site).unwrap();
     std::fs::write(site.join("index.html"), "<h1>two</h1>").unwrap();
-    let staged = publish::publish(&hub, &site, At::In(Duration::from_secs(3600)), 2, &[])
+    let key =
+        lockstep::sync::sign::read_secret_key(&dir.path().join(lockstep::demo::KEY_FILE)).unwrap();
+    let staged = publish::publish(&hub, &site, At::In(Duration::from_secs(3600)), 2, &[key])
         .await
         .unwrap()
         .committed

@@ -709,7 +709,14 @@ async fn the_demo_flips_its_three_backends_to_a_published_directory() {
     let site = dir.path().join("site-2");
     std::fs::create_dir_all(&site).unwrap();
     std::fs::write(site.join("index.html"), "<h1>two</h1>").unwrap();
-    let o = publish::publish(&c, &site, At::In(Duration::from_secs(2)), 2, &[])
+    // Signed with the demo's key: its hub and agents refuse anything else.
+    let key =
+        lockstep::sync::sign::read_secret_key(&dir.path().join(lockstep::demo::KEY_FILE)).unwrap();
+    assert_eq!(key.public(), demo.key);
+    let unsigned = publish::publish(&c, &site, At::In(Duration::from_secs(2)), 2, &[]).await;
+    let refused = unsigned.unwrap_err().to_string();
+    assert!(refused.contains("not signed by a trusted key"), "{refused}");
+    let o = publish::publish(&c, &site, At::In(Duration::from_secs(2)), 2, &[key])
         .await
         .unwrap();
     let id = o.committed.id;

@@ -184,13 +184,20 @@ impl Farm {
 
     /// Runs `lockstep publish` to completion; returns the release id it printed.
     pub fn publish(&self, site: &Path, at: &str) -> String {
-        let o = Command::new(BIN)
-            .args(["publish", "--hub", &self.hub_url(), "--token-file"])
+        self.publish_signed(site, at, &[])
+    }
+
+    /// As [`Farm::publish`], signed with each of `keys` (secret key files in the farm's
+    /// directory, from [`Farm::keygen`]).
+    pub fn publish_signed(&self, site: &Path, at: &str, keys: &[&str]) -> String {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["publish", "--hub", &self.hub_url(), "--token-file"])
             .arg(self.path("publish.token"))
-            .args(["--at", at])
-            .arg(site)
-            .output()
-            .unwrap();
+            .args(["--at", at]);
+        for k in keys {
+            cmd.arg("--key").arg(self.path(k));
+        }
+        let o = cmd.arg(site).output().unwrap();
         let out = String::from_utf8_lossy(&o.stdout).to_string();
         assert!(
             o.status.success(),
@@ -202,6 +209,35 @@ impl Farm {
             .unwrap_or_else(|| panic!("no release id in: {out}"))
             .trim()
             .to_string()
+    }
+
+    /// `lockstep keygen --out NAME` in the farm's directory: NAME (secret) and NAME.pub.
+    pub fn keygen(&self, name: &str) -> PathBuf {
+        let out = self.path(name);
+        let o = Command::new(BIN)
+            .args(["keygen", "--comment", name, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "keygen failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    }
+
+    /// The fleet as the hub reports it (`GET /sync/v1/agents`).
+    pub fn fleet(&self) -> serde_json::Value {
+        let r = request(
+            self.hub_addr,
+            "GET",
+            "/sync/v1/agents",
+            Some(AGENT_TOKEN),
+            b"",
+        )
+        .unwrap();
+        serde_json::from_slice(&r.bytes).unwrap()
     }
 
     pub fn site(&self, name: &str, files: &[(String, Vec<u8>)]) -> PathBuf {
@@ -271,6 +307,24 @@ impl Agent {
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+
+    /// One labelled series of a counter of the agent's metrics, e.g.
+    /// `labelled("lockstep_agent_refused_total", "what=\"signature\"")`.
+    pub fn labelled(&self, name: &str, labels: &str) -> f64 {
+        let r = request(self.addr, "GET", "/.lockstep/metrics", None, b"").unwrap();
+        let prefix = format!("{name}{{{labels}}} ");
+        r.body
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Whether the agent's store holds the blob of `content`.
+    pub fn has_blob(&self, farm: &Farm, content: &[u8]) -> bool {
+        let hash = blake3::hash(content).to_hex().to_string();
+        farm.path(&format!("{}-store/blobs/{}/{hash}", self.name, &hash[..2]))
+            .exists()
     }
 
     /// The body served for `path`, if 200.

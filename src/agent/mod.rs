@@ -202,7 +202,8 @@ pub async fn start_on(
     let trust = verify::Trust::from_config(&config);
     match &trust {
         Some(t) => {
-            info!(trusted_keys = ?t, "releases are staged only when a trusted key signed them, or the hub built them from accepted changesets on such a release")
+            let keys: Vec<String> = t.keys().ids().iter().map(|k| k.to_string()).collect();
+            info!(trusted_keys = %keys.join(","), "releases are staged only when a trusted key signed them, or the hub built them from accepted changesets on such a release")
         }
         None => {
             warn!(hub = %config.hub, "no trusted_keys: releases are staged unsigned (allowed only because the hub is on this host)")

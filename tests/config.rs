@@ -1488,6 +1488,12 @@ fn example_in_tempdir() -> (tempfile::TempDir, PathBuf) {
     std::fs::write(dir.path().join("tls/sync.key"), key).unwrap();
     write_private(&dir.path().join("agent.token"), "agent-secret");
     write_private(&dir.path().join("publish.token"), "publish-secret");
+    lockstep::sync::sign::write_key_pair(
+        &dir.path().join("publisher.key"),
+        None,
+        &ring::rand::SystemRandom::new(),
+    )
+    .unwrap();
     (dir, cfg)
 }
 
@@ -1508,9 +1514,11 @@ fn sync_section_problems_are_reported_where_they_are_written() {
         "listeners:\n  - {{ name: http, bind: \"127.0.0.1:7700\" }}\nroutes:\n  - {{ pool: www }}\n\
          pools:\n  - name: www\n    backends:\n      - {{ name: a, address: \"127.0.0.1:9\" }}\n\
          sync:\n  bind: \"0.0.0.0:7700\"\n  store: /tmp/x\n  cadence: 10ms\n  lead: soon\n  \
-         agent_token_file: {}\n  publish_token_file: {}\n  gc_interval: often\n  gc_grace: 10ms\n",
+         agent_token_file: {}\n  publish_token_file: {}\n  gc_interval: often\n  gc_grace: 10ms\n  \
+         trusted_keys: [{}]\n",
         open.display(),
-        dir.path().join("missing.token").display()
+        dir.path().join("missing.token").display(),
+        dir.path().join("missing.pub").display()
     );
     let e = config::parse(Path::new("hub.yaml"), &yaml)
         .unwrap_err()
@@ -1525,6 +1533,7 @@ fn sync_section_problems_are_reported_where_they_are_written() {
         "hub.yaml:16:16: sync.gc_interval:",
         "(0s turns collection off)",
         "hub.yaml:17:13: sync.gc_grace must be at least 1s",
+        "hub.yaml:18:18: sync.trusted_keys: cannot read key file",
     ] {
         assert!(e.contains(want), "missing {want:?} in:\n{e}");
     }
@@ -1587,6 +1596,13 @@ fn example_config_loads_with_its_tls_files() {
     );
 
     assert!(cfg.dns.is_some() && cfg.sync.is_some());
+    assert_eq!(
+        cfg.sync
+            .as_ref()
+            .and_then(|s| s.trusted_keys.as_ref())
+            .map(|k| k.len()),
+        Some(1)
+    );
     assert!(cfg.admin.bind.is_some());
     assert_eq!(
         cfg.admin.socket.as_deref(),
@@ -1600,13 +1616,15 @@ fn example_config_without_its_files_says_which_files_are_missing() {
     let path = dir.path().join("lockstep.yaml");
     std::fs::copy(example_path(), &path).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    let errs = config::load(&path).expect_err("the TLS and token files are missing");
-    // The listener's certificate, the two token files and the sync API's certificate.
-    assert_eq!(errs.0.len(), 4, "{errs}");
+    let errs = config::load(&path).expect_err("the TLS, token and key files are missing");
+    // The listener's certificate, the two token files, the trusted key and the sync API's
+    // certificate.
+    assert_eq!(errs.0.len(), 5, "{errs}");
     for (e, file) in errs.0.iter().zip([
         "tls/farm.crt",
         "agent.token",
         "publish.token",
+        "publisher.key.pub",
         "tls/sync.crt",
     ]) {
         assert!(

@@ -159,6 +159,55 @@ impl Server {
 }
 
 // ---------------------------------------------------------------------------------------------
+// keygen, check --agent
+
+/// An agent whose hub is on another host is refused by `check --agent` until it trusts a
+/// publisher key (the error at `hub`'s line names the fix); `keygen` makes that key.
+#[test]
+fn check_agent_wants_trusted_keys_for_a_hub_on_another_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.yaml");
+    let base =
+        "name: web-1\nhub: \"http://10.0.0.1:7700\"\nstore: store\nserve: \"127.0.0.1:8081\"\n";
+    std::fs::write(&cfg, base).unwrap();
+    let o = run_lockstep(&[&"check", &"--agent", &"-c", &cfg]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("agent.yaml:2:6: hub http://10.0.0.1:7700 is not on this host, but trusted_keys is not set")
+            && err.contains("lockstep keygen"),
+        "{err}"
+    );
+
+    let key = dir.path().join("publisher.key");
+    let o = run_lockstep(&[&"keygen", &"--out", &key]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("publisher.key.pub (key id "),
+        "{}",
+        stdout(&o)
+    );
+    std::fs::write(&cfg, format!("{base}trusted_keys: [publisher.key.pub]\n")).unwrap();
+    let o = run_lockstep(&[&"check", &"--agent", &"-c", &cfg]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("1 trusted key(s)"), "{}", stdout(&o));
+    // Given the secret key by mistake: refused at its line, saying which file to give.
+    std::fs::write(&cfg, format!("{base}trusted_keys: [publisher.key]\n")).unwrap();
+    let o = run_lockstep(&[&"check", &"--agent", &"-c", &cfg]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("agent.yaml:5:16: trusted_keys:"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("give the `.pub` file"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // --version, --help
 
 #[test]

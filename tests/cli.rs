@@ -372,6 +372,8 @@ fn check_example_config_with_its_tls_files_prints_ok() {
         std::fs::write(&p, "secret").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
+    let key = dir.path().join("publisher.key");
+    assert!(run_lockstep(&[&"keygen", &"--out", &key]).status.success());
     // Run from elsewhere: the TLS paths resolve against the config's directory, not the cwd.
     let o = Command::new(BIN)
         .arg("check")

@@ -400,10 +400,12 @@ pub fn render_fleet(f: &Fleet) -> String {
     for a in &f.agents {
         let r = &a.report;
         let ago = s.now_us.saturating_sub(a.reported_us) as f64 / 1e6;
-        let state = match (&r.error, a.current) {
-            (Some(e), _) => format!("error: {e}"),
-            (None, true) => "current".into(),
-            (None, false) => "BEHIND".into(),
+        let state = match (a.stale, &r.error, a.current) {
+            // What it said no longer counts: neither current nor behind.
+            (true, _, _) => "stale (no report within sync.report_expiry)".into(),
+            (false, Some(e), _) => format!("error: {e}"),
+            (false, None, true) => "current".into(),
+            (false, None, false) => "BEHIND".into(),
         };
         out.push_str(&format!(
             "{:<16} {:<13} {:<13} {:>14} {:>10} {:>12} {:>8.0}s  {}\n",

@@ -70,6 +70,7 @@ impl TestHub {
                     publish: Some(PUBLISH_TOKEN.into()),
                 },
                 gc: Default::default(),
+                report_expiry: lockstep::sync::protocol::DEFAULT_REPORT_EXPIRY,
             },
             clock,
             HubMetrics::register(&metrics),

@@ -59,8 +59,8 @@ impl Peers {
     }
 }
 
-/// Keeps the peer list from the hub's registry: every other agent that reported a serve
-/// address.
+/// Keeps the peer list from the hub's registry: every other agent whose report (with a serve
+/// address) still counts.
 pub async fn registry(
     client: HttpClient,
     name: String,
@@ -82,7 +82,8 @@ pub async fn registry(
                 let mut peers: Vec<String> = fleet
                     .agents
                     .iter()
-                    .filter(|a| a.name != name)
+                    // A stale entry may be an agent gone, or a forged address nobody renews.
+                    .filter(|a| a.name != name && !a.stale)
                     .filter_map(|a| a.report.serve.as_ref())
                     .map(|s| format!("http://{s}"))
                     .collect();

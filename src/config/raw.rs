@@ -236,6 +236,8 @@ pub struct RawSync {
     pub gc_interval: Option<S<String>>,
     /// Unused content younger than this is kept.
     pub gc_grace: Option<S<String>>,
+    /// An agent's report stops counting (stale) when not renewed within this long.
+    pub report_expiry: Option<S<String>>,
     /// File holding the agents' bearer token.
     pub agent_token_file: Option<S<String>>,
     /// File holding the publishers' bearer token.

@@ -13,6 +13,7 @@ use super::raw::RawSync;
 use super::tls;
 use crate::sync::auth::{read_token, Tokens};
 use crate::sync::gc::Gc;
+use crate::sync::protocol::DEFAULT_REPORT_EXPIRY;
 use crate::sync::schedule::{DEFAULT_CADENCE, DEFAULT_LEAD};
 
 /// Shortest activation grid.
@@ -31,6 +32,8 @@ pub struct Sync {
     pub lead: Duration,
     /// Collection of unused releases and blobs in the store.
     pub gc: Gc,
+    /// How long an agent's report counts after it arrived (then: stale, not behind).
+    pub report_expiry: Duration,
     /// The agent and publish tokens (a role without one is open).
     pub tokens: Tokens,
     /// Certificates when the sync API is served over TLS.
@@ -56,6 +59,11 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         }
     }
     let lead = cx.any_duration(&raw.lead, DEFAULT_LEAD, "sync.lead");
+    let report_expiry = cx.duration(
+        &raw.report_expiry,
+        DEFAULT_REPORT_EXPIRY,
+        "sync.report_expiry",
+    );
     let (gc, errors) = gc::from_raw(raw.gc_interval.as_ref(), raw.gc_grace.as_ref());
     for (at, e) in errors {
         cx.err(at, format!("sync.{e}"));
@@ -118,6 +126,7 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         cadence,
         lead,
         gc,
+        report_expiry,
         tokens,
         tls,
     })

@@ -168,7 +168,7 @@ async fn dispatch(
                 .map_err(hub_error)?,
         )),
         Endpoint::Report(name) => report(hub, &name, req).await,
-        Endpoint::Changeset => changeset(hub, req).await,
+        Endpoint::Changeset => changeset(hub, req, receive_us).await,
     }
 }
 
@@ -237,10 +237,19 @@ async fn report(hub: &Hub, name: &str, req: Request<Incoming>) -> Result<Answer,
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }
 
-async fn changeset(hub: &Arc<Hub>, req: Request<Incoming>) -> Result<Answer, Answer> {
+async fn changeset(
+    hub: &Arc<Hub>,
+    req: Request<Incoming>,
+    receive_us: i64,
+) -> Result<Answer, Answer> {
     let b = body(req, MAX_JSON_BYTES).await?;
     let cs: Changeset = serde_json::from_slice(&b)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("changeset body: {e}")))?;
-    let reply = hub.changeset(cs).await.map_err(hub_error)?;
+    // Bounded by the time the request arrived, not the time its body finished: a slow body
+    // must not widen the allowance.
+    let reply = hub
+        .changeset(cs, receive_us.max(0) as u64)
+        .await
+        .map_err(hub_error)?;
     Ok(json(StatusCode::OK, &reply))
 }

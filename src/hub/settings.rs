@@ -1,8 +1,9 @@
 //! What the hub is given besides its store: the settings a reload may change (activation
-//! rules, tokens, collection) and its clock, injected so tests can move time. Reads no clock
+//! rules, tokens, collection, report expiry) and its clock, injected so tests can move time. Reads no clock
 //! itself except in [`system_clock`], the real one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::sync::Sync as SyncConfig;
 use crate::sync::auth::Tokens;
@@ -26,15 +27,23 @@ pub struct Settings {
     pub tokens: Tokens,
     /// Collection of unused releases and blobs.
     pub gc: Gc,
+    /// How long an agent's report counts after it arrived.
+    pub report_expiry: Duration,
 }
 
 impl Settings {
+    /// [`Settings::report_expiry`] in µs.
+    pub fn report_expiry_us(&self) -> u64 {
+        u64::try_from(self.report_expiry.as_micros()).unwrap_or(u64::MAX)
+    }
+
     /// From the checked `sync:` section.
     pub fn from_config(c: &SyncConfig) -> Settings {
         Settings {
             rules: Rules::new(c.cadence, c.lead),
             tokens: c.tokens.clone(),
             gc: c.gc,
+            report_expiry: c.report_expiry,
         }
     }
 }

@@ -26,6 +26,9 @@ pub struct Fixture {
     _dir: tempfile::TempDir,
 }
 
+/// Reports count for 90 s.
+pub const REPORT_EXPIRY: Duration = Duration::from_secs(90);
+
 /// Activations every 10 s, at least 3 s after the publish (so the replace guard is 2 s).
 pub fn rules() -> Rules {
     Rules::new(Duration::from_secs(10), Duration::from_secs(3))
@@ -39,6 +42,7 @@ pub fn hub(clock: Clock) -> Fixture {
         rules: rules(),
         tokens: Tokens::default(),
         gc: Gc::default(),
+        report_expiry: REPORT_EXPIRY,
     };
     let metrics = HubMetrics::default();
     let hub = Hub::new(Arc::new(store), settings, clock, metrics.clone()).expect("new hub");

@@ -3,9 +3,9 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `PUT /content/{path}` (the file's bytes) | 200 `{"changeset": "name/seq"}`, or `null` when unchanged; 400 bad path (or a symlink on its way in `watch.dir`: never followed), 413 over `watch.max_file_size` |
+//! | `PUT /content/{path}` (the file's bytes) | 200 `{"changeset": "name/seq"}`, or `null` when unchanged; 400 bad path (or a symlink on its way in `watch.dir`: never followed), 413 over `watch.max_file_size`; 503 until the agent has heard from the hub (its clock and its record of this agent), without which a change cannot be numbered |
 //! | `DELETE /content/{path}` | 200 as above; 404 no such file |
-//! | `POST /.lockstep/changesets` (a frame of [`super::frame::encode`]) | 202 installed in the background; 400 malformed or damaged; 200 `echo` for our own |
+//! | `POST /.lockstep/changesets` (a frame of [`super::frame::encode`]) | 202 installed in the background; 400 malformed, damaged, or numbered ahead of this agent's estimate of hub time; 503 before that estimate exists; 200 `echo` for our own |
 //!
 //! A write is a local edit like one made in `watch.dir` (it is written there too, and
 //! forwarded by the `watch.mode`). A changeset from a peer is verified whole — every blob
@@ -47,6 +47,8 @@ pub struct AgentApi {
     pub local: Option<mpsc::UnboundedSender<Input>>,
     /// Largest file a `PUT` may carry.
     pub max_file_bytes: u64,
+    /// Hub time now (µs) as this agent estimates it; `None` until the clock is measured.
+    pub hub_now: super::HubNow,
     /// Metrics.
     pub metrics: Arc<AgentMetrics>,
 }
@@ -115,6 +117,20 @@ async fn from_peer(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
     if cs.origin == api.name {
         debug!(changeset = %cs.name(), "our own changeset came back; dropped");
         return answer(StatusCode::OK, serde_json::json!({ "state": "echo" }));
+    }
+    // Its numbers are hub time as the peer estimated it: bounded by ours, as the hub bounds
+    // them by its clock (a `seq` far ahead would make this agent wait for the hub's release
+    // to include it; a `detected_us` far ahead would win conflicts here).
+    let Some(now) = (api.hub_now)() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this agent has not measured the hub's clock yet, so it cannot check the changeset's numbers; the hub's release brings the edit",
+        );
+    };
+    if let Err(e) = cs.check_time(now) {
+        api.metrics.refused("implausible");
+        warn!(peer_origin = %cs.origin, error = %e, "changeset from a peer refused");
+        return error(StatusCode::BAD_REQUEST, e);
     }
     // Large files are served from the store: they must be on disk before the install. Small
     // ones are served from memory at once and written by the agent's disk worker.
@@ -197,6 +213,7 @@ async fn write(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
                 WriteError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
                 WriteError::NotFound(_) => StatusCode::NOT_FOUND,
                 WriteError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                WriteError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             error(status, e)
         }

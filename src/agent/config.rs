@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -20,6 +19,7 @@ use crate::net::client::{ClientError, HttpClient};
 use crate::sync::auth::read_token;
 use crate::sync::gc::Gc;
 use crate::sync::manifest::MAX_BLOB_BYTES;
+use crate::sync::protocol::parse_serve;
 
 type S<T> = Spanned<T>;
 
@@ -332,17 +332,13 @@ fn check_name(cx: &mut Ctx, name: &S<String>) {
     }
 }
 
+/// `serve:` read as the hub reads a report's (one rule: [`parse_serve`]), at its line and
+/// column when it is not an `ip:port`.
 fn serve_addr(cx: &mut Ctx, serve: &S<String>) -> Option<SocketAddr> {
-    match SocketAddr::from_str(serve.value.trim()) {
+    match parse_serve(serve.value.trim()) {
         Ok(a) => Some(a),
-        Err(_) => {
-            cx.err(
-                serve,
-                format!(
-                    "serve `{}` is not an ip:port address: write e.g. \"127.0.0.1:8081\"",
-                    serve.value
-                ),
-            );
+        Err(e) => {
+            cx.err(serve, e.to_string());
             None
         }
     }

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::detect::Scope;
 use super::release::Release;
-use crate::sync::changeset::Changeset;
+use crate::sync::changeset::{Applied, Changeset};
 
 /// The active release, swapped whole at each flip.
 pub type Active = Arc<ArcSwapOption<Release>>;
@@ -43,6 +43,10 @@ pub enum Input {
     },
     /// The served release changed.
     Installed(Arc<Release>),
+    /// The hub's record of the changesets it applied, per origin (from a schedule received
+    /// once the clock is measured): the local thread numbers its changesets above its own
+    /// entry, and numbers none before the first of these.
+    Hub(Applied),
     /// Stop.
     Stop,
 }
@@ -73,4 +77,7 @@ pub enum WriteError {
     /// The agent could not write (500).
     #[error("{0}")]
     Io(String),
+    /// Not now: the agent cannot number a changeset yet (503).
+    #[error("{0}")]
+    Unavailable(String),
 }

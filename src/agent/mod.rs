@@ -209,17 +209,25 @@ pub async fn start_on(
     };
     let (clock_tx, clock_rx) = tokio::sync::watch::channel(None);
     let (install_tx, install_rx) = mpsc::unbounded_channel();
+    let hub_now = hub_clock(anchor, clock_rx.clone());
     let local_tx = match &config.watch {
         Some(w) => Some(start_local(
             &agent,
             w,
             current.clone(),
-            hub_clock(anchor, clock_rx.clone()),
+            hub_now.clone(),
             install_tx.clone(),
         )?),
         None => None,
     };
-    spawn_serve(&agent, listener, &active, install_tx, local_tx.clone());
+    spawn_serve(
+        &agent,
+        listener,
+        &active,
+        install_tx,
+        local_tx.clone(),
+        hub_now,
+    );
     let disk_tx = spawn_disk(&agent, current.as_ref());
     let (hub, schedules) = spawn_hub_tasks(&agent, anchor, serve_addr, current.as_ref(), clock_tx);
     let controller = controller(&agent, anchor, &active, hub, disk_tx, local_tx, loaded);
@@ -270,6 +278,7 @@ fn spawn_serve(
     active: &Active,
     installs: mpsc::UnboundedSender<messages::Install>,
     local: Option<mpsc::UnboundedSender<messages::Input>>,
+    hub_now: HubNow,
 ) {
     let config = agent.config;
     let api = api::AgentApi {
@@ -286,6 +295,7 @@ fn spawn_serve(
             .as_ref()
             .map_or(crate::sync::manifest::MAX_BLOB_BYTES, |w| w.max_file_bytes),
         metrics: agent.metrics.clone(),
+        hub_now,
     };
     let state = ServeState {
         active: active.clone(),
@@ -399,17 +409,16 @@ fn controller(
     Controller::new(handles, settings, start)
 }
 
-/// Hub time now (µs) from the agent's clock estimate; the wall clock until one exists.
-fn hub_clock(
-    anchor: Anchor,
-    clock: tokio::sync::watch::Receiver<Option<Offset>>,
-) -> Arc<dyn Fn() -> u64 + Send + Sync> {
+/// Hub time now (µs) as the agent estimates it; `None` until the clock is measured.
+pub type HubNow = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
+
+/// Hub time now from the measurer's latest estimate; `None` until there is one (never the
+/// local wall clock: a changeset numbered by a clock an hour behind would be a duplicate at
+/// the hub, one an hour ahead would be refused).
+fn hub_clock(anchor: Anchor, clock: tokio::sync::watch::Receiver<Option<Offset>>) -> HubNow {
     Arc::new(move || {
-        let offset = *clock.borrow();
-        match offset {
-            Some(o) => clock::hub_time(std::time::Instant::now(), o, &anchor).max(0) as u64,
-            None => clock::wall_us(),
-        }
+        let offset = (*clock.borrow())?;
+        Some(clock::hub_time(std::time::Instant::now(), offset, &anchor).max(0) as u64)
     })
 }
 
@@ -419,7 +428,7 @@ fn start_local(
     agent: &Wiring,
     w: &config::Watch,
     current: Option<Arc<Release>>,
-    hub_now: Arc<dyn Fn() -> u64 + Send + Sync>,
+    hub_now: HubNow,
     installs: mpsc::UnboundedSender<messages::Install>,
 ) -> Result<mpsc::UnboundedSender<messages::Input>, AgentError> {
     let ignore =

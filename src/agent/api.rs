@@ -48,7 +48,7 @@ pub struct AgentApi {
     /// Largest file a `PUT` may carry.
     pub max_file_bytes: u64,
     /// Hub time now (µs) as this agent estimates it; `None` until the clock is measured.
-    pub hub_now: super::HubNow,
+    pub hub_now: super::messages::HubNow,
     /// Metrics.
     pub metrics: Arc<AgentMetrics>,
 }

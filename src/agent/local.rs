@@ -97,7 +97,7 @@ pub struct Local {
     /// The agent's store (blobs, outbox, state).
     pub store: Arc<FsStore>,
     /// Hub time now (µs), as the agent estimates it (`None` before the clock is measured).
-    pub hub_now: super::HubNow,
+    pub hub_now: super::messages::HubNow,
     /// Where new changesets go: to peers at once, to the hub once in the outbox.
     pub out: mpsc::UnboundedSender<Out>,
     /// Where immediate ones are installed on this backend at once.

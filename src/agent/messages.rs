@@ -1,7 +1,8 @@
 //! The messages the agent's tasks and threads send each other, in one place: what the
 //! controller installs ([`Install`]), what the local-edit thread is asked ([`Input`]) and
-//! tells the forwarder ([`Out`]), how an API write fails ([`WriteError`]), and the pointer to
-//! the active release that serving reads and flips store ([`Active`]).
+//! tells the forwarder ([`Out`]), how an API write fails ([`WriteError`]), the pointer to
+//! the active release that serving reads and flips store ([`Active`]), and the agent's reading
+//! of hub time ([`HubNow`]).
 
 use std::sync::Arc;
 
@@ -15,6 +16,9 @@ use crate::sync::changeset::{Applied, Changeset};
 
 /// The active release, swapped whole at each flip.
 pub type Active = Arc<ArcSwapOption<Release>>;
+
+/// Hub time now (µs) as the agent estimates it; `None` until the clock is measured.
+pub type HubNow = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
 
 /// A changeset to install at once.
 #[derive(Debug)]

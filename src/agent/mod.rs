@@ -81,7 +81,7 @@ use crate::sync::manifest::ReleaseId;
 use crate::sync::protocol::Report;
 use crate::sync::store::{FsStore, StoreError};
 use control::{Controller, DiskJob};
-use messages::Active;
+use messages::{Active, HubNow};
 use metrics::AgentMetrics;
 use serve::ServeState;
 use stage::Stager;
@@ -408,9 +408,6 @@ fn controller(
     };
     Controller::new(handles, settings, start)
 }
-
-/// Hub time now (µs) as the agent estimates it; `None` until the clock is measured.
-pub type HubNow = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
 
 /// Hub time now from the measurer's latest estimate; `None` until there is one (never the
 /// local wall clock: a changeset numbered by a clock an hour behind would be a duplicate at

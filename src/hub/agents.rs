@@ -20,7 +20,7 @@ const MAX_REPORT_ERROR: usize = 1024;
 
 impl Hub {
     /// Records an agent's report. Refused: a bad name or `serve` address (400), a new name
-    /// while [`MAX_AGENTS`] reports still count (409).
+    /// while `MAX_AGENTS` (4096) reports still count (409).
     pub fn report(&self, name: &str, mut report: Report) -> Result<(), HubError> {
         check_agent_name(name)?;
         report

@@ -12,10 +12,10 @@
 //! | `POST /sync/v1/releases/{id}/commit` ([`Commit`]) | publish | [`Committed`]; 409 while blobs are missing |
 //! | `POST /sync/v1/rollback` | publish | [`Committed`] for the previous release |
 //! | `POST /sync/v1/cycles/{n}/advance` | agent | [`Advanced`] |
-//! | `POST /sync/v1/agents/{name}/report` ([`Report`]) | agent | 204 |
+//! | `POST /sync/v1/agents/{name}/report` ([`Report`]) | agent | 204; 400 when `serve` is not an `ip:port`; 409 for a new name while the agent table is full of fresh reports |
 //! | `GET /sync/v1/agents` | agent or publish | [`Fleet`] |
 //! | `PUT /sync/v1/blobs/{hash}` (bytes) | agent | as for publish: the blobs of a changeset |
-//! | `POST /sync/v1/changesets` ([`Changeset`]) | agent | [`ChangesetReply`] |
+//! | `POST /sync/v1/changesets` ([`Changeset`]) | agent | [`ChangesetReply`]; 400 when `seq` or `detected_us` is ahead of the hub's receive time by more than [`MAX_AHEAD_US`](super::changeset::MAX_AHEAD_US) |
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed), 401 (no or wrong token), 403 (the
 //! token's role may not do this), 404 (unknown release or blob), 409 (not now), 413 (too big).

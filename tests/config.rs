@@ -1102,6 +1102,10 @@ fn dns_and_sync_sections_of_the_design_are_accepted() {
     assert_eq!(sync.cadence, std::time::Duration::from_secs(60));
     assert_eq!(sync.lead, std::time::Duration::from_secs(10));
     assert!(sync.tokens.agent.is_none() && sync.tls.is_none());
+    assert_eq!(
+        sync.report_expiry,
+        lockstep::sync::protocol::DEFAULT_REPORT_EXPIRY
+    );
 }
 
 /// Fail closed: a sync API other hosts can reach needs both token files; `check` names the
@@ -1508,7 +1512,8 @@ fn sync_section_problems_are_reported_where_they_are_written() {
         "listeners:\n  - {{ name: http, bind: \"127.0.0.1:7700\" }}\nroutes:\n  - {{ pool: www }}\n\
          pools:\n  - name: www\n    backends:\n      - {{ name: a, address: \"127.0.0.1:9\" }}\n\
          sync:\n  bind: \"0.0.0.0:7700\"\n  store: /tmp/x\n  cadence: 10ms\n  lead: soon\n  \
-         agent_token_file: {}\n  publish_token_file: {}\n  gc_interval: often\n  gc_grace: 10ms\n",
+         agent_token_file: {}\n  publish_token_file: {}\n  gc_interval: often\n  gc_grace: 10ms\n  \
+         report_expiry: 0s\n",
         open.display(),
         dir.path().join("missing.token").display()
     );
@@ -1525,6 +1530,7 @@ fn sync_section_problems_are_reported_where_they_are_written() {
         "hub.yaml:16:16: sync.gc_interval:",
         "(0s turns collection off)",
         "hub.yaml:17:13: sync.gc_grace must be at least 1s",
+        "hub.yaml:18:18: sync.report_expiry must be longer than 0",
     ] {
         assert!(e.contains(want), "missing {want:?} in:\n{e}");
     }
@@ -1795,6 +1801,10 @@ fn example_config_documents_the_real_defaults() {
             Want::Dur(lockstep::sync::gc::DEFAULT_INTERVAL),
         ),
         ("gc_grace", Want::Dur(lockstep::sync::gc::DEFAULT_GRACE)),
+        (
+            "report_expiry",
+            Want::Dur(lockstep::sync::protocol::DEFAULT_REPORT_EXPIRY),
+        ),
     ];
     let text = std::fs::read_to_string(example_path()).unwrap();
     let lines: Vec<&str> = text.lines().collect();

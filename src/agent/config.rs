@@ -28,7 +28,7 @@ pub const DEFAULT_FETCH_CONCURRENCY: usize = 8;
 /// Most blobs fetched at once.
 pub const MAX_FETCH_CONCURRENCY: usize = 256;
 /// Longest agent name (it is a path segment of the sync API and a metrics label).
-pub const MAX_NAME_BYTES: usize = 64;
+pub use crate::sync::identity::MAX_NAME_BYTES;
 /// The commented example every key is documented in.
 pub const EXAMPLE: &str = "deploy/examples/agent.yaml";
 
@@ -232,16 +232,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigErrors> {
     validate(path, raw)
 }
 
-/// Whether `name` may name an agent: 1–64 of `A–Z a–z 0–9 . _ -`, not `.` or `..`.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_BYTES
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+pub use crate::sync::identity::valid_name;
 
 /// Checks the raw config, returning the typed one or every problem found.
 pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigErrors> {

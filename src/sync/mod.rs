@@ -15,6 +15,7 @@
 //! - [`tree`]: a directory → a manifest and the files holding its blobs
 //! - [`beneath`]: open, create, rename, remove beneath a directory handle, never through a symlink
 //! - [`auth`]: bearer tokens, compared in constant time
+//! - [`identity`]: the party a farm-CA certificate names (`urn:lockstep:<kind>:<name>`) (pure)
 //!
 //! Time on the wire is microseconds since the Unix epoch on the *hub's* clock; agents never
 //! trust their own wall clock for a flip, only their monotonic clock and the measured offset.
@@ -25,6 +26,7 @@ pub mod changeset;
 pub mod clock;
 pub mod cycle;
 pub mod gc;
+pub mod identity;
 pub mod manifest;
 pub mod protocol;
 pub mod schedule;

@@ -186,7 +186,8 @@ pub async fn start_on(
         addr: config.serve,
         source,
     })?;
-    let client = HttpClient::hub(&config.hub, config.token.clone(), config.hub_ca.as_deref())?;
+    let tls = config.tls.as_ref().map(|t| t.client()).transpose()?;
+    let client = HttpClient::hub(&config.hub, config.token.clone(), tls.as_ref())?;
     // Creating a few directories and clearing tmp/: quick enough to do here.
     let store = Arc::new(FsStore::open(&config.store)?);
     let loaded = {
@@ -288,6 +289,7 @@ fn spawn_serve(
         metrics: agent.metrics.clone(),
     };
     let state = ServeState {
+        tls: config.tls.as_ref().and_then(|t| t.server()),
         active: active.clone(),
         metrics: agent.metrics.clone(),
         api: Some(Arc::new(api)),
@@ -446,6 +448,11 @@ fn start_local(
     let forwarder = forward::Forwarder {
         client: agent.client.clone(),
         token: agent.config.token.clone(),
+        tls: agent
+            .config
+            .tls
+            .as_ref()
+            .and_then(|t| t.client().ok()),
         store: agent.store.clone(),
         peers: peers(agent, w.mode),
         metrics: agent.metrics.clone(),
@@ -513,9 +520,15 @@ fn peers(agent: &Wiring, mode: Mode) -> forward::Peers {
     }
     let (tx, rx) = tokio::sync::watch::channel(Vec::new());
     if mode == Mode::Immediate {
+        // Peers with farm certificates speak TLS on their serve address.
+        let scheme = match config.tls.as_ref().and_then(|t| t.own.as_ref()) {
+            Some(_) => "https",
+            None => "http",
+        };
         agent.tracker.spawn(forward::registry(
             agent.client.clone(),
             config.name.clone(),
+            scheme,
             tx,
             agent.metrics.clone(),
             agent.shutdown.clone(),

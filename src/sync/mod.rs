@@ -15,6 +15,7 @@
 //! - [`tree`]: a directory → a manifest and the files holding its blobs
 //! - [`beneath`]: open, create, rename, remove beneath a directory handle, never through a symlink
 //! - [`auth`]: bearer tokens, compared in constant time
+//! - [`caller`]: who calls — a farm-CA certificate, or a token from loopback — acting only as itself (pure)
 //! - [`identity`]: the party a farm-CA certificate names (`urn:lockstep:<kind>:<name>`) (pure)
 //!
 //! Time on the wire is microseconds since the Unix epoch on the *hub's* clock; agents never
@@ -22,6 +23,7 @@
 
 pub mod auth;
 pub mod beneath;
+pub mod caller;
 pub mod changeset;
 pub mod clock;
 pub mod cycle;

@@ -22,8 +22,8 @@ use crate::dns::view::{SharedView, View};
 use crate::dns::{self, DnsError, DnsHandler, DnsMetrics};
 use crate::hub::{self, Hub, HubMetrics};
 use crate::live::{Live, Shared};
-use crate::net::server::ServerTls;
 use crate::metrics::{Metrics, ResultLabels};
+use crate::net::server::ServerTls;
 use crate::pools::checker;
 use crate::proxy::listener;
 use crate::sync::store::FsStore;
@@ -227,7 +227,10 @@ impl Appliance {
             warn!("sync API without agent_token_file or publish_token_file: anyone who can reach {local} may do what that token guards");
         }
         info!(addr = %local, tls = config.tls.is_some(), store = %config.store.display(), "sync hub listening");
-        let tls = config.tls.as_ref().map(|t| ServerTls::only(sync_server_config(t)));
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|t| ServerTls::only(sync_server_config(t)));
         self.sync_tls = tls.clone();
         self.tracker.spawn(hub::api::serve(
             socket,

@@ -219,12 +219,20 @@ fn ca(dir: &Path, command: &crate::cli::CaCommand) -> anyhow::Result<()> {
             out,
         } => {
             let who = Identity::new(kind(role), name).ok_or_else(|| {
-                anyhow::anyhow!("`{name}` cannot name a party: use 1 to 64 letters, digits, `.`, `_` or `-`")
+                anyhow::anyhow!(
+                    "`{name}` cannot name a party: use 1 to 64 letters, digits, `.`, `_` or `-`"
+                )
             })?;
-            let (crt, key) = (out.join(format!("{name}.crt")), out.join(format!("{name}.key")));
+            let (crt, key) = (
+                out.join(format!("{name}.crt")),
+                out.join(format!("{name}.key")),
+            );
             for f in [&crt, &key] {
                 if f.exists() {
-                    anyhow::bail!("{} exists: refusing to overwrite it (remove it first)", f.display());
+                    anyhow::bail!(
+                        "{} exists: refusing to overwrite it (remove it first)",
+                        f.display()
+                    );
                 }
             }
             let mut ca = Ca::open(dir)?;

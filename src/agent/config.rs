@@ -425,7 +425,10 @@ fn hub_url(
 fn agent_tls(cx: &mut Ctx, raw: &RawAgentConfig) -> Option<AgentTls> {
     use crate::config::tls::{load, load_trust, Part};
     if let (Some(_), Some(ca)) = (&raw.tls, &raw.hub_ca) {
-        cx.err(ca, "hub_ca and tls: both set: tls.ca (the farm CA) replaces hub_ca");
+        cx.err(
+            ca,
+            "hub_ca and tls: both set: tls.ca (the farm CA) replaces hub_ca",
+        );
         return None;
     }
     if let Some(ca) = &raw.hub_ca {
@@ -681,14 +684,20 @@ fetch_concurrency: 0
         let remote = GOOD.replace("http://127.0.0.1:7700", "http://10.0.0.1:7700");
         // Plain HTTP to another host: refused at the hub's line, even with a certificate.
         let e = errors(&format!("{remote}{}", tls_yaml(dir.path(), "web-1")));
-        assert!(e[0].contains(":3:6:") && e[0].contains("plain HTTP"), "{e:?}");
+        assert!(
+            e[0].contains(":3:6:") && e[0].contains("plain HTTP"),
+            "{e:?}"
+        );
         // https without a certificate of its own (only the CA): refused.
         let https = remote.replace("http://", "https://");
         let e = errors(&format!(
             "{https}hub_ca: {}/ca/ca.crt\n",
             dir.path().display()
         ));
-        assert!(e[0].contains(":3:6:") && e[0].contains("no certificate"), "{e:?}");
+        assert!(
+            e[0].contains(":3:6:") && e[0].contains("no certificate"),
+            "{e:?}"
+        );
         // Another agent's certificate: refused at tls.
         let e = errors(&format!("{https}{}", tls_yaml(dir.path(), "web-2")));
         assert!(
@@ -705,7 +714,10 @@ fetch_concurrency: 0
         assert!(c.tls.as_ref().unwrap().server().is_some());
         // Plain-HTTP peers on other hosts: refused at the peer.
         let e = errors(&ok.replace("https://10.0.0.2", "http://10.0.0.2"));
-        assert!(e[0].contains(":10:") && e[0].contains("plain HTTP"), "{e:?}");
+        assert!(
+            e[0].contains(":10:") && e[0].contains("plain HTTP"),
+            "{e:?}"
+        );
     }
 
     #[test]

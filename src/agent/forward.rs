@@ -162,7 +162,12 @@ impl Forwarder {
                 let mut map = clients.lock().unwrap_or_else(|p| p.into_inner());
                 match map.get(&peer) {
                     Some(c) => c.clone(),
-                    None => match HttpClient::new(Remote::Peer, &peer, self.token.clone(), self.tls.as_ref()) {
+                    None => match HttpClient::new(
+                        Remote::Peer,
+                        &peer,
+                        self.token.clone(),
+                        self.tls.as_ref(),
+                    ) {
                         Ok(c) => {
                             map.insert(peer.clone(), c.clone());
                             c

@@ -448,11 +448,7 @@ fn start_local(
     let forwarder = forward::Forwarder {
         client: agent.client.clone(),
         token: agent.config.token.clone(),
-        tls: agent
-            .config
-            .tls
-            .as_ref()
-            .and_then(|t| t.client().ok()),
+        tls: agent.config.tls.as_ref().and_then(|t| t.client().ok()),
         store: agent.store.clone(),
         peers: peers(agent, w.mode),
         metrics: agent.metrics.clone(),

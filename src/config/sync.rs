@@ -89,7 +89,7 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
     // every caller must prove who it is with a farm-CA certificate over TLS; only a loopback
     // one may do without (bearer tokens: tests, the demo, a farm of one).
     if let Some(b) = bind {
-        let mutual = tls.as_ref().is_some_and(|t| t.clients.is_some());
+        let mutual = raw.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         if !b.ip().to_canonical().is_loopback() && !mutual {
             let fix = "Make a farm CA (`lockstep ca init`), issue the hub a certificate (`lockstep ca issue NAME --role hub --ip ADDRESS`) and set `sync.tls: { certificates: [{ cert: FILE, key: FILE }], client_ca: ca.crt, crl: crl.pem }`, or bind the sync API to 127.0.0.1";
             cx.err(
@@ -128,7 +128,10 @@ fn sync_tls(cx: &mut Ctx<'_>, t: &super::raw::RawSyncTls) -> SyncTls {
         }
     }
     if let (None, Some(crl)) = (&t.client_ca, &t.crl) {
-        cx.err(crl, "sync.tls.crl needs sync.tls.client_ca (the CA whose revocations it lists)");
+        cx.err(
+            crl,
+            "sync.tls.crl needs sync.tls.client_ca (the CA whose revocations it lists)",
+        );
     }
     let clients = t.client_ca.as_ref().and_then(|ca| {
         let crl = t.crl.as_ref().map(|c| cx.path(&c.value));

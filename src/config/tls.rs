@@ -112,8 +112,12 @@ pub fn load_trust(ca: &Path, crl: Option<&Path>) -> Result<FarmTrust, (Part, Str
     let mut crls = Vec::new();
     if let Some(path) = crl {
         let k = |e: String| (Part::Key, e);
-        let pem = std::fs::read(path)
-            .map_err(|e| k(format!("cannot read revocation list {}: {e}", path.display())))?;
+        let pem = std::fs::read(path).map_err(|e| {
+            k(format!(
+                "cannot read revocation list {}: {e}",
+                path.display()
+            ))
+        })?;
         for l in rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(&pem) {
             crls.push(l.map_err(|e| k(format!("revocation list {}: {e}", path.display())))?);
         }

@@ -150,7 +150,9 @@ fn authorize(
 fn refused(hub: &Hub, r: Refusal) -> Answer {
     match r {
         Refusal::Unauthenticated(message) => {
-            hub.metrics.refused(ReasonLabels { reason: "unauthenticated" });
+            hub.metrics.refused(ReasonLabels {
+                reason: "unauthenticated",
+            });
             error(StatusCode::UNAUTHORIZED, message)
         }
         Refusal::Forbidden { message, reason } => {
@@ -269,7 +271,9 @@ async fn changeset(
     let b = body(req, MAX_JSON_BYTES).await?;
     let cs: Changeset = serde_json::from_slice(&b)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("changeset body: {e}")))?;
-    caller.act_as_agent(&cs.origin).map_err(|r| refused(hub, r))?;
+    caller
+        .act_as_agent(&cs.origin)
+        .map_err(|r| refused(hub, r))?;
     let reply = hub.changeset(cs).await.map_err(hub_error)?;
     Ok(json(StatusCode::OK, &reply))
 }

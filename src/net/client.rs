@@ -137,7 +137,8 @@ impl std::fmt::Debug for ClientTls {
 impl ClientTls {
     /// Trusting the CA certificates in `ca` (PEM), presenting no certificate.
     pub fn ca_file(ca: &Path) -> Result<ClientTls, ClientError> {
-        let trust = crate::config::tls::load_trust(ca, None).map_err(|(_, m)| ClientError::Tls(m))?;
+        let trust =
+            crate::config::tls::load_trust(ca, None).map_err(|(_, m)| ClientError::Tls(m))?;
         ClientTls::farm(&trust, None)
     }
 
@@ -155,11 +156,12 @@ impl ClientTls {
         crl: Option<&Path>,
         own: Option<(&Path, &Path)>,
     ) -> Result<ClientTls, ClientError> {
-        let trust = crate::config::tls::load_trust(ca, crl).map_err(|(_, m)| ClientError::Tls(m))?;
+        let trust =
+            crate::config::tls::load_trust(ca, crl).map_err(|(_, m)| ClientError::Tls(m))?;
         let own = match own {
-            Some((cert, key)) => Some(
-                crate::config::tls::load(cert, key).map_err(|(_, m)| ClientError::Tls(m))?,
-            ),
+            Some((cert, key)) => {
+                Some(crate::config::tls::load(cert, key).map_err(|(_, m)| ClientError::Tls(m))?)
+            }
             None => None,
         };
         ClientTls::farm(&trust, own.as_ref())

@@ -112,11 +112,13 @@ pub fn client_config(
     trust: &FarmTrust,
     own: Option<&LoadedCert>,
 ) -> Result<Arc<rustls::ClientConfig>, String> {
-    let verifier =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(trust.roots.clone(), provider())
-            .with_crls(trust.crls.iter().cloned())
-            .build()
-            .map_err(|e| e.to_string())?;
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        trust.roots.clone(),
+        provider(),
+    )
+    .with_crls(trust.crls.iter().cloned())
+    .build()
+    .map_err(|e| e.to_string())?;
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

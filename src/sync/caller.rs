@@ -67,12 +67,16 @@ pub fn identify(
     roles: &[Role],
 ) -> Result<Caller, Refusal> {
     if let Some(cert) = cert {
-        let id = Identity::of_cert(cert).map_err(|e| Refusal::forbidden("certificate", e.to_string()))?;
+        let id = Identity::of_cert(cert)
+            .map_err(|e| Refusal::forbidden("certificate", e.to_string()))?;
         return match id.kind.role() {
             Some(role) if roles.contains(&role) => Ok(Caller::Party(id)),
             _ => Err(Refusal::forbidden(
                 "role",
-                format!("{id} may not do this (it needs the role of {})", names(roles)),
+                format!(
+                    "{id} may not do this (it needs the role of {})",
+                    names(roles)
+                ),
             )),
         };
     }
@@ -172,7 +176,9 @@ mod tests {
             "{refused:?}"
         );
         // A publisher named web-1 is not the agent web-1.
-        assert!(party(Kind::Publisher, "web-1").act_as_agent("web-1").is_err());
+        assert!(party(Kind::Publisher, "web-1")
+            .act_as_agent("web-1")
+            .is_err());
         assert_eq!(Caller::Local.act_as_agent("anyone"), Ok(()));
     }
 

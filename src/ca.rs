@@ -83,12 +83,64 @@ pub struct Issued {
     pub revoked: Option<i64>,
 }
 
+/// A one-time join token, as kept: only its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Join {
+    /// blake3 of the token, hex.
+    hash: String,
+    /// The agent it makes.
+    name: String,
+    /// Addresses and names its certificate serves under.
+    ips: Vec<IpAddr>,
+    dns: Vec<String>,
+    /// Unix seconds after which it is void.
+    expires: i64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct State {
     farm: String,
     crl_number: u64,
     issued: Vec<Issued>,
+    #[serde(default)]
+    joins: Vec<Join>,
+}
+
+/// An Ed25519 public key (32 bytes) a joining agent sends: the certificate is made for it,
+/// and its private key never leaves the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ed25519Public(pub [u8; 32]);
+
+impl rcgen::PublicKeyData for Ed25519Public {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &rcgen::SignatureAlgorithm {
+        &PKCS_ED25519
+    }
+}
+
+/// What redeeming a join token gives the new agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joined {
+    /// The agent's name (from the token).
+    pub name: String,
+    /// Its certificate, PEM.
+    pub cert: String,
+    /// The farm CA, PEM.
+    pub ca: String,
+    /// The revocation list, PEM.
+    pub crl: String,
+}
+
+/// The fingerprint of a CA certificate (blake3 of its DER, hex) that `lockstep agent join`
+/// pins before it sends its token.
+pub fn fingerprint(ca_pem: &str) -> Option<String> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).ok()?;
+    Some(blake3::hash(&der).to_hex().to_string())
 }
 
 /// A farm CA, opened from its directory.
@@ -188,7 +240,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    s.len().is_multiple_of(2)
+    s.len()
+        .is_multiple_of(2)
         .then(|| {
             (0..s.len())
                 .step_by(2)
@@ -286,6 +339,23 @@ impl Ca {
         ips: &[IpAddr],
         valid_days: u32,
     ) -> Result<IssuedPem, CaError> {
+        let p = self.leaf_params(who, dns, ips, valid_days)?;
+        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        let (issued, cert) = self.sign(p, who, &key)?;
+        Ok(IssuedPem {
+            issued,
+            cert,
+            key: key.serialize_pem(),
+        })
+    }
+
+    fn leaf_params(
+        &self,
+        who: &Identity,
+        dns: &[String],
+        ips: &[IpAddr],
+        valid_days: u32,
+    ) -> Result<CertificateParams, CaError> {
         if valid_days == 0 {
             return Err(CaError::Bad("--days must be at least 1".into()));
         }
@@ -317,11 +387,19 @@ impl Ca {
         p.use_authority_key_identifier_extension = true;
         p.not_before = now() - time::Duration::minutes(5);
         p.not_after = now() + days(valid_days as i64);
+        Ok(p)
+    }
+
+    fn sign(
+        &mut self,
+        mut p: CertificateParams,
+        who: &Identity,
+        key: &impl rcgen::PublicKeyData,
+    ) -> Result<(Issued, String), CaError> {
         let serial = random_serial();
         p.serial_number = Some(SerialNumber::from_slice(&serial));
-        let key = KeyPair::generate_for(&PKCS_ED25519)?;
         let not_after = p.not_after.unix_timestamp();
-        let cert = p.signed_by(&key, &self.cert, &self.key)?;
+        let cert = p.signed_by(key, &self.cert, &self.key)?;
         let issued = Issued {
             name: who.name.clone(),
             kind: who.kind.as_str().to_string(),
@@ -331,10 +409,72 @@ impl Ca {
         };
         self.state.issued.push(issued.clone());
         self.save()?;
-        Ok(IssuedPem {
-            issued,
-            cert: cert.pem(),
-            key: key.serialize_pem(),
+        Ok((issued, cert.pem()))
+    }
+
+    /// Makes a one-time token that lets the agent `name` obtain its certificate from the hub
+    /// (`lockstep agent join`) within `ttl_secs`. Only the token's hash is kept.
+    pub fn join_token(
+        &mut self,
+        name: &str,
+        ips: &[IpAddr],
+        dns: &[String],
+        ttl_secs: i64,
+    ) -> Result<String, CaError> {
+        if Identity::new(Kind::Agent, name).is_none() {
+            return Err(CaError::Bad(format!("`{name}` cannot name an agent")));
+        }
+        let mut raw = [0u8; 32];
+        {
+            use rand::RngCore;
+            rand::rng().fill_bytes(&mut raw);
+        }
+        let token = hex(&raw);
+        let at = now().unix_timestamp();
+        self.state
+            .joins
+            .retain(|j| j.expires > at && j.name != name);
+        self.state.joins.push(Join {
+            hash: blake3::hash(token.as_bytes()).to_hex().to_string(),
+            name: name.to_string(),
+            ips: ips.to_vec(),
+            dns: dns.to_vec(),
+            expires: at + ttl_secs.max(1),
+        });
+        self.save()?;
+        Ok(token)
+    }
+
+    /// Redeems a join token once: a certificate for the agent it names, made for `key`.
+    /// An unknown, used or expired token is refused with the same words.
+    pub fn redeem(&mut self, token: &str, key: &Ed25519Public) -> Result<Joined, CaError> {
+        let at = now().unix_timestamp();
+        let hash = blake3::hash(token.trim().as_bytes());
+        let found = self.state.joins.iter().position(|j| {
+            // Compared as blake3 hashes: constant time.
+            unhex(&j.hash)
+                .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                .is_some_and(|h| blake3::Hash::from(h) == hash)
+        });
+        let join = match found {
+            Some(i) if self.state.joins[i].expires > at => self.state.joins.remove(i),
+            _ => return Err(CaError::Bad(
+                "unknown, used or expired join token: make a new one with `lockstep ca join-token`"
+                    .into(),
+            )),
+        };
+        let who = Identity::new(Kind::Agent, &join.name)
+            .ok_or_else(|| CaError::Bad(format!("`{}` cannot name an agent", join.name)))?;
+        let p = self.leaf_params(&who, &join.dns, &join.ips, DEFAULT_DAYS)?;
+        let (_, cert) = self.sign(p, &who, key)?;
+        let ca = self.cert_pem()?;
+        let crl_path = Ca::crl_path(&self.dir);
+        let crl = std::fs::read_to_string(&crl_path).map_err(io(&crl_path))?;
+        Ok(Joined {
+            name: who.name,
+            cert,
+            ca,
+            crl,
         })
     }
 
@@ -476,6 +616,50 @@ mod tests {
             std::fs::metadata(p).unwrap().permissions().mode() & 0o777
         };
         assert_eq!(mode(&dir.path().join("ca.key")), 0o600);
+    }
+
+    #[test]
+    fn a_join_token_makes_one_certificate_for_the_agents_own_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = Ca::init(dir.path(), "t").unwrap();
+        let token = ca
+            .join_token("web-3", &["127.0.0.1".parse().unwrap()], &[], 60)
+            .unwrap();
+        let stored = std::fs::read_to_string(dir.path().join("ca.json")).unwrap();
+        assert!(!stored.contains(&token), "only the hash is kept");
+        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let public = Ed25519Public(key.public_key_raw().try_into().unwrap());
+        assert!(ca.redeem("not-the-token", &public).is_err());
+        let joined = Ca::open(dir.path())
+            .unwrap()
+            .redeem(&token, &public)
+            .unwrap();
+        assert_eq!(joined.name, "web-3");
+        assert_eq!(
+            fingerprint(&joined.ca),
+            fingerprint(&ca.cert_pem().unwrap())
+        );
+        let leaf = der(&joined.cert);
+        verify(&joined.ca, &leaf, joined.crl.as_bytes()).unwrap();
+        assert_eq!(
+            Identity::of_cert(&leaf).unwrap(),
+            Identity::new(Kind::Agent, "web-3").unwrap()
+        );
+        // The certificate holds the agent's key: rustls accepts the pair.
+        let (crt, pem) = (dir.path().join("web-3.crt"), dir.path().join("web-3.key"));
+        std::fs::write(&crt, &joined.cert).unwrap();
+        std::fs::write(&pem, key.serialize_pem()).unwrap();
+        let pair = crate::config::tls::load(&crt, &pem);
+        assert!(pair.is_ok(), "{:?}", pair.err());
+        // Once only, and an expired one never.
+        assert!(Ca::open(dir.path())
+            .unwrap()
+            .redeem(&token, &public)
+            .is_err());
+        let mut ca = Ca::open(dir.path()).unwrap();
+        let old = ca.join_token("web-4", &[], &[], 1).unwrap();
+        ca.state.joins[0].expires = 0;
+        assert!(ca.redeem(&old, &public).is_err());
     }
 
     #[test]

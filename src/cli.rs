@@ -128,6 +128,9 @@ pub enum Command {
         /// Agent config file.
         #[arg(short, long, default_value = DEFAULT_AGENT_CONFIG)]
         config: PathBuf,
+        /// `join`: obtain this backend's farm certificate with a one-time token.
+        #[command(subcommand)]
+        command: Option<AgentCommand>,
     },
     /// Run a whole farm on loopback: the appliance in front of three demo backends.
     #[command(
@@ -185,6 +188,27 @@ pub struct HubArgs {
     pub key: Option<PathBuf>,
 }
 
+/// `lockstep agent …`.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Obtain this backend's farm certificate from the hub with a one-time token (made on the
+    /// appliance by `lockstep ca join-token NAME`, which prints this command).
+    Join {
+        /// The hub's sync API, https://.
+        #[arg(long)]
+        hub: String,
+        /// The one-time token.
+        #[arg(long, env = "LOCKSTEP_JOIN_TOKEN")]
+        token: String,
+        /// The farm CA's fingerprint: nothing is sent to a hub whose CA differs.
+        #[arg(long)]
+        ca_hash: String,
+        /// Where to write ca.crt, crl.pem, NAME.crt and NAME.key.
+        #[arg(long, default_value = "/etc/lockstep/pki")]
+        out: PathBuf,
+    },
+}
+
 /// `lockstep ca …`: the farm CA.
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
@@ -222,6 +246,24 @@ pub enum CaCommand {
         /// Only its certificates of this role.
         #[arg(long, value_parser = ["agent", "publisher", "hub"])]
         role: Option<String>,
+    },
+    /// Make a one-time token with which the agent NAME obtains its own certificate from the
+    /// hub (`lockstep agent join`, printed here); the hub needs `sync.tls.ca_dir`.
+    JoinToken {
+        /// The agent's name.
+        name: String,
+        /// An IP address its serve listener is reached on (repeatable).
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        /// A DNS name it is reached under (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// How long the token is valid.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        /// The hub's URL, for the command printed.
+        #[arg(long, env = "LOCKSTEP_HUB")]
+        hub: Option<String>,
     },
     /// List what the CA issued and revoked.
     List,

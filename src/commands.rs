@@ -28,7 +28,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             concurrency,
         } => publish(&hub, dir, at, rollback, concurrency),
         Command::Status { hub, json, admin } => status(&hub, json, admin.as_deref()),
-        Command::Agent { config } => agent(&config),
+        Command::Agent {
+            command:
+                Some(crate::cli::AgentCommand::Join {
+                    hub,
+                    token,
+                    ca_hash,
+                    out,
+                }),
+            ..
+        } => {
+            let written =
+                runtime(false)?.block_on(crate::agent::join::join(&hub, &token, &ca_hash, &out))?;
+            println!(
+                "joined as agent {}: its certificate and key are in {}. Put this in agent.yaml (and hub: \"{hub}\"):\n\n{}",
+                written.name,
+                out.display(),
+                written.yaml()
+            );
+            Ok(())
+        }
+        Command::Agent { config, .. } => agent(&config),
         Command::Ca { dir, command } => ca(&dir, &command),
         Command::Demo {
             port,
@@ -252,6 +272,23 @@ fn ca(dir: &Path, command: &crate::cli::CaCommand) -> anyhow::Result<()> {
             println!(
                 "revoked {n} certificate(s) of {name}; {} is rewritten: `lockstep reload` the appliance and copy it to every agent's tls.crl",
                 Ca::crl_path(dir).display()
+            );
+        }
+        CaCommand::JoinToken {
+            name,
+            ip,
+            dns,
+            ttl,
+            hub,
+        } => {
+            let mut ca = Ca::open(dir)?;
+            let token = ca.join_token(name, ip, dns, ttl.as_secs() as i64)?;
+            let hash = crate::ca::fingerprint(&ca.cert_pem()?)
+                .ok_or_else(|| anyhow::anyhow!("{} is not PEM", Ca::cert_path(dir).display()))?;
+            let hub = hub.as_deref().unwrap_or("https://HUB:7700");
+            println!(
+                "one-time token for agent {name}, valid {}: on that backend run\n\n  lockstep agent join --hub {hub} --ca-hash {hash} --token {token}\n",
+                humantime::format_duration(*ttl)
             );
         }
         CaCommand::List => {

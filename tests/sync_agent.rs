@@ -70,6 +70,7 @@ impl TestHub {
                     publish: Some(PUBLISH_TOKEN.into()),
                 },
                 gc: Default::default(),
+                ca_dir: None,
             },
             clock,
             HubMetrics::register(&metrics),

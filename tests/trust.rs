@@ -145,7 +145,7 @@ async fn every_party_acts_only_as_itself_and_revoked_ones_not_at_all() {
         format!(
             "sync:\n  bind: \"127.0.0.1:0\"\n  store: hub-store\n  cadence: 200ms\n  lead: 300ms\n  \
              agent_token_file: agent.token\n  publish_token_file: publish.token\n  tls:\n    certificates:\n      - {{ cert: {}, key: {} }}\n    \
-             client_ca: {}\n    crl: {}\nadmin:\n  bind: \"127.0.0.1:0\"\n",
+             client_ca: {}\n    crl: {}\n    ca_dir: ca\nadmin:\n  bind: \"127.0.0.1:0\"\n",
             hub_cert.display(),
             hub_key.display(),
             pki.ca().display(),
@@ -317,6 +317,94 @@ async fn every_party_acts_only_as_itself_and_revoked_ones_not_at_all() {
         status(&anon, Method::GET, "/sync/v1/schedule", b"").await,
         Some(StatusCode::UNAUTHORIZED)
     );
+
+    // A new backend joins with a one-time token: one command, its key made where it stays.
+    let printed = lockstep(
+        dir,
+        &[
+            "ca",
+            "join-token",
+            "web-3",
+            "--ip",
+            "127.0.0.1",
+            "--dir",
+            "ca",
+            "--hub",
+            &url,
+        ],
+    );
+    let command = printed
+        .lines()
+        .find(|l| l.trim_start().starts_with("lockstep agent join"))
+        .unwrap_or_else(|| panic!("no join command in: {printed}"));
+    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    let arg = |name: &str| args[args.iter().position(|a| *a == name).unwrap() + 1].to_string();
+    let (token, hash) = (arg("--token"), arg("--ca-hash"));
+    let join = |hash: &str, out: &str| {
+        Command::new(BIN)
+            .args([
+                "agent",
+                "join",
+                "--hub",
+                &url,
+                "--token",
+                &token,
+                "--ca-hash",
+                hash,
+                "--out",
+                out,
+            ])
+            .current_dir(dir)
+            .output()
+            .unwrap()
+    };
+    // A pinned fingerprint that is not the hub's: nothing is sent.
+    let wrong = join(&"0".repeat(64), "pki-x");
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("refusing to send the token"));
+    let joined = join(&hash, "pki-3");
+    assert!(
+        joined.status.success(),
+        "{}",
+        String::from_utf8_lossy(&joined.stderr)
+    );
+    assert!(String::from_utf8_lossy(&joined.stdout).contains("joined as agent web-3"));
+    let key_mode = std::fs::metadata(dir.join("pki-3/web-3.key")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777,
+        0o600
+    );
+    let tls = ClientTls::files(
+        &dir.join("pki-3/ca.crt"),
+        Some(&dir.join("pki-3/crl.pem")),
+        Some((&dir.join("pki-3/web-3.crt"), &dir.join("pki-3/web-3.key"))),
+    )
+    .unwrap();
+    let as_web3 = HttpClient::new(Remote::Hub, &url, None, Some(&tls)).unwrap();
+    assert_eq!(
+        status(
+            &as_web3,
+            Method::POST,
+            "/sync/v1/agents/web-3/report",
+            report
+        )
+        .await,
+        Some(StatusCode::NO_CONTENT)
+    );
+    assert_eq!(
+        status(
+            &as_web3,
+            Method::POST,
+            "/sync/v1/agents/web-1/report",
+            report
+        )
+        .await,
+        Some(StatusCode::FORBIDDEN)
+    );
+    // The token works once.
+    let again = join(&hash, "pki-4");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("unknown, used or expired"));
 
     // Revoked: after `lockstep ca revoke` and a reload, web-2's handshake fails; web-1's works.
     lockstep(dir, &["ca", "revoke", "web-2", "--dir", "ca"]);

@@ -44,6 +44,7 @@ pub mod detect;
 pub mod forward;
 pub mod frame;
 pub mod ignore;
+pub mod join;
 pub mod local;
 pub mod measure;
 pub mod messages;

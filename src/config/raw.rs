@@ -255,6 +255,9 @@ pub struct RawSyncTls {
     pub client_ca: Option<S<String>>,
     /// The farm CA's revocation list (`crl.pem`), re-read at reload.
     pub crl: Option<S<String>>,
+    /// The farm CA's directory (`lockstep ca init --dir`): lets agents join with a one-time
+    /// token (`lockstep ca join-token`, `lockstep agent join`).
+    pub ca_dir: Option<S<String>>,
 }
 
 /// Admin listener and reload socket.

@@ -45,6 +45,8 @@ pub struct SyncTls {
     /// The farm CA and revocation list client certificates are checked against; `None`: no
     /// client certificates (bearer tokens from loopback only).
     pub clients: Option<tls::FarmTrust>,
+    /// The farm CA's directory, for agents joining with a token.
+    pub ca_dir: Option<PathBuf>,
 }
 
 pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
@@ -149,5 +151,22 @@ fn sync_tls(cx: &mut Ctx<'_>, t: &super::raw::RawSyncTls) -> SyncTls {
             }
         }
     });
-    SyncTls { certs, clients }
+    let ca_dir = t.ca_dir.as_ref().and_then(|d| {
+        let dir = cx.path_at(d, "sync.tls.ca_dir")?;
+        if t.client_ca.is_none() {
+            cx.err(d, "sync.tls.ca_dir needs sync.tls.client_ca (its ca.crt): the certificates it issues must be accepted");
+        }
+        match crate::ca::Ca::open(&dir) {
+            Ok(_) => Some(dir),
+            Err(e) => {
+                cx.err(d, format!("sync.tls.ca_dir: {e}"));
+                None
+            }
+        }
+    });
+    SyncTls {
+        certs,
+        clients,
+        ca_dir,
+    }
 }

@@ -26,7 +26,9 @@ use crate::sync::auth::Role;
 use crate::sync::caller::{self, Caller, Refusal};
 use crate::sync::cycle::Advancer;
 use crate::sync::manifest::{Hash, ReleaseId, MAX_BLOB_BYTES};
-use crate::sync::protocol::{Changeset, Commit, Report, TimeReply, LONG_POLL, MAX_JSON_BYTES};
+use crate::sync::protocol::{
+    Changeset, Commit, JoinRequest, Report, TimeReply, LONG_POLL, MAX_JSON_BYTES,
+};
 
 type Answer = Response<Full<Bytes>>;
 
@@ -195,6 +197,8 @@ async fn dispatch(
             report(hub, &name, req).await
         }
         Endpoint::Changeset => changeset(hub, caller, req).await,
+        Endpoint::CaCert => ca_cert(hub).await,
+        Endpoint::Join => join(hub, req).await,
     }
 }
 
@@ -261,6 +265,71 @@ async fn report(hub: &Hub, name: &str, req: Request<Incoming>) -> Result<Answer,
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("report body: {e}")))?;
     hub.report(name, report).map_err(hub_error)?;
     Ok(respond::empty(StatusCode::NO_CONTENT))
+}
+
+fn no_ca() -> Answer {
+    error(
+        StatusCode::NOT_FOUND,
+        "this hub issues no certificates: set sync.tls.ca_dir (the farm CA of `lockstep ca init`)",
+    )
+}
+
+async fn ca_cert(hub: &Hub) -> Result<Answer, Answer> {
+    let Some(dir) = hub.settings().ca_dir.clone() else {
+        return Err(no_ca());
+    };
+    let path = crate::ca::Ca::cert_path(&dir);
+    match tokio::fs::read(&path).await {
+        Ok(pem) => Ok(respond::bytes(
+            StatusCode::OK,
+            "application/x-pem-file",
+            pem,
+        )),
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{}: {e}", path.display()),
+        )),
+    }
+}
+
+async fn join(hub: &Hub, req: Request<Incoming>) -> Result<Answer, Answer> {
+    let Some(dir) = hub.settings().ca_dir.clone() else {
+        return Err(no_ca());
+    };
+    let b = body(req, 4096).await?;
+    let j: JoinRequest = serde_json::from_slice(&b)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("join body: {e}")))?;
+    let key = j.key_bytes().map(crate::ca::Ed25519Public).ok_or_else(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "public_key must be the 32 bytes of an Ed25519 key, hex",
+        )
+    })?;
+    // One redemption at a time: the CA's state file is read, changed and written whole.
+    static JOINS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = JOINS.lock().await;
+    let redeemed = tokio::task::spawn_blocking(move || {
+        crate::ca::Ca::open(&dir).and_then(|mut ca| ca.redeem(&j.token, &key))
+    })
+    .await
+    .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match redeemed {
+        Ok(joined) => {
+            tracing::info!(agent = %joined.name, "an agent joined with a token and got its certificate");
+            Ok(json(StatusCode::OK, &joined))
+        }
+        Err(crate::ca::CaError::Bad(m)) => Err(refused(
+            hub,
+            Refusal::Forbidden {
+                message: m,
+                reason: "join",
+            },
+        )),
+        Err(e) => {
+            warn!(error = %e, "the farm CA failed");
+            Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        }
+    }
 }
 
 async fn changeset(

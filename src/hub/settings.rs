@@ -26,6 +26,8 @@ pub struct Settings {
     pub tokens: Tokens,
     /// Collection of unused releases and blobs.
     pub gc: Gc,
+    /// The farm CA's directory: agents may join with a one-time token.
+    pub ca_dir: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -35,6 +37,7 @@ impl Settings {
             rules: Rules::new(c.cadence, c.lead),
             tokens: c.tokens.clone(),
             gc: c.gc,
+            ca_dir: c.tls.as_ref().and_then(|t| t.ca_dir.clone()),
         }
     }
 }

@@ -39,6 +39,7 @@ pub fn hub(clock: Clock) -> Fixture {
         rules: rules(),
         tokens: Tokens::default(),
         gc: Gc::default(),
+        ca_dir: None,
     };
     let metrics = HubMetrics::default();
     let hub = Hub::new(Arc::new(store), settings, clock, metrics.clone()).expect("new hub");

@@ -149,6 +149,12 @@ impl ClientTls {
             .map_err(ClientError::Tls)
     }
 
+    /// Trusting any server: only to fetch what is then checked against a pinned hash (the
+    /// farm CA's certificate, when an agent joins).
+    pub fn unverified() -> ClientTls {
+        ClientTls(super::tls::client_config_unverified())
+    }
+
     /// From files: the farm CA, its optional revocation list, and the party's own
     /// certificate and key (`lockstep publish --cert --key`).
     pub fn files(

@@ -23,6 +23,8 @@ pub enum Caller {
     /// A loopback caller with the role's token (or a loopback hub whose role has none): it
     /// may act for any agent, as the one shared token always could.
     Local,
+    /// Anyone, on an endpoint open to all (the farm CA's certificate, joining with a token).
+    Public,
 }
 
 impl fmt::Display for Caller {
@@ -30,6 +32,7 @@ impl fmt::Display for Caller {
         match self {
             Caller::Party(id) => id.fmt(f),
             Caller::Local => f.write_str("a loopback token holder"),
+            Caller::Public => f.write_str("an unidentified caller"),
         }
     }
 }
@@ -66,6 +69,9 @@ pub fn identify(
     authorization: Option<&str>,
     roles: &[Role],
 ) -> Result<Caller, Refusal> {
+    if roles.is_empty() {
+        return Ok(Caller::Public);
+    }
     if let Some(cert) = cert {
         let id = Identity::of_cert(cert)
             .map_err(|e| Refusal::forbidden("certificate", e.to_string()))?;
@@ -119,6 +125,9 @@ impl Caller {
                 "identity",
                 format!("{id} may act only as itself, not as agent {name}"),
             )),
+            Caller::Public => Err(Refusal::Unauthenticated(format!(
+                "only agent {name} may do that"
+            ))),
         }
     }
 }

@@ -317,6 +317,13 @@ fn check_example_config_with_its_tls_files_prints_ok() {
     std::fs::write(dir.path().join("tls/farm.key"), ck.key_pair.serialize_pem()).unwrap();
     std::fs::write(dir.path().join("tls/sync.crt"), ck.cert.pem()).unwrap();
     std::fs::write(dir.path().join("tls/sync.key"), ck.key_pair.serialize_pem()).unwrap();
+    // The farm CA the sync API checks clients against, made by the binary.
+    let o = Command::new(BIN)
+        .args(["ca", "init", "--farm", "example", "--dir"])
+        .arg(dir.path().join("ca"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
     for token in ["agent.token", "publish.token"] {
         use std::os::unix::fs::PermissionsExt;
         let p = dir.path().join(token);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use lockstep::appliance::Appliance;
-use lockstep::net::client::{ClientError, HttpClient as HubClient, REQUEST_TIMEOUT};
+use lockstep::net::client::{ClientError, ClientTls, HttpClient as HubClient, REQUEST_TIMEOUT};
 use lockstep::publish::{self, At};
 use lockstep::sync::manifest::Hash;
 use lockstep::sync::protocol::{Advanced, CommitState, Report, Schedule, Uploaded};
@@ -1028,7 +1028,8 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
     let app = start_hub(&yaml).await;
     let port = app.sync_addr().unwrap().port();
     let url = format!("https://localhost:{port}");
-    let c = HubClient::hub(&url, Some(PUBLISH.into()), Some(&cert.cert_path)).unwrap();
+    let trust = ClientTls::ca_file(&cert.cert_path).unwrap();
+    let c = HubClient::hub(&url, Some(PUBLISH.into()), Some(&trust)).unwrap();
     let site = hub.site("site", &[("index.html", "over tls")]);
     let o = publish::publish(&c, &site, At::In(Duration::from_millis(500)), 2)
         .await
@@ -1054,7 +1055,8 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
         HubClient::hub(&url, None, None),
         Err(ClientError::Tls(_))
     ));
-    let wrong = HubClient::hub(&url, Some(PUBLISH.into()), Some(&other.cert_path)).unwrap();
+    let other = ClientTls::ca_file(&other.cert_path).unwrap();
+    let wrong = HubClient::hub(&url, Some(PUBLISH.into()), Some(&other)).unwrap();
     let e = wrong
         .send(Method::GET, "/sync/v1/schedule", None, REQUEST_TIMEOUT)
         .await
@@ -1069,7 +1071,10 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
         "127.0.0.1:0".parse().unwrap(),
     );
     cfg.token = Some(AGENT.into());
-    cfg.hub_ca = Some(cert.cert_path.clone());
+    cfg.tls = Some(lockstep::agent::config::AgentTls {
+        trust: lockstep::config::tls::load_trust(&cert.cert_path, None).unwrap(),
+        own: None,
+    });
     let agent = lockstep::agent::start(cfg).await.unwrap();
     wait::until(
         "the agent to activate the release over TLS",

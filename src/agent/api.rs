@@ -1,5 +1,9 @@
-//! The agent's write and peer API, on its serve address, behind the agent token
-//! (`Authorization: Bearer …`, compared in constant time; open when the agent has no token):
+//! The agent's write and peer API, on its serve address. Callers are identified by
+//! [`crate::sync::caller`]: over TLS by their farm-CA certificate (a peer's changeset only
+//! from the agent that made it; writes from a publisher or this agent's own certificate), and
+//! from loopback by the agent token (`Authorization: Bearer …`, compared in constant time; open
+//! when the agent has no token). Anything else from the network is refused (401/403, counted
+//! in `lockstep_agent_refused_total{what="caller"}`).
 //!
 //! | request | answer |
 //! |---|---|
@@ -27,7 +31,10 @@ use super::frame::{self, PEER_PATH};
 use super::messages::{Input, Install, WriteError};
 use super::metrics::AgentMetrics;
 use super::release::{decode_path, MAX_INLINE_BYTES};
-use crate::sync::auth::{Check, Role, Tokens};
+use crate::net::server::PeerCertificate;
+use crate::sync::auth::{Role, Tokens};
+use crate::sync::caller::{self, Caller, Refusal};
+use crate::sync::identity::Kind;
 use crate::sync::store::FsStore;
 
 /// Prefix of the write API.
@@ -79,28 +86,51 @@ async fn read(req: Request<Incoming>, limit: u64) -> Result<Bytes, Response<Body
     .map_err(|e| error(e.status(), e))
 }
 
-/// Answers one API request.
-pub async fn handle(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
+/// Answers one API request; `loopback`: whether it came from a loopback address.
+pub async fn handle(api: &AgentApi, req: Request<Incoming>, loopback: bool) -> Response<Body> {
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match api.tokens.check(auth, &[Role::Agent]) {
-        Check::Allow => {}
-        _ => {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing or unknown bearer token (the agent token)",
-            )
-        }
+    let cert = req.extensions().get::<PeerCertificate>().map(|c| &*c.0);
+    let peer = req.uri().path() == PEER_PATH;
+    // Peers send changesets; writes come from this backend's own users (loopback, with the
+    // agent token), a publisher, or this agent's own certificate.
+    let roles: &[Role] = if peer {
+        &[Role::Agent]
+    } else {
+        &[Role::Agent, Role::Publish]
+    };
+    let caller = match caller::identify(cert, loopback, &api.tokens, auth, roles) {
+        Ok(c) => c,
+        Err(r) => return refused(api, r),
+    };
+    if peer {
+        return from_peer(api, &caller, req).await;
     }
-    if req.uri().path() == PEER_PATH {
-        return from_peer(api, req).await;
+    if let Caller::Party(id) = &caller {
+        if id.kind == Kind::Agent {
+            if let Err(r) = caller.act_as_agent(&api.name) {
+                return refused(api, r);
+            }
+        }
     }
     write(api, req).await
 }
 
-async fn from_peer(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
+/// The answer to a refused request: counted and logged.
+fn refused(api: &AgentApi, r: Refusal) -> Response<Body> {
+    api.metrics.refused("caller");
+    match r {
+        Refusal::Unauthenticated(m) => error(StatusCode::UNAUTHORIZED, m),
+        Refusal::Forbidden { message, .. } => {
+            warn!("agent API request refused: {message}");
+            error(StatusCode::FORBIDDEN, message)
+        }
+    }
+}
+
+async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<Incoming>) -> Response<Body> {
     // Peers inline at most frame::MAX_INLINE_BYTES of blobs; the rest is the JSON.
     let frame = match read(req, frame::MAX_INLINE_BYTES + 32 * 1024 * 1024).await {
         Ok(b) => b,
@@ -114,6 +144,10 @@ async fn from_peer(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
             return error(StatusCode::BAD_REQUEST, e);
         }
     };
+    // A peer forwards only its own changesets.
+    if let Err(r) = caller.act_as_agent(&cs.origin) {
+        return refused(api, r);
+    }
     if cs.origin == api.name {
         debug!(changeset = %cs.name(), "our own changeset came back; dropped");
         return answer(StatusCode::OK, serde_json::json!({ "state": "echo" }));

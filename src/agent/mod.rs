@@ -44,6 +44,7 @@ pub mod detect;
 pub mod forward;
 pub mod frame;
 pub mod ignore;
+pub mod join;
 pub mod local;
 pub mod measure;
 pub mod messages;
@@ -186,7 +187,8 @@ pub async fn start_on(
         addr: config.serve,
         source,
     })?;
-    let client = HttpClient::hub(&config.hub, config.token.clone(), config.hub_ca.as_deref())?;
+    let tls = config.tls.as_ref().map(|t| t.client()).transpose()?;
+    let client = HttpClient::hub(&config.hub, config.token.clone(), tls.as_ref())?;
     // Creating a few directories and clearing tmp/: quick enough to do here.
     let store = Arc::new(FsStore::open(&config.store)?);
     let loaded = {
@@ -298,6 +300,7 @@ fn spawn_serve(
         hub_now,
     };
     let state = ServeState {
+        tls: config.tls.as_ref().and_then(|t| t.server()),
         active: active.clone(),
         metrics: agent.metrics.clone(),
         api: Some(Arc::new(api)),
@@ -452,6 +455,7 @@ fn start_local(
     let forwarder = forward::Forwarder {
         client: agent.client.clone(),
         token: agent.config.token.clone(),
+        tls: agent.config.tls.as_ref().and_then(|t| t.client().ok()),
         store: agent.store.clone(),
         peers: peers(agent, w.mode),
         metrics: agent.metrics.clone(),
@@ -519,9 +523,15 @@ fn peers(agent: &Wiring, mode: Mode) -> forward::Peers {
     }
     let (tx, rx) = tokio::sync::watch::channel(Vec::new());
     if mode == Mode::Immediate {
+        // Peers with farm certificates speak TLS on their serve address.
+        let scheme = match config.tls.as_ref().and_then(|t| t.own.as_ref()) {
+            Some(_) => "https",
+            None => "http",
+        };
         agent.tracker.spawn(forward::registry(
             agent.client.clone(),
             config.name.clone(),
+            scheme,
             tx,
             agent.metrics.clone(),
             agent.shutdown.clone(),

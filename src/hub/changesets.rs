@@ -371,6 +371,7 @@ mod tests {
                 tokens: Default::default(),
                 gc: Default::default(),
                 report_expiry: testing::REPORT_EXPIRY,
+                ca_dir: None,
             },
             clock,
             crate::hub::HubMetrics::default(),

@@ -43,6 +43,13 @@ pub struct WhatLabels {
     pub what: &'static str,
 }
 
+/// Labels naming why a request was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `unauthenticated`, `role`, `identity` or `certificate`.
+    pub reason: &'static str,
+}
+
 /// Labels naming an agent.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AgentLabels {
@@ -91,6 +98,8 @@ pub struct HubMetrics {
     pub lateness: Family<AgentLabels, FloatGauge>,
     /// Long polls (`GET /sync/v1/schedule?wait=`) parked now.
     pub long_polls: Gauge,
+    /// Requests refused before they did anything, by reason.
+    pub refused: Family<ReasonLabels, Counter>,
 }
 
 /// Counts one parked long poll in [`HubMetrics::long_polls`] until dropped.
@@ -193,6 +202,11 @@ impl HubMetrics {
                 "Long polls of the schedule parked until it changes",
                 m.long_polls.clone(),
             );
+            r.register(
+                "sync_refused",
+                "Sync API requests refused before they did anything, by reason (unauthenticated, role, identity: acting as another party, certificate: naming no party)",
+                m.refused.clone(),
+            );
         });
         m
     }
@@ -207,6 +221,11 @@ impl HubMetrics {
     pub(super) fn park(&self) -> Parked {
         self.long_polls.inc();
         Parked(self.long_polls.clone())
+    }
+
+    /// Counts a refused request.
+    pub(super) fn refused(&self, labels: ReasonLabels) {
+        self.refused.get_or_create(&labels).inc();
     }
 
     pub(super) fn changeset(&self, mode: crate::sync::changeset::Mode) {

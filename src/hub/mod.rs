@@ -18,7 +18,7 @@
 //! - `changesets`: agents' changesets applied to the releases, conflicts kept
 //! - `agents`: agents' reports, the fleet view, who is behind
 //! - `task`: the timer task (the hub's own advance after the grace, the behind set)
-//! - [`api`]: the HTTP face; `route`: its route table (pure)
+//! - [`api`]: the HTTP face (callers identified by `sync::caller`); `route`: its route table (pure)
 //! - [`fleet`]: which agents are behind (pure); `metrics`: the hub's metrics
 //! - `error`, `settings`: the error enum, the settings and the clock
 

@@ -29,6 +29,8 @@ pub struct Settings {
     pub gc: Gc,
     /// How long an agent's report counts after it arrived.
     pub report_expiry: Duration,
+    /// The farm CA's directory: agents may join with a one-time token.
+    pub ca_dir: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -44,6 +46,7 @@ impl Settings {
             tokens: c.tokens.clone(),
             gc: c.gc,
             report_expiry: c.report_expiry,
+            ca_dir: c.tls.as_ref().and_then(|t| t.ca_dir.clone()),
         }
     }
 }

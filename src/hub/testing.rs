@@ -43,6 +43,7 @@ pub fn hub(clock: Clock) -> Fixture {
         tokens: Tokens::default(),
         gc: Gc::default(),
         report_expiry: REPORT_EXPIRY,
+        ca_dir: None,
     };
     let metrics = HubMetrics::default();
     let hub = Hub::new(Arc::new(store), settings, clock, metrics.clone()).expect("new hub");

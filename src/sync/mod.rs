@@ -15,16 +15,20 @@
 //! - [`tree`]: a directory → a manifest and the files holding its blobs
 //! - [`beneath`]: open, create, rename, remove beneath a directory handle, never through a symlink
 //! - [`auth`]: bearer tokens, compared in constant time
+//! - [`caller`]: who calls — a farm-CA certificate, or a token from loopback — acting only as itself (pure)
+//! - [`identity`]: the party a farm-CA certificate names (`urn:lockstep:<kind>:<name>`) (pure)
 //!
 //! Time on the wire is microseconds since the Unix epoch on the *hub's* clock; agents never
 //! trust their own wall clock for a flip, only their monotonic clock and the measured offset.
 
 pub mod auth;
 pub mod beneath;
+pub mod caller;
 pub mod changeset;
 pub mod clock;
 pub mod cycle;
 pub mod gc;
+pub mod identity;
 pub mod manifest;
 pub mod protocol;
 pub mod schedule;

@@ -1,5 +1,6 @@
-//! The messages of the sync API (`/sync/v1/*`), JSON over HTTP/1.1 or h2 with
-//! `Authorization: Bearer <token>`. Times are µs since the Unix epoch on the hub's clock.
+//! The messages of the sync API (`/sync/v1/*`), JSON over HTTP/1.1 or h2. Callers are named by
+//! their farm-CA client certificate (mutual TLS), or from loopback by
+//! `Authorization: Bearer <token>` (see [`super::caller`]). Times are µs since the Unix epoch on the hub's clock.
 //!
 //! | request | token | answer |
 //! |---|---|---|
@@ -16,6 +17,8 @@
 //! | `GET /sync/v1/agents` | agent or publish | [`Fleet`] |
 //! | `PUT /sync/v1/blobs/{hash}` (bytes) | agent | as for publish: the blobs of a changeset |
 //! | `POST /sync/v1/changesets` ([`Changeset`]) | agent | [`ChangesetReply`]; 400 when `seq` or `detected_us` is ahead of the hub's receive time by more than [`MAX_AHEAD_US`](super::changeset::MAX_AHEAD_US) |
+//! | `GET /sync/v1/ca` | anyone | the farm CA's certificate (PEM), with `sync.tls.ca_dir` |
+//! | `POST /sync/v1/join` ([`JoinRequest`]) | anyone with a one-time join token | the agent's certificate, the CA and its revocation list (`ca::Joined`); 403 for an unknown, used or expired token |
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed), 401 (no or wrong token), 403 (the
 //! token's role may not do this), 404 (unknown release or blob), 409 (not now), 413 (too big).
@@ -44,6 +47,31 @@ pub const REPORT_REFRESH: Duration = Duration::from_secs(30);
 /// network blip) do not make a live agent stale, while a report nobody renews — an agent gone,
 /// or a forged `active: null` — stops steering the proxy and DNS within 90 s.
 pub const DEFAULT_REPORT_EXPIRY: Duration = Duration::from_secs(90);
+
+/// `POST /join`: a new agent's one-time token and the public key its certificate is made for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The token `lockstep ca join-token` printed.
+    pub token: String,
+    /// The agent's Ed25519 public key, 32 bytes in hex (its private key stays on the agent).
+    pub public_key: String,
+}
+
+impl JoinRequest {
+    /// The public key's bytes, if it is 64 hex digits.
+    pub fn key_bytes(&self) -> Option<[u8; 32]> {
+        let s = self.public_key.trim();
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(out)
+    }
+}
 
 /// `GET /time`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

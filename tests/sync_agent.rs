@@ -71,6 +71,7 @@ impl TestHub {
                 },
                 gc: Default::default(),
                 ca_dir: None,
+                revoked: Default::default(),
             },
             clock,
             HubMetrics::register(&metrics),

@@ -40,6 +40,7 @@ pub fn hub(clock: Clock) -> Fixture {
         tokens: Tokens::default(),
         gc: Gc::default(),
         ca_dir: None,
+        revoked: Default::default(),
     };
     let metrics = HubMetrics::default();
     let hub = Hub::new(Arc::new(store), settings, clock, metrics.clone()).expect("new hub");

@@ -1630,15 +1630,16 @@ fn example_config_without_its_files_says_which_files_are_missing() {
     std::fs::copy(example_path(), &path).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     let errs = config::load(&path).expect_err("the TLS and token files are missing");
-    // The listener's certificate, the two token files, the sync API's certificate and the
-    // farm CA.
-    assert_eq!(errs.0.len(), 5, "{errs}");
+    // The listener's certificate, the two token files, the sync API's certificate, the farm
+    // CA's certificate and its directory.
+    assert_eq!(errs.0.len(), 6, "{errs}");
     for (e, file) in errs.0.iter().zip([
         "tls/farm.crt",
         "agent.token",
         "publish.token",
         "tls/sync.crt",
         "ca/ca.crt",
+        "ca",
     ]) {
         assert!(
             e.message

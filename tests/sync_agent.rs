@@ -72,6 +72,7 @@ impl TestHub {
                 gc: Default::default(),
                 report_expiry: lockstep::sync::protocol::DEFAULT_REPORT_EXPIRY,
                 ca_dir: None,
+                revoked: Default::default(),
             },
             clock,
             HubMetrics::register(&metrics),

@@ -421,6 +421,16 @@ async fn every_party_acts_only_as_itself_and_revoked_ones_not_at_all() {
         },
     )
     .await;
+    // A connection web-2 made before the revocation is refused from its next request on.
+    let kept = as_web2
+        .send(Method::GET, "/sync/v1/time", None, Duration::from_secs(2))
+        .await;
+    assert!(
+        kept.as_ref()
+            .map_or(true, |a| a.status == StatusCode::UNAUTHORIZED),
+        "{:?}",
+        kept.map(|a| a.status)
+    );
     let as_web1 = pki.client(Remote::Hub, &url, "web-1");
     assert_eq!(
         status(&as_web1, Method::GET, "/sync/v1/time", b"").await,

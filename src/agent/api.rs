@@ -46,6 +46,8 @@ pub struct AgentApi {
     pub name: String,
     /// Accepted token (the agent token).
     pub tokens: Tokens,
+    /// Revoked certificates (the farm CA's list).
+    pub revoked: crate::sync::identity::Revocations,
     /// The agent's store.
     pub store: Arc<FsStore>,
     /// Changesets to install.
@@ -96,12 +98,13 @@ pub async fn handle(api: &AgentApi, req: Request<Incoming>, loopback: bool) -> R
     let peer = req.uri().path() == PEER_PATH;
     // Peers send changesets; writes come from this backend's own users (loopback, with the
     // agent token), a publisher, or this agent's own certificate.
-    let roles: &[Role] = if peer {
+    // (The agent has no publish token: a loopback writer holds the agent token.)
+    let roles: &[Role] = if peer || cert.is_none() {
         &[Role::Agent]
     } else {
         &[Role::Agent, Role::Publish]
     };
-    let caller = match caller::identify(cert, loopback, &api.tokens, auth, roles) {
+    let caller = match caller::identify(cert, &api.revoked, loopback, &api.tokens, auth, roles) {
         Ok(c) => c,
         Err(r) => return refused(api, r),
     };

@@ -289,6 +289,9 @@ fn spawn_serve(
             agent: config.token.clone(),
             publish: None,
         },
+        revoked: crate::sync::identity::Revocations::new(
+            config.tls.as_ref().map_or(&[][..], |t| &t.trust.crls),
+        ),
         store: agent.store.clone(),
         installs,
         local,

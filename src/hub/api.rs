@@ -144,8 +144,16 @@ fn authorize(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let cert = req.extensions().get::<PeerCertificate>().map(|c| &*c.0);
-    caller::identify(cert, loopback, &hub.settings().tokens, auth, roles)
-        .map_err(|r| refused(hub, r))
+    let settings = hub.settings();
+    caller::identify(
+        cert,
+        &settings.revoked,
+        loopback,
+        &settings.tokens,
+        auth,
+        roles,
+    )
+    .map_err(|r| refused(hub, r))
 }
 
 /// The answer to a refused request: counted, and logged with what was tried.

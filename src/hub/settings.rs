@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::config::sync::Sync as SyncConfig;
 use crate::sync::auth::Tokens;
 use crate::sync::gc::Gc;
+use crate::sync::identity::Revocations;
 use crate::sync::schedule::Rules;
 
 /// The hub's clock: µs since the Unix epoch (injected so tests can move time).
@@ -31,6 +32,8 @@ pub struct Settings {
     pub report_expiry: Duration,
     /// The farm CA's directory: agents may join with a one-time token.
     pub ca_dir: Option<std::path::PathBuf>,
+    /// Revoked client certificates, refused on connections made before the revocation too.
+    pub revoked: Arc<Revocations>,
 }
 
 impl Settings {
@@ -47,6 +50,12 @@ impl Settings {
             gc: c.gc,
             report_expiry: c.report_expiry,
             ca_dir: c.tls.as_ref().and_then(|t| t.ca_dir.clone()),
+            revoked: Arc::new(Revocations::new(
+                c.tls
+                    .as_ref()
+                    .and_then(|t| t.clients.as_ref())
+                    .map_or(&[][..], |c| &c.crls),
+            )),
         }
     }
 }

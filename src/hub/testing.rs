@@ -44,6 +44,7 @@ pub fn hub(clock: Clock) -> Fixture {
         gc: Gc::default(),
         report_expiry: REPORT_EXPIRY,
         ca_dir: None,
+        revoked: Default::default(),
     };
     let metrics = HubMetrics::default();
     let hub = Hub::new(Arc::new(store), settings, clock, metrics.clone()).expect("new hub");

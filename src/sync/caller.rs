@@ -13,7 +13,7 @@ use std::fmt;
 use rustls_pki_types::CertificateDer;
 
 use super::auth::{Check, Role, Tokens};
-use super::identity::{Identity, Kind};
+use super::identity::{Identity, Kind, Revocations};
 
 /// Who a request comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,10 +60,12 @@ impl Refusal {
 
 /// Identifies the caller of an endpoint open to `roles`.
 ///
-/// `cert`: the client certificate of the connection, if any; `loopback`: whether the peer
-/// address is a loopback one; `authorization`: the `Authorization` header.
+/// `cert`: the client certificate of the connection, if any (checked against `revoked` again:
+/// the connection may predate a revocation); `loopback`: whether the peer address is a loopback
+/// one; `authorization`: the `Authorization` header.
 pub fn identify(
     cert: Option<&CertificateDer<'_>>,
+    revoked: &Revocations,
     loopback: bool,
     tokens: &Tokens,
     authorization: Option<&str>,
@@ -73,6 +75,11 @@ pub fn identify(
         return Ok(Caller::Public);
     }
     if let Some(cert) = cert {
+        if revoked.revoked(cert) {
+            return Err(Refusal::Unauthenticated(
+                "this certificate is revoked".into(),
+            ));
+        }
         let id = Identity::of_cert(cert)
             .map_err(|e| Refusal::forbidden("certificate", e.to_string()))?;
         return match id.kind.role() {
@@ -146,6 +153,10 @@ mod tests {
         }
     }
 
+    fn none() -> Revocations {
+        Revocations::default()
+    }
+
     fn party(kind: Kind, name: &str) -> Caller {
         Caller::Party(Identity::new(kind, name).unwrap())
     }
@@ -154,25 +165,28 @@ mod tests {
     fn tokens_count_from_loopback_only() {
         let t = tokens();
         assert_eq!(
-            identify(None, true, &t, Some("Bearer a"), AGENT),
+            identify(None, &none(), true, &t, Some("Bearer a"), AGENT),
             Ok(Caller::Local)
         );
         assert!(matches!(
-            identify(None, false, &t, Some("Bearer a"), AGENT),
+            identify(None, &none(), false, &t, Some("Bearer a"), AGENT),
             Err(Refusal::Unauthenticated(_))
         ));
         assert!(matches!(
-            identify(None, true, &t, Some("Bearer x"), AGENT),
+            identify(None, &none(), true, &t, Some("Bearer x"), AGENT),
             Err(Refusal::Unauthenticated(_))
         ));
         assert!(matches!(
-            identify(None, true, &t, Some("Bearer a"), PUBLISH),
+            identify(None, &none(), true, &t, Some("Bearer a"), PUBLISH),
             Err(Refusal::Forbidden { reason: "role", .. })
         ));
         // No tokens at all: a loopback hub is open to loopback callers, and only to them.
         let open = Tokens::default();
-        assert_eq!(identify(None, true, &open, None, READ), Ok(Caller::Local));
-        assert!(identify(None, false, &open, None, READ).is_err());
+        assert_eq!(
+            identify(None, &none(), true, &open, None, READ),
+            Ok(Caller::Local)
+        );
+        assert!(identify(None, &none(), false, &open, None, READ).is_err());
     }
 
     #[test]
@@ -195,7 +209,14 @@ mod tests {
     fn a_certificate_without_a_party_is_refused() {
         let not_a_cert = CertificateDer::from(vec![1, 2, 3]);
         assert!(matches!(
-            identify(Some(&not_a_cert), true, &tokens(), Some("Bearer a"), AGENT),
+            identify(
+                Some(&not_a_cert),
+                &none(),
+                true,
+                &tokens(),
+                Some("Bearer a"),
+                AGENT
+            ),
             Err(Refusal::Forbidden {
                 reason: "certificate",
                 ..

@@ -151,6 +151,43 @@ impl Identity {
     }
 }
 
+/// The farm CA's revocation lists, consulted on every request as well as at the handshake:
+/// a connection made before a revocation is refused from the next request on.
+#[derive(Default)]
+pub struct Revocations(Vec<webpki::CertRevocationList<'static>>);
+
+impl fmt::Debug for Revocations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Revocations({} lists)", self.0.len())
+    }
+}
+
+impl Revocations {
+    /// From DER revocation lists (ones that do not parse were refused when the config was
+    /// checked, and are skipped here).
+    pub fn new(crls: &[rustls_pki_types::CertificateRevocationListDer<'_>]) -> Revocations {
+        Revocations(
+            crls.iter()
+                .filter_map(|c| webpki::OwnedCertRevocationList::from_der(c).ok())
+                .map(webpki::CertRevocationList::from)
+                .collect(),
+        )
+    }
+
+    /// Whether `cert`'s serial number is on a list.
+    pub fn revoked(&self, cert: &CertificateDer<'_>) -> bool {
+        if self.0.is_empty() {
+            return false;
+        }
+        let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+            return false;
+        };
+        self.0
+            .iter()
+            .any(|l| matches!(l.find_serial(ee.serial()), Ok(Some(_))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -366,13 +366,7 @@ mod tests {
         let (clock, _) = manual(100 * S);
         let hub = Hub::new(
             store.clone(),
-            crate::hub::Settings {
-                rules: testing::rules(),
-                tokens: Default::default(),
-                gc: Default::default(),
-                report_expiry: testing::REPORT_EXPIRY,
-                ca_dir: None,
-            },
+            testing::settings(),
             clock,
             crate::hub::HubMetrics::default(),
         )

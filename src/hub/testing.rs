@@ -34,18 +34,23 @@ pub fn rules() -> Rules {
     Rules::new(Duration::from_secs(10), Duration::from_secs(3))
 }
 
-/// A hub on `clock`, with [`rules`] and no tokens.
-pub fn hub(clock: Clock) -> Fixture {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = FsStore::open(dir.path()).expect("open the store");
-    let settings = Settings {
+/// [`rules`], no tokens, no CA, reports counting for [`REPORT_EXPIRY`].
+pub fn settings() -> Settings {
+    Settings {
         rules: rules(),
         tokens: Tokens::default(),
         gc: Gc::default(),
         report_expiry: REPORT_EXPIRY,
         ca_dir: None,
         revoked: Default::default(),
-    };
+    }
+}
+
+/// A hub on `clock`, with [`settings`].
+pub fn hub(clock: Clock) -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = FsStore::open(dir.path()).expect("open the store");
+    let settings = settings();
     let metrics = HubMetrics::default();
     let hub = Hub::new(Arc::new(store), settings, clock, metrics.clone()).expect("new hub");
     Fixture {

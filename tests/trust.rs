@@ -441,3 +441,263 @@ async fn every_party_acts_only_as_itself_and_revoked_ones_not_at_all() {
     }
     hub.kill9();
 }
+
+/// Two network namespaces joined by a veth pair: real non-loopback addresses on one machine.
+/// Deleted (with their interfaces) when dropped.
+struct NetnsPair {
+    names: [String; 2],
+    addrs: [String; 2],
+}
+
+fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+impl NetnsPair {
+    fn new() -> NetnsPair {
+        common::process::require_tool("ip", "iproute2");
+        let id = std::process::id();
+        let net = 1 + id % 250;
+        let names = [format!("ls-a-{id}"), format!("ls-b-{id}")];
+        let links = [format!("lsa{id}"), format!("lsb{id}")];
+        let addrs = [format!("10.231.{net}.1"), format!("10.231.{net}.2")];
+        let pair = NetnsPair { names, addrs };
+        for n in &pair.names {
+            ip(&["netns", "add", n]);
+        }
+        ip(&[
+            "link", "add", &links[0], "type", "veth", "peer", "name", &links[1],
+        ]);
+        for i in 0..2 {
+            let (ns, link) = (&pair.names[i], &links[i]);
+            ip(&["link", "set", link, "netns", ns]);
+            let cidr = format!("{}/24", pair.addrs[i]);
+            ip(&["-n", ns, "addr", "add", &cidr, "dev", link]);
+            ip(&["-n", ns, "link", "set", link, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    /// `args` run inside namespace `i`.
+    fn command(&self, i: usize, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.names[i], program]);
+        c
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+/// Off loopback, on two real addresses (two network namespaces): a sync API without client
+/// certificates does not start, an agent or publisher that would speak plain HTTP to the other
+/// host is refused by `check` (and by the command itself), a bearer token from the network
+/// opens nothing, and the farm works end to end over mutual TLS.
+#[test]
+fn between_two_hosts_only_mutual_tls_is_spoken() {
+    let _serial = serial();
+    common::process::require_tool("curl", "curl");
+    let net = NetnsPair::new();
+    let (hub_ip, backend_ip) = (net.addrs[0].clone(), net.addrs[1].clone());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    lockstep(dir, &["ca", "init", "--dir", "ca"]);
+    std::fs::create_dir(dir.join("pki")).unwrap();
+    for (name, role, addr) in [
+        ("lb", "hub", hub_ip.as_str()),
+        ("web-1", "agent", backend_ip.as_str()),
+        ("ci", "publisher", backend_ip.as_str()),
+    ] {
+        lockstep(
+            dir,
+            &[
+                "ca", "issue", name, "--role", role, "--ip", addr, "--dir", "ca", "--out", "pki",
+            ],
+        );
+    }
+    write_private(&dir.join("agent.token"), "agent-token");
+    write_private(&dir.join("publish.token"), "publish-token");
+    let sync = |tls: &str| {
+        format!(
+            "sync:\n  bind: \"{hub_ip}:7700\"\n  store: hub-store\n  cadence: 200ms\n  lead: 300ms\n  \
+             agent_token_file: agent.token\n  publish_token_file: publish.token\n{tls}"
+        )
+    };
+    // Tokens only, on a real address: `check` refuses it at sync.bind, and so does `serve`.
+    std::fs::write(dir.join("open.yaml"), sync("")).unwrap();
+    let check = Command::new(BIN)
+        .args(["check", "-c", "open.yaml"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        said.contains("open.yaml:2:9:") && said.contains("sync.tls.client_ca is not set"),
+        "{said}"
+    );
+    let serve = net
+        .command(0, BIN)
+        .args(["serve", "-c", "open.yaml"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        serve.status.code(),
+        Some(2),
+        "a sync API open to the network started"
+    );
+
+    std::fs::write(
+        dir.join("hub.yaml"),
+        sync(
+            "  tls:\n    certificates: [{ cert: pki/lb.crt, key: pki/lb.key }]\n    \
+             client_ca: ca/ca.crt\n    crl: ca/crl.pem\n",
+        ),
+    )
+    .unwrap();
+    let mut cmd = net.command(0, BIN);
+    cmd.args(["serve", "--workers", "1", "-c", "hub.yaml"])
+        .current_dir(dir);
+    let mut hub = Proc::spawn(cmd, dir.join("hub.log"));
+    hub.bound_addr(&["sync hub listening"], "addr");
+    let url = format!("https://{hub_ip}:7700");
+
+    // The backend's side: plain HTTP, or https without its own certificate, is refused by
+    // `check --agent`; with its certificate the agent runs.
+    let agent = |hub: &str, tls: bool| {
+        let tls = if tls {
+            "tls: { ca: ca/ca.crt, crl: ca/crl.pem, cert: pki/web-1.crt, key: pki/web-1.key }\n"
+        } else {
+            "hub_ca: ca/ca.crt\n"
+        };
+        format!(
+            "name: web-1\nhub: \"{hub}\"\ntoken_file: agent.token\nstore: web-1-store\nserve: \"127.0.0.1:0\"\n{tls}"
+        )
+    };
+    for (text, want) in [
+        (agent(&format!("http://{hub_ip}:7700"), true), "plain HTTP"),
+        (agent(&url, false), "no certificate"),
+    ] {
+        std::fs::write(dir.join("bad-agent.yaml"), text).unwrap();
+        let o = Command::new(BIN)
+            .args(["check", "--agent", "-c", "bad-agent.yaml"])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        let said = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            said.contains("bad-agent.yaml:2:6:") && said.contains(want),
+            "{said}"
+        );
+    }
+    std::fs::write(dir.join("web-1.yaml"), agent(&url, true)).unwrap();
+    let mut cmd = net.command(1, BIN);
+    cmd.args(["agent", "-c", "web-1.yaml"]).current_dir(dir);
+    let mut web1 = Proc::spawn(cmd, dir.join("web-1.log"));
+    let serving = web1.bound_addr(&["agent started"], "serve");
+
+    // A token from the other host opens nothing (401 over TLS); plain HTTP is no answer.
+    let curl = |args: &[&str]| {
+        let o = net
+            .command(1, "curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    assert_eq!(
+        curl(&[
+            "--cacert",
+            "ca/ca.crt",
+            "-H",
+            "Authorization: Bearer publish-token",
+            &format!("{url}/sync/v1/schedule"),
+        ]),
+        "401"
+    );
+    assert_eq!(
+        curl(&[&format!("http://{hub_ip}:7700/sync/v1/schedule")]),
+        "000"
+    );
+    // The publisher's own client refuses plain HTTP to the other host before sending anything.
+    let site = dir.join("site");
+    std::fs::create_dir(&site).unwrap();
+    std::fs::write(site.join("index.html"), "over the wire").unwrap();
+    let plain = net
+        .command(1, BIN)
+        .args([
+            "publish",
+            "--hub",
+            &format!("http://{hub_ip}:7700"),
+            "--token-file",
+            "publish.token",
+            "site",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("plain HTTP"));
+    // With its certificate it publishes, and the agent on the other host serves it.
+    let published = net
+        .command(1, BIN)
+        .args([
+            "publish",
+            "--hub",
+            &url,
+            "--ca-file",
+            "ca/ca.crt",
+            "--cert",
+            "pki/ci.crt",
+            "--key",
+            "pki/ci.key",
+            "--at",
+            "+300ms",
+            "site",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let get = || {
+        let o = net
+            .command(1, "curl")
+            .args(["-s", "--max-time", "2", &format!("http://{serving}/")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    wait::until_blocking(
+        "the agent on the other host to serve the release",
+        wait::DEADLINE,
+        || format!("{}\n{}", hub.log(), web1.log()),
+        || get() == "over the wire",
+    );
+}

@@ -23,6 +23,7 @@ use crate::dns::{self, DnsError, DnsHandler, DnsMetrics};
 use crate::hub::{self, Hub, HubMetrics};
 use crate::live::{Live, Shared};
 use crate::metrics::{Metrics, ResultLabels};
+use crate::net::server::ServerTls;
 use crate::pools::checker;
 use crate::proxy::listener;
 use crate::sync::store::FsStore;
@@ -101,10 +102,17 @@ pub struct Appliance {
     /// Registered with the first DNS socket and kept across rebinds.
     dns_metrics: Option<DnsMetrics>,
     sync: Option<(SocketAddr, Arc<Hub>)>,
+    /// The sync API's TLS, swapped at reload (certificates, the farm CA, its revocation list).
+    sync_tls: Option<ServerTls>,
     /// The hub as the admin API sees it (set once the hub starts).
     admin_hub: Arc<std::sync::OnceLock<Arc<Hub>>>,
     generation: u64,
     workers: Vec<Handle>,
+}
+
+/// The sync API's rustls config: its certificates, and the farm CA of its clients.
+fn sync_server_config(t: &crate::config::sync::SyncTls) -> Arc<rustls::ServerConfig> {
+    crate::net::tls::server_config_with(&t.certs, t.clients.as_ref())
 }
 
 /// Why a reload from a file was refused; the running config keeps serving either way.
@@ -167,6 +175,7 @@ impl Appliance {
             dns: None,
             dns_metrics: None,
             sync: None,
+            sync_tls: None,
             admin_hub: Arc::default(),
             generation: 1,
             workers,
@@ -221,7 +230,8 @@ impl Appliance {
         let tls = config
             .tls
             .as_ref()
-            .map(|certs| tokio_rustls::TlsAcceptor::from(crate::net::tls::server_config(certs)));
+            .map(|t| ServerTls::only(sync_server_config(t)));
+        self.sync_tls = tls.clone();
         self.tracker.spawn(hub::api::serve(
             socket,
             tls,
@@ -435,7 +445,10 @@ impl Appliance {
         match (&old.config.sync, &config.sync, &self.sync) {
             (Some(o), Some(n), Some((_, hub))) => {
                 if o.bind != n.bind || o.store != n.store || o.tls.is_some() != n.tls.is_some() {
-                    warn!("sync.bind, sync.store or sync.tls changed: they take effect at the next restart; cadence, lead and tokens are reloaded now");
+                    warn!("sync.bind, sync.store or sync.tls (on/off) changed: they take effect at the next restart; cadence, lead, tokens, certificates and the revocation list are reloaded now");
+                }
+                if let (Some(t), Some(live)) = (&n.tls, &self.sync_tls) {
+                    live.config.store(sync_server_config(t));
                 }
                 hub.set_settings(hub::Settings::from_config(n));
             }

@@ -25,7 +25,7 @@ const EXAMPLES: &str = "Examples:
   lockstep reload -c /etc/lockstep/lockstep.yaml reload the running appliance and wait for the result
   lockstep keygen --out /etc/lockstep/publisher.key
                                                  a key pair to sign releases (give agents the .pub)
-  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --key publisher.key ./site
+  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --sign-key publisher.key ./site
                                                  stage ./site, signed, as the next release on every backend
   lockstep status --hub http://10.0.0.1:7700 --token-file publish.token
                                                  each agent's active and staged release, clock offset, last flip";
@@ -74,7 +74,7 @@ pub enum Command {
     },
     /// Turn a directory into a release and stage it on the hub for the next activation.
     #[command(
-        after_help = "Examples:\n  lockstep publish --hub http://10.0.0.1:7700 --token-file /etc/lockstep/publish.token --key /etc/lockstep/publisher.key ./site\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --key publisher.key --at +30s ./site\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --key old.key --key new.key ./site   # during a key rotation\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --rollback"
+        after_help = "Examples:\n  lockstep publish --hub http://10.0.0.1:7700 --token-file /etc/lockstep/publish.token --sign-key /etc/lockstep/publisher.key ./site\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --sign-key publisher.key --at +30s ./site\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --sign-key old.key --sign-key new.key ./site   # during a key rotation\n  lockstep publish --hub http://10.0.0.1:7700 --token-file publish.token --rollback"
     )]
     Publish {
         /// Hub and token.
@@ -95,12 +95,12 @@ pub enum Command {
         concurrency: usize,
         /// Sign the release with this secret key (from `lockstep keygen`); repeat to sign with
         /// several (a key rotation). Agents with `trusted_keys` serve only signed releases.
-        #[arg(long = "key", value_name = "PATH", conflicts_with = "rollback")]
-        keys: Vec<PathBuf>,
+        #[arg(long = "sign-key", value_name = "PATH", conflicts_with = "rollback")]
+        sign_keys: Vec<PathBuf>,
     },
     /// Make a key pair to sign releases with: PATH (secret, mode 0600) and PATH.pub.
     #[command(
-        after_help = "Example:\n  lockstep keygen --out /etc/lockstep/publisher.key --comment \"release key 2026\"\n\nKeep PATH on the publishing host (lockstep publish --key PATH); list PATH.pub in every agent's\ntrusted_keys (and the hub's sync.trusted_keys). An existing file is never overwritten."
+        after_help = "Example:\n  lockstep keygen --out /etc/lockstep/publisher.key --comment \"release key 2026\"\n\nKeep PATH on the publishing host (lockstep publish --sign-key PATH); list PATH.pub in every agent's\ntrusted_keys (and the hub's sync.trusted_keys). An existing file is never overwritten."
     )]
     Keygen {
         /// Where to write the secret key; the public key goes to PATH.pub.
@@ -126,6 +126,18 @@ pub enum Command {
         #[arg(long, env = "LOCKSTEP_ADMIN")]
         admin: Option<String>,
     },
+    /// The farm CA: issue each agent, publisher and hub a certificate naming it, revoke them.
+    #[command(
+        after_help = "Examples:\n  lockstep ca init --dir /etc/lockstep/ca\n  lockstep ca issue lb-1 --role hub --ip 10.0.0.1 --out /etc/lockstep/pki\n  lockstep ca issue web-1 --role agent --ip 10.0.0.11\n  lockstep ca issue ci --role publisher\n  lockstep ca revoke web-1"
+    )]
+    Ca {
+        /// The CA's directory (keep ca.key on the appliance, readable by root only).
+        #[arg(long, default_value = "/etc/lockstep/ca", global = true)]
+        dir: PathBuf,
+        /// What to do.
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Run the sync agent on a backend: serve the active release, stage new ones, flip on time.
     #[command(
         after_help = "Example:\n  lockstep agent -c /etc/lockstep/agent.yaml\n\nSIGTERM stops it; the active release is kept in its store and served again at the next start."
@@ -134,6 +146,9 @@ pub enum Command {
         /// Agent config file.
         #[arg(short, long, default_value = DEFAULT_AGENT_CONFIG)]
         config: PathBuf,
+        /// `join`: obtain this backend's farm certificate with a one-time token.
+        #[command(subcommand)]
+        command: Option<AgentCommand>,
     },
     /// Run a whole farm on loopback: the appliance in front of three demo backends.
     #[command(
@@ -179,9 +194,97 @@ pub struct HubArgs {
     /// File holding the bearer token (the publish token; `status` also takes the agent token).
     #[arg(long, env = "LOCKSTEP_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// PEM file with the CA that signed an https hub's certificate.
-    #[arg(long)]
+    /// PEM file with the CA that signed an https hub's certificate (the farm CA, `ca.crt`).
+    #[arg(long, env = "LOCKSTEP_CA_FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Your farm-CA certificate (`lockstep ca issue NAME --role publisher`): required by a hub
+    /// that is not on this host, which takes no bearer token from the network.
+    #[arg(long, env = "LOCKSTEP_CERT", requires_all = ["key", "ca_file"])]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert.
+    #[arg(long, env = "LOCKSTEP_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+/// `lockstep agent …`.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Obtain this backend's farm certificate from the hub with a one-time token (made on the
+    /// appliance by `lockstep ca join-token NAME`, which prints this command).
+    Join {
+        /// The hub's sync API, https://.
+        #[arg(long)]
+        hub: String,
+        /// The one-time token.
+        #[arg(long, env = "LOCKSTEP_JOIN_TOKEN")]
+        token: String,
+        /// The farm CA's fingerprint: nothing is sent to a hub whose CA differs.
+        #[arg(long)]
+        ca_hash: String,
+        /// Where to write ca.crt, crl.pem, NAME.crt and NAME.key.
+        #[arg(long, default_value = "/etc/lockstep/pki")]
+        out: PathBuf,
+    },
+}
+
+/// `lockstep ca …`: the farm CA.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the farm CA in --dir (ca.crt, ca.key, ca.json, crl.pem).
+    Init {
+        /// The farm's name (in the CA's subject).
+        #[arg(long, default_value = "farm")]
+        farm: String,
+    },
+    /// Issue a certificate naming one party: writes NAME.crt and NAME.key (0600) into --out.
+    Issue {
+        /// The party's name (for an agent: its `name:` in agent.yaml, the backend's name).
+        name: String,
+        /// What it is.
+        #[arg(long, value_parser = ["agent", "publisher", "hub"])]
+        role: String,
+        /// A DNS name the party serves under (hubs; repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// An IP address the party serves on (the hub's sync.bind, an agent's serve; repeatable).
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = crate::ca::DEFAULT_DAYS)]
+        days: u32,
+        /// Directory to write NAME.crt and NAME.key into.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Revoke every certificate of a party and rewrite crl.pem (then `lockstep reload` the
+    /// appliance and copy crl.pem to the agents).
+    Revoke {
+        /// The party's name.
+        name: String,
+        /// Only its certificates of this role.
+        #[arg(long, value_parser = ["agent", "publisher", "hub"])]
+        role: Option<String>,
+    },
+    /// Make a one-time token with which the agent NAME obtains its own certificate from the
+    /// hub (`lockstep agent join`, printed here); the hub needs `sync.tls.ca_dir`.
+    JoinToken {
+        /// The agent's name.
+        name: String,
+        /// An IP address its serve listener is reached on (repeatable).
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        /// A DNS name it is reached under (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// How long the token is valid.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        /// The hub's URL, for the command printed.
+        #[arg(long, env = "LOCKSTEP_HUB")]
+        hub: Option<String>,
+    },
+    /// List what the CA issued and revoked.
+    List,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use crate::cli::{Cli, Command};
 use crate::config::{self, ConfigErrors};
-use crate::net::client::{HttpClient, Remote};
+use crate::net::client::{ClientTls, HttpClient, Remote};
 use crate::publish;
 
 /// Runs one command.
@@ -26,11 +26,32 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             at,
             rollback,
             concurrency,
-            keys,
-        } => publish(&hub, dir, at, rollback, concurrency, &keys),
+            sign_keys,
+        } => publish(&hub, dir, at, rollback, concurrency, &sign_keys),
         Command::Keygen { out, comment } => keygen(&out, comment.as_deref()),
         Command::Status { hub, json, admin } => status(&hub, json, admin.as_deref()),
-        Command::Agent { config } => agent(&config),
+        Command::Agent {
+            command:
+                Some(crate::cli::AgentCommand::Join {
+                    hub,
+                    token,
+                    ca_hash,
+                    out,
+                }),
+            ..
+        } => {
+            let written =
+                runtime(false)?.block_on(crate::agent::join::join(&hub, &token, &ca_hash, &out))?;
+            println!(
+                "joined as agent {}: its certificate and key are in {}. Put this in agent.yaml (and hub: \"{hub}\", and trusted_keys: the publishers' KEY.pub files from `lockstep keygen`):\n\n{}",
+                written.name,
+                out.display(),
+                written.yaml()
+            );
+            Ok(())
+        }
+        Command::Agent { config, .. } => agent(&config),
+        Command::Ca { dir, command } => ca(&dir, &command),
         Command::Demo {
             port,
             admin_port,
@@ -102,7 +123,7 @@ fn reload(config: &Path, socket: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `lockstep publish DIR [--at WHEN] [--key PATH…]` or `lockstep publish --rollback`.
+/// `lockstep publish DIR [--at WHEN] [--sign-key PATH…]` or `lockstep publish --rollback`.
 fn publish(
     hub: &crate::cli::HubArgs,
     dir: Option<PathBuf>,
@@ -144,7 +165,7 @@ fn keygen(out: &Path, comment: Option<&str>) -> anyhow::Result<()> {
     use crate::sync::sign;
     let public = sign::write_key_pair(out, comment, &ring::rand::SystemRandom::new())?;
     println!(
-        "secret key {} (mode 0600): keep it on the publishing host; sign with `lockstep publish --key {}`",
+        "secret key {} (mode 0600): keep it on the publishing host; sign with `lockstep publish --sign-key {}`",
         out.display(),
         out.display()
     );
@@ -205,7 +226,110 @@ fn hub_client(args: &crate::cli::HubArgs) -> anyhow::Result<HttpClient> {
         Some(f) => Some(crate::sync::auth::read_token(f)?),
         None => None,
     };
-    Ok(HttpClient::hub(&args.hub, token, args.ca_file.as_deref())?)
+    let tls = match (&args.ca_file, &args.cert, &args.key) {
+        (Some(ca), Some(cert), Some(key)) => Some(ClientTls::files(ca, None, Some((cert, key)))?),
+        (Some(ca), _, _) => Some(ClientTls::ca_file(ca)?),
+        _ => None,
+    };
+    let client = HttpClient::hub(&args.hub, token, tls.as_ref())?;
+    if !client.is_loopback() && !client.is_https() {
+        anyhow::bail!(
+            "hub {} is not on this host, but plain HTTP: the release and your credentials would cross the network in clear; use https:// with --ca-file, --cert and --key",
+            args.hub
+        );
+    }
+    Ok(client)
+}
+
+/// `lockstep ca …`.
+fn ca(dir: &Path, command: &crate::cli::CaCommand) -> anyhow::Result<()> {
+    use crate::ca::{create_file, Ca};
+    use crate::cli::CaCommand;
+    use crate::sync::identity::{Identity, Kind};
+    let kind = |role: &str| Kind::parse(role).expect("clap checked the role");
+    match command {
+        CaCommand::Init { farm } => {
+            Ca::init(dir, farm)?;
+            println!(
+                "farm CA created in {}: give {} to every party (hub `sync.tls.client_ca`, agent `tls.ca`, publish --ca-file); keep ca.key here",
+                dir.display(),
+                Ca::cert_path(dir).display()
+            );
+        }
+        CaCommand::Issue {
+            name,
+            role,
+            dns,
+            ip,
+            days,
+            out,
+        } => {
+            let who = Identity::new(kind(role), name).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "`{name}` cannot name a party: use 1 to 64 letters, digits, `.`, `_` or `-`"
+                )
+            })?;
+            let (crt, key) = (
+                out.join(format!("{name}.crt")),
+                out.join(format!("{name}.key")),
+            );
+            for f in [&crt, &key] {
+                if f.exists() {
+                    anyhow::bail!(
+                        "{} exists: refusing to overwrite it (remove it first)",
+                        f.display()
+                    );
+                }
+            }
+            let mut ca = Ca::open(dir)?;
+            let issued = ca.issue(&who, dns, ip, *days)?;
+            create_file(&key, issued.key.as_bytes(), 0o600)?;
+            create_file(&crt, issued.cert.as_bytes(), 0o644)?;
+            println!(
+                "issued {who} (serial {}, valid {days} days): {} and {}",
+                issued.issued.serial,
+                crt.display(),
+                key.display()
+            );
+        }
+        CaCommand::Revoke { name, role } => {
+            let mut ca = Ca::open(dir)?;
+            let n = ca.revoke(name, role.as_deref().map(kind))?;
+            println!(
+                "revoked {n} certificate(s) of {name}; {} is rewritten: `lockstep reload` the appliance and copy it to every agent's tls.crl",
+                Ca::crl_path(dir).display()
+            );
+        }
+        CaCommand::JoinToken {
+            name,
+            ip,
+            dns,
+            ttl,
+            hub,
+        } => {
+            let mut ca = Ca::open(dir)?;
+            let token = ca.join_token(name, ip, dns, ttl.as_secs() as i64)?;
+            let hash = crate::ca::fingerprint(&ca.cert_pem()?)
+                .ok_or_else(|| anyhow::anyhow!("{} is not PEM", Ca::cert_path(dir).display()))?;
+            let hub = hub.as_deref().unwrap_or("https://HUB:7700");
+            println!(
+                "one-time token for agent {name}, valid {}: on that backend run\n\n  lockstep agent join --hub {hub} --ca-hash {hash} --token {token}\n",
+                humantime::format_duration(*ttl)
+            );
+        }
+        CaCommand::List => {
+            let ca = Ca::open(dir)?;
+            println!("farm {}", ca.farm());
+            for i in ca.issued() {
+                let state = match i.revoked {
+                    Some(_) => "revoked",
+                    None => "valid",
+                };
+                println!("{:<10} {:<24} {} {state}", i.kind, i.name, i.serial);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {

@@ -143,7 +143,7 @@ pub struct Demo {
 const FIRST_SITE: &str = "<!doctype html>\n<title>lockstep demo</title>\n<h1>release 1 of the demo site</h1>\n<p>Publish a directory with <code>lockstep publish</code> and every backend flips to it at the same instant.</p>\n";
 
 /// The demo's publisher key in its directory (the public key is `publisher.key.pub`): sign
-/// releases for the demo with `lockstep publish --key DIR/publisher.key`.
+/// releases for the demo with `lockstep publish --sign-key DIR/publisher.key`.
 pub const KEY_FILE: &str = "publisher.key";
 
 /// The demo's publisher key: the one in `dir` if an earlier run made it, else a new one.
@@ -374,7 +374,7 @@ pub async fn run(port: u16, admin_port: u16, dns_port: u16, sync_port: u16) -> a
          curl -s -H 'Host: static.farm.test' http://{proxy}/   # the published site, through the proxy\n  \
          for p in {ports}; do curl -sI http://127.0.0.1:$p/ | grep -i x-lockstep-release; done\n  \
          mkdir -p /tmp/site && echo '<h1>release 2</h1>' > /tmp/site/index.html\n  \
-         {exe} publish --hub http://{hub} --token-file {d}/publish.token --key {d}/publisher.key --at +5s /tmp/site\n  \
+         {exe} publish --hub http://{hub} --token-file {d}/publish.token --sign-key {d}/publisher.key --at +5s /tmp/site\n  \
          {exe} status --hub http://{hub} --token-file {d}/publish.token   # every agent, its clock offset and last flip\n\n\
          Detect and forward (each agent watches {d}/edit-N, immediate mode):\n  \
          echo '<h1>edited on web-1</h1>' > {d}/edit-1/index.html\n  \

@@ -26,6 +26,7 @@
 pub mod admin;
 pub mod agent;
 pub mod appliance;
+pub mod ca;
 pub mod cli;
 pub mod commands;
 pub mod config;

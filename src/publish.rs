@@ -3,7 +3,7 @@
 //! Publishing hashes a directory into a manifest, uploads the manifest, then only the blobs
 //! the hub lacks (a one-file change moves one file), then commits: the hub stages the release
 //! for the next activation. An interrupted publish loses nothing — blobs already uploaded stay,
-//! and the release is not staged until its commit. With `--key`, the commit carries the
+//! and the release is not staged until its commit. With `--sign-key`, the commit carries the
 //! publisher's signature of the release id computed here (never the hub's word for it): what
 //! agents with `trusted_keys` require.
 
@@ -317,7 +317,7 @@ pub struct StatusView {
 /// What `lockstep publish` prints about a publish that went through.
 pub fn render_outcome(o: &Outcome) -> String {
     let signed = match o.signed_by.as_slice() {
-        [] => "unsigned (agents with trusted_keys refuse it: publish with --key)".to_string(),
+        [] => "unsigned (agents with trusted_keys refuse it: publish with --sign-key)".to_string(),
         keys => format!(
             "signed by key {}",
             keys.iter()
@@ -434,10 +434,12 @@ pub fn render_fleet(f: &Fleet) -> String {
     for a in &f.agents {
         let r = &a.report;
         let ago = s.now_us.saturating_sub(a.reported_us) as f64 / 1e6;
-        let state = match (&r.error, a.current) {
-            (Some(e), _) => format!("error: {e}"),
-            (None, true) => "current".into(),
-            (None, false) => "BEHIND".into(),
+        let state = match (a.stale, &r.error, a.current) {
+            // What it said no longer counts: neither current nor behind.
+            (true, _, _) => "stale (no report within sync.report_expiry)".into(),
+            (false, Some(e), _) => format!("error: {e}"),
+            (false, None, true) => "current".into(),
+            (false, None, false) => "BEHIND".into(),
         };
         out.push_str(&format!(
             "{:<16} {:<13} {:<13} {:>14} {:>10} {:>12} {:>8.0}s  {}\n",

@@ -166,15 +166,26 @@ impl Server {
 #[test]
 fn check_agent_wants_trusted_keys_for_a_hub_on_another_host() {
     let dir = tempfile::tempdir().unwrap();
+    // Everything else right for a hub on another host: https and the agent's own certificate.
+    let pki = dir.path().join("pki");
+    let mut ca = lockstep::ca::Ca::init(&pki, "t").unwrap();
+    let me =
+        lockstep::sync::identity::Identity::new(lockstep::sync::identity::Kind::Agent, "web-1")
+            .unwrap();
+    let x = ca
+        .issue(&me, &[], &["10.0.0.11".parse().unwrap()], 1)
+        .unwrap();
+    std::fs::write(pki.join("web-1.crt"), x.cert).unwrap();
+    std::fs::write(pki.join("web-1.key"), x.key).unwrap();
     let cfg = dir.path().join("agent.yaml");
-    let base =
-        "name: web-1\nhub: \"http://10.0.0.1:7700\"\nstore: store\nserve: \"127.0.0.1:8081\"\n";
+    let base = "name: web-1\nhub: \"https://10.0.0.1:7700\"\nstore: store\nserve: \"127.0.0.1:8081\"\n\
+                tls: { ca: pki/ca.crt, crl: pki/crl.pem, cert: pki/web-1.crt, key: pki/web-1.key }\n";
     std::fs::write(&cfg, base).unwrap();
     let o = run_lockstep(&[&"check", &"--agent", &"-c", &cfg]);
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
     let err = stderr(&o);
     assert!(
-        err.contains("agent.yaml:2:6: hub http://10.0.0.1:7700 is not on this host, but trusted_keys is not set")
+        err.contains("agent.yaml:2:6: hub https://10.0.0.1:7700 is not on this host, but trusted_keys is not set")
             && err.contains("lockstep keygen"),
         "{err}"
     );
@@ -196,7 +207,7 @@ fn check_agent_wants_trusted_keys_for_a_hub_on_another_host() {
     let o = run_lockstep(&[&"check", &"--agent", &"-c", &cfg]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o).contains("agent.yaml:5:16: trusted_keys:"),
+        stderr(&o).contains("agent.yaml:6:16: trusted_keys:"),
         "{}",
         stderr(&o)
     );
@@ -366,6 +377,13 @@ fn check_example_config_with_its_tls_files_prints_ok() {
     std::fs::write(dir.path().join("tls/farm.key"), ck.key_pair.serialize_pem()).unwrap();
     std::fs::write(dir.path().join("tls/sync.crt"), ck.cert.pem()).unwrap();
     std::fs::write(dir.path().join("tls/sync.key"), ck.key_pair.serialize_pem()).unwrap();
+    // The farm CA the sync API checks clients against, made by the binary.
+    let o = Command::new(BIN)
+        .args(["ca", "init", "--farm", "example", "--dir"])
+        .arg(dir.path().join("ca"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
     for token in ["agent.token", "publish.token"] {
         use std::os::unix::fs::PermissionsExt;
         let p = dir.path().join(token);

@@ -1102,12 +1102,18 @@ fn dns_and_sync_sections_of_the_design_are_accepted() {
     assert_eq!(sync.cadence, std::time::Duration::from_secs(60));
     assert_eq!(sync.lead, std::time::Duration::from_secs(10));
     assert!(sync.tokens.agent.is_none() && sync.tls.is_none());
+    assert_eq!(
+        sync.report_expiry,
+        lockstep::sync::protocol::DEFAULT_REPORT_EXPIRY
+    );
 }
 
-/// Fail closed: a sync API other hosts can reach needs both token files; `check` names the
-/// missing keys at `sync.bind`'s line and column. Loopback may go without (a farm of one).
+/// Fail closed: a sync API other hosts can reach needs mutual TLS (`sync.tls.client_ca`, the
+/// farm CA whose certificates name every caller); tokens are not enough, they cross the network
+/// and name nobody. `check` says so at `sync.bind`'s line and column. Loopback may go without
+/// (a farm of one).
 #[test]
-fn a_sync_api_off_loopback_without_both_tokens_is_refused() {
+fn a_sync_api_off_loopback_without_client_certificates_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let token = |name: &str| {
@@ -1117,6 +1123,16 @@ fn a_sync_api_off_loopback_without_both_tokens_is_refused() {
         p.display().to_string()
     };
     let (agent, publish) = (token("agent.token"), token("publish.token"));
+    let ca_dir = dir.path().join("ca");
+    let mut ca = lockstep::ca::Ca::init(&ca_dir, "t").unwrap();
+    let hub = lockstep::sync::identity::Identity::new(lockstep::sync::identity::Kind::Hub, "lb-1")
+        .unwrap();
+    let x = ca
+        .issue(&hub, &[], &["192.0.2.7".parse().unwrap()], 1)
+        .unwrap();
+    std::fs::write(dir.path().join("hub.crt"), x.cert).unwrap();
+    std::fs::write(dir.path().join("hub.key"), x.key).unwrap();
+    let d = dir.path().display();
     let sync = |bind: &str, extra: &str| {
         format!("{POOL_WWW}sync:\n  bind: \"{bind}\"\n  store: /var/lib/lockstep/hub\n{extra}")
     };
@@ -1124,28 +1140,38 @@ fn a_sync_api_off_loopback_without_both_tokens_is_refused() {
         Ok(_) => panic!("accepted:\n{yaml}"),
         Err(e) => e.to_string(),
     };
+    let tokens = format!("  agent_token_file: {agent}\n  publish_token_file: {publish}\n");
+    let server_only =
+        format!("  tls:\n    certificates:\n      - {{ cert: {d}/hub.crt, key: {d}/hub.key }}\n");
     for bind in ["0.0.0.0:7700", "[::]:7700", "192.0.2.7:7700"] {
-        let e = refused(sync(bind, ""));
-        assert!(
-            e.contains("agent_token_file and publish_token_file is not set"),
-            "{e}"
-        );
-        assert!(e.contains("reachable from other hosts"), "{e}");
-        let line = POOL_WWW.lines().count() + 2;
-        assert!(
-            e.starts_with(&format!("t.yaml:{line}:9:")),
-            "at sync.bind: {e}"
-        );
+        // Nothing, both tokens, TLS without client certificates: all refused.
+        for extra in ["", tokens.as_str(), server_only.as_str()] {
+            let e = refused(sync(bind, extra));
+            assert!(e.contains("sync.tls.client_ca is not set"), "{e}");
+            assert!(e.contains("reachable from other hosts"), "{e}");
+            let line = POOL_WWW.lines().count() + 2;
+            assert!(
+                e.starts_with(&format!("t.yaml:{line}:9:")),
+                "at sync.bind: {e}"
+            );
+        }
     }
-    // One of the two is not enough: changesets and blobs are written with the agent token.
+    let mutual = format!("{server_only}    client_ca: {d}/ca/ca.crt\n    crl: {d}/ca/crl.pem\n");
+    let cfg = config::parse(Path::new("t.yaml"), &sync("0.0.0.0:7700", &mutual))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let tls = cfg.sync.unwrap().tls.unwrap();
+    assert_eq!(tls.clients.unwrap().crls.len(), 1);
+    // A CRL without the CA it belongs to, or a CA file that holds no certificate: refused there.
     let e = refused(sync(
         "0.0.0.0:7700",
-        &format!("  publish_token_file: {publish}\n"),
+        &format!("{server_only}    crl: {d}/ca/crl.pem\n"),
     ));
-    assert!(e.contains("agent_token_file is not set"), "{e}");
-    let both = format!("  agent_token_file: {agent}\n  publish_token_file: {publish}\n");
-    config::parse(Path::new("t.yaml"), &sync("0.0.0.0:7700", &both))
-        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(e.contains("sync.tls.crl needs sync.tls.client_ca"), "{e}");
+    let e = refused(sync(
+        "0.0.0.0:7700",
+        &format!("{server_only}    client_ca: {d}/ca/crl.pem\n"),
+    ));
+    assert!(e.contains("holds no PEM CERTIFICATE"), "{e}");
     config::parse(Path::new("t.yaml"), &sync("127.0.0.1:7700", ""))
         .unwrap_or_else(|e| panic!("{e}"));
     config::parse(Path::new("t.yaml"), &sync("[::1]:7700", "")).unwrap_or_else(|e| panic!("{e}"));
@@ -1486,6 +1512,7 @@ fn example_in_tempdir() -> (tempfile::TempDir, PathBuf) {
     let (cert, key) = self_signed(&["hub.farm.test"]);
     std::fs::write(dir.path().join("tls/sync.crt"), cert).unwrap();
     std::fs::write(dir.path().join("tls/sync.key"), key).unwrap();
+    lockstep::ca::Ca::init(&dir.path().join("ca"), "example").unwrap();
     write_private(&dir.path().join("agent.token"), "agent-secret");
     write_private(&dir.path().join("publish.token"), "publish-secret");
     lockstep::sync::sign::write_key_pair(
@@ -1515,7 +1542,7 @@ fn sync_section_problems_are_reported_where_they_are_written() {
          pools:\n  - name: www\n    backends:\n      - {{ name: a, address: \"127.0.0.1:9\" }}\n\
          sync:\n  bind: \"0.0.0.0:7700\"\n  store: /tmp/x\n  cadence: 10ms\n  lead: soon\n  \
          agent_token_file: {}\n  publish_token_file: {}\n  gc_interval: often\n  gc_grace: 10ms\n  \
-         trusted_keys: [{}]\n",
+         report_expiry: 0s\n  trusted_keys: [{}]\n",
         open.display(),
         dir.path().join("missing.token").display(),
         dir.path().join("missing.pub").display()
@@ -1533,7 +1560,8 @@ fn sync_section_problems_are_reported_where_they_are_written() {
         "hub.yaml:16:16: sync.gc_interval:",
         "(0s turns collection off)",
         "hub.yaml:17:13: sync.gc_grace must be at least 1s",
-        "hub.yaml:18:18: sync.trusted_keys: cannot read key file",
+        "hub.yaml:18:18: sync.report_expiry must be longer than 0",
+        "hub.yaml:19:18: sync.trusted_keys: cannot read key file",
     ] {
         assert!(e.contains(want), "missing {want:?} in:\n{e}");
     }
@@ -1617,15 +1645,17 @@ fn example_config_without_its_files_says_which_files_are_missing() {
     std::fs::copy(example_path(), &path).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     let errs = config::load(&path).expect_err("the TLS, token and key files are missing");
-    // The listener's certificate, the two token files, the trusted key and the sync API's
-    // certificate.
-    assert_eq!(errs.0.len(), 5, "{errs}");
+    // The listener's certificate, the two token files, the trusted key, the sync API's
+    // certificate, the farm CA's certificate and its directory.
+    assert_eq!(errs.0.len(), 7, "{errs}");
     for (e, file) in errs.0.iter().zip([
         "tls/farm.crt",
         "agent.token",
         "publish.token",
         "publisher.key.pub",
         "tls/sync.crt",
+        "ca/ca.crt",
+        "ca",
     ]) {
         assert!(
             e.message
@@ -1813,6 +1843,10 @@ fn example_config_documents_the_real_defaults() {
             Want::Dur(lockstep::sync::gc::DEFAULT_INTERVAL),
         ),
         ("gc_grace", Want::Dur(lockstep::sync::gc::DEFAULT_GRACE)),
+        (
+            "report_expiry",
+            Want::Dur(lockstep::sync::protocol::DEFAULT_REPORT_EXPIRY),
+        ),
     ];
     let text = std::fs::read_to_string(example_path()).unwrap();
     let lines: Vec<&str> = text.lines().collect();

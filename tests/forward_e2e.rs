@@ -15,20 +15,22 @@ fn watch(mode: &str, extra: &str) -> String {
     format!("watch: {{ dir: {{DIR}}, mode: {mode}, debounce: 20ms{extra} }}\n")
 }
 
-/// Starts agent `name` with its watch directory `<name>-edit`.
+/// Starts agent `name` with its watch directory `<name>-edit`; returns once it has looked at
+/// the directory and, unless it refused it, may number edits (it has heard from the hub).
 fn agent(farm: &Farm, name: &str, watch_line: &str, more: &str) -> Agent {
     let line = watch_line.replace("{DIR}", &format!("{name}-edit"));
     let a = farm.agent(name, None, &format!("{line}{more}"));
-    // Listening comes first; the watch.dir is examined a moment later.
+    // Listening comes first; the watch.dir is examined a moment later, and edits are numbered
+    // once the hub's clock and its record of the agent are known.
     wait::until_blocking(
-        &format!("{name} to look at its watch.dir"),
+        &format!("{name} to look at its watch.dir and hear from the hub"),
         DEADLINE,
         || a.proc.log(),
         || {
             let log = a.proc.log();
-            ["watching for local edits", "is not empty"]
-                .iter()
-                .any(|l| log.contains(l))
+            log.contains("is not empty")
+                || (log.contains("watching for local edits")
+                    && log.contains("local edits are numbered from now on"))
         },
     );
     a
@@ -254,11 +256,54 @@ fn immediate_edits_reach_every_other_agent_and_never_come_back() {
         post(Some(AGENT_TOKEN), &forged("../x", b"evil", b"evil")),
         400
     );
+    // Well formed, but numbered ahead of a3's estimate of hub time (a `seq` that would keep
+    // a3 from adopting the hub's release, a `detected_us` a day ahead): refused, counted.
+    let ahead = |seq: u64, detected_us: u64| {
+        use lockstep::sync::changeset::{Change, Changeset, Mode};
+        use lockstep::sync::manifest::{Entry, Hash};
+        let cs = Changeset {
+            origin: "a1".into(),
+            seq,
+            mode: Mode::Immediate,
+            base: None,
+            detected_us,
+            changes: [(
+                "index.html".to_string(),
+                Change {
+                    entry: Some(Entry {
+                        hash: Hash::of(b"forged"),
+                        size: 6,
+                        content_type: "text/html".into(),
+                    }),
+                    prev: None,
+                },
+            )]
+            .into(),
+        };
+        lockstep::agent::frame::encode(&cs, |_| Some(b"forged".to_vec())).unwrap()
+    };
+    let now = hub_now_us(&a3);
+    for frame in [ahead(u64::MAX, now), ahead(now, now + 86_400_000_000)] {
+        let r = request(
+            a3.addr,
+            "POST",
+            "/.lockstep/changesets",
+            Some(AGENT_TOKEN),
+            &frame,
+        )
+        .unwrap();
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.body.contains("is beyond"), "{}", r.body);
+    }
+    assert_eq!(
+        a3.metric("lockstep_agent_refused_total{what=\"implausible\"}"),
+        2.0
+    );
     assert_eq!(
         a3.body("/index.html").as_deref(),
         Some(&b"<h1>two</h1>"[..])
     );
-    assert!(a3.metric("lockstep_agent_refused_total") >= 4.0);
+    assert!(a3.metric("lockstep_agent_refused_total") >= 6.0);
 
     // Every edit of a1's reached a2 directly (the hub's release only confirmed them).
     assert!(a2.metric("lockstep_agent_changesets_installed_total") >= 6.0);
@@ -589,4 +634,61 @@ fn links_in_watch_dir_never_ship_a_secret_nor_lead_a_write_out() {
     );
     assert!(!outside.join("planted.html").exists());
     assert_eq!(a2.body("/out/planted.html"), None);
+}
+
+/// A reinstalled agent (its store and edit directory wiped, its clock an hour behind the
+/// hub's) whose first edit is made while the hub cannot answer yet: the edit is numbered above
+/// what the hub recorded of the agent's earlier life, so it reaches the other agent and the
+/// hub's release instead of being taken for a duplicate and dropped.
+#[test]
+fn a_reinstalled_agents_first_edit_reaches_the_fleet() {
+    let _serial = serial();
+    let farm = Farm::new("2s", "1s");
+    let w = watch("immediate", "");
+    let mut a1 = agent(&farm, "a1", &w, "");
+    let a2 = agent(&farm, "a2", &w, "");
+    std::fs::write(edit_dir(&farm, &a1).join("index.html"), "before").unwrap();
+    wait_served(&[&a2], "/index.html", Some(b"before"));
+    wait_converged(&farm, &[&a1, &a2]);
+    assert!(farm.schedule()["applied"]["a1"].as_u64().is_some());
+
+    // Reinstall: a new machine, nothing of a1's store or directory left; its clock is an hour
+    // behind, and the hub does not answer while it starts.
+    a1.proc.kill9();
+    std::fs::remove_dir_all(farm.path("a1-store")).unwrap();
+    std::fs::remove_dir_all(edit_dir(&farm, &a1)).unwrap();
+    let hub = farm.hub.as_ref().unwrap();
+    hub.signal("STOP");
+    let line = w.replace("{DIR}", "a1-edit");
+    let a1 = farm.agent("a1", Some("-1h"), &line);
+    wait::until_blocking(
+        "a1 to watch its new directory",
+        DEADLINE,
+        || a1.proc.log(),
+        || a1.proc.log().contains("watching for local edits"),
+    );
+    std::fs::write(edit_dir(&farm, &a1).join("first.txt"), "after reinstall").unwrap();
+    wait::until_blocking(
+        "a1 to see the edit",
+        DEADLINE,
+        || a1.proc.log(),
+        || {
+            let log = a1.proc.log();
+            log.contains("local edit detected") || log.contains("local edits wait for the hub")
+        },
+    );
+    hub.signal("CONT");
+
+    wait_served(&[&a2, &a1], "/first.txt", Some(b"after reinstall"));
+    wait_converged(&farm, &[&a1, &a2]);
+    for a in [&a1, &a2] {
+        assert_eq!(
+            a.body("/first.txt").as_deref(),
+            Some(&b"after reinstall"[..])
+        );
+        assert_eq!(a.body("/index.html").as_deref(), Some(&b"before"[..]));
+    }
+    wait::until_blocking("the edit in a2's directory", DEADLINE, String::new, || {
+        std::fs::read(edit_dir(&farm, &a2).join("first.txt")).is_ok_and(|b| b == b"after reinstall")
+    });
 }

@@ -1,5 +1,5 @@
 //! Signed releases end to end with real processes: `lockstep keygen` makes publisher keys,
-//! `lockstep publish --key` signs, `lockstep serve` is the hub (a compromised one, where the
+//! `lockstep publish --sign-key` signs, `lockstep serve` is the hub (a compromised one, where the
 //! test edits its store on disk), and `lockstep agent`s with `trusted_keys` stage and activate
 //! only what a trusted key vouches for — observed from outside: what each agent serves, its
 //! store, its metrics and the report the hub shows.

@@ -70,6 +70,9 @@ impl TestHub {
                     publish: Some(PUBLISH_TOKEN.into()),
                 },
                 gc: Default::default(),
+                report_expiry: lockstep::sync::protocol::DEFAULT_REPORT_EXPIRY,
+                ca_dir: None,
+                revoked: Default::default(),
                 trusted_keys: None,
             },
             clock,
@@ -690,9 +693,22 @@ fn the_example_agent_config_loads() {
         "/deploy/examples/agent.yaml"
     ))
     .unwrap();
-    // Point the token file at a real private file; every other key as in the example.
+    // Point the token file at a real private file and the PKI at a real farm CA; every other
+    // key as in the example.
     let token = token_file(dir.path());
-    let text = text.replace("/etc/lockstep/agent.token", token.to_str().unwrap());
+    let pki = dir.path().join("pki");
+    let mut ca = lockstep::ca::Ca::init(&pki, "example").unwrap();
+    let me =
+        lockstep::sync::identity::Identity::new(lockstep::sync::identity::Kind::Agent, "web-1")
+            .unwrap();
+    let x = ca
+        .issue(&me, &[], &["10.0.0.11".parse().unwrap()], 1)
+        .unwrap();
+    std::fs::write(pki.join("web-1.crt"), x.cert).unwrap();
+    std::fs::write(pki.join("web-1.key"), x.key).unwrap();
+    let text = text
+        .replace("/etc/lockstep/agent.token", token.to_str().unwrap())
+        .replace("/etc/lockstep/pki", pki.to_str().unwrap());
     // And the trusted key at a real public key.
     let key = dir.path().join("publisher.key");
     lockstep::sync::sign::write_key_pair(&key, None, &ring::rand::SystemRandom::new()).unwrap();
@@ -702,6 +718,7 @@ fn the_example_agent_config_loads() {
     assert_eq!(c.trusted_keys.as_ref().map(|k| k.len()), Some(1));
     assert_eq!(c.name, "web-1");
     assert!(c.token.is_some() && c.watch.is_some() && c.release_dir.is_some());
+    assert!(c.tls.as_ref().is_some_and(|t| t.own.is_some()));
     assert_eq!(c.gc, lockstep::sync::gc::Gc::default());
     // A grace too short to protect a staging in progress is refused where it is written.
     let e = agent::config::parse(

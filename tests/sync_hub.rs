@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use lockstep::appliance::Appliance;
-use lockstep::net::client::{ClientError, HttpClient as HubClient, REQUEST_TIMEOUT};
+use lockstep::net::client::{ClientError, ClientTls, HttpClient as HubClient, REQUEST_TIMEOUT};
 use lockstep::publish::{self, At};
 use lockstep::sync::manifest::Hash;
 use lockstep::sync::protocol::{Advanced, CommitState, Report, Schedule, Uploaded};
@@ -391,6 +391,130 @@ async fn bad_input_is_refused_with_the_reason_and_changes_nothing() {
     app.shutdown(Duration::from_secs(1)).await;
 }
 
+/// The security issue's numbers over HTTP: a changeset with `seq = u64::MAX` (it would make
+/// the hub answer "duplicate" to every later edit of web-1, which web-1 then drops) and one
+/// with a `detected_us` a day ahead (it would win every conflict) are refused whole with a 400
+/// naming the field and the bound, and counted; web-1's honest edit still applies. A report
+/// whose `serve` is not an `ip:port` is refused too.
+#[tokio::test]
+async fn changesets_numbered_ahead_of_the_hub_and_bad_serve_addresses_are_refused() {
+    use lockstep::sync::changeset::{Change, Changeset, Mode, MAX_AHEAD_US};
+    use lockstep::sync::manifest::Entry;
+    let hub = Hub::new();
+    let app = start_hub(&hub.sync_yaml("1s", "2s")).await;
+    let agent = client(&app, Some(AGENT));
+    let data = b"edited";
+    let h = Hash::of(data);
+    assert!(
+        status_of(&agent, Method::PUT, &format!("/sync/v1/blobs/{h}"), data)
+            .await
+            .is_success()
+    );
+    let now = schedule(&agent).await.now_us;
+    let edit = |seq: u64, detected_us: u64| Changeset {
+        origin: "web-1".into(),
+        seq,
+        mode: Mode::Immediate,
+        base: None,
+        detected_us,
+        changes: [(
+            "index.html".to_string(),
+            Change {
+                entry: Some(Entry {
+                    hash: h,
+                    size: data.len() as u64,
+                    content_type: "text/html".into(),
+                }),
+                prev: None,
+            },
+        )]
+        .into(),
+    };
+    let send = |cs: Changeset| {
+        let agent = agent.clone();
+        async move {
+            agent
+                .send(
+                    Method::POST,
+                    "/sync/v1/changesets",
+                    Some((
+                        Bytes::from(serde_json::to_vec(&cs).unwrap()),
+                        "application/json",
+                    )),
+                    REQUEST_TIMEOUT,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let day = 86_400_000_000;
+    for (cs, field) in [
+        (edit(u64::MAX, now), "seq"),
+        (edit(now, now + day), "detected_us"),
+    ] {
+        let a = send(cs).await;
+        let body = String::from_utf8_lossy(&a.body).to_string();
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            body.contains(&format!("{field} "))
+                && body.contains("is beyond")
+                && body.contains("plus 1 s"),
+            "{body}"
+        );
+    }
+    let s = schedule(&agent).await;
+    assert_eq!((s.version, s.applied.len()), (0, 0), "nothing was applied");
+    let m = scrape(&h1_client(), app.admin_addr().unwrap()).await;
+    for field in ["seq", "detected_us"] {
+        assert_eq!(
+            m.get(&format!(
+                "lockstep_sync_changesets_implausible_total{{field=\"{field}\"}}"
+            )),
+            Some(&1.0),
+            "{m:?}"
+        );
+    }
+    // Numbered by hub time (within the allowance for clock error): applied.
+    let now = schedule(&agent).await.now_us;
+    let a = send(edit(now + MAX_AHEAD_US / 2, now)).await;
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{:?}",
+        String::from_utf8_lossy(&a.body)
+    );
+    assert_eq!(
+        schedule(&agent).await.applied["web-1"],
+        now + MAX_AHEAD_US / 2
+    );
+
+    for bad in ["attacker.example:443", "10.0.0.1", "http://10.0.0.1:80"] {
+        let body = format!(r#"{{"serve":"{bad}"}}"#);
+        let a = agent
+            .send(
+                Method::POST,
+                "/sync/v1/agents/web-1/report",
+                Some((Bytes::from(body), "application/json")),
+                REQUEST_TIMEOUT,
+            )
+            .await
+            .unwrap();
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(String::from_utf8_lossy(&a.body).contains("is not an ip:port"));
+    }
+    assert_eq!(
+        status_of(
+            &agent,
+            Method::POST,
+            "/sync/v1/agents/web-1/report",
+            br#"{"serve":"[::1]:8081"}"#
+        )
+        .await,
+        StatusCode::NO_CONTENT
+    );
+    app.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn concurrent_advances_after_the_activation_have_exactly_one_winner() {
     let hub = Hub::new();
@@ -683,6 +807,125 @@ async fn the_router_leaves_backends_whose_agent_is_behind_unless_none_is_current
     app.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A forged report (`active: null` under web-1's name) takes web-1 out of rotation only until
+/// it expires (`sync.report_expiry`, 2 s here): then web-1 takes traffic again, and the fleet
+/// (`/sync/v1/agents`, the admin API, `lockstep status`) shows its report as stale, neither
+/// current nor behind.
+#[tokio::test]
+async fn a_report_nobody_renews_stops_steering_the_rotation_when_it_expires() {
+    let hub = Hub::new();
+    let backends = DemoBackend::start_n(2).await;
+    let yaml = format!(
+        "{}{}  report_expiry: 2s\n",
+        farm_yaml(&backends_yaml(&backends), ""),
+        hub.sync_yaml("100ms", "0s")
+    );
+    let app = start(&yaml).await;
+    let names: Vec<String> = backends.iter().map(|b| b.name.clone()).collect();
+    let c = client(&app, Some(PUBLISH));
+    let agent = client(&app, Some(AGENT));
+    let site = hub.site("site", &[("index.html", "v1")]);
+    let now = schedule(&c).await.now_us;
+    let o = publish::publish(&c, &site, At::Absolute(now + 100_000), 1, &[])
+        .await
+        .unwrap();
+    wait::until(
+        "the release to activate",
+        Duration::from_secs(6),
+        || async { schedule(&c).await.active == Some(o.committed.id) },
+    )
+    .await;
+    let report = |name: &str, active: Option<Hash>| {
+        let agent = agent.clone();
+        let path = format!("/sync/v1/agents/{name}/report");
+        async move {
+            let body = serde_json::to_vec(&Report {
+                active,
+                ..Report::default()
+            })
+            .unwrap();
+            let a = agent
+                .send(
+                    Method::POST,
+                    &path,
+                    Some((Bytes::from(body), "application/json")),
+                    REQUEST_TIMEOUT,
+                )
+                .await
+                .unwrap();
+            assert_eq!(a.status, StatusCode::NO_CONTENT);
+        }
+    };
+    let proxy = proxy_addr(&app);
+    let http = h1_client();
+    report(&names[1], Some(o.committed.id)).await;
+    // Taken before the report leaves: it cannot expire sooner than 2 s after this.
+    let forged = Instant::now();
+    report(&names[0], None).await;
+    let serving = |want: HashSet<String>| {
+        let http = http.clone();
+        async move {
+            tally(&http, proxy, 10)
+                .await
+                .keys()
+                .cloned()
+                .collect::<HashSet<_>>()
+                == want
+        }
+    };
+    wait::until(
+        "the forged report to take web-1 out of rotation",
+        Duration::from_secs(2),
+        || serving(HashSet::from([names[1].clone()])),
+    )
+    .await;
+    wait::until(
+        "web-1 back in rotation once the forged report expired",
+        Duration::from_secs(5),
+        || serving(names.iter().cloned().collect()),
+    )
+    .await;
+    assert!(
+        forged.elapsed() >= Duration::from_secs(2),
+        "not before it expired"
+    );
+    let fleet = publish::fleet(&agent).await.unwrap();
+    let view: Vec<(&str, bool, bool)> = fleet
+        .agents
+        .iter()
+        .map(|a| (a.name.as_str(), a.current, a.stale))
+        .collect();
+    assert_eq!(
+        view,
+        [
+            (names[0].as_str(), false, true),
+            (names[1].as_str(), false, true)
+        ]
+    );
+    assert!(
+        publish::render_fleet(&fleet).contains("stale"),
+        "{}",
+        publish::render_fleet(&fleet)
+    );
+    let api = get_with(&http, app.admin_addr().unwrap(), "/api/agents", &[])
+        .await
+        .unwrap();
+    let api: serde_json::Value = serde_json::from_str(&api.body).unwrap();
+    assert_eq!(api["agents"][0]["stale"], true, "{api}");
+    let m = scrape(&http, app.admin_addr().unwrap()).await;
+    assert_eq!(m.get("lockstep_sync_agents_stale"), Some(&2.0), "{m:?}");
+    assert_eq!(m.get("lockstep_sync_agents_behind"), Some(&0.0));
+    // Renewed, a report counts again.
+    report(&names[0], None).await;
+    wait::until(
+        "web-1 out of rotation again while its report counts",
+        Duration::from_secs(2),
+        || serving(HashSet::from([names[1].clone()])),
+    )
+    .await;
+    app.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn the_demo_flips_its_three_backends_to_a_published_directory() {
     let dir = tempfile::tempdir().unwrap();
@@ -792,7 +1035,8 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
     let app = start_hub(&yaml).await;
     let port = app.sync_addr().unwrap().port();
     let url = format!("https://localhost:{port}");
-    let c = HubClient::hub(&url, Some(PUBLISH.into()), Some(&cert.cert_path)).unwrap();
+    let trust = ClientTls::ca_file(&cert.cert_path).unwrap();
+    let c = HubClient::hub(&url, Some(PUBLISH.into()), Some(&trust)).unwrap();
     let site = hub.site("site", &[("index.html", "over tls")]);
     let o = publish::publish(&c, &site, At::In(Duration::from_millis(500)), 2, &[])
         .await
@@ -818,7 +1062,8 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
         HubClient::hub(&url, None, None),
         Err(ClientError::Tls(_))
     ));
-    let wrong = HubClient::hub(&url, Some(PUBLISH.into()), Some(&other.cert_path)).unwrap();
+    let other = ClientTls::ca_file(&other.cert_path).unwrap();
+    let wrong = HubClient::hub(&url, Some(PUBLISH.into()), Some(&other)).unwrap();
     let e = wrong
         .send(Method::GET, "/sync/v1/schedule", None, REQUEST_TIMEOUT)
         .await
@@ -833,7 +1078,10 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
         "127.0.0.1:0".parse().unwrap(),
     );
     cfg.token = Some(AGENT.into());
-    cfg.hub_ca = Some(cert.cert_path.clone());
+    cfg.tls = Some(lockstep::agent::config::AgentTls {
+        trust: lockstep::config::tls::load_trust(&cert.cert_path, None).unwrap(),
+        own: None,
+    });
     let agent = lockstep::agent::start(cfg).await.unwrap();
     wait::until(
         "the agent to activate the release over TLS",

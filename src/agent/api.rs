@@ -1,11 +1,15 @@
-//! The agent's write and peer API, on its serve address, behind the agent token
-//! (`Authorization: Bearer …`, compared in constant time; open when the agent has no token):
+//! The agent's write and peer API, on its serve address. Callers are identified by
+//! [`crate::sync::caller`]: over TLS by their farm-CA certificate (a peer's changeset only
+//! from the agent that made it; writes from a publisher or this agent's own certificate), and
+//! from loopback by the agent token (`Authorization: Bearer …`, compared in constant time; open
+//! when the agent has no token). Anything else from the network is refused (401/403, counted
+//! in `lockstep_agent_refused_total{what="caller"}`).
 //!
 //! | request | answer |
 //! |---|---|
-//! | `PUT /content/{path}` (the file's bytes) | 200 `{"changeset": "name/seq"}`, or `null` when unchanged; 400 bad path (or a symlink on its way in `watch.dir`: never followed), 413 over `watch.max_file_size` |
+//! | `PUT /content/{path}` (the file's bytes) | 200 `{"changeset": "name/seq"}`, or `null` when unchanged; 400 bad path (or a symlink on its way in `watch.dir`: never followed), 413 over `watch.max_file_size`; 503 until the agent has heard from the hub (its clock and its record of this agent), without which a change cannot be numbered |
 //! | `DELETE /content/{path}` | 200 as above; 404 no such file |
-//! | `POST /.lockstep/changesets` (a frame of [`super::frame::encode`]) | 202 installed in the background; 400 malformed or damaged; 403 from an origin `trusted_origins` does not list (with `trusted_keys`); 200 `echo` for our own |
+//! | `POST /.lockstep/changesets` (a frame of [`super::frame::encode`]) | 202 installed in the background; 400 malformed, damaged, or numbered ahead of this agent's estimate of hub time; 403 from an origin `trusted_origins` does not list (with `trusted_keys`); 503 before that estimate exists; 200 `echo` for our own |
 //!
 //! A write is a local edit like one made in `watch.dir` (it is written there too, and
 //! forwarded by the `watch.mode`). A changeset from a peer is verified whole — every blob
@@ -28,7 +32,10 @@ use super::messages::{Input, Install, WriteError};
 use super::metrics::AgentMetrics;
 use super::release::{decode_path, MAX_INLINE_BYTES};
 use super::verify::Trust;
-use crate::sync::auth::{Check, Role, Tokens};
+use crate::net::server::PeerCertificate;
+use crate::sync::auth::{Role, Tokens};
+use crate::sync::caller::{self, Caller, Refusal};
+use crate::sync::identity::Kind;
 use crate::sync::provenance::SignedChangeset;
 use crate::sync::store::FsStore;
 
@@ -41,6 +48,8 @@ pub struct AgentApi {
     pub name: String,
     /// Accepted token (the agent token).
     pub tokens: Tokens,
+    /// Revoked certificates (the farm CA's list).
+    pub revoked: crate::sync::identity::Revocations,
     /// The agent's store.
     pub store: Arc<FsStore>,
     /// Changesets to install.
@@ -49,6 +58,8 @@ pub struct AgentApi {
     pub local: Option<mpsc::UnboundedSender<Input>>,
     /// Largest file a `PUT` may carry.
     pub max_file_bytes: u64,
+    /// Hub time now (µs) as this agent estimates it; `None` until the clock is measured.
+    pub hub_now: super::messages::HubNow,
     /// Metrics.
     pub metrics: Arc<AgentMetrics>,
     /// With `trusted_keys`: which peers' changesets may be installed.
@@ -81,28 +92,52 @@ async fn read(req: Request<Incoming>, limit: u64) -> Result<Bytes, Response<Body
     .map_err(|e| error(e.status(), e))
 }
 
-/// Answers one API request.
-pub async fn handle(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
+/// Answers one API request; `loopback`: whether it came from a loopback address.
+pub async fn handle(api: &AgentApi, req: Request<Incoming>, loopback: bool) -> Response<Body> {
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match api.tokens.check(auth, &[Role::Agent]) {
-        Check::Allow => {}
-        _ => {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing or unknown bearer token (the agent token)",
-            )
-        }
+    let cert = req.extensions().get::<PeerCertificate>().map(|c| &*c.0);
+    let peer = req.uri().path() == PEER_PATH;
+    // Peers send changesets; writes come from this backend's own users (loopback, with the
+    // agent token), a publisher, or this agent's own certificate.
+    // (The agent has no publish token: a loopback writer holds the agent token.)
+    let roles: &[Role] = if peer || cert.is_none() {
+        &[Role::Agent]
+    } else {
+        &[Role::Agent, Role::Publish]
+    };
+    let caller = match caller::identify(cert, &api.revoked, loopback, &api.tokens, auth, roles) {
+        Ok(c) => c,
+        Err(r) => return refused(api, r),
+    };
+    if peer {
+        return from_peer(api, &caller, req).await;
     }
-    if req.uri().path() == PEER_PATH {
-        return from_peer(api, req).await;
+    if let Caller::Party(id) = &caller {
+        if id.kind == Kind::Agent {
+            if let Err(r) = caller.act_as_agent(&api.name) {
+                return refused(api, r);
+            }
+        }
     }
     write(api, req).await
 }
 
-async fn from_peer(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
+/// The answer to a refused request: counted and logged.
+fn refused(api: &AgentApi, r: Refusal) -> Response<Body> {
+    api.metrics.refused("caller");
+    match r {
+        Refusal::Unauthenticated(m) => error(StatusCode::UNAUTHORIZED, m),
+        Refusal::Forbidden { message, .. } => {
+            warn!("agent API request refused: {message}");
+            error(StatusCode::FORBIDDEN, message)
+        }
+    }
+}
+
+async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<Incoming>) -> Response<Body> {
     // Peers inline at most frame::MAX_INLINE_BYTES of blobs; the rest is the JSON.
     let frame = match read(req, frame::MAX_INLINE_BYTES + 32 * 1024 * 1024).await {
         Ok(b) => b,
@@ -116,9 +151,27 @@ async fn from_peer(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
             return error(StatusCode::BAD_REQUEST, e);
         }
     };
+    // A peer forwards only its own changesets.
+    if let Err(r) = caller.act_as_agent(&cs.origin) {
+        return refused(api, r);
+    }
     if cs.origin == api.name {
         debug!(changeset = %cs.name(), "our own changeset came back; dropped");
         return answer(StatusCode::OK, serde_json::json!({ "state": "echo" }));
+    }
+    // Its numbers are hub time as the peer estimated it: bounded by ours, as the hub bounds
+    // them by its clock (a `seq` far ahead would make this agent wait for the hub's release
+    // to include it; a `detected_us` far ahead would win conflicts here).
+    let Some(now) = (api.hub_now)() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this agent has not measured the hub's clock yet, so it cannot check the changeset's numbers; the hub's release brings the edit",
+        );
+    };
+    if let Err(e) = cs.check_time(now) {
+        api.metrics.refused("implausible");
+        warn!(peer_origin = %cs.origin, error = %e, "changeset from a peer refused");
+        return error(StatusCode::BAD_REQUEST, e);
     }
     // The same authority that decides on the hub's built releases: a changeset it refuses is
     // not installed here either.
@@ -215,6 +268,7 @@ async fn write(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
                 WriteError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
                 WriteError::NotFound(_) => StatusCode::NOT_FOUND,
                 WriteError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                WriteError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             error(status, e)
         }

@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -16,10 +15,13 @@ use serde_saphyr::Spanned;
 use crate::config::check::Ctx;
 use crate::config::error::{ConfigError, ConfigErrors, Pos};
 use crate::config::gc;
-use crate::net::client::{ClientError, HttpClient};
+use crate::config::tls::{FarmTrust, LoadedCert};
+use crate::net::client::{ClientError, ClientTls, HttpClient, Remote};
 use crate::sync::auth::read_token;
 use crate::sync::gc::Gc;
+use crate::sync::identity::{Identity, Kind};
 use crate::sync::manifest::MAX_BLOB_BYTES;
+use crate::sync::protocol::parse_serve;
 use crate::sync::sign::TrustedKeys;
 
 type S<T> = Spanned<T>;
@@ -29,7 +31,7 @@ pub const DEFAULT_FETCH_CONCURRENCY: usize = 8;
 /// Most blobs fetched at once.
 pub const MAX_FETCH_CONCURRENCY: usize = 256;
 /// Longest agent name (it is a path segment of the sync API and a metrics label).
-pub const MAX_NAME_BYTES: usize = 64;
+pub use crate::sync::identity::MAX_NAME_BYTES;
 /// The commented example every key is documented in.
 pub const EXAMPLE: &str = "deploy/examples/agent.yaml";
 
@@ -43,8 +45,10 @@ pub struct RawAgentConfig {
     pub hub: S<String>,
     /// File holding the agent token.
     pub token_file: Option<S<String>>,
-    /// PEM file with the CA that signed an https hub's certificate.
+    /// PEM file with the CA that signed an https hub's certificate (without `tls:`).
     pub hub_ca: Option<S<String>>,
+    /// The agent's farm-CA identity: mutual TLS with the hub and the peers.
+    pub tls: Option<RawAgentTls>,
     /// Directory of the agent's blobs, manifests and state.
     pub store: S<String>,
     /// `ip:port` the active release is served on.
@@ -65,6 +69,20 @@ pub struct RawAgentConfig {
     pub trusted_keys: Option<S<Vec<S<String>>>>,
     /// Agents whose changesets a release the hub built may contain (with `trusted_keys`).
     pub trusted_origins: Option<S<Vec<S<String>>>>,
+}
+
+/// `tls:` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgentTls {
+    /// The farm CA (`ca.crt` of `lockstep ca init`).
+    pub ca: S<String>,
+    /// Its revocation list (`crl.pem`).
+    pub crl: Option<S<String>>,
+    /// This agent's certificate (`lockstep ca issue NAME --role agent`).
+    pub cert: S<String>,
+    /// Its private key.
+    pub key: S<String>,
 }
 
 /// `watch:` as written.
@@ -149,6 +167,33 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is too large"))
 }
 
+/// The agent's TLS: the CA it trusts (the farm CA, or an https hub's CA) and, with mutual TLS,
+/// its own farm-CA certificate.
+#[derive(Debug, Clone)]
+pub struct AgentTls {
+    /// The farm CA and its revocation list.
+    pub trust: FarmTrust,
+    /// This agent's certificate (naming `urn:lockstep:agent:<name>`); `None` with `hub_ca`.
+    pub own: Option<LoadedCert>,
+}
+
+impl AgentTls {
+    /// The client config: trusts the CA, presents the agent's certificate.
+    pub fn client(&self) -> Result<ClientTls, ClientError> {
+        ClientTls::farm(&self.trust, self.own.as_ref())
+    }
+
+    /// The server config of `serve` for peers (TLS and client certificates), if the agent has
+    /// a certificate.
+    pub fn server(&self) -> Option<std::sync::Arc<rustls::ServerConfig>> {
+        let own = self.own.as_ref()?;
+        Some(crate::net::tls::server_config_with(
+            std::slice::from_ref(own),
+            Some(&self.trust),
+        ))
+    }
+}
+
 /// A checked agent configuration. Build it with [`load`]/[`parse`], or with
 /// [`AgentConfig::new`] in code (the demo and tests start agents in-process).
 #[derive(Clone)]
@@ -161,8 +206,8 @@ pub struct AgentConfig {
     pub hub: String,
     /// The agent token (read from `token_file`).
     pub token: Option<String>,
-    /// The CA of an https hub.
-    pub hub_ca: Option<PathBuf>,
+    /// How it speaks TLS: to the hub, to peers, and (with its own certificate) on `serve`.
+    pub tls: Option<AgentTls>,
     /// The agent's store directory.
     pub store: PathBuf,
     /// Where the active release is served.
@@ -192,7 +237,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("name", &self.name)
             .field("hub", &self.hub)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("hub_ca", &self.hub_ca)
+            .field("tls", &self.tls.as_ref().map(|t| t.own.is_some()))
             .field("store", &self.store)
             .field("serve", &self.serve)
             .field("release_dir", &self.release_dir)
@@ -215,7 +260,7 @@ impl AgentConfig {
             name: name.to_string(),
             hub: hub.to_string(),
             token: None,
-            hub_ca: None,
+            tls: None,
             store: store.to_path_buf(),
             serve,
             release_dir: None,
@@ -248,16 +293,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigErrors> {
     validate(path, raw)
 }
 
-/// Whether `name` may name an agent: 1–64 of `A–Z a–z 0–9 . _ -`, not `.` or `..`.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_BYTES
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+pub use crate::sync::identity::valid_name;
 
 /// Checks the raw config, returning the typed one or every problem found.
 pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigErrors> {
@@ -277,17 +313,19 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             );
         }
     }
-    let hub_ca = raw.hub_ca.as_ref().and_then(|v| cx.path_at(v, "hub_ca"));
+    let tls = agent_tls(&mut cx, &raw);
+    let client_tls = tls.as_ref().and_then(|t| t.client().ok());
     let before = cx.errors.len();
-    let hub = hub_url(&mut cx, &raw, hub_ca.as_deref());
+    let hub = hub_url(&mut cx, &raw, client_tls.as_ref(), tls.as_ref());
     let hub_ok = cx.errors.len() == before;
-    // Fail closed: an agent other hosts can reach takes writes and peers' changesets, which
-    // need the agent token; only a loopback agent may go without.
-    if let (Some(addr), None) = (serve, &raw.token_file) {
+    // Fail closed: an agent other hosts can reach takes peers' changesets and writes, which
+    // must come from a party that proves who it is; only a loopback agent may go without.
+    let own = tls.as_ref().is_some_and(|t| t.own.is_some());
+    if let (Some(addr), false) = (serve, own) {
         if !addr.ip().to_canonical().is_loopback() {
             cx.err(
                 &raw.serve,
-                format!("serve {addr} is reachable from other hosts, but token_file is not set: anyone who reaches it could write this backend's content. Set token_file (the agent token, e.g. /etc/lockstep/agent.token), or serve on 127.0.0.1"),
+                format!("serve {addr} is reachable from other hosts, but the agent has no certificate (`tls:`): its peers could not prove who they are, nor it to them. Issue one (`lockstep ca issue {} --role agent --ip {}`) and set `tls: {{ ca, cert, key }}`, or serve on 127.0.0.1", raw.name.value, addr.ip()),
             );
         }
     }
@@ -310,7 +348,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
     if raw.trusted_keys.is_none() && hub_ok && !hub_is_loopback(&hub) {
         cx.err(
             &raw.hub,
-            format!("hub {hub} is not on this host, but trusted_keys is not set: whoever controls the hub, or the network path to it, would choose what this backend serves. Set trusted_keys to the publishers' public key files (`lockstep keygen` writes KEY.pub; sign with `lockstep publish --key KEY`), or use a hub on 127.0.0.1"),
+            format!("hub {hub} is not on this host, but trusted_keys is not set: whoever controls the hub, or the network path to it, would choose what this backend serves. Set trusted_keys to the publishers' public key files (`lockstep keygen` writes KEY.pub; sign with `lockstep publish --sign-key KEY`), or use a hub on 127.0.0.1"),
         );
     }
     let trusted_origins = trusted_origins(&mut cx, &raw);
@@ -319,7 +357,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
         .watch
         .as_ref()
         .map(|w| watch(&mut cx, w, store.as_deref(), release_dir.as_deref()));
-    let peers = peers(&mut cx, raw.peers.as_ref(), hub_ca.as_deref());
+    let peers = peers(&mut cx, raw.peers.as_ref(), client_tls.as_ref());
     let (gc, errors) = gc::from_raw(raw.gc_interval.as_ref(), raw.gc_grace.as_ref());
     for (at, e) in errors {
         cx.err(at, e);
@@ -330,7 +368,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             name: raw.name.value,
             hub,
             token,
-            hub_ca,
+            tls,
             store,
             serve,
             release_dir,
@@ -408,38 +446,116 @@ fn check_name(cx: &mut Ctx, name: &S<String>) {
     }
 }
 
+/// `serve:` read as the hub reads a report's (one rule: [`parse_serve`]), at its line and
+/// column when it is not an `ip:port`.
 fn serve_addr(cx: &mut Ctx, serve: &S<String>) -> Option<SocketAddr> {
-    match SocketAddr::from_str(serve.value.trim()) {
+    match parse_serve(serve.value.trim()) {
         Ok(a) => Some(a),
-        Err(_) => {
-            cx.err(
-                serve,
-                format!(
-                    "serve `{}` is not an ip:port address: write e.g. \"127.0.0.1:8081\"",
-                    serve.value
-                ),
-            );
+        Err(e) => {
+            cx.err(serve, e.to_string());
             None
         }
     }
 }
 
 /// The hub's URL, trimmed; checked (with the CA) exactly as the client will when the agent
-/// starts.
-fn hub_url(cx: &mut Ctx, raw: &RawAgentConfig, hub_ca: Option<&Path>) -> String {
+/// starts, and refused in plain HTTP or without the agent's certificate unless the hub is on
+/// this host.
+fn hub_url(
+    cx: &mut Ctx,
+    raw: &RawAgentConfig,
+    client: Option<&ClientTls>,
+    tls: Option<&AgentTls>,
+) -> String {
     let hub = raw.hub.value.trim().to_string();
-    match HttpClient::hub(&hub, None, hub_ca) {
+    match HttpClient::hub(&hub, None, client) {
+        Ok(c) if c.is_loopback() => {}
+        Ok(c) if !c.is_https() => cx.err(
+            &raw.hub,
+            format!("hub {hub} is not on this host, but plain HTTP: the agent's requests and the content would cross the network in clear. Use https:// with `tls: {{ ca, cert, key }}` (the hub's sync.tls)"),
+        ),
+        Ok(_) if tls.is_none_or(|t| t.own.is_none()) => cx.err(
+            &raw.hub,
+            format!("hub {hub} is not on this host, but the agent has no certificate to prove who it is: issue one (`lockstep ca issue {} --role agent`) and set `tls: {{ ca, cert, key }}`", raw.name.value),
+        ),
         Ok(_) => {}
-        Err(ClientError::Tls(m)) => match &raw.hub_ca {
-            Some(ca) => cx.err(ca, m),
-            None => cx.err(&raw.hub, m),
+        Err(ClientError::Tls(m)) => match (&raw.tls, &raw.hub_ca) {
+            (Some(t), _) => cx.err(&t.ca, m),
+            (None, Some(ca)) => cx.err(ca, m),
+            (None, None) => cx.err(&raw.hub, m),
         },
         Err(e) => cx.err(
             &raw.hub,
-            format!("{e}: write e.g. \"http://10.0.0.1:7700\""),
+            format!("{e}: write e.g. \"https://10.0.0.1:7700\""),
         ),
     }
     hub
+}
+
+/// `tls:` (or the older `hub_ca:`): the CA files read, the certificate checked to name this
+/// agent.
+fn agent_tls(cx: &mut Ctx, raw: &RawAgentConfig) -> Option<AgentTls> {
+    use crate::config::tls::{load, load_trust, Part};
+    if let (Some(_), Some(ca)) = (&raw.tls, &raw.hub_ca) {
+        cx.err(
+            ca,
+            "hub_ca and tls: both set: tls.ca (the farm CA) replaces hub_ca",
+        );
+        return None;
+    }
+    if let Some(ca) = &raw.hub_ca {
+        let path = cx.path_at(ca, "hub_ca")?;
+        return match load_trust(&path, None) {
+            Ok(trust) => Some(AgentTls { trust, own: None }),
+            Err((_, e)) => {
+                cx.err(ca, e);
+                None
+            }
+        };
+    }
+    let t = raw.tls.as_ref()?;
+    let ca = cx.path_at(&t.ca, "tls.ca");
+    let crl = t.crl.as_ref().and_then(|c| cx.path_at(c, "tls.crl"));
+    let cert = cx.path_at(&t.cert, "tls.cert");
+    let key = cx.path_at(&t.key, "tls.key");
+    let trust = match load_trust(&ca?, crl.as_deref()) {
+        Ok(trust) => Some(trust),
+        Err((Part::Cert, e)) => {
+            cx.err(&t.ca, e);
+            None
+        }
+        Err((Part::Key, e)) => {
+            if let Some(c) = &t.crl {
+                cx.err(c, e);
+            }
+            None
+        }
+    };
+    let own = match load(&cert?, &key?) {
+        Ok(own) => Some(own),
+        Err((Part::Cert, e)) => {
+            cx.err(&t.cert, e);
+            None
+        }
+        Err((Part::Key, e)) => {
+            cx.err(&t.key, e);
+            None
+        }
+    }?;
+    let leaf = &own.key.cert[0];
+    let want = Identity::new(Kind::Agent, &raw.name.value);
+    match Identity::of_cert(leaf) {
+        Ok(id) if Some(&id) == want.as_ref() => {}
+        Ok(id) => cx.err(
+            &t.cert,
+            format!("tls.cert names {id}, not agent {}: issue this agent its own certificate (`lockstep ca issue {} --role agent`)", raw.name.value, raw.name.value),
+        ),
+        Err(e) => cx.err(&t.cert, format!("tls.cert: {e}")),
+    }
+    Some(AgentTls {
+        trust: trust?,
+        own: Some(own),
+    })
 }
 
 fn fetch_concurrency(cx: &mut Ctx, v: Option<&S<u32>>) -> usize {
@@ -519,7 +635,7 @@ fn duration(cx: &mut Ctx, v: &Option<S<String>>, what: &str, default: Duration) 
 }
 
 /// The `peers:` URLs, trimmed of a trailing `/`; each checked as the client will.
-fn peers(cx: &mut Ctx, list: Option<&S<Vec<S<String>>>>, hub_ca: Option<&Path>) -> Vec<String> {
+fn peers(cx: &mut Ctx, list: Option<&S<Vec<S<String>>>>, tls: Option<&ClientTls>) -> Vec<String> {
     let Some(list) = list else {
         return Vec::new();
     };
@@ -527,7 +643,11 @@ fn peers(cx: &mut Ctx, list: Option<&S<Vec<S<String>>>>, hub_ca: Option<&Path>) 
         .iter()
         .filter_map(|p| {
             let url = p.value.trim().trim_end_matches('/').to_string();
-            match HttpClient::hub(&url, None, hub_ca) {
+            match HttpClient::new(Remote::Peer, &url, None, tls) {
+                Ok(c) if !c.is_loopback() && !c.is_https() => {
+                    cx.err(p, format!("peer {url} is not on this host, but plain HTTP: peers speak TLS with their farm certificates, write \"https://…\""));
+                    None
+                }
                 Ok(_) => Some(url),
                 Err(e) => {
                     cx.err(p, format!("peer: {e}: write another agent's serve address, e.g. \"http://10.0.0.2:8081\""));
@@ -608,14 +728,83 @@ fetch_concurrency: 0
         assert!(e[0].contains("deploy/examples/agent.yaml"), "{e:?}");
     }
 
+    /// A farm CA in a temporary directory with certificates for `names` (agents).
+    fn farm(names: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = crate::ca::Ca::init(&dir.path().join("ca"), "t").unwrap();
+        for n in names {
+            let id = Identity::new(Kind::Agent, n).unwrap();
+            let x = ca
+                .issue(&id, &[], &["127.0.0.1".parse().unwrap()], 1)
+                .unwrap();
+            std::fs::write(dir.path().join(format!("{n}.crt")), x.cert).unwrap();
+            std::fs::write(dir.path().join(format!("{n}.key")), x.key).unwrap();
+        }
+        dir
+    }
+
+    fn tls_yaml(dir: &Path, who: &str) -> String {
+        format!(
+            "tls: {{ ca: {0}/ca/ca.crt, crl: {0}/ca/crl.pem, cert: {0}/{who}.crt, key: {0}/{who}.key }}\n",
+            dir.display()
+        )
+    }
+
     #[test]
-    fn an_agent_others_can_reach_needs_its_token() {
+    fn off_loopback_everything_is_tls_with_the_agents_own_certificate() {
+        let dir = farm(&["web-1", "web-2"]);
+        // A hub on another host also needs the publishers' keys (below the lines checked).
+        let keys = format!(
+            "trusted_keys: [{}]\n",
+            public_key(dir.path(), "publisher.key").display()
+        );
+        let remote = GOOD.replace("http://127.0.0.1:7700", "http://10.0.0.1:7700");
+        // Plain HTTP to another host: refused at the hub's line, even with a certificate.
+        let e = errors(&format!("{remote}{}", tls_yaml(dir.path(), "web-1")));
+        assert!(
+            e[0].contains(":3:6:") && e[0].contains("plain HTTP"),
+            "{e:?}"
+        );
+        // https without a certificate of its own (only the CA): refused.
+        let https = remote.replace("http://", "https://");
+        let e = errors(&format!(
+            "{https}hub_ca: {}/ca/ca.crt\n",
+            dir.path().display()
+        ));
+        assert!(
+            e[0].contains(":3:6:") && e[0].contains("no certificate"),
+            "{e:?}"
+        );
+        // Another agent's certificate: refused at tls.
+        let e = errors(&format!("{https}{}{keys}", tls_yaml(dir.path(), "web-2")));
+        assert!(
+            e[0].contains(":9:") && e[0].contains("names agent web-2, not agent web-1"),
+            "{e:?}"
+        );
+        // Its own: accepted, and it may serve off loopback and list https peers.
+        let ok = format!(
+            "{}{}peers: [\"https://10.0.0.2:8081\"]\n{keys}",
+            https.replace("127.0.0.1:8081", "0.0.0.0:8081"),
+            tls_yaml(dir.path(), "web-1")
+        );
+        let c = parse(Path::new("agent.yaml"), &ok).unwrap();
+        assert!(c.tls.as_ref().unwrap().server().is_some());
+        // Plain-HTTP peers on other hosts: refused at the peer.
+        let e = errors(&ok.replace("https://10.0.0.2", "http://10.0.0.2"));
+        assert!(
+            e[0].contains(":10:") && e[0].contains("plain HTTP"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn an_agent_others_can_reach_needs_its_certificate() {
         let open = GOOD.replace("serve: \"127.0.0.1:8081\"", "serve: \"0.0.0.0:8081\"");
         let e = parse(Path::new("agent.yaml"), &open)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("agent.yaml:5:8:"), "at serve: {e}");
-        assert!(e.contains("token_file is not set"), "{e}");
+        assert!(e.contains("no certificate"), "{e}");
         // Loopback may go without (tests, one host).
         parse(Path::new("agent.yaml"), GOOD).unwrap();
     }
@@ -623,7 +812,7 @@ fetch_concurrency: 0
     #[test]
     fn https_needs_a_ca_and_tokens_must_be_private() {
         let e = errors(&GOOD.replace("http://", "https://"));
-        assert!(e[0].contains(":3:6:") && e[0].contains("hub_ca"), "{e:?}");
+        assert!(e[0].contains(":3:6:") && e[0].contains("tls.ca"), "{e:?}");
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("agent.token");
@@ -650,10 +839,16 @@ fetch_concurrency: 0
 
     #[test]
     fn an_agent_of_a_hub_on_another_host_needs_trusted_keys() {
-        let remote = GOOD.replace("127.0.0.1:7700", "10.0.0.1:7700");
+        // Everything else right for a hub on another host: https, its own certificate.
+        let dir = farm(&["web-1"]);
+        let remote = format!(
+            "{}{}",
+            GOOD.replace("http://127.0.0.1:7700", "https://10.0.0.1:7700"),
+            tls_yaml(dir.path(), "web-1")
+        );
         let e = errors(&remote);
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].starts_with("/etc/lockstep/agent.yaml:3:6: hub http://10.0.0.1:7700 is not on this host, but trusted_keys is not set"), "{e:?}");
+        assert!(e[0].starts_with("/etc/lockstep/agent.yaml:3:6: hub https://10.0.0.1:7700 is not on this host, but trusted_keys is not set"), "{e:?}");
         assert!(e[0].contains("lockstep keygen"), "{e:?}");
         for local in [
             "http://localhost:7700",
@@ -670,7 +865,6 @@ fetch_concurrency: 0
             assert!(!hub_is_loopback(remote), "{remote}");
         }
         // With keys, a remote hub is fine; the keys are read.
-        let dir = tempfile::tempdir().unwrap();
         let (a, b) = (
             public_key(dir.path(), "a.key"),
             public_key(dir.path(), "b.key"),

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::metrics::AgentMetrics;
-use crate::net::client::{ok, HttpClient, Remote};
+use crate::net::client::{ok, ClientTls, HttpClient, Remote};
 use crate::sync::changeset::Changeset;
 use crate::sync::protocol::{ChangesetReply, Fleet, PREFIX};
 use crate::sync::store::FsStore;
@@ -59,11 +59,12 @@ impl Peers {
     }
 }
 
-/// Keeps the peer list from the hub's registry: every other agent that reported a serve
-/// address.
+/// Keeps the peer list from the hub's registry: every other agent whose report (with a serve
+/// address) still counts.
 pub async fn registry(
     client: HttpClient,
     name: String,
+    scheme: &'static str,
     tx: watch::Sender<Vec<String>>,
     metrics: Arc<AgentMetrics>,
     shutdown: CancellationToken,
@@ -82,9 +83,10 @@ pub async fn registry(
                 let mut peers: Vec<String> = fleet
                     .agents
                     .iter()
-                    .filter(|a| a.name != name)
+                    // A stale entry may be an agent gone, or a forged address nobody renews.
+                    .filter(|a| a.name != name && !a.stale)
                     .filter_map(|a| a.report.serve.as_ref())
-                    .map(|s| format!("http://{s}"))
+                    .map(|s| format!("{scheme}://{s}"))
                     .collect();
                 peers.sort();
                 metrics.peers.set(peers.len() as i64);
@@ -108,8 +110,10 @@ pub async fn registry(
 pub struct Forwarder {
     /// The hub.
     pub client: HttpClient,
-    /// The agent's token (sent to peers).
+    /// The agent's token (sent to peers on loopback).
     pub token: Option<String>,
+    /// TLS to peers: the farm CA, and this agent's certificate.
+    pub tls: Option<ClientTls>,
     /// The agent's store (blobs, outbox).
     pub store: Arc<FsStore>,
     /// The other agents.
@@ -159,7 +163,12 @@ impl Forwarder {
                 let mut map = clients.lock().unwrap_or_else(|p| p.into_inner());
                 match map.get(&peer) {
                     Some(c) => c.clone(),
-                    None => match HttpClient::new(Remote::Peer, &peer, self.token.clone(), None) {
+                    None => match HttpClient::new(
+                        Remote::Peer,
+                        &peer,
+                        self.token.clone(),
+                        self.tls.as_ref(),
+                    ) {
                         Ok(c) => {
                             map.insert(peer.clone(), c.clone());
                             c

@@ -28,6 +28,14 @@
 //!   if it holds something else, it is not forwarded (it would overwrite the fleet with
 //!   whatever was lying there): watching is refused with the reason and the fix. To seed a
 //!   fleet from a directory, publish it.
+//! - **Numbering**: a changeset's sequence number is above the agent's last one, above the
+//!   hub's record of this agent (the `applied` of a schedule, sent by the controller as
+//!   [`Input::Hub`]), and at least hub time ([`changeset::next_seq`]). Until the agent has
+//!   both the hub's record and a measured clock — right after a start, or a reinstall that
+//!   wiped the store, or while the hub is away — nothing is numbered: watcher batches are held
+//!   (merged) and examined once both are known, API writes answer 503. A reinstalled agent
+//!   thus resumes above what the hub recorded of its earlier life instead of reusing numbers
+//!   the hub would answer "duplicate" (and the edit would be dropped).
 //!
 //! State lives in the store as `watch.json`; the outbox under `outbox/`.
 #![allow(clippy::disallowed_methods)] // I/O shell: random names for temporary files
@@ -88,8 +96,8 @@ pub struct Local {
     pub max_file_bytes: u64,
     /// The agent's store (blobs, outbox, state).
     pub store: Arc<FsStore>,
-    /// Hub time now (µs), as the agent estimates it.
-    pub hub_now: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Hub time now (µs), as the agent estimates it (`None` before the clock is measured).
+    pub hub_now: super::messages::HubNow,
     /// Where new changesets go: to peers at once, to the hub once in the outbox.
     pub out: mpsc::UnboundedSender<Out>,
     /// Where immediate ones are installed on this backend at once.
@@ -109,6 +117,11 @@ struct Worker {
     refused: Option<String>,
     /// First start with a non-empty directory and no release yet: wait for one to compare.
     deferred: bool,
+    /// The hub's record of this agent: the highest sequence of ours it applied (0: none).
+    /// `None` until the controller passes on a schedule; nothing is numbered before.
+    hub_seq: Option<u64>,
+    /// Watcher batches that came before the agent could number a changeset.
+    held: Option<Scope>,
 }
 
 impl Local {
@@ -144,6 +157,8 @@ fn run(cfg: Local, current: Option<Arc<Release>>, mut rx: mpsc::UnboundedReceive
         current,
         refused: None,
         deferred: false,
+        hub_seq: None,
+        held: None,
     };
     w.start();
     while let Some(input) = rx.blocking_recv() {
@@ -162,6 +177,7 @@ fn run(cfg: Local, current: Option<Arc<Release>>, mut rx: mpsc::UnboundedReceive
             Input::Write { path, body, reply } => {
                 let _ = reply.send(w.write(&path, body));
             }
+            Input::Hub(applied) => w.hub_record(applied.get(&w.cfg.name).copied()),
         }
     }
 }
@@ -260,12 +276,47 @@ impl Worker {
         self.refused = Some(why);
     }
 
+    /// The sequence number the next changeset would take now, if one may be numbered yet.
+    fn next_seq(&self) -> Option<u64> {
+        changeset::next_seq(self.state.last_seq, self.hub_seq, (self.cfg.hub_now)())
+    }
+
+    /// The hub's record of this agent (`None`: the hub has applied nothing of it yet); the
+    /// batches held until now are examined once a changeset may be numbered.
+    fn hub_record(&mut self, seq: Option<u64>) {
+        let seq = seq.unwrap_or(0);
+        let first = self.hub_seq.is_none();
+        self.hub_seq = Some(self.hub_seq.unwrap_or(0).max(seq));
+        if first {
+            let (hub_seq, last_seq) = (seq, self.state.last_seq);
+            if hub_seq > last_seq {
+                info!(hub_seq, last_seq, "the hub recorded later changesets of this agent than its store did (a reinstall or a restored store): numbering resumes above the hub's record");
+            }
+            info!(hub_seq, last_seq, "local edits are numbered from now on");
+        }
+        if self.next_seq().is_some() {
+            if let Some(scope) = self.held.take() {
+                self.detect(&scope);
+            }
+        }
+    }
+
     /// A watcher batch: the differences become one changeset.
     fn detect(&mut self, scope: &Scope) {
         let Some(dir) = self.cfg.dir.clone() else {
             return;
         };
         if self.refused.is_some() || self.deferred {
+            return;
+        }
+        if self.next_seq().is_none() {
+            if self.held.is_none() {
+                info!("local edits wait for the hub: a changeset is numbered only once the hub's clock is measured and its record of this agent is known");
+            }
+            match &mut self.held {
+                Some(held) => held.merge(scope.clone()),
+                None => self.held = Some(scope.clone()),
+            }
             return;
         }
         let d = match detect::detect(
@@ -301,11 +352,14 @@ impl Worker {
     }
 
     /// Records `changes` as a changeset: outbox first, then the known state, then onwards.
+    /// Callers have checked that a changeset may be numbered.
     fn emit(&mut self, changes: BTreeMap<String, Change>) -> Option<String> {
-        let now = (self.cfg.hub_now)();
-        // Sequence numbers are hub-time µs (strictly increasing): one reused after a crash
-        // would be taken by the hub for a duplicate.
-        let seq = (self.state.last_seq + 1).max(now);
+        // Sequence numbers are hub-time µs, strictly increasing and above the hub's record: one
+        // reused after a crash or a reinstall would be taken by the hub for a duplicate.
+        let (Some(seq), Some(now)) = (self.next_seq(), (self.cfg.hub_now)()) else {
+            warn!("a changeset cannot be numbered yet; the edit is detected again later");
+            return None;
+        };
         let cs = Changeset {
             origin: self.cfg.name.clone(),
             seq,
@@ -421,6 +475,11 @@ impl Worker {
     /// An API write.
     fn write(&mut self, path: &str, body: Option<Bytes>) -> Result<Option<String>, WriteError> {
         check_path(path).map_err(|e| WriteError::Bad(e.to_string()))?;
+        if self.next_seq().is_none() {
+            return Err(WriteError::Unavailable(
+                "the agent has not heard from the hub yet (its clock and its record of this agent), without which the write cannot be numbered: retry shortly".into(),
+            ));
+        }
         if self.cfg.ignore.is_ignored(path) {
             return Err(WriteError::Bad(format!(
                 "`{path}` matches watch.ignore: it would never be forwarded"
@@ -660,7 +719,7 @@ mod tests {
             ignore: Arc::new(Ignore::default()),
             max_file_bytes: 1 << 20,
             store: store.clone(),
-            hub_now: Arc::new(|| 1),
+            hub_now: Arc::new(|| Some(1)),
             out,
             installs,
             metrics: Arc::new(AgentMetrics::new()),
@@ -749,6 +808,8 @@ mod tests {
         let (out, _out_rx) = mpsc::unbounded_channel();
         let (installs, _installs_rx) = mpsc::unbounded_channel();
         let (tx, rx) = mpsc::unbounded_channel();
+        // The hub has no record of this agent: writes may be numbered.
+        tx.send(Input::Hub(changeset::Applied::new())).unwrap();
         let mut replies = Vec::new();
         for (path, body) in writes {
             let (reply, answer) = tokio::sync::oneshot::channel();
@@ -768,7 +829,7 @@ mod tests {
             ignore: Arc::new(Ignore::default()),
             max_file_bytes: 1 << 20,
             store: store.clone(),
-            hub_now: Arc::new(|| 1),
+            hub_now: Arc::new(|| Some(1)),
             out,
             installs,
             metrics: metrics.clone(),
@@ -781,6 +842,131 @@ mod tests {
             .into_iter()
             .map(|r| r.blocking_recv().unwrap())
             .collect()
+    }
+
+    /// A reinstalled agent (empty store) whose clock says hub time is 4 000 µs while the hub
+    /// recorded its sequence 5 000 from before: edits wait for the hub's record (a write is
+    /// answered "not now"), then are numbered above it — not at 4 000, which the hub would
+    /// answer "duplicate".
+    #[test]
+    fn edits_wait_for_the_hubs_record_and_are_numbered_above_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(&tmp.path().join("store")).unwrap());
+        let dir = tmp.path().join("edit");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (out, mut out_rx) = mpsc::unbounded_channel();
+        let (installs, _installs_rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Started on an empty directory (a reinstall), then edited.
+        let state = WatchState {
+            started: true,
+            ..WatchState::default()
+        };
+        store.write_state(STATE_NAME, &state).unwrap();
+        std::fs::write(dir.join("first.txt"), "after reinstall").unwrap();
+        tx.send(Input::Scope(Scope::All)).unwrap();
+        let (reply, early) = tokio::sync::oneshot::channel();
+        tx.send(Input::Write {
+            path: "api.txt".into(),
+            body: Some(Bytes::from_static(b"api")),
+            reply,
+        })
+        .unwrap();
+        let record: changeset::Applied =
+            [("a".to_string(), 5_000), ("b".to_string(), 9_000)].into();
+        tx.send(Input::Hub(record)).unwrap();
+        let (reply, late) = tokio::sync::oneshot::channel();
+        tx.send(Input::Write {
+            path: "api.txt".into(),
+            body: Some(Bytes::from_static(b"api")),
+            reply,
+        })
+        .unwrap();
+        tx.send(Input::Stop).unwrap();
+        Local {
+            name: "a".into(),
+            mode: Mode::Immediate,
+            dir: Some(dir.clone()),
+            ignore: Arc::new(Ignore::default()),
+            max_file_bytes: 1 << 20,
+            store: store.clone(),
+            hub_now: Arc::new(|| Some(4_000)),
+            out,
+            installs,
+            metrics: Arc::new(AgentMetrics::new()),
+        }
+        .spawn(None, rx)
+        .unwrap()
+        .join()
+        .unwrap();
+
+        assert!(matches!(
+            early.blocking_recv().unwrap(),
+            Err(WriteError::Unavailable(_))
+        ));
+        assert_eq!(
+            late.blocking_recv().unwrap().unwrap().as_deref(),
+            Some("a/5002")
+        );
+        let mut sent = Vec::new();
+        while let Ok(o) = out_rx.try_recv() {
+            if let Out::Peers(cs) = o {
+                sent.push((
+                    cs.seq,
+                    cs.detected_us,
+                    cs.changes.keys().cloned().collect::<Vec<_>>(),
+                ));
+            }
+        }
+        assert_eq!(
+            sent,
+            [
+                (5_001, 4_000, vec!["first.txt".to_string()]),
+                (5_002, 4_000, vec!["api.txt".to_string()])
+            ],
+            "the held edit first, above the hub's record of `a` (not `b`'s)"
+        );
+        let state: WatchState = store.read_state(STATE_NAME).unwrap().unwrap();
+        assert_eq!(state.last_seq, 5_002);
+    }
+
+    /// Without a clock estimate nothing is numbered, even with the hub's record.
+    #[test]
+    fn nothing_is_numbered_without_a_clock_estimate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(&tmp.path().join("store")).unwrap());
+        let dir = tmp.path().join("edit");
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = WatchState {
+            started: true,
+            ..WatchState::default()
+        };
+        store.write_state(STATE_NAME, &state).unwrap();
+        std::fs::write(dir.join("x.txt"), "x").unwrap();
+        let (out, mut out_rx) = mpsc::unbounded_channel();
+        let (installs, _installs_rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(Input::Hub(changeset::Applied::new())).unwrap();
+        tx.send(Input::Scope(Scope::All)).unwrap();
+        tx.send(Input::Stop).unwrap();
+        Local {
+            name: "a".into(),
+            mode: Mode::Immediate,
+            dir: Some(dir),
+            ignore: Arc::new(Ignore::default()),
+            max_file_bytes: 1 << 20,
+            store: store.clone(),
+            hub_now: Arc::new(|| None),
+            out,
+            installs,
+            metrics: Arc::new(AgentMetrics::new()),
+        }
+        .spawn(None, rx)
+        .unwrap()
+        .join()
+        .unwrap();
+        assert!(out_rx.try_recv().is_err(), "nothing sent");
+        assert!(crate::agent::outbox::outbox_files(&store).is_empty());
     }
 
     fn refused_paths(metrics: &AgentMetrics) -> u64 {

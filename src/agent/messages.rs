@@ -1,7 +1,8 @@
 //! The messages the agent's tasks and threads send each other, in one place: what the
 //! controller installs ([`Install`]), what the local-edit thread is asked ([`Input`]) and
-//! tells the forwarder ([`Out`]), how an API write fails ([`WriteError`]), and the pointer to
-//! the active release that serving reads and flips store ([`Active`]).
+//! tells the forwarder ([`Out`]), how an API write fails ([`WriteError`]), the pointer to
+//! the active release that serving reads and flips store ([`Active`]), and the agent's reading
+//! of hub time ([`HubNow`]).
 
 use std::sync::Arc;
 
@@ -11,10 +12,13 @@ use tokio::sync::oneshot;
 
 use super::detect::Scope;
 use super::release::Release;
-use crate::sync::changeset::Changeset;
+use crate::sync::changeset::{Applied, Changeset};
 
 /// The active release, swapped whole at each flip.
 pub type Active = Arc<ArcSwapOption<Release>>;
+
+/// Hub time now (µs) as the agent estimates it; `None` until the clock is measured.
+pub type HubNow = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
 
 /// A changeset to install at once.
 #[derive(Debug)]
@@ -43,6 +47,10 @@ pub enum Input {
     },
     /// The served release changed.
     Installed(Arc<Release>),
+    /// The hub's record of the changesets it applied, per origin (from a schedule received
+    /// once the clock is measured): the local thread numbers its changesets above its own
+    /// entry, and numbers none before the first of these.
+    Hub(Applied),
     /// Stop.
     Stop,
 }
@@ -73,4 +81,7 @@ pub enum WriteError {
     /// The agent could not write (500).
     #[error("{0}")]
     Io(String),
+    /// Not now: the agent cannot number a changeset yet (503).
+    #[error("{0}")]
+    Unavailable(String),
 }

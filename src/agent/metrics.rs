@@ -71,8 +71,9 @@ pub struct AgentMetrics {
     /// Changesets from peers installed.
     pub installed: Counter,
     /// Things refused: `path` (escaping, oversized…), `changeset` (from a peer or local),
-    /// `hub` (the hub refused ours), `watch_dir` (first start refused), `signature` (a
-    /// release no trusted key vouches for, or a peer's changeset from an untrusted origin).
+    /// `implausible` (a peer's changeset numbered ahead of this agent's hub time), `hub` (the
+    /// hub refused ours), `watch_dir` (first start refused), `signature` (a release no trusted
+    /// key vouches for, or a peer's changeset from an untrusted origin).
     pub refused: Family<WhatLabels, Counter>,
     /// Concurrent edits met by our changesets (either side lost).
     pub conflicts: Counter,

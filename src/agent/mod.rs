@@ -46,6 +46,7 @@ pub mod detect;
 pub mod forward;
 pub mod frame;
 pub mod ignore;
+pub mod join;
 pub mod local;
 pub mod measure;
 pub mod messages;
@@ -84,7 +85,7 @@ use crate::sync::manifest::ReleaseId;
 use crate::sync::protocol::Report;
 use crate::sync::store::{FsStore, StoreError};
 use control::{Controller, DiskJob};
-use messages::Active;
+use messages::{Active, HubNow};
 use metrics::AgentMetrics;
 use serve::ServeState;
 use stage::Stager;
@@ -189,7 +190,8 @@ pub async fn start_on(
         addr: config.serve,
         source,
     })?;
-    let client = HttpClient::hub(&config.hub, config.token.clone(), config.hub_ca.as_deref())?;
+    let tls = config.tls.as_ref().map(|t| t.client()).transpose()?;
+    let client = HttpClient::hub(&config.hub, config.token.clone(), tls.as_ref())?;
     // Creating a few directories and clearing tmp/: quick enough to do here.
     let store = Arc::new(FsStore::open(&config.store)?);
     let loaded = {
@@ -223,17 +225,25 @@ pub async fn start_on(
     };
     let (clock_tx, clock_rx) = tokio::sync::watch::channel(None);
     let (install_tx, install_rx) = mpsc::unbounded_channel();
+    let hub_now = hub_clock(anchor, clock_rx.clone());
     let local_tx = match &config.watch {
         Some(w) => Some(start_local(
             &agent,
             w,
             current.clone(),
-            hub_clock(anchor, clock_rx.clone()),
+            hub_now.clone(),
             install_tx.clone(),
         )?),
         None => None,
     };
-    spawn_serve(&agent, listener, &active, install_tx, local_tx.clone());
+    spawn_serve(
+        &agent,
+        listener,
+        &active,
+        install_tx,
+        local_tx.clone(),
+        hub_now,
+    );
     let disk_tx = spawn_disk(&agent, current.as_ref());
     let (hub, schedules) = spawn_hub_tasks(&agent, anchor, serve_addr, current.as_ref(), clock_tx);
     let controller = controller(&agent, anchor, &active, hub, disk_tx, local_tx, loaded);
@@ -285,6 +295,7 @@ fn spawn_serve(
     active: &Active,
     installs: mpsc::UnboundedSender<messages::Install>,
     local: Option<mpsc::UnboundedSender<messages::Input>>,
+    hub_now: HubNow,
 ) {
     let config = agent.config;
     let api = api::AgentApi {
@@ -293,6 +304,9 @@ fn spawn_serve(
             agent: config.token.clone(),
             publish: None,
         },
+        revoked: crate::sync::identity::Revocations::new(
+            config.tls.as_ref().map_or(&[][..], |t| &t.trust.crls),
+        ),
         store: agent.store.clone(),
         installs,
         local,
@@ -301,9 +315,11 @@ fn spawn_serve(
             .as_ref()
             .map_or(crate::sync::manifest::MAX_BLOB_BYTES, |w| w.max_file_bytes),
         metrics: agent.metrics.clone(),
+        hub_now,
         trust: agent.trust.clone(),
     };
     let state = ServeState {
+        tls: config.tls.as_ref().and_then(|t| t.server()),
         active: active.clone(),
         metrics: agent.metrics.clone(),
         api: Some(Arc::new(api)),
@@ -416,17 +432,13 @@ fn controller(
     Controller::new(handles, settings, start)
 }
 
-/// Hub time now (µs) from the agent's clock estimate; the wall clock until one exists.
-fn hub_clock(
-    anchor: Anchor,
-    clock: tokio::sync::watch::Receiver<Option<Offset>>,
-) -> Arc<dyn Fn() -> u64 + Send + Sync> {
+/// Hub time now from the measurer's latest estimate; `None` until there is one (never the
+/// local wall clock: a changeset numbered by a clock an hour behind would be a duplicate at
+/// the hub, one an hour ahead would be refused).
+fn hub_clock(anchor: Anchor, clock: tokio::sync::watch::Receiver<Option<Offset>>) -> HubNow {
     Arc::new(move || {
-        let offset = *clock.borrow();
-        match offset {
-            Some(o) => clock::hub_time(std::time::Instant::now(), o, &anchor).max(0) as u64,
-            None => clock::wall_us(),
-        }
+        let offset = (*clock.borrow())?;
+        Some(clock::hub_time(std::time::Instant::now(), offset, &anchor).max(0) as u64)
     })
 }
 
@@ -436,7 +448,7 @@ fn start_local(
     agent: &Wiring,
     w: &config::Watch,
     current: Option<Arc<Release>>,
-    hub_now: Arc<dyn Fn() -> u64 + Send + Sync>,
+    hub_now: HubNow,
     installs: mpsc::UnboundedSender<messages::Install>,
 ) -> Result<mpsc::UnboundedSender<messages::Input>, AgentError> {
     let ignore =
@@ -463,6 +475,7 @@ fn start_local(
     let forwarder = forward::Forwarder {
         client: agent.client.clone(),
         token: agent.config.token.clone(),
+        tls: agent.config.tls.as_ref().and_then(|t| t.client().ok()),
         store: agent.store.clone(),
         peers: peers(agent, w.mode),
         metrics: agent.metrics.clone(),
@@ -530,9 +543,15 @@ fn peers(agent: &Wiring, mode: Mode) -> forward::Peers {
     }
     let (tx, rx) = tokio::sync::watch::channel(Vec::new());
     if mode == Mode::Immediate {
+        // Peers with farm certificates speak TLS on their serve address.
+        let scheme = match config.tls.as_ref().and_then(|t| t.own.as_ref()) {
+            Some(_) => "https",
+            None => "http",
+        };
         agent.tracker.spawn(forward::registry(
             agent.client.clone(),
             config.name.clone(),
+            scheme,
             tx,
             agent.metrics.clone(),
             agent.shutdown.clone(),

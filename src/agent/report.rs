@@ -15,8 +15,8 @@ use super::plan::backoff;
 use crate::net::client::{ok, HttpClient};
 use crate::sync::protocol::{Report, PREFIX};
 
-/// A report is sent at least this often.
-pub const REFRESH: Duration = Duration::from_secs(30);
+/// A report is sent at least this often (the hub's `report_expiry` is a few of these).
+pub const REFRESH: Duration = crate::sync::protocol::REPORT_REFRESH;
 /// Longest one report may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
 

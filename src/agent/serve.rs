@@ -8,7 +8,9 @@
 //! all come from one release, whatever flips meanwhile. `/.lockstep/healthz` and
 //! `/.lockstep/metrics` are the agent's own (a release's files under `.lockstep/` are shadowed).
 //! Writes (`PUT`/`DELETE /content/…`) and changesets from peers (`POST /.lockstep/changesets`)
-//! go to [`super::api`].
+//! go to [`super::api`]. With the agent's farm certificate (`tls:`), the same port also speaks
+//! TLS, told apart from plain HTTP by the first byte: peers connect with TLS and their own
+//! certificates; the local web server and the proxy keep reading in plain HTTP.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +26,7 @@ use super::messages::Active;
 use super::metrics::{AgentMetrics, ClassLabels};
 use super::release::{not_modified, Release, Resolved};
 use crate::net::respond;
-use crate::net::server::HttpServer;
+use crate::net::server::{HttpServer, ServerTls};
 use crate::sync::protocol::RELEASE_HEADER;
 
 /// Time a client may take to send a request head.
@@ -35,6 +37,9 @@ pub const OWN_PREFIX: &str = "/.lockstep/";
 /// What the handler reads.
 #[derive(Clone)]
 pub struct ServeState {
+    /// TLS for peers (the agent's farm certificate, client certificates asked for), beside
+    /// plain HTTP on the same port for the local web server and the appliance's proxy.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// The release being served.
     pub active: Active,
     /// The agent's metrics.
@@ -53,15 +58,20 @@ pub async fn serve(
 ) {
     let mut server = HttpServer::new("agent");
     server.settings.header_read_timeout = HEADER_READ_TIMEOUT;
+    server.tls = state.tls.clone().map(|config| ServerTls {
+        plaintext_too: true,
+        ..ServerTls::only(config)
+    });
     server
         .serve(
             listener,
-            move |_peer, req| {
+            move |peer: std::net::SocketAddr, req| {
                 let state = state.clone();
+                let loopback = peer.ip().to_canonical().is_loopback();
                 async move {
                     if let Some(api) = state.api.as_ref() {
                         if super::api::is_api(req.method(), req.uri().path()) {
-                            return super::api::handle(api, req).await;
+                            return super::api::handle(api, req, loopback).await;
                         }
                     }
                     handle(&state, req).await
@@ -260,6 +270,7 @@ mod tests {
             ],
         );
         let state = ServeState {
+            tls: None,
             active: Arc::new(ArcSwapOption::empty()),
             metrics: Arc::new(AgentMetrics::new()),
             api: None,

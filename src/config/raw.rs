@@ -236,14 +236,32 @@ pub struct RawSync {
     pub gc_interval: Option<S<String>>,
     /// Unused content younger than this is kept.
     pub gc_grace: Option<S<String>>,
+    /// An agent's report stops counting (stale) when not renewed within this long.
+    pub report_expiry: Option<S<String>>,
     /// File holding the agents' bearer token.
     pub agent_token_file: Option<S<String>>,
     /// File holding the publishers' bearer token.
     pub publish_token_file: Option<S<String>>,
     /// Publisher public keys (`.pub` files): a commit must carry a signature by one of them.
     pub trusted_keys: Option<S<Vec<S<String>>>>,
-    /// Serve the sync API over TLS with these certificates.
-    pub tls: Option<RawTls>,
+    /// Serve the sync API over TLS with these certificates, asking for client certificates.
+    pub tls: Option<RawSyncTls>,
+}
+
+/// TLS of the sync API: its certificates and the farm CA its clients' certificates come from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSyncTls {
+    /// Certificate/key pairs of the hub (SNI picks; the first is the default).
+    pub certificates: Vec<RawCertificate>,
+    /// The farm CA (`ca.crt` of `lockstep ca init`): agents and publishers present a
+    /// certificate it issued, which names them.
+    pub client_ca: Option<S<String>>,
+    /// The farm CA's revocation list (`crl.pem`), re-read at reload.
+    pub crl: Option<S<String>>,
+    /// The farm CA's directory (`lockstep ca init --dir`): lets agents join with a one-time
+    /// token (`lockstep ca join-token`, `lockstep agent join`).
+    pub ca_dir: Option<S<String>>,
 }
 
 /// Admin listener and reload socket.

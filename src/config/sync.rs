@@ -14,6 +14,7 @@ use super::raw::RawSync;
 use super::tls;
 use crate::sync::auth::{read_token, Tokens};
 use crate::sync::gc::Gc;
+use crate::sync::protocol::DEFAULT_REPORT_EXPIRY;
 use crate::sync::schedule::{DEFAULT_CADENCE, DEFAULT_LEAD};
 use crate::sync::sign::TrustedKeys;
 
@@ -33,13 +34,27 @@ pub struct Sync {
     pub lead: Duration,
     /// Collection of unused releases and blobs in the store.
     pub gc: Gc,
+    /// How long an agent's report counts after it arrived (then: stale, not behind).
+    pub report_expiry: Duration,
     /// The agent and publish tokens (a role without one is open).
     pub tokens: Tokens,
-    /// Certificates when the sync API is served over TLS.
-    pub tls: Option<Vec<tls::LoadedCert>>,
+    /// TLS of the sync API.
+    pub tls: Option<SyncTls>,
     /// Publisher keys one of which must sign every committed release (`None`: not checked
     /// at commit).
     pub trusted_keys: Option<TrustedKeys>,
+}
+
+/// The sync API's TLS: its certificates and, for mutual TLS, the farm CA of its clients.
+#[derive(Debug, Clone)]
+pub struct SyncTls {
+    /// The hub's certificates.
+    pub certs: Vec<tls::LoadedCert>,
+    /// The farm CA and revocation list client certificates are checked against; `None`: no
+    /// client certificates (bearer tokens from loopback only).
+    pub clients: Option<tls::FarmTrust>,
+    /// The farm CA's directory, for agents joining with a token.
+    pub ca_dir: Option<PathBuf>,
 }
 
 pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
@@ -61,6 +76,11 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         }
     }
     let lead = cx.any_duration(&raw.lead, DEFAULT_LEAD, "sync.lead");
+    let report_expiry = cx.duration(
+        &raw.report_expiry,
+        DEFAULT_REPORT_EXPIRY,
+        "sync.report_expiry",
+    );
     let (gc, errors) = gc::from_raw(raw.gc_interval.as_ref(), raw.gc_grace.as_ref());
     for (at, e) in errors {
         cx.err(at, format!("sync.{e}"));
@@ -79,44 +99,22 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         agent: token(&raw.agent_token_file),
         publish: token(&raw.publish_token_file),
     };
-    // Fail closed: a sync API other hosts can reach writes what every backend serves, so it
-    // needs both credentials; only a loopback one may go without (tests, a farm of one).
-    let open_roles: Vec<&str> = [
-        (raw.agent_token_file.is_none(), "agent_token_file"),
-        (raw.publish_token_file.is_none(), "publish_token_file"),
-    ]
-    .into_iter()
-    .filter_map(|(missing, key)| missing.then_some(key))
-    .collect();
-    if let (Some(b), false) = (bind, open_roles.is_empty()) {
-        if !b.ip().to_canonical().is_loopback() {
+    let tls = raw.tls.as_ref().map(|t| sync_tls(cx, t));
+    // Fail closed: a sync API other hosts can reach writes what every backend serves, so
+    // every caller must prove who it is with a farm-CA certificate over TLS; only a loopback
+    // one may do without (bearer tokens: tests, the demo, a farm of one).
+    if let Some(b) = bind {
+        let mutual = raw.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if !b.ip().to_canonical().is_loopback() && !mutual {
+            let fix = "Make a farm CA (`lockstep ca init`), issue the hub a certificate (`lockstep ca issue NAME --role hub --ip ADDRESS`) and set `sync.tls: { certificates: [{ cert: FILE, key: FILE }], client_ca: ca.crt, crl: crl.pem }`, or bind the sync API to 127.0.0.1";
             cx.err(
                 &raw.bind,
                 format!(
-                    "sync.bind {b} is reachable from other hosts, but {} is not set: anyone who reaches it could publish or change what every backend serves. Set both token files (the package creates /etc/lockstep/agent.token and publish.token), or bind the sync API to 127.0.0.1",
-                    open_roles.join(" and ")
+                    "sync.bind {b} is reachable from other hosts, but sync.tls.client_ca is not set: anyone on the network could publish or change what every backend serves, and tokens would cross it in clear. {fix}"
                 ),
             );
         }
     }
-    let tls = raw.tls.as_ref().map(|t| {
-        if t.certificates.is_empty() {
-            cx.errors.push(super::ConfigError::at(
-                cx.file,
-                super::Pos::default(),
-                "sync.tls has no certificates: add `certificates: [{ cert: FILE, key: FILE }]`",
-            ));
-        }
-        let mut certs = Vec::new();
-        for c in &t.certificates {
-            match tls::load(&cx.path(&c.cert.value), &cx.path(&c.key.value)) {
-                Ok(l) => certs.push(l),
-                Err((tls::Part::Cert, e)) => cx.err(&c.cert, e),
-                Err((tls::Part::Key, e)) => cx.err(&c.key, e),
-            }
-        }
-        certs
-    });
     let trusted_keys = raw
         .trusted_keys
         .as_ref()
@@ -128,7 +126,66 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         cadence,
         lead,
         gc,
+        report_expiry,
         tokens,
         tls,
     })
+}
+
+fn sync_tls(cx: &mut Ctx<'_>, t: &super::raw::RawSyncTls) -> SyncTls {
+    if t.certificates.is_empty() {
+        cx.errors.push(super::ConfigError::at(
+            cx.file,
+            super::Pos::default(),
+            "sync.tls has no certificates: add `certificates: [{ cert: FILE, key: FILE }]`",
+        ));
+    }
+    let mut certs = Vec::new();
+    for c in &t.certificates {
+        match tls::load(&cx.path(&c.cert.value), &cx.path(&c.key.value)) {
+            Ok(l) => certs.push(l),
+            Err((tls::Part::Cert, e)) => cx.err(&c.cert, e),
+            Err((tls::Part::Key, e)) => cx.err(&c.key, e),
+        }
+    }
+    if let (None, Some(crl)) = (&t.client_ca, &t.crl) {
+        cx.err(
+            crl,
+            "sync.tls.crl needs sync.tls.client_ca (the CA whose revocations it lists)",
+        );
+    }
+    let clients = t.client_ca.as_ref().and_then(|ca| {
+        let crl = t.crl.as_ref().map(|c| cx.path(&c.value));
+        match tls::load_trust(&cx.path(&ca.value), crl.as_deref()) {
+            Ok(trust) => Some(trust),
+            Err((tls::Part::Cert, e)) => {
+                cx.err(ca, e);
+                None
+            }
+            Err((tls::Part::Key, e)) => {
+                if let Some(c) = &t.crl {
+                    cx.err(c, e);
+                }
+                None
+            }
+        }
+    });
+    let ca_dir = t.ca_dir.as_ref().and_then(|d| {
+        let dir = cx.path_at(d, "sync.tls.ca_dir")?;
+        if t.client_ca.is_none() {
+            cx.err(d, "sync.tls.ca_dir needs sync.tls.client_ca (its ca.crt): the certificates it issues must be accepted");
+        }
+        match crate::ca::Ca::open(&dir) {
+            Ok(_) => Some(dir),
+            Err(e) => {
+                cx.err(d, format!("sync.tls.ca_dir: {e}"));
+                None
+            }
+        }
+    });
+    SyncTls {
+        certs,
+        clients,
+        ca_dir,
+    }
 }

@@ -79,3 +79,57 @@ pub fn load(cert: &Path, key: &Path) -> Result<LoadedCert, (Part, String)> {
         key: Arc::new(certified),
     })
 }
+
+/// The farm CA and its revocation list: what a party trusts when it checks another party's
+/// certificate (`lockstep ca` makes both).
+#[derive(Debug, Clone)]
+pub struct FarmTrust {
+    /// The CA certificates.
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Revocation lists (empty: nothing revoked).
+    pub crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
+}
+
+/// Reads the farm CA (`ca`, PEM certificates) and its revocation list (`crl`, PEM), naming the
+/// file in each error.
+pub fn load_trust(ca: &Path, crl: Option<&Path>) -> Result<FarmTrust, (Part, String)> {
+    let c = |e: String| (Part::Cert, e);
+    let pem =
+        std::fs::read(ca).map_err(|e| c(format!("cannot read CA file {}: {e}", ca.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| c(format!("CA file {}: {e}", ca.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| c(format!("CA file {}: {e}", ca.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(c(format!(
+            "CA file {} holds no PEM CERTIFICATE block (the farm CA is ca.crt of `lockstep ca init`)",
+            ca.display()
+        )));
+    }
+    let mut crls = Vec::new();
+    if let Some(path) = crl {
+        let k = |e: String| (Part::Key, e);
+        let pem = std::fs::read(path).map_err(|e| {
+            k(format!(
+                "cannot read revocation list {}: {e}",
+                path.display()
+            ))
+        })?;
+        for l in rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(&pem) {
+            crls.push(l.map_err(|e| k(format!("revocation list {}: {e}", path.display())))?);
+        }
+        if crls.is_empty() {
+            return Err(k(format!(
+                "revocation list {} holds no PEM X509 CRL block (crl.pem of `lockstep ca`)",
+                path.display()
+            )));
+        }
+    }
+    Ok(FarmTrust {
+        roots: Arc::new(roots),
+        crls,
+    })
+}

@@ -1,30 +1,52 @@
 //! Agents as the hub hears of them: their reports (bounded in number and size, names checked
-//! because they are URL segments and metric labels), the fleet view `lockstep status` shows,
-//! and the set of agents behind the fleet's release, decided by [`super::fleet`].
+//! because they are URL segments and metric labels, `serve` an `ip:port`), the fleet view
+//! `lockstep status` shows (reports older than `report_expiry` marked stale), and the set of
+//! agents behind the fleet's release, decided by [`super::fleet`].
 
 use std::collections::HashSet;
 
+use tracing::{info, warn};
+
+use super::fleet::Admit;
 use super::{fleet, Hub, HubError};
 use crate::sync::protocol::{AgentView, Fleet, Report};
 
-/// Most agents the hub keeps reports of (a peer cannot grow the map without bound).
+/// Most agents the hub keeps reports of (a peer cannot grow the map without bound). When it is
+/// full, a new name takes the place of the oldest stale report, never of a fresh one
+/// ([`fleet::admit`]).
 pub const MAX_AGENTS: usize = 4096;
 /// Longest `error` text kept from a report.
 const MAX_REPORT_ERROR: usize = 1024;
 
 impl Hub {
-    /// Records an agent's report.
+    /// Records an agent's report. Refused: a bad name or `serve` address (400), a new name
+    /// while `MAX_AGENTS` (4096) reports still count (409).
     pub fn report(&self, name: &str, mut report: Report) -> Result<(), HubError> {
         check_agent_name(name)?;
+        report
+            .serve_addr()
+            .map_err(|e| HubError::Bad(format!("report of {name}: {e}")))?;
         if let Some(e) = report.error.as_mut() {
             truncate(e, MAX_REPORT_ERROR);
         }
         let now = self.now_us();
+        let expiry = self.settings().report_expiry_us();
         let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
-        if !reports.contains_key(name) && reports.len() >= MAX_AGENTS {
-            return Err(HubError::Conflict(format!(
-                "the hub already tracks {MAX_AGENTS} agents; restart it to forget old names"
-            )));
+        match fleet::admit(&reports, name, now, expiry, MAX_AGENTS) {
+            Admit::Insert => {}
+            Admit::Evict(old) => {
+                reports.remove(&old);
+                self.metrics.forget_agent(&old);
+                info!(agent = %old, new = %name, "the agent table is full: forgot the oldest stale report for a new agent");
+            }
+            Admit::Full => {
+                drop(reports);
+                self.metrics.reports_refused.inc();
+                warn!(agent = %name, "report refused: the hub already tracks {MAX_AGENTS} agents whose reports still count");
+                return Err(HubError::Conflict(format!(
+                    "the hub already tracks {MAX_AGENTS} agents whose reports still count; a new one is taken in place of one silent for sync.report_expiry"
+                )));
+            }
         }
         self.metrics.observe_report(name, &report);
         reports.insert(name.to_string(), (report, now));
@@ -36,16 +58,22 @@ impl Hub {
     /// The fleet as the hub last heard of it.
     pub fn fleet(&self) -> Fleet {
         let schedule = self.schedule();
-        let release = fleet::fleet_release(&self.state(), schedule.now_us);
+        let now = schedule.now_us;
+        let release = fleet::fleet_release(&self.state(), now);
+        let expiry = self.settings().report_expiry_us();
         let reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
         Fleet {
             agents: reports
                 .iter()
-                .map(|(name, (r, at))| AgentView {
-                    name: name.clone(),
-                    report: r.clone(),
-                    reported_us: *at,
-                    current: release.is_some() && r.active == release,
+                .map(|(name, (r, at))| {
+                    let stale = !fleet::fresh(*at, now, expiry);
+                    AgentView {
+                        name: name.clone(),
+                        report: r.clone(),
+                        reported_us: *at,
+                        current: !stale && release.is_some() && r.active == release,
+                        stale,
+                    }
                 })
                 .collect(),
             schedule,
@@ -59,16 +87,37 @@ impl Hub {
         }
     }
 
-    /// The agents behind the fleet's release now.
-    pub(super) fn compute_behind(&self) -> HashSet<String> {
+    /// The agents behind the fleet's release now (stale reports left out), how many reports
+    /// are stale, and when the first report still counting expires.
+    pub(super) fn compute_behind(&self) -> Behind {
         let state = self.state();
+        let now = self.now_us();
+        let expiry = self.settings().report_expiry_us();
         let reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
-        fleet::behind(
-            &state,
-            self.now_us(),
-            reports.iter().map(|(n, (r, _))| (n, r)),
-        )
+        let arrivals = || reports.values().map(|(_, at)| *at);
+        Behind {
+            names: fleet::behind(
+                &state,
+                now,
+                expiry,
+                reports.iter().map(|(n, (r, at))| (n, r, *at)),
+            ),
+            stale: arrivals()
+                .filter(|at| !fleet::fresh(*at, now, expiry))
+                .count(),
+            next_expiry: fleet::next_expiry(arrivals(), now, expiry),
+        }
     }
+}
+
+/// What [`Hub::compute_behind`] found.
+pub(super) struct Behind {
+    /// The agents behind the fleet's release.
+    pub names: HashSet<String>,
+    /// Reports that no longer count.
+    pub stale: usize,
+    /// When the first report still counting expires (hub time, µs).
+    pub next_expiry: Option<u64>,
 }
 
 /// Cuts `s` to at most `max` bytes, on a character boundary.
@@ -102,7 +151,7 @@ fn check_agent_name(name: &str) -> Result<(), HubError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::testing::{self, manual, release, set, S};
+    use crate::hub::testing::{self, manual, release, set, REPORT_EXPIRY, S};
     use crate::sync::cycle::Advancer;
 
     #[tokio::test]
@@ -135,6 +184,94 @@ mod tests {
         // Cut to at most 1024 bytes without splitting the two-byte `é`.
         let kept = fleet.agents[0].report.error.as_deref().unwrap();
         assert_eq!(kept, "e".repeat(MAX_REPORT_ERROR - 1));
-        assert_eq!(fx.hub.compute_behind(), ["web2".to_string()].into());
+        assert_eq!(fx.hub.compute_behind().names, ["web2".to_string()].into());
+    }
+
+    /// A `serve` that is not an `ip:port` is refused whole: peers would send changesets and
+    /// the agent token there.
+    #[tokio::test]
+    async fn a_serve_address_must_be_ip_port() {
+        let (clock, _) = manual(100 * S);
+        let fx = testing::hub(clock);
+        let serving = |serve: &str| Report {
+            serve: Some(serve.into()),
+            ..Report::default()
+        };
+        for bad in ["attacker.example:80", "10.0.0.1", "http://10.0.0.1:8081"] {
+            let e = fx.hub.report("web1", serving(bad)).unwrap_err();
+            assert!(
+                matches!(&e, HubError::Bad(m) if m.contains("is not an ip:port")),
+                "{bad}: {e:?}"
+            );
+        }
+        assert!(fx.hub.fleet().agents.is_empty(), "nothing recorded");
+        fx.hub.report("web1", serving("10.0.0.1:8081")).unwrap();
+        fx.hub.report("web2", serving("[fd00::2]:8081")).unwrap();
+        assert_eq!(fx.hub.fleet().agents.len(), 2);
+    }
+
+    /// A report nobody renews goes stale after `report_expiry`: shown as such, neither current
+    /// nor behind; the agent's next report counts again.
+    #[tokio::test]
+    async fn reports_expire_into_stale_and_count_again_when_renewed() {
+        let (clock, now) = manual(100 * S);
+        let fx = testing::hub(clock);
+        let v1 = release(&fx.hub, &[("index.html", "v1")]).await;
+        fx.hub.commit(v1, None, vec![]).await.unwrap();
+        set(&now, 110 * S);
+        fx.hub.advance(0, Advancer::Agent).await.unwrap();
+        let on = |active| Report {
+            active,
+            ..Report::default()
+        };
+        fx.hub.report("web1", on(None)).unwrap();
+        fx.hub.report("web2", on(Some(v1))).unwrap();
+        let expiry = REPORT_EXPIRY.as_micros() as u64;
+        let b = fx.hub.compute_behind();
+        assert_eq!(b.names, ["web1".to_string()].into());
+        assert_eq!((b.stale, b.next_expiry), (0, Some(110 * S + expiry)));
+
+        set(&now, 110 * S + expiry);
+        let b = fx.hub.compute_behind();
+        assert!(b.names.is_empty(), "an expired report is not behind");
+        assert_eq!((b.stale, b.next_expiry), (2, None));
+        let fleet = fx.hub.fleet();
+        let view: Vec<(&str, bool, bool)> = fleet
+            .agents
+            .iter()
+            .map(|a| (a.name.as_str(), a.current, a.stale))
+            .collect();
+        assert_eq!(view, [("web1", false, true), ("web2", false, true)]);
+
+        fx.hub.report("web1", on(None)).unwrap();
+        assert_eq!(fx.hub.compute_behind().names, ["web1".to_string()].into());
+        assert!(!fx.hub.fleet().agents[0].stale);
+    }
+
+    /// A flood of names fills the table's free places, but never pushes out a live agent; a
+    /// new agent takes the place of a flooded name once that one is stale.
+    #[tokio::test]
+    async fn a_flood_of_names_cannot_push_out_live_agents() {
+        let (clock, now) = manual(100 * S);
+        let fx = testing::hub(clock);
+        fx.hub.report("live", Report::default()).unwrap();
+        for i in 1..MAX_AGENTS {
+            fx.hub
+                .report(&format!("flood-{i}"), Report::default())
+                .unwrap();
+        }
+        let e = fx.hub.report("newcomer", Report::default()).unwrap_err();
+        assert!(matches!(e, HubError::Conflict(_)), "{e:?}");
+        assert_eq!(fx.metrics.reports_refused.get(), 1);
+        // `live` renews its report; the flood stops.
+        let expiry = REPORT_EXPIRY.as_micros() as u64;
+        set(&now, 100 * S + expiry / 2);
+        fx.hub.report("live", Report::default()).unwrap();
+        set(&now, 100 * S + expiry);
+        fx.hub.report("newcomer", Report::default()).unwrap();
+        let names: HashSet<String> = fx.hub.fleet().agents.into_iter().map(|a| a.name).collect();
+        assert_eq!(names.len(), MAX_AGENTS);
+        assert!(names.contains("live") && names.contains("newcomer"));
+        assert!(!names.contains("flood-1"), "the oldest stale name went");
     }
 }

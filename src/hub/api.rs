@@ -3,6 +3,7 @@
 //! bodies, calls the [`Hub`] and maps every failure to a status with a JSON `{"error": …}`
 //! (see [`crate::sync::protocol`] for the table). One small function per endpoint.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,27 +12,30 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
+use super::metrics::ReasonLabels;
 use super::route::Endpoint;
 use super::{Hub, HubError};
 use crate::net::body::read_body;
 use crate::net::respond;
-use crate::net::server::HttpServer;
-use crate::sync::auth::{Check, Role};
+use crate::net::server::{HttpServer, PeerCertificate, ServerTls};
+use crate::sync::auth::Role;
+use crate::sync::caller::{self, Caller, Refusal};
 use crate::sync::cycle::Advancer;
 use crate::sync::manifest::{Hash, ReleaseId, MAX_BLOB_BYTES};
-use crate::sync::protocol::{Changeset, Commit, Report, TimeReply, LONG_POLL, MAX_JSON_BYTES};
+use crate::sync::protocol::{
+    Changeset, Commit, JoinRequest, Report, TimeReply, LONG_POLL, MAX_JSON_BYTES,
+};
 
 type Answer = Response<Full<Bytes>>;
 
 /// Serves the sync API on `socket` (TLS when `tls` is set) until `shutdown`.
 pub async fn serve(
     socket: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<ServerTls>,
     hub: Arc<Hub>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -44,9 +48,10 @@ pub async fn serve(
     server
         .serve(
             socket,
-            move |_peer, req| {
+            move |peer: SocketAddr, req| {
                 let (hub, shutdown) = (hub.clone(), shutdown.clone());
-                async move { handle(&hub, req, &shutdown).await }
+                let loopback = peer.ip().to_canonical().is_loopback();
+                async move { handle(&hub, req, loopback, &shutdown).await }
             },
             stop,
             tracker,
@@ -96,10 +101,11 @@ async fn body(req: Request<Incoming>, limit: usize) -> Result<Vec<u8>, Answer> {
         .map_err(|e| error(e.status(), e.to_string()))
 }
 
-/// Answers one request.
+/// Answers one request; `loopback`: whether it came from a loopback address.
 pub async fn handle(
     hub: &Arc<Hub>,
     req: Request<Incoming>,
+    loopback: bool,
     shutdown: &CancellationToken,
 ) -> Answer {
     // Taken first, for the clock exchange.
@@ -112,38 +118,65 @@ pub async fn handle(
             None => return error(e.status(), e.to_string()),
         },
     };
-    if let Err(refused) = authorize(hub, &req, roles) {
-        return refused;
-    }
+    let caller = match authorize(hub, &req, loopback, roles) {
+        Ok(c) => c,
+        Err(refused) => return refused,
+    };
     let endpoint = match endpoint {
         Ok(e) => e,
         Err(e) => return error(e.status(), e.to_string()),
     };
-    match dispatch(hub, endpoint, req, shutdown, receive_us).await {
+    match dispatch(hub, &caller, endpoint, req, shutdown, receive_us).await {
         Ok(a) | Err(a) => a,
     }
 }
 
-/// Checks the request's bearer token against `roles`.
+/// Who the request comes from, if it may use an endpoint open to `roles`.
 // The error is the ready answer; boxing it would buy nothing on this path.
 #[allow(clippy::result_large_err)]
-fn authorize(hub: &Hub, req: &Request<Incoming>, roles: &[Role]) -> Result<(), Answer> {
+fn authorize(
+    hub: &Hub,
+    req: &Request<Incoming>,
+    loopback: bool,
+    roles: &[Role],
+) -> Result<Caller, Answer> {
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match hub.settings().tokens.check(auth, roles) {
-        Check::Allow => Ok(()),
-        Check::Unauthenticated => Err(error(
-            StatusCode::UNAUTHORIZED,
-            "missing or unknown bearer token",
-        )),
-        Check::Forbidden => Err(error(StatusCode::FORBIDDEN, "this token may not do that")),
+    let cert = req.extensions().get::<PeerCertificate>().map(|c| &*c.0);
+    let settings = hub.settings();
+    caller::identify(
+        cert,
+        &settings.revoked,
+        loopback,
+        &settings.tokens,
+        auth,
+        roles,
+    )
+    .map_err(|r| refused(hub, r))
+}
+
+/// The answer to a refused request: counted, and logged with what was tried.
+fn refused(hub: &Hub, r: Refusal) -> Answer {
+    match r {
+        Refusal::Unauthenticated(message) => {
+            hub.metrics.refused(ReasonLabels {
+                reason: "unauthenticated",
+            });
+            error(StatusCode::UNAUTHORIZED, message)
+        }
+        Refusal::Forbidden { message, reason } => {
+            warn!(reason, "sync request refused: {message}");
+            hub.metrics.refused(ReasonLabels { reason });
+            error(StatusCode::FORBIDDEN, message)
+        }
     }
 }
 
 async fn dispatch(
     hub: &Arc<Hub>,
+    caller: &Caller,
     endpoint: Endpoint,
     req: Request<Incoming>,
     shutdown: &CancellationToken,
@@ -176,8 +209,13 @@ async fn dispatch(
                 .await
                 .map_err(hub_error)?,
         )),
-        Endpoint::Report(name) => report(hub, &name, req).await,
-        Endpoint::Changeset => changeset(hub, req).await,
+        Endpoint::Report(name) => {
+            caller.act_as_agent(&name).map_err(|r| refused(hub, r))?;
+            report(hub, &name, req).await
+        }
+        Endpoint::Changeset => changeset(hub, caller, req, receive_us).await,
+        Endpoint::CaCert => ca_cert(hub).await,
+        Endpoint::Join => join(hub, req).await,
     }
 }
 
@@ -249,10 +287,88 @@ async fn report(hub: &Hub, name: &str, req: Request<Incoming>) -> Result<Answer,
     Ok(respond::empty(StatusCode::NO_CONTENT))
 }
 
-async fn changeset(hub: &Arc<Hub>, req: Request<Incoming>) -> Result<Answer, Answer> {
+fn no_ca() -> Answer {
+    error(
+        StatusCode::NOT_FOUND,
+        "this hub issues no certificates: set sync.tls.ca_dir (the farm CA of `lockstep ca init`)",
+    )
+}
+
+async fn ca_cert(hub: &Hub) -> Result<Answer, Answer> {
+    let Some(dir) = hub.settings().ca_dir.clone() else {
+        return Err(no_ca());
+    };
+    let path = crate::ca::Ca::cert_path(&dir);
+    match tokio::fs::read(&path).await {
+        Ok(pem) => Ok(respond::bytes(
+            StatusCode::OK,
+            "application/x-pem-file",
+            pem,
+        )),
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{}: {e}", path.display()),
+        )),
+    }
+}
+
+async fn join(hub: &Hub, req: Request<Incoming>) -> Result<Answer, Answer> {
+    let Some(dir) = hub.settings().ca_dir.clone() else {
+        return Err(no_ca());
+    };
+    let b = body(req, 4096).await?;
+    let j: JoinRequest = serde_json::from_slice(&b)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("join body: {e}")))?;
+    let key = j.key_bytes().map(crate::ca::Ed25519Public).ok_or_else(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "public_key must be the 32 bytes of an Ed25519 key, hex",
+        )
+    })?;
+    // One redemption at a time: the CA's state file is read, changed and written whole.
+    static JOINS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = JOINS.lock().await;
+    let redeemed = tokio::task::spawn_blocking(move || {
+        crate::ca::Ca::open(&dir).and_then(|mut ca| ca.redeem(&j.token, &key))
+    })
+    .await
+    .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match redeemed {
+        Ok(joined) => {
+            tracing::info!(agent = %joined.name, "an agent joined with a token and got its certificate");
+            Ok(json(StatusCode::OK, &joined))
+        }
+        Err(crate::ca::CaError::Bad(m)) => Err(refused(
+            hub,
+            Refusal::Forbidden {
+                message: m,
+                reason: "join",
+            },
+        )),
+        Err(e) => {
+            warn!(error = %e, "the farm CA failed");
+            Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        }
+    }
+}
+
+async fn changeset(
+    hub: &Arc<Hub>,
+    caller: &Caller,
+    req: Request<Incoming>,
+    receive_us: i64,
+) -> Result<Answer, Answer> {
     let b = body(req, MAX_JSON_BYTES).await?;
     let cs: Changeset = serde_json::from_slice(&b)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("changeset body: {e}")))?;
-    let reply = hub.changeset(cs).await.map_err(hub_error)?;
+    caller
+        .act_as_agent(&cs.origin)
+        .map_err(|r| refused(hub, r))?;
+    // Bounded by the time the request arrived, not the time its body finished: a slow body
+    // must not widen the allowance.
+    let reply = hub
+        .changeset(cs, receive_us.max(0) as u64)
+        .await
+        .map_err(hub_error)?;
     Ok(json(StatusCode::OK, &reply))
 }

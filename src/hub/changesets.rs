@@ -1,4 +1,6 @@
-//! Agents' changesets at the hub: checked, answered `duplicate` when already applied and
+//! Agents' changesets at the hub: checked (numbers ahead of the hub's receive time are refused
+//! whole, logged and counted: [`crate::sync::changeset::MAX_AHEAD_US`]), answered `duplicate`
+//! when already applied and
 //! `missing` while blobs are lacking, else resolved against the hub's releases
 //! (last writer by hub time wins), applied whole and recorded with the store's
 //! compare-and-swap; the conflicts it met are logged, counted and kept for `lockstep status`.
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::{Hub, HubError};
-use crate::sync::changeset::{self, Changeset, Conflict, Mode, Resolution, Stamp};
+use crate::sync::changeset::{self, Changeset, ChangesetError, Conflict, Mode, Resolution, Stamp};
 use crate::sync::cycle::{Forward, HubState};
 use crate::sync::manifest::{Manifest, ManifestError, ReleaseId};
 use crate::sync::protocol::{ChangesetReply, ConflictView};
@@ -38,8 +40,28 @@ impl Hub {
     /// path resolve last-writer-by-hub-time-wins; the losers are logged, counted and listed in
     /// [`Hub::fleet`]. A changeset whose blobs are not all here is answered `missing`; one
     /// already applied, `duplicate`. Whole or nothing: a refused one changes nothing.
-    pub async fn changeset(self: &Arc<Self>, cs: Changeset) -> Result<ChangesetReply, HubError> {
+    ///
+    /// `receive_us` is the hub time the request arrived: a `seq` or `detected_us` beyond it
+    /// by more than the allowance for clock error is refused (and logged and counted).
+    pub async fn changeset(
+        self: &Arc<Self>,
+        cs: Changeset,
+        receive_us: u64,
+    ) -> Result<ChangesetReply, HubError> {
         cs.check().map_err(|e| HubError::Bad(e.to_string()))?;
+        if let Err(e) = cs.check_time(receive_us) {
+            if let ChangesetError::Ahead {
+                field,
+                value,
+                bound,
+                ..
+            } = &e
+            {
+                self.metrics.implausible(*field);
+                warn!(origin = %cs.origin, %field, value, bound, "changeset refused: a number is ahead of the hub's clock");
+            }
+            return Err(HubError::Bad(e.to_string()));
+        }
         if already_applied(&self.state(), &cs) {
             return Ok(ChangesetReply::duplicate());
         }
@@ -262,14 +284,14 @@ mod tests {
         let (clock, _) = manual(100 * S);
         let fx = testing::hub(clock);
         let cs = edit("web1", 1, Mode::Immediate, "new.html", None, "fresh");
-        let reply = fx.hub.changeset(cs.clone()).await.unwrap();
+        let reply = fx.hub.changeset(cs.clone(), 100 * S).await.unwrap();
         assert_eq!(reply.state, ChangesetState::Missing);
         assert_eq!(reply.missing, vec![Hash::of(b"fresh")]);
         assert_eq!(reply.release, None);
         assert_eq!(fx.hub.state().version, 0, "nothing was applied");
 
         put(&fx.hub, "fresh").await;
-        let reply = fx.hub.changeset(cs).await.unwrap();
+        let reply = fx.hub.changeset(cs, 100 * S).await.unwrap();
         assert_eq!(reply.state, ChangesetState::Applied);
         let release = reply.release.unwrap();
         assert_eq!(
@@ -291,7 +313,10 @@ mod tests {
         put(&fx.hub, "five").await;
         let first = fx
             .hub
-            .changeset(edit("web1", 5, Mode::Immediate, "a.html", None, "five"))
+            .changeset(
+                edit("web1", 5, Mode::Immediate, "a.html", None, "five"),
+                fx.hub.now_us(),
+            )
             .await
             .unwrap();
         assert_eq!(first.state, ChangesetState::Applied);
@@ -301,7 +326,10 @@ mod tests {
             put(&fx.hub, "other").await;
             let again = fx
                 .hub
-                .changeset(edit("web1", seq, Mode::Immediate, "a.html", None, "other"))
+                .changeset(
+                    edit("web1", seq, Mode::Immediate, "a.html", None, "other"),
+                    fx.hub.now_us(),
+                )
                 .await
                 .unwrap();
             assert_eq!(again.state, ChangesetState::Duplicate, "seq {seq}");
@@ -311,10 +339,90 @@ mod tests {
         // Another origin's sequence 5 is its own.
         let other = fx
             .hub
-            .changeset(edit("web2", 5, Mode::Immediate, "b.html", None, "other"))
+            .changeset(
+                edit("web2", 5, Mode::Immediate, "b.html", None, "other"),
+                fx.hub.now_us(),
+            )
             .await
             .unwrap();
         assert_eq!(other.state, ChangesetState::Applied);
+    }
+
+    /// The security issue's numbers: `seq = u64::MAX` would answer every later edit of its
+    /// origin "duplicate"; a `detected_us` a day ahead would win every conflict. Both are
+    /// refused whole against the receive time, counted by field, and the origin's honest edits
+    /// still apply.
+    #[tokio::test]
+    async fn numbers_ahead_of_the_receive_time_are_refused_and_counted() {
+        let (clock, _) = manual(100 * S);
+        let fx = testing::hub(clock);
+        put(&fx.hub, "forged").await;
+        let mut silencer = edit("web1", 1, Mode::Immediate, "a.html", None, "forged");
+        silencer.seq = u64::MAX;
+        let mut winner = edit("web1", 2, Mode::Immediate, "a.html", None, "forged");
+        winner.detected_us = 100 * S + 86_400 * S;
+        let mut just_over = edit("web1", 3, Mode::Immediate, "a.html", None, "forged");
+        just_over.detected_us = 100 * S + changeset::MAX_AHEAD_US + 1;
+        for (cs, field) in [
+            (silencer, "seq"),
+            (winner, "detected_us"),
+            (just_over, "detected_us"),
+        ] {
+            let e = fx.hub.changeset(cs, 100 * S).await.unwrap_err();
+            let HubError::Bad(text) = &e else {
+                panic!("{e:?}")
+            };
+            let bound = (100 * S + changeset::MAX_AHEAD_US).to_string();
+            assert!(
+                text.contains(&format!("{field} ")) && text.contains(&bound),
+                "{text}"
+            );
+        }
+        assert_eq!(fx.hub.state().version, 0, "nothing was applied");
+        assert!(fx.hub.state().applied.is_empty());
+        let refused = |field| {
+            fx.metrics
+                .implausible
+                .get_or_create(&crate::hub::metrics::FieldLabels { field })
+                .get()
+        };
+        assert_eq!((refused("seq"), refused("detected_us")), (1, 2));
+        // web1's honest edit, numbered by hub time, is applied.
+        put(&fx.hub, "honest").await;
+        let honest = edit("web1", 99, Mode::Immediate, "a.html", None, "honest");
+        let reply = fx.hub.changeset(honest, 100 * S).await.unwrap();
+        assert_eq!(reply.state, ChangesetState::Applied);
+    }
+
+    /// A hub whose store recorded numbers ahead of its clock (accepted before the bound, or a
+    /// clock stepped back) brings them back at start, so the origin's edits apply again.
+    #[tokio::test]
+    async fn a_hub_heals_numbers_recorded_ahead_of_its_clock_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn HubStore> =
+            Arc::new(crate::sync::store::FsStore::open(dir.path()).unwrap());
+        let poisoned = HubState {
+            version: 3,
+            applied: [("web1".to_string(), u64::MAX)].into(),
+            ..HubState::default()
+        };
+        assert!(store.swap_state(0, &poisoned).unwrap());
+        let (clock, _) = manual(100 * S);
+        let hub = Hub::new(
+            store.clone(),
+            testing::settings(),
+            clock,
+            crate::hub::HubMetrics::default(),
+        )
+        .unwrap();
+        assert_eq!(hub.state().applied["web1"], 100 * S);
+        assert_eq!(store.state().unwrap(), hub.state(), "written back");
+        put(&hub, "after").await;
+        // web1 numbers its next edit by hub time, above the record.
+        let mut cs = edit("web1", 101, Mode::Immediate, "a.html", None, "after");
+        cs.seq = 101 * S;
+        let reply = hub.changeset(cs, 101 * S).await.unwrap();
+        assert_eq!(reply.state, ChangesetState::Applied);
     }
 
     #[tokio::test]
@@ -330,7 +438,10 @@ mod tests {
         put(&fx.hub, "a2").await;
         let reply = fx
             .hub
-            .changeset(edit("web1", 1, Mode::Immediate, "a.html", Some("a1"), "a2"))
+            .changeset(
+                edit("web1", 1, Mode::Immediate, "a.html", Some("a1"), "a2"),
+                fx.hub.now_us(),
+            )
             .await
             .unwrap();
         let s = fx.hub.state();
@@ -377,7 +488,10 @@ mod tests {
             put(&fx.hub, data).await;
             let reply = fx
                 .hub
-                .changeset(edit(origin, seq, Mode::Immediate, path, prev, data))
+                .changeset(
+                    edit(origin, seq, Mode::Immediate, path, prev, data),
+                    fx.hub.now_us(),
+                )
                 .await
                 .unwrap();
             let id = reply.release.unwrap();
@@ -404,7 +518,10 @@ mod tests {
         put(&fx.hub, "s").await;
         let reply = fx
             .hub
-            .changeset(edit("web1", 1, Mode::Scheduled, "s.html", None, "s"))
+            .changeset(
+                edit("web1", 1, Mode::Scheduled, "s.html", None, "s"),
+                fx.hub.now_us(),
+            )
             .await
             .unwrap();
         assert_eq!(reply.state, ChangesetState::Applied);
@@ -421,10 +538,13 @@ mod tests {
         put(&fx.hub, "early").await;
         // web2's edit was detected later (seq 9 → 9 s) but arrives first.
         let late = edit("web2", 9, Mode::Immediate, "p.html", None, "late");
-        assert_eq!(fx.hub.changeset(late).await.unwrap().conflicts, vec![]);
+        assert_eq!(
+            fx.hub.changeset(late, 100 * S).await.unwrap().conflicts,
+            vec![]
+        );
         // web1 did not see it (prev: no file) and was earlier: it loses.
         let early = edit("web1", 2, Mode::Immediate, "p.html", None, "early");
-        let reply = fx.hub.changeset(early).await.unwrap();
+        let reply = fx.hub.changeset(early, 100 * S).await.unwrap();
         assert_eq!(reply.state, ChangesetState::Applied);
         assert_eq!(reply.conflicts.len(), 1);
         let c = &reply.conflicts[0];

@@ -262,7 +262,14 @@ mod tests {
                     },
                 )]),
             };
-            built.push(fx.hub.changeset(cs).await.unwrap().release.unwrap());
+            built.push(
+                fx.hub
+                    .changeset(cs, fx.hub.now_us())
+                    .await
+                    .unwrap()
+                    .release
+                    .unwrap(),
+            );
         }
         let s = fx.hub.state();
         assert_eq!((s.active, s.previous), (Some(built[1]), Some(old)));

@@ -1,7 +1,8 @@
 //! The hub's metrics: cycle, activation time, publishes, blob bytes received, cycle advances
-//! won (by agents or by the hub after its grace period), agents behind, content collected from
-//! the store, each agent's reported clock offset, error bound and last flip lateness, and the
-//! long polls parked now.
+//! won (by agents or by the hub after its grace period), agents behind, changesets refused for
+//! numbers ahead of the hub's clock, reports that expired or were refused, content collected
+//! from the store, each agent's reported clock offset, error bound and last flip lateness, and
+//! the long polls parked now.
 
 use std::sync::atomic::AtomicU64;
 
@@ -28,11 +29,25 @@ pub struct ModeLabels {
     pub mode: &'static str,
 }
 
+/// Labels naming a changeset field.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FieldLabels {
+    /// `seq` or `detected_us`.
+    pub field: &'static str,
+}
+
 /// Labels naming what a collection removed.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WhatLabels {
     /// `releases` or `blobs`.
     pub what: &'static str,
+}
+
+/// Labels naming why a request was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `unauthenticated`, `role`, `identity` or `certificate`.
+    pub reason: &'static str,
 }
 
 /// Labels naming an agent.
@@ -65,6 +80,12 @@ pub struct HubMetrics {
     pub changesets: Family<ModeLabels, Counter>,
     /// Concurrent edits of one path resolved (one loser each).
     pub conflicts: Counter,
+    /// Changesets refused because a number was ahead of the hub's clock, by field.
+    pub implausible: Family<FieldLabels, Counter>,
+    /// Agents whose last report is older than `report_expiry` (shown as stale).
+    pub stale: Gauge,
+    /// Reports of a new agent name refused because the table was full of fresh reports.
+    pub reports_refused: Counter,
     /// Manifests and blobs removed by store collections.
     pub gc_removed: Family<WhatLabels, Counter>,
     /// Blob bytes freed by store collections.
@@ -77,6 +98,8 @@ pub struct HubMetrics {
     pub lateness: Family<AgentLabels, FloatGauge>,
     /// Long polls (`GET /sync/v1/schedule?wait=`) parked now.
     pub long_polls: Gauge,
+    /// Requests refused before they did anything, by reason.
+    pub refused: Family<ReasonLabels, Counter>,
 }
 
 /// Counts one parked long poll in [`HubMetrics::long_polls`] until dropped.
@@ -135,6 +158,21 @@ impl HubMetrics {
                 m.conflicts.clone(),
             );
             r.register(
+                "sync_changesets_implausible",
+                "Changesets refused because seq or detected_us was ahead of the hub's clock",
+                m.implausible.clone(),
+            );
+            r.register(
+                "sync_agents_stale",
+                "Agents whose last report is older than sync.report_expiry (not counted behind)",
+                m.stale.clone(),
+            );
+            r.register(
+                "sync_reports_refused",
+                "Reports of a new agent name refused: the agent table was full of fresh reports",
+                m.reports_refused.clone(),
+            );
+            r.register(
                 "sync_gc_removed",
                 "Unused manifests (releases) and blobs removed from the hub's store",
                 m.gc_removed.clone(),
@@ -164,6 +202,11 @@ impl HubMetrics {
                 "Long polls of the schedule parked until it changes",
                 m.long_polls.clone(),
             );
+            r.register(
+                "sync_refused",
+                "Sync API requests refused before they did anything, by reason (unauthenticated, role, identity: acting as another party, certificate: naming no party)",
+                m.refused.clone(),
+            );
         });
         m
     }
@@ -180,12 +223,35 @@ impl HubMetrics {
         Parked(self.long_polls.clone())
     }
 
+    /// Counts a refused request.
+    pub(super) fn refused(&self, labels: ReasonLabels) {
+        self.refused.get_or_create(&labels).inc();
+    }
+
     pub(super) fn changeset(&self, mode: crate::sync::changeset::Mode) {
         let mode = match mode {
             crate::sync::changeset::Mode::Immediate => "immediate",
             crate::sync::changeset::Mode::Scheduled => "scheduled",
         };
         self.changesets.get_or_create(&ModeLabels { mode }).inc();
+    }
+
+    pub(super) fn implausible(&self, field: crate::sync::changeset::TimeField) {
+        self.implausible
+            .get_or_create(&FieldLabels {
+                field: field.as_str(),
+            })
+            .inc();
+    }
+
+    /// Forgets the per-agent series of an agent the hub no longer tracks.
+    pub(super) fn forget_agent(&self, name: &str) {
+        let labels = AgentLabels {
+            agent: name.to_string(),
+        };
+        self.offset.remove(&labels);
+        self.error.remove(&labels);
+        self.lateness.remove(&labels);
     }
 
     pub(super) fn gc_removed(&self, c: &crate::sync::store::Collected) {

@@ -19,7 +19,7 @@
 //! - `agents`: agents' reports, the fleet view, who is behind
 //! - `signatures`: publishers' signatures and changeset provenance kept beside releases, served
 //! - `task`: the timer task (the hub's own advance after the grace, the behind set)
-//! - [`api`]: the HTTP face; `route`: its route table (pure)
+//! - [`api`]: the HTTP face (callers identified by `sync::caller`); `route`: its route table (pure)
 //! - [`fleet`]: which agents are behind (pure); `metrics`: the hub's metrics
 //! - `error`, `settings`: the error enum, the settings and the clock
 
@@ -43,6 +43,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 pub use self::error::HubError;
 pub use self::metrics::HubMetrics;
@@ -77,14 +78,26 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl Hub {
-    /// A hub over `store`, its state read from it.
+    /// A hub over `store`, its state read from it (changeset numbers recorded ahead of the
+    /// clock brought back first: [`HubState::heal`]).
     pub fn new(
         store: Arc<dyn HubStore>,
         settings: Settings,
         clock: Clock,
         metrics: HubMetrics,
     ) -> Result<Arc<Hub>, StoreError> {
-        let state = store.state()?;
+        let mut state = store.state()?;
+        if let Some(healed) = state.heal(clock()) {
+            // Nobody else writes the store yet (it is locked to this process).
+            if store.swap_state(state.version, &healed.state)? {
+                warn!(
+                    origins = ?healed.origins,
+                    paths = healed.paths,
+                    "changeset numbers recorded ahead of the hub's clock were brought back to it (a forged changeset, or the clock stepped back)"
+                );
+                state = healed.state;
+            }
+        }
         metrics.observe_state(&state);
         Ok(Arc::new(Hub {
             store,

@@ -19,6 +19,9 @@ pub const PUBLISH: &[Role] = &[Role::Publish];
 pub const AGENT: &[Role] = &[Role::Agent];
 /// Blobs come from publishers and from agents forwarding changesets.
 pub const WRITE: &[Role] = &[Role::Agent, Role::Publish];
+/// Open to anyone: the farm CA's certificate, and joining with a one-time token (the token
+/// in the body is the credential).
+pub const PUBLIC: &[Role] = &[];
 
 /// The first path segments the API knows: any other method on them is 405, not 404.
 const KNOWN: &[&str] = &[
@@ -30,6 +33,8 @@ const KNOWN: &[&str] = &[
     "rollback",
     "cycles",
     "changesets",
+    "ca",
+    "join",
 ];
 
 /// One endpoint of the sync API (under `/sync/v1/`).
@@ -66,6 +71,10 @@ pub enum Endpoint {
     Report(String),
     /// `POST /changesets`.
     Changeset,
+    /// `GET /ca`: the farm CA's certificate (public).
+    CaCert,
+    /// `POST /join`: a new agent redeems a one-time join token for its certificate.
+    Join,
 }
 
 /// Why a request names no endpoint.
@@ -156,6 +165,8 @@ impl Endpoint {
             }
             (&Method::POST, ["agents", name, "report"]) => Endpoint::Report(name.to_string()),
             (&Method::POST, ["changesets"]) => Endpoint::Changeset,
+            (_, ["ca"]) if read => Endpoint::CaCert,
+            (&Method::POST, ["join"]) => Endpoint::Join,
             (_, [first, ..]) if KNOWN.contains(first) => {
                 return Err(RouteError::Method {
                     method: method.clone(),
@@ -183,6 +194,7 @@ impl Endpoint {
             Endpoint::PutBlob(_) => WRITE,
             Endpoint::Upload | Endpoint::Commit(_) | Endpoint::Rollback => PUBLISH,
             Endpoint::Advance(_) | Endpoint::Report(_) | Endpoint::Changeset => AGENT,
+            Endpoint::CaCert | Endpoint::Join => PUBLIC,
         }
     }
 }
@@ -274,6 +286,8 @@ mod tests {
                 Endpoint::Commit(hash()),
                 PUBLISH,
             ),
+            (Method::GET, "/sync/v1/ca".into(), Endpoint::CaCert, PUBLIC),
+            (Method::POST, "/sync/v1/join".into(), Endpoint::Join, PUBLIC),
             (
                 Method::POST,
                 "/sync/v1/rollback".into(),

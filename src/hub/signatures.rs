@@ -52,7 +52,7 @@ impl Hub {
     ) -> Result<(), HubError> {
         if let Some(bad) = sigs.iter().find(|s| !s.verifies(&id)) {
             return Err(HubError::Bad(format!(
-                "the signature by key {} does not verify for release {id}: sign this release's id (lockstep publish --key signs what it uploads)",
+                "the signature by key {} does not verify for release {id}: sign this release's id (lockstep publish --sign-key signs what it uploads)",
                 bad.key.id()
             )));
         }

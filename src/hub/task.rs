@@ -1,5 +1,5 @@
-//! The hub's timer task: keeps [`Hub::behind`] current as reports, the state and the clock
-//! move, and advances a cycle itself when no agent has within
+//! The hub's timer task: keeps [`Hub::behind`] current as reports arrive and expire and the
+//! state and the clock move, and advances a cycle itself when no agent has within
 //! [`GRACE`](crate::sync::cycle::GRACE) of its activation. When it wakes is pure
 //! ([`next_wake`]); the task only sleeps, recomputes and calls the cycle compare-and-swap.
 
@@ -22,7 +22,7 @@ impl Hub {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut state_rx = self.state.subscribe();
         loop {
-            self.publish_behind();
+            let expires = self.publish_behind();
             let state = self.state();
             let now = self.now_us();
             if state.hub_advance_at().is_some_and(|at| now >= at) {
@@ -35,7 +35,7 @@ impl Hub {
                 }
                 continue;
             }
-            let wake = next_wake(&state, now);
+            let wake = next_wake(&state, now, expires);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = state_rx.changed() => {}
@@ -51,15 +51,19 @@ impl Hub {
         }
     }
 
-    /// Recomputes the agents behind and publishes the set if it changed.
-    fn publish_behind(&self) {
-        let behind = self.compute_behind();
+    /// Recomputes the agents behind and publishes the set if it changed; when the first
+    /// report still counting expires.
+    fn publish_behind(&self) -> Option<u64> {
+        let computed = self.compute_behind();
+        let behind = computed.names;
         self.metrics.behind.set(behind.len() as i64);
+        self.metrics.stale.set(computed.stale as i64);
         self.behind.send_if_modified(|b| {
             let changed = *b != behind;
             *b = behind;
             changed
         });
+        computed.next_expiry
     }
 
     /// The hub's own advance of `cycle`, its grace over: whether it promoted the release.
@@ -83,12 +87,14 @@ impl Hub {
 
 /// How long after `now` something changes by time alone: the activation, the end of the
 /// flip-report grace (agents still on the old release go behind), the end of an immediate
-/// changeset's settling time, or the end of the advance grace (the hub advances). `None`:
+/// changeset's settling time, the end of the advance grace (the hub advances), or `expires`,
+/// when the first report still counting expires (its agent is no longer behind). `None`:
 /// nothing does.
-pub fn next_wake(state: &HubState, now: u64) -> Option<Duration> {
+pub fn next_wake(state: &HubState, now: u64, expires: Option<u64>) -> Option<Duration> {
     fleet::next_change(state, now)
         .into_iter()
         .chain(state.hub_advance_at().filter(|&t| t > now))
+        .chain(expires.filter(|&t| t > now))
         .min()
         .map(|at| Duration::from_micros(at.saturating_sub(now)))
 }
@@ -212,12 +218,56 @@ mod tests {
         task.await.unwrap();
     }
 
+    /// A forged `active: null` takes its backend out of rotation only until the report
+    /// expires: the task wakes then and publishes the behind set without it.
+    #[tokio::test(start_paused = true)]
+    async fn a_report_nobody_renews_leaves_the_behind_set_when_it_expires() {
+        let fx = testing::hub(tokio_clock(100 * S));
+        let v1 = release(&fx.hub, &[("index.html", "v1")]).await;
+        let at = fx
+            .hub
+            .commit(v1, None, vec![])
+            .await
+            .unwrap()
+            .activation_us
+            .unwrap();
+        until(&fx.hub, at).await;
+        assert!(fx.hub.advance(0, Advancer::Agent).await.unwrap().advanced);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(fx.hub.clone().run(shutdown.clone()));
+        let forged_at = fx.hub.now_us();
+        fx.hub.report("web1", Report::default()).unwrap();
+        let mut behind = fx.hub.behind();
+        tokio::time::timeout(Duration::from_secs(1), behind.wait_for(|b| !b.is_empty()))
+            .await
+            .expect("web1 goes behind")
+            .unwrap();
+        tokio::time::timeout(
+            testing::REPORT_EXPIRY * 2,
+            behind.wait_for(|b| b.is_empty()),
+        )
+        .await
+        .expect("the forged report expires")
+        .unwrap();
+        let expiry = testing::REPORT_EXPIRY.as_micros() as u64;
+        assert!(fx.hub.now_us() >= forged_at + expiry);
+        assert!(fx.hub.now_us() < forged_at + expiry + S, "woken for it");
+        assert_eq!((fx.metrics.behind.get(), fx.metrics.stale.get()), (0, 1));
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
     #[test]
     fn the_task_wakes_at_the_activation_the_flip_grace_and_the_advance_grace() {
         assert_eq!(
-            next_wake(&HubState::default(), 5 * S),
+            next_wake(&HubState::default(), 5 * S, None),
             None,
             "nothing to wait for"
+        );
+        assert_eq!(
+            next_wake(&HubState::default(), 5 * S, Some(7 * S)),
+            Some(Duration::from_secs(2)),
+            "a report expires"
         );
         let state = HubState {
             staged: Some(Staged {
@@ -226,7 +276,7 @@ mod tests {
             }),
             ..HubState::default()
         };
-        let wake = |now| next_wake(&state, now).map(|d| d.as_micros() as u64);
+        let wake = |now| next_wake(&state, now, None).map(|d| d.as_micros() as u64);
         assert_eq!(wake(4 * S), Some(6 * S), "the activation");
         assert_eq!(
             wake(10 * S),

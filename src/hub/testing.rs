@@ -27,21 +27,32 @@ pub struct Fixture {
     pub dir: tempfile::TempDir,
 }
 
+/// Reports count for 90 s.
+pub const REPORT_EXPIRY: Duration = Duration::from_secs(90);
+
 /// Activations every 10 s, at least 3 s after the publish (so the replace guard is 2 s).
 pub fn rules() -> Rules {
     Rules::new(Duration::from_secs(10), Duration::from_secs(3))
 }
 
-/// A hub on `clock`, with [`rules`] and no tokens.
-pub fn hub(clock: Clock) -> Fixture {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = FsStore::open(dir.path()).expect("open the store");
-    let settings = Settings {
+/// [`rules`], no tokens, no CA, reports counting for [`REPORT_EXPIRY`].
+pub fn settings() -> Settings {
+    Settings {
         rules: rules(),
         tokens: Tokens::default(),
         gc: Gc::default(),
+        report_expiry: REPORT_EXPIRY,
         trusted_keys: None,
-    };
+        ca_dir: None,
+        revoked: Default::default(),
+    }
+}
+
+/// A hub on `clock`, with [`settings`].
+pub fn hub(clock: Clock) -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = FsStore::open(dir.path()).expect("open the store");
+    let settings = settings();
     let metrics = HubMetrics::default();
     let hub = Hub::new(Arc::new(store), settings, clock, metrics.clone()).expect("new hub");
     Fixture { hub, metrics, dir }

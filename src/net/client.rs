@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::respond::ErrorBody;
+use crate::config::tls::{FarmTrust, LoadedCert};
 
 /// What a client talks to; its errors say so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +124,56 @@ pub struct Answer {
     pub body: Bytes,
 }
 
+/// What an https client trusts and presents: the rustls client config.
+#[derive(Clone)]
+pub struct ClientTls(Arc<rustls::ClientConfig>);
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls")
+    }
+}
+
+impl ClientTls {
+    /// Trusting the CA certificates in `ca` (PEM), presenting no certificate.
+    pub fn ca_file(ca: &Path) -> Result<ClientTls, ClientError> {
+        let trust =
+            crate::config::tls::load_trust(ca, None).map_err(|(_, m)| ClientError::Tls(m))?;
+        ClientTls::farm(&trust, None)
+    }
+
+    /// Trusting the farm CA (and its revocation list), presenting `own` when asked.
+    pub fn farm(trust: &FarmTrust, own: Option<&LoadedCert>) -> Result<ClientTls, ClientError> {
+        super::tls::client_config(trust, own)
+            .map(ClientTls)
+            .map_err(ClientError::Tls)
+    }
+
+    /// Trusting any server: only to fetch what is then checked against a pinned hash (the
+    /// farm CA's certificate, when an agent joins).
+    pub fn unverified() -> ClientTls {
+        ClientTls(super::tls::client_config_unverified())
+    }
+
+    /// From files: the farm CA, its optional revocation list, and the party's own
+    /// certificate and key (`lockstep publish --cert --key`).
+    pub fn files(
+        ca: &Path,
+        crl: Option<&Path>,
+        own: Option<(&Path, &Path)>,
+    ) -> Result<ClientTls, ClientError> {
+        let trust =
+            crate::config::tls::load_trust(ca, crl).map_err(|(_, m)| ClientError::Tls(m))?;
+        let own = match own {
+            Some((cert, key)) => {
+                Some(crate::config::tls::load(cert, key).map_err(|(_, m)| ClientError::Tls(m))?)
+            }
+            None => None,
+        };
+        ClientTls::farm(&trust, own.as_ref())
+    }
+}
+
 struct Target {
     remote: Remote,
     url: String,
@@ -150,18 +201,19 @@ impl HttpClient {
     pub fn hub(
         url: &str,
         token: Option<String>,
-        ca_file: Option<&Path>,
+        tls: Option<&ClientTls>,
     ) -> Result<HttpClient, ClientError> {
-        HttpClient::new(Remote::Hub, url, token, ca_file)
+        HttpClient::new(Remote::Hub, url, token, tls)
     }
 
     /// A client of `remote` at `url` (`http://host:port` or `https://host:port`), sending
-    /// `token`; for https, `ca_file` (PEM) holds the CA that signed the remote's certificate.
+    /// `token`; for https, `tls` says which CA signed the remote's certificate and which
+    /// certificate this party presents.
     pub fn new(
         remote: Remote,
         url: &str,
         token: Option<String>,
-        ca_file: Option<&Path>,
+        tls: Option<&ClientTls>,
     ) -> Result<HttpClient, ClientError> {
         let bad = |m: &str| ClientError::Url {
             remote,
@@ -186,43 +238,18 @@ impl HttpClient {
             .to_string();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tls = if https {
-            let ca = ca_file.ok_or_else(|| {
+            let config = tls.ok_or_else(|| {
                 ClientError::Tls(format!(
-                    "{remote} {url} is https: name the CA that signed its certificate (agent `hub_ca:`, or --ca-file)"
+                    "{remote} {url} is https: name the CA that signed its certificate (agent `tls.ca`, or --ca-file)"
                 ))
             })?;
-            let pem = std::fs::read(ca).map_err(|e| {
-                ClientError::Tls(format!("cannot read CA file {}: {e}", ca.display()))
-            })?;
-            let mut roots = rustls::RootCertStore::empty();
-            use rustls_pki_types::pem::PemObject;
-            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-                let cert =
-                    cert.map_err(|e| ClientError::Tls(format!("CA file {}: {e}", ca.display())))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| ClientError::Tls(format!("CA file {}: {e}", ca.display())))?;
-            }
-            if roots.is_empty() {
-                return Err(ClientError::Tls(format!(
-                    "CA file {} holds no certificate",
-                    ca.display()
-                )));
-            }
-            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Tls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
             let name = ServerName::try_from(host.clone())
                 .map_err(|_| bad("host is not a valid TLS server name"))?;
-            Some((TlsConnector::from(Arc::new(config)), name))
+            Some((TlsConnector::from(config.0.clone()), name))
         } else {
             None
         };
-        Ok(HttpClient {
+        let mut client = HttpClient {
             target: Arc::new(Target {
                 remote,
                 url: url.trim_end_matches('/').to_string(),
@@ -230,14 +257,35 @@ impl HttpClient {
                 port,
                 tls,
             }),
-            token: token.map(Arc::from),
+            token: None,
             idle: Arc::new(Mutex::new(Vec::new())),
-        })
+        };
+        // A bearer token never leaves the host: off loopback, the farm certificate is the
+        // credential, and a token on the wire is one an eavesdropper or a rogue remote keeps.
+        if client.is_loopback() {
+            client.token = token.map(Arc::from);
+        }
+        Ok(client)
     }
 
     /// The URL called.
     pub fn url(&self) -> &str {
         &self.target.url
+    }
+
+    /// Whether the remote is on this host (`localhost` or a loopback address): the one case
+    /// where plain HTTP and bearer tokens are acceptable.
+    pub fn is_loopback(&self) -> bool {
+        let host = self.target.host.as_str();
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.to_canonical().is_loopback())
+    }
+
+    /// Whether the remote is called over TLS.
+    pub fn is_https(&self) -> bool {
+        self.target.tls.is_some()
     }
 
     fn transport(&self, message: impl std::fmt::Display) -> ClientError {

@@ -10,7 +10,11 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls_pki_types::CertificateDer;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -62,6 +66,32 @@ pub trait ResponseBody:
 impl<B> ResponseBody for B where
     B: http_body::Body<Data: Send, Error: Into<ConnError>> + Send + 'static
 {
+}
+
+/// The client certificate a TLS connection presented (verified by the listener's client
+/// verifier), put in every request's extensions: who the peer is.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate(pub Arc<CertificateDer<'static>>);
+
+/// A service that tags each request with the connection's client certificate.
+#[derive(Clone)]
+struct WithCert<S> {
+    inner: S,
+    cert: PeerCertificate,
+}
+
+impl<S> hyper::service::Service<Request<Incoming>> for WithCert<S>
+where
+    S: hyper::service::Service<Request<Incoming>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.cert.clone());
+        self.inner.call(req)
+    }
 }
 
 /// Largest request head (request line + headers) accepted; bigger ones get 431.
@@ -124,7 +154,21 @@ pub async fn serve_connection<S, B>(
         Some(acceptor) => {
             match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await
             {
-                Ok(Ok(tls)) => serve_io(&builder, tls, settings.idle_timeout, svc, shutdown).await,
+                Ok(Ok(tls)) => {
+                    let cert = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| PeerCertificate(Arc::new(c.clone().into_owned())));
+                    match cert {
+                        None => serve_io(&builder, tls, settings.idle_timeout, svc, shutdown).await,
+                        Some(cert) => {
+                            let svc = WithCert { inner: svc, cert };
+                            serve_io(&builder, tls, settings.idle_timeout, svc, shutdown).await
+                        }
+                    }
+                }
                 Ok(Err(e)) => {
                     debug!(error = %e, "TLS handshake failed");
                     return;
@@ -183,6 +227,40 @@ where
     }
 }
 
+/// TLS of an [`HttpServer`].
+#[derive(Clone)]
+pub struct ServerTls {
+    /// The rustls config, read at each accept: a reload swaps it (new certificates, a new
+    /// revocation list) without a restart.
+    pub config: Arc<ArcSwap<rustls::ServerConfig>>,
+    /// Also serve plain HTTP on the same port, told apart by the first byte (a TLS handshake
+    /// starts with 0x16, an HTTP request with a letter): an agent serves its content in plain
+    /// HTTP to the local web server and speaks TLS with its peers.
+    pub plaintext_too: bool,
+}
+
+impl ServerTls {
+    /// TLS only, with `config`.
+    pub fn only(config: Arc<rustls::ServerConfig>) -> ServerTls {
+        ServerTls {
+            config: Arc::new(ArcSwap::new(config)),
+            plaintext_too: false,
+        }
+    }
+
+    /// The acceptor for a connection starting now: `None` for a plain-HTTP one.
+    async fn acceptor(&self, stream: &TcpStream, deadline: Duration) -> Option<TlsAcceptor> {
+        if self.plaintext_too {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] == 0x16 => {}
+                _ => return None,
+            }
+        }
+        Some(TlsAcceptor::from(self.config.load_full()))
+    }
+}
+
 /// An HTTP listener: the accept loop and [`serve_connection`] for every connection, all
 /// answered by one handler.
 #[derive(Clone)]
@@ -190,7 +268,7 @@ pub struct HttpServer {
     /// Names the listener in logs ("admin", "sync", "agent", …).
     pub name: &'static str,
     /// TLS, when the listener terminates it.
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<ServerTls>,
     /// Timeouts and limits of each connection.
     pub settings: ConnSettings,
 }
@@ -231,8 +309,14 @@ impl HttpServer {
                 async move { Ok::<_, Infallible>(f.await) }
             });
             Accepted::Serve(
-                async move { serve_connection(stream, tls, &settings, svc, &shutdown).await }
-                    .instrument(debug_span!("conn", client.addr = %peer, listener = self.name)),
+                async move {
+                    let tls = match &tls {
+                        Some(t) => t.acceptor(&stream, settings.header_read_timeout).await,
+                        None => None,
+                    };
+                    serve_connection(stream, tls, &settings, svc, &shutdown).await
+                }
+                .instrument(debug_span!("conn", client.addr = %peer, listener = self.name)),
             )
         })
         .await

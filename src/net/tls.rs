@@ -1,6 +1,8 @@
-//! TLS termination: a rustls server config whose certificate is picked by SNI among the
-//! listener's certificates (exact names first, then `*.` wildcards, then the first
-//! certificate as the default), with ALPN offering h2 and http/1.1.
+//! TLS configs: a server config whose certificate is picked by SNI among the listener's
+//! certificates (exact names first, then `*.` wildcards, then the first certificate as the
+//! default), with ALPN offering h2 and http/1.1, optionally asking clients for a farm-CA
+//! certificate (mutual TLS on the sync plane); and the client config of the control plane,
+//! trusting the farm CA and presenting the party's own certificate.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::config::tls::LoadedCert;
+use crate::config::tls::{FarmTrust, LoadedCert};
 
 /// Picks a certificate by the client's SNI.
 #[derive(Debug)]
@@ -64,15 +66,146 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
 /// A rustls server config for a listener's certificates.
 pub fn server_config(certs: &[LoadedCert]) -> Arc<rustls::ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    server_config_with(certs, None)
+}
+
+/// A rustls server config for `certs` that asks clients for a certificate of `clients`' CA
+/// (checked against its revocation list). A client without one may still connect: what it
+/// may do without an identity is the application's decision (loopback and bearer tokens).
+pub fn server_config_with(
+    certs: &[LoadedCert],
+    clients: Option<&FarmTrust>,
+) -> Arc<rustls::ServerConfig> {
     // The ring provider supports the default protocol versions, so this cannot fail.
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .expect("ring supports TLS 1.2 and 1.3")
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver::new(certs)));
+        .expect("ring supports TLS 1.2 and 1.3");
+    let builder = match clients.and_then(client_verifier) {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_cert_resolver(Arc::new(SniResolver::new(certs)));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(cfg)
+}
+
+fn client_verifier(
+    trust: &FarmTrust,
+) -> Option<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    // Fails only for an empty root store or unparsable CRLs, which loading refused already.
+    rustls::server::WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider())
+        .with_crls(trust.crls.iter().cloned())
+        .allow_unauthenticated()
+        .build()
+        .ok()
+}
+
+/// A rustls client config trusting `trust`'s CA (and its revocation list), presenting `own`
+/// (a farm-CA certificate) when the server asks for one.
+pub fn client_config(
+    trust: &FarmTrust,
+    own: Option<&LoadedCert>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        trust.roots.clone(),
+        provider(),
+    )
+    .with_crls(trust.crls.iter().cloned())
+    .build()
+    .map_err(|e| e.to_string())?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_webpki_verifier(verifier);
+    let cfg = match own {
+        Some(c) => builder.with_client_cert_resolver(Arc::new(OwnCert(c.key.clone()))),
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// A client's one certificate, presented whenever the server asks.
+#[derive(Debug)]
+struct OwnCert(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for OwnCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A client config that accepts any server certificate. Only for `lockstep agent join`'s
+/// first request, which fetches the farm CA's certificate and checks it against the
+/// fingerprint the operator pinned before anything secret is sent; every other connection
+/// verifies the server.
+pub fn client_config_unverified() -> Arc<rustls::ClientConfig> {
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider())))
+        .with_no_client_auth();
+    Arc::new(cfg)
+}
+
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

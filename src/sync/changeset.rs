@@ -20,6 +20,20 @@ pub const MAX_CHANGES: usize = 100_000;
 /// Most bytes of new content one changeset may carry.
 pub const MAX_CHANGESET_BYTES: u64 = 1024 * 1024 * 1024;
 
+/// How far a changeset's `seq` and `detected_us` may be ahead of the receiver's clock (the
+/// hub's receive time, or a peer's estimate of hub time), µs.
+///
+/// Both numbers are hub time as the origin estimated it when it detected the edit, and the
+/// edit travels after it was detected, so an honest one is *behind* the receiver's clock
+/// except for clock error: each agent's estimate is good to ε, half the round trip of the best
+/// of eight `/time` samples (well under a millisecond on a LAN, a few ms across sites,
+/// [`crate::sync::clock`]), re-measured every 30 s, drifting at most a few ms in between
+/// (100 ppm); a peer adds its own ε. One second is hundreds of times that, so no honest
+/// changeset comes near it, while a forged `seq = u64::MAX` (which would answer every later
+/// edit of that origin "duplicate") or a `detected_us` a day ahead (which would win every
+/// conflict and never be pruned) is refused.
+pub const MAX_AHEAD_US: u64 = 1_000_000;
+
 /// What a detected change becomes (`watch.mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -85,6 +99,47 @@ pub enum ChangesetError {
         /// Why.
         source: ManifestError,
     },
+    /// A number is ahead of the receiver's clock by more than [`MAX_AHEAD_US`].
+    #[error(
+        "changeset {name} refused: {field} {value} is beyond {bound}, the receiver's hub time \
+         plus {allowance} s for clock error ({field} is hub time in µs when the edit was detected)",
+        allowance = MAX_AHEAD_US as f64 / 1e6
+    )]
+    Ahead {
+        /// origin/seq.
+        name: String,
+        /// Which number.
+        field: TimeField,
+        /// Its value.
+        value: u64,
+        /// The largest value accepted at that moment.
+        bound: u64,
+    },
+}
+
+/// The numbers of a changeset that are hub time, bounded by [`Changeset::check_time`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeField {
+    /// [`Changeset::seq`].
+    Seq,
+    /// [`Changeset::detected_us`].
+    DetectedUs,
+}
+
+impl TimeField {
+    /// The field's name on the wire (and in metric labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeField::Seq => "seq",
+            TimeField::DetectedUs => "detected_us",
+        }
+    }
+}
+
+impl std::fmt::Display for TimeField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Changeset {
@@ -135,6 +190,27 @@ impl Changeset {
         Ok(())
     }
 
+    /// Checks that its hub-time numbers (`seq`, `detected_us`) are not ahead of `now_us`, the
+    /// receiver's hub time, by more than [`MAX_AHEAD_US`]: the whole changeset is refused
+    /// otherwise. Numbers in the past are fine (an edit may wait in an outbox for days).
+    pub fn check_time(&self, now_us: u64) -> Result<(), ChangesetError> {
+        let bound = now_us.saturating_add(MAX_AHEAD_US);
+        for (field, value) in [
+            (TimeField::Seq, self.seq),
+            (TimeField::DetectedUs, self.detected_us),
+        ] {
+            if value > bound {
+                return Err(ChangesetError::Ahead {
+                    name: self.name(),
+                    field,
+                    value,
+                    bound,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The blobs its new files need, each once.
     pub fn blobs(&self) -> Vec<(Hash, u64)> {
         let mut seen = std::collections::BTreeSet::new();
@@ -145,6 +221,23 @@ impl Changeset {
             .map(|e| (e.hash, e.size))
             .collect()
     }
+}
+
+/// The sequence number of the next changeset an agent emits: above its own last one
+/// (`last_seq`, from its store), above the hub's record of this origin (`hub_applied`, the
+/// highest sequence of it the hub applied: what a reinstalled or restored agent resumes from),
+/// and at least hub time now (`hub_now`, the agent's estimate), so a wiped store never reuses
+/// a number. `None` while either the hub's record or a clock estimate is missing: the agent
+/// must not number an edit before it has both (a number below the hub's record is answered
+/// "duplicate" and the edit dropped; one from a wrong clock is refused as ahead).
+pub fn next_seq(last_seq: u64, hub_applied: Option<u64>, hub_now: Option<u64>) -> Option<u64> {
+    let (applied, now) = (hub_applied?, hub_now?);
+    Some(
+        last_seq
+            .saturating_add(1)
+            .max(applied.saturating_add(1))
+            .max(now),
+    )
 }
 
 /// Agent names: 1–64 bytes of `[A-Za-z0-9._-]` (they are path segments and metric labels).
@@ -424,6 +517,73 @@ mod tests {
         assert!(covers(&hub, &[("a".into(), 3)].into()));
         assert!(!covers(&hub, &[("a".into(), 4)].into()));
         assert!(!covers(&hub, &[("c".into(), 1)].into()));
+    }
+
+    #[test]
+    fn numbers_ahead_of_the_receivers_clock_are_refused_naming_the_field_and_bound() {
+        let now = 1_700_000_000_000_000;
+        let mut c = cs("n1", now, diff(&BTreeMap::new(), &files(&[("a", "1")])));
+        c.seq = now;
+        assert!(c.check_time(now).is_ok());
+        // Within the allowance for clock error, and anything in the past: fine.
+        c.seq = now + MAX_AHEAD_US;
+        c.detected_us = now + MAX_AHEAD_US;
+        assert!(c.check_time(now).is_ok());
+        c.seq = 1;
+        c.detected_us = 0;
+        assert!(c.check_time(now).is_ok());
+        // seq = u64::MAX would silence the origin for good.
+        c.seq = u64::MAX;
+        let e = c.check_time(now).unwrap_err();
+        assert_eq!(
+            e,
+            ChangesetError::Ahead {
+                name: format!("n1/{}", u64::MAX),
+                field: TimeField::Seq,
+                value: u64::MAX,
+                bound: now + MAX_AHEAD_US,
+            }
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!(
+                "seq {} is beyond {}",
+                u64::MAX,
+                now + MAX_AHEAD_US
+            )),
+            "{text}"
+        );
+        // A day ahead would win every conflict.
+        c.seq = now;
+        c.detected_us = now + 86_400_000_000;
+        assert!(matches!(
+            c.check_time(now),
+            Err(ChangesetError::Ahead {
+                field: TimeField::DetectedUs,
+                ..
+            })
+        ));
+        // One µs over the bound is over; a clock at the end of time does not overflow.
+        c.detected_us = now + MAX_AHEAD_US + 1;
+        assert!(c.check_time(now).is_err());
+        assert!(c.check_time(u64::MAX).is_ok());
+    }
+
+    #[test]
+    fn sequence_numbers_resume_above_the_hubs_record_and_wait_for_it_and_the_clock() {
+        // A reinstalled agent (nothing in its store) whose estimate of hub time is behind what
+        // the hub recorded of its earlier life: it numbers above the record.
+        assert_eq!(next_seq(0, Some(5_000), Some(4_000)), Some(5_001));
+        // Normally hub time leads.
+        assert_eq!(next_seq(0, Some(5_000), Some(9_000)), Some(9_000));
+        // Its own last number, when the hub has not heard of it yet (the outbox).
+        assert_eq!(next_seq(9_500, Some(5_000), Some(9_000)), Some(9_501));
+        // A hub that has no record of it: 0.
+        assert_eq!(next_seq(0, Some(0), Some(7)), Some(7));
+        // Not before both are known.
+        assert_eq!(next_seq(9_500, None, Some(9_000)), None);
+        assert_eq!(next_seq(9_500, Some(5_000), None), None);
+        assert_eq!(next_seq(u64::MAX, Some(u64::MAX), Some(1)), Some(u64::MAX));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::changeset::{Applied, Stamp, Stamps};
+use super::changeset::{Applied, Stamp, Stamps, MAX_AHEAD_US};
 use super::manifest::ReleaseId;
 use super::schedule::{Rules, ScheduleError};
 
@@ -75,6 +75,17 @@ pub struct Queued {
     pub id: ReleaseId,
     /// The publisher's explicit activation time, if any.
     pub at_us: Option<u64>,
+}
+
+/// What [`HubState::heal`] put right.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Healed {
+    /// The state with the numbers brought back.
+    pub state: HubState,
+    /// Origins whose recorded sequence was ahead.
+    pub origins: Vec<String>,
+    /// Paths whose last-write stamp was ahead.
+    pub paths: usize,
 }
 
 /// What a publish did.
@@ -240,6 +251,41 @@ impl HubState {
                 (next, Published::Staged(at))
             }
         }
+    }
+
+    /// The state with every changeset number it recorded ahead of `now_us` by more than
+    /// [`MAX_AHEAD_US`] brought back to `now_us`; `None` when there is none. Such numbers come
+    /// from a changeset accepted before the hub bounded them (a `seq = u64::MAX` that would
+    /// answer every later edit of its origin "duplicate", a stamp a day ahead that would win
+    /// every conflict), or from a hub clock stepped back since: either way no honest changeset
+    /// can pass them. Brought back to `now_us`, not dropped, so the changesets the hub has
+    /// applied stay duplicates and the paths keep their last writer.
+    pub fn heal(&self, now_us: u64) -> Option<Healed> {
+        let bound = now_us.saturating_add(MAX_AHEAD_US);
+        let mut next = self.clone();
+        let mut origins = Vec::new();
+        for (origin, seq) in next.applied.iter_mut() {
+            if *seq > bound {
+                *seq = now_us;
+                origins.push(origin.clone());
+            }
+        }
+        let mut paths = 0;
+        for stamp in next.stamps.values_mut() {
+            if stamp.at_us > bound {
+                stamp.at_us = now_us;
+                paths += 1;
+            }
+        }
+        if origins.is_empty() && paths == 0 {
+            return None;
+        }
+        next.version += 1;
+        Some(Healed {
+            state: next,
+            origins,
+            paths,
+        })
     }
 
     /// The release a scheduled changeset applies to: the queued, else the staged, else the
@@ -466,6 +512,44 @@ mod tests {
         let s3 = s2.forward_immediate(fwd("a", 1, "y", later), id(13), None, None, later);
         assert!(!s3.stamps.contains_key("x") && s3.stamps.contains_key("y"));
         assert_eq!(s3.applied["a"], 1);
+    }
+
+    #[test]
+    fn numbers_recorded_ahead_of_the_clock_are_brought_back() {
+        let now = 1_000 * S;
+        let s = HubState {
+            version: 7,
+            applied: [
+                ("silenced".to_string(), u64::MAX),
+                ("honest".to_string(), now - S),
+                ("edge".to_string(), now + MAX_AHEAD_US),
+            ]
+            .into(),
+            stamps: [
+                (
+                    "a".to_string(),
+                    fwd("x", 1, "a", now + 86_400 * S).written[0].1.clone(),
+                ),
+                (
+                    "b".to_string(),
+                    fwd("y", 1, "b", now - S).written[0].1.clone(),
+                ),
+            ]
+            .into(),
+            ..HubState::default()
+        };
+        let h = s.heal(now).unwrap();
+        assert_eq!(h.origins, ["silenced"]);
+        assert_eq!(h.paths, 1);
+        assert_eq!(h.state.version, 8);
+        assert_eq!(h.state.applied["silenced"], now);
+        assert_eq!(h.state.applied["honest"], now - S);
+        assert_eq!(h.state.applied["edge"], now + MAX_AHEAD_US);
+        assert_eq!(h.state.stamps["a"].at_us, now);
+        assert_eq!(h.state.stamps["a"].origin, "x");
+        assert_eq!(h.state.stamps["b"], s.stamps["b"]);
+        assert_eq!(h.state.heal(now), None, "nothing left to heal");
+        assert_eq!(HubState::default().heal(now), None);
     }
 
     #[test]

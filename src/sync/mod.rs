@@ -15,6 +15,8 @@
 //! - [`tree`]: a directory → a manifest and the files holding its blobs
 //! - [`beneath`]: open, create, rename, remove beneath a directory handle, never through a symlink
 //! - [`auth`]: bearer tokens, compared in constant time
+//! - [`caller`]: who calls — a farm-CA certificate, or a token from loopback — acting only as itself (pure)
+//! - [`identity`]: the party a farm-CA certificate names (`urn:lockstep:<kind>:<name>`) (pure)
 //! - [`provenance`]: what a hub-built release was made of, and the check agents make of it (pure)
 //! - [`sign`]: publisher keys and Ed25519 release signatures; the trusted keys that check them
 //!
@@ -23,10 +25,12 @@
 
 pub mod auth;
 pub mod beneath;
+pub mod caller;
 pub mod changeset;
 pub mod clock;
 pub mod cycle;
 pub mod gc;
+pub mod identity;
 pub mod manifest;
 pub mod protocol;
 pub mod provenance;

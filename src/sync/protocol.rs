@@ -1,5 +1,6 @@
-//! The messages of the sync API (`/sync/v1/*`), JSON over HTTP/1.1 or h2 with
-//! `Authorization: Bearer <token>`. Times are µs since the Unix epoch on the hub's clock.
+//! The messages of the sync API (`/sync/v1/*`), JSON over HTTP/1.1 or h2. Callers are named by
+//! their farm-CA client certificate (mutual TLS), or from loopback by
+//! `Authorization: Bearer <token>` (see [`super::caller`]). Times are µs since the Unix epoch on the hub's clock.
 //!
 //! | request | token | answer |
 //! |---|---|---|
@@ -14,10 +15,12 @@
 //! | `POST /sync/v1/releases/{id}/commit` ([`Commit`]) | publish | [`Committed`]; 409 while blobs are missing; 400 for a signature that does not verify; 403 when `sync.trusted_keys` is set and none of the release's signatures is a trusted key's |
 //! | `POST /sync/v1/rollback` | publish | [`Committed`] for the previous release |
 //! | `POST /sync/v1/cycles/{n}/advance` | agent | [`Advanced`] |
-//! | `POST /sync/v1/agents/{name}/report` ([`Report`]) | agent | 204 |
+//! | `POST /sync/v1/agents/{name}/report` ([`Report`]) | agent | 204; 400 when `serve` is not an `ip:port`; 409 for a new name while the agent table is full of fresh reports |
 //! | `GET /sync/v1/agents` | agent or publish | [`Fleet`] |
 //! | `PUT /sync/v1/blobs/{hash}` (bytes) | agent | as for publish: the blobs of a changeset |
-//! | `POST /sync/v1/changesets` ([`Changeset`]) | agent | [`ChangesetReply`] |
+//! | `POST /sync/v1/changesets` ([`Changeset`]) | agent | [`ChangesetReply`]; 400 when `seq` or `detected_us` is ahead of the hub's receive time by more than [`MAX_AHEAD_US`](super::changeset::MAX_AHEAD_US) |
+//! | `GET /sync/v1/ca` | anyone | the farm CA's certificate (PEM), with `sync.tls.ca_dir` |
+//! | `POST /sync/v1/join` ([`JoinRequest`]) | anyone with a one-time join token | the agent's certificate, the CA and its revocation list (`ca::Joined`); 403 for an unknown, used or expired token |
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed), 401 (no or wrong token), 403 (the
 //! token's role may not do this, or an untrusted release), 404 (unknown release or blob), 409
@@ -27,6 +30,7 @@
 //! a commit without any (an older publisher's body) parses as before. A rollback stages the
 //! previous release with the signatures it was committed with.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +49,38 @@ pub const LONG_POLL: Duration = Duration::from_secs(25);
 pub const MAX_JSON_BYTES: usize = 128 * 1024 * 1024;
 /// Header naming the release a response of the agent came from.
 pub const RELEASE_HEADER: &str = "x-lockstep-release";
+/// An agent reports at least this often (and at once on every change).
+pub const REPORT_REFRESH: Duration = Duration::from_secs(30);
+/// How long the hub counts a report that is not renewed (`sync.report_expiry`): three
+/// [`REPORT_REFRESH`] intervals, so one or two reports lost on the way (a hub restart, a
+/// network blip) do not make a live agent stale, while a report nobody renews — an agent gone,
+/// or a forged `active: null` — stops steering the proxy and DNS within 90 s.
+pub const DEFAULT_REPORT_EXPIRY: Duration = Duration::from_secs(90);
+
+/// `POST /join`: a new agent's one-time token and the public key its certificate is made for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The token `lockstep ca join-token` printed.
+    pub token: String,
+    /// The agent's Ed25519 public key, 32 bytes in hex (its private key stays on the agent).
+    pub public_key: String,
+}
+
+impl JoinRequest {
+    /// The public key's bytes, if it is 64 hex digits.
+    pub fn key_bytes(&self) -> Option<[u8; 32]> {
+        let s = self.public_key.trim();
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(out)
+    }
+}
 
 /// `GET /time`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,9 +228,31 @@ pub struct Report {
     /// The last problem, if staging or activation is failing.
     #[serde(default)]
     pub error: Option<String>,
-    /// Where it serves its active release (`ip:port`).
+    /// Where it serves its active release (`ip:port`, see [`parse_serve`]).
     #[serde(default)]
     pub serve: Option<String>,
+}
+
+impl Report {
+    /// The `serve` address, checked: `None` when absent, an error when it is not an `ip:port`.
+    /// The hub refuses a report whose address fails ([`parse_serve`]); binding the address to
+    /// the reporting agent's identity is for the caller.
+    pub fn serve_addr(&self) -> Result<Option<SocketAddr>, BadServe> {
+        self.serve.as_deref().map(parse_serve).transpose()
+    }
+}
+
+/// A `serve` address that is not an `ip:port`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("serve `{0}` is not an ip:port address: write e.g. \"127.0.0.1:8081\" or \"[2001:db8::1]:8081\"")]
+pub struct BadServe(pub String);
+
+/// Where an agent serves, as its config (`serve:`) and its reports give it: exactly an
+/// `ip:port` (peers are sent changesets and the agent token there, so no host name to resolve,
+/// no path, no scheme). Shown cut to 80 characters in the error.
+pub fn parse_serve(s: &str) -> Result<SocketAddr, BadServe> {
+    s.parse()
+        .map_err(|_| BadServe(s.chars().take(80).collect()))
 }
 
 /// One agent as the hub last heard of it.
@@ -206,8 +264,12 @@ pub struct AgentView {
     pub report: Report,
     /// Hub time of the report.
     pub reported_us: u64,
-    /// Whether its active release is the hub's.
+    /// Whether its active release is the hub's (never for a stale report).
     pub current: bool,
+    /// Its report is older than the hub's `report_expiry`: what it said no longer counts (the
+    /// agent is neither current nor behind; it is not offered to peers).
+    #[serde(default)]
+    pub stale: bool,
 }
 
 /// `POST /changesets`: what the hub did with a changeset.
@@ -360,6 +422,43 @@ mod tests {
         }
         let unknown = r#"{"state":"maybe","missing":[],"release":null,"conflicts":[]}"#;
         assert!(serde_json::from_str::<ChangesetReply>(unknown).is_err());
+    }
+
+    #[test]
+    fn serve_addresses_are_exactly_ip_port() {
+        for ok in [
+            "127.0.0.1:8081",
+            "10.0.0.2:80",
+            "[::1]:8081",
+            "[2001:db8::1]:443",
+        ] {
+            assert_eq!(parse_serve(ok).unwrap(), ok.parse::<SocketAddr>().unwrap());
+        }
+        for bad in [
+            "",
+            "localhost:8081",
+            "127.0.0.1",
+            "http://127.0.0.1:8081",
+            "127.0.0.1:8081/x",
+            " 127.0.0.1:8081",
+            "evil.example:443",
+            "::1:8081",
+        ] {
+            let e = parse_serve(bad).unwrap_err();
+            assert!(e.to_string().contains("is not an ip:port"), "{bad}: {e}");
+        }
+        let long = "x".repeat(500);
+        assert_eq!(parse_serve(&long).unwrap_err().0.len(), 80);
+        let report = |serve: Option<&str>| Report {
+            serve: serve.map(str::to_string),
+            ..Report::default()
+        };
+        assert_eq!(report(None).serve_addr(), Ok(None));
+        assert_eq!(
+            report(Some("[::1]:9")).serve_addr(),
+            Ok(Some("[::1]:9".parse().unwrap()))
+        );
+        assert!(report(Some("attacker.example:80")).serve_addr().is_err());
     }
 
     #[test]

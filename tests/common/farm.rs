@@ -195,7 +195,7 @@ impl Farm {
             .arg(self.path("publish.token"))
             .args(["--at", at]);
         for k in keys {
-            cmd.arg("--key").arg(self.path(k));
+            cmd.arg("--sign-key").arg(self.path(k));
         }
         let o = cmd.arg(site).output().unwrap();
         let out = String::from_utf8_lossy(&o.stdout).to_string();

@@ -48,6 +48,7 @@ use crate::agent::release::Release;
 use crate::agent::stage::{StageError, Stager};
 use crate::agent::state::AgentState;
 use crate::net::client::HttpClient;
+use crate::sync::changeset::Applied;
 use crate::sync::clock::{Anchor, Offset};
 use crate::sync::gc::Gc;
 use crate::sync::manifest::ReleaseId;
@@ -77,7 +78,8 @@ pub struct Handles {
     pub report: watch::Sender<Report>,
     /// Asks the measurer for a fresh estimate.
     pub measure_now: Arc<Notify>,
-    /// The local-edit thread, told of every release change.
+    /// The local-edit thread, told of every release change and of the hub's record of
+    /// applied changesets (once the clock is measured).
     pub local: Option<mpsc::UnboundedSender<Input>>,
 }
 
@@ -111,6 +113,12 @@ pub struct Controller {
     fired_tx: mpsc::UnboundedSender<Fired<Tag>>,
     fired_rx: mpsc::UnboundedReceiver<Fired<Tag>>,
     installing: JoinSet<Installed>,
+    /// Whether the measurer has produced an estimate of the hub's clock.
+    measured: bool,
+    /// The hub's record of applied changesets, from the latest schedule.
+    hub_record: Option<Applied>,
+    /// The record last passed to the local-edit thread.
+    told: Option<Applied>,
 }
 
 impl Controller {
@@ -126,7 +134,25 @@ impl Controller {
             fired_tx,
             fired_rx,
             installing: JoinSet::new(),
+            measured: false,
+            hub_record: None,
+            told: None,
         }
+    }
+
+    /// Passes the hub's record of applied changesets to the local-edit thread once the clock
+    /// is measured too (and again whenever it changes): it numbers no changeset before, and
+    /// numbers above its own entry after.
+    fn tell_local(&mut self) {
+        let (Some(local), true, Some(record)) = (&self.io.local, self.measured, &self.hub_record)
+        else {
+            return;
+        };
+        if self.told.as_ref() == Some(record) {
+            return;
+        }
+        let _ = local.send(Input::Hub(record.clone()));
+        self.told = Some(record.clone());
     }
 
     /// Runs until `shutdown`.
@@ -273,6 +299,8 @@ impl Controller {
 
     fn on_clock(&mut self, o: Option<Offset>) {
         let Some(o) = o else { return };
+        self.measured = true;
+        self.tell_local();
         self.io.metrics.clock_offset.set(o.offset_us as f64 / 1e6);
         self.io.metrics.clock_error.set(o.error_us as f64 / 1e6);
         self.update_report(|r| {
@@ -285,6 +313,8 @@ impl Controller {
     }
 
     fn on_schedule(&mut self, s: Schedule) {
+        self.hub_record = Some(s.applied.clone());
+        self.tell_local();
         if self.core.on_schedule(s, Instant::now()) {
             self.io.measure_now.notify_one();
         }

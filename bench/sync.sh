@@ -20,6 +20,9 @@
 # Everything shares two cores, so the agents, the pollers and wrk compete: read the skew as an
 # upper bound. Env: AGENTS, FLIPS, LOAD_FLIPS, FILES (10000), PAUSE_US (200: each poller sleeps
 # this long between polls, leaving the cores to the agents), KEEP=1 keeps the working directory.
+# TRUST=1: the farm as it runs between hosts: a farm CA (`lockstep ca`), mutual TLS on every
+# link (hub, agents, publisher each with its own certificate), releases signed
+# (`lockstep keygen`, `publish --sign-key`) and verified by every agent (`trusted_keys`).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -45,6 +48,27 @@ umask 077
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > agent.token
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > publish.token
 hub_port=7790
+hub_tls=""; agent_tls() { :; }; pub_args=(--token-file publish.token); sign_args=()
+curl_auth=(-H "Authorization: Bearer $(cat agent.token)")
+scheme=http
+if [ -n "${TRUST:-}" ]; then
+  scheme=https
+  "$bin" ca init --dir ca --farm bench > /dev/null
+  mkdir -p pki
+  "$bin" ca issue lb --role hub --ip 127.0.0.1 --dir ca --out pki > /dev/null
+  "$bin" ca issue ci --role publisher --dir ca --out pki > /dev/null
+  for i in $(seq 1 "$agents"); do "$bin" ca issue "web-$i" --role agent --ip 127.0.0.1 --dir ca --out pki > /dev/null; done
+  "$bin" keygen --out publisher.key > /dev/null
+  hub_tls="  tls:
+    certificates: [{ cert: pki/lb.crt, key: pki/lb.key }]
+    client_ca: ca/ca.crt
+    crl: ca/crl.pem
+  trusted_keys: [publisher.key.pub]"
+  agent_tls() { printf 'tls: { ca: %s/ca/ca.crt, crl: %s/ca/crl.pem, cert: %s/pki/web-%s.crt, key: %s/pki/web-%s.key }\ntrusted_keys: [%s/publisher.key.pub]\n' "$work" "$work" "$work" "$1" "$work" "$1" "$work"; }
+  pub_args=(--ca-file ca/ca.crt --cert pki/ci.crt --key pki/ci.key)
+  sign_args=(--sign-key publisher.key)
+  curl_auth=(--cacert ca/ca.crt --cert pki/ci.crt --key pki/ci.key)
+fi
 cat > hub.yaml <<EOF
 sync:
   bind: "127.0.0.1:$hub_port"
@@ -53,12 +77,13 @@ sync:
   lead: 1s
   agent_token_file: agent.token
   publish_token_file: publish.token
+$hub_tls
 admin:
   bind: "127.0.0.1:9990"
 EOF
 NO_COLOR=1 "$bin" serve --workers 1 -c hub.yaml 2> hub.log &
 pids+=($!)
-hub=http://127.0.0.1:$hub_port
+hub=$scheme://127.0.0.1:$hub_port
 
 ports=()
 for i in $(seq 1 "$agents"); do
@@ -70,6 +95,7 @@ hub: "$hub"
 token_file: agent.token
 store: agent-$i
 serve: "127.0.0.1:$port"
+$(agent_tls "$i")
 EOF
   clock=()
   if [ "$i" -eq "$agents" ]; then clock=(faketime -f -1h); elif [ "$i" -eq $((agents - 1)) ]; then clock=(faketime -f +1h); fi
@@ -79,7 +105,7 @@ done
 addrs=(); for p in "${ports[@]}"; do addrs+=("127.0.0.1:$p"); done
 
 publish() { # DIR AT -> release id
-  "$bin" publish --hub "$hub" --token-file publish.token --at "$2" "$1" | tee -a publish.log | awk '/^release /{print $2}'
+  "$bin" publish --hub "$hub" "${pub_args[@]}" "${sign_args[@]}" --at "$2" "$1" | tee -a publish.log | awk '/^release /{print $2}'
 }
 wait_all() { # RELEASE
   for _ in $(seq 1 400); do
@@ -144,7 +170,7 @@ rt = sorted(s["median_round_trip_us"] for s in summary)
 print(f"resolution: observation window p50 {ms(pick(widths, .5))}  p99 {ms(pick(widths, .99))}  max {ms(widths[-1] if widths else 0)}; median poll round trip {rt[0]}..{rt[-1]} us")
 EOF
 echo "hub: offsets and lateness as the agents reported them:"
-"$bin" status --hub "$hub" --token-file publish.token | sed -n '1,20p'
+"$bin" status --hub "$hub" "${pub_args[@]}" | sed -n '1,20p'
 
 echo "== load: wrk on web-1 and web-$((agents - 1)) during $load_flips flips =="
 cat > check.lua <<'EOF'
@@ -187,12 +213,18 @@ for i in range(n):
         f.write(f"<p>file {i}</p>\n" * 20)
 EOF
 fetched() { curl -s "http://127.0.0.1:${ports[0]}/.lockstep/metrics" | awk '/^lockstep_agent_fetched_bytes_total/{b=$2} /^lockstep_agent_fetched_blobs_total/{n=$2} END{printf "%d %d", b, n}'; }
-r=$(publish big +3s); wait_all "$r"
+# The agents' CPU (user+system, all of them, from /proc) while they stage and verify it.
+agent_cpu() { for p in $(pgrep -f "$work/agent-"); do awk '{s += $14 + $15} END {print s}' "/proc/$p/stat"; done | awk '{s += $1} END {printf "%.2f", s / 100}'; }
+cpu0=$(agent_cpu); t0=$(date +%s.%N)
+r=$(publish big +3s)
+t1=$(date +%s.%N)
+wait_all "$r"
 set -- $(fetched); b0=$1; n0=$2
 echo "first publish: $(grep -E '^files' publish.log | tail -1)"
+echo "the $files-file release: publish (hash, upload${TRUST:+, sign}) took $(python3 -c "print(f'{$t1 - $t0:.2f}')") s; the agents spent $(python3 -c "print(f'{$(agent_cpu) - $cpu0:.2f}')") s of CPU staging it"
 printf '<p>changed</p>\n' > big/d3/f1600.html
 r=$(publish big +3s); wait_all "$r"
 set -- $(fetched); b1=$1; n1=$2
 echo "one file changed: $(grep -E '^files' publish.log | tail -1)"
-manifest=$(curl -s -H "Authorization: Bearer $(cat agent.token)" "$hub/sync/v1/releases/$r" | wc -c)
+manifest=$(curl -s "${curl_auth[@]}" "$hub/sync/v1/releases/$r" | wc -c)
 echo "web-1 fetched $((n1 - n0)) blob(s), $((b1 - b0)) bytes of blobs, plus the manifest ($manifest bytes); the changed file is $(stat -c %s big/d3/f1600.html) bytes"

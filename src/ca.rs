@@ -385,7 +385,9 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth,
         ];
         p.use_authority_key_identifier_extension = true;
-        p.not_before = now() - time::Duration::minutes(5);
+        // A day back: agents whose clocks run behind (the flip corrects for it, TLS does not)
+        // must accept a certificate issued just now.
+        p.not_before = now() - days(1);
         p.not_after = now() + days(valid_days as i64);
         Ok(p)
     }

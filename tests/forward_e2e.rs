@@ -246,7 +246,11 @@ fn immediate_edits_reach_every_other_agent_and_never_come_back() {
             )]
             .into(),
         };
-        lockstep::agent::frame::encode(&cs, |_| Some(bytes.to_vec())).unwrap()
+        lockstep::agent::frame::encode(
+            &lockstep::sync::provenance::SignedChangeset::unsigned(cs.clone()),
+            |_| Some(bytes.to_vec()),
+        )
+        .unwrap()
     };
     assert_eq!(
         post(Some(AGENT_TOKEN), &forged("index.html", b"evil", b"good")),
@@ -280,7 +284,11 @@ fn immediate_edits_reach_every_other_agent_and_never_come_back() {
             )]
             .into(),
         };
-        lockstep::agent::frame::encode(&cs, |_| Some(b"forged".to_vec())).unwrap()
+        lockstep::agent::frame::encode(
+            &lockstep::sync::provenance::SignedChangeset::unsigned(cs.clone()),
+            |_| Some(b"forged".to_vec()),
+        )
+        .unwrap()
     };
     let now = hub_now_us(&a3);
     for frame in [ahead(u64::MAX, now), ahead(now, now + 86_400_000_000)] {

@@ -1081,6 +1081,7 @@ async fn over_tls_the_hub_serves_publishers_and_agents_that_trust_its_ca_only() 
     cfg.tls = Some(lockstep::agent::config::AgentTls {
         trust: lockstep::config::tls::load_trust(&cert.cert_path, None).unwrap(),
         own: None,
+        signer: None,
     });
     let agent = lockstep::agent::start(cfg).await.unwrap();
     wait::until(

@@ -161,7 +161,8 @@ async fn every_party_acts_only_as_itself_and_revoked_ones_not_at_all() {
     let admin = hub.bound_addr(&["admin listening"], "addr");
     let url = format!("https://127.0.0.1:{}", hub_addr.port());
 
-    // A publisher publishes with its certificate.
+    // A publisher publishes with its certificate, and signs the release with its key.
+    lockstep(dir, &["keygen", "--out", "publisher.key"]);
     let site = dir.join("site");
     std::fs::create_dir(&site).unwrap();
     std::fs::write(site.join("index.html"), "v1").unwrap();
@@ -178,6 +179,8 @@ async fn every_party_acts_only_as_itself_and_revoked_ones_not_at_all() {
             ci_cert.to_str().unwrap(),
             "--key",
             ci_key.to_str().unwrap(),
+            "--sign-key",
+            "publisher.key",
             "--at",
             "+300ms",
             site.to_str().unwrap(),
@@ -190,14 +193,19 @@ async fn every_party_acts_only_as_itself_and_revoked_ones_not_at_all() {
         .trim()
         .to_string();
 
-    // Two agents with their own certificates stage and serve it; web-1 forwards its edits to
-    // web-2 at once, agent to agent over TLS.
+    // Two agents with their own certificates, trusting the publisher's key, stage and serve
+    // it; web-1 forwards its edits to web-2 at once, agent to agent over TLS; web-2's go
+    // through the hub into the next release.
     std::fs::create_dir(dir.join("edit-1")).unwrap();
     std::fs::create_dir(dir.join("edit-2")).unwrap();
     let mut agents = Vec::new();
-    for (name, edit) in [("web-1", "edit-1"), ("web-2", "edit-2")] {
+    for (name, edit, mode) in [
+        ("web-1", "edit-1", "immediate"),
+        ("web-2", "edit-2", "scheduled"),
+    ] {
         let cfg = dir.join(format!("{name}.yaml"));
-        let watch = format!("watch: {{ dir: {edit}, mode: immediate }}\n");
+        let watch =
+            format!("watch: {{ dir: {edit}, mode: {mode} }}\ntrusted_keys: [publisher.key.pub]\n");
         std::fs::write(&cfg, agent_yaml(&pki, name, &url, &watch)).unwrap();
         let mut cmd = Command::new(BIN);
         cmd.args(["agent", "-c"]).arg(&cfg).current_dir(dir);
@@ -233,6 +241,21 @@ async fn every_party_acts_only_as_itself_and_revoked_ones_not_at_all() {
         common::client::request(web2, "GET", "/news.html", None, b"")
             .is_ok_and(|r| r.status == 200 && r.body == "from web-1")
     });
+    // web-2's edit becomes a release the hub builds, which no publisher signed: web-1 stages
+    // and activates it because its provenance lists web-2's changeset, signed with web-2's
+    // farm certificate, on the publisher's signed release.
+    std::fs::write(dir.join("edit-2/sched.html"), "from web-2").unwrap();
+    let web1 = agents[0].1;
+    wait::until_blocking(
+        "web-2's edit to reach web-1 through the hub",
+        wait::DEADLINE,
+        logs,
+        || {
+            common::client::request(web1, "GET", "/sched.html", None, b"")
+                .is_ok_and(|r| r.status == 200 && r.body == "from web-2")
+        },
+    );
+    assert!(!logs().contains("refused"), "{}", logs());
 
     // web-2's certificate cannot act as web-1: report, changeset, forward to a peer.
     let as_web2 = pki.client(Remote::Hub, &url, "web-2");
@@ -283,11 +306,51 @@ async fn every_party_acts_only_as_itself_and_revoked_ones_not_at_all() {
             .replace("scheduled", "immediate"),
     )
     .unwrap();
+    let forged = lockstep::sync::provenance::SignedChangeset::unsigned(forged);
     let frame = lockstep::agent::frame::encode(&forged, |_| None).unwrap();
     assert_eq!(
         status(&peer_web2, Method::POST, "/.lockstep/changesets", &frame).await,
         Some(StatusCode::FORBIDDEN)
     );
+    // Under its own name, a peer's changeset must carry its signature, and one that verifies:
+    // unsigned, or altered after signing (in flight, or by the hub), it is not installed.
+    let own: lockstep::sync::changeset::Changeset = serde_json::from_str(
+        &cs.replace("\"web-1\"", "\"web-2\"")
+            .replace("scheduled", "immediate")
+            .replace("\"seq\":1", "\"seq\":2"),
+    )
+    .unwrap();
+    let (cert, key) = pki.cert("web-2");
+    let signer = lockstep::sync::provenance::ChangesetSigner::new(
+        lockstep::sync::sign::SecretKey::from_pem(&std::fs::read(&key).unwrap(), "web-2.key")
+            .unwrap(),
+        &rustls_pki_types::pem::PemObject::from_pem_file(&cert)
+            .map(|c: rustls_pki_types::CertificateDer<'static>| c.to_vec())
+            .unwrap(),
+    );
+    let mut altered = signer.sign(own.clone());
+    altered.changeset.detected_us += 1;
+    for bad in [
+        lockstep::sync::provenance::SignedChangeset::unsigned(own.clone()),
+        altered,
+    ] {
+        let frame = lockstep::agent::frame::encode(&bad, |_| None).unwrap();
+        let refused = peer_web2
+            .send(
+                Method::POST,
+                "/.lockstep/changesets",
+                Some((frame, "application/x-lockstep-changeset")),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(refused.status, StatusCode::FORBIDDEN);
+        let why = String::from_utf8_lossy(&refused.body);
+        assert!(
+            why.contains("not signed") || why.contains("does not verify"),
+            "{why}"
+        );
+    }
     let metrics = common::client::request(admin, "GET", "/metrics", None, b"")
         .unwrap()
         .body;

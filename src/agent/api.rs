@@ -9,7 +9,7 @@
 //! |---|---|
 //! | `PUT /content/{path}` (the file's bytes) | 200 `{"changeset": "name/seq"}`, or `null` when unchanged; 400 bad path (or a symlink on its way in `watch.dir`: never followed), 413 over `watch.max_file_size`; 503 until the agent has heard from the hub (its clock and its record of this agent), without which a change cannot be numbered |
 //! | `DELETE /content/{path}` | 200 as above; 404 no such file |
-//! | `POST /.lockstep/changesets` (a frame of [`super::frame::encode`]) | 202 installed in the background; 400 malformed, damaged, or numbered ahead of this agent's estimate of hub time; 403 from an origin `trusted_origins` does not list (with `trusted_keys`); 503 before that estimate exists; 200 `echo` for our own |
+//! | `POST /.lockstep/changesets` (a frame of [`super::frame::encode`]) | 202 installed in the background; 400 malformed, damaged, or numbered ahead of this agent's estimate of hub time; 403 unsigned or not verifying by its origin's farm certificate (an agent with `tls:`), or from an origin `trusted_origins` does not list (with `trusted_keys`, without `tls:`); 503 before that estimate exists; 200 `echo` for our own |
 //!
 //! A write is a local edit like one made in `watch.dir` (it is written there too, and
 //! forwarded by the `watch.mode`). A changeset from a peer is verified whole — every blob
@@ -31,12 +31,11 @@ use super::frame::{self, PEER_PATH};
 use super::messages::{Input, Install, WriteError};
 use super::metrics::AgentMetrics;
 use super::release::{decode_path, MAX_INLINE_BYTES};
-use super::verify::Trust;
 use crate::net::server::PeerCertificate;
 use crate::sync::auth::{Role, Tokens};
 use crate::sync::caller::{self, Caller, Refusal};
 use crate::sync::identity::Kind;
-use crate::sync::provenance::SignedChangeset;
+use crate::sync::provenance::ChangesetAuthority;
 use crate::sync::store::FsStore;
 
 /// Prefix of the write API.
@@ -62,8 +61,8 @@ pub struct AgentApi {
     pub hub_now: super::messages::HubNow,
     /// Metrics.
     pub metrics: Arc<AgentMetrics>,
-    /// With `trusted_keys`: which peers' changesets may be installed.
-    pub trust: Option<Arc<Trust>>,
+    /// Which peers' changesets may be installed (see [`super::verify::changeset_authority`]).
+    pub changesets: Option<Arc<dyn ChangesetAuthority>>,
 }
 
 /// Whether a request is for this API (else it is served from the release).
@@ -143,7 +142,7 @@ async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<Incoming>) -> R
         Ok(b) => b,
         Err(r) => return r,
     };
-    let (cs, blobs) = match frame::decode(&frame) {
+    let (signed, blobs) = match frame::decode(&frame) {
         Ok(v) => v,
         Err(e) => {
             api.metrics.refused("changeset");
@@ -151,6 +150,7 @@ async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<Incoming>) -> R
             return error(StatusCode::BAD_REQUEST, e);
         }
     };
+    let cs = &signed.changeset;
     // A peer forwards only its own changesets.
     if let Err(r) = caller.act_as_agent(&cs.origin) {
         return refused(api, r);
@@ -175,18 +175,14 @@ async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<Incoming>) -> R
     }
     // The same authority that decides on the hub's built releases: a changeset it refuses is
     // not installed here either.
-    let cs = match &api.trust {
-        Some(trust) => {
-            let signed = SignedChangeset::unsigned(cs);
-            if let Err(e) = trust.accepts_changeset(&signed) {
-                api.metrics.refused("signature");
-                warn!(error = %e, "changeset from a peer refused");
-                return error(StatusCode::FORBIDDEN, e);
-            }
-            signed.changeset
+    if let Some(authority) = &api.changesets {
+        if let Err(e) = authority.verify(&signed) {
+            api.metrics.refused("signature");
+            warn!(error = %e, "changeset from a peer refused");
+            return error(StatusCode::FORBIDDEN, e);
         }
-        None => cs,
-    };
+    }
+    let cs = signed.changeset;
     // Large files are served from the store: they must be on disk before the install. Small
     // ones are served from memory at once and written by the agent's disk worker.
     let (large, small): (Vec<_>, Vec<_>) = blobs

@@ -175,6 +175,8 @@ pub struct AgentTls {
     pub trust: FarmTrust,
     /// This agent's certificate (naming `urn:lockstep:agent:<name>`); `None` with `hub_ca`.
     pub own: Option<LoadedCert>,
+    /// Signs this agent's changesets with the certificate's key (with `own`).
+    pub signer: Option<std::sync::Arc<crate::sync::provenance::ChangesetSigner>>,
 }
 
 impl AgentTls {
@@ -506,7 +508,11 @@ fn agent_tls(cx: &mut Ctx, raw: &RawAgentConfig) -> Option<AgentTls> {
     if let Some(ca) = &raw.hub_ca {
         let path = cx.path_at(ca, "hub_ca")?;
         return match load_trust(&path, None) {
-            Ok(trust) => Some(AgentTls { trust, own: None }),
+            Ok(trust) => Some(AgentTls {
+                trust,
+                own: None,
+                signer: None,
+            }),
             Err((_, e)) => {
                 cx.err(ca, e);
                 None
@@ -531,7 +537,7 @@ fn agent_tls(cx: &mut Ctx, raw: &RawAgentConfig) -> Option<AgentTls> {
             None
         }
     };
-    let own = match load(&cert?, &key?) {
+    let own = match load(&cert?, key.as_ref()?) {
         Ok(own) => Some(own),
         Err((Part::Cert, e)) => {
             cx.err(&t.cert, e);
@@ -552,9 +558,22 @@ fn agent_tls(cx: &mut Ctx, raw: &RawAgentConfig) -> Option<AgentTls> {
         ),
         Err(e) => cx.err(&t.cert, format!("tls.cert: {e}")),
     }
+    let signer = match crate::sync::sign::SecretKey::from_pem(
+        &std::fs::read(key?).unwrap_or_default(),
+        "tls.key",
+    ) {
+        Ok(k) => Some(std::sync::Arc::new(
+            crate::sync::provenance::ChangesetSigner::new(k, leaf),
+        )),
+        Err(_) => {
+            cx.err(&t.key, "tls.key is not an Ed25519 key: the agent signs its changesets with it (`lockstep ca issue` and `lockstep agent join` make Ed25519 keys)");
+            None
+        }
+    };
     Some(AgentTls {
         trust: trust?,
         own: Some(own),
+        signer,
     })
 }
 

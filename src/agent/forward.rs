@@ -28,6 +28,7 @@ use super::metrics::AgentMetrics;
 use crate::net::client::{ok, ClientTls, HttpClient, Remote};
 use crate::sync::changeset::Changeset;
 use crate::sync::protocol::{ChangesetReply, Fleet, PREFIX};
+use crate::sync::provenance::{ChangesetSigner, SignedChangeset};
 use crate::sync::store::FsStore;
 
 use super::frame::{encode, FRAME_TYPE, MAX_INLINE_BYTES, PEER_PATH};
@@ -114,6 +115,8 @@ pub struct Forwarder {
     pub token: Option<String>,
     /// TLS to peers: the farm CA, and this agent's certificate.
     pub tls: Option<ClientTls>,
+    /// Signs the changesets sent (with the farm certificate's key).
+    pub signer: Option<Arc<ChangesetSigner>>,
     /// The agent's store (blobs, outbox).
     pub store: Arc<FsStore>,
     /// The other agents.
@@ -143,6 +146,14 @@ impl Forwarder {
         drain.abort();
     }
 
+    /// `cs` as it is sent: signed when the agent has a farm certificate.
+    fn signed(&self, cs: Changeset) -> SignedChangeset {
+        match &self.signer {
+            Some(s) => s.sign(cs),
+            None => SignedChangeset::unsigned(cs),
+        }
+    }
+
     fn to_peers(
         self: &Arc<Self>,
         cs: Changeset,
@@ -154,7 +165,9 @@ impl Forwarder {
             return;
         }
         let store = self.store.clone();
-        let Some(frame) = encode(&cs, |h| store.read_blob(h).ok().flatten()) else {
+        let Some(frame) = encode(&self.signed(cs.clone()), |h| {
+            store.read_blob(h).ok().flatten()
+        }) else {
             warn!(changeset = %cs.name(), "a blob of the changeset is missing from the store; peers get it through the hub");
             return;
         };
@@ -273,10 +286,11 @@ impl Forwarder {
 
     async fn to_hub(&self, cs: &Changeset) -> Result<(), HubFailure> {
         let path = format!("{PREFIX}/changesets");
+        let signed = self.signed(cs.clone());
         for _ in 0..3 {
             let reply: ChangesetReply = match self
                 .client
-                .json(Method::POST, &path, Some(cs), HUB_TIMEOUT)
+                .json(Method::POST, &path, Some(&signed), HUB_TIMEOUT)
                 .await
             {
                 Ok(r) => r,
@@ -403,7 +417,7 @@ mod tests {
     #[test]
     fn frames_round_trip_and_refuse_damage() {
         let files: &[(&str, &[u8])] = &[("a", b"hello"), ("b", b"world"), ("c", b"hello")];
-        let cs = changeset(files);
+        let cs = SignedChangeset::unsigned(changeset(files));
         let blob = |h: &Hash| {
             files
                 .iter()
@@ -430,5 +444,16 @@ mod tests {
         assert!(decode(&huge).is_err());
         // A blob missing from the store: nothing to send.
         assert!(encode(&cs, |_| None).is_none());
+    }
+
+    #[test]
+    fn a_bare_changeset_frame_from_an_older_agent_still_decodes() {
+        let cs = changeset(&[("a", b"x")]);
+        let json = serde_json::to_vec(&cs).unwrap();
+        let mut frame = (json.len() as u32).to_be_bytes().to_vec();
+        frame.extend(&json);
+        frame.extend(b"x");
+        let (back, _) = decode(&frame).unwrap();
+        assert_eq!(back, SignedChangeset::unsigned(cs));
     }
 }

@@ -4,8 +4,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::sync::changeset::Changeset;
 use crate::sync::manifest::Hash;
+use crate::sync::provenance::SignedChangeset;
 
 /// Path of the peer endpoint on an agent's serve address.
 pub const PEER_PATH: &str = "/.lockstep/changesets";
@@ -26,12 +26,13 @@ pub enum FrameError {
     Damaged(Hash),
 }
 
-/// A changeset with its new blobs: `u32` big-endian length of the JSON, the JSON, then each
-/// blob of [`Changeset::blobs`] in order.
-pub fn encode(cs: &Changeset, blob: impl Fn(&Hash) -> Option<Vec<u8>>) -> Option<Bytes> {
+/// A changeset (signed by its origin, when it has a farm certificate) with its new blobs:
+/// `u32` big-endian length of the JSON, the JSON, then each blob of the changeset's
+/// `blobs()` in order.
+pub fn encode(cs: &SignedChangeset, blob: impl Fn(&Hash) -> Option<Vec<u8>>) -> Option<Bytes> {
     // Protocol messages are plain structs: they always serialise.
     let json = serde_json::to_vec(cs).expect("changeset serialises");
-    let blobs = cs.blobs();
+    let blobs = cs.changeset.blobs();
     let total: u64 = blobs.iter().map(|(_, n)| n).sum();
     let mut out = BytesMut::with_capacity(4 + json.len() + total as usize);
     out.put_u32(json.len() as u32);
@@ -46,21 +47,22 @@ pub fn encode(cs: &Changeset, blob: impl Fn(&Hash) -> Option<Vec<u8>>) -> Option
     Some(out.freeze())
 }
 
-/// Reads a frame: the changeset (checked) and its blobs, each verified against its hash.
-pub fn decode(frame: &[u8]) -> Result<(Changeset, Vec<(Hash, Bytes)>), FrameError> {
+/// Reads a frame: the changeset (checked; signed or bare) and its blobs, each verified
+/// against its hash. Whether the signature is acceptable is the agent's trust to decide.
+pub fn decode(frame: &[u8]) -> Result<(SignedChangeset, Vec<(Hash, Bytes)>), FrameError> {
     let bad = |m: &str| FrameError::Malformed(m.to_string());
     if frame.len() < 4 {
         return Err(bad("shorter than its header"));
     }
     let n = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
     let json = frame.get(4..4 + n).ok_or_else(|| bad("JSON cut short"))?;
-    let cs: Changeset =
-        serde_json::from_slice(json).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    cs.check()
+    let cs = SignedChangeset::from_json(json).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    cs.changeset
+        .check()
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
     let mut at = 4 + n;
     let mut blobs = Vec::new();
-    for (hash, size) in cs.blobs() {
+    for (hash, size) in cs.changeset.blobs() {
         let end = at
             .checked_add(size as usize)
             .filter(|&e| e <= frame.len())

@@ -316,7 +316,7 @@ fn spawn_serve(
             .map_or(crate::sync::manifest::MAX_BLOB_BYTES, |w| w.max_file_bytes),
         metrics: agent.metrics.clone(),
         hub_now,
-        trust: agent.trust.clone(),
+        changesets: verify::changeset_authority(config),
     };
     let state = ServeState {
         tls: config.tls.as_ref().and_then(|t| t.server()),
@@ -476,6 +476,7 @@ fn start_local(
         client: agent.client.clone(),
         token: agent.config.token.clone(),
         tls: agent.config.tls.as_ref().and_then(|t| t.client().ok()),
+        signer: agent.config.tls.as_ref().and_then(|t| t.signer.clone()),
         store: agent.store.clone(),
         peers: peers(agent, w.mode),
         metrics: agent.metrics.clone(),

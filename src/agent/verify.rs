@@ -18,7 +18,7 @@ use tracing::info;
 
 use crate::sync::manifest::ReleaseId;
 use crate::sync::provenance::{
-    ChangesetAuthority, ProvenanceError, SignedChangeset, TrustedOrigins, Unauthorised,
+    ChangesetAuthority, FarmSigned, ProvenanceError, SignedChangeset, TrustedOrigins, Unauthorised,
 };
 use crate::sync::sign::{KeyId, TrustedKeys, Unsigned};
 
@@ -49,20 +49,12 @@ impl Trust {
         }
     }
 
-    /// From an agent's config: `None` without `trusted_keys`. Changesets are accepted from
-    /// `trusted_origins`, and from the agent itself when it has `watch:` (its own edits come
-    /// back in the hub's releases). This is where the agents' changeset signatures (issue 14,
-    /// the farm CA) replace [`TrustedOrigins`].
+    /// From an agent's config: `None` without `trusted_keys`; changesets as
+    /// [`changeset_authority`] decides.
     pub fn from_config(config: &super::AgentConfig) -> Option<Arc<Trust>> {
         let keys = config.trusted_keys.clone()?;
-        let mut origins = config.trusted_origins.clone();
-        if config.watch.is_some() {
-            origins.push(config.name.clone());
-        }
-        Some(Arc::new(Trust::new(
-            keys,
-            Arc::new(TrustedOrigins::new(origins)),
-        )))
+        let authority = changeset_authority(config)?;
+        Some(Arc::new(Trust::new(keys, authority)))
     }
 
     /// Whether a changeset sent straight from a peer may be installed.
@@ -96,6 +88,30 @@ impl Trust {
         }
         accepted.extend(ids.iter().copied());
     }
+}
+
+/// Who may change this agent's content through changesets (a peer's, or in a release the
+/// hub built). In a farm with a CA (the agent has its own farm certificate, `tls:`): a
+/// changeset its origin signed with its farm certificate ([`FarmSigned`]), whatever else is
+/// configured. Without one, with `trusted_keys`: by the origin it claims, `trusted_origins`
+/// and the agent itself when it has `watch:` (its own edits come back in the hub's releases).
+/// Otherwise (a loopback farm without keys): `None`, anyone the agent API lets in.
+pub fn changeset_authority(config: &super::AgentConfig) -> Option<Arc<dyn ChangesetAuthority>> {
+    if let Some(tls) = config.tls.as_ref().filter(|t| t.own.is_some()) {
+        // The certificates' validity is read on the wall clock, as in the TLS handshakes.
+        let now = Arc::new(rustls_pki_types::UnixTime::now);
+        return Some(Arc::new(FarmSigned::new(
+            &tls.trust.roots,
+            &tls.trust.crls,
+            now,
+        )));
+    }
+    config.trusted_keys.as_ref()?;
+    let mut origins = config.trusted_origins.clone();
+    if config.watch.is_some() {
+        origins.push(config.name.clone());
+    }
+    Some(Arc::new(TrustedOrigins::new(origins)))
 }
 
 /// Why a release is refused: nothing of it is staged or activated.

@@ -26,9 +26,8 @@ use crate::sync::auth::Role;
 use crate::sync::caller::{self, Caller, Refusal};
 use crate::sync::cycle::Advancer;
 use crate::sync::manifest::{Hash, ReleaseId, MAX_BLOB_BYTES};
-use crate::sync::protocol::{
-    Changeset, Commit, JoinRequest, Report, TimeReply, LONG_POLL, MAX_JSON_BYTES,
-};
+use crate::sync::protocol::{Commit, JoinRequest, Report, TimeReply, LONG_POLL, MAX_JSON_BYTES};
+use crate::sync::provenance::SignedChangeset;
 
 type Answer = Response<Full<Bytes>>;
 
@@ -359,15 +358,16 @@ async fn changeset(
     receive_us: i64,
 ) -> Result<Answer, Answer> {
     let b = body(req, MAX_JSON_BYTES).await?;
-    let cs: Changeset = serde_json::from_slice(&b)
+    // Signed by its origin (kept with it, for the provenance agents check), or bare.
+    let signed = SignedChangeset::from_json(&b)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("changeset body: {e}")))?;
     caller
-        .act_as_agent(&cs.origin)
+        .act_as_agent(&signed.changeset.origin)
         .map_err(|r| refused(hub, r))?;
     // Bounded by the time the request arrived, not the time its body finished: a slow body
     // must not widen the allowance.
     let reply = hub
-        .changeset(cs, receive_us.max(0) as u64)
+        .signed_changeset(signed, receive_us.max(0) as u64)
         .await
         .map_err(hub_error)?;
     Ok(json(StatusCode::OK, &reply))

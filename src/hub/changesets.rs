@@ -48,6 +48,18 @@ impl Hub {
         cs: Changeset,
         receive_us: u64,
     ) -> Result<ChangesetReply, HubError> {
+        self.signed_changeset(SignedChangeset::unsigned(cs), receive_us)
+            .await
+    }
+
+    /// [`Hub::changeset`] for a changeset with its origin's signature, which the provenance of
+    /// the releases it makes keeps for the agents to check.
+    pub async fn signed_changeset(
+        self: &Arc<Self>,
+        signed: SignedChangeset,
+        receive_us: u64,
+    ) -> Result<ChangesetReply, HubError> {
+        let cs = &signed.changeset;
         cs.check().map_err(|e| HubError::Bad(e.to_string()))?;
         if let Err(e) = cs.check_time(receive_us) {
             if let ChangesetError::Ahead {
@@ -62,7 +74,7 @@ impl Hub {
             }
             return Err(HubError::Bad(e.to_string()));
         }
-        if already_applied(&self.state(), &cs) {
+        if already_applied(&self.state(), cs) {
             return Ok(ChangesetReply::duplicate());
         }
         let missing = self.lacking(cs.blobs()).await?;
@@ -72,7 +84,7 @@ impl Hub {
         let (name, mode) = (cs.name(), cs.mode);
         let store = self.store.clone();
         let applied = self
-            .transition(move |s, now, rules| apply(store.as_ref(), s, now, rules, &cs))
+            .transition(move |s, now, rules| apply(store.as_ref(), s, now, rules, &signed))
             .await?;
         // Applied by a concurrent call of the same changeset between the two checks.
         let Some(Applied { release, conflicts }) = applied else {
@@ -124,8 +136,9 @@ fn apply(
     s: &HubState,
     now: u64,
     rules: &Rules,
-    cs: &Changeset,
+    signed: &SignedChangeset,
 ) -> Result<(Option<HubState>, Option<Applied>), HubError> {
+    let cs = &signed.changeset;
     if already_applied(s, cs) {
         return Ok((None, None));
     }
@@ -135,13 +148,13 @@ fn apply(
     };
     let current = load(store, target)?;
     let r = changeset::resolve(&current, &s.stamps, cs);
-    let release = rebase(store, target, &current, &r, cs)?;
+    let release = rebase(store, target, &current, &r, signed)?;
     let f = forward(cs, &r);
     let next = match cs.mode {
         Mode::Immediate => {
             // The staged and queued releases take the edit too, so an activation keeps it.
             let carry = |id: Option<ReleaseId>| match id {
-                Some(_) => rebase(store, id, &load(store, id)?, &r, cs).map(Some),
+                Some(_) => rebase(store, id, &load(store, id)?, &r, signed).map(Some),
                 None => Ok(None),
             };
             let staged = carry(s.staged.map(|x| x.id))?;
@@ -177,14 +190,17 @@ fn rebase(
     base_id: Option<ReleaseId>,
     base: &Manifest,
     r: &Resolution,
-    cs: &Changeset,
+    signed: &SignedChangeset,
 ) -> Result<ReleaseId, HubError> {
     let m = changeset::apply(base, &r.apply).map_err(|e: ManifestError| {
-        HubError::Bad(format!("changeset {} refused: {e}", cs.name()))
+        HubError::Bad(format!(
+            "changeset {} refused: {e}",
+            signed.changeset.name()
+        ))
     })?;
     let id = m.id();
     store.put_release(&id, &m.to_json())?;
-    record_provenance(store, base_id, base, &m, cs)?;
+    record_provenance(store, base_id, base, &m, signed)?;
     Ok(id)
 }
 
@@ -197,7 +213,7 @@ fn record_provenance(
     base_id: Option<ReleaseId>,
     base: &Manifest,
     release: &Manifest,
-    cs: &Changeset,
+    signed: &SignedChangeset,
 ) -> Result<(), HubError> {
     let id = release.id();
     if Some(id) == base_id || !store.signatures(&id)?.is_empty() || store.provenance(&id)?.is_some()
@@ -216,8 +232,7 @@ fn record_provenance(
         }
         None => base,
     };
-    let cs = SignedChangeset::unsigned(cs.clone());
-    let p = provenance::extend(base_id, base_provenance, cs, root, release);
+    let p = provenance::extend(base_id, base_provenance, signed.clone(), root, release);
     if p.base == Some(id) {
         // Edited back to its root: the root's signatures are its own.
         return Ok(());

@@ -21,25 +21,57 @@
 //! Pure: no I/O, no clock.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::{Deserialize, Serialize};
 
 use super::changeset::Changeset;
+use super::identity::{Identity, Kind};
 use super::manifest::{Entry, Manifest, ReleaseId};
+use super::sign::SecretKey;
 
 /// Most provenance steps an agent follows down to a signed release.
 pub const MAX_DEPTH: usize = 8;
 
-/// A changeset as a provenance lists it, with its origin's proof that it made it.
+/// The context an agent's changeset signature is made in: never valid as anything else.
+pub const CHANGESET_CONTEXT: &[u8] = b"lockstep-changeset-v1\0";
+
+/// The bytes an agent signs for `cs`: the context, then the changeset's JSON (its fields in
+/// their fixed order, its paths sorted: the same bytes wherever it is serialised).
+pub fn changeset_message(cs: &Changeset) -> Vec<u8> {
+    let mut m = CHANGESET_CONTEXT.to_vec();
+    // Protocol messages are plain structs: they always serialise.
+    m.extend(serde_json::to_vec(cs).expect("changeset serialises"));
+    m
+}
+
+/// A changeset with its origin's proof that it made it: an Ed25519 signature by the key of
+/// the origin agent's farm certificate, and that certificate. The form agents send it in (to
+/// the hub, to their peers) and a provenance lists it in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignedChangeset {
     /// The changeset, as the hub applied it.
     pub changeset: Changeset,
-    /// The origin agent's signature of the changeset (base64). Agents do not sign their
-    /// changesets yet: the format is the [`ChangesetAuthority`]'s to define.
+    /// The origin agent's signature of [`changeset_message`] (base64).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
+    /// The origin agent's farm-CA certificate (DER, base64): it names the origin and holds
+    /// the key the signature verifies with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+}
+
+/// The wire forms a changeset arrives in: signed, or bare (an agent without a farm
+/// certificate, or of an older version).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Wire {
+    Signed(SignedChangeset),
+    Bare(Changeset),
 }
 
 impl SignedChangeset {
@@ -48,12 +80,152 @@ impl SignedChangeset {
         SignedChangeset {
             changeset,
             signature: None,
+            certificate: None,
+        }
+    }
+
+    /// Reads a changeset as agents send it: signed, or a bare changeset.
+    pub fn from_json(bytes: &[u8]) -> Result<SignedChangeset, serde_json::Error> {
+        match serde_json::from_slice::<Wire>(bytes) {
+            Ok(Wire::Signed(s)) => Ok(s),
+            Ok(Wire::Bare(cs)) => Ok(SignedChangeset::unsigned(cs)),
+            // The untagged error says nothing: report the bare form's, the common one.
+            Err(_) => serde_json::from_slice::<Changeset>(bytes).map(SignedChangeset::unsigned),
         }
     }
 
     /// What it sets `path` to: `None` if it does not touch it, `Some(None)` for a removal.
     fn sets(&self, path: &str) -> Option<Option<&Entry>> {
         self.changeset.changes.get(path).map(|c| c.entry.as_ref())
+    }
+}
+
+/// Signs this agent's changesets with the key of its farm certificate.
+pub struct ChangesetSigner {
+    key: SecretKey,
+    certificate: String,
+}
+
+impl std::fmt::Debug for ChangesetSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChangesetSigner")
+    }
+}
+
+impl ChangesetSigner {
+    /// With `key` (the certificate's Ed25519 key) and `certificate` (DER).
+    pub fn new(key: SecretKey, certificate: &[u8]) -> ChangesetSigner {
+        ChangesetSigner {
+            key,
+            certificate: B64.encode(certificate),
+        }
+    }
+
+    /// `cs`, signed.
+    pub fn sign(&self, cs: Changeset) -> SignedChangeset {
+        let sig = self.key.sign_bytes(&changeset_message(&cs));
+        SignedChangeset {
+            changeset: cs,
+            signature: Some(B64.encode(sig.0)),
+            certificate: Some(self.certificate.clone()),
+        }
+    }
+}
+
+/// Accepts changesets signed by their origin: the certificate chains to the farm CA, is not
+/// revoked, is valid now, names the agent the changeset claims as its origin, and its key
+/// verifies the signature. What the hub serves as a provenance then holds only edits agents
+/// made: a compromised hub cannot forge one, nor pass one agent's edit off as another's.
+pub struct FarmSigned {
+    roots: Vec<rustls_pki_types::TrustAnchor<'static>>,
+    crls: Vec<webpki::CertRevocationList<'static>>,
+    now: Arc<dyn Fn() -> UnixTime + Send + Sync>,
+}
+
+impl std::fmt::Debug for FarmSigned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FarmSigned({} roots)", self.roots.len())
+    }
+}
+
+impl FarmSigned {
+    /// Trusting the farm CA `roots` and its revocation lists `crls`, at the time `now` gives.
+    pub fn new(
+        roots: &rustls::RootCertStore,
+        crls: &[rustls_pki_types::CertificateRevocationListDer<'_>],
+        now: Arc<dyn Fn() -> UnixTime + Send + Sync>,
+    ) -> FarmSigned {
+        FarmSigned {
+            roots: roots.roots.clone(),
+            crls: crls
+                .iter()
+                .filter_map(|c| webpki::OwnedCertRevocationList::from_der(c).ok())
+                .map(webpki::CertRevocationList::from)
+                .collect(),
+            now,
+        }
+    }
+
+    fn check(&self, cs: &SignedChangeset) -> Result<(), String> {
+        let (Some(sig), Some(cert)) = (&cs.signature, &cs.certificate) else {
+            return Err("it is not signed by its origin (no signature and certificate)".into());
+        };
+        let sig = B64
+            .decode(sig)
+            .map_err(|e| format!("its signature is not base64: {e}"))?;
+        let der = B64
+            .decode(cert)
+            .map_err(|e| format!("its certificate is not base64: {e}"))?;
+        let der = CertificateDer::from(der);
+        let ee = webpki::EndEntityCert::try_from(&der)
+            .map_err(|e| format!("its certificate does not parse: {e:?}"))?;
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        let crls: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
+        let revocation = match crls.is_empty() {
+            true => None,
+            false => webpki::RevocationOptionsBuilder::new(&crls)
+                .ok()
+                .map(|b| b.build()),
+        };
+        ee.verify_for_usage(
+            algs.all,
+            &self.roots,
+            &[],
+            (self.now)(),
+            webpki::KeyUsage::client_auth(),
+            revocation,
+            None,
+        )
+        .map_err(|e| {
+            format!("its certificate is not one of the farm CA's, or is revoked or expired: {e:?}")
+        })?;
+        let who = Identity::of_cert(&der).map_err(|e| e.to_string())?;
+        if who.kind != Kind::Agent || who.name != cs.changeset.origin {
+            return Err(format!(
+                "it claims origin `{}` but is signed by {who}",
+                cs.changeset.origin
+            ));
+        }
+        let ed25519 = algs
+            .mapping
+            .iter()
+            .find(|(scheme, _)| *scheme == rustls::SignatureScheme::ED25519)
+            .and_then(|(_, a)| a.first().copied())
+            .ok_or("no Ed25519 verifier")?;
+        ee.verify_signature(ed25519, &changeset_message(&cs.changeset), &sig)
+            .map_err(|_| {
+                "its signature does not verify: it was altered, or not made by its origin"
+                    .to_string()
+            })
+    }
+}
+
+impl ChangesetAuthority for FarmSigned {
+    fn verify(&self, cs: &SignedChangeset) -> Result<(), Unauthorised> {
+        self.check(cs).map_err(|reason| Unauthorised {
+            changeset: cs.changeset.name(),
+            reason,
+        })
     }
 }
 
@@ -77,9 +249,9 @@ pub struct Unauthorised {
     pub reason: String,
 }
 
-/// Decides whether a changeset really comes from an agent allowed to change the content. The
-/// farm CA's agent signatures are the real implementation to come; [`TrustedOrigins`] is the
-/// stopgap.
+/// Decides whether a changeset really comes from an agent allowed to change the content:
+/// [`FarmSigned`] (the origin's signature and farm certificate) in a farm with a CA;
+/// [`TrustedOrigins`] (the origin's name, as claimed) for agents without one.
 pub trait ChangesetAuthority: Send + Sync {
     /// Accepts `cs`, or says why not.
     fn verify(&self, cs: &SignedChangeset) -> Result<(), Unauthorised>;

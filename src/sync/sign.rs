@@ -327,6 +327,15 @@ impl SecretKey {
         self.public
     }
 
+    /// Signs `message` (the caller gives it its context, as [`release_message`] does).
+    pub fn sign_bytes(&self, message: &[u8]) -> SigBytes {
+        let sig = self.pair.sign(message);
+        let mut bytes = [0u8; 64];
+        // An Ed25519 signature is always 64 bytes.
+        bytes.copy_from_slice(sig.as_ref());
+        SigBytes(bytes)
+    }
+
     /// Signs release `id`.
     pub fn sign_release(&self, id: &ReleaseId) -> Signature {
         let sig = self.pair.sign(&release_message(id));

@@ -665,6 +665,61 @@ mod tests {
     }
 
     #[test]
+    fn a_changeset_is_accepted_only_signed_by_its_origins_valid_certificate() {
+        use crate::sync::changeset::{Changeset, Mode};
+        use crate::sync::provenance::{ChangesetAuthority, ChangesetSigner, FarmSigned};
+        use crate::sync::sign::SecretKey;
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = Ca::init(dir.path(), "t").unwrap();
+        let signer = |ca: &mut Ca, name: &str| {
+            let x = ca
+                .issue(&Identity::new(Kind::Agent, name).unwrap(), &[], &[], 1)
+                .unwrap();
+            let key = SecretKey::from_pem(x.key.as_bytes(), name).unwrap();
+            ChangesetSigner::new(key, &der(&x.cert))
+        };
+        let (web1, web2) = (signer(&mut ca, "web-1"), signer(&mut ca, "web-2"));
+        let cs: Changeset = serde_json::from_str(
+            r#"{"origin":"web-1","seq":1,"mode":"immediate","base":null,"detected_us":1,"changes":{"a":{"entry":null,"prev":null}}}"#,
+        )
+        .unwrap();
+        assert_eq!(cs.mode, Mode::Immediate);
+        // Read from the CA's files each time: the revocation list changes.
+        let authority = || {
+            let trust = crate::config::tls::load_trust(
+                &Ca::cert_path(dir.path()),
+                Some(&Ca::crl_path(dir.path())),
+            )
+            .unwrap();
+            FarmSigned::new(
+                &trust.roots,
+                &trust.crls,
+                std::sync::Arc::new(UnixTime::now),
+            )
+        };
+        let farm = authority();
+        farm.verify(&web1.sign(cs.clone())).unwrap();
+        // Another agent's signature, an altered changeset, no signature: refused.
+        let reason = |r: Result<(), crate::sync::provenance::Unauthorised>| r.unwrap_err().reason;
+        assert!(reason(farm.verify(&web2.sign(cs.clone()))).contains("signed by agent web-2"));
+        let mut altered = web1.sign(cs.clone());
+        altered.changeset.seq = 2;
+        assert!(reason(farm.verify(&altered)).contains("does not verify"));
+        let bare = crate::sync::provenance::SignedChangeset::unsigned(cs.clone());
+        assert!(reason(farm.verify(&bare)).contains("not signed"));
+        // A certificate of another farm's CA, and a revoked one: refused.
+        let other = tempfile::tempdir().unwrap();
+        let mut ca2 = Ca::init(other.path(), "t").unwrap();
+        let stranger = signer(&mut ca2, "web-1");
+        assert!(
+            reason(farm.verify(&stranger.sign(cs.clone()))).contains("not one of the farm CA's")
+        );
+        ca.revoke("web-1", None).unwrap();
+        let farm = authority();
+        assert!(reason(farm.verify(&web1.sign(cs))).contains("revoked"));
+    }
+
+    #[test]
     fn a_certificate_of_another_ca_does_not_verify() {
         let one = tempfile::tempdir().unwrap();
         let two = tempfile::tempdir().unwrap();

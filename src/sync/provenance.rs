@@ -8,17 +8,17 @@
 //!
 //! So a hub can serve, beside the publishers' signed releases, only what those releases plus
 //! authorised edits make; it cannot slip in content of its own. How much that holds depends
-//! on the authority: the one shipped here, [`TrustedOrigins`], goes by the origin name a
-//! changeset claims, which the hub (or any holder of the agent token) can claim too. The
-//! agents' own signatures on their changesets (issue 14, the farm CA) plug in as another
-//! [`ChangesetAuthority`].
+//! on the authority: [`FarmSigned`] accepts a changeset only with its origin's signature by the
+//! key of that agent's farm certificate (agents sign theirs with [`ChangesetSigner`]), so a
+//! hub can neither forge nor alter one; [`TrustedOrigins`], for agents without a farm CA,
+//! goes by the origin name a changeset claims.
 //!
 //! The hub keeps provenances short: a release built on a release that has a provenance
 //! itself gets its base's base (flattened, see [`extend`]), and only the changesets that
 //! still explain a difference are kept, so a chain of edits is one step down to the last
 //! signed release and at most one changeset per changed path.
 //!
-//! Pure: no I/O, no clock.
+//! Pure: no I/O; the clock that dates certificates is injected.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

@@ -33,6 +33,10 @@
 # out 100 times. Before it, the hub publishes a base release (index.html, also in every aN/edit,
 # as in an editor's checkout of the site); BASE=0 skips it.
 #
+# TRUST=1: the lockstep side as it runs between hosts: a farm CA, mutual TLS on every link
+# (agents reach each other over TLS with their own certificates), changesets signed by their
+# origin and checked by every receiver, the base release signed by a publisher key.
+#
 # Env: EDITS (100), ROUNDS (4), PAUSE_MS (100), POLL_US (100), TIMEOUT_MS (10000), SIZE (2048:
 # bytes of the edited page, plus 0–15), SAME_SIZE=1, DEBOUNCE (2ms — lockstep's window, as small as lsyncd's `delay = 0`; the agent's default is 50ms; empty: no `debounce:` key),
 # SEED_TIMEOUT (20), BASE (1), SKIP_LOCKSTEP=1 / SKIP_LSYNCD=1 (measure one side only),
@@ -123,6 +127,24 @@ if [ -z "$skip_lockstep" ]; then
    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > agent.token
    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > publish.token)
   hub=http://127.0.0.1:7791
+  hub_tls=""; agent_tls() { :; }; pub_args=(--token-file publish.token)
+  hub_auth=(-H "Authorization: Bearer $(cat agent.token)")
+  if [ -n "${TRUST:-}" ]; then
+    hub=https://127.0.0.1:7791
+    "$bin" ca init --dir ca --farm bench > /dev/null
+    mkdir -p pki
+    "$bin" ca issue lb --role hub --ip 127.0.0.1 --dir ca --out pki > /dev/null
+    "$bin" ca issue ci --role publisher --dir ca --out pki > /dev/null
+    for i in 1 2 3; do "$bin" ca issue "a$i" --role agent --ip 127.0.0.1 --dir ca --out pki > /dev/null; done
+    "$bin" keygen --out publisher.key > /dev/null
+    hub_tls="  tls:
+    certificates: [{ cert: pki/lb.crt, key: pki/lb.key }]
+    client_ca: ca/ca.crt
+    crl: ca/crl.pem"
+    agent_tls() { printf 'tls: { ca: %s/ca/ca.crt, crl: %s/ca/crl.pem, cert: %s/pki/a%s.crt, key: %s/pki/a%s.key }\ntrusted_keys: [%s/publisher.key.pub]\n' "$work" "$work" "$work" "$1" "$work" "$1" "$work"; }
+    pub_args=(--ca-file ca/ca.crt --cert pki/ci.crt --key pki/ci.key --sign-key publisher.key)
+    hub_auth=(--cacert ca/ca.crt --cert pki/ci.crt --key pki/ci.key)
+  fi
   cat > hub.yaml <<EOF
 sync:
   bind: "127.0.0.1:7791"
@@ -131,6 +153,7 @@ sync:
   lead: 1s
   agent_token_file: agent.token
   publish_token_file: publish.token
+$hub_tls
 admin:
   bind: "127.0.0.1:9991"
 EOF
@@ -149,15 +172,16 @@ token_file: agent.token
 store: a$i/store
 serve: "127.0.0.1:$((8180 + i))"
 watch: { dir: a$i/edit, mode: immediate$extra }
+$(agent_tls "$i")
 EOF
   done
-  until_ok 10 curl -s -o /dev/null "$hub/sync/v1/time" || { echo "forward.sh: the hub did not start; its log:" >&2; cat hub.log >&2; exit 1; }
+  until_ok 10 curl -s -o /dev/null "${hub_auth[@]}" "$hub/sync/v1/time" || { echo "forward.sh: the hub did not start; its log:" >&2; cat hub.log >&2; exit 1; }
   for i in 1 2 3; do
     NO_COLOR=1 "$bin" agent -c "$work/a$i.yaml" 2> "a$i.log" &
     started $!
   done
   known() { # the number of agents in the hub's registry
-    curl -s --max-time 2 -H "Authorization: Bearer $(cat agent.token)" "$hub/sync/v1/agents" |
+    curl -s --max-time 2 "${hub_auth[@]}" "$hub/sync/v1/agents" |
       python3 -c 'import json, sys; print(len(json.load(sys.stdin)["agents"]))' 2>/dev/null || echo 0
   }
   end=$((SECONDS + 15))
@@ -173,7 +197,7 @@ EOF
     sleep 0.1
   done
   if [ "$base" = 1 ]; then
-    "$bin" publish --hub "$hub" --token-file publish.token --at +2s site > publish.log
+    "$bin" publish --hub "$hub" "${pub_args[@]}" --at +2s site > publish.log
     for i in 1 2 3; do
       until_ok 20 serves "http://127.0.0.1:$((8180 + i))/index.html" site/index.html ||
         { echo "forward.sh: agent a$i does not serve the base release; its log:" >&2; tail -20 "a$i.log" >&2; exit 1; }

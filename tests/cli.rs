@@ -384,7 +384,7 @@ fn check_example_config_with_its_tls_files_prints_ok() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    for token in ["agent.token", "publish.token"] {
+    for token in ["agent.token", "publish.token", "admin.token"] {
         use std::os::unix::fs::PermissionsExt;
         let p = dir.path().join(token);
         std::fs::write(&p, "secret").unwrap();

@@ -1515,6 +1515,7 @@ fn example_in_tempdir() -> (tempfile::TempDir, PathBuf) {
     lockstep::ca::Ca::init(&dir.path().join("ca"), "example").unwrap();
     write_private(&dir.path().join("agent.token"), "agent-secret");
     write_private(&dir.path().join("publish.token"), "publish-secret");
+    write_private(&dir.path().join("admin.token"), "admin-secret");
     lockstep::sync::sign::write_key_pair(
         &dir.path().join("publisher.key"),
         None,
@@ -1646,8 +1647,8 @@ fn example_config_without_its_files_says_which_files_are_missing() {
     let text = std::fs::read_to_string(&path).unwrap();
     let errs = config::load(&path).expect_err("the TLS, token and key files are missing");
     // The listener's certificate, the two token files, the trusted key, the sync API's
-    // certificate, the farm CA's certificate and its directory.
-    assert_eq!(errs.0.len(), 7, "{errs}");
+    // certificate, the farm CA's certificate and its directory, the admin token.
+    assert_eq!(errs.0.len(), 8, "{errs}");
     for (e, file) in errs.0.iter().zip([
         "tls/farm.crt",
         "agent.token",
@@ -1656,6 +1657,7 @@ fn example_config_without_its_files_says_which_files_are_missing() {
         "tls/sync.crt",
         "ca/ca.crt",
         "ca",
+        "admin.token",
     ]) {
         assert!(
             e.message

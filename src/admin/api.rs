@@ -122,6 +122,15 @@ pub fn route(
             if let Some(why) = forgeable(headers) {
                 return Some(err(StatusCode::FORBIDDEN, why));
             }
+            let auth = headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            if !live.config.admin.credential_ok(peer.ip(), auth) {
+                return Some(respond::unauthorized(
+                    "lockstep-admin",
+                    "state-changing admin requests from other hosts need `Authorization: Bearer` with admin.token_file's token",
+                ));
+            }
             drain(live, pool, name, *action == "drain")
         }
         (_, ["pools"] | ["agents"] | ["dns"] | ["config"] | ["pools", _, "backends", _, _]) => err(
@@ -391,6 +400,55 @@ mod tests {
                 "{peer}"
             );
         }
+    }
+
+    #[test]
+    fn with_a_token_file_other_hosts_need_the_token_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("admin.token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let live = live_with(&format!(
+            "admin:\n  allow_changes_from: [\"10.1.0.0/16\"]\n  token_file: {}\n",
+            token.display()
+        ));
+        assert!(!format!("{:?}", live.config.admin).contains("s3cret"));
+        let m = metrics();
+        let path = "/api/pools/www/backends/a/drain";
+        let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let with = |auth: Option<&str>| {
+            let mut h = json_headers();
+            if let Some(a) = auth {
+                h.insert(http::header::AUTHORIZATION, a.parse().unwrap());
+            }
+            h
+        };
+        for (auth, want) in [
+            (None, StatusCode::UNAUTHORIZED),
+            (Some("Bearer wrong"), StatusCode::UNAUTHORIZED),
+            (Some("Bearer s3cret"), StatusCode::OK),
+        ] {
+            let h = with(auth);
+            assert_eq!(
+                status(route(&live, None, &m, &Method::POST, path, &h, remote)),
+                want,
+                "{auth:?}"
+            );
+        }
+        // Loopback needs no token; a network outside allow_changes_from is refused even with it.
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let h = json_headers();
+        assert_eq!(
+            status(route(&live, None, &m, &Method::POST, path, &h, local)),
+            StatusCode::OK
+        );
+        let outside: SocketAddr = "10.2.0.1:5000".parse().unwrap();
+        let h = with(Some("Bearer s3cret"));
+        assert_eq!(
+            status(route(&live, None, &m, &Method::POST, path, &h, outside)),
+            StatusCode::FORBIDDEN
+        );
     }
 
     #[test]

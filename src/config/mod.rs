@@ -183,6 +183,9 @@ pub struct Admin {
     /// Host names (lowercase) the status page and API answer to, besides IP addresses and
     /// `localhost`: a name an attacker's DNS points at the appliance (rebinding) is refused.
     pub hosts: Vec<String>,
+    /// The token a state-changing request from anywhere but loopback must carry
+    /// (`Authorization: Bearer …`), when set.
+    pub token: Option<crate::sync::auth::Secret>,
 }
 
 impl Admin {
@@ -191,6 +194,18 @@ impl Admin {
     pub fn may_change_state(&self, ip: std::net::IpAddr) -> bool {
         let ip = ip.to_canonical();
         ip.is_loopback() || self.allow_changes_from.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Whether a state-changing request from `ip` carries the credential it needs: none from
+    /// loopback; from elsewhere, `admin.token_file`'s token when one is set.
+    pub fn credential_ok(&self, ip: std::net::IpAddr, authorization: Option<&str>) -> bool {
+        if ip.to_canonical().is_loopback() {
+            return true;
+        }
+        match &self.token {
+            Some(t) => crate::sync::auth::bearer_matches(&t.0, authorization),
+            None => true,
+        }
     }
 
     /// Whether the status page and API answer a request that named `host` (its `Host`

@@ -276,4 +276,7 @@ pub struct RawAdmin {
     pub allow_changes_from: Option<Vec<S<String>>>,
     /// Host names the status page and API answer to, besides IP addresses and `localhost`.
     pub hosts: Option<Vec<S<String>>>,
+    /// File holding the bearer token a state-changing request from anywhere but loopback
+    /// must carry.
+    pub token_file: Option<S<String>>,
 }

@@ -519,6 +519,15 @@ fn admin(cx: &mut Ctx<'_>, raw: Option<&RawAdmin>) -> Admin {
         socket: a.socket.as_ref().map(|s| cx.path(&s.value)),
         allow_changes_from: networks(cx, a.allow_changes_from.as_deref(), "admin client"),
         hosts: admin_hosts(cx, a.hosts.as_deref()),
+        token: a.token_file.as_ref().and_then(|f| {
+            match crate::sync::auth::read_token(&cx.path(&f.value)) {
+                Ok(t) => Some(crate::sync::auth::Secret(t)),
+                Err(e) => {
+                    cx.err(f, e.to_string());
+                    None
+                }
+            }
+        }),
     }
 }
 

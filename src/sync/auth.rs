@@ -45,6 +45,24 @@ fn same(a: &str, b: &str) -> bool {
     blake3::hash(a.as_bytes()) == blake3::hash(b.as_bytes())
 }
 
+/// Whether `authorization` (an `Authorization` header's value) is `Bearer <expected>`,
+/// compared in constant time.
+pub fn bearer_matches(expected: &str, authorization: Option<&str>) -> bool {
+    authorization
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .is_some_and(|t| same(expected, t.trim()))
+}
+
+/// A secret read from a file (a token): compared, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
 impl Tokens {
     /// Which role `authorization` (the header's value) holds, if any.
     fn role_of(&self, authorization: Option<&str>) -> Option<Role> {

@@ -235,6 +235,12 @@ fn random_serial() -> Vec<u8> {
     b.to_vec()
 }
 
+/// An Ed25519 key as PKCS#8 v1 PEM, the form OpenSSL (and so curl) reads too.
+pub fn key_pem(key: &KeyPair) -> Result<String, CaError> {
+    crate::sync::sign::ed25519_pem(key.serialized_der())
+        .ok_or_else(|| CaError::Bad("an Ed25519 key in an unexpected PKCS#8 form".into()))
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -281,7 +287,7 @@ impl Ca {
         params.not_after = now() + days(CA_DAYS);
         params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
         let cert = params.self_signed(&key)?;
-        write_file(&dir.join("ca.key"), key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&dir.join("ca.key"), key_pem(&key)?.as_bytes(), 0o600)?;
         write_file(&Ca::cert_path(dir), cert.pem().as_bytes(), 0o644)?;
         let ca = Ca {
             dir: dir.to_path_buf(),
@@ -345,7 +351,7 @@ impl Ca {
         Ok(IssuedPem {
             issued,
             cert,
-            key: key.serialize_pem(),
+            key: key_pem(&key)?,
         })
     }
 

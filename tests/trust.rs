@@ -708,6 +708,19 @@ fn between_two_hosts_only_mutual_tls_is_spoken() {
         curl(&[&format!("http://{hub_ip}:7700/sync/v1/schedule")]),
         "000"
     );
+    // With a publisher's certificate and key as lockstep wrote them, curl (OpenSSL) gets in.
+    assert_eq!(
+        curl(&[
+            "--cacert",
+            "ca/ca.crt",
+            "--cert",
+            "pki/ci.crt",
+            "--key",
+            "pki/ci.key",
+            &format!("{url}/sync/v1/schedule"),
+        ]),
+        "200"
+    );
     // The publisher's own client refuses plain HTTP to the other host before sending anything.
     let site = dir.join("site");
     std::fs::create_dir(&site).unwrap();

@@ -110,7 +110,7 @@ pub async fn join(hub: &str, token: &str, ca_hash: &str, out: &Path) -> anyhow::
         key: out.join(format!("{}.key", joined.name)),
         name: joined.name,
     };
-    create_file(&written.key, key.serialize_pem().as_bytes(), 0o600)?;
+    create_file(&written.key, crate::ca::key_pem(&key)?.as_bytes(), 0o600)?;
     create_file(&written.cert, joined.cert.as_bytes(), 0o644)?;
     crate::ca::write_file(&written.crl, joined.crl.as_bytes(), 0o644)?;
     Ok(written)

@@ -295,7 +295,8 @@ impl SecretKey {
     pub fn generate(rng: &dyn SecureRandom) -> Result<(SecretKey, String), KeyError> {
         let doc = Ed25519KeyPair::generate_pkcs8(rng)
             .map_err(|_| malformed("a new key", "the system's random source failed"))?;
-        let pem = pem("PRIVATE KEY", doc.as_ref());
+        let pem = ed25519_pem(doc.as_ref())
+            .ok_or_else(|| malformed("a new key", "ring wrote an unexpected PKCS#8 form"))?;
         let key = SecretKey::from_pkcs8(doc.as_ref(), "a new key")?;
         Ok((key, pem))
     }
@@ -350,6 +351,29 @@ impl SecretKey {
 }
 
 /// `der` as PEM with `label`, 64 columns.
+/// The fixed head of an Ed25519 private key in PKCS#8 v1 (RFC 8410): SEQUENCE, version 0,
+/// the algorithm (id-Ed25519), then the 32-byte seed as an OCTET STRING in an OCTET STRING.
+const PKCS8_V1_HEAD: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// An Ed25519 private key (PKCS#8 v1 or v2, as ring writes it) as a PKCS#8 v1 PEM: the form
+/// every tool reads (OpenSSL 3.0, and so curl, refuses ring's v2 with the public key).
+pub fn ed25519_pem(pkcs8: &[u8]) -> Option<String> {
+    // v1 and v2 share the head up to the seed, but for the version and the outer length.
+    let ok = pkcs8.len() >= 48
+        && pkcs8[0] == 0x30
+        && pkcs8[2..5] == [0x02, 0x01, pkcs8[4]]
+        && matches!(pkcs8[4], 0 | 1)
+        && pkcs8[5..16] == PKCS8_V1_HEAD[5..16];
+    if !ok {
+        return None;
+    }
+    let mut v1 = PKCS8_V1_HEAD.to_vec();
+    v1.extend_from_slice(&pkcs8[16..48]);
+    Some(pem("PRIVATE KEY", &v1))
+}
+
 fn pem(label: &str, der: &[u8]) -> String {
     let b64 = B64.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");

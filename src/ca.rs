@@ -355,6 +355,32 @@ impl Ca {
         })
     }
 
+    /// [`Ca::issue`], written into `out` as `NAME.crt` and `NAME.key` (0600), refusing to
+    /// replace either: the record and the two paths.
+    pub fn issue_into(
+        &mut self,
+        who: &Identity,
+        dns: &[String],
+        ips: &[IpAddr],
+        valid_days: u32,
+        out: &Path,
+    ) -> Result<(Issued, PathBuf, PathBuf), CaError> {
+        let crt = out.join(format!("{}.crt", who.name));
+        let key = out.join(format!("{}.key", who.name));
+        for f in [&crt, &key] {
+            if f.exists() {
+                return Err(CaError::Bad(format!(
+                    "{} exists: refusing to overwrite it (remove it first)",
+                    f.display()
+                )));
+            }
+        }
+        let issued = self.issue(who, dns, ips, valid_days)?;
+        create_file(&key, issued.key.as_bytes(), 0o600)?;
+        create_file(&crt, issued.cert.as_bytes(), 0o644)?;
+        Ok((issued.issued, crt, key))
+    }
+
     fn leaf_params(
         &self,
         who: &Identity,

@@ -243,7 +243,7 @@ fn hub_client(args: &crate::cli::HubArgs) -> anyhow::Result<HttpClient> {
 
 /// `lockstep ca …`.
 fn ca(dir: &Path, command: &crate::cli::CaCommand) -> anyhow::Result<()> {
-    use crate::ca::{create_file, Ca};
+    use crate::ca::Ca;
     use crate::cli::CaCommand;
     use crate::sync::identity::{Identity, Kind};
     let kind = |role: &str| Kind::parse(role).expect("clap checked the role");
@@ -269,25 +269,11 @@ fn ca(dir: &Path, command: &crate::cli::CaCommand) -> anyhow::Result<()> {
                     "`{name}` cannot name a party: use 1 to 64 letters, digits, `.`, `_` or `-`"
                 )
             })?;
-            let (crt, key) = (
-                out.join(format!("{name}.crt")),
-                out.join(format!("{name}.key")),
-            );
-            for f in [&crt, &key] {
-                if f.exists() {
-                    anyhow::bail!(
-                        "{} exists: refusing to overwrite it (remove it first)",
-                        f.display()
-                    );
-                }
-            }
             let mut ca = Ca::open(dir)?;
-            let issued = ca.issue(&who, dns, ip, *days)?;
-            create_file(&key, issued.key.as_bytes(), 0o600)?;
-            create_file(&crt, issued.cert.as_bytes(), 0o644)?;
+            let (issued, crt, key) = ca.issue_into(&who, dns, ip, *days, out)?;
             println!(
                 "issued {who} (serial {}, valid {days} days): {} and {}",
-                issued.issued.serial,
+                issued.serial,
                 crt.display(),
                 key.display()
             );

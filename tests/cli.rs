@@ -172,11 +172,8 @@ fn check_agent_wants_trusted_keys_for_a_hub_on_another_host() {
     let me =
         lockstep::sync::identity::Identity::new(lockstep::sync::identity::Kind::Agent, "web-1")
             .unwrap();
-    let x = ca
-        .issue(&me, &[], &["10.0.0.11".parse().unwrap()], 1)
+    ca.issue_into(&me, &[], &["10.0.0.11".parse().unwrap()], 1, &pki)
         .unwrap();
-    std::fs::write(pki.join("web-1.crt"), x.cert).unwrap();
-    std::fs::write(pki.join("web-1.key"), x.key).unwrap();
     let cfg = dir.path().join("agent.yaml");
     let base = "name: web-1\nhub: \"https://10.0.0.1:7700\"\nstore: store\nserve: \"127.0.0.1:8081\"\n\
                 tls: { ca: pki/ca.crt, crl: pki/crl.pem, cert: pki/web-1.crt, key: pki/web-1.key }\n";

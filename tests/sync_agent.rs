@@ -701,11 +701,8 @@ fn the_example_agent_config_loads() {
     let me =
         lockstep::sync::identity::Identity::new(lockstep::sync::identity::Kind::Agent, "web-1")
             .unwrap();
-    let x = ca
-        .issue(&me, &[], &["10.0.0.11".parse().unwrap()], 1)
+    ca.issue_into(&me, &[], &["10.0.0.11".parse().unwrap()], 1, &pki)
         .unwrap();
-    std::fs::write(pki.join("web-1.crt"), x.cert).unwrap();
-    std::fs::write(pki.join("web-1.key"), x.key).unwrap();
     let text = text
         .replace("/etc/lockstep/agent.token", token.to_str().unwrap())
         .replace("/etc/lockstep/pki", pki.to_str().unwrap());

@@ -753,11 +753,8 @@ fetch_concurrency: 0
         let mut ca = crate::ca::Ca::init(&dir.path().join("ca"), "t").unwrap();
         for n in names {
             let id = Identity::new(Kind::Agent, n).unwrap();
-            let x = ca
-                .issue(&id, &[], &["127.0.0.1".parse().unwrap()], 1)
+            ca.issue_into(&id, &[], &["127.0.0.1".parse().unwrap()], 1, dir.path())
                 .unwrap();
-            std::fs::write(dir.path().join(format!("{n}.crt")), x.cert).unwrap();
-            std::fs::write(dir.path().join(format!("{n}.key")), x.key).unwrap();
         }
         dir
     }

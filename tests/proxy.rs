@@ -669,6 +669,8 @@ async fn request_head_over_64_kib_gets_431() {
 const SPOOF: &[(&str, &str)] = &[
     ("host", "www.farm.test"),
     ("x-forwarded-for", "6.6.6.6"),
+    ("forwarded", "for=6.6.6.6;proto=https"),
+    ("x-real-ip", "6.6.6.6"),
     ("connection", "x-foo"),
     ("x-foo", "secret"),
     ("keep-alive", "timeout=5"),
@@ -730,10 +732,66 @@ async fn untrusted_client_cannot_forge_forwarded_headers_and_hop_by_hop_is_dropp
             r.body
         );
     }
+    // The other ways to claim an address: dropped from an untrusted client.
+    for h in ["forwarded", "x-real-ip"] {
+        assert!(
+            r.echoed(h).is_empty(),
+            "a client's {h} reached the backend:\n{}",
+            r.body
+        );
+    }
     assert!(
         !r.echoed("connection").iter().any(|v| v.contains("x-foo")),
         "the client's Connection reached the backend:\n{}",
         r.body
+    );
+    app.shutdown(Duration::from_millis(200)).await;
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or with two, is a 400 and reaches no
+/// backend; §3.2.2: with an absolute-form target the backend gets the target's authority as
+/// `Host`, not the client's own; CONNECT and TRACE are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_rules_absolute_form_and_connect_trace_at_the_edge() {
+    let (counter, app) = counted_farm().await;
+    let proxy = proxy_addr(&app);
+    for (what, req, want) in [
+        ("no Host", &b"GET /a HTTP/1.1\r\n\r\n"[..], 400),
+        (
+            "two Hosts",
+            &b"GET /a HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n"[..],
+            400,
+        ),
+        (
+            "CONNECT",
+            &b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"[..],
+            405,
+        ),
+        (
+            "TRACE",
+            &b"TRACE / HTTP/1.1\r\nHost: a.test\r\n\r\n"[..],
+            405,
+        ),
+    ] {
+        let out = raw_exchange(proxy, req, RAW_WAIT).await;
+        assert_eq!(out.statuses(), [want], "{what}: {}", out.text());
+    }
+    assert_eq!(counter.seen(), 0, "a refused request reached the backend");
+    app.shutdown(Duration::from_millis(200)).await;
+
+    let web = DemoBackend::start("web-1").await;
+    let app = start(&farm_yaml(&web.yaml(), "")).await;
+    let out = raw_exchange(
+        proxy_addr(&app),
+        b"GET http://www.farm.test/echo-headers HTTP/1.1\r\nHost: admin.internal\r\nConnection: close\r\n\r\n",
+        RAW_WAIT,
+    )
+    .await;
+    let text = out.text().to_ascii_lowercase();
+    assert!(text.contains("host: www.farm.test"), "{text}");
+    assert!(
+        !text.contains("admin.internal"),
+        "the client's Host was forwarded: {text}"
     );
     app.shutdown(Duration::from_millis(200)).await;
 }

@@ -42,6 +42,25 @@ pub struct Entry<'a> {
     pub listener: &'a str,
 }
 
+/// A field of a combined-format line as nginx writes it: `"`, `\` and bytes outside printable
+/// ASCII as `\xHH`, so a client cannot close a quoted field or start a new line.
+fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("\\x{b:02X}"));
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Formats one line (without the newline).
 pub fn format(fmt: AccessLog, e: &Entry<'_>) -> Option<String> {
     match fmt {
@@ -50,13 +69,13 @@ pub fn format(fmt: AccessLog, e: &Entry<'_>) -> Option<String> {
             "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\"",
             e.client,
             clf_time(e.time),
-            e.method,
-            e.target,
+            escape(e.method),
+            escape(e.target),
             e.version,
             e.status,
             e.bytes.map_or("-".to_string(), |b| b.to_string()),
-            e.referer.unwrap_or("-"),
-            e.user_agent.unwrap_or("-"),
+            escape(e.referer.unwrap_or("-")),
+            escape(e.user_agent.unwrap_or("-")),
         )),
         AccessLog::Json => Some(
             serde_json::json!({
@@ -162,6 +181,13 @@ mod tests {
             duration: Duration::from_millis(3),
             listener: "http",
         }
+    }
+
+    #[test]
+    fn combined_escapes_quotes_backslashes_and_control_bytes() {
+        assert_eq!(escape("curl/8"), "curl/8");
+        assert_eq!(escape("a\"b\\c\nd"), "a\\x22b\\x5Cc\\x0Ad");
+        assert_eq!(escape("é"), "\\xC3\\xA9");
     }
 
     #[test]

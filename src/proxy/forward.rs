@@ -81,10 +81,10 @@ pub fn prepare(
         "1.1 lockstep"
     };
     headers::strip_hop_by_hop(&mut parts.headers, wants_upgrade);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(h) = host.clone() {
-            parts.headers.insert(header::HOST, h);
-        }
+    // The host routed on is the host forwarded: with an absolute-form target (or h2's
+    // `:authority`) that is the target's authority, whatever `Host` said (RFC 9112 §3.2.2).
+    if let Some(h) = host.clone() {
+        parts.headers.insert(header::HOST, h);
     }
     headers::add_forwarded(
         &mut parts.headers,

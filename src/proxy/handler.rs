@@ -33,6 +33,13 @@ pub async fn handle(
     let log_fields =
         (ctx.listener.access_log != crate::config::AccessLog::Off).then(|| LogFields::of(&req));
 
+    if let Some((status, why)) = super::headers::refuse(req.version(), req.method(), req.headers())
+    {
+        debug!(client.addr = %ctx.peer, method = %req.method(), why, "refused at the edge");
+        let resp = plain(status, why);
+        finish(&ctx, start, log_fields, &resp, None, None);
+        return Ok(resp);
+    }
     // A refcounted view of the host (no copy): it outlives `req`, which `forward` consumes.
     let host_ref = Host::of(&req);
     let host = host_ref.as_ref().and_then(Host::as_str);

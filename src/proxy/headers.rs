@@ -2,8 +2,9 @@
 //!
 //! Hop-by-hop headers (RFC 9110 §7.6.1) and every header named in `Connection` are dropped in
 //! both directions; requests get `X-Forwarded-For`/`-Proto`/`-Host` and `Via`. A client's own
-//! `X-Forwarded-*` values are kept only when it is a trusted proxy: otherwise anyone could
-//! claim any client address.
+//! `X-Forwarded-*`, `Forwarded` and `X-Real-IP` values are kept only when it is a trusted
+//! proxy: otherwise anyone could claim any client address. [`refuse`] answers what must not
+//! go on at all (RFC 9112's Host rules, CONNECT, TRACE).
 
 use std::net::IpAddr;
 
@@ -16,6 +17,8 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// `X-Forwarded-Host`.
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Real-IP` (nginx's single-address form).
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
@@ -26,6 +29,38 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
 ];
+
+/// Why a request is answered at the edge, before any route or backend (RFC 9112 §3.2 and
+/// §3.2.2; RFC 9110 §9.3.6, §9.3.8): the status and a short reason, or `None` to go on.
+///
+/// - an HTTP/1.1 request without `Host`, or any request with more than one: 400;
+/// - `CONNECT` (lockstep is a reverse proxy, not a tunnel to anywhere) and `TRACE` (it would
+///   echo the client's headers, cookies included, through every hop): 405.
+pub fn refuse(
+    version: http::Version,
+    method: &http::Method,
+    headers: &HeaderMap,
+) -> Option<(http::StatusCode, &'static str)> {
+    use http::{Method, StatusCode, Version};
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Some((StatusCode::BAD_REQUEST, "more than one Host header\n"));
+    }
+    if first.is_none() && version == Version::HTTP_11 {
+        return Some((
+            StatusCode::BAD_REQUEST,
+            "an HTTP/1.1 request needs a Host header\n",
+        ));
+    }
+    if *method == Method::CONNECT || *method == Method::TRACE {
+        return Some((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT and TRACE are not served\n",
+        ));
+    }
+    None
+}
 
 /// True when the request asks for a protocol upgrade (WebSocket): `Connection: upgrade` and an
 /// `Upgrade` header.
@@ -121,6 +156,12 @@ pub struct Forwarded<'a> {
 
 /// Adds `X-Forwarded-*` and `Via` to a request going to a backend.
 pub fn add_forwarded(headers: &mut HeaderMap, f: Forwarded<'_>) {
+    if !f.trusted {
+        // The other ways a client could name an address or a scheme: only a trusted proxy
+        // may speak for the client.
+        headers.remove(header::FORWARDED);
+        headers.remove(&X_REAL_IP);
+    }
     let xff = match (f.trusted, joined(headers, &X_FORWARDED_FOR)) {
         (true, Some(prior)) => {
             let peer = f.peer.to_str().unwrap_or("");
@@ -192,6 +233,69 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn host_rules_and_methods_refused_at_the_edge() {
+        use http::{Method, StatusCode, Version};
+        let with = |hosts: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in hosts {
+                h.append(header::HOST, v.parse().unwrap());
+            }
+            h
+        };
+        let one = with(&["www.farm.test"]);
+        assert_eq!(refuse(Version::HTTP_11, &Method::GET, &one), None);
+        // HTTP/1.1 without Host, any version with two: 400.
+        let none = with(&[]);
+        assert_eq!(
+            refuse(Version::HTTP_11, &Method::GET, &none).map(|r| r.0),
+            Some(StatusCode::BAD_REQUEST)
+        );
+        let two = with(&["a.test", "b.test"]);
+        for v in [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2] {
+            assert_eq!(
+                refuse(v, &Method::GET, &two).map(|r| r.0),
+                Some(StatusCode::BAD_REQUEST),
+                "{v:?}"
+            );
+        }
+        // HTTP/1.0 and h2 (`:authority`) may go without.
+        assert_eq!(refuse(Version::HTTP_10, &Method::GET, &none), None);
+        assert_eq!(refuse(Version::HTTP_2, &Method::GET, &none), None);
+        for m in [Method::CONNECT, Method::TRACE] {
+            assert_eq!(
+                refuse(Version::HTTP_11, &m, &one).map(|r| r.0),
+                Some(StatusCode::METHOD_NOT_ALLOWED)
+            );
+        }
+    }
+
+    #[test]
+    fn forwarded_and_x_real_ip_from_untrusted_clients_are_dropped() {
+        let peer = HeaderValue::from_static("192.0.2.1");
+        for trusted in [false, true] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::FORWARDED,
+                "for=10.6.6.6;proto=https".parse().unwrap(),
+            );
+            h.insert(X_REAL_IP.clone(), "10.6.6.6".parse().unwrap());
+            add_forwarded(
+                &mut h,
+                Forwarded {
+                    peer: &peer,
+                    trusted,
+                    proto: "http",
+                    host: None,
+                    via: "1.1 lockstep",
+                },
+            );
+            assert_eq!(h.contains_key(header::FORWARDED), trusted);
+            assert_eq!(h.contains_key(&X_REAL_IP), trusted);
+        }
+    }
+
     use super::*;
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -109,8 +109,9 @@ fn is_ipv6_literal(name: &str) -> bool {
 pub struct Route {
     /// Host condition; `None` matches any host, including a request without one.
     pub host: Option<HostMatch>,
-    /// Plain string prefix of the path (`"/api"` also matches `"/apix"`; write `"/api/"` to
-    /// require a segment boundary). Empty matches every path.
+    /// Path prefix, matched on segment boundaries: `"/api"` matches `/api`, `/api/` and
+    /// `/api/x`, not `/apix` (a prefix ending in `/` matches below it). Empty matches every
+    /// path.
     pub path_prefix: String,
     /// Index of the pool that serves matching requests.
     pub pool: usize,
@@ -124,7 +125,17 @@ impl Route {
             (Some(m), Some(h)) => m.matches(h),
             (Some(_), None) => false,
         };
-        host_ok && path.starts_with(self.path_prefix.as_str())
+        host_ok && prefix_matches(&self.path_prefix, path)
+    }
+}
+
+/// Whether `prefix` matches `path` on a segment boundary.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => {
+            prefix.is_empty() || prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/')
+        }
+        None => false,
     }
 }
 
@@ -277,11 +288,14 @@ mod tests {
     }
 
     #[test]
-    fn path_prefix_is_a_string_prefix_of_the_path_without_query() {
+    fn path_prefix_matches_on_segment_boundaries_of_the_path_without_query() {
         let t = RouteTable::new(vec![route(None, "/api/", 1), route(None, "/static", 2)]);
         assert_eq!(t.find(None, "/api/v1?x=1"), Some(1));
         assert_eq!(t.find(None, "/api"), None);
-        assert_eq!(t.find(None, "/staticfiles/a.css"), Some(2));
+        // `/static` is the segment, not a string prefix: `/staticfiles` is another path.
+        assert_eq!(t.find(None, "/staticfiles/a.css"), None);
+        assert_eq!(t.find(None, "/static"), Some(2));
+        assert_eq!(t.find(None, "/static/a.css"), Some(2));
         // The query is not part of the path: "/?/api/" has path "/".
         assert_eq!(t.find(None, "/?/api/"), None);
     }

@@ -62,10 +62,15 @@ pub fn refuse(
     None
 }
 
-/// True when the request asks for a protocol upgrade (WebSocket): `Connection: upgrade` and an
-/// `Upgrade` header.
+/// True when the request asks for the one protocol upgrade passed through, WebSocket:
+/// `Connection: upgrade` and `Upgrade: websocket`. Any other `Upgrade` (h2c, TLS, a made-up
+/// protocol) is a hop-by-hop header like the rest: dropped, and the request served as an
+/// ordinary one, never a blind tunnel.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| has_token(v, "websocket"))
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -233,6 +238,24 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_websocket_upgrades_pass() {
+        let with = |upgrade: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, "keep-alive, Upgrade".parse().unwrap());
+            h.insert(header::UPGRADE, upgrade.parse().unwrap());
+            h
+        };
+        assert!(is_upgrade(&with("websocket")));
+        assert!(is_upgrade(&with("WebSocket")));
+        for other in ["h2c", "TLS/1.2", "tunnel", "raw"] {
+            assert!(!is_upgrade(&with(other)), "{other}");
+        }
+        let mut no_connection = with("websocket");
+        no_connection.remove(header::CONNECTION);
+        assert!(!is_upgrade(&no_connection));
+    }
 
     #[test]
     fn host_rules_and_methods_refused_at_the_edge() {

@@ -422,6 +422,38 @@ async fn tls_listener_picks_certificate_by_sni_and_speaks_h2() {
     app.shutdown(Duration::from_millis(200)).await;
 }
 
+/// h2spec 3.5/2: once ALPN agreed on h2, an invalid connection preface is a connection error
+/// (GOAWAY, then close), never an HTTP/1.1 answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_alpn_h2_a_bad_preface_gets_no_http1_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = TestCert::new(dir.path(), "a.farm.test");
+    let web = DemoBackend::start("web-1").await;
+    let yaml = format!(
+        "listeners:\n  - name: https\n    bind: \"127.0.0.1:0\"\n    tls:\n      certificates:\n{}\
+         routes:\n  - {{ path_prefix: \"/\", pool: www }}\n\
+         pools:\n  - name: www\n    backends:\n{}",
+        cert.yaml(),
+        web.yaml()
+    );
+    let app = start(&yaml).await;
+    let addr = app.local_addr("https").expect("https listener");
+    let mut tls = tls_connect(addr, "a.farm.test", &cert.der).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: a.farm.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut got)).await;
+    assert!(
+        !got.starts_with(b"HTTP/1.1"),
+        "answered in HTTP/1.1 after ALPN h2: {}",
+        String::from_utf8_lossy(&got)
+    );
+    app.shutdown(Duration::from_millis(200)).await;
+}
+
 /// Reads from `s` until the end of a response head; returns the head.
 async fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();

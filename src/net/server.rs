@@ -3,7 +3,7 @@
 //! [`serve_connection`] under its own accept callback, which reads its settings per accept).
 //!
 //! A connection: optional TLS handshake within the header-read deadline (ALPN decides h2 or
-//! HTTP/1.1), then hyper-util's auto builder (HTTP/1.1 with upgrades, h2, h2c by prior
+//! HTTP/1.1, and only that one is spoken), then hyper-util's auto builder (HTTP/1.1 with upgrades, h2, h2c by prior
 //! knowledge). At shutdown the connection finishes the requests in flight and closes; the
 //! caller bounds how long through its `TaskTracker`.
 
@@ -155,6 +155,12 @@ pub async fn serve_connection<S, B>(
             match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await
             {
                 Ok(Ok(tls)) => {
+                    // ALPN decided the protocol: a client that agreed on h2 and sends anything
+                    // but the h2 preface gets a GOAWAY, not an HTTP/1.1 answer (RFC 9113 §3.4).
+                    let builder = match tls.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => builder.http2_only(),
+                        _ => builder,
+                    };
                     let cert = tls
                         .get_ref()
                         .1
@@ -216,6 +222,19 @@ where
     S: Handler<B>,
     B: ResponseBody,
 {
+    if !builder.is_http1_available() {
+        // h2 agreed by ALPN: no HTTP/1 and so no upgrades; hyper-util honours `http2_only`
+        // only here, not with upgrades, and a bad preface becomes a GOAWAY.
+        let conn = builder.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        return tokio::select! {
+            r = conn.as_mut() => r,
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+    }
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     tokio::select! {

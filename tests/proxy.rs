@@ -780,6 +780,39 @@ async fn untrusted_client_cannot_forge_forwarded_headers_and_hop_by_hop_is_dropp
     app.shutdown(Duration::from_millis(200)).await;
 }
 
+/// Dot segments are resolved before routing, and the backend is sent the resolved path: a
+/// `/public/..` prefix does not reach the pool of `/public` with a path for another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_cannot_bypass_a_route_prefix() {
+    let public = DemoBackend::start("public-1").await;
+    let other = DemoBackend::start("other-1").await;
+    let yaml = format!(
+        "listeners:\n  - {{ name: http, bind: \"127.0.0.1:0\" }}\n\
+         routes:\n  - {{ path_prefix: \"/public\", pool: public }}\n  - {{ path_prefix: \"/\", pool: other }}\n\
+         pools:\n  - name: public\n    backends:\n{}  - name: other\n    backends:\n{}",
+        public.yaml(),
+        other.yaml()
+    );
+    let app = start(&yaml).await;
+    for path in ["/public/../echo-headers", "/public/%2e%2e/echo-headers"] {
+        let r = get_with(
+            &h1_client(),
+            proxy_addr(&app),
+            path,
+            &[("host", "www.farm.test")],
+        )
+        .await
+        .expect("answer");
+        assert_eq!(r.backend().as_deref(), Some("other-1"), "{path}: {r:?}");
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{path}: the backend got another path"
+        );
+    }
+    app.shutdown(Duration::from_millis(200)).await;
+}
+
 /// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or with two, is a 400 and reaches no
 /// backend; §3.2.2: with an absolute-form target the backend gets the target's authority as
 /// `Host`, not the client's own; CONNECT and TRACE are refused.

@@ -26,7 +26,7 @@ use crate::pools::table::PoolState;
 /// Serves one request. Never fails: every error becomes a response.
 pub async fn handle(
     ctx: Arc<ConnCtx>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
     let live = ctx.live.load_full();
@@ -39,6 +39,18 @@ pub async fn handle(
         let resp = plain(status, why);
         finish(&ctx, start, log_fields, &resp, None, None);
         return Ok(resp);
+    }
+    // Dot segments resolved: the path routed on is the path forwarded (no prefix bypassed).
+    if let std::borrow::Cow::Owned(path) = crate::router::route::normalize_path(req.uri().path()) {
+        let mut parts = req.uri().clone().into_parts();
+        let pq = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        parts.path_and_query = pq.parse().ok();
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
     }
     // A refcounted view of the host (no copy): it outlives `req`, which `forward` consumes.
     let host_ref = Host::of(&req);

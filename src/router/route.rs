@@ -167,6 +167,46 @@ impl RouteTable {
     }
 }
 
+/// A path with its `.` and `..` segments resolved (RFC 3986 §5.2.4), also when spelled
+/// `%2e`: what routes match and what the backend is sent, so `/public/../admin` is routed, and
+/// forwarded, as `/admin` and no prefix is bypassed. `..` never climbs above the root; a
+/// trailing `.` or `..` leaves a trailing `/`. Borrows when there is nothing to resolve, the
+/// common case.
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    /// `Some(true)` for `..`, `Some(false)` for `.`, `None` for any other segment.
+    fn dots(seg: &str) -> Option<bool> {
+        let plain = seg.to_ascii_lowercase().replace("%2e", ".");
+        match plain.as_str() {
+            "." => Some(false),
+            ".." => Some(true),
+            _ => None,
+        }
+    }
+    let candidate = |seg: &str| seg.starts_with('.') || seg.starts_with('%');
+    if !path
+        .split('/')
+        .any(|seg| candidate(seg) && dots(seg).is_some())
+    {
+        return Cow::Borrowed(path);
+    }
+    let segs: Vec<&str> = path.split('/').skip(1).collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segs.len());
+    for (i, seg) in segs.iter().enumerate() {
+        match dots(seg) {
+            None => out.push(seg),
+            Some(up) => {
+                if up {
+                    out.pop();
+                }
+                if i + 1 == segs.len() {
+                    out.push("");
+                }
+            }
+        }
+    }
+    Cow::Owned(format!("/{}", out.join("/")))
+}
+
 /// Normalises a Host value: strips the port (also for `"[::1]:8080"` IPv6 literals, which
 /// keep their brackets), lowercases, strips one trailing dot.
 ///
@@ -198,6 +238,26 @@ fn strip_port(raw: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn dot_segments_are_resolved_before_matching() {
+        for (raw, want) in [
+            ("/a/b", "/a/b"),
+            ("/", "/"),
+            ("/a/./b", "/a/b"),
+            ("/public/../admin", "/admin"),
+            ("/public/%2e%2E/admin", "/admin"),
+            ("/public/%2e/x", "/public/x"),
+            ("/../../etc", "/etc"),
+            ("/a/b/..", "/a/"),
+            ("/a/.", "/a/"),
+            ("/a/.hidden/..x", "/a/.hidden/..x"),
+        ] {
+            assert_eq!(normalize_path(raw), want, "{raw}");
+        }
+        assert!(matches!(normalize_path("/a/b.c/d"), Cow::Borrowed(_)));
+    }
+
     use super::*;
 
     fn route(host: Option<&str>, prefix: &str, pool: usize) -> Route {

@@ -103,7 +103,7 @@ pub fn next_wake(state: &HubState, now: u64, expires: Option<u64>) -> Option<Dur
 mod tests {
     use super::*;
     use crate::hub::metrics::ByLabels;
-    use crate::hub::testing::{self, release, tokio_clock, S};
+    use crate::hub::testing::{self, release, staged_at, tokio_clock, S};
     use crate::sync::cycle::{Staged, GRACE};
     use crate::sync::manifest::Hash;
     use crate::sync::protocol::Report;
@@ -119,13 +119,7 @@ mod tests {
     async fn the_hub_advances_itself_a_grace_after_the_activation_when_no_agent_did() {
         let fx = testing::hub(tokio_clock(100 * S));
         let id = release(&fx.hub, &[("index.html", "v1")]).await;
-        let at = fx
-            .hub
-            .commit(id, None, vec![])
-            .await
-            .unwrap()
-            .activation_us
-            .unwrap();
+        let at = staged_at(&fx.hub, id).await;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(fx.hub.clone().run(shutdown.clone()));
 
@@ -149,13 +143,7 @@ mod tests {
     async fn an_agent_advance_within_the_grace_leaves_the_hub_nothing_to_do() {
         let fx = testing::hub(tokio_clock(100 * S));
         let id = release(&fx.hub, &[("index.html", "v1")]).await;
-        let at = fx
-            .hub
-            .commit(id, None, vec![])
-            .await
-            .unwrap()
-            .activation_us
-            .unwrap();
+        let at = staged_at(&fx.hub, id).await;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(fx.hub.clone().run(shutdown.clone()));
         until(&fx.hub, at + 100_000).await;
@@ -172,23 +160,11 @@ mod tests {
     async fn agents_still_on_the_old_release_go_behind_after_the_flip_grace() {
         let fx = testing::hub(tokio_clock(100 * S));
         let v1 = release(&fx.hub, &[("index.html", "v1")]).await;
-        let at1 = fx
-            .hub
-            .commit(v1, None, vec![])
-            .await
-            .unwrap()
-            .activation_us
-            .unwrap();
+        let at1 = staged_at(&fx.hub, v1).await;
         until(&fx.hub, at1).await;
         assert!(fx.hub.advance(0, Advancer::Agent).await.unwrap().advanced);
         let v2 = release(&fx.hub, &[("index.html", "v2")]).await;
-        let at2 = fx
-            .hub
-            .commit(v2, None, vec![])
-            .await
-            .unwrap()
-            .activation_us
-            .unwrap();
+        let at2 = staged_at(&fx.hub, v2).await;
         let on = |active| Report {
             active: Some(active),
             ..Report::default()
@@ -224,13 +200,7 @@ mod tests {
     async fn a_report_nobody_renews_leaves_the_behind_set_when_it_expires() {
         let fx = testing::hub(tokio_clock(100 * S));
         let v1 = release(&fx.hub, &[("index.html", "v1")]).await;
-        let at = fx
-            .hub
-            .commit(v1, None, vec![])
-            .await
-            .unwrap()
-            .activation_us
-            .unwrap();
+        let at = staged_at(&fx.hub, v1).await;
         until(&fx.hub, at).await;
         assert!(fx.hub.advance(0, Advancer::Agent).await.unwrap().advanced);
         let shutdown = CancellationToken::new();

@@ -100,6 +100,15 @@ pub async fn release(hub: &Arc<Hub>, files: &[(&str, &str)]) -> ReleaseId {
     uploaded.id
 }
 
+/// Commits release `id` for the next activation, unsigned: the activation time.
+pub async fn staged_at(hub: &Arc<Hub>, id: ReleaseId) -> u64 {
+    hub.commit(id, None, vec![])
+        .await
+        .expect("commit")
+        .activation_us
+        .expect("an activation time")
+}
+
 /// The manifest of `files` (path, content).
 pub fn manifest(files: &[(&str, &str)]) -> Manifest {
     let files: BTreeMap<String, Entry> = files

@@ -174,6 +174,11 @@ impl Revocations {
         )
     }
 
+    /// The parsed lists (for a chain check that takes them, as webpki's does).
+    pub fn lists(&self) -> Vec<&webpki::CertRevocationList<'static>> {
+        self.0.iter().collect()
+    }
+
     /// Whether `cert`'s serial number is on a list.
     pub fn revoked(&self, cert: &CertificateDer<'_>) -> bool {
         if self.0.is_empty() {

@@ -29,7 +29,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::{Deserialize, Serialize};
 
 use super::changeset::Changeset;
-use super::identity::{Identity, Kind};
+use super::identity::{Identity, Kind, Revocations};
 use super::manifest::{Entry, Manifest, ReleaseId};
 use super::sign::SecretKey;
 
@@ -138,7 +138,7 @@ impl ChangesetSigner {
 /// made: a compromised hub cannot forge one, nor pass one agent's edit off as another's.
 pub struct FarmSigned {
     roots: Vec<rustls_pki_types::TrustAnchor<'static>>,
-    crls: Vec<webpki::CertRevocationList<'static>>,
+    crls: Revocations,
     now: Arc<dyn Fn() -> UnixTime + Send + Sync>,
 }
 
@@ -157,11 +157,7 @@ impl FarmSigned {
     ) -> FarmSigned {
         FarmSigned {
             roots: roots.roots.clone(),
-            crls: crls
-                .iter()
-                .filter_map(|c| webpki::OwnedCertRevocationList::from_der(c).ok())
-                .map(webpki::CertRevocationList::from)
-                .collect(),
+            crls: Revocations::new(crls),
             now,
         }
     }
@@ -180,7 +176,7 @@ impl FarmSigned {
         let ee = webpki::EndEntityCert::try_from(&der)
             .map_err(|e| format!("its certificate does not parse: {e:?}"))?;
         let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-        let crls: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
+        let crls = self.crls.lists();
         let revocation = match crls.is_empty() {
             true => None,
             false => webpki::RevocationOptionsBuilder::new(&crls)

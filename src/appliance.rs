@@ -23,6 +23,7 @@ use crate::dns::{self, DnsError, DnsHandler, DnsMetrics};
 use crate::hub::{self, Hub, HubMetrics};
 use crate::live::{Live, Shared};
 use crate::metrics::{Metrics, ResultLabels};
+use crate::net::limit::Cap;
 use crate::net::server::ServerTls;
 use crate::pools::checker;
 use crate::proxy::listener;
@@ -235,6 +236,7 @@ impl Appliance {
         self.tracker.spawn(hub::api::serve(
             socket,
             tls,
+            Cap::new(config.max_connections, self.metrics.sync_connections.clone()),
             hub.clone(),
             self.shutdown.child_token(),
             self.tracker.clone(),
@@ -328,8 +330,13 @@ impl Appliance {
             shutdown: self.shutdown.clone(),
             hub: self.admin_hub.clone(),
         };
+        let cap = Cap::new(
+            self.live.load().config.admin.max_connections,
+            self.metrics.admin_connections.clone(),
+        );
         self.tracker.spawn(admin::serve(
             socket,
+            cap,
             state,
             stop.clone(),
             self.tracker.clone(),

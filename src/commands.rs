@@ -59,6 +59,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             sync_port,
         } => {
             crate::serve::init_tracing();
+            // The whole farm in one process: the appliance's and every agent's connections.
+            fit_descriptors(0);
             runtime(true)?.block_on(crate::demo::run(port, admin_port, dns_port, sync_port))
         }
         Command::Completions { shell } => {
@@ -95,6 +97,10 @@ fn check_command(config: Option<PathBuf>, agent: bool) -> anyhow::Result<()> {
 fn serve(config: &Path, workers: Option<usize>, drain: std::time::Duration) -> anyhow::Result<()> {
     crate::serve::init_tracing();
     let cfg = config::load(config)?;
+    let proxy: u64 = cfg.listeners.iter().map(|l| 2 * l.max_connections as u64).sum();
+    let control = cfg.admin.max_connections as u64
+        + cfg.sync.as_ref().map_or(0, |s| s.max_connections as u64);
+    fit_descriptors(proxy + control);
     let count = workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
@@ -208,7 +214,21 @@ fn status(hub: &crate::cli::HubArgs, json: bool, admin: Option<&str>) -> anyhow:
 fn agent(config: &Path) -> anyhow::Result<()> {
     crate::serve::init_tracing();
     let cfg = crate::agent::config::load(config)?;
+    fit_descriptors((cfg.max_connections + cfg.fetch_concurrency) as u64);
     runtime(false)?.block_on(crate::agent::run(cfg))
+}
+
+/// Raises the open-file limit as far as allowed and warns when the connection caps need more
+/// descriptors than that.
+fn fit_descriptors(needed: u64) {
+    use crate::net::limit::{fd_shortfall, raise_nofile};
+    match raise_nofile() {
+        Ok(limit) => match fd_shortfall(needed, limit) {
+            Some(w) => tracing::warn!("{w}"),
+            None => tracing::debug!(limit, needed, "open-file limit"),
+        },
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
 }
 
 /// `lockstep manpages --dir DIR`.

@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::net::limit::ConnGate;
+
 /// Labels of a per-backend series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
@@ -71,8 +73,16 @@ pub struct Metrics {
     pub retries: Family<PoolLabels, Counter>,
     /// Config reloads by result.
     pub reloads: Family<ResultLabels, Counter>,
-    /// Open client connections by listener.
+    /// Open client connections by listener (upgraded tunnels included).
     pub connections: Family<ListenerLabels, Gauge>,
+    /// Connections closed at accept because their listener was at `max_connections`.
+    pub connections_refused: Family<ListenerLabels, Counter>,
+    /// Upgraded (WebSocket) tunnels open now, by listener.
+    pub tunnels: Family<ListenerLabels, Gauge>,
+    /// The admin listener's connections.
+    pub admin_connections: ConnGate,
+    /// The sync API's connections.
+    pub sync_connections: ConnGate,
 }
 
 impl Metrics {
@@ -91,6 +101,10 @@ impl Metrics {
             retries: Family::default(),
             reloads: Family::default(),
             connections: Family::default(),
+            connections_refused: Family::default(),
+            tunnels: Family::default(),
+            admin_connections: ConnGate::default(),
+            sync_connections: ConnGate::default(),
         };
         registry.register("http_requests", "Proxied HTTP requests", m.requests.clone());
         registry.register(
@@ -129,12 +143,46 @@ impl Metrics {
             m.connections.clone(),
         );
         registry.register(
+            "connections_refused",
+            "Connections closed at accept because the listener was at max_connections",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "upgraded_connections",
+            "Upgraded (WebSocket) tunnels open now",
+            m.tunnels.clone(),
+        );
+        for (what, gate) in [("admin", &m.admin_connections), ("sync", &m.sync_connections)] {
+            registry.register(
+                format!("{what}_open_connections"),
+                format!("Open connections on the {what} listener"),
+                gate.open.clone(),
+            );
+            registry.register(
+                format!("{what}_connections_refused"),
+                format!("Connections closed at accept because the {what} listener was at its max_connections"),
+                gate.refused.clone(),
+            );
+        }
+        registry.register(
             "access_log_dropped_lines",
             "Access log lines dropped because the writer could not keep up",
             access_log_dropped().clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
+    }
+
+    /// The connection gate of proxy listener `name`: its open-connection gauge and refusal
+    /// counter, shared by every worker accepting on it.
+    pub fn listener_gate(&self, name: &str) -> ConnGate {
+        let labels = ListenerLabels {
+            listener: name.to_string(),
+        };
+        ConnGate::new(
+            self.connections.get_or_create(&labels).clone(),
+            self.connections_refused.get_or_create(&labels).clone(),
+        )
     }
 
     /// Registers further metrics (for the DNS and sync parts).

@@ -1884,3 +1884,27 @@ fn example_config_documents_the_real_defaults() {
         problems.join("; ")
     );
 }
+
+#[test]
+fn connection_caps_are_checked_where_written() {
+    let text = format!(
+        "listeners:\n  - {{ name: http, bind: \"127.0.0.1:8080\", max_connections: 0 }}\n\
+         routes:\n  - {{ path_prefix: \"/\", pool: www }}\n{POOL_WWW}\
+         admin:\n  bind: \"127.0.0.1:9900\"\n  max_connections: 2000000\n"
+    );
+    let all = errors(&text);
+    assert_eq!(all.len(), 2, "{}", ConfigErrors(all.clone()));
+    assert_error(&all[0], &text, "0 }", &["max_connections is 0", "between 1 and", "LimitNOFILE"]);
+    assert_error(&all[1], &text, "2000000", &["admin.max_connections", "between 1 and 1000000"]);
+
+    let ok = format!(
+        "listeners:\n  - {{ name: http, bind: \"127.0.0.1:8080\", max_connections: 50000 }}\n\
+         routes:\n  - {{ path_prefix: \"/\", pool: www }}\n{POOL_WWW}"
+    );
+    let c = config::parse(Path::new("t.yaml"), &ok).expect("valid");
+    assert_eq!(c.listeners[0].max_connections, 50_000);
+    assert_eq!(
+        c.admin.max_connections,
+        lockstep::config::DEFAULT_ADMIN_MAX_CONNECTIONS
+    );
+}

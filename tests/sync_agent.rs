@@ -87,6 +87,7 @@ impl TestHub {
         tracker.spawn(hub::api::serve(
             socket,
             None,
+            lockstep::net::limit::Cap::new(4096, Default::default()),
             hub.clone(),
             stop.clone(),
             tracker.clone(),

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::net::respond;
+use crate::net::limit::Cap;
 use crate::net::server::HttpServer;
 
 use crate::live::Shared;
@@ -41,11 +42,13 @@ pub struct AdminState {
 /// cancelled by a reload that moves the listener); connections run on `tracker`.
 pub async fn serve(
     socket: TcpListener,
+    cap: Cap,
     state: AdminState,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
     let mut server = HttpServer::new("admin");
+    server.cap = cap;
     server.settings.header_read_timeout = std::time::Duration::from_secs(10);
     server
         .serve(

@@ -35,6 +35,10 @@ pub use crate::sync::identity::MAX_NAME_BYTES;
 /// The commented example every key is documented in.
 pub const EXAMPLE: &str = "deploy/examples/agent.yaml";
 
+/// Default cap on the agent's open connections on `serve`: the local web server's and the
+/// proxy's keep-alive pools and the peers, well inside the unit's `LimitNOFILE=65536`.
+pub const DEFAULT_AGENT_MAX_CONNECTIONS: usize = 4096;
+
 /// The top level of `agent.yaml`, as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,6 +73,8 @@ pub struct RawAgentConfig {
     pub trusted_keys: Option<S<Vec<S<String>>>>,
     /// Agents whose changesets a release the hub built may contain (with `trusted_keys`).
     pub trusted_origins: Option<S<Vec<S<String>>>>,
+    /// Most connections open at once on `serve` (the web server, the proxy, peers).
+    pub max_connections: Option<S<u32>>,
 }
 
 /// `tls:` as written.
@@ -230,6 +236,8 @@ pub struct AgentConfig {
     /// The agents whose changesets a release the hub built from them may contain (this agent
     /// itself is added when it has `watch:`).
     pub trusted_origins: Vec<String>,
+    /// Most connections open at once on `serve`.
+    pub max_connections: usize,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -249,6 +257,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("gc", &self.gc)
             .field("trusted_keys", &self.trusted_keys)
             .field("trusted_origins", &self.trusted_origins)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -272,6 +281,7 @@ impl AgentConfig {
             gc: Gc::default(),
             trusted_keys: None,
             trusted_origins: Vec::new(),
+            max_connections: DEFAULT_AGENT_MAX_CONNECTIONS,
         }
     }
 }
@@ -355,6 +365,11 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
     }
     let trusted_origins = trusted_origins(&mut cx, &raw);
     let fetch_concurrency = fetch_concurrency(&mut cx, raw.fetch_concurrency.as_ref());
+    let max_connections = cx.connections(
+        &raw.max_connections,
+        DEFAULT_AGENT_MAX_CONNECTIONS,
+        "max_connections",
+    );
     let watch = raw
         .watch
         .as_ref()
@@ -380,6 +395,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             gc,
             trusted_keys,
             trusted_origins,
+            max_connections,
         }),
         _ => {
             cx.errors.sort_by_key(|e| (e.pos.line, e.pos.column));

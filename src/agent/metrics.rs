@@ -2,6 +2,7 @@
 //! on the serve listener's `/.lockstep/metrics`. Several agents in one process (the demo, the
 //! tests) each keep their own.
 
+use crate::net::limit::ConnGate;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
@@ -85,6 +86,8 @@ pub struct AgentMetrics {
     pub gc_removed: Family<WhatLabels, Counter>,
     /// Blob bytes freed by collections.
     pub gc_bytes: Counter,
+    /// Connections open on `serve`, and those closed at accept over `max_connections`.
+    pub connections: ConnGate,
 }
 
 impl AgentMetrics {
@@ -119,6 +122,7 @@ impl AgentMetrics {
             peers: Gauge::default(),
             gc_removed: Family::default(),
             gc_bytes: Counter::default(),
+            connections: ConnGate::default(),
         };
         r.register(
             "active_release",
@@ -225,6 +229,16 @@ impl AgentMetrics {
             "gc_removed_bytes",
             "Blob bytes freed in the store",
             m.gc_bytes.clone(),
+        );
+        r.register(
+            "open_connections",
+            "Connections open on the serve address",
+            m.connections.open.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed at accept because serve was at max_connections",
+            m.connections.refused.clone(),
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m

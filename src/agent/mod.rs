@@ -326,6 +326,7 @@ fn spawn_serve(
     };
     agent.tracker.spawn(serve::serve(
         listener,
+        config.max_connections,
         state,
         agent.shutdown.clone(),
         agent.tracker.clone(),

@@ -26,6 +26,7 @@ use super::messages::Active;
 use super::metrics::{AgentMetrics, ClassLabels};
 use super::release::{not_modified, Release, Resolved};
 use crate::net::respond;
+use crate::net::limit::Cap;
 use crate::net::server::{HttpServer, ServerTls};
 use crate::sync::protocol::RELEASE_HEADER;
 
@@ -48,15 +49,17 @@ pub struct ServeState {
     pub api: Option<Arc<super::api::AgentApi>>,
 }
 
-/// Accepts on `listener` until `shutdown`; connections are spawned on `tracker` and finish
-/// their in-flight requests when it fires.
+/// Accepts on `listener` until `shutdown`, at most `max_connections` at once; connections are
+/// spawned on `tracker` and finish their in-flight requests when it fires.
 pub async fn serve(
     listener: TcpListener,
+    max_connections: usize,
     state: ServeState,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let mut server = HttpServer::new("agent");
+    server.cap = Cap::new(max_connections, state.metrics.connections.clone());
     server.settings.header_read_timeout = HEADER_READ_TIMEOUT;
     server.tls = state.tls.clone().map(|config| ServerTls {
         plaintext_too: true,

@@ -13,6 +13,10 @@ use super::duration;
 use super::error::{ConfigError, Pos};
 use crate::sync::sign::{read_public_key, TrustedKeys};
 
+/// Highest `max_connections` accepted anywhere: a million file descriptors is where the
+/// appliance's unit puts `LimitNOFILE`.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
 /// The file being checked and the problems found so far.
 pub struct Ctx<'a> {
     /// The file being checked.
@@ -82,6 +86,23 @@ impl<'a> Ctx<'a> {
             }
             _ => d,
         }
+    }
+
+    /// A connection cap (`max_connections`): `default` when absent; 0 and values past
+    /// [`MAX_CONNECTIONS_LIMIT`] are refused.
+    pub fn connections(&mut self, v: &Option<Spanned<u32>>, default: usize, what: &str) -> usize {
+        let Some(v) = v else { return default };
+        if v.value == 0 || v.value as usize > MAX_CONNECTIONS_LIMIT {
+            self.err(
+                v,
+                format!(
+                    "{what} is {}: give between 1 and {MAX_CONNECTIONS_LIMIT} (default {default}); each connection costs a file descriptor (two through the proxy), so also raise LimitNOFILE past it",
+                    v.value
+                ),
+            );
+            return default;
+        }
+        v.value as usize
     }
 
     /// A duration key that may be zero, `default` when absent; unparsable values are refused.

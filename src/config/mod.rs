@@ -35,6 +35,12 @@ use crate::router::route::Route;
 pub const DEFAULT_HEADER_READ: Duration = Duration::from_secs(60);
 /// Default time a client connection may move no bytes at all (nginx's `keepalive_timeout`).
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(75);
+/// Default cap on a proxy listener's open connections: room for 10 000 idle keep-alive
+/// clients and a busy load beside them, two descriptors each, within the unit's
+/// `LimitNOFILE`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// Default cap on the admin listener's open connections (operators, scrapers, a status page).
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 /// Default backend connect timeout.
 pub const DEFAULT_CONNECT: Duration = Duration::from_secs(2);
 /// Default time from request sent to response head.
@@ -107,6 +113,9 @@ pub struct Listener {
     pub header_read_timeout: Duration,
     /// Keep-alive idle timeout.
     pub idle_timeout: Duration,
+    /// Most client connections open at once (all workers together); more are closed at
+    /// accept and counted in `lockstep_connections_refused_total`.
+    pub max_connections: usize,
 }
 
 /// What the `hash` policy hashes.
@@ -172,7 +181,7 @@ pub struct Pool {
 }
 
 /// Admin settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Admin {
     /// The admin HTTP listener, when set.
     pub bind: Option<SocketAddr>,
@@ -186,6 +195,21 @@ pub struct Admin {
     /// The token a state-changing request from anywhere but loopback must carry
     /// (`Authorization: Bearer …`), when set.
     pub token: Option<crate::sync::auth::Secret>,
+    /// Most connections open at once on the admin listener.
+    pub max_connections: usize,
+}
+
+impl Default for Admin {
+    fn default() -> Admin {
+        Admin {
+            bind: None,
+            socket: None,
+            allow_changes_from: Vec::new(),
+            hosts: Vec::new(),
+            token: None,
+            max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+        }
+    }
 }
 
 impl Admin {

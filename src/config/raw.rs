@@ -47,6 +47,8 @@ pub struct RawListener {
     pub access_log: Option<S<String>>,
     /// Client-side timeouts.
     pub timeouts: Option<RawListenerTimeouts>,
+    /// Most client connections open at once on this listener (all workers together).
+    pub max_connections: Option<S<u32>>,
 }
 
 /// Certificates of a TLS listener.
@@ -246,6 +248,8 @@ pub struct RawSync {
     pub trusted_keys: Option<S<Vec<S<String>>>>,
     /// Serve the sync API over TLS with these certificates, asking for client certificates.
     pub tls: Option<RawSyncTls>,
+    /// Most connections open at once on the sync API.
+    pub max_connections: Option<S<u32>>,
 }
 
 /// TLS of the sync API: its certificates and the farm CA its clients' certificates come from.
@@ -279,4 +283,6 @@ pub struct RawAdmin {
     /// File holding the bearer token a state-changing request from anywhere but loopback
     /// must carry.
     pub token_file: Option<S<String>>,
+    /// Most connections open at once on the admin listener.
+    pub max_connections: Option<S<u32>>,
 }

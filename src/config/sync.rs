@@ -18,6 +18,10 @@ use crate::sync::protocol::DEFAULT_REPORT_EXPIRY;
 use crate::sync::schedule::{DEFAULT_CADENCE, DEFAULT_LEAD};
 use crate::sync::sign::TrustedKeys;
 
+/// Default cap on the sync API's open connections: a farm of a thousand agents with their
+/// long polls, uploads and fetches, and publishers beside them.
+pub const DEFAULT_SYNC_MAX_CONNECTIONS: usize = 4096;
+
 /// Shortest activation grid.
 pub const MIN_CADENCE: Duration = Duration::from_millis(100);
 
@@ -43,6 +47,8 @@ pub struct Sync {
     /// Publisher keys one of which must sign every committed release (`None`: not checked
     /// at commit).
     pub trusted_keys: Option<TrustedKeys>,
+    /// Most connections open at once on the sync API (agents hold about two each).
+    pub max_connections: usize,
 }
 
 /// The sync API's TLS: its certificates and, for mutual TLS, the farm CA of its clients.
@@ -119,7 +125,13 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         .trusted_keys
         .as_ref()
         .map(|list| cx.public_keys(list, "sync.trusted_keys"));
+    let max_connections = cx.connections(
+        &raw.max_connections,
+        DEFAULT_SYNC_MAX_CONNECTIONS,
+        "sync.max_connections",
+    );
     Some(Sync {
+        max_connections,
         trusted_keys,
         bind: bind?,
         store,

@@ -178,6 +178,11 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
             DEFAULT_IDLE,
             "timeouts.idle",
         );
+        let max_connections = cx.connections(
+            &l.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+            "max_connections",
+        );
         if let Some(bind) = bind {
             out.push(Listener {
                 name: l.name.value.clone(),
@@ -187,6 +192,7 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
                 access_log,
                 header_read_timeout,
                 idle_timeout,
+                max_connections,
             });
         }
     }
@@ -528,6 +534,11 @@ fn admin(cx: &mut Ctx<'_>, raw: Option<&RawAdmin>) -> Admin {
                 }
             }
         }),
+        max_connections: cx.connections(
+            &a.max_connections,
+            DEFAULT_ADMIN_MAX_CONNECTIONS,
+            "admin.max_connections",
+        ),
     }
 }
 

@@ -21,6 +21,7 @@ use super::route::Endpoint;
 use super::{Hub, HubError};
 use crate::net::body::read_body;
 use crate::net::respond;
+use crate::net::limit::Cap;
 use crate::net::server::{HttpServer, PeerCertificate, ServerTls};
 use crate::sync::auth::Role;
 use crate::sync::caller::{self, Caller, Refusal};
@@ -35,12 +36,14 @@ type Answer = Response<Full<Bytes>>;
 pub async fn serve(
     socket: TcpListener,
     tls: Option<ServerTls>,
+    cap: Cap,
     hub: Arc<Hub>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let server = HttpServer {
         tls,
+        cap,
         ..HttpServer::new("sync")
     };
     let stop = shutdown.clone();

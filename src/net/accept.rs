@@ -5,7 +5,8 @@
 //! 1 s instead of spinning, and the delay resets at the next accepted connection. Each
 //! connection's future runs on the caller's `TaskTracker`, so a shutdown can wait for the
 //! connections to drain; the loop itself ends at `shutdown` or when the connection callback
-//! says the listener is gone (a reload removed it).
+//! says the listener is gone (a reload removed it). A callback that refuses a connection (its
+//! listener is at its cap, see [`super::limit`]) has it closed at once.
 
 use std::future::Future;
 use std::io;
@@ -14,7 +15,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// First back-off after a failed accept.
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -54,6 +55,8 @@ impl Listen for UnixListener {
 pub enum Accepted<F> {
     /// Serve it with this future (spawned on the tracker).
     Serve(F),
+    /// Close it at once and go on accepting: the listener is at its connection cap.
+    Refuse,
     /// Drop it and stop accepting: the listener is no longer configured.
     Stop,
 }
@@ -98,6 +101,9 @@ pub async fn accept_loop<L, F, Fut>(
         match on_conn(io, peer) {
             Accepted::Serve(f) => {
                 tracker.spawn(f);
+            }
+            Accepted::Refuse => {
+                debug!(listener = %what, "connection cap reached; closed a new connection");
             }
             Accepted::Stop => return,
         }

@@ -8,6 +8,7 @@
 //!   the accept loop + connection serving that the admin, hub, agent and demo listeners use.
 //! - [`bind`]: listening sockets (`SO_REUSEADDR`, `SO_REUSEPORT` for several workers).
 //! - [`idle`]: the idle-connection timeout wrapper.
+//! - [`limit`]: per-listener connection caps shared by the workers accepting on it.
 //! - [`tls`]: the rustls server config (SNI among several certificates, ALPN h2 / http/1.1).
 //! - [`body`]: the body types of the proxy and the one bounded body reader.
 //! - [`respond`]: the one set of response helpers (text, JSON, `{"error": …}`).
@@ -22,6 +23,7 @@ pub mod bind;
 pub mod body;
 pub mod client;
 pub mod idle;
+pub mod limit;
 pub mod respond;
 pub mod server;
 pub mod tls;

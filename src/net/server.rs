@@ -30,6 +30,10 @@ use tracing::{debug, debug_span, Instrument};
 
 use super::accept::{accept_loop, Accepted};
 use super::idle::IdleIo;
+use super::limit::{Cap, ConnGate};
+
+/// Default cap on a control-plane listener's open connections (admin, sync, agent).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// Error of a connection, as hyper reports it.
 pub type ConnError = Box<dyn std::error::Error + Send + Sync>;
@@ -94,6 +98,12 @@ where
     }
 }
 
+/// Default idle timeout of a control-plane connection: longer than a schedule long poll
+/// holds a request without a byte (25 s), short enough that idle or dead clients (h1 and h2
+/// alike: every byte counts, so no h2 PING is needed to find a dead peer) give their
+/// descriptor back.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+
 /// Largest request head (request line + headers) accepted; bigger ones get 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
@@ -112,7 +122,7 @@ impl Default for ConnSettings {
     fn default() -> ConnSettings {
         ConnSettings {
             header_read_timeout: Duration::from_secs(30),
-            idle_timeout: None,
+            idle_timeout: Some(DEFAULT_IDLE),
             max_concurrent_streams: 256,
         }
     }
@@ -290,6 +300,9 @@ pub struct HttpServer {
     pub tls: Option<ServerTls>,
     /// Timeouts and limits of each connection.
     pub settings: ConnSettings,
+    /// Most connections open at once (more are closed at accept and counted), with the
+    /// open-connection count and refusals (metrics registered by the owner).
+    pub cap: Cap,
 }
 
 impl HttpServer {
@@ -299,6 +312,7 @@ impl HttpServer {
             name,
             tls: None,
             settings: ConnSettings::default(),
+            cap: Cap::new(DEFAULT_MAX_CONNECTIONS, ConnGate::default()),
         }
     }
 
@@ -317,6 +331,9 @@ impl HttpServer {
         B: ResponseBody,
     {
         accept_loop(&listener, self.name, &shutdown, &tracker, |stream, peer| {
+            let Some(permit) = self.cap.admit() else {
+                return Accepted::Refuse;
+            };
             let (handler, tls, settings, shutdown) = (
                 handler.clone(),
                 self.tls.clone(),
@@ -333,7 +350,8 @@ impl HttpServer {
                         Some(t) => t.acceptor(&stream, settings.header_read_timeout).await,
                         None => None,
                     };
-                    serve_connection(stream, tls, &settings, svc, &shutdown).await
+                    serve_connection(stream, tls, &settings, svc, &shutdown).await;
+                    drop(permit);
                 }
                 .instrument(debug_span!("conn", client.addr = %peer, listener = self.name)),
             )

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 
 use crate::config::Listener;
+use super::upgrade::Tunnels;
 use crate::live::Shared;
 
 /// What a connection knows while it serves requests.
@@ -24,4 +25,6 @@ pub struct ConnCtx {
     pub tls: bool,
     /// The live state.
     pub live: Shared,
+    /// Where an upgraded tunnel runs and is counted (it keeps the connection's permit).
+    pub tunnels: Tunnels,
 }

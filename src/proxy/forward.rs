@@ -227,6 +227,7 @@ pub fn respond(
         if let Some(client_upgrade) = client_upgrade {
             let backend_upgrade = hyper::upgrade::on(&mut resp);
             upgrade::bridge(
+                &ctx.tunnels,
                 client_upgrade,
                 backend_upgrade,
                 ctx.peer,

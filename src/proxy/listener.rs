@@ -16,6 +16,7 @@ use tracing::{debug, debug_span, warn, Instrument};
 
 use super::conn::ConnCtx;
 use super::handler;
+use super::upgrade::Tunnels;
 use super::headers::{is_trusted, peer_value};
 use crate::live::Shared;
 use crate::metrics::{ListenerLabels, Metrics};
@@ -39,8 +40,10 @@ pub async fn serve(
             return;
         }
     };
-    let open = metrics
-        .connections
+    // One gate per listener name: every worker's socket of this listener counts together.
+    let gate = metrics.listener_gate(&name);
+    let tunnels_open = metrics
+        .tunnels
         .get_or_create(&ListenerLabels {
             listener: name.clone(),
         })
@@ -52,6 +55,10 @@ pub async fn serve(
             debug!(listener = %name, "listener no longer configured; closing");
             return Accepted::Stop;
         };
+        let Some(permit) = gate.admit(listener.max_connections) else {
+            return Accepted::Refuse;
+        };
+        let permit = Arc::new(permit);
         let settings = ConnSettings {
             header_read_timeout: listener.header_read_timeout,
             idle_timeout: Some(listener.idle_timeout),
@@ -64,15 +71,20 @@ pub async fn serve(
             listener,
             peer,
             live: live.clone(),
+            tunnels: Tunnels {
+                tracker: tracker.clone(),
+                open: tunnels_open.clone(),
+                permit: permit.clone(),
+            },
         });
         drop(generation);
-        let (shutdown, open) = (shutdown.clone(), open.clone());
-        open.inc();
+        let shutdown = shutdown.clone();
         Accepted::Serve(
             async move {
                 let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
                 serve_connection(stream, acceptor, &settings, svc, &shutdown).await;
-                open.dec();
+                // A tunnel the connection became holds its own clone until it closes.
+                drop(permit);
             }
             .instrument(debug_span!("conn", client.addr = %peer, listener = %name)),
         )

@@ -236,7 +236,10 @@ impl Appliance {
         self.tracker.spawn(hub::api::serve(
             socket,
             tls,
-            Cap::new(config.max_connections, self.metrics.sync_connections.clone()),
+            Cap::new(
+                config.max_connections,
+                self.metrics.sync_connections.clone(),
+            ),
             hub.clone(),
             self.shutdown.child_token(),
             self.tracker.clone(),

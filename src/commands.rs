@@ -97,7 +97,11 @@ fn check_command(config: Option<PathBuf>, agent: bool) -> anyhow::Result<()> {
 fn serve(config: &Path, workers: Option<usize>, drain: std::time::Duration) -> anyhow::Result<()> {
     crate::serve::init_tracing();
     let cfg = config::load(config)?;
-    let proxy: u64 = cfg.listeners.iter().map(|l| 2 * l.max_connections as u64).sum();
+    let proxy: u64 = cfg
+        .listeners
+        .iter()
+        .map(|l| 2 * l.max_connections as u64)
+        .sum();
     let control = cfg.admin.max_connections as u64
         + cfg.sync.as_ref().map_or(0, |s| s.max_connections as u64);
     fit_descriptors(proxy + control);

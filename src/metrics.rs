@@ -152,7 +152,10 @@ impl Metrics {
             "Upgraded (WebSocket) tunnels open now",
             m.tunnels.clone(),
         );
-        for (what, gate) in [("admin", &m.admin_connections), ("sync", &m.sync_connections)] {
+        for (what, gate) in [
+            ("admin", &m.admin_connections),
+            ("sync", &m.sync_connections),
+        ] {
             registry.register(
                 format!("{what}_open_connections"),
                 format!("Open connections on the {what} listener"),

@@ -73,7 +73,11 @@ async fn proxy_listener_closes_connections_past_its_cap_and_counts_them() {
     assert!(refused(addr, "t").await, "a 5th connection was served");
     let admin = admin_of(&app);
     assert_eq!(
-        metric(admin, "lockstep_connections_refused_total{listener=\"http\"}").await,
+        metric(
+            admin,
+            "lockstep_connections_refused_total{listener=\"http\"}"
+        )
+        .await,
         2.0
     );
     assert_eq!(
@@ -82,9 +86,11 @@ async fn proxy_listener_closes_connections_past_its_cap_and_counts_them() {
     );
     // A place given back is taken again.
     held.pop();
-    until("a freed place admits a new connection", Duration::from_secs(5), || async {
-        !refused(addr, "t").await
-    })
+    until(
+        "a freed place admits a new connection",
+        Duration::from_secs(5),
+        || async { !refused(addr, "t").await },
+    )
     .await;
     app.shutdown(Duration::from_millis(200)).await;
 }
@@ -125,7 +131,11 @@ async fn the_cap_is_shared_by_every_worker_accepting_on_the_listener() {
             _ => closed += 1,
         }
     }
-    assert_eq!(answered.len(), 2, "two workers admitted more than the cap together");
+    assert_eq!(
+        answered.len(),
+        2,
+        "two workers admitted more than the cap together"
+    );
     assert_eq!(closed, 6);
     app.shutdown(Duration::from_millis(200)).await;
     for r in workers {
@@ -157,7 +167,11 @@ async fn an_upgraded_tunnel_keeps_its_place_and_is_counted() {
         s.read_exact(&mut byte).await.expect("read 101 head");
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s.write_all(b"ping").await.expect("write in the tunnel");
     let mut back = [0u8; 4];
     s.read_exact(&mut back).await.expect("echo");
@@ -173,13 +187,20 @@ async fn an_upgraded_tunnel_keeps_its_place_and_is_counted() {
         1.0,
         "the tunnel still counts as the client's connection"
     );
-    assert!(refused(addr, "t").await, "the tunnel's place was given away");
+    assert!(
+        refused(addr, "t").await,
+        "the tunnel's place was given away"
+    );
 
     drop(s);
-    until("the closed tunnel gives its place back", Duration::from_secs(5), || async {
-        metric(admin, "lockstep_upgraded_connections{listener=\"http\"}").await == 0.0
-            && metric(admin, "lockstep_open_connections{listener=\"http\"}").await == 0.0
-    })
+    until(
+        "the closed tunnel gives its place back",
+        Duration::from_secs(5),
+        || async {
+            metric(admin, "lockstep_upgraded_connections{listener=\"http\"}").await == 0.0
+                && metric(admin, "lockstep_open_connections{listener=\"http\"}").await == 0.0
+        },
+    )
     .await;
     stop.cancel();
     app.shutdown(Duration::from_millis(200)).await;
@@ -201,16 +222,30 @@ async fn admin_and_sync_listeners_have_their_own_caps() {
     let app = start(&yaml).await;
     let (admin, sync) = (admin_of(&app), app.sync_addr().expect("sync API"));
 
-    let hold_admin = [admitted(admin, "127.0.0.1").await, admitted(admin, "127.0.0.1").await];
-    assert!(refused(admin, "127.0.0.1").await, "a 3rd admin connection was served");
-    let hold_sync = [admitted(sync, "127.0.0.1").await, admitted(sync, "127.0.0.1").await];
-    assert!(refused(sync, "127.0.0.1").await, "a 3rd sync connection was served");
+    let hold_admin = [
+        admitted(admin, "127.0.0.1").await,
+        admitted(admin, "127.0.0.1").await,
+    ];
+    assert!(
+        refused(admin, "127.0.0.1").await,
+        "a 3rd admin connection was served"
+    );
+    let hold_sync = [
+        admitted(sync, "127.0.0.1").await,
+        admitted(sync, "127.0.0.1").await,
+    ];
+    assert!(
+        refused(sync, "127.0.0.1").await,
+        "a 3rd sync connection was served"
+    );
     assert!(refused(sync, "127.0.0.1").await);
 
     drop(hold_admin);
-    until("the admin listener admits again", Duration::from_secs(5), || async {
-        !refused(admin, "127.0.0.1").await
-    })
+    until(
+        "the admin listener admits again",
+        Duration::from_secs(5),
+        || async { !refused(admin, "127.0.0.1").await },
+    )
     .await;
     let m = scrape(&h1_client(), admin).await;
     assert!(m["lockstep_admin_connections_refused_total"] >= 1.0);
@@ -234,7 +269,10 @@ async fn agent_serve_port_has_a_cap() {
     let agent = lockstep::agent::start(cfg).await.expect("agent starts");
     let addr = agent.serve_addr();
     let _held = [admitted(addr, "t").await, admitted(addr, "t").await];
-    assert!(refused(addr, "t").await, "a 3rd agent connection was served");
+    assert!(
+        refused(addr, "t").await,
+        "a 3rd agent connection was served"
+    );
     assert_eq!(agent.metrics().connections.refused.get(), 1);
     agent.shutdown(Duration::from_millis(200)).await;
 }
@@ -287,13 +325,87 @@ async fn an_idle_h2c_connection_is_closed_on_control_plane_listeners() {
     })
     .await;
     assert!(closed.is_ok(), "an idle h2c connection stayed open for 5 s");
-    assert!(quiet.elapsed() < Duration::from_millis(1500), "{:?}", quiet.elapsed());
+    assert!(
+        quiet.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        quiet.elapsed()
+    );
     stop.cancel();
 }
 
 #[test]
 fn the_default_control_plane_idle_timeout_outlasts_a_long_poll() {
     let d = lockstep::net::server::ConnSettings::default();
-    let idle = d.idle_timeout.expect("control-plane connections have an idle timeout");
+    let idle = d
+        .idle_timeout
+        .expect("control-plane connections have an idle timeout");
     assert!(idle > lockstep::sync::protocol::LONG_POLL + Duration::from_secs(10));
+}
+
+/// The peak resident memory of process `pid`, bytes (`VmHWM`).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc status");
+    kb * 1024
+}
+
+#[test]
+fn the_hubs_memory_does_not_grow_with_the_blobs_it_receives_and_serves() {
+    use common::farm::{Farm, AGENT_TOKEN, PUBLISH_TOKEN};
+    let farm = Farm::new("1s", "1s");
+    let pid = farm.hub.as_ref().expect("hub running").child.id();
+    let before = peak_rss(pid);
+
+    // A blob near the largest a release may hold, uploaded then fetched by 8 clients at once.
+    let data = common::farm::noise(7, 60 << 20);
+    let hash = lockstep::sync::manifest::Hash::of(&data);
+    let path = format!("/sync/v1/blobs/{hash}");
+    let put = request(farm.hub_addr, "PUT", &path, Some(PUBLISH_TOKEN), &data).expect("PUT");
+    assert_eq!(put.status, 201, "{}", put.body);
+    let addr = farm.hub_addr;
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let r = request(addr, "GET", &path, Some(AGENT_TOKEN), b"").expect("GET");
+                assert_eq!(r.status, 200);
+                lockstep::sync::manifest::Hash::of(&r.bytes)
+            })
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().expect("reader"), hash, "a reader got other bytes");
+    }
+    // A wrong body is refused and not stored.
+    let other = format!(
+        "/sync/v1/blobs/{}",
+        lockstep::sync::manifest::Hash::of(b"other")
+    );
+    let bad = request(
+        farm.hub_addr,
+        "PUT",
+        &other,
+        Some(PUBLISH_TOKEN),
+        &data[..1 << 20],
+    )
+    .expect("PUT");
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let gone = request(farm.hub_addr, "GET", &other, Some(AGENT_TOKEN), b"").expect("GET");
+    assert_eq!(
+        gone.status, 404,
+        "a blob that did not match its name was stored"
+    );
+
+    let grown = peak_rss(pid).saturating_sub(before);
+    // Whole bodies in memory would cost 60 MiB for the upload (twice, with its copy) and
+    // 60 MiB per reader; streamed, a transfer costs buffers.
+    assert!(
+        grown < 24 << 20,
+        "the hub's peak memory grew by {} MiB moving a 60 MiB blob",
+        grown >> 20
+    );
 }

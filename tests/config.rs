@@ -1894,8 +1894,18 @@ fn connection_caps_are_checked_where_written() {
     );
     let all = errors(&text);
     assert_eq!(all.len(), 2, "{}", ConfigErrors(all.clone()));
-    assert_error(&all[0], &text, "0 }", &["max_connections is 0", "between 1 and", "LimitNOFILE"]);
-    assert_error(&all[1], &text, "2000000", &["admin.max_connections", "between 1 and 1000000"]);
+    assert_error(
+        &all[0],
+        &text,
+        "0 }",
+        &["max_connections is 0", "between 1 and", "LimitNOFILE"],
+    );
+    assert_error(
+        &all[1],
+        &text,
+        "2000000",
+        &["admin.max_connections", "between 1 and 1000000"],
+    );
 
     let ok = format!(
         "listeners:\n  - {{ name: http, bind: \"127.0.0.1:8080\", max_connections: 50000 }}\n\

@@ -18,8 +18,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::net::respond;
 use crate::net::limit::Cap;
+use crate::net::respond;
 use crate::net::server::HttpServer;
 
 use crate::live::Shared;

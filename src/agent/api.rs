@@ -26,11 +26,11 @@ use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use super::body::Body;
 use super::frame::{self, PEER_PATH};
 use super::messages::{Input, Install, WriteError};
 use super::metrics::AgentMetrics;
 use super::release::{decode_path, MAX_INLINE_BYTES};
+use crate::net::file_body::Body;
 use crate::net::server::PeerCertificate;
 use crate::sync::auth::{Role, Tokens};
 use crate::sync::caller::{self, Caller, Refusal};

@@ -39,7 +39,6 @@
 pub mod activate;
 pub mod advance;
 pub mod api;
-pub mod body;
 pub mod config;
 pub mod control;
 pub mod detect;

@@ -21,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-pub use super::body::Body;
 use super::messages::Active;
 use super::metrics::{AgentMetrics, ClassLabels};
 use super::release::{not_modified, Release, Resolved};
-use crate::net::respond;
+pub use crate::net::file_body::Body;
 use crate::net::limit::Cap;
+use crate::net::respond;
 use crate::net::server::{HttpServer, ServerTls};
 use crate::sync::protocol::RELEASE_HEADER;
 

@@ -203,13 +203,14 @@ impl Stager {
         let _permit = self.permits.acquire().await.expect("semaphore open");
         let url = format!("{PREFIX}/blobs/{hash}");
         for attempt in 1..=ATTEMPTS {
-            let answer = self
-                .client
-                .send(Method::GET, &url, None, BLOB_TIMEOUT)
-                .await
-                .and_then(ok);
-            let body = match answer {
-                Ok(a) => a.body,
+            // Streamed to a temporary file of the store and hashed on the way: memory per
+            // fetch is a buffer, whatever the blob's size. More than the manifest's size is
+            // refused as it arrives.
+            let store = self.store.clone();
+            let sink = blocking(move || store.blob_sink(size).map_err(StageError::Store)).await?;
+            let answer = self.client.download(&url, BLOB_TIMEOUT, size, sink).await;
+            let sink = match answer {
+                Ok(sink) => sink,
                 Err(source) if attempt == ATTEMPTS => {
                     return Err(StageError::Hub {
                         what: format!("blob {} (`{path}`)", hash.short()),
@@ -222,16 +223,16 @@ impl Stager {
                     continue;
                 }
             };
-            let len = body.len() as u64;
+            let len = sink.len();
             let store = self.store.clone();
-            // Hash and write off the async threads; the store refuses bytes that do not hash
-            // to the name, so nothing unverified is ever stored.
+            // The store refuses bytes that do not hash to the name, so nothing unverified is
+            // ever stored.
             let written = blocking(move || {
                 if len != size {
                     return Ok(Err(()));
                 }
-                match store.write_blob(&hash, &body) {
-                    Ok(()) => Ok(Ok(())),
+                match store.adopt_blob(sink, &hash) {
+                    Ok(_) => Ok(Ok(())),
                     Err(StoreError::HashMismatch(_)) => Ok(Err(())),
                     Err(e) => Err(StageError::Store(e)),
                 }

@@ -3,12 +3,11 @@
 //! bodies, calls the [`Hub`] and maps every failure to a status with a JSON `{"error": …}`
 //! (see [`crate::sync::protocol`] for the table). One small function per endpoint.
 
+use crate::net::file_body::Body;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -20,8 +19,8 @@ use super::metrics::ReasonLabels;
 use super::route::Endpoint;
 use super::{Hub, HubError};
 use crate::net::body::read_body;
-use crate::net::respond;
 use crate::net::limit::Cap;
+use crate::net::respond;
 use crate::net::server::{HttpServer, PeerCertificate, ServerTls};
 use crate::sync::auth::Role;
 use crate::sync::caller::{self, Caller, Refusal};
@@ -30,7 +29,7 @@ use crate::sync::manifest::{Hash, ReleaseId, MAX_BLOB_BYTES};
 use crate::sync::protocol::{Commit, JoinRequest, Report, TimeReply, LONG_POLL, MAX_JSON_BYTES};
 use crate::sync::provenance::SignedChangeset;
 
-type Answer = Response<Full<Bytes>>;
+type Answer = Response<Body>;
 
 /// Serves the sync API on `socket` (TLS when `tls` is set) until `shutdown`.
 pub async fn serve(
@@ -73,8 +72,11 @@ fn error(status: StatusCode, message: impl Into<String>) -> Answer {
 }
 
 fn bytes(body: Vec<u8>, ctype: &'static str) -> Answer {
-    let mut r = respond::bytes(StatusCode::OK, ctype, body);
-    // Releases and blobs are named by their hash: they never change.
+    immutable(respond::bytes(StatusCode::OK, ctype, body))
+}
+
+/// Releases and blobs are named by their hash: they never change.
+fn immutable(mut r: Answer) -> Answer {
     r.headers_mut().insert(
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("public, max-age=31536000, immutable"),
@@ -88,6 +90,7 @@ fn hub_error(e: HubError) -> Answer {
         HubError::NotFound(_) => StatusCode::NOT_FOUND,
         HubError::Conflict(_) => StatusCode::CONFLICT,
         HubError::Untrusted(_) => StatusCode::FORBIDDEN,
+        HubError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         HubError::Store(_) => {
             warn!(error = %e, "sync store failed");
             StatusCode::INTERNAL_SERVER_ERROR
@@ -96,10 +99,10 @@ fn hub_error(e: HubError) -> Answer {
     error(status, e.to_string())
 }
 
-async fn body(req: Request<Incoming>, limit: usize) -> Result<Vec<u8>, Answer> {
+/// A whole, bounded JSON body (blobs are streamed instead: [`Hub::receive_blob`]).
+async fn body(req: Request<Incoming>, limit: usize) -> Result<bytes::Bytes, Answer> {
     read_body(req.into_body(), limit)
         .await
-        .map(|b| b.to_vec())
         .map_err(|e| error(e.status(), e.to_string()))
 }
 
@@ -245,19 +248,35 @@ async fn release(hub: &Arc<Hub>, id: ReleaseId) -> Result<Answer, Answer> {
 }
 
 async fn blob(hub: &Arc<Hub>, hash: Hash) -> Result<Answer, Answer> {
-    let blob = hub.blob(hash).await.map_err(hub_error)?;
-    Ok(bytes(blob, "application/octet-stream"))
+    let (file, len) = hub.blob(hash).await.map_err(hub_error)?;
+    let mut r = Response::new(Body::file(file, len));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    Ok(immutable(r))
 }
 
 async fn upload(hub: &Arc<Hub>, req: Request<Incoming>) -> Result<Answer, Answer> {
     let b = body(req, MAX_JSON_BYTES).await?;
-    let uploaded = hub.upload_manifest(b).await.map_err(hub_error)?;
+    let uploaded = hub.upload_manifest(&b).await.map_err(hub_error)?;
     Ok(json(StatusCode::OK, &uploaded))
 }
 
 async fn put_blob(hub: &Arc<Hub>, hash: Hash, req: Request<Incoming>) -> Result<Answer, Answer> {
-    let b = body(req, MAX_BLOB_BYTES as usize).await?;
-    let created = hub.put_blob(hash, b).await.map_err(hub_error)?;
+    // Refused before a byte is read when the sender says it is too large.
+    if http_body::Body::size_hint(req.body()).lower() > MAX_BLOB_BYTES {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("blob larger than {MAX_BLOB_BYTES} bytes, the largest a release may hold"),
+        ));
+    }
+    let created = hub
+        .receive_blob(hash, req.into_body())
+        .await
+        .map_err(hub_error)?;
     let status = if created {
         StatusCode::CREATED
     } else {

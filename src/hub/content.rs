@@ -16,8 +16,8 @@ use crate::sync::store::{Collected, StoreError};
 
 impl Hub {
     /// Stores a manifest and answers which of its blobs the hub lacks.
-    pub async fn upload_manifest(self: &Arc<Self>, body: Vec<u8>) -> Result<Uploaded, HubError> {
-        let manifest = Manifest::from_json(&body)?;
+    pub async fn upload_manifest(self: &Arc<Self>, body: &[u8]) -> Result<Uploaded, HubError> {
+        let manifest = Manifest::from_json(body)?;
         let hub = self.clone();
         blocking(move || {
             let id = manifest.id();
@@ -70,14 +70,53 @@ impl Hub {
             .ok_or_else(|| HubError::NotFound(format!("no release {id}")))
     }
 
-    /// A blob's bytes.
-    pub async fn blob(self: &Arc<Self>, hash: Hash) -> Result<Vec<u8>, HubError> {
+    /// A blob opened for streaming, with its length (never read whole into memory).
+    pub async fn blob(self: &Arc<Self>, hash: Hash) -> Result<(std::fs::File, u64), HubError> {
         let hub = self.clone();
-        let blob = blocking(move || hub.store.get_blob(&hash))
+        let blob = blocking(move || hub.store.open_blob(&hash))
             .await?
             .ok_or_else(|| HubError::NotFound(format!("no blob {hash}")))?;
         self.metrics.blobs_served.inc();
         Ok(blob)
+    }
+
+    /// Receives a blob that must hash to `hash` from `body`, streamed to a temporary file and
+    /// hashed on the way (memory: a buffer, whatever the size); stored only if it matches.
+    /// True when it was not stored before.
+    pub async fn receive_blob<B>(self: &Arc<Self>, hash: Hash, body: B) -> Result<bool, HubError>
+    where
+        B: http_body::Body<Data = bytes::Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        let hub = self.clone();
+        let sink = blocking(move || hub.store.blob_sink(MAX_BLOB_BYTES)).await?;
+        let sink = crate::net::body::stream_into(body, sink, MAX_BLOB_BYTES)
+            .await
+            .map_err(|e| match e {
+                crate::net::body::StreamError::TooLarge { .. } => HubError::TooLarge(format!(
+                    "blob larger than {MAX_BLOB_BYTES} bytes, the largest a release may hold"
+                )),
+                crate::net::body::StreamError::Read(m) => HubError::Bad(m),
+                crate::net::body::StreamError::Write(e) => HubError::Store(StoreError::Io {
+                    action: "cannot write",
+                    path: "tmp/ (an upload)".into(),
+                    source: e,
+                }),
+            })?;
+        let len = sink.len();
+        let hub = self.clone();
+        let created = blocking(move || hub.store.adopt_blob(sink, &hash))
+            .await
+            .map_err(|e| match e {
+                StoreError::HashMismatch(_) => HubError::Bad(format!(
+                    "the body does not hash to {hash}: it was corrupted on the way, or the URL names the wrong blob"
+                )),
+                e => HubError::Store(e),
+            })?;
+        if created {
+            self.metrics.blob_bytes.inc_by(len);
+        }
+        Ok(created)
     }
 
     /// Whether every blob of release `id` is stored with the size its manifest gives: a

@@ -193,7 +193,7 @@ mod tests {
         let (clock, _) = manual(100 * S);
         let fx = testing::hub(clock);
         let m = testing::manifest(&[("a.html", "a"), ("b.html", "b")]);
-        let up = fx.hub.upload_manifest(m.to_json()).await.unwrap();
+        let up = fx.hub.upload_manifest(&m.to_json()).await.unwrap();
         assert_eq!(up.missing.len(), 2);
         let e = fx.hub.commit(up.id, None, vec![]).await.unwrap_err();
         assert!(matches!(e, HubError::Conflict(_)), "{e:?}");

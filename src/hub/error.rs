@@ -16,6 +16,9 @@ pub enum HubError {
     /// A refused manifest (400).
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// A body over its limit (413).
+    #[error("{0}")]
+    TooLarge(String),
     /// Unknown release or blob (404).
     #[error("{0}")]
     NotFound(String),

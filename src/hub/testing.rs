@@ -89,7 +89,7 @@ pub fn entry(data: &str) -> Entry {
 pub async fn release(hub: &Arc<Hub>, files: &[(&str, &str)]) -> ReleaseId {
     let manifest = manifest(files);
     let uploaded = hub
-        .upload_manifest(manifest.to_json())
+        .upload_manifest(&manifest.to_json())
         .await
         .expect("upload");
     for (_, data) in files {

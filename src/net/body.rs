@@ -1,6 +1,7 @@
-//! Body types of the proxy (streamed frame by frame in both directions, never buffered whole)
-//! and [`read_body`], the one reader of a whole, bounded request body (the sync hub's and the
-//! agent's APIs).
+//! Body types of the proxy (streamed frame by frame in both directions, never buffered whole),
+//! [`read_body`], the one reader of a whole, bounded request body (the sync hub's and the
+//! agent's APIs), and [`stream_into`], the one way a large body (a blob) goes to disk: a
+//! buffer at a time, whatever its size.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,5 +106,151 @@ pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError>
         Ok(b) => Ok(b.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
         Err(e) => Err(BodyError::Read(e.to_string())),
+    }
+}
+
+/// Bytes gathered before one write to the sink (one blocking call per this much).
+const WRITE_CHUNK: usize = 256 * 1024;
+
+/// Why a body could not be streamed into its sink.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// It is longer than the limit.
+    #[error("body larger than {limit} bytes")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The sender's stream failed (bad chunk, early close, reset).
+    #[error("reading the body: {0}")]
+    Read(String),
+    /// The sink refused (disk full, …).
+    #[error("writing the body: {0}")]
+    Write(std::io::Error),
+}
+
+/// Writes `body` into `sink`, at most `limit` bytes, a buffer at a time: the writes run on
+/// the blocking pool one buffer per call, so no thread waits on a slow sender and memory per
+/// transfer stays [`WRITE_CHUNK`] plus one frame. Returns the sink (flushed) for the caller to
+/// commit; on an error it is dropped.
+pub async fn stream_into<B, W>(body: B, sink: W, limit: u64) -> Result<W, StreamError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+    W: std::io::Write + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let mut body = std::pin::pin!(body);
+    let mut sink = Some(sink);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut seen = 0u64;
+    loop {
+        let frame = body.frame().await;
+        let end = frame.is_none();
+        if let Some(frame) = frame {
+            let frame = frame.map_err(|e| StreamError::Read(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                seen += data.len() as u64;
+                if seen > limit {
+                    return Err(StreamError::TooLarge { limit });
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        if buf.len() >= WRITE_CHUNK || end {
+            let (mut w, mut chunk) = (sink.take().expect("put back after each write"), buf);
+            let written = tokio::task::spawn_blocking(move || {
+                let r = w
+                    .write_all(&chunk)
+                    .and_then(|()| if end { w.flush() } else { Ok(()) });
+                chunk.clear();
+                r.map(|()| (w, chunk))
+            })
+            .await
+            .map_err(|e| StreamError::Write(std::io::Error::other(e)))?;
+            let (w, chunk) = written.map_err(|e| match e.kind() {
+                std::io::ErrorKind::FileTooLarge => StreamError::TooLarge { limit },
+                _ => StreamError::Write(e),
+            })?;
+            sink = Some(w);
+            buf = chunk;
+        }
+        if end {
+            return Ok(sink.take().expect("put back after the last write"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A sink that records each write's size.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<usize>>>);
+
+    impl std::io::Write for Recorder {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push(b.len());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A body of data frames of these sizes.
+    struct Frames(std::collections::VecDeque<usize>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(
+                self.0
+                    .pop_front()
+                    .map(|n| Ok(Frame::data(Bytes::from(vec![7u8; n])))),
+            )
+        }
+    }
+
+    fn frames(sizes: &[usize]) -> Frames {
+        Frames(sizes.iter().copied().collect())
+    }
+
+    #[tokio::test]
+    async fn writes_whole_buffers_and_the_rest_at_the_end() {
+        let rec = Recorder::default();
+        let sizes = [100 * 1024; 7];
+        let out = stream_into(frames(&sizes), rec.clone(), 1 << 30)
+            .await
+            .unwrap();
+        let writes = out.0.lock().unwrap().clone();
+        assert_eq!(writes.iter().sum::<usize>(), 700 * 1024);
+        assert!(
+            writes.iter().all(|&w| w <= WRITE_CHUNK + 100 * 1024),
+            "{writes:?}"
+        );
+        assert!(writes.len() >= 2, "{writes:?}");
+    }
+
+    #[tokio::test]
+    async fn refuses_past_the_limit_before_writing_it() {
+        let rec = Recorder::default();
+        let e = stream_into(frames(&[1000, 1000]), rec.clone(), 1500).await;
+        assert!(matches!(e, Err(StreamError::TooLarge { limit: 1500 })));
+        assert_eq!(rec.0.lock().unwrap().iter().sum::<usize>(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_an_empty_sink() {
+        let rec = Recorder::default();
+        let out = stream_into(frames(&[]), rec, 10).await.unwrap();
+        assert_eq!(out.0.lock().unwrap().iter().sum::<usize>(), 0);
     }
 }

@@ -351,6 +351,74 @@ impl HttpClient {
         path_and_query: &str,
         body: Option<(Bytes, &'static str)>,
     ) -> Result<Answer, ClientError> {
+        let (parts, body, sender) = self.exchange(method, path_and_query, body).await?;
+        let body = Limited::new(body, MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| self.transport(format!("reading the answer: {e}")))?
+            .to_bytes();
+        self.put_idle(sender);
+        Ok(Answer {
+            remote: self.target.remote,
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// GETs `path_and_query` within `timeout` and, if the answer is 2xx, streams its body
+    /// into `sink` (at most `limit` bytes, a buffer at a time: see
+    /// [`super::body::stream_into`]); other statuses become [`ClientError::Status`]. Returns
+    /// the sink for the caller to commit. Memory per download is a buffer, whatever the size.
+    pub async fn download<W: std::io::Write + Send + 'static>(
+        &self,
+        path_and_query: &str,
+        timeout: Duration,
+        limit: u64,
+        sink: W,
+    ) -> Result<W, ClientError> {
+        let work = async {
+            let (parts, body, sender) = self.exchange(Method::GET, path_and_query, None).await?;
+            if !parts.status.is_success() {
+                // An error answer is short: read it to say what went wrong.
+                let body = Limited::new(body, 64 * 1024)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                return Err(status_error(Answer {
+                    remote: self.target.remote,
+                    status: parts.status,
+                    headers: parts.headers,
+                    body,
+                }));
+            }
+            let sink = super::body::stream_into(body, sink, limit)
+                .await
+                .map_err(|e| self.transport(format!("reading the answer: {e}")))?;
+            self.put_idle(sender);
+            Ok(sink)
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| self.transport(format!("no whole answer within {timeout:?}")))?
+    }
+
+    /// Sends one request (on a kept-alive connection when one is idle) and returns the
+    /// answer's head, its unread body and the connection to put back once the body is read.
+    async fn exchange(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<(Bytes, &'static str)>,
+    ) -> Result<
+        (
+            http::response::Parts,
+            hyper::body::Incoming,
+            SendRequest<Full<Bytes>>,
+        ),
+        ClientError,
+    > {
         // A reused connection may have been closed by the hub meanwhile: then try a fresh one
         // (only requests that cannot have been acted on are resent: hyper reports those as
         // errors before any byte of the answer).
@@ -393,18 +461,7 @@ impl HttpClient {
                 Err(e) => return Err(self.transport(e)),
             };
             let (parts, body) = resp.into_parts();
-            let body = Limited::new(body, MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| self.transport(format!("reading the answer: {e}")))?
-                .to_bytes();
-            self.put_idle(sender);
-            return Ok(Answer {
-                remote: self.target.remote,
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            });
+            return Ok((parts, body, sender));
         }
         Err(self.transport("connection closed"))
     }
@@ -456,6 +513,11 @@ pub fn ok(answer: Answer) -> Result<Answer, ClientError> {
     if answer.status.is_success() {
         return Ok(answer);
     }
+    Err(status_error(answer))
+}
+
+/// A non-2xx answer as [`ClientError::Status`], with the remote's `error` text or the body.
+fn status_error(answer: Answer) -> ClientError {
     let message = serde_json::from_slice::<ErrorBody>(&answer.body)
         .map(|e| e.error)
         .unwrap_or_else(|_| {
@@ -464,9 +526,9 @@ pub fn ok(answer: Answer) -> Result<Answer, ClientError> {
                 .take(300)
                 .collect()
         });
-    Err(ClientError::Status {
+    ClientError::Status {
         remote: answer.remote,
         status: answer.status,
         message,
-    })
+    }
 }

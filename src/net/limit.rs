@@ -130,7 +130,10 @@ mod tests {
         let gate = ConnGate::default();
         let other = gate.clone();
         let _a = gate.admit(1).expect("first");
-        assert!(other.admit(1).is_none(), "the second worker sees the first's connection");
+        assert!(
+            other.admit(1).is_none(),
+            "the second worker sees the first's connection"
+        );
         assert_eq!(gate.refused.get(), 1);
     }
 

@@ -10,7 +10,9 @@
 //! - [`idle`]: the idle-connection timeout wrapper.
 //! - [`limit`]: per-listener connection caps shared by the workers accepting on it.
 //! - [`tls`]: the rustls server config (SNI among several certificates, ALPN h2 / http/1.1).
-//! - [`body`]: the body types of the proxy and the one bounded body reader.
+//! - [`body`]: the body types of the proxy, the one bounded body reader and the one way a
+//!   large body is streamed to disk.
+//! - [`file_body`]: a response body from memory or streamed from a file (agent and hub).
 //! - [`respond`]: the one set of response helpers (text, JSON, `{"error": …}`).
 //! - [`client`]: the control-plane HTTP(S) client (hub, peer and admin calls).
 //! - [`upstream`]: the data-path client to backends (pooled per worker thread), also used by
@@ -22,6 +24,7 @@ pub mod accept;
 pub mod bind;
 pub mod body;
 pub mod client;
+pub mod file_body;
 pub mod idle;
 pub mod limit;
 pub mod respond;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
-use crate::config::Listener;
 use super::upgrade::Tunnels;
+use crate::config::Listener;
 use crate::live::Shared;
 
 /// What a connection knows while it serves requests.

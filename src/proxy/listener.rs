@@ -16,8 +16,8 @@ use tracing::{debug, debug_span, warn, Instrument};
 
 use super::conn::ConnCtx;
 use super::handler;
-use super::upgrade::Tunnels;
 use super::headers::{is_trusted, peer_value};
+use super::upgrade::Tunnels;
 use crate::live::Shared;
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::net::accept::{accept_loop, Accepted};

@@ -105,8 +105,12 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 pub trait HubStore: Send + Sync + 'static {
     /// Whether the blob is stored.
     fn has_blob(&self, hash: &Hash) -> Result<bool, StoreError>;
-    /// The blob's bytes.
-    fn get_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A stored blob opened for reading, with its length.
+    fn open_blob(&self, hash: &Hash) -> Result<Option<(File, u64)>, StoreError>;
+    /// A blob to receive in pieces, at most `max` bytes (see [`FsStore::blob_sink`]).
+    fn blob_sink(&self, max: u64) -> Result<BlobSink, StoreError>;
+    /// Stores what `sink` received under `hash` if it hashes to it; true when new.
+    fn adopt_blob(&self, sink: BlobSink, hash: &Hash) -> Result<bool, StoreError>;
     /// A stored blob's length, `None` if absent.
     fn blob_len(&self, hash: &Hash) -> Result<Option<u64>, StoreError>;
     /// Stores a blob; refuses bytes that do not hash to `hash`.
@@ -331,17 +335,34 @@ impl FsStore {
         Ok(())
     }
 
-    /// Writes `data` to `dest` atomically: tmp file, fsync, rename, fsync of the directory.
-    pub fn write_atomic(&self, dest: &Path, data: &[u8]) -> Result<(), StoreError> {
-        let tmp = self.root.join("tmp").join(format!(
+    /// A fresh name in `tmp/`.
+    fn tmp_path(&self) -> PathBuf {
+        self.root.join("tmp").join(format!(
             "{}.{}",
             std::process::id(),
             self.tmp_seq.fetch_add(1, Ordering::Relaxed)
-        ));
+        ))
+    }
+
+    /// Writes `data` to `dest` atomically: tmp file, fsync, rename, fsync of the directory.
+    pub fn write_atomic(&self, dest: &Path, data: &[u8]) -> Result<(), StoreError> {
+        let tmp = self.tmp_path();
         let result = (|| {
             let mut f = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
             f.write_all(data).map_err(io_err("cannot write", &tmp))?;
-            f.sync_all().map_err(io_err("cannot sync", &tmp))?;
+            self.install(&f, &tmp, dest)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Makes the written temporary file `tmp` (open as `f`) durable and renames it to `dest`,
+    /// then makes the rename durable.
+    fn install(&self, f: &File, tmp: &Path, dest: &Path) -> Result<(), StoreError> {
+        f.sync_all().map_err(io_err("cannot sync", tmp))?;
+        {
             let dir = dest.parent().unwrap_or(&self.root);
             if !dir.is_dir() {
                 fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
@@ -352,15 +373,63 @@ impl FsStore {
                     .and_then(|d| d.sync_all())
                     .map_err(io_err("cannot sync", parent))?;
             }
-            fs::rename(&tmp, dest).map_err(io_err("cannot rename into", dest))?;
+            fs::rename(tmp, dest).map_err(io_err("cannot rename into", dest))?;
             File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io_err("cannot sync", dir))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
         }
-        result
+    }
+
+    /// A blob to be received in pieces (at most `max` bytes): written to a temporary file
+    /// and hashed on the way, so memory per transfer is the caller's buffer, whatever the
+    /// blob's size. Nothing is stored until [`FsStore::adopt_blob`] checks the hash.
+    pub fn blob_sink(&self, max: u64) -> Result<BlobSink, StoreError> {
+        let tmp = self.tmp_path();
+        let file = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
+        Ok(BlobSink {
+            tmp,
+            file,
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            max,
+        })
+    }
+
+    /// Stores the blob `sink` received under `hash` if its bytes hash to it (else
+    /// [`StoreError::HashMismatch`], and the bytes are dropped). True when it was not stored
+    /// before.
+    pub fn adopt_blob(&self, mut sink: BlobSink, hash: &Hash) -> Result<bool, StoreError> {
+        if Hash::from_hasher(&sink.hasher) != *hash {
+            return Err(StoreError::HashMismatch(*hash));
+        }
+        if self.has_blob(hash) {
+            return Ok(false);
+        }
+        sink.file
+            .flush()
+            .map_err(io_err("cannot write", &sink.tmp))?;
+        self.install(&sink.file, &sink.tmp, &self.blob_path(hash))?;
+        // Renamed away: nothing left for the drop to remove.
+        sink.tmp = PathBuf::new();
+        Ok(true)
+    }
+
+    /// A stored blob opened for reading, with its length (its time refreshed, as
+    /// [`FsStore::has_blob`]); `None` if absent. An open blob stays readable even if a
+    /// collection removes its name meanwhile.
+    pub fn open_blob(&self, hash: &Hash) -> Result<Option<(File, u64)>, StoreError> {
+        let path = self.blob_path(hash);
+        if self.present(&path).is_none() {
+            return Ok(None);
+        }
+        match File::open(&path) {
+            Ok(f) => {
+                let len = f.metadata().map_err(io_err("cannot read", &path))?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("cannot open", &path)(e)),
+        }
     }
 
     /// Whether the blob is stored (a name in `blobs/` is only ever a whole, verified blob).
@@ -571,12 +640,69 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
     }
 }
 
+/// A blob being received into the store (see [`FsStore::blob_sink`]): `Write` appends to a
+/// temporary file and to the hash; a write past the limit fails with
+/// `io::ErrorKind::FileTooLarge`. Dropped without being adopted, the file is removed.
+#[derive(Debug)]
+pub struct BlobSink {
+    tmp: PathBuf,
+    file: File,
+    hasher: blake3::Hasher,
+    len: u64,
+    max: u64,
+}
+
+impl BlobSink {
+    /// Bytes received so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was received.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Write for BlobSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.len + buf.len() as u64 > self.max {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!("larger than {} bytes", self.max),
+            ));
+        }
+        self.file.write_all(buf)?;
+        self.hasher.update(buf);
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for BlobSink {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 impl HubStore for FsStore {
     fn has_blob(&self, hash: &Hash) -> Result<bool, StoreError> {
         Ok(FsStore::has_blob(self, hash))
     }
-    fn get_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read_blob(hash)
+    fn open_blob(&self, hash: &Hash) -> Result<Option<(File, u64)>, StoreError> {
+        FsStore::open_blob(self, hash)
+    }
+    fn blob_sink(&self, max: u64) -> Result<BlobSink, StoreError> {
+        FsStore::blob_sink(self, max)
+    }
+    fn adopt_blob(&self, sink: BlobSink, hash: &Hash) -> Result<bool, StoreError> {
+        FsStore::adopt_blob(self, sink, hash)
     }
     fn blob_len(&self, hash: &Hash) -> Result<Option<u64>, StoreError> {
         Ok(self.present(&self.blob_path(hash)))

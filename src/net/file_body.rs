@@ -1,5 +1,5 @@
-//! The agent's response body: bytes in memory, or a blob file streamed from the store in
-//! chunks (so a large file never sits in memory whole). Used by serving and by the API.
+//! A response body of bytes in memory or of a file streamed from disk in chunks, so a large
+//! blob never sits in memory whole: the agent serves releases with it, the hub its blobs.
 
 use std::io;
 use std::pin::Pin;
@@ -29,11 +29,23 @@ pub enum Body {
 }
 
 impl Body {
-    pub(super) fn empty() -> Body {
+    /// No body.
+    pub fn empty() -> Body {
         Body::Bytes(None)
     }
-    pub(super) fn bytes(b: impl Into<Bytes>) -> Body {
+
+    /// Bytes in memory.
+    pub fn bytes(b: impl Into<Bytes>) -> Body {
         Body::Bytes(Some(b.into()))
+    }
+
+    /// The first `len` bytes of `file`, read a chunk at a time as the client takes them.
+    pub fn file(file: std::fs::File, len: u64) -> Body {
+        Body::File {
+            file: tokio::fs::File::from_std(file),
+            remaining: len,
+            buf: Vec::new(),
+        }
     }
 }
 

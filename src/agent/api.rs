@@ -27,9 +27,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::frame::{self, PEER_PATH};
-use super::messages::{Input, Install, WriteError};
+use super::messages::{Input, Install, Stored, WriteError, INSTALL_QUEUE};
 use super::metrics::AgentMetrics;
 use super::release::{decode_path, MAX_INLINE_BYTES};
+use crate::net::body::{stream_into, StreamError};
 use crate::net::file_body::Body;
 use crate::net::server::PeerCertificate;
 use crate::sync::auth::{Role, Tokens};
@@ -52,7 +53,7 @@ pub struct AgentApi {
     /// The agent's store.
     pub store: Arc<FsStore>,
     /// Changesets to install.
-    pub installs: mpsc::UnboundedSender<Install>,
+    pub installs: mpsc::Sender<Install>,
     /// The local-edit thread (absent without `watch:`).
     pub local: Option<mpsc::UnboundedSender<Input>>,
     /// Largest file a `PUT` may carry.
@@ -63,7 +64,14 @@ pub struct AgentApi {
     pub metrics: Arc<AgentMetrics>,
     /// Which peers' changesets may be installed (see [`super::verify::changeset_authority`]).
     pub changesets: Option<Arc<dyn ChangesetAuthority>>,
+    /// Peer frames being read at once ([`FRAMES_AT_ONCE`]).
+    pub frames: Arc<tokio::sync::Semaphore>,
 }
+
+/// Peer frames read at once: a frame is held whole (up to [`frame::MAX_INLINE_BYTES`] of
+/// blobs and its JSON) while it is checked, so this bounds what peers can make the agent
+/// hold. A frame beyond it is answered 503: the edit arrives with the hub's release.
+pub const FRAMES_AT_ONCE: usize = 4;
 
 /// Whether a request is for this API (else it is served from the release).
 pub fn is_api(method: &Method, path: &str) -> bool {
@@ -89,6 +97,45 @@ async fn read(req: Request<Incoming>, limit: u64) -> Result<Bytes, Response<Body
     )
     .await
     .map_err(|e| error(e.status(), e))
+}
+
+/// A `PUT`'s body streamed into the store (memory: a buffer, whatever the size), at most
+/// `max_file_bytes`.
+async fn receive(api: &AgentApi, req: Request<Incoming>) -> Result<Stored, Response<Body>> {
+    let max = api.max_file_bytes;
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over watch.max_file_size ({max} bytes)"),
+        )
+    };
+    if http_body::Body::size_hint(req.body()).lower() > max {
+        return Err(too_large());
+    }
+    let store_error = |e: &dyn std::fmt::Display| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the agent's store: {e}"),
+        )
+    };
+    let store = api.store.clone();
+    let sink = tokio::task::spawn_blocking(move || store.blob_sink(max))
+        .await
+        .map_err(|e| store_error(&e))?
+        .map_err(|e| store_error(&e))?;
+    let sink = match stream_into(req.into_body(), sink, max).await {
+        Ok(s) => s,
+        Err(StreamError::TooLarge { .. }) => return Err(too_large()),
+        Err(StreamError::Read(e)) => return Err(error(StatusCode::BAD_REQUEST, e)),
+        Err(e) => return Err(store_error(&e)),
+    };
+    let (hash, size) = (sink.hash(), sink.len());
+    let store = api.store.clone();
+    tokio::task::spawn_blocking(move || store.adopt_blob(sink, &hash))
+        .await
+        .map_err(|e| store_error(&e))?
+        .map_err(|e| store_error(&e))?;
+    Ok(Stored { hash, size })
 }
 
 /// Answers one API request; `loopback`: whether it came from a loopback address.
@@ -137,6 +184,13 @@ fn refused(api: &AgentApi, r: Refusal) -> Response<Body> {
 }
 
 async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<Incoming>) -> Response<Body> {
+    let Ok(_reading) = api.frames.clone().try_acquire_owned() else {
+        api.metrics.refused("busy");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{FRAMES_AT_ONCE} changesets are being received here already; this one arrives with the hub's release"),
+        );
+    };
     // Peers inline at most frame::MAX_INLINE_BYTES of blobs; the rest is the JSON.
     let frame = match read(req, frame::MAX_INLINE_BYTES + 32 * 1024 * 1024).await {
         Ok(b) => b,
@@ -214,8 +268,19 @@ async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<Incoming>) -> R
         remote: true,
         blobs: small,
     };
-    if api.installs.send(install).is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping");
+    match api.installs.try_send(install) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            api.metrics.refused("busy");
+            debug!(changeset = %name, "install queue full; the peer's changeset comes with the hub's release");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{INSTALL_QUEUE} changesets are waiting to be installed here; this one arrives with the hub's release"),
+            );
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping")
+        }
     }
     answer(
         StatusCode::ACCEPTED,
@@ -237,9 +302,9 @@ async fn write(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
             "malformed percent-encoding in the path",
         );
     };
-    let body = if req.method() == Method::PUT {
-        match read(req, api.max_file_bytes).await {
-            Ok(b) => Some(b),
+    let content = if req.method() == Method::PUT {
+        match receive(api, req).await {
+            Ok(c) => Some(c),
             Err(r) => return r,
         }
     } else {
@@ -249,7 +314,7 @@ async fn write(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
     if local
         .send(Input::Write {
             path,
-            body,
+            content,
             reply: tx,
         })
         .is_err()

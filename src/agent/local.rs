@@ -52,7 +52,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::detect::{self, Files, Ignore, Scope};
-use super::messages::{Input, Install, Out, WriteError};
+use super::messages::{Input, Install, Out, Stored, WriteError};
 use super::metrics::AgentMetrics;
 use super::outbox::OUTBOX;
 use super::release::Release;
@@ -101,7 +101,7 @@ pub struct Local {
     /// Where new changesets go: to peers at once, to the hub once in the outbox.
     pub out: mpsc::UnboundedSender<Out>,
     /// Where immediate ones are installed on this backend at once.
-    pub installs: mpsc::UnboundedSender<Install>,
+    pub installs: mpsc::Sender<Install>,
     /// Metrics.
     pub metrics: Arc<AgentMetrics>,
 }
@@ -174,8 +174,12 @@ fn run(cfg: Local, current: Option<Arc<Release>>, mut rx: mpsc::UnboundedReceive
                     w.follow(&r);
                 }
             }
-            Input::Write { path, body, reply } => {
-                let _ = reply.send(w.write(&path, body));
+            Input::Write {
+                path,
+                content,
+                reply,
+            } => {
+                let _ = reply.send(w.write(&path, content));
             }
             Input::Hub(applied) => w.hub_record(applied.get(&w.cfg.name).copied()),
         }
@@ -375,7 +379,8 @@ impl Worker {
         }
         if cs.mode == Mode::Immediate {
             // The fast path first: this backend and its peers.
-            let _ = self.cfg.installs.send(Install {
+            // Waits for room: the watcher's batches pile up (merged) meanwhile.
+            let _ = self.cfg.installs.blocking_send(Install {
                 cs: cs.clone(),
                 remote: false,
                 blobs: Vec::new(),
@@ -473,7 +478,7 @@ impl Worker {
     }
 
     /// An API write.
-    fn write(&mut self, path: &str, body: Option<Bytes>) -> Result<Option<String>, WriteError> {
+    fn write(&mut self, path: &str, content: Option<Stored>) -> Result<Option<String>, WriteError> {
         check_path(path).map_err(|e| WriteError::Bad(e.to_string()))?;
         if self.next_seq().is_none() {
             return Err(WriteError::Unavailable(
@@ -486,25 +491,23 @@ impl Worker {
             )));
         }
         let prev = self.state.known.get(path).cloned();
-        let entry = match &body {
-            Some(b) => {
-                if b.len() as u64 > self.cfg.max_file_bytes {
+        let entry = match content {
+            Some(c) => {
+                if c.size > self.cfg.max_file_bytes {
                     return Err(WriteError::TooLarge(format!(
                         "{} bytes is over watch.max_file_size ({} bytes)",
-                        b.len(),
-                        self.cfg.max_file_bytes
+                        c.size, self.cfg.max_file_bytes
                     )));
                 }
-                let hash = Hash::of(b);
-                if !self.cfg.store.has_blob(&hash) {
-                    self.cfg
-                        .store
-                        .write_blob(&hash, b)
-                        .map_err(|e| WriteError::Io(e.to_string()))?;
+                if !self.cfg.store.has_blob(&c.hash) {
+                    return Err(WriteError::Io(format!(
+                        "the content {} left the store before it was recorded: retry",
+                        c.hash.short()
+                    )));
                 }
                 Some(Entry {
-                    hash,
-                    size: b.len() as u64,
+                    hash: c.hash,
+                    size: c.size,
                     content_type: content_type(path),
                 })
             }
@@ -709,7 +712,7 @@ mod tests {
     /// Runs the thread on `dir` serving `current` until it has handled its start.
     fn run_start(store: &Arc<FsStore>, dir: &Path, current: Option<Arc<Release>>) {
         let (out, _out_rx) = mpsc::unbounded_channel();
-        let (installs, _installs_rx) = mpsc::unbounded_channel();
+        let (installs, _installs_rx) = mpsc::channel(crate::agent::messages::INSTALL_QUEUE);
         let (tx, rx) = mpsc::unbounded_channel();
         tx.send(Input::Stop).unwrap();
         Local {
@@ -796,6 +799,16 @@ mod tests {
         assert!(state.started);
     }
 
+    /// `data` put in the store, as the API does before it asks for a write.
+    fn stored(store: &FsStore, data: &[u8]) -> Stored {
+        let hash = Hash::of(data);
+        store.write_blob(&hash, data).unwrap();
+        Stored {
+            hash,
+            size: data.len() as u64,
+        }
+    }
+
     /// Runs the thread on `dir` with `metrics`, handling `writes` (path, body) after its
     /// start; what each write answered.
     fn run_writes(
@@ -806,7 +819,7 @@ mod tests {
         writes: &[(&str, Option<&str>)],
     ) -> Vec<Result<Option<String>, WriteError>> {
         let (out, _out_rx) = mpsc::unbounded_channel();
-        let (installs, _installs_rx) = mpsc::unbounded_channel();
+        let (installs, _installs_rx) = mpsc::channel(crate::agent::messages::INSTALL_QUEUE);
         let (tx, rx) = mpsc::unbounded_channel();
         // The hub has no record of this agent: writes may be numbered.
         tx.send(Input::Hub(changeset::Applied::new())).unwrap();
@@ -815,7 +828,7 @@ mod tests {
             let (reply, answer) = tokio::sync::oneshot::channel();
             tx.send(Input::Write {
                 path: path.to_string(),
-                body: body.map(|b| Bytes::from(b.to_string())),
+                content: body.map(|b| stored(store, b.as_bytes())),
                 reply,
             })
             .unwrap();
@@ -855,7 +868,7 @@ mod tests {
         let dir = tmp.path().join("edit");
         std::fs::create_dir_all(&dir).unwrap();
         let (out, mut out_rx) = mpsc::unbounded_channel();
-        let (installs, _installs_rx) = mpsc::unbounded_channel();
+        let (installs, _installs_rx) = mpsc::channel(crate::agent::messages::INSTALL_QUEUE);
         let (tx, rx) = mpsc::unbounded_channel();
         // Started on an empty directory (a reinstall), then edited.
         let state = WatchState {
@@ -868,7 +881,7 @@ mod tests {
         let (reply, early) = tokio::sync::oneshot::channel();
         tx.send(Input::Write {
             path: "api.txt".into(),
-            body: Some(Bytes::from_static(b"api")),
+            content: Some(stored(&store, b"api")),
             reply,
         })
         .unwrap();
@@ -878,7 +891,7 @@ mod tests {
         let (reply, late) = tokio::sync::oneshot::channel();
         tx.send(Input::Write {
             path: "api.txt".into(),
-            body: Some(Bytes::from_static(b"api")),
+            content: Some(stored(&store, b"api")),
             reply,
         })
         .unwrap();
@@ -944,7 +957,7 @@ mod tests {
         store.write_state(STATE_NAME, &state).unwrap();
         std::fs::write(dir.join("x.txt"), "x").unwrap();
         let (out, mut out_rx) = mpsc::unbounded_channel();
-        let (installs, _installs_rx) = mpsc::unbounded_channel();
+        let (installs, _installs_rx) = mpsc::channel(crate::agent::messages::INSTALL_QUEUE);
         let (tx, rx) = mpsc::unbounded_channel();
         tx.send(Input::Hub(changeset::Applied::new())).unwrap();
         tx.send(Input::Scope(Scope::All)).unwrap();

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::detect::Scope;
@@ -19,6 +18,12 @@ pub type Active = Arc<ArcSwapOption<Release>>;
 
 /// Hub time now (µs) as the agent estimates it; `None` until the clock is measured.
 pub type HubNow = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
+
+/// Changesets waiting for the controller to install them, at most. The local-edit thread
+/// waits for room (back-pressure on the watcher); a peer's direct send finding the queue full
+/// is answered 503 (the hub's release brings that edit anyway), so a flood of peer frames
+/// cannot grow the agent's memory.
+pub const INSTALL_QUEUE: usize = 256;
 
 /// A changeset to install at once.
 #[derive(Debug)]
@@ -32,6 +37,15 @@ pub struct Install {
     pub blobs: Vec<(crate::sync::manifest::Hash, bytes::Bytes)>,
 }
 
+/// A blob the API received and stored: the content of a `PUT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Its hash (its name in the store).
+    pub hash: crate::sync::manifest::Hash,
+    /// Its length in bytes.
+    pub size: u64,
+}
+
 /// What the thread is asked to do.
 pub enum Input {
     /// The watcher saw these paths change.
@@ -40,8 +54,8 @@ pub enum Input {
     Write {
         /// The release path.
         path: String,
-        /// The new content.
-        body: Option<Bytes>,
+        /// The new content, already in the store (streamed there by the API).
+        content: Option<Stored>,
         /// The outcome.
         reply: oneshot::Sender<Result<Option<String>, WriteError>>,
     },

@@ -223,7 +223,7 @@ pub async fn start_on(
         tracker: TaskTracker::new(),
     };
     let (clock_tx, clock_rx) = tokio::sync::watch::channel(None);
-    let (install_tx, install_rx) = mpsc::unbounded_channel();
+    let (install_tx, install_rx) = mpsc::channel(messages::INSTALL_QUEUE);
     let hub_now = hub_clock(anchor, clock_rx.clone());
     let local_tx = match &config.watch {
         Some(w) => Some(start_local(
@@ -292,7 +292,7 @@ fn spawn_serve(
     agent: &Wiring,
     listener: TcpListener,
     active: &Active,
-    installs: mpsc::UnboundedSender<messages::Install>,
+    installs: mpsc::Sender<messages::Install>,
     local: Option<mpsc::UnboundedSender<messages::Input>>,
     hub_now: HubNow,
 ) {
@@ -316,6 +316,7 @@ fn spawn_serve(
         metrics: agent.metrics.clone(),
         hub_now,
         changesets: verify::changeset_authority(config),
+        frames: Arc::new(tokio::sync::Semaphore::new(api::FRAMES_AT_ONCE)),
     };
     let state = ServeState {
         tls: config.tls.as_ref().and_then(|t| t.server()),
@@ -449,7 +450,7 @@ fn start_local(
     w: &config::Watch,
     current: Option<Arc<Release>>,
     hub_now: HubNow,
-    installs: mpsc::UnboundedSender<messages::Install>,
+    installs: mpsc::Sender<messages::Install>,
 ) -> Result<mpsc::UnboundedSender<messages::Input>, AgentError> {
     let ignore =
         Arc::new(detect::Ignore::new(&w.ignore).map_err(|e| AgentError::Watch(e.to_string()))?);

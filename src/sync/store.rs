@@ -662,6 +662,11 @@ impl BlobSink {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The hash of what was received so far.
+    pub fn hash(&self) -> Hash {
+        Hash::from_hasher(&self.hasher)
+    }
 }
 
 impl Write for BlobSink {

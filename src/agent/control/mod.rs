@@ -99,7 +99,7 @@ pub struct Inbox {
     /// Clock estimates from the measurer.
     pub clock: watch::Receiver<Option<Offset>>,
     /// Changesets to install at once.
-    pub installs: mpsc::UnboundedReceiver<Install>,
+    pub installs: mpsc::Receiver<Install>,
 }
 
 /// The loop's state: the handles, the tasks it runs, and the decisions' [`Core`].

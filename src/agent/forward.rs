@@ -123,12 +123,23 @@ pub struct Forwarder {
     pub peers: Peers,
     /// Metrics.
     pub metrics: Arc<AgentMetrics>,
+    /// The outbox's size against its quota.
+    pub outbox: Arc<super::outbox::Usage>,
+    /// Frame bytes being sent to peers at once, in [`SEND_UNIT`]s ([`SEND_BUDGET`]).
+    pub sending: Arc<tokio::sync::Semaphore>,
 }
+
+/// The unit of [`SEND_BUDGET`].
+pub const SEND_UNIT: usize = 64 * 1024;
+/// Frame bytes in flight to peers at once, in [`SEND_UNIT`]s (64 MiB): past it, a changeset
+/// is not sent directly (the peers get it from the hub), so slow peers cannot make the agent
+/// hold more.
+pub const SEND_BUDGET: usize = 1024;
 
 impl Forwarder {
     /// Runs until `shutdown`: each changeset from `rx` is sent to the peers (immediate mode)
     /// and the outbox is drained to the hub.
-    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Out>, shutdown: CancellationToken) {
+    pub async fn run(self, mut rx: mpsc::Receiver<Out>, shutdown: CancellationToken) {
         let me = Arc::new(self);
         let wake = Arc::new(Notify::new());
         let drain = tokio::spawn(me.clone().drain(wake.clone(), shutdown.clone()));
@@ -171,6 +182,17 @@ impl Forwarder {
             warn!(changeset = %cs.name(), "a blob of the changeset is missing from the store; peers get it through the hub");
             return;
         };
+        let units = (frame.len() / SEND_UNIT + 1) * self.peers.list().len();
+        let Ok(budget) = self
+            .sending
+            .clone()
+            .try_acquire_many_owned(units.min(SEND_BUDGET) as u32)
+        else {
+            self.metrics.forward_failures.inc();
+            debug!(changeset = %cs.name(), "sends to peers are behind; they get this one from the hub");
+            return;
+        };
+        let budget = Arc::new(budget);
         for peer in self.peers.list() {
             let client = {
                 let mut map = clients.lock().unwrap_or_else(|p| p.into_inner());
@@ -194,7 +216,9 @@ impl Forwarder {
                 }
             };
             let (frame, metrics, name) = (frame.clone(), self.metrics.clone(), cs.name());
+            let budget = budget.clone();
             tokio::spawn(async move {
+                let _budget = budget;
                 for attempt in 0..2 {
                     let r = client
                         .send(
@@ -249,11 +273,13 @@ impl Forwarder {
                     Ok(()) => {
                         failures = 0;
                         let _ = std::fs::remove_file(&file);
+                        self.outbox.remove(&cs);
                     }
                     Err(Refused(e)) => {
                         error!(changeset = %cs.name(), error = %e, "the hub refused the changeset; set aside in outbox/refused");
                         self.metrics.refused("hub");
                         self.set_aside(&file);
+                        self.outbox.remove(&cs);
                     }
                     Err(Retry(e)) => {
                         failures += 1;
@@ -281,6 +307,14 @@ impl Forwarder {
         let _ = std::fs::create_dir_all(&dir);
         if let Some(name) = file.file_name() {
             let _ = std::fs::rename(file, dir.join(name));
+        }
+        let gone = super::outbox::trim_refused(&self.store, super::outbox::MAX_REFUSED);
+        if gone > 0 {
+            warn!(
+                removed = gone,
+                kept = super::outbox::MAX_REFUSED,
+                "outbox/refused is full; its oldest entries were removed"
+            );
         }
     }
 

@@ -99,9 +99,11 @@ pub struct Local {
     /// Hub time now (µs), as the agent estimates it (`None` before the clock is measured).
     pub hub_now: super::messages::HubNow,
     /// Where new changesets go: to peers at once, to the hub once in the outbox.
-    pub out: mpsc::UnboundedSender<Out>,
+    pub out: mpsc::Sender<Out>,
     /// Where immediate ones are installed on this backend at once.
     pub installs: mpsc::Sender<Install>,
+    /// The outbox's size against its quota.
+    pub outbox: Arc<super::outbox::Usage>,
     /// Metrics.
     pub metrics: Arc<AgentMetrics>,
 }
@@ -120,8 +122,11 @@ struct Worker {
     /// The hub's record of this agent: the highest sequence of ours it applied (0: none).
     /// `None` until the controller passes on a schedule; nothing is numbered before.
     hub_seq: Option<u64>,
-    /// Watcher batches that came before the agent could number a changeset.
+    /// Watcher batches that came before the agent could number a changeset, or while the
+    /// outbox was full.
     held: Option<Scope>,
+    /// Whether the last edit found the outbox full (logged once until it has room).
+    outbox_full: bool,
 }
 
 impl Local {
@@ -159,6 +164,7 @@ fn run(cfg: Local, current: Option<Arc<Release>>, mut rx: mpsc::UnboundedReceive
         deferred: false,
         hub_seq: None,
         held: None,
+        outbox_full: false,
     };
     w.start();
     while let Some(input) = rx.blocking_recv() {
@@ -323,10 +329,18 @@ impl Worker {
             }
             return;
         }
+        // Batches held while the outbox was full are examined with this one.
+        let scope = match self.held.take() {
+            Some(mut held) => {
+                held.merge(scope.clone());
+                held
+            }
+            None => scope.clone(),
+        };
         let d = match detect::detect(
             &dir,
             &self.state.known,
-            scope,
+            &scope,
             &self.cfg.ignore,
             self.cfg.max_file_bytes,
             &self.cfg.store,
@@ -352,7 +366,30 @@ impl Worker {
                 (path, Change { entry, prev })
             })
             .collect();
+        if let Err(why) = self.outbox_room(&changes) {
+            // Not recorded: the files stay as they are and are detected again once the hub
+            // has taken what waits (the next schedule re-examines this batch).
+            self.held = Some(scope);
+            if !std::mem::replace(&mut self.outbox_full, true) {
+                warn!("{why}");
+            }
+            self.cfg.metrics.refused("outbox_full");
+            return;
+        }
+        self.outbox_full = false;
         self.emit(changes);
+    }
+
+    /// Whether the outbox has room for a changeset of `changes`.
+    fn outbox_room(&self, changes: &BTreeMap<String, Change>) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        let bytes = changes
+            .values()
+            .filter_map(|c| c.entry.as_ref())
+            .filter(|e| seen.insert(e.hash))
+            .map(|e| e.size)
+            .sum();
+        self.cfg.outbox.room_for(bytes)
     }
 
     /// Records `changes` as a changeset: outbox first, then the known state, then onwards.
@@ -385,12 +422,16 @@ impl Worker {
                 remote: false,
                 blobs: Vec::new(),
             });
-            let _ = self.cfg.out.send(Out::Peers(cs.clone()));
+            // Best effort: when the forwarder is behind, peers get it from the hub.
+            if self.cfg.out.try_send(Out::Peers(cs.clone())).is_err() {
+                debug!(changeset = %cs.name(), "forwarder busy; peers get this changeset from the hub");
+            }
         }
         if let Err(e) = write_outbox(&self.cfg.store, &cs) {
             error!(error = %e, "cannot write the outbox; the edit will be detected again");
             return None;
         }
+        self.cfg.outbox.add(&cs);
         for (path, c) in &cs.changes {
             match &c.entry {
                 Some(e) => self.state.known.insert(path.clone(), e.clone()),
@@ -404,7 +445,7 @@ impl Worker {
             .changes_detected
             .inc_by(cs.changes.len() as u64);
         info!(changeset = %cs.name(), paths = cs.changes.len(), mode = ?cs.mode, "local edit detected");
-        let _ = self.cfg.out.send(Out::Recorded);
+        let _ = self.cfg.out.blocking_send(Out::Recorded);
         Some(cs.name())
     }
 
@@ -518,6 +559,21 @@ impl Worker {
         };
         if entry == prev {
             return Ok(None);
+        }
+        // Before the file is touched: a refused write leaves nothing behind.
+        let room = self.outbox_room(
+            &[(
+                path.to_string(),
+                Change {
+                    entry: entry.clone(),
+                    prev: None,
+                },
+            )]
+            .into(),
+        );
+        if let Err(why) = room {
+            self.cfg.metrics.refused("outbox_full");
+            return Err(WriteError::Unavailable(why));
         }
         if let (Some(dir), None) = (&self.cfg.dir, &self.refused) {
             let r = Dir::open(dir, WATCH_DIR).and_then(|root| match &entry {
@@ -711,7 +767,7 @@ mod tests {
 
     /// Runs the thread on `dir` serving `current` until it has handled its start.
     fn run_start(store: &Arc<FsStore>, dir: &Path, current: Option<Arc<Release>>) {
-        let (out, _out_rx) = mpsc::unbounded_channel();
+        let (out, _out_rx) = mpsc::channel(crate::agent::messages::OUT_QUEUE);
         let (installs, _installs_rx) = mpsc::channel(crate::agent::messages::INSTALL_QUEUE);
         let (tx, rx) = mpsc::unbounded_channel();
         tx.send(Input::Stop).unwrap();
@@ -725,6 +781,7 @@ mod tests {
             hub_now: Arc::new(|| Some(1)),
             out,
             installs,
+            outbox: Arc::default(),
             metrics: Arc::new(AgentMetrics::new()),
         }
         .spawn(current, rx)
@@ -818,7 +875,7 @@ mod tests {
         metrics: &Arc<AgentMetrics>,
         writes: &[(&str, Option<&str>)],
     ) -> Vec<Result<Option<String>, WriteError>> {
-        let (out, _out_rx) = mpsc::unbounded_channel();
+        let (out, _out_rx) = mpsc::channel(crate::agent::messages::OUT_QUEUE);
         let (installs, _installs_rx) = mpsc::channel(crate::agent::messages::INSTALL_QUEUE);
         let (tx, rx) = mpsc::unbounded_channel();
         // The hub has no record of this agent: writes may be numbered.
@@ -845,6 +902,7 @@ mod tests {
             hub_now: Arc::new(|| Some(1)),
             out,
             installs,
+            outbox: Arc::default(),
             metrics: metrics.clone(),
         }
         .spawn(current, rx)
@@ -867,7 +925,7 @@ mod tests {
         let store = Arc::new(FsStore::open(&tmp.path().join("store")).unwrap());
         let dir = tmp.path().join("edit");
         std::fs::create_dir_all(&dir).unwrap();
-        let (out, mut out_rx) = mpsc::unbounded_channel();
+        let (out, mut out_rx) = mpsc::channel(crate::agent::messages::OUT_QUEUE);
         let (installs, _installs_rx) = mpsc::channel(crate::agent::messages::INSTALL_QUEUE);
         let (tx, rx) = mpsc::unbounded_channel();
         // Started on an empty directory (a reinstall), then edited.
@@ -906,6 +964,7 @@ mod tests {
             hub_now: Arc::new(|| Some(4_000)),
             out,
             installs,
+            outbox: Arc::default(),
             metrics: Arc::new(AgentMetrics::new()),
         }
         .spawn(None, rx)
@@ -943,6 +1002,93 @@ mod tests {
         assert_eq!(state.last_seq, 5_002);
     }
 
+    /// A full outbox (the hub away for long): an API write is answered "not now", a watcher
+    /// edit is left on disk unrecorded; once the hub has taken what waits, the next schedule
+    /// brings the held edit in.
+    #[test]
+    fn a_full_outbox_holds_edits_until_the_hub_takes_what_waits() {
+        use crate::agent::metrics::WhatLabels;
+        use crate::agent::outbox::{outbox_files, Usage, MAX_ENTRIES};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(&tmp.path().join("store")).unwrap());
+        let dir = tmp.path().join("edit");
+        std::fs::create_dir_all(&dir).unwrap();
+        store
+            .write_state(
+                STATE_NAME,
+                &WatchState {
+                    started: true,
+                    ..WatchState::default()
+                },
+            )
+            .unwrap();
+        let (out, _out_rx) = mpsc::channel(crate::agent::messages::OUT_QUEUE);
+        let (installs, _installs_rx) = mpsc::channel(crate::agent::messages::INSTALL_QUEUE);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let usage = Arc::new(Usage::default());
+        usage.set(MAX_ENTRIES, 0);
+        let metrics = Arc::new(AgentMetrics::new());
+        let thread = Local {
+            name: "a".into(),
+            mode: Mode::Scheduled,
+            dir: Some(dir.clone()),
+            ignore: Arc::new(Ignore::default()),
+            max_file_bytes: 1 << 20,
+            store: store.clone(),
+            hub_now: Arc::new(|| Some(4_000)),
+            out,
+            installs,
+            outbox: usage.clone(),
+            metrics: metrics.clone(),
+        }
+        .spawn(None, rx)
+        .unwrap();
+        let write = |path: &str| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            tx.send(Input::Write {
+                path: path.into(),
+                content: Some(stored(&store, path.as_bytes())),
+                reply,
+            })
+            .unwrap();
+            answer.blocking_recv().unwrap()
+        };
+
+        tx.send(Input::Hub(changeset::Applied::new())).unwrap();
+        std::fs::write(dir.join("edit.txt"), "made while the hub was away").unwrap();
+        tx.send(Input::Scope(Scope::All)).unwrap();
+        match write("api.txt") {
+            Err(WriteError::Unavailable(why)) => assert!(why.contains("outbox holds"), "{why}"),
+            other => panic!("a write into a full outbox: {other:?}"),
+        }
+        assert!(outbox_files(&store).is_empty());
+        let full = metrics
+            .refused
+            .get_or_create(&WhatLabels {
+                what: "outbox_full",
+            })
+            .get();
+        assert_eq!(full, 2);
+
+        usage.set(0, 0);
+        tx.send(Input::Hub(changeset::Applied::new())).unwrap();
+        assert!(write("api.txt").is_ok());
+        tx.send(Input::Stop).unwrap();
+        thread.join().unwrap();
+        let waiting: Vec<Changeset> = outbox_files(&store)
+            .iter()
+            .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+            .collect();
+        let paths: Vec<Vec<String>> = waiting
+            .iter()
+            .map(|cs| cs.changes.keys().cloned().collect())
+            .collect();
+        assert_eq!(
+            paths,
+            [vec!["edit.txt".to_string()], vec!["api.txt".to_string()]]
+        );
+    }
+
     /// Without a clock estimate nothing is numbered, even with the hub's record.
     #[test]
     fn nothing_is_numbered_without_a_clock_estimate() {
@@ -956,7 +1102,7 @@ mod tests {
         };
         store.write_state(STATE_NAME, &state).unwrap();
         std::fs::write(dir.join("x.txt"), "x").unwrap();
-        let (out, mut out_rx) = mpsc::unbounded_channel();
+        let (out, mut out_rx) = mpsc::channel(crate::agent::messages::OUT_QUEUE);
         let (installs, _installs_rx) = mpsc::channel(crate::agent::messages::INSTALL_QUEUE);
         let (tx, rx) = mpsc::unbounded_channel();
         tx.send(Input::Hub(changeset::Applied::new())).unwrap();
@@ -972,6 +1118,7 @@ mod tests {
             hub_now: Arc::new(|| None),
             out,
             installs,
+            outbox: Arc::default(),
             metrics: Arc::new(AgentMetrics::new()),
         }
         .spawn(None, rx)

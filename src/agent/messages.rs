@@ -69,6 +69,11 @@ pub enum Input {
     Stop,
 }
 
+/// Messages waiting for the forwarder, at most: the local thread waits for room to say the
+/// outbox has a new entry, and drops a changeset for the peers when full (they get it from
+/// the hub).
+pub const OUT_QUEUE: usize = 1024;
+
 /// What the local thread tells the forwarder.
 #[derive(Debug)]
 pub enum Out {

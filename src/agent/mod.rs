@@ -455,7 +455,9 @@ fn start_local(
     let ignore =
         Arc::new(detect::Ignore::new(&w.ignore).map_err(|e| AgentError::Watch(e.to_string()))?);
     let (local_tx, local_rx) = mpsc::unbounded_channel();
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let (out_tx, out_rx) = mpsc::channel(messages::OUT_QUEUE);
+    // Once at start, like the store's other start-up reads.
+    let usage = Arc::new(outbox::Usage::scan(&agent.store));
     local::Local {
         name: agent.config.name.clone(),
         mode: w.mode,
@@ -466,6 +468,7 @@ fn start_local(
         hub_now,
         out: out_tx,
         installs,
+        outbox: usage.clone(),
         metrics: agent.metrics.clone(),
     }
     .spawn(current, local_rx)
@@ -481,6 +484,8 @@ fn start_local(
         store: agent.store.clone(),
         peers: peers(agent, w.mode),
         metrics: agent.metrics.clone(),
+        outbox: usage,
+        sending: Arc::new(tokio::sync::Semaphore::new(forward::SEND_BUDGET)),
     };
     agent
         .tracker

@@ -1918,3 +1918,27 @@ fn connection_caps_are_checked_where_written() {
         lockstep::config::DEFAULT_ADMIN_MAX_CONNECTIONS
     );
 }
+
+#[test]
+fn upload_quota_is_a_size_of_at_least_one_blob() {
+    let text = format!(
+        "sync:\n  bind: \"127.0.0.1:7700\"\n  store: /tmp/hub\n  upload_quota: 1MiB\n{POOL_WWW}"
+    );
+    let e = one_error(&text);
+    assert_error(
+        &e,
+        &text,
+        "1MiB",
+        &["sync.upload_quota must be at least", "16GiB"],
+    );
+    let text = text.replace("1MiB", "20 furlongs");
+    assert_error(
+        &one_error(&text),
+        &text,
+        "20 furlongs",
+        &["unknown size unit"],
+    );
+    let ok = text.replace("20 furlongs", "100GiB");
+    let c = config::parse(Path::new("t.yaml"), &ok).expect("valid");
+    assert_eq!(c.sync.expect("sync").upload_quota, 100 << 30);
+}

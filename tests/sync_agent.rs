@@ -74,6 +74,7 @@ impl TestHub {
                 ca_dir: None,
                 revoked: Default::default(),
                 trusted_keys: None,
+                upload_quota: lockstep::config::sync::DEFAULT_UPLOAD_QUOTA,
             },
             clock,
             HubMetrics::register(&metrics),

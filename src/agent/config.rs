@@ -151,28 +151,6 @@ impl Watch {
     }
 }
 
-/// `64MiB`, `512KiB`, `1GiB`, `100kB`, or plain bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(digits);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size: write e.g. 64MiB or 1048576"))?;
-    let mul: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "kB" | "KB" => 1000,
-        "KiB" | "K" => 1 << 10,
-        "MB" => 1_000_000,
-        "MiB" | "M" => 1 << 20,
-        "GB" => 1_000_000_000,
-        "GiB" | "G" => 1 << 30,
-        u => return Err(format!("unknown size unit `{u}`: use B, KiB, MiB or GiB")),
-    };
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("`{s}` is too large"))
-}
-
 /// The agent's TLS: the CA it trusts (the farm CA, or an https hub's CA) and, with mutual TLS,
 /// its own farm-CA certificate.
 #[derive(Debug, Clone)]
@@ -639,7 +617,7 @@ fn watch(cx: &mut Ctx, w: &RawWatch, store: Option<&Path>, release_dir: Option<&
     watch.debounce = duration(cx, &w.debounce, "watch.debounce", DEFAULT_DEBOUNCE);
     watch.rescan = duration(cx, &w.rescan, "watch.rescan", DEFAULT_RESCAN);
     if let Some(v) = &w.max_file_size {
-        match parse_size(&v.value) {
+        match crate::config::size::parse(&v.value) {
             Ok(n) if n > 0 && n <= MAX_BLOB_BYTES => watch.max_file_bytes = n,
             Ok(_) => cx.err(
                 v,

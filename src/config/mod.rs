@@ -10,6 +10,7 @@ pub mod duration;
 pub mod error;
 pub mod gc;
 pub mod raw;
+pub mod size;
 pub mod sync;
 pub mod tls;
 mod validate;

@@ -250,6 +250,8 @@ pub struct RawSync {
     pub tls: Option<RawSyncTls>,
     /// Most connections open at once on the sync API.
     pub max_connections: Option<S<u32>>,
+    /// Most bytes of uploaded blobs no release names yet.
+    pub upload_quota: Option<S<String>>,
 }
 
 /// TLS of the sync API: its certificates and the farm CA its clients' certificates come from.

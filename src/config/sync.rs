@@ -22,6 +22,9 @@ use crate::sync::sign::TrustedKeys;
 /// long polls, uploads and fetches, and publishers beside them.
 pub const DEFAULT_SYNC_MAX_CONNECTIONS: usize = 4096;
 
+/// Default [`Sync::upload_quota`]: room for a large release uploaded before its commit.
+pub const DEFAULT_UPLOAD_QUOTA: u64 = 16 << 30;
+
 /// Shortest activation grid.
 pub const MIN_CADENCE: Duration = Duration::from_millis(100);
 
@@ -49,6 +52,8 @@ pub struct Sync {
     pub trusted_keys: Option<TrustedKeys>,
     /// Most connections open at once on the sync API (agents hold about two each).
     pub max_connections: usize,
+    /// Most bytes of uploaded blobs that no commit or applied changeset has named yet.
+    pub upload_quota: u64,
 }
 
 /// The sync API's TLS: its certificates and, for mutual TLS, the farm CA of its clients.
@@ -130,7 +135,22 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         DEFAULT_SYNC_MAX_CONNECTIONS,
         "sync.max_connections",
     );
+    let upload_quota = match &raw.upload_quota {
+        None => DEFAULT_UPLOAD_QUOTA,
+        Some(v) => match super::size::parse(&v.value) {
+            Ok(n) if n >= crate::sync::manifest::MAX_BLOB_BYTES => n,
+            Ok(_) => {
+                cx.err(v, format!("sync.upload_quota must be at least {} (the largest blob) so that any release can be uploaded; default 16GiB", crate::sync::manifest::MAX_BLOB_BYTES));
+                DEFAULT_UPLOAD_QUOTA
+            }
+            Err(e) => {
+                cx.err(v, format!("sync.upload_quota: {e}"));
+                DEFAULT_UPLOAD_QUOTA
+            }
+        },
+    };
     Some(Sync {
+        upload_quota,
         max_connections,
         trusted_keys,
         bind: bind?,

@@ -91,6 +91,7 @@ fn hub_error(e: HubError) -> Answer {
         HubError::Conflict(_) => StatusCode::CONFLICT,
         HubError::Untrusted(_) => StatusCode::FORBIDDEN,
         HubError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        HubError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
         HubError::Store(_) => {
             warn!(error = %e, "sync store failed");
             StatusCode::INTERNAL_SERVER_ERROR

@@ -82,6 +82,8 @@ impl Hub {
             return Ok(ChangesetReply::missing(missing));
         }
         let (name, mode) = (cs.name(), cs.mode);
+        let blobs: Vec<crate::sync::manifest::Hash> =
+            cs.blobs().into_iter().map(|(h, _)| h).collect();
         let store = self.store.clone();
         let applied = self
             .transition(move |s, now, rules| apply(store.as_ref(), s, now, rules, &signed))
@@ -90,6 +92,7 @@ impl Hub {
         let Some(Applied { release, conflicts }) = applied else {
             return Ok(ChangesetReply::duplicate());
         };
+        self.pending_uploads().named(blobs.iter());
         self.metrics.changeset(mode);
         info!(changeset = %name, ?mode, release = %release.short(), conflicts = conflicts.len(), "changeset applied");
         self.keep_conflicts(&conflicts);

@@ -33,33 +33,20 @@ impl Hub {
         .await
     }
 
-    /// Stores a blob whose bytes hash to `hash`.
+    /// Stores a blob whose bytes hash to `hash` (bytes already in memory: tests and the
+    /// hub's own callers; the API streams through [`Hub::receive_blob`], as this does).
     pub async fn put_blob(self: &Arc<Self>, hash: Hash, body: Vec<u8>) -> Result<bool, HubError> {
-        if body.len() as u64 > MAX_BLOB_BYTES {
-            return Err(HubError::Bad(format!(
-                "blob of {} bytes; the largest is {MAX_BLOB_BYTES}",
-                body.len()
-            )));
+        self.receive_blob(hash, http_body_util::Full::new(bytes::Bytes::from(body)))
+            .await
+    }
+
+    /// The ledger of uploads no release names yet; its size goes to the metrics when the
+    /// guard is dropped.
+    pub(super) fn pending_uploads(&self) -> PendingUploads<'_> {
+        PendingUploads {
+            ledger: self.uploads.lock().unwrap_or_else(|p| p.into_inner()),
+            gauge: &self.metrics.pending_upload_bytes,
         }
-        if Hash::of(&body) != hash {
-            return Err(HubError::Bad(format!(
-                "the body does not hash to {hash}: it was corrupted on the way, or the URL names the wrong blob"
-            )));
-        }
-        let hub = self.clone();
-        let len = body.len() as u64;
-        let created = blocking(move || {
-            if hub.store.has_blob(&hash)? {
-                return Ok::<_, StoreError>(false);
-            }
-            hub.store.put_blob(&hash, &body)?;
-            Ok(true)
-        })
-        .await?;
-        if created {
-            self.metrics.blob_bytes.inc_by(len);
-        }
-        Ok(created)
     }
 
     /// The manifest of a release (canonical bytes).
@@ -88,6 +75,11 @@ impl Hub {
         B: http_body::Body<Data = bytes::Bytes>,
         B::Error: std::fmt::Display,
     {
+        let quota = self.settings().upload_quota;
+        let announced = body.size_hint().lower();
+        self.pending_uploads()
+            .admit(announced, quota)
+            .map_err(HubError::Full)?;
         let hub = self.clone();
         let sink = blocking(move || hub.store.blob_sink(MAX_BLOB_BYTES)).await?;
         let sink = crate::net::body::stream_into(body, sink, MAX_BLOB_BYTES)
@@ -104,6 +96,12 @@ impl Hub {
                 }),
             })?;
         let len = sink.len();
+        // Checked again with what came (a body without a length says nothing before).
+        if !self.store.has_blob(&hash)? {
+            self.pending_uploads()
+                .admit(len, quota)
+                .map_err(HubError::Full)?;
+        }
         let hub = self.clone();
         let created = blocking(move || hub.store.adopt_blob(sink, &hash))
             .await
@@ -115,6 +113,8 @@ impl Hub {
             })?;
         if created {
             self.metrics.blob_bytes.inc_by(len);
+            let now = self.now_us();
+            self.pending_uploads().add(hash, len, now);
         }
         Ok(created)
     }
@@ -123,6 +123,7 @@ impl Hub {
     /// commit stages only a complete release.
     pub(super) async fn check_complete(self: &Arc<Self>, id: ReleaseId) -> Result<(), HubError> {
         let manifest = Manifest::from_json(&self.release(id).await?)?;
+        let named: Vec<Hash> = manifest.blobs().into_iter().map(|(h, _)| h).collect();
         let hub = self.clone();
         let (missing, wrong) = blocking(move || {
             let (mut missing, mut wrong) = (0usize, None);
@@ -146,6 +147,7 @@ impl Hub {
                 "release {id} lacks {missing} blob(s): PUT them before the commit"
             )));
         }
+        self.pending_uploads().named(named.iter());
         Ok(())
     }
 
@@ -202,6 +204,11 @@ impl Hub {
             store.collect(&keep, grace)
         })
         .await?;
+        // What is older than the grace is collected now, or was named: no longer pending.
+        let cutoff = self
+            .now_us()
+            .saturating_sub(u64::try_from(grace.as_micros()).unwrap_or(u64::MAX));
+        self.pending_uploads().expire(cutoff);
         self.metrics.gc_removed(&done);
         Ok(done)
     }
@@ -258,6 +265,45 @@ mod tests {
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect()
+    }
+
+    #[tokio::test]
+    async fn uploads_no_release_names_are_held_to_the_quota() {
+        let (clock, now) = manual(100 * S);
+        let fx = testing::hub(clock);
+        let mut settings = testing::settings();
+        settings.upload_quota = 100;
+        fx.hub.set_settings(settings);
+        let (a, b, c) = ("a".repeat(60), "b".repeat(60), "c".repeat(50));
+        let put = |data: &str| {
+            let (hub, data) = (fx.hub.clone(), data.to_string());
+            async move {
+                hub.put_blob(Hash::of(data.as_bytes()), data.into_bytes())
+                    .await
+            }
+        };
+        assert!(put(&a).await.unwrap());
+        match put(&b).await {
+            Err(HubError::Full(m)) => assert!(m.contains("sync.upload_quota"), "{m}"),
+            other => panic!("over the quota: {other:?}"),
+        }
+        assert!(
+            !fx.hub.store.has_blob(&Hash::of(b.as_bytes())).unwrap(),
+            "refused, not stored"
+        );
+        // A commit naming `a` frees its place.
+        let m = testing::manifest(&[("a.txt", &a)]);
+        fx.hub.upload_manifest(&m.to_json()).await.unwrap();
+        fx.hub.commit(m.id(), None, Vec::new()).await.unwrap();
+        assert!(put(&b).await.unwrap());
+        assert!(matches!(put(&c).await, Err(HubError::Full(_))));
+        // What the collector may take after the grace no longer counts.
+        testing::set(
+            &now,
+            100 * S + fx.hub.settings().gc.grace.as_micros() as u64 + S,
+        );
+        fx.hub.collect().await.unwrap();
+        assert!(put(&c).await.unwrap());
     }
 
     #[tokio::test]
@@ -326,5 +372,31 @@ mod tests {
             !left.iter().any(|n| n.starts_with(&built[0].to_hex())),
             "{left:?}"
         );
+    }
+}
+
+/// [`Hub::pending_uploads`]: the ledger, locked; its byte count is exported when released.
+pub(super) struct PendingUploads<'a> {
+    ledger: std::sync::MutexGuard<'a, super::uploads::Uploads>,
+    gauge: &'a prometheus_client::metrics::gauge::Gauge,
+}
+
+impl std::ops::Deref for PendingUploads<'_> {
+    type Target = super::uploads::Uploads;
+    fn deref(&self) -> &Self::Target {
+        &self.ledger
+    }
+}
+
+impl std::ops::DerefMut for PendingUploads<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.ledger
+    }
+}
+
+impl Drop for PendingUploads<'_> {
+    fn drop(&mut self) {
+        self.gauge
+            .set(i64::try_from(self.ledger.bytes()).unwrap_or(i64::MAX));
     }
 }

@@ -19,6 +19,9 @@ pub enum HubError {
     /// A body over its limit (413).
     #[error("{0}")]
     TooLarge(String),
+    /// A quota is used up (507).
+    #[error("{0}")]
+    Full(String),
     /// Unknown release or blob (404).
     #[error("{0}")]
     NotFound(String),

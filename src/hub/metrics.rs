@@ -100,6 +100,8 @@ pub struct HubMetrics {
     pub long_polls: Gauge,
     /// Requests refused before they did anything, by reason.
     pub refused: Family<ReasonLabels, Counter>,
+    /// Bytes of uploaded blobs no release names yet (against `sync.upload_quota`).
+    pub pending_upload_bytes: Gauge,
 }
 
 /// Counts one parked long poll in [`HubMetrics::long_polls`] until dropped.
@@ -127,6 +129,11 @@ impl HubMetrics {
                 m.activation.clone(),
             );
             r.register("sync_publishes", "Releases committed", m.publishes.clone());
+            r.register(
+                "sync_pending_upload_bytes",
+                "Bytes of uploaded blobs no commit or changeset has named yet (sync.upload_quota)",
+                m.pending_upload_bytes.clone(),
+            );
             r.register(
                 "sync_blob_received_bytes",
                 "Blob bytes received from publishers",

@@ -35,6 +35,7 @@ mod route;
 mod settings;
 mod signatures;
 mod task;
+mod uploads;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -64,6 +65,7 @@ pub struct Hub {
     reports_changed: Notify,
     behind: watch::Sender<HashSet<String>>,
     conflicts: Mutex<VecDeque<ConflictView>>,
+    uploads: Mutex<uploads::Uploads>,
     metrics: HubMetrics,
 }
 
@@ -108,6 +110,7 @@ impl Hub {
             reports_changed: Notify::new(),
             behind: watch::Sender::new(HashSet::new()),
             conflicts: Mutex::new(VecDeque::new()),
+            uploads: Mutex::default(),
             metrics,
         }))
     }

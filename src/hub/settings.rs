@@ -38,6 +38,8 @@ pub struct Settings {
     /// Publisher keys one of which must have signed a committed release (`None`: any
     /// release may be committed; agents check signatures either way).
     pub trusted_keys: Option<TrustedKeys>,
+    /// Most bytes of uploads not yet named by a release ([`super::uploads`]).
+    pub upload_quota: u64,
 }
 
 impl Settings {
@@ -61,6 +63,7 @@ impl Settings {
                     .map_or(&[][..], |c| &c.crls),
             )),
             trusted_keys: c.trusted_keys.clone(),
+            upload_quota: c.upload_quota,
         }
     }
 }

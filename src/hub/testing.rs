@@ -43,6 +43,7 @@ pub fn settings() -> Settings {
         gc: Gc::default(),
         report_expiry: REPORT_EXPIRY,
         trusted_keys: None,
+        upload_quota: crate::config::sync::DEFAULT_UPLOAD_QUOTA,
         ca_dir: None,
         revoked: Default::default(),
     }

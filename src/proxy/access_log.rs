@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -132,11 +133,24 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-/// Queues a line for stdout.
+/// Lines queued for stdout, at most.
+const QUEUE_LINES: usize = 16 * 1024;
+/// Bytes queued for stdout, at most: a line can be ~128 KiB (a 64 KiB request head, escaped),
+/// so the line count alone would allow 2 GiB.
+const QUEUE_BYTES: usize = 8 << 20;
+
+/// Whether `len` more bytes fit beside `queued` (pure).
+fn fits(queued: usize, len: usize) -> bool {
+    queued.saturating_add(len) <= QUEUE_BYTES
+}
+
+/// Queues a line for stdout; when the writer is behind (past [`QUEUE_LINES`] or
+/// [`QUEUE_BYTES`]) the line is dropped and counted.
 pub fn write(line: String) {
+    static QUEUED: AtomicUsize = AtomicUsize::new(0);
     static TX: OnceLock<SyncSender<String>> = OnceLock::new();
     let tx = TX.get_or_init(|| {
-        let (tx, rx) = sync_channel::<String>(16 * 1024);
+        let (tx, rx) = sync_channel::<String>(QUEUE_LINES);
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
@@ -146,8 +160,10 @@ pub fn write(line: String) {
                     // stdout (the demo's instructions, a test harness) must not block forever.
                     let mut out = std::io::BufWriter::new(stdout.lock());
                     let _ = writeln!(out, "{first}");
+                    QUEUED.fetch_sub(first.len(), Ordering::Relaxed);
                     while let Ok(more) = rx.try_recv() {
                         let _ = writeln!(out, "{more}");
+                        QUEUED.fetch_sub(more.len(), Ordering::Relaxed);
                     }
                     let _ = out.flush();
                 }
@@ -155,7 +171,18 @@ pub fn write(line: String) {
             .ok();
         tx
     });
+    let len = line.len();
+    let admitted = QUEUED
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+            fits(q, len).then_some(q + len)
+        })
+        .is_ok();
+    if !admitted {
+        crate::metrics::access_log_dropped().inc();
+        return;
+    }
     if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
+        QUEUED.fetch_sub(len, Ordering::Relaxed);
         crate::metrics::access_log_dropped().inc();
     }
 }
@@ -181,6 +208,14 @@ mod tests {
             duration: Duration::from_millis(3),
             listener: "http",
         }
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes() {
+        assert!(fits(0, 128 * 1024));
+        assert!(fits(QUEUE_BYTES - 10, 10));
+        assert!(!fits(QUEUE_BYTES - 10, 11));
+        assert!(!fits(usize::MAX, 1));
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //!   a buffer (pure, no allocation); everything else goes to the handler.
 //! - [`handler`]: the hickory request handler: opcode, EDNS, one question, metrics; the
 //!   fast path's metrics, and the slow path for UDP datagrams.
+//! - [`rrl`]: response-rate limiting of UDP answers per client prefix, with slip: a fixed
+//!   table of token buckets (pure, `now` passed in).
 //! - [`server`]: binds UDP and TCP on one address and serves them until cancelled: TCP with
 //!   hickory's `Server`, UDP with lockstep's own receive loop (fast path, else the handler).
 //! - [`udp_batch`]: the UDP loop's syscalls, a batch at a time (`recvmmsg` / `sendmmsg` on
@@ -24,6 +26,7 @@ pub mod error;
 pub mod fast;
 pub mod handler;
 pub mod metrics;
+pub mod rrl;
 pub mod server;
 pub mod udp_batch;
 pub mod view;

@@ -33,7 +33,8 @@ use tracing::debug;
 
 use super::answer::{answer, Answer, Health, Question, MAX_UDP_PAYLOAD};
 use super::fast;
-use super::metrics::{DnsMetrics, NameLabels, QueryLabels};
+use super::metrics::{DnsMetrics, NameLabels, QueryLabels, RrlLabels};
+use super::rrl::{Limits, Verdict};
 use super::view::SharedView;
 use super::zone::{NameEntry, Zones};
 use crate::pools::table::Table;
@@ -50,6 +51,9 @@ pub struct DnsHandler {
     /// fast path.
     noerror_a: Counter,
     noerror_aaaa: Counter,
+    /// `dns_rrl{action="dropped"}` and `{action="slipped"}`, looked up once for the UDP loop.
+    rrl_dropped: Counter,
+    rrl_slipped: Counter,
 }
 
 impl DnsHandler {
@@ -64,9 +68,12 @@ impl DnsHandler {
                 })
                 .clone()
         };
+        let rrl = |action| metrics.rrl.get_or_create(&RrlLabels { action }).clone();
         DnsHandler {
             noerror_a: counter("A"),
             noerror_aaaa: counter("AAAA"),
+            rrl_dropped: rrl("dropped"),
+            rrl_slipped: rrl("slipped"),
             live,
             metrics,
         }
@@ -300,6 +307,28 @@ impl DnsHandler {
                 .fail_open
                 .get_or_create(&NameLabels { pool: pool.clone() })
                 .inc();
+        }
+    }
+
+    /// The limits of the live generation for the UDP loop (off without a `dns:` section).
+    pub fn udp_limits(&self) -> Limits {
+        self.live
+            .load()
+            .zones
+            .as_ref()
+            .map_or_else(Limits::off, |z| z.rrl)
+    }
+
+    /// Counts an answer response-rate limiting held back.
+    pub fn record_rrl(&self, verdict: Verdict) {
+        match verdict {
+            Verdict::Answer => {}
+            Verdict::Drop => {
+                self.rrl_dropped.inc();
+            }
+            Verdict::Slip => {
+                self.rrl_slipped.inc();
+            }
         }
     }
 

@@ -16,10 +16,12 @@
 //! - [`rrl`]: response-rate limiting of UDP answers per client prefix, with slip: a fixed
 //!   table of token buckets (pure, `now` passed in).
 //! - [`server`]: binds UDP and TCP on one address and serves them until cancelled: TCP with
-//!   hickory's `Server`, UDP with lockstep's own receive loop (fast path, else the handler).
+//!   hickory's `Server`, UDP with lockstep's own receive loop (rate limiter, fast path, else
+//!   the handler).
 //! - [`udp_batch`]: the UDP loop's syscalls, a batch at a time (`recvmmsg` / `sendmmsg` on
 //!   Linux) into and out of per-slot buffers.
-//! - [`metrics`]: queries by type and rcode, answer latency, fail-open answers.
+//! - [`metrics`]: queries by type and rcode, answer latency, fail-open answers, rate-limited
+//!   answers.
 
 pub mod answer;
 pub mod error;

@@ -2,7 +2,8 @@
 //! answers as raw hickory-proto messages, the appliance started from YAML. Rotation fairness,
 //! answers following health checks (and failing open), negative answers, the apex, EDNS,
 //! `max_answers`, TC over UDP with the whole answer over TCP, malformed packets, reloads, and
-//! one end-to-end run of the real `dig` against `lockstep serve`.
+//! one end-to-end run of the real `dig` against `lockstep serve`. What bounds it under abuse
+//! (rate limiting, the TCP connection cap) is in `dns_limits.rs`.
 
 mod common;
 

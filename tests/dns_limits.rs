@@ -1,6 +1,8 @@
 //! What bounds the DNS responder under abuse, as clients meet it over real sockets: response-rate
 //! limiting of UDP answers per client prefix (a flood from one /24 gets mostly silence and some
-//! truncated answers, other prefixes and TCP are unaffected).
+//! truncated answers, other prefixes and TCP are unaffected) and the cap on DNS-over-TCP
+//! connections (the excess closed at once, counted, a freed slot serving again). The TCP idle
+//! timeout is tested in `src/dns/tcp.rs` with a short one.
 
 mod common;
 
@@ -199,4 +201,111 @@ async fn rate_limit_zero_turns_it_off() {
     }
     let m = metrics(&app).await;
     assert_eq!(get(&m, DROPPED) + get(&m, SLIPPED), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The TCP connection cap
+
+/// Asks `lb.farm.test A` on `s`; the answer.
+async fn tcp_ask(s: &mut TcpStream, id: u16) -> Message {
+    let bytes = lb_query(id).to_vec().unwrap();
+    s.write_all(&[(bytes.len() as u16).to_be_bytes().as_slice(), &bytes].concat())
+        .await
+        .expect("tcp write");
+    let read = async {
+        let len = s.read_u16().await?;
+        let mut buf = vec![0u8; usize::from(len)];
+        s.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(WAIT, read)
+        .await
+        .expect("answer in time")
+        .expect("answer read");
+    Message::from_vec(&buf).expect("answer parses")
+}
+
+/// Asserts the server closes `s` well before its 10 s idle time.
+async fn assert_closed_at_once(s: &mut TcpStream, what: &str) {
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(Duration::from_secs(2), s.read(&mut byte)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(_)) => panic!("{what}: bytes from a refused connection"),
+        Err(_) => panic!("{what}: still open"),
+    }
+}
+
+const OPEN: &str = "lockstep_dns_tcp_connections";
+const REFUSED: &str = "lockstep_dns_tcp_refused_total";
+
+#[tokio::test]
+async fn tcp_connections_over_the_cap_are_closed_at_once_and_a_freed_slot_serves_again() {
+    let app = start("  max_tcp_connections: 4\n").await;
+    let addr = app.dns_addr().expect("dns");
+    // Four connections, each answered: all admitted.
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        assert_full(&tcp_ask(&mut s, i).await);
+        held.push(s);
+    }
+    // Three more, idle: closed at once, not after the idle time.
+    for i in 0..3 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        assert_closed_at_once(&mut s, &format!("extra connection {i}")).await;
+    }
+    // One more that sends a query straight away: closed too, never answered.
+    let mut eager = TcpStream::connect(addr).await.unwrap();
+    let _ = eager.write_all(&[0, 30]).await;
+    assert_closed_at_once(&mut eager, "an eager extra connection").await;
+    let m = metrics(&app).await;
+    assert_eq!((get(&m, OPEN), get(&m, REFUSED)), (4, 4), "{m:?}");
+
+    // The held ones are still served.
+    for (i, s) in held.iter_mut().enumerate() {
+        assert_full(&tcp_ask(s, 100 + i as u16).await);
+    }
+    // Two hang up: once they are counted off, a new connection is served.
+    held.truncate(2);
+    wait::until("two connections counted off", WAIT, || async {
+        get(&metrics(&app).await, OPEN) == 2
+    })
+    .await;
+    for i in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        assert_full(&tcp_ask(&mut s, 200 + i).await);
+        held.push(s);
+    }
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    assert_closed_at_once(&mut s, "the fifth again").await;
+    assert_eq!(get(&metrics(&app).await, REFUSED), 5);
+    // UDP is not affected by the TCP cap.
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp.send_to(&lb_query(7).to_vec().unwrap(), addr).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+        .await
+        .expect("udp answer")
+        .unwrap();
+    assert_full(&Message::from_vec(&buf[..n]).unwrap());
+}
+
+/// The cap follows a reload (it is read at every accept).
+#[tokio::test]
+async fn a_reload_moves_the_tcp_cap() {
+    let yaml = |max: u32| {
+        format!(
+            "dns:\n  bind: \"127.0.0.1:0\"\n  max_tcp_connections: {max}\n  zones:\n    - name: farm.test\n      records:\n        - {{ name: lb, addresses: [\"192.0.2.1\", \"192.0.2.2\", \"192.0.2.3\"] }}\nadmin:\n  bind: \"127.0.0.1:0\"\n"
+        )
+    };
+    let mut app = common::start(&yaml(1)).await;
+    let addr = app.dns_addr().expect("dns");
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    assert_full(&tcp_ask(&mut first, 1).await);
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    assert_closed_at_once(&mut second, "second under a cap of 1").await;
+    app.reload(common::config(&yaml(2))).expect("reload");
+    assert_eq!(app.dns_addr(), Some(addr), "same sockets");
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    assert_full(&tcp_ask(&mut second, 2).await);
 }

@@ -1,7 +1,8 @@
 //! The DNS sockets: binds UDP and TCP on one address, and serves them over a [`DnsHandler`]
-//! until a [`CancellationToken`] fires: TCP with hickory's [`Server`], UDP with lockstep's own
-//! receive loop, which answers the common query on the [fast path](super::fast) in place and
-//! hands every other datagram to the handler's slow path (hickory's decoding and encoding).
+//! until a [`CancellationToken`] fires: TCP through [`tcp`](super::tcp) (the one accept loop,
+//! a connection cap, the idle timeout), UDP with lockstep's own receive loop, which answers the
+//! common query on the [fast path](super::fast) in place and hands every other datagram to the
+//! handler's slow path (hickory's decoding and encoding).
 //!
 //! Every UDP query that would be answered is first metered by the loop's
 //! [response-rate limiter](super::rrl) (one per socket, so no lock): over its prefix's rate it
@@ -22,7 +23,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_server::Server;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -30,14 +30,13 @@ use tracing::{debug, info, warn};
 use super::error::DnsError;
 use super::handler::{DnsHandler, FastDone};
 use super::rrl::{self, Limiter, Verdict};
+use super::tcp;
 use super::udp_batch::{Inbox, Outbox, SLOTS};
 
-/// How long a TCP client may stay silent between queries before its connection is closed
-/// (RFC 7766 §6.2.3 suggests tens of seconds; idle connections cost a task each).
+/// How long a TCP client may take to send each whole query (or to read each answer) before
+/// its connection is closed (RFC 7766 §6.2.3 suggests tens of seconds; idle connections cost
+/// a task and a slot of `dns.max_tcp_connections` each).
 const TCP_IDLE: Duration = Duration::from_secs(10);
-
-/// Responses queued per TCP connection before its writer pushes back.
-const TCP_RESPONSE_QUEUE: usize = 32;
 
 /// How many times binding TCP on the port UDP got from port 0 is retried with a new port.
 const PORT_ZERO_TRIES: usize = 16;
@@ -146,25 +145,9 @@ pub async fn serve(bound: Bound, handler: DnsHandler, stop: CancellationToken) {
             }
         }
     };
-    let mut server = Server::new(handler.clone());
-    server.register_listener(bound.tcp, TCP_IDLE, TCP_RESPONSE_QUEUE);
     let shown = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
     info!(addr = %shown, "dns listening (udp and tcp)");
-    let tcp = async {
-        tokio::select! {
-            _ = stop.cancelled() => {
-                if let Err(error) = server.shutdown_gracefully().await {
-                    warn!(%error, "dns server stopped with an error");
-                }
-            }
-            r = server.block_until_done() => {
-                // Only a socket failing for good ends the server on its own.
-                if let Err(error) = r {
-                    warn!(%error, "dns tcp server stopped");
-                }
-            }
-        }
-    };
+    let tcp = tcp::serve(bound.tcp, handler, TCP_IDLE, stop);
     tokio::join!(tcp, udp);
 }
 

@@ -1253,7 +1253,12 @@ fn max_answers_over_what_fits_512_bytes_is_refused() {
         &e,
         &yaml,
         "9\n",
-        &["dns.max_answers is 9", "at most 8", "512-byte", "use 8 or fewer"],
+        &[
+            "dns.max_answers is 9",
+            "at most 8",
+            "512-byte",
+            "use 8 or fewer",
+        ],
     );
     let yaml = dns_yaml("").replace("  zones:", "  max_answers: 8\n  zones:");
     let cfg = config::parse(Path::new("t.yaml"), &yaml).unwrap_or_else(|e| panic!("{e}"));
@@ -1344,7 +1349,9 @@ fn rrl_and_tcp_cap_values_out_of_range_are_refused_where_written() {
     }
     // A misspelt key gets the nearest one.
     let yaml = dns_yaml("").replace("  zones:", "  rrl: { rate_limt: 5 }\n  zones:");
-    let e = config::parse(Path::new("t.yaml"), &yaml).unwrap_err().to_string();
+    let e = config::parse(Path::new("t.yaml"), &yaml)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("rate_limit"), "{e}");
 }
 

@@ -123,14 +123,16 @@ async fn a_flood_from_one_prefix_gets_its_rate_and_slips_while_other_prefixes_ge
     tcp.write_all(&[(bytes.len() as u16).to_be_bytes().as_slice(), &bytes].concat())
         .await
         .unwrap();
-    let len = tokio::time::timeout(WAIT, tcp.read_u16()).await.unwrap().unwrap();
+    let len = tokio::time::timeout(WAIT, tcp.read_u16())
+        .await
+        .unwrap()
+        .unwrap();
     let mut answer = vec![0u8; usize::from(len)];
     tcp.read_exact(&mut answer).await.unwrap();
     assert_full(&Message::from_vec(&answer).unwrap());
 
     // Every flood query decided: answered, dropped or slipped.
-    let decided =
-        |m: &BTreeMap<String, f64>| get(m, ANSWERED) + get(m, DROPPED) + get(m, SLIPPED);
+    let decided = |m: &BTreeMap<String, f64>| get(m, ANSWERED) + get(m, DROPPED) + get(m, SLIPPED);
     wait::until("the server to decide every query", WAIT, || async {
         decided(&metrics(&app).await) == sent + OTHER + 1
     })
@@ -281,7 +283,9 @@ async fn tcp_connections_over_the_cap_are_closed_at_once_and_a_freed_slot_serves
     assert_eq!(get(&metrics(&app).await, REFUSED), 5);
     // UDP is not affected by the TCP cap.
     let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    udp.send_to(&lb_query(7).to_vec().unwrap(), addr).await.unwrap();
+    udp.send_to(&lb_query(7).to_vec().unwrap(), addr)
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 4096];
     let (n, _) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
         .await

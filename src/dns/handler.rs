@@ -408,7 +408,8 @@ impl DnsHandler {
         let reply = TcpReply::default();
         self.handle_raw(packet, src, Protocol::Tcp, reply.clone())
             .await;
-        let bytes = std::mem::take(&mut *reply.bytes.lock().unwrap_or_else(PoisonError::into_inner));
+        let bytes =
+            std::mem::take(&mut *reply.bytes.lock().unwrap_or_else(PoisonError::into_inner));
         (!bytes.is_empty()).then_some(bytes)
     }
 

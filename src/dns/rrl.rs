@@ -96,9 +96,9 @@ impl Limits {
     /// IPv4 client reaching a dual-stack socket counts as itself).
     fn prefix(&self, ip: IpAddr) -> u128 {
         match ip.to_canonical() {
-            IpAddr::V4(v4) => u128::from(
-                std::net::Ipv4Addr::from(u32::from(v4) & self.v4_mask).to_ipv6_mapped(),
-            ),
+            IpAddr::V4(v4) => {
+                u128::from(std::net::Ipv4Addr::from(u32::from(v4) & self.v4_mask).to_ipv6_mapped())
+            }
             IpAddr::V6(v6) => u128::from(v6) & self.v6_mask,
         }
     }
@@ -311,16 +311,31 @@ mod tests {
         assert_eq!(v[10..], [Verdict::Drop; 5]);
         // 100 ms at 10/s: one token; 250 ms: two more (and a half kept).
         assert_eq!(
-            run(&mut l, "192.0.2.1", t0 + Duration::from_millis(100), 2, &lim),
+            run(
+                &mut l,
+                "192.0.2.1",
+                t0 + Duration::from_millis(100),
+                2,
+                &lim
+            ),
             [Verdict::Answer, Verdict::Drop]
         );
         let t = t0 + Duration::from_millis(350);
-        assert_eq!(count(&run(&mut l, "192.0.2.1", t, 5, &lim), Verdict::Answer), 2);
+        assert_eq!(
+            count(&run(&mut l, "192.0.2.1", t, 5, &lim), Verdict::Answer),
+            2
+        );
         let t = t0 + Duration::from_millis(400);
-        assert_eq!(count(&run(&mut l, "192.0.2.1", t, 5, &lim), Verdict::Answer), 1);
+        assert_eq!(
+            count(&run(&mut l, "192.0.2.1", t, 5, &lim), Verdict::Answer),
+            1
+        );
         // Idle for long: never more than one second's worth at once.
         let t = t0 + Duration::from_secs(60);
-        assert_eq!(count(&run(&mut l, "192.0.2.1", t, 50, &lim), Verdict::Answer), 10);
+        assert_eq!(
+            count(&run(&mut l, "192.0.2.1", t, 50, &lim), Verdict::Answer),
+            10
+        );
     }
 
     #[test]
@@ -346,14 +361,8 @@ mod tests {
         for (slip, want) in [
             (0, vec![Verdict::Drop; 6]),
             (1, vec![Verdict::Slip; 6]),
-            (
-                2,
-                [Verdict::Drop, Verdict::Slip].repeat(3),
-            ),
-            (
-                3,
-                [Verdict::Drop, Verdict::Drop, Verdict::Slip].repeat(2),
-            ),
+            (2, [Verdict::Drop, Verdict::Slip].repeat(3)),
+            (3, [Verdict::Drop, Verdict::Drop, Verdict::Slip].repeat(2)),
         ] {
             let lim = limits(1, slip);
             let mut l = Limiter::new(3, t0);
@@ -432,7 +441,10 @@ mod tests {
         assert_eq!(l.capacity(), 16);
         // Still limited within that second: its slot was never handed out afresh.
         let t = t0 + Duration::from_millis(1);
-        assert_eq!(count(&run(&mut l, "203.0.113.1", t, 10, &lim), Verdict::Answer), 0);
+        assert_eq!(
+            count(&run(&mut l, "203.0.113.1", t, 10, &lim), Verdict::Answer),
+            0
+        );
         // A second later every bucket is stale: fresh prefixes get their own again.
         let t = t0 + Duration::from_secs(2);
         let v = run(&mut l, "198.51.100.1", t, 10, &lim);
@@ -447,14 +459,25 @@ mod tests {
         // HOPS slots, one window: HOPS prefixes each get their own bucket.
         let srcs: Vec<String> = (0..HOPS).map(|i| format!("192.0.{i}.1")).collect();
         for s in &srcs {
-            assert_eq!(count(&run(&mut l, s, t0, 5, &lim), Verdict::Answer), 3, "{s}");
+            assert_eq!(
+                count(&run(&mut l, s, t0, 5, &lim), Verdict::Answer),
+                3,
+                "{s}"
+            );
         }
         // One more within the second shares a busy bucket: limited with it, no fresh burst.
-        assert_eq!(count(&run(&mut l, "192.0.99.1", t0, 5, &lim), Verdict::Answer), 0);
+        assert_eq!(
+            count(&run(&mut l, "192.0.99.1", t0, 5, &lim), Verdict::Answer),
+            0
+        );
         // After a second, each bucket has refilled its own prefix's rate.
         let t = t0 + Duration::from_secs(1);
         for s in &srcs {
-            assert_eq!(count(&run(&mut l, s, t, 5, &lim), Verdict::Answer), 3, "{s}");
+            assert_eq!(
+                count(&run(&mut l, s, t, 5, &lim), Verdict::Answer),
+                3,
+                "{s}"
+            );
         }
     }
 
@@ -471,7 +494,20 @@ mod tests {
     }
 
     fn query(name: &[u8], extra: &[u8]) -> Vec<u8> {
-        let mut q = vec![0xbe, 0xef, 0x01, 0x20, 0, 1, 0, 0, 0, 0, 0, u8::from(!extra.is_empty())];
+        let mut q = vec![
+            0xbe,
+            0xef,
+            0x01,
+            0x20,
+            0,
+            1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            u8::from(!extra.is_empty()),
+        ];
         q.extend_from_slice(name);
         q.extend_from_slice(&[0, 1, 0, 1]);
         q.extend_from_slice(extra);

@@ -177,7 +177,10 @@ mod tests {
         assert!(Open::take(&open, 1).is_none());
         drop((b, c));
         assert_eq!(open.load(Ordering::Acquire), 0);
-        assert!(Open::take(&open, 0).is_none(), "no dns: section, no connection");
+        assert!(
+            Open::take(&open, 0).is_none(),
+            "no dns: section, no connection"
+        );
     }
 
     /// Serves DNS over TCP on 127.0.0.1:0 with `idle` and `max` connections; the address, the
@@ -249,7 +252,11 @@ mod tests {
         ] {
             closed(s).await;
             // Not before its idle time (which started after `t0`).
-            assert!(t0.elapsed() >= idle, "{what}: closed after {:?}", t0.elapsed());
+            assert!(
+                t0.elapsed() >= idle,
+                "{what}: closed after {:?}",
+                t0.elapsed()
+            );
         }
         stop.cancel();
     }
@@ -271,7 +278,10 @@ mod tests {
             s.write_all(&framed_query()).await.unwrap();
             assert_eq!(read_answer(&mut s).await, (0xbeef, 1));
         }
-        assert!(t.elapsed() > idle, "kept open past one idle time by its queries");
+        assert!(
+            t.elapsed() > idle,
+            "kept open past one idle time by its queries"
+        );
         stop.cancel();
     }
 
@@ -296,7 +306,10 @@ mod tests {
         drop(held.pop());
         let deadline = Instant::now() + WAIT;
         while metrics.tcp_connections.get() != 1 {
-            assert!(Instant::now() < deadline, "the closed connection was not counted off");
+            assert!(
+                Instant::now() < deadline,
+                "the closed connection was not counted off"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let mut s = TcpStream::connect(addr).await.unwrap();

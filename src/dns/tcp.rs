@@ -9,8 +9,8 @@
 //!   counted from the connection's start or its last answer, and as long to take each answer;
 //!   then the connection is closed. A client that sends nothing, or half a length prefix, or a
 //!   query one byte at a time, holds its connection for `idle` at most.
-//! - **Memory**: a connection holds one query (at most 64 KiB, the length prefix's limit) and one
-//!   answer at a time.
+//! - **Memory**: a connection holds a 4 KiB read buffer, one query (at most 64 KiB, the length
+//!   prefix's limit) and one answer at a time.
 //!
 //! Answers are not rate limited: TCP's handshake proves the source address, which is what
 //! response-rate limiting of UDP guards against.
@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,6 +28,9 @@ use tracing::{debug, debug_span, Instrument};
 
 use super::handler::DnsHandler;
 use crate::net::accept::{accept_loop, Accepted};
+
+/// Bytes read from a connection at a time.
+const READ_BUFFER: usize = 4096;
 
 /// Accepts DNS-over-TCP connections on `listener` and serves them until `stop`; then waits for
 /// the connections, which end at `stop` too.
@@ -95,11 +98,14 @@ impl Drop for Open {
 
 /// Answers the queries of one connection in order until the client closes it, breaks the
 /// framing, or stays silent (or does not read) for `idle`.
-async fn connection<S>(mut io: S, peer: SocketAddr, handler: &DnsHandler, idle: Duration)
+async fn connection<S>(io: S, peer: SocketAddr, handler: &DnsHandler, idle: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // Buffered: a client's pipelined queries come in with one read, not two per query.
+    let mut io = BufReader::with_capacity(READ_BUFFER, io);
     let mut query = Vec::new();
+    let mut framed = Vec::new();
     loop {
         match tokio::time::timeout(idle, read_message(&mut io, &mut query)).await {
             Err(_) => {
@@ -120,11 +126,11 @@ where
             debug!(len = answer.len(), "dns answer over 65535 bytes; not sent");
             continue;
         };
-        let write = async {
-            io.write_all(&len.to_be_bytes()).await?;
-            io.write_all(&answer).await?;
-            io.flush().await
-        };
+        // Length and message in one write, so one segment (RFC 7766 §8).
+        framed.clear();
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&answer);
+        let write = io.write_all(&framed);
         match tokio::time::timeout(idle, write).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {

@@ -1245,6 +1245,117 @@ fn max_answers_zero_is_refused() {
 }
 
 #[test]
+fn max_answers_over_what_fits_512_bytes_is_refused() {
+    assert_eq!(config::MAX_ANSWERS_LIMIT, 8, "(512 - 12 - 259) / 28");
+    let yaml = dns_yaml("").replace("  zones:", "  max_answers: 9\n  zones:");
+    let e = one_error(&yaml);
+    assert_error(
+        &e,
+        &yaml,
+        "9\n",
+        &[
+            "dns.max_answers is 9",
+            "at most 8",
+            "512-byte",
+            "use 8 or fewer",
+        ],
+    );
+    let yaml = dns_yaml("").replace("  zones:", "  max_answers: 8\n  zones:");
+    let cfg = config::parse(Path::new("t.yaml"), &yaml).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.dns.unwrap().max_answers, 8);
+}
+
+#[test]
+fn rrl_and_tcp_cap_defaults_and_values() {
+    let cfg = config::parse(Path::new("t.yaml"), &dns_yaml("")).unwrap_or_else(|e| panic!("{e}"));
+    let dns = cfg.dns.unwrap();
+    assert_eq!(dns.max_tcp_connections, config::DEFAULT_MAX_TCP_CONNECTIONS);
+    assert_eq!(
+        dns.rrl,
+        config::Rrl {
+            rate_limit: config::DEFAULT_RRL_RATE,
+            slip: config::DEFAULT_RRL_SLIP,
+            ipv4_prefix: config::DEFAULT_RRL_IPV4_PREFIX,
+            ipv6_prefix: config::DEFAULT_RRL_IPV6_PREFIX,
+        }
+    );
+    assert!(dns.rrl.rate_limit > 0, "on by default");
+    let yaml = dns_yaml("").replace(
+        "  zones:",
+        "  max_tcp_connections: 10\n  rrl: { rate_limit: 0, slip: 1, ipv4_prefix: 32, ipv6_prefix: 64 }\n  zones:",
+    );
+    let dns = config::parse(Path::new("t.yaml"), &yaml)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .dns
+        .unwrap();
+    assert_eq!(dns.max_tcp_connections, 10);
+    assert_eq!(
+        dns.rrl,
+        config::Rrl {
+            rate_limit: 0,
+            slip: 1,
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+        }
+    );
+    // Keys left out keep their defaults.
+    let yaml = dns_yaml("").replace("  zones:", "  rrl: { slip: 0 }\n  zones:");
+    let rrl = config::parse(Path::new("t.yaml"), &yaml)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .dns
+        .unwrap()
+        .rrl;
+    assert_eq!((rrl.rate_limit, rrl.slip), (config::DEFAULT_RRL_RATE, 0));
+}
+
+#[test]
+fn rrl_and_tcp_cap_values_out_of_range_are_refused_where_written() {
+    let cases: [(&str, &str, &[&str]); 6] = [
+        (
+            "  max_tcp_connections: 0\n",
+            "0\n",
+            &["max_tcp_connections is 0", "at least 1"],
+        ),
+        (
+            "  rrl: { slip: 101 }\n",
+            "101",
+            &["dns.rrl.slip is 101", "at most 100"],
+        ),
+        (
+            "  rrl: { ipv4_prefix: 0 }\n",
+            "0 }",
+            &["dns.rrl.ipv4_prefix is 0", "1 to 32"],
+        ),
+        (
+            "  rrl: { ipv4_prefix: 33 }\n",
+            "33",
+            &["dns.rrl.ipv4_prefix is 33", "1 to 32"],
+        ),
+        (
+            "  rrl: { ipv6_prefix: 129 }\n",
+            "129",
+            &["dns.rrl.ipv6_prefix is 129", "1 to 128"],
+        ),
+        (
+            "  rrl: { ipv6_prefix: 255 }\n",
+            "255",
+            &["dns.rrl.ipv6_prefix is 255", "1 to 128"],
+        ),
+    ];
+    for (keys, needle, words) in cases {
+        let yaml = dns_yaml("").replace("  zones:", &format!("{keys}  zones:"));
+        let e = one_error(&yaml);
+        assert_error(&e, &yaml, needle, words);
+    }
+    // A misspelt key gets the nearest one.
+    let yaml = dns_yaml("").replace("  zones:", "  rrl: { rate_limt: 5 }\n  zones:");
+    let e = config::parse(Path::new("t.yaml"), &yaml)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rate_limit"), "{e}");
+}
+
+#[test]
 fn ttl_zero_is_refused() {
     let yaml = dns_yaml("").replace("      records:", "      ttl: 0\n      records:");
     let e = one_error(&yaml);
@@ -1839,6 +1950,20 @@ fn example_config_documents_the_real_defaults() {
         ("ejection", Want::Dur(config::DEFAULT_EJECTION)),
         ("max_ejection", Want::Dur(config::DEFAULT_MAX_EJECTION)),
         ("max_answers", Want::Num(config::DEFAULT_MAX_ANSWERS)),
+        (
+            "max_tcp_connections",
+            Want::Num(config::DEFAULT_MAX_TCP_CONNECTIONS),
+        ),
+        ("rate_limit", Want::Num(config::DEFAULT_RRL_RATE)),
+        ("slip", Want::Num(config::DEFAULT_RRL_SLIP)),
+        (
+            "ipv4_prefix",
+            Want::Num(config::DEFAULT_RRL_IPV4_PREFIX.into()),
+        ),
+        (
+            "ipv6_prefix",
+            Want::Num(config::DEFAULT_RRL_IPV6_PREFIX.into()),
+        ),
         ("ttl", Want::Num(config::DEFAULT_DNS_TTL)),
         (
             "gc_interval",

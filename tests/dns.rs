@@ -1,8 +1,9 @@
 //! The DNS responder as clients meet it: real UDP and TCP sockets on `127.0.0.1:0`, queries and
 //! answers as raw hickory-proto messages, the appliance started from YAML. Rotation fairness,
-//! answers following health checks (and failing open), negative answers, the apex, EDNS, TC
-//! over UDP with the whole answer over TCP, malformed packets, reloads, and one end-to-end run
-//! of the real `dig` against `lockstep serve`.
+//! answers following health checks (and failing open), negative answers, the apex, EDNS,
+//! `max_answers`, TC over UDP with the whole answer over TCP, malformed packets, reloads, and
+//! one end-to-end run of the real `dig` against `lockstep serve`. What bounds it under abuse
+//! (rate limiting, the TCP connection cap) is in `dns_limits.rs`.
 
 mod common;
 
@@ -25,11 +26,20 @@ use lockstep::appliance::Appliance;
 /// How long a test waits for one answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(3);
 
-/// The test zone: `lb` (3 fixed addresses), `v6`, `ns1` (glue), `big` (100 addresses) and
-/// `www` bound to pool `www`; `pool_backends` are its `backends:` lines.
+/// Nameservers of the `wide.test` zone: each NS record takes ~28 bytes, so its apex NS answer
+/// (~1.4 KB) needs TC over UDP, with or without EDNS.
+const WIDE_NS: usize = 50;
+
+/// The test zone: `lb` (3 fixed addresses), `v6`, `ns1` (glue), `big` (100 addresses, answered
+/// 8 at a time) and `www` bound to pool `www`; `pool_backends` are its `backends:` lines. And
+/// the zone `wide.test`, with [`WIDE_NS`] nameservers. Response-rate limiting is on, at a rate
+/// these tests never reach (they ask far faster than a resolver would).
 fn dns_yaml(pool_backends: &str, pool_extra: &str, extra_records: &str) -> String {
     let big: Vec<String> = (1..=100)
         .map(|i| format!("\"10.0.{}.{}\"", i / 250, i % 250 + 1))
+        .collect();
+    let wide: Vec<String> = (0..WIDE_NS)
+        .map(|i| format!("ns.provider{i:02}.example"))
         .collect();
     format!(
         r#"pools:
@@ -37,8 +47,11 @@ fn dns_yaml(pool_backends: &str, pool_extra: &str, extra_records: &str) -> Strin
 {pool_extra}    backends:
 {pool_backends}dns:
   bind: "127.0.0.1:0"
-  max_answers: 100
+  max_answers: 8
+  rrl: {{ rate_limit: 1000000 }}
   zones:
+    - name: wide.test
+      nameservers: [{wide}]
     - name: farm.test
       ttl: 30
       nameservers: [ns1.farm.test, ns.provider.example]
@@ -51,7 +64,8 @@ fn dns_yaml(pool_backends: &str, pool_extra: &str, extra_records: &str) -> Strin
 {extra_records}admin:
   bind: "127.0.0.1:0"
 "#,
-        big = big.join(", ")
+        big = big.join(", "),
+        wide = wide.join(", "),
     )
 }
 
@@ -794,28 +808,43 @@ async fn edns_compliance() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Size: TC over UDP, the whole answer over TCP
+// Size: max_answers, TC over UDP, the whole answer over TCP
+
+#[tokio::test]
+async fn a_name_with_many_addresses_answers_max_answers_of_them_within_512_bytes() {
+    let app = start_static().await;
+    let addr = dns_addr(&app);
+    let mut firsts = BTreeSet::new();
+    for _ in 0..3 {
+        let (size, m) = udp_sized(addr, &query("big.farm.test.", RecordType::A)).await;
+        assert!(!m.metadata.truncation, "no TC: {m:?}");
+        assert_eq!(m.answers.len(), 8, "dns.max_answers");
+        assert!(size <= 512, "plain UDP answer of {size} bytes");
+        firsts.insert(addrs(&m)[0].clone());
+    }
+    assert_eq!(firsts.len(), 3, "rotated over all 100: {firsts:?}");
+}
 
 #[tokio::test]
 async fn too_big_for_udp_sets_tc_and_tcp_gets_the_whole_answer() {
     let app = start_static().await;
     let addr = dns_addr(&app);
-    let (size, m) = udp_sized(addr, &query("big.farm.test.", RecordType::A)).await;
+    let (size, m) = udp_sized(addr, &query("wide.test.", RecordType::NS)).await;
     assert!(m.metadata.truncation, "TC set: {} answers", m.answers.len());
     assert!(size <= 512, "plain UDP answer of {size} bytes");
 
     let (size, m) = udp_sized(
         addr,
-        &with_edns(query("big.farm.test.", RecordType::A), 0, |_| {}),
+        &with_edns(query("wide.test.", RecordType::NS), 0, |_| {}),
     )
     .await;
     assert!(m.metadata.truncation, "TC set with EDNS too");
     assert!(size <= 1232, "EDNS UDP answer of {size} bytes");
 
     let mut stream = TcpStream::connect(addr).await.expect("tcp connect");
-    let m = tcp_on(&mut stream, &query("big.farm.test.", RecordType::A)).await;
+    let m = tcp_on(&mut stream, &query("wide.test.", RecordType::NS)).await;
     assert!(!m.metadata.truncation, "TC over TCP");
-    assert_eq!(m.answers.len(), 100);
+    assert_eq!(m.answers.len(), WIDE_NS);
     // The connection stays open for further queries (RFC 7766).
     let m = tcp_on(&mut stream, &query("lb.farm.test.", RecordType::A)).await;
     assert_eq!(m.answers.len(), 3);
@@ -1116,16 +1145,19 @@ fn dig_against_lockstep_serve() {
     let refused = dig(&args(&["example.com"]));
     assert!(refused.contains("status: REFUSED"), "{refused}");
 
+    // At most max_answers addresses.
+    let big = dig(&args(&["big.farm.test", "+short"]));
+    assert_eq!(big.lines().count(), 8, "{big}");
     // dig retries over TCP on TC by itself; +tcp asks over TCP outright.
-    let big = dig(&args(&["big.farm.test", "+short", "+ignore", "+noedns"]));
+    let wide = dig(&args(&["wide.test", "NS", "+short", "+ignore", "+noedns"]));
     assert!(
-        big.lines().count() < 100,
+        wide.lines().count() < WIDE_NS,
         "UDP answer without TC retry was complete"
     );
-    let big = dig(&args(&["big.farm.test", "+short"]));
-    assert_eq!(big.lines().count(), 100, "dig's TCP retry after TC");
-    let big = dig(&args(&["big.farm.test", "+short", "+tcp"]));
-    assert_eq!(big.lines().count(), 100);
+    let wide = dig(&args(&["wide.test", "NS", "+short"]));
+    assert_eq!(wide.lines().count(), WIDE_NS, "dig's TCP retry after TC");
+    let wide = dig(&args(&["wide.test", "NS", "+short", "+tcp"]));
+    assert_eq!(wide.lines().count(), WIDE_NS);
 
     let soa = dig(&args(&["farm.test", "SOA", "+short"]));
     assert!(

@@ -12,23 +12,89 @@ use serde_saphyr::Spanned;
 
 use super::check::Ctx;
 use super::error::nearest;
-use super::raw::{RawDns, RawRecord, RawZone};
+use super::raw::{RawDns, RawRecord, RawRrl, RawZone};
 use super::{ConfigError, Pos};
 
 /// Default TTL of a zone's answers, seconds (short, so that health changes reach clients fast).
 pub const DEFAULT_DNS_TTL: u32 = 30;
-/// Default most addresses in one answer (fits a 512-byte UDP answer with room to spare).
+/// Default most addresses in one answer: the most there may be ([`MAX_ANSWERS_LIMIT`]).
 pub const DEFAULT_MAX_ANSWERS: u32 = 8;
+
+/// Size of a DNS header.
+const HEADER: u32 = 12;
+/// The longest question: a 255-byte name in wire form (RFC 1035 §2.3.4), its type and class.
+const LONGEST_QUESTION: u32 = 255 + 4;
+/// An AAAA record in an answer (the larger of A and AAAA): its owner a pointer to the
+/// question (2), type (2), class (2), TTL (4), data length (2) and the address (16).
+const AAAA_RECORD: u32 = 28;
+/// The most addresses one answer may list: as many AAAA records as fit, after the header and
+/// the longest question, in the 512 bytes of a UDP answer without EDNS (RFC 1035 §4.2.1):
+/// (512 − 12 − 259) / 28 = 8. So an address answer never needs TC for any name, and it stays
+/// small against the query that asked for it: at most 12 + q + 8 × 28 bytes for a question of
+/// q bytes, about 8× the query for `www.farm.test` and 13× for a one-letter name, where
+/// answers filling EDNS's 1232 bytes were ~30× (DNS amplification). Listing more addresses
+/// would not spread clients any better: rotation already starts each answer at the next one.
+pub const MAX_ANSWERS_LIMIT: u32 = (512 - HEADER - LONGEST_QUESTION) / AAAA_RECORD;
+
+/// Default most DNS-over-TCP connections open at once. TCP is the fallback of the few clients
+/// told TC (and of RRL's slipped answers); each connection holds a task, a descriptor and up
+/// to a 64 KiB query buffer, so 256 bound that to ~16 MiB while leaving room for every
+/// resolver of a busy farm that retries over TCP at once.
+pub const DEFAULT_MAX_TCP_CONNECTIONS: u32 = 256;
+
+/// Default answers per second to one client prefix. Resolvers cache answers for the TTL, so
+/// even a /24 full of them asks a farm's few names far less often; 200 (Knot's documented
+/// example) leaves them room and bounds what a spoofed flood can reflect at one victim prefix
+/// to 200 answers (≤ ~50 KB) a second. Enabled by default (Knot's and NSD's RRL are off until
+/// configured): an appliance facing the internet should not be an amplifier out of the box.
+pub const DEFAULT_RRL_RATE: u32 = 200;
+/// Default slip: every 2nd answer over the rate goes out truncated (NSD's and BIND's default),
+/// so a real client behind a limited prefix soon retries over TCP, unlimited.
+pub const DEFAULT_RRL_SLIP: u32 = 2;
+/// Largest slip (Knot's bound): beyond it a limited client hardly ever hears back.
+pub const MAX_RRL_SLIP: u32 = 100;
+/// Default IPv4 prefix sharing one rate (Knot's and NSD's).
+pub const DEFAULT_RRL_IPV4_PREFIX: u8 = 24;
+/// Default IPv6 prefix sharing one rate (Knot's): a site's allocation is usually a /56 or /48.
+pub const DEFAULT_RRL_IPV6_PREFIX: u8 = 56;
 
 /// The checked `dns:` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dns {
     /// Address for UDP and TCP.
     pub bind: SocketAddr,
-    /// Most addresses in one answer (≥ 1).
+    /// Most addresses in one answer (1..=[`MAX_ANSWERS_LIMIT`]).
     pub max_answers: u32,
+    /// Most DNS-over-TCP connections open at once (≥ 1); more are closed at accept.
+    pub max_tcp_connections: u32,
+    /// Response-rate limiting of UDP answers.
+    pub rrl: Rrl,
     /// Authoritative zones, in config order.
     pub zones: Vec<Zone>,
+}
+
+/// The checked `dns.rrl:` section: response-rate limiting of UDP answers per client prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rrl {
+    /// Answers per second to one client prefix (also the burst); 0: RRL off.
+    pub rate_limit: u32,
+    /// Every `slip`-th answer over the rate goes out truncated (TC); 0: all are dropped.
+    pub slip: u32,
+    /// IPv4 prefix length sharing one rate (1..=32).
+    pub ipv4_prefix: u8,
+    /// IPv6 prefix length sharing one rate (1..=128).
+    pub ipv6_prefix: u8,
+}
+
+impl Default for Rrl {
+    fn default() -> Self {
+        Rrl {
+            rate_limit: DEFAULT_RRL_RATE,
+            slip: DEFAULT_RRL_SLIP,
+            ipv4_prefix: DEFAULT_RRL_IPV4_PREFIX,
+            ipv6_prefix: DEFAULT_RRL_IPV6_PREFIX,
+        }
+    }
 }
 
 /// One authoritative zone.
@@ -122,8 +188,30 @@ pub(super) fn dns(cx: &mut Ctx<'_>, raw: &RawDns, pools: &HashMap<String, usize>
             );
             DEFAULT_MAX_ANSWERS
         }
+        Some(m) if m.value > MAX_ANSWERS_LIMIT => {
+            cx.err(
+                m,
+                format!(
+                    "dns.max_answers is {}: at most {MAX_ANSWERS_LIMIT}, as many AAAA records as fit a 512-byte UDP answer for the longest name; more would only make answers bigger (DNS amplification), rotation already spreads clients over every address: use {MAX_ANSWERS_LIMIT} or fewer",
+                    m.value
+                ),
+            );
+            DEFAULT_MAX_ANSWERS
+        }
         Some(m) => m.value,
     };
+    let max_tcp_connections = match &raw.max_tcp_connections {
+        None => DEFAULT_MAX_TCP_CONNECTIONS,
+        Some(m) if m.value == 0 => {
+            cx.err(
+                m,
+                format!("dns.max_tcp_connections is 0: DNS over TCP would refuse every client, and truncated answers tell them to use it; use at least 1 (default: {DEFAULT_MAX_TCP_CONNECTIONS})"),
+            );
+            DEFAULT_MAX_TCP_CONNECTIONS
+        }
+        Some(m) => m.value,
+    };
+    let rrl = raw.rrl.as_ref().map_or_else(Rrl::default, |r| rrl(cx, r));
     let mut zones: Vec<Zone> = Vec::new();
     for z in &raw.zones {
         if let Some(zone) = zone(cx, z, pools) {
@@ -143,8 +231,53 @@ pub(super) fn dns(cx: &mut Ctx<'_>, raw: &RawDns, pools: &HashMap<String, usize>
     Some(Dns {
         bind: bind?,
         max_answers,
+        max_tcp_connections,
+        rrl,
         zones,
     })
+}
+
+/// Checks the `dns.rrl:` section; absent keys take their defaults.
+fn rrl(cx: &mut Ctx<'_>, raw: &RawRrl) -> Rrl {
+    let d = Rrl::default();
+    let slip = match &raw.slip {
+        None => d.slip,
+        Some(s) if s.value > MAX_RRL_SLIP => {
+            cx.err(
+                s,
+                format!(
+                    "dns.rrl.slip is {}: at most {MAX_RRL_SLIP} (a limited client would hardly ever be told to retry over TCP); 1 truncates every answer over the rate, 0 drops them all (default: {DEFAULT_RRL_SLIP})",
+                    s.value
+                ),
+            );
+            d.slip
+        }
+        Some(s) => s.value,
+    };
+    let mut prefix = |v: &Option<Spanned<u32>>, key: &str, bits: u8, default: u8| -> u8 {
+        let Some(v) = v else { return default };
+        match u8::try_from(v.value) {
+            Ok(p) if (1..=bits).contains(&p) => p,
+            _ => {
+                cx.err(
+                    v,
+                    format!(
+                        "dns.rrl.{key} is {}: a prefix length is 1 to {bits} (0 would put every client under one shared rate) (default: {default})",
+                        v.value
+                    ),
+                );
+                default
+            }
+        }
+    };
+    let ipv4_prefix = prefix(&raw.ipv4_prefix, "ipv4_prefix", 32, d.ipv4_prefix);
+    let ipv6_prefix = prefix(&raw.ipv6_prefix, "ipv6_prefix", 128, d.ipv6_prefix);
+    Rrl {
+        rate_limit: raw.rate_limit.as_ref().map_or(d.rate_limit, |r| r.value),
+        slip,
+        ipv4_prefix,
+        ipv6_prefix,
+    }
 }
 
 fn zone(cx: &mut Ctx<'_>, z: &RawZone, pools: &HashMap<String, usize>) -> Option<Zone> {

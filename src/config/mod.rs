@@ -23,7 +23,11 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-pub use dns::{Dns, Record, Target, Zone, DEFAULT_DNS_TTL, DEFAULT_MAX_ANSWERS};
+pub use dns::{
+    Dns, Record, Rrl, Target, Zone, DEFAULT_DNS_TTL, DEFAULT_MAX_ANSWERS,
+    DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_RRL_IPV4_PREFIX, DEFAULT_RRL_IPV6_PREFIX,
+    DEFAULT_RRL_RATE, DEFAULT_RRL_SLIP, MAX_ANSWERS_LIMIT,
+};
 pub use error::{ConfigError, ConfigErrors, Pos};
 
 use crate::router::balance::Policy;

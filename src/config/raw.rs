@@ -189,9 +189,28 @@ pub struct RawDns {
     pub bind: S<String>,
     /// Most addresses in one answer.
     pub max_answers: Option<S<u32>>,
+    /// Most DNS-over-TCP connections open at once.
+    pub max_tcp_connections: Option<S<u32>>,
+    /// Response-rate limiting of UDP answers per client prefix.
+    pub rrl: Option<RawRrl>,
     /// Authoritative zones.
     #[serde(default)]
     pub zones: Vec<RawZone>,
+}
+
+/// Response-rate limiting of the DNS responder's UDP answers (Knot's and NSD's RRL).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRrl {
+    /// Answers per second to one client prefix (Knot's `rate-limit`); 0 turns RRL off.
+    pub rate_limit: Option<S<u32>>,
+    /// Every `slip`-th answer over the rate goes out truncated (TC) instead of being dropped
+    /// (Knot's `slip`); 0 drops them all.
+    pub slip: Option<S<u32>>,
+    /// Length of the IPv4 prefix that shares one rate.
+    pub ipv4_prefix: Option<S<u32>>,
+    /// Length of the IPv6 prefix that shares one rate.
+    pub ipv6_prefix: Option<S<u32>>,
 }
 
 /// One authoritative zone.

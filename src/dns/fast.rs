@@ -298,6 +298,8 @@ mod tests {
             &Dns {
                 bind: "127.0.0.1:0".parse().unwrap(),
                 max_answers,
+                max_tcp_connections: 256,
+                rrl: crate::config::Rrl::default(),
                 zones: vec![
                     Zone {
                         name: "farm.test".into(),

@@ -1,8 +1,10 @@
 //! The hickory [`RequestHandler`]: checks the message (opcode, EDNS, one question), reads the
 //! live state once, asks [`answer`](super::answer::answer) and sends the result. Over UDP the
 //! [`fast`](super::fast) path is tried first ([`DnsHandler::answer_fast`]); what it does not
-//! take comes here through [`DnsHandler::handle_udp`], which decodes the datagram the way
-//! hickory's server does.
+//! take comes here through [`DnsHandler::handle_udp`], and every query over TCP through
+//! [`DnsHandler::answer_tcp`], both decoding the message the way hickory's server does.
+//! It also hands the transports the limits of the live generation (rate limits, TCP
+//! connections) and counts what they held back.
 //!
 //! It reads zones and health through the live pointer at every query (`live.load()` → the
 //! zones of that generation and `table.pool(name)` → `health.load()`), so answers follow the
@@ -12,7 +14,7 @@
 #![allow(clippy::disallowed_methods)] // I/O shell: answer latency for the metrics
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use hickory_server::net::runtime::{Time, TokioTime};
@@ -33,7 +35,8 @@ use tracing::debug;
 
 use super::answer::{answer, Answer, Health, Question, MAX_UDP_PAYLOAD};
 use super::fast;
-use super::metrics::{DnsMetrics, NameLabels, QueryLabels};
+use super::metrics::{DnsMetrics, NameLabels, QueryLabels, RrlLabels};
+use super::rrl::{Limits, Verdict};
 use super::view::SharedView;
 use super::zone::{NameEntry, Zones};
 use crate::pools::table::Table;
@@ -50,6 +53,9 @@ pub struct DnsHandler {
     /// fast path.
     noerror_a: Counter,
     noerror_aaaa: Counter,
+    /// `dns_rrl{action="dropped"}` and `{action="slipped"}`, looked up once for the UDP loop.
+    rrl_dropped: Counter,
+    rrl_slipped: Counter,
 }
 
 impl DnsHandler {
@@ -64,9 +70,12 @@ impl DnsHandler {
                 })
                 .clone()
         };
+        let rrl = |action| metrics.rrl.get_or_create(&RrlLabels { action }).clone();
         DnsHandler {
             noerror_a: counter("A"),
             noerror_aaaa: counter("AAAA"),
+            rrl_dropped: rrl("dropped"),
+            rrl_slipped: rrl("slipped"),
             live,
             metrics,
         }
@@ -210,6 +219,22 @@ pub(crate) fn encode_udp<'a>(
     >,
 ) -> (ResponseInfo, Vec<u8>) {
     let max = response.edns().map_or(512, |e| e.max_payload());
+    encode(response, max)
+}
+
+/// Encodes `response` in at most `max` bytes (TC set when records had to be left out);
+/// SERVFAIL if it cannot be encoded.
+fn encode<'a>(
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+    max: u16,
+) -> (ResponseInfo, Vec<u8>) {
     let id = response.metadata().id;
     let mut bytes = Vec::with_capacity(512);
     let mut encoder = BinEncoder::new(&mut bytes);
@@ -232,6 +257,33 @@ pub(crate) fn encode_udp<'a>(
         bytes.clear();
     }
     (ResponseInfo::from(header), bytes)
+}
+
+/// Keeps a hickory response encoded for TCP, for the connection to write (as one message: at
+/// most 65535 bytes, RFC 1035 §4.2.2).
+#[derive(Clone, Default)]
+struct TcpReply {
+    // Uncontended: one query at a time per connection; a clone is only hickory's contract.
+    bytes: Arc<Mutex<Vec<u8>>>,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for TcpReply {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let (info, bytes) = encode(response, u16::MAX);
+        *self.bytes.lock().unwrap_or_else(PoisonError::into_inner) = bytes;
+        Ok(info)
+    }
 }
 
 /// Sends a hickory response over a lockstep-owned UDP socket.
@@ -303,19 +355,77 @@ impl DnsHandler {
         }
     }
 
+    /// The limits of the live generation for the UDP loop (off without a `dns:` section).
+    pub fn udp_limits(&self) -> Limits {
+        self.live
+            .load()
+            .zones
+            .as_ref()
+            .map_or_else(Limits::off, |z| z.rrl)
+    }
+
+    /// How many TCP connections may be open now (none without a `dns:` section).
+    pub fn max_tcp_connections(&self) -> usize {
+        self.live
+            .load()
+            .zones
+            .as_ref()
+            .map_or(0, |z| z.max_tcp_connections)
+    }
+
+    /// Counts an answer response-rate limiting held back.
+    pub fn record_rrl(&self, verdict: Verdict) {
+        match verdict {
+            Verdict::Answer => {}
+            Verdict::Drop => {
+                self.rrl_dropped.inc();
+            }
+            Verdict::Slip => {
+                self.rrl_slipped.inc();
+            }
+        }
+    }
+
+    /// The metrics (for the TCP listener's connection counts).
+    pub fn metrics(&self) -> &DnsMetrics {
+        &self.metrics
+    }
+
     /// The slow path for a UDP datagram, as hickory's server handles one: silence for fewer
     /// than 12 bytes or a response, FORMERR when the header parses but the rest does not,
     /// otherwise [`RequestHandler::handle_request`], the answer sent from `socket` to `src`.
     pub async fn handle_udp(&self, packet: &[u8], src: SocketAddr, socket: &Arc<UdpSocket>) {
-        let mut decoder = BinDecoder::new(packet);
-        let Ok(header) = Header::read(&mut decoder) else {
-            return;
-        };
         let reply = UdpReply {
             socket: socket.clone(),
             dst: src,
         };
-        match Request::from_bytes(packet.to_vec(), src, Protocol::Udp) {
+        self.handle_raw(packet, src, Protocol::Udp, reply).await;
+    }
+
+    /// A query that came over TCP from `src` (one message, without its length prefix): the
+    /// answer to write back, or `None` for silence (as for UDP).
+    pub async fn answer_tcp(&self, packet: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
+        let reply = TcpReply::default();
+        self.handle_raw(packet, src, Protocol::Tcp, reply.clone())
+            .await;
+        let bytes =
+            std::mem::take(&mut *reply.bytes.lock().unwrap_or_else(PoisonError::into_inner));
+        (!bytes.is_empty()).then_some(bytes)
+    }
+
+    /// Decodes `packet` as hickory's server does and answers through `reply`.
+    async fn handle_raw(
+        &self,
+        packet: &[u8],
+        src: SocketAddr,
+        protocol: Protocol,
+        reply: impl ResponseHandler,
+    ) {
+        let mut decoder = BinDecoder::new(packet);
+        let Ok(header) = Header::read(&mut decoder) else {
+            return;
+        };
+        match Request::from_bytes(packet.to_vec(), src, protocol) {
             Ok(request) => {
                 if request.metadata.message_type == MessageType::Response {
                     return;

@@ -1,9 +1,12 @@
-//! The DNS responder's metrics: queries by type and response code, answer latency, and
-//! fail-open answers. Registered once in the process registry ([`crate::metrics::Metrics`]).
+//! The DNS responder's metrics: queries by type and response code, answer latency, fail-open
+//! answers, what response-rate limiting held back, and DNS-over-TCP connections (open, and
+//! closed at accept over the cap). Registered once in the process registry
+//! ([`crate::metrics::Metrics`]).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 use crate::metrics::Metrics;
@@ -24,6 +27,13 @@ pub struct NameLabels {
     pub pool: String,
 }
 
+/// Labels of the response-rate limiting counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RrlLabels {
+    /// `dropped` (no answer sent) or `slipped` (a truncated answer sent instead).
+    pub action: &'static str,
+}
+
 /// Handles to the DNS metrics (cheap to clone: each is an `Arc` inside).
 #[derive(Clone)]
 pub struct DnsMetrics {
@@ -33,6 +43,12 @@ pub struct DnsMetrics {
     pub latency: Histogram,
     /// Answers that listed every backend of a pool because none was available.
     pub fail_open: Family<NameLabels, Counter>,
+    /// UDP answers over a client prefix's rate, by what became of them.
+    pub rrl: Family<RrlLabels, Counter>,
+    /// DNS-over-TCP connections open.
+    pub tcp_connections: Gauge,
+    /// DNS-over-TCP connections closed at accept because `max_tcp_connections` were open.
+    pub tcp_refused: Counter,
 }
 
 impl DnsMetrics {
@@ -43,6 +59,9 @@ impl DnsMetrics {
             // From 5 µs: an answer from memory takes microseconds.
             latency: Histogram::new(exponential_buckets(0.000_005, 2.0, 16)),
             fail_open: Family::default(),
+            rrl: Family::default(),
+            tcp_connections: Gauge::default(),
+            tcp_refused: Counter::default(),
         };
         metrics.with_registry(|r| {
             r.register(
@@ -59,6 +78,21 @@ impl DnsMetrics {
                 "dns_fail_open_answers",
                 "DNS answers listing every backend of a pool because none was available",
                 m.fail_open.clone(),
+            );
+            r.register(
+                "dns_rrl",
+                "DNS answers over UDP held back by response-rate limiting: dropped, or slipped (sent truncated)",
+                m.rrl.clone(),
+            );
+            r.register(
+                "dns_tcp_connections",
+                "Open DNS-over-TCP connections",
+                m.tcp_connections.clone(),
+            );
+            r.register(
+                "dns_tcp_refused",
+                "DNS-over-TCP connections closed at accept because dns.max_tcp_connections were open",
+                m.tcp_refused.clone(),
             );
         });
         m

@@ -1,7 +1,12 @@
 //! The DNS sockets: binds UDP and TCP on one address, and serves them over a [`DnsHandler`]
-//! until a [`CancellationToken`] fires: TCP with hickory's [`Server`], UDP with lockstep's own
-//! receive loop, which answers the common query on the [fast path](super::fast) in place and
-//! hands every other datagram to the handler's slow path (hickory's decoding and encoding).
+//! until a [`CancellationToken`] fires: TCP through [`tcp`](super::tcp) (the one accept loop,
+//! a connection cap, the idle timeout), UDP with lockstep's own receive loop, which answers the
+//! common query on the [fast path](super::fast) in place and hands every other datagram to the
+//! handler's slow path (hickory's decoding and encoding).
+//!
+//! Every UDP query that would be answered is first metered by the loop's
+//! [response-rate limiter](super::rrl) (one per socket, so no lock): over its prefix's rate it
+//! is dropped, or answered truncated when it slips, before either path spends anything on it.
 //!
 //! The UDP loop works a batch at a time through [`udp_batch`](super::udp_batch): one
 //! `recvmmsg` reads up to 64 queued datagrams, the fast answers go into per-slot buffers and
@@ -12,27 +17,26 @@
 //!
 //! [`serve`] takes bound sockets, never an address, so tests bind `127.0.0.1:0` and read the
 //! port back.
-#![allow(clippy::disallowed_methods)] // I/O shell: answer latency for the metrics
+#![allow(clippy::disallowed_methods)] // I/O shell: answer latency, the rate limiter's clock and hash seed
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_server::Server;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::error::DnsError;
 use super::handler::{DnsHandler, FastDone};
+use super::rrl::{self, Limiter, Verdict};
+use super::tcp;
 use super::udp_batch::{Inbox, Outbox, SLOTS};
 
-/// How long a TCP client may stay silent between queries before its connection is closed
-/// (RFC 7766 §6.2.3 suggests tens of seconds; idle connections cost a task each).
+/// How long a TCP client may take to send each whole query (or to read each answer) before
+/// its connection is closed (RFC 7766 §6.2.3 suggests tens of seconds; idle connections cost
+/// a task and a slot of `dns.max_tcp_connections` each).
 const TCP_IDLE: Duration = Duration::from_secs(10);
-
-/// Responses queued per TCP connection before its writer pushes back.
-const TCP_RESPONSE_QUEUE: usize = 32;
 
 /// How many times binding TCP on the port UDP got from port 0 is retried with a new port.
 const PORT_ZERO_TRIES: usize = 16;
@@ -141,34 +145,20 @@ pub async fn serve(bound: Bound, handler: DnsHandler, stop: CancellationToken) {
             }
         }
     };
-    let mut server = Server::new(handler.clone());
-    server.register_listener(bound.tcp, TCP_IDLE, TCP_RESPONSE_QUEUE);
     let shown = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
     info!(addr = %shown, "dns listening (udp and tcp)");
-    let tcp = async {
-        tokio::select! {
-            _ = stop.cancelled() => {
-                if let Err(error) = server.shutdown_gracefully().await {
-                    warn!(%error, "dns server stopped with an error");
-                }
-            }
-            r = server.block_until_done() => {
-                // Only a socket failing for good ends the server on its own.
-                if let Err(error) = r {
-                    warn!(%error, "dns tcp server stopped");
-                }
-            }
-        }
-    };
+    let tcp = tcp::serve(bound.tcp, handler, TCP_IDLE, stop);
     tokio::join!(tcp, udp);
 }
 
 /// The UDP receive loop of one socket. Each wakeup reads up to a batch of datagrams at once
-/// ([`Inbox`]); each is answered on the fast path into its own slot of the [`Outbox`], and the
-/// slots go out together (one `recvmmsg` and one `sendmmsg` per batch on Linux). A datagram the
-/// fast path does not take goes to the handler's slow path in turn, after the fast answers
-/// before it were sent, so each client gets its answers in the order it asked. The answers
-/// are computed from memory, so there is no task per datagram.
+/// ([`Inbox`]); each query is metered by the socket's rate [`Limiter`] (dropped, or a
+/// truncated reply queued, when over its prefix's rate), then answered on the fast path into
+/// its own slot of the [`Outbox`], and the slots go out together (one `recvmmsg` and one
+/// `sendmmsg` per batch on Linux). A datagram the fast path does not take goes to the
+/// handler's slow path in turn, after the answers before it were sent, so each client gets
+/// its answers in the order it asked. The answers are computed from memory, so there is no
+/// task per datagram.
 async fn serve_udp(socket: UdpSocket, handler: DnsHandler, stop: CancellationToken) {
     let socket = Arc::new(socket);
     let mut inbox = match socket.local_addr() {
@@ -180,6 +170,7 @@ async fn serve_udp(socket: UdpSocket, handler: DnsHandler, stop: CancellationTok
     };
     let mut outbox = Outbox::default();
     let mut scratch = Vec::new();
+    let mut limiter = Limiter::new(rand::random(), Instant::now());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -208,7 +199,14 @@ async fn serve_udp(socket: UdpSocket, handler: DnsHandler, stop: CancellationTok
             }
         };
         let started = Instant::now();
-        let record = |done: FastDone| handler.record_fast(&done, started);
+        // Slipped replies carry no tag: they were counted when decided.
+        let record = |done: Option<FastDone>| {
+            if let Some(done) = done {
+                handler.record_fast(&done, started);
+            }
+        };
+        // Read once per batch: a reload applies from the next one.
+        let limits = handler.udp_limits();
         for (packet, src) in inbox.datagrams() {
             if !answerable(src) {
                 continue;
@@ -216,9 +214,23 @@ async fn serve_udp(socket: UdpSocket, handler: DnsHandler, stop: CancellationTok
             if outbox.is_full() {
                 outbox.flush(&socket, &record).await;
             }
+            // Only what would be answered spends tokens: not junk shorter than a header, nor
+            // responses (both get silence anyway).
+            if limits.is_on() && is_query(packet) {
+                let verdict = limiter.check(src.ip(), started, &limits);
+                handler.record_rrl(verdict);
+                match verdict {
+                    Verdict::Answer => {}
+                    Verdict::Drop => continue,
+                    Verdict::Slip => {
+                        outbox.queue(src, |out| Some((rrl::slip_reply(packet, out)?, None)));
+                        continue;
+                    }
+                }
+            }
             let fast = outbox.queue(src, |out| {
                 let done = handler.answer_fast(packet, &mut scratch, out, started)?;
-                Some((done.len, done))
+                Some((done.len, Some(done)))
             });
             if !fast {
                 outbox.flush(&socket, &record).await;
@@ -231,6 +243,11 @@ async fn serve_udp(socket: UdpSocket, handler: DnsHandler, stop: CancellationTok
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// Whether `packet` is a DNS query: a whole header with QR clear.
+fn is_query(packet: &[u8]) -> bool {
+    packet.len() >= 12 && packet.get(2).is_some_and(|flags| flags & 0x80 == 0)
 }
 
 /// Whether an answer can go back to `src` (as hickory's server checks: not port 0, not an

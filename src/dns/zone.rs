@@ -1,5 +1,6 @@
 //! The zone view: the checked `dns:` config turned into wire names and ready-made SOA and NS
-//! records, built once per config generation and read by every query.
+//! records, with the responder's limits of that generation (answer size, rate limits, TCP
+//! connections), built once per config generation and read by every query.
 //!
 //! It owns each name's rotation turn (an atomic counter, so that every address of a name comes
 //! first equally often) but nothing else that changes: health is read from the router's
@@ -15,6 +16,7 @@ use hickory_server::proto::rr::rdata::{NS, SOA};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record};
 use tracing::warn;
 
+use super::rrl::Limits;
 use crate::config::{Dns, Target};
 
 /// SOA refresh/retry/expire: only secondaries read them, and lockstep has none (no zone
@@ -41,6 +43,10 @@ pub struct Zones {
     zones: Vec<ZoneView>,
     /// Most addresses in one answer.
     pub max_answers: usize,
+    /// Response-rate limits of UDP answers.
+    pub rrl: Limits,
+    /// Most DNS-over-TCP connections open at once.
+    pub max_tcp_connections: usize,
     /// SOA serial of every zone of this generation.
     pub serial: u32,
     /// Every name with addresses, keyed by its lowercased wire form, with the TTL of the zone
@@ -213,6 +219,8 @@ impl Zones {
             max_answers: usize::try_from(dns.max_answers)
                 .unwrap_or(usize::MAX)
                 .max(1),
+            rrl: Limits::new(&dns.rrl),
+            max_tcp_connections: usize::try_from(dns.max_tcp_connections).unwrap_or(usize::MAX),
             serial,
             by_wire,
         }
@@ -281,6 +289,8 @@ mod tests {
         Dns {
             bind: "127.0.0.1:0".parse().unwrap(),
             max_answers: 8,
+            max_tcp_connections: 256,
+            rrl: crate::config::Rrl::default(),
             zones: vec![
                 Zone {
                     name: "farm.test".into(),

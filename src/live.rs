@@ -64,10 +64,9 @@ impl Live {
             .listeners
             .iter()
             .map(|l| {
-                let acceptor = l
-                    .tls
-                    .as_ref()
-                    .map(|certs| TlsAcceptor::from(crate::net::tls::server_config(certs)));
+                let acceptor = l.tls.as_ref().map(|certs| {
+                    TlsAcceptor::from(crate::net::tls::server_config(certs, l.http2_only))
+                });
                 (Arc::new(l.clone()), acceptor)
             })
             .collect();

@@ -121,6 +121,8 @@ pub struct Listener {
     /// Most client connections open at once (all workers together); more are closed at
     /// accept and counted in `lockstep_connections_refused_total`.
     pub max_connections: usize,
+    /// HTTP/2 only (h2c by prior knowledge; with TLS, ALPN offers only h2).
+    pub http2_only: bool,
 }
 
 /// What the `hash` policy hashes.

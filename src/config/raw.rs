@@ -49,6 +49,8 @@ pub struct RawListener {
     pub timeouts: Option<RawListenerTimeouts>,
     /// Most client connections open at once on this listener (all workers together).
     pub max_connections: Option<S<u32>>,
+    /// Speak HTTP/2 only: h2c by prior knowledge, or only h2 offered by ALPN with TLS.
+    pub http2_only: Option<S<bool>>,
 }
 
 /// Certificates of a TLS listener.

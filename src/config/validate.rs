@@ -193,6 +193,7 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
                 header_read_timeout,
                 idle_timeout,
                 max_connections,
+                http2_only: l.http2_only.as_ref().is_some_and(|v| v.value),
             });
         }
     }

@@ -116,6 +116,9 @@ pub struct ConnSettings {
     pub idle_timeout: Option<Duration>,
     /// Most concurrent h2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// Speak HTTP/2 only (h2c by prior knowledge on a plain listener): anything else is a
+    /// connection error, answered GOAWAY.
+    pub http2_only: bool,
 }
 
 impl Default for ConnSettings {
@@ -124,6 +127,7 @@ impl Default for ConnSettings {
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Some(DEFAULT_IDLE),
             max_concurrent_streams: 256,
+            http2_only: false,
         }
     }
 }
@@ -142,6 +146,9 @@ impl ConnSettings {
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.max_concurrent_streams)
             .max_header_list_size(MAX_HEAD_BYTES as u32);
+        if self.http2_only {
+            builder = builder.http2_only();
+        }
         builder
     }
 }

@@ -70,9 +70,14 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A rustls server config for a listener's certificates.
-pub fn server_config(certs: &[LoadedCert]) -> Arc<rustls::ServerConfig> {
-    server_config_with(certs, None)
+/// A rustls server config for a listener's certificates; ALPN offers h2 and http/1.1, or
+/// only h2 with `http2_only`.
+pub fn server_config(certs: &[LoadedCert], http2_only: bool) -> Arc<rustls::ServerConfig> {
+    let mut cfg = Arc::unwrap_or_clone(server_config_with(certs, None));
+    if http2_only {
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+    }
+    Arc::new(cfg)
 }
 
 /// A rustls server config for `certs` that asks clients for a certificate of `clients`' CA

@@ -62,6 +62,7 @@ pub async fn serve(
         let settings = ConnSettings {
             header_read_timeout: listener.header_read_timeout,
             idle_timeout: Some(listener.idle_timeout),
+            http2_only: listener.http2_only,
             ..ConnSettings::default()
         };
         let ctx = Arc::new(ConnCtx {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,7 +24,7 @@ use crate::dns::{self, DnsError, DnsHandler, DnsMetrics};
 use crate::hub::{self, Hub, HubMetrics};
 use crate::live::{Live, Shared};
 use crate::metrics::{Metrics, ResultLabels};
-use crate::net::limit::Cap;
+use crate::net::limit::{Cap, ConnGate};
 use crate::net::server::ServerTls;
 use crate::pools::checker;
 use crate::proxy::listener;
@@ -63,6 +64,11 @@ struct RunningListener {
 }
 
 /// Binds one TCP listener; a failure names `what`.
+/// The connection gate counting in an (open, refused) pair of metrics.
+fn gate((open, refused): &(Gauge, Counter)) -> ConnGate {
+    ConnGate::new(open.clone(), refused.clone())
+}
+
 fn bind_tcp(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ApplianceError> {
     crate::net::bind::bind(addr).map_err(|error| ApplianceError::Bind {
         what: what.into(),
@@ -236,10 +242,7 @@ impl Appliance {
         self.tracker.spawn(hub::api::serve(
             socket,
             tls,
-            Cap::new(
-                config.max_connections,
-                self.metrics.sync_connections.clone(),
-            ),
+            Cap::new(config.max_connections, gate(&self.metrics.sync_connections)),
             hub.clone(),
             self.shutdown.child_token(),
             self.tracker.clone(),
@@ -335,7 +338,7 @@ impl Appliance {
         };
         let cap = Cap::new(
             self.live.load().config.admin.max_connections,
-            self.metrics.admin_connections.clone(),
+            gate(&self.metrics.admin_connections),
         );
         self.tracker.spawn(admin::serve(
             socket,

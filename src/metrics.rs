@@ -13,8 +13,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::net::limit::ConnGate;
-
 /// Labels of a per-backend series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
@@ -79,10 +77,10 @@ pub struct Metrics {
     pub connections_refused: Family<ListenerLabels, Counter>,
     /// Upgraded (WebSocket) tunnels open now, by listener.
     pub tunnels: Family<ListenerLabels, Gauge>,
-    /// The admin listener's connections.
-    pub admin_connections: ConnGate,
-    /// The sync API's connections.
-    pub sync_connections: ConnGate,
+    /// Connections open on the admin listener, and those refused at its cap.
+    pub admin_connections: (Gauge, Counter),
+    /// Connections open on the sync API, and those refused at its cap.
+    pub sync_connections: (Gauge, Counter),
 }
 
 impl Metrics {
@@ -103,8 +101,8 @@ impl Metrics {
             connections: Family::default(),
             connections_refused: Family::default(),
             tunnels: Family::default(),
-            admin_connections: ConnGate::default(),
-            sync_connections: ConnGate::default(),
+            admin_connections: Default::default(),
+            sync_connections: Default::default(),
         };
         registry.register("http_requests", "Proxied HTTP requests", m.requests.clone());
         registry.register(
@@ -152,19 +150,19 @@ impl Metrics {
             "Upgraded (WebSocket) tunnels open now",
             m.tunnels.clone(),
         );
-        for (what, gate) in [
+        for (what, (open, refused)) in [
             ("admin", &m.admin_connections),
             ("sync", &m.sync_connections),
         ] {
             registry.register(
                 format!("{what}_open_connections"),
                 format!("Open connections on the {what} listener"),
-                gate.open.clone(),
+                open.clone(),
             );
             registry.register(
                 format!("{what}_connections_refused"),
                 format!("Connections closed at accept because the {what} listener was at its max_connections"),
-                gate.refused.clone(),
+                refused.clone(),
             );
         }
         registry.register(
@@ -174,18 +172,6 @@ impl Metrics {
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
-    }
-
-    /// The connection gate of proxy listener `name`: its open-connection gauge and refusal
-    /// counter, shared by every worker accepting on it.
-    pub fn listener_gate(&self, name: &str) -> ConnGate {
-        let labels = ListenerLabels {
-            listener: name.to_string(),
-        };
-        ConnGate::new(
-            self.connections.get_or_create(&labels).clone(),
-            self.connections_refused.get_or_create(&labels).clone(),
-        )
     }
 
     /// Registers further metrics (for the DNS and sync parts).

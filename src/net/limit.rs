@@ -91,7 +91,7 @@ pub fn raise_nofile() -> std::io::Result<u64> {
     let mut lim = getrlimit(Resource::Nofile);
     if lim.current < lim.maximum {
         lim.current = lim.maximum;
-        setrlimit(Resource::Nofile, lim.clone()).map_err(std::io::Error::from)?;
+        setrlimit(Resource::Nofile, lim).map_err(std::io::Error::from)?;
     }
     Ok(getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX))
 }

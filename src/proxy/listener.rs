@@ -21,6 +21,7 @@ use super::upgrade::Tunnels;
 use crate::live::Shared;
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::net::accept::{accept_loop, Accepted};
+use crate::net::limit::ConnGate;
 use crate::net::server::{serve_connection, ConnSettings};
 
 /// Accepts on `socket` until `shutdown` or until a reload removes listener `name`, spawning
@@ -40,8 +41,15 @@ pub async fn serve(
             return;
         }
     };
-    // One gate per listener name: every worker's socket of this listener counts together.
-    let gate = metrics.listener_gate(&name);
+    // One gate per listener name: every worker's socket of this listener counts together
+    // (the metric families hand each the same gauge).
+    let labels = ListenerLabels {
+        listener: name.clone(),
+    };
+    let gate = ConnGate::new(
+        metrics.connections.get_or_create(&labels).clone(),
+        metrics.connections_refused.get_or_create(&labels).clone(),
+    );
     let tunnels_open = metrics
         .tunnels
         .get_or_create(&ListenerLabels {

@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# Soak: the appliance under misbehaving clients while well-behaved load runs through it
+# (issue 15's bounds). Not a test: loopback only, bounded in time and connection count.
+#
+#   bench/soak.sh                # prints a Markdown report for BENCHMARKS.md
+#
+# One `lockstep serve` (proxy listener + sync hub + admin, 1 worker) in front of the peers'
+# two benchmark backends (../shared/peers: `peer start backends`) and one `lockstep agent`.
+# Phases:
+#   1. wrk through the proxy, unloaded;
+#   2. bench/soak.py against every HTTP listener (proxy, admin, sync, agent): IDLE idle
+#      keep-alive, SLOW slowloris (a header byte every 3 s) and H2C idle h2c connections each,
+#      reopened when closed; after SETTLE seconds, wrk through the proxy again, then FETCHERS
+#      clients fetching a blob of BLOB_MIB from the hub at once (what staging agents do),
+#      first a blob of BLOB_MIB/4, then one of BLOB_MIB: peak memory must not follow the size;
+#   3. what each listener refused (its metrics) and the peak RSS of both processes.
+# Env: IDLE (10000), SLOW (500), H2C (200), SECONDS_UNDER_ATTACK (90), SETTLE (25),
+#      DURATION (10s), CONNS (64), FETCHERS (100), BLOB_MIB (64: the largest file a release holds).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+peer=${PEER:-$root/../shared/peers/peer}
+idle=${IDLE:-10000}
+slow=${SLOW:-500}
+h2c=${H2C:-200}
+attack_s=${SECONDS_UNDER_ATTACK:-90}
+settle=${SETTLE:-25}
+duration=${DURATION:-10s}
+conns=${CONNS:-64}
+fetchers=${FETCHERS:-100}
+blob_mib=${BLOB_MIB:-64}
+export PEER_RUN=${PEER_RUN:-/tmp/lockstep-peers}
+
+need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
+need wrk wrk
+need curl curl
+need python3 python3
+
+(cd "$root" && cargo build --release --quiet)
+bin=$root/target/release/lockstep
+ulimit -n 1048576 2>/dev/null || ulimit -n 65536
+
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  "$peer" stop backends >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+"$peer" start backends >/dev/null
+
+head -c 32 /dev/urandom | base64 > "$dir/agent.token"
+head -c 32 /dev/urandom | base64 > "$dir/publish.token"
+chmod 600 "$dir"/*.token
+cat > "$dir/lockstep.yaml" <<EOF
+listeners:
+  - name: http
+    bind: "127.0.0.1:8190"
+routes:
+  - { path_prefix: "/", pool: farm }
+pools:
+  - name: farm
+    backends:
+      - { name: b1, address: "127.0.0.1:9101" }
+      - { name: b2, address: "127.0.0.1:9102" }
+    health: { path: /healthz, interval: 2s, timeout: 1s }
+sync:
+  bind: "127.0.0.1:7790"
+  store: hub
+  cadence: 2s
+  lead: 1s
+  agent_token_file: agent.token
+  publish_token_file: publish.token
+admin:
+  bind: "127.0.0.1:9994"
+EOF
+cat > "$dir/agent.yaml" <<EOF
+name: web-1
+hub: "http://127.0.0.1:7790"
+token_file: agent.token
+store: agent
+serve: "127.0.0.1:8181"
+EOF
+(cd "$dir" && RUST_LOG=warn exec "$bin" serve -c lockstep.yaml --workers 1 2>serve.log) &
+serve_pid=$!; pids+=("$serve_pid")
+wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; cat "$dir/serve.log" >&2; exit 1; }
+wait_port 8190; wait_port 7790; wait_port 9994
+(cd "$dir" && RUST_LOG=warn exec "$bin" agent -c agent.yaml 2>agent.log) &
+agent_pid=$!; pids+=("$agent_pid")
+wait_port 8181
+
+# Two releases: a blob of a quarter of BLOB_MIB, then one of BLOB_MIB.
+publish() { # publish MIB -> prints the blob's hash
+  mkdir -p "$dir/site$1"
+  head -c "$(( $1 << 20 ))" /dev/urandom > "$dir/site$1/big.bin"
+  "$bin" publish --hub http://127.0.0.1:7790 --token-file "$dir/publish.token" "$dir/site$1" >/dev/null 2>"$dir/publish.log"
+  local id
+  id=$(curl -s -H "Authorization: Bearer $(cat "$dir/agent.token")" http://127.0.0.1:7790/sync/v1/schedule \
+    | python3 -c 'import json,sys; s=json.load(sys.stdin); print((s.get("staged") or {}).get("id") or s.get("active"))')
+  curl -s -H "Authorization: Bearer $(cat "$dir/agent.token")" "http://127.0.0.1:7790/sync/v1/releases/$id" \
+    | python3 -c 'import json,sys; m=json.load(sys.stdin); f=m["files"]; print(next(e["hash"] for p,e in f.items() if p.endswith("big.bin")))'
+}
+small_hash=$(publish $(( blob_mib / 4 )))
+sleep 3
+big_hash=$(publish "$blob_mib")
+
+hwm() { awk '/^VmHWM/ {print int($2/1024)}' "/proc/$1/status"; }
+rss() { awk '/^VmRSS/ {print int($2/1024)}' "/proc/$1/status"; }
+metric() { curl -s http://127.0.0.1:9994/metrics | awk -v m="$1" '$1 == m {print $2; f=1} END {if (!f) print 0}'; }
+
+# wrk_once -> "rps p99_ms errors non2xx"
+wrk_once() {
+  wrk -t1 -c"$conns" -d"$duration" --latency http://127.0.0.1:8190/ | awk '
+    /Requests\/sec/ {rps=$2}
+    /^ +99%/ {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; p99=v}
+    /Socket errors/ {gsub(",",""); err=$4+$6+$8+$10}
+    /Non-2xx/ {non=$5}
+    END {printf "%s %s %d %d\n", rps, p99, err, non}'
+}
+
+fetch_all() { # fetch_all HASH -> prints "seconds failures"
+  local start end fail=0 fpids=()
+  start=$(date +%s.%N)
+  for i in $(seq "$fetchers"); do
+    curl -sf -o /dev/null -H "Authorization: Bearer $(cat "$dir/agent.token")" \
+      "http://127.0.0.1:7790/sync/v1/blobs/$1" & fpids+=($!)
+  done
+  for p in "${fpids[@]}"; do wait "$p" || fail=$((fail + 1)); done
+  end=$(date +%s.%N)
+  awk -v a="$start" -v b="$end" -v f="$fail" 'BEGIN {printf "%.1f %d\n", b-a, f}'
+}
+
+wrk -t1 -c"$conns" -d2s http://127.0.0.1:8190/ >/dev/null   # warm the pools
+read -r base_rps base_p99 base_err base_non < <(wrk_once)
+rss_before=$(rss "$serve_pid")
+
+for port in 8190 9994 7790 8181; do
+  python3 "$here/soak.py" "$port" "$idle" "$slow" "$h2c" "$attack_s" > "$dir/soak.$port.json" &
+  pids+=($!)
+done
+sleep "$settle"
+open_proxy=$(metric 'lockstep_open_connections{listener="http"}')
+rss_attack=$(rss "$serve_pid")
+read -r att_rps att_p99 att_err att_non < <(wrk_once)
+read -r small_s small_fail < <(fetch_all "$small_hash")
+hwm_small=$(hwm "$serve_pid")
+read -r big_s big_fail < <(fetch_all "$big_hash")
+hwm_big=$(hwm "$serve_pid")
+wait "${pids[@]:2}" 2>/dev/null || true
+
+echo "### Soak: $idle idle + $slow slowloris + $h2c idle h2c connections against each HTTP listener"
+echo
+echo "\`IDLE=$idle SLOW=$slow H2C=$h2c SECONDS_UNDER_ATTACK=$attack_s FETCHERS=$fetchers BLOB_MIB=$blob_mib bench/soak.sh\`;"
+echo "\`lockstep serve --workers 1\` (proxy + hub + admin) and one \`lockstep agent\`, the attackers"
+echo "(bench/soak.py, one process per listener) and wrk (-t1 -c$conns -d$duration) on the same 2 cores."
+echo
+echo "| | req/s | p99 (ms) | failed requests (socket errors + non-2xx) |"
+echo "|---|---:|---:|---:|"
+echo "| unloaded | $base_rps | $base_p99 | $((base_err + base_non)) |"
+echo "| under attack | $att_rps | $att_p99 | $((att_err + att_non)) |"
+awk -v a="$att_p99" -v b="$base_p99" 'BEGIN {printf "\np99 under attack / unloaded: %.2fx (target <= 2x)\n\n", a/b}'
+echo "Proxy connections open while the attack held: $open_proxy (cap 20000)."
+echo
+echo "| listener (cap) | attack connections opened | refused at the cap (metric) | closed by idle/header timeouts (attacker's view) | alive at the end |"
+echo "|---|---:|---:|---:|---:|"
+for pair in "8190:proxy (20000):lockstep_connections_refused_total{listener=\"http\"}" \
+            "9994:admin (64):lockstep_admin_connections_refused_total" \
+            "7790:sync (4096):lockstep_sync_connections_refused_total" \
+            "8181:agent (4096):-"; do
+  port=${pair%%:*}; rest=${pair#*:}; name=${rest%%:*}; m=${rest#*:}
+  if [ "$m" = "-" ]; then
+    refused=$(curl -s http://127.0.0.1:8181/.lockstep/metrics 2>/dev/null | awk '$1 == "lockstep_agent_connections_refused_total" {print $2}')
+    refused=${refused:-n/a}
+  else
+    refused=$(metric "$m")
+  fi
+  python3 - "$dir/soak.$port.json" "$name" "$refused" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+opened = sum(d[k]["opened"] for k in ("idle", "slowloris", "h2c"))
+later = sum(d[k]["closed_later"] for k in ("idle", "slowloris", "h2c"))
+alive = sum(d[k]["alive"] for k in ("idle", "slowloris", "h2c"))
+print(f"| {sys.argv[2]} | {opened} | {sys.argv[3]} | {later} | {alive} |")
+PY
+done
+echo
+echo "| blob fetch, $fetchers clients at once | seconds | failed | peak RSS of the serve process after (MiB) |"
+echo "|---|---:|---:|---:|"
+echo "| $((blob_mib / 4)) MiB blob | $small_s | $small_fail | $hwm_small |"
+echo "| $blob_mib MiB blob | $big_s | $big_fail | $hwm_big |"
+echo
+echo "RSS of the serve process: $rss_before MiB before the attack, $rss_attack MiB with it; peak"
+echo "over the whole soak $(hwm "$serve_pid") MiB (target < 256); the agent's peak $(hwm "$agent_pid") MiB."

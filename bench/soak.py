@@ -5,7 +5,7 @@
 Holds IDLE keep-alive connections (one request answered, then silence), SLOWLORIS connections
 (a request head sent one byte every 3 s, never finished) and H2C idle connections (the h2
 preface and SETTINGS, then silence) against 127.0.0.1:PORT for SECONDS, reopening whatever the
-server closes so that the pressure stays. Source addresses are spread over 127.1.0.0/16 so that
+server closes so that the pressure stays (after 5 s when it was refused at once). Source addresses are spread over 127.1.0.0/16 so that
 tens of thousands of connections do not run out of ports. Prints one JSON line: how many were
 opened, refused (closed before any answer), answered, closed later by the server (idle and
 header timeouts), and alive at the end, per kind.
@@ -49,6 +49,7 @@ async def one(kind, stop):
             continue
         s["opened"] += 1
         got_answer = False
+        opened_at = asyncio.get_running_loop().time()
         try:
             if kind == "idle":
                 w.write(b"GET / HTTP/1.1\r\nHost: soak\r\n\r\n")
@@ -81,7 +82,12 @@ async def one(kind, stop):
                     s["answered"] += 1
             s["alive"] -= 1
             if not stop.is_set():
-                s["closed_later" if got_answer or kind == "slowloris" else "refused"] += 1
+                # Closed at once without a byte: the cap refused it; later: a timeout.
+                lived = asyncio.get_running_loop().time() - opened_at
+                refused = not got_answer and lived < 1.0
+                s["refused" if refused else "closed_later"] += 1
+                if refused:
+                    await asyncio.sleep(4.5)  # a refused attacker comes back, not in a spin
         except (OSError, asyncio.IncompleteReadError):
             s["alive"] -= 1
             s["refused" if not got_answer else "closed_later"] += 1

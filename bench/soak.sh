@@ -14,7 +14,7 @@
 #      clients fetching a blob of BLOB_MIB from the hub at once (what staging agents do),
 #      first a blob of BLOB_MIB/4, then one of BLOB_MIB: peak memory must not follow the size;
 #   3. what each listener refused (its metrics) and the peak RSS of both processes.
-# Env: IDLE (10000), SLOW (500), H2C (200), SECONDS_UNDER_ATTACK (90), SETTLE (25),
+# Env: IDLE (10000), SLOW (500), H2C (200), SECONDS_UNDER_ATTACK (120), SETTLE (25),
 #      DURATION (10s), CONNS (64), FETCHERS (100), BLOB_MIB (64: the largest file a release holds).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -23,7 +23,7 @@ peer=${PEER:-$root/../shared/peers/peer}
 idle=${IDLE:-10000}
 slow=${SLOW:-500}
 h2c=${H2C:-200}
-attack_s=${SECONDS_UNDER_ATTACK:-90}
+attack_s=${SECONDS_UNDER_ATTACK:-120}
 settle=${SETTLE:-25}
 duration=${DURATION:-10s}
 conns=${CONNS:-64}
@@ -38,7 +38,7 @@ need python3 python3
 
 (cd "$root" && cargo build --release --quiet)
 bin=$root/target/release/lockstep
-ulimit -n 1048576 2>/dev/null || ulimit -n 65536
+ulimit -n "$(ulimit -Hn)"
 
 dir=$(mktemp -d)
 pids=()
@@ -58,6 +58,7 @@ cat > "$dir/lockstep.yaml" <<EOF
 listeners:
   - name: http
     bind: "127.0.0.1:8190"
+    max_connections: 12000     # within this machine's hard open-file limit (20000) beside the hub's
 routes:
   - { path_prefix: "/", pool: farm }
 pools:
@@ -73,6 +74,7 @@ sync:
   lead: 1s
   agent_token_file: agent.token
   publish_token_file: publish.token
+  max_connections: 2048
 admin:
   bind: "127.0.0.1:9994"
 EOF
@@ -98,7 +100,7 @@ publish() { # publish MIB -> prints the blob's hash
   "$bin" publish --hub http://127.0.0.1:7790 --token-file "$dir/publish.token" "$dir/site$1" >/dev/null 2>"$dir/publish.log"
   local id
   id=$(curl -s -H "Authorization: Bearer $(cat "$dir/agent.token")" http://127.0.0.1:7790/sync/v1/schedule \
-    | python3 -c 'import json,sys; s=json.load(sys.stdin); print((s.get("staged") or {}).get("id") or s.get("active"))')
+    | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s.get("queued") or s.get("staged") or s.get("active"))')
   curl -s -H "Authorization: Bearer $(cat "$dir/agent.token")" "http://127.0.0.1:7790/sync/v1/releases/$id" \
     | python3 -c 'import json,sys; m=json.load(sys.stdin); f=m["files"]; print(next(e["hash"] for p,e in f.items() if p.endswith("big.bin")))'
 }
@@ -108,7 +110,7 @@ big_hash=$(publish "$blob_mib")
 
 hwm() { awk '/^VmHWM/ {print int($2/1024)}' "/proc/$1/status"; }
 rss() { awk '/^VmRSS/ {print int($2/1024)}' "/proc/$1/status"; }
-metric() { curl -s http://127.0.0.1:9994/metrics | awk -v m="$1" '$1 == m {print $2; f=1} END {if (!f) print 0}'; }
+metric() { { curl -s http://127.0.0.1:9994/metrics || true; } | awk -v m="$1" '$1 == m {print $2; f=1} END {if (!f) print 0}'; }
 
 # wrk_once -> "rps p99_ms errors non2xx"
 wrk_once() {
@@ -135,39 +137,65 @@ fetch_all() { # fetch_all HASH -> prints "seconds failures"
 wrk -t1 -c"$conns" -d2s http://127.0.0.1:8190/ >/dev/null   # warm the pools
 read -r base_rps base_p99 base_err base_non < <(wrk_once)
 rss_before=$(rss "$serve_pid")
+cpu_s() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }   # user + system seconds
 
-for port in 8190 9994 7790 8181; do
-  python3 "$here/soak.py" "$port" "$idle" "$slow" "$h2c" "$attack_s" > "$dir/soak.$port.json" &
-  pids+=($!)
-done
+# Phase A: the proxy listener attacked; wrk through it; then the fetchers (the sync listener
+# is free, as it would be behind mutual TLS from the farm's own hosts).
+python3 "$here/soak.py" 8190 "$idle" "$slow" "$h2c" "$attack_s" > "$dir/soakA.8190.json" &
+attacker=$!
 sleep "$settle"
-open_proxy=$(metric 'lockstep_open_connections{listener="http"}')
-rss_attack=$(rss "$serve_pid")
-read -r att_rps att_p99 att_err att_non < <(wrk_once)
+fds_a=$(ls "/proc/$serve_pid/fd" | wc -l)
+rss_a=$(rss "$serve_pid")
+read -r a_rps a_p99 a_err a_non < <(wrk_once)
 read -r small_s small_fail < <(fetch_all "$small_hash")
 hwm_small=$(hwm "$serve_pid")
 read -r big_s big_fail < <(fetch_all "$big_hash")
 hwm_big=$(hwm "$serve_pid")
-wait "${pids[@]:2}" 2>/dev/null || true
+attacker_cpu=$(cpu_s "$attacker")
+kill "$attacker" 2>/dev/null || true; wait "$attacker" 2>/dev/null || true
+sleep 2
 
-echo "### Soak: $idle idle + $slow slowloris + $h2c idle h2c connections against each HTTP listener"
+# Phase B: every HTTP listener attacked at once; wrk through the proxy.
+bpids=()
+for port in 8190 9994 7790 8181; do
+  python3 "$here/soak.py" "$port" "$idle" "$slow" "$h2c" "$attack_s" > "$dir/soak.$port.json" &
+  bpids+=($!)
+done
+sleep "$settle"
+fds_b=$(ls "/proc/$serve_pid/fd" | wc -l)
+serve_cpu0=$(cpu_s "$serve_pid")
+read -r b_rps b_p99 b_err b_non < <(wrk_once)
+serve_cpu1=$(cpu_s "$serve_pid")
+b_attackers_cpu=0
+for p in "${bpids[@]}"; do b_attackers_cpu=$(awk -v a="$b_attackers_cpu" -v b="$(cpu_s "$p")" 'BEGIN {print a + b}'); done
+wait "${bpids[@]}" 2>/dev/null || true
+
+echo "### Soak: $idle idle + $slow slowloris + $h2c idle h2c connections per attacked HTTP listener"
 echo
 echo "\`IDLE=$idle SLOW=$slow H2C=$h2c SECONDS_UNDER_ATTACK=$attack_s FETCHERS=$fetchers BLOB_MIB=$blob_mib bench/soak.sh\`;"
-echo "\`lockstep serve --workers 1\` (proxy + hub + admin) and one \`lockstep agent\`, the attackers"
-echo "(bench/soak.py, one process per listener) and wrk (-t1 -c$conns -d$duration) on the same 2 cores."
+echo "\`lockstep serve --workers 1\` (proxy + hub + admin) and one \`lockstep agent\`; the attackers"
+echo "(bench/soak.py, one process per attacked listener) and wrk (-t1 -c$conns -d$duration) share the"
+echo "same 2 cores. A: the proxy listener attacked, then $fetchers clients fetch a blob from the hub at"
+echo "once; B: the proxy, admin, sync and agent listeners attacked at once."
 echo
-echo "| | req/s | p99 (ms) | failed requests (socket errors + non-2xx) |"
-echo "|---|---:|---:|---:|"
-echo "| unloaded | $base_rps | $base_p99 | $((base_err + base_non)) |"
-echo "| under attack | $att_rps | $att_p99 | $((att_err + att_non)) |"
-awk -v a="$att_p99" -v b="$base_p99" 'BEGIN {printf "\np99 under attack / unloaded: %.2fx (target <= 2x)\n\n", a/b}'
-echo "Proxy connections open while the attack held: $open_proxy (cap 20000)."
-echo
-echo "| listener (cap) | attack connections opened | refused at the cap (metric) | closed by idle/header timeouts (attacker's view) | alive at the end |"
+echo "| wrk through the proxy | req/s | p99 (ms) | p99 / unloaded | failed requests |"
 echo "|---|---:|---:|---:|---:|"
-for pair in "8190:proxy (20000):lockstep_connections_refused_total{listener=\"http\"}" \
+for row in "unloaded:$base_rps:$base_p99:$((base_err + base_non))" \
+           "A (proxy attacked):$a_rps:$a_p99:$((a_err + a_non))" \
+           "B (all four attacked):$b_rps:$b_p99:$((b_err + b_non))"; do
+  IFS=: read -r name r p f <<< "$row"
+  awk -v n="$name" -v r="$r" -v p="$p" -v b="$base_p99" -v f="$f" 'BEGIN {printf "| %s | %s | %s | %.2fx | %s |\n", n, r, p, p/b, f}'
+done
+echo
+echo "CPU: the attacker of phase A used ${attacker_cpu} s; in phase B the four attackers used"
+echo "${b_attackers_cpu} s and the serve process $(awk -v a="$serve_cpu0" -v b="$serve_cpu1" 'BEGIN {print b - a}') s during the ${duration} wrk run."
+echo "Descriptors open in the serve process: $fds_a in A, $fds_b in B (hard limit $(ulimit -Hn))."
+echo
+echo "| phase B: listener (cap) | attack connections opened | refused at the cap (metric) | closed by idle/header timeouts (attacker's view) | alive at the end |"
+echo "|---|---:|---:|---:|---:|"
+for pair in "8190:proxy (12000):lockstep_connections_refused_total{listener=\"http\"}" \
             "9994:admin (64):lockstep_admin_connections_refused_total" \
-            "7790:sync (4096):lockstep_sync_connections_refused_total" \
+            "7790:sync (2048):lockstep_sync_connections_refused_total" \
             "8181:agent (4096):-"; do
   port=${pair%%:*}; rest=${pair#*:}; name=${rest%%:*}; m=${rest#*:}
   if [ "$m" = "-" ]; then
@@ -186,10 +214,10 @@ print(f"| {sys.argv[2]} | {opened} | {sys.argv[3]} | {later} | {alive} |")
 PY
 done
 echo
-echo "| blob fetch, $fetchers clients at once | seconds | failed | peak RSS of the serve process after (MiB) |"
+echo "| phase A: blob fetch, $fetchers clients at once | seconds | failed | peak RSS of the serve process after (MiB) |"
 echo "|---|---:|---:|---:|"
 echo "| $((blob_mib / 4)) MiB blob | $small_s | $small_fail | $hwm_small |"
 echo "| $blob_mib MiB blob | $big_s | $big_fail | $hwm_big |"
 echo
-echo "RSS of the serve process: $rss_before MiB before the attack, $rss_attack MiB with it; peak"
+echo "RSS of the serve process: $rss_before MiB before the attack, $rss_a MiB with phase A's; peak"
 echo "over the whole soak $(hwm "$serve_pid") MiB (target < 256); the agent's peak $(hwm "$agent_pid") MiB."

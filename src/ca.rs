@@ -227,7 +227,7 @@ fn ca_params(farm: &str) -> CertificateParams {
 }
 
 fn random_serial() -> Vec<u8> {
-    use rand::RngCore;
+    use rand::Rng;
     let mut b = [0u8; 16];
     rand::rng().fill_bytes(&mut b);
     b[0] &= 0x7f; // positive
@@ -460,7 +460,7 @@ impl Ca {
         }
         let mut raw = [0u8; 32];
         {
-            use rand::RngCore;
+            use rand::Rng;
             rand::rng().fill_bytes(&mut raw);
         }
         let token = hex(&raw);

@@ -1,0 +1,167 @@
+//! The harnesses of lockstep's fuzz targets (`fuzz_targets/*.rs` call one each), kept in a
+//! library so that the seed corpus also runs as a plain test on stable Rust
+//! (`cargo test --lib` here: every file of `corpus/<target>/` through its harness).
+//!
+//! Each harness feeds bytes as they arrive from outside — a DNS datagram, a manifest or a
+//! changeset from the hub or a peer, a peer frame, a request path — to the parser that takes
+//! them, and checks what must hold for any input: no panic, and where the parser accepts,
+//! the invariants its callers rely on.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use lockstep::dns::answer::Health;
+use lockstep::dns::zone::Zones;
+
+/// A farm's zone as the DNS responder holds it: pool-backed names, fixed addresses, a name
+/// with more addresses than `max_answers`, a delegation-free sub-zone.
+const DNS_YAML: &str = r#"
+listeners: []
+pools:
+  - name: www
+    backends:
+      - { name: a, address: "192.0.2.1:80" }
+      - { name: b, address: "192.0.2.2:80" }
+      - { name: c, address: "[2001:db8::1]:80" }
+dns:
+  bind: "127.0.0.1:5300"
+  zones:
+    - name: farm.test
+      ttl: 30
+      nameservers: [ns1.farm.test]
+      records:
+        - { name: www, pool: www }
+        - { name: lb, addresses: ["192.0.2.10", "192.0.2.11", "2001:db8::10"] }
+        - { name: ns1, addresses: ["192.0.2.53"] }
+        - { name: many, addresses: ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.8", "10.0.0.9", "10.0.0.10"] }
+        - { name: "@", pool: www }
+    - name: sub.farm.test
+      records:
+        - { name: x, addresses: ["192.0.2.99"] }
+"#;
+
+/// Every backend up but one.
+struct Up;
+
+impl Health for Up {
+    fn backends(&self, pool: &str, out: &mut Vec<(IpAddr, bool)>) {
+        if pool == "www" {
+            out.extend([
+                ("192.0.2.1".parse().unwrap(), true),
+                ("192.0.2.2".parse().unwrap(), false),
+                ("2001:db8::1".parse().unwrap(), true),
+            ]);
+        }
+    }
+}
+
+fn zones() -> &'static Zones {
+    static Z: OnceLock<Zones> = OnceLock::new();
+    Z.get_or_init(|| {
+        let config = lockstep::config::parse(Path::new("fuzz.yaml"), DNS_YAML)
+            .expect("the fuzz zone parses");
+        Zones::build(config.dns.as_ref().expect("a dns section"), 1)
+    })
+}
+
+/// A UDP datagram through the DNS fast path: an answer, when given, is a well-formed reply to
+/// it that fits the buffer and is no longer than what a UDP answer may be.
+pub fn dns_fast(data: &[u8]) {
+    let mut scratch = Vec::new();
+    let mut out = [0u8; 4096];
+    if let Some(fast) =
+        lockstep::dns::fast::answer(data, zones(), &Up, |_| 0, &mut scratch, &mut out)
+    {
+        let len = fast.len;
+        assert!(len >= 12 && len <= out.len(), "answer length {len}");
+        assert_eq!(out[..2], data[..2], "the reply carries the query's id");
+        assert!(out[2] & 0x80 != 0, "QR set in a reply");
+    }
+}
+
+/// A datagram over the rate limit: the slipped reply (TC, the question) is never bigger than
+/// the query, so a spoofed flood gains no amplification.
+pub fn dns_slip(data: &[u8]) {
+    let mut out = [0u8; 4096];
+    if let Some(n) = lockstep::dns::rrl::slip_reply(data, &mut out) {
+        assert!(n <= data.len(), "slip reply {n} bytes for a {}-byte query", data.len());
+        assert!(n >= 12);
+        assert!(out[2] & 0x02 != 0, "TC set");
+    }
+}
+
+/// A manifest from the hub: accepted ones re-encode canonically to the same release id.
+pub fn manifest(data: &[u8]) {
+    if let Ok(m) = lockstep::sync::manifest::Manifest::from_json(data) {
+        let again = lockstep::sync::manifest::Manifest::from_json(&m.to_json())
+            .expect("a canonical encoding parses");
+        assert_eq!(m.id(), again.id());
+    }
+}
+
+/// A changeset from an agent or a peer: parsing never panics, nor does checking what parsed.
+pub fn changeset(data: &[u8]) {
+    if let Ok(signed) = lockstep::sync::provenance::SignedChangeset::from_json(data) {
+        let _ = signed.changeset.check();
+        let _ = signed.changeset.check_time(u64::MAX / 2);
+        let _ = signed.changeset.blobs();
+    }
+}
+
+/// A peer frame (a changeset with its blobs inline): every blob it accepts hashes to its name.
+pub fn peer_frame(data: &[u8]) {
+    if let Ok((_, blobs)) = lockstep::agent::frame::decode(data) {
+        let mut seen = HashMap::new();
+        for (hash, bytes) in blobs {
+            assert_eq!(lockstep::sync::manifest::Hash::of(&bytes), hash);
+            seen.insert(hash, bytes.len());
+        }
+    }
+}
+
+/// A request path as the router sees it: normalising is idempotent and never leaves a `..`
+/// segment that could climb above a route's prefix.
+pub fn request_path(data: &[u8]) {
+    let Ok(path) = std::str::from_utf8(data) else {
+        return;
+    };
+    let once = lockstep::router::route::normalize_path(path);
+    let twice = lockstep::router::route::normalize_path(&once);
+    assert_eq!(once, twice, "normalising {path:?} twice changed it");
+    assert!(
+        !once.split('/').any(|s| s == ".." || s == "."),
+        "{path:?} normalised to {once:?}"
+    );
+    let _ = lockstep::router::route::HostMatch::parse(path);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    /// Runs `harness` over every file of `corpus/<target>/`; there must be some.
+    fn corpus(target: &str, harness: fn(&[u8])) {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("corpus")
+            .join(target);
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.expect("entry").path();
+            harness(&std::fs::read(&path).expect("read seed"));
+            n += 1;
+        }
+        assert!(n > 0, "no seeds in {}", dir.display());
+    }
+
+    #[test]
+    fn seeds_pass_every_harness() {
+        corpus("dns_fast", super::dns_fast);
+        corpus("dns_slip", super::dns_slip);
+        corpus("manifest", super::manifest);
+        corpus("changeset", super::changeset);
+        corpus("peer_frame", super::peer_frame);
+        corpus("request_path", super::request_path);
+    }
+}

@@ -168,44 +168,69 @@ pub async fn serve_connection<S, B>(
     let builder = settings.builder();
     let result = match tls {
         None => serve_io(&builder, stream, settings.idle_timeout, svc, shutdown).await,
+        // Boxed: a plain connection's future (held by every idle keep-alive connection)
+        // does not carry the TLS session's size inline.
         Some(acceptor) => {
-            match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await
+            match Box::pin(serve_tls(
+                builder, stream, acceptor, settings, svc, shutdown,
+            ))
+            .await
             {
-                Ok(Ok(tls)) => {
-                    // ALPN decided the protocol: a client that agreed on h2 and sends anything
-                    // but the h2 preface gets a GOAWAY, not an HTTP/1.1 answer (RFC 9113 §3.4).
-                    let builder = match tls.get_ref().1.alpn_protocol() {
-                        Some(b"h2") => builder.http2_only(),
-                        _ => builder,
-                    };
-                    let cert = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| PeerCertificate(Arc::new(c.clone().into_owned())));
-                    match cert {
-                        None => serve_io(&builder, tls, settings.idle_timeout, svc, shutdown).await,
-                        Some(cert) => {
-                            let svc = WithCert { inner: svc, cert };
-                            serve_io(&builder, tls, settings.idle_timeout, svc, shutdown).await
-                        }
-                    }
-                }
-                Ok(Err(e)) => {
-                    debug!(error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!("TLS handshake timed out");
-                    return;
-                }
+                Some(r) => r,
+                None => return,
             }
         }
     };
     if let Err(e) = result {
         debug!(error = %e, "connection ended with an error");
     }
+}
+
+/// The TLS handshake within the header-read deadline, then HTTP as ALPN agreed; `None` when
+/// the handshake failed or timed out (logged).
+async fn serve_tls<S, B>(
+    builder: auto::Builder<TokioExecutor>,
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    settings: &ConnSettings,
+    svc: S,
+    shutdown: &CancellationToken,
+) -> Option<Result<(), ConnError>>
+where
+    S: Handler<B>,
+    B: ResponseBody,
+{
+    let tls =
+        match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                debug!(error = %e, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                return None;
+            }
+        };
+    // ALPN decided the protocol: a client that agreed on h2 and sends anything but the h2
+    // preface gets a GOAWAY, not an HTTP/1.1 answer (RFC 9113 §3.4).
+    let builder = match tls.get_ref().1.alpn_protocol() {
+        Some(b"h2") => builder.http2_only(),
+        _ => builder,
+    };
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| PeerCertificate(Arc::new(c.clone().into_owned())));
+    Some(match cert {
+        None => serve_io(&builder, tls, settings.idle_timeout, svc, shutdown).await,
+        Some(cert) => {
+            let svc = WithCert { inner: svc, cert };
+            serve_io(&builder, tls, settings.idle_timeout, svc, shutdown).await
+        }
+    })
 }
 
 async fn serve_io<I, S, B>(
@@ -364,5 +389,28 @@ impl HttpServer {
             )
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every idle keep-alive connection holds this future: the TLS path is boxed so that a
+    /// plain connection does not carry a TLS session's size inline (11 KiB before, 3.7 after).
+    #[tokio::test]
+    async fn a_plain_connections_future_stays_small() {
+        let settings = super::ConnSettings::default();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let svc = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                bytes::Bytes,
+            >::new()))
+        });
+        let f = super::serve_connection(c, None, &settings, svc, &shutdown);
+        let size = std::mem::size_of_val(&f);
+        assert!(size <= 6 * 1024, "{size} bytes");
     }
 }

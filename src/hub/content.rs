@@ -96,21 +96,22 @@ impl Hub {
                 }),
             })?;
         let len = sink.len();
-        // Checked again with what came (a body without a length says nothing before).
-        if !self.store.has_blob(&hash)? {
-            self.pending_uploads()
-                .admit(len, quota)
-                .map_err(HubError::Full)?;
-        }
         let hub = self.clone();
-        let created = blocking(move || hub.store.adopt_blob(sink, &hash))
-            .await
-            .map_err(|e| match e {
+        let created = blocking(move || {
+            // Checked again with what came (a body without a length says nothing before).
+            if !hub.store.has_blob(&hash)? {
+                hub.pending_uploads()
+                    .admit(len, quota)
+                    .map_err(HubError::Full)?;
+            }
+            hub.store.adopt_blob(sink, &hash).map_err(|e| match e {
                 StoreError::HashMismatch(_) => HubError::Bad(format!(
                     "the body does not hash to {hash}: it was corrupted on the way, or the URL names the wrong blob"
                 )),
                 e => HubError::Store(e),
-            })?;
+            })
+        })
+        .await?;
         if created {
             self.metrics.blob_bytes.inc_by(len);
             let now = self.now_us();

@@ -56,14 +56,18 @@ fn run(port: u16, tls: bool) -> (u32, u32, String) {
 async fn h2spec_passes_every_case_on_tls_and_h2c_listeners() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cert = TestCert::new(dir.path(), "farm.test");
-    let web = DemoBackend::start("web-1").await;
+    // h2spec's stream-state cases send their next frame (RST_STREAM, WINDOW_UPDATE, …) right
+    // after a complete request and expect the stream still open: a backend answering within
+    // microseconds closes it first (the answer's DATA frame is then what h2spec reads). A
+    // backend that takes 30 ms keeps every case about the frames, not about the race.
+    let web = delayed_backend(Duration::from_millis(30)).await;
     let yaml = format!(
         "listeners:\n  - name: https\n    bind: \"127.0.0.1:0\"\n    tls:\n      certificates:\n{}\
          \x20 - name: h2c\n    bind: \"127.0.0.1:0\"\n    http2_only: true\n\
          routes:\n  - {{ path_prefix: \"/\", pool: www }}\n\
          pools:\n  - name: www\n    backends:\n{}",
         cert.yaml(),
-        web.yaml()
+        backend_yaml("web-1", web, 1)
     );
     let app = start(&yaml).await;
     for (listener, tls) in [("https", true), ("h2c", false)] {

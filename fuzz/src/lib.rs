@@ -137,6 +137,80 @@ pub fn request_path(data: &[u8]) {
     let _ = lockstep::router::route::HostMatch::parse(path);
 }
 
+/// A request head as the HTTP/1.1 connection parses it: no panic, an accepted head took no
+/// more than it was given and parses the same from exactly those bytes, and its framing is
+/// never ambiguous (chunked only without `Content-Length`, a length only when every copy of
+/// `Content-Length` agrees).
+pub fn h1_head(data: &[u8]) {
+    use lockstep::net::h1::head::{parse_request, Framing};
+    let Ok(Some((head, used))) = parse_request(data, 64 * 1024) else {
+        return;
+    };
+    assert!(used <= data.len());
+    let again = parse_request(&data[..used], 64 * 1024)
+        .expect("the same head parses again")
+        .expect("and is complete");
+    assert_eq!(again.1, used);
+    assert_eq!(again.0.framing, head.framing);
+    let lengths = head.parts.headers.get_all(http::header::CONTENT_LENGTH).iter().count();
+    match head.framing {
+        Framing::Chunked => assert_eq!(lengths, 0, "chunked with a Content-Length"),
+        Framing::Length(n) => {
+            for v in head.parts.headers.get_all(http::header::CONTENT_LENGTH) {
+                for part in v.to_str().expect("digits").split(',') {
+                    assert_eq!(part.trim().parse::<u64>().ok(), Some(n));
+                }
+            }
+        }
+        Framing::None => {}
+    }
+}
+
+/// A chunked body decoded whole and decoded in pieces (the first byte picks the piece
+/// size) give the same data and the same verdict; a decoder never takes more than it has.
+pub fn h1_chunked(data: &[u8]) {
+    use lockstep::net::h1::chunked::Decoder;
+    let Some((&step, body)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(step).max(1);
+    let run = |pieces: usize| -> Result<(Vec<u8>, bool), ()> {
+        let mut d = Decoder::default();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut out = Vec::new();
+        for piece in body.chunks(pieces) {
+            pending.extend_from_slice(piece);
+            loop {
+                let r = d.decode(&pending).map_err(|_| ())?;
+                assert!(r.consumed <= pending.len());
+                if let Some(range) = r.data.clone() {
+                    assert!(range.end <= r.consumed);
+                    out.extend_from_slice(&pending[range]);
+                }
+                pending.drain(..r.consumed);
+                if d.is_done() || r.consumed == 0 {
+                    break;
+                }
+            }
+            if d.is_done() {
+                break;
+            }
+        }
+        Ok((out, d.is_done()))
+    };
+    let whole = run(body.len().max(1));
+    let split = run(step);
+    match (&whole, &split) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "split decoding differs"),
+        (Err(()), Err(())) => {}
+        // An error past the point where the split run stopped early is not a disagreement.
+        _ => assert!(
+            whole.as_ref().is_ok_and(|w| w.1) || split.as_ref().is_ok_and(|s| s.1)
+                || whole.is_err() || split.is_err()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -163,5 +237,7 @@ mod tests {
         corpus("changeset", super::changeset);
         corpus("peer_frame", super::peer_frame);
         corpus("request_path", super::request_path);
+        corpus("h1_head", super::h1_head);
+        corpus("h1_chunked", super::h1_chunked);
     }
 }

@@ -10,10 +10,10 @@ pub mod view;
 
 use std::sync::Arc;
 
+use crate::net::body::ClientBody;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -65,7 +65,7 @@ pub async fn serve(
 
 fn route(
     state: &AdminState,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     peer: std::net::SocketAddr,
 ) -> Response<Full<Bytes>> {
     let live = state.live.load();

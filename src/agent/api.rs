@@ -20,9 +20,9 @@ use crate::net::body::read_body;
 use crate::net::respond;
 use std::sync::Arc;
 
+use crate::net::body::ClientBody;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
@@ -32,7 +32,7 @@ use super::metrics::AgentMetrics;
 use super::release::{decode_path, MAX_INLINE_BYTES};
 use crate::net::body::{stream_into, StreamError};
 use crate::net::file_body::Body;
-use crate::net::server::PeerCertificate;
+use crate::net::tls::PeerCertificate;
 use crate::sync::auth::{Role, Tokens};
 use crate::sync::caller::{self, Caller, Refusal};
 use crate::sync::identity::Kind;
@@ -90,7 +90,7 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> 
     respond::error(status, message.to_string())
 }
 
-async fn read(req: Request<Incoming>, limit: u64) -> Result<Bytes, Response<Body>> {
+async fn read(req: Request<ClientBody>, limit: u64) -> Result<Bytes, Response<Body>> {
     read_body(
         req.into_body(),
         usize::try_from(limit).unwrap_or(usize::MAX),
@@ -101,7 +101,7 @@ async fn read(req: Request<Incoming>, limit: u64) -> Result<Bytes, Response<Body
 
 /// A `PUT`'s body streamed into the store (memory: a buffer, whatever the size), at most
 /// `max_file_bytes`.
-async fn receive(api: &AgentApi, req: Request<Incoming>) -> Result<Stored, Response<Body>> {
+async fn receive(api: &AgentApi, req: Request<ClientBody>) -> Result<Stored, Response<Body>> {
     let max = api.max_file_bytes;
     let too_large = || {
         error(
@@ -139,7 +139,7 @@ async fn receive(api: &AgentApi, req: Request<Incoming>) -> Result<Stored, Respo
 }
 
 /// Answers one API request; `loopback`: whether it came from a loopback address.
-pub async fn handle(api: &AgentApi, req: Request<Incoming>, loopback: bool) -> Response<Body> {
+pub async fn handle(api: &AgentApi, req: Request<ClientBody>, loopback: bool) -> Response<Body> {
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -183,7 +183,7 @@ fn refused(api: &AgentApi, r: Refusal) -> Response<Body> {
     }
 }
 
-async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<Incoming>) -> Response<Body> {
+async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<ClientBody>) -> Response<Body> {
     let Ok(_reading) = api.frames.clone().try_acquire_owned() else {
         api.metrics.refused("busy");
         return error(
@@ -288,7 +288,7 @@ async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<Incoming>) -> R
     )
 }
 
-async fn write(api: &AgentApi, req: Request<Incoming>) -> Response<Body> {
+async fn write(api: &AgentApi, req: Request<ClientBody>) -> Response<Body> {
     let Some(local) = &api.local else {
         return error(
             StatusCode::NOT_FOUND,

@@ -7,8 +7,8 @@ use crate::net::file_body::Body;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::net::body::ClientBody;
 use http::{header, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +21,8 @@ use super::{Hub, HubError};
 use crate::net::body::read_body;
 use crate::net::limit::Cap;
 use crate::net::respond;
-use crate::net::server::{HttpServer, PeerCertificate, ServerTls};
+use crate::net::server::{HttpServer, ServerTls};
+use crate::net::tls::PeerCertificate;
 use crate::sync::auth::Role;
 use crate::sync::caller::{self, Caller, Refusal};
 use crate::sync::cycle::Advancer;
@@ -101,7 +102,7 @@ fn hub_error(e: HubError) -> Answer {
 }
 
 /// A whole, bounded JSON body (blobs are streamed instead: [`Hub::receive_blob`]).
-async fn body(req: Request<Incoming>, limit: usize) -> Result<bytes::Bytes, Answer> {
+async fn body(req: Request<ClientBody>, limit: usize) -> Result<bytes::Bytes, Answer> {
     read_body(req.into_body(), limit)
         .await
         .map_err(|e| error(e.status(), e.to_string()))
@@ -110,7 +111,7 @@ async fn body(req: Request<Incoming>, limit: usize) -> Result<bytes::Bytes, Answ
 /// Answers one request; `loopback`: whether it came from a loopback address.
 pub async fn handle(
     hub: &Arc<Hub>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     loopback: bool,
     shutdown: &CancellationToken,
 ) -> Answer {
@@ -142,7 +143,7 @@ pub async fn handle(
 #[allow(clippy::result_large_err)]
 fn authorize(
     hub: &Hub,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     loopback: bool,
     roles: &[Role],
 ) -> Result<Caller, Answer> {
@@ -184,7 +185,7 @@ async fn dispatch(
     hub: &Arc<Hub>,
     caller: &Caller,
     endpoint: Endpoint,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     shutdown: &CancellationToken,
     receive_us: i64,
 ) -> Result<Answer, Answer> {
@@ -260,13 +261,13 @@ async fn blob(hub: &Arc<Hub>, hash: Hash) -> Result<Answer, Answer> {
     Ok(immutable(r))
 }
 
-async fn upload(hub: &Arc<Hub>, req: Request<Incoming>) -> Result<Answer, Answer> {
+async fn upload(hub: &Arc<Hub>, req: Request<ClientBody>) -> Result<Answer, Answer> {
     let b = body(req, MAX_JSON_BYTES).await?;
     let uploaded = hub.upload_manifest(&b).await.map_err(hub_error)?;
     Ok(json(StatusCode::OK, &uploaded))
 }
 
-async fn put_blob(hub: &Arc<Hub>, hash: Hash, req: Request<Incoming>) -> Result<Answer, Answer> {
+async fn put_blob(hub: &Arc<Hub>, hash: Hash, req: Request<ClientBody>) -> Result<Answer, Answer> {
     // Refused before a byte is read when the sender says it is too large.
     if http_body::Body::size_hint(req.body()).lower() > MAX_BLOB_BYTES {
         return Err(error(
@@ -286,7 +287,7 @@ async fn put_blob(hub: &Arc<Hub>, hash: Hash, req: Request<Incoming>) -> Result<
     Ok(json(status, &serde_json::json!({ "hash": hash })))
 }
 
-async fn commit(hub: &Arc<Hub>, id: ReleaseId, req: Request<Incoming>) -> Result<Answer, Answer> {
+async fn commit(hub: &Arc<Hub>, id: ReleaseId, req: Request<ClientBody>) -> Result<Answer, Answer> {
     let b = body(req, 64 * 1024).await?;
     let commit: Commit = if b.iter().all(u8::is_ascii_whitespace) {
         Commit::default()
@@ -301,7 +302,7 @@ async fn commit(hub: &Arc<Hub>, id: ReleaseId, req: Request<Incoming>) -> Result
     Ok(json(StatusCode::OK, &committed))
 }
 
-async fn report(hub: &Hub, name: &str, req: Request<Incoming>) -> Result<Answer, Answer> {
+async fn report(hub: &Hub, name: &str, req: Request<ClientBody>) -> Result<Answer, Answer> {
     let b = body(req, 64 * 1024).await?;
     let report: Report = serde_json::from_slice(&b)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("report body: {e}")))?;
@@ -334,7 +335,7 @@ async fn ca_cert(hub: &Hub) -> Result<Answer, Answer> {
     }
 }
 
-async fn join(hub: &Hub, req: Request<Incoming>) -> Result<Answer, Answer> {
+async fn join(hub: &Hub, req: Request<ClientBody>) -> Result<Answer, Answer> {
     let Some(dir) = hub.settings().ca_dir.clone() else {
         return Err(no_ca());
     };
@@ -377,7 +378,7 @@ async fn join(hub: &Hub, req: Request<Incoming>) -> Result<Answer, Answer> {
 async fn changeset(
     hub: &Arc<Hub>,
     caller: &Caller,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     receive_us: i64,
 ) -> Result<Answer, Answer> {
     let b = body(req, MAX_JSON_BYTES).await?;

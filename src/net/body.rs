@@ -10,15 +10,54 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-/// What goes back to the client: a backend's streamed body or a short local one.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+use tokio::sync::mpsc;
 
-/// A short local response body.
-pub fn local(text: impl Into<Bytes>) -> ResponseBody {
-    Either::Right(Full::new(text.into()))
+/// Error of a connection or a body.
+pub type ConnError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body as the client sends it: none, read by lockstep's HTTP/1.1 connection
+/// ([`crate::net::h1`]), or an HTTP/2 stream's (hyper). Every handler takes this one type.
+pub enum ClientBody {
+    /// No body.
+    Empty,
+    /// An HTTP/1.1 body, pumped from the connection while the handler runs.
+    H1(BodyRx),
+    /// An HTTP/2 stream's body.
+    H2(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ConnError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::H1(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::H1(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::H1(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+        }
+    }
 }
 
 /// What goes to the backend: nothing, or the client's body streamed through, with a flag
@@ -30,7 +69,7 @@ pub enum RequestBody {
     /// The client's body.
     Stream {
         /// The client's body.
-        inner: Incoming,
+        inner: ClientBody,
         /// Raised when reading the client's body failed.
         client_failed: Arc<AtomicBool>,
     },
@@ -38,12 +77,12 @@ pub enum RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ConnError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
             RequestBody::Stream {
@@ -74,6 +113,93 @@ impl Body for RequestBody {
     }
 }
 
+/// One piece of a request body on its way from the connection to the handler.
+pub enum Piece {
+    /// Some data.
+    Data(Bytes),
+    /// The last data (maybe empty): the body is complete.
+    Last(Bytes),
+    /// Reading failed.
+    Failed(ConnError),
+}
+
+/// A request body read by the connection while its handler runs (HTTP/1.1).
+pub struct BodyRx {
+    rx: mpsc::Receiver<Piece>,
+    /// Bytes still to come, for a body of known length.
+    left: Option<u64>,
+    ended: bool,
+}
+
+impl Body for BodyRx {
+    type Data = Bytes;
+    type Error = ConnError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let piece = std::task::ready!(self.rx.poll_recv(cx));
+        Poll::Ready(match piece {
+            Some(Piece::Data(b)) => {
+                self.spend(b.len());
+                Some(Ok(Frame::data(b)))
+            }
+            Some(Piece::Last(b)) => {
+                self.ended = true;
+                self.spend(b.len());
+                (!b.is_empty()).then(|| Ok(Frame::data(b)))
+            }
+            Some(Piece::Failed(e)) => {
+                self.ended = true;
+                Some(Err(e))
+            }
+            None => {
+                self.ended = true;
+                Some(Err(
+                    "the client's connection closed before the end of its body".into(),
+                ))
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.left {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl BodyRx {
+    /// A body of `left` bytes (unknown: `None`) and the sender of its pieces: room for one
+    /// piece, so the connection reads no further ahead than the handler takes.
+    pub fn channel(left: Option<u64>) -> (mpsc::Sender<Piece>, BodyRx) {
+        let (tx, rx) = mpsc::channel(1);
+        (
+            tx,
+            BodyRx {
+                rx,
+                left,
+                ended: false,
+            },
+        )
+    }
+
+    fn spend(&mut self, n: usize) {
+        if let Some(left) = &mut self.left {
+            *left = left.saturating_sub(n as u64);
+        }
+    }
+}
+
 /// Why a request body could not be read whole.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -100,7 +226,10 @@ impl BodyError {
 }
 
 /// A request body read whole, at most `limit` bytes.
-pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, BodyError>
+where
+    B: Body<Data = Bytes, Error: Into<ConnError>>,
+{
     use http_body_util::BodyExt;
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(b) => Ok(b.to_bytes()),

@@ -39,6 +39,13 @@ impl<T> IdleIo<T> {
     }
 }
 
+impl<T> IdleIo<T> {
+    /// The stream without the timer.
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
 impl<T: AsyncRead> AsyncRead for IdleIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -25,6 +25,7 @@ pub mod bind;
 pub mod body;
 pub mod client;
 pub mod file_body;
+pub mod h1;
 pub mod idle;
 pub mod limit;
 pub mod respond;

@@ -3,9 +3,12 @@
 //! [`serve_connection`] under its own accept callback, which reads its settings per accept).
 //!
 //! A connection: optional TLS handshake within the header-read deadline (ALPN decides h2 or
-//! HTTP/1.1, and only that one is spoken), then hyper-util's auto builder (HTTP/1.1 with upgrades, h2, h2c by prior
-//! knowledge). At shutdown the connection finishes the requests in flight and closes; the
-//! caller bounds how long through its `TaskTracker`.
+//! HTTP/1.1, and only that one is spoken), then HTTP/1.1 by lockstep's own connection
+//! ([`super::h1`]: no buffer held while idle) or HTTP/2 by hyper (after ALPN `h2`, on an
+//! `http2_only` listener, or when a plain connection opens with the h2 preface). Every
+//! handler takes a `Request<ClientBody>` whichever protocol carried it. At shutdown the
+//! connection finishes the requests in flight and closes; the caller bounds how long through
+//! its `TaskTracker`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,13 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rustls_pki_types::CertificateDer;
+use bytes::Bytes;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -29,71 +31,70 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, Instrument};
 
 use super::accept::{accept_loop, Accepted};
+use super::body::{ClientBody, ConnError};
+use super::h1;
 use super::idle::IdleIo;
 use super::limit::{Cap, ConnGate};
+use super::tls::PeerCertificate;
 
 /// Default cap on a control-plane listener's open connections (admin, sync, agent).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
-/// Error of a connection, as hyper reports it.
-pub type ConnError = Box<dyn std::error::Error + Send + Sync>;
-
 /// A service that answers every request of a connection (never fails: errors are answers).
 pub trait Handler<B>:
     hyper::service::Service<
-        Request<Incoming>,
+        Request<ClientBody>,
         Response = Response<B>,
         Error = Infallible,
         Future: Send + 'static,
     > + Send
+    + Sync
     + 'static
 {
 }
 
 impl<S, B> Handler<B> for S where
     S: hyper::service::Service<
-            Request<Incoming>,
+            Request<ClientBody>,
             Response = Response<B>,
             Error = Infallible,
             Future: Send + 'static,
         > + Send
+        + Sync
         + 'static
 {
 }
 
 /// A response body hyper can send on any runtime thread.
 pub trait ResponseBody:
-    http_body::Body<Data: Send, Error: Into<ConnError>> + Send + 'static
+    http_body::Body<Data: Send, Error: Into<ConnError> + Send> + Send + 'static
 {
 }
 
 impl<B> ResponseBody for B where
-    B: http_body::Body<Data: Send, Error: Into<ConnError>> + Send + 'static
+    B: http_body::Body<Data: Send, Error: Into<ConnError> + Send> + Send + 'static
 {
 }
 
-/// The client certificate a TLS connection presented (verified by the listener's client
-/// verifier), put in every request's extensions: who the peer is.
-#[derive(Debug, Clone)]
-pub struct PeerCertificate(pub Arc<CertificateDer<'static>>);
-
-/// A service that tags each request with the connection's client certificate.
-#[derive(Clone)]
-struct WithCert<S> {
+/// HTTP/2 requests into the one handler type: the body wrapped, the certificate attached.
+struct H2Service<S> {
     inner: S,
-    cert: PeerCertificate,
+    cert: Option<PeerCertificate>,
 }
 
-impl<S> hyper::service::Service<Request<Incoming>> for WithCert<S>
+impl<S> hyper::service::Service<Request<Incoming>> for H2Service<S>
 where
-    S: hyper::service::Service<Request<Incoming>>,
+    S: hyper::service::Service<Request<ClientBody>>,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = S::Future;
 
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        req.extensions_mut().insert(self.cert.clone());
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let mut req = req.map(ClientBody::H2);
+        if let Some(cert) = &self.cert {
+            req.extensions_mut().insert(cert.clone());
+        }
         self.inner.call(req)
     }
 }
@@ -133,22 +134,20 @@ impl Default for ConnSettings {
 }
 
 impl ConnSettings {
-    /// hyper-util's auto builder with these settings.
-    pub fn builder(&self) -> auto::Builder<TokioExecutor> {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+    fn h1(&self) -> h1::Options {
+        h1::Options {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_head: MAX_HEAD_BYTES,
+        }
+    }
+
+    fn h2(&self) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout)
-            .max_buf_size(MAX_HEAD_BYTES);
-        builder
-            .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.max_concurrent_streams)
             .max_header_list_size(MAX_HEAD_BYTES as u32);
-        if self.http2_only {
-            builder = builder.http2_only();
-        }
         builder
     }
 }
@@ -165,17 +164,12 @@ pub async fn serve_connection<S, B>(
     S: Handler<B>,
     B: ResponseBody,
 {
-    let builder = settings.builder();
     let result = match tls {
-        None => serve_io(&builder, stream, settings.idle_timeout, svc, shutdown).await,
+        None => serve_io(stream, settings, svc, shutdown, None, settings.http2_only).await,
         // Boxed: a plain connection's future (held by every idle keep-alive connection)
         // does not carry the TLS session's size inline.
         Some(acceptor) => {
-            match Box::pin(serve_tls(
-                builder, stream, acceptor, settings, svc, shutdown,
-            ))
-            .await
-            {
+            match Box::pin(serve_tls(stream, acceptor, settings, svc, shutdown)).await {
                 Some(r) => r,
                 None => return,
             }
@@ -189,7 +183,6 @@ pub async fn serve_connection<S, B>(
 /// The TLS handshake within the header-read deadline, then HTTP as ALPN agreed; `None` when
 /// the handshake failed or timed out (logged).
 async fn serve_tls<S, B>(
-    builder: auto::Builder<TokioExecutor>,
     stream: TcpStream,
     acceptor: TlsAcceptor,
     settings: &ConnSettings,
@@ -214,77 +207,92 @@ where
         };
     // ALPN decided the protocol: a client that agreed on h2 and sends anything but the h2
     // preface gets a GOAWAY, not an HTTP/1.1 answer (RFC 9113 §3.4).
-    let builder = match tls.get_ref().1.alpn_protocol() {
-        Some(b"h2") => builder.http2_only(),
-        _ => builder,
-    };
+    let h2 = settings.http2_only || tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let cert = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| PeerCertificate(Arc::new(c.clone().into_owned())));
-    Some(match cert {
-        None => serve_io(&builder, tls, settings.idle_timeout, svc, shutdown).await,
-        Some(cert) => {
-            let svc = WithCert { inner: svc, cert };
-            serve_io(&builder, tls, settings.idle_timeout, svc, shutdown).await
-        }
-    })
+    Some(serve_io(tls, settings, svc, shutdown, cert, h2).await)
 }
 
+/// HTTP on an established stream: HTTP/1.1 (h2c when it opens with the preface), or
+/// HTTP/2 only when `h2`.
 async fn serve_io<I, S, B>(
-    builder: &auto::Builder<TokioExecutor>,
     io: I,
-    idle: Option<Duration>,
+    settings: &ConnSettings,
     svc: S,
     shutdown: &CancellationToken,
+    cert: Option<PeerCertificate>,
+    h2: bool,
 ) -> Result<(), ConnError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Handler<B>,
     B: ResponseBody,
 {
-    match idle {
-        Some(idle) => until_shutdown(builder, IdleIo::new(io, idle), svc, shutdown).await,
-        None => until_shutdown(builder, io, svc, shutdown).await,
+    if h2 {
+        return Box::pin(serve_h2(io, Bytes::new(), settings, svc, shutdown, cert)).await;
     }
+    let ended = match settings.idle_timeout {
+        Some(idle) => match h1::serve(
+            IdleIo::new(io, idle),
+            &svc,
+            &settings.h1(),
+            shutdown,
+            cert.as_ref(),
+        )
+        .await?
+        {
+            h1::Ended::Closed => return Ok(()),
+            h1::Ended::H2(io, read) => (io.into_inner(), read),
+        },
+        None => match h1::serve(io, &svc, &settings.h1(), shutdown, cert.as_ref()).await? {
+            h1::Ended::Closed => return Ok(()),
+            h1::Ended::H2(io, read) => (io, read),
+        },
+    };
+    Box::pin(serve_h2(ended.0, ended.1, settings, svc, shutdown, cert)).await
 }
 
-/// Serves `io` with `builder` (h1/h2 auto, upgrades allowed) until it ends; at `shutdown`,
-/// finishes the requests in flight and closes.
-async fn until_shutdown<I, S, B>(
-    builder: &auto::Builder<TokioExecutor>,
+/// HTTP/2 on `io` (after `read`, bytes already taken from it) until it ends; at `shutdown`,
+/// the streams in flight finish and the connection closes (GOAWAY).
+async fn serve_h2<I, S, B>(
     io: I,
+    read: Bytes,
+    settings: &ConnSettings,
     svc: S,
     shutdown: &CancellationToken,
+    cert: Option<PeerCertificate>,
 ) -> Result<(), ConnError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Handler<B>,
     B: ResponseBody,
 {
-    if !builder.is_http1_available() {
-        // h2 agreed by ALPN: no HTTP/1 and so no upgrades; hyper-util honours `http2_only`
-        // only here, not with upgrades, and a bad preface becomes a GOAWAY.
-        let conn = builder.serve_connection(TokioIo::new(io), svc);
-        tokio::pin!(conn);
-        return tokio::select! {
-            r = conn.as_mut() => r,
-            _ = shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+    let svc = H2Service { inner: svc, cert };
+    let builder = settings.h2();
+    let io = h1::Rewind::new(io, read);
+    // The connection until it ends; at `shutdown`, GOAWAY and the streams in flight finish.
+    macro_rules! until_shutdown {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r.map_err(Into::into),
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await.map_err(Into::into)
+                }
             }
-        };
+        }};
     }
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    match settings.idle_timeout {
+        Some(idle) => {
+            until_shutdown!(builder.serve_connection(TokioIo::new(IdleIo::new(io, idle)), svc))
         }
+        None => until_shutdown!(builder.serve_connection(TokioIo::new(io), svc)),
     }
 }
 
@@ -358,7 +366,7 @@ impl HttpServer {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) where
-        H: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        H: Fn(SocketAddr, Request<ClientBody>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<B>> + Send + 'static,
         B: ResponseBody,
     {
@@ -394,8 +402,9 @@ impl HttpServer {
 
 #[cfg(test)]
 mod tests {
-    /// Every idle keep-alive connection holds this future: the TLS path is boxed so that a
-    /// plain connection does not carry a TLS session's size inline (11 KiB before, 3.7 after).
+    /// Every idle keep-alive connection holds this future: the TLS and HTTP/2 paths and a
+    /// request in flight are boxed, so an idle plain connection carries only what waits for
+    /// its next head (11 KiB with hyper-util's auto server and TLS inline; 3.7 with TLS boxed).
     #[tokio::test]
     async fn a_plain_connections_future_stays_small() {
         let settings = super::ConnSettings::default();
@@ -411,6 +420,6 @@ mod tests {
         });
         let f = super::serve_connection(c, None, &settings, svc, &shutdown);
         let size = std::mem::size_of_val(&f);
-        assert!(size <= 6 * 1024, "{size} bytes");
+        assert!(size <= 1280, "{size} bytes");
     }
 }

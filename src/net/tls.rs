@@ -9,8 +9,14 @@ use std::sync::Arc;
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls_pki_types::CertificateDer;
 
 use crate::config::tls::{FarmTrust, LoadedCert};
+
+/// The client certificate a TLS connection presented (verified by the listener's client
+/// verifier), put in every request's extensions: who the peer is.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate(pub Arc<CertificateDer<'static>>);
 
 /// Picks a certificate by the client's SNI.
 #[derive(Debug)]

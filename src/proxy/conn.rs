@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
-use super::upgrade::Tunnels;
 use crate::config::Listener;
 use crate::live::Shared;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// What a connection knows while it serves requests.
 pub struct ConnCtx {
@@ -25,6 +25,7 @@ pub struct ConnCtx {
     pub tls: bool,
     /// The live state.
     pub live: Shared,
-    /// Where an upgraded tunnel runs and is counted (it keeps the connection's permit).
-    pub tunnels: Tunnels,
+    /// Upgraded tunnels open on this listener (a tunnel is its connection's task, so it
+    /// keeps the connection's place under the cap and is drained like a request).
+    pub tunnels: Gauge,
 }

@@ -15,17 +15,16 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use super::conn::ConnCtx;
 use super::headers::{self, Forwarded};
 use super::retry::{self, Answer, Fault, Next, Tried};
-use super::upgrade;
 use crate::config::{HashKey, Pool};
-use crate::net::body::{local, RequestBody, ResponseBody};
+use crate::net::body::{ClientBody, RequestBody};
+use crate::net::h1::Upgrade;
 use crate::net::respond;
-use crate::net::upstream::Clients;
+use crate::net::upstream::{Clients, UpstreamBody};
 use crate::pools::table::{PoolLoad, PoolState};
 use crate::router::balance::hash_key;
 
@@ -39,8 +38,8 @@ pub struct Prepared {
     body: Option<RequestBody>,
     /// Raised when reading the client's body failed.
     client_failed: Option<Arc<AtomicBool>>,
-    /// The client side of an `Upgrade`, when it asked for one.
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// Whether the client asked for an `Upgrade` (WebSocket).
+    wants_upgrade: bool,
     /// The hash key of a `hash` pool.
     pub key: Option<u64>,
     /// Whether it may be replayed on another backend.
@@ -63,12 +62,11 @@ pub fn key_of(cfg: &Pool, peer: std::net::IpAddr, headers: &http::HeaderMap) -> 
 pub fn prepare(
     ctx: &ConnCtx,
     cfg: &Pool,
-    mut req: Request<Incoming>,
+    req: Request<ClientBody>,
     host: Option<HeaderValue>,
 ) -> Prepared {
     let key = key_of(cfg, ctx.peer.ip(), req.headers());
     let wants_upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
-    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let path_and_query = parts
         .uri
@@ -111,7 +109,7 @@ pub fn prepare(
         path_and_query,
         body,
         client_failed,
-        client_upgrade,
+        wants_upgrade,
         key,
         retryable,
     }
@@ -171,7 +169,7 @@ pub async fn send(
     client: &Clients,
     up: Request<RequestBody>,
     client_failed: Option<&AtomicBool>,
-) -> Result<Response<Incoming>, Fault> {
+) -> Result<Response<UpstreamBody>, Fault> {
     let backend = &pool.backends[i];
     let cfg = &pool.config;
     let result = {
@@ -218,25 +216,19 @@ pub async fn send(
 /// Phase 6: the backend's response as the client gets it: hop-by-hop headers gone, body
 /// streamed; a `101` to a client that asked for the upgrade bridges the two connections.
 pub fn respond(
-    mut resp: Response<Incoming>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    mut resp: Response<UpstreamBody>,
+    wants_upgrade: bool,
     ctx: &ConnCtx,
-    backend_name: &str,
 ) -> Response<ResponseBody> {
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            let backend_upgrade = hyper::upgrade::on(&mut resp);
-            upgrade::bridge(
-                &ctx.tunnels,
-                client_upgrade,
-                backend_upgrade,
-                ctx.peer,
-                backend_name.to_string(),
-            );
-            let (mut parts, _) = resp.into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers, true);
-            return Response::from_parts(parts, local(Bytes::new()));
-        }
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && wants_upgrade {
+        let backend = UpstreamBody::on_upgrade(&mut resp);
+        let (mut parts, _) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, true);
+        parts.extensions.insert(Upgrade {
+            backend,
+            open: ctx.tunnels.clone(),
+        });
+        return Response::from_parts(parts, local(Bytes::new()));
     }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
@@ -250,7 +242,7 @@ pub async fn forward(
     ctx: &ConnCtx,
     pool: &PoolState,
     client: &Clients,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     host: Option<HeaderValue>,
 ) -> (Response<ResponseBody>, Option<usize>) {
     let mut p = prepare(ctx, &pool.config, req, host);
@@ -270,12 +262,7 @@ pub async fn forward(
             return (plain(StatusCode::BAD_REQUEST, "bad request target\n"), None);
         };
         match send(pool, i, client, up, p.client_failed.as_deref()).await {
-            Ok(resp) => {
-                return (
-                    respond(resp, p.client_upgrade.take(), ctx, &backend.config.name),
-                    Some(i),
-                )
-            }
+            Ok(resp) => return (respond(resp, p.wants_upgrade, ctx), Some(i)),
             Err(fault) => match retry::after_failure(fault, p.retryable) {
                 Next::Retry => failed = true,
                 Next::Answer(a) => return (answer(a), Some(i)),
@@ -290,6 +277,14 @@ pub async fn forward(
         plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n"),
         None,
     )
+}
+
+/// What goes back to the client: a backend's streamed body or a short local one.
+pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
+
+/// A short local response body.
+pub fn local(text: impl Into<Bytes>) -> ResponseBody {
+    Either::Right(Full::new(text.into()))
 }
 
 /// A short local plain-text answer.

@@ -14,19 +14,18 @@ use std::time::{Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use tracing::debug;
 
 use super::access_log;
 use super::conn::ConnCtx;
-use super::forward::{forward, plain};
-use crate::net::body::ResponseBody;
+use super::forward::{forward, plain, ResponseBody};
+use crate::net::body::ClientBody;
 use crate::pools::table::PoolState;
 
 /// Serves one request. Never fails: every error becomes a response.
 pub async fn handle(
     ctx: Arc<ConnCtx>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
     let live = ctx.live.load_full();

@@ -17,7 +17,6 @@ use tracing::{debug, debug_span, warn, Instrument};
 use super::conn::ConnCtx;
 use super::handler;
 use super::headers::{is_trusted, peer_value};
-use super::upgrade::Tunnels;
 use crate::live::Shared;
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::net::accept::{accept_loop, Accepted};
@@ -66,7 +65,6 @@ pub async fn serve(
         let Some(permit) = gate.admit(listener.max_connections) else {
             return Accepted::Refuse;
         };
-        let permit = Arc::new(permit);
         let settings = ConnSettings {
             header_read_timeout: listener.header_read_timeout,
             idle_timeout: Some(listener.idle_timeout),
@@ -80,11 +78,7 @@ pub async fn serve(
             listener,
             peer,
             live: live.clone(),
-            tunnels: Tunnels {
-                tracker: tracker.clone(),
-                open: tunnels_open.clone(),
-                permit: permit.clone(),
-            },
+            tunnels: tunnels_open.clone(),
         });
         drop(generation);
         let shutdown = shutdown.clone();
@@ -92,7 +86,7 @@ pub async fn serve(
             async move {
                 let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
                 serve_connection(stream, acceptor, &settings, svc, &shutdown).await;
-                // A tunnel the connection became holds its own clone until it closes.
+                // Held until the connection ends, a tunnel it became included.
                 drop(permit);
             }
             .instrument(debug_span!("conn", client.addr = %peer, listener = %name)),

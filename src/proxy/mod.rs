@@ -7,7 +7,6 @@
 //! - [`forward`]: the upstream phases: prepare, choose, send (in-flight guard), respond.
 //! - [`retry`]: what a failed attempt leads to; which requests may be replayed (pure).
 //! - [`headers`]: hop-by-hop stripping, `X-Forwarded-*`, `Via` (pure).
-//! - [`upgrade`]: WebSocket/`Upgrade` pass-through.
 //! - [`access_log`]: `combined` / `json` lines.
 
 pub mod access_log;
@@ -17,4 +16,3 @@ pub mod handler;
 pub mod headers;
 pub mod listener;
 pub mod retry;
-pub mod upgrade;

@@ -275,6 +275,30 @@ impl Drop for CountingBackend {
     }
 }
 
+/// A backend that answers every request `ok: …` (57 bytes) after `delay` (its body is read first), on
+/// hyper's HTTP/1.1 server.
+pub async fn delayed_backend(delay: Duration) -> SocketAddr {
+    let socket = bind().await;
+    let addr = socket.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = socket.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    let _ = req.into_body().collect().await;
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                        b"ok: a delayed answer, long enough for every h2spec case\n",
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 /// A backend that accepts connections and reads requests but never answers.
 pub async fn silent_backend(stop: CancellationToken) -> SocketAddr {
     let socket = bind().await;

@@ -1,0 +1,757 @@
+//! lockstep's own HTTP/1.1 server connection (RFC 9112), on `httparse`: the data path's lean
+//! side, as Pingora and HAProxy have theirs.
+//!
+//! Why not hyper's: an idle hyper HTTP/1 connection holds an 8 KiB read buffer, an 8 KiB
+//! write buffer and its cached state for its whole life (~35 KiB per idle keep-alive
+//! connection measured through lockstep), and its server plus hyper-util's protocol sniffing
+//! cost a fifth of the proxy's CPU per request. Here a connection waits for readiness with no
+//! buffer ([`buf`]), parses a head ([`head`]), hands the handler a `Request<ClientBody>` whose
+//! body is pumped from the socket through a channel of one piece while the handler runs
+//! (`Expect: 100-continue` answered on the first read), writes the response head and body
+//! from one pooled buffer (a body whose frame is not ready yet flushes what is written), and
+//! keeps the connection when both sides allow it. hyper stays for HTTP/2 and for the client.
+//!
+//! What a connection does besides:
+//! - the first bytes of a plain connection may be the HTTP/2 preface (h2c by prior
+//!   knowledge): the connection is handed back with what was read, for HTTP/2;
+//! - a head must complete within the header-read timeout from the moment the connection
+//!   starts waiting for it; silence in a body or a write stalled for the idle timeout ends it;
+//! - while the handler runs, a client that hangs up is noticed (the handler's future is
+//!   dropped, so an abandoned request stops counting in flight);
+//! - a `101` response carrying an [`Upgrade`] turns the connection into a tunnel to the
+//!   backend's upgraded connection, still this task (so it keeps its place under the
+//!   listener's cap and is drained like a request);
+//! - a refused head (malformed, ambiguous framing, too large) is answered and the connection
+//!   closed; a request body left unread closes the connection after the response.
+#![allow(clippy::disallowed_methods)] // I/O shell: the header-read deadline and the Date header
+
+pub mod buf;
+pub mod chunked;
+pub mod head;
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::io;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes};
+use http::header;
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, Frame};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use self::buf::{InBuf, OutBuf, BUF_SIZE};
+use self::head::{BodyFraming, Framing, Head, HeadError};
+use super::body::{BodyRx, ClientBody, ConnError, Piece};
+use super::tls::PeerCertificate;
+
+/// The HTTP/2 connection preface's first line: a plain connection starting with it speaks h2c.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// How one connection is served.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Time to receive a whole request head, from the moment the connection waits for one.
+    pub header_read_timeout: Duration,
+    /// A write stalled (or a body silent) this long ends the connection.
+    pub idle_timeout: Option<Duration>,
+    /// Largest request head.
+    pub max_head: usize,
+}
+
+/// How a connection ended.
+pub enum Ended<I> {
+    /// Closed (by either side, a timeout, a refusal or a shutdown).
+    Closed,
+    /// It spoke the HTTP/2 preface: the stream and the bytes read from it so far.
+    H2(I, Bytes),
+}
+
+/// Put in a `101 Switching Protocols` response's extensions: the backend's side of the
+/// upgrade, joined with the client's connection once the 101 is written.
+#[derive(Clone)]
+pub struct Upgrade {
+    /// The backend's upgraded connection, when it is ready.
+    pub backend: hyper::upgrade::OnUpgrade,
+    /// Tunnels open now (counted while this one is).
+    pub open: Gauge,
+}
+
+/// Serves requests on `io` with `svc` until either side closes; at `shutdown` an idle
+/// connection closes at once and a busy one after its response.
+pub async fn serve<I, S, B>(
+    io: I,
+    svc: &S,
+    opts: &Options,
+    shutdown: &CancellationToken,
+    cert: Option<&PeerCertificate>,
+) -> Result<Ended<I>, ConnError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send,
+    S: hyper::service::Service<Request<ClientBody>, Response = Response<B>, Error = Infallible>,
+    B: Body<Error: Into<ConnError>>,
+{
+    let mut conn = Conn {
+        io,
+        buf: InBuf::default(),
+        idle: opts.idle_timeout,
+    };
+    let mut stop = pin!(shutdown.clone().cancelled_owned());
+    let mut first = true;
+    loop {
+        let head = match conn.read_head(opts, stop.as_mut(), first).await {
+            Ok(HeadRead::Head(h)) => h,
+            Ok(HeadRead::Closed) => return Ok(Ended::Closed),
+            Ok(HeadRead::H2) => {
+                let read = conn.buf.take_all();
+                return Ok(Ended::H2(conn.io, read));
+            }
+            Err(Refused::Head(e)) => {
+                debug!(
+                    status = e.status().as_u16(),
+                    why = e.reason().trim_end(),
+                    "request head refused"
+                );
+                let mut out = OutBuf::new();
+                head::write_refusal(&mut out.0, e, &date());
+                let _ = conn.write_all(&out.0).await;
+                let _ = conn.io.shutdown().await;
+                return Ok(Ended::Closed);
+            }
+            Err(Refused::Io(e)) => return Err(e.into()),
+        };
+        first = false;
+        let keep = Box::pin(conn.exchange(head, svc, shutdown, cert)).await?;
+        if !keep || shutdown.is_cancelled() {
+            let _ = conn.io.shutdown().await;
+            return Ok(Ended::Closed);
+        }
+    }
+}
+
+enum HeadRead {
+    Head(Head),
+    Closed,
+    H2,
+}
+
+enum Refused {
+    Head(HeadError),
+    Io(io::Error),
+}
+
+struct Conn<I> {
+    io: I,
+    buf: InBuf,
+    idle: Option<Duration>,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
+    /// Waits for a whole request head within the header-read timeout.
+    async fn read_head(
+        &mut self,
+        opts: &Options,
+        mut stop: Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
+        first: bool,
+    ) -> Result<HeadRead, Refused> {
+        let deadline = tokio::time::sleep(opts.header_read_timeout);
+        let mut deadline = pin!(deadline);
+        loop {
+            if !self.buf.is_empty() {
+                let bytes = self.buf.bytes();
+                if first && bytes.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(bytes) {
+                    // Maybe h2c: wait for the whole preface line.
+                } else if first && bytes.starts_with(H2_PREFACE) {
+                    return Ok(HeadRead::H2);
+                } else {
+                    match head::parse_request(bytes, opts.max_head) {
+                        Ok(Some((h, n))) => {
+                            self.buf.consume(n);
+                            return Ok(HeadRead::Head(h));
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Err(Refused::Head(e)),
+                    }
+                }
+            }
+            let waiting = self.buf.is_empty();
+            let n = tokio::select! {
+                biased;
+                r = self.buf.read(&mut self.io, opts.max_head) => match r {
+                    Ok(n) => n,
+                    Err(e) if waiting => {
+                        debug!(error = %e, "connection closed while idle");
+                        return Ok(HeadRead::Closed);
+                    }
+                    Err(e) => return Err(Refused::Io(e)),
+                },
+                _ = &mut deadline => {
+                    debug!(partial = !waiting, "no request head within the header-read timeout");
+                    return Ok(HeadRead::Closed);
+                }
+                _ = stop.as_mut(), if waiting => return Ok(HeadRead::Closed),
+            };
+            if n == 0 {
+                return Ok(HeadRead::Closed);
+            }
+        }
+    }
+
+    /// One request and its response; whether the connection may serve another.
+    async fn exchange<S, B>(
+        &mut self,
+        head: Head,
+        svc: &S,
+        shutdown: &CancellationToken,
+        cert: Option<&PeerCertificate>,
+    ) -> Result<bool, ConnError>
+    where
+        S: hyper::service::Service<Request<ClientBody>, Response = Response<B>, Error = Infallible>,
+        B: Body<Error: Into<ConnError>>,
+    {
+        let Head {
+            parts,
+            framing,
+            keep_alive,
+            expect_continue,
+        } = head;
+        let method = parts.method.clone();
+        let version = parts.version;
+        let (body, mut pump) = Pump::new(framing, expect_continue);
+        let mut req = Request::from_parts(parts, body);
+        if let Some(cert) = cert {
+            req.extensions_mut().insert(cert.clone());
+        }
+        let mut call = pin!(svc.call(req));
+        // The body flows while the handler runs; once it is read (or there is none), a read
+        // that finds the client gone ends the exchange.
+        let mut watch = true;
+        let resp = loop {
+            if pump.active() {
+                tokio::select! {
+                    biased;
+                    r = call.as_mut() => break r,
+                    r = pump.step(&mut self.io, &mut self.buf) => {
+                        if let Err(e) = r {
+                            debug!(error = %e, "request body failed");
+                            pump.fail(e);
+                        }
+                    }
+                }
+            } else if watch {
+                tokio::select! {
+                    biased;
+                    r = call.as_mut() => break r,
+                    r = self.buf.read(&mut self.io, BUF_SIZE) => match r {
+                        Ok(0) | Err(_) => {
+                            debug!("client went away before its response");
+                            return Ok(false);
+                        }
+                        Ok(_) => watch = !self.buf_full(),
+                    },
+                }
+            } else {
+                break call.as_mut().await;
+            }
+        };
+        let Ok(resp) = resp;
+        let (mut parts, body) = resp.into_parts();
+        let asked_close = parts
+            .headers
+            .get(header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        let mut close = !keep_alive || asked_close || !pump.finished() || shutdown.is_cancelled();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(up) = parts.extensions.remove::<Upgrade>() {
+                drop(body);
+                self.tunnel(&parts, up).await;
+                return Ok(false);
+            }
+            // A 101 nobody asked for is not passed on.
+            parts.status = StatusCode::BAD_GATEWAY;
+            close = true;
+        }
+        let framing =
+            head::response_framing(parts.status, &method, version, body.size_hint().exact());
+        close |= framing == BodyFraming::Close;
+        let mut out = OutBuf::new();
+        head::write_response_head(
+            &mut out.0,
+            parts.status,
+            &parts.headers,
+            framing,
+            close,
+            version == Version::HTTP_10 && !close,
+            &date(),
+        );
+        drop(parts);
+        let complete = self.write_body(body, framing, out).await?;
+        Ok(complete && !close)
+    }
+
+    /// Whether the waiting bytes (a pipelined request) fill the buffer: stop reading ahead.
+    fn buf_full(&self) -> bool {
+        self.buf.bytes().len() >= BUF_SIZE
+    }
+
+    /// Streams `body` after the head in `out`: whether it was written whole.
+    async fn write_body<B>(
+        &mut self,
+        body: B,
+        framing: BodyFraming,
+        mut out: OutBuf,
+    ) -> Result<bool, ConnError>
+    where
+        B: Body<Error: Into<ConnError>>,
+    {
+        if framing == BodyFraming::NoBody {
+            drop(body);
+            self.write_all(&out.0).await?;
+            self.io.flush().await?;
+            return Ok(true);
+        }
+        let mut body = pin!(body);
+        let mut sent = 0u64;
+        loop {
+            let frame = match poll_once(body.as_mut()).await {
+                Some(f) => f,
+                None => {
+                    // Nothing ready: what is written goes out while the backend thinks.
+                    if !out.0.is_empty() {
+                        self.write_all(&out.0).await?;
+                        out.0.clear();
+                        self.io.flush().await?;
+                    }
+                    match self.idle {
+                        Some(idle) => {
+                            match tokio::time::timeout(idle, next_frame(body.as_mut())).await {
+                                Ok(f) => f,
+                                Err(_) => {
+                                    debug!("response body silent for the idle timeout");
+                                    return Ok(false);
+                                }
+                            }
+                        }
+                        None => next_frame(body.as_mut()).await,
+                    }
+                }
+            };
+            let Some(frame) = frame else { break };
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    let e: ConnError = e.into();
+                    debug!(error = %e, "response body failed; closing the connection");
+                    return Ok(false);
+                }
+            };
+            let Ok(mut data) = frame.into_data() else {
+                continue; // trailers are not forwarded
+            };
+            let len = data.remaining();
+            if len == 0 {
+                continue;
+            }
+            sent += len as u64;
+            if framing == BodyFraming::Chunked {
+                push_hex(&mut out.0, len);
+                out.0.extend_from_slice(b"\r\n");
+            }
+            while data.has_remaining() {
+                let chunk = data.chunk();
+                if out.0.len() + chunk.len() <= BUF_SIZE {
+                    out.0.extend_from_slice(chunk);
+                } else {
+                    self.write_all(&out.0).await?;
+                    out.0.clear();
+                    self.write_all(chunk).await?;
+                }
+                let n = chunk.len();
+                data.advance(n);
+            }
+            if framing == BodyFraming::Chunked {
+                out.0.extend_from_slice(b"\r\n");
+            }
+        }
+        if let BodyFraming::Length(n) = framing {
+            if sent != n {
+                debug!(sent, expected = n, "response body shorter than its length");
+                self.write_all(&out.0).await?;
+                return Ok(false);
+            }
+        }
+        if framing == BodyFraming::Chunked {
+            out.0.extend_from_slice(b"0\r\n\r\n");
+        }
+        self.write_all(&out.0).await?;
+        drop(out);
+        self.io.flush().await?;
+        Ok(framing != BodyFraming::Close)
+    }
+
+    /// Writes `data` whole; a write that makes no progress for the idle timeout fails.
+    async fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let io = &mut self.io;
+            let now = std::future::poll_fn(|cx| match Pin::new(&mut *io).poll_write(cx, data) {
+                Poll::Pending => Poll::Ready(None),
+                Poll::Ready(r) => Poll::Ready(Some(r)),
+            })
+            .await;
+            let n = match now {
+                Some(r) => r?,
+                None => match self.idle {
+                    Some(idle) => tokio::time::timeout(idle, self.io.write(data))
+                        .await
+                        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "write stalled"))??,
+                    None => self.io.write(data).await?,
+                },
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// After a `101`: the head to the client, then bytes both ways between the client and
+    /// the backend's upgraded connection until either closes.
+    async fn tunnel(&mut self, parts: &http::response::Parts, up: Upgrade) {
+        let mut out = OutBuf::new();
+        head::write_response_head(
+            &mut out.0,
+            parts.status,
+            &parts.headers,
+            BodyFraming::NoBody,
+            false,
+            false,
+            &date(),
+        );
+        if self.write_all(&out.0).await.is_err() || self.io.flush().await.is_err() {
+            return;
+        }
+        drop(out);
+        let backend = match up.backend.await {
+            Ok(b) => b,
+            Err(e) => {
+                debug!(error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let mut backend = hyper_util::rt::TokioIo::new(backend);
+        // Bytes the client sent after its request head belong to the new protocol.
+        let early = self.buf.take_all();
+        if !early.is_empty() && backend.write_all(&early).await.is_err() {
+            return;
+        }
+        up.open.inc();
+        match tokio::io::copy_bidirectional(&mut self.io, &mut backend).await {
+            Ok((up_bytes, down)) => debug!(up = up_bytes, down, "upgraded connection closed"),
+            Err(e) => debug!(error = %e, "upgraded connection ended"),
+        }
+        up.open.dec();
+    }
+}
+
+/// Polls `body` for a frame once: `None` when none is ready yet.
+async fn poll_once<B: Body>(
+    mut body: Pin<&mut B>,
+) -> Option<Option<Result<Frame<B::Data>, B::Error>>> {
+    std::future::poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+        Poll::Ready(f) => Poll::Ready(Some(f)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+async fn next_frame<B: Body>(mut body: Pin<&mut B>) -> Option<Result<Frame<B::Data>, B::Error>> {
+    std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+}
+
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut d = [0u8; 16];
+    let (mut i, mut n) = (d.len(), n);
+    loop {
+        i -= 1;
+        d[i] = HEX[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&d[i..]);
+}
+
+thread_local! {
+    /// The `Date` value of the current second on this thread.
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+}
+
+/// Now as an IMF-fixdate (RFC 9110 §5.6.7), formatted once per second per thread.
+fn date() -> [u8; 29] {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs {
+            *d = (secs, imf_fixdate(secs));
+        }
+        d.1
+    })
+}
+
+/// `Thu, 03 Dec 2026 23:41:53 GMT` from the seconds since the epoch.
+fn imf_fixdate(secs: u64) -> [u8; 29] {
+    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let days = secs / 86400;
+    let rem = secs % 86400;
+    let (y, m, d) = civil_from_days(days as i64);
+    let mut out = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+    let put = |out: &mut [u8; 29], at: usize, width: usize, mut n: u64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    out[..3].copy_from_slice(DAYS[(days % 7) as usize]);
+    put(&mut out, 5, 2, d);
+    out[8..11].copy_from_slice(MONTHS[(m - 1) as usize]);
+    put(&mut out, 12, 4, y.max(0) as u64);
+    put(&mut out, 17, 2, rem / 3600);
+    put(&mut out, 20, 2, rem % 3600 / 60);
+    put(&mut out, 23, 2, rem % 60);
+    out
+}
+
+/// Year, month (1–12), day from days since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u64, u64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u64;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+enum Decoding {
+    Length(u64),
+    Chunked(chunked::Decoder),
+}
+
+/// The connection's side of a request body: reads, decodes, hands pieces over.
+struct Pump {
+    tx: Option<mpsc::Sender<Piece>>,
+    decoding: Decoding,
+    expect_continue: bool,
+    finished: bool,
+}
+
+impl Pump {
+    fn new(framing: Framing, expect_continue: bool) -> (ClientBody, Pump) {
+        let decoding = match framing {
+            Framing::None => {
+                let pump = Pump {
+                    tx: None,
+                    decoding: Decoding::Length(0),
+                    expect_continue: false,
+                    finished: true,
+                };
+                return (ClientBody::Empty, pump);
+            }
+            Framing::Length(n) => Decoding::Length(n),
+            Framing::Chunked => Decoding::Chunked(chunked::Decoder::default()),
+        };
+        let (tx, rx) = BodyRx::channel(match decoding {
+            Decoding::Length(n) => Some(n),
+            Decoding::Chunked(_) => None,
+        });
+        let body = ClientBody::H1(rx);
+        (
+            body,
+            Pump {
+                tx: Some(tx),
+                decoding,
+                expect_continue,
+                finished: false,
+            },
+        )
+    }
+
+    /// Whether pieces are still to be handed over.
+    fn active(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Whether the whole body was read from the connection.
+    fn finished(&self) -> bool {
+        self.finished
+    }
+
+    fn fail(&mut self, e: ConnError) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.try_send(Piece::Failed(e));
+        }
+    }
+
+    /// Hands over the next piece, reading from the connection as needed. Cancel-safe: bytes
+    /// read stay in `buf`, the decoder only moves when a piece is handed over.
+    async fn step<I: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut I,
+        buf: &mut InBuf,
+    ) -> Result<(), ConnError> {
+        let Some(tx) = &self.tx else { return Ok(()) };
+        let Ok(permit) = tx.reserve().await else {
+            // The handler dropped the body: the rest stays unread.
+            self.tx = None;
+            return Ok(());
+        };
+        loop {
+            if !buf.is_empty() {
+                match &mut self.decoding {
+                    Decoding::Length(left) => {
+                        let n = buf
+                            .bytes()
+                            .len()
+                            .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                        let data = Bytes::copy_from_slice(&buf.bytes()[..n]);
+                        buf.consume(n);
+                        *left -= n as u64;
+                        if *left == 0 {
+                            self.finished = true;
+                            permit.send(Piece::Last(data));
+                            self.tx = None;
+                        } else {
+                            permit.send(Piece::Data(data));
+                        }
+                        return Ok(());
+                    }
+                    Decoding::Chunked(d) => {
+                        let r = d.decode(buf.bytes())?;
+                        let data = r
+                            .data
+                            .map(|range| Bytes::copy_from_slice(&buf.bytes()[range]))
+                            .unwrap_or_default();
+                        buf.consume(r.consumed);
+                        if d.is_done() {
+                            self.finished = true;
+                            permit.send(Piece::Last(data));
+                            self.tx = None;
+                            return Ok(());
+                        }
+                        if !data.is_empty() {
+                            permit.send(Piece::Data(data));
+                            return Ok(());
+                        }
+                        if r.consumed > 0 && !buf.is_empty() {
+                            continue;
+                        }
+                    }
+                }
+            }
+            if std::mem::take(&mut self.expect_continue) {
+                io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                io.flush().await?;
+            }
+            if buf.read(io, BUF_SIZE).await? == 0 {
+                return Err("the client closed its connection before the end of its body".into());
+            }
+        }
+    }
+}
+
+/// A stream whose first reads return `prefix` (bytes already read from it).
+pub struct Rewind<I> {
+    prefix: Bytes,
+    inner: I,
+}
+
+impl<I> Rewind<I> {
+    /// `inner`, with `prefix` read again first.
+    pub fn new(inner: I, prefix: Bytes) -> Rewind<I> {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(out.remaining());
+            out.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_imf_fixdates() {
+        assert_eq!(&imf_fixdate(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(
+            &imf_fixdate(1_796_341_313),
+            b"Thu, 03 Dec 2026 23:41:53 GMT"
+        );
+        assert_eq!(&imf_fixdate(951_782_400), b"Tue, 29 Feb 2000 00:00:00 GMT");
+    }
+
+    #[test]
+    fn hex_sizes() {
+        let mut v = Vec::new();
+        push_hex(&mut v, 0);
+        push_hex(&mut v, 255);
+        push_hex(&mut v, 16384);
+        assert_eq!(v, b"0ff4000");
+    }
+}

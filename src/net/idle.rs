@@ -1,5 +1,6 @@
 //! Closes client connections that move no bytes either way for a while (keep-alive idle
-//! timeout), for HTTP/1.1 and h2 alike.
+//! timeout), for HTTP/1.1 and h2 alike, and HTTP/1.1 connections that take too long to send
+//! a request head (the header-read timeout), on one lazy timer per connection.
 #![allow(clippy::disallowed_methods)] // I/O shell: the idle timer
 
 use std::future::Future;
@@ -13,36 +14,76 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 pin_project! {
-    /// An I/O stream that fails reads with `TimedOut` after `idle` without any traffic.
+    /// An I/O stream that fails reads with `TimedOut` after `idle` without any traffic, and
+    /// (for HTTP/1.1) when a request head is awaited for longer than the head deadline.
     pub struct IdleIo<T> {
         #[pin]
         inner: T,
         // Boxed so that the wrapper stays `Unpin` like the stream it wraps.
         sleep: Pin<Box<Sleep>>,
-        idle: Duration,
+        // The timer's period: the idle time, or the head deadline when that is shorter.
+        period: Duration,
+        // Periods of silence that end the connection (`u32::MAX`: never).
+        idle_periods: u32,
+        // Consecutive periods without a byte.
+        silent: u32,
         // Set by every read or write that moves bytes; the timer checks and clears it. This
-        // keeps clock reads off the data path: a connection closes after `idle` to `2 × idle`
-        // of silence.
+        // keeps clock reads and timer updates off the data path: a connection closes after
+        // `idle` to `idle + period` of silence.
         active: bool,
+        // A request head is awaited: since before the last tick (`Seen`) or since after it.
+        head: Head,
     }
 }
 
+/// Where the wait for a request head stands, as the timer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Head {
+    None,
+    Waiting,
+    Seen,
+}
+
 impl<T> IdleIo<T> {
-    /// Wraps `inner`.
+    /// Wraps `inner`: silence for `idle` ends it.
     pub fn new(inner: T, idle: Duration) -> Self {
+        Self::with_head_deadline(inner, Some(idle), idle)
+    }
+
+    /// Wraps `inner` for an HTTP/1.1 connection: silence for `idle` (if any) ends it, and so
+    /// does a wait for a request head ([`IdleIo::head_started`]) longer than `head`: it is
+    /// cut between `head` and twice `head`, with one timer per connection that is never
+    /// touched per request.
+    pub fn with_head_deadline(inner: T, idle: Option<Duration>, head: Duration) -> Self {
+        let head = head.max(Duration::from_millis(1));
+        let period = idle.map_or(head, |i| i.min(head));
+        let idle_periods = idle.map_or(u32::MAX, |i| {
+            u32::try_from(i.as_nanos().div_ceil(period.as_nanos())).unwrap_or(u32::MAX)
+        });
         IdleIo {
             inner,
-            sleep: Box::pin(tokio::time::sleep_until(Instant::now() + idle)),
-            idle,
+            sleep: Box::pin(tokio::time::sleep_until(Instant::now() + period)),
+            period,
+            idle_periods,
+            silent: 0,
             active: false,
+            head: Head::None,
         }
     }
-}
 
-impl<T> IdleIo<T> {
     /// The stream without the timer.
     pub fn into_inner(self) -> T {
         self.inner
+    }
+
+    /// A request head is now awaited.
+    pub fn head_started(&mut self) {
+        self.head = Head::Waiting;
+    }
+
+    /// The request head arrived.
+    pub fn head_done(&mut self) {
+        self.head = Head::None;
     }
 }
 
@@ -63,13 +104,28 @@ impl<T: AsyncRead> AsyncRead for IdleIo<T> {
             }
             Poll::Pending => loop {
                 ready!(this.sleep.as_mut().poll(cx));
-                if !std::mem::take(this.active) {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "idle timeout",
-                    )));
+                match *this.head {
+                    Head::Seen => {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no request head within the header-read timeout",
+                        )))
+                    }
+                    Head::Waiting => *this.head = Head::Seen,
+                    Head::None => {}
                 }
-                let next = Instant::now() + *this.idle;
+                if std::mem::take(this.active) {
+                    *this.silent = 0;
+                } else {
+                    *this.silent = this.silent.saturating_add(1);
+                    if *this.silent >= *this.idle_periods {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "idle timeout",
+                        )));
+                    }
+                }
+                let next = Instant::now() + *this.period;
                 this.sleep.as_mut().reset(next);
             },
         }

@@ -136,7 +136,6 @@ impl Default for ConnSettings {
 impl ConnSettings {
     fn h1(&self) -> h1::Options {
         h1::Options {
-            header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
             max_head: MAX_HEAD_BYTES,
         }
@@ -235,23 +234,10 @@ where
     if h2 {
         return Box::pin(serve_h2(io, Bytes::new(), settings, svc, shutdown, cert)).await;
     }
-    let ended = match settings.idle_timeout {
-        Some(idle) => match h1::serve(
-            IdleIo::new(io, idle),
-            &svc,
-            &settings.h1(),
-            shutdown,
-            cert.as_ref(),
-        )
-        .await?
-        {
-            h1::Ended::Closed => return Ok(()),
-            h1::Ended::H2(io, read) => (io.into_inner(), read),
-        },
-        None => match h1::serve(io, &svc, &settings.h1(), shutdown, cert.as_ref()).await? {
-            h1::Ended::Closed => return Ok(()),
-            h1::Ended::H2(io, read) => (io, read),
-        },
+    let io = IdleIo::with_head_deadline(io, settings.idle_timeout, settings.header_read_timeout);
+    let ended = match h1::serve(io, &svc, &settings.h1(), shutdown, cert.as_ref()).await? {
+        h1::Ended::Closed => return Ok(()),
+        h1::Ended::H2(io, read) => (io.into_inner(), read),
     };
     Box::pin(serve_h2(ended.0, ended.1, settings, svc, shutdown, cert)).await
 }

@@ -1,17 +1,22 @@
 //! The upstream side: keep-alive HTTP/1.1 connections to backends, pooled per worker thread,
-//! each driven by hyper's client connection (`hyper::client::conn::http1`).
+//! spoken by lockstep itself on `httparse` (the same head and chunked rules as
+//! [`super::h1`]).
 //!
-//! A pool's [`Clients`] hold, on each thread that sends its requests, a list of idle
-//! connections per backend address. A request takes the most recently used idle connection
-//! (or opens one within `connect_timeout`), and its connection comes back when the response
-//! body has been read to its end ([`UpstreamBody`]); a body dropped before its end drops the
-//! connection. A connection the backend closed while idle is found closed and dropped; a
-//! request that could not be written on it (the backend closed it just then) is sent again on
-//! a new connection, as nothing of it reached the backend. Requests, their connections and
-//! responses stay on one thread, as in nginx's workers: no wake-up crosses threads.
+//! A request is written and its response read by the task that serves the client: no
+//! connection task, no channel, no wake-up between tasks (with hyper's client connection every
+//! exchange crossed two channels and two tasks; that was a third of the proxy's CPU per
+//! request). The response body ([`UpstreamBody`]) owns the connection and reads it as it is
+//! polled; when the body has been read to its end the connection goes back to this thread's
+//! pool, unless either side said `close`. A body dropped before its end drops the connection.
+//!
+//! A pooled connection the backend has closed is the classic keep-alive race: a request that
+//! may be replayed (no body, idempotent method) is sent optimistically and, when the reused
+//! connection gives back nothing at all, sent again on a new connection; any other request
+//! first checks that the pooled connection is still open (one non-blocking read).
 #![allow(clippy::disallowed_methods)] // I/O shell: idle ages of pooled connections
 
 use std::cell::RefCell;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
@@ -19,15 +24,18 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::body::RequestBody;
+use super::body::{ConnError, RequestBody};
+use super::h1::buf::{InBuf, OutBuf, BUF_SIZE};
+use super::h1::chunked;
+use super::h1::head::{push_decimal, MAX_HEADERS};
+use super::server::MAX_HEAD_BYTES;
 
 /// How long an unused keep-alive connection to a backend is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
@@ -43,23 +51,26 @@ pub enum UpstreamError {
         /// The backend.
         addr: SocketAddr,
         /// What the connect said.
-        source: std::io::Error,
+        source: io::Error,
     },
-    /// The request target names no backend address.
-    #[error("the request names no backend address")]
-    NoAddress,
-    /// The exchange failed once the connection was open.
-    #[error(transparent)]
-    Request(#[from] hyper::Error),
+    /// The connection failed while the request was written or the response head read.
+    #[error("backend connection: {0}")]
+    Io(#[from] io::Error),
+    /// The backend closed the connection without answering.
+    #[error("the backend closed the connection without an answer")]
+    Closed,
+    /// The response head is not HTTP/1.x as RFC 9112 has it (or too large).
+    #[error("malformed response from the backend: {0}")]
+    Malformed(&'static str),
+    /// The request body failed (the client's side).
+    #[error("request body: {0}")]
+    Body(ConnError),
 }
 
 impl UpstreamError {
     /// Whether no connection could be made (nothing reached the backend).
     pub fn is_connect(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::Connect { .. } | UpstreamError::NoAddress
-        )
+        matches!(self, UpstreamError::Connect { .. })
     }
 }
 
@@ -76,7 +87,7 @@ struct Settings {
 /// Idle connections to one backend, most recently used last.
 struct Idle {
     addr: SocketAddr,
-    conns: Vec<(SendRequest<RequestBody>, Instant)>,
+    conns: Vec<(TcpStream, Instant)>,
 }
 
 /// One pool's connections on this thread.
@@ -98,166 +109,493 @@ impl Clients {
         Clients(Arc::new(Settings { connect_timeout }))
     }
 
-    /// Sends `req` (its URI's authority is the backend's address) on a pooled connection of
-    /// this thread or a new one.
+    /// Sends the request of `parts` (its target in origin form) and `body` to the backend at
+    /// `addr`, on a pooled connection of this thread or a new one, with a `Host` (the
+    /// backend's address when the request has none). The head is written from `parts`
+    /// (nothing is copied for a retry elsewhere).
     pub async fn request(
         &self,
-        mut req: Request<RequestBody>,
+        addr: SocketAddr,
+        parts: &http::request::Parts,
+        mut body: RequestBody,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let addr: SocketAddr = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse().ok())
-            .ok_or(UpstreamError::NoAddress)?;
-        // A pooled connection, while one takes the request; then a new one.
-        while let Some(mut sender) = self.checkout(addr) {
-            if sender.ready().await.is_err() {
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.pooled(resp, sender, addr)),
-                Err(mut e) => match e.take_message() {
-                    // Not written: the backend had closed the connection. Try another.
-                    Some(back) => {
-                        debug!(backend.addr = %addr, error = %e.error(), "pooled connection closed; request not sent, trying another");
-                        req = back;
-                    }
-                    None => return Err(UpstreamError::Request(e.into_error())),
-                },
+        let mut head = OutBuf::new();
+        let framing = write_request_head(&mut head.0, addr, parts, &body);
+        let replayable = framing == ReqFraming::None
+            && matches!(
+                parts.method,
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+            );
+        let mut pooled = true;
+        loop {
+            let (stream, reused) = match pooled.then(|| self.checkout(addr, !replayable)).flatten()
+            {
+                Some(s) => (s, true),
+                // Boxed: connecting is the rare path, its future large.
+                None => (Box::pin(self.connect(addr)).await?, false),
+            };
+            let mut conn = Conn {
+                stream,
+                buf: InBuf::default(),
+            };
+            match conn
+                .exchange(&head.0, framing, &mut body, &parts.method)
+                .await
+            {
+                Ok((resp, body_framing, keep)) => {
+                    return Ok(resp.map(|()| UpstreamBody {
+                        state: State::from(body_framing),
+                        conn: Some(conn),
+                        keep_alive: keep,
+                        back: Some((addr, self.0.clone())),
+                    }));
+                }
+                Err((e, nothing)) if reused && nothing && replayable => {
+                    debug!(backend.addr = %addr, error = %e, "reused connection closed before an answer; sending again on a new one");
+                    pooled = false;
+                }
+                Err((e, _)) => return Err(e),
             }
         }
-        let mut sender = self.connect(addr).await?;
-        let resp = sender.send_request(req).await?;
-        Ok(self.pooled(resp, sender, addr))
     }
 
-    fn pooled(
-        &self,
-        resp: Response<Incoming>,
-        sender: SendRequest<RequestBody>,
-        addr: SocketAddr,
-    ) -> Response<UpstreamBody> {
-        resp.map(|inner| UpstreamBody {
-            inner,
-            back: Some(Back {
-                sender,
-                addr,
-                owner: self.0.clone(),
-            }),
-        })
-    }
-
-    async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<RequestBody>, UpstreamError> {
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
         let err = |source| UpstreamError::Connect { addr, source };
         let stream = tokio::time::timeout(self.0.connect_timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| {
-                err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connect timed out",
-                ))
-            })?
+            .map_err(|_| err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))?
             .map_err(err)?;
         stream.set_nodelay(true).map_err(err)?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                debug!(backend.addr = %addr, error = %e, "backend connection ended");
-            }
-        });
-        Ok(sender)
+        Ok(stream)
     }
 
-    /// The most recently used idle connection to `addr` on this thread that is still open.
-    fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<RequestBody>> {
+    /// The most recently used idle connection to `addr` on this thread (checked to be still
+    /// open when `check`).
+    fn checkout(&self, addr: SocketAddr, check: bool) -> Option<TcpStream> {
         LOCAL.with(|local| {
             let mut local = local.borrow_mut();
             let key = Arc::as_ptr(&self.0);
             let pool = local.iter_mut().find(|p| p.owner.as_ptr() == key)?;
             let idle = pool.backends.iter_mut().find(|b| b.addr == addr)?;
             let now = Instant::now();
-            while let Some((sender, since)) = idle.conns.pop() {
-                if !sender.is_closed() && now.duration_since(since) < POOL_IDLE {
-                    return Some(sender);
+            while let Some((stream, since)) = idle.conns.pop() {
+                if now.duration_since(since) >= POOL_IDLE {
+                    continue;
                 }
+                if check {
+                    let mut probe = [0u8; 1];
+                    match stream.try_read(&mut probe) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        _ => continue, // closed, or bytes nobody asked for
+                    }
+                }
+                return Some(stream);
             }
             None
         })
     }
 }
 
-/// What returns a connection to its pool.
-struct Back {
-    sender: SendRequest<RequestBody>,
-    addr: SocketAddr,
-    owner: Arc<Settings>,
+fn checkin(owner: &Arc<Settings>, addr: SocketAddr, stream: TcpStream) {
+    let _ = LOCAL.try_with(|local| {
+        let mut local = local.borrow_mut();
+        let key = Arc::as_ptr(owner);
+        let i = match local.iter().position(|p| p.owner.as_ptr() == key) {
+            Some(i) => i,
+            None => {
+                local.retain(|p| p.owner.strong_count() > 0);
+                local.push(ThreadPool {
+                    owner: Arc::downgrade(owner),
+                    backends: Vec::new(),
+                });
+                local.len() - 1
+            }
+        };
+        let pool = &mut local[i];
+        let j = match pool.backends.iter().position(|b| b.addr == addr) {
+            Some(j) => j,
+            None => {
+                pool.backends.push(Idle {
+                    addr,
+                    conns: Vec::new(),
+                });
+                pool.backends.len() - 1
+            }
+        };
+        let idle = &mut pool.backends[j];
+        if idle.conns.len() >= POOL_MAX_IDLE {
+            idle.conns.remove(0);
+        }
+        idle.conns.push((stream, Instant::now()));
+    });
 }
 
-impl Back {
-    fn checkin(self) {
-        let Back {
-            sender,
-            addr,
-            owner,
-        } = self;
-        if sender.is_closed() {
-            return;
+/// How a request body goes to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReqFraming {
+    None,
+    Length,
+    Chunked,
+}
+
+/// The request line and fields in origin form; `Host` added when missing; the framing field
+/// added when the body needs one. Returns how the body is framed.
+fn write_request_head(
+    out: &mut Vec<u8>,
+    addr: SocketAddr,
+    parts: &http::request::Parts,
+    body: &RequestBody,
+) -> ReqFraming {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut host = false;
+    let mut length = false;
+    for (name, value) in &parts.headers {
+        if *name == header::TRANSFER_ENCODING {
+            continue;
         }
-        let _ = LOCAL.try_with(|local| {
-            let mut local = local.borrow_mut();
-            let key = Arc::as_ptr(&owner);
-            let i = match local.iter().position(|p| p.owner.as_ptr() == key) {
-                Some(i) => i,
-                None => {
-                    local.retain(|p| p.owner.strong_count() > 0);
-                    local.push(ThreadPool {
-                        owner: Arc::downgrade(&owner),
-                        backends: Vec::new(),
-                    });
-                    local.len() - 1
+        host |= *name == header::HOST;
+        length |= *name == header::CONTENT_LENGTH;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !host {
+        out.extend_from_slice(format!("host: {addr}\r\n").as_bytes());
+    }
+    let framing = if body.is_end_stream() {
+        ReqFraming::None
+    } else if length {
+        ReqFraming::Length
+    } else if let Some(n) = body.size_hint().exact() {
+        out.extend_from_slice(b"content-length: ");
+        push_decimal(out, n);
+        out.extend_from_slice(b"\r\n");
+        ReqFraming::Length
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        ReqFraming::Chunked
+    };
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RespFraming {
+    None,
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: InBuf,
+}
+
+/// A failed exchange, and whether nothing at all came back (so a replay is safe).
+type Failed = (UpstreamError, bool);
+
+impl Conn {
+    /// Writes the request and reads the response head: the response, its body's framing and
+    /// whether the connection may be reused after it.
+    async fn exchange(
+        &mut self,
+        head: &[u8],
+        framing: ReqFraming,
+        body: &mut RequestBody,
+        method: &Method,
+    ) -> Result<(Response<()>, RespFraming, bool), Failed> {
+        let fresh = |e: io::Error| (UpstreamError::Io(e), true);
+        if framing == ReqFraming::None {
+            self.stream.write_all(head).await.map_err(fresh)?;
+        } else {
+            Box::pin(self.send_body(head, framing, body)).await?;
+        }
+        loop {
+            if !self.buf.is_empty() {
+                match parse_response(self.buf.bytes(), method) {
+                    Ok(Some((resp, framing, keep, n))) => {
+                        self.buf.consume(n);
+                        if resp.status().is_informational()
+                            && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+                        {
+                            continue; // 100 Continue, 103 Early Hints: not passed on
+                        }
+                        return Ok((resp, framing, keep));
+                    }
+                    Ok(None) => {}
+                    Err(why) => return Err((UpstreamError::Malformed(why), false)),
                 }
-            };
-            let pool = &mut local[i];
-            let idle = match pool.backends.iter().position(|b| b.addr == addr) {
-                Some(j) => &mut pool.backends[j],
-                None => {
-                    pool.backends.push(Idle {
-                        addr,
-                        conns: Vec::new(),
-                    });
-                    pool.backends.last_mut().expect("just pushed")
-                }
-            };
-            if idle.conns.len() >= POOL_MAX_IDLE {
-                idle.conns.remove(0);
             }
-            idle.conns.push((sender, Instant::now()));
-        });
+            let nothing = self.buf.is_empty();
+            match self.buf.read(&mut self.stream, MAX_HEAD_BYTES).await {
+                Ok(0) => {
+                    return Err((
+                        if nothing {
+                            UpstreamError::Closed
+                        } else {
+                            UpstreamError::Malformed("connection closed inside the response head")
+                        },
+                        nothing,
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) if self.buf.bytes().len() >= MAX_HEAD_BYTES => {
+                    let _ = e;
+                    return Err((UpstreamError::Malformed("response head too large"), false));
+                }
+                Err(e) => return Err((UpstreamError::Io(e), nothing)),
+            }
+        }
+    }
+
+    /// The head, then the body as it comes (chunked when its length is unknown).
+    async fn send_body(
+        &mut self,
+        head: &[u8],
+        framing: ReqFraming,
+        body: &mut RequestBody,
+    ) -> Result<(), Failed> {
+        let io = |e: io::Error| (UpstreamError::Io(e), false);
+        let mut out = OutBuf::new();
+        out.0.extend_from_slice(head);
+        loop {
+            let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
+            let data = match frame {
+                None => break,
+                Some(Err(e)) => return Err((UpstreamError::Body(e), false)),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => d,
+                    Err(_) => continue, // trailers are not forwarded
+                },
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if framing == ReqFraming::Chunked {
+                push_hex(&mut out.0, data.len());
+                out.0.extend_from_slice(b"\r\n");
+            }
+            if out.0.len() + data.len() <= BUF_SIZE {
+                out.0.extend_from_slice(&data);
+            } else {
+                self.stream.write_all(&out.0).await.map_err(io)?;
+                out.0.clear();
+                self.stream.write_all(&data).await.map_err(io)?;
+            }
+            if framing == ReqFraming::Chunked {
+                out.0.extend_from_slice(b"\r\n");
+            }
+        }
+        if framing == ReqFraming::Chunked {
+            out.0.extend_from_slice(b"0\r\n\r\n");
+        }
+        self.stream.write_all(&out.0).await.map_err(io)
     }
 }
 
-/// A backend's response body; its connection goes back to the pool once the body has been
-/// read to its end (also when it is dropped then: a HEAD or 304 answer has an empty one).
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(format!("{n:x}").as_bytes());
+}
+
+/// Parses a response head: the response (without body), its body's framing, whether the
+/// connection may serve another request, and the bytes taken; `Ok(None)` while incomplete.
+fn parse_response(
+    buf: &[u8],
+    method: &Method,
+) -> Result<Option<(Response<()>, RespFraming, bool, usize)>, &'static str> {
+    let mut fields =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut r,
+        buf,
+        &mut fields,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
+            return Err("response head too large")
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err("too many header fields"),
+        Err(_) => return Err("malformed response head"),
+    };
+    let status = r
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or("bad status code")?;
+    let version = if r.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let shared = Bytes::copy_from_slice(&buf[..len]);
+    let mut headers = HeaderMap::with_capacity(r.headers.len());
+    let (mut length, mut chunked_last, mut codings) = (None::<u64>, false, 0u32);
+    let (mut close, mut keep_alive) = (false, false);
+    for f in r.headers.iter() {
+        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "bad header name")?;
+        let at = f.value.as_ptr() as usize - buf.as_ptr() as usize;
+        let value = HeaderValue::from_maybe_shared(shared.slice(at..at + f.value.len()))
+            .map_err(|_| "bad header value")?;
+        if name == header::CONTENT_LENGTH {
+            for v in f.value.split(|&b| b == b',') {
+                let v = trim(v);
+                if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+                    return Err("bad Content-Length");
+                }
+                let n = v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                if length.is_some_and(|l| l != n) {
+                    return Err("conflicting Content-Length");
+                }
+                length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            for c in f
+                .value
+                .split(|&b| b == b',')
+                .map(trim)
+                .filter(|c| !c.is_empty())
+            {
+                codings += 1;
+                chunked_last = c.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name == header::CONNECTION {
+            for t in f.value.split(|&b| b == b',').map(trim) {
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    let framing = if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        RespFraming::None
+    } else if codings > 0 {
+        if chunked_last && codings == 1 {
+            RespFraming::Chunked
+        } else {
+            // Another coding last: the body runs to the end of the connection (§6.3 ¶4).
+            RespFraming::Close
+        }
+    } else {
+        match length {
+            Some(0) => RespFraming::None,
+            Some(n) => RespFraming::Length(n),
+            None => RespFraming::Close,
+        }
+    };
+    let keep = !close
+        && framing != RespFraming::Close
+        && (version == Version::HTTP_11 || keep_alive)
+        && status != StatusCode::SWITCHING_PROTOCOLS;
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = headers;
+    Ok(Some((resp, framing, keep, len)))
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    let start = v
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(start, |e| e + 1);
+    &v[start..end]
+}
+
+/// Where a response body is.
+enum State {
+    Length(u64),
+    Chunked(chunked::Decoder),
+    Close,
+    Done,
+}
+
+impl From<RespFraming> for State {
+    fn from(f: RespFraming) -> State {
+        match f {
+            RespFraming::None => State::Done,
+            RespFraming::Length(n) => State::Length(n),
+            RespFraming::Chunked => State::Chunked(chunked::Decoder::default()),
+            RespFraming::Close => State::Close,
+        }
+    }
+}
+
+/// A backend's response body, read from its connection as it is polled; the connection goes
+/// back to the pool once the body has been read to its end (also when the body is dropped
+/// then: a HEAD or 304 answer has none).
 pub struct UpstreamBody {
-    inner: Incoming,
-    back: Option<Back>,
+    state: State,
+    conn: Option<Conn>,
+    keep_alive: bool,
+    back: Option<(SocketAddr, Arc<Settings>)>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamBody")
-            .field("pooled", &self.back.is_some())
+            .field("done", &matches!(self.state, State::Done))
             .finish()
     }
 }
 
+impl UpstreamBody {
+    /// After a `101`: the backend's connection, with the bytes it sent after the head first.
+    pub fn into_upgraded(mut self) -> Option<super::h1::Rewind<TcpStream>> {
+        self.back = None;
+        let mut conn = self.conn.take()?;
+        let early = conn.buf.take_all();
+        Some(super::h1::Rewind::new(conn.stream, early))
+    }
+
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let (Some(conn), Some((addr, owner))) = (self.conn.take(), self.back.take()) {
+            if self.keep_alive && conn.buf.is_empty() {
+                checkin(&owner, addr, conn.stream);
+            }
+        }
+    }
+}
+
 impl Drop for UpstreamBody {
+    /// A body dropped unread whose rest has already arrived (a health check's, a short
+    /// answer the client no longer wants) still gives its connection back.
     fn drop(&mut self) {
-        if let Some(back) = self.back.take() {
-            if self.inner.is_end_stream() {
-                back.checkin();
+        if let Some(conn) = &mut self.conn {
+            let rest = conn.buf.bytes();
+            let complete = match &mut self.state {
+                State::Done => true,
+                State::Length(left) => rest.len() as u64 == *left,
+                State::Chunked(d) => d
+                    .decode(rest)
+                    .is_ok_and(|r| d.is_done() && r.consumed == rest.len()),
+                State::Close => false,
+            };
+            if complete {
+                let n = rest.len();
+                conn.buf.consume(n);
+                self.finish();
             }
         }
     }
@@ -265,57 +603,131 @@ impl Drop for UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ConnError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(None) => {
-                if let Some(back) = self.back.take() {
-                    back.checkin();
+    ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if !conn.buf.is_empty() {
+                match &mut this.state {
+                    State::Done => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    State::Length(left) => {
+                        let n = conn
+                            .buf
+                            .bytes()
+                            .len()
+                            .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                        let data = Bytes::copy_from_slice(&conn.buf.bytes()[..n]);
+                        conn.buf.consume(n);
+                        *left -= n as u64;
+                        if *left == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    State::Chunked(d) => {
+                        let r = match d.decode(conn.buf.bytes()) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                this.conn = None;
+                                return Poll::Ready(Some(Err(e.into())));
+                            }
+                        };
+                        let data = r
+                            .data
+                            .map(|range| Bytes::copy_from_slice(&conn.buf.bytes()[range]));
+                        conn.buf.consume(r.consumed);
+                        if d.is_done() {
+                            this.finish();
+                        }
+                        match data {
+                            Some(data) if !data.is_empty() => {
+                                return Poll::Ready(Some(Ok(Frame::data(data))))
+                            }
+                            _ if matches!(this.state, State::Done) => return Poll::Ready(None),
+                            _ => continue,
+                        }
+                    }
+                    State::Close => {
+                        let data = conn.buf.take_all();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
                 }
             }
-            Poll::Ready(Some(Err(_))) => self.back = None,
-            _ => {}
+            if matches!(this.state, State::Done) {
+                this.finish();
+                return Poll::Ready(None);
+            }
+            match std::task::ready!(conn.buf.poll_read(cx, &mut conn.stream, BUF_SIZE)) {
+                Ok(0) => {
+                    if matches!(this.state, State::Close) {
+                        this.state = State::Done;
+                        this.conn = None;
+                        return Poll::Ready(None);
+                    }
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(
+                        "the backend closed the connection before the end of the body".into(),
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        matches!(self.state, State::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl UpstreamBody {
-    /// The backend's upgraded connection after a `101` (the connection leaves the pool).
-    pub fn on_upgrade(resp: &mut Response<UpstreamBody>) -> hyper::upgrade::OnUpgrade {
-        resp.body_mut().back = None;
-        hyper::upgrade::on(resp)
+        match self.state {
+            State::Done => SizeHint::with_exact(0),
+            State::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
 
-    /// A backend answering `n` keep-alive requests per connection with "ok"; counts accepts.
-    async fn backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// A backend answering each request head with `answer`; records request heads, counts
+    /// accepts.
+    async fn backend(
+        answer: &'static [u8],
+    ) -> (
+        SocketAddr,
+        Arc<AtomicUsize>,
+        Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let a = accepts.clone();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (a, h) = (accepts.clone(), heads.clone());
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = l.accept().await.unwrap();
-                a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                a.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut seen = Vec::new();
@@ -328,11 +740,11 @@ mod tests {
                         }
                         seen.extend_from_slice(&buf[..n]);
                         while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            h.lock()
+                                .unwrap()
+                                .push(String::from_utf8_lossy(&seen[..end]).into_owned());
                             seen.drain(..end + 4);
-                            if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                                .await
-                                .is_err()
-                            {
+                            if s.write_all(answer).await.is_err() {
                                 return;
                             }
                         }
@@ -340,36 +752,94 @@ mod tests {
                 });
             }
         });
-        (addr, accepts)
+        (addr, accepts, heads)
     }
 
-    fn get(addr: SocketAddr) -> Request<RequestBody> {
-        Request::get(format!("http://{addr}/"))
-            .body(RequestBody::Empty)
+    async fn get(
+        clients: &Clients,
+        addr: SocketAddr,
+        method: Method,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let parts = Request::builder()
+            .method(method)
+            .uri("/p?q=1")
+            .body(())
             .unwrap()
+            .into_parts()
+            .0;
+        clients.request(addr, &parts, RequestBody::Empty).await
     }
 
     #[tokio::test]
-    async fn a_read_response_gives_its_connection_back() {
-        use http_body_util::BodyExt;
-        let (addr, accepts) = backend().await;
+    async fn reads_bodies_reuses_connections_and_sends_origin_form_with_host() {
+        let (addr, accepts, heads) =
+            backend(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         let clients = Clients::new(Duration::from_secs(1));
         for _ in 0..5 {
-            let resp = clients.request(get(addr)).await.unwrap();
+            let resp = get(&clients, addr, Method::GET).await.unwrap();
+            assert_eq!(resp.status(), 200);
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, "ok");
         }
-        assert_eq!(
-            accepts.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "one connection reused"
-        );
-        // A body dropped before its end takes its connection with it.
-        let resp = clients.request(get(addr)).await.unwrap();
+        assert_eq!(accepts.load(Ordering::SeqCst), 1, "one connection reused");
+        let head = heads.lock().unwrap()[0].clone();
+        assert!(head.starts_with("GET /p?q=1 HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains(&format!("host: {addr}")), "{head}");
+        // A body dropped unread whose bytes have all arrived still gives the connection back.
+        let resp = get(&clients, addr, Method::GET).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
         drop(resp);
-        let resp = clients.request(get(addr)).await.unwrap();
-        let _ = resp.into_body().collect().await.unwrap();
-        assert!(accepts.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+        let _ = get(&clients, addr, Method::GET).await.unwrap();
+        assert_eq!(accepts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn chunked_and_close_delimited_bodies() {
+        let (addr, accepts, _) = backend(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
+        )
+        .await;
+        let clients = Clients::new(Duration::from_secs(1));
+        for _ in 0..2 {
+            let resp = get(&clients, addr, Method::GET).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "abcde");
+        }
+        assert_eq!(accepts.load(Ordering::SeqCst), 1);
+        let (addr, accepts, _) = backend(b"HTTP/1.0 200 OK\r\n\r\nuntil the end").await;
+        let resp = get(&clients, addr, Method::GET).await;
+        // The backend keeps the connection open: read what came, then the test ends.
+        let mut body = resp.unwrap().into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "until the end");
+        assert_eq!(accepts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped_and_head_has_no_body() {
+        let (addr, _, _) =
+            backend(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+                .await;
+        let clients = Clients::new(Duration::from_secs(1));
+        let resp = get(&clients, addr, Method::HEAD).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.body().is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_are_errors() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: -2\r\n\r\nok",
+            b"NOT HTTP\r\n\r\n",
+        ] {
+            let answer: &'static [u8] = Box::leak(answer.to_vec().into_boxed_slice());
+            let (addr, _, _) = backend(answer).await;
+            let e = get(&Clients::new(Duration::from_secs(1)), addr, Method::GET)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, UpstreamError::Malformed(_)), "{e}");
+        }
     }
 
     #[tokio::test]
@@ -377,10 +847,33 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        let e = Clients::new(Duration::from_secs(1))
-            .request(get(addr))
+        let e = get(&Clients::new(Duration::from_secs(1)), addr, Method::GET)
             .await
             .unwrap_err();
         assert!(e.is_connect(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_backend_closed_is_replaced_for_a_replayable_request() {
+        // Answers one request per connection, then closes (without saying so).
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            }
+        });
+        let clients = Clients::new(Duration::from_secs(1));
+        for _ in 0..3 {
+            let resp = get(&clients, addr, Method::GET).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "ok");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Uri};
+use http::Request;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,10 +55,13 @@ async fn check_loop(
     else {
         return;
     };
-    let uri: Uri = match format!("http://{}{}", backend.config.address, hc.path).parse() {
-        Ok(u) => u,
-        Err(_) => return,
+    let Ok(req) = Request::get(hc.path.as_str())
+        .header(http::header::USER_AGENT, "lockstep-health-check")
+        .body(())
+    else {
+        return;
     };
+    let (parts, ()) = req.into_parts();
     tokio::select! {
         _ = stop.cancelled() => return,
         _ = tokio::time::sleep(jitter) => {}
@@ -70,11 +73,8 @@ async fn check_loop(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let req = Request::get(uri.clone())
-            .header(http::header::USER_AGENT, "lockstep-health-check")
-            .body(RequestBody::Empty);
-        let Ok(req) = req else { return };
-        let outcome = tokio::time::timeout(hc.timeout, client.request(req)).await;
+        let check = client.request(backend.config.address, &parts, RequestBody::Empty);
+        let outcome = tokio::time::timeout(hc.timeout, check).await;
         let (ok, why) = match outcome {
             Ok(Ok(resp)) => {
                 let s = resp.status();

@@ -1,8 +1,8 @@
 //! The upstream phases of one request, named as Pingora's `ProxyHttp` names them, each a
 //! function of its own: [`prepare`] (the request as backends get it: hash key, hop-by-hop
 //! headers, `X-Forwarded-*`, `Via`; what may be replayed), [`choose`] (which backend: health,
-//! tried ones, the pool's policy), [`upstream_request`] (one attempt's request), [`send`] (the
-//! exchange under `response_timeout`, counted in flight by a guard, its failure classified),
+//! tried ones, the pool's policy), [`send`] (one attempt: the exchange under
+//! `response_timeout`, counted in flight by a guard, its failure classified),
 //! [`crate::proxy::retry::after_failure`] (retry or answer, pure) and [`respond`] (the response
 //! as the client gets it, upgrades bridged). [`forward`] runs them in order.
 #![allow(clippy::disallowed_methods)] // I/O shell: the request path: latency, the balancer's `now` and random draw
@@ -30,10 +30,9 @@ use crate::router::balance::hash_key;
 
 /// A request made ready for backends.
 pub struct Prepared {
-    /// Method, version and rewritten headers (the URI is set per attempt).
+    /// Method, target (origin form), version and rewritten headers, as every attempt sends
+    /// them.
     parts: http::request::Parts,
-    /// The target's path and query.
-    path_and_query: http::uri::PathAndQuery,
     /// The body, until an attempt takes it.
     body: Option<RequestBody>,
     /// Raised when reading the client's body failed.
@@ -68,11 +67,14 @@ pub fn prepare(
     let key = key_of(cfg, ctx.peer.ip(), req.headers());
     let wants_upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let (mut parts, body) = req.into_parts();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if parts.uri.authority().is_some() {
+        let origin = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(origin);
+    }
     let via = if parts.version == Version::HTTP_2 {
         "2 lockstep"
     } else {
@@ -106,7 +108,6 @@ pub fn prepare(
     });
     Prepared {
         parts,
-        path_and_query,
         body,
         client_failed,
         wants_upgrade,
@@ -136,46 +137,25 @@ pub fn choose(
     )
 }
 
-/// Phase 3: the request of one attempt to backend `authority`; the `last` attempt takes the
-/// headers, earlier ones copy them for a retry. `None` when the target cannot be a URI.
-pub fn upstream_request(
-    p: &mut Prepared,
-    authority: &http::uri::Authority,
-    last: bool,
-) -> Option<Request<RequestBody>> {
-    let mut target = http::uri::Parts::default();
-    target.scheme = Some(http::uri::Scheme::HTTP);
-    target.authority = Some(authority.clone());
-    target.path_and_query = Some(p.path_and_query.clone());
-    let uri = Uri::from_parts(target).ok()?;
-    let mut up = Request::new(p.body.take().unwrap_or(RequestBody::Empty));
-    *up.method_mut() = p.parts.method.clone();
-    *up.uri_mut() = uri;
-    *up.version_mut() = Version::HTTP_11;
-    *up.headers_mut() = if last {
-        std::mem::take(&mut p.parts.headers)
-    } else {
-        p.parts.headers.clone()
-    };
-    Some(up)
-}
-
-/// Phase 4: sends `up` to backend `i`, counted in flight for as long as the exchange lives
-/// (the guard also ends the count when this future is dropped: an h2 reset, a client gone),
-/// under the pool's `response_timeout`; records latency and the passive-health outcome.
+/// Phase 3: sends the request to backend `i` (the body goes with the first attempt that
+/// takes it), counted in flight for as long as the exchange lives (the guard also ends the
+/// count when this future is dropped: an h2 reset, a client gone), under the pool's
+/// `response_timeout`; records latency and the passive-health outcome.
 pub async fn send(
     pool: &PoolState,
     i: usize,
     client: &Clients,
-    up: Request<RequestBody>,
-    client_failed: Option<&AtomicBool>,
+    p: &mut Prepared,
 ) -> Result<Response<UpstreamBody>, Fault> {
+    let body = p.body.take().unwrap_or(RequestBody::Empty);
+    let client_failed = p.client_failed.as_deref();
     let backend = &pool.backends[i];
     let cfg = &pool.config;
     let result = {
         let _in_flight = backend.start_request();
         let sent = Instant::now();
-        let r = tokio::time::timeout(cfg.response_timeout, client.request(up)).await;
+        let up = client.request(backend.config.address, &p.parts, body);
+        let r = tokio::time::timeout(cfg.response_timeout, up).await;
         (r, sent, Instant::now())
     };
     match result {
@@ -213,21 +193,21 @@ pub async fn send(
     }
 }
 
-/// Phase 6: the backend's response as the client gets it: hop-by-hop headers gone, body
+/// Phase 5: the backend's response as the client gets it: hop-by-hop headers gone, body
 /// streamed; a `101` to a client that asked for the upgrade bridges the two connections.
 pub fn respond(
-    mut resp: Response<UpstreamBody>,
+    resp: Response<UpstreamBody>,
     wants_upgrade: bool,
     ctx: &ConnCtx,
 ) -> Response<ResponseBody> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS && wants_upgrade {
-        let backend = UpstreamBody::on_upgrade(&mut resp);
-        let (mut parts, _) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, true);
-        parts.extensions.insert(Upgrade {
-            backend,
-            open: ctx.tunnels.clone(),
-        });
+        if let Some(backend) = body.into_upgraded() {
+            parts
+                .extensions
+                .insert(Upgrade::new(backend, ctx.tunnels.clone()));
+        }
         return Response::from_parts(parts, local(Bytes::new()));
     }
     let (mut parts, body) = resp.into_parts();
@@ -257,11 +237,7 @@ pub async fn forward(
         if attempt > 0 {
             pool.retries.inc();
         }
-        let backend = &pool.backends[i];
-        let Some(up) = upstream_request(&mut p, &backend.authority, attempt + 1 == attempts) else {
-            return (plain(StatusCode::BAD_REQUEST, "bad request target\n"), None);
-        };
-        match send(pool, i, client, up, p.client_failed.as_deref()).await {
+        match send(pool, i, client, &mut p).await {
             Ok(resp) => return (respond(resp, p.wants_upgrade, ctx), Some(i)),
             Err(fault) => match retry::after_failure(fault, p.retryable) {
                 Next::Retry => failed = true,

@@ -19,7 +19,10 @@ pub const BUF_SIZE: usize = 16 * 1024;
 const POOL_MAX: usize = 256;
 
 thread_local! {
+    /// Read buffers: `BUF_SIZE` bytes long, zeroed once.
     static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// Write buffers: empty, `BUF_SIZE` bytes of capacity.
+    static OUT_POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A zeroed buffer of `BUF_SIZE` bytes (its length is its size; zeroed once, then reused).
@@ -142,9 +145,11 @@ pub struct OutBuf(pub Vec<u8>);
 impl OutBuf {
     /// An empty buffer from the pool.
     pub fn new() -> OutBuf {
-        let mut v = take();
-        v.clear();
-        OutBuf(v)
+        OutBuf(
+            OUT_POOL
+                .with(|p| p.borrow_mut().pop())
+                .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE)),
+        )
     }
 }
 
@@ -158,9 +163,13 @@ impl Drop for OutBuf {
     fn drop(&mut self) {
         let mut v = std::mem::take(&mut self.0);
         if v.capacity() >= BUF_SIZE && v.capacity() <= 2 * BUF_SIZE {
-            v.resize(BUF_SIZE, 0);
-            v.truncate(BUF_SIZE);
-            give(v);
+            v.clear();
+            let _ = OUT_POOL.try_with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOL_MAX {
+                    p.push(v);
+                }
+            });
         }
     }
 }

@@ -83,9 +83,11 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)
         .unwrap_or(buf.len());
     let buf_all = buf;
     let buf = &buf[skip..];
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    let len = match req.parse(buf) {
+    // Left uninitialised: zeroing 100 fields per request cost more than parsing them.
+    let mut fields =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut fields) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => {
             return if buf_all.len() >= max_head {

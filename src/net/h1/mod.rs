@@ -33,6 +33,7 @@ use std::cell::RefCell;
 use std::convert::Infallible;
 use std::io;
 use std::pin::{pin, Pin};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -49,6 +50,7 @@ use tracing::debug;
 use self::buf::{InBuf, OutBuf, BUF_SIZE};
 use self::head::{BodyFraming, Framing, Head, HeadError};
 use super::body::{BodyRx, ClientBody, ConnError, Piece};
+use super::idle::IdleIo;
 use super::tls::PeerCertificate;
 
 /// The HTTP/2 connection preface's first line: a plain connection starting with it speaks h2c.
@@ -57,8 +59,6 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 /// How one connection is served.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Time to receive a whole request head, from the moment the connection waits for one.
-    pub header_read_timeout: Duration,
     /// A write stalled (or a body silent) this long ends the connection.
     pub idle_timeout: Option<Duration>,
     /// Largest request head.
@@ -73,25 +73,40 @@ pub enum Ended<I> {
     H2(I, Bytes),
 }
 
+/// An upgraded connection to a backend (bytes both ways).
+pub trait Tunnel: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Tunnel for T {}
+
 /// Put in a `101 Switching Protocols` response's extensions: the backend's side of the
 /// upgrade, joined with the client's connection once the 101 is written.
 #[derive(Clone)]
 pub struct Upgrade {
-    /// The backend's upgraded connection, when it is ready.
-    pub backend: hyper::upgrade::OnUpgrade,
+    /// The backend's upgraded connection (taken once).
+    pub backend: Arc<std::sync::Mutex<Option<Box<dyn Tunnel>>>>,
     /// Tunnels open now (counted while this one is).
     pub open: Gauge,
+}
+
+impl Upgrade {
+    /// An upgrade to `backend`, counted in `open`.
+    pub fn new(backend: impl Tunnel + 'static, open: Gauge) -> Upgrade {
+        Upgrade {
+            backend: Arc::new(std::sync::Mutex::new(Some(Box::new(backend)))),
+            open,
+        }
+    }
 }
 
 /// Serves requests on `io` with `svc` until either side closes; at `shutdown` an idle
 /// connection closes at once and a busy one after its response.
 pub async fn serve<I, S, B>(
-    io: I,
+    io: IdleIo<I>,
     svc: &S,
     opts: &Options,
     shutdown: &CancellationToken,
     cert: Option<&PeerCertificate>,
-) -> Result<Ended<I>, ConnError>
+) -> Result<Ended<IdleIo<I>>, ConnError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send,
     S: hyper::service::Service<Request<ClientBody>, Response = Response<B>, Error = Infallible>,
@@ -102,6 +117,7 @@ where
         buf: InBuf::default(),
         idle: opts.idle_timeout,
     };
+    // The header-read deadline is the stream's own lazy timer (no timer per request).
     let mut stop = pin!(shutdown.clone().cancelled_owned());
     let mut first = true;
     loop {
@@ -128,7 +144,7 @@ where
         };
         first = false;
         let keep = Box::pin(conn.exchange(head, svc, shutdown, cert)).await?;
-        if !keep || shutdown.is_cancelled() {
+        if !keep {
             let _ = conn.io.shutdown().await;
             return Ok(Ended::Closed);
         }
@@ -147,21 +163,32 @@ enum Refused {
 }
 
 struct Conn<I> {
-    io: I,
+    io: IdleIo<I>,
     buf: InBuf,
     idle: Option<Duration>,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
-    /// Waits for a whole request head within the header-read timeout.
+    /// Waits for a whole request head within the header-read timeout (the stream's timer
+    /// cuts the wait between one and two times the timeout).
     async fn read_head(
+        &mut self,
+        opts: &Options,
+        stop: Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
+        first: bool,
+    ) -> Result<HeadRead, Refused> {
+        self.io.head_started();
+        let r = self.wait_head(opts, stop, first).await;
+        self.io.head_done();
+        r
+    }
+
+    async fn wait_head(
         &mut self,
         opts: &Options,
         mut stop: Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
         first: bool,
     ) -> Result<HeadRead, Refused> {
-        let deadline = tokio::time::sleep(opts.header_read_timeout);
-        let mut deadline = pin!(deadline);
         loop {
             if !self.buf.is_empty() {
                 let bytes = self.buf.bytes();
@@ -185,16 +212,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
                 biased;
                 r = self.buf.read(&mut self.io, opts.max_head) => match r {
                     Ok(n) => n,
-                    Err(e) if waiting => {
-                        debug!(error = %e, "connection closed while idle");
+                    Err(e) if waiting || e.kind() == io::ErrorKind::TimedOut => {
+                        debug!(error = %e, partial = !waiting, "connection closed while waiting for a request head");
                         return Ok(HeadRead::Closed);
                     }
                     Err(e) => return Err(Refused::Io(e)),
                 },
-                _ = &mut deadline => {
-                    debug!(partial = !waiting, "no request head within the header-read timeout");
-                    return Ok(HeadRead::Closed);
-                }
                 _ = stop.as_mut(), if waiting => return Ok(HeadRead::Closed),
             };
             if n == 0 {
@@ -270,7 +293,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(up) = parts.extensions.remove::<Upgrade>() {
                 drop(body);
-                self.tunnel(&parts, up).await;
+                Box::pin(self.tunnel(&parts, up)).await;
                 return Ok(false);
             }
             // A 101 nobody asked for is not passed on.
@@ -330,7 +353,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
                     }
                     match self.idle {
                         Some(idle) => {
-                            match tokio::time::timeout(idle, next_frame(body.as_mut())).await {
+                            // Boxed: the timer is only needed on this slow path.
+                            match Box::pin(tokio::time::timeout(idle, next_frame(body.as_mut())))
+                                .await
+                            {
                                 Ok(f) => f,
                                 Err(_) => {
                                     debug!("response body silent for the idle timeout");
@@ -407,7 +433,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
             let n = match now {
                 Some(r) => r?,
                 None => match self.idle {
-                    Some(idle) => tokio::time::timeout(idle, self.io.write(data))
+                    // The client reads slowly: the timer, boxed, only on this path.
+                    Some(idle) => Box::pin(tokio::time::timeout(idle, self.io.write(data)))
                         .await
                         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "write stalled"))??,
                     None => self.io.write(data).await?,
@@ -438,14 +465,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
             return;
         }
         drop(out);
-        let backend = match up.backend.await {
-            Ok(b) => b,
-            Err(e) => {
-                debug!(error = %e, "upgrade did not complete");
-                return;
-            }
+        let backend = up.backend.lock().ok().and_then(|mut b| b.take());
+        let Some(mut backend) = backend else {
+            return;
         };
-        let mut backend = hyper_util::rt::TokioIo::new(backend);
         // Bytes the client sent after its request head belong to the new protocol.
         let early = self.buf.take_all();
         if !early.is_empty() && backend.write_all(&early).await.is_err() {

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Proxy benchmark: lockstep against the nginx and HAProxy peers, side by side, in one run.
 #
-#   bench/proxy.sh            # rounds of wrk (1 and 2 workers each), h2load, idle-connection memory
+#   bench/proxy.sh            # every phase below
+#   PHASES="h1 idle" bench/proxy.sh
+#
+# Phases: h1 (HTTP/1.1 keep-alive, 1 and 2 workers), tls (HTTP/1.1 over TLS), h2 (h2 over TLS
+# by ALPN and h2c by prior knowledge, h2load), handshake (new TLS connections per second, no
+# session reuse), idle (memory per idle keep-alive connection).
 #
 # Everything goes through the same two nginx backends (../shared/peers: `peer start backends`).
-# Each server gets WORKERS worker threads/processes; wrk runs on the same 2-core machine, so the
-# absolute numbers are low and noisy: read the ratios, which come from interleaved rounds
-# (A B C A B C ...) and medians. Env: ROUNDS (3), DURATION (10s), CONNS (50), IDLE_CONNS (5000: the HAProxy peer config allows 8000 connections).
+# Each server gets WORKERS worker threads/processes, pinned to the first WORKERS cores; the
+# load generator runs on the last core (a 2-core machine: server on core 0, wrk on core 1, the
+# backends wherever the scheduler puts them). Read the ratios, which come from interleaved
+# rounds (A B C A B C ...) and medians; the absolute figures drift ~20 % over an hour here.
+# Env: ROUNDS (3), DURATION (10s), CONNS (50), IDLE_CONNS (5000: the HAProxy peer config allows
+# 8000 connections), IDLE_CONNS_LOCKSTEP (10000: lockstep alone), BIN (target/release/lockstep).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -15,6 +23,8 @@ rounds=${ROUNDS:-3}
 duration=${DURATION:-10s}
 conns=${CONNS:-50}
 idle_conns=${IDLE_CONNS:-5000}
+idle_alone=${IDLE_CONNS_LOCKSTEP:-10000}
+phases=${PHASES:-h1 tls h2 handshake idle}
 run=${PEER_RUN:-/tmp/lockstep-peers}
 export PEER_RUN=$run
 
@@ -22,10 +32,30 @@ need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq >/dev/null; DEB
 need wrk wrk
 need h2load nghttp2-client
 need python3 python3
+need taskset util-linux
 
-(cd "$root" && cargo build --release --quiet)
-bin=$root/target/release/lockstep
-ulimit -n 65536 2>/dev/null || true
+if [ -z "${BIN:-}" ]; then (cd "$root" && cargo build --release --quiet); fi
+bin=${BIN:-$root/target/release/lockstep}
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+last_cpu=$(( $(nproc) - 1 ))
+load() { taskset -c "$last_cpu" "$@"; }
+
+# lockstep with the peers' certificate on a TLS listener (8097) beside the plain one (8090,
+# which also takes h2c by prior knowledge).
+config=$run/lockstep-proxy.yaml
+mkdir -p "$run"
+sed -n '/^listeners:/q;p' "$here/proxy.yaml" >"$config"
+cat >>"$config" <<YAML
+listeners:
+  - name: http
+    bind: "127.0.0.1:8090"
+  - name: https
+    bind: "127.0.0.1:8097"
+    tls:
+      certificates:
+        - { cert: "$run/tls/farm.crt", key: "$run/tls/farm.key" }
+YAML
+sed -n '/^routes:/,$p' "$here/proxy.yaml" >>"$config"
 
 lockstep_pid=
 stop_all() {
@@ -37,41 +67,55 @@ trap 'stop_all; "$peer" stop backends' EXIT
 
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 
+pin() { # pin PID WORKERS: the process and its threads on cores 0..WORKERS-1
+  local cpus; cpus=$(seq -s, 0 $(( $2 - 1 )))
+  for t in /proc/$1/task/*; do taskset -p -c "$cpus" "${t##*/}" >/dev/null 2>&1 || true; done
+}
+
 start_all() { # start_all WORKERS
   WORKERS=$1 "$peer" start nginx >/dev/null
   WORKERS=$1 "$peer" start haproxy >/dev/null
-  RUST_LOG=warn "$bin" serve -c "$here/proxy.yaml" --workers "$1" 2>"$run/lockstep.log" &
+  RUST_LOG=warn "$bin" serve -c "$config" --workers "$1" 2>"$run/lockstep.log" &
   lockstep_pid=$!
-  wait_port 8091; wait_port 8092; wait_port 8090
+  wait_port 8091; wait_port 8092; wait_port 8090; wait_port 8097
   # The port answering must be lockstep's: a peer on it would be measured in its place.
   kill -0 "$lockstep_pid" 2>/dev/null || { echo "lockstep did not start:" >&2; cat "$run/lockstep.log" >&2; exit 1; }
+  pin "$lockstep_pid" "$1"
+  pin "$(cat "$run/haproxy.pid")" "$1"
+  local master; master=$(cat "$run/proxy.nginx.pid")
+  for p in "$master" $(pgrep -P "$master"); do pin "$p" "$1"; done
   # Warm every path (pools fill, health checks pass).
-  for p in 8091 8092 8090; do wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$p/" >/dev/null; done
+  for p in 8091 8092 8090; do load wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$p/" >/dev/null; done
 }
 
-# wrk_once PORT -> "rps p99_ms"
+# wrk_once URL [ARGS] -> "rps p99_ms"
 wrk_once() {
-  wrk -t1 -c"$conns" -d"$duration" --latency "http://127.0.0.1:$1/" | awk '
+  local url=$1; shift
+  load wrk -t1 -c"$conns" -d"$duration" --latency "$@" "$url" | awk '
     /Requests\/sec/ {rps=$2}
     /^ +99%/ {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; p99=v}
     END {printf "%s %s\n", rps, p99}'
 }
 
+# h2_once URL -> "rps"
+h2_once() {
+  load h2load -n 200000 -c 10 -m 10 "$1" 2>/dev/null | awk '/^finished in/ {gsub(/,/,""); print $4}'
+}
+
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
-bench_h1() { # bench_h1 WORKERS
-  local w=$1
-  start_all "$w"
-  declare -A rps p99
+# compare TITLE KIND URL_LOCKSTEP URL_NGINX URL_HAPROXY [WRK ARGS]; KIND: wrk or h2
+compare() {
+  local title=$1 kind=$2 ul=$3 un=$4 uh=$5; shift 5
+  declare -A rps p99 url=([lockstep]=$ul [nginx]=$un [haproxy]=$uh)
   for r in $(seq "$rounds"); do
     for name in lockstep nginx haproxy; do
-      case $name in lockstep) port=8090 ;; nginx) port=8091 ;; haproxy) port=8092 ;; esac
-      read -r a b < <(wrk_once $port)
+      if [ "$kind" = wrk ]; then read -r a b < <(wrk_once "${url[$name]}" "$@"); else a=$(h2_once "${url[$name]}"); b=0; fi
       rps[$name]+="$a "; p99[$name]+="$b "
-      echo "  round $r $name: $a req/s, p99 $b ms" >&2
+      echo "  $title round $r $name: $a req/s, p99 $b ms" >&2
     done
   done
-  echo "### HTTP/1.1, $w worker(s) each, wrk -t1 -c$conns -d$duration, $rounds interleaved rounds (medians)"
+  echo "### $title"
   echo
   echo "| server | req/s | p99 (ms) |"
   echo "|---|---:|---:|"
@@ -84,55 +128,80 @@ bench_h1() { # bench_h1 WORKERS
   echo
   for name in nginx haproxy; do
     awk -v a="${mr[lockstep]}" -v b="${mr[$name]}" -v pa="${mp[lockstep]}" -v pb="${mp[$name]}" -v n="$name" \
-      'BEGIN {printf "- lockstep / %s: %.2fx req/s, p99 %.2fx\n", n, a/b, pa/pb}'
+      'BEGIN {printf "- lockstep / %s: %.2fx req/s", n, a/b; if (pb > 0) printf ", p99 %.2fx", pa/pb; printf "\n"}'
   done
   echo
+}
+
+bench_h1() { # WORKERS
+  start_all "$1"
+  compare "HTTP/1.1 keep-alive, $1 worker(s) each, wrk -t1 -c$conns -d$duration, $rounds interleaved rounds (medians)" wrk \
+    http://127.0.0.1:8090/ http://127.0.0.1:8091/ http://127.0.0.1:8092/
+  stop_all
+}
+
+bench_tls() {
+  start_all 1
+  compare "HTTP/1.1 over TLS (keep-alive), 1 worker each, wrk -t1 -c$conns -d$duration, $rounds rounds" wrk \
+    https://127.0.0.1:8097/ https://127.0.0.1:8093/ https://127.0.0.1:8094/
   stop_all
 }
 
 bench_h2() {
   start_all 1
-  echo "### h2c (prior knowledge), 1 worker, h2load -n 200000 -c 10 -m 10"
-  echo
-  echo "The nginx and HAProxy peers are configured for HTTP/1.1 only (their configs are used as they"
-  echo "are), so this row has no peer; it shows lockstep's h2 path against its own h1 figure above."
-  echo
-  h2load -n 200000 -c 10 -m 10 "http://127.0.0.1:8090/" | awk '/^finished in/ {print "- lockstep h2c: " $0} /requests:/ {print "- " $0}'
-  echo
+  compare "h2 over TLS (ALPN), 1 worker each, h2load -n 200000 -c 10 -m 10, $rounds rounds" h2 \
+    https://127.0.0.1:8097/ https://127.0.0.1:8093/ https://127.0.0.1:8094/
+  compare "h2c (prior knowledge), 1 worker each, h2load -n 200000 -c 10 -m 10, $rounds rounds" h2 \
+    http://127.0.0.1:8090/ http://127.0.0.1:8095/ http://127.0.0.1:8096/
+  stop_all
+}
+
+bench_handshake() {
+  start_all 1
+  compare "New TLS connections (one request each, Connection: close, no session reuse), 1 worker each, wrk -t1 -c$conns -d$duration, $rounds rounds" wrk \
+    https://127.0.0.1:8097/ https://127.0.0.1:8093/ https://127.0.0.1:8094/ -H "Connection: close"
   stop_all
 }
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
+idle_row() { # idle_row NAME PORT PID COUNT
+  local before after hold
+  before=$(rss_kb "$3")
+  python3 "$here/idle_conns.py" "$2" "$4" "$3" > "$run/idle.$1" &
+  hold=$!
+  for _ in $(seq 900); do [ -s "$run/idle.$1" ] && break; sleep 0.1; done
+  after=$(cat "$run/idle.$1")
+  kill $hold 2>/dev/null; wait $hold 2>/dev/null || true
+  awk -v b="$before" -v a="$after" -v n="$4" -v s="$1" \
+    'BEGIN {printf "| %s | %d | %.1f | %.1f | %.2f |\n", s, n, b/1024, a/1024, (a-b)/n}'
+}
+
 bench_idle() {
   start_all 1
-  echo "### Memory for $idle_conns idle keep-alive connections (1 worker; RSS of the proxy process)"
+  echo "### Memory per idle keep-alive connection (1 worker; RSS of the proxy process)"
   echo
-  echo "| server | RSS before (MiB) | RSS with connections (MiB) | per 10k connections (MiB) |"
-  echo "|---|---:|---:|---:|"
-  for name in lockstep nginx haproxy; do
-    case $name in
-      lockstep) port=8090; pid=$lockstep_pid ;;
-      nginx) port=8091; pid=$(pgrep -f "nginx: worker process" -n || cat "$run/nginx.pid") ;;
-      haproxy) port=8092; pid=$(cat "$run/haproxy.pid") ;;
-    esac
-    before=$(rss_kb "$pid")
-    python3 "$here/idle_conns.py" "$port" "$idle_conns" "$pid" > "$run/idle.$name" &
-    hold=$!
-    for _ in $(seq 600); do [ -s "$run/idle.$name" ] && break; sleep 0.1; done
-    after=$(cat "$run/idle.$name")
-    kill $hold 2>/dev/null; wait $hold 2>/dev/null || true
-    awk -v b="$before" -v a="$after" -v n="$idle_conns" -v s="$name" \
-      'BEGIN {printf "| %s | %.1f | %.1f | %.1f |\n", s, b/1024, a/1024, (a-b)/1024*10000/n}'
-  done
+  echo "| server | connections | RSS before (MiB) | RSS with connections (MiB) | KiB per connection |"
+  echo "|---|---:|---:|---:|---:|"
+  idle_row lockstep 8090 "$lockstep_pid" "$idle_conns"
+  idle_row nginx 8091 "$(pgrep -P "$(cat "$run/proxy.nginx.pid")" -n)" "$idle_conns"
+  idle_row haproxy 8092 "$(cat "$run/haproxy.pid")" "$idle_conns"
+  stop_all
+  start_all 1
+  idle_row lockstep 8090 "$lockstep_pid" "$idle_alone"
   echo
   stop_all
 }
 
 "$peer" start backends >/dev/null
-echo "## Proxy ($(date -u +%F), $(nproc) cores, command: bench/proxy.sh)"
+echo "## Proxy ($(date -u +%F), $(nproc) cores, lockstep $(cd "$root" && git rev-parse --short HEAD), command: bench/proxy.sh)"
 echo
-bench_h1 1
-bench_h1 2
-bench_h2
-bench_idle
+for phase in $phases; do
+  case $phase in
+    h1) bench_h1 1; bench_h1 2 ;;
+    tls) bench_tls ;;
+    h2) bench_h2 ;;
+    handshake) bench_handshake ;;
+    idle) bench_idle ;;
+  esac
+done

@@ -409,12 +409,12 @@ fn push_hex(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(format!("{n:x}").as_bytes());
 }
 
-/// Parses a response head: the response (without body), its body's framing, whether the
-/// connection may serve another request, and the bytes taken; `Ok(None)` while incomplete.
-fn parse_response(
-    buf: &[u8],
-    method: &Method,
-) -> Result<Option<(Response<()>, RespFraming, bool, usize)>, &'static str> {
+/// A response head: the response (without body), its body's framing, whether the connection
+/// may serve another request, and the bytes it took.
+type ParsedHead = (Response<()>, RespFraming, bool, usize);
+
+/// Parses a response head; `Ok(None)` while incomplete.
+fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ParsedHead>, &'static str> {
     let mut fields =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut []);

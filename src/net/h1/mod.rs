@@ -151,6 +151,8 @@ where
     }
 }
 
+// Returned once per request and never stored: boxing the head would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 enum HeadRead {
     Head(Head),
     Closed,

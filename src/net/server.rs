@@ -34,7 +34,7 @@ use super::accept::{accept_loop, Accepted};
 use super::body::{ClientBody, ConnError};
 use super::h1;
 use super::idle::IdleIo;
-use super::limit::{Cap, ConnGate};
+use super::limit::{Cap, ConnGate, Permit};
 use super::tls::PeerCertificate;
 
 /// Default cap on a control-plane listener's open connections (admin, sync, agent).
@@ -152,30 +152,39 @@ impl ConnSettings {
 }
 
 /// Serves one accepted connection: TLS when `tls` is set, then HTTP until the peer closes or
-/// `shutdown` (then gracefully). Errors are logged at `debug`: a client going away is normal.
-pub async fn serve_connection<S, B>(
+/// `shutdown` (then gracefully); `permit`, its place under the listener's cap, is given back
+/// when it ends. Errors are logged at `debug`: a client going away is normal.
+///
+/// This is the whole future of an idle keep-alive connection, so it is kept small: it takes
+/// everything by value (no wrapping async block keeping copies), the TLS and HTTP/2 paths are
+/// boxed, and it is an `async` block rather than an `async fn` (whose arguments the compiler
+/// stores twice in the future: as passed and as locals; a block's captures are used in place).
+pub fn serve_connection<S, B>(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
-    settings: &ConnSettings,
+    settings: ConnSettings,
     svc: S,
-    shutdown: &CancellationToken,
-) where
+    shutdown: CancellationToken,
+    permit: Permit,
+) -> impl Future<Output = ()> + Send
+where
     S: Handler<B>,
     B: ResponseBody,
 {
-    let result = match tls {
-        None => serve_io(stream, settings, svc, shutdown, None, settings.http2_only).await,
-        // Boxed: a plain connection's future (held by every idle keep-alive connection)
-        // does not carry the TLS session's size inline.
-        Some(acceptor) => {
-            match Box::pin(serve_tls(stream, acceptor, settings, svc, shutdown)).await {
-                Some(r) => r,
-                None => return,
+    async move {
+        let result = match tls {
+            None => serve_io(stream, &settings, svc, &shutdown, None, settings.http2_only).await,
+            Some(acceptor) => {
+                match Box::pin(serve_tls(stream, acceptor, &settings, svc, &shutdown)).await {
+                    Some(r) => r,
+                    None => return,
+                }
             }
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "connection ended with an error");
         }
-    };
-    if let Err(e) = result {
-        debug!(error = %e, "connection ended with an error");
+        drop(permit);
     }
 }
 
@@ -217,29 +226,33 @@ where
 }
 
 /// HTTP on an established stream: HTTP/1.1 (h2c when it opens with the preface), or
-/// HTTP/2 only when `h2`.
-async fn serve_io<I, S, B>(
+/// HTTP/2 only when `h2`. (An `async` block for the reason [`serve_connection`] gives.)
+fn serve_io<'a, I, S, B>(
     io: I,
-    settings: &ConnSettings,
+    settings: &'a ConnSettings,
     svc: S,
-    shutdown: &CancellationToken,
+    shutdown: &'a CancellationToken,
     cert: Option<PeerCertificate>,
     h2: bool,
-) -> Result<(), ConnError>
+) -> impl Future<Output = Result<(), ConnError>> + Send + 'a
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Handler<B>,
     B: ResponseBody,
 {
-    if h2 {
-        return Box::pin(serve_h2(io, Bytes::new(), settings, svc, shutdown, cert)).await;
+    async move {
+        if h2 {
+            return Box::pin(serve_h2(io, Bytes::new(), settings, svc, shutdown, cert)).await;
+        }
+        let opts = settings.h1();
+        let io =
+            IdleIo::with_head_deadline(io, settings.idle_timeout, settings.header_read_timeout);
+        let ended = match h1::serve(io, &svc, &opts, shutdown, cert.as_ref()).await? {
+            h1::Ended::Closed => return Ok(()),
+            h1::Ended::H2(io, read) => (io.into_inner(), read),
+        };
+        Box::pin(serve_h2(ended.0, ended.1, settings, svc, shutdown, cert)).await
     }
-    let io = IdleIo::with_head_deadline(io, settings.idle_timeout, settings.header_read_timeout);
-    let ended = match h1::serve(io, &svc, &settings.h1(), shutdown, cert.as_ref()).await? {
-        h1::Ended::Closed => return Ok(()),
-        h1::Ended::H2(io, read) => (io.into_inner(), read),
-    };
-    Box::pin(serve_h2(ended.0, ended.1, settings, svc, shutdown, cert)).await
 }
 
 /// HTTP/2 on `io` (after `read`, bytes already taken from it) until it ends; at `shutdown`,
@@ -376,8 +389,7 @@ impl HttpServer {
                         Some(t) => t.acceptor(&stream, settings.header_read_timeout).await,
                         None => None,
                     };
-                    serve_connection(stream, tls, &settings, svc, &shutdown).await;
-                    drop(permit);
+                    serve_connection(stream, tls, settings, svc, shutdown, permit).await;
                 }
                 .instrument(debug_span!("conn", client.addr = %peer, listener = self.name)),
             )
@@ -404,7 +416,8 @@ mod tests {
                 bytes::Bytes,
             >::new()))
         });
-        let f = super::serve_connection(c, None, &settings, svc, &shutdown);
+        let permit = super::ConnGate::default().admit(1).unwrap();
+        let f = super::serve_connection(c, None, settings, svc, shutdown, permit);
         let size = std::mem::size_of_val(&f);
         assert!(size <= 1280, "{size} bytes");
     }

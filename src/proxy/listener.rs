@@ -81,15 +81,11 @@ pub async fn serve(
             tunnels: tunnels_open.clone(),
         });
         drop(generation);
-        let shutdown = shutdown.clone();
+        let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
+        // The permit is held until the connection ends, a tunnel it became included.
         Accepted::Serve(
-            async move {
-                let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
-                serve_connection(stream, acceptor, &settings, svc, &shutdown).await;
-                // Held until the connection ends, a tunnel it became included.
-                drop(permit);
-            }
-            .instrument(debug_span!("conn", client.addr = %peer, listener = %name)),
+            serve_connection(stream, acceptor, settings, svc, shutdown.clone(), permit)
+                .instrument(debug_span!("conn", client.addr = %peer, listener = %name)),
         )
     })
     .await

@@ -31,6 +31,7 @@ pub mod head;
 
 use std::cell::RefCell;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -100,53 +101,57 @@ impl Upgrade {
 
 /// Serves requests on `io` with `svc` until either side closes; at `shutdown` an idle
 /// connection closes at once and a busy one after its response.
-pub async fn serve<I, S, B>(
+///
+/// Every idle keep-alive connection holds this future, so it is an `async` block over a
+/// connection built beforehand: an `async fn` would store its arguments twice (as passed and
+/// as locals), and the stream a third time inside the connection.
+pub fn serve<'a, I, S, B>(
     io: IdleIo<I>,
-    svc: &S,
-    opts: &Options,
-    shutdown: &CancellationToken,
-    cert: Option<&PeerCertificate>,
-) -> Result<Ended<IdleIo<I>>, ConnError>
+    svc: &'a S,
+    opts: &'a Options,
+    shutdown: &'a CancellationToken,
+    cert: Option<&'a PeerCertificate>,
+) -> impl Future<Output = Result<Ended<IdleIo<I>>, ConnError>> + 'a
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'a,
     S: hyper::service::Service<Request<ClientBody>, Response = Response<B>, Error = Infallible>,
-    B: Body<Error: Into<ConnError>>,
+    B: Body<Error: Into<ConnError>> + 'a,
 {
     let mut conn = Conn {
         io,
         buf: InBuf::default(),
         idle: opts.idle_timeout,
     };
-    // The header-read deadline is the stream's own lazy timer (no timer per request).
-    let mut stop = pin!(shutdown.clone().cancelled_owned());
-    let mut first = true;
-    loop {
-        let head = match conn.read_head(opts, stop.as_mut(), first).await {
-            Ok(HeadRead::Head(h)) => h,
-            Ok(HeadRead::Closed) => return Ok(Ended::Closed),
-            Ok(HeadRead::H2) => {
-                let read = conn.buf.take_all();
-                return Ok(Ended::H2(conn.io, read));
-            }
-            Err(Refused::Head(e)) => {
-                debug!(
-                    status = e.status().as_u16(),
-                    why = e.reason().trim_end(),
-                    "request head refused"
-                );
-                let mut out = OutBuf::new();
-                head::write_refusal(&mut out.0, e, &date());
-                let _ = conn.write_all(&out.0).await;
+    async move {
+        // The header-read deadline is the stream's own lazy timer (no timer per request).
+        let mut stop = pin!(shutdown.clone().cancelled_owned());
+        let mut first = true;
+        loop {
+            // No await inside this match: its scrutinee (a whole head) would be kept in the
+            // connection's future across it, and every idle connection would carry the space.
+            let head = match conn.read_head(opts, stop.as_mut(), first).await {
+                Ok(HeadRead::Head(h)) => Ok(h),
+                Ok(HeadRead::Closed) => return Ok(Ended::Closed),
+                Ok(HeadRead::H2) => {
+                    let read = conn.buf.take_all();
+                    return Ok(Ended::H2(conn.io, read));
+                }
+                Err(Refused::Head(e)) => Err(e),
+                Err(Refused::Io(e)) => return Err(e.into()),
+            };
+            let head = match head {
+                Ok(h) => h,
+                Err(e) => {
+                    Box::pin(conn.refuse(e)).await;
+                    return Ok(Ended::Closed);
+                }
+            };
+            first = false;
+            let keep = Box::pin(conn.exchange(head, svc, shutdown, cert)).await?;
+            if !keep {
                 let _ = conn.io.shutdown().await;
                 return Ok(Ended::Closed);
             }
-            Err(Refused::Io(e)) => return Err(e.into()),
-        };
-        first = false;
-        let keep = Box::pin(conn.exchange(head, svc, shutdown, cert)).await?;
-        if !keep {
-            let _ = conn.io.shutdown().await;
-            return Ok(Ended::Closed);
         }
     }
 }
@@ -226,6 +231,19 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
                 return Ok(HeadRead::Closed);
             }
         }
+    }
+
+    /// Answers a refused request head and closes.
+    async fn refuse(&mut self, e: HeadError) {
+        debug!(
+            status = e.status().as_u16(),
+            why = e.reason().trim_end(),
+            "request head refused"
+        );
+        let mut out = OutBuf::new();
+        head::write_refusal(&mut out.0, e, &date());
+        let _ = self.write_all(&out.0).await;
+        let _ = self.io.shutdown().await;
     }
 
     /// One request and its response; whether the connection may serve another.

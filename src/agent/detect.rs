@@ -7,7 +7,10 @@
 //! network. Each file in scope is read once, whole, into memory, hashed, and — when it differs
 //! from what is known — its bytes are stored as a blob in the agent's store before the change
 //! is reported, so a change always names bytes that are stored, whatever the file becomes
-//! afterwards.
+//! afterwards. Or, up to `hold_bytes` of them, handed back in memory ([`Detected::held`]): the
+//! caller sends them to its peers first and stores them (`FsStore::write_blob`) before it
+//! records the change — the fsyncs of a durable write are then off the path of a forwarded
+//! edit, and nothing durable names a blob that is not stored.
 //!
 //! Rules (the walk is `tree::walk`, shared with `lockstep publish`):
 //! - a scope path that is a file is compared with the known entry; a directory has its whole
@@ -40,6 +43,7 @@ use std::ops::Bound;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use rustix::fs::FileType;
 
 use crate::sync::beneath::{BeneathError, Dir};
@@ -97,6 +101,8 @@ pub struct Detected {
     pub changes: BTreeMap<String, Option<Entry>>,
     /// Paths refused: never in `changes`, and what was known of them stays.
     pub refused: Vec<Refused>,
+    /// Blobs of `changes` read but not stored yet (at most `hold_bytes` of [`detect`]).
+    pub held: Vec<(Hash, Bytes)>,
 }
 
 /// Why detection failed (nothing is reported: the caller retries at the next event or rescan).
@@ -126,8 +132,9 @@ pub enum DetectError {
 
 /// Compares the files of `dir` in `scope` with `known`. Each file read (≤ `max_file_bytes`,
 /// and never over [`MAX_BLOB_BYTES`]) is hashed with blake3; the blob of each added or
-/// changed file is stored in `store` (blobs already there are left alone). Content types come
-/// from `manifest::content_type`. See the module docs for the rules.
+/// changed file is stored in `store` (blobs already there are left alone), except up to
+/// `hold_bytes` of them, which are returned in [`Detected::held`] for the caller to store.
+/// Content types come from `manifest::content_type`. See the module docs for the rules.
 pub fn detect(
     dir: &Path,
     known: &Files,
@@ -135,6 +142,7 @@ pub fn detect(
     ignore: &Ignore,
     max_file_bytes: u64,
     store: &FsStore,
+    hold_bytes: u64,
 ) -> Result<Detected, DetectError> {
     let canonical_root = dir.canonicalize().map_err(|source| DetectError::Root {
         dir: dir.to_path_buf(),
@@ -151,6 +159,7 @@ pub fn detect(
         ignore,
         limit: Limit::new(max_file_bytes),
         store,
+        hold_bytes,
         seen: HashSet::new(),
         protected: BTreeSet::new(),
         out: Detected::default(),
@@ -230,6 +239,8 @@ struct Detector<'a> {
     ignore: &'a Ignore,
     limit: Limit,
     store: &'a FsStore,
+    /// Blob bytes that may still be held in memory rather than stored.
+    hold_bytes: u64,
     /// Paths read this time (present, not refused).
     seen: HashSet<String>,
     /// Refused paths: what is known at or under them is kept.
@@ -447,7 +458,12 @@ impl Visit for Detector<'_> {
             content_type: content_type(&rel),
         };
         if self.known.get(&rel) != Some(&entry) {
-            self.store.write_blob(&entry.hash, &data)?;
+            if entry.size <= self.hold_bytes && !self.store.has_blob(&entry.hash) {
+                self.hold_bytes -= entry.size;
+                self.out.held.push((entry.hash, Bytes::from(data)));
+            } else {
+                self.store.write_blob(&entry.hash, &data)?;
+            }
             self.out.changes.insert(rel.clone(), Some(entry));
         }
         self.seen.insert(rel);
@@ -559,6 +575,7 @@ mod tests {
                 &self.ignore,
                 MIB,
                 &self.store,
+                0,
             )
         }
 
@@ -848,7 +865,16 @@ mod tests {
             "big.iso: 1 MiB is over watch.max_file_size (1 MiB): refused; \
              the other backends keep the previous version"
         );
-        let d = detect(&s.dir, &s.known, &Scope::All, &s.ignore, 80 * MIB, &s.store).unwrap();
+        let d = detect(
+            &s.dir,
+            &s.known,
+            &Scope::All,
+            &s.ignore,
+            80 * MIB,
+            &s.store,
+            0,
+        )
+        .unwrap();
         assert_eq!(changed(&d), [("big.iso", true)]);
         let d = detect(
             &s.dir,
@@ -857,6 +883,7 @@ mod tests {
             &s.ignore,
             512 * 1024,
             &s.store,
+            0,
         )
         .unwrap();
         assert!(d.refused[0]
@@ -960,6 +987,22 @@ mod tests {
     }
 
     #[test]
+    fn blobs_up_to_the_hold_are_handed_back_unstored_the_rest_stored() {
+        let s = Site::new();
+        s.write("small.html", "0123456789");
+        s.write("big.html", &"x".repeat(100));
+        let d = detect(&s.dir, &s.known, &Scope::All, &s.ignore, MIB, &s.store, 50).unwrap();
+        assert_eq!(changed(&d), [("big.html", true), ("small.html", true)]);
+        let small = Hash::of(b"0123456789");
+        let big = Hash::of("x".repeat(100).as_bytes());
+        assert_eq!(d.held, [(small, Bytes::from_static(b"0123456789"))]);
+        assert!(!s.store.has_blob(&small), "held, not stored");
+        assert!(s.store.has_blob(&big), "over the hold: stored");
+        s.store.write_blob(&small, &d.held[0].1).unwrap();
+        assert_eq!(s.store.read_blob(&small).unwrap().unwrap(), b"0123456789");
+    }
+
+    #[test]
     fn io_errors_gone_is_absent_denied_is_refused_others_fail() {
         let mut s = Site::new();
         s.write("locked/a.html", "a");
@@ -972,6 +1015,7 @@ mod tests {
             ignore: &s.ignore,
             limit: Limit::new(MIB),
             store: &s.store,
+            hold_bytes: 0,
             seen: HashSet::new(),
             protected: BTreeSet::new(),
             out: Detected::default(),

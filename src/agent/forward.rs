@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 use super::metrics::AgentMetrics;
 use crate::net::client::{ok, ClientTls, HttpClient, Remote};
 use crate::sync::changeset::Changeset;
+use crate::sync::manifest::Hash;
 use crate::sync::protocol::{ChangesetReply, Fleet, PREFIX};
 use crate::sync::provenance::{ChangesetSigner, SignedChangeset};
 use crate::sync::store::FsStore;
@@ -150,7 +151,7 @@ impl Forwarder {
                 out = rx.recv() => match out { Some(o) => o, None => break },
             };
             match out {
-                Out::Peers(cs) => me.to_peers(cs, &clients),
+                Out::Peers(cs, held) => me.to_peers(cs, &held, &clients),
                 Out::Recorded => wake.notify_one(),
             }
         }
@@ -168,6 +169,7 @@ impl Forwarder {
     fn to_peers(
         self: &Arc<Self>,
         cs: Changeset,
+        held: &[(Hash, Bytes)],
         clients: &Arc<Mutex<HashMap<String, HttpClient>>>,
     ) {
         let bytes: u64 = cs.blobs().iter().map(|(_, n)| n).sum();
@@ -177,7 +179,10 @@ impl Forwarder {
         }
         let store = self.store.clone();
         let Some(frame) = encode(&self.signed(cs.clone()), |h| {
-            store.read_blob(h).ok().flatten()
+            match held.iter().find(|(k, _)| k == h) {
+                Some((_, b)) => Some(b.to_vec()),
+                None => store.read_blob(h).ok().flatten(),
+            }
         }) else {
             warn!(changeset = %cs.name(), "a blob of the changeset is missing from the store; peers get it through the hub");
             return;

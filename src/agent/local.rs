@@ -61,6 +61,11 @@ use crate::sync::changeset::{self, Change, Changeset, Mode};
 use crate::sync::manifest::{check_path, content_type, Entry, Hash, Manifest, ReleaseId};
 use crate::sync::store::FsStore;
 
+/// Most blob bytes of one detected changeset sent to the peers before they are stored (in
+/// immediate mode): a page's fsyncs stay off the forwarding path; bigger files are stored
+/// first and read back for the peers.
+pub const HOLD_BYTES: u64 = 1024 * 1024;
+
 /// The state file's name in the store (`watch.json`).
 pub const STATE_NAME: &str = "watch";
 
@@ -245,6 +250,7 @@ impl Worker {
                     &self.cfg.ignore,
                     self.cfg.max_file_bytes,
                     &self.cfg.store,
+                    0,
                 ) {
                     Ok(d) if !d.changes.is_empty() => {
                         let first = d.changes.keys().next().cloned().unwrap_or_default();
@@ -337,6 +343,11 @@ impl Worker {
             }
             None => scope.clone(),
         };
+        // In immediate mode small blobs go to the peers before they are stored (see `emit`).
+        let hold = match self.cfg.mode {
+            Mode::Immediate => HOLD_BYTES,
+            Mode::Scheduled => 0,
+        };
         let d = match detect::detect(
             &dir,
             &self.state.known,
@@ -344,6 +355,7 @@ impl Worker {
             &self.cfg.ignore,
             self.cfg.max_file_bytes,
             &self.cfg.store,
+            hold,
         ) {
             Ok(d) => d,
             Err(e) => {
@@ -377,7 +389,7 @@ impl Worker {
             return;
         }
         self.outbox_full = false;
-        self.emit(changes);
+        self.emit(changes, d.held);
     }
 
     /// Whether the outbox has room for a changeset of `changes`.
@@ -393,8 +405,15 @@ impl Worker {
     }
 
     /// Records `changes` as a changeset: outbox first, then the known state, then onwards.
-    /// Callers have checked that a changeset may be numbered.
-    fn emit(&mut self, changes: BTreeMap<String, Change>) -> Option<String> {
+    /// Callers have checked that a changeset may be numbered. `held`: blobs of `changes` not
+    /// stored yet ([`detect::Detected::held`]): sent to the peers from memory, then stored
+    /// before anything durable (this backend's release, the outbox) names them. Not stored
+    /// (a full disk), the changeset is not recorded and the edit is detected again.
+    fn emit(
+        &mut self,
+        changes: BTreeMap<String, Change>,
+        held: Vec<(Hash, Bytes)>,
+    ) -> Option<String> {
         // Sequence numbers are hub-time µs, strictly increasing and above the hub's record: one
         // reused after a crash or a reinstall would be taken by the hub for a duplicate.
         let (Some(seq), Some(now)) = (self.next_seq(), (self.cfg.hub_now)()) else {
@@ -415,17 +434,30 @@ impl Worker {
             return None;
         }
         if cs.mode == Mode::Immediate {
-            // The fast path first: this backend and its peers.
-            // Waits for room: the watcher's batches pile up (merged) meanwhile.
+            // The fast path first: the peers (best effort: when the forwarder is behind, they
+            // get it from the hub), with the blobs not stored yet from memory.
+            if self
+                .cfg
+                .out
+                .try_send(Out::Peers(cs.clone(), held.clone()))
+                .is_err()
+            {
+                debug!(changeset = %cs.name(), "forwarder busy; peers get this changeset from the hub");
+            }
+        }
+        for (hash, data) in &held {
+            if let Err(e) = self.cfg.store.write_blob(hash, data) {
+                error!(error = %e, "cannot store a detected file's blob; the edit will be detected again");
+                return None;
+            }
+        }
+        if cs.mode == Mode::Immediate {
+            // Then this backend. Waits for room: the watcher's batches pile up (merged).
             let _ = self.cfg.installs.blocking_send(Install {
                 cs: cs.clone(),
                 remote: false,
                 blobs: Vec::new(),
             });
-            // Best effort: when the forwarder is behind, peers get it from the hub.
-            if self.cfg.out.try_send(Out::Peers(cs.clone())).is_err() {
-                debug!(changeset = %cs.name(), "forwarder busy; peers get this changeset from the hub");
-            }
         }
         if let Err(e) = write_outbox(&self.cfg.store, &cs) {
             error!(error = %e, "cannot write the outbox; the edit will be detected again");
@@ -595,7 +627,7 @@ impl Worker {
             entry,
             prev: prev.map(|e| e.hash),
         };
-        let name = self.emit([(path.to_string(), change)].into());
+        let name = self.emit([(path.to_string(), change)].into(), Vec::new());
         match name {
             Some(n) => Ok(Some(n)),
             None => Err(WriteError::Io(
@@ -981,15 +1013,23 @@ mod tests {
             Some("a/5002")
         );
         let mut sent = Vec::new();
+        let mut held = Vec::new();
         while let Ok(o) = out_rx.try_recv() {
-            if let Out::Peers(cs) = o {
+            if let Out::Peers(cs, blobs) = o {
                 sent.push((
                     cs.seq,
                     cs.detected_us,
                     cs.changes.keys().cloned().collect::<Vec<_>>(),
                 ));
+                held.push(blobs);
             }
         }
+        // The detected file's blob went to the peers from memory, and was stored before the
+        // changeset was recorded; the API write's blob was stored before it was sent.
+        let first = Hash::of(b"after reinstall");
+        assert_eq!(held[0], [(first, Bytes::from_static(b"after reinstall"))]);
+        assert!(held[1].is_empty());
+        assert!(store.has_blob(&first));
         assert_eq!(
             sent,
             [

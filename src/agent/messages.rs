@@ -7,11 +7,13 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::detect::Scope;
 use super::release::Release;
 use crate::sync::changeset::{Applied, Changeset};
+use crate::sync::manifest::Hash;
 
 /// The active release, swapped whole at each flip.
 pub type Active = Arc<ArcSwapOption<Release>>;
@@ -78,8 +80,9 @@ pub const OUT_QUEUE: usize = 1024;
 #[derive(Debug)]
 pub enum Out {
     /// A new immediate changeset: send it to the peers now (before it is durable: a crash
-    /// before the outbox write re-detects the edit, and installing twice changes nothing).
-    Peers(Changeset),
+    /// before the outbox write re-detects the edit, and installing twice changes nothing),
+    /// with the blobs not in the store yet (the rest are read from it).
+    Peers(Changeset, Vec<(Hash, Bytes)>),
     /// The outbox has a new entry for the hub.
     Recorded,
 }

@@ -28,6 +28,7 @@
 //! - [`ignore`]: globs of editor temporaries and the agent's own files, never synced  (pure)
 //! - [`detect`]: what changed in `watch.dir`: files read, hashed, blobs stored, refusals
 //! - [`watcher`]: inotify (debounced) → scopes for [`detect`]; full rescans on overflow and periodically
+//! - [`quiet`]: when a changed path goes to [`detect`]: `debounce` after its last event  (pure)
 //! - [`local`]: the thread owning `watch.dir`: edits → changesets, installs → the directory
 //! - [`forward`]: changesets to the hub (durable outbox) and to peers (immediate mode)
 //! - [`api`]: `PUT`/`DELETE /content/…` and changesets from peers
@@ -53,6 +54,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod plan;
 pub mod poll;
+pub mod quiet;
 pub mod release;
 pub mod release_dir;
 pub mod report;

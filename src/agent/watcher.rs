@@ -1,17 +1,18 @@
-//! Watches `watch.dir` and says where to look for changes: inotify (through `notify`),
-//! debounced by `notify-debouncer-full`, turned into [`Scope`]s for `detect`.
+//! Watches `watch.dir` and says where to look for changes: inotify (through `notify`), each
+//! event turned into the paths it names, debounced by [`Quiet`] on a thread of its own, sent
+//! as [`Scope`]s for `detect`.
 //!
 //! It never reads a file: an event only names a path, and `detect` decides what the path is now
 //! (file, directory, gone). So a lost or merged event costs a rescan, never a wrong answer.
 //!
 //! - The first message is [`Scope::All`] (the initial scan), sent once the watch is in place,
 //!   so nothing changed after that scan goes unseen.
-//! - Each batch the debouncer releases gives one [`Scope::Paths`]: release paths relative to
-//!   the directory, ignored ones dropped, empty batches not sent. The debouncer ticks once per
-//!   `debounce` (not its default of a quarter), so a batch is everything that went quiet in
-//!   one window: a path is named `debounce` to `2 × debounce` after its last event, and a
-//!   burst of writes gives about one scope per window. A rename gives both names; a new directory its own path (`detect`
-//!   rescans it whole, which covers files created before its watch was added).
+//! - Each batch [`Quiet`] releases gives one [`Scope::Paths`]: release paths relative to the
+//!   directory, ignored ones dropped, empty batches not sent. A path is named `debounce` after
+//!   its last event (the debounce thread sleeps until exactly then: no periodic tick, no
+//!   wake-up while nothing waits), and a burst gives at most four scopes per window. A rename
+//!   gives both names; a new directory its own path (`detect` rescans it whole, which covers
+//!   files created before its watch was added).
 //! - Events that only read (open, close without writing) are dropped: `detect` reading the
 //!   files must not wake the watcher again.
 //! - Events lost (inotify queue overflow: `Flag::Rescan`) or any watcher error give
@@ -28,22 +29,22 @@
 //!   to a file is seen changing when the link changes, and its target's edits at the next full
 //!   rescan.
 //!
-//! Threads: notify's inotify thread and the debouncer's thread (which sends the scopes), plus
-//! one tokio task for the periodic rescan and re-watching. All stop when the [`Watcher`] is
-//! dropped, [`Watcher::stop`] is called, `shutdown` is cancelled or the receiver is dropped.
+//! Threads: notify's inotify thread (which classifies each event, under the lock of the
+//! watched directory's path) and the debounce thread (which sends the scopes), plus one tokio
+//! task for the periodic rescan and re-watching. All stop when the [`Watcher`] is dropped,
+//! [`Watcher::stop`] is called, `shutdown` is cancelled or the receiver is dropped: the
+//! debounce thread ends when notify's handler (its only sender) is gone.
 #![allow(clippy::disallowed_methods)] // I/O shell: schedules the periodic rescan
 
 use std::collections::BTreeSet;
 use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, EventKind};
-use notify::RecursiveMode;
-use notify_debouncer_full::{
-    new_debouncer_opt, DebounceEventResult, DebouncedEvent, Debouncer, RecommendedCache,
-};
+use notify::{Event, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -52,11 +53,12 @@ use tracing::{debug, info, warn};
 
 use super::detect::Scope;
 use super::ignore::Ignore;
+use super::quiet::Quiet;
 
 /// How often a vanished watched directory is looked for again.
 pub const REWATCH_EVERY: Duration = Duration::from_millis(500);
 
-type Inner = Debouncer<notify::RecommendedWatcher, RecommendedCache>;
+type Inner = notify::RecommendedWatcher;
 
 /// Why watching cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -99,8 +101,8 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Stops watching and waits for the task that owns the watch to end (notify's threads
-    /// follow within one debounce window).
+    /// Stops watching and waits for the task that owns the watch to end (notify's thread and
+    /// the debounce thread follow as soon as they see it).
     pub async fn stop(mut self) {
         self.stop.cancel();
         let _ = (&mut self.task).await;
@@ -138,7 +140,8 @@ pub fn spawn(
     let current = Arc::new(Mutex::new(target.path.clone()));
     let first = current.lock().unwrap_or_else(PoisonError::into_inner);
     let root_gone = Arc::new(Notify::new());
-    let handler = handler(tx.clone(), current.clone(), root_gone.clone(), ignore);
+    let (notes, noted) = std_mpsc::channel();
+    let handler = handler(notes, current.clone(), root_gone.clone(), ignore);
     // Links are not followed into directories, as `detect` does not follow them.
     let config = notify::Config::default().with_follow_symlinks(false);
     let watch_err = |source: notify::Error| WatchError::Watch {
@@ -146,18 +149,19 @@ pub fn spawn(
         hint: hint(&source),
         source,
     };
-    // One tick per window: each batch released is everything that went quiet in it.
-    let mut debouncer: Inner = new_debouncer_opt(
-        debounce,
-        Some(debounce),
-        handler,
-        RecommendedCache::new(),
-        config,
-    )
-    .map_err(watch_err)?;
+    let mut debouncer = Inner::new(handler, config).map_err(watch_err)?;
     debouncer
         .watch(&target.path, RecursiveMode::Recursive)
         .map_err(watch_err)?;
+    let debounce_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("lockstep-watch".into())
+        .spawn(move || debounce_loop(&noted, debounce, &debounce_tx))
+        .map_err(|e| WatchError::Watch {
+            dir: root.clone(),
+            hint: "",
+            source: notify::Error::io(e),
+        })?;
     let _ = tx.send(Scope::All);
     drop(first);
     info!(dir = %root.display(), watched = %target.path.display(), ?debounce, ?rescan_every, "watching watch.dir");
@@ -190,35 +194,65 @@ fn check_settings(debounce: Duration, rescan_every: Duration) -> Result<(), Watc
     Ok(())
 }
 
-/// The debouncer's handler (on its thread): each batch → a scope for `tx`, paths read under
-/// `current` (held while sending, which orders the scopes after the first `All`); a vanished
-/// root is told to the supervisor through `root_gone`; watcher errors mean a full rescan.
+/// notify's handler (on its thread): each event → what it names, for the debounce thread,
+/// paths made relative under `current` (held from the start until the first `All` is sent, so
+/// nothing is named before it); a vanished root is told to the supervisor through
+/// `root_gone`; watcher errors mean a full rescan.
 fn handler(
-    tx: UnboundedSender<Scope>,
+    notes: std_mpsc::Sender<(Scope, bool)>,
     current: Arc<Mutex<PathBuf>>,
     root_gone: Arc<Notify>,
     ignore: Arc<Ignore>,
-) -> impl FnMut(DebounceEventResult) + Send + 'static {
-    move |result: DebounceEventResult| {
+) -> impl FnMut(notify::Result<Event>) + Send + 'static {
+    move |result: notify::Result<Event>| {
         let dir = current.lock().unwrap_or_else(PoisonError::into_inner);
-        let scope = match result {
-            Ok(events) => {
-                let batch = batch(&dir, &ignore, &events);
+        let (scope, settled) = match result {
+            Ok(event) => {
+                let batch = batch(&dir, &ignore, std::slice::from_ref(&event));
                 if batch.root_gone {
                     warn!(dir = %dir.display(), "watch.dir was deleted or moved away; watching again once it is back");
                     root_gone.notify_one();
                 }
-                batch.scope
+                (batch.scope, settles(&event.kind))
             }
-            Err(errors) => {
-                for e in &errors {
-                    warn!(error = %e, hint = hint(e), "file watcher error; rescanning watch.dir whole");
-                }
-                Some(Scope::All)
+            Err(e) => {
+                warn!(error = %e, hint = hint(&e), "file watcher error; rescanning watch.dir whole");
+                (Some(Scope::All), false)
             }
         };
         if let Some(scope) = scope {
-            let _ = tx.send(scope);
+            let _ = notes.send((scope, settled));
+        }
+    }
+}
+
+/// The debounce thread: what the handler noted goes into [`Quiet`], and each batch it releases
+/// goes to `tx` at the instant it is due. Sleeps while nothing waits; ends when the handler is
+/// gone (the watch stopped) or `tx`'s receiver is.
+fn debounce_loop(
+    noted: &std_mpsc::Receiver<(Scope, bool)>,
+    window: Duration,
+    tx: &UnboundedSender<Scope>,
+) {
+    let mut quiet = Quiet::new(window);
+    loop {
+        let next = match quiet.wake_at() {
+            None => noted.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => match at.checked_duration_since(Instant::now()) {
+                Some(wait) if !wait.is_zero() => noted.recv_timeout(wait),
+                _ => Err(RecvTimeoutError::Timeout),
+            },
+        };
+        match next {
+            Ok((scope, settled)) => quiet.note(scope, settled, Instant::now()),
+            Err(RecvTimeoutError::Timeout) => {
+                if let Some(scope) = quiet.release(Instant::now()) {
+                    if tx.send(scope).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
         }
     }
 }
@@ -335,7 +369,7 @@ fn hint(e: &notify::Error) -> &'static str {
     }
 }
 
-/// What one debounced batch means.
+/// What a list of events means.
 #[derive(Debug, PartialEq, Eq)]
 struct Batch {
     /// What to send, if anything.
@@ -344,8 +378,8 @@ struct Batch {
     root_gone: bool,
 }
 
-/// Turns a debounced batch into a scope.
-fn batch(root: &Path, ignore: &Ignore, events: &[DebouncedEvent]) -> Batch {
+/// Turns events into a scope.
+fn batch(root: &Path, ignore: &Ignore, events: &[Event]) -> Batch {
     let mut paths = BTreeSet::new();
     let mut all = false;
     let mut root_gone = false;
@@ -392,6 +426,17 @@ fn batch(root: &Path, ignore: &Ignore, events: &[DebouncedEvent]) -> Batch {
         Some(Scope::Paths(paths))
     };
     Batch { scope, root_gone }
+}
+
+/// Whether an event says its change is complete, so its paths need not wait for the window:
+/// a file closed after writing, renamed (into place, or away), or removed.
+fn settles(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(notify::event::ModifyKind::Name(_))
+            | EventKind::Remove(_)
+    )
 }
 
 /// Whether an event kind can mean a change: reads (open, close without writing, access) and
@@ -445,19 +490,18 @@ fn release_path(root: &Path, path: &Path) -> Rel {
 mod tests {
     use super::*;
     use notify::event::{CreateKind, Flag, ModifyKind, RemoveKind, RenameMode};
-    use notify::Event;
     use std::fs;
     use std::time::Instant;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     const WAIT: Duration = Duration::from_secs(10);
 
-    fn ev(kind: EventKind, paths: &[&Path]) -> DebouncedEvent {
+    fn ev(kind: EventKind, paths: &[&Path]) -> Event {
         let mut e = Event::new(kind);
         for p in paths {
             e = e.add_path(p.to_path_buf());
         }
-        DebouncedEvent::new(e, Instant::now())
+        e
     }
 
     fn set(list: &[&str]) -> Option<Scope> {
@@ -528,9 +572,7 @@ mod tests {
     fn lost_events_and_a_vanished_root_mean_a_full_rescan() {
         let root = Path::new("/srv/www-edit");
         let ig = Ignore::default();
-        let overflow = ev(EventKind::Other, &[]);
-        let overflow =
-            DebouncedEvent::new(overflow.event.clone().set_flag(Flag::Rescan), overflow.time);
+        let overflow = ev(EventKind::Other, &[]).set_flag(Flag::Rescan);
         let b = batch(
             root,
             &ig,
@@ -672,6 +714,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_closed_file_is_named_at_once_and_one_still_written_a_window_after_its_last_write() {
+        use std::io::Write;
+        let window = Duration::from_millis(1500);
+        let mut w = start(1500, HOUR, |_| {});
+        assert_eq!(w.next().await, Scope::All);
+        // open, write, close: the writer is done, nothing to wait for.
+        let t = Instant::now();
+        fs::write(w.dir.join("done.html"), "x").unwrap();
+        let got = w.until(|s| s.contains("done.html")).await;
+        assert!(
+            t.elapsed() < window / 2,
+            "a closed file waited {:?}: {got:?}",
+            t.elapsed()
+        );
+        // Still open for writing: named only once it has been quiet for the window.
+        let mut f = fs::File::create(w.dir.join("open.bin")).unwrap();
+        f.write_all(b"part one").unwrap();
+        let t = Instant::now();
+        let got = w.until(|s| s.contains("open.bin")).await;
+        assert!(
+            t.elapsed() >= window - Duration::from_millis(100),
+            "a file being written was named after {:?}: {got:?}",
+            t.elapsed()
+        );
+        drop(f);
+        w.watcher.stop().await;
+    }
+
+    #[tokio::test]
     async fn a_burst_of_writes_comes_in_few_batches_covering_every_file() {
         let mut w = start(10, HOUR, |d| fs::create_dir(d.join("burst")).unwrap());
         assert_eq!(w.next().await, Scope::All);
@@ -724,6 +795,7 @@ mod tests {
             &ig,
             1 << 20,
             &store,
+            0,
         )
         .unwrap();
         assert_eq!(d.changes.len(), 20);

@@ -10,8 +10,13 @@
 #
 # Everything goes through the same two nginx backends (../shared/peers: `peer start backends`).
 # Each server gets WORKERS worker threads/processes, pinned to the first WORKERS cores; the
-# load generator runs on the last core (a 2-core machine: server on core 0, wrk on core 1, the
-# backends wherever the scheduler puts them). Read the ratios, which come from interleaved
+# load generator and the backends run on the last core (a 2-core machine: server on core 0, wrk
+# and the backends on core 1). In a farm the backends are other machines: left to float here, a
+# backend woken by the proxy's request was placed on the proxy's core and preempted it (11 % of
+# lockstep's time, 5 % of HAProxy's, measured with `perf record -e sched:sched_switch`), which
+# measured the scheduler's choices more than the proxies. A backend instance left over from an
+# earlier run is stopped first (two instances share the ports with SO_REUSEPORT, and the stray
+# one is not pinned). Read the ratios, which come from interleaved
 # rounds (A B C A B C ...) and medians; the absolute figures drift ~20 % over an hour here.
 # Env: ROUNDS (3), DURATION (10s), CONNS (50), IDLE_CONNS (5000: the HAProxy peer config allows
 # 8000 connections), IDLE_CONNS_LOCKSTEP (10000: lockstep alone), BIN (target/release/lockstep).
@@ -193,7 +198,12 @@ bench_idle() {
   stop_all
 }
 
+"$peer" stop backends >/dev/null 2>&1 || true
+pkill -f "nginx -c $run/backends.nginx.conf" 2>/dev/null && sleep 0.5 || true
 "$peer" start backends >/dev/null
+for m in $(pgrep -f "nginx -c $run/backends.nginx.conf"); do # the master and its workers
+  for p in "$m" $(pgrep -P "$m"); do taskset -a -p -c "$last_cpu" "$p" >/dev/null 2>&1 || true; done
+done
 echo "## Proxy ($(date -u +%F), $(nproc) cores, lockstep $(cd "$root" && git rev-parse --short HEAD), command: bench/proxy.sh)"
 echo
 for phase in $phases; do

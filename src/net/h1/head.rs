@@ -73,6 +73,9 @@ impl HeadError {
     }
 }
 
+/// Header slots reserved in a parsed request beyond its own, for the headers a proxy adds.
+const ADDED_HEADROOM: usize = 6;
+
 /// Parses the request head at the start of `buf` (at most `max_head` bytes): `Ok(None)` while
 /// it is incomplete, else the head and how many bytes of `buf` it took. Empty lines before the
 /// request line are skipped (RFC 9112 §2.2).
@@ -122,7 +125,9 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)
     let uri = Uri::from_maybe_shared(slice(target.as_bytes()))
         .map_err(|_| HeadError::Bad("bad request target\n"))?;
 
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    // Room for the headers a proxy adds (Host, X-Forwarded-*, Via, Forwarded) without the
+    // map growing: each growth is two allocations.
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + ADDED_HEADROOM);
     let mut scan = Scan::default();
     for f in req.headers.iter() {
         let name = HeaderName::from_bytes(f.name.as_bytes())

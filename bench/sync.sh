@@ -9,17 +9,20 @@
 #    each with `--at +2s` on the hub's clock; `flipwatch` (examples/flipwatch.rs) polls every
 #    agent from outside, one thread per agent over a kept-alive connection, and notes for each
 #    the window [last poll answered with the old release, first answered with the new one].
+#    It is told each activation instant (at.txt, from `lockstep publish`'s answer) and polls
+#    back to back from 2 ms before it until it sees the flip, so a window is one or two poll
+#    round trips (~0.1 ms) wide; between flips it polls every 20 ms.
 #    Skew of a flip: the spread of the windows' midpoints, and the least spread the windows
 #    allow; the windows' width is the resolution.
 # 2. Load: `wrk` on two agents (one skewed) during LOAD_FLIPS (5) flips; a Lua check counts
 #    answers whose body does not belong to the release in their X-Lockstep-Release header
-#    (mixed) and non-200 answers.
+#    (mixed) and non-200 answers; flipwatch measures the skew of these flips under the load.
 # 3. Transfer: publish a 10 000-file release, change one file, publish again; report what the
 #    publisher uploaded and what each agent fetched (its lockstep_agent_fetched_* metrics).
 #
 # Everything shares two cores, so the agents, the pollers and wrk compete: read the skew as an
-# upper bound. Env: AGENTS, FLIPS, LOAD_FLIPS, FILES (10000), PAUSE_US (200: each poller sleeps
-# this long between polls, leaving the cores to the agents), KEEP=1 keeps the working directory.
+# upper bound. Env: AGENTS, FLIPS, LOAD_FLIPS, FILES (10000), KEEP=1 keeps the working
+# directory.
 # TRUST=1: the farm as it runs between hosts: a farm CA (`lockstep ca`), mutual TLS on every
 # link (hub, agents, publisher each with its own certificate), releases signed
 # (`lockstep keygen`, `publish --sign-key`) and verified by every agent (`trusted_keys`).
@@ -30,7 +33,6 @@ agents=${AGENTS:-8}
 flips=${FLIPS:-20}
 load_flips=${LOAD_FLIPS:-5}
 files=${FILES:-10000}
-pause_us=${PAUSE_US:-200}
 command -v faketime >/dev/null || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; }
 
 (cd "$root" && cargo build --release --quiet && cargo build --release --quiet --example flipwatch)
@@ -104,8 +106,12 @@ EOF
 done
 addrs=(); for p in "${ports[@]}"; do addrs+=("127.0.0.1:$p"); done
 
-publish() { # DIR AT -> release id
-  "$bin" publish --hub "$hub" "${pub_args[@]}" "${sign_args[@]}" --at "$2" "$1" | tee -a publish.log | awk '/^release /{print $2}'
+publish() { # DIR AT -> release id; its activation instant (µs since the epoch) goes to at.txt
+  "$bin" publish --hub "$hub" "${pub_args[@]}" "${sign_args[@]}" --at "$2" "$1" > publish.last
+  cat publish.last >> publish.log
+  at=$(sed -n 's/^staged: activates at \([^ ]*\) .*/\1/p' publish.last)
+  if [ -n "$at" ]; then date -u -d "$at" +%s%6N >> at.txt; fi
+  awk '/^release /{print $2}' publish.last
 }
 wait_all() { # RELEASE
   for _ in $(seq 1 400); do
@@ -128,7 +134,8 @@ site() { # N -> a small site whose every file names flip N
 sleep 1
 site 0; r=$(publish site +2s); wait_all "$r"
 echo "== skew: $agents agents (web-$((agents - 1)) at +1h, web-$agents at -1h), $flips flips =="
-"$watch" --seconds $((flips * 4 + 10)) --pause-us "$pause_us" "${addrs[@]}" > flips.jsonl &
+: > at.txt
+"$watch" --seconds $((flips * 3 + 5)) --at-file at.txt "${addrs[@]}" > flips.jsonl &
 watch_pid=$!
 sleep 1
 for n in $(seq 1 "$flips"); do
@@ -136,12 +143,13 @@ for n in $(seq 1 "$flips"); do
   sleep 3
 done
 wait "$watch_pid"
-python3 - "$agents" <<'EOF'
+cat > skew.py <<'EOF'
+# skew.py AGENTS RELEASES FLIPS_JSONL: the skew of each flip as flipwatch saw it.
 import json, sys
 agents = int(sys.argv[1])
-releases = [l.strip() for l in open("releases.txt") if l.strip()]
+releases = [l.strip() for l in open(sys.argv[2]) if l.strip()]
 seen, summary = {}, []
-for line in open("flips.jsonl"):
+for line in open(sys.argv[3]):
     d = json.loads(line)
     if "release" in d:
         seen.setdefault(d["release"], {})[d["agent"]] = (d["lo_us"], d["hi_us"])
@@ -169,6 +177,7 @@ print(f"skew, least the windows allow: p50 {ms(pick(lows, .5))}  p99 {ms(pick(lo
 rt = sorted(s["median_round_trip_us"] for s in summary)
 print(f"resolution: observation window p50 {ms(pick(widths, .5))}  p99 {ms(pick(widths, .99))}  max {ms(widths[-1] if widths else 0)}; median poll round trip {rt[0]}..{rt[-1]} us")
 EOF
+python3 skew.py "$agents" releases.txt flips.jsonl
 echo "hub: offsets and lateness as the agents reported them:"
 "$bin" status --hub "$hub" "${pub_args[@]}" | sed -n '1,20p'
 
@@ -193,13 +202,18 @@ function done(summary, latency, requests)
 end
 EOF
 dur=$((load_flips * 3 + 2))
+"$watch" --seconds "$dur" --at-file at.txt "${addrs[@]}" > flips-load.jsonl &
+wrk_pids=("$!")
 for p in "${ports[0]}" "${ports[$((agents - 2))]}"; do
   wrk -t1 -c4 -d"${dur}s" -s check.lua "http://127.0.0.1:$p/index.html" > "wrk-$p.txt" 2>&1 &
+  wrk_pids+=("$!")
 done
-for n in $(seq 101 $((100 + load_flips))); do site "$n"; publish site +2s > /dev/null; sleep 3; done
-wait_wrk=$(jobs -p | tail -2); for j in $wait_wrk; do wait "$j" 2>/dev/null || true; done
+for n in $(seq 101 $((100 + load_flips))); do site "$n"; publish site +2s >> releases-load.txt; sleep 3; done
+for j in "${wrk_pids[@]}"; do wait "$j" 2>/dev/null || true; done
 sleep 1
 for p in "${ports[0]}" "${ports[$((agents - 2))]}"; do echo "agent :$p: $(grep -E 'Requests/sec' "wrk-$p.txt" | tr -s ' ')"; grep checked "wrk-$p.txt"; done
+echo "skew of the flips under load (flipwatch on all $agents agents while wrk loads two):"
+python3 skew.py "$agents" releases-load.txt flips-load.jsonl
 
 echo "== transfer: $files-file release, then one file changed =="
 rm -rf big; mkdir -p big

@@ -159,6 +159,7 @@ impl ConnSettings {
 /// everything by value (no wrapping async block keeping copies), the TLS and HTTP/2 paths are
 /// boxed, and it is an `async` block rather than an `async fn` (whose arguments the compiler
 /// stores twice in the future: as passed and as locals; a block's captures are used in place).
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn serve_connection<S, B>(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
@@ -227,6 +228,7 @@ where
 
 /// HTTP on an established stream: HTTP/1.1 (h2c when it opens with the preface), or
 /// HTTP/2 only when `h2`. (An `async` block for the reason [`serve_connection`] gives.)
+#[allow(clippy::manual_async_fn)] // on purpose: see `serve_connection`
 fn serve_io<'a, I, S, B>(
     io: I,
     settings: &'a ConnSettings,

@@ -96,8 +96,8 @@ impl fmt::Display for Refused {
 /// What [`detect`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Detected {
-    /// `Some(entry)` = added or changed (its blob is stored), `None` = removed. Only real
-    /// differences from what was known.
+    /// `Some(entry)` = added or changed (its blob is stored, or in `held`), `None` = removed.
+    /// Only real differences from what was known.
     pub changes: BTreeMap<String, Option<Entry>>,
     /// Paths refused: never in `changes`, and what was known of them stays.
     pub refused: Vec<Refused>,

@@ -98,7 +98,8 @@ impl Quiet {
     }
 
     /// How many paths wait.
-    pub fn pending(&self) -> usize {
+    #[cfg(test)]
+    fn pending(&self) -> usize {
         self.pending.len()
     }
 }

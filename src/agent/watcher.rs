@@ -55,6 +55,11 @@ use super::detect::Scope;
 use super::ignore::Ignore;
 use super::quiet::Quiet;
 
+/// Events classified but not yet taken by the debounce thread, at most. When full, notify's
+/// thread waits, the kernel's inotify queue fills, and its overflow is a full rescan: a burst
+/// costs a rescan, never unbounded memory.
+pub const NOTES: usize = 4096;
+
 /// How often a vanished watched directory is looked for again.
 pub const REWATCH_EVERY: Duration = Duration::from_millis(500);
 
@@ -140,7 +145,7 @@ pub fn spawn(
     let current = Arc::new(Mutex::new(target.path.clone()));
     let first = current.lock().unwrap_or_else(PoisonError::into_inner);
     let root_gone = Arc::new(Notify::new());
-    let (notes, noted) = std_mpsc::channel();
+    let (notes, noted) = std_mpsc::sync_channel(NOTES);
     let handler = handler(notes, current.clone(), root_gone.clone(), ignore);
     // Links are not followed into directories, as `detect` does not follow them.
     let config = notify::Config::default().with_follow_symlinks(false);
@@ -199,7 +204,7 @@ fn check_settings(debounce: Duration, rescan_every: Duration) -> Result<(), Watc
 /// nothing is named before it); a vanished root is told to the supervisor through
 /// `root_gone`; watcher errors mean a full rescan.
 fn handler(
-    notes: std_mpsc::Sender<(Scope, bool)>,
+    notes: std_mpsc::SyncSender<(Scope, bool)>,
     current: Arc<Mutex<PathBuf>>,
     root_gone: Arc<Notify>,
     ignore: Arc<Ignore>,
@@ -220,6 +225,8 @@ fn handler(
                 (Some(Scope::All), false)
             }
         };
+        // Not held while waiting for room (the supervisor takes it to watch again).
+        drop(dir);
         if let Some(scope) = scope {
             let _ = notes.send((scope, settled));
         }

@@ -427,6 +427,25 @@ pub fn render_fleet(f: &Fleet) -> String {
     if let Some(q) = s.queued {
         out.push_str(&format!("queued {}\n", q.short()));
     }
+    render_agents(f, &mut out);
+    if let Some(k) = last_flip_skew(f) {
+        out.push_str(&format!(
+            "\nlast flip to {}: {} agent(s), skew {} (lateness from {} to {}, as each agent measured it)\n",
+            k.release.short(),
+            k.agents,
+            show_us(k.spread_us).trim_start_matches('+'),
+            show_us(k.min_us),
+            show_us(k.max_us)
+        ));
+    }
+    render_conflicts(f, &mut out);
+    out
+}
+
+/// The agents' table of `lockstep status`.
+fn render_agents(f: &Fleet, out: &mut String) {
+    let s = &f.schedule;
+    let short = |h: Option<Hash>| h.map_or("-".to_string(), |h| h.short());
     out.push_str(&format!(
         "\n{:<16} {:<13} {:<13} {:>14} {:>10} {:>12} {:>9}  {}\n",
         "AGENT", "ACTIVE", "STAGED", "OFFSET θ", "ERROR ε", "LAST FLIP", "REPORTED", "STATE"
@@ -456,36 +475,30 @@ pub fn render_fleet(f: &Fleet) -> String {
     if f.agents.is_empty() {
         out.push_str("(no agent has reported yet)\n");
     }
-    if let Some(k) = last_flip_skew(f) {
+}
+
+/// The concurrent edits the hub resolved, for `lockstep status`.
+fn render_conflicts(f: &Fleet, out: &mut String) {
+    if f.conflicts.is_empty() {
+        return;
+    }
+    out.push_str("\nconcurrent edits resolved (the later by hub time wins):\n");
+    let who = |s: &crate::sync::changeset::Stamp| {
+        if s.origin.is_empty() {
+            "a publish".to_string()
+        } else {
+            format!("{} at {}", s.origin, show_time(s.at_us))
+        }
+    };
+    for c in &f.conflicts {
+        let c_ = &c.conflict;
         out.push_str(&format!(
-            "\nlast flip to {}: {} agent(s), skew {} (lateness from {} to {}, as each agent measured it)\n",
-            k.release.short(),
-            k.agents,
-            show_us(k.spread_us).trim_start_matches('+'),
-            show_us(k.min_us),
-            show_us(k.max_us)
+            "  conflict {}: kept {}, dropped {}\n",
+            c_.path,
+            who(&c_.winner),
+            who(&c_.loser)
         ));
     }
-    if !f.conflicts.is_empty() {
-        out.push_str("\nconcurrent edits resolved (the later by hub time wins):\n");
-        for c in &f.conflicts {
-            let c_ = &c.conflict;
-            let who = |s: &crate::sync::changeset::Stamp| {
-                if s.origin.is_empty() {
-                    "a publish".to_string()
-                } else {
-                    format!("{} at {}", s.origin, show_time(s.at_us))
-                }
-            };
-            out.push_str(&format!(
-                "  conflict {}: kept {}, dropped {}\n",
-                c_.path,
-                who(&c_.winner),
-                who(&c_.loser)
-            ));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -183,6 +183,8 @@ fn refused(api: &AgentApi, r: Refusal) -> Response<Body> {
     }
 }
 
+/// A changeset frame from a peer: admitted ([`admit`]), its large blobs stored
+/// ([`store_large`]), then queued for install ([`queue_install`]).
 async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<ClientBody>) -> Response<Body> {
     let Ok(_reading) = api.frames.clone().try_acquire_owned() else {
         api.metrics.refused("busy");
@@ -196,52 +198,79 @@ async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<ClientBody>) ->
         Ok(b) => b,
         Err(r) => return r,
     };
-    let (signed, blobs) = match frame::decode(&frame) {
+    let (cs, blobs) = match admit(api, caller, &frame) {
         Ok(v) => v,
-        Err(e) => {
-            api.metrics.refused("changeset");
-            warn!(error = %e, "changeset from a peer refused");
-            return error(StatusCode::BAD_REQUEST, e);
-        }
+        Err(r) => return r,
     };
-    let cs = &signed.changeset;
-    // A peer forwards only its own changesets.
-    if let Err(r) = caller.act_as_agent(&cs.origin) {
-        return refused(api, r);
-    }
-    if cs.origin == api.name {
-        debug!(changeset = %cs.name(), "our own changeset came back; dropped");
-        return answer(StatusCode::OK, serde_json::json!({ "state": "echo" }));
-    }
-    // Its numbers are hub time as the peer estimated it: bounded by ours, as the hub bounds
-    // them by its clock (a `seq` far ahead would make this agent wait for the hub's release
-    // to include it; a `detected_us` far ahead would win conflicts here).
-    let Some(now) = (api.hub_now)() else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this agent has not measured the hub's clock yet, so it cannot check the changeset's numbers; the hub's release brings the edit",
-        );
-    };
-    if let Err(e) = cs.check_time(now) {
-        api.metrics.refused("implausible");
-        warn!(peer_origin = %cs.origin, error = %e, "changeset from a peer refused");
-        return error(StatusCode::BAD_REQUEST, e);
-    }
-    // The same authority that decides on the hub's built releases: a changeset it refuses is
-    // not installed here either.
-    if let Some(authority) = &api.changesets {
-        if let Err(e) = authority.verify(&signed) {
-            api.metrics.refused("signature");
-            warn!(error = %e, "changeset from a peer refused");
-            return error(StatusCode::FORBIDDEN, e);
-        }
-    }
-    let cs = signed.changeset;
     // Large files are served from the store: they must be on disk before the install. Small
     // ones are served from memory at once and written by the agent's disk worker.
     let (large, small): (Vec<_>, Vec<_>) = blobs
         .into_iter()
         .partition(|(_, b)| b.len() as u64 > MAX_INLINE_BYTES);
+    if let Err(r) = store_large(api, large).await {
+        return r;
+    }
+    queue_install(api, cs, small)
+}
+
+/// Blobs as a frame carries them.
+type FrameBlobs = Vec<(crate::sync::manifest::Hash, Bytes)>;
+
+/// Decodes and checks a peer's frame: whole and hash-verified, from the caller's own origin,
+/// numbered plausibly and verifying by the changeset authority. `Err` is the answer (also for
+/// an echo of our own changeset, which is dropped with 200).
+// The error is the ready answer; boxing it would buy nothing on this path.
+#[allow(clippy::result_large_err)]
+fn admit(
+    api: &AgentApi,
+    caller: &Caller,
+    frame: &[u8],
+) -> Result<(crate::sync::changeset::Changeset, FrameBlobs), Response<Body>> {
+    let (signed, blobs) = frame::decode(frame).map_err(|e| {
+        api.metrics.refused("changeset");
+        warn!(error = %e, "changeset from a peer refused");
+        error(StatusCode::BAD_REQUEST, e)
+    })?;
+    let cs = &signed.changeset;
+    // A peer forwards only its own changesets.
+    caller
+        .act_as_agent(&cs.origin)
+        .map_err(|r| refused(api, r))?;
+    if cs.origin == api.name {
+        debug!(changeset = %cs.name(), "our own changeset came back; dropped");
+        return Err(answer(
+            StatusCode::OK,
+            serde_json::json!({ "state": "echo" }),
+        ));
+    }
+    // Its numbers are hub time as the peer estimated it: bounded by ours, as the hub bounds
+    // them by its clock (a `seq` far ahead would make this agent wait for the hub's release
+    // to include it; a `detected_us` far ahead would win conflicts here).
+    let Some(now) = (api.hub_now)() else {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this agent has not measured the hub's clock yet, so it cannot check the changeset's numbers; the hub's release brings the edit",
+        ));
+    };
+    cs.check_time(now).map_err(|e| {
+        api.metrics.refused("implausible");
+        warn!(peer_origin = %cs.origin, error = %e, "changeset from a peer refused");
+        error(StatusCode::BAD_REQUEST, e)
+    })?;
+    // The same authority that decides on the hub's built releases: a changeset it refuses is
+    // not installed here either.
+    if let Some(authority) = &api.changesets {
+        authority.verify(&signed).map_err(|e| {
+            api.metrics.refused("signature");
+            warn!(error = %e, "changeset from a peer refused");
+            error(StatusCode::FORBIDDEN, e)
+        })?;
+    }
+    Ok((signed.changeset, blobs))
+}
+
+/// Writes the blobs too large to serve from memory into the store (off the runtime).
+async fn store_large(api: &AgentApi, large: FrameBlobs) -> Result<(), Response<Body>> {
     let store = api.store.clone();
     let stored = tokio::task::spawn_blocking(move || {
         for (hash, data) in large {
@@ -253,15 +282,22 @@ async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<ClientBody>) ->
     })
     .await;
     match stored {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the agent's store: {e}"),
-            )
-        }
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the agent's store: {e}"),
+        )),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
     }
+}
+
+/// Hands an admitted changeset to the install queue: 202, or 503 when the queue is full (the
+/// edit then arrives with the hub's release).
+fn queue_install(
+    api: &AgentApi,
+    cs: crate::sync::changeset::Changeset,
+    small: FrameBlobs,
+) -> Response<Body> {
     let name = cs.name();
     let install = Install {
         cs,
@@ -269,23 +305,22 @@ async fn from_peer(api: &AgentApi, caller: &Caller, req: Request<ClientBody>) ->
         blobs: small,
     };
     match api.installs.try_send(install) {
-        Ok(()) => {}
+        Ok(()) => answer(
+            StatusCode::ACCEPTED,
+            serde_json::json!({ "state": "accepted", "changeset": name }),
+        ),
         Err(mpsc::error::TrySendError::Full(_)) => {
             api.metrics.refused("busy");
             debug!(changeset = %name, "install queue full; the peer's changeset comes with the hub's release");
-            return error(
+            error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{INSTALL_QUEUE} changesets are waiting to be installed here; this one arrives with the hub's release"),
-            );
+            )
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping")
+            error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping")
         }
     }
-    answer(
-        StatusCode::ACCEPTED,
-        serde_json::json!({ "state": "accepted", "changeset": name }),
-    )
 }
 
 async fn write(api: &AgentApi, req: Request<ClientBody>) -> Response<Body> {

@@ -290,57 +290,19 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
     let mut cx = Ctx::new(file);
     check_name(&mut cx, &raw.name);
     let serve = serve_addr(&mut cx, &raw.serve);
-    let store = cx.path_at(&raw.store, "store");
-    let release_dir = raw
-        .release_dir
-        .as_ref()
-        .and_then(|v| cx.path_at(v, "release_dir"));
-    if let (Some(s), Some(r), Some(raw_r)) = (&store, &release_dir, &raw.release_dir) {
-        if overlap(s, r) {
-            cx.err(
-                raw_r,
-                "release_dir and store overlap: give each its own directory (the store is the agent's own)",
-            );
-        }
-    }
+    let (store, release_dir) = directories(&mut cx, &raw);
     let tls = agent_tls(&mut cx, &raw);
     let client_tls = tls.as_ref().and_then(|t| t.client().ok());
     let before = cx.errors.len();
     let hub = hub_url(&mut cx, &raw, client_tls.as_ref(), tls.as_ref());
     let hub_ok = cx.errors.len() == before;
-    // Fail closed: an agent other hosts can reach takes peers' changesets and writes, which
-    // must come from a party that proves who it is; only a loopback agent may go without.
     let own = tls.as_ref().is_some_and(|t| t.own.is_some());
-    if let (Some(addr), false) = (serve, own) {
-        if !addr.ip().to_canonical().is_loopback() {
-            cx.err(
-                &raw.serve,
-                format!("serve {addr} is reachable from other hosts, but the agent has no certificate (`tls:`): its peers could not prove who they are, nor it to them. Issue one (`lockstep ca issue {} --role agent --ip {}`) and set `tls: {{ ca, cert, key }}`, or serve on 127.0.0.1", raw.name.value, addr.ip()),
-            );
-        }
-    }
+    require_certificate_off_loopback(&mut cx, &raw, serve, own);
     let token = raw.token_file.as_ref().and_then(|v| {
         let p = cx.path_at(v, "token_file")?;
-        match read_token(&p) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                cx.err(v, e.to_string());
-                None
-            }
-        }
+        read_token(&p).map_err(|e| cx.err(v, e.to_string())).ok()
     });
-    let trusted_keys = raw
-        .trusted_keys
-        .as_ref()
-        .map(|list| cx.public_keys(list, "trusted_keys"));
-    // Fail closed: without trusted keys, whoever controls the hub, or the path to it, chooses
-    // what this backend serves; only a hub on this host may go without (tests, a farm of one).
-    if raw.trusted_keys.is_none() && hub_ok && !hub_is_loopback(&hub) {
-        cx.err(
-            &raw.hub,
-            format!("hub {hub} is not on this host, but trusted_keys is not set: whoever controls the hub, or the network path to it, would choose what this backend serves. Set trusted_keys to the publishers' public key files (`lockstep keygen` writes KEY.pub; sign with `lockstep publish --sign-key KEY`), or use a hub on 127.0.0.1"),
-        );
-    }
+    let trusted_keys = trusted_keys(&mut cx, &raw, &hub, hub_ok);
     let trusted_origins = trusted_origins(&mut cx, &raw);
     let fetch_concurrency = fetch_concurrency(&mut cx, raw.fetch_concurrency.as_ref());
     let max_connections = cx.connections(
@@ -380,6 +342,65 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
             Err(ConfigErrors(cx.errors))
         }
     }
+}
+
+/// `store` and `release_dir`, which must not overlap.
+fn directories(cx: &mut Ctx<'_>, raw: &RawAgentConfig) -> (Option<PathBuf>, Option<PathBuf>) {
+    let store = cx.path_at(&raw.store, "store");
+    let release_dir = raw
+        .release_dir
+        .as_ref()
+        .and_then(|v| cx.path_at(v, "release_dir"));
+    if let (Some(s), Some(r), Some(raw_r)) = (&store, &release_dir, &raw.release_dir) {
+        if overlap(s, r) {
+            cx.err(
+                raw_r,
+                "release_dir and store overlap: give each its own directory (the store is the agent's own)",
+            );
+        }
+    }
+    (store, release_dir)
+}
+
+/// Fail closed: an agent other hosts can reach takes peers' changesets and writes, which must
+/// come from a party that proves who it is; only a loopback agent may go without a
+/// certificate (`own`).
+fn require_certificate_off_loopback(
+    cx: &mut Ctx<'_>,
+    raw: &RawAgentConfig,
+    serve: Option<SocketAddr>,
+    own: bool,
+) {
+    if let (Some(addr), false) = (serve, own) {
+        if !addr.ip().to_canonical().is_loopback() {
+            cx.err(
+                &raw.serve,
+                format!("serve {addr} is reachable from other hosts, but the agent has no certificate (`tls:`): its peers could not prove who they are, nor it to them. Issue one (`lockstep ca issue {} --role agent --ip {}`) and set `tls: {{ ca, cert, key }}`, or serve on 127.0.0.1", raw.name.value, addr.ip()),
+            );
+        }
+    }
+}
+
+/// `trusted_keys`. Fail closed: without them, whoever controls the hub, or the path to it,
+/// chooses what this backend serves; only a hub on this host may go without (tests, a farm of
+/// one). `hub_ok`: the hub's URL was valid (otherwise its error is the one to fix first).
+fn trusted_keys(
+    cx: &mut Ctx<'_>,
+    raw: &RawAgentConfig,
+    hub: &str,
+    hub_ok: bool,
+) -> Option<TrustedKeys> {
+    let keys = raw
+        .trusted_keys
+        .as_ref()
+        .map(|list| cx.public_keys(list, "trusted_keys"));
+    if raw.trusted_keys.is_none() && hub_ok && !hub_is_loopback(hub) {
+        cx.err(
+            &raw.hub,
+            format!("hub {hub} is not on this host, but trusted_keys is not set: whoever controls the hub, or the network path to it, would choose what this backend serves. Set trusted_keys to the publishers' public key files (`lockstep keygen` writes KEY.pub; sign with `lockstep publish --sign-key KEY`), or use a hub on 127.0.0.1"),
+        );
+    }
+    keys
 }
 
 /// Whether the hub's URL names this host: a loopback address, or `localhost`.

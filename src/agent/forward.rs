@@ -199,57 +199,37 @@ impl Forwarder {
         };
         let budget = Arc::new(budget);
         for peer in self.peers.list() {
-            let client = {
-                let mut map = clients.lock().unwrap_or_else(|p| p.into_inner());
-                match map.get(&peer) {
-                    Some(c) => c.clone(),
-                    None => match HttpClient::new(
-                        Remote::Peer,
-                        &peer,
-                        self.token.clone(),
-                        self.tls.as_ref(),
-                    ) {
-                        Ok(c) => {
-                            map.insert(peer.clone(), c.clone());
-                            c
-                        }
-                        Err(e) => {
-                            warn!(peer = %peer, error = %e, "unusable peer address");
-                            continue;
-                        }
-                    },
-                }
+            let Some(client) = self.peer_client(&peer, clients) else {
+                continue;
             };
-            let (frame, metrics, name) = (frame.clone(), self.metrics.clone(), cs.name());
+            let send = send_to_peer(client, frame.clone(), cs.name(), self.metrics.clone());
             let budget = budget.clone();
             tokio::spawn(async move {
                 let _budget = budget;
-                for attempt in 0..2 {
-                    let r = client
-                        .send(
-                            Method::POST,
-                            PEER_PATH,
-                            Some((frame.clone(), FRAME_TYPE)),
-                            PEER_TIMEOUT,
-                        )
-                        .await
-                        .and_then(ok);
-                    match r {
-                        Ok(_) => {
-                            metrics.forwarded("peer");
-                            return;
-                        }
-                        Err(e) if attempt == 0 => {
-                            debug!(peer = %client.url(), changeset = %name, error = %e, "forward to peer failed; once more");
-                            tokio::time::sleep(RETRY_BASE).await;
-                        }
-                        Err(e) => {
-                            metrics.forward_failures.inc();
-                            debug!(peer = %client.url(), changeset = %name, error = %e, "forward to peer failed; it will catch up from the hub");
-                        }
-                    }
-                }
+                send.await
             });
+        }
+    }
+
+    /// The client for `peer`, made on first use and kept; `None` when its address is unusable.
+    fn peer_client(
+        &self,
+        peer: &str,
+        clients: &Mutex<HashMap<String, HttpClient>>,
+    ) -> Option<HttpClient> {
+        let mut map = clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(peer) {
+            return Some(c.clone());
+        }
+        match HttpClient::new(Remote::Peer, peer, self.token.clone(), self.tls.as_ref()) {
+            Ok(c) => {
+                map.insert(peer.to_string(), c.clone());
+                Some(c)
+            }
+            Err(e) => {
+                warn!(peer = %peer, error = %e, "unusable peer address");
+                None
+            }
         }
     }
 
@@ -392,6 +372,36 @@ enum HubFailure {
     Retry(String),
 }
 use HubFailure::{Refused, Retry};
+
+/// Sends one frame to a peer, once more after [`RETRY_BASE`] if the first try fails; a peer
+/// that misses it catches up from the hub.
+async fn send_to_peer(client: HttpClient, frame: Bytes, name: String, metrics: Arc<AgentMetrics>) {
+    for attempt in 0..2 {
+        let r = client
+            .send(
+                Method::POST,
+                PEER_PATH,
+                Some((frame.clone(), FRAME_TYPE)),
+                PEER_TIMEOUT,
+            )
+            .await
+            .and_then(ok);
+        match r {
+            Ok(_) => {
+                metrics.forwarded("peer");
+                return;
+            }
+            Err(e) if attempt == 0 => {
+                debug!(peer = %client.url(), changeset = %name, error = %e, "forward to peer failed; once more");
+                tokio::time::sleep(RETRY_BASE).await;
+            }
+            Err(e) => {
+                metrics.forward_failures.inc();
+                debug!(peer = %client.url(), changeset = %name, error = %e, "forward to peer failed; it will catch up from the hub");
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

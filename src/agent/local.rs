@@ -550,6 +550,50 @@ impl Worker {
         debug!(release = %release.id().short(), written, kept, "watch.dir follows the served release");
     }
 
+    /// The entry an API write of `c` at `path` records: within `watch.max_file_size`, its
+    /// content in the store.
+    fn written_entry(&self, path: &str, c: Stored) -> Result<Entry, WriteError> {
+        if c.size > self.cfg.max_file_bytes {
+            return Err(WriteError::TooLarge(format!(
+                "{} bytes is over watch.max_file_size ({} bytes)",
+                c.size, self.cfg.max_file_bytes
+            )));
+        }
+        if !self.cfg.store.has_blob(&c.hash) {
+            return Err(WriteError::Io(format!(
+                "the content {} left the store before it was recorded: retry",
+                c.hash.short()
+            )));
+        }
+        Ok(Entry {
+            hash: c.hash,
+            size: c.size,
+            content_type: content_type(path),
+        })
+    }
+
+    /// Puts an API write into `watch.dir` (when the agent has one and is not refusing it):
+    /// the file placed, or removed for `None`.
+    fn write_into_dir(&self, path: &str, entry: Option<&Entry>) -> Result<(), WriteError> {
+        let (Some(dir), None) = (&self.cfg.dir, &self.refused) else {
+            return Ok(());
+        };
+        let r = Dir::open(dir, WATCH_DIR).and_then(|root| match entry {
+            Some(e) => place(&self.cfg.store, &root, path, e, None),
+            None => remove(&root, path),
+        });
+        match r {
+            Ok(()) => Ok(()),
+            // Refused like a link found by detection: the request cannot be done as asked.
+            Err(e) if e.is_symlink() => {
+                warn!(path = %path, error = %e, "write refused");
+                self.cfg.metrics.refused("path");
+                Err(WriteError::Bad(format!("writing into watch.dir: {e}")))
+            }
+            Err(e) => Err(WriteError::Io(format!("writing into watch.dir: {e}"))),
+        }
+    }
+
     /// An API write.
     fn write(&mut self, path: &str, content: Option<Stored>) -> Result<Option<String>, WriteError> {
         check_path(path).map_err(|e| WriteError::Bad(e.to_string()))?;
@@ -565,25 +609,7 @@ impl Worker {
         }
         let prev = self.state.known.get(path).cloned();
         let entry = match content {
-            Some(c) => {
-                if c.size > self.cfg.max_file_bytes {
-                    return Err(WriteError::TooLarge(format!(
-                        "{} bytes is over watch.max_file_size ({} bytes)",
-                        c.size, self.cfg.max_file_bytes
-                    )));
-                }
-                if !self.cfg.store.has_blob(&c.hash) {
-                    return Err(WriteError::Io(format!(
-                        "the content {} left the store before it was recorded: retry",
-                        c.hash.short()
-                    )));
-                }
-                Some(Entry {
-                    hash: c.hash,
-                    size: c.size,
-                    content_type: content_type(path),
-                })
-            }
+            Some(c) => Some(self.written_entry(path, c)?),
             None if prev.is_none() => {
                 return Err(WriteError::NotFound(format!("no file `{path}` to delete")))
             }
@@ -607,22 +633,7 @@ impl Worker {
             self.cfg.metrics.refused("outbox_full");
             return Err(WriteError::Unavailable(why));
         }
-        if let (Some(dir), None) = (&self.cfg.dir, &self.refused) {
-            let r = Dir::open(dir, WATCH_DIR).and_then(|root| match &entry {
-                Some(e) => place(&self.cfg.store, &root, path, e, None),
-                None => remove(&root, path),
-            });
-            match r {
-                Ok(()) => {}
-                // Refused like a link found by detection: the request cannot be done as asked.
-                Err(e) if e.is_symlink() => {
-                    warn!(path = %path, error = %e, "write refused");
-                    self.cfg.metrics.refused("path");
-                    return Err(WriteError::Bad(format!("writing into watch.dir: {e}")));
-                }
-                Err(e) => return Err(WriteError::Io(format!("writing into watch.dir: {e}"))),
-            }
-        }
+        self.write_into_dir(path, entry.as_ref())?;
         let change = Change {
             entry,
             prev: prev.map(|e| e.hash),

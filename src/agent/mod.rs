@@ -193,25 +193,10 @@ pub async fn start_on(
     })?;
     let tls = config.tls.as_ref().map(|t| t.client()).transpose()?;
     let client = HttpClient::hub(&config.hub, config.token.clone(), tls.as_ref())?;
-    // Creating a few directories and clearing tmp/: quick enough to do here.
-    let store = Arc::new(FsStore::open(&config.store)?);
-    let loaded = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || load_state(&store))
-            .await
-            .unwrap_or_default()
-    };
+    let (store, loaded) = open_store(&config).await?;
     let metrics = Arc::new(AgentMetrics::new());
     let trust = verify::Trust::from_config(&config);
-    match &trust {
-        Some(t) => {
-            let keys: Vec<String> = t.keys().ids().iter().map(|k| k.to_string()).collect();
-            info!(trusted_keys = %keys.join(","), "releases are staged only when a trusted key signed them, or the hub built them from accepted changesets on such a release")
-        }
-        None => {
-            warn!(hub = %config.hub, "no trusted_keys: releases are staged unsigned (allowed only because the hub is on this host)")
-        }
-    }
+    announce_trust(trust.as_deref(), &config);
     let current = loaded.current.clone();
     let active: Active = Arc::new(ArcSwapOption::new(current.clone()));
     metrics.set_active(current.as_ref().map(|r| r.id()));
@@ -263,19 +248,33 @@ pub async fn start_on(
         active = ?current.as_ref().map(|r| r.id().short()),
         "agent started"
     );
-    let Wiring {
-        metrics,
-        shutdown,
-        tracker,
-        ..
-    } = agent;
-    Ok(AgentHandle {
-        serve_addr,
-        active,
-        metrics,
-        shutdown,
-        tracker,
-    })
+    Ok(agent.into_handle(serve_addr, active))
+}
+
+/// Opens the agent's store (creating a few directories and clearing tmp/: quick enough to do
+/// on the runtime) and reads the state recorded in it (off the runtime).
+async fn open_store(config: &AgentConfig) -> Result<(Arc<FsStore>, control::Start), AgentError> {
+    let store = Arc::new(FsStore::open(&config.store)?);
+    let loaded = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || load_state(&store))
+            .await
+            .unwrap_or_default()
+    };
+    Ok((store, loaded))
+}
+
+/// Says at start which releases this agent will stage: signed by which keys, or unsigned.
+fn announce_trust(trust: Option<&verify::Trust>, config: &AgentConfig) {
+    match trust {
+        Some(t) => {
+            let keys: Vec<String> = t.keys().ids().iter().map(|k| k.to_string()).collect();
+            info!(trusted_keys = %keys.join(","), "releases are staged only when a trusted key signed them, or the hub built them from accepted changesets on such a release")
+        }
+        None => {
+            warn!(hub = %config.hub, "no trusted_keys: releases are staged unsigned (allowed only because the hub is on this host)")
+        }
+    }
 }
 
 /// What every task of one agent is started with.
@@ -287,6 +286,19 @@ struct Wiring<'a> {
     client: HttpClient,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+}
+
+impl Wiring<'_> {
+    /// The handle of the agent whose tasks were started with this.
+    fn into_handle(self, serve_addr: SocketAddr, active: Active) -> AgentHandle {
+        AgentHandle {
+            serve_addr,
+            active,
+            metrics: self.metrics,
+            shutdown: self.shutdown,
+            tracker: self.tracker,
+        }
+    }
 }
 
 /// Starts the serve listener, with the content API (`PUT`/`DELETE`, peers' changesets).

@@ -77,16 +77,7 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         );
     }
     let store = cx.path(&raw.store.value);
-    let cadence = cx.any_duration(&raw.cadence, DEFAULT_CADENCE, "sync.cadence");
-    if cadence < MIN_CADENCE {
-        if let Some(c) = &raw.cadence {
-            cx.err(
-                c,
-                "sync.cadence must be at least 100ms (activations happen on this grid)",
-            );
-        }
-    }
-    let lead = cx.any_duration(&raw.lead, DEFAULT_LEAD, "sync.lead");
+    let (cadence, lead) = timing(cx, raw);
     let report_expiry = cx.duration(
         &raw.report_expiry,
         DEFAULT_REPORT_EXPIRY,
@@ -96,35 +87,10 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
     for (at, e) in errors {
         cx.err(at, format!("sync.{e}"));
     }
-    let mut token = |v: &Option<Spanned<String>>| {
-        let v = v.as_ref()?;
-        match read_token(&cx.path(&v.value)) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                cx.err(v, e.to_string());
-                None
-            }
-        }
-    };
-    let tokens = Tokens {
-        agent: token(&raw.agent_token_file),
-        publish: token(&raw.publish_token_file),
-    };
+    let tokens = tokens(cx, raw);
     let tls = raw.tls.as_ref().map(|t| sync_tls(cx, t));
-    // Fail closed: a sync API other hosts can reach writes what every backend serves, so
-    // every caller must prove who it is with a farm-CA certificate over TLS; only a loopback
-    // one may do without (bearer tokens: tests, the demo, a farm of one).
     if let Some(b) = bind {
-        let mutual = raw.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
-        if !b.ip().to_canonical().is_loopback() && !mutual {
-            let fix = "Make a farm CA (`lockstep ca init`), issue the hub a certificate (`lockstep ca issue NAME --role hub --ip ADDRESS`) and set `sync.tls: { certificates: [{ cert: FILE, key: FILE }], client_ca: ca.crt, crl: crl.pem }`, or bind the sync API to 127.0.0.1";
-            cx.err(
-                &raw.bind,
-                format!(
-                    "sync.bind {b} is reachable from other hosts, but sync.tls.client_ca is not set: anyone on the network could publish or change what every backend serves, and tokens would cross it in clear. {fix}"
-                ),
-            );
-        }
+        require_mutual_tls_off_loopback(cx, raw, b);
     }
     let trusted_keys = raw
         .trusted_keys
@@ -135,20 +101,7 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         DEFAULT_SYNC_MAX_CONNECTIONS,
         "sync.max_connections",
     );
-    let upload_quota = match &raw.upload_quota {
-        None => DEFAULT_UPLOAD_QUOTA,
-        Some(v) => match super::size::parse(&v.value) {
-            Ok(n) if n >= crate::sync::manifest::MAX_BLOB_BYTES => n,
-            Ok(_) => {
-                cx.err(v, format!("sync.upload_quota must be at least {} (the largest blob) so that any release can be uploaded; default 16GiB", crate::sync::manifest::MAX_BLOB_BYTES));
-                DEFAULT_UPLOAD_QUOTA
-            }
-            Err(e) => {
-                cx.err(v, format!("sync.upload_quota: {e}"));
-                DEFAULT_UPLOAD_QUOTA
-            }
-        },
-    };
+    let upload_quota = upload_quota(cx, raw.upload_quota.as_ref());
     Some(Sync {
         upload_quota,
         max_connections,
@@ -162,6 +115,69 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         tokens,
         tls,
     })
+}
+
+/// `sync.cadence` (at least [`MIN_CADENCE`]: activations happen on this grid) and `sync.lead`.
+fn timing(cx: &mut Ctx<'_>, raw: &RawSync) -> (Duration, Duration) {
+    let cadence = cx.any_duration(&raw.cadence, DEFAULT_CADENCE, "sync.cadence");
+    if cadence < MIN_CADENCE {
+        if let Some(c) = &raw.cadence {
+            cx.err(
+                c,
+                "sync.cadence must be at least 100ms (activations happen on this grid)",
+            );
+        }
+    }
+    let lead = cx.any_duration(&raw.lead, DEFAULT_LEAD, "sync.lead");
+    (cadence, lead)
+}
+
+/// The agent and publisher tokens, read from their files.
+fn tokens(cx: &mut Ctx<'_>, raw: &RawSync) -> Tokens {
+    let mut token = |v: &Option<Spanned<String>>| {
+        let v = v.as_ref()?;
+        read_token(&cx.path(&v.value))
+            .map_err(|e| cx.err(v, e.to_string()))
+            .ok()
+    };
+    Tokens {
+        agent: token(&raw.agent_token_file),
+        publish: token(&raw.publish_token_file),
+    }
+}
+
+/// Fail closed: a sync API other hosts can reach writes what every backend serves, so every
+/// caller must prove who it is with a farm-CA certificate over TLS; only a loopback one may do
+/// without (bearer tokens: tests, the demo, a farm of one).
+fn require_mutual_tls_off_loopback(cx: &mut Ctx<'_>, raw: &RawSync, bind: SocketAddr) {
+    let mutual = raw.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    if !bind.ip().to_canonical().is_loopback() && !mutual {
+        let fix = "Make a farm CA (`lockstep ca init`), issue the hub a certificate (`lockstep ca issue NAME --role hub --ip ADDRESS`) and set `sync.tls: { certificates: [{ cert: FILE, key: FILE }], client_ca: ca.crt, crl: crl.pem }`, or bind the sync API to 127.0.0.1";
+        cx.err(
+            &raw.bind,
+            format!(
+                "sync.bind {bind} is reachable from other hosts, but sync.tls.client_ca is not set: anyone on the network could publish or change what every backend serves, and tokens would cross it in clear. {fix}"
+            ),
+        );
+    }
+}
+
+/// `sync.upload_quota`: a size of at least the largest blob, so any release can be uploaded.
+fn upload_quota(cx: &mut Ctx<'_>, raw: Option<&Spanned<String>>) -> u64 {
+    let Some(v) = raw else {
+        return DEFAULT_UPLOAD_QUOTA;
+    };
+    match super::size::parse(&v.value) {
+        Ok(n) if n >= crate::sync::manifest::MAX_BLOB_BYTES => n,
+        Ok(_) => {
+            cx.err(v, format!("sync.upload_quota must be at least {} (the largest blob) so that any release can be uploaded; default 16GiB", crate::sync::manifest::MAX_BLOB_BYTES));
+            DEFAULT_UPLOAD_QUOTA
+        }
+        Err(e) => {
+            cx.err(v, format!("sync.upload_quota: {e}"));
+            DEFAULT_UPLOAD_QUOTA
+        }
+    }
 }
 
 fn sync_tls(cx: &mut Ctx<'_>, t: &super::raw::RawSyncTls) -> SyncTls {

@@ -161,25 +161,30 @@ pub async fn serve(bound: Bound, handler: DnsHandler, stop: CancellationToken) {
 /// task per datagram.
 async fn serve_udp(socket: UdpSocket, handler: DnsHandler, stop: CancellationToken) {
     let socket = Arc::new(socket);
-    let mut inbox = match socket.local_addr() {
+    let inbox = match socket.local_addr() {
         Ok(local) => Inbox::new(local),
         Err(error) => {
             warn!(%error, "dns udp socket has no address; udp stopped");
             return;
         }
     };
-    let mut outbox = Outbox::default();
-    let mut scratch = Vec::new();
-    let mut limiter = Limiter::new(rand::random(), Instant::now());
+    let mut udp = UdpLoop {
+        socket,
+        handler,
+        inbox,
+        outbox: Outbox::default(),
+        scratch: Vec::new(),
+        limiter: Limiter::new(rand::random(), Instant::now()),
+    };
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            r = socket.readable() => if let Err(error) = r {
+            r = udp.socket.readable() => if let Err(error) = r {
                 warn!(%error, "dns udp socket failed; udp stopped");
                 return;
             },
         }
-        let received = match inbox.recv(&socket) {
+        let received = match udp.inbox.recv(&udp.socket) {
             Ok(n) => n,
             // Drained: readiness is cleared, the next `readable` waits.
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -198,6 +203,37 @@ async fn serve_udp(socket: UdpSocket, handler: DnsHandler, stop: CancellationTok
                 continue;
             }
         };
+        udp.answer_batch().await;
+        // A full batch: more may be queued, but the worker's other tasks get a turn first.
+        if received >= SLOTS {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// One UDP socket's loop state: the batch read last, the replies being gathered, and the
+/// socket's rate limiter.
+struct UdpLoop {
+    socket: Arc<UdpSocket>,
+    handler: DnsHandler,
+    inbox: Inbox,
+    outbox: Outbox<Option<FastDone>>,
+    scratch: Vec<(std::net::IpAddr, bool)>,
+    limiter: Limiter,
+}
+
+impl UdpLoop {
+    /// Answers the batch in the inbox: each query metered, then answered on the fast path or,
+    /// after the replies before it were sent, on the slow path.
+    async fn answer_batch(&mut self) {
+        let UdpLoop {
+            socket,
+            handler,
+            inbox,
+            outbox,
+            scratch,
+            limiter,
+        } = self;
         let started = Instant::now();
         // Slipped replies carry no tag: they were counted when decided.
         let record = |done: Option<FastDone>| {
@@ -212,7 +248,7 @@ async fn serve_udp(socket: UdpSocket, handler: DnsHandler, stop: CancellationTok
                 continue;
             }
             if outbox.is_full() {
-                outbox.flush(&socket, &record).await;
+                outbox.flush(socket, &record).await;
             }
             // Only what would be answered spends tokens: not junk shorter than a header, nor
             // responses (both get silence anyway).
@@ -229,19 +265,15 @@ async fn serve_udp(socket: UdpSocket, handler: DnsHandler, stop: CancellationTok
                 }
             }
             let fast = outbox.queue(src, |out| {
-                let done = handler.answer_fast(packet, &mut scratch, out, started)?;
+                let done = handler.answer_fast(packet, scratch, out, started)?;
                 Some((done.len, Some(done)))
             });
             if !fast {
-                outbox.flush(&socket, &record).await;
-                handler.handle_udp(packet, src, &socket).await;
+                outbox.flush(socket, &record).await;
+                handler.handle_udp(packet, src, socket).await;
             }
         }
-        outbox.flush(&socket, &record).await;
-        // A full batch: more may be queued, but the worker's other tasks get a turn first.
-        if received >= SLOTS {
-            tokio::task::yield_now().await;
-        }
+        outbox.flush(socket, &record).await;
     }
 }
 

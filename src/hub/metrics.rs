@@ -115,6 +115,8 @@ impl Drop for Parked {
 
 impl HubMetrics {
     /// Creates the metrics and registers them in `metrics`' registry.
+    // Long on purpose: one flat list of registrations (name, help, metric), read top to
+    // bottom; split, it would only scatter the list.
     pub fn register(metrics: &Metrics) -> HubMetrics {
         let m = HubMetrics::default();
         metrics.with_registry(|r| {

@@ -34,7 +34,7 @@ use tracing::debug;
 use super::body::{ConnError, RequestBody};
 use super::h1::buf::{InBuf, OutBuf, BUF_SIZE};
 use super::h1::chunked;
-use super::h1::head::{push_decimal, MAX_HEADERS};
+use super::h1::head::{push_decimal, Scan, MAX_HEADERS};
 use super::server::MAX_HEAD_BYTES;
 
 /// How long an unused keep-alive connection to a backend is kept.
@@ -442,66 +442,20 @@ fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ParsedHead>, &'s
     };
     let shared = Bytes::copy_from_slice(&buf[..len]);
     let mut headers = HeaderMap::with_capacity(r.headers.len());
-    let (mut length, mut chunked_last, mut codings) = (None::<u64>, false, 0u32);
-    let (mut close, mut keep_alive) = (false, false);
+    let mut scan = Scan::default();
     for f in r.headers.iter() {
         let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "bad header name")?;
         let at = f.value.as_ptr() as usize - buf.as_ptr() as usize;
         let value = HeaderValue::from_maybe_shared(shared.slice(at..at + f.value.len()))
             .map_err(|_| "bad header value")?;
-        if name == header::CONTENT_LENGTH {
-            for v in f.value.split(|&b| b == b',') {
-                let v = trim(v);
-                if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-                    return Err("bad Content-Length");
-                }
-                let n = v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-                if length.is_some_and(|l| l != n) {
-                    return Err("conflicting Content-Length");
-                }
-                length = Some(n);
-            }
-        } else if name == header::TRANSFER_ENCODING {
-            for c in f
-                .value
-                .split(|&b| b == b',')
-                .map(trim)
-                .filter(|c| !c.is_empty())
-            {
-                codings += 1;
-                chunked_last = c.eq_ignore_ascii_case(b"chunked");
-            }
-        } else if name == header::CONNECTION {
-            for t in f.value.split(|&b| b == b',').map(trim) {
-                close |= t.eq_ignore_ascii_case(b"close");
-                keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
-            }
-        }
+        scan.field(&name, f.value)
+            .map_err(|e| e.reason().trim_end())?;
         headers.append(name, value);
     }
-    let framing = if *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        RespFraming::None
-    } else if codings > 0 {
-        if chunked_last && codings == 1 {
-            RespFraming::Chunked
-        } else {
-            // Another coding last: the body runs to the end of the connection (§6.3 ¶4).
-            RespFraming::Close
-        }
-    } else {
-        match length {
-            Some(0) => RespFraming::None,
-            Some(n) => RespFraming::Length(n),
-            None => RespFraming::Close,
-        }
-    };
-    let keep = !close
+    let framing = resp_framing(method, status, &scan);
+    let keep = !scan.close
         && framing != RespFraming::Close
-        && (version == Version::HTTP_11 || keep_alive)
+        && (version == Version::HTTP_11 || scan.keep_alive)
         && status != StatusCode::SWITCHING_PROTOCOLS;
     let mut resp = Response::new(());
     *resp.status_mut() = status;
@@ -510,16 +464,29 @@ fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ParsedHead>, &'s
     Ok(Some((resp, framing, keep, len)))
 }
 
-fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|&b| b != b' ' && b != b'\t')
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|&b| b != b' ' && b != b'\t')
-        .map_or(start, |e| e + 1);
-    &v[start..end]
+/// How the body of a response with `status` to a `method` request is delimited (RFC 9112
+/// §6.3), from what its fields said.
+fn resp_framing(method: &Method, status: StatusCode, scan: &Scan) -> RespFraming {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        RespFraming::None
+    } else if scan.codings > 0 {
+        if scan.chunked_last && scan.codings == 1 {
+            RespFraming::Chunked
+        } else {
+            // Another coding last: the body runs to the end of the connection (§6.3 ¶4).
+            RespFraming::Close
+        }
+    } else {
+        match scan.length {
+            Some(0) => RespFraming::None,
+            Some(n) => RespFraming::Length(n),
+            None => RespFraming::Close,
+        }
+    }
 }
 
 /// Where a response body is.
@@ -576,6 +543,54 @@ impl UpstreamBody {
             }
         }
     }
+
+    /// The frame the bytes already read make: `Some(None)` at the end of the body, `None`
+    /// when they held only framing and more must be read.
+    fn buffered(&mut self) -> Option<Option<Result<Frame<Bytes>, ConnError>>> {
+        let conn = self.conn.as_mut()?;
+        match &mut self.state {
+            State::Done => {
+                self.finish();
+                Some(None)
+            }
+            State::Length(left) => {
+                let n = conn
+                    .buf
+                    .bytes()
+                    .len()
+                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                let data = Bytes::copy_from_slice(&conn.buf.bytes()[..n]);
+                conn.buf.consume(n);
+                *left -= n as u64;
+                if *left == 0 {
+                    self.finish();
+                }
+                Some(Some(Ok(Frame::data(data))))
+            }
+            State::Chunked(d) => {
+                let r = match d.decode(conn.buf.bytes()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.conn = None;
+                        return Some(Some(Err(e.into())));
+                    }
+                };
+                let data = r
+                    .data
+                    .map(|range| Bytes::copy_from_slice(&conn.buf.bytes()[range]));
+                conn.buf.consume(r.consumed);
+                if d.is_done() {
+                    self.finish();
+                }
+                match data {
+                    Some(data) if !data.is_empty() => Some(Some(Ok(Frame::data(data)))),
+                    _ if matches!(self.state, State::Done) => Some(None),
+                    _ => None,
+                }
+            }
+            State::Close => Some(Some(Ok(Frame::data(conn.buf.take_all())))),
+        }
+    }
 }
 
 impl Drop for UpstreamBody {
@@ -615,52 +630,9 @@ impl Body for UpstreamBody {
                 return Poll::Ready(None);
             };
             if !conn.buf.is_empty() {
-                match &mut this.state {
-                    State::Done => {
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                    State::Length(left) => {
-                        let n = conn
-                            .buf
-                            .bytes()
-                            .len()
-                            .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                        let data = Bytes::copy_from_slice(&conn.buf.bytes()[..n]);
-                        conn.buf.consume(n);
-                        *left -= n as u64;
-                        if *left == 0 {
-                            this.finish();
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    State::Chunked(d) => {
-                        let r = match d.decode(conn.buf.bytes()) {
-                            Ok(r) => r,
-                            Err(e) => {
-                                this.conn = None;
-                                return Poll::Ready(Some(Err(e.into())));
-                            }
-                        };
-                        let data = r
-                            .data
-                            .map(|range| Bytes::copy_from_slice(&conn.buf.bytes()[range]));
-                        conn.buf.consume(r.consumed);
-                        if d.is_done() {
-                            this.finish();
-                        }
-                        match data {
-                            Some(data) if !data.is_empty() => {
-                                return Poll::Ready(Some(Ok(Frame::data(data))))
-                            }
-                            _ if matches!(this.state, State::Done) => return Poll::Ready(None),
-                            _ => continue,
-                        }
-                    }
-                    State::Close => {
-                        let data = conn.buf.take_all();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
+                match this.buffered() {
+                    Some(frame) => return Poll::Ready(frame),
+                    None => continue,
                 }
             }
             if matches!(this.state, State::Done) {

@@ -64,6 +64,16 @@ impl Default for Decoder {
     }
 }
 
+/// What a byte of framing did to the decoder.
+enum Step {
+    /// Taken: on to the next byte.
+    Next,
+    /// It ended the chunk size: the next state looks at it again.
+    Again,
+    /// It ended the body.
+    End,
+}
+
 /// What one call to [`Decoder::decode`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decoded {
@@ -84,50 +94,7 @@ impl Decoder {
     pub fn decode(&mut self, input: &[u8]) -> Result<Decoded, ChunkError> {
         let mut i = 0;
         while i < input.len() {
-            let b = input[i];
             match self.state {
-                State::Size { size, digits } => match hex(b) {
-                    Some(d) => {
-                        if digits >= 16 {
-                            return Err(ChunkError("chunk size too large"));
-                        }
-                        self.state = State::Size {
-                            size: size << 4 | u64::from(d),
-                            digits: digits + 1,
-                        };
-                    }
-                    None if digits == 0 => return Err(ChunkError("bad chunk size")),
-                    None => {
-                        self.pending = size;
-                        self.state = State::AfterSize;
-                        continue;
-                    }
-                },
-                State::AfterSize => match b {
-                    b' ' | b'\t' => {}
-                    b';' => self.state = State::Extension,
-                    b'\r' => self.state = State::SizeLf,
-                    _ => return Err(ChunkError("bad chunk size line")),
-                },
-                State::Extension => match b {
-                    b'\r' => self.state = State::SizeLf,
-                    b'\n' | 0 => return Err(ChunkError("bad chunk extension")),
-                    _ => {
-                        self.extensions += 1;
-                        if self.extensions > MAX_EXTENSIONS {
-                            return Err(ChunkError("chunk extensions too long"));
-                        }
-                    }
-                },
-                State::SizeLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError("chunk size line not ended by CRLF"));
-                    }
-                    self.state = match self.size_read() {
-                        0 => State::TrailerStart,
-                        n => State::Data(n),
-                    };
-                }
                 State::Data(left) => {
                     let take = (input.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
                     let left = left - take as u64;
@@ -141,61 +108,121 @@ impl Decoder {
                         data: Some(i..i + take),
                     });
                 }
-                State::DataCr => {
-                    if b != b'\r' {
-                        return Err(ChunkError("chunk data not followed by CRLF"));
-                    }
-                    self.state = State::DataLf;
-                }
-                State::DataLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError("chunk data not followed by CRLF"));
-                    }
-                    self.state = State::Size { size: 0, digits: 0 };
-                }
-                State::TrailerStart => {
-                    self.state = if b == b'\r' {
-                        State::EndLf
-                    } else {
-                        State::Trailer
-                    };
-                    continue_trailer(&mut self.trailers, b)?;
-                }
-                State::Trailer => {
-                    continue_trailer(&mut self.trailers, b)?;
-                    if b == b'\r' {
-                        self.state = State::TrailerLf;
-                    }
-                }
-                State::TrailerLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError("trailer line not ended by CRLF"));
-                    }
-                    self.state = State::TrailerStart;
-                }
-                State::EndLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError("chunked body not ended by CRLF"));
-                    }
-                    self.state = State::Done;
-                    return Ok(Decoded {
-                        consumed: i + 1,
-                        data: None,
-                    });
-                }
                 State::Done => {
                     return Ok(Decoded {
                         consumed: i,
                         data: None,
                     })
                 }
+                _ => {}
             }
-            i += 1;
+            match self.step(input[i])? {
+                Step::Next => i += 1,
+                Step::Again => {}
+                Step::End => {
+                    return Ok(Decoded {
+                        consumed: i + 1,
+                        data: None,
+                    })
+                }
+            }
         }
         Ok(Decoded {
             consumed: i,
             data: None,
         })
+    }
+
+    /// Takes one byte of framing (any state but `Data` and `Done`).
+    // Long on purpose: one arm per state of the framing state machine (RFC 9112 §7.1), each a
+    // few lines; split, the transitions would be scattered over as many functions.
+    fn step(&mut self, b: u8) -> Result<Step, ChunkError> {
+        match self.state {
+            State::Size { size, digits } => match hex(b) {
+                Some(d) => {
+                    if digits >= 16 {
+                        return Err(ChunkError("chunk size too large"));
+                    }
+                    self.state = State::Size {
+                        size: size << 4 | u64::from(d),
+                        digits: digits + 1,
+                    };
+                }
+                None if digits == 0 => return Err(ChunkError("bad chunk size")),
+                None => {
+                    self.pending = size;
+                    self.state = State::AfterSize;
+                    return Ok(Step::Again);
+                }
+            },
+            State::AfterSize => match b {
+                b' ' | b'\t' => {}
+                b';' => self.state = State::Extension,
+                b'\r' => self.state = State::SizeLf,
+                _ => return Err(ChunkError("bad chunk size line")),
+            },
+            State::Extension => match b {
+                b'\r' => self.state = State::SizeLf,
+                b'\n' | 0 => return Err(ChunkError("bad chunk extension")),
+                _ => {
+                    self.extensions += 1;
+                    if self.extensions > MAX_EXTENSIONS {
+                        return Err(ChunkError("chunk extensions too long"));
+                    }
+                }
+            },
+            State::SizeLf => {
+                if b != b'\n' {
+                    return Err(ChunkError("chunk size line not ended by CRLF"));
+                }
+                self.state = match self.size_read() {
+                    0 => State::TrailerStart,
+                    n => State::Data(n),
+                };
+            }
+            State::DataCr => {
+                if b != b'\r' {
+                    return Err(ChunkError("chunk data not followed by CRLF"));
+                }
+                self.state = State::DataLf;
+            }
+            State::DataLf => {
+                if b != b'\n' {
+                    return Err(ChunkError("chunk data not followed by CRLF"));
+                }
+                self.state = State::Size { size: 0, digits: 0 };
+            }
+            State::TrailerStart => {
+                self.state = if b == b'\r' {
+                    State::EndLf
+                } else {
+                    State::Trailer
+                };
+                continue_trailer(&mut self.trailers, b)?;
+            }
+            State::Trailer => {
+                continue_trailer(&mut self.trailers, b)?;
+                if b == b'\r' {
+                    self.state = State::TrailerLf;
+                }
+            }
+            State::TrailerLf => {
+                if b != b'\n' {
+                    return Err(ChunkError("trailer line not ended by CRLF"));
+                }
+                self.state = State::TrailerStart;
+            }
+            State::EndLf => {
+                if b != b'\n' {
+                    return Err(ChunkError("chunked body not ended by CRLF"));
+                }
+                self.state = State::Done;
+                return Ok(Step::End);
+            }
+            // Not framing: `decode` handles them.
+            State::Data(_) | State::Done => return Ok(Step::Again),
+        }
+        Ok(Step::Next)
     }
 
     /// The size just read (the state machine only asks in `SizeLf`, after `Size`).

@@ -158,20 +158,27 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)
     )))
 }
 
-/// What the header fields say about framing and the connection, gathered in one pass.
+/// What the header fields of a request or a response say about framing and the connection,
+/// gathered in one pass over them.
 #[derive(Default)]
-struct Scan {
-    length: Option<u64>,
-    /// Transfer codings, in order, over every `Transfer-Encoding` field.
-    codings: u8,
-    chunked_last: bool,
-    close: bool,
-    keep_alive: bool,
-    expect_continue: bool,
+pub struct Scan {
+    /// `Content-Length`, the same in every field and list element.
+    pub length: Option<u64>,
+    /// Transfer codings, over every `Transfer-Encoding` field.
+    pub codings: u8,
+    /// Whether the last transfer coding is chunked.
+    pub chunked_last: bool,
+    /// `Connection: close`.
+    pub close: bool,
+    /// `Connection: keep-alive`.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` (requests).
+    pub expect_continue: bool,
 }
 
 impl Scan {
-    fn field(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), HeadError> {
+    /// Takes one header field into account: `Err` for a bad or conflicting `Content-Length`.
+    pub fn field(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), HeadError> {
         if name == header::CONTENT_LENGTH {
             for v in value.split(|&b| b == b',') {
                 let n = content_length(trim(v))?;
@@ -237,6 +244,7 @@ fn content_length(v: &[u8]) -> Result<u64, HeadError> {
     Ok(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
+/// `v` without the optional whitespace (spaces, tabs) around it.
 fn trim(v: &[u8]) -> &[u8] {
     let start = v
         .iter()

@@ -304,12 +304,28 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
             }
         };
         let Ok(resp) = resp;
+        let close = !keep_alive || !pump.finished() || shutdown.is_cancelled();
+        self.respond(resp, &method, version, close).await
+    }
+
+    /// Writes the handler's response to a `method` request of `version` (or runs the tunnel it
+    /// upgraded to); `close`: the connection closes after it, whatever the response says.
+    /// Whether the connection may serve another request.
+    async fn respond<B>(
+        &mut self,
+        resp: Response<B>,
+        method: &http::Method,
+        version: Version,
+        mut close: bool,
+    ) -> Result<bool, ConnError>
+    where
+        B: Body<Error: Into<ConnError>>,
+    {
         let (mut parts, body) = resp.into_parts();
-        let asked_close = parts
+        close |= parts
             .headers
             .get(header::CONNECTION)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-        let mut close = !keep_alive || asked_close || !pump.finished() || shutdown.is_cancelled();
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(up) = parts.extensions.remove::<Upgrade>() {
                 drop(body);
@@ -321,7 +337,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
             close = true;
         }
         let framing =
-            head::response_framing(parts.status, &method, version, body.size_hint().exact());
+            head::response_framing(parts.status, method, version, body.size_hint().exact());
         close |= framing == BodyFraming::Close;
         let mut out = OutBuf::new();
         head::write_response_head(
@@ -341,6 +357,62 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
     /// Whether the waiting bytes (a pipelined request) fill the buffer: stop reading ahead.
     fn buf_full(&self) -> bool {
         self.buf.bytes().len() >= BUF_SIZE
+    }
+
+    /// The next frame of `body`, which had none ready: what `out` holds goes out first (while
+    /// the backend thinks), then the frame is awaited within the idle timeout. `None`: the
+    /// body stayed silent for the idle timeout.
+    async fn wait_frame<B: Body>(
+        &mut self,
+        body: Pin<&mut B>,
+        out: &mut OutBuf,
+    ) -> Result<Option<Option<Result<Frame<B::Data>, B::Error>>>, ConnError> {
+        if !out.0.is_empty() {
+            self.write_all(&out.0).await?;
+            out.0.clear();
+            self.io.flush().await?;
+        }
+        let Some(idle) = self.idle else {
+            return Ok(Some(next_frame(body).await));
+        };
+        // Boxed: the timer is only needed on this slow path.
+        match Box::pin(tokio::time::timeout(idle, next_frame(body))).await {
+            Ok(f) => Ok(Some(f)),
+            Err(_) => {
+                debug!("response body silent for the idle timeout");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Puts one data frame of a response body into `out` (as one chunk when `chunked`),
+    /// writing out what no longer fits.
+    async fn put_data(
+        &mut self,
+        mut data: impl Buf,
+        chunked: bool,
+        out: &mut OutBuf,
+    ) -> io::Result<()> {
+        if chunked {
+            push_hex(&mut out.0, data.remaining());
+            out.0.extend_from_slice(b"\r\n");
+        }
+        while data.has_remaining() {
+            let chunk = data.chunk();
+            if out.0.len() + chunk.len() <= BUF_SIZE {
+                out.0.extend_from_slice(chunk);
+            } else {
+                self.write_all(&out.0).await?;
+                out.0.clear();
+                self.write_all(chunk).await?;
+            }
+            let n = chunk.len();
+            data.advance(n);
+        }
+        if chunked {
+            out.0.extend_from_slice(b"\r\n");
+        }
+        Ok(())
     }
 
     /// Streams `body` after the head in `out`: whether it was written whole.
@@ -364,29 +436,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
         loop {
             let frame = match poll_once(body.as_mut()).await {
                 Some(f) => f,
-                None => {
-                    // Nothing ready: what is written goes out while the backend thinks.
-                    if !out.0.is_empty() {
-                        self.write_all(&out.0).await?;
-                        out.0.clear();
-                        self.io.flush().await?;
-                    }
-                    match self.idle {
-                        Some(idle) => {
-                            // Boxed: the timer is only needed on this slow path.
-                            match Box::pin(tokio::time::timeout(idle, next_frame(body.as_mut())))
-                                .await
-                            {
-                                Ok(f) => f,
-                                Err(_) => {
-                                    debug!("response body silent for the idle timeout");
-                                    return Ok(false);
-                                }
-                            }
-                        }
-                        None => next_frame(body.as_mut()).await,
-                    }
-                }
+                None => match self.wait_frame(body.as_mut(), &mut out).await? {
+                    Some(f) => f,
+                    None => return Ok(false),
+                },
             };
             let Some(frame) = frame else { break };
             let frame = match frame {
@@ -397,7 +450,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
                     return Ok(false);
                 }
             };
-            let Ok(mut data) = frame.into_data() else {
+            let Ok(data) = frame.into_data() else {
                 continue; // trailers are not forwarded
             };
             let len = data.remaining();
@@ -405,25 +458,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
                 continue;
             }
             sent += len as u64;
-            if framing == BodyFraming::Chunked {
-                push_hex(&mut out.0, len);
-                out.0.extend_from_slice(b"\r\n");
-            }
-            while data.has_remaining() {
-                let chunk = data.chunk();
-                if out.0.len() + chunk.len() <= BUF_SIZE {
-                    out.0.extend_from_slice(chunk);
-                } else {
-                    self.write_all(&out.0).await?;
-                    out.0.clear();
-                    self.write_all(chunk).await?;
-                }
-                let n = chunk.len();
-                data.advance(n);
-            }
-            if framing == BodyFraming::Chunked {
-                out.0.extend_from_slice(b"\r\n");
-            }
+            self.put_data(data, framing == BodyFraming::Chunked, &mut out)
+                .await?;
         }
         if let BodyFraming::Length(n) = framing {
             if sent != n {

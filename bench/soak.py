@@ -2,6 +2,8 @@
 
     soak.py PORT IDLE SLOWLORIS H2C SECONDS
 
+(SECONDS at most: SIGTERM ends it early, with its report.)
+
 Holds IDLE keep-alive connections (one request answered, then silence), SLOWLORIS connections
 (a request head sent one byte every 3 s, never finished) and H2C idle connections (the h2
 preface and SETTINGS, then silence) against 127.0.0.1:PORT for SECONDS, reopening whatever the
@@ -12,6 +14,8 @@ header timeouts), and alive at the end, per kind.
 """
 import asyncio
 import json
+import random
+import signal
 import socket
 import sys
 
@@ -59,11 +63,16 @@ async def one(kind, stop):
                 w.write(b"GET / HTTP/1.1\r\nHost: soak\r\n")
             await w.drain()
             s["alive"] += 1
+            # Each slowloris connection keeps its own phase within the 3 s (clients that come
+            # and go are not in step; all in step, they would be one burst every 3 s).
+            wait = random.uniform(0, 3)
             while not stop.is_set():
                 if kind == "slowloris":
                     try:
-                        data = await asyncio.wait_for(r.read(4096), 3)
+                        data = await asyncio.wait_for(r.read(4096), wait)
+                        wait = 3
                     except asyncio.TimeoutError:
+                        wait = 3
                         w.write(b"X")
                         await w.drain()
                         continue
@@ -106,7 +115,12 @@ async def main():
             tasks.append(asyncio.ensure_future(one(kind, stop)))
             if len(tasks) % 200 == 0:
                 await asyncio.sleep(0.01)  # do not SYN-flood our own backlog
-    await asyncio.sleep(seconds)
+    # Until SECONDS have passed or SIGTERM (bench/soak.sh stops it when its measurement is done).
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
     alive = {k: v["alive"] for k, v in stats.items()}
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)

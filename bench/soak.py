@@ -48,11 +48,13 @@ async def one(kind, stop):
         try:
             r, w = await connect()
         except OSError:
+            # Refused (reset) during the handshake: back after the same 5 s as below.
             s["refused"] += 1
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(5)
             continue
         s["opened"] += 1
         got_answer = False
+        counted = False
         opened_at = asyncio.get_running_loop().time()
         try:
             if kind == "idle":
@@ -63,6 +65,7 @@ async def one(kind, stop):
                 w.write(b"GET / HTTP/1.1\r\nHost: soak\r\n")
             await w.drain()
             s["alive"] += 1
+            counted = True
             # Each slowloris connection keeps its own phase within the 3 s (clients that come
             # and go are not in step; all in step, they would be one burst every 3 s).
             wait = random.uniform(0, 3)
@@ -90,6 +93,7 @@ async def one(kind, stop):
                     got_answer = True
                     s["answered"] += 1
             s["alive"] -= 1
+            counted = False
             if not stop.is_set():
                 # Closed at once without a byte: the cap refused it; later: a timeout.
                 lived = asyncio.get_running_loop().time() - opened_at
@@ -98,8 +102,13 @@ async def one(kind, stop):
                 if refused:
                     await asyncio.sleep(4.5)  # a refused attacker comes back, not in a spin
         except (OSError, asyncio.IncompleteReadError):
-            s["alive"] -= 1
+            # A reset: before any answer it is the cap's refusal (lockstep resets refused
+            # connections), and the attacker comes back after the same pause as above.
+            if counted:
+                s["alive"] -= 1
             s["refused" if not got_answer else "closed_later"] += 1
+            if not got_answer and not stop.is_set():
+                await asyncio.sleep(4.5)
         finally:
             w.close()
         if not stop.is_set():
@@ -115,14 +124,20 @@ async def main():
             tasks.append(asyncio.ensure_future(one(kind, stop)))
             if len(tasks) % 200 == 0:
                 await asyncio.sleep(0.01)  # do not SYN-flood our own backlog
-    # Until SECONDS have passed or SIGTERM (bench/soak.sh stops it when its measurement is done).
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    # Until SECONDS have passed or SIGTERM (bench/soak.sh stops it when its measurement is
+    # done). What is alive is counted before the stop wakes the connections' tasks.
+    alive = {}
+
+    def finish():
+        if not stop.is_set():
+            alive.update({k: v["alive"] for k, v in stats.items()})
+            stop.set()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, finish)
     try:
         await asyncio.wait_for(stop.wait(), seconds)
     except asyncio.TimeoutError:
-        pass
-    alive = {k: v["alive"] for k, v in stats.items()}
-    stop.set()
+        finish()
     await asyncio.gather(*tasks, return_exceptions=True)
     for k in stats:
         stats[k]["alive"] = alive[k]

@@ -43,22 +43,14 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let open = Arc::new(AtomicUsize::new(0));
     accept_loop(&listener, "dns tcp", &stop, &tracker, |io, peer| {
-        let admitted = match Open::take(&open, handler.max_tcp_connections()) {
-            Some(slot) => Some((io, slot)),
-            None => {
-                handler.metrics().tcp_refused.inc();
-                debug!(%peer, "dns tcp connection over max_tcp_connections; closed");
-                // Closed at once, before the (empty) task below runs.
-                drop(io);
-                None
-            }
+        let Some(slot) = Open::take(&open, handler.max_tcp_connections()) else {
+            handler.metrics().tcp_refused.inc();
+            debug!(%peer, "dns tcp connection over max_tcp_connections; closed");
+            return Accepted::refuse(io);
         };
         let (handler, stop) = (handler.clone(), stop.clone());
         Accepted::Serve(
             async move {
-                let Some((io, slot)) = admitted else {
-                    return;
-                };
                 let gauge = handler.metrics().tcp_connections.clone();
                 gauge.inc();
                 tokio::select! {

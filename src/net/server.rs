@@ -373,7 +373,7 @@ impl HttpServer {
     {
         accept_loop(&listener, self.name, &shutdown, &tracker, |stream, peer| {
             let Some(permit) = self.cap.admit() else {
-                return Accepted::Refuse;
+                return Accepted::refuse(stream);
             };
             let (handler, tls, settings, shutdown) = (
                 handler.clone(),

@@ -63,7 +63,7 @@ pub async fn serve(
             return Accepted::Stop;
         };
         let Some(permit) = gate.admit(listener.max_connections) else {
-            return Accepted::Refuse;
+            return Accepted::refuse(stream);
         };
         let settings = ConnSettings {
             header_read_timeout: listener.header_read_timeout,

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin;
+use crate::cluster::EtcdStore;
 use crate::config::Config;
 use crate::dns::view::{SharedView, View};
 use crate::dns::{self, DnsError, DnsHandler, DnsMetrics};
@@ -28,7 +29,7 @@ use crate::net::limit::{Cap, ConnGate};
 use crate::net::server::ServerTls;
 use crate::pools::checker;
 use crate::proxy::listener;
-use crate::sync::store::FsStore;
+use crate::sync::store::{FsStore, HubStore};
 
 /// Failures while starting or reloading.
 #[derive(Debug, thiserror::Error)]
@@ -219,8 +220,17 @@ impl Appliance {
             path: config.store.clone(),
             error,
         })?;
+        let store: Arc<dyn HubStore> = match &config.cluster {
+            None => Arc::new(store),
+            Some(cluster) => Arc::new(EtcdStore::connect(cluster, store).map_err(|error| {
+                ApplianceError::SyncStore {
+                    path: config.store.clone(),
+                    error,
+                }
+            })?),
+        };
         let hub = Hub::new(
-            Arc::new(store),
+            store,
             hub::Settings::from_config(config),
             hub::system_clock(),
             HubMetrics::register(&self.metrics),

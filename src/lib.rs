@@ -28,6 +28,7 @@ pub mod agent;
 pub mod appliance;
 pub mod ca;
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod demo;

@@ -2067,3 +2067,70 @@ fn upload_quota_is_a_size_of_at_least_one_blob() {
     let c = config::parse(Path::new("t.yaml"), &ok).expect("valid");
     assert_eq!(c.sync.expect("sync").upload_quota, 100 << 30);
 }
+
+#[test]
+fn sync_cluster_names_its_etcd_and_speaks_tls_to_it_off_loopback() {
+    let base = |cluster: &str| {
+        format!(
+            "sync:\n  bind: \"127.0.0.1:7700\"\n  store: /tmp/hub\n  cluster:\n{cluster}{POOL_WWW}"
+        )
+    };
+    let ok = base("    etcd: [http://127.0.0.1:2379, \"http://[::1]:2379\"]\n    name: hub-a\n");
+    let c = config::parse(Path::new("t.yaml"), &ok).expect("valid");
+    let cluster = c.sync.expect("sync").cluster.expect("cluster");
+    assert_eq!(
+        cluster.endpoints,
+        ["http://127.0.0.1:2379", "http://[::1]:2379"]
+    );
+    assert_eq!(
+        (
+            cluster.prefix.as_str(),
+            cluster.name.as_str(),
+            cluster.lease
+        ),
+        ("/lockstep/", "hub-a", Duration::from_secs(5))
+    );
+
+    for (cluster, needle, words) in [
+        (
+            "    etcd: [http://10.0.0.1:2379]\n",
+            "http://10.0.0.1:2379",
+            &["in clear", "sync.cluster.tls"][..],
+        ),
+        (
+            "    etcd: [https://10.0.0.1:2379]\n",
+            "https://10.0.0.1:2379",
+            &["sync.cluster.tls is not set"][..],
+        ),
+        (
+            "    etcd: [10.0.0.1:2379]\n",
+            "10.0.0.1:2379",
+            &["scheme"][..],
+        ),
+        ("    etcd: []\n", "[]", &["sync.cluster.etcd is empty"][..]),
+        (
+            "    etcd: [http://127.0.0.1:2379]\n    lease: 500ms\n",
+            "500ms",
+            &["whole seconds from 2s to 60s"][..],
+        ),
+        (
+            "    etcd: [http://127.0.0.1:2379]\n    name: \"hub a\"\n",
+            "\"hub a\"",
+            &["not a hub name"][..],
+        ),
+        (
+            "    etcd: [https://10.0.0.1:2379]\n    tls: { ca: /nonexistent/etcd-ca.crt }\n",
+            "/nonexistent/etcd-ca.crt",
+            &["cannot read"][..],
+        ),
+    ] {
+        let text = base(cluster);
+        assert_error(&one_error(&text), &text, needle, words);
+    }
+    let text = base("    etcd: [http://127.0.0.1:2379]\n    endpoints: [x]\n");
+    assert!(
+        errors(&text)[0].message.contains("endpoints"),
+        "{:?}",
+        errors(&text)
+    );
+}

@@ -5,6 +5,7 @@
 //! Every problem is reported as `file:line:column: what is wrong and what to do`.
 
 pub mod check;
+pub mod cluster;
 pub mod dns;
 pub mod duration;
 pub mod error;

@@ -273,6 +273,36 @@ pub struct RawSync {
     pub max_connections: Option<S<u32>>,
     /// Most bytes of uploaded blobs no release names yet.
     pub upload_quota: Option<S<String>>,
+    /// Several hubs sharing their state in etcd (absent: this hub's store is the state).
+    pub cluster: Option<RawCluster>,
+}
+
+/// `sync.cluster`: the hub's state in etcd, shared by the hubs of several appliances.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// etcd client URLs (`https://10.0.0.1:2379`).
+    pub etcd: S<Vec<S<String>>>,
+    /// Key prefix of this farm's state in etcd.
+    pub prefix: Option<S<String>>,
+    /// This hub's name among the hubs (default: the host name).
+    pub name: Option<S<String>>,
+    /// Time to live of the lease behind this hub's leadership.
+    pub lease: Option<S<String>>,
+    /// TLS to etcd: its CA and this hub's client certificate.
+    pub tls: Option<RawEtcdTls>,
+}
+
+/// TLS to etcd.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcdTls {
+    /// The CA etcd's server certificates come from (PEM).
+    pub ca: S<String>,
+    /// This hub's client certificate (PEM), for etcd's `--client-cert-auth`.
+    pub cert: Option<S<String>>,
+    /// Its private key (PEM).
+    pub key: Option<S<String>>,
 }
 
 /// TLS of the sync API: its certificates and the farm CA its clients' certificates come from.

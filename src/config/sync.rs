@@ -54,6 +54,8 @@ pub struct Sync {
     pub max_connections: usize,
     /// Most bytes of uploaded blobs that no commit or applied changeset has named yet.
     pub upload_quota: u64,
+    /// The etcd cluster the state is shared in with other hubs (`None`: the store holds it).
+    pub cluster: Option<super::cluster::Cluster>,
 }
 
 /// The sync API's TLS: its certificates and, for mutual TLS, the farm CA of its clients.
@@ -102,7 +104,9 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         "sync.max_connections",
     );
     let upload_quota = upload_quota(cx, raw.upload_quota.as_ref());
+    let cluster = raw.cluster.as_ref().map(|c| super::cluster::cluster(cx, c));
     Some(Sync {
+        cluster,
         upload_quota,
         max_connections,
         trusted_keys,

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -21,16 +22,21 @@ impl Hub {
     /// current.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut state_rx = self.state.subscribe();
+        // A store shared with other hubs: their changes, followed into this hub's state.
+        let mut shared = self.store.changes();
         loop {
             let expires = self.publish_behind();
             let state = self.state();
             let now = self.now_us();
             if state.hub_advance_at().is_some_and(|at| now >= at) {
-                if !self.advance_overdue(state.cycle).await {
+                // Another hub leads: it advances (its state arrives through `shared`); look
+                // again in case it stops leading.
+                if !self.store.leads() || !self.advance_overdue(state.cycle).await {
                     // Not advanced (a failing store, a clock stepped back): do not spin.
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(RETRY) => {}
+                        s = shared_changed(&mut shared) => self.adopt(s),
                     }
                 }
                 continue;
@@ -40,6 +46,7 @@ impl Hub {
                 _ = shutdown.cancelled() => return,
                 _ = state_rx.changed() => {}
                 _ = self.reports_changed.notified() => {}
+                s = shared_changed(&mut shared) => self.adopt(s),
                 _ = async {
                     match wake {
                         // Wake a little after the instant so `now >= at` holds then.
@@ -48,6 +55,21 @@ impl Hub {
                     }
                 } => {}
             }
+        }
+    }
+
+    /// Takes a state another hub wrote, if it is newer than this hub's.
+    fn adopt(&self, s: HubState) {
+        let newer = s.version > self.state.borrow().version;
+        if newer {
+            self.metrics.observe_state(&s);
+            self.state.send_if_modified(|cur| {
+                let newer = s.version > cur.version;
+                if newer {
+                    *cur = s;
+                }
+                newer
+            });
         }
     }
 
@@ -83,6 +105,18 @@ impl Hub {
             }
         }
     }
+}
+
+/// The shared store's state once it changes; never for a store of one, or once the store
+/// stopped following.
+async fn shared_changed(shared: &mut Option<watch::Receiver<HubState>>) -> HubState {
+    if let Some(rx) = shared {
+        if rx.changed().await.is_ok() {
+            return rx.borrow_and_update().clone();
+        }
+        *shared = None;
+    }
+    std::future::pending().await
 }
 
 /// How long after `now` something changes by time alone: the activation, the end of the

@@ -34,6 +34,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::watch;
 
 use super::cycle::HubState;
 use super::gc::{self, GcError, Listing};
@@ -72,6 +73,22 @@ pub enum StoreError {
     /// Something to keep beside a release that is not stored.
     #[error("release {0} is not stored")]
     NoRelease(ReleaseId),
+    /// The shared store (etcd, `sync.cluster`) did not answer, or refused.
+    #[error("etcd: cannot {action}: {reason}")]
+    Shared {
+        /// What was being done.
+        action: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A value in the shared store that does not parse.
+    #[error("etcd key {key} is corrupt ({reason})")]
+    CorruptKey {
+        /// The key.
+        key: String,
+        /// The parse error.
+        reason: String,
+    },
     /// Another process has the store open.
     #[error("the store {path} is in use by another process{}: one process per store (stop it, or give this one its own store)", holder.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     Locked {
@@ -141,6 +158,18 @@ pub trait HubStore: Send + Sync + 'static {
     /// Keeps `p` beside the stored release `id`, unless it has one already (the first stays:
     /// either explains the release). Refused when the release is not stored.
     fn put_provenance(&self, id: &ReleaseId, p: &Provenance) -> Result<(), StoreError>;
+    /// The state as every writer leaves it, for a store several hubs share (the hub follows
+    /// it so its long polls see other hubs' changes); `None` when this process is the only
+    /// writer.
+    fn changes(&self) -> Option<watch::Receiver<HubState>> {
+        None
+    }
+    /// Whether this hub does what must happen once among the hubs sharing the store (the
+    /// hub's own advance of an overdue cycle, the collection of shared manifests): always
+    /// for a store of one.
+    fn leads(&self) -> bool {
+        true
+    }
 }
 
 /// What the hub keeps beside a release's manifest.

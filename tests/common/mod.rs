@@ -19,6 +19,7 @@
 
 pub mod backends;
 pub mod client;
+pub mod etcd;
 pub mod farm;
 pub mod metrics;
 pub mod process;

@@ -1,0 +1,699 @@
+//! [`EtcdStore`]: the hub's store when several hubs share a farm (`sync.cluster`). The cycle
+//! state, the manifests, the signatures and the provenances live in etcd ([`super::keys`]);
+//! blobs stay in each hub's own [`FsStore`], which also keeps a copy of every manifest, the
+//! signatures and the provenances this hub has seen, so a hub cut off from etcd still serves
+//! what it has.
+//!
+//! - **Compare-and-swap**: one etcd transaction compares `state-version` with the version the
+//!   caller read and writes the state and its version together: exactly one hub wins each
+//!   change. When etcd does not say whether a swap was applied (a leader lost mid-request, a
+//!   timeout), the state is read back and the outcome decided from it, never guessed.
+//! - **Following**: a watch on the state key feeds [`HubStore::changes`], so a long poll on any
+//!   hub sees a change made on another within one watch event.
+//! - **Leadership**: each hub holds a lease (`sync.cluster.lease`) and keeps it alive; the hub
+//!   whose lease holds the `leader` key does the once-only duties ([`HubStore::leads`]). A hub
+//!   that cannot renew its lease stops leading at the lease's end by its own clock, before
+//!   etcd lets another take over.
+//!
+//! The trait is synchronous (the hub calls it on tokio's blocking pool), etcd's client is
+//! async: the store runs the client on a runtime of its own (one thread, `etcd`) and waits
+//! for each call on a channel, so it may be called from any thread, a runtime's included.
+#![allow(clippy::disallowed_methods)] // I/O shell: the lease's deadline on the monotonic clock
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::keys::{Beside, Keys};
+use crate::config::cluster::Cluster;
+use crate::sync::clock::wall_us;
+use crate::sync::cycle::HubState;
+use crate::sync::manifest::{Hash, ReleaseId};
+use crate::sync::provenance::Provenance;
+use crate::sync::sign::Signature;
+use crate::sync::store::{BlobSink, Collected, FsStore, HubStore, StoreError};
+
+/// Longest wait for one etcd call (a transaction, a read) before it counts as failed.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a swap whose outcome etcd did not tell is looked up again before giving up.
+const RESOLVE_FOR: Duration = Duration::from_secs(10);
+
+/// Pause between attempts to reach etcd again (watch, lease).
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Whether this hub reaches etcd and leads, as its lease loop last saw.
+#[derive(Debug)]
+struct Standing {
+    epoch: Instant,
+    /// Until when (µs since `epoch`) the last renewal holds; 0: not renewed.
+    renewed_until: AtomicU64,
+    /// Whether the lease renewed last holds the leader key.
+    leader: AtomicBool,
+}
+
+impl Standing {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn connected(&self) -> bool {
+        self.now() < self.renewed_until.load(Ordering::Acquire)
+    }
+}
+
+/// A runtime that shuts down without waiting, wherever it is dropped (a runtime's own
+/// drop refuses to run inside another runtime).
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("runtime until drop").handle()
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The hub's store on etcd (see the module docs).
+pub struct EtcdStore {
+    local: FsStore,
+    keys: Keys,
+    name: String,
+    client: Client,
+    changes: watch::Sender<HubState>,
+    standing: Arc<Standing>,
+    /// The lease this hub holds (0: none yet), revoked at drop so another hub leads at once.
+    lease: Arc<AtomicU64>,
+    rt: OwnRuntime,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn shared(action: &'static str) -> impl FnOnce(etcd_client::Error) -> StoreError {
+    move |e| StoreError::Shared {
+        action,
+        reason: e.to_string(),
+    }
+}
+
+fn parse<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::CorruptKey {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+impl EtcdStore {
+    /// Connects to `cluster`'s etcd with `local` for the blobs, reads the state once (so a
+    /// hub that cannot reach etcd says so at start), and starts following the state and
+    /// keeping this hub's lease.
+    pub fn connect(cluster: &Cluster, local: FsStore) -> Result<EtcdStore, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Shared {
+                action: "start its client",
+                reason: e.to_string(),
+            })?;
+        let rt = OwnRuntime(Some(rt));
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(CALL_TIMEOUT)
+            .with_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            // A member cut off from the others' quorum answers nothing rather than stale.
+            .with_require_leader(true);
+        if let Some(tls) = &cluster.tls {
+            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                t = t.identity(Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(t);
+        }
+        let endpoints = cluster.endpoints.clone();
+        let client = block(rt.handle(), "connect", async move {
+            Client::connect(endpoints, Some(options)).await
+        })?;
+        let initial = HubState::default();
+        let store = EtcdStore {
+            local,
+            keys: Keys::new(&cluster.prefix),
+            name: cluster.name.clone(),
+            client,
+            changes: watch::Sender::new(initial),
+            standing: Arc::new(Standing {
+                epoch: Instant::now(),
+                renewed_until: AtomicU64::new(0),
+                leader: AtomicBool::new(false),
+            }),
+            lease: Arc::new(AtomicU64::new(0)),
+            rt,
+        };
+        let state = HubStore::state(&store)?;
+        store.changes.send_replace(state);
+        store.rt.handle().spawn(follow(
+            store.client.clone(),
+            store.keys.clone(),
+            store.changes.clone(),
+        ));
+        store.rt.handle().spawn(keep_lease(
+            store.client.clone(),
+            store.keys.clone(),
+            store.name.clone(),
+            cluster.lease,
+            store.standing.clone(),
+            store.lease.clone(),
+        ));
+        info!(hub = %store.name, endpoints = ?cluster.endpoints, prefix = %cluster.prefix, "hub state in etcd");
+        Ok(store)
+    }
+
+    /// This hub's name among the hubs.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether this hub renewed its lease within the lease's time to live.
+    pub fn connected(&self) -> bool {
+        self.standing.connected()
+    }
+
+    /// The blobs' store.
+    pub fn local(&self) -> &FsStore {
+        &self.local
+    }
+
+    /// Runs an etcd call on the store's runtime and waits for it.
+    fn call<T: Send + 'static>(
+        &self,
+        action: &'static str,
+        f: impl FnOnce(
+            Client,
+        )
+            -> std::pin::Pin<Box<dyn Future<Output = Result<T, etcd_client::Error>> + Send>>,
+    ) -> Result<T, StoreError> {
+        let fut = f(self.client.clone());
+        block(self.rt.handle(), action, fut)
+    }
+
+    fn get(&self, key: String) -> Result<Option<etcd_client::KeyValue>, StoreError> {
+        self.call("read", move |mut c| {
+            Box::pin(async move {
+                let mut r = c.get(key, None).await?;
+                Ok(r.take_kvs().into_iter().next())
+            })
+        })
+    }
+
+    fn txn(&self, action: &'static str, t: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+        self.call(action, move |mut c| Box::pin(async move { c.txn(t).await }))
+    }
+
+    /// One attempt at the state swap (see [`HubStore::swap_state`]).
+    fn try_swap(&self, expected: u64, new: &HubState) -> Result<bool, StoreError> {
+        let vkey = self.keys.state_version();
+        let check = if expected == 0 {
+            Compare::version(vkey.clone(), CompareOp::Equal, 0)
+        } else {
+            Compare::value(vkey.clone(), CompareOp::Equal, expected.to_string())
+        };
+        // Plain structs of ids and numbers always serialise.
+        let bytes = serde_json::to_vec(new).expect("state serialises");
+        let t = Txn::new().when([check]).and_then([
+            TxnOp::put(self.keys.state(), bytes, None),
+            TxnOp::put(vkey, new.version.to_string(), None),
+        ]);
+        Ok(self.txn("swap the state", t)?.succeeded())
+    }
+
+    /// A swap etcd did not answer: read the state back until it tells whether `new` was
+    /// written (true), another change won (false), or nothing happened (`None`: try again).
+    fn resolve(&self, expected: u64, new: &HubState) -> Result<Option<bool>, StoreError> {
+        let deadline = Instant::now() + RESOLVE_FOR;
+        loop {
+            match HubStore::state(self) {
+                Ok(s) if s == *new => return Ok(Some(true)),
+                Ok(s) if s.version != expected => return Ok(Some(false)),
+                Ok(_) => return Ok(None),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// The value of a JSON key, parsed; `None` if absent.
+    fn read_json<T: DeserializeOwned>(&self, key: String) -> Result<Option<(T, i64)>, StoreError> {
+        match self.get(key.clone())? {
+            None => Ok(None),
+            Some(kv) => Ok(Some((parse(&key, kv.value())?, kv.mod_revision()))),
+        }
+    }
+
+    /// Keeps a copy of manifest `id` in the local store (for serving it cut off from etcd,
+    /// and for the local collection); false when etcd has none either.
+    fn cache_release(&self, id: &ReleaseId) -> Result<bool, StoreError> {
+        Ok(HubStore::get_release(self, id)?.is_some())
+    }
+
+    /// Removes from etcd the releases `keep` does not name that were stored longer than
+    /// `grace` ago, with what is kept beside them.
+    fn collect_shared(&self, keep: &[ReleaseId], grace: Duration) -> Result<usize, StoreError> {
+        let prefix = self.keys.all(Beside::StoredAt);
+        let kvs = self.call("list releases", move |mut c| {
+            Box::pin(async move {
+                let mut r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
+                Ok(r.take_kvs())
+            })
+        })?;
+        let keep: HashSet<&ReleaseId> = keep.iter().collect();
+        let now = wall_us();
+        let mut removed = 0;
+        for kv in kvs {
+            let Some(id) = self.keys.release_of(Beside::StoredAt, kv.key()) else {
+                continue;
+            };
+            let at: u64 = std::str::from_utf8(kv.value())
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u64::MAX);
+            if keep.contains(&id) || now.saturating_sub(at) < grace.as_micros() as u64 {
+                continue;
+            }
+            // Only if nobody stored it again meanwhile.
+            let at_key = self.keys.release(Beside::StoredAt, &id);
+            let t = Txn::new()
+                .when([Compare::mod_revision(
+                    at_key,
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then(
+                    Beside::ALL
+                        .map(|w| TxnOp::delete(self.keys.release(w, &id), None))
+                        .to_vec(),
+                );
+            if self.txn("collect a release", t)?.succeeded() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // Hand the duties over now rather than at the lease's end.
+        let lease = self.lease.load(Ordering::Acquire) as i64;
+        if lease != 0 {
+            let _ = self.call("revoke the lease", move |mut c| {
+                Box::pin(async move { c.lease_revoke(lease).await.map(|_| ()) })
+            });
+        }
+    }
+}
+
+/// Runs `fut` on `rt` and waits for it on this thread, at most [`CALL_TIMEOUT`].
+fn block<T: Send + 'static>(
+    rt: &tokio::runtime::Handle,
+    action: &'static str,
+    fut: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(tokio::time::timeout(CALL_TIMEOUT, fut).await);
+    });
+    match rx.recv() {
+        Ok(Ok(r)) => r.map_err(shared(action)),
+        Ok(Err(_)) => Err(StoreError::Shared {
+            action,
+            reason: format!("no answer within {CALL_TIMEOUT:?}"),
+        }),
+        Err(_) => Err(StoreError::Shared {
+            action,
+            reason: "the client stopped".into(),
+        }),
+    }
+}
+
+/// Follows the state key: every state written (by any hub) is sent to `changes`, never an
+/// older one than it holds. Reconnects after [`RETRY`] when the watch breaks.
+async fn follow(mut client: Client, keys: Keys, changes: watch::Sender<HubState>) {
+    let key = keys.state();
+    let publish = |bytes: &[u8]| match parse::<HubState>(&key, bytes) {
+        Ok(s) => {
+            changes.send_if_modified(|cur| {
+                let newer = s.version > cur.version;
+                if newer {
+                    *cur = s;
+                }
+                newer
+            });
+        }
+        Err(e) => warn!(error = %e, "ignoring a state in etcd that does not parse"),
+    };
+    loop {
+        let result: Result<(), etcd_client::Error> = async {
+            let r = client.get(key.clone(), None).await?;
+            let revision = r.header().map(|h| h.revision()).unwrap_or(0);
+            if let Some(kv) = r.kvs().first() {
+                publish(kv.value());
+            }
+            let mut stream = client
+                .watch(
+                    key.clone(),
+                    Some(WatchOptions::new().with_start_revision(revision + 1)),
+                )
+                .await?;
+            while let Some(msg) = stream.message().await? {
+                if msg.canceled() {
+                    break;
+                }
+                for ev in msg.events() {
+                    if let (EventType::Put, Some(kv)) = (ev.event_type(), ev.kv()) {
+                        publish(kv.value());
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(error = %e, "following the state in etcd failed; again in 1 s");
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Holds this hub's lease: grants it, registers the hub under it, renews it every third of
+/// its time to live and takes the leader key when it is free. Any failure: the hub stops
+/// leading (its standing lapses by itself) and starts again after [`RETRY`] with a new lease.
+async fn keep_lease(
+    mut client: Client,
+    keys: Keys,
+    name: String,
+    ttl: Duration,
+    standing: Arc<Standing>,
+    held: Arc<AtomicU64>,
+) {
+    let mut was = (false, false);
+    loop {
+        let result: Result<(), etcd_client::Error> = async {
+            let lease = client.lease_grant(ttl.as_secs() as i64, None).await?.id();
+            held.store(lease as u64, Ordering::Release);
+            client
+                .put(
+                    keys.hub(&name),
+                    name.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await?;
+            let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
+            loop {
+                let sent = standing.now();
+                // Each step bounded: a member that stops answering holds a stream open.
+                let renewed = tokio::time::timeout(CALL_TIMEOUT, async {
+                    keeper.keep_alive().await?;
+                    let answer = answers.message().await?;
+                    if answer.is_none_or(|a| a.ttl() <= 0) {
+                        return Err(etcd_client::Error::LeaseKeepAliveError(
+                            "the lease has expired".into(),
+                        ));
+                    }
+                    take_leader(&mut client, &keys, &name, lease).await
+                })
+                .await;
+                let leader = match renewed {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        return Err(etcd_client::Error::LeaseKeepAliveError(format!(
+                            "no renewal within {CALL_TIMEOUT:?}"
+                        )))
+                    }
+                };
+                standing.leader.store(leader, Ordering::Release);
+                standing
+                    .renewed_until
+                    .store(sent + ttl.as_micros() as u64, Ordering::Release);
+                report(&name, &mut was, (true, leader));
+                tokio::time::sleep(ttl / 3).await;
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            standing.leader.store(false, Ordering::Release);
+            if was.0 {
+                warn!(hub = %name, error = %e, "lost etcd: this hub stops changing the state and leading until it is back");
+            }
+            was = (false, false);
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Takes the leader key for `lease` when nobody holds it; whether this hub holds it.
+async fn take_leader(
+    client: &mut Client,
+    keys: &Keys,
+    name: &str,
+    lease: i64,
+) -> Result<bool, etcd_client::Error> {
+    let key = keys.leader();
+    let r = client
+        .txn(
+            Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    name,
+                    Some(PutOptions::new().with_lease(lease)),
+                )])
+                .or_else([TxnOp::get(key, None)]),
+        )
+        .await?;
+    if r.succeeded() {
+        return Ok(true);
+    }
+    Ok(r.op_responses().iter().any(|op| match op {
+        TxnOpResponse::Get(g) => g.kvs().first().is_some_and(|kv| kv.lease() == lease),
+        _ => false,
+    }))
+}
+
+fn report(name: &str, was: &mut (bool, bool), now: (bool, bool)) {
+    if *was != now {
+        match now {
+            (true, true) => info!(hub = %name, "this hub leads (its own advances, collection)"),
+            (true, false) => info!(hub = %name, "this hub follows another hub's lead"),
+            _ => {}
+        }
+        *was = now;
+    }
+}
+
+impl HubStore for EtcdStore {
+    fn has_blob(&self, hash: &Hash) -> Result<bool, StoreError> {
+        HubStore::has_blob(&self.local, hash)
+    }
+    fn open_blob(&self, hash: &Hash) -> Result<Option<(File, u64)>, StoreError> {
+        self.local.open_blob(hash)
+    }
+    fn blob_sink(&self, max: u64) -> Result<BlobSink, StoreError> {
+        self.local.blob_sink(max)
+    }
+    fn adopt_blob(&self, sink: BlobSink, hash: &Hash) -> Result<bool, StoreError> {
+        self.local.adopt_blob(sink, hash)
+    }
+    fn blob_len(&self, hash: &Hash) -> Result<Option<u64>, StoreError> {
+        HubStore::blob_len(&self.local, hash)
+    }
+    fn put_blob(&self, hash: &Hash, data: &[u8]) -> Result<(), StoreError> {
+        HubStore::put_blob(&self.local, hash, data)
+    }
+
+    fn get_release(&self, id: &ReleaseId) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(m) = self.local.read_release(id)? {
+            return Ok(Some(m));
+        }
+        let Some(kv) = self.get(self.keys.release(Beside::Release, id))? else {
+            return Ok(None);
+        };
+        // The name is the hash: a manifest in etcd that does not match is refused.
+        self.local.write_release(id, kv.value())?;
+        Ok(Some(kv.value().to_vec()))
+    }
+
+    fn put_release(&self, id: &ReleaseId, manifest: &[u8]) -> Result<(), StoreError> {
+        self.local.write_release(id, manifest)?;
+        // Stored again: young again for the collector.
+        let t = Txn::new().and_then([
+            TxnOp::put(self.keys.release(Beside::Release, id), manifest, None),
+            TxnOp::put(
+                self.keys.release(Beside::StoredAt, id),
+                wall_us().to_string(),
+                None,
+            ),
+        ]);
+        self.txn("store a manifest", t).map(|_| ())
+    }
+
+    fn state(&self) -> Result<HubState, StoreError> {
+        let key = self.keys.state();
+        Ok(self.read_json(key)?.map(|(s, _)| s).unwrap_or_default())
+    }
+
+    fn swap_state(&self, expected: u64, new: &HubState) -> Result<bool, StoreError> {
+        loop {
+            let outcome = match self.try_swap(expected, new) {
+                Ok(won) => Some(won),
+                // Applied or not? Only the state can tell.
+                Err(StoreError::Shared { .. }) => self.resolve(expected, new)?,
+                Err(e) => return Err(e),
+            };
+            if let Some(won) = outcome {
+                if won {
+                    self.changes.send_if_modified(|cur| {
+                        let newer = new.version > cur.version;
+                        if newer {
+                            *cur = new.clone();
+                        }
+                        newer
+                    });
+                }
+                return Ok(won);
+            }
+        }
+    }
+
+    fn collect(&self, keep: &[ReleaseId], grace: Duration) -> Result<Collected, StoreError> {
+        // The local collection needs the kept manifests to know which blobs they name.
+        for id in keep {
+            self.cache_release(id)?;
+        }
+        let mut done = HubStore::collect(&self.local, keep, grace)?;
+        if self.leads() {
+            done.releases = self.collect_shared(keep, grace)?;
+        }
+        Ok(done)
+    }
+
+    fn signatures(&self, id: &ReleaseId) -> Result<Vec<Signature>, StoreError> {
+        match self.read_json(self.keys.release(Beside::Signatures, id)) {
+            Ok(v) => Ok(v.map(|(s, _)| s).unwrap_or_default()),
+            // Cut off from etcd: what this hub saw last (signatures are only ever added).
+            Err(StoreError::Shared { .. }) => HubStore::signatures(&self.local, id),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn add_signatures(
+        &self,
+        id: &ReleaseId,
+        sigs: &[Signature],
+    ) -> Result<Vec<Signature>, StoreError> {
+        let key = self.keys.release(Beside::Signatures, id);
+        let release = self.keys.release(Beside::Release, id);
+        loop {
+            let (mut all, rev): (Vec<Signature>, i64) =
+                self.read_json(key.clone())?.unwrap_or_default();
+            let before = all.len();
+            for s in sigs {
+                if !all.iter().any(|k| k.key == s.key) {
+                    all.push(*s);
+                }
+            }
+            // Plain structs always serialise.
+            let bytes = serde_json::to_vec(&all).expect("signatures serialise");
+            let t = Txn::new()
+                .when([
+                    Compare::version(release.clone(), CompareOp::Greater, 0),
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+                ])
+                .and_then(if all.len() > before {
+                    vec![TxnOp::put(key.clone(), bytes, None)]
+                } else {
+                    vec![]
+                })
+                .or_else([TxnOp::get(release.clone(), None)]);
+            let r = self.txn("add signatures", t)?;
+            if r.succeeded() {
+                if self.cache_release(id).unwrap_or(false) {
+                    let _ = HubStore::add_signatures(&self.local, id, &all);
+                }
+                return Ok(all);
+            }
+            if !release_in(&r) {
+                return Err(StoreError::NoRelease(*id));
+            }
+        }
+    }
+
+    fn provenance(&self, id: &ReleaseId) -> Result<Option<Provenance>, StoreError> {
+        match self.read_json(self.keys.release(Beside::Provenance, id)) {
+            Ok(v) => Ok(v.map(|(p, _)| p)),
+            Err(StoreError::Shared { .. }) => HubStore::provenance(&self.local, id),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn put_provenance(&self, id: &ReleaseId, p: &Provenance) -> Result<(), StoreError> {
+        let key = self.keys.release(Beside::Provenance, id);
+        let release = self.keys.release(Beside::Release, id);
+        // Plain structs always serialise.
+        let bytes = serde_json::to_vec(p).expect("provenance serialises");
+        let t = Txn::new()
+            .when([
+                Compare::version(release.clone(), CompareOp::Greater, 0),
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(key, bytes, None)])
+            .or_else([TxnOp::get(release, None)]);
+        let r = self.txn("keep a provenance", t)?;
+        if !r.succeeded() && !release_in(&r) {
+            return Err(StoreError::NoRelease(*id));
+        }
+        if self.cache_release(id).unwrap_or(false) {
+            let _ = HubStore::put_provenance(&self.local, id, p);
+        }
+        Ok(())
+    }
+
+    fn changes(&self) -> Option<watch::Receiver<HubState>> {
+        Some(self.changes.subscribe())
+    }
+
+    fn leads(&self) -> bool {
+        self.standing.connected() && self.standing.leader.load(Ordering::Acquire)
+    }
+}
+
+/// Whether a failed transaction's `get` of the release found it.
+fn release_in(r: &etcd_client::TxnResponse) -> bool {
+    r.op_responses()
+        .iter()
+        .any(|op| matches!(op, TxnOpResponse::Get(g) if !g.kvs().is_empty()))
+}

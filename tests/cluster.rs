@@ -1,0 +1,215 @@
+//! Several hubs on one real etcd (Debian `etcd-server`, three members on loopback started here):
+//! the cycle compare-and-swap has one winner across hubs, a publish to one hub is seen by the
+//! other at once, exactly one hub leads, and a hub cut off from etcd stops changing the state,
+//! hands its lead over, and catches up when etcd is back.
+//!
+//! The end-to-end tests share two cores, so they run one at a time ([`serial`]).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use lockstep::cluster::EtcdStore;
+use lockstep::config::cluster::Cluster;
+use lockstep::sync::cycle::HubState;
+use lockstep::sync::store::{FsStore, HubStore};
+
+mod common;
+use common::etcd::Etcd;
+use common::farm::*;
+use common::request;
+use common::wait::{self, DEADLINE};
+
+fn cluster(etcd: &Etcd, prefix: &str, name: &str, members: &[usize]) -> Cluster {
+    let all = etcd.endpoints();
+    Cluster {
+        endpoints: members.iter().map(|&i| all[i].clone()).collect(),
+        prefix: prefix.into(),
+        name: name.into(),
+        lease: Duration::from_secs(2),
+        tls: None,
+    }
+}
+
+fn store(c: &Cluster, dir: &tempfile::TempDir) -> EtcdStore {
+    EtcdStore::connect(c, FsStore::open(&dir.path().join(&c.name)).unwrap()).unwrap()
+}
+
+/// Two hubs race every one of 1 000 cycle advances from the same state: each advance has
+/// exactly one winner, and the loser sees the winner's state.
+#[test]
+fn two_hubs_racing_each_cycle_advance_have_one_winner_every_time() {
+    let _serial = serial();
+    let etcd = Etcd::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let hubs = [
+        Arc::new(store(&cluster(&etcd, "/race/", "a", &[0, 1, 2]), &dir)),
+        Arc::new(store(&cluster(&etcd, "/race/", "b", &[2, 1, 0]), &dir)),
+    ];
+    const ROUNDS: usize = 1000;
+    let wins: Arc<Vec<AtomicU32>> = Arc::new((0..ROUNDS).map(|_| AtomicU32::new(0)).collect());
+    let start = Arc::new(Barrier::new(2));
+    let threads: Vec<_> = hubs
+        .iter()
+        .map(|hub| {
+            let (hub, wins, start) = (hub.clone(), wins.clone(), start.clone());
+            std::thread::spawn(move || {
+                for round in 0..ROUNDS {
+                    // Both read before either writes, as often as the barrier can make it.
+                    start.wait();
+                    loop {
+                        let s = hub.state().unwrap();
+                        if s.cycle as usize > round {
+                            break;
+                        }
+                        let next = HubState {
+                            version: s.version + 1,
+                            cycle: s.cycle + 1,
+                            ..s.clone()
+                        };
+                        if hub.swap_state(s.version, &next).unwrap() {
+                            wins[round].fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let counts: Vec<u32> = wins.iter().map(|w| w.load(Ordering::Relaxed)).collect();
+    let bad: Vec<_> = counts.iter().enumerate().filter(|(_, &n)| n != 1).collect();
+    assert!(
+        bad.is_empty(),
+        "advances without exactly one winner: {bad:?}"
+    );
+    for hub in &hubs {
+        let s = hub.state().unwrap();
+        assert_eq!((s.cycle, s.version), (ROUNDS as u64, ROUNDS as u64));
+        // Each hub's follower saw the last state, whoever wrote it.
+        let mut rx = hub.changes().expect("a shared store is followed");
+        let deadline = Instant::now() + DEADLINE;
+        while rx.borrow_and_update().version != ROUNDS as u64 {
+            assert!(Instant::now() < deadline, "the watch never caught up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    // Exactly one leads; when it goes, the other takes over within its lease.
+    wait::until_blocking("one hub to lead", DEADLINE, String::new, || {
+        hubs.iter().filter(|h| h.leads()).count() == 1
+    });
+    let [a, b] = hubs;
+    let (leader, other) = if a.leads() { (a, b) } else { (b, a) };
+    drop(leader);
+    wait::until_blocking("the other hub to lead", DEADLINE, String::new, || {
+        other.leads()
+    });
+}
+
+/// A hub configured with `sync.cluster` on the etcd, as the farm harness starts it.
+fn hub_on(etcd: &Etcd, name: &str, members: &[usize]) -> Farm {
+    let all = etcd.endpoints();
+    let list: Vec<_> = members.iter().map(|&i| all[i].clone()).collect();
+    Farm::with_sync(
+        "500ms",
+        "1s",
+        &format!(
+            "  cluster:\n    etcd: [{}]\n    prefix: /farm/\n    name: {name}\n    lease: 2s\n",
+            list.join(", ")
+        ),
+    )
+}
+
+fn get(farm: &Farm, path: &str) -> (u16, Vec<u8>) {
+    let r = request(farm.hub_addr, "GET", path, Some(AGENT_TOKEN), b"").unwrap();
+    (r.status.as_u16(), r.bytes)
+}
+
+/// A publish to hub A parks nothing on hub B: B's long poll returns with A's release at once,
+/// B serves its manifest, the cycle advances exactly once (by the one hub that leads), and a
+/// hub cut off from etcd stops changing the state until etcd is back, then catches up.
+#[test]
+fn a_publish_to_one_hub_is_seen_by_the_other_and_a_cut_off_hub_catches_up() {
+    let _serial = serial();
+    let etcd = Etcd::start(3);
+    let a = hub_on(&etcd, "hub-a", &[0, 1]);
+    // B reaches etcd through member 2 only, so pausing that member cuts B off alone.
+    let b = hub_on(&etcd, "hub-b", &[2]);
+    let logs = || format!("--- A ---\n{}\n--- B ---\n{}", a.hub_log(), b.hub_log());
+    wait::until_blocking("exactly one hub to lead", DEADLINE, logs, || {
+        a.hub_log().contains("this hub leads") != b.hub_log().contains("this hub leads")
+    });
+
+    // B's long poll, parked before the publish to A.
+    let version = b.schedule()["version"].as_u64().unwrap();
+    let (b_addr, parked) = (b.hub_addr, Instant::now());
+    let poll = std::thread::spawn(move || {
+        let r = request(
+            b_addr,
+            "GET",
+            &format!("/sync/v1/schedule?wait={version}"),
+            Some(AGENT_TOKEN),
+            b"",
+        )
+        .unwrap();
+        (
+            Instant::now(),
+            serde_json::from_slice::<serde_json::Value>(&r.bytes).unwrap(),
+        )
+    });
+    let v1 = a.publish(&a.site("v1", &text_files(3, "v1")), "+2s");
+    let published = Instant::now();
+    let (returned, seen) = poll.join().unwrap();
+    assert_eq!(
+        seen["staged"].as_str(),
+        Some(v1.as_str()),
+        "{seen}\n{}",
+        logs()
+    );
+    assert!(
+        returned.duration_since(published) < Duration::from_secs(5) && returned > parked,
+        "B's long poll returned {:?} after the publish",
+        returned.saturating_duration_since(published)
+    );
+    let (status, manifest) = get(&b, &format!("/sync/v1/releases/{v1}"));
+    assert_eq!(status, 200, "{}", logs());
+    assert_eq!(manifest, get(&a, &format!("/sync/v1/releases/{v1}")).1);
+
+    // No agent advances: the leading hub does, once, after the grace.
+    let schedules = || format!("A: {}\nB: {}\n{}", a.schedule(), b.schedule(), logs());
+    wait::until_blocking("v1 to go active on both hubs", DEADLINE, schedules, || {
+        [&a, &b]
+            .iter()
+            .all(|h| h.schedule()["active"].as_str() == Some(v1.as_str()))
+    });
+    assert_eq!(a.schedule()["cycle"], 1, "{}", logs());
+    assert_eq!(b.schedule()["cycle"], 1);
+    let advanced = |f: &Farm| f.hub_log().matches("the hub did").count();
+    assert_eq!(advanced(&a) + advanced(&b), 1, "{}", logs());
+
+    // Cut B off: its only member stops answering.
+    etcd.pause(2);
+    wait::until_blocking("B to notice it lost etcd", DEADLINE, logs, || {
+        b.hub_log().contains("lost etcd")
+    });
+    wait::until_blocking("A to lead", DEADLINE, logs, || {
+        a.hub_log().contains("this hub leads")
+    });
+    let v2 = a.publish(&a.site("v2", &text_files(3, "v2")), "+1s");
+    assert_eq!(a.schedule()["staged"].as_str(), Some(v2.as_str()));
+    // B keeps answering what it has, and changes nothing.
+    let stale = b.schedule();
+    assert_eq!(stale["active"].as_str(), Some(v1.as_str()), "{stale}");
+    assert_ne!(stale["staged"].as_str(), Some(v2.as_str()), "{stale}");
+    let (status, _) = get(&b, &format!("/sync/v1/releases/{v1}"));
+    assert_eq!(status, 200, "B serves the manifests it has while cut off");
+
+    etcd.resume(2);
+    wait::until_blocking("B to catch up with v2", DEADLINE, logs, || {
+        let s = b.schedule();
+        s["staged"].as_str() == Some(v2.as_str()) || s["active"].as_str() == Some(v2.as_str())
+    });
+}

@@ -1,0 +1,215 @@
+//! A real etcd cluster on loopback (Debian `etcd-server`), started by the test that needs it:
+//! `n` members, each a process in its own data directory, killed when dropped.
+//!
+//! etcd needs its ports before it starts (every member names its peers' URLs), so they cannot
+//! be `:0`: they are drawn at random below the kernel's ephemeral range (so no outgoing
+//! connection takes one meanwhile), probed free, and if a member still fails to bind, the
+//! whole cluster is started again on new ones.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::process::{require_tool, Proc};
+
+/// One member.
+pub struct Member {
+    /// Its name (`m0`, `m1`, …).
+    pub name: String,
+    /// Its client port.
+    pub client: u16,
+    /// Its peer port.
+    pub peer: u16,
+    proc: Option<Proc>,
+}
+
+/// A running cluster.
+pub struct Etcd {
+    /// The members.
+    pub members: Vec<Member>,
+    dir: tempfile::TempDir,
+    initial: String,
+}
+
+fn free_port_pair() -> Option<(u16, u16)> {
+    // Below 32768, where Linux draws ephemeral ports by default.
+    let base = 20_000 + (rand_u32() % 6_000) as u16 * 2;
+    let a = TcpListener::bind(("127.0.0.1", base)).ok()?;
+    let b = TcpListener::bind(("127.0.0.1", base + 1)).ok()?;
+    drop((a, b));
+    Some((base, base + 1))
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos() ^ std::process::id() as u128);
+    h.finish() as u32
+}
+
+impl Etcd {
+    /// Starts `n` members and waits until every one answers `/health`.
+    pub fn start(n: usize) -> Etcd {
+        require_tool("etcd", "etcd-server");
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Etcd::try_start(n) {
+                Ok(e) => return e,
+                Err(why) => last = why,
+            }
+        }
+        panic!("etcd did not start in 5 attempts: {last}");
+    }
+
+    fn try_start(n: usize) -> Result<Etcd, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut members = Vec::new();
+        while members.len() < n {
+            if let Some((client, peer)) = free_port_pair() {
+                if members.iter().any(|m: &Member| m.client == client) {
+                    continue;
+                }
+                members.push(Member {
+                    name: format!("m{}", members.len()),
+                    client,
+                    peer,
+                    proc: None,
+                });
+            }
+        }
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut etcd = Etcd {
+            members,
+            dir,
+            initial,
+        };
+        for i in 0..n {
+            etcd.spawn(i, "new");
+        }
+        etcd.wait_healthy()?;
+        Ok(etcd)
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) {
+        let m = &self.members[i];
+        let data: PathBuf = self.dir.path().join(&m.name);
+        let mut cmd = Command::new("etcd");
+        cmd.args([
+            "--name",
+            &m.name,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-client-urls",
+            &format!("http://127.0.0.1:{}", m.client),
+            "--advertise-client-urls",
+            &format!("http://127.0.0.1:{}", m.client),
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{}", m.peer),
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{}", m.peer),
+            "--initial-cluster",
+            &self.initial,
+            "--initial-cluster-state",
+            state,
+            "--initial-cluster-token",
+            "lockstep-test",
+            // Quick elections: the tests kill leaders.
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+            "--log-level",
+            "warn",
+        ]);
+        let log = self.dir.path().join(format!("{}.log", m.name));
+        self.members[i].proc = Some(Proc::spawn(cmd, log));
+    }
+
+    fn wait_healthy(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut healthy = 0;
+            for m in &mut self.members {
+                let p = m.proc.as_mut().expect("started");
+                if !p.running() {
+                    return Err(format!("member {} exited:\n{}", m.name, p.log()));
+                }
+                if health(m.client) {
+                    healthy += 1;
+                }
+            }
+            if healthy == self.members.len() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err("members not healthy within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The client URLs, for `sync.cluster.etcd`.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .collect()
+    }
+
+    /// The endpoints as a YAML flow list.
+    pub fn yaml_list(&self) -> String {
+        format!("[{}]", self.endpoints().join(", "))
+    }
+
+    /// `kill -9` of member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// Stops member `i` (SIGSTOP): it holds its sockets and answers nothing.
+    pub fn pause(&self, i: usize) {
+        self.members[i]
+            .proc
+            .as_ref()
+            .expect("running")
+            .signal("STOP");
+    }
+
+    /// Resumes a paused member.
+    pub fn resume(&self, i: usize) {
+        self.members[i]
+            .proc
+            .as_ref()
+            .expect("running")
+            .signal("CONT");
+    }
+
+    /// Starts a killed member again on its data directory.
+    pub fn restart(&mut self, i: usize) {
+        self.spawn(i, "existing");
+    }
+}
+
+/// Whether the member on `port` says it is healthy (`GET /health`).
+pub fn health(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}

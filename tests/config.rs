@@ -1623,6 +1623,12 @@ fn example_in_tempdir() -> (tempfile::TempDir, PathBuf) {
     let (cert, key) = self_signed(&["hub.farm.test"]);
     std::fs::write(dir.path().join("tls/sync.crt"), cert).unwrap();
     std::fs::write(dir.path().join("tls/sync.key"), key).unwrap();
+    std::fs::create_dir(dir.path().join("etcd")).unwrap();
+    let (cert, key) = self_signed(&["etcd.farm.test"]);
+    // Self-signed: the hub's client certificate is its own CA here (only parsed, never used).
+    std::fs::write(dir.path().join("etcd/ca.crt"), &cert).unwrap();
+    std::fs::write(dir.path().join("etcd/lb-1.crt"), cert).unwrap();
+    std::fs::write(dir.path().join("etcd/lb-1.key"), key).unwrap();
     lockstep::ca::Ca::init(&dir.path().join("ca"), "example").unwrap();
     write_private(&dir.path().join("agent.token"), "agent-secret");
     write_private(&dir.path().join("publish.token"), "publish-secret");
@@ -1758,8 +1764,8 @@ fn example_config_without_its_files_says_which_files_are_missing() {
     let text = std::fs::read_to_string(&path).unwrap();
     let errs = config::load(&path).expect_err("the TLS, token and key files are missing");
     // The listener's certificate, the two token files, the trusted key, the sync API's
-    // certificate, the farm CA's certificate and its directory, the admin token.
-    assert_eq!(errs.0.len(), 8, "{errs}");
+    // certificate, the farm CA's certificate and its directory, etcd's CA, the admin token.
+    assert_eq!(errs.0.len(), 9, "{errs}");
     for (e, file) in errs.0.iter().zip([
         "tls/farm.crt",
         "agent.token",
@@ -1768,6 +1774,7 @@ fn example_config_without_its_files_says_which_files_are_missing() {
         "tls/sync.crt",
         "ca/ca.crt",
         "ca",
+        "etcd/ca.crt",
         "admin.token",
     ]) {
         assert!(

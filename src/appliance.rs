@@ -18,18 +18,19 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin;
-use crate::cluster::EtcdStore;
+use crate::cluster::{EtcdStore, Peers};
 use crate::config::Config;
 use crate::dns::view::{SharedView, View};
 use crate::dns::{self, DnsError, DnsHandler, DnsMetrics};
 use crate::hub::{self, Hub, HubMetrics};
 use crate::live::{Live, Shared};
 use crate::metrics::{Metrics, ResultLabels};
+use crate::net::client::ClientTls;
 use crate::net::limit::{Cap, ConnGate};
 use crate::net::server::ServerTls;
 use crate::pools::checker;
 use crate::proxy::listener;
-use crate::sync::store::{FsStore, HubStore};
+use crate::sync::store::{FsStore, HubStore, StoreError};
 
 /// Failures while starting or reloading.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +120,55 @@ pub struct Appliance {
 }
 
 /// The sync API's rustls config: its certificates, and the farm CA of its clients.
+/// The hub's store, and the other hubs when it shares the farm with them.
+type HubStorage = (Arc<dyn HubStore>, Option<Arc<Peers>>);
+
+/// The hub's store: its own directory, or with `sync.cluster` the state in etcd (registered
+/// under the URL the other hubs reach `local`, the bound sync API, at) and the other hubs.
+fn hub_store(
+    config: &crate::config::sync::Sync,
+    local: std::net::SocketAddr,
+) -> Result<HubStorage, StoreError> {
+    let store = FsStore::open(&config.store)?;
+    let Some(cluster) = &config.cluster else {
+        return Ok((Arc::new(store), None));
+    };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let advertise = cluster
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{local}"));
+    let etcd = Arc::new(EtcdStore::connect(cluster, store, &advertise)?);
+    // This hub calls the others as itself: its farm certificate (kind hub), trusting the farm
+    // CA; between hubs on one host, the publish token.
+    let tls = match config
+        .tls
+        .as_ref()
+        .and_then(|t| Some((t.clients.as_ref()?, t)))
+    {
+        Some((trust, t)) => {
+            Some(
+                ClientTls::farm(trust, t.certs.first()).map_err(|e| StoreError::Shared {
+                    action: "call the other hubs",
+                    reason: e.to_string(),
+                })?,
+            )
+        }
+        None => None,
+    };
+    let peers = Peers::new(
+        etcd.clone(),
+        cluster.replicas,
+        config.tokens.publish.clone(),
+        tls,
+    );
+    Ok((etcd, Some(Arc::new(peers))))
+}
+
 fn sync_server_config(t: &crate::config::sync::SyncTls) -> Arc<rustls::ServerConfig> {
     crate::net::tls::server_config_with(&t.certs, t.clients.as_ref())
 }
@@ -216,19 +266,12 @@ impl Appliance {
         socket: tokio::net::TcpListener,
         config: &crate::config::sync::Sync,
     ) -> Result<(), ApplianceError> {
-        let store = FsStore::open(&config.store).map_err(|error| ApplianceError::SyncStore {
-            path: config.store.clone(),
-            error,
-        })?;
-        let store: Arc<dyn HubStore> = match &config.cluster {
-            None => Arc::new(store),
-            Some(cluster) => Arc::new(EtcdStore::connect(cluster, store).map_err(|error| {
-                ApplianceError::SyncStore {
-                    path: config.store.clone(),
-                    error,
-                }
-            })?),
-        };
+        let local = socket.local_addr().unwrap_or(config.bind);
+        let (store, peers) =
+            hub_store(config, local).map_err(|error| ApplianceError::SyncStore {
+                path: config.store.clone(),
+                error,
+            })?;
         let hub = Hub::new(
             store,
             hub::Settings::from_config(config),
@@ -239,7 +282,9 @@ impl Appliance {
             path: config.store.clone(),
             error,
         })?;
-        let local = socket.local_addr().unwrap_or(config.bind);
+        if let Some(p) = peers {
+            hub.join_peers(p);
+        }
         if config.tokens.agent.is_none() || config.tokens.publish.is_none() {
             warn!("sync API without agent_token_file or publish_token_file: anyone who can reach {local} may do what that token guards");
         }

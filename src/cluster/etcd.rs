@@ -129,8 +129,13 @@ fn parse<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> 
 impl EtcdStore {
     /// Connects to `cluster`'s etcd with `local` for the blobs, reads the state once (so a
     /// hub that cannot reach etcd says so at start), and starts following the state and
-    /// keeping this hub's lease.
-    pub fn connect(cluster: &Cluster, local: FsStore) -> Result<EtcdStore, StoreError> {
+    /// keeping this hub's lease, under which it registers `advertise` (the URL the other
+    /// hubs reach its sync API at).
+    pub fn connect(
+        cluster: &Cluster,
+        local: FsStore,
+        advertise: &str,
+    ) -> Result<EtcdStore, StoreError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("etcd")
@@ -181,10 +186,11 @@ impl EtcdStore {
             store.keys.clone(),
             store.changes.clone(),
         ));
+        let registration = serde_json::json!({ "url": advertise }).to_string();
         store.rt.handle().spawn(keep_lease(
             store.client.clone(),
             store.keys.clone(),
-            store.name.clone(),
+            (store.name.clone(), registration),
             cluster.lease,
             store.standing.clone(),
             store.lease.clone(),
@@ -206,6 +212,27 @@ impl EtcdStore {
     /// The blobs' store.
     pub fn local(&self) -> &FsStore {
         &self.local
+    }
+
+    /// The other live hubs: their names and the URLs they registered.
+    pub fn peers(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let prefix = self.keys.hub("");
+        let kvs = self.call("list the hubs", move |mut c| {
+            Box::pin(async move {
+                let mut r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
+                Ok(r.take_kvs())
+            })
+        })?;
+        let mine = self.keys.hub(&self.name);
+        Ok(kvs
+            .iter()
+            .filter(|kv| kv.key() != mine.as_bytes())
+            .filter_map(|kv| {
+                let name = kv.key_str().ok()?.rsplit('/').next()?.to_string();
+                let v: serde_json::Value = serde_json::from_slice(kv.value()).ok()?;
+                Some((name, v.get("url")?.as_str()?.to_string()))
+            })
+            .collect())
     }
 
     /// Runs an etcd call on the store's runtime and waits for it.
@@ -415,7 +442,7 @@ async fn follow(mut client: Client, keys: Keys, changes: watch::Sender<HubState>
 async fn keep_lease(
     mut client: Client,
     keys: Keys,
-    name: String,
+    (name, registration): (String, String),
     ttl: Duration,
     standing: Arc<Standing>,
     held: Arc<AtomicU64>,
@@ -428,7 +455,7 @@ async fn keep_lease(
             client
                 .put(
                     keys.hub(&name),
-                    name.clone(),
+                    registration.clone(),
                     Some(PutOptions::new().with_lease(lease)),
                 )
                 .await?;

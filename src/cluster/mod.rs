@@ -9,8 +9,11 @@
 //!
 //! - [`keys`]: where each part of the state lives in etcd (pure)
 //! - [`etcd`]: the store, its watch and its lease
+//! - [`peers`]: the other hubs, for the blobs this hub lacks and for a commit's replicas
 
 pub mod etcd;
 pub mod keys;
+pub mod peers;
 
 pub use etcd::EtcdStore;
+pub use peers::Peers;

@@ -3,7 +3,7 @@
 //! other hosts can reach must be spoken to over TLS: whoever writes its keys decides what every
 //! backend serves.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
@@ -36,7 +36,15 @@ pub struct Cluster {
     pub lease: Duration,
     /// TLS to etcd.
     pub tls: Option<EtcdTls>,
+    /// The URL the other hubs reach this hub's sync API at (`None`: `sync.bind`'s address,
+    /// known once bound).
+    pub advertise: Option<String>,
+    /// How many hubs must store a release's blobs before it is committed.
+    pub replicas: usize,
 }
+
+/// Default [`Cluster::replicas`]: losing one hub loses no release.
+pub const DEFAULT_REPLICAS: usize = 2;
 
 /// TLS to etcd, as PEM (what the gRPC client takes).
 #[derive(Clone)]
@@ -56,7 +64,13 @@ impl std::fmt::Debug for EtcdTls {
     }
 }
 
-pub(super) fn cluster(cx: &mut Ctx<'_>, raw: &RawCluster) -> Cluster {
+/// `bind`: `sync.bind`; `https`: whether the sync API has TLS.
+pub(super) fn cluster(
+    cx: &mut Ctx<'_>,
+    raw: &RawCluster,
+    bind: Option<SocketAddr>,
+    https: bool,
+) -> Cluster {
     let tls = raw.tls.as_ref().and_then(|t| etcd_tls(cx, t));
     let endpoints = endpoints(cx, &raw.etcd, raw.tls.is_some());
     let prefix = match &raw.prefix {
@@ -83,6 +97,46 @@ pub(super) fn cluster(cx: &mut Ctx<'_>, raw: &RawCluster) -> Cluster {
         name,
         lease: lease(cx, raw.lease.as_ref()),
         tls,
+        advertise: advertise(cx, raw, bind, https),
+        replicas: match &raw.replicas {
+            None => DEFAULT_REPLICAS,
+            Some(r) if r.value == 0 || r.value > 16 => {
+                cx.err(r, "sync.cluster.replicas must be 1 to 16: how many hubs store a release's blobs before its commit (default 2: losing one hub loses no release)");
+                DEFAULT_REPLICAS
+            }
+            Some(r) => r.value as usize,
+        },
+    }
+}
+
+/// `sync.cluster.advertise`: a URL of the sync API's scheme; needed when `sync.bind` is on
+/// every address (which of them would the other hubs use?).
+fn advertise(
+    cx: &mut Ctx<'_>,
+    raw: &RawCluster,
+    bind: Option<SocketAddr>,
+    https: bool,
+) -> Option<String> {
+    let scheme = if https { "https" } else { "http" };
+    let Some(a) = &raw.advertise else {
+        if bind.is_some_and(|b| b.ip().is_unspecified()) {
+            cx.err(&raw.etcd, format!("sync.bind is on every address: set sync.cluster.advertise to the URL the other hubs reach this one at, e.g. {scheme}://10.0.0.11:7700"));
+        }
+        return None;
+    };
+    let uri: Result<http::Uri, _> = a.value.trim().parse();
+    match uri {
+        Ok(u)
+            if u.scheme_str() == Some(scheme)
+                && u.authority().is_some_and(|x| x.port_u16().is_some())
+                && matches!(u.path(), "" | "/") =>
+        {
+            Some(a.value.trim().trim_end_matches('/').to_string())
+        }
+        _ => {
+            cx.err(a, format!("sync.cluster.advertise must be {scheme}://host:port (the sync API's scheme), e.g. {scheme}://10.0.0.11:7700"));
+            None
+        }
     }
 }
 

@@ -289,6 +289,10 @@ pub struct RawCluster {
     pub name: Option<S<String>>,
     /// Time to live of the lease behind this hub's leadership.
     pub lease: Option<S<String>>,
+    /// The URL the other hubs reach this hub's sync API at.
+    pub advertise: Option<S<String>>,
+    /// How many hubs must store a release's blobs before it is committed.
+    pub replicas: Option<S<u32>>,
     /// TLS to etcd: its CA and this hub's client certificate.
     pub tls: Option<RawEtcdTls>,
 }

@@ -104,7 +104,10 @@ pub(super) fn sync(cx: &mut Ctx<'_>, raw: &RawSync) -> Option<Sync> {
         "sync.max_connections",
     );
     let upload_quota = upload_quota(cx, raw.upload_quota.as_ref());
-    let cluster = raw.cluster.as_ref().map(|c| super::cluster::cluster(cx, c));
+    let cluster = raw
+        .cluster
+        .as_ref()
+        .map(|c| super::cluster::cluster(cx, c, bind, raw.tls.is_some()));
     Some(Sync {
         cluster,
         upload_quota,

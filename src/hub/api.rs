@@ -90,6 +90,7 @@ fn hub_error(e: HubError) -> Answer {
         HubError::Bad(_) | HubError::Manifest(_) => StatusCode::BAD_REQUEST,
         HubError::NotFound(_) => StatusCode::NOT_FOUND,
         HubError::Conflict(_) => StatusCode::CONFLICT,
+        HubError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         HubError::Untrusted(_) => StatusCode::FORBIDDEN,
         HubError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         HubError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
@@ -206,6 +207,10 @@ async fn dispatch(
         Endpoint::Upload => upload(hub, req).await,
         Endpoint::PutBlob(hash) => put_blob(hub, hash, req).await,
         Endpoint::Commit(id) => commit(hub, id, req).await,
+        Endpoint::Replicate(id) => Ok(json(
+            StatusCode::OK,
+            &hub.replicate(id).await.map_err(hub_error)?,
+        )),
         Endpoint::Rollback => Ok(json(
             StatusCode::OK,
             &hub.rollback().await.map_err(hub_error)?,

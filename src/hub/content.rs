@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::{blocking, Hub, HubError};
 use crate::sync::manifest::{Hash, Manifest, ReleaseId, MAX_BLOB_BYTES};
-use crate::sync::protocol::Uploaded;
+use crate::sync::protocol::{Replicated, Uploaded};
 use crate::sync::provenance::MAX_DEPTH;
 use crate::sync::store::{Collected, StoreError};
 
@@ -57,14 +57,80 @@ impl Hub {
             .ok_or_else(|| HubError::NotFound(format!("no release {id}")))
     }
 
-    /// A blob opened for streaming, with its length (never read whole into memory).
+    /// A blob opened for streaming, with its length (never read whole into memory); one this
+    /// hub lacks is fetched from the other hubs first, when it has joined them.
     pub async fn blob(self: &Arc<Self>, hash: Hash) -> Result<(std::fs::File, u64), HubError> {
-        let hub = self.clone();
-        let blob = blocking(move || hub.store.open_blob(&hash))
-            .await?
-            .ok_or_else(|| HubError::NotFound(format!("no blob {hash}")))?;
+        let open = || {
+            let hub = self.clone();
+            blocking(move || hub.store.open_blob(&hash))
+        };
+        let blob = match (open().await?, self.peers.get()) {
+            (Some(b), _) => b,
+            (None, None) => return Err(HubError::NotFound(format!("no blob {hash}"))),
+            (None, Some(peers)) => {
+                peers
+                    .fetch_blob(hash, &self.store)
+                    .await
+                    .map_err(|e| HubError::NotFound(format!("no blob {hash} here, nor {e}")))?;
+                self.metrics.blobs_fetched.inc();
+                open()
+                    .await?
+                    .ok_or_else(|| HubError::NotFound(format!("no blob {hash}")))?
+            }
+        };
         self.metrics.blobs_served.inc();
         Ok(blob)
+    }
+
+    /// Stores every blob of release `id`, fetching what this hub lacks from the other hubs
+    /// (`POST /releases/{id}/replicate`, asked by a hub committing it).
+    pub async fn replicate(self: &Arc<Self>, id: ReleaseId) -> Result<Replicated, HubError> {
+        let manifest = Manifest::from_json(&self.release(id).await?)?;
+        let lacking = self.lacking(manifest.blobs()).await?;
+        let Some(peers) = self.peers.get() else {
+            return match lacking.len() {
+                0 => Ok(Replicated { id, fetched: 0 }),
+                n => Err(HubError::Conflict(format!(
+                    "release {id} lacks {n} blob(s) here and this hub has no sync.cluster to fetch them from"
+                ))),
+            };
+        };
+        for hash in &lacking {
+            peers
+                .fetch_blob(*hash, &self.store)
+                .await
+                .map_err(|e| HubError::Unavailable(format!("release {id}: {e}")))?;
+            self.metrics.blobs_fetched.inc();
+        }
+        Ok(Replicated {
+            id,
+            fetched: lacking.len(),
+        })
+    }
+
+    /// Has release `id`'s blobs stored on `sync.cluster.replicas` hubs (this one and as many
+    /// others as needed, asked all at once); a commit waits for this.
+    pub(super) async fn replicate_out(self: &Arc<Self>, id: ReleaseId) -> Result<(), HubError> {
+        let Some(peers) = self.peers.get() else {
+            return Ok(());
+        };
+        let want = peers.replicas();
+        if want <= 1 {
+            return Ok(());
+        }
+        let r = peers.replicate(id).await;
+        if 1 + r.stored < want {
+            return Err(HubError::Unavailable(format!(
+                "release {id} is stored on {} hub(s), and sync.cluster.replicas asks for {want} before a commit (so that losing a hub loses no release): {}",
+                1 + r.stored,
+                if r.failures.is_empty() {
+                    "no other hub is registered".to_string()
+                } else {
+                    r.failures.join("; ")
+                }
+            )));
+        }
+        Ok(())
     }
 
     /// Receives a blob that must hash to `hash` from `body`, streamed to a temporary file and

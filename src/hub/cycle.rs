@@ -23,6 +23,7 @@ impl Hub {
         signatures: Vec<Signature>,
     ) -> Result<Committed, HubError> {
         self.check_complete(id).await?;
+        self.replicate_out(id).await?;
         self.sign(id, signatures).await?;
         let published = self
             .transition(move |s, now, rules| {

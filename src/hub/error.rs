@@ -28,6 +28,10 @@ pub enum HubError {
     /// Not possible now (409).
     #[error("{0}")]
     Conflict(String),
+    /// The other hubs cannot help now (503): a blob none of them has, fewer hubs storing a
+    /// release than `sync.cluster.replicas`.
+    #[error("{0}")]
+    Unavailable(String),
     /// A release no trusted key signed, committed to a hub with `sync.trusted_keys` (403).
     #[error(transparent)]
     Untrusted(#[from] Unsigned),

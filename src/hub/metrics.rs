@@ -72,6 +72,8 @@ pub struct HubMetrics {
     pub blob_bytes: Counter,
     /// Blobs served to agents.
     pub blobs_served: Counter,
+    /// Blobs fetched from the other hubs (`sync.cluster`).
+    pub blobs_fetched: Counter,
     /// Cycle advances won, by who.
     pub advances: Family<ByLabels, Counter>,
     /// Agents whose active release is behind the fleet's.
@@ -145,6 +147,11 @@ impl HubMetrics {
                 "sync_blobs_served",
                 "Blobs served to agents",
                 m.blobs_served.clone(),
+            );
+            r.register(
+                "sync_blobs_fetched_from_hubs",
+                "Blobs this hub lacked and fetched from the other hubs (sync.cluster)",
+                m.blobs_fetched.clone(),
             );
             r.register(
                 "sync_cycle_advances",

@@ -38,7 +38,7 @@ mod task;
 mod uploads;
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -49,6 +49,7 @@ use tracing::warn;
 pub use self::error::HubError;
 pub use self::metrics::HubMetrics;
 pub use self::settings::{system_clock, Clock, Settings};
+use crate::cluster::Peers;
 use crate::sync::cycle::HubState;
 pub use crate::sync::cycle::{Advancer, GRACE};
 use crate::sync::protocol::{ConflictView, Schedule};
@@ -67,6 +68,8 @@ pub struct Hub {
     conflicts: Mutex<VecDeque<ConflictView>>,
     uploads: Mutex<uploads::Uploads>,
     metrics: HubMetrics,
+    /// The other hubs sharing the farm (`sync.cluster`), once joined.
+    peers: OnceLock<Arc<Peers>>,
 }
 
 /// Runs blocking store calls on tokio's blocking pool.
@@ -112,7 +115,14 @@ impl Hub {
             conflicts: Mutex::new(VecDeque::new()),
             uploads: Mutex::default(),
             metrics,
+            peers: OnceLock::new(),
         }))
+    }
+
+    /// Joins the other hubs of the farm: blobs this hub lacks come from them, and a commit
+    /// waits until `sync.cluster.replicas` hubs store the release's blobs.
+    pub fn join_peers(&self, peers: Arc<Peers>) {
+        let _ = self.peers.set(peers);
     }
 
     /// Applies reloaded settings (cadence, lead, tokens).

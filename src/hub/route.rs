@@ -11,8 +11,10 @@ use http::{Method, StatusCode};
 use crate::sync::auth::Role;
 use crate::sync::manifest::{BadHash, Hash, ReleaseId};
 
-/// Reads: agents and publishers.
-pub const READ: &[Role] = &[Role::Agent, Role::Publish];
+/// Reads: agents, publishers and the other hubs.
+pub const READ: &[Role] = &[Role::Agent, Role::Publish, Role::Hub];
+/// Fetching a release's blobs from the other hubs: a hub committing it, or a publisher.
+pub const REPLICATE: &[Role] = &[Role::Hub, Role::Publish];
 /// Publishing: publishers only.
 pub const PUBLISH: &[Role] = &[Role::Publish];
 /// An agent's own business: agents only.
@@ -63,6 +65,9 @@ pub enum Endpoint {
     PutBlob(Hash),
     /// `POST /releases/{id}/commit`.
     Commit(ReleaseId),
+    /// `POST /releases/{id}/replicate`: store every blob of the release, fetched from the
+    /// other hubs (`sync.cluster`).
+    Replicate(ReleaseId),
     /// `POST /rollback`.
     Rollback,
     /// `POST /cycles/{n}/advance`.
@@ -159,6 +164,9 @@ impl Endpoint {
             (&Method::PUT, ["blobs", h]) => Endpoint::PutBlob(hash(h, WRITE)?),
             (&Method::POST, ["releases"]) => Endpoint::Upload,
             (&Method::POST, ["releases", id, "commit"]) => Endpoint::Commit(hash(id, PUBLISH)?),
+            (&Method::POST, ["releases", id, "replicate"]) => {
+                Endpoint::Replicate(hash(id, REPLICATE)?)
+            }
             (&Method::POST, ["rollback"]) => Endpoint::Rollback,
             (&Method::POST, ["cycles", n, "advance"]) => {
                 Endpoint::Advance(n.parse().map_err(|_| RouteError::Cycle)?)
@@ -195,6 +203,7 @@ impl Endpoint {
             Endpoint::Upload | Endpoint::Commit(_) | Endpoint::Rollback => PUBLISH,
             Endpoint::Advance(_) | Endpoint::Report(_) | Endpoint::Changeset => AGENT,
             Endpoint::CaCert | Endpoint::Join => PUBLIC,
+            Endpoint::Replicate(_) => REPLICATE,
         }
     }
 }
@@ -285,6 +294,12 @@ mod tests {
                 format!("/sync/v1/releases/{H}/commit"),
                 Endpoint::Commit(hash()),
                 PUBLISH,
+            ),
+            (
+                Method::POST,
+                format!("/sync/v1/releases/{H}/replicate"),
+                Endpoint::Replicate(hash()),
+                REPLICATE,
             ),
             (Method::GET, "/sync/v1/ca".into(), Endpoint::CaCert, PUBLIC),
             (Method::POST, "/sync/v1/join".into(), Endpoint::Join, PUBLIC),

@@ -10,6 +10,9 @@ pub enum Role {
     Agent,
     /// A publisher: publish, roll back, read.
     Publish,
+    /// Another hub of the farm (`sync.cluster`): read, and ask for a release's blobs. Only by
+    /// its farm certificate: there is no hub token, so this role is never open.
+    Hub,
 }
 
 /// The tokens a hub accepts. A role without a token is open to anyone who can reach the
@@ -79,8 +82,11 @@ impl Tokens {
 
     /// Whether a request may act in one of `roles`.
     pub fn check(&self, authorization: Option<&str>, roles: &[Role]) -> Check {
-        // A role with no token configured is open.
-        if roles.iter().any(|r| self.token(*r).is_none()) {
+        // A role with no token configured is open (a hub has no token: it is never open).
+        if roles
+            .iter()
+            .any(|r| *r != Role::Hub && self.token(*r).is_none())
+        {
             return Check::Allow;
         }
         match self.role_of(authorization) {
@@ -94,6 +100,7 @@ impl Tokens {
         match role {
             Role::Agent => self.agent.as_deref(),
             Role::Publish => self.publish.as_deref(),
+            Role::Hub => None,
         }
     }
 }
@@ -175,6 +182,15 @@ mod tests {
         assert_eq!(
             Tokens::default().check(None, &[Role::Publish]),
             Check::Allow
+        );
+        // A hub has no token: its role is never open, and no token holds it.
+        assert_eq!(
+            Tokens::default().check(None, &[Role::Hub]),
+            Check::Unauthenticated
+        );
+        assert_eq!(
+            t.check(Some("Bearer a-secret"), &[Role::Hub]),
+            Check::Forbidden
         );
     }
 

@@ -116,6 +116,7 @@ fn names(roles: &[Role]) -> String {
         .map(|r| match r {
             Role::Agent => "an agent",
             Role::Publish => "a publisher",
+            Role::Hub => "a hub",
         })
         .collect();
     words.join(" or ")

@@ -54,7 +54,7 @@ impl Kind {
         match self {
             Kind::Agent => Some(Role::Agent),
             Kind::Publisher => Some(Role::Publish),
-            Kind::Hub => None,
+            Kind::Hub => Some(Role::Hub),
         }
     }
 }
@@ -237,7 +237,7 @@ mod tests {
     fn kinds_map_to_roles() {
         assert_eq!(Kind::Agent.role(), Some(Role::Agent));
         assert_eq!(Kind::Publisher.role(), Some(Role::Publish));
-        assert_eq!(Kind::Hub.role(), None);
+        assert_eq!(Kind::Hub.role(), Some(Role::Hub));
         assert_eq!(Kind::parse("agent"), Some(Kind::Agent));
         assert_eq!(Kind::parse("root"), None);
     }

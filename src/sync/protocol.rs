@@ -124,6 +124,15 @@ pub struct Uploaded {
     pub missing: Vec<Hash>,
 }
 
+/// `POST /releases/{id}/replicate`: the release's blobs are all stored on the hub asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replicated {
+    /// The release.
+    pub id: ReleaseId,
+    /// Blobs it fetched from the other hubs for this (the rest it had).
+    pub fetched: usize,
+}
+
 /// `POST /releases/{id}/commit` body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

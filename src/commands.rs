@@ -368,7 +368,7 @@ fn check_agent(path: &Path) -> anyhow::Result<()> {
         "{}: OK (agent {}, hub {}, serves {}{trust}{}{})",
         path.display(),
         cfg.name,
-        cfg.hub,
+        cfg.hubs.join(", "),
         cfg.serve,
         if cfg.release_dir.is_some() {
             ", release_dir"

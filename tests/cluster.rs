@@ -265,3 +265,82 @@ fn hubs_share_releases_and_blobs_and_a_cut_off_hub_catches_up() {
         s["staged"].as_str() == Some(v2.as_str()) || s["active"].as_str() == Some(v2.as_str())
     });
 }
+
+/// Agents that know both hubs: `kill -9` of the hub they use a second before an activation
+/// does not delay their flip (they hold the deadline), they move to the other hub, and the
+/// cycle advances exactly once.
+#[test]
+fn agents_move_to_the_other_hub_and_flip_on_time_when_theirs_dies() {
+    let _serial = serial();
+    let etcd = Etcd::start(3);
+    let mut a = hub_on(&etcd, "hub-a", &[0, 1, 2]);
+    let b = hub_on(&etcd, "hub-b", &[0, 1, 2]);
+    let hubs = format!("[\"{}\", \"{}\"]", a.hub_url(), b.hub_url());
+    let agents = [
+        a.agent_of(&hubs, "web-1", None, ""),
+        a.agent_of(&hubs, "web-2", Some("+1h"), ""),
+    ];
+    let a_log = a.hub.as_ref().unwrap().log.clone();
+    let logs = || {
+        agents
+            .iter()
+            .map(|x| format!("--- {} ---\n{}", x.name, x.proc.log()))
+            .collect::<String>()
+            + &format!(
+                "--- A ---\n{}\n--- B ---\n{}",
+                std::fs::read_to_string(&a_log).unwrap_or_default(),
+                b.hub_log()
+            )
+    };
+    let v1 = a.publish(&a.site("v1", &text_files(3, "v1")), "+2s");
+    wait::until_blocking("both agents to serve v1", DEADLINE, logs, || {
+        agents.iter().all(|x| x.release().as_deref() == Some(&v1))
+    });
+
+    let v2 = a.publish(&a.site("v2", &text_files(3, "v2")), "+4s");
+    let s = a.schedule();
+    let at_us = s["activation_us"].as_u64().unwrap();
+    let ahead = Duration::from_micros(at_us - s["now_us"].as_u64().unwrap());
+    let activation = Instant::now() + ahead;
+    // The scenario's timing, not a synchronisation: the kill lands a second before the flip.
+    std::thread::sleep(ahead.saturating_sub(Duration::from_secs(1)));
+    a.hub.as_mut().unwrap().kill9();
+    let flips: Vec<Instant> = agents
+        .iter()
+        .map(|x| {
+            let deadline = Instant::now() + DEADLINE;
+            while x.release().as_deref() != Some(&v2) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} never flipped\n{}",
+                    x.name,
+                    logs()
+                );
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            Instant::now()
+        })
+        .collect();
+    for (x, at) in agents.iter().zip(&flips) {
+        // On time: the poller runs in turn, so the later agent is seen a little late.
+        assert!(
+            at.saturating_duration_since(activation) < Duration::from_millis(500),
+            "{} flipped {:?} after the activation\n{}",
+            x.name,
+            at.saturating_duration_since(activation),
+            logs()
+        );
+    }
+    wait::until_blocking(
+        "the cycle to advance once, through hub B",
+        DEADLINE,
+        logs,
+        || b.schedule()["cycle"] == 2 && b.schedule()["active"].as_str() == Some(v2.as_str()),
+    );
+    wait::until_blocking("the agents to move to hub B", DEADLINE, logs, || {
+        agents
+            .iter()
+            .all(|x| x.proc.log().contains("moved to the next"))
+    });
+    assert_eq!(b.schedule()["cycle"], 2, "one advance for one activation");
+}

@@ -39,14 +39,34 @@ pub const EXAMPLE: &str = "deploy/examples/agent.yaml";
 /// proxy's keep-alive pools and the peers, well inside the unit's `LimitNOFILE=65536`.
 pub const DEFAULT_AGENT_MAX_CONNECTIONS: usize = 4096;
 
+/// `hub:` as written: one URL or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum HubUrls {
+    /// One hub.
+    One(String),
+    /// Hubs sharing a farm, in order of preference.
+    Several(Vec<String>),
+}
+
+impl HubUrls {
+    fn list(&self) -> Vec<String> {
+        match self {
+            HubUrls::One(u) => vec![u.trim().to_string()],
+            HubUrls::Several(l) => l.iter().map(|u| u.trim().to_string()).collect(),
+        }
+    }
+}
+
 /// The top level of `agent.yaml`, as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAgentConfig {
     /// This agent's name: the backend it serves.
     pub name: S<String>,
-    /// The hub's URL, `http://host:port` or `https://host:port`.
-    pub hub: S<String>,
+    /// The hub's URL, `http://host:port` or `https://host:port`, or a list of hubs of one
+    /// farm (`sync.cluster`) in order of preference.
+    pub hub: S<HubUrls>,
     /// File holding the agent token.
     pub token_file: Option<S<String>>,
     /// PEM file with the CA that signed an https hub's certificate (without `tls:`).
@@ -188,8 +208,9 @@ pub struct AgentConfig {
     pub file: PathBuf,
     /// This agent's name.
     pub name: String,
-    /// The hub's URL.
-    pub hub: String,
+    /// The hubs' URLs, in order of preference (the agent moves to the next when one does not
+    /// answer).
+    pub hubs: Vec<String>,
     /// The agent token (read from `token_file`).
     pub token: Option<String>,
     /// How it speaks TLS: to the hub, to peers, and (with its own certificate) on `serve`.
@@ -223,7 +244,7 @@ impl std::fmt::Debug for AgentConfig {
         f.debug_struct("AgentConfig")
             .field("file", &self.file)
             .field("name", &self.name)
-            .field("hub", &self.hub)
+            .field("hubs", &self.hubs)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls.as_ref().map(|t| t.own.is_some()))
             .field("store", &self.store)
@@ -247,7 +268,7 @@ impl AgentConfig {
         AgentConfig {
             file: PathBuf::new(),
             name: name.to_string(),
-            hub: hub.to_string(),
+            hubs: vec![hub.to_string()],
             token: None,
             tls: None,
             store: store.to_path_buf(),
@@ -294,7 +315,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
     let tls = agent_tls(&mut cx, &raw);
     let client_tls = tls.as_ref().and_then(|t| t.client().ok());
     let before = cx.errors.len();
-    let hub = hub_url(&mut cx, &raw, client_tls.as_ref(), tls.as_ref());
+    let hubs = hub_urls(&mut cx, &raw, client_tls.as_ref(), tls.as_ref());
     let hub_ok = cx.errors.len() == before;
     let own = tls.as_ref().is_some_and(|t| t.own.is_some());
     require_certificate_off_loopback(&mut cx, &raw, serve, own);
@@ -302,7 +323,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
         let p = cx.path_at(v, "token_file")?;
         read_token(&p).map_err(|e| cx.err(v, e.to_string())).ok()
     });
-    let trusted_keys = trusted_keys(&mut cx, &raw, &hub, hub_ok);
+    let trusted_keys = trusted_keys(&mut cx, &raw, &hubs, hub_ok);
     let trusted_origins = trusted_origins(&mut cx, &raw);
     let fetch_concurrency = fetch_concurrency(&mut cx, raw.fetch_concurrency.as_ref());
     let max_connections = cx.connections(
@@ -323,7 +344,7 @@ pub fn validate(file: &Path, raw: RawAgentConfig) -> Result<AgentConfig, ConfigE
         (Some(serve), Some(store), true) => Ok(AgentConfig {
             file: file.to_path_buf(),
             name: raw.name.value,
-            hub,
+            hubs,
             token,
             tls,
             store,
@@ -387,14 +408,15 @@ fn require_certificate_off_loopback(
 fn trusted_keys(
     cx: &mut Ctx<'_>,
     raw: &RawAgentConfig,
-    hub: &str,
+    hubs: &[String],
     hub_ok: bool,
 ) -> Option<TrustedKeys> {
     let keys = raw
         .trusted_keys
         .as_ref()
         .map(|list| cx.public_keys(list, "trusted_keys"));
-    if raw.trusted_keys.is_none() && hub_ok && !hub_is_loopback(hub) {
+    let remote = hubs.iter().find(|h| !hub_is_loopback(h));
+    if let (None, true, Some(hub)) = (&raw.trusted_keys, hub_ok, remote) {
         cx.err(
             &raw.hub,
             format!("hub {hub} is not on this host, but trusted_keys is not set: whoever controls the hub, or the network path to it, would choose what this backend serves. Set trusted_keys to the publishers' public key files (`lockstep keygen` writes KEY.pub; sign with `lockstep publish --sign-key KEY`), or use a hub on 127.0.0.1"),
@@ -475,17 +497,34 @@ fn serve_addr(cx: &mut Ctx, serve: &S<String>) -> Option<SocketAddr> {
     }
 }
 
-/// The hub's URL, trimmed; checked (with the CA) exactly as the client will when the agent
-/// starts, and refused in plain HTTP or without the agent's certificate unless the hub is on
-/// this host.
-fn hub_url(
+/// The hubs' URLs, trimmed; each checked (with the CA) exactly as the client will when the
+/// agent starts, and refused in plain HTTP or without the agent's certificate unless the hub
+/// is on this host.
+fn hub_urls(
     cx: &mut Ctx,
     raw: &RawAgentConfig,
     client: Option<&ClientTls>,
     tls: Option<&AgentTls>,
-) -> String {
-    let hub = raw.hub.value.trim().to_string();
-    match HttpClient::hub(&hub, None, client) {
+) -> Vec<String> {
+    let hubs = raw.hub.value.list();
+    if hubs.is_empty() {
+        cx.err(&raw.hub, "hub is an empty list: give the hub's URL, or the URLs of the farm's hubs, e.g. [\"https://10.0.0.11:7700\", \"https://10.0.0.12:7700\"]");
+    }
+    for hub in &hubs {
+        hub_url(cx, raw, hub, client, tls);
+    }
+    hubs
+}
+
+/// One hub's URL, checked (see [`hub_urls`]).
+fn hub_url(
+    cx: &mut Ctx,
+    raw: &RawAgentConfig,
+    hub: &str,
+    client: Option<&ClientTls>,
+    tls: Option<&AgentTls>,
+) {
+    match HttpClient::hub(hub, None, client) {
         Ok(c) if c.is_loopback() => {}
         Ok(c) if !c.is_https() => cx.err(
             &raw.hub,
@@ -506,7 +545,6 @@ fn hub_url(
             format!("{e}: write e.g. \"https://10.0.0.1:7700\""),
         ),
     }
-    hub
 }
 
 /// `tls:` (or the older `hub_ca:`): the CA files read, the certificate checked to name this
@@ -712,6 +750,34 @@ release_dir: www
 watch: { dir: /srv/www-edit, mode: immediate }
 fetch_concurrency: 4
 "#;
+
+    #[test]
+    fn hub_takes_one_url_or_the_farms_hubs_in_order() {
+        let c = parse(Path::new("/etc/lockstep/agent.yaml"), GOOD).unwrap();
+        assert_eq!(c.hubs, ["http://127.0.0.1:7700"]);
+        let several = GOOD.replace(
+            r#"hub: "http://127.0.0.1:7700""#,
+            r#"hub: ["http://127.0.0.1:7700", " http://127.0.0.1:7701 "]"#,
+        );
+        let c = parse(Path::new("/etc/lockstep/agent.yaml"), &several).unwrap();
+        assert_eq!(c.hubs, ["http://127.0.0.1:7700", "http://127.0.0.1:7701"]);
+        let empty = GOOD.replace(r#"hub: "http://127.0.0.1:7700""#, "hub: []");
+        assert!(
+            errors(&empty)[0].contains("hub is an empty list"),
+            "{:?}",
+            errors(&empty)
+        );
+        // Each URL is checked: one hub off this host in clear is refused.
+        let clear = GOOD.replace(
+            r#"hub: "http://127.0.0.1:7700""#,
+            r#"hub: ["http://127.0.0.1:7700", "http://10.0.0.2:7700"]"#,
+        );
+        assert!(
+            errors(&clear).iter().any(|e| e.contains("hub http://10.0.0.2:7700 is not on this host, but plain HTTP")),
+            "{:?}",
+            errors(&clear)
+        );
+    }
 
     #[test]
     fn a_good_config_is_typed_with_paths_resolved() {

@@ -192,7 +192,7 @@ pub async fn start_on(
         source,
     })?;
     let tls = config.tls.as_ref().map(|t| t.client()).transpose()?;
-    let client = HttpClient::hub(&config.hub, config.token.clone(), tls.as_ref())?;
+    let client = HttpClient::hubs(&config.hubs, config.token.clone(), tls.as_ref())?;
     let (store, loaded) = open_store(&config).await?;
     let metrics = Arc::new(AgentMetrics::new());
     let trust = verify::Trust::from_config(&config);
@@ -244,7 +244,7 @@ pub async fn start_on(
     info!(
         name = %config.name,
         serve = %serve_addr,
-        hub = %config.hub,
+        hub = %config.hubs.join(","),
         active = ?current.as_ref().map(|r| r.id().short()),
         "agent started"
     );
@@ -272,7 +272,7 @@ fn announce_trust(trust: Option<&verify::Trust>, config: &AgentConfig) {
             info!(trusted_keys = %keys.join(","), "releases are staged only when a trusted key signed them, or the hub built them from accepted changesets on such a release")
         }
         None => {
-            warn!(hub = %config.hub, "no trusted_keys: releases are staged unsigned (allowed only because the hub is on this host)")
+            warn!(hub = %config.hubs.join(","), "no trusted_keys: releases are staged unsigned (allowed only because the hub is on this host)")
         }
     }
 }

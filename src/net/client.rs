@@ -7,6 +7,7 @@
 //! The data path's client to backends is [`super::upstream`], which pools per worker thread.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tracing::warn;
 
 use super::respond::ErrorBody;
 use crate::config::tls::{FarmTrust, LoadedCert};
@@ -182,17 +184,29 @@ struct Target {
     tls: Option<(TlsConnector, ServerName<'static>)>,
 }
 
-/// A client of one hub, peer or admin API.
+/// A connection and the index of the target it goes to.
+type Conn = (usize, SendRequest<Full<Bytes>>);
+
+/// A client of one hub, peer or admin API — or of the first of several hubs that answers
+/// ([`HttpClient::hubs`]): a target that cannot be connected to passes the requests to the
+/// next, which they keep using until it fails in turn.
 #[derive(Clone)]
 pub struct HttpClient {
-    target: Arc<Target>,
+    targets: Arc<Vec<Target>>,
+    /// The target requests go to now.
+    current: Arc<AtomicUsize>,
     token: Option<Arc<str>>,
-    idle: Arc<Mutex<Vec<SendRequest<Full<Bytes>>>>>,
+    idle: Arc<Mutex<Vec<Conn>>>,
 }
 
 impl std::fmt::Debug for HttpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HttpClient({} {})", self.target.remote, self.target.url)
+        write!(
+            f,
+            "HttpClient({} {})",
+            self.target().remote,
+            self.target().url
+        )
     }
 }
 
@@ -206,6 +220,20 @@ impl HttpClient {
         HttpClient::new(Remote::Hub, url, token, tls)
     }
 
+    /// A client of the hubs at `urls`, in order of preference (see [`HttpClient`]); errors
+    /// name the URL they are about.
+    pub fn hubs(
+        urls: &[String],
+        token: Option<String>,
+        tls: Option<&ClientTls>,
+    ) -> Result<HttpClient, ClientError> {
+        let targets = urls
+            .iter()
+            .map(|u| Target::parse(Remote::Hub, u, tls))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(HttpClient::over(targets, token))
+    }
+
     /// A client of `remote` at `url` (`http://host:port` or `https://host:port`), sending
     /// `token`; for https, `tls` says which CA signed the remote's certificate and which
     /// certificate this party presents.
@@ -215,6 +243,36 @@ impl HttpClient {
         token: Option<String>,
         tls: Option<&ClientTls>,
     ) -> Result<HttpClient, ClientError> {
+        Ok(HttpClient::over(
+            vec![Target::parse(remote, url, tls)?],
+            token,
+        ))
+    }
+
+    fn over(targets: Vec<Target>, token: Option<String>) -> HttpClient {
+        assert!(!targets.is_empty(), "a client has a target");
+        let mut client = HttpClient {
+            targets: Arc::new(targets),
+            current: Arc::new(AtomicUsize::new(0)),
+            token: None,
+            idle: Arc::new(Mutex::new(Vec::new())),
+        };
+        // A bearer token never leaves the host: off loopback, the farm certificate is the
+        // credential, and a token on the wire is one an eavesdropper or a rogue remote keeps.
+        if client.is_loopback() {
+            client.token = token.map(Arc::from);
+        }
+        client
+    }
+
+    /// The target requests go to now.
+    fn target(&self) -> &Target {
+        &self.targets[self.current.load(Ordering::Relaxed) % self.targets.len()]
+    }
+}
+
+impl Target {
+    fn parse(remote: Remote, url: &str, tls: Option<&ClientTls>) -> Result<Target, ClientError> {
         let bad = |m: &str| ClientError::Url {
             remote,
             url: url.to_string(),
@@ -249,83 +307,105 @@ impl HttpClient {
         } else {
             None
         };
-        let mut client = HttpClient {
-            target: Arc::new(Target {
-                remote,
-                url: url.trim_end_matches('/').to_string(),
-                host,
-                port,
-                tls,
-            }),
-            token: None,
-            idle: Arc::new(Mutex::new(Vec::new())),
-        };
-        // A bearer token never leaves the host: off loopback, the farm certificate is the
-        // credential, and a token on the wire is one an eavesdropper or a rogue remote keeps.
-        if client.is_loopback() {
-            client.token = token.map(Arc::from);
-        }
-        Ok(client)
+        Ok(Target {
+            remote,
+            url: url.trim_end_matches('/').to_string(),
+            host,
+            port,
+            tls,
+        })
     }
 
-    /// The URL called.
-    pub fn url(&self) -> &str {
-        &self.target.url
-    }
-
-    /// Whether the remote is on this host (`localhost` or a loopback address): the one case
-    /// where plain HTTP and bearer tokens are acceptable.
-    pub fn is_loopback(&self) -> bool {
-        let host = self.target.host.as_str();
+    fn is_loopback(&self) -> bool {
+        let host = self.host.as_str();
         host.eq_ignore_ascii_case("localhost")
             || host
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.to_canonical().is_loopback())
     }
+}
 
-    /// Whether the remote is called over TLS.
+impl HttpClient {
+    /// The URL called now.
+    pub fn url(&self) -> &str {
+        &self.target().url
+    }
+
+    /// Whether every remote is on this host (`localhost` or a loopback address): the one
+    /// case where plain HTTP and bearer tokens are acceptable.
+    pub fn is_loopback(&self) -> bool {
+        self.targets.iter().all(Target::is_loopback)
+    }
+
+    /// Whether every remote is called over TLS.
     pub fn is_https(&self) -> bool {
-        self.target.tls.is_some()
+        self.targets.iter().all(|t| t.tls.is_some())
     }
 
     fn transport(&self, message: impl std::fmt::Display) -> ClientError {
+        self.transport_to(self.target(), message)
+    }
+
+    fn transport_to(&self, t: &Target, message: impl std::fmt::Display) -> ClientError {
         ClientError::Transport {
-            remote: self.target.remote,
-            url: self.target.url.clone(),
+            remote: t.remote,
+            url: t.url.clone(),
             message: message.to_string(),
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ClientError> {
-        let t = &self.target;
+    /// A new connection to the current target or, when it cannot be reached, to the next
+    /// one that can (which becomes the current one).
+    async fn connect(&self) -> Result<Conn, ClientError> {
+        let n = self.targets.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        let mut failed = Vec::new();
+        for k in 0..n {
+            let i = (start + k) % n;
+            match self.connect_to(&self.targets[i]).await {
+                Ok(sender) => {
+                    if k > 0 {
+                        self.current.store(i, Ordering::Relaxed);
+                        warn!(failed = %failed.join("; "), now = %self.targets[i].url, "{} unreachable: moved to the next", self.targets[start].remote);
+                    }
+                    return Ok((i, sender));
+                }
+                Err(e) if k + 1 == n => return Err(e),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        unreachable!("the loop returns on its last target")
+    }
+
+    async fn connect_to(&self, t: &Target) -> Result<SendRequest<Full<Bytes>>, ClientError> {
         let tcp = tokio::time::timeout(
             CONNECT_TIMEOUT,
             TcpStream::connect((t.host.as_str(), t.port)),
         )
         .await
-        .map_err(|_| self.transport("connect timed out"))?
-        .map_err(|e| self.transport(format!("cannot connect: {e}")))?;
+        .map_err(|_| self.transport_to(t, "connect timed out"))?
+        .map_err(|e| self.transport_to(t, format!("cannot connect: {e}")))?;
         let _ = tcp.set_nodelay(true);
         match &t.tls {
-            None => self.handshake(TokioIo::new(tcp)).await,
+            None => self.handshake(t, TokioIo::new(tcp)).await,
             Some((connector, name)) => {
                 let tls =
                     tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
                         .await
-                        .map_err(|_| self.transport("TLS handshake timed out"))?
-                        .map_err(|e| self.transport(format!("TLS: {e}")))?;
-                self.handshake(TokioIo::new(tls)).await
+                        .map_err(|_| self.transport_to(t, "TLS handshake timed out"))?
+                        .map_err(|e| self.transport_to(t, format!("TLS: {e}")))?;
+                self.handshake(t, TokioIo::new(tls)).await
             }
         }
     }
 
-    async fn handshake<I>(&self, io: I) -> Result<SendRequest<Full<Bytes>>, ClientError>
+    async fn handshake<I>(&self, t: &Target, io: I) -> Result<SendRequest<Full<Bytes>>, ClientError>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let (sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport_to(t, e))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -359,7 +439,7 @@ impl HttpClient {
             .to_bytes();
         self.put_idle(sender);
         Ok(Answer {
-            remote: self.target.remote,
+            remote: self.target().remote,
             status: parts.status,
             headers: parts.headers,
             body,
@@ -387,7 +467,7 @@ impl HttpClient {
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
                 return Err(status_error(Answer {
-                    remote: self.target.remote,
+                    remote: self.target().remote,
                     status: parts.status,
                     headers: parts.headers,
                     body,
@@ -411,31 +491,22 @@ impl HttpClient {
         method: Method,
         path_and_query: &str,
         body: Option<(Bytes, &'static str)>,
-    ) -> Result<
-        (
-            http::response::Parts,
-            hyper::body::Incoming,
-            SendRequest<Full<Bytes>>,
-        ),
-        ClientError,
-    > {
+    ) -> Result<(http::response::Parts, hyper::body::Incoming, Conn), ClientError> {
         // A reused connection may have been closed by the hub meanwhile: then try a fresh one
         // (only requests that cannot have been acted on are resent: hyper reports those as
         // errors before any byte of the answer).
         for attempt in 0..2 {
             let reused = if attempt == 0 { self.take_idle() } else { None };
             let fresh = reused.is_none();
-            let mut sender = match reused {
+            let (i, mut sender) = match reused {
                 Some(s) => s,
                 None => self.connect().await?,
             };
+            let t = &self.targets[i];
             let mut req = Request::builder()
                 .method(method.clone())
                 .uri(path_and_query)
-                .header(
-                    http::header::HOST,
-                    format!("{}:{}", self.target.host, self.target.port),
-                );
+                .header(http::header::HOST, format!("{}:{}", t.host, t.port));
             if let Some(token) = &self.token {
                 req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
             }
@@ -443,10 +514,12 @@ impl HttpClient {
             if !ctype.is_empty() {
                 req = req.header(http::header::CONTENT_TYPE, ctype);
             }
-            let req = req.body(Full::new(bytes)).map_err(|e| self.transport(e))?;
+            let req = req
+                .body(Full::new(bytes))
+                .map_err(|e| self.transport_to(t, e))?;
             if sender.ready().await.is_err() {
                 if fresh {
-                    return Err(self.transport("connection closed"));
+                    return Err(self.transport_to(t, "connection closed"));
                 }
                 continue;
             }
@@ -458,28 +531,31 @@ impl HttpClient {
                 {
                     continue
                 }
-                Err(e) => return Err(self.transport(e)),
+                Err(e) => return Err(self.transport_to(t, e)),
             };
             let (parts, body) = resp.into_parts();
-            return Ok((parts, body, sender));
+            return Ok((parts, body, (i, sender)));
         }
         Err(self.transport("connection closed"))
     }
 
-    fn take_idle(&self) -> Option<SendRequest<Full<Bytes>>> {
+    /// An idle connection to the current target.
+    fn take_idle(&self) -> Option<Conn> {
+        let now = self.current.load(Ordering::Relaxed) % self.targets.len();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(s) = idle.pop() {
-            if !s.is_closed() {
-                return Some(s);
+        // Connections to a target left behind are dropped on the way.
+        while let Some((i, s)) = idle.pop() {
+            if i == now && !s.is_closed() {
+                return Some((i, s));
             }
         }
         None
     }
 
-    fn put_idle(&self, sender: SendRequest<Full<Bytes>>) {
+    fn put_idle(&self, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < KEEP && !sender.is_closed() {
-            idle.push(sender);
+        if idle.len() < KEEP && !conn.1.is_closed() {
+            idle.push(conn);
         }
     }
 
@@ -499,7 +575,7 @@ impl HttpClient {
             )
         });
         let answer = self.send(method, path_and_query, body, timeout).await?;
-        let remote = self.target.remote;
+        let remote = self.target().remote;
         let answer = ok(answer)?;
         serde_json::from_slice(&answer.body).map_err(|e| ClientError::Decode {
             remote,

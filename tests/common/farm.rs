@@ -129,12 +129,22 @@ impl Farm {
     /// Starts `lockstep agent` (serving on `127.0.0.1:0`), under `faketime -f CLOCK` when
     /// `clock` is set; returns once it has logged the address it serves on.
     pub fn agent(&self, name: &str, clock: Option<&'static str>, extra: &str) -> Agent {
+        self.agent_of(&format!("\"{}\"", self.hub_url()), name, clock, extra)
+    }
+
+    /// As [`Farm::agent`], with `hub` (a YAML value: one URL or a list) as its hubs.
+    pub fn agent_of(
+        &self,
+        hub: &str,
+        name: &str,
+        clock: Option<&'static str>,
+        extra: &str,
+    ) -> Agent {
         let cfg = self.path(&format!("{name}.yaml"));
         std::fs::write(
             &cfg,
             format!(
-                "name: {name}\nhub: \"{}\"\ntoken_file: agent.token\nstore: {name}-store\nserve: \"127.0.0.1:0\"\n{extra}",
-                self.hub_url()
+                "name: {name}\nhub: {hub}\ntoken_file: agent.token\nstore: {name}-store\nserve: \"127.0.0.1:0\"\n{extra}"
             ),
         )
         .unwrap();

@@ -30,7 +30,7 @@ use crate::net::limit::{Cap, ConnGate};
 use crate::net::server::ServerTls;
 use crate::pools::checker;
 use crate::proxy::listener;
-use crate::sync::store::{FsStore, HubStore, StoreError};
+use crate::sync::store::{FsStore, HubStore};
 
 /// Failures while starting or reloading.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,9 @@ pub enum ApplianceError {
         /// Why.
         error: crate::sync::store::StoreError,
     },
+    /// The hub cannot make a client of the other hubs (`sync.cluster`) with its certificate.
+    #[error("sync.cluster: this hub cannot call the other hubs with the first of sync.tls.certificates: {0}")]
+    HubPeers(String),
 }
 
 struct RunningListener {
@@ -119,7 +122,6 @@ pub struct Appliance {
     workers: Vec<Handle>,
 }
 
-/// The sync API's rustls config: its certificates, and the farm CA of its clients.
 /// The hub's store, and the other hubs when it shares the farm with them.
 type HubStorage = (Arc<dyn HubStore>, Option<Arc<Peers>>);
 
@@ -128,8 +130,12 @@ type HubStorage = (Arc<dyn HubStore>, Option<Arc<Peers>>);
 fn hub_store(
     config: &crate::config::sync::Sync,
     local: std::net::SocketAddr,
-) -> Result<HubStorage, StoreError> {
-    let store = FsStore::open(&config.store)?;
+) -> Result<HubStorage, ApplianceError> {
+    let store_error = |error| ApplianceError::SyncStore {
+        path: config.store.clone(),
+        error,
+    };
+    let store = FsStore::open(&config.store).map_err(store_error)?;
     let Some(cluster) = &config.cluster else {
         return Ok((Arc::new(store), None));
     };
@@ -142,7 +148,7 @@ fn hub_store(
         .advertise
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{local}"));
-    let etcd = Arc::new(EtcdStore::connect(cluster, store, &advertise)?);
+    let etcd = Arc::new(EtcdStore::connect(cluster, store, &advertise).map_err(store_error)?);
     // This hub calls the others as itself: its farm certificate (kind hub), trusting the farm
     // CA; between hubs on one host, the publish token.
     let tls = match config
@@ -150,14 +156,10 @@ fn hub_store(
         .as_ref()
         .and_then(|t| Some((t.clients.as_ref()?, t)))
     {
-        Some((trust, t)) => {
-            Some(
-                ClientTls::farm(trust, t.certs.first()).map_err(|e| StoreError::Shared {
-                    action: "call the other hubs",
-                    reason: e.to_string(),
-                })?,
-            )
-        }
+        Some((trust, t)) => Some(
+            ClientTls::farm(trust, t.certs.first())
+                .map_err(|e| ApplianceError::HubPeers(e.to_string()))?,
+        ),
         None => None,
     };
     let peers = Peers::new(
@@ -169,6 +171,7 @@ fn hub_store(
     Ok((etcd, Some(Arc::new(peers))))
 }
 
+/// The sync API's rustls config: its certificates, and the farm CA of its clients.
 fn sync_server_config(t: &crate::config::sync::SyncTls) -> Arc<rustls::ServerConfig> {
     crate::net::tls::server_config_with(&t.certs, t.clients.as_ref())
 }
@@ -267,11 +270,7 @@ impl Appliance {
         config: &crate::config::sync::Sync,
     ) -> Result<(), ApplianceError> {
         let local = socket.local_addr().unwrap_or(config.bind);
-        let (store, peers) =
-            hub_store(config, local).map_err(|error| ApplianceError::SyncStore {
-                path: config.store.clone(),
-                error,
-            })?;
+        let (store, peers) = hub_store(config, local)?;
         let hub = Hub::new(
             store,
             hub::Settings::from_config(config),

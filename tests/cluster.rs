@@ -254,7 +254,14 @@ fn hubs_share_releases_and_blobs_and_a_cut_off_hub_catches_up() {
     // A third hub, started empty, serves v1's blobs by fetching them from A.
     let c = hub_on(&etcd, "hub-c", &[0, 1]);
     let (status, body) = get(&c, &format!("/sync/v1/blobs/{}", blobs[1]));
-    assert_eq!(status, 200, "{}", c.hub_log());
+    assert_eq!(
+        status,
+        200,
+        "{}\n--- C ---\n{}\n{}",
+        String::from_utf8_lossy(&body),
+        c.hub_log(),
+        logs()
+    );
     assert_eq!(Hash::of(&body), blobs[1]);
     // With two hubs again, the publish goes through.
     let v2 = a.publish(&a.site("v2", &text_files(3, "v2")), "+1s");

@@ -209,11 +209,6 @@ impl EtcdStore {
         self.standing.connected()
     }
 
-    /// The blobs' store.
-    pub fn local(&self) -> &FsStore {
-        &self.local
-    }
-
     /// The other live hubs: their names and the URLs they registered.
     pub fn peers(&self) -> Result<Vec<(String, String)>, StoreError> {
         let prefix = self.keys.hub("");
@@ -437,8 +432,10 @@ async fn follow(mut client: Client, keys: Keys, changes: watch::Sender<HubState>
 }
 
 /// Holds this hub's lease: grants it, registers the hub under it, renews it every third of
-/// its time to live and takes the leader key when it is free. Any failure: the hub stops
-/// leading (its standing lapses by itself) and starts again after [`RETRY`] with a new lease.
+/// its time to live and takes the leader key when it is free. A renewal that fails or takes
+/// longer than a third of the time to live is tried again on the same lease (an etcd leader
+/// election takes about that long): a new lease, and a new registration, only once it has
+/// expired. Meanwhile the hub's standing lapses by itself at the lease's end.
 async fn keep_lease(
     mut client: Client,
     keys: Keys,
@@ -447,58 +444,79 @@ async fn keep_lease(
     standing: Arc<Standing>,
     held: Arc<AtomicU64>,
 ) {
+    let ttl_us = ttl.as_micros() as u64;
     let mut was = (false, false);
+    // The lease held, and until when it holds at least (µs of `standing`'s clock).
+    let mut lease: Option<(i64, u64)> = None;
     loop {
         let result: Result<(), etcd_client::Error> = async {
-            let lease = client.lease_grant(ttl.as_secs() as i64, None).await?.id();
-            held.store(lease as u64, Ordering::Release);
-            client
-                .put(
-                    keys.hub(&name),
-                    registration.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )
-                .await?;
-            let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
+            let id = match lease {
+                Some((id, until)) if standing.now() < until => id,
+                _ => {
+                    let granted = standing.now();
+                    let id = client.lease_grant(ttl.as_secs() as i64, None).await?.id();
+                    held.store(id as u64, Ordering::Release);
+                    client
+                        .put(
+                            keys.hub(&name),
+                            registration.clone(),
+                            Some(PutOptions::new().with_lease(id)),
+                        )
+                        .await?;
+                    lease = Some((id, granted + ttl_us));
+                    id
+                }
+            };
+            let (mut keeper, mut answers) =
+                tokio::time::timeout(CALL_TIMEOUT, client.lease_keep_alive(id))
+                    .await
+                    .map_err(|_| {
+                        etcd_client::Error::LeaseKeepAliveError("no keep-alive stream".into())
+                    })??;
             loop {
                 let sent = standing.now();
-                // Each step bounded: a member that stops answering holds a stream open.
-                let renewed = tokio::time::timeout(CALL_TIMEOUT, async {
+                let renewed = tokio::time::timeout(ttl / 3, async {
                     keeper.keep_alive().await?;
                     let answer = answers.message().await?;
                     if answer.is_none_or(|a| a.ttl() <= 0) {
-                        return Err(etcd_client::Error::LeaseKeepAliveError(
-                            "the lease has expired".into(),
-                        ));
+                        return Ok(None);
                     }
-                    take_leader(&mut client, &keys, &name, lease).await
+                    take_leader(&mut client, &keys, &name, id).await.map(Some)
                 })
-                .await;
-                let leader = match renewed {
-                    Ok(r) => r?,
-                    Err(_) => {
-                        return Err(etcd_client::Error::LeaseKeepAliveError(format!(
-                            "no renewal within {CALL_TIMEOUT:?}"
-                        )))
-                    }
+                .await
+                .map_err(|_| {
+                    etcd_client::Error::LeaseKeepAliveError(format!(
+                        "no renewal within {:?}",
+                        ttl / 3
+                    ))
+                })??;
+                let Some(leader) = renewed else {
+                    lease = None;
+                    return Err(etcd_client::Error::LeaseKeepAliveError(
+                        "the lease has expired".into(),
+                    ));
                 };
+                lease = Some((id, sent + ttl_us));
                 standing.leader.store(leader, Ordering::Release);
                 standing
                     .renewed_until
-                    .store(sent + ttl.as_micros() as u64, Ordering::Release);
+                    .store(sent + ttl_us, Ordering::Release);
                 report(&name, &mut was, (true, leader));
                 tokio::time::sleep(ttl / 3).await;
             }
         }
         .await;
         if let Err(e) = result {
-            standing.leader.store(false, Ordering::Release);
-            if was.0 {
-                warn!(hub = %name, error = %e, "lost etcd: this hub stops changing the state and leading until it is back");
+            if !standing.connected() {
+                standing.leader.store(false, Ordering::Release);
+                if was.0 {
+                    warn!(hub = %name, error = %e, "lost etcd: this hub stops changing the state and leading until it is back");
+                }
+                was = (false, false);
             }
-            was = (false, false);
         }
-        tokio::time::sleep(RETRY).await;
+        // Again soon: the lease may still hold.
+        tokio::time::sleep(RETRY / 5).await;
     }
 }
 

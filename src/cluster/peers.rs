@@ -32,6 +32,9 @@ pub struct Peers {
     token: Option<String>,
     tls: Option<ClientTls>,
     clients: Mutex<HashMap<String, HttpClient>>,
+    /// One fetch per blob at a time: the agents staging a release from a hub that lacks its
+    /// blobs ask for each at once, and the first fetch serves them all.
+    fetching: Mutex<HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// What asking the other hubs for a release's blobs gave.
@@ -59,6 +62,7 @@ impl Peers {
             token,
             tls,
             clients: Mutex::default(),
+            fetching: Mutex::default(),
         }
     }
 
@@ -99,6 +103,31 @@ impl Peers {
     /// Fetches blob `hash` from another hub into `store` (its hash checked before it is
     /// kept). Errors name what each hub answered.
     pub async fn fetch_blob(&self, hash: Hash, store: &Arc<dyn HubStore>) -> Result<(), String> {
+        let one = self
+            .fetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(hash)
+            .or_default()
+            .clone();
+        let result = {
+            let _one = one.lock().await;
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.has_blob(&hash)).await {
+                // Fetched by the request this one waited for.
+                Ok(Ok(true)) => Ok(()),
+                _ => self.fetch_from_others(hash, store).await,
+            }
+        };
+        let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        // The last one out removes the entry (the map holds one reference, `one` another).
+        if Arc::strong_count(&one) <= 2 {
+            fetching.remove(&hash);
+        }
+        result
+    }
+
+    async fn fetch_from_others(&self, hash: Hash, store: &Arc<dyn HubStore>) -> Result<(), String> {
         let others = self.others().await.map_err(|e| e.to_string())?;
         let mut why = Vec::new();
         for (name, client) in others {

@@ -427,6 +427,20 @@ pub fn render_fleet(f: &Fleet) -> String {
     if let Some(q) = s.queued {
         out.push_str(&format!("queued {}\n", q.short()));
     }
+    if let Some(c) = &f.cluster {
+        out.push_str(&format!(
+            "hub {} of {} ({}), leader {}, etcd {}\n",
+            c.hub,
+            c.hubs.len(),
+            c.hubs.join(", "),
+            c.leader.as_deref().unwrap_or("none"),
+            if c.connected {
+                "connected"
+            } else {
+                "UNREACHABLE: this hub changes nothing until it is back"
+            }
+        ));
+    }
     render_agents(f, &mut out);
     if let Some(k) = last_flip_skew(f) {
         out.push_str(&format!(

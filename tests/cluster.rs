@@ -230,11 +230,27 @@ fn hubs_share_releases_and_blobs_and_a_cut_off_hub_catches_up() {
     let advanced = |f: &Farm| f.hub_log().matches("the hub did").count();
     assert_eq!(advanced(&a) + advanced(&b), 1, "{}", logs());
 
+    // Each hub says who leads, and that it reaches etcd.
+    let status = a.status("publish.token");
+    assert!(
+        status.contains("hub hub-a of 2") && status.contains("etcd connected"),
+        "{status}"
+    );
+    assert!(
+        ready(&b).contains("hub=hub-b etcd=connected leader=hub-"),
+        "{}",
+        ready(&b)
+    );
+    assert_eq!(b.metric("lockstep_sync_cluster_connected"), 1.0);
+
     // Cut B off: its only member stops answering.
     etcd.pause(2);
     wait::until_blocking("B to notice it lost etcd", DEADLINE, logs, || {
         b.hub_log().contains("lost etcd")
     });
+    assert!(ready(&b).contains("etcd=unreachable"), "{}", ready(&b));
+    assert_eq!(b.metric("lockstep_sync_cluster_connected"), 0.0);
+    assert_eq!(b.metric("lockstep_sync_cluster_leader"), 0.0);
     // B keeps answering what it has.
     assert_eq!(b.schedule()["active"].as_str(), Some(v1.as_str()));
     assert_eq!(get(&b, &format!("/sync/v1/releases/{v1}")).0, 200);
@@ -271,6 +287,16 @@ fn hubs_share_releases_and_blobs_and_a_cut_off_hub_catches_up() {
         let s = b.schedule();
         s["staged"].as_str() == Some(v2.as_str()) || s["active"].as_str() == Some(v2.as_str())
     });
+    wait::until_blocking("B to say it reaches etcd again", DEADLINE, logs, || {
+        ready(&b).contains("etcd=connected")
+    });
+}
+
+/// The admin listener's `/ready` body.
+fn ready(farm: &Farm) -> String {
+    request(farm.admin_addr, "GET", "/ready", None, b"")
+        .unwrap()
+        .body
 }
 
 /// Agents that know both hubs: `kill -9` of the hub they use a second before an activation

@@ -98,6 +98,8 @@ fn route(
     ) {
         return a;
     }
+    // The hub's standing among the hubs is read when asked for (it sets its gauges).
+    let cluster = hub.and_then(|h| h.cluster());
     match req.uri().path() {
         "/metrics" => text(
             StatusCode::OK,
@@ -115,10 +117,24 @@ fn route(
                 )
             } else {
                 let g = state.live.load().table.generation;
+                // The proxy and DNS serve whatever etcd does: a hub cut off from it is said,
+                // not made unready.
+                let sync = match cluster {
+                    None => String::new(),
+                    Some(c) if c.connected => format!(
+                        " hub={} etcd=connected leader={}",
+                        c.hub,
+                        c.leader.as_deref().unwrap_or("-")
+                    ),
+                    Some(c) => format!(
+                        " hub={} etcd=unreachable (this hub changes nothing until it is back)",
+                        c.hub
+                    ),
+                };
                 text(
                     StatusCode::OK,
                     "text/plain",
-                    format!("ready generation={g}\n"),
+                    format!("ready generation={g}{sync}\n"),
                 )
             }
         }

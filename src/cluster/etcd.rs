@@ -24,7 +24,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -40,6 +40,7 @@ use crate::config::cluster::Cluster;
 use crate::sync::clock::wall_us;
 use crate::sync::cycle::HubState;
 use crate::sync::manifest::{Hash, ReleaseId};
+use crate::sync::protocol::ClusterView;
 use crate::sync::provenance::Provenance;
 use crate::sync::sign::Signature;
 use crate::sync::store::{BlobSink, Collected, FsStore, HubStore, StoreError};
@@ -61,6 +62,8 @@ struct Standing {
     renewed_until: AtomicU64,
     /// Whether the lease renewed last holds the leader key.
     leader: AtomicBool,
+    /// Who holds the leader key, and the live hubs, as the last renewal saw them.
+    seen: Mutex<(Option<String>, Vec<String>)>,
 }
 
 impl Standing {
@@ -175,6 +178,7 @@ impl EtcdStore {
                 epoch: Instant::now(),
                 renewed_until: AtomicU64::new(0),
                 leader: AtomicBool::new(false),
+                seen: Mutex::default(),
             }),
             lease: Arc::new(AtomicU64::new(0)),
             rt,
@@ -197,16 +201,6 @@ impl EtcdStore {
         ));
         info!(hub = %store.name, endpoints = ?cluster.endpoints, prefix = %cluster.prefix, "hub state in etcd");
         Ok(store)
-    }
-
-    /// This hub's name among the hubs.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Whether this hub renewed its lease within the lease's time to live.
-    pub fn connected(&self) -> bool {
-        self.standing.connected()
     }
 
     /// The other live hubs: their names and the URLs they registered.
@@ -479,9 +473,20 @@ async fn keep_lease(
                     keeper.keep_alive().await?;
                     let answer = answers.message().await?;
                     if answer.is_none_or(|a| a.ttl() <= 0) {
-                        return Ok(None);
+                        return Ok::<_, etcd_client::Error>(None);
                     }
-                    take_leader(&mut client, &keys, &name, id).await.map(Some)
+                    let leader = take_leader(&mut client, &keys, &name, id).await?;
+                    let hubs = client
+                        .get(
+                            keys.hub(""),
+                            Some(GetOptions::new().with_prefix().with_keys_only()),
+                        )
+                        .await?
+                        .kvs()
+                        .iter()
+                        .filter_map(|kv| Some(kv.key_str().ok()?.rsplit('/').next()?.to_string()))
+                        .collect::<Vec<_>>();
+                    Ok(Some((leader, hubs)))
                 })
                 .await
                 .map_err(|_| {
@@ -490,7 +495,7 @@ async fn keep_lease(
                         ttl / 3
                     ))
                 })??;
-                let Some(leader) = renewed else {
+                let Some(((leader, holder), hubs)) = renewed else {
                     lease = None;
                     return Err(etcd_client::Error::LeaseKeepAliveError(
                         "the lease has expired".into(),
@@ -498,6 +503,7 @@ async fn keep_lease(
                 };
                 lease = Some((id, sent + ttl_us));
                 standing.leader.store(leader, Ordering::Release);
+                *standing.seen.lock().unwrap_or_else(|p| p.into_inner()) = (holder, hubs);
                 standing
                     .renewed_until
                     .store(sent + ttl_us, Ordering::Release);
@@ -520,13 +526,14 @@ async fn keep_lease(
     }
 }
 
-/// Takes the leader key for `lease` when nobody holds it; whether this hub holds it.
+/// Takes the leader key for `lease` when nobody holds it; whether this hub holds it, and
+/// the name of the hub that does.
 async fn take_leader(
     client: &mut Client,
     keys: &Keys,
     name: &str,
     lease: i64,
-) -> Result<bool, etcd_client::Error> {
+) -> Result<(bool, Option<String>), etcd_client::Error> {
     let key = keys.leader();
     let r = client
         .txn(
@@ -541,12 +548,16 @@ async fn take_leader(
         )
         .await?;
     if r.succeeded() {
-        return Ok(true);
+        return Ok((true, Some(name.to_string())));
     }
-    Ok(r.op_responses().iter().any(|op| match op {
-        TxnOpResponse::Get(g) => g.kvs().first().is_some_and(|kv| kv.lease() == lease),
-        _ => false,
-    }))
+    let holder = r.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+        _ => None,
+    });
+    Ok(match holder {
+        Some(kv) => (kv.lease() == lease, kv.value_str().ok().map(str::to_string)),
+        None => (false, None),
+    })
 }
 
 fn report(name: &str, was: &mut (bool, bool), now: (bool, bool)) {
@@ -733,6 +744,21 @@ impl HubStore for EtcdStore {
 
     fn leads(&self) -> bool {
         self.standing.connected() && self.standing.leader.load(Ordering::Acquire)
+    }
+
+    fn standing(&self) -> Option<ClusterView> {
+        let (leader, hubs) = self
+            .standing
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Some(ClusterView {
+            hub: self.name.clone(),
+            connected: self.standing.connected(),
+            leader,
+            hubs,
+        })
     }
 }
 

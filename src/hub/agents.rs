@@ -63,6 +63,7 @@ impl Hub {
         let expiry = self.settings().report_expiry_us();
         let reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
         Fleet {
+            cluster: self.cluster(),
             agents: reports
                 .iter()
                 .map(|(name, (r, at))| {

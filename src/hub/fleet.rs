@@ -193,6 +193,7 @@ pub(crate) fn sample_fleet() -> (
         stale: false,
     };
     let fleet = Fleet {
+        cluster: None,
         conflicts: Vec::new(),
         schedule: Schedule {
             version: 3,

@@ -74,6 +74,10 @@ pub struct HubMetrics {
     pub blobs_served: Counter,
     /// Blobs fetched from the other hubs (`sync.cluster`).
     pub blobs_fetched: Counter,
+    /// 1 while this hub renews its etcd lease (`sync.cluster`; always 1 without).
+    pub cluster_connected: Gauge,
+    /// 1 while this hub holds the leader key (`sync.cluster`; always 1 without).
+    pub cluster_leader: Gauge,
     /// Cycle advances won, by who.
     pub advances: Family<ByLabels, Counter>,
     /// Agents whose active release is behind the fleet's.
@@ -147,6 +151,16 @@ impl HubMetrics {
                 "sync_blobs_served",
                 "Blobs served to agents",
                 m.blobs_served.clone(),
+            );
+            r.register(
+                "sync_cluster_connected",
+                "1 while this hub renews its etcd lease (sync.cluster): 0 means it is cut off from etcd and changes nothing",
+                m.cluster_connected.clone(),
+            );
+            r.register(
+                "sync_cluster_leader",
+                "1 while this hub leads (its own advances, collection) among the hubs of sync.cluster",
+                m.cluster_leader.clone(),
             );
             r.register(
                 "sync_blobs_fetched_from_hubs",

@@ -52,7 +52,7 @@ pub use self::settings::{system_clock, Clock, Settings};
 use crate::cluster::Peers;
 use crate::sync::cycle::HubState;
 pub use crate::sync::cycle::{Advancer, GRACE};
-use crate::sync::protocol::{ConflictView, Schedule};
+use crate::sync::protocol::{ClusterView, ConflictView, Schedule};
 use crate::sync::schedule::Rules;
 use crate::sync::store::{HubStore, StoreError};
 
@@ -123,6 +123,19 @@ impl Hub {
     /// waits until `sync.cluster.replicas` hubs store the release's blobs.
     pub fn join_peers(&self, peers: Arc<Peers>) {
         let _ = self.peers.set(peers);
+    }
+
+    /// This hub's standing among the hubs sharing the farm (`sync.cluster`), also set on the
+    /// metrics; `None` for a hub of one.
+    pub fn cluster(&self) -> Option<ClusterView> {
+        let view = self.store.standing();
+        let (connected, leads) = match &view {
+            Some(v) => (v.connected, self.store.leads()),
+            None => (true, true),
+        };
+        self.metrics.cluster_connected.set(i64::from(connected));
+        self.metrics.cluster_leader.set(i64::from(leads));
+        view
     }
 
     /// Applies reloaded settings (cadence, lead, tokens).

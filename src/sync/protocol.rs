@@ -373,6 +373,23 @@ pub struct Fleet {
     /// The latest concurrent edits resolved (newest last).
     #[serde(default)]
     pub conflicts: Vec<ConflictView>,
+    /// The hubs sharing the farm's state (`sync.cluster`), as the answering hub sees them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterView>,
+}
+
+/// A hub's standing among the hubs sharing a farm in etcd (`sync.cluster`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The answering hub's name.
+    pub hub: String,
+    /// Whether it renewed its lease within the lease's time to live: if not, it is cut off
+    /// from etcd and changes nothing until it is back.
+    pub connected: bool,
+    /// The hub holding the leader key (its own advances, collection), as last seen.
+    pub leader: Option<String>,
+    /// The live hubs registered in etcd, as last seen (this one included).
+    pub hubs: Vec<String>,
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ use tokio::sync::watch;
 use super::cycle::HubState;
 use super::gc::{self, GcError, Listing};
 use super::manifest::{Hash, Manifest, ReleaseId};
+use super::protocol::ClusterView;
 use super::provenance::Provenance;
 use super::sign::Signature;
 
@@ -169,6 +170,10 @@ pub trait HubStore: Send + Sync + 'static {
     /// for a store of one.
     fn leads(&self) -> bool {
         true
+    }
+    /// This hub's standing among the hubs sharing the store; `None` for a store of one.
+    fn standing(&self) -> Option<ClusterView> {
+        None
     }
 }
 

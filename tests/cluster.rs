@@ -377,3 +377,88 @@ fn agents_move_to_the_other_hub_and_flip_on_time_when_theirs_dies() {
     });
     assert_eq!(b.schedule()["cycle"], 2, "one advance for one activation");
 }
+
+/// `kill -9` of the etcd leader while a release is published, the kill landing at three
+/// points of the publish: each publish either commits whole (staged or queued on both hubs,
+/// its manifest and every blob on both) or fails saying why; and whatever either hub
+/// schedules is whole on that hub.
+#[test]
+fn an_etcd_leader_killed_mid_publish_leaves_no_torn_release() {
+    let _serial = serial();
+    let mut etcd = Etcd::start(3);
+    let a = hub_on(&etcd, "hub-a", &[0, 1, 2]);
+    let b = hub_on(&etcd, "hub-b", &[0, 1, 2]);
+    let logs = || format!("--- A ---\n{}\n--- B ---\n{}", a.hub_log(), b.hub_log());
+    let mut committed = 0;
+    for (round, delay) in [(0, 30u64), (1, 150), (2, 400)] {
+        let leader = etcd.leader().expect("the etcd cluster has a leader");
+        let site = a.site(&format!("r{round}"), &text_files(40, &format!("r{round}")));
+        let (url, token) = (a.hub_url(), a.path("publish.token"));
+        let publish = std::thread::spawn(move || {
+            Command::new(BIN)
+                .args(["publish", "--hub", &url, "--token-file"])
+                .arg(token)
+                .args(["--at", "+30s"])
+                .arg(site)
+                .output()
+                .unwrap()
+        });
+        // The scenario's timing, not a synchronisation: where in the publish the kill lands.
+        std::thread::sleep(Duration::from_millis(delay));
+        etcd.kill(leader);
+        let out = publish.join().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            committed += 1;
+            let id = said
+                .lines()
+                .find_map(|l| l.strip_prefix("release "))
+                .unwrap_or_else(|| panic!("no release id in: {said}"))
+                .trim()
+                .to_string();
+            let named = |f: &Farm| {
+                let s = f.schedule();
+                [&s["staged"], &s["queued"]]
+                    .iter()
+                    .any(|v| v.as_str() == Some(id.as_str()))
+            };
+            wait::until_blocking("both hubs to schedule the release", DEADLINE, logs, || {
+                named(&a) && named(&b)
+            });
+        } else {
+            eprintln!("round {round}: the publish failed: {}", said.trim());
+            assert_eq!(out.status.code(), Some(1), "{said}");
+            assert!(
+                said.contains("error") || said.contains("etcd") || said.contains("hub"),
+                "a failed publish says why: {said}"
+            );
+        }
+        // Never torn: what either hub schedules is whole on it, on its own disk.
+        for hub in [&a, &b] {
+            let s = hub.schedule();
+            for id in [&s["staged"], &s["queued"], &s["active"]]
+                .iter()
+                .filter_map(|v| v.as_str())
+            {
+                for h in blobs_of(hub, id) {
+                    assert!(
+                        FsStore::blob_path_under(&hub.path("hub-store"), &h).exists(),
+                        "round {round}: release {id} is scheduled but blob {h} is missing\n{}",
+                        logs()
+                    );
+                }
+            }
+        }
+        etcd.restart(leader);
+    }
+    // The kills did not stop publishing for good: one more goes through.
+    let last = a.publish(&a.site("last", &text_files(3, "last")), "+30s");
+    wait::until_blocking("B to schedule the last release", DEADLINE, logs, || {
+        let s = b.schedule();
+        [&s["staged"], &s["queued"]]
+            .iter()
+            .any(|v| v.as_str() == Some(last.as_str()))
+    });
+    eprintln!("{committed} of 3 publishes committed across an etcd leader kill");
+}

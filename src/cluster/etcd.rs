@@ -45,8 +45,17 @@ use crate::sync::provenance::Provenance;
 use crate::sync::sign::Signature;
 use crate::sync::store::{BlobSink, Collected, FsStore, HubStore, StoreError};
 
-/// Longest wait for one etcd call (a transaction, a read) before it counts as failed.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for one etcd call (a transaction, a read), its repeats included, before it
+/// counts as failed.
+const CALL_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Longest wait for one attempt: a request to a member that died holding it fails after
+/// this, and is tried again on another.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a call that fails for a passing reason is tried again (within [`CALL_TIMEOUT`]):
+/// an etcd leader election takes about a second.
+const RETRY_FOR: Duration = Duration::from_secs(5);
 
 /// How long a swap whose outcome etcd did not tell is looked up again before giving up.
 const RESOLVE_FOR: Duration = Duration::from_secs(10);
@@ -150,8 +159,8 @@ impl EtcdStore {
             })?;
         let rt = OwnRuntime(Some(rt));
         let mut options = ConnectOptions::new()
-            .with_connect_timeout(CALL_TIMEOUT)
-            .with_timeout(CALL_TIMEOUT)
+            .with_connect_timeout(ATTEMPT_TIMEOUT)
+            .with_timeout(ATTEMPT_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true)
             // A member cut off from the others' quorum answers nothing rather than stale.
@@ -207,6 +216,7 @@ impl EtcdStore {
     pub fn peers(&self) -> Result<Vec<(String, String)>, StoreError> {
         let prefix = self.keys.hub("");
         let kvs = self.call("list the hubs", move |mut c| {
+            let prefix = prefix.clone();
             Box::pin(async move {
                 let mut r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
                 Ok(r.take_kvs())
@@ -224,21 +234,35 @@ impl EtcdStore {
             .collect())
     }
 
-    /// Runs an etcd call on the store's runtime and waits for it.
+    /// Runs an etcd call on the store's runtime and waits for it, trying it again while it
+    /// fails for a reason that passes (an etcd leader election, a member that went away while
+    /// others answer) within [`RETRY_FOR`]. Only for calls that may be repeated: reads, and
+    /// writes whose second application changes nothing (the state swap is not one: see
+    /// [`EtcdStore::resolve`]).
     fn call<T: Send + 'static>(
         &self,
         action: &'static str,
-        f: impl FnOnce(
-            Client,
-        )
-            -> std::pin::Pin<Box<dyn Future<Output = Result<T, etcd_client::Error>> + Send>>,
+        f: impl Fn(Client) -> Call<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let fut = f(self.client.clone());
-        block(self.rt.handle(), action, fut)
+        let client = self.client.clone();
+        block(self.rt.handle(), action, async move {
+            let until = Instant::now() + RETRY_FOR;
+            let mut pause = Duration::from_millis(50);
+            loop {
+                match f(client.clone()).await {
+                    Err(e) if passes(&e) && Instant::now() + pause < until => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(500));
+                    }
+                    r => return r,
+                }
+            }
+        })
     }
 
     fn get(&self, key: String) -> Result<Option<etcd_client::KeyValue>, StoreError> {
         self.call("read", move |mut c| {
+            let key = key.clone();
             Box::pin(async move {
                 let mut r = c.get(key, None).await?;
                 Ok(r.take_kvs().into_iter().next())
@@ -246,8 +270,12 @@ impl EtcdStore {
         })
     }
 
+    /// A transaction that may be repeated (see [`EtcdStore::call`]).
     fn txn(&self, action: &'static str, t: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
-        self.call(action, move |mut c| Box::pin(async move { c.txn(t).await }))
+        self.call(action, move |mut c| {
+            let t = t.clone();
+            Box::pin(async move { c.txn(t).await })
+        })
     }
 
     /// One attempt at the state swap (see [`HubStore::swap_state`]).
@@ -264,7 +292,14 @@ impl EtcdStore {
             TxnOp::put(self.keys.state(), bytes, None),
             TxnOp::put(vkey, new.version.to_string(), None),
         ]);
-        Ok(self.txn("swap the state", t)?.succeeded())
+        // Once: whether a failed swap was applied is for `resolve` to find out.
+        let mut c = self.client.clone();
+        let r = block(
+            self.rt.handle(),
+            "swap the state",
+            async move { c.txn(t).await },
+        )?;
+        Ok(r.succeeded())
     }
 
     /// A swap etcd did not answer: read the state back until it tells whether `new` was
@@ -301,6 +336,7 @@ impl EtcdStore {
     fn collect_shared(&self, keep: &[ReleaseId], grace: Duration) -> Result<usize, StoreError> {
         let prefix = self.keys.all(Beside::StoredAt);
         let kvs = self.call("list releases", move |mut c| {
+            let prefix = prefix.clone();
             Box::pin(async move {
                 let mut r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
                 Ok(r.take_kvs())
@@ -346,11 +382,27 @@ impl Drop for EtcdStore {
         // Hand the duties over now rather than at the lease's end.
         let lease = self.lease.load(Ordering::Acquire) as i64;
         if lease != 0 {
-            let _ = self.call("revoke the lease", move |mut c| {
-                Box::pin(async move { c.lease_revoke(lease).await.map(|_| ()) })
+            // Once: a hub stopping while etcd is away does not wait for it.
+            let mut c = self.client.clone();
+            let _ = block(self.rt.handle(), "revoke the lease", async move {
+                c.lease_revoke(lease).await.map(|_| ())
             });
         }
     }
+}
+
+/// One attempt at an etcd call.
+type Call<T> = std::pin::Pin<Box<dyn Future<Output = Result<T, etcd_client::Error>> + Send>>;
+
+/// Whether an etcd call failed for a reason that passes: the cluster or the connection (a
+/// leader election, a member gone), not the request.
+fn passes(e: &etcd_client::Error) -> bool {
+    matches!(
+        e,
+        etcd_client::Error::GRpcStatus(_)
+            | etcd_client::Error::TransportError(_)
+            | etcd_client::Error::IoError(_)
+    )
 }
 
 /// Runs `fut` on `rt` and waits for it on this thread, at most [`CALL_TIMEOUT`].

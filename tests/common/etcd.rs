@@ -191,25 +191,40 @@ impl Etcd {
             .signal("CONT");
     }
 
-    /// Starts a killed member again on its data directory.
+    /// Starts a killed member again on its data directory and waits until the cluster is
+    /// healthy again.
     pub fn restart(&mut self, i: usize) {
         self.spawn(i, "existing");
+        if let Err(why) = self.wait_healthy() {
+            panic!("member {i} did not come back: {why}");
+        }
+    }
+
+    /// The member that leads the cluster now (its `/metrics` says `etcd_server_is_leader 1`).
+    pub fn leader(&self) -> Option<usize> {
+        self.members.iter().position(|m| {
+            m.proc.is_some() && get(m.client, "/metrics").contains("\netcd_server_is_leader 1")
+        })
     }
 }
 
 /// Whether the member on `port` says it is healthy (`GET /health`).
 pub fn health(port: u16) -> bool {
+    get(port, "/health").contains("\"health\":\"true\"")
+}
+
+/// `GET path` from the member on `port`: the whole answer, empty if it does not answer.
+fn get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
+        return String::new();
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return String::new();
     }
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
-    body.contains("\"health\":\"true\"")
+    body
 }

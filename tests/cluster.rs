@@ -330,6 +330,21 @@ fn agents_move_to_the_other_hub_and_flip_on_time_when_theirs_dies() {
         agents.iter().all(|x| x.release().as_deref() == Some(&v1))
     });
 
+    // Both report to A; B sees them too (the hubs share the agents' reports).
+    wait::until_blocking(
+        "hub B to list the agents reporting to A",
+        DEADLINE,
+        logs,
+        || {
+            let f = b.fleet();
+            let names: Vec<&str> = f["agents"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x["name"].as_str()).collect())
+                .unwrap_or_default();
+            names.contains(&"web-1") && names.contains(&"web-2")
+        },
+    );
+
     let v2 = a.publish(&a.site("v2", &text_files(3, "v2")), "+4s");
     let s = a.schedule();
     let at_us = s["activation_us"].as_u64().unwrap();

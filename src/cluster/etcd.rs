@@ -40,7 +40,7 @@ use crate::config::cluster::Cluster;
 use crate::sync::clock::wall_us;
 use crate::sync::cycle::HubState;
 use crate::sync::manifest::{Hash, ReleaseId};
-use crate::sync::protocol::ClusterView;
+use crate::sync::protocol::{ClusterView, SharedReport};
 use crate::sync::provenance::Provenance;
 use crate::sync::sign::Signature;
 use crate::sync::store::{BlobSink, Collected, FsStore, HubStore, StoreError};
@@ -59,6 +59,9 @@ const RETRY_FOR: Duration = Duration::from_secs(5);
 
 /// How long a swap whose outcome etcd did not tell is looked up again before giving up.
 const RESOLVE_FOR: Duration = Duration::from_secs(10);
+
+/// Agents' reports passed from etcd that may wait for the hub to take them.
+const SHARED_REPORTS: usize = 1024;
 
 /// Pause between attempts to reach etcd again (watch, lease).
 const RETRY: Duration = Duration::from_secs(1);
@@ -113,6 +116,8 @@ pub struct EtcdStore {
     standing: Arc<Standing>,
     /// The lease this hub holds (0: none yet), revoked at drop so another hub leads at once.
     lease: Arc<AtomicU64>,
+    /// The agents' reports as the hubs share them, until the hub takes them.
+    reports: Mutex<Option<tokio::sync::mpsc::Receiver<SharedReport>>>,
     rt: OwnRuntime,
 }
 
@@ -190,6 +195,7 @@ impl EtcdStore {
                 seen: Mutex::default(),
             }),
             lease: Arc::new(AtomicU64::new(0)),
+            reports: Mutex::new(None),
             rt,
         };
         let state = HubStore::state(&store)?;
@@ -199,6 +205,12 @@ impl EtcdStore {
             store.keys.clone(),
             store.changes.clone(),
         ));
+        let (tx, rx) = tokio::sync::mpsc::channel(SHARED_REPORTS);
+        *store.reports.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+        store
+            .rt
+            .handle()
+            .spawn(follow_reports(store.client.clone(), store.keys.clone(), tx));
         let registration = serde_json::json!({ "url": advertise }).to_string();
         store.rt.handle().spawn(keep_lease(
             store.client.clone(),
@@ -329,6 +341,35 @@ impl EtcdStore {
     /// and for the local collection); false when etcd has none either.
     fn cache_release(&self, id: &ReleaseId) -> Result<bool, StoreError> {
         Ok(HubStore::get_release(self, id)?.is_some())
+    }
+
+    /// Removes from etcd the reports of agents silent for longer than `grace` (long stale:
+    /// an agent that left the farm), unless one arrived meanwhile.
+    fn collect_reports(&self, grace: Duration) -> Result<(), StoreError> {
+        let prefix = self.keys.agent("");
+        let kvs = self.call("list the agents' reports", move |mut c| {
+            let prefix = prefix.clone();
+            Box::pin(async move {
+                let mut r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
+                Ok(r.take_kvs())
+            })
+        })?;
+        let now = wall_us();
+        for kv in kvs {
+            let at = serde_json::from_slice::<SharedReport>(kv.value()).map_or(0, |r| r.at_us);
+            if now.saturating_sub(at) < grace.as_micros() as u64 {
+                continue;
+            }
+            let t = Txn::new()
+                .when([Compare::mod_revision(
+                    kv.key(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then([TxnOp::delete(kv.key(), None)]);
+            self.txn("forget a silent agent", t)?;
+        }
+        Ok(())
     }
 
     /// Removes from etcd the releases `keep` does not name that were stored longer than
@@ -474,6 +515,68 @@ async fn follow(mut client: Client, keys: Keys, changes: watch::Sender<HubState>
             warn!(error = %e, "following the state in etcd failed; again in 1 s");
         }
         tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Follows the agents' reports every hub shares (`agents/`): those stored when it starts, then
+/// each one written, passed to the hub in order (it waits while the hub is behind: the channel
+/// holds [`SHARED_REPORTS`]). Reconnects after [`RETRY`] when the watch breaks.
+async fn follow_reports(
+    mut client: Client,
+    keys: Keys,
+    tx: tokio::sync::mpsc::Sender<SharedReport>,
+) {
+    let prefix = keys.agent("");
+    loop {
+        let result: Result<(), etcd_client::Error> = async {
+            let r = client
+                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                .await?;
+            let revision = r.header().map(|h| h.revision()).unwrap_or(0);
+            for kv in r.kvs() {
+                pass_report(&tx, kv).await;
+            }
+            let mut stream = client
+                .watch(
+                    prefix.clone(),
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(revision + 1),
+                    ),
+                )
+                .await?;
+            while let Some(msg) = stream.message().await? {
+                if msg.canceled() {
+                    break;
+                }
+                for ev in msg.events() {
+                    if let (EventType::Put, Some(kv)) = (ev.event_type(), ev.kv()) {
+                        pass_report(&tx, kv).await;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if tx.is_closed() {
+            return;
+        }
+        if let Err(e) = result {
+            warn!(error = %e, "following the agents' reports in etcd failed; again in 1 s");
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+async fn pass_report(tx: &tokio::sync::mpsc::Sender<SharedReport>, kv: &etcd_client::KeyValue) {
+    match serde_json::from_slice::<SharedReport>(kv.value()) {
+        Ok(r) => {
+            let _ = tx.send(r).await;
+        }
+        Err(e) => {
+            warn!(key = ?kv.key_str(), error = %e, "ignoring an agent's report in etcd that does not parse")
+        }
     }
 }
 
@@ -705,6 +808,7 @@ impl HubStore for EtcdStore {
         let mut done = HubStore::collect(&self.local, keep, grace)?;
         if self.leads() {
             done.releases = self.collect_shared(keep, grace)?;
+            self.collect_reports(grace)?;
         }
         Ok(done)
     }
@@ -796,6 +900,23 @@ impl HubStore for EtcdStore {
 
     fn leads(&self) -> bool {
         self.standing.connected() && self.standing.leader.load(Ordering::Acquire)
+    }
+
+    fn share_report(&self, report: &SharedReport) -> Result<(), StoreError> {
+        let key = self.keys.agent(&report.agent);
+        // Plain structs always serialise.
+        let value = serde_json::to_vec(report).expect("report serialises");
+        self.call("share a report", move |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            Box::pin(async move { c.put(key, value, None).await.map(|_| ()) })
+        })
+    }
+
+    fn shared_reports(&self) -> Option<tokio::sync::mpsc::Receiver<SharedReport>> {
+        self.reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     fn standing(&self) -> Option<ClusterView> {

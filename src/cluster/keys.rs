@@ -8,7 +8,8 @@
 //! <prefix>signatures/<id>    the publishers' signatures of the release (JSON)
 //! <prefix>provenance/<id>    the changesets the release was built from (JSON)
 //! <prefix>leader             the name of the hub that does the once-only duties (leased)
-//! <prefix>hubs/<name>        one key per live hub (leased)
+//! <prefix>hubs/<name>        one key per live hub (leased): the URL of its sync API
+//! <prefix>agents/<name>      an agent's last report, as the hub it reported to received it
 //! ```
 
 use crate::sync::manifest::ReleaseId;
@@ -93,9 +94,14 @@ impl Keys {
         format!("{}leader", self.prefix)
     }
 
-    /// Hub `name`'s key.
+    /// Hub `name`'s key (`""`: the prefix of every hub's).
     pub fn hub(&self, name: &str) -> String {
         format!("{}hubs/{name}", self.prefix)
+    }
+
+    /// Agent `name`'s report (`""`: the prefix of every agent's).
+    pub fn agent(&self, name: &str) -> String {
+        format!("{}agents/{name}", self.prefix)
     }
 }
 
@@ -112,6 +118,8 @@ mod tests {
         assert_eq!(k.state_version(), "/farm-a/state-version");
         assert_eq!(k.leader(), "/farm-a/leader");
         assert_eq!(k.hub("hub-1"), "/farm-a/hubs/hub-1");
+        assert_eq!(k.agent("web-1"), "/farm-a/agents/web-1");
+        assert!(k.agent("web-1").starts_with(&k.agent("")));
         for what in Beside::ALL {
             let key = k.release(what, &id);
             assert!(key.starts_with(&k.all(what)), "{key}");

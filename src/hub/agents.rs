@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use super::fleet::Admit;
 use super::{fleet, Hub, HubError};
-use crate::sync::protocol::{AgentView, Fleet, Report};
+use crate::sync::protocol::{AgentView, Fleet, Report, SharedReport};
 
 /// Most agents the hub keeps reports of (a peer cannot grow the map without bound). When it is
 /// full, a new name takes the place of the oldest stale report, never of a fresh one
@@ -30,6 +30,50 @@ impl Hub {
             truncate(e, MAX_REPORT_ERROR);
         }
         let now = self.now_us();
+        self.record(name, report.clone(), now)?;
+        if self.store.standing().is_some() {
+            let shared = SharedReport {
+                agent: name.to_string(),
+                report,
+                at_us: now,
+            };
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.share_report(&shared) {
+                    warn!(agent = %shared.agent, error = %e, "the other hubs will see this agent's report later");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes a report another hub received (checked as this hub checks its own).
+    pub(super) fn adopt_report(&self, shared: SharedReport) {
+        let SharedReport {
+            agent,
+            mut report,
+            at_us,
+        } = shared;
+        if check_agent_name(&agent).is_err() || report.serve_addr().is_err() {
+            warn!(agent = %agent, "ignoring a shared report that this hub would refuse");
+            return;
+        }
+        if let Some(e) = report.error.as_mut() {
+            truncate(e, MAX_REPORT_ERROR);
+        }
+        let newer = self
+            .reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&agent)
+            .is_none_or(|(_, at)| *at < at_us);
+        if newer {
+            let _ = self.record(&agent, report, at_us);
+        }
+    }
+
+    /// Keeps `report` of agent `name`, received at hub time `now`, within [`MAX_AGENTS`].
+    fn record(&self, name: &str, report: Report, now: u64) -> Result<(), HubError> {
         let expiry = self.settings().report_expiry_us();
         let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
         match fleet::admit(&reports, name, now, expiry, MAX_AGENTS) {
@@ -154,6 +198,44 @@ mod tests {
     use super::*;
     use crate::hub::testing::{self, manual, release, set, REPORT_EXPIRY, S};
     use crate::sync::cycle::Advancer;
+
+    #[tokio::test]
+    async fn a_report_shared_by_another_hub_counts_unless_this_hub_has_a_newer_one() {
+        let (clock, _now) = manual(100 * S);
+        let fx = testing::hub(clock);
+        let shared = |agent: &str, at_us, error: &str| SharedReport {
+            agent: agent.into(),
+            report: Report {
+                error: Some(error.into()),
+                ..Report::default()
+            },
+            at_us,
+        };
+        let error_of = |name: &str| {
+            let f = fx.hub.fleet();
+            f.agents
+                .iter()
+                .find(|a| a.name == name)
+                .and_then(|a| a.report.error.clone())
+        };
+        fx.hub.adopt_report(shared("web1", 90 * S, "from hub B"));
+        assert_eq!(error_of("web1").as_deref(), Some("from hub B"));
+        // This hub's own, newer, stays over an older one from elsewhere.
+        fx.hub
+            .report(
+                "web1",
+                Report {
+                    error: Some("here".into()),
+                    ..Report::default()
+                },
+            )
+            .unwrap();
+        fx.hub.adopt_report(shared("web1", 95 * S, "older"));
+        assert_eq!(error_of("web1").as_deref(), Some("here"));
+        // What this hub would refuse from an agent it refuses from a hub too.
+        fx.hub.adopt_report(shared("a/b", 99 * S, "bad name"));
+        assert!(fx.hub.fleet().agents.iter().all(|a| a.name != "a/b"));
+    }
 
     #[tokio::test]
     async fn reports_are_checked_cut_and_shown_in_the_fleet() {

@@ -6,12 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::{fleet, Hub};
 use crate::sync::cycle::{Advancer, HubState};
+use crate::sync::protocol::SharedReport;
 
 /// How long the task waits after a failed or lost own advance before it looks again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -24,6 +25,8 @@ impl Hub {
         let mut state_rx = self.state.subscribe();
         // A store shared with other hubs: their changes, followed into this hub's state.
         let mut shared = self.store.changes();
+        // And the agents' reports other hubs received.
+        let mut reports = self.store.shared_reports();
         loop {
             let expires = self.publish_behind();
             let state = self.state();
@@ -37,6 +40,7 @@ impl Hub {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(RETRY) => {}
                         s = shared_changed(&mut shared) => self.adopt(s),
+                        r = shared_report(&mut reports) => self.adopt_report(r),
                     }
                 }
                 continue;
@@ -47,6 +51,7 @@ impl Hub {
                 _ = state_rx.changed() => {}
                 _ = self.reports_changed.notified() => {}
                 s = shared_changed(&mut shared) => self.adopt(s),
+                r = shared_report(&mut reports) => self.adopt_report(r),
                 _ = async {
                     match wake {
                         // Wake a little after the instant so `now >= at` holds then.
@@ -115,6 +120,18 @@ async fn shared_changed(shared: &mut Option<watch::Receiver<HubState>>) -> HubSt
             return rx.borrow_and_update().clone();
         }
         *shared = None;
+    }
+    std::future::pending().await
+}
+
+/// The next report another hub received; never for a store of one, or once the store
+/// stopped passing them.
+async fn shared_report(reports: &mut Option<mpsc::Receiver<SharedReport>>) -> SharedReport {
+    if let Some(rx) = reports {
+        if let Some(r) = rx.recv().await {
+            return r;
+        }
+        *reports = None;
     }
     std::future::pending().await
 }

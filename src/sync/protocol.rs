@@ -378,6 +378,19 @@ pub struct Fleet {
     pub cluster: Option<ClusterView>,
 }
 
+/// An agent's report as one hub shares it with the others (`sync.cluster`), so every hub's
+/// fleet view, and every appliance's "behind" view, is the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedReport {
+    /// The agent.
+    pub agent: String,
+    /// Its report.
+    pub report: Report,
+    /// Hub time it arrived, µs.
+    pub at_us: u64,
+}
+
 /// A hub's standing among the hubs sharing a farm in etcd (`sync.cluster`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterView {

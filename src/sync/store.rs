@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use super::cycle::HubState;
 use super::gc::{self, GcError, Listing};
 use super::manifest::{Hash, Manifest, ReleaseId};
-use super::protocol::ClusterView;
+use super::protocol::{ClusterView, SharedReport};
 use super::provenance::Provenance;
 use super::sign::Signature;
 
@@ -173,6 +173,16 @@ pub trait HubStore: Send + Sync + 'static {
     }
     /// This hub's standing among the hubs sharing the store; `None` for a store of one.
     fn standing(&self) -> Option<ClusterView> {
+        None
+    }
+    /// Passes an agent's report to the other hubs sharing the store (nothing for a store of
+    /// one); a failure only delays their view until the agent's next report.
+    fn share_report(&self, _report: &SharedReport) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The reports the hubs sharing the store received (this one's included), from now on;
+    /// taken once, by the hub. `None` for a store of one.
+    fn shared_reports(&self) -> Option<tokio::sync::mpsc::Receiver<SharedReport>> {
         None
     }
 }

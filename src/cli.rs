@@ -188,9 +188,11 @@ pub enum Command {
 /// How to reach the sync hub (shared by `publish` and `status`).
 #[derive(Debug, clap::Args)]
 pub struct HubArgs {
-    /// The hub's sync API, e.g. http://10.0.0.1:7700.
-    #[arg(long, env = "LOCKSTEP_HUB")]
-    pub hub: String,
+    /// The hub's sync API, e.g. http://10.0.0.1:7700; with several appliances (`sync.cluster`),
+    /// their hubs in order of preference, comma-separated or repeated: the next is used when
+    /// one cannot be reached.
+    #[arg(long, env = "LOCKSTEP_HUB", value_delimiter = ',', required = true)]
+    pub hub: Vec<String>,
     /// File holding the bearer token (the publish token; `status` also takes the agent token).
     #[arg(long, env = "LOCKSTEP_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,

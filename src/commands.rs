@@ -255,11 +255,11 @@ fn hub_client(args: &crate::cli::HubArgs) -> anyhow::Result<HttpClient> {
         (Some(ca), _, _) => Some(ClientTls::ca_file(ca)?),
         _ => None,
     };
-    let client = HttpClient::hub(&args.hub, token, tls.as_ref())?;
+    let client = HttpClient::hubs(&args.hub, token, tls.as_ref())?;
     if !client.is_loopback() && !client.is_https() {
         anyhow::bail!(
             "hub {} is not on this host, but plain HTTP: the release and your credentials would cross the network in clear; use https:// with --ca-file, --cert and --key",
-            args.hub
+            args.hub.join(", ")
         );
     }
     Ok(client)

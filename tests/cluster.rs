@@ -385,6 +385,23 @@ fn agents_move_to_the_other_hub_and_flip_on_time_when_theirs_dies() {
         logs,
         || b.schedule()["cycle"] == 2 && b.schedule()["active"].as_str() == Some(v2.as_str()),
     );
+    // `lockstep status` given both hubs, the first dead, answers from the second.
+    let o = Command::new(BIN)
+        .args([
+            "status",
+            "--hub",
+            &format!("{},{}", a.hub_url(), b.hub_url()),
+        ])
+        .arg("--token-file")
+        .arg(a.path("publish.token"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("hub hub-b of "),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     wait::until_blocking("the agents to move to hub B", DEADLINE, logs, || {
         agents
             .iter()

@@ -262,6 +262,27 @@ impl Appliance {
         Ok(app)
     }
 
+    /// Backends drained on any appliance of the farm (`sync.cluster`) are drained here too.
+    fn follow_shared_drains(&self, store: &dyn HubStore) {
+        let Some(mut drains) = store.shared_drains() else {
+            return;
+        };
+        let (live, stop) = (self.live.clone(), self.shutdown.clone());
+        self.tracker.spawn(async move {
+            while let Some(d) = tokio::select! {
+                d = drains.recv() => d,
+                _ = stop.cancelled() => None,
+            } {
+                let table = &live.load().table;
+                if let Some(pool) = table.pools.iter().find(|p| p.config.name == d.pool) {
+                    if pool.set_drained(&d.backend, d.drained).is_some() {
+                        info!(pool = %d.pool, backend = %d.backend, drained = d.drained, "backend drain shared by the farm's appliances");
+                    }
+                }
+            }
+        });
+    }
+
     /// Opens the hub's store and serves the sync API on `socket`; keeps the router's view of
     /// which backends are behind the fleet's release current.
     fn start_hub(
@@ -271,6 +292,7 @@ impl Appliance {
     ) -> Result<(), ApplianceError> {
         let local = socket.local_addr().unwrap_or(config.bind);
         let (store, peers) = hub_store(config, local)?;
+        self.follow_shared_drains(store.as_ref());
         let hub = Hub::new(
             store,
             hub::Settings::from_config(config),

@@ -122,7 +122,9 @@ fn hub_on(etcd: &Etcd, name: &str, members: &[usize]) -> Farm {
         "500ms",
         "1s",
         &format!(
-            "  cluster:\n    etcd: [{}]\n    prefix: /farm/\n    name: {name}\n    lease: 2s\n",
+            "  cluster:\n    etcd: [{}]\n    prefix: /farm/\n    name: {name}\n    lease: 2s\n\
+             pools:\n  - name: www\n    backends:\n      - {{ name: a, address: \"127.0.0.1:9\" }}\n      \
+             - {{ name: b, address: \"127.0.0.1:10\" }}\n",
             list.join(", ")
         ),
     )
@@ -243,6 +245,23 @@ fn hubs_share_releases_and_blobs_and_a_cut_off_hub_catches_up() {
     );
     assert_eq!(b.metric("lockstep_sync_cluster_connected"), 1.0);
 
+    // A backend drained through A's admin API is drained on B, and enabled through B's, on A.
+    admin_post(&a, "/api/pools/www/backends/b/drain");
+    wait::until_blocking(
+        "B to drain the backend drained on A",
+        DEADLINE,
+        logs,
+        || drained(&b, "b"),
+    );
+    admin_post(&b, "/api/pools/www/backends/b/enable");
+    wait::until_blocking(
+        "A to enable the backend enabled on B",
+        DEADLINE,
+        logs,
+        || !drained(&a, "b"),
+    );
+    assert!(!drained(&a, "a") && !drained(&b, "a"));
+
     // Cut B off: its only member stops answering.
     etcd.pause(2);
     wait::until_blocking("B to notice it lost etcd", DEADLINE, logs, || {
@@ -290,6 +309,36 @@ fn hubs_share_releases_and_blobs_and_a_cut_off_hub_catches_up() {
     wait::until_blocking("B to say it reaches etcd again", DEADLINE, logs, || {
         ready(&b).contains("etcd=connected")
     });
+}
+
+/// A state change through `farm`'s admin API, as lockstep's own clients send it (JSON,
+/// `X-Lockstep-Admin`).
+fn admin_post(farm: &Farm, path: &str) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(farm.admin_addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nX-Lockstep-Admin: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        farm.admin_addr
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// Whether `farm`'s appliance has backend `name` of pool www drained (`GET /api/pools`).
+fn drained(farm: &Farm, name: &str) -> bool {
+    let r = request(farm.admin_addr, "GET", "/api/pools", None, b"").unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes).unwrap();
+    v["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap()["drained"]
+        .as_bool()
+        .unwrap()
 }
 
 /// The admin listener's `/ready` body.

@@ -38,7 +38,7 @@ use crate::hub::Hub;
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::net::respond;
-use crate::sync::protocol::Fleet;
+use crate::sync::protocol::{Fleet, SharedDrain};
 
 /// An answer of the API.
 pub type ApiAnswer = Response<Full<Bytes>>;
@@ -131,7 +131,15 @@ pub fn route(
                     "state-changing admin requests from other hosts need `Authorization: Bearer` with admin.token_file's token",
                 ));
             }
-            drain(live, pool, name, *action == "drain")
+            let answer = drain(live, pool, name, *action == "drain");
+            if let (Some(hub), true) = (hub, answer.status().is_success()) {
+                hub.share_drain(SharedDrain {
+                    pool: pool.to_string(),
+                    backend: name.to_string(),
+                    drained: *action == "drain",
+                });
+            }
+            answer
         }
         (_, ["pools"] | ["agents"] | ["dns"] | ["config"] | ["pools", _, "backends", _, _]) => err(
             StatusCode::METHOD_NOT_ALLOWED,

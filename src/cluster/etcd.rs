@@ -40,7 +40,7 @@ use crate::config::cluster::Cluster;
 use crate::sync::clock::wall_us;
 use crate::sync::cycle::HubState;
 use crate::sync::manifest::{Hash, ReleaseId};
-use crate::sync::protocol::{ClusterView, SharedReport};
+use crate::sync::protocol::{ClusterView, SharedDrain, SharedReport};
 use crate::sync::provenance::Provenance;
 use crate::sync::sign::Signature;
 use crate::sync::store::{BlobSink, Collected, FsStore, HubStore, StoreError};
@@ -60,8 +60,8 @@ const RETRY_FOR: Duration = Duration::from_secs(5);
 /// How long a swap whose outcome etcd did not tell is looked up again before giving up.
 const RESOLVE_FOR: Duration = Duration::from_secs(10);
 
-/// Agents' reports passed from etcd that may wait for the hub to take them.
-const SHARED_REPORTS: usize = 1024;
+/// Values the hubs share (reports, drains) passed from etcd that may wait to be taken.
+const SHARED: usize = 1024;
 
 /// Pause between attempts to reach etcd again (watch, lease).
 const RETRY: Duration = Duration::from_secs(1);
@@ -118,6 +118,8 @@ pub struct EtcdStore {
     lease: Arc<AtomicU64>,
     /// The agents' reports as the hubs share them, until the hub takes them.
     reports: Mutex<Option<tokio::sync::mpsc::Receiver<SharedReport>>>,
+    /// The backends drained or enabled on any appliance, until the appliance takes them.
+    drains: Mutex<Option<tokio::sync::mpsc::Receiver<SharedDrain>>>,
     rt: OwnRuntime,
 }
 
@@ -196,6 +198,7 @@ impl EtcdStore {
             }),
             lease: Arc::new(AtomicU64::new(0)),
             reports: Mutex::new(None),
+            drains: Mutex::new(None),
             rt,
         };
         let state = HubStore::state(&store)?;
@@ -205,12 +208,14 @@ impl EtcdStore {
             store.keys.clone(),
             store.changes.clone(),
         ));
-        let (tx, rx) = tokio::sync::mpsc::channel(SHARED_REPORTS);
+        let (tx, rx) = tokio::sync::mpsc::channel(SHARED);
         *store.reports.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
-        store
-            .rt
-            .handle()
-            .spawn(follow_reports(store.client.clone(), store.keys.clone(), tx));
+        let follow_reports = follow_prefix(store.client.clone(), store.keys.agent(""), tx);
+        store.rt.handle().spawn(follow_reports);
+        let (tx, rx) = tokio::sync::mpsc::channel(SHARED);
+        *store.drains.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+        let follow_drains = follow_prefix(store.client.clone(), store.keys.drain("", ""), tx);
+        store.rt.handle().spawn(follow_drains);
         let registration = serde_json::json!({ "url": advertise }).to_string();
         store.rt.handle().spawn(keep_lease(
             store.client.clone(),
@@ -518,15 +523,15 @@ async fn follow(mut client: Client, keys: Keys, changes: watch::Sender<HubState>
     }
 }
 
-/// Follows the agents' reports every hub shares (`agents/`): those stored when it starts, then
-/// each one written, passed to the hub in order (it waits while the hub is behind: the channel
-/// holds [`SHARED_REPORTS`]). Reconnects after [`RETRY`] when the watch breaks.
-async fn follow_reports(
+/// Follows the values every hub shares under `prefix` (the agents' reports, the drains): those
+/// stored when it starts, then each one written, passed on in order (it waits while the taker
+/// is behind: the channel is bounded). Reconnects after [`RETRY`] when the watch breaks; ends
+/// when the taker is gone.
+async fn follow_prefix<T: DeserializeOwned>(
     mut client: Client,
-    keys: Keys,
-    tx: tokio::sync::mpsc::Sender<SharedReport>,
+    prefix: String,
+    tx: tokio::sync::mpsc::Sender<T>,
 ) {
-    let prefix = keys.agent("");
     loop {
         let result: Result<(), etcd_client::Error> = async {
             let r = client
@@ -534,7 +539,7 @@ async fn follow_reports(
                 .await?;
             let revision = r.header().map(|h| h.revision()).unwrap_or(0);
             for kv in r.kvs() {
-                pass_report(&tx, kv).await;
+                pass_on(&tx, kv).await;
             }
             let mut stream = client
                 .watch(
@@ -552,7 +557,7 @@ async fn follow_reports(
                 }
                 for ev in msg.events() {
                     if let (EventType::Put, Some(kv)) = (ev.event_type(), ev.kv()) {
-                        pass_report(&tx, kv).await;
+                        pass_on(&tx, kv).await;
                     }
                 }
             }
@@ -563,19 +568,22 @@ async fn follow_reports(
             return;
         }
         if let Err(e) = result {
-            warn!(error = %e, "following the agents' reports in etcd failed; again in 1 s");
+            warn!(prefix = %prefix, error = %e, "following what the hubs share in etcd failed; again in 1 s");
         }
         tokio::time::sleep(RETRY).await;
     }
 }
 
-async fn pass_report(tx: &tokio::sync::mpsc::Sender<SharedReport>, kv: &etcd_client::KeyValue) {
-    match serde_json::from_slice::<SharedReport>(kv.value()) {
+async fn pass_on<T: DeserializeOwned>(
+    tx: &tokio::sync::mpsc::Sender<T>,
+    kv: &etcd_client::KeyValue,
+) {
+    match serde_json::from_slice::<T>(kv.value()) {
         Ok(r) => {
             let _ = tx.send(r).await;
         }
         Err(e) => {
-            warn!(key = ?kv.key_str(), error = %e, "ignoring an agent's report in etcd that does not parse")
+            warn!(key = ?kv.key_str(), error = %e, "ignoring a value in etcd that does not parse")
         }
     }
 }
@@ -917,6 +925,20 @@ impl HubStore for EtcdStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+    }
+
+    fn share_drain(&self, drain: &SharedDrain) -> Result<(), StoreError> {
+        let key = self.keys.drain(&drain.pool, &drain.backend);
+        // Plain structs always serialise.
+        let value = serde_json::to_vec(drain).expect("drain serialises");
+        self.call("share a drain", move |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            Box::pin(async move { c.put(key, value, None).await.map(|_| ()) })
+        })
+    }
+
+    fn shared_drains(&self) -> Option<tokio::sync::mpsc::Receiver<SharedDrain>> {
+        self.drains.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     fn standing(&self) -> Option<ClusterView> {

@@ -10,6 +10,7 @@
 //! <prefix>leader             the name of the hub that does the once-only duties (leased)
 //! <prefix>hubs/<name>        one key per live hub (leased): the URL of its sync API
 //! <prefix>agents/<name>      an agent's last report, as the hub it reported to received it
+//! <prefix>drain/<pool>/<backend>  a backend drained or enabled by an operator on any appliance
 //! ```
 
 use crate::sync::manifest::ReleaseId;
@@ -99,6 +100,14 @@ impl Keys {
         format!("{}hubs/{name}", self.prefix)
     }
 
+    /// Backend `backend` of `pool`'s drain (`"", ""`: the prefix of every drain).
+    pub fn drain(&self, pool: &str, backend: &str) -> String {
+        if pool.is_empty() {
+            return format!("{}drain/", self.prefix);
+        }
+        format!("{}drain/{pool}/{backend}", self.prefix)
+    }
+
     /// Agent `name`'s report (`""`: the prefix of every agent's).
     pub fn agent(&self, name: &str) -> String {
         format!("{}agents/{name}", self.prefix)
@@ -120,6 +129,8 @@ mod tests {
         assert_eq!(k.hub("hub-1"), "/farm-a/hubs/hub-1");
         assert_eq!(k.agent("web-1"), "/farm-a/agents/web-1");
         assert!(k.agent("web-1").starts_with(&k.agent("")));
+        assert_eq!(k.drain("www", "a"), "/farm-a/drain/www/a");
+        assert!(k.drain("www", "a").starts_with(&k.drain("", "")));
         for what in Beside::ALL {
             let key = k.release(what, &id);
             assert!(key.starts_with(&k.all(what)), "{key}");

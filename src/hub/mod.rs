@@ -52,7 +52,7 @@ pub use self::settings::{system_clock, Clock, Settings};
 use crate::cluster::Peers;
 use crate::sync::cycle::HubState;
 pub use crate::sync::cycle::{Advancer, GRACE};
-use crate::sync::protocol::{ClusterView, ConflictView, Schedule};
+use crate::sync::protocol::{ClusterView, ConflictView, Schedule, SharedDrain};
 use crate::sync::schedule::Rules;
 use crate::sync::store::{HubStore, StoreError};
 
@@ -136,6 +136,20 @@ impl Hub {
         self.metrics.cluster_connected.set(i64::from(connected));
         self.metrics.cluster_leader.set(i64::from(leads));
         view
+    }
+
+    /// Passes a backend drained or enabled here to the other appliances (`sync.cluster`;
+    /// nothing without): in the background, a failure logged.
+    pub fn share_drain(&self, drain: SharedDrain) {
+        if self.store.standing().is_none() {
+            return;
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.share_drain(&drain) {
+                warn!(pool = %drain.pool, backend = %drain.backend, error = %e, "the other appliances did not learn of this drain");
+            }
+        });
     }
 
     /// Applies reloaded settings (cadence, lead, tokens).

@@ -391,6 +391,19 @@ pub struct SharedReport {
     pub at_us: u64,
 }
 
+/// A backend drained or enabled through one appliance's admin API, shared with the others
+/// (`sync.cluster`) so that every appliance routes alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedDrain {
+    /// The pool.
+    pub pool: String,
+    /// The backend.
+    pub backend: String,
+    /// Drained (true) or back in rotation.
+    pub drained: bool,
+}
+
 /// A hub's standing among the hubs sharing a farm in etcd (`sync.cluster`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterView {

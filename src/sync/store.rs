@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use super::cycle::HubState;
 use super::gc::{self, GcError, Listing};
 use super::manifest::{Hash, Manifest, ReleaseId};
-use super::protocol::{ClusterView, SharedReport};
+use super::protocol::{ClusterView, SharedDrain, SharedReport};
 use super::provenance::Provenance;
 use super::sign::Signature;
 
@@ -183,6 +183,16 @@ pub trait HubStore: Send + Sync + 'static {
     /// The reports the hubs sharing the store received (this one's included), from now on;
     /// taken once, by the hub. `None` for a store of one.
     fn shared_reports(&self) -> Option<tokio::sync::mpsc::Receiver<SharedReport>> {
+        None
+    }
+    /// Passes a backend drained or enabled on this appliance to the others (nothing for a
+    /// store of one).
+    fn share_drain(&self, _drain: &SharedDrain) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The drains shared by every appliance (this one's included): those in force, then each
+    /// change; taken once, by the appliance. `None` for a store of one.
+    fn shared_drains(&self) -> Option<tokio::sync::mpsc::Receiver<SharedDrain>> {
         None
     }
 }

@@ -16,7 +16,7 @@ use lockstep::sync::manifest::{Hash, Manifest};
 use lockstep::sync::store::{FsStore, HubStore};
 
 mod common;
-use common::etcd::Etcd;
+use common::etcd::{Etcd, EtcdPki};
 use common::farm::*;
 use common::wait::{self, DEADLINE};
 use common::{request, BIN};
@@ -542,4 +542,67 @@ fn an_etcd_leader_killed_mid_publish_leaves_no_torn_release() {
             .any(|v| v.as_str() == Some(last.as_str()))
     });
     eprintln!("{committed} of 3 publishes committed across an etcd leader kill");
+}
+
+/// A hub speaks TLS to an etcd that checks client certificates: with its certificate it
+/// publishes; without one, `serve` exits saying etcd refused it, rather than run a hub that
+/// cannot change anything.
+#[test]
+fn a_hub_reaches_an_etcd_that_checks_client_certificates() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = EtcdPki::new(dir.path());
+    let etcd = Etcd::start_tls(&pki);
+    let cluster = |cert: bool| {
+        let identity = if cert {
+            format!(
+                ", cert: \"{}\", key: \"{}\"",
+                pki.client.0.display(),
+                pki.client.1.display()
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "  cluster:\n    etcd: [{}]\n    name: hub-tls\n    replicas: 1\n    tls: {{ ca: \"{}\"{identity} }}\n",
+            etcd.endpoints()[0],
+            pki.ca.display()
+        )
+    };
+    let farm = Farm::with_sync("500ms", "1s", &cluster(true));
+    let v1 = farm.publish(&farm.site("v1", &text_files(3, "v1")), "+2s");
+    assert_eq!(farm.schedule()["staged"].as_str(), Some(v1.as_str()));
+    assert!(
+        farm.hub_log().contains("hub state in etcd"),
+        "{}",
+        farm.hub_log()
+    );
+
+    // The same hub without its certificate: etcd refuses the handshake, serve says so.
+    let cfg = farm.path("no-cert.yaml");
+    let yaml = std::fs::read_to_string(farm.path("hub.yaml"))
+        .unwrap()
+        .replace(&cluster(true), &cluster(false))
+        .replace("store: hub-store", "store: hub-store-2");
+    std::fs::write(&cfg, yaml).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--workers", "1", "-c"])
+        .arg(&cfg)
+        .current_dir(farm.dir.path());
+    let mut p = common::Proc::spawn(cmd, farm.path("no-cert.log"));
+    let log = p.log.clone();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait::until_blocking(
+        "serve without a certificate to exit",
+        DEADLINE,
+        read_log,
+        || !p.running(),
+    );
+    assert_eq!(p.child.wait().unwrap().code(), Some(1), "{}", p.log());
+    // e.g. "sync store …: etcd: cannot read: … received fatal alert: BadCertificate"
+    assert!(
+        p.log().contains("etcd") && p.log().contains("BadCertificate"),
+        "{}",
+        p.log()
+    );
 }

@@ -47,7 +47,7 @@ use crate::sync::store::{BlobSink, Collected, FsStore, HubStore, StoreError};
 
 /// Longest wait for one etcd call (a transaction, a read), its repeats included, before it
 /// counts as failed.
-const CALL_TIMEOUT: Duration = Duration::from_secs(8);
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest wait for one attempt: a request to a member that died holding it fails after
 /// this, and is tried again on another.
@@ -265,13 +265,28 @@ impl EtcdStore {
         block(self.rt.handle(), action, async move {
             let until = Instant::now() + RETRY_FOR;
             let mut pause = Duration::from_millis(50);
+            // The reason etcd gave, kept over a later attempt that only ran out of time.
+            let mut cause = None;
             loop {
-                match f(client.clone()).await {
+                let r = tokio::time::timeout(ATTEMPT_TIMEOUT, f(client.clone()))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(etcd_client::Error::IoError(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {ATTEMPT_TIMEOUT:?}"),
+                        )))
+                    });
+                match r {
                     Err(e) if passes(&e) && Instant::now() + pause < until => {
+                        if !timed_out(&e) {
+                            cause = Some(e);
+                        }
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_millis(500));
                     }
-                    r => return r,
+                    Err(e) if timed_out(&e) => return Err(cause.unwrap_or(e)),
+                    Err(e) => return Err(e),
+                    ok => return ok,
                 }
             }
         })
@@ -449,6 +464,11 @@ fn passes(e: &etcd_client::Error) -> bool {
             | etcd_client::Error::TransportError(_)
             | etcd_client::Error::IoError(_)
     )
+}
+
+/// Whether an attempt only ran out of time (see [`EtcdStore::call`]).
+fn timed_out(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::IoError(io) if io.kind() == std::io::ErrorKind::TimedOut)
 }
 
 /// Runs `fut` on `rt` and waits for it on this thread, at most [`CALL_TIMEOUT`].

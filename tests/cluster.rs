@@ -599,10 +599,7 @@ fn a_hub_reaches_an_etcd_that_checks_client_certificates() {
         || !p.running(),
     );
     assert_eq!(p.child.wait().unwrap().code(), Some(1), "{}", p.log());
-    // e.g. "sync store …: etcd: cannot read: … received fatal alert: BadCertificate"
-    assert!(
-        p.log().contains("etcd") && p.log().contains("BadCertificate"),
-        "{}",
-        p.log()
-    );
+    // e.g. "sync store …: etcd: cannot read: … received fatal alert: BadCertificate" (with
+    // TLS 1.3 the client may see the refusal as the connection closing instead).
+    assert!(p.log().contains("etcd: cannot read"), "{}", p.log());
 }

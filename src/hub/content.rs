@@ -14,6 +14,9 @@ use crate::sync::protocol::{Replicated, Uploaded};
 use crate::sync::provenance::MAX_DEPTH;
 use crate::sync::store::{Collected, StoreError};
 
+/// Blobs a hub fetches from the others at once for a release (`POST .../replicate`).
+const REPLICATE_CONCURRENCY: usize = 16;
+
 impl Hub {
     /// Stores a manifest and answers which of its blobs the hub lacks.
     pub async fn upload_manifest(self: &Arc<Self>, body: &[u8]) -> Result<Uploaded, HubError> {
@@ -95,17 +98,28 @@ impl Hub {
                 ))),
             };
         };
-        for hash in &lacking {
-            peers
-                .fetch_blob(*hash, &self.store)
-                .await
-                .map_err(|e| HubError::Unavailable(format!("release {id}: {e}")))?;
-            self.metrics.blobs_fetched.inc();
+        // A few at a time: each is a round trip and an fsync, a release may name thousands.
+        let mut fetches = tokio::task::JoinSet::new();
+        let mut next = lacking.iter().copied();
+        let fetched = lacking.len();
+        loop {
+            while fetches.len() < REPLICATE_CONCURRENCY {
+                let Some(hash) = next.next() else { break };
+                let (peers, store) = (peers.clone(), self.store.clone());
+                fetches.spawn(async move { peers.fetch_blob(hash, &store).await });
+            }
+            let Some(done) = fetches.join_next().await else {
+                break;
+            };
+            match done {
+                Ok(Ok(())) => {
+                    self.metrics.blobs_fetched.inc();
+                }
+                Ok(Err(e)) => return Err(HubError::Unavailable(format!("release {id}: {e}"))),
+                Err(e) => return Err(HubError::Unavailable(format!("release {id}: {e}"))),
+            }
         }
-        Ok(Replicated {
-            id,
-            fetched: lacking.len(),
-        })
+        Ok(Replicated { id, fetched })
     }
 
     /// Has release `id`'s blobs stored on `sync.cluster.replicas` hubs (this one and as many

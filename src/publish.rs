@@ -434,10 +434,12 @@ pub fn render_fleet(f: &Fleet) -> String {
             c.hubs.len(),
             c.hubs.join(", "),
             c.leader.as_deref().unwrap_or("none"),
-            if c.connected {
-                "connected"
-            } else {
-                "UNREACHABLE: this hub changes nothing until it is back"
+            match (c.connected, &c.error) {
+                (true, _) => "connected".to_string(),
+                (false, None) =>
+                    "UNREACHABLE: this hub changes nothing until it is back".to_string(),
+                (false, Some(e)) =>
+                    format!("UNREACHABLE ({e}): this hub changes nothing until it is back"),
             }
         ));
     }
@@ -460,8 +462,22 @@ pub fn render_fleet(f: &Fleet) -> String {
 fn render_agents(f: &Fleet, out: &mut String) {
     let s = &f.schedule;
     let short = |h: Option<Hash>| h.map_or("-".to_string(), |h| h.short());
+    // With several hubs, which one each agent talks to (scheme left out).
+    let hub = |r: &crate::sync::protocol::Report| match &f.cluster {
+        None => String::new(),
+        Some(_) => {
+            let url = r.hub.as_deref().unwrap_or("-");
+            let url = url.split_once("://").map_or(url, |(_, rest)| rest);
+            format!("{url:<22} ")
+        }
+    };
+    let hub_head = if f.cluster.is_some() {
+        format!("{:<22} ", "HUB")
+    } else {
+        String::new()
+    };
     out.push_str(&format!(
-        "\n{:<16} {:<13} {:<13} {:>14} {:>10} {:>12} {:>9}  {}\n",
+        "\n{:<16} {:<13} {:<13} {:>14} {:>10} {:>12} {:>9}  {hub_head}{}\n",
         "AGENT", "ACTIVE", "STAGED", "OFFSET θ", "ERROR ε", "LAST FLIP", "REPORTED", "STATE"
     ));
     for a in &f.agents {
@@ -475,7 +491,7 @@ fn render_agents(f: &Fleet, out: &mut String) {
             (false, None, false) => "BEHIND".into(),
         };
         out.push_str(&format!(
-            "{:<16} {:<13} {:<13} {:>14} {:>10} {:>12} {:>8.0}s  {}\n",
+            "{:<16} {:<13} {:<13} {:>14} {:>10} {:>12} {:>8.0}s  {}{}\n",
             a.name,
             short(r.active),
             short(r.staged),
@@ -483,6 +499,7 @@ fn render_agents(f: &Fleet, out: &mut String) {
             r.error_us.map_or("-".into(), show_us),
             r.last_flip_lateness_us.map_or("-".into(), show_us),
             ago,
+            hub(r),
             state
         ));
     }

@@ -114,11 +114,12 @@ fn two_hubs_racing_each_cycle_advance_have_one_winner_every_time() {
     });
 }
 
-/// A hub configured with `sync.cluster` on the etcd, as the farm harness starts it.
+/// A hub configured with `sync.cluster` on the etcd, as the farm harness starts it, once it
+/// says it reaches etcd (until then it answers no schedule).
 fn hub_on(etcd: &Etcd, name: &str, members: &[usize]) -> Farm {
     let all = etcd.endpoints();
     let list: Vec<_> = members.iter().map(|&i| all[i].clone()).collect();
-    Farm::with_sync(
+    joined(Farm::with_sync(
         "500ms",
         "1s",
         &format!(
@@ -127,7 +128,18 @@ fn hub_on(etcd: &Etcd, name: &str, members: &[usize]) -> Farm {
              - {{ name: b, address: \"127.0.0.1:10\" }}\n",
             list.join(", ")
         ),
-    )
+    ))
+}
+
+/// `farm` once its hub reaches etcd.
+fn joined(farm: Farm) -> Farm {
+    wait::until_blocking(
+        "the hub to reach etcd",
+        DEADLINE,
+        || ready(&farm),
+        || ready(&farm).contains("etcd=connected"),
+    );
+    farm
 }
 
 fn get(farm: &Farm, path: &str) -> (u16, Vec<u8>) {
@@ -270,9 +282,40 @@ fn hubs_share_releases_and_blobs_and_a_cut_off_hub_catches_up() {
     assert!(ready(&b).contains("etcd=unreachable"), "{}", ready(&b));
     assert_eq!(b.metric("lockstep_sync_cluster_connected"), 0.0);
     assert_eq!(b.metric("lockstep_sync_cluster_leader"), 0.0);
-    // B keeps answering what it has.
-    assert_eq!(b.schedule()["active"].as_str(), Some(v1.as_str()));
+    let status = b.status("publish.token");
+    assert!(status.contains("etcd UNREACHABLE ("), "{status}");
+    // B keeps answering what it has, but not the schedule (it may be behind): 503, saying why.
+    let (code, said) = get(&b, "/sync/v1/schedule");
+    let said = String::from_utf8_lossy(&said).to_string();
+    assert!(
+        code == 503 && said.contains("cut off from etcd"),
+        "{code} {said}"
+    );
     assert_eq!(get(&b, &format!("/sync/v1/releases/{v1}")).0, 200);
+    // So an agent given B first takes the schedule from A, and reports through A.
+    let agent = a.agent_of(
+        &format!("[\"{}\", \"{}\"]", b.hub_url(), a.hub_url()),
+        "web-1",
+        None,
+        "",
+    );
+    let logs = || format!("{}\n--- web-1 ---\n{}", logs(), agent.proc.log());
+    wait::until_blocking("the agent to serve v1, through A", DEADLINE, logs, || {
+        agent.release().as_deref() == Some(v1.as_str())
+    });
+    assert!(
+        agent
+            .proc
+            .log()
+            .contains("the hub cannot give the schedule: moved to the next"),
+        "{}",
+        logs()
+    );
+    wait::until_blocking("A to say the agent uses A", DEADLINE, logs, || {
+        a.status("publish.token").lines().any(|l| {
+            l.starts_with("web-1 ") && l.contains(a.hub_url().trim_start_matches("http://"))
+        })
+    });
     // A alone cannot hold a release twice: the publish is refused, saying why.
     wait::until_blocking("B's registration to lapse", DEADLINE, logs, || {
         !try_publish(&a, &a.site("v2", &text_files(3, "v2"))).0
@@ -300,6 +343,10 @@ fn hubs_share_releases_and_blobs_and_a_cut_off_hub_catches_up() {
     assert_eq!(Hash::of(&body), blobs[1]);
     // With two hubs again, the publish goes through.
     let v2 = a.publish(&a.site("v2", &text_files(3, "v2")), "+1s");
+
+    wait::until_blocking("the agent to serve v2, through A", DEADLINE, logs, || {
+        agent.release().as_deref() == Some(v2.as_str())
+    });
 
     etcd.resume(2);
     wait::until_blocking("B to catch up with v2", DEADLINE, logs, || {
@@ -457,6 +504,19 @@ fn agents_move_to_the_other_hub_and_flip_on_time_when_theirs_dies() {
             .all(|x| x.proc.log().contains("moved to the next"))
     });
     assert_eq!(b.schedule()["cycle"], 2, "one advance for one activation");
+    // `lockstep status` shows which hub each agent uses now.
+    let b_hub = b.hub_url().trim_start_matches("http://").to_string();
+    wait::until_blocking(
+        "status to show both agents on hub B",
+        DEADLINE,
+        logs,
+        || {
+            let out = b.status("publish.token");
+            ["web-1 ", "web-2 "]
+                .iter()
+                .all(|n| out.lines().any(|l| l.starts_with(n) && l.contains(&b_hub)))
+        },
+    );
 }
 
 /// `kill -9` of the etcd leader while a release is published, the kill landing at three
@@ -545,8 +605,8 @@ fn an_etcd_leader_killed_mid_publish_leaves_no_torn_release() {
 }
 
 /// A hub speaks TLS to an etcd that checks client certificates: with its certificate it
-/// publishes; without one, `serve` exits saying etcd refused it, rather than run a hub that
-/// cannot change anything.
+/// publishes; without one, the appliance runs on cut off (its proxy and DNS need no etcd),
+/// answers no schedule, and `/ready` says why etcd is unreachable.
 #[test]
 fn a_hub_reaches_an_etcd_that_checks_client_certificates() {
     let _serial = serial();
@@ -569,7 +629,7 @@ fn a_hub_reaches_an_etcd_that_checks_client_certificates() {
             pki.ca.display()
         )
     };
-    let farm = Farm::with_sync("500ms", "1s", &cluster(true));
+    let farm = joined(Farm::with_sync("500ms", "1s", &cluster(true)));
     let v1 = farm.publish(&farm.site("v1", &text_files(3, "v1")), "+2s");
     assert_eq!(farm.schedule()["staged"].as_str(), Some(v1.as_str()));
     assert!(
@@ -578,7 +638,8 @@ fn a_hub_reaches_an_etcd_that_checks_client_certificates() {
         farm.hub_log()
     );
 
-    // The same hub without its certificate: etcd refuses the handshake, serve says so.
+    // The same hub without its certificate: etcd refuses the handshake. The appliance runs
+    // on (its proxy and DNS need no etcd), cut off, and says why.
     let cfg = farm.path("no-cert.yaml");
     let yaml = std::fs::read_to_string(farm.path("hub.yaml"))
         .unwrap()
@@ -590,16 +651,27 @@ fn a_hub_reaches_an_etcd_that_checks_client_certificates() {
         .arg(&cfg)
         .current_dir(farm.dir.path());
     let mut p = common::Proc::spawn(cmd, farm.path("no-cert.log"));
-    let log = p.log.clone();
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let admin = p.bound_addr(&["admin listening"], "addr");
+    let hub = p.bound_addr(&["sync hub listening"], "addr");
+    let ready = || {
+        request(admin, "GET", "/ready", None, b"")
+            .map(|r| r.body)
+            .unwrap_or_default()
+    };
+    // e.g. "… etcd=unreachable (…: … received fatal alert: BadCertificate)" (with TLS 1.3 the
+    // client may see the refusal as the connection closing instead).
     wait::until_blocking(
-        "serve without a certificate to exit",
+        "the hub to say why etcd is unreachable",
         DEADLINE,
-        read_log,
-        || !p.running(),
+        ready,
+        || {
+            let r = ready();
+            r.contains("hub=hub-tls etcd=unreachable")
+                && (r.contains("BadCertificate") || r.contains("closed") || r.contains("transport"))
+        },
     );
-    assert_eq!(p.child.wait().unwrap().code(), Some(1), "{}", p.log());
-    // e.g. "sync store …: etcd: cannot read: … received fatal alert: BadCertificate" (with
-    // TLS 1.3 the client may see the refusal as the connection closing instead).
-    assert!(p.log().contains("etcd: cannot read"), "{}", p.log());
+    assert!(p.log().contains("etcd does not answer"), "{}", p.log());
+    let r = request(hub, "GET", "/sync/v1/schedule", Some(AGENT_TOKEN), b"").unwrap();
+    assert_eq!(r.status.as_u16(), 503, "{}", r.body);
+    assert!(p.running(), "{}", p.log());
 }

@@ -127,8 +127,9 @@ fn route(
                         c.leader.as_deref().unwrap_or("-")
                     ),
                     Some(c) => format!(
-                        " hub={} etcd=unreachable (this hub changes nothing until it is back)",
-                        c.hub
+                        " hub={} etcd=unreachable (this hub changes nothing until it is back{})",
+                        c.hub,
+                        c.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
                     ),
                 };
                 text(

@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::plan::backoff;
-use crate::net::client::HttpClient;
+use crate::net::client::{ClientError, HttpClient};
 use crate::sync::protocol::{Schedule, LONG_POLL, PREFIX};
+use http::StatusCode;
 
 /// First pause after a failed poll.
 pub const RETRY_BASE: Duration = Duration::from_millis(250);
@@ -56,7 +57,15 @@ pub async fn poll(client: HttpClient, tx: mpsc::Sender<Schedule>, shutdown: Canc
             }
             Err(e) => {
                 failures += 1;
-                if failures == 1 {
+                let from = client.url().to_string();
+                let cut_off = matches!(&e, ClientError::Status { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE);
+                // It answers, but not the schedule (cut off from the other hubs): the next.
+                let moved = cut_off.then(|| client.move_on()).flatten();
+                if let Some(to) = moved.filter(|_| failures == 1) {
+                    warn!(hub = %from, error = %e, now = %to, "the hub cannot give the schedule: moved to the next");
+                } else if moved.is_some() {
+                    debug!(hub = %from, error = %e, attempt = failures, "the hub cannot give the schedule: moved to the next");
+                } else if failures == 1 {
                     warn!(hub = client.url(), error = %e, "cannot reach the hub; retrying with back-off (the active release keeps serving)");
                 } else {
                     debug!(hub = client.url(), error = %e, attempt = failures, "hub still unreachable");

@@ -30,7 +30,8 @@ pub async fn reporter(
     let path = format!("{PREFIX}/agents/{name}/report");
     let mut failures: u32 = 0;
     loop {
-        let report = rx.borrow_and_update().clone();
+        let mut report = rx.borrow_and_update().clone();
+        report.hub = Some(client.url().to_string());
         // Plain structs always serialise.
         let body = Bytes::from(serde_json::to_vec(&report).expect("report serialises"));
         let sent = tokio::select! {

@@ -76,6 +76,10 @@ struct Standing {
     leader: AtomicBool,
     /// Who holds the leader key, and the live hubs, as the last renewal saw them.
     seen: Mutex<(Option<String>, Vec<String>)>,
+    /// Whether the state is followed (read, and watched since).
+    following: AtomicBool,
+    /// What etcd last answered when a renewal or the following failed (cleared by a renewal).
+    error: Mutex<Option<String>>,
 }
 
 impl Standing {
@@ -83,8 +87,20 @@ impl Standing {
         self.epoch.elapsed().as_micros() as u64
     }
 
+    /// Whether the lease holds and the state is followed: only then does this hub change the
+    /// state, lead, or answer the schedule.
     fn connected(&self) -> bool {
         self.now() < self.renewed_until.load(Ordering::Acquire)
+            && self.following.load(Ordering::Acquire)
+    }
+
+    /// Keeps `e` as why etcd cannot be used (one line, at most 300 characters).
+    fn failed(&self, e: &dyn std::fmt::Display) {
+        let mut line: String = e.to_string().replace(['\n', '\r'], " ");
+        if let Some((cut, _)) = line.char_indices().nth(300) {
+            line.truncate(cut);
+        }
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(line);
     }
 }
 
@@ -146,10 +162,11 @@ fn parse<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> 
 }
 
 impl EtcdStore {
-    /// Connects to `cluster`'s etcd with `local` for the blobs, reads the state once (so a
-    /// hub that cannot reach etcd says so at start), and starts following the state and
-    /// keeping this hub's lease, under which it registers `advertise` (the URL the other
-    /// hubs reach its sync API at).
+    /// Connects to `cluster`'s etcd with `local` for the blobs, and starts following the
+    /// state and keeping this hub's lease, under which it registers `advertise` (the URL the
+    /// other hubs reach its sync API at). etcd need not answer yet: the hub starts cut off
+    /// (it says why), changes nothing and answers no schedule until it does; the appliance's
+    /// proxy and DNS serve meanwhile.
     pub fn connect(
         cluster: &Cluster,
         local: FsStore,
@@ -195,18 +212,37 @@ impl EtcdStore {
                 renewed_until: AtomicU64::new(0),
                 leader: AtomicBool::new(false),
                 seen: Mutex::default(),
+                following: AtomicBool::new(false),
+                error: Mutex::default(),
             }),
             lease: Arc::new(AtomicU64::new(0)),
             reports: Mutex::new(None),
             drains: Mutex::new(None),
             rt,
         };
-        let state = HubStore::state(&store)?;
-        store.changes.send_replace(state);
+        // One attempt: the state's follower reads it again until it can.
+        let (mut c, key) = (store.client.clone(), store.keys.state());
+        let first = block(store.rt.handle(), "read the state", async move {
+            attempt(c.get(key, None)).await
+        })
+        .and_then(|r| match r.kvs().first() {
+            None => Ok(HubState::default()),
+            Some(kv) => parse(&store.keys.state(), kv.value()),
+        });
+        match first {
+            Ok(state) => {
+                store.changes.send_replace(state);
+            }
+            Err(e) => {
+                store.standing.failed(&e);
+                warn!(hub = %store.name, error = %e, "etcd does not answer: this hub starts cut off (it changes nothing and answers no schedule until etcd does; the proxy and DNS serve)");
+            }
+        }
         store.rt.handle().spawn(follow(
             store.client.clone(),
             store.keys.clone(),
             store.changes.clone(),
+            store.standing.clone(),
         ));
         let (tx, rx) = tokio::sync::mpsc::channel(SHARED);
         *store.reports.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
@@ -268,14 +304,7 @@ impl EtcdStore {
             // The reason etcd gave, kept over a later attempt that only ran out of time.
             let mut cause = None;
             loop {
-                let r = tokio::time::timeout(ATTEMPT_TIMEOUT, f(client.clone()))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(etcd_client::Error::IoError(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no answer within {ATTEMPT_TIMEOUT:?}"),
-                        )))
-                    });
+                let r = attempt(f(client.clone())).await;
                 match r {
                     Err(e) if passes(&e) && Instant::now() + pause < until => {
                         if !timed_out(&e) {
@@ -466,6 +495,20 @@ fn passes(e: &etcd_client::Error) -> bool {
     )
 }
 
+/// One attempt at an etcd call: at most [`ATTEMPT_TIMEOUT`].
+async fn attempt<T>(
+    call: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, etcd_client::Error> {
+    tokio::time::timeout(ATTEMPT_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(etcd_client::Error::IoError(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {ATTEMPT_TIMEOUT:?}"),
+            )))
+        })
+}
+
 /// Whether an attempt only ran out of time (see [`EtcdStore::call`]).
 fn timed_out(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::IoError(io) if io.kind() == std::io::ErrorKind::TimedOut)
@@ -495,8 +538,14 @@ fn block<T: Send + 'static>(
 }
 
 /// Follows the state key: every state written (by any hub) is sent to `changes`, never an
-/// older one than it holds. Reconnects after [`RETRY`] when the watch breaks.
-async fn follow(mut client: Client, keys: Keys, changes: watch::Sender<HubState>) {
+/// older one than it holds; `standing` says whether it follows now. Reconnects after
+/// [`RETRY`] when the watch breaks.
+async fn follow(
+    mut client: Client,
+    keys: Keys,
+    changes: watch::Sender<HubState>,
+    standing: Arc<Standing>,
+) {
     let key = keys.state();
     let publish = |bytes: &[u8]| match parse::<HubState>(&key, bytes) {
         Ok(s) => {
@@ -523,6 +572,7 @@ async fn follow(mut client: Client, keys: Keys, changes: watch::Sender<HubState>
                     Some(WatchOptions::new().with_start_revision(revision + 1)),
                 )
                 .await?;
+            standing.following.store(true, Ordering::Release);
             while let Some(msg) = stream.message().await? {
                 if msg.canceled() {
                     break;
@@ -536,7 +586,9 @@ async fn follow(mut client: Client, keys: Keys, changes: watch::Sender<HubState>
             Ok(())
         }
         .await;
+        standing.following.store(false, Ordering::Release);
         if let Err(e) = result {
+            standing.failed(&e);
             warn!(error = %e, "following the state in etcd failed; again in 1 s");
         }
         tokio::time::sleep(RETRY).await;
@@ -690,12 +742,14 @@ async fn keep_lease(
                 standing
                     .renewed_until
                     .store(sent + ttl_us, Ordering::Release);
+                *standing.error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 report(&name, &mut was, (true, leader));
                 tokio::time::sleep(ttl / 3).await;
             }
         }
         .await;
         if let Err(e) = result {
+            standing.failed(&e);
             if !standing.connected() {
                 standing.leader.store(false, Ordering::Release);
                 if was.0 {
@@ -968,11 +1022,21 @@ impl HubStore for EtcdStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let connected = self.standing.connected();
         Some(ClusterView {
             hub: self.name.clone(),
-            connected: self.standing.connected(),
+            connected,
             leader,
             hubs,
+            error: if connected {
+                None
+            } else {
+                self.standing
+                    .error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            },
         })
     }
 }

@@ -17,6 +17,18 @@ use crate::sync::protocol::{AgentView, Fleet, Report, SharedReport};
 pub const MAX_AGENTS: usize = 4096;
 /// Longest `error` text kept from a report.
 const MAX_REPORT_ERROR: usize = 1024;
+/// Longest `hub` URL kept from a report.
+const MAX_REPORT_HUB: usize = 256;
+
+/// Cuts a report's free texts to what the hub keeps.
+fn bound(report: &mut Report) {
+    if let Some(e) = report.error.as_mut() {
+        truncate(e, MAX_REPORT_ERROR);
+    }
+    if let Some(h) = report.hub.as_mut() {
+        truncate(h, MAX_REPORT_HUB);
+    }
+}
 
 impl Hub {
     /// Records an agent's report. Refused: a bad name or `serve` address (400), a new name
@@ -26,9 +38,7 @@ impl Hub {
         report
             .serve_addr()
             .map_err(|e| HubError::Bad(format!("report of {name}: {e}")))?;
-        if let Some(e) = report.error.as_mut() {
-            truncate(e, MAX_REPORT_ERROR);
-        }
+        bound(&mut report);
         let now = self.now_us();
         self.record(name, report.clone(), now)?;
         if self.store.standing().is_some() {
@@ -58,9 +68,7 @@ impl Hub {
             warn!(agent = %agent, "ignoring a shared report that this hub would refuse");
             return;
         }
-        if let Some(e) = report.error.as_mut() {
-            truncate(e, MAX_REPORT_ERROR);
-        }
+        bound(&mut report);
         let newer = self
             .reports
             .lock()

@@ -240,6 +240,17 @@ fn time(hub: &Hub, receive_us: i64) -> Answer {
 }
 
 async fn schedule(hub: &Hub, wait: Option<u64>, shutdown: &CancellationToken) -> Answer {
+    // A hub cut off from the others' state may be behind it: agents ask another hub.
+    if let Some(c) = hub.cluster().filter(|c| !c.connected) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "hub {} is cut off from etcd ({}): its schedule may be behind; ask another hub",
+                c.hub,
+                c.error.as_deref().unwrap_or("no lease renewed")
+            ),
+        );
+    }
     match wait {
         None => json(StatusCode::OK, &hub.schedule()),
         Some(v) => json(

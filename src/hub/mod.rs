@@ -84,16 +84,22 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Hub {
     /// A hub over `store`, its state read from it (changeset numbers recorded ahead of the
-    /// clock brought back first: [`HubState::heal`]).
+    /// clock brought back first: [`HubState::heal`]). A store shared with other hubs gives
+    /// the state it follows, which it may not have yet (etcd not answering): the hub then
+    /// starts cut off and takes the state when it arrives ([`Hub::run`]).
     pub fn new(
         store: Arc<dyn HubStore>,
         settings: Settings,
         clock: Clock,
         metrics: HubMetrics,
     ) -> Result<Arc<Hub>, StoreError> {
-        let mut state = store.state()?;
+        let mut state = match (store.standing(), store.changes()) {
+            (Some(_), Some(followed)) => followed.borrow().clone(),
+            _ => store.state()?,
+        };
+        // (Nothing to heal in the empty state of a hub that has not read it yet.)
         if let Some(healed) = state.heal(clock()) {
-            // Nobody else writes the store yet (it is locked to this process).
+            // A compare-and-swap: a change made meanwhile (another hub's) wins.
             if store.swap_state(state.version, &healed.state)? {
                 warn!(
                     origins = ?healed.origins,

@@ -331,6 +331,18 @@ impl HttpClient {
         &self.target().url
     }
 
+    /// Moves to the next target, for when the current one answers but cannot serve (a hub
+    /// cut off from the others' state); the URL moved to, `None` with a single target.
+    pub fn move_on(&self) -> Option<&str> {
+        let n = self.targets.len();
+        if n < 2 {
+            return None;
+        }
+        let next = (self.current.load(Ordering::Relaxed) + 1) % n;
+        self.current.store(next, Ordering::Relaxed);
+        Some(&self.targets[next].url)
+    }
+
     /// Whether every remote is on this host (`localhost` or a loopback address): the one
     /// case where plain HTTP and bearer tokens are acceptable.
     pub fn is_loopback(&self) -> bool {

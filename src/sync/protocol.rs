@@ -240,6 +240,9 @@ pub struct Report {
     /// Where it serves its active release (`ip:port`, see [`parse_serve`]).
     #[serde(default)]
     pub serve: Option<String>,
+    /// The hub it talks to now (the URL from its `hub:` list; several hubs: `sync.cluster`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
 }
 
 impl Report {
@@ -416,6 +419,9 @@ pub struct ClusterView {
     pub leader: Option<String>,
     /// The live hubs registered in etcd, as last seen (this one included).
     pub hubs: Vec<String>,
+    /// Why it is cut off (etcd's last error: unreachable, a refused certificate), while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[cfg(test)]

@@ -117,9 +117,14 @@ fn two_hubs_racing_each_cycle_advance_have_one_winner_every_time() {
 /// A hub configured with `sync.cluster` on the etcd, as the farm harness starts it, once it
 /// says it reaches etcd (until then it answers no schedule).
 fn hub_on(etcd: &Etcd, name: &str, members: &[usize]) -> Farm {
+    joined(hub_started(etcd, name, members))
+}
+
+/// A hub as [`hub_on`] starts it, whether or not it reaches etcd.
+fn hub_started(etcd: &Etcd, name: &str, members: &[usize]) -> Farm {
     let all = etcd.endpoints();
     let list: Vec<_> = members.iter().map(|&i| all[i].clone()).collect();
-    joined(Farm::with_sync(
+    Farm::with_sync(
         "500ms",
         "1s",
         &format!(
@@ -128,7 +133,7 @@ fn hub_on(etcd: &Etcd, name: &str, members: &[usize]) -> Farm {
              - {{ name: b, address: \"127.0.0.1:10\" }}\n",
             list.join(", ")
         ),
-    ))
+    )
 }
 
 /// `farm` once its hub reaches etcd.
@@ -348,7 +353,24 @@ fn hubs_share_releases_and_blobs_and_a_cut_off_hub_catches_up() {
         agent.release().as_deref() == Some(v2.as_str())
     });
 
+    // An appliance started while etcd does not answer it runs (its admin API, proxy and DNS
+    // serve), cut off, and joins when etcd is back.
+    let d = hub_started(&etcd, "hub-d", &[2]);
+    assert!(
+        ready(&d).contains("hub=hub-d etcd=unreachable"),
+        "{}",
+        ready(&d)
+    );
+    assert!(
+        d.hub_log().contains("etcd does not answer"),
+        "{}",
+        d.hub_log()
+    );
+
     etcd.resume(2);
+    wait::until_blocking("D to join and take v2", DEADLINE, logs, || {
+        ready(&d).contains("etcd=connected") && d.schedule()["version"] == a.schedule()["version"]
+    });
     wait::until_blocking("B to catch up with v2", DEADLINE, logs, || {
         let s = b.schedule();
         s["staged"].as_str() == Some(v2.as_str()) || s["active"].as_str() == Some(v2.as_str())

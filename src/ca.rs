@@ -355,8 +355,8 @@ impl Ca {
         })
     }
 
-    /// [`Ca::issue`], written into `out` as `NAME.crt` and `NAME.key` (0600), refusing to
-    /// replace either: the record and the two paths.
+    /// [`Ca::issue`], written into `out` (made if missing) as `NAME.crt` and `NAME.key`
+    /// (0600), refusing to replace either: the record and the two paths.
     pub fn issue_into(
         &mut self,
         who: &Identity,
@@ -375,6 +375,11 @@ impl Ca {
                 )));
             }
         }
+        // Before the issue is recorded: a certificate is only recorded once it can be written.
+        std::fs::create_dir_all(out).map_err(|source| CaError::Io {
+            path: out.to_path_buf(),
+            source,
+        })?;
         let issued = self.issue(who, dns, ips, valid_days)?;
         create_file(&key, issued.key.as_bytes(), 0o600)?;
         create_file(&crt, issued.cert.as_bytes(), 0o644)?;

@@ -697,3 +697,129 @@ fn a_hub_reaches_an_etcd_that_checks_client_certificates() {
     assert_eq!(r.status.as_u16(), 503, "{}", r.body);
     assert!(p.running(), "{}", p.log());
 }
+
+fn several(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/examples/several")
+        .join(name)
+}
+
+/// deploy/examples/several, as README "Several appliances" tells operators to use it: the
+/// appliance's config passes `lockstep check` with the files it names made by `lockstep ca`;
+/// keepalived's `--config-test` accepts keepalived.conf (its check script included); etcd
+/// knows every variable etcd.env sets.
+#[test]
+fn the_several_appliances_examples_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(several("appliance.yaml"), d.join("appliance.yaml")).unwrap();
+    let lockstep = |args: &[&str]| {
+        let o = Command::new(BIN)
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        let said =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "lockstep {args:?}: {said}");
+        said
+    };
+    lockstep(&["ca", "--dir", "ca", "init"]);
+    // The sync API's certificate from the farm CA, and (here from the same CA) the client
+    // certificate etcd asks for.
+    for (out, party) in [("tls", "hub-a"), ("etcd", "etcd-hub-a")] {
+        lockstep(&[
+            "ca",
+            "--dir",
+            "ca",
+            "issue",
+            party,
+            "--role",
+            "hub",
+            "--ip",
+            "10.0.0.11",
+            "--out",
+            out,
+        ]);
+        for ext in ["crt", "key"] {
+            let dir = d.join(out);
+            std::fs::rename(
+                dir.join(format!("{party}.{ext}")),
+                dir.join(format!("hub.{ext}")),
+            )
+            .unwrap();
+        }
+    }
+    std::fs::copy(d.join("ca/ca.crt"), d.join("etcd/ca.crt")).unwrap();
+    let said = lockstep(&["check", "-c", "appliance.yaml"]);
+    assert!(
+        said.contains("2 pool(s)") && said.contains("dns, sync"),
+        "{said}"
+    );
+
+    // keepalived drops to the check script's user to look at the script: as root, its config
+    // test then ends by signal, so it runs as that user (nobody) here, on a copy it can read.
+    common::process::require_tool("keepalived", "keepalived");
+    let kdir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(kdir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let conf = kdir.path().join("keepalived.conf");
+    std::fs::copy(several("keepalived.conf"), &conf).unwrap();
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let test = |conf: &std::path::Path| {
+        let mut cmd = if rustix::process::geteuid().is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "nobody", "--", "keepalived"]);
+            c
+        } else {
+            Command::new("keepalived")
+        };
+        cmd.arg("--config-test")
+            .arg("-f")
+            .arg(conf)
+            .output()
+            .unwrap()
+    };
+    let o = test(&conf);
+    assert!(
+        o.status.success(),
+        "keepalived --config-test: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The test can fail: a script that is not there is refused.
+    let broken = kdir.path().join("broken.conf");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &broken,
+        text.replace("/usr/bin/curl", "/usr/bin/no-such-curl"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(!test(&broken).status.success());
+
+    // Every ETCD_X of etcd.env is a flag --x etcd knows.
+    common::process::require_tool("etcd", "etcd-server");
+    let help = Command::new("etcd").arg("--help").output().unwrap();
+    let help =
+        String::from_utf8_lossy(&help.stdout).to_string() + &String::from_utf8_lossy(&help.stderr);
+    let env = std::fs::read_to_string(several("etcd.env")).unwrap();
+    let vars: Vec<&str> = env
+        .lines()
+        .filter(|l| l.starts_with("ETCD_"))
+        .map(|l| l.split('=').next().unwrap())
+        .collect();
+    assert!(vars.len() > 10, "{env}");
+    for var in vars {
+        let flag = format!(
+            "--{} ",
+            var.trim_start_matches("ETCD_")
+                .to_lowercase()
+                .replace('_', "-")
+        );
+        assert!(
+            help.contains(&flag),
+            "etcd.env sets {var}: etcd has no {flag}"
+        );
+    }
+}

@@ -102,6 +102,30 @@ fn two_hubs_racing_each_cycle_advance_have_one_winner_every_time() {
         }
     }
 
+    // A swap whose answer was lost (an etcd leader killed mid-request), then built upon by the
+    // other hub before the read-back: still the first hub's win, found in the state's history;
+    // a rival state of the same version is not; a swap not applied is neither (try again).
+    let s0 = hubs[0].state().unwrap();
+    let bump = |s: &HubState, cycles: u64| HubState {
+        version: s.version + 1,
+        cycle: s.cycle + cycles,
+        ..s.clone()
+    };
+    let mine = bump(&s0, 1);
+    assert!(hubs[0].swap_state(s0.version, &mine).unwrap());
+    let theirs = bump(&mine, 1);
+    assert!(hubs[1].swap_state(mine.version, &theirs).unwrap());
+    assert!(hubs[1]
+        .swap_state(theirs.version, &bump(&theirs, 1))
+        .unwrap());
+    assert_eq!(hubs[0].resolve(s0.version, &mine).unwrap(), Some(true));
+    assert_eq!(
+        hubs[0].resolve(s0.version, &bump(&s0, 5)).unwrap(),
+        Some(false)
+    );
+    let now = hubs[0].state().unwrap();
+    assert_eq!(hubs[0].resolve(now.version, &bump(&now, 1)).unwrap(), None);
+
     // Exactly one leads; when it goes, the other takes over within its lease.
     wait::until_blocking("one hub to lead", DEADLINE, String::new, || {
         hubs.iter().filter(|h| h.leads()).count() == 1

@@ -33,7 +33,7 @@ use etcd_client::{
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::keys::{Beside, Keys};
 use crate::config::cluster::Cluster;
@@ -363,19 +363,66 @@ impl EtcdStore {
         Ok(r.succeeded())
     }
 
-    /// A swap etcd did not answer: read the state back until it tells whether `new` was
-    /// written (true), another change won (false), or nothing happened (`None`: try again).
-    fn resolve(&self, expected: u64, new: &HubState) -> Result<Option<bool>, StoreError> {
+    /// A swap of the state from version `expected` to `new` that etcd did not answer: reads
+    /// the state back until it tells whether `new` was written (true), another change won
+    /// (false), or nothing happened (`None`: try again). When the state has moved on since,
+    /// its history tells which state followed `expected` ([`EtcdStore::was_written`]): a
+    /// swap that was applied and then built upon is still this caller's win. Public for the
+    /// tests, which cannot lose an answer on purpose.
+    pub fn resolve(&self, expected: u64, new: &HubState) -> Result<Option<bool>, StoreError> {
         let deadline = Instant::now() + RESOLVE_FOR;
+        let key = self.keys.state();
         loop {
-            match HubStore::state(self) {
-                Ok(s) if s == *new => return Ok(Some(true)),
-                Ok(s) if s.version != expected => return Ok(Some(false)),
-                Ok(_) => return Ok(None),
-                Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            let read = self
+                .get(key.clone())
+                .and_then(|kv| match kv {
+                    None => Ok((HubState::default(), 0)),
+                    Some(kv) => Ok((parse::<HubState>(&key, kv.value())?, kv.mod_revision())),
+                })
+                .and_then(|(s, revision)| match s {
+                    s if s == *new => Ok(Some(true)),
+                    s if s.version == expected => Ok(None),
+                    s if s.version < new.version => Ok(Some(false)),
+                    _ => self.was_written(new, revision).map(Some),
+                });
+            match read {
+                Err(e) if Instant::now() < deadline => {
+                    debug!(error = %e, "looking up a swap's outcome again");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                outcome => return outcome,
             }
         }
+    }
+
+    /// Whether `new` is the state written at its version, looking back through the state
+    /// key's history from the value written at `revision` (one read per state since; an error
+    /// when etcd has compacted that history away, rather than a guess).
+    fn was_written(&self, new: &HubState, mut revision: i64) -> Result<bool, StoreError> {
+        let key = self.keys.state();
+        // Changes are a few per second at most: a few dozen is far more than a lookup takes.
+        for _ in 0..64 {
+            let (k, before) = (key.clone(), revision - 1);
+            let kv = self.call("read the state's history", move |mut c| {
+                let k = k.clone();
+                Box::pin(async move {
+                    let mut r = c
+                        .get(k, Some(GetOptions::new().with_revision(before)))
+                        .await?;
+                    Ok(r.take_kvs().into_iter().next())
+                })
+            })?;
+            let Some(kv) = kv else { return Ok(false) };
+            let s: HubState = parse(&key, kv.value())?;
+            if s.version <= new.version {
+                return Ok(s == *new);
+            }
+            revision = kv.mod_revision();
+        }
+        Err(StoreError::Shared {
+            action: "look up a swap's outcome",
+            reason: "the state changed too often since".into(),
+        })
     }
 
     /// The value of a JSON key, parsed; `None` if absent.

@@ -25,7 +25,8 @@
 # directory.
 # CLUSTER=1: two appliances' hubs sharing the state in a three-member etcd (`sync.cluster`,
 # Debian etcd-server), the agents given both hubs, publishing to the first; at the end the
-# first hub is killed (kill -9) and the time until every agent uses the second is reported.
+# first hub is killed (kill -9) a second before an activation: that flip's skew, seen from
+# outside, and the time until every agent uses the second hub are reported.
 # TRUST=1: the farm as it runs between hosts: a farm CA (`lockstep ca`), mutual TLS on every
 # link (hub, agents, publisher each with its own certificate), releases signed
 # (`lockstep keygen`, `publish --sign-key`) and verified by every agent (`trusted_keys`).
@@ -276,7 +277,13 @@ manifest=$(curl -s "${curl_auth[@]}" "$hub/sync/v1/releases/$r" | wc -c)
 echo "web-1 fetched $((n1 - n0)) blob(s), $((b1 - b0)) bytes of blobs, plus the manifest ($manifest bytes); the changed file is $(stat -c %s big/d3/f1600.html) bytes"
 
 if [ -n "${CLUSTER:-}" ]; then
-  echo "== failover: kill -9 of the agents' hub =="
+  echo "== failover: kill -9 of the agents' hub 1 s before an activation =="
+  site 999; r=$(publish site +3s); echo "$r" > releases-kill.txt
+  at_us=$(tail -n1 at.txt)
+  "$watch" --seconds 8 --at-file at.txt "${addrs[@]}" > flips-kill.jsonl &
+  kill_watch=$!
+  # Until a second before the activation, on this host's clock (the hub's: same host).
+  python3 -c "import time; time.sleep(max(0, ($at_us / 1e6 - 1) - time.time()))"
   t0=$(date +%s%N)
   kill -9 "$hub_pid"
   for _ in $(seq 1 600); do
@@ -285,6 +292,9 @@ if [ -n "${CLUSTER:-}" ]; then
     sleep 0.05
   done
   t1=$(date +%s%N)
+  wait "$kill_watch"
+  echo "the flip a second after the kill, from outside (flipwatch on all $agents agents):"
+  python3 skew.py "$agents" releases-kill.txt flips-kill.jsonl
   # Seen from here (every 50 ms): the faketime agents' own log times are an hour off.
   echo "$moved of $agents agents moved to the other hub within $(python3 -c "print(f'{($t1 - $t0) / 1e9:.2f}')") s of the kill (the long poll is 25 s)"
 fi

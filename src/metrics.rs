@@ -47,6 +47,13 @@ pub struct ListenerLabels {
     pub listener: String,
 }
 
+/// Labels with a route only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route name (`name:`, else `route N`).
+    pub route: String,
+}
+
 /// Labels of the reload counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -77,6 +84,8 @@ pub struct Metrics {
     pub connections_refused: Family<ListenerLabels, Counter>,
     /// Upgraded (WebSocket) tunnels open now, by listener.
     pub tunnels: Family<ListenerLabels, Gauge>,
+    /// Requests refused (429) by a route's rate limit.
+    pub rate_limited: Family<RouteLabels, Counter>,
     /// Connections open on the admin listener, and those refused at its cap.
     pub admin_connections: (Gauge, Counter),
     /// Connections open on the sync API, and those refused at its cap.
@@ -103,6 +112,7 @@ impl Metrics {
             connections: Family::default(),
             connections_refused: Family::default(),
             tunnels: Family::default(),
+            rate_limited: Family::default(),
             admin_connections: Default::default(),
             sync_connections: Default::default(),
         };
@@ -151,6 +161,11 @@ impl Metrics {
             "upgraded_connections",
             "Upgraded (WebSocket) tunnels open now",
             m.tunnels.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by a route's rate_limit",
+            m.rate_limited.clone(),
         );
         for (what, (open, refused)) in [
             ("admin", &m.admin_connections),

@@ -374,6 +374,7 @@ fn check_example_config_with_its_tls_files_prints_ok() {
     std::fs::write(dir.path().join("tls/farm.key"), ck.key_pair.serialize_pem()).unwrap();
     std::fs::write(dir.path().join("tls/sync.crt"), ck.cert.pem()).unwrap();
     std::fs::write(dir.path().join("tls/sync.key"), ck.key_pair.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("maintenance.html"), "<h1>back soon</h1>\n").unwrap();
     // etcd's CA and the hub's client certificate (sync.cluster.tls): self-signed, only parsed.
     std::fs::create_dir(dir.path().join("etcd")).unwrap();
     std::fs::write(dir.path().join("etcd/ca.crt"), ck.cert.pem()).unwrap();

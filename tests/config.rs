@@ -1630,6 +1630,7 @@ fn example_in_tempdir() -> (tempfile::TempDir, PathBuf) {
     std::fs::write(dir.path().join("etcd/lb-1.crt"), cert).unwrap();
     std::fs::write(dir.path().join("etcd/lb-1.key"), key).unwrap();
     lockstep::ca::Ca::init(&dir.path().join("ca"), "example").unwrap();
+    std::fs::write(dir.path().join("maintenance.html"), "<h1>back soon</h1>\n").unwrap();
     write_private(&dir.path().join("agent.token"), "agent-secret");
     write_private(&dir.path().join("publish.token"), "publish-secret");
     write_private(&dir.path().join("admin.token"), "admin-secret");
@@ -1763,11 +1764,13 @@ fn example_config_without_its_files_says_which_files_are_missing() {
     std::fs::copy(example_path(), &path).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     let errs = config::load(&path).expect_err("the TLS, token and key files are missing");
-    // The listener's certificate, the two token files, the trusted key, the sync API's
-    // certificate, the farm CA's certificate and its directory, etcd's CA, the admin token.
-    assert_eq!(errs.0.len(), 9, "{errs}");
+    // The listener's certificate, the maintenance page, the two token files, the trusted
+    // key, the sync API's certificate, the farm CA's certificate and its directory, etcd's
+    // CA, the admin token.
+    assert_eq!(errs.0.len(), 10, "{errs}");
     for (e, file) in errs.0.iter().zip([
         "tls/farm.crt",
+        "maintenance.html",
         "agent.token",
         "publish.token",
         "publisher.key.pub",
@@ -1986,7 +1989,15 @@ fn example_config_documents_the_real_defaults() {
     let lines: Vec<&str> = text.lines().collect();
     let mut problems = Vec::new();
     for (key, want) in wants {
-        let Some(i) = first_key_line(&lines, key) else {
+        // `rate_limit:` of a route comes first; the one with a default is DNS's (rrl:).
+        let from = match key {
+            "rate_limit" => lines
+                .iter()
+                .position(|l| l.starts_with("dns:"))
+                .unwrap_or(0),
+            _ => 0,
+        };
+        let Some(i) = first_key_line(&lines[from..], key).map(|i| i + from) else {
             problems.push(format!("`{key}:` missing"));
             continue;
         };

@@ -11,6 +11,7 @@ pub mod duration;
 pub mod error;
 pub mod gc;
 pub mod raw;
+pub mod route;
 pub mod size;
 pub mod sync;
 pub mod tls;
@@ -77,7 +78,7 @@ pub struct Config {
     pub file: PathBuf,
     /// Proxy listeners.
     pub listeners: Vec<Listener>,
-    /// Routes, first match wins; `Route::pool` indexes `pools`.
+    /// Routes, first match wins; a `rules::Action::Pool` indexes `pools`.
     pub routes: Vec<Route>,
     /// Pools of backends.
     pub pools: Vec<Pool>,

@@ -85,12 +85,98 @@ pub struct RawListenerTimeouts {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
+    /// Its name in logs and metrics.
+    pub name: Option<S<String>>,
+    /// The listeners whose requests it matches; absent = every listener's.
+    pub listeners: Option<Vec<S<String>>>,
     /// Exact host or `*.suffix`; absent = any host.
     pub host: Option<S<String>>,
     /// Path prefix; absent = `/`.
     pub path_prefix: Option<S<String>>,
-    /// Name of the pool that serves it.
-    pub pool: S<String>,
+    /// Name of the pool that serves it (or `redirect`, or `respond`).
+    pub pool: Option<S<String>>,
+    /// Answer with a redirect instead.
+    pub redirect: Option<RawRedirect>,
+    /// Answer with a fixed response instead.
+    pub respond: Option<RawRespond>,
+    /// Replaces the path prefix before forwarding.
+    pub rewrite_prefix: Option<S<String>>,
+    /// Edits of the forwarded request's headers.
+    pub request_headers: Option<RawHeaderEdits>,
+    /// Edits of the response's headers.
+    pub response_headers: Option<RawHeaderEdits>,
+    /// `Strict-Transport-Security` on responses over TLS.
+    pub hsts: Option<RawHsts>,
+    /// Per-client rate limit.
+    pub rate_limit: Option<RawRateLimit>,
+}
+
+/// A route's redirect.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedirect {
+    /// `http` or `https`.
+    pub scheme: Option<S<String>>,
+    /// Another host.
+    pub host: Option<S<String>>,
+    /// Another port.
+    pub port: Option<S<u16>>,
+    /// Replaces the route's path prefix.
+    pub prefix: Option<S<String>>,
+    /// 301, 302, 303, 307 or 308.
+    pub status: Option<S<u16>>,
+}
+
+/// A route's fixed response.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRespond {
+    /// Its status.
+    pub status: Option<S<u16>>,
+    /// Its body, inline.
+    pub body: Option<S<String>>,
+    /// Its body, from a file.
+    pub body_file: Option<S<String>>,
+    /// Its `Content-Type`.
+    pub content_type: Option<S<String>>,
+}
+
+/// Header edits: names to values (set, add), names (remove).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderEdits {
+    /// Replaced.
+    pub set: Option<std::collections::HashMap<S<String>, S<String>>>,
+    /// Appended.
+    pub add: Option<std::collections::HashMap<S<String>, S<String>>>,
+    /// Removed.
+    pub remove: Option<Vec<S<String>>>,
+}
+
+/// HSTS of a route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHsts {
+    /// How long browsers keep to HTTPS.
+    pub max_age: Option<S<String>>,
+    /// Subdomains too.
+    pub include_subdomains: Option<bool>,
+    /// Ask to be preloaded in browsers.
+    pub preload: Option<S<bool>>,
+}
+
+/// A route's per-client rate limit.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// Requests allowed per `per`.
+    pub requests: S<u32>,
+    /// The period of `requests`.
+    pub per: Option<S<String>>,
+    /// Requests allowed at once after a quiet spell.
+    pub burst: Option<S<u32>>,
+    /// `client_ip` or `header:NAME`.
+    pub key: Option<S<String>>,
 }
 
 /// One pool of backends.

@@ -10,10 +10,9 @@ use ipnet::IpNet;
 use serde_saphyr::Spanned;
 
 use super::check::Ctx;
-use super::error::nearest;
 use super::raw::*;
 use super::*;
-use crate::router::route::{HostMatch, Route};
+use crate::router::route::HostMatch;
 
 /// YAML → raw structs (see [`super::yaml::parse`]).
 pub(super) fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigErrors> {
@@ -26,7 +25,7 @@ pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErro
 
     let listeners = listeners(&mut cx, &raw.listeners);
     let (pools, pool_index) = pools(&mut cx, &raw.pools);
-    let routes = routes(&mut cx, &raw.routes, &pool_index);
+    let routes = super::route::routes(&mut cx, &raw.routes, &pool_index, &listeners);
     if !raw.listeners.is_empty() && raw.routes.is_empty() {
         cx.errors.push(ConfigError::at(
             file,
@@ -460,58 +459,6 @@ fn health(cx: &mut Ctx<'_>, h: &RawHealth) -> HealthCheck {
         rise,
         fall,
     }
-}
-
-fn routes(cx: &mut Ctx<'_>, raw: &[RawRoute], pools: &HashMap<String, usize>) -> Vec<Route> {
-    let mut out = Vec::new();
-    for r in raw {
-        let host = match &r.host {
-            None => None,
-            Some(h) => match HostMatch::parse(&h.value) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    cx.err(h, format!("route host `{}`: {e}", h.value));
-                    None
-                }
-            },
-        };
-        let path_prefix = match &r.path_prefix {
-            None => "/".to_string(),
-            Some(p) if !p.value.starts_with('/') => {
-                cx.err(p, format!("path_prefix `{}` must start with /", p.value));
-                "/".to_string()
-            }
-            Some(p) => p.value.clone(),
-        };
-        match pools.get(&r.pool.value) {
-            Some(&pool) => out.push(Route {
-                host,
-                path_prefix,
-                pool,
-            }),
-            None => {
-                let hint = match nearest(&r.pool.value, pools.keys().map(String::as_str)) {
-                    Some(n) => format!("did you mean `{n}`?"),
-                    None if pools.is_empty() => {
-                        "there are no pools: add one under `pools:`".to_string()
-                    }
-                    None => {
-                        let mut names: Vec<&str> = pools.keys().map(String::as_str).collect();
-                        names.sort_unstable();
-                        format!("pools are: {}", names.join(", "))
-                    }
-                };
-                cx.err(
-                    &r.pool,
-                    format!(
-                        "route to pool `{}`, which does not exist: {hint}",
-                        r.pool.value
-                    ),
-                );
-            }
-        }
-    }
-    out
 }
 
 fn admin(cx: &mut Ctx<'_>, raw: Option<&RawAdmin>) -> Admin {

@@ -19,6 +19,7 @@ use crate::metrics::{BackendLabels, Metrics, PoolLabels, RequestLabels};
 use crate::router::balance::{Balancer, Load, Member};
 use crate::router::ewma::Ewma;
 use crate::router::health::{ActiveHealth, Ejection};
+use crate::router::ratelimit::{Limiter, DEFAULT_MAX_KEYS};
 use crate::router::route::RouteTable;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -33,8 +34,19 @@ pub struct Table {
     pub generation: u64,
     /// Host/path → pool index.
     pub routes: RouteTable,
+    /// Each route's rate limiter (by route index), with its refusal counter.
+    pub limiters: Vec<Option<Arc<RouteLimiter>>>,
     /// Pools in config order.
     pub pools: Vec<Arc<PoolState>>,
+}
+
+/// A route's rate limiter and its `lockstep_rate_limited_total` counter. Kept across a reload
+/// when the route keeps its name and limit, so a reload resets no client's bucket.
+pub struct RouteLimiter {
+    /// The buckets.
+    pub limiter: Limiter,
+    /// Requests it refused.
+    pub refused: Counter,
 }
 
 /// One pool at run time.
@@ -383,9 +395,39 @@ impl Table {
                 Arc::new(PoolState::new(p.clone(), backends, metrics))
             })
             .collect();
+        let limiters = config
+            .routes
+            .iter()
+            .map(|r| {
+                let limit = r.rate_limit.as_ref()?;
+                let kept = previous.and_then(|t| {
+                    t.routes
+                        .routes()
+                        .iter()
+                        .zip(&t.limiters)
+                        .find(|(o, l)| {
+                            o.name == r.name
+                                && l.as_ref().is_some_and(|l| l.limiter.limit() == limit)
+                        })
+                        .and_then(|(_, l)| l.clone())
+                });
+                Some(kept.unwrap_or_else(|| {
+                    Arc::new(RouteLimiter {
+                        limiter: Limiter::new(limit.clone(), DEFAULT_MAX_KEYS),
+                        refused: metrics
+                            .rate_limited
+                            .get_or_create(&crate::metrics::RouteLabels {
+                                route: r.name.clone(),
+                            })
+                            .clone(),
+                    })
+                }))
+            })
+            .collect();
         Table {
             generation,
             routes: RouteTable::new(config.routes.clone()),
+            limiters,
             pools,
         }
     }

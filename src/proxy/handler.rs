@@ -1,5 +1,6 @@
-//! The request path: route → pool → [`super::forward`] (pick a backend, forward, retry) →
-//! stream the answer back → count and log.
+//! The request path: route (its rate limit; a redirect or a fixed response answered here) →
+//! pool → [`super::forward`] (pick a backend, forward, retry) → stream the answer back, with
+//! the route's response header edits and HSTS → count and log.
 //!
 //! Faults are told apart: a backend that refuses or cannot be reached is a 502 (and an
 //! idempotent request without a body is retried once per `retries` on a *different*
@@ -18,9 +19,12 @@ use tracing::debug;
 
 use super::access_log;
 use super::conn::ConnCtx;
-use super::forward::{forward, plain, ResponseBody};
+use super::forward::{forward, local, plain, ResponseBody};
 use crate::net::body::ClientBody;
-use crate::pools::table::PoolState;
+use crate::pools::table::{PoolState, RouteLimiter};
+use crate::router::ratelimit::{Key, LimitKey};
+use crate::router::route::Route;
+use crate::router::rules::{Action, Fixed, Redirect, Rules};
 
 /// Serves one request. Never fails: every error becomes a response.
 pub async fn handle(
@@ -54,11 +58,39 @@ pub async fn handle(
     // A refcounted view of the host (no copy): it outlives `req`, which `forward` consumes.
     let host_ref = Host::of(&req);
     let host = host_ref.as_ref().and_then(Host::as_str);
-    let Some(pool_idx) = live.table.routes.find(host, req.uri().path()) else {
+    let Some((ri, route)) = live
+        .table
+        .routes
+        .find(&ctx.listener.name, host, req.uri().path())
+    else {
         debug!(client.addr = %ctx.peer, host = host.unwrap_or(""), path = req.uri().path(), "no route");
         let resp = plain(StatusCode::NOT_FOUND, "no route for this host and path\n");
         finish(&ctx, start, log_fields, &resp, None, None);
         return Ok(resp);
+    };
+    if let Some(limited) = live
+        .table
+        .limiters
+        .get(ri)
+        .and_then(Option::as_ref)
+        .and_then(|l| refuse_over_limit(&ctx, l, &req, start))
+    {
+        let resp = decorate(&ctx, &route.rules, limited);
+        finish(&ctx, start, log_fields, &resp, None, None);
+        return Ok(resp);
+    }
+    let pool_idx = match &route.action {
+        Action::Pool(i) => *i,
+        Action::Redirect(r) => {
+            let resp = decorate(&ctx, &route.rules, redirect(&ctx, r, host, &req, route));
+            finish(&ctx, start, log_fields, &resp, None, None);
+            return Ok(resp);
+        }
+        Action::Respond(f) => {
+            let resp = decorate(&ctx, &route.rules, fixed(f));
+            finish(&ctx, start, log_fields, &resp, None, None);
+            return Ok(resp);
+        }
     };
     // Routes are validated to point at existing pools, and clients are built per pool.
     let (Some(pool), Some(client)) = (live.table.pools.get(pool_idx), live.clients.get(pool_idx))
@@ -68,12 +100,110 @@ pub async fn handle(
             "routing table inconsistent\n",
         ));
     };
+    route.rules.request_headers.apply(req.headers_mut());
+    if let Some(to) = &route.rules.rewrite_prefix {
+        rewrite(&mut req, &route.path_prefix, to);
+    }
 
     let host_value = host_ref.as_ref().and_then(Host::to_value);
     let (resp, backend) = forward(&ctx, pool, client, req, host_value).await;
+    let resp = decorate(&ctx, &route.rules, resp);
     pool.latency.observe(start.elapsed().as_secs_f64());
     finish(&ctx, start, log_fields, &resp, Some(pool), backend);
     Ok(resp)
+}
+
+/// A 429 with `Retry-After` when the route's limit refuses this request's client.
+fn refuse_over_limit(
+    ctx: &ConnCtx,
+    l: &RouteLimiter,
+    req: &Request<ClientBody>,
+    now: Instant,
+) -> Option<Response<ResponseBody>> {
+    let by = &l.limiter.limit().key;
+    let value = match by {
+        LimitKey::Header(n) => req.headers().get(n).map(HeaderValue::as_bytes),
+        LimitKey::ClientIp => None,
+    };
+    let wait = l
+        .limiter
+        .check(Key::of(by, ctx.peer.ip(), value), now)
+        .err()?;
+    l.refused.inc();
+    let mut resp = plain(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many requests: slow down (see Retry-After)\n",
+    );
+    // Whole seconds, rounded up: a client that waits that long finds a token.
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    Some(resp)
+}
+
+/// The route's redirect for this request (400 when it has no host to redirect to).
+fn redirect(
+    ctx: &ConnCtx,
+    r: &Redirect,
+    host: Option<&str>,
+    req: &Request<ClientBody>,
+    route: &Route,
+) -> Response<ResponseBody> {
+    let uri = req.uri();
+    let Some(location) = r.location(ctx.tls, host, uri.path(), uri.query(), &route.path_prefix)
+    else {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "no Host to redirect to: send a Host header\n",
+        );
+    };
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            let mut resp = plain(r.status, "redirecting\n");
+            resp.headers_mut().insert(header::LOCATION, v);
+            resp
+        }
+        Err(_) => plain(StatusCode::BAD_REQUEST, "cannot redirect this URL\n"),
+    }
+}
+
+/// The route's fixed response.
+fn fixed(f: &Fixed) -> Response<ResponseBody> {
+    let mut resp = Response::new(local(f.body.clone()));
+    *resp.status_mut() = f.status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, f.content_type.clone());
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(f.body.len()));
+    resp
+}
+
+/// The route's prefix replaced by `to` in the request's path (the query kept).
+fn rewrite(req: &mut Request<ClientBody>, prefix: &str, to: &str) {
+    let path = crate::router::rules::rewrite_prefix(req.uri().path(), prefix, to);
+    let pq = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = pq.parse().ok();
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// The route's response header edits, and HSTS over TLS.
+fn decorate(
+    ctx: &ConnCtx,
+    rules: &Rules,
+    mut resp: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    rules.response_headers.apply(resp.headers_mut());
+    if let (Some(v), true) = (&rules.hsts, ctx.tls) {
+        resp.headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, v.clone());
+    }
+    resp
 }
 
 /// The host the client asked for: `:authority` (h2, absolute-form) or `Host`. Both variants

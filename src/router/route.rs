@@ -5,6 +5,9 @@
 
 use std::borrow::Cow;
 
+use super::ratelimit::RateLimit;
+use super::rules::{Action, Rules};
+
 /// How a route matches the Host: exact name, or `*.suffix` wildcard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostMatch {
@@ -104,28 +107,40 @@ fn is_ipv6_literal(name: &str) -> bool {
         })
 }
 
-/// One route: optional host, path prefix, and the index of its pool.
+/// One route: what it matches (listeners, host, path prefix) and what it does (its
+/// [`Action`], its [`Rules`], its rate limit).
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// Its name in logs and metrics (`name:`, else `route N`, counted from 1).
+    pub name: String,
     /// Host condition; `None` matches any host, including a request without one.
     pub host: Option<HostMatch>,
     /// Path prefix, matched on segment boundaries: `"/api"` matches `/api`, `/api/` and
     /// `/api/x`, not `/apix` (a prefix ending in `/` matches below it). Empty matches every
     /// path.
     pub path_prefix: String,
-    /// Index of the pool that serves matching requests.
-    pub pool: usize,
+    /// The listeners (by name) whose requests it matches; empty: every listener's.
+    pub listeners: Vec<String>,
+    /// What it does with a matching request.
+    pub action: Action,
+    /// What it changes on the way.
+    pub rules: Rules,
+    /// Its per-client rate limit.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Route {
-    /// True when this route accepts the normalised host and the query-less path.
-    fn accepts(&self, host: Option<&str>, path: &str) -> bool {
+    /// True when this route accepts a request on `listener` for the normalised host and the
+    /// query-less path.
+    fn accepts(&self, listener: &str, host: Option<&str>, path: &str) -> bool {
         let host_ok = match (&self.host, host) {
             (None, _) => true,
             (Some(m), Some(h)) => m.matches(h),
             (Some(_), None) => false,
         };
-        host_ok && prefix_matches(&self.path_prefix, path)
+        host_ok
+            && prefix_matches(&self.path_prefix, path)
+            && (self.listeners.is_empty() || self.listeners.iter().any(|l| l == listener))
     }
 }
 
@@ -151,19 +166,25 @@ impl RouteTable {
         RouteTable { routes }
     }
 
-    /// Returns the pool of the first route matching `host` and `path`.
+    /// The first route (with its index) matching a request on `listener` for `host` and
+    /// `path`.
     ///
     /// `host` is the raw Host header / `:authority` value (may carry a port, may be
     /// uppercase, may have a trailing dot, may be None). A route without a host matches any
     /// host. The path is matched by string prefix after dropping any `?query`. Does not
     /// allocate unless the host contains uppercase letters.
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
+    pub fn find(&self, listener: &str, host: Option<&str>, path: &str) -> Option<(usize, &Route)> {
         let host = host.map(normalize_host);
         let path = path.split_once('?').map_or(path, |(p, _)| p);
         self.routes
             .iter()
-            .find(|r| r.accepts(host.as_deref(), path))
-            .map(|r| r.pool)
+            .enumerate()
+            .find(|(_, r)| r.accepts(listener, host.as_deref(), path))
+    }
+
+    /// The routes, in order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 }
 
@@ -262,28 +283,49 @@ mod tests {
 
     fn route(host: Option<&str>, prefix: &str, pool: usize) -> Route {
         Route {
+            name: format!("to {pool}"),
             host: host.map(|h| HostMatch::parse(h).expect("valid test host")),
             path_prefix: prefix.to_owned(),
-            pool,
+            listeners: Vec::new(),
+            action: Action::Pool(pool),
+            rules: Rules::default(),
+            rate_limit: None,
         }
+    }
+
+    /// The pool a request on listener `web` goes to.
+    fn pool_of(t: &RouteTable, host: Option<&str>, path: &str) -> Option<usize> {
+        t.find("web", host, path).map(|(_, r)| match r.action {
+            Action::Pool(p) => p,
+            _ => usize::MAX,
+        })
+    }
+
+    #[test]
+    fn a_route_for_some_listeners_matches_only_their_requests() {
+        let mut tls_only = route(None, "/", 1);
+        tls_only.listeners = vec!["https".into()];
+        let t = RouteTable::new(vec![tls_only, route(None, "/", 2)]);
+        assert_eq!(t.find("https", None, "/").map(|(i, _)| i), Some(0));
+        assert_eq!(t.find("http", None, "/").map(|(i, _)| i), Some(1));
     }
 
     #[test]
     fn exact_host_matches_only_that_host() {
         let t = RouteTable::new(vec![route(Some("www.farm.test"), "/", 1)]);
-        assert_eq!(t.find(Some("www.farm.test"), "/"), Some(1));
-        assert_eq!(t.find(Some("api.farm.test"), "/"), None);
-        assert_eq!(t.find(Some("farm.test"), "/"), None);
+        assert_eq!(pool_of(&t, Some("www.farm.test"), "/"), Some(1));
+        assert_eq!(pool_of(&t, Some("api.farm.test"), "/"), None);
+        assert_eq!(pool_of(&t, Some("farm.test"), "/"), None);
     }
 
     #[test]
     fn wildcard_matches_subdomains_but_not_apex() {
         let t = RouteTable::new(vec![route(Some("*.farm.test"), "/", 2)]);
-        assert_eq!(t.find(Some("a.farm.test"), "/"), Some(2));
-        assert_eq!(t.find(Some("a.b.farm.test"), "/"), Some(2));
-        assert_eq!(t.find(Some("farm.test"), "/"), None);
-        assert_eq!(t.find(Some("evilfarm.test"), "/"), None);
-        assert_eq!(t.find(Some(".farm.test"), "/"), None);
+        assert_eq!(pool_of(&t, Some("a.farm.test"), "/"), Some(2));
+        assert_eq!(pool_of(&t, Some("a.b.farm.test"), "/"), Some(2));
+        assert_eq!(pool_of(&t, Some("farm.test"), "/"), None);
+        assert_eq!(pool_of(&t, Some("evilfarm.test"), "/"), None);
+        assert_eq!(pool_of(&t, Some(".farm.test"), "/"), None);
     }
 
     #[test]
@@ -292,9 +334,9 @@ mod tests {
             route(Some("www.farm.test"), "/", 1),
             route(Some("[::1]"), "/", 2),
         ]);
-        assert_eq!(t.find(Some("www.farm.test:8080"), "/"), Some(1));
-        assert_eq!(t.find(Some("[::1]:8080"), "/"), Some(2));
-        assert_eq!(t.find(Some("[::1]"), "/"), Some(2));
+        assert_eq!(pool_of(&t, Some("www.farm.test:8080"), "/"), Some(1));
+        assert_eq!(pool_of(&t, Some("[::1]:8080"), "/"), Some(2));
+        assert_eq!(pool_of(&t, Some("[::1]"), "/"), Some(2));
         assert_eq!(normalize_host("[::1]:8080"), "[::1]");
         assert_eq!(normalize_host("[2001:DB8::1]:443"), "[2001:db8::1]");
         assert_eq!(normalize_host("10.0.0.1:80"), "10.0.0.1");
@@ -304,9 +346,9 @@ mod tests {
     #[test]
     fn host_case_and_trailing_dot_are_ignored() {
         let t = RouteTable::new(vec![route(Some("WWW.Farm.Test."), "/", 1)]);
-        assert_eq!(t.find(Some("www.FARM.test"), "/"), Some(1));
-        assert_eq!(t.find(Some("www.farm.test."), "/"), Some(1));
-        assert_eq!(t.find(Some("WWW.FARM.TEST.:443"), "/"), Some(1));
+        assert_eq!(pool_of(&t, Some("www.FARM.test"), "/"), Some(1));
+        assert_eq!(pool_of(&t, Some("www.farm.test."), "/"), Some(1));
+        assert_eq!(pool_of(&t, Some("WWW.FARM.TEST.:443"), "/"), Some(1));
     }
 
     #[test]
@@ -325,9 +367,9 @@ mod tests {
             route(Some("*.farm.test"), "/", 2),
             route(Some("www.farm.test"), "/", 3),
         ]);
-        assert_eq!(t.find(Some("www.farm.test"), "/api/users"), Some(1));
+        assert_eq!(pool_of(&t, Some("www.farm.test"), "/api/users"), Some(1));
         // Route 3 is shadowed by the earlier wildcard.
-        assert_eq!(t.find(Some("www.farm.test"), "/index.html"), Some(2));
+        assert_eq!(pool_of(&t, Some("www.farm.test"), "/index.html"), Some(2));
     }
 
     #[test]
@@ -336,35 +378,35 @@ mod tests {
             route(Some("www.farm.test"), "/", 1),
             route(None, "/", 9),
         ]);
-        assert_eq!(t.find(Some("other.example"), "/"), Some(9));
-        assert_eq!(t.find(None, "/"), Some(9));
-        assert_eq!(t.find(Some(""), "/"), Some(9));
+        assert_eq!(pool_of(&t, Some("other.example"), "/"), Some(9));
+        assert_eq!(pool_of(&t, None, "/"), Some(9));
+        assert_eq!(pool_of(&t, Some(""), "/"), Some(9));
     }
 
     #[test]
     fn host_route_does_not_match_request_without_host() {
         let t = RouteTable::new(vec![route(Some("www.farm.test"), "/", 1)]);
-        assert_eq!(t.find(None, "/"), None);
+        assert_eq!(pool_of(&t, None, "/"), None);
     }
 
     #[test]
     fn path_prefix_matches_on_segment_boundaries_of_the_path_without_query() {
         let t = RouteTable::new(vec![route(None, "/api/", 1), route(None, "/static", 2)]);
-        assert_eq!(t.find(None, "/api/v1?x=1"), Some(1));
-        assert_eq!(t.find(None, "/api"), None);
+        assert_eq!(pool_of(&t, None, "/api/v1?x=1"), Some(1));
+        assert_eq!(pool_of(&t, None, "/api"), None);
         // `/static` is the segment, not a string prefix: `/staticfiles` is another path.
-        assert_eq!(t.find(None, "/staticfiles/a.css"), None);
-        assert_eq!(t.find(None, "/static"), Some(2));
-        assert_eq!(t.find(None, "/static/a.css"), Some(2));
+        assert_eq!(pool_of(&t, None, "/staticfiles/a.css"), None);
+        assert_eq!(pool_of(&t, None, "/static"), Some(2));
+        assert_eq!(pool_of(&t, None, "/static/a.css"), Some(2));
         // The query is not part of the path: "/?/api/" has path "/".
-        assert_eq!(t.find(None, "/?/api/"), None);
+        assert_eq!(pool_of(&t, None, "/?/api/"), None);
     }
 
     #[test]
     fn no_match_gives_none() {
-        assert_eq!(RouteTable::default().find(Some("a"), "/"), None);
+        assert_eq!(pool_of(&RouteTable::default(), Some("a"), "/"), None);
         let t = RouteTable::new(vec![route(Some("a.test"), "/x", 1)]);
-        assert_eq!(t.find(Some("a.test"), "/y"), None);
+        assert_eq!(pool_of(&t, Some("a.test"), "/y"), None);
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct Live {
     pub clients: Vec<Clients>,
     /// Each listener's settings and TLS acceptor, by listener name.
     pub listeners: Vec<(Arc<Listener>, Option<TlsAcceptor>)>,
+    /// Whether some pool sends the PROXY protocol (then each connection keeps the address
+    /// its client connected to).
+    pub sends_proxy: bool,
 }
 
 impl Live {
@@ -53,11 +56,13 @@ impl Live {
                             .pools
                             .iter()
                             .position(|o| {
-                                o.name == p.name && o.connect_timeout == p.connect_timeout
+                                o.name == p.name
+                                    && o.connect_timeout == p.connect_timeout
+                                    && o.send_proxy == p.send_proxy
                             })
                             .and_then(|i| prev.clients.get(i).cloned())
                     })
-                    .unwrap_or_else(|| Clients::new(p.connect_timeout))
+                    .unwrap_or_else(|| Clients::new(p.connect_timeout, p.send_proxy))
             })
             .collect();
         let listeners = config
@@ -71,6 +76,7 @@ impl Live {
             })
             .collect();
         Live {
+            sends_proxy: config.pools.iter().any(|p| p.send_proxy.is_some()),
             config,
             table,
             clients,

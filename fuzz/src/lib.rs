@@ -211,6 +211,45 @@ pub fn h1_chunked(data: &[u8]) {
     }
 }
 
+/// A PROXY protocol header as a balancer (or anyone who can reach the listener from a
+/// listed address) sends it: parsing never panics, never claims more bytes than it was given
+/// or more than the bound, and asks for more only when it means it: the header, cut short,
+/// asks for more; given whole, parses the same; and what lockstep writes for the addresses
+/// it parsed parses back to them.
+pub fn proxy_header(data: &[u8]) {
+    use lockstep::net::proxy_protocol::{encode, parse, Header, Parsed, Version, MAX_V2};
+    match parse(data) {
+        Ok(Parsed::Done(h, len)) => {
+            assert!(len <= data.len() && len <= MAX_V2);
+            for cut in 0..len {
+                match parse(&data[..cut]) {
+                    Ok(Parsed::Need(n)) => assert!(n > cut && n <= len.max(16)),
+                    other => panic!("a header cut at {cut} of {len}: {other:?}"),
+                }
+            }
+            if let Header::Proxied {
+                source,
+                destination,
+            } = h
+            {
+                for v in [Version::V1, Version::V2] {
+                    let again = encode(v, Some((source, destination)));
+                    match parse(&again) {
+                        Ok(Parsed::Done(Header::Proxied { source: s, destination: d }, n)) => {
+                            assert_eq!(n, again.len());
+                            let canon = |a: std::net::SocketAddr| (a.ip().to_canonical(), a.port());
+                            assert_eq!((canon(s), canon(d)), (canon(source), canon(destination)));
+                        }
+                        other => panic!("lockstep's own header does not parse back: {other:?}"),
+                    }
+                }
+            }
+        }
+        Ok(Parsed::Need(n)) => assert!(n > data.len() && n <= MAX_V2),
+        Err(_) => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -239,5 +278,6 @@ mod tests {
         corpus("request_path", super::request_path);
         corpus("h1_head", super::h1_head);
         corpus("h1_chunked", super::h1_chunked);
+        corpus("proxy_header", super::proxy_header);
     }
 }

@@ -125,6 +125,9 @@ pub struct Listener {
     pub max_connections: usize,
     /// HTTP/2 only (h2c by prior knowledge; with TLS, ALPN offers only h2).
     pub http2_only: bool,
+    /// Peers whose connections start with a PROXY protocol header (v1 or v2), which then
+    /// gives the client's address; empty: none (the protocol is off).
+    pub proxy_from: Vec<IpNet>,
 }
 
 /// What the `hash` policy hashes.
@@ -187,6 +190,18 @@ pub struct Pool {
     pub retries: u32,
     /// Passive ejection.
     pub passive: PassivePolicy,
+    /// The PROXY protocol version sent to the backends before each connection's first
+    /// byte, if any.
+    pub send_proxy: Option<ProxyVersion>,
+}
+
+/// A PROXY protocol version (HAProxy's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    /// Text.
+    V1,
+    /// Binary.
+    V2,
 }
 
 /// Admin settings.

@@ -51,6 +51,16 @@ pub struct RawListener {
     pub max_connections: Option<S<u32>>,
     /// Speak HTTP/2 only: h2c by prior knowledge, or only h2 offered by ALPN with TLS.
     pub http2_only: Option<S<bool>>,
+    /// The PROXY protocol from trusted balancers.
+    pub proxy_protocol: Option<RawProxyProtocol>,
+}
+
+/// A listener's PROXY protocol.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxyProtocol {
+    /// The balancers (CIDRs or addresses) whose connections start with a PROXY header.
+    pub from: Vec<S<String>>,
 }
 
 /// Certificates of a TLS listener.
@@ -199,6 +209,8 @@ pub struct RawPool {
     pub retries: Option<u32>,
     /// Passive ejection.
     pub passive: Option<RawPassive>,
+    /// Send the PROXY protocol (`v1` or `v2`) to the backends.
+    pub send_proxy: Option<S<String>>,
 }
 
 /// The balancing policies.

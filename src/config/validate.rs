@@ -193,10 +193,37 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
                 idle_timeout,
                 max_connections,
                 http2_only: l.http2_only.as_ref().is_some_and(|v| v.value),
+                proxy_from: proxy_from(cx, l.proxy_protocol.as_ref()),
             });
         }
     }
     out
+}
+
+/// A listener's `proxy_protocol.from`: at least one network (the protocol trusts what the
+/// peer says, so it is never open to everyone by default).
+fn proxy_from(cx: &mut Ctx<'_>, raw: Option<&RawProxyProtocol>) -> Vec<IpNet> {
+    let Some(p) = raw else { return Vec::new() };
+    let nets = networks(cx, Some(&p.from), "proxy_protocol source");
+    if p.from.is_empty() {
+        cx.errors.push(ConfigError::at(
+            cx.file,
+            Pos::default(),
+            "proxy_protocol.from is empty: name the balancers (CIDRs or addresses) whose connections carry a PROXY header",
+        ));
+    }
+    for raw in &p.from {
+        if IpNet::from_str(raw.value.trim()).is_ok_and(|n| n.prefix_len() == 0) {
+            cx.err(
+                raw,
+                format!(
+                    "proxy_protocol.from `{}` is every address: anyone could then claim any client address; name the balancers",
+                    raw.value
+                ),
+            );
+        }
+    }
+    nets
 }
 
 /// A listener's `tls:` certificates, loaded (errors at `cert:` or `key:`).
@@ -287,6 +314,15 @@ fn pool(cx: &mut Ctx<'_>, p: &RawPool) -> Pool {
         ),
         retries: p.retries.unwrap_or(DEFAULT_RETRIES),
         passive: passive(cx, p.passive.as_ref()),
+        send_proxy: match p.send_proxy.as_ref().map(|v| (v, v.value.as_str())) {
+            None => None,
+            Some((_, "v1")) => Some(ProxyVersion::V1),
+            Some((_, "v2")) => Some(ProxyVersion::V2),
+            Some((v, other)) => {
+                cx.err(v, format!("send_proxy `{other}`: write v1 or v2"));
+                None
+            }
+        },
     }
 }
 

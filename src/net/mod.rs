@@ -17,6 +17,8 @@
 //! - [`client`]: the control-plane HTTP(S) client (hub, peer and admin calls).
 //! - [`upstream`]: the data-path client to backends (pooled per worker thread), also used by
 //!   the active health checks.
+//! - [`proxy_protocol`]: HAProxy's PROXY protocol v1/v2: read from trusted balancers at
+//!   accept, written to backends of a pool with `send_proxy`.
 //!
 //! It knows nothing of routing, DNS or sync: it is handed bound sockets, services and a
 //! shutdown token, never an address string to bind on its own.
@@ -28,6 +30,7 @@ pub mod file_body;
 pub mod h1;
 pub mod idle;
 pub mod limit;
+pub mod proxy_protocol;
 pub mod respond;
 pub mod server;
 pub mod tls;

@@ -19,13 +19,16 @@ pub const MAX_V1: usize = 107;
 /// Longest v2 header accepted (16 bytes, addresses and TLVs); longer ones are refused.
 pub const MAX_V2: usize = 16 + 512;
 
-/// The protocol version lockstep sends to a pool's backends.
+pub use crate::config::ProxyVersion as Version;
+
+/// The client's address and the address it connected to, carried in a request's extensions
+/// to the upstream client, which writes them in the PROXY header of a pool with `send_proxy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
-    /// Text.
-    V1,
-    /// Binary.
-    V2,
+pub struct ClientAddrs {
+    /// The client.
+    pub source: SocketAddr,
+    /// Where it connected (this appliance's address, or the one the balancer's header gave).
+    pub destination: SocketAddr,
 }
 
 /// What a header says.
@@ -106,7 +109,9 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
     }
     let fields: Vec<&str> = parts.collect();
     let [src, dst, sport, dport] = fields[..] else {
-        return Err(ProxyError::V1("expected PROXY TCP4|TCP6 SRC DST SPORT DPORT"));
+        return Err(ProxyError::V1(
+            "expected PROXY TCP4|TCP6 SRC DST SPORT DPORT",
+        ));
     };
     let ip = |s: &str| -> Result<IpAddr, ProxyError> {
         let ip: IpAddr = s.parse().map_err(|_| ProxyError::V1("bad address"))?;
@@ -183,10 +188,7 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
 }
 
 /// Reads a PROXY header off `stream`, taking exactly its bytes, within `deadline`.
-pub async fn read_header(
-    stream: &mut TcpStream,
-    deadline: Duration,
-) -> Result<Header, ProxyError> {
+pub async fn read_header(stream: &mut TcpStream, deadline: Duration) -> Result<Header, ProxyError> {
     tokio::time::timeout(deadline, read_exact_header(stream))
         .await
         .map_err(|_| ProxyError::Io(format!("no whole header within {deadline:?}")))?
@@ -313,12 +315,18 @@ mod tests {
             ))
         );
         let h = b"PROXY TCP6 2001:db8::1 2001:db8::2 1 65535\r\n";
-        assert!(matches!(parse(h), Ok(Parsed::Done(Header::Proxied { .. }, 44))));
+        assert!(matches!(
+            parse(h),
+            Ok(Parsed::Done(Header::Proxied { .. }, 44))
+        ));
         assert_eq!(
             parse(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n"),
             Ok(Parsed::Done(Header::Local, 35))
         );
-        assert_eq!(parse(b"PROXY UNKNOWN\r\n"), Ok(Parsed::Done(Header::Local, 15)));
+        assert_eq!(
+            parse(b"PROXY UNKNOWN\r\n"),
+            Ok(Parsed::Done(Header::Local, 15))
+        );
     }
 
     #[test]
@@ -338,7 +346,10 @@ mod tests {
             assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         let long = [b"PROXY TCP4 ".as_slice(), &[b'1'; 120]].concat();
-        assert_eq!(parse(&long), Err(ProxyError::V1("no CRLF within 107 bytes")));
+        assert_eq!(
+            parse(&long),
+            Err(ProxyError::V1("no CRLF within 107 bytes"))
+        );
         assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(ProxyError::NotProxy));
     }
 
@@ -372,11 +383,20 @@ mod tests {
             );
         }
         // Mixed families are written as IPv6 (v4-mapped); a mapped pair as IPv4.
-        let mixed = encode(Version::V1, Some((sa("192.0.2.1:1"), sa("[2001:db8::2]:2"))));
+        let mixed = encode(
+            Version::V1,
+            Some((sa("192.0.2.1:1"), sa("[2001:db8::2]:2"))),
+        );
         assert_eq!(mixed, b"PROXY TCP6 ::ffff:192.0.2.1 2001:db8::2 1 2\r\n");
-        let mapped = encode(Version::V1, Some((sa("[::ffff:192.0.2.1]:1"), sa("[::ffff:192.0.2.2]:2"))));
+        let mapped = encode(
+            Version::V1,
+            Some((sa("[::ffff:192.0.2.1]:1"), sa("[::ffff:192.0.2.2]:2"))),
+        );
         assert_eq!(mapped, b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n");
-        assert_eq!(parse(&encode(Version::V2, None)), Ok(Parsed::Done(Header::Local, 16)));
+        assert_eq!(
+            parse(&encode(Version::V2, None)),
+            Ok(Parsed::Done(Header::Local, 16))
+        );
         assert_eq!(encode(Version::V1, None), b"PROXY UNKNOWN\r\n");
     }
 

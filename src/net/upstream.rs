@@ -35,7 +35,9 @@ use super::body::{ConnError, RequestBody};
 use super::h1::buf::{InBuf, OutBuf, BUF_SIZE};
 use super::h1::chunked;
 use super::h1::head::{push_decimal, Scan, MAX_HEADERS};
+use super::proxy_protocol::{self, ClientAddrs};
 use super::server::MAX_HEAD_BYTES;
+use crate::config::ProxyVersion;
 
 /// How long an unused keep-alive connection to a backend is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
@@ -82,6 +84,8 @@ pub struct Clients(Arc<Settings>);
 #[derive(Debug)]
 struct Settings {
     connect_timeout: Duration,
+    /// The PROXY protocol version written first on each connection, if any.
+    send_proxy: Option<ProxyVersion>,
 }
 
 /// Idle connections to one backend, most recently used last.
@@ -104,9 +108,15 @@ thread_local! {
 }
 
 impl Clients {
-    /// Clients whose connects give up after `connect_timeout`.
-    pub fn new(connect_timeout: Duration) -> Clients {
-        Clients(Arc::new(Settings { connect_timeout }))
+    /// Clients whose connects give up after `connect_timeout`, each connection opening with
+    /// a PROXY protocol header when `send_proxy` (the client's addresses from the request's
+    /// [`ClientAddrs`] extension; none, a check of lockstep's own: `LOCAL`). Such a connection
+    /// carries one client's identity, so it serves that request only and is never pooled.
+    pub fn new(connect_timeout: Duration, send_proxy: Option<ProxyVersion>) -> Clients {
+        Clients(Arc::new(Settings {
+            connect_timeout,
+            send_proxy,
+        }))
     }
 
     /// Sends the request of `parts` (its target in origin form) and `body` to the backend at
@@ -126,13 +136,17 @@ impl Clients {
                 parts.method,
                 Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
             );
-        let mut pooled = true;
+        let proxy = self.0.send_proxy.map(|v| {
+            let addrs = parts.extensions.get::<ClientAddrs>();
+            proxy_protocol::encode(v, addrs.map(|a| (a.source, a.destination)))
+        });
+        let mut pooled = proxy.is_none();
         loop {
             let (stream, reused) = match pooled.then(|| self.checkout(addr, !replayable)).flatten()
             {
                 Some(s) => (s, true),
                 // Boxed: connecting is the rare path, its future large.
-                None => (Box::pin(self.connect(addr)).await?, false),
+                None => (Box::pin(self.connect(addr, proxy.as_deref())).await?, false),
             };
             let mut conn = Conn {
                 stream,
@@ -147,7 +161,7 @@ impl Clients {
                         state: State::from(body_framing),
                         conn: Some(conn),
                         keep_alive: keep,
-                        back: Some((addr, self.0.clone())),
+                        back: pooled.then(|| (addr, self.0.clone())),
                     }));
                 }
                 Err((e, nothing)) if reused && nothing && replayable => {
@@ -159,13 +173,22 @@ impl Clients {
         }
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
+    /// A new connection to `addr`, `proxy` (a PROXY header) written first.
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        proxy: Option<&[u8]>,
+    ) -> Result<TcpStream, UpstreamError> {
         let err = |source| UpstreamError::Connect { addr, source };
-        let stream = tokio::time::timeout(self.0.connect_timeout, TcpStream::connect(addr))
+        let mut stream = tokio::time::timeout(self.0.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))?
             .map_err(err)?;
         stream.set_nodelay(true).map_err(err)?;
+        if let Some(header) = proxy {
+            // Small, on a fresh connection: the socket takes it at once.
+            stream.write_all(header).await.map_err(err)?;
+        }
         Ok(stream)
     }
 
@@ -746,7 +769,7 @@ mod tests {
     async fn reads_bodies_reuses_connections_and_sends_origin_form_with_host() {
         let (addr, accepts, heads) =
             backend(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-        let clients = Clients::new(Duration::from_secs(1));
+        let clients = Clients::new(Duration::from_secs(1), None);
         for _ in 0..5 {
             let resp = get(&clients, addr, Method::GET).await.unwrap();
             assert_eq!(resp.status(), 200);
@@ -771,7 +794,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
         )
         .await;
-        let clients = Clients::new(Duration::from_secs(1));
+        let clients = Clients::new(Duration::from_secs(1), None);
         for _ in 0..2 {
             let resp = get(&clients, addr, Method::GET).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -792,7 +815,7 @@ mod tests {
         let (addr, _, _) =
             backend(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
                 .await;
-        let clients = Clients::new(Duration::from_secs(1));
+        let clients = Clients::new(Duration::from_secs(1), None);
         let resp = get(&clients, addr, Method::HEAD).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert!(resp.body().is_end_stream());
@@ -807,9 +830,13 @@ mod tests {
         ] {
             let answer: &'static [u8] = Box::leak(answer.to_vec().into_boxed_slice());
             let (addr, _, _) = backend(answer).await;
-            let e = get(&Clients::new(Duration::from_secs(1)), addr, Method::GET)
-                .await
-                .unwrap_err();
+            let e = get(
+                &Clients::new(Duration::from_secs(1), None),
+                addr,
+                Method::GET,
+            )
+            .await
+            .unwrap_err();
             assert!(matches!(e, UpstreamError::Malformed(_)), "{e}");
         }
     }
@@ -819,9 +846,13 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        let e = get(&Clients::new(Duration::from_secs(1)), addr, Method::GET)
-            .await
-            .unwrap_err();
+        let e = get(
+            &Clients::new(Duration::from_secs(1), None),
+            addr,
+            Method::GET,
+        )
+        .await
+        .unwrap_err();
         assert!(e.is_connect(), "{e}");
     }
 
@@ -840,7 +871,7 @@ mod tests {
                     .await;
             }
         });
-        let clients = Clients::new(Duration::from_secs(1));
+        let clients = Clients::new(Duration::from_secs(1), None);
         for _ in 0..3 {
             let resp = get(&clients, addr, Method::GET).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();

@@ -15,8 +15,11 @@ use prometheus_client::metrics::gauge::Gauge;
 pub struct ConnCtx {
     /// The listener it arrived on.
     pub listener: Arc<Listener>,
-    /// The client's address.
+    /// The client's address (the PROXY header's, from a trusted balancer).
     pub peer: SocketAddr,
+    /// The address the client connected to (the PROXY header's), known when some pool
+    /// sends the PROXY protocol.
+    pub local: Option<SocketAddr>,
     /// Whether the peer is a trusted proxy (decided once per connection).
     pub trusted: bool,
     /// The peer's address as a header value, for `X-Forwarded-For`.

@@ -23,6 +23,7 @@ use super::retry::{self, Answer, Fault, Next, Tried};
 use crate::config::{HashKey, Pool};
 use crate::net::body::{ClientBody, RequestBody};
 use crate::net::h1::Upgrade;
+use crate::net::proxy_protocol::ClientAddrs;
 use crate::net::respond;
 use crate::net::upstream::{Clients, UpstreamBody};
 use crate::pools::table::{PoolLoad, PoolState};
@@ -96,6 +97,13 @@ pub fn prepare(
             via,
         },
     );
+    // A pool that sends the PROXY protocol tells its backends whose connection this is.
+    if let (Some(_), Some(local)) = (cfg.send_proxy, ctx.local) {
+        parts.extensions.insert(ClientAddrs {
+            source: ctx.peer,
+            destination: local,
+        });
+    }
     let bodyless = http_body::Body::is_end_stream(&body);
     let retryable = retry::retryable(&parts.method, bodyless, wants_upgrade);
     let client_failed = (!bodyless).then(|| Arc::new(AtomicBool::new(false)));

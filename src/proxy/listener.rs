@@ -4,7 +4,8 @@
 //!
 //! The listener's settings (certificates, timeouts, access log, trusted proxies) are read from
 //! the live state at each accept, so a reload applies them to new connections while open ones
-//! finish on what they started with.
+//! finish on what they started with. A connection from a balancer in `proxy_protocol.from`
+//! first gives its PROXY header (v1 or v2), whose client address is then the connection's.
 
 use std::sync::Arc;
 
@@ -17,11 +18,18 @@ use tracing::{debug, debug_span, warn, Instrument};
 use super::conn::ConnCtx;
 use super::handler;
 use super::headers::{is_trusted, peer_value};
+use crate::config::Listener;
 use crate::live::Shared;
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::net::accept::{accept_loop, Accepted};
-use crate::net::limit::ConnGate;
+use crate::net::limit::{ConnGate, Permit};
+use crate::net::proxy_protocol::{read_header, Header};
 use crate::net::server::{serve_connection, ConnSettings};
+use prometheus_client::metrics::gauge::Gauge;
+use std::net::SocketAddr;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 
 /// Accepts on `socket` until `shutdown` or until a reload removes listener `name`, spawning
 /// each connection on `tracker` (on the runtime this runs on).
@@ -71,22 +79,93 @@ pub async fn serve(
             http2_only: listener.http2_only,
             ..ConnSettings::default()
         };
-        let ctx = Arc::new(ConnCtx {
-            trusted: is_trusted(peer.ip(), &listener.trusted_proxies),
-            peer_value: peer_value(peer.ip()),
-            tls: acceptor.is_some(),
-            listener,
-            peer,
+        let local = generation
+            .sends_proxy
+            .then(|| stream.local_addr().ok())
+            .flatten();
+        drop(generation);
+        let conn = Conn {
             live: live.clone(),
             tunnels: tunnels_open.clone(),
-        });
-        drop(generation);
+            shutdown: shutdown.clone(),
+        };
+        if is_trusted(peer.ip(), &listener.proxy_from) {
+            // A trusted balancer's connection: its PROXY header says whose it is (boxed: the
+            // rare path keeps the common one's future small).
+            let span = debug_span!("conn", balancer.addr = %peer, listener = %name);
+            let proxied = Box::pin(
+                conn.proxied(stream, listener, peer, acceptor, settings, permit)
+                    .instrument(span),
+            );
+            return Accepted::Serve(Either::Right(proxied));
+        }
+        let ctx = conn.ctx(listener, peer, local, acceptor.is_some());
         let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
         // The permit is held until the connection ends, a tunnel it became included.
-        Accepted::Serve(
-            serve_connection(stream, acceptor, settings, svc, shutdown.clone(), permit)
+        Accepted::Serve(Either::Left(
+            serve_connection(stream, acceptor, settings, svc, conn.shutdown, permit)
                 .instrument(debug_span!("conn", client.addr = %peer, listener = %name)),
-        )
+        ))
     })
     .await
+}
+
+/// What every connection of the listener shares.
+struct Conn {
+    live: Shared,
+    tunnels: Gauge,
+    shutdown: CancellationToken,
+}
+
+impl Conn {
+    /// What a connection from `peer` to `local` knows.
+    fn ctx(
+        &self,
+        listener: Arc<Listener>,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        tls: bool,
+    ) -> Arc<ConnCtx> {
+        Arc::new(ConnCtx {
+            trusted: is_trusted(peer.ip(), &listener.trusted_proxies),
+            peer_value: peer_value(peer.ip()),
+            tls,
+            listener,
+            peer,
+            local,
+            live: self.live.clone(),
+            tunnels: self.tunnels.clone(),
+        })
+    }
+
+    /// A connection from a trusted balancer: its PROXY header (v1 or v2, within the header
+    /// read timeout) gives the client's address and the one it connected to; then it is
+    /// served as that client's. A missing or malformed header closes the connection.
+    async fn proxied(
+        self,
+        mut stream: TcpStream,
+        listener: Arc<Listener>,
+        balancer: SocketAddr,
+        acceptor: Option<TlsAcceptor>,
+        settings: ConnSettings,
+        permit: Permit,
+    ) {
+        let (peer, local) = match read_header(&mut stream, settings.header_read_timeout).await {
+            Ok(Header::Proxied {
+                source,
+                destination,
+            }) => (source, Some(destination)),
+            // The balancer's own connection (a health check): its addresses stand.
+            Ok(Header::Local) => (balancer, stream.local_addr().ok()),
+            Err(e) => {
+                debug!(error = %e, "closing a connection from a trusted balancer without a valid PROXY header");
+                return;
+            }
+        };
+        let ctx = self.ctx(listener, peer, local, acceptor.is_some());
+        let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
+        serve_connection(stream, acceptor, settings, svc, self.shutdown, permit)
+            .instrument(debug_span!("proxied", client.addr = %peer))
+            .await
+    }
 }

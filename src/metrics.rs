@@ -54,6 +54,15 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// Labels of a pool's queue refusals.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    /// Pool name.
+    pub pool: String,
+    /// `full` or `timeout`.
+    pub reason: String,
+}
+
 /// Labels of the reload counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -86,6 +95,10 @@ pub struct Metrics {
     pub tunnels: Family<ListenerLabels, Gauge>,
     /// Requests refused (429) by a route's rate limit.
     pub rate_limited: Family<RouteLabels, Counter>,
+    /// Requests waiting in a pool's queue now.
+    pub queue_depth: Family<PoolLabels, Gauge>,
+    /// Requests a pool's queue refused (503, `fault=queue`): full, or waited too long.
+    pub queue_refused: Family<QueueLabels, Counter>,
     /// Connections open on the admin listener, and those refused at its cap.
     pub admin_connections: (Gauge, Counter),
     /// Connections open on the sync API, and those refused at its cap.
@@ -113,6 +126,8 @@ impl Metrics {
             connections_refused: Family::default(),
             tunnels: Family::default(),
             rate_limited: Family::default(),
+            queue_depth: Family::default(),
+            queue_refused: Family::default(),
             admin_connections: Default::default(),
             sync_connections: Default::default(),
         };
@@ -166,6 +181,16 @@ impl Metrics {
             "rate_limited",
             "Requests refused with 429 by a route's rate_limit",
             m.rate_limited.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Requests waiting for a backend under its max_connections",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_refused",
+            "Requests answered 503 by a pool's queue: full, or waited past queue.timeout",
+            m.queue_refused.clone(),
         );
         for (what, (open, refused)) in [
             ("admin", &m.admin_connections),

@@ -1975,6 +1975,7 @@ fn example_config_documents_the_real_defaults() {
             Want::Num(config::DEFAULT_RRL_IPV6_PREFIX.into()),
         ),
         ("ttl", Want::Num(config::DEFAULT_DNS_TTL)),
+        ("max", Want::Num(config::DEFAULT_QUEUE_MAX as u32)),
         (
             "gc_interval",
             Want::Dur(lockstep::sync::gc::DEFAULT_INTERVAL),

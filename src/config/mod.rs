@@ -152,6 +152,8 @@ pub struct Backend {
     pub dns_address: IpAddr,
     /// Relative weight.
     pub weight: u32,
+    /// Most requests in flight to it at once (none: no limit); more wait in the pool's queue.
+    pub max_connections: Option<u32>,
 }
 
 /// Active health check settings.
@@ -193,7 +195,19 @@ pub struct Pool {
     /// The PROXY protocol version sent to the backends before each connection's first
     /// byte, if any.
     pub send_proxy: Option<ProxyVersion>,
+    /// How long a backend's share of new requests ramps up after it comes back (up again,
+    /// no longer ejected, behind or drained); none: at once.
+    pub slow_start: Option<Duration>,
+    /// Most requests waiting for a backend under its `max_connections`.
+    pub queue_max: usize,
+    /// Longest a request waits in the queue before a 503.
+    pub queue_timeout: Duration,
 }
+
+/// Default `pools[].queue.max`.
+pub const DEFAULT_QUEUE_MAX: usize = 1024;
+/// Default `pools[].queue.timeout`.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A PROXY protocol version (HAProxy's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -211,6 +211,20 @@ pub struct RawPool {
     pub passive: Option<RawPassive>,
     /// Send the PROXY protocol (`v1` or `v2`) to the backends.
     pub send_proxy: Option<S<String>>,
+    /// How long a backend's share ramps up after it comes back.
+    pub slow_start: Option<S<String>>,
+    /// Requests waiting for a backend under its `max_connections`.
+    pub queue: Option<RawQueue>,
+}
+
+/// A pool's queue.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    /// Most requests waiting.
+    pub max: Option<S<u32>>,
+    /// Longest wait.
+    pub timeout: Option<S<String>>,
 }
 
 /// The balancing policies.
@@ -241,6 +255,8 @@ pub struct RawBackend {
     pub weight: Option<S<u32>>,
     /// The address DNS answers with, when it differs from `address`'s IP.
     pub dns_address: Option<S<String>>,
+    /// Most requests in flight to it at once; more wait in the pool's queue.
+    pub max_connections: Option<S<u32>>,
 }
 
 /// Active health check.

@@ -314,6 +314,24 @@ fn pool(cx: &mut Ctx<'_>, p: &RawPool) -> Pool {
         ),
         retries: p.retries.unwrap_or(DEFAULT_RETRIES),
         passive: passive(cx, p.passive.as_ref()),
+        slow_start: p
+            .slow_start
+            .as_ref()
+            .map(|_| cx.any_duration(&p.slow_start, Duration::ZERO, "slow_start"))
+            .filter(|d| !d.is_zero()),
+        queue_max: match p.queue.as_ref().and_then(|q| q.max.as_ref()) {
+            Some(m) if m.value == 0 => {
+                cx.err(m, "queue.max 0: requests over max_connections would all be refused at once; give at least 1");
+                DEFAULT_QUEUE_MAX
+            }
+            Some(m) => m.value as usize,
+            None => DEFAULT_QUEUE_MAX,
+        },
+        queue_timeout: cx.duration(
+            &p.queue.as_ref().and_then(|q| q.timeout.clone()),
+            DEFAULT_QUEUE_TIMEOUT,
+            "queue.timeout",
+        ),
         send_proxy: match p.send_proxy.as_ref().map(|v| (v, v.value.as_str())) {
             None => None,
             Some((_, "v1")) => Some(ProxyVersion::V1),
@@ -401,6 +419,13 @@ fn backends(cx: &mut Ctx<'_>, p: &RawPool) -> Vec<Backend> {
                 address,
                 dns_address,
                 weight,
+                max_connections: match &b.max_connections {
+                    Some(m) if m.value == 0 => {
+                        cx.err(m, "max_connections 0 would never send it a request: drain it with weight 0 or the admin API, or give at least 1");
+                        None
+                    }
+                    m => m.as_ref().map(|m| m.value),
+                },
             });
         }
     }

@@ -162,6 +162,7 @@ impl Clients {
                         conn: Some(conn),
                         keep_alive: keep,
                         back: pooled.then(|| (addr, self.0.clone())),
+                        kept: None,
                     }));
                 }
                 Err((e, nothing)) if reused && nothing && replayable => {
@@ -539,6 +540,9 @@ pub struct UpstreamBody {
     conn: Option<Conn>,
     keep_alive: bool,
     back: Option<(SocketAddr, Arc<Settings>)>,
+    /// What the caller keeps alive as long as the body (a backend's place under its
+    /// `max_connections`).
+    kept: Option<Box<dyn Send + Sync>>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -550,6 +554,11 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// Keeps `guard` until this body is dropped (the response sent, or the client gone).
+    pub fn keep(&mut self, guard: Box<dyn Send + Sync>) {
+        self.kept = Some(guard);
+    }
+
     /// After a `101`: the backend's connection, with the bytes it sent after the head first.
     pub fn into_upgraded(mut self) -> Option<super::h1::Rewind<TcpStream>> {
         self.back = None;

@@ -8,16 +8,18 @@
 //! when a backend changes state; the proxy and the DNS responder read it without locks.
 #![allow(clippy::disallowed_methods)] // I/O shell: health snapshots are published as of the moment they are built
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use tokio::sync::Notify;
 
 use crate::config::{Backend, Config, Pool};
 use crate::metrics::{BackendLabels, Metrics, PoolLabels, RequestLabels};
 use crate::router::balance::{Balancer, Load, Member};
 use crate::router::ewma::Ewma;
+use crate::router::health::warm_share;
 use crate::router::health::{ActiveHealth, Ejection};
 use crate::router::ratelimit::{Limiter, DEFAULT_MAX_KEYS};
 use crate::router::route::RouteTable;
@@ -63,8 +65,23 @@ pub struct PoolState {
     pub latency: Histogram,
     /// Requests retried on another backend.
     pub retries: Counter,
+    /// Requests waiting for a backend under its `max_connections`.
+    pub queue: Queue,
     /// Serialises snapshot rebuilds so that two concurrent transitions cannot lose one.
     rebuild: Mutex<()>,
+}
+
+/// The requests of a pool waiting for a backend under its `max_connections`: woken (first
+/// come, first served) each time a request to a capped backend ends.
+pub struct Queue {
+    /// Signalled when a request ends on a backend of this pool.
+    pub freed: Arc<Notify>,
+    /// Requests waiting now (at most `pools[].queue.max`).
+    pub waiting: AtomicUsize,
+    /// `lockstep_queue_depth{pool}`.
+    pub depth: Gauge,
+    /// `lockstep_queue_refused_total{pool, reason}`: full, timeout.
+    pub refused: [Counter; 2],
 }
 
 /// Health of every backend of a pool at one moment (immutable; swapped whole).
@@ -79,6 +96,10 @@ pub struct PoolHealth {
     pub behind: Vec<bool>,
     /// Drained by an operator (admin API): no new requests, no DNS answers.
     pub drained: Vec<bool>,
+    /// When it came back (up again, no longer behind or drained) while the pool ran: its
+    /// slow start runs from then (or from the end of an ejection, whichever is later). `None`
+    /// for a backend available since the pool was built.
+    pub back_since: Vec<Option<Instant>>,
 }
 
 impl PoolHealth {
@@ -93,6 +114,24 @@ impl PoolHealth {
                 .copied()
                 .flatten()
                 .is_none_or(|until| now >= until)
+    }
+
+    /// The share of its normal traffic backend `i` takes at `now` under a slow start of
+    /// `ramp` ([`warm_share`]); 1 without one.
+    pub fn share(&self, i: usize, now: Instant, ramp: Option<Duration>) -> f64 {
+        let Some(ramp) = ramp else { return 1.0 };
+        let back = self.back_since.get(i).copied().flatten();
+        // An ejection that ended is a comeback too.
+        let unejected = self
+            .ejected_until
+            .get(i)
+            .copied()
+            .flatten()
+            .filter(|&until| until <= now);
+        match back.into_iter().chain(unejected).max() {
+            Some(since) => warm_share(now.saturating_duration_since(since), ramp),
+            None => 1.0,
+        }
     }
 
     /// Number of backends available at `now`.
@@ -137,19 +176,49 @@ pub struct BackendState {
 /// dropped, so a request future dropped midway (an h2 reset, a client gone, an idle timeout)
 /// ends its count as surely as one that completes.
 #[must_use = "the request counts as in flight only while this lives"]
-pub struct InFlight<'a>(&'a AtomicU64);
+pub struct InFlight {
+    backend: Arc<BackendState>,
+    /// The pool's queue, told when the request ends.
+    freed: Arc<Notify>,
+}
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.backend.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.backend.config.max_connections.is_some() {
+            self.freed.notify_one();
+        }
     }
 }
 
 impl BackendState {
-    /// Counts a request in flight until the returned guard is dropped.
-    pub fn start_request(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(&self.in_flight)
+    /// Counts a request in flight until the returned guard is dropped (the forwarder keeps
+    /// it until the response's body has ended), within the backend's `max_connections`:
+    /// `None` when it is at its limit. The pool's queue hears of each end.
+    pub fn start_request(self: &Arc<Self>, freed: &Arc<Notify>) -> Option<InFlight> {
+        match self.config.max_connections {
+            None => {
+                self.in_flight.fetch_add(1, Ordering::AcqRel);
+            }
+            Some(max) => {
+                self.in_flight
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < u64::from(max)).then_some(n + 1)
+                    })
+                    .ok()?;
+            }
+        }
+        Some(InFlight {
+            backend: self.clone(),
+            freed: freed.clone(),
+        })
+    }
+
+    /// Whether it has room for another request under its `max_connections`.
+    pub fn has_room(&self) -> bool {
+        self.config
+            .max_connections
+            .is_none_or(|max| self.in_flight.load(Ordering::Acquire) < u64::from(max))
     }
 
     fn new(pool: &str, config: Backend, metrics: &Metrics) -> Self {
@@ -219,7 +288,27 @@ impl PoolState {
                 ejected_until: Vec::new(),
                 behind: Vec::new(),
                 drained: Vec::new(),
+                back_since: Vec::new(),
             }),
+            queue: Queue {
+                freed: Arc::new(Notify::new()),
+                waiting: AtomicUsize::new(0),
+                depth: metrics
+                    .queue_depth
+                    .get_or_create(&PoolLabels {
+                        pool: config_name.clone(),
+                    })
+                    .clone(),
+                refused: ["full", "timeout"].map(|reason| {
+                    metrics
+                        .queue_refused
+                        .get_or_create(&crate::metrics::QueueLabels {
+                            pool: config_name.clone(),
+                            reason: reason.to_string(),
+                        })
+                        .clone()
+                }),
+            },
             latency: metrics
                 .latency
                 .get_or_create(&PoolLabels {
@@ -257,17 +346,35 @@ impl PoolState {
         let some_current = (0..up.len()).any(|i| {
             up[i] && !flagged[i] && ejected_until[i].is_none_or(|until: Instant| now >= until)
         });
-        let behind = flagged.iter().map(|&f| f && some_current).collect();
-        let drained = self
+        let behind: Vec<bool> = flagged.iter().map(|&f| f && some_current).collect();
+        let drained: Vec<bool> = self
             .backends
             .iter()
             .map(|b| b.drained.load(Ordering::Relaxed))
+            .collect();
+        let old = self.health.load();
+        let able = |up: &[bool], behind: &[bool], drained: &[bool], i: usize| {
+            up.get(i).copied()?.then_some(())?;
+            (!behind.get(i).copied()? && !drained.get(i).copied()?).then_some(())
+        };
+        let back_since = (0..up.len())
+            .map(|i| {
+                let now_able = able(&up, &behind, &drained, i).is_some();
+                let known = i < old.up.len();
+                let was_able = able(&old.up, &old.behind, &old.drained, i).is_some();
+                match (now_able, known && !was_able) {
+                    (false, _) => None,
+                    (true, true) => Some(now),
+                    (true, false) => old.back_since.get(i).copied().flatten(),
+                }
+            })
             .collect();
         let snap = Arc::new(PoolHealth {
             up,
             ejected_until,
             behind,
             drained,
+            back_since,
         });
         for (i, b) in self.backends.iter().enumerate() {
             b.up_gauge.set(i64::from(snap.available(i, now)));

@@ -26,8 +26,9 @@ use crate::net::h1::Upgrade;
 use crate::net::proxy_protocol::ClientAddrs;
 use crate::net::respond;
 use crate::net::upstream::{Clients, UpstreamBody};
-use crate::pools::table::{PoolLoad, PoolState};
+use crate::pools::table::{InFlight, PoolLoad, PoolState};
 use crate::router::balance::hash_key;
+use crate::router::health::admits;
 
 /// A request made ready for backends.
 pub struct Prepared {
@@ -124,7 +125,9 @@ pub fn prepare(
     }
 }
 
-/// Phase 2: the backend for the next attempt, among the available ones not yet tried.
+/// Phase 2: the backend for the next attempt, among the available ones not yet tried that
+/// have room under their `max_connections`. A backend in its slow start is passed over in
+/// proportion to how far it still is from its full share, unless no other remains.
 pub fn choose(
     pool: &PoolState,
     key: Option<u64>,
@@ -137,39 +140,80 @@ pub fn choose(
         backends: &pool.backends,
         now,
     };
-    pool.balancer.pick(
-        &load,
-        &|i| health.available(i, now) && !tried.contains(&i),
-        key,
-        random,
-    )
+    let open =
+        |i: usize| health.available(i, now) && !tried.contains(&i) && pool.backends[i].has_room();
+    let ramp = pool.config.slow_start;
+    // Each backend its own draw from the one random number.
+    let draw = |i: usize| {
+        hash_key(&(random ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes())
+    };
+    let warm = |i: usize| open(i) && admits(health.share(i, now, ramp), draw(i));
+    pool.balancer
+        .pick(&load, &warm, key, random)
+        .or_else(|| ramp.and_then(|_| pool.balancer.pick(&load, &open, key, random)))
+}
+
+/// Whether a request finds no backend only because the available ones are at their
+/// `max_connections` (then it waits in the pool's queue).
+fn all_busy(pool: &PoolState, tried: &Tried, now: Instant) -> bool {
+    let health = pool.health.load();
+    (0..pool.backends.len())
+        .any(|i| health.available(i, now) && !tried.contains(&i) && !pool.backends[i].has_room())
+}
+
+/// Why the queue turned a request away.
+#[derive(Debug, Clone, Copy)]
+enum Turned {
+    Full,
+    Timeout,
+}
+
+/// Waits in the pool's queue until a request on one of its backends ends, at most until
+/// `until` (set at the first wait: the whole wait of a request is bounded by `queue.timeout`).
+async fn wait_in_queue(pool: &PoolState, until: &mut Option<Instant>) -> Result<(), Turned> {
+    let q = &pool.queue;
+    let deadline = *until.get_or_insert_with(|| Instant::now() + pool.config.queue_timeout);
+    if q.waiting.fetch_add(1, Ordering::AcqRel) >= pool.config.queue_max {
+        q.waiting.fetch_sub(1, Ordering::AcqRel);
+        q.refused[0].inc();
+        return Err(Turned::Full);
+    }
+    q.depth.inc();
+    let woken = tokio::time::timeout_at(deadline.into(), q.freed.notified()).await;
+    q.waiting.fetch_sub(1, Ordering::AcqRel);
+    q.depth.dec();
+    woken.map_err(|_| {
+        q.refused[1].inc();
+        Turned::Timeout
+    })
 }
 
 /// Phase 3: sends the request to backend `i` (the body goes with the first attempt that
-/// takes it), counted in flight for as long as the exchange lives (the guard also ends the
-/// count when this future is dropped: an h2 reset, a client gone), under the pool's
-/// `response_timeout`; records latency and the passive-health outcome.
+/// takes it), counted in flight by `slot` for as long as the exchange and then the response's
+/// body live (dropping the future, an h2 reset or a client gone, ends the count too), under
+/// the pool's `response_timeout`; records latency and the passive-health outcome.
 pub async fn send(
     pool: &PoolState,
     i: usize,
     client: &Clients,
     p: &mut Prepared,
+    slot: InFlight,
 ) -> Result<Response<UpstreamBody>, Fault> {
     let body = p.body.take().unwrap_or(RequestBody::Empty);
     let client_failed = p.client_failed.as_deref();
     let backend = &pool.backends[i];
     let cfg = &pool.config;
     let result = {
-        let _in_flight = backend.start_request();
         let sent = Instant::now();
         let up = client.request(backend.config.address, &p.parts, body);
         let r = tokio::time::timeout(cfg.response_timeout, up).await;
         (r, sent, Instant::now())
     };
     match result {
-        (Ok(Ok(resp)), sent, done) => {
+        (Ok(Ok(mut resp)), sent, done) => {
             backend.ewma.observe(done - sent, done);
             pool.record_outcome(i, !resp.status().is_server_error(), done);
+            resp.body_mut().keep(Box::new(slot));
             Ok(resp)
         }
         (Ok(Err(e)), _, done) => {
@@ -237,15 +281,32 @@ pub async fn forward(
     let attempts = retry::attempts(p.retryable, pool.config.retries);
     let mut tried = Tried::default();
     let mut failed = false;
-    for attempt in 0..attempts {
-        let Some(i) = choose(pool, p.key, &tried, Instant::now(), rand::random::<u64>()) else {
-            break;
+    let mut attempt = 0;
+    let mut queued_until = None;
+    while attempt < attempts {
+        let now = Instant::now();
+        let i = match choose(pool, p.key, &tried, now, rand::random::<u64>()) {
+            Some(i) => i,
+            // Every backend it could use is at its max_connections: wait for a place (boxed:
+            // the rare path keeps the request's future small).
+            None if all_busy(pool, &tried, now) => {
+                match Box::pin(wait_in_queue(pool, &mut queued_until)).await {
+                    Ok(()) => continue,
+                    Err(why) => return (queue_refused(pool, why), None),
+                }
+            }
+            None => break,
+        };
+        // Another request may have taken the last place since: choose again.
+        let Some(slot) = pool.backends[i].start_request(&pool.queue.freed) else {
+            continue;
         };
         tried.push(i);
         if attempt > 0 {
             pool.retries.inc();
         }
-        match send(pool, i, client, &mut p).await {
+        attempt += 1;
+        match send(pool, i, client, &mut p, slot).await {
             Ok(resp) => return (respond(resp, p.wants_upgrade, ctx), Some(i)),
             Err(fault) => match retry::after_failure(fault, p.retryable) {
                 Next::Retry => failed = true,
@@ -261,6 +322,19 @@ pub async fn forward(
         plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n"),
         None,
     )
+}
+
+/// The 503 of a request the pool's queue turned away.
+fn queue_refused(pool: &PoolState, why: Turned) -> Response<ResponseBody> {
+    let text = match why {
+        Turned::Full => "every backend is at its max_connections and the queue is full\n",
+        Turned::Timeout => "every backend stayed at its max_connections for queue.timeout\n",
+    };
+    warn!(pool = %pool.config.name, fault = "queue", reason = ?why, "request turned away by the queue");
+    let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, text);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 /// What goes back to the client: a backend's streamed body or a short local one.

@@ -153,6 +153,21 @@ fn add_saturating(now: Instant, mut d: Duration) -> Instant {
     }
 }
 
+/// The share of its normal traffic a backend takes `elapsed` after it came back, with a slow
+/// start of `ramp`: linear from 5 % to all of it (never 0, so a pool of one still serves).
+pub fn warm_share(elapsed: Duration, ramp: Duration) -> f64 {
+    if ramp.is_zero() || elapsed >= ramp {
+        return 1.0;
+    }
+    (elapsed.as_secs_f64() / ramp.as_secs_f64()).clamp(0.05, 1.0)
+}
+
+/// Whether a pick drawing `random` admits a backend taking `share` of its traffic.
+pub fn admits(share: f64, random: u64) -> bool {
+    // The top 53 bits as a uniform fraction in [0, 1).
+    share >= 1.0 || ((random >> 11) as f64 / (1u64 << 53) as f64) < share
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,5 +314,27 @@ mod tests {
         let mut e = Ejection::default();
         assert!(e.record(false, t0, &p));
         assert!(e.is_ejected(t0 + 1_000_000 * S));
+    }
+
+    #[test]
+    fn a_backend_that_comes_back_ramps_up_linearly_and_never_to_zero() {
+        let ramp = Duration::from_secs(10);
+        assert_eq!(warm_share(Duration::ZERO, ramp), 0.05);
+        assert!((warm_share(Duration::from_secs(5), ramp) - 0.5).abs() < 1e-9);
+        assert_eq!(warm_share(Duration::from_secs(10), ramp), 1.0);
+        assert_eq!(warm_share(Duration::from_secs(99), ramp), 1.0);
+        assert_eq!(warm_share(Duration::ZERO, Duration::ZERO), 1.0);
+        // Over many draws, the admitted fraction is the share.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let admitted = (0..100_000)
+            .filter(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                admits(0.3, x)
+            })
+            .count();
+        assert!((29_000..31_000).contains(&admitted), "{admitted}");
+        assert!(admits(1.0, u64::MAX));
     }
 }

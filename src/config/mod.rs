@@ -235,7 +235,14 @@ pub struct Admin {
     pub token: Option<crate::sync::auth::Secret>,
     /// Most connections open at once on the admin listener.
     pub max_connections: usize,
+    /// How often the status page's history (the last [`HISTORY_POINTS`] points) takes one.
+    pub history_interval: Duration,
 }
+
+/// Points of the status page's history (15 minutes at the default interval).
+pub const HISTORY_POINTS: usize = 90;
+/// Default `admin.history_interval`.
+pub const DEFAULT_HISTORY_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Default for Admin {
     fn default() -> Admin {
@@ -246,6 +253,7 @@ impl Default for Admin {
             hosts: Vec::new(),
             token: None,
             max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+            history_interval: DEFAULT_HISTORY_INTERVAL,
         }
     }
 }

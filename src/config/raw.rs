@@ -456,4 +456,6 @@ pub struct RawAdmin {
     pub token_file: Option<S<String>>,
     /// Most connections open at once on the admin listener.
     pub max_connections: Option<S<u32>>,
+    /// How often the status page's history takes a point.
+    pub history_interval: Option<S<String>>,
 }

@@ -548,6 +548,20 @@ fn admin(cx: &mut Ctx<'_>, raw: Option<&RawAdmin>) -> Admin {
             DEFAULT_ADMIN_MAX_CONNECTIONS,
             "admin.max_connections",
         ),
+        history_interval: match &a.history_interval {
+            Some(v) => {
+                let d = cx.duration(
+                    &a.history_interval,
+                    DEFAULT_HISTORY_INTERVAL,
+                    "admin.history_interval",
+                );
+                if d < Duration::from_millis(100) {
+                    cx.err(v, "admin.history_interval must be at least 100ms");
+                }
+                d.max(Duration::from_millis(100))
+            }
+            None => DEFAULT_HISTORY_INTERVAL,
+        },
     }
 }
 

@@ -241,7 +241,7 @@ impl HubMetrics {
         // Both series from the start at 0, so that a rate over them means something before
         // the first advance of each kind.
         for by in ["agent", "hub"] {
-            m.advances.get_or_create(&ByLabels { by });
+            let _ = m.advances.get_or_create(&ByLabels { by });
         }
         m
     }

@@ -152,6 +152,8 @@ pub struct BackendState {
     pub in_flight: AtomicU64,
     /// Latency EWMA, for `p2c_ewma`.
     pub ewma: Ewma,
+    /// Its answers' latency (to the response head), for the status page's p50/p99.
+    pub latency: crate::metrics::Buckets,
     /// Active-check state machine.
     pub active: Mutex<ActiveHealth>,
     /// Passive-ejection state machine.
@@ -247,6 +249,7 @@ impl BackendState {
             config,
             in_flight: AtomicU64::new(0),
             ewma: Ewma::new(EWMA_DECAY),
+            latency: crate::metrics::Buckets::default(),
             active: Mutex::new(ActiveHealth::new()),
             ejection: Mutex::new(Ejection::default()),
             failing: AtomicBool::new(false),

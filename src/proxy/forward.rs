@@ -212,6 +212,7 @@ pub async fn send(
     match result {
         (Ok(Ok(mut resp)), sent, done) => {
             backend.ewma.observe(done - sent, done);
+            backend.latency.observe((done - sent).as_secs_f64());
             pool.record_outcome(i, !resp.status().is_server_error(), done);
             resp.body_mut().keep(Box::new(slot));
             Ok(resp)

@@ -118,6 +118,8 @@ pub struct Appliance {
     sync_tls: Option<ServerTls>,
     /// The hub as the admin API sees it (set once the hub starts).
     admin_hub: Arc<std::sync::OnceLock<Arc<Hub>>>,
+    /// The status page's recent history, taken by its own task.
+    history: admin::history::History,
     generation: u64,
     workers: Vec<Handle>,
 }
@@ -238,6 +240,9 @@ impl Appliance {
             sync: None,
             sync_tls: None,
             admin_hub: Arc::default(),
+            history: Arc::new(std::sync::Mutex::new(admin::history::Recorder::new(
+                config.admin.history_interval,
+            ))),
             generation: 1,
             workers,
         };
@@ -259,6 +264,14 @@ impl Appliance {
         let live = app.live.load();
         checker::spawn_all(&live.table, &live.clients, &app.checkers, &app.tracker);
         drop(live);
+        app.tracker.spawn(admin::history::run(
+            app.history.clone(),
+            app.live.clone(),
+            app.metrics.clone(),
+            app.admin_hub.clone(),
+            config.admin.history_interval,
+            app.shutdown.clone(),
+        ));
         Ok(app)
     }
 
@@ -411,6 +424,7 @@ impl Appliance {
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
             hub: self.admin_hub.clone(),
+            history: self.history.clone(),
         };
         let cap = Cap::new(
             self.live.load().config.admin.max_connections,

@@ -380,6 +380,9 @@ mod tests {
         // Beyond the last bound: its lower bound.
         let far = Buckets::default();
         far.observe(1e9);
-        assert_eq!(quantile(&far.counts(), 0.5), Some(bucket_bound(BUCKETS - 2)));
+        assert_eq!(
+            quantile(&far.counts(), 0.5),
+            Some(bucket_bound(BUCKETS - 2))
+        );
     }
 }

@@ -391,3 +391,60 @@ async fn the_demo_shows_its_agents_the_next_activation_and_the_last_flips_skew()
     check_screenshot(&page.png, "status-demo.png");
     demo.shutdown().await;
 }
+
+/// The last 15 minutes as sparklines: with a point every 200 ms, a second of traffic through
+/// a rate-limited route shows as a line per pool and backend (requests per second, 5xx share,
+/// p50/p99 latency, queue) and one for the route's refusals, drawn by the page as inline SVG.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_draws_the_recent_history_as_sparklines() {
+    let browser = Chromium::find();
+    let webs = DemoBackend::start_n(2).await;
+    let yaml = format!(
+        "listeners:\n  - {{ name: http, bind: \"127.0.0.1:0\" }}\n\
+         routes:\n  - {{ name: site, pool: www, rate_limit: {{ requests: 50, per: 1s }} }}\n\
+         pools:\n  - name: www\n    backends:\n{}\
+         admin:\n  bind: \"127.0.0.1:0\"\n  history_interval: 200ms\n",
+        backends_yaml(&webs)
+    );
+    let app = start(&yaml).await;
+    let client = h1_client();
+    let (admin, proxy) = (app.admin_addr().expect("admin"), proxy_addr(&app));
+    let until = Instant::now() + Duration::from_millis(1500);
+    let (mut ok, mut limited) = (0, 0);
+    while Instant::now() < until {
+        match get(&client, proxy, "/").await.status.as_u16() {
+            200 => ok += 1,
+            429 => limited += 1,
+            s => panic!("status {s}"),
+        }
+    }
+    assert!(ok > 0 && limited > 0, "{ok} served, {limited} limited");
+    let h: serde_json::Value =
+        serde_json::from_str(&get(&client, admin, "/api/history").await.body).unwrap();
+    let rps = h["pools"][0]["series"]["rps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        rps.iter().any(|v| v.as_f64().is_some_and(|r| r > 0.0)),
+        "{h}"
+    );
+    assert_eq!(h["limited"][0][0], "site", "{h}");
+
+    let (_browser, shown) = render(browser, format!("http://{admin}/status")).await;
+    let dom = &shown.dom;
+    assert!(!dom.contains("id=\"history\" hidden"), "{dom}");
+    for name in ["www", "www/web-1", "www/web-2"] {
+        assert!(
+            dom.contains(&format!("data-history=\"{name}\"")),
+            "{name}: {dom}"
+        );
+    }
+    // Lines with points, not empty frames.
+    let drawn =
+        dom.matches("<polyline points=\"").count() - dom.matches("<polyline points=\"\"").count();
+    assert!(drawn >= 9, "{drawn} lines drawn:\n{dom}");
+    assert!(dom.contains("Rate limit of route site"), "{dom}");
+    check_screenshot(&shown.png, "status-history.png");
+    app.shutdown(Duration::from_millis(200)).await;
+}

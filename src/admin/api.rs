@@ -8,6 +8,7 @@
 //! | `GET /api/dns` | DNS queries answered by type and response code, and fail-open answers by pool, read from the metrics; 404 without `dns:` |
 //! | `POST /api/pools/{pool}/backends/{name}/drain` | no new requests and no DNS answers for it; in-flight requests finish |
 //! | `POST /api/pools/{pool}/backends/{name}/enable` | back in rotation |
+//! | `GET /api/history` | the last 15 minutes ([`super::history`]): per pool and backend requests per second, 5xx share, p50/p99 latency; DNS answers per second; rate-limit refusals; queue depth; the last 50 flips' skew |
 //! | `GET /api/config` | the YAML the running generation was loaded from (lockstep configs hold no secrets inline: tokens and keys are files, named by path) |
 //!
 //! Requests that change state are accepted from loopback addresses, and from the networks in
@@ -30,9 +31,7 @@ use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 
-use super::view::{
-    AgentsView, BackendView, DnsView, DrainReply, FailOpenCount, PoolView, PoolsView, QueryCount,
-};
+use super::view::{AgentsView, BackendView, DnsView, DrainReply, PoolView, PoolsView};
 use crate::hub::fleet::last_flip_skew;
 use crate::hub::Hub;
 use crate::live::Live;
@@ -72,9 +71,11 @@ pub fn forgeable(headers: &http::HeaderMap) -> Option<&'static str> {
 }
 
 /// Answers `method path` (under `/api/`) from `peer`, or `None` when the path is not the API's.
+#[allow(clippy::too_many_arguments)] // the request's parts and the four sources it reads
 pub fn route(
     live: &Live,
     hub: Option<&Hub>,
+    history: &super::history::History,
     metrics: &Metrics,
     method: &Method,
     path: &str,
@@ -85,6 +86,7 @@ pub fn route(
     let segments: Vec<&str> = rest.split('/').collect();
     Some(match (method, segments.as_slice()) {
         (&Method::GET, ["pools"]) => ok(&pools(live)),
+        (&Method::GET, ["history"]) => ok(history.lock().unwrap_or_else(|p| p.into_inner()).view()),
         (&Method::GET, ["agents"]) => match hub {
             Some(h) => ok(&agents(h.fleet())),
             None => err(
@@ -93,7 +95,7 @@ pub fn route(
             ),
         },
         (&Method::GET, ["dns"]) => match live.config.dns {
-            Some(_) => ok(&dns(&metrics.render())),
+            Some(_) => ok(&DnsView::from_metrics(&metrics.render())),
             None => err(
                 StatusCode::NOT_FOUND,
                 "this appliance answers no DNS (no `dns:` section)",
@@ -141,7 +143,15 @@ pub fn route(
             }
             answer
         }
-        (_, ["pools"] | ["agents"] | ["dns"] | ["config"] | ["pools", _, "backends", _, _]) => err(
+        (
+            _,
+            ["pools"]
+            | ["agents"]
+            | ["dns"]
+            | ["config"]
+            | ["history"]
+            | ["pools", _, "backends", _, _],
+        ) => err(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),
         ),
@@ -206,80 +216,6 @@ pub fn agents(fleet: Fleet) -> AgentsView {
     }
 }
 
-/// `GET /api/dns` from the metrics text: `lockstep_dns_queries_total{qtype,rcode}` and
-/// `lockstep_dns_fail_open_answers_total{pool}`. (prometheus-client's families cannot be
-/// listed, so the rendered text is the one place every label set appears.)
-pub fn dns(metrics_text: &str) -> DnsView {
-    let mut v = DnsView::default();
-    for s in metrics_text.lines().filter_map(Series::parse) {
-        match s.name {
-            "lockstep_dns_queries_total" => {
-                v.total += s.value;
-                v.queries.push(QueryCount {
-                    qtype: s.label("qtype").to_owned(),
-                    rcode: s.label("rcode").to_owned(),
-                    count: s.value,
-                });
-            }
-            "lockstep_dns_fail_open_answers_total" => {
-                v.fail_open.push(FailOpenCount {
-                    pool: s.label("pool").to_owned(),
-                    count: s.value,
-                });
-            }
-            _ => {}
-        }
-    }
-    v
-}
-
-/// One labelled counter line of the text format: `name{k="v",...} 12`.
-struct Series<'a> {
-    name: &'a str,
-    labels: Vec<(&'a str, String)>,
-    value: u64,
-}
-
-impl<'a> Series<'a> {
-    /// `None` for lines without labels (comments, `# EOF`) and anything malformed.
-    fn parse(line: &'a str) -> Option<Series<'a>> {
-        let (name, mut rest) = line.split_once('{')?;
-        let mut labels = Vec::new();
-        loop {
-            if let Some(tail) = rest.strip_prefix('}') {
-                let value: f64 = tail.trim().split(' ').next()?.parse().ok()?;
-                return Some(Series {
-                    name,
-                    labels,
-                    value: value as u64,
-                });
-            }
-            let (key, after) = rest.split_once("=\"")?;
-            let mut value = String::new();
-            let mut chars = after.char_indices();
-            let end = loop {
-                match chars.next()? {
-                    (_, '\\') => value.push(match chars.next()?.1 {
-                        'n' => '\n',
-                        c => c,
-                    }),
-                    (i, '"') => break i,
-                    (_, c) => value.push(c),
-                }
-            };
-            labels.push((key, value));
-            rest = after[end + 1..].trim_start_matches(',');
-        }
-    }
-
-    fn label(&self, key: &str) -> &str {
-        self.labels
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map_or("", |(_, v)| v.as_str())
-    }
-}
-
 fn drain(live: &Live, pool: &str, name: &str, drained: bool) -> ApiAnswer {
     let Some(p) = live.table.pools.iter().find(|p| p.config.name == pool) else {
         return err(StatusCode::NOT_FOUND, format!("no pool `{pool}`"));
@@ -323,6 +259,10 @@ mod tests {
         Live::build(Arc::new(config), None, 1, &crate::metrics::Metrics::new())
     }
 
+    fn history() -> crate::admin::history::History {
+        Default::default()
+    }
+
     fn metrics() -> Metrics {
         Metrics::new()
     }
@@ -357,7 +297,16 @@ mod tests {
             form("application/json"),
         ] {
             assert_eq!(
-                status(route(&live, None, &m, &Method::POST, path, &h, local)),
+                status(route(
+                    &live,
+                    None,
+                    &history(),
+                    &m,
+                    &Method::POST,
+                    path,
+                    &h,
+                    local
+                )),
                 StatusCode::FORBIDDEN,
                 "{h:?}"
             );
@@ -369,7 +318,16 @@ mod tests {
         let mut h = form("application/json; charset=utf-8");
         h.insert(ADMIN_HEADER, "1".parse().unwrap());
         assert_eq!(
-            status(route(&live, None, &m, &Method::POST, path, &h, local)),
+            status(route(
+                &live,
+                None,
+                &history(),
+                &m,
+                &Method::POST,
+                path,
+                &h,
+                local
+            )),
             StatusCode::OK
         );
         assert!(live.table.pools[0].health.load().drained[1]);
@@ -398,6 +356,7 @@ mod tests {
                 status(route(
                     &live,
                     None,
+                    &history(),
                     &m,
                     &Method::POST,
                     path,
@@ -439,7 +398,16 @@ mod tests {
         ] {
             let h = with(auth);
             assert_eq!(
-                status(route(&live, None, &m, &Method::POST, path, &h, remote)),
+                status(route(
+                    &live,
+                    None,
+                    &history(),
+                    &m,
+                    &Method::POST,
+                    path,
+                    &h,
+                    remote
+                )),
                 want,
                 "{auth:?}"
             );
@@ -448,13 +416,31 @@ mod tests {
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let h = json_headers();
         assert_eq!(
-            status(route(&live, None, &m, &Method::POST, path, &h, local)),
+            status(route(
+                &live,
+                None,
+                &history(),
+                &m,
+                &Method::POST,
+                path,
+                &h,
+                local
+            )),
             StatusCode::OK
         );
         let outside: SocketAddr = "10.2.0.1:5000".parse().unwrap();
         let h = with(Some("Bearer s3cret"));
         assert_eq!(
-            status(route(&live, None, &m, &Method::POST, path, &h, outside)),
+            status(route(
+                &live,
+                None,
+                &history(),
+                &m,
+                &Method::POST,
+                path,
+                &h,
+                outside
+            )),
             StatusCode::FORBIDDEN
         );
     }
@@ -470,6 +456,7 @@ mod tests {
             status(route(
                 &live,
                 None,
+                &history(),
                 &m,
                 &Method::POST,
                 path,
@@ -484,6 +471,7 @@ mod tests {
             status(route(
                 &live,
                 None,
+                &history(),
                 &m,
                 &Method::GET,
                 "/api/pools",
@@ -496,6 +484,7 @@ mod tests {
             status(route(
                 &live,
                 None,
+                &history(),
                 &m,
                 &Method::POST,
                 path,
@@ -513,6 +502,7 @@ mod tests {
             status(route(
                 &live,
                 None,
+                &history(),
                 &m,
                 &Method::POST,
                 enable,
@@ -525,6 +515,7 @@ mod tests {
         assert!(route(
             &live,
             None,
+            &history(),
             &m,
             &Method::GET,
             "/metrics",
@@ -547,7 +538,7 @@ mod tests {
         d.fail_open
             .get_or_create(&crate::dns::metrics::NameLabels { pool: "www".into() })
             .inc_by(3);
-        let v = dns(&m.render());
+        let v = DnsView::from_metrics(&m.render());
         assert_eq!(v.total, 10, "{v:?}");
         let mut queries: Vec<(String, String, u64)> = v
             .queries
@@ -568,7 +559,7 @@ mod tests {
             json!([{ "pool": "www", "count": 3 }])
         );
         // Other series, comments and escapes do not confuse the reader.
-        let v = dns("# HELP lockstep_dns_queries {x}\nlockstep_http_requests_total{pool=\"a\"} 4\nlockstep_dns_fail_open_answers_total{pool=\"a\\\"b,c\"} 1\n# EOF\n");
+        let v = DnsView::from_metrics("# HELP lockstep_dns_queries {x}\nlockstep_http_requests_total{pool=\"a\"} 4\nlockstep_dns_fail_open_answers_total{pool=\"a\\\"b,c\"} 1\n# EOF\n");
         assert_eq!(
             serde_json::to_value(&v).unwrap(),
             json!({ "total": 0, "queries": [], "fail_open": [{ "pool": "a\"b,c", "count": 1 }] })
@@ -580,6 +571,7 @@ mod tests {
             status(route(
                 &live(),
                 None,
+                &history(),
                 &m,
                 &Method::GET,
                 "/api/dns",
@@ -594,6 +586,7 @@ mod tests {
         let a = route(
             &with_dns,
             None,
+            &history(),
             &m,
             &Method::GET,
             "/api/dns",

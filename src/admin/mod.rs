@@ -4,6 +4,7 @@
 //! it; and [`reload`], the unix socket `lockstep reload` talks to.
 
 pub mod api;
+pub mod history;
 pub mod reload;
 pub mod status;
 pub mod view;
@@ -36,6 +37,8 @@ pub struct AdminState {
     pub shutdown: CancellationToken,
     /// The sync hub, once started (when the config has `sync:`).
     pub hub: Arc<std::sync::OnceLock<Arc<crate::hub::Hub>>>,
+    /// The status page's recent history.
+    pub history: history::History,
 }
 
 /// Serves the admin listener until `stop` (a child of the appliance's shutdown, also
@@ -90,6 +93,7 @@ fn route(
     if let Some(a) = api::route(
         &live,
         hub,
+        &state.history,
         &state.metrics,
         req.method(),
         path,

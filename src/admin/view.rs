@@ -122,3 +122,78 @@ pub struct DrainReply {
     /// Whether it is drained now.
     pub drained: bool,
 }
+impl DnsView {
+    /// `GET /api/dns` from the metrics text: `lockstep_dns_queries_total{qtype,rcode}` and
+    /// `lockstep_dns_fail_open_answers_total{pool}`. (prometheus-client's families cannot be
+    /// listed, so the rendered text is the one place every label set appears.)
+    pub fn from_metrics(metrics_text: &str) -> DnsView {
+        let mut v = DnsView::default();
+        for s in metrics_text.lines().filter_map(Series::parse) {
+            match s.name {
+                "lockstep_dns_queries_total" => {
+                    v.total += s.value;
+                    v.queries.push(QueryCount {
+                        qtype: s.label("qtype").to_owned(),
+                        rcode: s.label("rcode").to_owned(),
+                        count: s.value,
+                    });
+                }
+                "lockstep_dns_fail_open_answers_total" => {
+                    v.fail_open.push(FailOpenCount {
+                        pool: s.label("pool").to_owned(),
+                        count: s.value,
+                    });
+                }
+                _ => {}
+            }
+        }
+        v
+    }
+}
+
+/// One labelled counter line of the text format: `name{k="v",...} 12`.
+struct Series<'a> {
+    name: &'a str,
+    labels: Vec<(&'a str, String)>,
+    value: u64,
+}
+
+impl<'a> Series<'a> {
+    /// `None` for lines without labels (comments, `# EOF`) and anything malformed.
+    fn parse(line: &'a str) -> Option<Series<'a>> {
+        let (name, mut rest) = line.split_once('{')?;
+        let mut labels = Vec::new();
+        loop {
+            if let Some(tail) = rest.strip_prefix('}') {
+                let value: f64 = tail.trim().split(' ').next()?.parse().ok()?;
+                return Some(Series {
+                    name,
+                    labels,
+                    value: value as u64,
+                });
+            }
+            let (key, after) = rest.split_once("=\"")?;
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (_, '\\') => value.push(match chars.next()?.1 {
+                        'n' => '\n',
+                        c => c,
+                    }),
+                    (i, '"') => break i,
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((key, value));
+            rest = after[end + 1..].trim_start_matches(',');
+        }
+    }
+
+    fn label(&self, key: &str) -> &str {
+        self.labels
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use serde_saphyr::Spanned;
 
 use super::check::Ctx;
-use super::error::nearest;
+use super::error::unknown_pool;
 use super::raw::{RawDns, RawRecord, RawRrl, RawZone};
 use super::{ConfigError, Pos};
 
@@ -467,15 +467,7 @@ fn pool_target(
     if pools.contains_key(&p.value) {
         return Some(Target::Pool(p.value.clone()));
     }
-    let hint = match nearest(&p.value, pools.keys().map(String::as_str)) {
-        Some(n) => format!("did you mean `{n}`?"),
-        None if pools.is_empty() => "there are no pools: add one under `pools:`".to_string(),
-        None => {
-            let mut names: Vec<&str> = pools.keys().map(String::as_str).collect();
-            names.sort_unstable();
-            format!("pools are: {}", names.join(", "))
-        }
-    };
+    let hint = unknown_pool(&p.value, pools);
     cx.err(
         p,
         format!("record to pool `{}`, which does not exist: {hint}", p.value),

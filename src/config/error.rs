@@ -80,6 +80,19 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// What to say of a pool name that names no pool: the nearest one, or the pools there are.
+pub fn unknown_pool(name: &str, pools: &std::collections::HashMap<String, usize>) -> String {
+    match nearest(name, pools.keys().map(String::as_str)) {
+        Some(n) => format!("did you mean `{n}`?"),
+        None if pools.is_empty() => "there are no pools: add one under `pools:`".to_string(),
+        None => {
+            let mut names: Vec<&str> = pools.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            format!("pools are: {}", names.join(", "))
+        }
+    }
+}
+
 /// The valid name closest to `got` (edit distance at most a third of its length, at least 2),
 /// for "did you mean" hints.
 pub fn nearest<'a>(got: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {

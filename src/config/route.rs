@@ -11,7 +11,7 @@ use http::StatusCode;
 use serde_saphyr::Spanned;
 
 use super::check::Ctx;
-use super::error::nearest;
+use super::error::{nearest, unknown_pool};
 use super::raw::{RawHeaderEdits, RawHsts, RawRateLimit, RawRedirect, RawRespond, RawRoute};
 use super::{ConfigError, Listener, Pos};
 use crate::router::ratelimit::{LimitKey, RateLimit};
@@ -194,15 +194,7 @@ fn pool(cx: &mut Ctx<'_>, p: &Spanned<String>, pools: &HashMap<String, usize>) -
     if let Some(&i) = pools.get(&p.value) {
         return Some(Action::Pool(i));
     }
-    let hint = match nearest(&p.value, pools.keys().map(String::as_str)) {
-        Some(n) => format!("did you mean `{n}`?"),
-        None if pools.is_empty() => "there are no pools: add one under `pools:`".to_string(),
-        None => {
-            let mut names: Vec<&str> = pools.keys().map(String::as_str).collect();
-            names.sort_unstable();
-            format!("pools are: {}", names.join(", "))
-        }
-    };
+    let hint = unknown_pool(&p.value, pools);
     cx.err(
         p,
         format!("route to pool `{}`, which does not exist: {hint}", p.value),

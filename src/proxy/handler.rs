@@ -22,7 +22,7 @@ use super::conn::ConnCtx;
 use super::forward::{forward, local, plain, ResponseBody};
 use crate::net::body::ClientBody;
 use crate::pools::table::{PoolState, RouteLimiter};
-use crate::router::ratelimit::{Key, LimitKey};
+use crate::router::ratelimit::LimitKey;
 use crate::router::route::Route;
 use crate::router::rules::{Action, Fixed, Redirect, Rules};
 
@@ -127,7 +127,7 @@ fn refuse_over_limit(
     };
     let wait = l
         .limiter
-        .check(Key::of(by, ctx.peer.ip(), value), now)
+        .check(l.limiter.key(ctx.peer.ip(), value), now)
         .err()?;
     l.refused.inc();
     let mut resp = plain(

@@ -2,10 +2,12 @@
 //! request header's value), `rate` tokens a second up to `burst`; a request takes one or is
 //! refused with the time until the next one (for `Retry-After`).
 //!
-//! Bounded: at most `max_keys` buckets. A bucket that has refilled to its burst is the same as
-//! none, so those go first when the table is full; then the one seen longest ago (its client
-//! starts again from a full bucket: a flood of new keys can make the limit lenient for some
-//! clients, never refuse one that is within its rate). Pure: time is passed in.
+//! Bounded: at most `max_keys` buckets of a few dozen bytes each (a header value is kept as
+//! its keyed 64-bit hash, so a long or varied value costs no more). A bucket that has refilled
+//! to its burst is the same as none, so those go first when the table is full; then the one
+//! seen longest ago (its client starts again from a full bucket: a flood of new keys can make
+//! the limit lenient for some clients, never refuse one that is within its rate). Pure: time
+//! is passed in.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -35,32 +37,19 @@ pub struct RateLimit {
     pub key: LimitKey,
 }
 
-/// Longest header value kept as a key (longer ones are cut: their clients share a bucket).
-pub const MAX_KEY_BYTES: usize = 256;
-
 /// Buckets kept per limiter by default.
 pub const DEFAULT_MAX_KEYS: usize = 65_536;
 
 const SHARDS: usize = 16;
 
-/// One client's key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// One client's key: its address, or the keyed hash of its header's value (the key is this
+/// process's secret, so nobody can make two values share a bucket on purpose).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Key {
     /// An address.
     Ip(IpAddr),
-    /// A header's value (at most [`MAX_KEY_BYTES`]).
-    Value(Box<[u8]>),
-}
-
-impl Key {
-    /// The key of a request from `client` whose `header` (when the limit names one) has
-    /// `value`.
-    pub fn of(limit: &LimitKey, client: IpAddr, value: Option<&[u8]>) -> Key {
-        match (limit, value) {
-            (LimitKey::Header(_), Some(v)) => Key::Value(v[..v.len().min(MAX_KEY_BYTES)].into()),
-            _ => Key::Ip(client),
-        }
-    }
+    /// A header's value, hashed.
+    Value(u64),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +81,16 @@ impl Limiter {
     /// The limit it applies.
     pub fn limit(&self) -> &RateLimit {
         &self.limit
+    }
+
+    /// The key of a request from `client` whose header (when the limit names one) has
+    /// `value`; without the header, the client's address.
+    pub fn key(&self, client: IpAddr, value: Option<&[u8]>) -> Key {
+        use std::hash::BuildHasher;
+        match (&self.limit.key, value) {
+            (LimitKey::Header(_), Some(v)) => Key::Value(self.hasher.hash_one(v)),
+            _ => Key::Ip(client),
+        }
     }
 
     /// Takes a token for `key` at `now`: `Ok`, or `Err(wait)` until one is there.
@@ -127,7 +126,7 @@ impl Limiter {
             b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst
         });
         if map.len() >= self.per_shard {
-            if let Some(oldest) = map.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| k.clone()) {
+            if let Some(oldest) = map.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| *k) {
                 map.remove(&oldest);
             }
         }
@@ -189,7 +188,7 @@ mod tests {
         let t0 = Instant::now();
         // A flood of new keys, each once: the refilled ones (none yet) then the oldest go.
         for n in 0..10_000u32 {
-            let k = Key::Value(n.to_be_bytes().as_slice().into());
+            let k = Key::Value(u64::from(n));
             let _ = l.check(k, t0 + Duration::from_millis(1));
             assert!(l.keys() <= 64 + SHARDS);
         }
@@ -203,18 +202,27 @@ mod tests {
     }
 
     #[test]
-    fn header_keys_are_cut_and_a_missing_header_falls_back_to_the_address() {
-        let by = LimitKey::Header(HeaderName::from_static("x-api-key"));
-        let client = IpAddr::from([192, 0, 2, 1]);
-        assert_eq!(Key::of(&by, client, None), Key::Ip(client));
-        let long = vec![b'a'; 1000];
-        match Key::of(&by, client, Some(&long)) {
-            Key::Value(v) => assert_eq!(v.len(), MAX_KEY_BYTES),
-            k => panic!("{k:?}"),
-        }
-        assert_eq!(
-            Key::of(&LimitKey::ClientIp, client, Some(b"x")),
-            Key::Ip(client)
+    fn header_keys_are_hashed_and_a_missing_header_falls_back_to_the_address() {
+        let by_header = Limiter::new(
+            RateLimit {
+                rate: 1.0,
+                burst: 1,
+                key: LimitKey::Header(HeaderName::from_static("x-api-key")),
+            },
+            16,
         );
+        let client = IpAddr::from([192, 0, 2, 1]);
+        assert_eq!(by_header.key(client, None), Key::Ip(client));
+        let long = vec![b'a'; 100_000];
+        assert_eq!(
+            by_header.key(client, Some(&long)),
+            by_header.key(client, Some(&long))
+        );
+        assert_ne!(
+            by_header.key(client, Some(b"k1")),
+            by_header.key(client, Some(b"k2"))
+        );
+        let by_ip = limiter(1.0, 1, 16);
+        assert_eq!(by_ip.key(client, Some(b"x")), Key::Ip(client));
     }
 }

@@ -96,7 +96,7 @@ impl Limiter {
     /// Takes a token for `key` at `now`: `Ok`, or `Err(wait)` until one is there.
     pub fn check(&self, key: Key, now: Instant) -> Result<(), Duration> {
         use std::hash::BuildHasher;
-        let shard = (self.hasher.hash_one(&key) as usize) % SHARDS;
+        let shard = (self.hasher.hash_one(key) as usize) % SHARDS;
         let mut map = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
         let burst = f64::from(self.limit.burst);
         if !map.contains_key(&key) && map.len() >= self.per_shard {

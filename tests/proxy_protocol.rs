@@ -218,3 +218,58 @@ fn proxy_protocol_config_is_checked() {
         );
     }
 }
+
+/// A TLS listener behind a balancer: the PROXY header comes first, then the TLS handshake;
+/// the client's address from the header reaches the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_reads_the_header_before_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = TestCert::new(dir.path(), "www.farm.test");
+    let web = DemoBackend::start("web-1").await;
+    let yaml = format!(
+        "listeners:\n  - name: https\n    bind: \"127.0.0.1:0\"\n    proxy_protocol: {{ from: [\"127.0.0.1\"] }}\n    \
+         tls:\n      certificates:\n{}\
+         routes:\n  - {{ pool: www }}\n\
+         pools:\n  - name: www\n    backends:\n{}",
+        cert.yaml(),
+        web.yaml()
+    );
+    let app = start(&yaml).await;
+    let addr = app.local_addr("https").unwrap();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let header = lockstep::net::proxy_protocol::encode(
+        lockstep::net::proxy_protocol::Version::V2,
+        Some(("203.0.113.7:40000".parse().unwrap(), addr)),
+    );
+    tcp.write_all(&header).await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der.clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let name = rustls_pki_types::ServerName::try_from("www.farm.test").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("TLS after the header");
+    tls.write_all(
+        b"GET /echo-headers HTTP/1.1\r\nHost: www.farm.test\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    let answer = String::from_utf8_lossy(&out);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("x-forwarded-for: 203.0.113.7\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("x-forwarded-proto: https\n"), "{answer}");
+    app.shutdown(Duration::from_millis(200)).await;
+}

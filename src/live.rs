@@ -65,6 +65,22 @@ impl Live {
                     .unwrap_or_else(|| Clients::new(p.connect_timeout, p.send_proxy))
             })
             .collect();
+        // Each certificate's expiry, for alerts: the series of this generation only.
+        metrics.tls_expiry.clear();
+        for l in &config.listeners {
+            for (i, c) in l.tls.iter().flatten().enumerate() {
+                let labels = crate::metrics::CertLabels {
+                    listener: l.name.clone(),
+                    certificate: certificate_name(c, i),
+                };
+                if let Some(t) = c.not_after {
+                    metrics
+                        .tls_expiry
+                        .get_or_create(&labels)
+                        .set(i64::try_from(t).unwrap_or(i64::MAX));
+                }
+            }
+        }
         let listeners = config
             .listeners
             .iter()
@@ -91,6 +107,15 @@ impl Live {
             .find(|(l, _)| l.name == name)
             .map(|(l, a)| (l.clone(), a.clone()))
     }
+}
+
+/// How a listener's certificate is named in metrics and the admin API: its first DNS name,
+/// else its place in the list.
+pub fn certificate_name(c: &crate::config::tls::LoadedCert, i: usize) -> String {
+    c.names
+        .first()
+        .cloned()
+        .unwrap_or_else(|| format!("certificate {}", i + 1))
 }
 
 /// The swapped pointer to the live state.

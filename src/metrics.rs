@@ -111,6 +111,15 @@ pub fn quantile(counts: &[u64; BUCKETS], q: f64) -> Option<f64> {
     Some(bucket_bound(BUCKETS - 2))
 }
 
+/// Labels of a listener's certificate.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    /// Listener name.
+    pub listener: String,
+    /// The certificate's first DNS name (or `certificate N`).
+    pub certificate: String,
+}
+
 /// Labels of a pool's queue refusals.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabels {
@@ -152,6 +161,8 @@ pub struct Metrics {
     pub tunnels: Family<ListenerLabels, Gauge>,
     /// Requests refused (429) by a route's rate limit.
     pub rate_limited: Family<RouteLabels, Counter>,
+    /// When each listener's certificate expires, seconds since the epoch.
+    pub tls_expiry: Family<CertLabels, Gauge>,
     /// Requests waiting in a pool's queue now.
     pub queue_depth: Family<PoolLabels, Gauge>,
     /// Requests a pool's queue refused (503, `fault=queue`): full, or waited too long.
@@ -185,6 +196,7 @@ impl Metrics {
             rate_limited: Family::default(),
             queue_depth: Family::default(),
             queue_refused: Family::default(),
+            tls_expiry: Family::default(),
             admin_connections: Default::default(),
             sync_connections: Default::default(),
         };
@@ -238,6 +250,11 @@ impl Metrics {
             "rate_limited",
             "Requests refused with 429 by a route's rate_limit",
             m.rate_limited.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When each listener's certificate expires (its notAfter), seconds since the epoch",
+            m.tls_expiry.clone(),
         );
         registry.register(
             "queue_depth",

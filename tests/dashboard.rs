@@ -106,14 +106,16 @@ fn labels_used(expr: &str, legend: &str) -> BTreeSet<String> {
 async fn every_metric_and_label_the_dashboard_queries_exists() {
     let web = DemoBackend::start("web-1").await;
     let store = tempfile::tempdir().unwrap();
-    // Every part on: a rate-limited route, a queue, DNS, the sync hub.
+    let cert = common::tls::TestCert::new(store.path(), "www.farm.test");
+    // Every part on: a TLS listener, a rate-limited route, a queue, DNS, the sync hub.
     let yaml = format!(
-        "listeners:\n  - {{ name: http, bind: \"127.0.0.1:0\" }}\n\
+        "listeners:\n  - {{ name: http, bind: \"127.0.0.1:0\" }}\n  - name: https\n    bind: \"127.0.0.1:0\"\n    tls:\n      certificates:\n{}\
          routes:\n  - {{ name: site, pool: www, rate_limit: {{ requests: 100 }} }}\n\
          pools:\n  - name: www\n    queue: {{ max: 10 }}\n    backends:\n{}\
          dns:\n  bind: \"127.0.0.1:0\"\n  zones:\n    - name: farm.test\n      records:\n        - {{ name: www, pool: www }}\n\
          sync:\n  bind: \"127.0.0.1:0\"\n  store: \"{}\"\n\
          admin:\n  bind: \"127.0.0.1:0\"\n",
+        cert.yaml(),
         web.yaml(),
         store.path().join("hub").display()
     );

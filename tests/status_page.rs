@@ -399,11 +399,26 @@ async fn the_demo_shows_its_agents_the_next_activation_and_the_last_flips_skew()
 async fn the_page_draws_the_recent_history_as_sparklines() {
     let browser = Chromium::find();
     let webs = DemoBackend::start_n(2).await;
+    // A TLS listener whose certificate runs out in ten days: the page says so in red.
+    let dir = tempfile::tempdir().unwrap();
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let not_after = now_s + 10 * 86_400 + 3_600;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["www.farm.test".to_string()]).unwrap();
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(not_after).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("c.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("c.key"), key.serialize_pem()).unwrap();
     let yaml = format!(
         "listeners:\n  - {{ name: http, bind: \"127.0.0.1:0\" }}\n\
+         \x20 - name: https\n    bind: \"127.0.0.1:0\"\n    tls: {{ certificates: [{{ cert: \"{0}/c.pem\", key: \"{0}/c.key\" }}] }}\n\
          routes:\n  - {{ name: site, pool: www, rate_limit: {{ requests: 50, per: 1s }} }}\n\
-         pools:\n  - name: www\n    backends:\n{}\
+         pools:\n  - name: www\n    backends:\n{1}\
          admin:\n  bind: \"127.0.0.1:0\"\n  history_interval: 200ms\n",
+        dir.path().display(),
         backends_yaml(&webs)
     );
     let app = start(&yaml).await;
@@ -445,6 +460,19 @@ async fn the_page_draws_the_recent_history_as_sparklines() {
         dom.matches("<polyline points=\"").count() - dom.matches("<polyline points=\"\"").count();
     assert!(drawn >= 9, "{drawn} lines drawn:\n{dom}");
     assert!(dom.contains("Rate limit of route site"), "{dom}");
+    // The certificate, ten days from its end: in the table, marked, and in the metrics.
+    assert!(
+        dom.contains("<tr data-certificate=\"www.farm.test\" data-state=\"soon\">")
+            && dom.contains(">10 days<"),
+        "{dom}"
+    );
+    let metrics = get(&client, admin, "/metrics").await.body;
+    assert!(
+        metrics.contains(&format!(
+            "lockstep_tls_certificate_expiry_timestamp_seconds{{listener=\"https\",certificate=\"www.farm.test\"}} {not_after}"
+        )),
+        "{metrics}"
+    );
     check_screenshot(&shown.png, "status-history.png");
     app.shutdown(Duration::from_millis(200)).await;
 }

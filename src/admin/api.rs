@@ -9,6 +9,7 @@
 //! | `POST /api/pools/{pool}/backends/{name}/drain` | no new requests and no DNS answers for it; in-flight requests finish |
 //! | `POST /api/pools/{pool}/backends/{name}/enable` | back in rotation |
 //! | `GET /api/history` | the last 15 minutes ([`super::history`]): per pool and backend requests per second, 5xx share, p50/p99 latency; DNS answers per second; rate-limit refusals; queue depth; the last 50 flips' skew |
+//! | `GET /api/certificates` | every TLS listener's certificates: names, notAfter |
 //! | `GET /api/config` | the YAML the running generation was loaded from (lockstep configs hold no secrets inline: tokens and keys are files, named by path) |
 //!
 //! Requests that change state are accepted from loopback addresses, and from the networks in
@@ -31,7 +32,7 @@ use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 
-use super::view::{AgentsView, BackendView, DnsView, DrainReply, PoolView, PoolsView};
+use super::view::{AgentsView, BackendView, CertView, DnsView, DrainReply, PoolView, PoolsView};
 use crate::hub::fleet::last_flip_skew;
 use crate::hub::Hub;
 use crate::live::Live;
@@ -86,6 +87,7 @@ pub fn route(
     let segments: Vec<&str> = rest.split('/').collect();
     Some(match (method, segments.as_slice()) {
         (&Method::GET, ["pools"]) => ok(&pools(live)),
+        (&Method::GET, ["certificates"]) => ok(&certificates(live)),
         (&Method::GET, ["history"]) => ok(history.lock().unwrap_or_else(|p| p.into_inner()).view()),
         (&Method::GET, ["agents"]) => match hub {
             Some(h) => ok(&agents(h.fleet())),
@@ -150,6 +152,7 @@ pub fn route(
             | ["dns"]
             | ["config"]
             | ["history"]
+            | ["certificates"]
             | ["pools", _, "backends", _, _],
         ) => err(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -160,6 +163,22 @@ pub fn route(
             format!("no admin API path {path}: see /api/pools, /api/agents, /api/dns, /api/config"),
         ),
     })
+}
+
+/// `GET /api/certificates`: every TLS listener's certificates and when they expire.
+pub fn certificates(live: &Live) -> Vec<CertView> {
+    live.config
+        .listeners
+        .iter()
+        .flat_map(|l| {
+            l.tls.iter().flatten().enumerate().map(|(i, c)| CertView {
+                listener: l.name.clone(),
+                certificate: crate::live::certificate_name(c, i),
+                names: c.names.clone(),
+                not_after: c.not_after,
+            })
+        })
+        .collect()
 }
 
 /// `GET /api/pools`.

@@ -81,6 +81,19 @@ pub struct AgentsView {
     pub last_flip_skew: Option<FlipSkew>,
 }
 
+/// One listener certificate of `GET /api/certificates`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertView {
+    /// The listener serving it.
+    pub listener: String,
+    /// Its name in metrics (first DNS name, or `certificate N`).
+    pub certificate: String,
+    /// The DNS names it serves.
+    pub names: Vec<String>,
+    /// Its notAfter, seconds since the epoch.
+    pub not_after: Option<u64>,
+}
+
 /// `GET /api/dns`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DnsView {

@@ -15,6 +15,8 @@ pub struct LoadedCert {
     pub names: Vec<String>,
     /// Chain and signing key.
     pub key: Arc<CertifiedKey>,
+    /// When the leaf expires (its notAfter, seconds since the Unix epoch).
+    pub not_after: Option<u64>,
 }
 
 /// Which of the two files a loading problem is about.
@@ -76,8 +78,84 @@ pub fn load(cert: &Path, key: &Path) -> Result<LoadedCert, (Part, String)> {
     }
     Ok(LoadedCert {
         names,
+        not_after: not_after(&certified.cert[0]),
         key: Arc::new(certified),
     })
+}
+
+/// The notAfter of an X.509 certificate (DER), seconds since the Unix epoch: the second
+/// element of `validity`, the fifth field of `tbsCertificate` after the optional `[0]`
+/// version. `None` when the bytes are not shaped so (never a panic: the walk is bounded by the
+/// bytes it is given).
+pub fn not_after(der: &[u8]) -> Option<u64> {
+    let (tag, cert, _) = der_tlv(der)?;
+    (tag == 0x30).then_some(())?;
+    let (tag, mut tbs, _) = der_tlv(cert)?;
+    (tag == 0x30).then_some(())?;
+    // version [0] EXPLICIT, when present.
+    if tbs.first() == Some(&0xa0) {
+        tbs = der_tlv(tbs)?.2;
+    }
+    // serialNumber, signature, issuer.
+    for _ in 0..3 {
+        tbs = der_tlv(tbs)?.2;
+    }
+    let (tag, validity, _) = der_tlv(tbs)?;
+    (tag == 0x30).then_some(())?;
+    let rest = der_tlv(validity)?.2;
+    let (tag, time, _) = der_tlv(rest)?;
+    der_time(tag, time)
+}
+
+/// One DER element at the start of `b`: its tag, its contents and what follows it.
+fn der_tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = b.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        (1..=4).contains(&n).then_some(())?;
+        let (bytes, rest) = (rest.get(..n)?, rest.get(n..)?);
+        let len = bytes.iter().fold(0usize, |a, &x| (a << 8) | usize::from(x));
+        (len, rest)
+    };
+    Some((tag, rest.get(..len)?, rest.get(len..)?))
+}
+
+/// UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`) as
+/// seconds since the Unix epoch.
+fn der_time(tag: u8, t: &[u8]) -> Option<u64> {
+    let digits = |s: &[u8]| -> Option<u64> {
+        s.iter().try_fold(0u64, |a, &c| {
+            c.is_ascii_digit().then(|| a * 10 + u64::from(c - b'0'))
+        })
+    };
+    let (year, rest) = match (tag, t.len()) {
+        (0x17, 13) => {
+            let yy = digits(&t[..2])?;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, &t[2..])
+        }
+        (0x18, 15) => (digits(&t[..4])?, &t[4..]),
+        _ => return None,
+    };
+    (rest.last() == Some(&b'Z')).then_some(())?;
+    let [mo, d, h, mi, s] = [0, 2, 4, 6, 8].map(|i| digits(&rest[i..i + 2]));
+    let (mo, d, h, mi, s) = (mo?, d?, h?, mi?, s?);
+    ((1..=12).contains(&mo) && (1..=31).contains(&d) && h < 24 && mi < 60 && s < 61)
+        .then_some(())?;
+    // Days from the civil date (Howard Hinnant's algorithm), years from 1970.
+    let (y, m) = if mo <= 2 {
+        (year - 1, mo + 9)
+    } else {
+        (year, mo - 3)
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    Some(days * 86_400 + h * 3600 + mi * 60 + s)
 }
 
 /// The farm CA and its revocation list: what a party trusts when it checks another party's
@@ -132,4 +210,42 @@ pub fn load_trust(ca: &Path, crl: Option<&Path>) -> Result<FarmTrust, (Part, Str
         roots: Arc::new(roots),
         crls,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_until(y: i32, m: u8, d: u8) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["farm.test".to_string()]).unwrap();
+        p.not_after = rcgen::date_time_ymd(y, m, d);
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn not_after_reads_utc_and_generalized_times() {
+        // Before 2050 the certificate says UTCTime, from 2050 GeneralizedTime (RFC 5280).
+        assert_eq!(not_after(&cert_until(2031, 3, 4)), Some(1_930_348_800));
+        assert_eq!(not_after(&cert_until(2061, 12, 31)), Some(2_903_212_800));
+        assert_eq!(not_after(&cert_until(1999, 12, 31)), Some(946_598_400));
+    }
+
+    #[test]
+    fn anything_else_is_none_never_a_panic() {
+        let der = cert_until(2031, 3, 4);
+        for cut in 0..der.len() {
+            let _ = not_after(&der[..cut]);
+        }
+        let mut bent = der.clone();
+        for i in 0..bent.len() {
+            bent[i] ^= 0xff;
+            let _ = not_after(&bent);
+            bent[i] ^= 0xff;
+        }
+        assert_eq!(not_after(b""), None);
+        assert_eq!(not_after(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+        assert_eq!(der_time(0x17, b"3113130000Z!!"), None);
+        assert_eq!(der_time(0x17, b"311301000000Z"), None, "month 13");
+    }
 }

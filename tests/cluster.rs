@@ -441,9 +441,9 @@ fn ready(farm: &Farm) -> String {
         .body
 }
 
-/// Agents that know both hubs: `kill -9` of the hub they use a second before an activation
-/// does not delay their flip (they hold the deadline), they move to the other hub, and the
-/// cycle advances exactly once.
+/// Four agents (two with clocks an hour off) that know both hubs: `kill -9` of the hub they
+/// use a second before an activation does not delay their flip (they hold the deadline), they
+/// move to the other hub, and the cycle advances exactly once.
 #[test]
 fn agents_move_to_the_other_hub_and_flip_on_time_when_theirs_dies() {
     let _serial = serial();
@@ -451,9 +451,12 @@ fn agents_move_to_the_other_hub_and_flip_on_time_when_theirs_dies() {
     let mut a = hub_on(&etcd, "hub-a", &[0, 1, 2]);
     let b = hub_on(&etcd, "hub-b", &[0, 1, 2]);
     let hubs = format!("[\"{}\", \"{}\"]", a.hub_url(), b.hub_url());
+    // Four agents, two of them with clocks an hour off either way.
     let agents = [
         a.agent_of(&hubs, "web-1", None, ""),
         a.agent_of(&hubs, "web-2", Some("+1h"), ""),
+        a.agent_of(&hubs, "web-3", None, ""),
+        a.agent_of(&hubs, "web-4", Some("-1h"), ""),
     ];
     let a_log = a.hub.as_ref().unwrap().log.clone();
     let logs = || {
@@ -483,7 +486,9 @@ fn agents_move_to_the_other_hub_and_flip_on_time_when_theirs_dies() {
                 .as_array()
                 .map(|a| a.iter().filter_map(|x| x["name"].as_str()).collect())
                 .unwrap_or_default();
-            names.contains(&"web-1") && names.contains(&"web-2")
+            ["web-1", "web-2", "web-3", "web-4"]
+                .iter()
+                .all(|n| names.contains(n))
         },
     );
 
@@ -558,7 +563,7 @@ fn agents_move_to_the_other_hub_and_flip_on_time_when_theirs_dies() {
         logs,
         || {
             let out = b.status("publish.token");
-            ["web-1 ", "web-2 "]
+            ["web-1 ", "web-2 ", "web-3 ", "web-4 "]
                 .iter()
                 .all(|n| out.lines().any(|l| l.starts_with(n) && l.contains(&b_hub)))
         },

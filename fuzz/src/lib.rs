@@ -250,6 +250,15 @@ pub fn proxy_header(data: &[u8]) {
     }
 }
 
+/// A certificate's DER as a config file gives it (the operator's, or one an ACME server
+/// issued): reading its notAfter never panics, and a time it reads is a real calendar time
+/// (between 1950 and 9999).
+pub fn cert_not_after(data: &[u8]) {
+    if let Some(t) = lockstep::config::tls::not_after(data) {
+        assert!(t <= 253_402_300_800, "{t} is past 9999-12-31T23:59:60");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -279,5 +288,6 @@ mod tests {
         corpus("h1_head", super::h1_head);
         corpus("h1_chunked", super::h1_chunked);
         corpus("proxy_header", super::proxy_header);
+        corpus("cert_not_after", super::cert_not_after);
     }
 }

@@ -186,3 +186,41 @@ async fn a_request_that_waits_past_queue_timeout_gets_503() {
     );
     app.shutdown(Duration::from_millis(200)).await;
 }
+
+/// A client that gives up while its request waits in the queue gives its place back: the next
+/// request finds room in the queue instead of a queue that stays full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_while_queued_leaves_the_queue() {
+    let b = busy_backend(Duration::from_millis(800)).await;
+    let backends = format!(
+        "      - {{ name: slow, address: \"{}\", max_connections: 1 }}\n",
+        b.addr
+    );
+    let app = start(&farm_yaml(
+        &backends,
+        "    queue: { max: 1, timeout: 5s }\n    retries: 0\n",
+    ))
+    .await;
+    let addr = proxy_addr(&app);
+    let first = tokio::spawn(async move { get_with(&h1_client(), addr, "/", &[]).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Queued, then its client goes away.
+    let gone = tokio::spawn(async move { get_with(&h1_client(), addr, "/", &[]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gone.abort();
+    let _ = gone.await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The one place is free again: this one waits and is served.
+    let next = get_with(&h1_client(), addr, "/", &[]).await.unwrap();
+    assert_eq!(next.status, 200, "{next:?}");
+    assert_eq!(first.await.unwrap().unwrap().status, 200);
+    let m = get(&h1_client(), app.admin_addr().unwrap(), "/metrics")
+        .await
+        .body;
+    assert!(m.contains("lockstep_queue_depth{pool=\"www\"} 0"), "{m}");
+    assert!(
+        !m.contains("lockstep_queue_refused_total{pool=\"www\",reason=\"full\"} 1"),
+        "{m}"
+    );
+    app.shutdown(Duration::from_millis(200)).await;
+}

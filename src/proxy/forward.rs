@@ -173,19 +173,40 @@ enum Turned {
 async fn wait_in_queue(pool: &PoolState, until: &mut Option<Instant>) -> Result<(), Turned> {
     let q = &pool.queue;
     let deadline = *until.get_or_insert_with(|| Instant::now() + pool.config.queue_timeout);
-    if q.waiting.fetch_add(1, Ordering::AcqRel) >= pool.config.queue_max {
-        q.waiting.fetch_sub(1, Ordering::AcqRel);
+    let Some(_place) = Waiting::join(q, pool.config.queue_max) else {
         q.refused[0].inc();
         return Err(Turned::Full);
+    };
+    // `_place` leaves the queue however this ends, a client gone (the future dropped) too.
+    tokio::time::timeout_at(deadline.into(), q.freed.notified())
+        .await
+        .map_err(|_| {
+            q.refused[1].inc();
+            Turned::Timeout
+        })
+}
+
+/// A request's place in a pool's queue, given back when dropped.
+struct Waiting<'a>(&'a crate::pools::table::Queue);
+
+impl<'a> Waiting<'a> {
+    /// A place, unless `max` requests already wait.
+    fn join(q: &'a crate::pools::table::Queue, max: usize) -> Option<Waiting<'a>> {
+        q.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        q.depth.inc();
+        Some(Waiting(q))
     }
-    q.depth.inc();
-    let woken = tokio::time::timeout_at(deadline.into(), q.freed.notified()).await;
-    q.waiting.fetch_sub(1, Ordering::AcqRel);
-    q.depth.dec();
-    woken.map_err(|_| {
-        q.refused[1].inc();
-        Turned::Timeout
-    })
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.depth.dec();
+    }
 }
 
 /// Phase 3: sends the request to backend `i` (the body goes with the first attempt that

@@ -142,15 +142,19 @@ pub fn choose(
     };
     let open =
         |i: usize| health.available(i, now) && !tried.contains(&i) && pool.backends[i].has_room();
-    let ramp = pool.config.slow_start;
-    // Each backend its own draw from the one random number.
-    let draw = |i: usize| {
-        hash_key(&(random ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes())
+    let Some(ramp) = pool.config.slow_start else {
+        return pool.balancer.pick(&load, &open, key, random);
     };
-    let warm = |i: usize| open(i) && admits(health.share(i, now, ramp), draw(i));
+    let warm = |i: usize| {
+        let share = health.share(i, now, Some(ramp));
+        // Each backend its own draw from the one random number (only while it ramps up).
+        let draw =
+            || hash_key(&(random ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes());
+        open(i) && (share >= 1.0 || admits(share, draw()))
+    };
     pool.balancer
         .pick(&load, &warm, key, random)
-        .or_else(|| ramp.and_then(|_| pool.balancer.pick(&load, &open, key, random)))
+        .or_else(|| pool.balancer.pick(&load, &open, key, random))
 }
 
 /// Whether a request finds no backend only because the available ones are at their

@@ -284,6 +284,7 @@ fn bad_rules_are_refused_where_written() {
                 \x20 - { path_prefix: /k, pool: www, rewrite_prefix: \"no-slash\" }\n\
                 \x20 - { name: dup, pool: www }\n\
                 \x20 - { name: dup, pool: www }\n\
+                \x20 - { path_prefix: /l, redirect: { scheme: https }, request_headers: { set: { X-A: \"1\" } } }\n\
                 pools:\n  - name: www\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\n";
     let e = lockstep::config::parse(std::path::Path::new("rules.yaml"), yaml)
         .expect_err("refused")
@@ -315,6 +316,7 @@ fn bad_rules_are_refused_where_written() {
             "rewrite_prefix `no-slash` must be a path starting with /",
         ),
         (16, "route name `dup` is also used on line 15"),
+        (17, "request_headers only apply to a route with a pool"),
     ] {
         assert!(
             e.lines()

@@ -83,13 +83,18 @@ pub(super) fn routes(
             rewrite_prefix: rewrite(cx, r, &action),
             hsts: r.hsts.as_ref().map(|h| hsts(cx, h)),
         };
-        if !rules.request_headers.is_empty() && !matches!(action, Some(Action::Pool(_))) {
+        if !rules.request_headers.is_empty()
+            && matches!(action, Some(Action::Redirect(_) | Action::Respond(_)))
+        {
             if let Some(h) = &r.request_headers {
-                let at = h
-                    .remove
-                    .as_ref()
-                    .and_then(|v| v.first())
+                // At the first header it names.
+                let at = [&h.set, &h.add]
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|m| m.keys())
+                    .chain(h.remove.iter().flatten())
                     .map(Pos::of)
+                    .min_by_key(|p| (p.line, p.column))
                     .unwrap_or_default();
                 cx.errors.push(ConfigError::at(
                     cx.file,

@@ -195,6 +195,7 @@ async fn lockstep_sends_proxy_v1_and_v2_to_haproxy_with_accept_proxy() {
 #[test]
 fn proxy_protocol_config_is_checked() {
     let y = "listeners:\n  - name: http\n    bind: \"127.0.0.1:8080\"\n    proxy_protocol: { from: [\"0.0.0.0/0\", \"nonsense\"] }\n\
+             \x20 - name: empty\n    bind: \"127.0.0.1:8081\"\n    proxy_protocol: { from: [] }\n\
              routes:\n  - { pool: www }\n\
              pools:\n  - name: www\n    send_proxy: v3\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\n";
     let e = lockstep::config::parse(std::path::Path::new("pp.yaml"), y)
@@ -209,7 +210,8 @@ fn proxy_protocol_config_is_checked() {
             4,
             "proxy_protocol source `nonsense` is not an address or CIDR",
         ),
-        (9, "send_proxy `v3`: write v1 or v2"),
+        (5, "proxy_protocol.from is empty"),
+        (12, "send_proxy `v3`: write v1 or v2"),
     ] {
         assert!(
             e.lines()

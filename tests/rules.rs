@@ -285,6 +285,7 @@ fn bad_rules_are_refused_where_written() {
                 \x20 - { name: dup, pool: www }\n\
                 \x20 - { name: dup, pool: www }\n\
                 \x20 - { path_prefix: /l, redirect: { scheme: https }, request_headers: { set: { X-A: \"1\" } } }\n\
+                \x20 - { path_prefix: /m, listeners: [], pool: www }\n\
                 pools:\n  - name: www\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\n";
     let e = lockstep::config::parse(std::path::Path::new("rules.yaml"), yaml)
         .expect_err("refused")
@@ -317,6 +318,7 @@ fn bad_rules_are_refused_where_written() {
         ),
         (16, "route name `dup` is also used on line 15"),
         (17, "request_headers only apply to a route with a pool"),
+        (18, "`listeners: []` matches nothing"),
     ] {
         assert!(
             e.lines()

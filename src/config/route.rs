@@ -75,7 +75,7 @@ pub(super) fn routes(
             }
             Some(p) => p.value.clone(),
         };
-        let on = route_listeners(cx, r.listeners.as_deref(), listeners);
+        let on = route_listeners(cx, r.listeners.as_deref(), listeners, route_pos(r));
         let action = action(cx, r, i, pools);
         let rules = Rules {
             request_headers: edits(cx, r.request_headers.as_ref(), "request_headers"),
@@ -123,6 +123,7 @@ fn route_listeners(
     cx: &mut Ctx<'_>,
     raw: Option<&[Spanned<String>]>,
     listeners: &[Listener],
+    at: Pos,
 ) -> Vec<String> {
     let Some(raw) = raw else { return Vec::new() };
     for l in raw {
@@ -144,11 +145,23 @@ fn route_listeners(
     if raw.is_empty() {
         cx.errors.push(ConfigError::at(
             cx.file,
-            Pos::default(),
+            at,
             "a route's `listeners: []` matches nothing: name listeners, or leave the key out for all",
         ));
     }
     raw.iter().map(|l| l.value.clone()).collect()
+}
+
+/// Where a route is written, for a problem of the route as a whole: its first key with a
+/// position (a route of only blocks and lists has none: the file's start).
+fn route_pos(r: &RawRoute) -> Pos {
+    [&r.name, &r.host, &r.path_prefix, &r.pool, &r.rewrite_prefix]
+        .into_iter()
+        .flatten()
+        .map(Pos::of)
+        .chain(r.listeners.iter().flatten().map(Pos::of))
+        .min_by_key(|p| (p.line, p.column))
+        .unwrap_or_default()
 }
 
 /// Exactly one of `pool`, `redirect`, `respond`.
@@ -163,13 +176,7 @@ fn action(
         (None, Some(d), None) => redirect(cx, d).map(Action::Redirect),
         (None, None, Some(f)) => respond(cx, f).map(Action::Respond),
         (None, None, None) => {
-            let at = r
-                .host
-                .as_ref()
-                .or(r.path_prefix.as_ref())
-                .or(r.name.as_ref())
-                .map(Pos::of)
-                .unwrap_or_default();
+            let at = route_pos(r);
             cx.errors.push(ConfigError::at(
                 cx.file,
                 at,

@@ -193,7 +193,7 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
                 idle_timeout,
                 max_connections,
                 http2_only: l.http2_only.as_ref().is_some_and(|v| v.value),
-                proxy_from: proxy_from(cx, l.proxy_protocol.as_ref()),
+                proxy_from: proxy_from(cx, l.proxy_protocol.as_ref(), Pos::of(&l.name)),
             });
         }
     }
@@ -202,13 +202,13 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
 
 /// A listener's `proxy_protocol.from`: at least one network (the protocol trusts what the
 /// peer says, so it is never open to everyone by default).
-fn proxy_from(cx: &mut Ctx<'_>, raw: Option<&RawProxyProtocol>) -> Vec<IpNet> {
+fn proxy_from(cx: &mut Ctx<'_>, raw: Option<&RawProxyProtocol>, listener: Pos) -> Vec<IpNet> {
     let Some(p) = raw else { return Vec::new() };
     let nets = networks(cx, Some(&p.from), "proxy_protocol source");
     if p.from.is_empty() {
         cx.errors.push(ConfigError::at(
             cx.file,
-            Pos::default(),
+            listener,
             "proxy_protocol.from is empty: name the balancers (CIDRs or addresses) whose connections carry a PROXY header",
         ));
     }

@@ -355,6 +355,21 @@ fn check(path: &Path) -> anyhow::Result<()> {
         if cfg.dns.is_some() { ", dns" } else { "" },
         if cfg.sync.is_some() { ", sync" } else { "" },
     );
+    let now = crate::sync::clock::wall_us() / 1_000_000;
+    for l in &cfg.listeners {
+        for (i, c) in l.tls.iter().flatten().enumerate() {
+            if let Some(w) = c
+                .not_after
+                .and_then(|t| config::tls::expiry_warning(t, now))
+            {
+                println!(
+                    "warning: listener `{}`, certificate {}: {w}",
+                    l.name,
+                    crate::live::certificate_name(c, i)
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -671,3 +671,45 @@ fn reload_with_a_config_without_admin_socket_says_what_to_set() {
     );
     assert!(err.contains("--socket"), "{err}");
 }
+
+/// `lockstep check` warns of a listener certificate that has expired (and still says OK: the
+/// appliance serves what it is given, and the operator is told).
+#[test]
+fn check_warns_of_an_expired_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["www.farm.test".to_string()]).unwrap();
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(now - 3 * 86_400 - 600).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("c.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("c.key"), key.serialize_pem()).unwrap();
+    let cfg = dir.path().join("lockstep.yaml");
+    std::fs::write(
+        &cfg,
+        "listeners:\n  - name: https\n    bind: \"127.0.0.1:8443\"\n    tls: { certificates: [{ cert: c.pem, key: c.key }] }\n\
+         routes:\n  - { pool: www }\n\
+         pools:\n  - name: www\n    backends:\n      - { name: a, address: \"127.0.0.1:9\" }\n",
+    )
+    .unwrap();
+    let o = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains(
+            "warning: listener `https`, certificate www.farm.test: expired 3 day(s) ago: clients refuse it"
+        ),
+        "{out}"
+    );
+}

@@ -83,6 +83,25 @@ pub fn load(cert: &Path, key: &Path) -> Result<LoadedCert, (Part, String)> {
     })
 }
 
+/// What `lockstep check` says of a certificate that expires at `not_after` (seconds since
+/// the epoch) when it is `now` (idem): expired, or within 14 days; nothing otherwise.
+pub fn expiry_warning(not_after: u64, now: u64) -> Option<String> {
+    const DAY: u64 = 86_400;
+    if not_after <= now {
+        let ago = (now - not_after) / DAY;
+        Some(format!(
+            "expired {ago} day(s) ago: clients refuse it; replace the certificate"
+        ))
+    } else if not_after - now < 14 * DAY {
+        Some(format!(
+            "expires in {} day(s): renew it",
+            (not_after - now) / DAY
+        ))
+    } else {
+        None
+    }
+}
+
 /// The notAfter of an X.509 certificate (DER), seconds since the Unix epoch: the second
 /// element of `validity`, the fifth field of `tbsCertificate` after the optional `[0]`
 /// version. `None` when the bytes are not shaped so (never a panic: the walk is bounded by the
@@ -229,6 +248,19 @@ mod tests {
         assert_eq!(not_after(&cert_until(2031, 3, 4)), Some(1_930_348_800));
         assert_eq!(not_after(&cert_until(2061, 12, 31)), Some(2_903_212_800));
         assert_eq!(not_after(&cert_until(1999, 12, 31)), Some(946_598_400));
+    }
+
+    #[test]
+    fn check_warns_of_expired_and_soon_expiring_certificates() {
+        let day = 86_400;
+        assert!(expiry_warning(100 * day, 103 * day)
+            .unwrap()
+            .starts_with("expired 3 day(s) ago"));
+        assert_eq!(
+            expiry_warning(110 * day, 100 * day).as_deref(),
+            Some("expires in 10 day(s): renew it")
+        );
+        assert_eq!(expiry_warning(200 * day, 100 * day), None);
     }
 
     #[test]

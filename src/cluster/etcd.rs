@@ -267,14 +267,7 @@ impl EtcdStore {
 
     /// The other live hubs: their names and the URLs they registered.
     pub fn peers(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let prefix = self.keys.hub("");
-        let kvs = self.call("list the hubs", move |mut c| {
-            let prefix = prefix.clone();
-            Box::pin(async move {
-                let mut r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
-                Ok(r.take_kvs())
-            })
-        })?;
+        let kvs = self.list("list the hubs", self.keys.hub(""))?;
         let mine = self.keys.hub(&self.name);
         Ok(kvs
             .iter()
@@ -318,6 +311,21 @@ impl EtcdStore {
                     ok => return ok,
                 }
             }
+        })
+    }
+
+    /// Every key under `prefix`, with its value (repeatable, see [`EtcdStore::call`]).
+    fn list(
+        &self,
+        action: &'static str,
+        prefix: String,
+    ) -> Result<Vec<etcd_client::KeyValue>, StoreError> {
+        self.call(action, move |mut c| {
+            let prefix = prefix.clone();
+            Box::pin(async move {
+                let mut r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
+                Ok(r.take_kvs())
+            })
         })
     }
 
@@ -442,14 +450,7 @@ impl EtcdStore {
     /// Removes from etcd the reports of agents silent for longer than `grace` (long stale:
     /// an agent that left the farm), unless one arrived meanwhile.
     fn collect_reports(&self, grace: Duration) -> Result<(), StoreError> {
-        let prefix = self.keys.agent("");
-        let kvs = self.call("list the agents' reports", move |mut c| {
-            let prefix = prefix.clone();
-            Box::pin(async move {
-                let mut r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
-                Ok(r.take_kvs())
-            })
-        })?;
+        let kvs = self.list("list the agents' reports", self.keys.agent(""))?;
         let now = wall_us();
         for kv in kvs {
             let at = serde_json::from_slice::<SharedReport>(kv.value()).map_or(0, |r| r.at_us);
@@ -471,14 +472,7 @@ impl EtcdStore {
     /// Removes from etcd the releases `keep` does not name that were stored longer than
     /// `grace` ago, with what is kept beside them.
     fn collect_shared(&self, keep: &[ReleaseId], grace: Duration) -> Result<usize, StoreError> {
-        let prefix = self.keys.all(Beside::StoredAt);
-        let kvs = self.call("list releases", move |mut c| {
-            let prefix = prefix.clone();
-            Box::pin(async move {
-                let mut r = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
-                Ok(r.take_kvs())
-            })
-        })?;
+        let kvs = self.list("list releases", self.keys.all(Beside::StoredAt))?;
         let keep: HashSet<&ReleaseId> = keep.iter().collect();
         let now = wall_us();
         let mut removed = 0;

@@ -99,11 +99,11 @@ pub async fn serve(
             );
             return Accepted::Serve(Either::Right(proxied));
         }
-        let ctx = conn.ctx(listener, peer, local, acceptor.is_some());
+        let (ctx, shutdown) = conn.ctx(listener, peer, local, acceptor.is_some());
         let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
         // The permit is held until the connection ends, a tunnel it became included.
         Accepted::Serve(Either::Left(
-            serve_connection(stream, acceptor, settings, svc, conn.shutdown, permit)
+            serve_connection(stream, acceptor, settings, svc, shutdown, permit)
                 .instrument(debug_span!("conn", client.addr = %peer, listener = %name)),
         ))
     })
@@ -118,24 +118,26 @@ struct Conn {
 }
 
 impl Conn {
-    /// What a connection from `peer` to `local` knows.
+    /// What a connection from `peer` to `local` knows, and the shutdown token it serves
+    /// under (taken, not copied: one per accepted connection).
     fn ctx(
-        &self,
+        self,
         listener: Arc<Listener>,
         peer: SocketAddr,
         local: Option<SocketAddr>,
         tls: bool,
-    ) -> Arc<ConnCtx> {
-        Arc::new(ConnCtx {
+    ) -> (Arc<ConnCtx>, CancellationToken) {
+        let ctx = Arc::new(ConnCtx {
             trusted: is_trusted(peer.ip(), &listener.trusted_proxies),
             peer_value: peer_value(peer.ip()),
             tls,
             listener,
             peer,
             local,
-            live: self.live.clone(),
-            tunnels: self.tunnels.clone(),
-        })
+            live: self.live,
+            tunnels: self.tunnels,
+        });
+        (ctx, self.shutdown)
     }
 
     /// A connection from a trusted balancer: its PROXY header (v1 or v2, within the header
@@ -162,9 +164,9 @@ impl Conn {
                 return;
             }
         };
-        let ctx = self.ctx(listener, peer, local, acceptor.is_some());
+        let (ctx, shutdown) = self.ctx(listener, peer, local, acceptor.is_some());
         let svc = service_fn(move |req| handler::handle(ctx.clone(), req));
-        serve_connection(stream, acceptor, settings, svc, self.shutdown, permit)
+        serve_connection(stream, acceptor, settings, svc, shutdown, permit)
             .instrument(debug_span!("proxied", client.addr = %peer))
             .await
     }

@@ -162,6 +162,7 @@ impl Farm {
         let mut cmd = match clock {
             Some(offset) => {
                 super::process::require_tool("faketime", "faketime");
+                forget_dead_faketimes();
                 let mut c = Command::new("faketime");
                 c.args(["-f", offset, BIN]);
                 c
@@ -363,4 +364,25 @@ pub fn tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
         }
     }
     out
+}
+
+/// The faketime wrapper names a semaphore and a shared-memory segment after its pid and
+/// refuses to start ("sem_open: File exists") when they exist; one killed with SIGKILL (as
+/// the tests stop agents) leaves them behind, so a later wrapper given the same pid fails.
+/// Those of processes that are gone are removed first.
+fn forget_dead_faketimes() {
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("sem.faketime_sem_")
+            .or_else(|| name.strip_prefix("faketime_shm_"));
+        if let Some(pid) = pid.filter(|p| p.bytes().all(|b| b.is_ascii_digit())) {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }

@@ -109,6 +109,8 @@ pub struct Appliance {
     tracker: TaskTracker,
     listeners: HashMap<String, RunningListener>,
     checkers: CancellationToken,
+    /// Stops the ACME ordering task (restarted when a reload changes `tls.acme`).
+    acme: CancellationToken,
     admin: Option<RunningListener>,
     dns: Option<RunningListener>,
     /// Registered with the first DNS socket and kept across rebinds.
@@ -234,6 +236,7 @@ impl Appliance {
             tracker: TaskTracker::new(),
             listeners: HashMap::new(),
             checkers: CancellationToken::new(),
+            acme: CancellationToken::new(),
             admin: None,
             dns: None,
             dns_metrics: None,
@@ -256,6 +259,7 @@ impl Appliance {
         let admin_bound = app.bind_admin(&config)?;
         app.start_admin(admin_bound);
         app.start_listeners(bound);
+        app.start_acme();
         app.start_dns(dns_bound);
         if let Some((socket, s)) = sync_bound {
             app.start_hub(socket, s)?;
@@ -469,6 +473,18 @@ impl Appliance {
         Ok(out)
     }
 
+    /// (Re)starts ordering certificates for the listeners with `tls.acme`, once they listen
+    /// (the CA's validation connects to them).
+    fn start_acme(&mut self) {
+        self.acme.cancel();
+        self.acme = self.shutdown.child_token();
+        if let Some(task) =
+            crate::acme::task(self.live.clone(), self.metrics.clone(), self.acme.clone())
+        {
+            self.tracker.spawn(task);
+        }
+    }
+
     fn start_listeners(&mut self, bound: Vec<Bound>) {
         let config = self.live.load().config.clone();
         for (name, sockets) in bound {
@@ -581,6 +597,10 @@ impl Appliance {
         }
         self.generation = generation;
         self.start_listeners(bound);
+        if crate::acme::settings(&old.config) != crate::acme::settings(&config) {
+            info!("tls.acme changed: ordering restarts with the new settings");
+            self.start_acme();
+        }
         self.start_dns(dns_bound);
         self.start_admin(admin_bound);
         let gone: Vec<String> = self

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
-    RevokedCertParams, SanType, SerialNumber, PKCS_ED25519,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber, PKCS_ED25519,
 };
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -117,7 +117,7 @@ impl rcgen::PublicKeyData for Ed25519Public {
         &self.0
     }
 
-    fn algorithm(&self) -> &rcgen::SignatureAlgorithm {
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
         &PKCS_ED25519
     }
 }
@@ -147,7 +147,8 @@ pub fn fingerprint(ca_pem: &str) -> Option<String> {
 pub struct Ca {
     dir: PathBuf,
     key: KeyPair,
-    cert: rcgen::Certificate,
+    /// The CA certificate's parameters: its name and key identifier method, what signing needs.
+    params: CertificateParams,
     state: State,
 }
 
@@ -292,7 +293,7 @@ impl Ca {
         let ca = Ca {
             dir: dir.to_path_buf(),
             key,
-            cert,
+            params,
             state: State {
                 farm: farm.to_string(),
                 ..State::default()
@@ -319,13 +320,13 @@ impl Ca {
             path: state_path,
             message: e.to_string(),
         })?;
-        // Signing needs the issuer's name and key only: the same parameters self-signed again
-        // give the name and key identifier of the `ca.crt` handed out.
-        let cert = ca_params(&state.farm).self_signed(&key)?;
+        // Signing needs the issuer's name and key only: the same parameters give the name and
+        // key identifier of the `ca.crt` handed out.
+        let params = ca_params(&state.farm);
         Ok(Ca {
             dir: dir.to_path_buf(),
             key,
-            cert,
+            params,
             state,
         })
     }
@@ -438,7 +439,7 @@ impl Ca {
         let serial = random_serial();
         p.serial_number = Some(SerialNumber::from_slice(&serial));
         let not_after = p.not_after.unix_timestamp();
-        let cert = p.signed_by(key, &self.cert, &self.key)?;
+        let cert = p.signed_by(key, &Issuer::from_params(&self.params, &self.key))?;
         let issued = Issued {
             name: who.name.clone(),
             kind: who.kind.as_str().to_string(),
@@ -579,7 +580,7 @@ impl Ca {
             revoked_certs: revoked,
             key_identifier_method: KeyIdMethod::Sha256,
         }
-        .signed_by(&self.cert, &self.key)?;
+        .signed_by(&Issuer::from_params(&self.params, &self.key))?;
         write_file(&Ca::crl_path(&self.dir), crl.pem()?.as_bytes(), 0o644)
     }
 }

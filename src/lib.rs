@@ -23,6 +23,7 @@
 //! - [`metrics`]: the Prometheus registry; [`systemd`]: sd_notify and the watchdog.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod admin;
 pub mod agent;
 pub mod appliance;

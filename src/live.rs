@@ -11,8 +11,10 @@ use arc_swap::ArcSwap;
 
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::tls::LoadedCert;
 use crate::config::{Config, Listener};
 use crate::metrics::Metrics;
+use crate::net::acme::AcmeState;
 use crate::net::upstream::Clients;
 use crate::pools::table::Table;
 
@@ -29,17 +31,21 @@ pub struct Live {
     /// Whether some pool sends the PROXY protocol (then each connection keeps the address
     /// its client connected to).
     pub sends_proxy: bool,
+    /// The ACME certificates and challenge answers (one for the process, kept across
+    /// generations).
+    pub acme: Arc<AcmeState>,
 }
 
 impl Live {
-    /// Builds generation `generation` from `config`, carrying backend state and pooled
-    /// connections over from `previous`.
+    /// Builds generation `generation` from `config`, carrying backend state, pooled
+    /// connections and the ACME state over from `previous`.
     pub fn build(
         config: Arc<Config>,
         previous: Option<&Live>,
         generation: u64,
         metrics: &Metrics,
     ) -> Live {
+        let acme = previous.map(|p| p.acme.clone()).unwrap_or_default();
         let table = Arc::new(Table::build(
             &config,
             previous.map(|p| &*p.table),
@@ -65,38 +71,59 @@ impl Live {
                     .unwrap_or_else(|| Clients::new(p.connect_timeout, p.send_proxy))
             })
             .collect();
-        // Each certificate's expiry, for alerts: the series of this generation only.
-        metrics.tls_expiry.clear();
-        for l in &config.listeners {
-            for (i, c) in l.tls.iter().flatten().enumerate() {
-                let labels = crate::metrics::CertLabels {
-                    listener: l.name.clone(),
-                    certificate: certificate_name(c, i),
-                };
-                if let Some(t) = c.not_after {
-                    metrics
-                        .tls_expiry
-                        .get_or_create(&labels)
-                        .set(i64::try_from(t).unwrap_or(i64::MAX));
-                }
-            }
-        }
         let listeners = config
             .listeners
             .iter()
             .map(|l| {
                 let acceptor = l.tls.as_ref().map(|certs| {
-                    TlsAcceptor::from(crate::net::tls::server_config(certs, l.http2_only))
+                    let ordered = l.acme.is_some().then_some((l.name.as_str(), &acme));
+                    TlsAcceptor::from(crate::net::tls::server_config(certs, l.http2_only, ordered))
                 });
                 (Arc::new(l.clone()), acceptor)
             })
             .collect();
-        Live {
+        let live = Live {
             sends_proxy: config.pools.iter().any(|p| p.send_proxy.is_some()),
             config,
             table,
             clients,
             listeners,
+            acme,
+        };
+        live.export_expiry(metrics);
+        live
+    }
+
+    /// Every certificate the listeners serve: (listener, the certificate's name in metrics,
+    /// the certificate), a listener's ordered (ACME) certificate before its files.
+    pub fn certificates(&self) -> Vec<(String, String, Arc<LoadedCert>)> {
+        let ordered = self.acme.certificates();
+        let mut out = Vec::new();
+        for l in &self.config.listeners {
+            if let Some(c) = ordered.get(&l.name).filter(|_| l.acme.is_some()) {
+                out.push((l.name.clone(), certificate_name(c, 0), c.clone()));
+            }
+            for (i, c) in l.tls.iter().flatten().enumerate() {
+                out.push((l.name.clone(), certificate_name(c, i), Arc::new(c.clone())));
+            }
+        }
+        out
+    }
+
+    /// Sets each certificate's expiry metric, for alerts: the series of this generation and
+    /// of the certificates ordered so far only.
+    pub fn export_expiry(&self, metrics: &Metrics) {
+        metrics.tls_expiry.clear();
+        for (listener, certificate, c) in self.certificates() {
+            if let Some(t) = c.not_after {
+                metrics
+                    .tls_expiry
+                    .get_or_create(&crate::metrics::CertLabels {
+                        listener,
+                        certificate,
+                    })
+                    .set(i64::try_from(t).unwrap_or(i64::MAX));
+            }
         }
     }
 

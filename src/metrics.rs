@@ -120,6 +120,15 @@ pub struct CertLabels {
     pub certificate: String,
 }
 
+/// Labels of an ACME order's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcmeLabels {
+    /// Listener name.
+    pub listener: String,
+    /// `ok` or `error`.
+    pub result: String,
+}
+
 /// Labels of a pool's queue refusals.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabels {
@@ -163,6 +172,8 @@ pub struct Metrics {
     pub rate_limited: Family<RouteLabels, Counter>,
     /// When each listener's certificate expires, seconds since the epoch.
     pub tls_expiry: Family<CertLabels, Gauge>,
+    /// ACME orders by listener and result (`ok` or `error`).
+    pub acme_orders: Family<AcmeLabels, Counter>,
     /// Requests waiting in a pool's queue now.
     pub queue_depth: Family<PoolLabels, Gauge>,
     /// Requests a pool's queue refused (503, `fault=queue`): full, or waited too long.
@@ -197,6 +208,7 @@ impl Metrics {
             queue_depth: Family::default(),
             queue_refused: Family::default(),
             tls_expiry: Family::default(),
+            acme_orders: Family::default(),
             admin_connections: Default::default(),
             sync_connections: Default::default(),
         };
@@ -255,6 +267,11 @@ impl Metrics {
             "tls_certificate_expiry_timestamp_seconds",
             "When each listener's certificate expires (its notAfter), seconds since the epoch",
             m.tls_expiry.clone(),
+        );
+        registry.register(
+            "acme_orders",
+            "Certificate orders to the ACME CA by listener and result (ok, error)",
+            m.acme_orders.clone(),
         );
         registry.register(
             "queue_depth",

@@ -371,9 +371,17 @@ fn check_example_config_with_its_tls_files_prints_ok() {
     ])
     .unwrap();
     std::fs::write(dir.path().join("tls/farm.crt"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("tls/farm.key"), ck.key_pair.serialize_pem()).unwrap();
+    std::fs::write(
+        dir.path().join("tls/farm.key"),
+        ck.signing_key.serialize_pem(),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("tls/sync.crt"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("tls/sync.key"), ck.key_pair.serialize_pem()).unwrap();
+    std::fs::write(
+        dir.path().join("tls/sync.key"),
+        ck.signing_key.serialize_pem(),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("maintenance.html"), "<h1>back soon</h1>\n").unwrap();
     // etcd's CA and the hub's client certificate (sync.cluster.tls): self-signed, only parsed.
     std::fs::create_dir(dir.path().join("etcd")).unwrap();
@@ -381,7 +389,7 @@ fn check_example_config_with_its_tls_files_prints_ok() {
     std::fs::write(dir.path().join("etcd/lb-1.crt"), ck.cert.pem()).unwrap();
     std::fs::write(
         dir.path().join("etcd/lb-1.key"),
-        ck.key_pair.serialize_pem(),
+        ck.signing_key.serialize_pem(),
     )
     .unwrap();
     // The farm CA the sync API checks clients against, made by the binary.

@@ -85,7 +85,7 @@ pools:
 fn self_signed(names: &[&str]) -> (String, String) {
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     let ck = rcgen::generate_simple_self_signed(names).expect("rcgen");
-    (ck.cert.pem(), ck.key_pair.serialize_pem())
+    (ck.cert.pem(), ck.signing_key.serialize_pem())
 }
 
 /// A config with one TLS listener using `cert` and `key` (paths written as given).

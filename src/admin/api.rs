@@ -167,16 +167,13 @@ pub fn route(
 
 /// `GET /api/certificates`: every TLS listener's certificates and when they expire.
 pub fn certificates(live: &Live) -> Vec<CertView> {
-    live.config
-        .listeners
-        .iter()
-        .flat_map(|l| {
-            l.tls.iter().flatten().enumerate().map(|(i, c)| CertView {
-                listener: l.name.clone(),
-                certificate: crate::live::certificate_name(c, i),
-                names: c.names.clone(),
-                not_after: c.not_after,
-            })
+    live.certificates()
+        .into_iter()
+        .map(|(listener, certificate, c)| CertView {
+            listener,
+            certificate,
+            names: c.names.clone(),
+            not_after: c.not_after,
         })
         .collect()
 }

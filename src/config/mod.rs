@@ -4,6 +4,7 @@
 //! Nothing here opens sockets; [`load`] reads the config file and the TLS files it names.
 //! Every problem is reported as `file:line:column: what is wrong and what to do`.
 
+pub mod acme;
 pub mod check;
 pub mod cluster;
 pub mod dns;
@@ -110,8 +111,11 @@ pub struct Listener {
     pub name: String,
     /// Address to bind.
     pub bind: SocketAddr,
-    /// Certificates when TLS terminates here; the first is the default for clients without SNI.
+    /// Certificates when TLS terminates here; the first is the default for clients without SNI
+    /// (empty with ACME only: the ordered certificate is the default).
     pub tls: Option<Vec<tls::LoadedCert>>,
+    /// Certificates ordered by ACME for this (TLS) listener.
+    pub acme: Option<acme::Acme>,
     /// Peers whose `X-Forwarded-For` is kept and appended to; others' is replaced.
     pub trusted_proxies: Vec<IpNet>,
     /// Access log format.

@@ -68,7 +68,28 @@ pub struct RawProxyProtocol {
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     /// Certificate/key pairs; SNI picks among them, the first is the default.
+    #[serde(default)]
     pub certificates: Vec<RawCertificate>,
+    /// Certificates ordered from an ACME CA.
+    pub acme: Option<RawAcme>,
+}
+
+/// A listener's ACME certificate (RFC 8555).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    /// The CA's directory URL.
+    pub directory: S<String>,
+    /// Contact URIs of the account (`mailto:`).
+    pub contact: Option<Vec<S<String>>>,
+    /// The names to order for; absent = every host routed through the listener.
+    pub names: Option<Vec<S<String>>>,
+    /// `tls-alpn-01` (default) or `http-01`.
+    pub challenge: Option<S<String>>,
+    /// PEM file of the CAs the directory's certificate is checked against.
+    pub ca: Option<S<String>>,
+    /// Directory of the account key and the certificates.
+    pub store: Option<S<String>>,
 }
 
 /// One PEM certificate chain and its private key.

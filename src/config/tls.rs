@@ -107,6 +107,12 @@ pub fn expiry_warning(not_after: u64, now: u64) -> Option<String> {
 /// version. `None` when the bytes are not shaped so (never a panic: the walk is bounded by the
 /// bytes it is given).
 pub fn not_after(der: &[u8]) -> Option<u64> {
+    validity(der).map(|(_, after)| after)
+}
+
+/// A DER certificate's validity: (notBefore, notAfter), seconds since the Unix epoch; `None`
+/// as for [`not_after`].
+pub fn validity(der: &[u8]) -> Option<(u64, u64)> {
     let (tag, cert, _) = der_tlv(der)?;
     (tag == 0x30).then_some(())?;
     let (tag, mut tbs, _) = der_tlv(cert)?;
@@ -121,9 +127,10 @@ pub fn not_after(der: &[u8]) -> Option<u64> {
     }
     let (tag, validity, _) = der_tlv(tbs)?;
     (tag == 0x30).then_some(())?;
-    let rest = der_tlv(validity)?.2;
+    let (tag, before, rest) = der_tlv(validity)?;
+    let before = der_time(tag, before)?;
     let (tag, time, _) = der_tlv(rest)?;
-    der_time(tag, time)
+    Some((before, der_time(tag, time)?))
 }
 
 /// One DER element at the start of `b`: its tag, its contents and what follows it.

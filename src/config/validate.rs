@@ -23,9 +23,15 @@ pub(super) fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigErro
 pub(super) fn validate(file: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     let mut cx = Ctx::new(file);
 
-    let listeners = listeners(&mut cx, &raw.listeners);
+    let mut listeners = listeners(&mut cx, &raw.listeners);
     let (pools, pool_index) = pools(&mut cx, &raw.pools);
     let routes = super::route::routes(&mut cx, &raw.routes, &pool_index, &listeners);
+    let at: Vec<(String, Pos)> = raw
+        .listeners
+        .iter()
+        .map(|l| (l.name.value.clone(), Pos::of(&l.name)))
+        .collect();
+    super::acme::default_names(&mut cx, &mut listeners, &routes, &at);
     if !raw.listeners.is_empty() && raw.routes.is_empty() {
         cx.errors.push(ConfigError::at(
             file,
@@ -164,6 +170,11 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
             binds.push((b, l.name.value.clone()));
         }
         let tls = l.tls.as_ref().and_then(|t| listener_tls(cx, l, t));
+        let acme = l
+            .tls
+            .as_ref()
+            .and_then(|t| t.acme.as_ref())
+            .and_then(|a| super::acme::acme(cx, a, &l.name.value, Pos::of(&l.name)));
         let trusted = networks(cx, l.trusted_proxies.as_deref(), "trusted proxy");
         let access_log = access_log(cx, l.access_log.as_ref());
         let t = l.timeouts.as_ref();
@@ -187,6 +198,7 @@ fn listeners(cx: &mut Ctx<'_>, raw: &[RawListener]) -> Vec<Listener> {
                 name: l.name.value.clone(),
                 bind,
                 tls,
+                acme,
                 trusted_proxies: trusted,
                 access_log,
                 header_read_timeout,
@@ -228,11 +240,11 @@ fn proxy_from(cx: &mut Ctx<'_>, raw: Option<&RawProxyProtocol>, listener: Pos) -
 
 /// A listener's `tls:` certificates, loaded (errors at `cert:` or `key:`).
 fn listener_tls(cx: &mut Ctx<'_>, l: &RawListener, t: &RawTls) -> Option<Vec<tls::LoadedCert>> {
-    if t.certificates.is_empty() {
+    if t.certificates.is_empty() && t.acme.is_none() {
         cx.errors.push(ConfigError::at(
             cx.file,
             Pos::of(&l.name),
-            format!("listener `{}` has `tls:` with no certificates: add `certificates: [{{ cert: FILE, key: FILE }}]`", l.name.value),
+            format!("listener `{}` has `tls:` with no certificates: add `certificates: [{{ cert: FILE, key: FILE }}]` or `acme:`", l.name.value),
         ));
         return None;
     }

@@ -35,6 +35,8 @@ pub enum Remote {
     Peer,
     /// An appliance's admin API.
     Admin,
+    /// An ACME CA (RFC 8555).
+    Acme,
 }
 
 impl std::fmt::Display for Remote {
@@ -43,6 +45,7 @@ impl std::fmt::Display for Remote {
             Remote::Hub => "hub",
             Remote::Peer => "peer",
             Remote::Admin => "admin API",
+            Remote::Acme => "ACME CA",
         })
     }
 }

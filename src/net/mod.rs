@@ -10,6 +10,7 @@
 //! - [`idle`]: the idle-connection timeout wrapper.
 //! - [`limit`]: per-listener connection caps shared by the workers accepting on it.
 //! - [`tls`]: the rustls server config (SNI among several certificates, ALPN h2 / http/1.1).
+//! - [`acme`]: the certificates ACME ordered and the challenge answers, read by the listeners.
 //! - [`body`]: the body types of the proxy, the one bounded body reader and the one way a
 //!   large body is streamed to disk.
 //! - [`file_body`]: a response body from memory or streamed from a file (agent and hub).
@@ -23,6 +24,7 @@
 //! It knows nothing of routing, DNS or sync: it is handed bound sockets, services and a
 //! shutdown token, never an address string to bind on its own.
 pub mod accept;
+pub mod acme;
 pub mod bind;
 pub mod body;
 pub mod client;

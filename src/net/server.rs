@@ -214,9 +214,15 @@ where
                 return None;
             }
         };
+    let alpn = tls.get_ref().1.alpn_protocol();
+    if alpn == Some(super::acme::ACME_TLS_ALPN) {
+        // A TLS-ALPN-01 validation: the handshake was the answer (RFC 8737 §3).
+        debug!("ACME TLS-ALPN-01 validation handshake done");
+        return None;
+    }
     // ALPN decided the protocol: a client that agreed on h2 and sends anything but the h2
     // preface gets a GOAWAY, not an HTTP/1.1 answer (RFC 9113 §3.4).
-    let h2 = settings.http2_only || tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let h2 = settings.http2_only || alpn == Some(b"h2");
     let cert = tls
         .get_ref()
         .1

@@ -11,6 +11,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
 
+use super::acme::{AcmeState, ACME_TLS_ALPN};
 use crate::config::tls::{FarmTrust, LoadedCert};
 
 /// The client certificate a TLS connection presented (verified by the listener's client
@@ -18,13 +19,17 @@ use crate::config::tls::{FarmTrust, LoadedCert};
 #[derive(Debug, Clone)]
 pub struct PeerCertificate(pub Arc<CertificateDer<'static>>);
 
-/// Picks a certificate by the client's SNI.
+/// Picks a certificate by the client's SNI: the listener's ACME certificate when it covers
+/// the name, else its files'; a TLS-ALPN-01 validation gets the name's validation
+/// certificate, or none.
 #[derive(Debug)]
 pub struct SniResolver {
     exact: HashMap<String, Arc<CertifiedKey>>,
     /// Keyed by the suffix after `*.`, e.g. `farm.test`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Option<Arc<CertifiedKey>>,
+    /// The listener's name and where its ordered certificate is, with ACME.
+    acme: Option<(String, Arc<AcmeState>)>,
 }
 
 impl SniResolver {
@@ -46,11 +51,26 @@ impl SniResolver {
             exact,
             wildcard,
             default: certs.first().map(|c| c.key.clone()),
+            acme: None,
+        }
+    }
+
+    /// The same, with the ACME certificate of `listener` in `acme` first.
+    pub fn with_acme(certs: &[LoadedCert], listener: &str, acme: Arc<AcmeState>) -> Self {
+        SniResolver {
+            acme: Some((listener.to_string(), acme)),
+            ..SniResolver::new(certs)
         }
     }
 
     /// The certificate for `sni` (already lowercase, as rustls hands it over).
     pub fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let ordered = self.acme.as_ref().and_then(|(l, a)| a.certificate(l));
+        if let Some(o) = &ordered {
+            if sni.is_none_or(|n| covers(&o.names, n.trim_end_matches('.'))) {
+                return Some(o.key.clone());
+            }
+        }
         if let Some(name) = sni {
             let name = name.trim_end_matches('.');
             if let Some(k) = self.exact.get(name) {
@@ -62,12 +82,33 @@ impl SniResolver {
                 }
             }
         }
-        self.default.clone()
+        self.default
+            .clone()
+            .or_else(|| ordered.map(|o| o.key.clone()))
     }
+}
+
+/// True when a certificate for `names` is valid for `name` (exactly, or by a `*.` wildcard
+/// one label deep).
+fn covers(names: &[String], name: &str) -> bool {
+    names.iter().any(|n| match n.strip_prefix("*.") {
+        Some(suffix) => name
+            .split_once('.')
+            .is_some_and(|(_, parent)| parent == suffix),
+        None => n == name,
+    })
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let validation = hello
+            .alpn()
+            .is_some_and(|mut p| p.any(|p| p == ACME_TLS_ALPN));
+        if validation {
+            // RFC 8737 §3: only the validation certificate of the name, or no handshake.
+            let (_, acme) = self.acme.as_ref()?;
+            return acme.alpn01(hello.server_name()?.trim_end_matches('.'));
+        }
         self.pick(hello.server_name())
     }
 }
@@ -77,11 +118,20 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// A rustls server config for a listener's certificates; ALPN offers h2 and http/1.1, or
-/// only h2 with `http2_only`.
-pub fn server_config(certs: &[LoadedCert], http2_only: bool) -> Arc<rustls::ServerConfig> {
+/// only h2 with `http2_only`. With `acme` (the listener's name and the ordering state), the
+/// ordered certificate is served and TLS-ALPN-01 validations are answered.
+pub fn server_config(
+    certs: &[LoadedCert],
+    http2_only: bool,
+    acme: Option<(&str, &Arc<AcmeState>)>,
+) -> Arc<rustls::ServerConfig> {
     let mut cfg = Arc::unwrap_or_clone(server_config_with(certs, None));
     if http2_only {
         cfg.alpn_protocols = vec![b"h2".to_vec()];
+    }
+    if let Some((listener, state)) = acme {
+        cfg.cert_resolver = Arc::new(SniResolver::with_acme(certs, listener, state.clone()));
+        cfg.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
     }
     Arc::new(cfg)
 }

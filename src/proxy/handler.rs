@@ -20,11 +20,32 @@ use tracing::debug;
 use super::access_log;
 use super::conn::ConnCtx;
 use super::forward::{forward, local, plain, ResponseBody};
+use crate::net::acme::HTTP01_PREFIX;
 use crate::net::body::ClientBody;
 use crate::pools::table::{PoolState, RouteLimiter};
 use crate::router::ratelimit::LimitKey;
 use crate::router::route::Route;
 use crate::router::rules::{Action, Fixed, Redirect, Rules};
+
+/// The key authorization of an HTTP-01 token this appliance is being checked for (RFC 8555
+/// §8.3), for a GET of `/.well-known/acme-challenge/TOKEN`; `None` for anything else.
+fn acme_http01(
+    live: &crate::live::Live,
+    req: &Request<ClientBody>,
+) -> Option<Response<ResponseBody>> {
+    let token = req.uri().path().strip_prefix(HTTP01_PREFIX)?;
+    if req.method() != http::Method::GET {
+        return None;
+    }
+    let answer = live.acme.http01(token)?;
+    debug!(token, "answering an ACME HTTP-01 challenge");
+    let mut resp = Response::new(local(answer));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Some(resp)
+}
 
 /// Serves one request. Never fails: every error becomes a response.
 pub async fn handle(
@@ -54,6 +75,12 @@ pub async fn handle(
         if let Ok(uri) = http::Uri::from_parts(parts) {
             *req.uri_mut() = uri;
         }
+    }
+    // An ACME CA checking a token of an open order (HTTP-01): answered here, before any route
+    // (whose redirect or backend knows nothing of it).
+    if let Some(resp) = acme_http01(&live, &req) {
+        finish(&ctx, start, log_fields, &resp, None, None);
+        return Ok(resp);
     }
     // A refcounted view of the host (no copy): it outlives `req`, which `forward` consumes.
     let host_ref = Host::of(&req);

@@ -68,7 +68,9 @@ impl EtcdPki {
                 .push(SanType::IpAddress([127, 0, 0, 1].into()));
             p.distinguished_name.push(rcgen::DnType::CommonName, name);
             p.extended_key_usages = vec![usage];
-            let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+            let cert = p
+                .signed_by(&key, &rcgen::Issuer::from_params(&ca, &ca_key))
+                .unwrap();
             let (c, k) = (
                 dir.join(format!("{name}.crt")),
                 dir.join(format!("{name}.key")),

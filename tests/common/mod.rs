@@ -12,7 +12,8 @@
 //! - [`backends`]: the backends a proxy under test talks to;
 //! - [`metrics`]: the Prometheus text parser;
 //! - [`tls`]: test certificates and a TLS client;
-//! - [`farm`]: the sync end-to-end harness (a hub and agents as real processes).
+//! - [`farm`]: the sync end-to-end harness (a hub and agents as real processes);
+//! - [`pebble`]: a real ACME CA.
 //!
 //! Nothing here mocks the appliance: every helper opens real sockets on loopback.
 #![allow(dead_code, unused_imports)] // Each test binary uses a different subset.
@@ -22,6 +23,7 @@ pub mod client;
 pub mod etcd;
 pub mod farm;
 pub mod metrics;
+pub mod pebble;
 pub mod process;
 pub mod tls;
 pub mod wait;

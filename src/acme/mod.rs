@@ -1,0 +1,470 @@
+//! Certificates ordered from an ACME CA (RFC 8555) for the TLS listeners with `tls.acme:`.
+//!
+//! One task orders for every such listener in turn: at start it puts in use the certificate
+//! kept in `acme.store` when it still covers the configured names; it orders a new one when
+//! there is none, when the names changed, and at two-thirds of the certificate's lifetime
+//! (back-off after a failure: a minute, doubling to an hour). A challenge is answered by the
+//! appliance itself — TLS-ALPN-01 on the listener, HTTP-01 on the plain listeners — through
+//! [`AcmeState`], which also hands the new certificate to the next handshakes: no reload.
+//!
+//! The account key and each listener's key are written 0600 in a 0700 directory and reused
+//! across restarts (the account per directory URL).
+
+mod http;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use rustls::sign::CertifiedKey;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::acme::{Acme, Challenge};
+use crate::config::tls::{load, validity, LoadedCert};
+use crate::live::Shared;
+use crate::metrics::{AcmeLabels, Metrics};
+use crate::net::acme::AcmeState;
+use crate::net::client::ClientTls;
+
+/// First wait after a failed order; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest wait after failed orders.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// Longest sleep between looks at the certificates (a wall clock that jumps is seen then).
+const MAX_SLEEP: Duration = Duration::from_secs(3600);
+/// How long the CA may take to validate the challenges, then to issue.
+const VALIDATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// When a certificate valid from `not_before` to `not_after` (seconds since the epoch) is
+/// renewed: at two-thirds of its lifetime.
+pub fn renew_at(not_before: u64, not_after: u64) -> u64 {
+    not_before + not_after.saturating_sub(not_before) * 2 / 3
+}
+
+/// How long to wait after `failures` failed orders in a row (at least 1).
+pub fn backoff(failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    FIRST_BACKOFF.saturating_mul(factor).min(MAX_BACKOFF)
+}
+
+/// True when a certificate for `have` covers every one of `want`.
+pub fn covers_all(have: &[String], want: &[String]) -> bool {
+    want.iter().all(|w| have.contains(w))
+}
+
+/// Why an order failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OrderError {
+    /// The CA refused or could not be reached.
+    #[error("{0}")]
+    Acme(#[from] instant_acme::Error),
+    /// The store could not be read or written.
+    #[error("{0}")]
+    Store(String),
+    /// The CA's answer was not what RFC 8555 says.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// One listener's certificate to keep.
+struct Wanted {
+    listener: String,
+    acme: Acme,
+    /// When to order next (seconds since the epoch); 0: now.
+    due: u64,
+    failures: u32,
+}
+
+/// The task ordering for the ACME listeners of the live config, until `shutdown`; `None`
+/// when no listener has `tls.acme`.
+pub fn task(
+    live: Shared,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    let wanted: Vec<Wanted> = live
+        .load()
+        .config
+        .listeners
+        .iter()
+        .filter_map(|l| {
+            l.acme.clone().map(|acme| Wanted {
+                listener: l.name.clone(),
+                acme,
+                due: 0,
+                failures: 0,
+            })
+        })
+        .collect();
+    if wanted.is_empty() {
+        return None;
+    }
+    Some(run(wanted, live, metrics, shutdown))
+}
+
+/// The settings of each ACME listener, to tell whether a reload changed them.
+pub fn settings(config: &crate::config::Config) -> Vec<(String, String)> {
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| {
+            l.acme.as_ref().map(|a| {
+                (
+                    l.name.clone(),
+                    format!(
+                        "{} {:?} {:?} {} {}",
+                        a.directory,
+                        a.contact,
+                        a.names,
+                        a.challenge.as_str(),
+                        a.store.display()
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The wall clock in seconds (certificates' validity is wall-clock time).
+fn now() -> u64 {
+    crate::sync::clock::wall_us() / 1_000_000
+}
+
+async fn run(
+    mut wanted: Vec<Wanted>,
+    live: Shared,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let state = live.load().acme.clone();
+    // What the store kept from before: in use at once, ordered again only when due.
+    for w in &mut wanted {
+        if let Some(c) = kept(&w.acme.store, &w.listener, &w.acme.names) {
+            w.due = renewal(&c);
+            info!(listener = %w.listener, names = ?c.names, not_after = c.not_after, "ACME certificate from the store in use");
+            state.install(&w.listener, c);
+        }
+    }
+    live.load().export_expiry(&metrics);
+    let mut accounts: HashMap<(PathBuf, String), Account> = HashMap::new();
+    loop {
+        let t = now();
+        for w in wanted.iter_mut().filter(|w| w.due <= t) {
+            let result = tokio::select! {
+                r = order(w, &state, &mut accounts) => r,
+                _ = shutdown.cancelled() => return,
+            };
+            let outcome = match result {
+                Ok(cert) => {
+                    info!(listener = %w.listener, names = ?cert.names, not_after = cert.not_after, "ACME certificate ordered and in use");
+                    w.due = renewal(&cert);
+                    w.failures = 0;
+                    state.install(&w.listener, cert);
+                    live.load().export_expiry(&metrics);
+                    "ok"
+                }
+                Err(e) => {
+                    w.failures += 1;
+                    let wait = backoff(w.failures);
+                    warn!(listener = %w.listener, directory = %w.acme.directory, error = %e, retry_in = ?wait, "ACME order failed");
+                    w.due = now() + wait.as_secs();
+                    "error"
+                }
+            };
+            metrics
+                .acme_orders
+                .get_or_create(&AcmeLabels {
+                    listener: w.listener.clone(),
+                    result: outcome.into(),
+                })
+                .inc();
+        }
+        let next = wanted.iter().map(|w| w.due).min().unwrap_or(u64::MAX);
+        let sleep = Duration::from_secs(next.saturating_sub(now())).min(MAX_SLEEP);
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// When `cert` is to be renewed (now when its validity cannot be read).
+fn renewal(cert: &LoadedCert) -> u64 {
+    cert.key
+        .cert
+        .first()
+        .and_then(|c| validity(c))
+        .map(|(b, a)| renew_at(b, a))
+        .unwrap_or(0)
+}
+
+fn cert_paths(store: &Path, listener: &str) -> (PathBuf, PathBuf) {
+    (
+        store.join(format!("{listener}.crt")),
+        store.join(format!("{listener}.key")),
+    )
+}
+
+/// The certificate kept for `listener`, when it is still for `names` (a damaged one is
+/// logged and ordered again).
+fn kept(store: &Path, listener: &str, names: &[String]) -> Option<LoadedCert> {
+    let (crt, key) = cert_paths(store, listener);
+    if !crt.exists() {
+        return None;
+    }
+    match load(&crt, &key) {
+        Ok(c) if covers_all(&c.names, names) => Some(c),
+        Ok(c) => {
+            info!(listener, have = ?c.names, want = ?names, "the kept ACME certificate is for other names: ordering anew");
+            None
+        }
+        Err((_, e)) => {
+            warn!(listener, error = %e, "the kept ACME certificate cannot be used: ordering anew");
+            None
+        }
+    }
+}
+
+/// The store directory, made 0700 if missing.
+fn open_store(store: &Path) -> Result<(), OrderError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(store)
+        .map_err(|e| OrderError::Store(format!("cannot make {}: {e}", store.display())))
+}
+
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), OrderError> {
+    crate::ca::write_file(path, bytes, 0o600).map_err(|e| OrderError::Store(e.to_string()))
+}
+
+/// The account for `acme.directory`: kept credentials, else a new account (its key written
+/// before it is used).
+async fn account(
+    acme: &Acme,
+    accounts: &mut HashMap<(PathBuf, String), Account>,
+) -> Result<Account, OrderError> {
+    let id = (acme.store.clone(), acme.directory.clone());
+    if let Some(a) = accounts.get(&id) {
+        return Ok(a.clone());
+    }
+    open_store(&acme.store)?;
+    let tls = ClientTls::farm(&acme.trust, None).map_err(|e| OrderError::Store(e.to_string()))?;
+    let http = || Box::new(http::AcmeHttp::new(tls.clone()));
+    let file = acme.store.join(format!(
+        "account-{}.json",
+        &blake3::hash(acme.directory.as_bytes()).to_hex()[..16]
+    ));
+    let account = match std::fs::read(&file) {
+        Ok(bytes) => {
+            let creds: AccountCredentials = serde_json::from_slice(&bytes).map_err(|e| {
+                OrderError::Store(format!(
+                    "{} is damaged ({e}): remove it to register a new account",
+                    file.display()
+                ))
+            })?;
+            Account::builder_with_http(http())
+                .from_credentials(creds)
+                .await?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let contact: Vec<&str> = acme.contact.iter().map(String::as_str).collect();
+            let (account, creds) = Account::builder_with_http(http())
+                .create(
+                    &NewAccount {
+                        contact: &contact,
+                        terms_of_service_agreed: true,
+                        only_return_existing: false,
+                    },
+                    acme.directory.clone(),
+                    None,
+                )
+                .await?;
+            let json = serde_json::to_vec(&creds)
+                .map_err(|e| OrderError::Store(format!("account credentials: {e}")))?;
+            write_secret(&file, &json)?;
+            info!(directory = %acme.directory, account = account.id(), "ACME account registered");
+            account
+        }
+        Err(e) => {
+            return Err(OrderError::Store(format!(
+                "cannot read {}: {e}",
+                file.display()
+            )))
+        }
+    };
+    accounts.insert(id, account.clone());
+    Ok(account)
+}
+
+/// The challenge answers an order put up, taken down however the order ends.
+struct Answers<'a> {
+    state: &'a AcmeState,
+    tokens: Vec<String>,
+    names: Vec<String>,
+}
+
+impl Drop for Answers<'_> {
+    fn drop(&mut self) {
+        for t in &self.tokens {
+            self.state.clear_http01(t);
+        }
+        for n in &self.names {
+            self.state.clear_alpn01(n);
+        }
+    }
+}
+
+/// Orders a certificate for `w`'s names, answers its challenges, writes it and its key to
+/// the store and returns it loaded.
+async fn order(
+    w: &Wanted,
+    state: &AcmeState,
+    accounts: &mut HashMap<(PathBuf, String), Account>,
+) -> Result<LoadedCert, OrderError> {
+    let acme = &w.acme;
+    let account = account(acme, accounts).await?;
+    let identifiers: Vec<Identifier> = acme.names.iter().cloned().map(Identifier::Dns).collect();
+    let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
+    info!(listener = %w.listener, names = ?acme.names, challenge = acme.challenge.as_str(), "ACME order placed");
+    let mut answers = Answers {
+        state,
+        tokens: Vec::new(),
+        names: Vec::new(),
+    };
+    let kind = match acme.challenge {
+        Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        Challenge::Http01 => ChallengeType::Http01,
+    };
+    let mut authorizations = order.authorizations();
+    while let Some(a) = authorizations.next().await {
+        let mut a = a?;
+        match a.status {
+            AuthorizationStatus::Valid => continue,
+            AuthorizationStatus::Pending => {}
+            other => {
+                return Err(OrderError::Protocol(format!(
+                    "an authorization is {other:?}, not pending"
+                )))
+            }
+        }
+        let mut challenge = a.challenge(kind.clone()).ok_or_else(|| {
+            OrderError::Protocol(format!(
+                "the CA offers no {} challenge",
+                acme.challenge.as_str()
+            ))
+        })?;
+        let name = match challenge.identifier().identifier {
+            Identifier::Dns(d) => d.clone(),
+            other => {
+                return Err(OrderError::Protocol(format!(
+                    "an authorization is for {other:?}, not a DNS name"
+                )))
+            }
+        };
+        let key_authorization = challenge.key_authorization();
+        match acme.challenge {
+            Challenge::Http01 => {
+                state.set_http01(&challenge.token, key_authorization.as_str());
+                answers.tokens.push(challenge.token.clone());
+            }
+            Challenge::TlsAlpn01 => {
+                state.set_alpn01(
+                    &name,
+                    validation_cert(&name, key_authorization.digest().as_ref())?,
+                );
+                answers.names.push(name);
+            }
+        }
+        challenge.set_ready().await?;
+    }
+    let retries = RetryPolicy::new()
+        .initial_delay(Duration::from_millis(250))
+        .backoff(1.5)
+        .timeout(VALIDATION_TIMEOUT);
+    let status = order.poll_ready(&retries).await?;
+    drop(answers);
+    if status != OrderStatus::Ready {
+        return Err(OrderError::Protocol(format!(
+            "the order is {status:?} after validation: the CA could not reach this appliance for every name (TLS-ALPN-01 needs port 443 of this listener, HTTP-01 port 80 of a plain one)"
+        )));
+    }
+    let key_pem = order.finalize().await?;
+    let chain_pem = order.poll_certificate(&retries).await?;
+    open_store(&acme.store)?;
+    let (crt, key) = cert_paths(&acme.store, &w.listener);
+    // The key first: a certificate is never on disk without the key it was issued for.
+    write_secret(&key, key_pem.as_bytes())?;
+    write_secret(&crt, chain_pem.as_bytes())?;
+    load(&crt, &key).map_err(|(_, e)| OrderError::Store(e))
+}
+
+/// The TLS-ALPN-01 certificate of `name` (RFC 8737 §3): self-signed, for `name` only, with
+/// the critical acmeIdentifier extension holding the SHA-256 of the key authorization.
+fn validation_cert(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, OrderError> {
+    let bad = |e: rcgen::Error| OrderError::Protocol(format!("validation certificate: {e}"));
+    let key = rcgen::KeyPair::generate().map_err(bad)?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).map_err(bad)?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let cert = params.self_signed(&key).map_err(bad)?;
+    let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der)
+        .map_err(|e| OrderError::Protocol(format!("validation key: {e}")))?;
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signer,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renews_at_two_thirds_of_the_lifetime() {
+        assert_eq!(renew_at(0, 90 * 86_400), 60 * 86_400);
+        assert_eq!(renew_at(1_000, 1_030), 1_020);
+        // A certificate that ends before it starts is renewed at once (at its start).
+        assert_eq!(renew_at(1_000, 10), 1_000);
+    }
+
+    #[test]
+    fn backs_off_from_a_minute_doubling_to_an_hour() {
+        assert_eq!(backoff(1), Duration::from_secs(60));
+        assert_eq!(backoff(2), Duration::from_secs(120));
+        assert_eq!(backoff(6), Duration::from_secs(1920));
+        assert_eq!(backoff(7), MAX_BACKOFF);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+        assert_eq!(backoff(0), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_certificate_covers_the_names_it_lists() {
+        let have = vec!["a.test".to_string(), "b.test".to_string()];
+        assert!(covers_all(&have, &["b.test".to_string()]));
+        assert!(!covers_all(&have, &["c.test".to_string()]));
+    }
+
+    #[test]
+    fn the_validation_certificate_carries_the_digest_critically() {
+        let digest = [7u8; 32];
+        let key = validation_cert("www.farm.test", &digest).unwrap();
+        let der = key.cert[0].as_ref();
+        // id-pe-acmeIdentifier (1.3.6.1.5.5.7.1.31), critical, OCTET STRING of the digest.
+        let oid = [0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x01, 0x1f];
+        let at = der
+            .windows(oid.len())
+            .position(|w| w == oid)
+            .expect("acmeIdentifier");
+        let rest = &der[at + oid.len()..];
+        assert_eq!(&rest[..3], &[0x01, 0x01, 0xff], "critical");
+        assert!(rest.windows(32).any(|w| w == digest));
+    }
+}

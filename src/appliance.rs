@@ -74,8 +74,13 @@ fn gate((open, refused): &(Gauge, Counter)) -> ConnGate {
     ConnGate::new(open.clone(), refused.clone())
 }
 
-fn bind_tcp(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ApplianceError> {
-    crate::net::bind::bind(addr).map_err(|error| ApplianceError::Bind {
+/// Binds `what`'s listening socket, stored under `name` (see [`crate::net::bind`]).
+fn bind_tcp(
+    what: &str,
+    name: &str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, ApplianceError> {
+    crate::net::bind::bind(name, addr).map_err(|error| ApplianceError::Bind {
         what: what.into(),
         addr,
         error,
@@ -253,17 +258,17 @@ impl Appliance {
         // Bound before anything starts, so a taken port fails the start cleanly.
         let dns_bound = app.bind_dns(&config)?;
         let sync_bound = match &config.sync {
-            Some(s) => Some((bind_tcp("sync listener", s.bind)?, s)),
+            Some(s) => Some((bind_tcp("sync listener", "sync", s.bind)?, s)),
             None => None,
         };
         let admin_bound = app.bind_admin(&config)?;
         app.start_admin(admin_bound);
         app.start_listeners(bound);
-        app.start_acme();
         app.start_dns(dns_bound);
         if let Some((socket, s)) = sync_bound {
             app.start_hub(socket, s)?;
         }
+        app.start_acme();
         app.checkers = app.shutdown.child_token();
         let live = app.live.load();
         checker::spawn_all(&live.table, &live.clients, &app.checkers, &app.tracker);
@@ -383,6 +388,10 @@ impl Appliance {
     fn start_dns(&mut self, bound: Option<(SocketAddr, dns::Bound)>) {
         let Some((bind, b)) = bound else {
             let gone = self.live.load().config.dns.is_none();
+            if gone {
+                crate::net::bind::forget("dns-udp");
+                crate::net::bind::forget("dns-tcp");
+            }
             stop_if(&mut self.dns, gone, "dns");
             return;
         };
@@ -406,7 +415,7 @@ impl Appliance {
     ) -> Result<Option<(SocketAddr, tokio::net::TcpListener)>, ApplianceError> {
         match config.admin.bind {
             Some(addr) if self.admin.as_ref().is_none_or(|r| r.bind != addr) => {
-                Ok(Some((addr, bind_tcp("admin listener", addr)?)))
+                Ok(Some((addr, bind_tcp("admin listener", "admin", addr)?)))
             }
             _ => Ok(None),
         }
@@ -417,6 +426,9 @@ impl Appliance {
     fn start_admin(&mut self, bound: Option<(SocketAddr, tokio::net::TcpListener)>) {
         let Some((bind, socket)) = bound else {
             let gone = self.live.load().config.admin.bind.is_none();
+            if gone {
+                crate::net::bind::forget("admin");
+            }
             stop_if(&mut self.admin, gone, "admin listener");
             return;
         };
@@ -467,7 +479,9 @@ impl Appliance {
                 addr: l.bind,
                 error,
             };
-            let sockets = crate::net::bind::bind_many(l.bind, self.workers.len()).map_err(err)?;
+            let name = crate::net::bind::proxy_name(&l.name);
+            let sockets =
+                crate::net::bind::bind_many(&name, l.bind, self.workers.len()).map_err(err)?;
             out.push((l.name.clone(), sockets));
         }
         Ok(out)
@@ -478,9 +492,14 @@ impl Appliance {
     fn start_acme(&mut self) {
         self.acme.cancel();
         self.acme = self.shutdown.child_token();
-        if let Some(task) =
-            crate::acme::task(self.live.clone(), self.metrics.clone(), self.acme.clone())
-        {
+        // With several appliances (`sync.cluster`), through the store the hubs share.
+        let shared = self.sync.as_ref().and_then(|(_, hub)| hub.shared_store());
+        if let Some(task) = crate::acme::task(
+            self.live.clone(),
+            self.metrics.clone(),
+            shared,
+            self.acme.clone(),
+        ) {
             self.tracker.spawn(task);
         }
     }
@@ -507,7 +526,8 @@ impl Appliance {
             ) {
                 old.stop.cancel();
             }
-            for (socket, worker) in sockets.into_iter().zip(&self.workers) {
+            // Handed-back sockets may outnumber the workers: each is served.
+            for (socket, worker) in sockets.into_iter().zip(self.workers.iter().cycle()) {
                 let accept = listener::serve(
                     name.clone(),
                     socket,
@@ -612,6 +632,7 @@ impl Appliance {
         for name in gone {
             if let Some(r) = self.listeners.remove(&name) {
                 info!(listener = %name, addr = %r.local, "listener removed");
+                crate::net::bind::forget(&crate::net::bind::proxy_name(&name));
                 r.stop.cancel();
             }
         }

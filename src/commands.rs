@@ -96,6 +96,8 @@ fn check_command(config: Option<PathBuf>, agent: bool) -> anyhow::Result<()> {
 /// worker it serves the proxy too, otherwise each worker thread runs its own runtime.
 fn serve(config: &Path, workers: Option<usize>, drain: std::time::Duration) -> anyhow::Result<()> {
     crate::serve::init_tracing();
+    // Before any thread: the sockets systemd kept across the restart, if any.
+    crate::net::bind::inherit_from_env();
     let cfg = config::load(config)?;
     let proxy: u64 = cfg
         .listeners

@@ -42,6 +42,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let socket_path = cfg.admin.socket.clone();
     let mut app = Appliance::start_on(cfg, workers).await?;
+    // Stored sockets of listeners gone from the config while the appliance was down.
+    crate::net::bind::release_unclaimed();
     let (tx, mut rx) = mpsc::channel::<reload::ReloadRequest>(4);
     let stop_socket = tokio_util::sync::CancellationToken::new();
     if let Some(p) = &socket_path {

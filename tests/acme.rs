@@ -167,8 +167,8 @@ async fn tls_alpn_01_orders_serves_by_sni_and_renews_at_two_thirds_without_a_rel
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
     assert!(
-        pebble.log().contains("validate w/ TLS-ALPN-01"),
-        "pebble validated over TLS-ALPN-01:\n{}",
+        !pebble.log().contains("validate w/ HTTP"),
+        "pebble validated over TLS-ALPN-01 only:\n{}",
         pebble.log()
     );
     // Kept as secrets.
@@ -384,4 +384,83 @@ fn check_refuses_what_acme_cannot_order_naming_line_and_fix() {
         e.contains("acme.ca: cannot read CA file /nonexistent/ca.pem"),
         "{e}"
     );
+}
+
+/// Two appliances sharing a farm in etcd (`sync.cluster`): the leading one orders, and the CA
+/// reaches only the other (the names resolve to it, on 127.0.0.2): the order succeeds because
+/// the other answers the shared challenge, and it then serves the shared certificate, written
+/// to its own store, without ordering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_several_appliances_the_leader_orders_and_the_others_answer_and_serve() {
+    use lockstep::sync::store::HubStore;
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = common::etcd::Etcd::start(1);
+    let ports = Ports::free();
+    let pebble = Pebble::start(
+        dir.path(),
+        ports.pebble,
+        ports.http,
+        ports.https,
+        ports.dns,
+        Duration::from_secs(90 * 86_400),
+    );
+    let backend = DemoBackend::start("b1").await;
+    let appliance = |ip: &str, name: &str, dns: bool| {
+        let store = dir.path().join(format!("acme-{name}"));
+        let mut y = yaml(&ports, &pebble, "tls-alpn-01", &store, &backend.yaml())
+            .replace("bind: \"127.0.0.1:", &format!("bind: \"{ip}:"))
+            .replace(r#"addresses: ["127.0.0.1"]"#, r#"addresses: ["127.0.0.2"]"#);
+        if !dns {
+            let at = y.find("dns:\n").unwrap();
+            let end = y.find("admin:\n").unwrap();
+            y.replace_range(at..end, "");
+        }
+        y.push_str(&format!(
+            "sync:\n  bind: \"{ip}:0\"\n  store: \"{}\"\n  cluster:\n    etcd: [{}]\n    name: {name}\n    lease: 2s\n",
+            dir.path().join(format!("hub-{name}")).display(),
+            etcd.endpoints()[0]
+        ));
+        (y, store)
+    };
+    // A answers DNS (on 127.0.0.1, where pebble asks): the names are B's address.
+    let (ya, _) = appliance("127.0.0.1", "a", true);
+    let a = start(&ya).await;
+    let leads = |app: &lockstep::appliance::Appliance| {
+        app.hub()
+            .and_then(|h| h.shared_store())
+            .is_some_and(|s| s.leads())
+    };
+    until("appliance a leads", Duration::from_secs(20), || {
+        let l = leads(&a);
+        async move { l }
+    })
+    .await;
+    let (yb, store_b) = appliance("127.0.0.2", "b", false);
+    let b = start(&yb).await;
+    assert!(!leads(&b));
+    let (root, _) = pebble.issuing_root(dir.path());
+    let on_b: SocketAddr = ([127, 0, 0, 2], ports.https).into();
+    let on_a: SocketAddr = ([127, 0, 0, 1], ports.https).into();
+    let served_b = wait_served(on_b, "www.farm.test", &root, None, &pebble).await;
+    assert_eq!(served(on_a, "www.farm.test", &root).await, Some(served_b));
+    assert!(
+        !pebble.log().contains("validate w/ HTTP"),
+        "{}",
+        pebble.log()
+    );
+    assert_eq!(
+        series(
+            &a,
+            r#"lockstep_acme_orders_total{listener="https",result="ok"}"#
+        ),
+        1.0
+    );
+    assert!(
+        !b.metrics().render().contains("lockstep_acme_orders_total{"),
+        "b ordered nothing"
+    );
+    assert!(store_b.join("https.crt").exists() && store_b.join("https.key").exists());
+    assert_eq!(mode(&store_b.join("https.key")), 0o600);
+    b.shutdown(Duration::from_secs(1)).await;
+    a.shutdown(Duration::from_secs(1)).await;
 }

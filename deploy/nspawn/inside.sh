@@ -1,7 +1,8 @@
 #!/bin/bash
 # The steps of deploy/test-systemd.sh, run by a unit inside the booted container (as root, as
 # an operator would): install the .deb, start both units, check routing with dig and curl,
-# publish a release, reload good and broken configs, kill -9 the service. Exit 0 = all passed.
+# publish a release, reload good and broken configs, kill -9 the service, restart it and upgrade
+# the package under load (nothing may fail). Exit 0 = all passed.
 set -euo pipefail
 exec 2>&1
 
@@ -110,6 +111,56 @@ systemctl show -p NRestarts lockstep.service
 wait_for 30 body_is http://127.0.0.1/ "release one"
 [ "$(dig @127.0.0.1 www.farm.test +short)" = 127.0.0.1 ] || fail "DNS did not come back"
 
+# load SECONDS OUT: clients in a loop through the proxy, three keep-alive requests per
+# connection, one line per request: status code (000 = refused or failed) and time.
+load() {
+  local end=$(( $(date +%s) + $1 ))
+  while [ "$(date +%s)" -lt "$end" ]; do
+    curl -s -w '%{http_code} %{time_total}\n' --max-time 30 -o /dev/null http://127.0.0.1/ \
+      -o /dev/null http://127.0.0.1/ -o /dev/null http://127.0.0.1/ || true
+  done >>"$2"
+}
+# dig_load SECONDS OUT: DNS queries in a loop, one line per query: its first answer or FAIL.
+dig_load() {
+  local end=$(( $(date +%s) + $1 ))
+  while [ "$(date +%s)" -lt "$end" ]; do
+    a="$(dig @127.0.0.1 www.farm.test +short +tries=1 +timeout=20 2>/dev/null | head -n1)"
+    echo "${a:-FAIL}"
+  done >>"$2"
+}
+# under_load WHAT CMD...: runs CMD (a restart) two seconds into 10 s of load from four clients
+# and a DNS client; fails unless the main PID changed and every request and query succeeded.
+under_load() {
+  local what="$1"; shift
+  local out="/root/load.$what" dns="/root/dns.$what"
+  rm -f "$out" "$dns"
+  local pid; pid="$(systemctl show -p MainPID --value lockstep.service)"
+  for _ in 1 2 3 4; do load 10 "$out" & done
+  dig_load 10 "$dns" &
+  sleep 2
+  "$@"
+  wait
+  local new; new="$(systemctl show -p MainPID --value lockstep.service)"
+  [ "$new" != "$pid" ] || fail "$what: the main PID did not change ($pid)"
+  local total ok slowest
+  total="$(wc -l <"$out")"; ok="$(grep -c '^200 ' "$out" || true)"
+  slowest="$(sort -k2 -n "$out" | tail -n1 | cut -d' ' -f2)"
+  echo "$what: $ok of $total requests answered 200 (slowest ${slowest}s), pid $pid -> $new"
+  echo "$what: $(grep -c . "$dns") DNS queries, $(grep -c FAIL "$dns" || true) failed"
+  [ "$total" -gt 100 ] || fail "$what: too few requests ($total)"
+  [ "$ok" = "$total" ] || { grep -v '^200 ' "$out" | sort | uniq -c; fail "$what: requests failed"; }
+  ! grep -q FAIL "$dns" || fail "$what: DNS queries failed"
+}
+
+step "systemctl restart under load: no request fails, no connection is refused"
+under_load restart systemctl restart lockstep.service
+journalctl -u lockstep.service -n 200 --no-pager | grep -q 'listening sockets handed back by systemd' \
+  || fail "the new process bound its own sockets instead of systemd's"
+
+step "a package upgrade under load (dpkg -i: postinst restarts the running unit): nothing fails"
+under_load upgrade dpkg -i /root/lockstep.deb
+systemctl is-active lockstep.service
+
 step "a world-readable token is refused with a clear error, by the agent's ExecStartPre"
 chmod 0644 /etc/lockstep/agent.token
 c="$(cursor lockstep-agent.service)"
@@ -133,6 +184,9 @@ for u in lockstep lockstep-agent; do
   r="$(systemctl show -p Result --value $u.service)"
   [ "$r" = success ] || fail "$u stopped with result $r"
 done
+# Stopped (not restarted): systemd closed the sockets it kept, so connections are refused.
+rc=0; curl -s -o /dev/null --max-time 5 http://127.0.0.1/ || rc=$?
+[ "$rc" = 7 ] || fail "after systemctl stop, curl gave $rc, not 7 (connection refused)"
 
 echo
 echo "ALL STEPS PASSED"

@@ -31,6 +31,8 @@ use crate::live::Shared;
 use crate::metrics::{AcmeLabels, Metrics};
 use crate::net::acme::AcmeState;
 use crate::net::client::ClientTls;
+use crate::sync::protocol::SharedAcme;
+use crate::sync::store::HubStore;
 
 /// First wait after a failed order; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(60);
@@ -40,6 +42,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// How long the CA may take to validate the challenges, then to issue.
 const VALIDATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often an appliance that does not lead looks whether it leads now.
+const FOLLOWER_RECHECK: Duration = Duration::from_secs(10);
+/// The time the other appliances are given to learn of shared challenge answers.
+const SHARE_SETTLE: Duration = Duration::from_secs(1);
 
 /// When a certificate valid from `not_before` to `not_after` (seconds since the epoch) is
 /// renewed: at two-thirds of its lifetime.
@@ -82,10 +88,13 @@ struct Wanted {
 }
 
 /// The task ordering for the ACME listeners of the live config, until `shutdown`; `None`
-/// when no listener has `tls.acme`.
+/// when no listener has `tls.acme`. With `shared` (the store several appliances share,
+/// `sync.cluster`), only the appliance that leads orders: it shares its challenge answers and
+/// certificates, which the others answer with and serve.
 pub fn task(
     live: Shared,
     metrics: Arc<Metrics>,
+    shared: Option<Arc<dyn HubStore>>,
     shutdown: CancellationToken,
 ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
     let wanted: Vec<Wanted> = live
@@ -105,7 +114,7 @@ pub fn task(
     if wanted.is_empty() {
         return None;
     }
-    Some(run(wanted, live, metrics, shutdown))
+    Some(run(wanted, live, metrics, shared, shutdown))
 }
 
 /// The settings of each ACME listener, to tell whether a reload changed them.
@@ -140,9 +149,23 @@ async fn run(
     mut wanted: Vec<Wanted>,
     live: Shared,
     metrics: Arc<Metrics>,
+    shared: Option<Arc<dyn HubStore>>,
     shutdown: CancellationToken,
 ) {
     let state = live.load().acme.clone();
+    if let Some(items) = shared.as_ref().and_then(|s| s.shared_acme()) {
+        let listeners = wanted
+            .iter()
+            .map(|w| (w.listener.clone(), w.acme.clone()))
+            .collect();
+        tokio::spawn(follow(
+            items,
+            listeners,
+            live.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     // What the store kept from before: in use at once, ordered again only when due.
     for w in &mut wanted {
         if let Some(c) = kept(&w.acme.store, &w.listener, &w.acme.names) {
@@ -156,17 +179,32 @@ async fn run(
     loop {
         let t = now();
         for w in wanted.iter_mut().filter(|w| w.due <= t) {
+            // One the leading appliance shared may have come meanwhile.
+            if let Some(c) = state.certificate(&w.listener) {
+                if covers_all(&c.names, &w.acme.names) && renewal(&c) > t {
+                    w.due = renewal(&c);
+                    continue;
+                }
+            }
+            if shared.as_ref().is_some_and(|s| !s.leads()) {
+                // Another appliance orders; this one looks again in a while (it may lead then).
+                w.due = t + FOLLOWER_RECHECK.as_secs();
+                continue;
+            }
             let result = tokio::select! {
-                r = order(w, &state, &mut accounts) => r,
+                r = order(w, &state, &mut accounts, shared.as_ref()) => r,
                 _ = shutdown.cancelled() => return,
             };
             let outcome = match result {
-                Ok(cert) => {
+                Ok((cert, item)) => {
                     info!(listener = %w.listener, names = ?cert.names, not_after = cert.not_after, "ACME certificate ordered and in use");
                     w.due = renewal(&cert);
                     w.failures = 0;
                     state.install(&w.listener, cert);
                     live.load().export_expiry(&metrics);
+                    if let Some(s) = &shared {
+                        share(s, item).await;
+                    }
                     "ok"
                 }
                 Err(e) => {
@@ -192,6 +230,139 @@ async fn run(
             _ = shutdown.cancelled() => return,
         }
     }
+}
+
+/// Hands `item` to the other appliances (logged when it fails: they order nothing, and keep
+/// what they serve until it arrives).
+async fn share(store: &Arc<dyn HubStore>, item: SharedAcme) {
+    let store = store.clone();
+    let shared = tokio::task::spawn_blocking(move || store.share_acme(&item)).await;
+    match shared {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "the other appliances did not get what ACME gave"),
+        Err(e) => warn!(error = %e, "sharing with the other appliances failed"),
+    }
+}
+
+/// What the other appliances share (`sync.cluster`): their certificates are written to this
+/// appliance's store and put in use, their open challenges answered here until they expire.
+async fn follow(
+    mut items: tokio::sync::mpsc::Receiver<SharedAcme>,
+    listeners: Vec<(String, Acme)>,
+    live: Shared,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let state = live.load().acme.clone();
+    let mut open: Vec<(u64, SharedAcme)> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        let item = tokio::select! {
+            i = items.recv() => match i { Some(i) => i, None => return },
+            _ = tick.tick() => {
+                let t = now();
+                open.retain(|(until, item)| {
+                    let keep = *until > t;
+                    if !keep {
+                        forget_answer(&state, item);
+                    }
+                    keep
+                });
+                continue;
+            }
+            _ = shutdown.cancelled() => return,
+        };
+        match &item {
+            SharedAcme::Certificate {
+                listener,
+                cert,
+                key,
+            } => {
+                let Some((_, acme)) = listeners.iter().find(|(l, _)| l == listener) else {
+                    continue;
+                };
+                if state
+                    .certificate(listener)
+                    .is_some_and(|c| leaf(&c) == first_pem(cert))
+                {
+                    continue;
+                }
+                match keep(&acme.store, listener, cert, key) {
+                    Ok(c) if covers_all(&c.names, &acme.names) => {
+                        info!(listener, names = ?c.names, not_after = c.not_after, "ACME certificate shared by the leading appliance in use");
+                        state.install(listener, c);
+                        live.load().export_expiry(&metrics);
+                    }
+                    Ok(c) => {
+                        info!(listener, have = ?c.names, want = ?acme.names, "a shared ACME certificate is for other names; not used")
+                    }
+                    Err(e) => {
+                        warn!(listener, error = %e, "a shared ACME certificate cannot be used")
+                    }
+                }
+            }
+            SharedAcme::Http01 {
+                token,
+                key_authorization,
+                until,
+            } if *until > now() => {
+                state.set_http01(token, key_authorization);
+                open.push((*until, item.clone()));
+            }
+            SharedAcme::TlsAlpn01 {
+                name,
+                digest,
+                until,
+            } if *until > now() => match crate::ca::unhex(digest)
+                .filter(|d| d.len() == 32)
+                .map(|d| validation_cert(name, &d))
+            {
+                Some(Ok(k)) => {
+                    state.set_alpn01(name, k);
+                    open.push((*until, item.clone()));
+                }
+                _ => warn!(name, "a shared TLS-ALPN-01 answer does not parse"),
+            },
+            _ => {}
+        }
+        // Bounded: an answer lives minutes, and an order has at most MAX_NAMES of them.
+        if open.len() > 4 * crate::config::acme::MAX_NAMES {
+            let (_, oldest) = open.remove(0);
+            forget_answer(&state, &oldest);
+        }
+    }
+}
+
+fn forget_answer(state: &AcmeState, item: &SharedAcme) {
+    match item {
+        SharedAcme::Http01 { token, .. } => state.clear_http01(token),
+        SharedAcme::TlsAlpn01 { name, .. } => state.clear_alpn01(name),
+        SharedAcme::Certificate { .. } => {}
+    }
+}
+
+/// The DER of `c`'s leaf.
+fn leaf(c: &LoadedCert) -> Option<Vec<u8>> {
+    c.key.cert.first().map(|d| d.to_vec())
+}
+
+/// The DER of the first certificate in `pem`.
+fn first_pem(pem: &str) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()
+        .map(|d| d.to_vec())
+}
+
+/// Writes `cert` and `key` (PEM) as `listener`'s in `store` and loads them.
+fn keep(store: &Path, listener: &str, cert: &str, key: &str) -> Result<LoadedCert, OrderError> {
+    open_store(store)?;
+    let (crt_path, key_path) = cert_paths(store, listener);
+    // The key first: a certificate is never on disk without the key it was issued for.
+    write_secret(&key_path, key.as_bytes())?;
+    write_secret(&crt_path, cert.as_bytes())?;
+    load(&crt_path, &key_path).map_err(|(_, e)| OrderError::Store(e))
 }
 
 /// When `cert` is to be renewed (now when its validity cannot be read).
@@ -304,20 +475,26 @@ async fn account(
     Ok(account)
 }
 
-/// The challenge answers an order put up, taken down however the order ends.
+/// The challenge answers an order put up, taken down however the order ends (here, and
+/// from the other appliances).
 struct Answers<'a> {
     state: &'a AcmeState,
-    tokens: Vec<String>,
-    names: Vec<String>,
+    items: Vec<SharedAcme>,
+    shared: Option<Arc<dyn HubStore>>,
 }
 
 impl Drop for Answers<'_> {
     fn drop(&mut self) {
-        for t in &self.tokens {
-            self.state.clear_http01(t);
+        for item in &self.items {
+            forget_answer(self.state, item);
         }
-        for n in &self.names {
-            self.state.clear_alpn01(n);
+        if let Some(store) = self.shared.clone() {
+            let items = std::mem::take(&mut self.items);
+            tokio::task::spawn_blocking(move || {
+                for item in &items {
+                    let _ = store.unshare_acme(item);
+                }
+            });
         }
     }
 }
@@ -328,7 +505,8 @@ async fn order(
     w: &Wanted,
     state: &AcmeState,
     accounts: &mut HashMap<(PathBuf, String), Account>,
-) -> Result<LoadedCert, OrderError> {
+    shared: Option<&Arc<dyn HubStore>>,
+) -> Result<(LoadedCert, SharedAcme), OrderError> {
     let acme = &w.acme;
     let account = account(acme, accounts).await?;
     let identifiers: Vec<Identifier> = acme.names.iter().cloned().map(Identifier::Dns).collect();
@@ -336,13 +514,15 @@ async fn order(
     info!(listener = %w.listener, names = ?acme.names, challenge = acme.challenge.as_str(), "ACME order placed");
     let mut answers = Answers {
         state,
-        tokens: Vec::new(),
-        names: Vec::new(),
+        items: Vec::new(),
+        shared: shared.cloned(),
     };
+    let until = now() + VALIDATION_TIMEOUT.as_secs() * 2;
     let kind = match acme.challenge {
         Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
         Challenge::Http01 => ChallengeType::Http01,
     };
+    let mut ready = Vec::new();
     let mut authorizations = order.authorizations();
     while let Some(a) = authorizations.next().await {
         let mut a = a?;
@@ -355,7 +535,7 @@ async fn order(
                 )))
             }
         }
-        let mut challenge = a.challenge(kind.clone()).ok_or_else(|| {
+        let challenge = a.challenge(kind.clone()).ok_or_else(|| {
             OrderError::Protocol(format!(
                 "the CA offers no {} challenge",
                 acme.challenge.as_str()
@@ -370,20 +550,47 @@ async fn order(
             }
         };
         let key_authorization = challenge.key_authorization();
-        match acme.challenge {
+        let item = match acme.challenge {
             Challenge::Http01 => {
                 state.set_http01(&challenge.token, key_authorization.as_str());
-                answers.tokens.push(challenge.token.clone());
+                SharedAcme::Http01 {
+                    token: challenge.token.clone(),
+                    key_authorization: key_authorization.as_str().to_string(),
+                    until,
+                }
             }
             Challenge::TlsAlpn01 => {
-                state.set_alpn01(
-                    &name,
-                    validation_cert(&name, key_authorization.digest().as_ref())?,
-                );
-                answers.names.push(name);
+                let digest = key_authorization.digest();
+                state.set_alpn01(&name, validation_cert(&name, digest.as_ref())?);
+                SharedAcme::TlsAlpn01 {
+                    name,
+                    digest: crate::ca::hex(digest.as_ref()),
+                    until,
+                }
+            }
+        };
+        answers.items.push(item);
+        ready.push(challenge.url.clone());
+    }
+    if let Some(s) = shared {
+        // Every appliance the CA may reach answers: the answers are shared before the CA is
+        // told to look, and given a moment to arrive (the others follow them by a watch).
+        for item in &answers.items {
+            share(s, item.clone()).await;
+        }
+        tokio::time::sleep(SHARE_SETTLE).await;
+    }
+    let mut authorizations = order.authorizations();
+    while let Some(a) = authorizations.next().await {
+        let mut a = a?;
+        if a.status != AuthorizationStatus::Pending {
+            continue;
+        }
+        if let Some(mut challenge) = a.challenge(kind.clone()) {
+            if ready.contains(&challenge.url) {
+                challenge.set_ready().await?;
             }
         }
-        challenge.set_ready().await?;
     }
     let retries = RetryPolicy::new()
         .initial_delay(Duration::from_millis(250))
@@ -398,12 +605,13 @@ async fn order(
     }
     let key_pem = order.finalize().await?;
     let chain_pem = order.poll_certificate(&retries).await?;
-    open_store(&acme.store)?;
-    let (crt, key) = cert_paths(&acme.store, &w.listener);
-    // The key first: a certificate is never on disk without the key it was issued for.
-    write_secret(&key, key_pem.as_bytes())?;
-    write_secret(&crt, chain_pem.as_bytes())?;
-    load(&crt, &key).map_err(|(_, e)| OrderError::Store(e))
+    let cert = keep(&acme.store, &w.listener, &chain_pem, &key_pem)?;
+    let item = SharedAcme::Certificate {
+        listener: w.listener.clone(),
+        cert: chain_pem,
+        key: key_pem,
+    };
+    Ok((cert, item))
 }
 
 /// The TLS-ALPN-01 certificate of `name` (RFC 8737 §3): self-signed, for `name` only, with

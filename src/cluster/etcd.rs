@@ -40,7 +40,7 @@ use crate::config::cluster::Cluster;
 use crate::sync::clock::wall_us;
 use crate::sync::cycle::HubState;
 use crate::sync::manifest::{Hash, ReleaseId};
-use crate::sync::protocol::{ClusterView, SharedDrain, SharedReport};
+use crate::sync::protocol::{ClusterView, SharedAcme, SharedDrain, SharedReport};
 use crate::sync::provenance::Provenance;
 use crate::sync::sign::Signature;
 use crate::sync::store::{BlobSink, Collected, FsStore, HubStore, StoreError};
@@ -136,6 +136,8 @@ pub struct EtcdStore {
     reports: Mutex<Option<tokio::sync::mpsc::Receiver<SharedReport>>>,
     /// The backends drained or enabled on any appliance, until the appliance takes them.
     drains: Mutex<Option<tokio::sync::mpsc::Receiver<SharedDrain>>>,
+    /// What the appliances share of ACME, until the ACME task takes it.
+    acme: Mutex<Option<tokio::sync::mpsc::Receiver<SharedAcme>>>,
     rt: OwnRuntime,
 }
 
@@ -218,6 +220,7 @@ impl EtcdStore {
             lease: Arc::new(AtomicU64::new(0)),
             reports: Mutex::new(None),
             drains: Mutex::new(None),
+            acme: Mutex::new(None),
             rt,
         };
         // One attempt: the state's follower reads it again until it can.
@@ -252,6 +255,10 @@ impl EtcdStore {
         *store.drains.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
         let follow_drains = follow_prefix(store.client.clone(), store.keys.drain("", ""), tx);
         store.rt.handle().spawn(follow_drains);
+        let (tx, rx) = tokio::sync::mpsc::channel(SHARED);
+        *store.acme.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+        let follow_acme = follow_prefix(store.client.clone(), store.keys.acme("", ""), tx);
+        store.rt.handle().spawn(follow_acme);
         let registration = serde_json::json!({ "url": advertise }).to_string();
         store.rt.handle().spawn(keep_lease(
             store.client.clone(),
@@ -263,6 +270,15 @@ impl EtcdStore {
         ));
         info!(hub = %store.name, endpoints = ?cluster.endpoints, prefix = %cluster.prefix, "hub state in etcd");
         Ok(store)
+    }
+
+    /// Where `item` is kept in etcd.
+    fn acme_key(&self, item: &SharedAcme) -> String {
+        match item {
+            SharedAcme::Certificate { listener, .. } => self.keys.acme("cert", listener),
+            SharedAcme::Http01 { token, .. } => self.keys.acme("http01", token),
+            SharedAcme::TlsAlpn01 { name, .. } => self.keys.acme("alpn01", name),
+        }
     }
 
     /// The other live hubs: their names and the URLs they registered.
@@ -1054,6 +1070,28 @@ impl HubStore for EtcdStore {
 
     fn shared_drains(&self) -> Option<tokio::sync::mpsc::Receiver<SharedDrain>> {
         self.drains.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn share_acme(&self, item: &SharedAcme) -> Result<(), StoreError> {
+        let key = self.acme_key(item);
+        // Plain structs always serialise.
+        let value = serde_json::to_vec(item).expect("ACME item serialises");
+        self.call("share ACME", move |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            Box::pin(async move { c.put(key, value, None).await.map(|_| ()) })
+        })
+    }
+
+    fn unshare_acme(&self, item: &SharedAcme) -> Result<(), StoreError> {
+        let key = self.acme_key(item);
+        self.call("take back an ACME answer", move |mut c| {
+            let key = key.clone();
+            Box::pin(async move { c.delete(key, None).await.map(|_| ()) })
+        })
+    }
+
+    fn shared_acme(&self) -> Option<tokio::sync::mpsc::Receiver<SharedAcme>> {
+        self.acme.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     fn standing(&self) -> Option<ClusterView> {

@@ -100,6 +100,15 @@ impl Keys {
         format!("{}hubs/{name}", self.prefix)
     }
 
+    /// What the appliances share of ACME: `kind` (`cert`, `http01`, `alpn01`) and its id
+    /// (`"", ""`: the prefix of all of it).
+    pub fn acme(&self, kind: &str, id: &str) -> String {
+        if kind.is_empty() {
+            return format!("{}acme/", self.prefix);
+        }
+        format!("{}acme/{kind}/{id}", self.prefix)
+    }
+
     /// Backend `backend` of `pool`'s drain (`"", ""`: the prefix of every drain).
     pub fn drain(&self, pool: &str, backend: &str) -> String {
         if pool.is_empty() {

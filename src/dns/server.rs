@@ -72,6 +72,21 @@ pub fn bind(addr: SocketAddr, udp_sockets: usize) -> Result<Bound, DnsError> {
             error,
         }
     };
+    let tcp_err = |error| DnsError::Bind {
+        addr,
+        proto: "tcp",
+        error,
+    };
+    // Kept by systemd across a restart (net::bind): the queries sent meanwhile wait in them.
+    if let Some((udp, tcp)) = crate::net::bind::claim_dns(addr) {
+        for u in &udp {
+            u.set_nonblocking(true).map_err(udp_err(addr))?;
+        }
+        tcp.set_nonblocking(true).map_err(tcp_err)?;
+        crate::net::bind::store_dns(&udp, &tcp);
+        let tcp = TcpListener::from_std(tcp).map_err(tcp_err)?;
+        return Ok(Bound { udp, tcp });
+    }
     let tries = if addr.port() == 0 { PORT_ZERO_TRIES } else { 1 };
     let mut last = None;
     for _ in 0..tries {
@@ -83,11 +98,8 @@ pub fn bind(addr: SocketAddr, udp_sockets: usize) -> Result<Bound, DnsError> {
                 for _ in 1..count {
                     udp.push(udp_socket(udp_addr, true).map_err(udp_err(udp_addr))?);
                 }
-                tcp.set_nonblocking(true).map_err(|error| DnsError::Bind {
-                    addr,
-                    proto: "tcp",
-                    error,
-                })?;
+                tcp.set_nonblocking(true).map_err(tcp_err)?;
+                crate::net::bind::store_dns(&udp, &tcp);
                 let tcp = TcpListener::from_std(tcp).map_err(|error| DnsError::Bind {
                     addr,
                     proto: "tcp",

@@ -144,6 +144,11 @@ impl Hub {
         view
     }
 
+    /// The store, when several hubs share it (`sync.cluster`): what ACME shares through.
+    pub fn shared_store(&self) -> Option<Arc<dyn HubStore>> {
+        self.store.standing().is_some().then(|| self.store.clone())
+    }
+
     /// Passes a backend drained or enabled here to the other appliances (`sync.cluster`;
     /// nothing without): in the background, a failure logged.
     pub fn share_drain(&self, drain: SharedDrain) {

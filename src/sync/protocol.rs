@@ -407,6 +407,41 @@ pub struct SharedDrain {
     pub drained: bool,
 }
 
+/// What the appliances of a farm share of ACME (`sync.cluster`): the leading one orders, the
+/// others answer its challenges (the CA may reach any of them) and serve what it got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SharedAcme {
+    /// A listener's certificate: the chain and its key, PEM.
+    Certificate {
+        /// The listener.
+        listener: String,
+        /// The chain, leaf first.
+        cert: String,
+        /// Its private key.
+        key: String,
+    },
+    /// An HTTP-01 answer of an open order, until `until` (seconds since the epoch).
+    Http01 {
+        /// The token.
+        token: String,
+        /// Its key authorization.
+        key_authorization: String,
+        /// When to stop answering it.
+        until: u64,
+    },
+    /// A TLS-ALPN-01 answer of an open order: the name and the SHA-256 of the key
+    /// authorization (hex), until `until`.
+    TlsAlpn01 {
+        /// The name validated.
+        name: String,
+        /// SHA-256 of the key authorization, hex.
+        digest: String,
+        /// When to stop answering it.
+        until: u64,
+    },
+}
+
 /// A hub's standing among the hubs sharing a farm in etcd (`sync.cluster`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterView {

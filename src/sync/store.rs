@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use super::cycle::HubState;
 use super::gc::{self, GcError, Listing};
 use super::manifest::{Hash, Manifest, ReleaseId};
-use super::protocol::{ClusterView, SharedDrain, SharedReport};
+use super::protocol::{ClusterView, SharedAcme, SharedDrain, SharedReport};
 use super::provenance::Provenance;
 use super::sign::Signature;
 
@@ -193,6 +193,20 @@ pub trait HubStore: Send + Sync + 'static {
     /// The drains shared by every appliance (this one's included): those in force, then each
     /// change; taken once, by the appliance. `None` for a store of one.
     fn shared_drains(&self) -> Option<tokio::sync::mpsc::Receiver<SharedDrain>> {
+        None
+    }
+    /// Passes an ACME certificate or challenge answer to the other appliances (nothing for a
+    /// store of one).
+    fn share_acme(&self, _item: &SharedAcme) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Takes back an ACME challenge answer shared before (its order is over).
+    fn unshare_acme(&self, _item: &SharedAcme) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// What the appliances share of ACME (this one's included): what is there, then each
+    /// change; taken once, by the ACME task. `None` for a store of one.
+    fn shared_acme(&self) -> Option<tokio::sync::mpsc::Receiver<SharedAcme>> {
         None
     }
 }

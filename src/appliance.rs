@@ -269,6 +269,17 @@ impl Appliance {
             app.start_hub(socket, s)?;
         }
         app.start_acme();
+        // What the farm's other appliances share of ACME, for the appliance's life.
+        if let Some(store) = app.sync.as_ref().and_then(|(_, hub)| hub.shared_store()) {
+            if let Some(task) = crate::acme::follow_shared(
+                &store,
+                app.live.clone(),
+                app.metrics.clone(),
+                app.shutdown.clone(),
+            ) {
+                app.tracker.spawn(task);
+            }
+        }
         app.checkers = app.shutdown.child_token();
         let live = app.live.load();
         checker::spawn_all(&live.table, &live.clients, &app.checkers, &app.tracker);
@@ -313,6 +324,7 @@ impl Appliance {
         config: &crate::config::sync::Sync,
     ) -> Result<(), ApplianceError> {
         let local = socket.local_addr().unwrap_or(config.bind);
+        crate::net::bind::keep("sync", std::slice::from_ref(&socket));
         let (store, peers) = hub_store(config, local)?;
         self.follow_shared_drains(store.as_ref());
         let hub = Hub::new(
@@ -403,6 +415,7 @@ impl Appliance {
         // The handler reads zones and health through the live pointer at every query, so
         // reloads and health changes reach it without further plumbing.
         let handler = DnsHandler::new(self.dns_view.clone(), metrics);
+        dns::keep(&b);
         let stop = self.shutdown.child_token();
         self.tracker.spawn(dns::serve(b, handler, stop.clone()));
         replace(&mut self.dns, RunningListener { bind, local, stop }, "dns");
@@ -434,6 +447,7 @@ impl Appliance {
         };
         let local = socket.local_addr().unwrap_or(bind);
         info!(addr = %local, "admin listening");
+        crate::net::bind::keep("admin", std::slice::from_ref(&socket));
         let stop = self.shutdown.child_token();
         let state = admin::AdminState {
             live: self.live.clone(),
@@ -515,6 +529,7 @@ impl Appliance {
                 .and_then(|s| s.local_addr().ok())
                 .unwrap_or(l.bind);
             info!(listener = %name, addr = %local, tls = l.tls.is_some(), "listening");
+            crate::net::bind::keep(&crate::net::bind::proxy_name(&name), &sockets);
             let stop = self.shutdown.child_token();
             if let Some(old) = self.listeners.insert(
                 name.clone(),

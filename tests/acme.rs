@@ -459,8 +459,24 @@ async fn with_several_appliances_the_leader_orders_and_the_others_answer_and_ser
         !b.metrics().render().contains("lockstep_acme_orders_total{"),
         "b ordered nothing"
     );
-    assert!(store_b.join("https.crt").exists() && store_b.join("https.key").exists());
-    assert_eq!(mode(&store_b.join("https.key")), 0o600);
+    let kept: Vec<_> = std::fs::read_dir(&store_b)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("https.")
+        })
+        .collect();
+    assert_eq!(
+        kept.len(),
+        2,
+        "b kept the shared certificate and key: {kept:?}"
+    );
+    for f in &kept {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
     b.shutdown(Duration::from_secs(1)).await;
     a.shutdown(Duration::from_secs(1)).await;
 }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::acme::{Acme, Challenge};
-use crate::config::tls::{load, validity, LoadedCert};
+use crate::config::tls::{from_pem, load, validity, LoadedCert};
 use crate::live::Shared;
 use crate::metrics::{AcmeLabels, Metrics};
 use crate::net::acme::AcmeState;
@@ -127,11 +127,12 @@ pub fn settings(config: &crate::config::Config) -> Vec<(String, String)> {
                 (
                     l.name.clone(),
                     format!(
-                        "{} {:?} {:?} {} {}",
+                        "{} {:?} {:?} {} {} {}",
                         a.directory,
                         a.contact,
                         a.names,
                         a.challenge.as_str(),
+                        a.ca.display(),
                         a.store.display()
                     ),
                 )
@@ -153,22 +154,9 @@ async fn run(
     shutdown: CancellationToken,
 ) {
     let state = live.load().acme.clone();
-    if let Some(items) = shared.as_ref().and_then(|s| s.shared_acme()) {
-        let listeners = wanted
-            .iter()
-            .map(|w| (w.listener.clone(), w.acme.clone()))
-            .collect();
-        tokio::spawn(follow(
-            items,
-            listeners,
-            live.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        ));
-    }
     // What the store kept from before: in use at once, ordered again only when due.
     for w in &mut wanted {
-        if let Some(c) = kept(&w.acme.store, &w.listener, &w.acme.names) {
+        if let Some(c) = kept(&w.acme, &w.listener) {
             w.due = renewal(&c);
             info!(listener = %w.listener, names = ?c.names, not_after = c.not_after, "ACME certificate from the store in use");
             state.install(&w.listener, c);
@@ -203,7 +191,9 @@ async fn run(
                     state.install(&w.listener, cert);
                     live.load().export_expiry(&metrics);
                     if let Some(s) = &shared {
-                        share(s, item).await;
+                        if let Err(e) = share(s, item).await {
+                            warn!(listener = %w.listener, error = %e, "the other appliances did not get the certificate; they keep theirs until the next renewal");
+                        }
                     }
                     "ok"
                 }
@@ -234,21 +224,31 @@ async fn run(
 
 /// Hands `item` to the other appliances (logged when it fails: they order nothing, and keep
 /// what they serve until it arrives).
-async fn share(store: &Arc<dyn HubStore>, item: SharedAcme) {
+async fn share(store: &Arc<dyn HubStore>, item: SharedAcme) -> Result<(), String> {
     let store = store.clone();
-    let shared = tokio::task::spawn_blocking(move || store.share_acme(&item)).await;
-    match shared {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, "the other appliances did not get what ACME gave"),
-        Err(e) => warn!(error = %e, "sharing with the other appliances failed"),
+    match tokio::task::spawn_blocking(move || store.share_acme(&item)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
-/// What the other appliances share (`sync.cluster`): their certificates are written to this
-/// appliance's store and put in use, their open challenges answered here until they expire.
+/// What the appliances share of ACME (`sync.cluster`), followed for the appliance's life
+/// (reloads included): a certificate newer than the one in use for an ACME listener's names
+/// is put in use and written to this appliance's store; open challenges are answered here
+/// until they expire. `None` without a shared store.
+pub fn follow_shared(
+    store: &Arc<dyn HubStore>,
+    live: Shared,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    let items = store.shared_acme()?;
+    Some(follow(items, live, metrics, shutdown))
+}
+
 async fn follow(
     mut items: tokio::sync::mpsc::Receiver<SharedAcme>,
-    listeners: Vec<(String, Acme)>,
     live: Shared,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -278,27 +278,34 @@ async fn follow(
                 cert,
                 key,
             } => {
-                let Some((_, acme)) = listeners.iter().find(|(l, _)| l == listener) else {
+                let config = live.load().config.clone();
+                let Some(acme) = config
+                    .listeners
+                    .iter()
+                    .find(|l| &l.name == listener)
+                    .and_then(|l| l.acme.as_ref())
+                else {
                     continue;
                 };
-                if state
-                    .certificate(listener)
-                    .is_some_and(|c| leaf(&c) == first_pem(cert))
+                let c = match from_pem(cert.as_bytes(), key.as_bytes(), "shared", "shared") {
+                    Ok(c) => c,
+                    Err((_, e)) => {
+                        warn!(listener, error = %e, "a shared ACME certificate cannot be used");
+                        continue;
+                    }
+                };
+                let current = state.certificate(listener);
+                if !covers_all(&c.names, &acme.names)
+                    || current.is_some_and(|o| o.not_after >= c.not_after)
                 {
+                    // For other names, or not newer than the one in use (an old copy).
                     continue;
                 }
-                match keep(&acme.store, listener, cert, key) {
-                    Ok(c) if covers_all(&c.names, &acme.names) => {
-                        info!(listener, names = ?c.names, not_after = c.not_after, "ACME certificate shared by the leading appliance in use");
-                        state.install(listener, c);
-                        live.load().export_expiry(&metrics);
-                    }
-                    Ok(c) => {
-                        info!(listener, have = ?c.names, want = ?acme.names, "a shared ACME certificate is for other names; not used")
-                    }
-                    Err(e) => {
-                        warn!(listener, error = %e, "a shared ACME certificate cannot be used")
-                    }
+                info!(listener, names = ?c.names, not_after = c.not_after, "ACME certificate shared by the leading appliance in use");
+                state.install(listener, c);
+                live.load().export_expiry(&metrics);
+                if let Err(e) = persist(acme, listener, cert, key) {
+                    warn!(listener, error = %e, "the shared ACME certificate is in use but not kept: a restart orders or waits for it again");
                 }
             }
             SharedAcme::Http01 {
@@ -341,28 +348,13 @@ fn forget_answer(state: &AcmeState, item: &SharedAcme) {
     }
 }
 
-/// The DER of `c`'s leaf.
-fn leaf(c: &LoadedCert) -> Option<Vec<u8>> {
-    c.key.cert.first().map(|d| d.to_vec())
-}
-
-/// The DER of the first certificate in `pem`.
-fn first_pem(pem: &str) -> Option<Vec<u8>> {
-    use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
-        .next()?
-        .ok()
-        .map(|d| d.to_vec())
-}
-
-/// Writes `cert` and `key` (PEM) as `listener`'s in `store` and loads them.
-fn keep(store: &Path, listener: &str, cert: &str, key: &str) -> Result<LoadedCert, OrderError> {
-    open_store(store)?;
-    let (crt_path, key_path) = cert_paths(store, listener);
+/// Writes `cert` and `key` (PEM) as `listener`'s in `acme.store`.
+fn persist(acme: &Acme, listener: &str, cert: &str, key: &str) -> Result<(), OrderError> {
+    open_store(&acme.store)?;
+    let (crt_path, key_path) = cert_paths(acme, listener);
     // The key first: a certificate is never on disk without the key it was issued for.
     write_secret(&key_path, key.as_bytes())?;
-    write_secret(&crt_path, cert.as_bytes())?;
-    load(&crt_path, &key_path).map_err(|(_, e)| OrderError::Store(e))
+    write_secret(&crt_path, cert.as_bytes())
 }
 
 /// When `cert` is to be renewed (now when its validity cannot be read).
@@ -372,20 +364,30 @@ fn renewal(cert: &LoadedCert) -> u64 {
         .first()
         .and_then(|c| validity(c))
         .map(|(b, a)| renew_at(b, a))
-        .unwrap_or(0)
+        // Unreadable validity (a CA's odd encoding): served, and looked at again in a day.
+        .unwrap_or_else(|| now() + 86_400)
 }
 
-fn cert_paths(store: &Path, listener: &str) -> (PathBuf, PathBuf) {
+/// Where `listener`'s certificate and key from `acme.directory` are kept: another CA (say
+/// from staging to production) does not find the first one's.
+fn cert_paths(acme: &Acme, listener: &str) -> (PathBuf, PathBuf) {
+    let ca = directory_id(&acme.directory);
     (
-        store.join(format!("{listener}.crt")),
-        store.join(format!("{listener}.key")),
+        acme.store.join(format!("{listener}.{ca}.crt")),
+        acme.store.join(format!("{listener}.{ca}.key")),
     )
+}
+
+/// A short stable name of an ACME directory URL, in file names.
+fn directory_id(directory: &str) -> String {
+    blake3::hash(directory.as_bytes()).to_hex()[..16].to_string()
 }
 
 /// The certificate kept for `listener`, when it is still for `names` (a damaged one is
 /// logged and ordered again).
-fn kept(store: &Path, listener: &str, names: &[String]) -> Option<LoadedCert> {
-    let (crt, key) = cert_paths(store, listener);
+fn kept(acme: &Acme, listener: &str) -> Option<LoadedCert> {
+    let names = &acme.names;
+    let (crt, key) = cert_paths(acme, listener);
     if !crt.exists() {
         return None;
     }
@@ -416,8 +418,8 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), OrderError> {
     crate::ca::write_file(path, bytes, 0o600).map_err(|e| OrderError::Store(e.to_string()))
 }
 
-/// The account for `acme.directory`: kept credentials, else a new account (its key written
-/// before it is used).
+/// The account for `acme.directory`: kept credentials, else a new account, registered and
+/// then written (if that write fails, the next order registers another).
 async fn account(
     acme: &Acme,
     accounts: &mut HashMap<(PathBuf, String), Account>,
@@ -429,10 +431,9 @@ async fn account(
     open_store(&acme.store)?;
     let tls = ClientTls::farm(&acme.trust, None).map_err(|e| OrderError::Store(e.to_string()))?;
     let http = || Box::new(http::AcmeHttp::new(tls.clone()));
-    let file = acme.store.join(format!(
-        "account-{}.json",
-        &blake3::hash(acme.directory.as_bytes()).to_hex()[..16]
-    ));
+    let file = acme
+        .store
+        .join(format!("account-{}.json", directory_id(&acme.directory)));
     let account = match std::fs::read(&file) {
         Ok(bytes) => {
             let creds: AccountCredentials = serde_json::from_slice(&bytes).map_err(|e| {
@@ -576,7 +577,11 @@ async fn order(
         // Every appliance the CA may reach answers: the answers are shared before the CA is
         // told to look, and given a moment to arrive (the others follow them by a watch).
         for item in &answers.items {
-            share(s, item.clone()).await;
+            // An appliance without the answer would fail the validation, which the CA counts:
+            // better not to ask it to look.
+            share(s, item.clone()).await.map_err(|e| {
+                OrderError::Store(format!("the challenge answers could not be shared: {e}"))
+            })?;
         }
         tokio::time::sleep(SHARE_SETTLE).await;
     }
@@ -605,7 +610,17 @@ async fn order(
     }
     let key_pem = order.finalize().await?;
     let chain_pem = order.poll_certificate(&retries).await?;
-    let cert = keep(&acme.store, &w.listener, &chain_pem, &key_pem)?;
+    let cert = from_pem(
+        chain_pem.as_bytes(),
+        key_pem.as_bytes(),
+        "issued",
+        "generated",
+    )
+    .map_err(|(_, e)| OrderError::Protocol(format!("the CA's certificate: {e}")))?;
+    if let Err(e) = persist(acme, &w.listener, &chain_pem, &key_pem) {
+        // Issued all the same: in use now; a restart orders again.
+        warn!(listener = %w.listener, error = %e, "the ACME certificate is in use but not kept");
+    }
     let item = SharedAcme::Certificate {
         listener: w.listener.clone(),
         cert: chain_pem,

@@ -57,7 +57,9 @@ pub struct Acme {
     pub names: Vec<String>,
     /// The challenge the CA is answered with.
     pub challenge: Challenge,
-    /// The CAs the directory's own certificate is checked against.
+    /// The file of the CAs the directory's own certificate is checked against.
+    pub ca: PathBuf,
+    /// Those CAs.
     pub trust: FarmTrust,
     /// Directory of the account key and certificates (made 0700, files 0600).
     pub store: PathBuf,
@@ -127,7 +129,7 @@ pub(super) fn acme(cx: &mut Ctx<'_>, raw: &RawAcme, listener: &str, at: Pos) -> 
         Some(c) => cx.path_at(c, "acme.ca"),
         None => Some(PathBuf::from(DEFAULT_CA)),
     };
-    let trust = ca_path.and_then(|p| match load_trust(&p, None) {
+    let trust = ca_path.clone().and_then(|p| match load_trust(&p, None) {
         Ok(t) => Some(t),
         Err((_, e)) => {
             let fix =
@@ -155,6 +157,7 @@ pub(super) fn acme(cx: &mut Ctx<'_>, raw: &RawAcme, listener: &str, at: Pos) -> 
         contact,
         names,
         challenge,
+        ca: ca_path?,
         trust: trust?,
         store: store?,
     })

@@ -112,7 +112,8 @@ pub struct Listener {
     /// Address to bind.
     pub bind: SocketAddr,
     /// Certificates when TLS terminates here; the first is the default for clients without SNI
-    /// (empty with ACME only: the ordered certificate is the default).
+    /// (with ACME, the ordered certificate comes first for the names it covers and for
+    /// clients without SNI; empty with ACME only).
     pub tls: Option<Vec<tls::LoadedCert>>,
     /// Certificates ordered by ACME for this (TLS) listener.
     pub acme: Option<acme::Acme>,

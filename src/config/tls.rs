@@ -30,50 +30,61 @@ pub enum Part {
 
 /// Reads `cert` and `key` (PEM). Errors say which file and what is wrong with it.
 pub fn load(cert: &Path, key: &Path) -> Result<LoadedCert, (Part, String)> {
+    let bytes = std::fs::read(cert).map_err(|e| {
+        (
+            Part::Cert,
+            format!("cannot read certificate {}: {e}", cert.display()),
+        )
+    })?;
+    let key_bytes = std::fs::read(key).map_err(|e| {
+        (
+            Part::Key,
+            format!("cannot read private key {}: {e}", key.display()),
+        )
+    })?;
+    from_pem(
+        &bytes,
+        &key_bytes,
+        &cert.display().to_string(),
+        &key.display().to_string(),
+    )
+}
+
+/// A certificate chain and its key from PEM text (`cert_name` and `key_name` say where they
+/// came from, in errors).
+pub fn from_pem(
+    bytes: &[u8],
+    key_bytes: &[u8],
+    cert_name: &str,
+    key_name: &str,
+) -> Result<LoadedCert, (Part, String)> {
     let c = |e: String| (Part::Cert, e);
     let k = |e: String| (Part::Key, e);
-    let bytes = std::fs::read(cert)
-        .map_err(|e| c(format!("cannot read certificate {}: {e}", cert.display())))?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<_, _>>()
-        .map_err(|e| {
-            c(format!(
-                "certificate {} is not valid PEM: {e}",
-                cert.display()
-            ))
-        })?;
+        .map_err(|e| c(format!("certificate {cert_name} is not valid PEM: {e}")))?;
     if chain.is_empty() {
         return Err(c(format!(
-            "certificate {} holds no PEM CERTIFICATE block: give the chain, leaf first",
-            cert.display()
+            "certificate {cert_name} holds no PEM CERTIFICATE block: give the chain, leaf first"
         )));
     }
-    let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
-        c(format!(
-            "certificate {} cannot be parsed: {e:?}",
-            cert.display()
-        ))
-    })?;
+    let leaf = webpki::EndEntityCert::try_from(&chain[0])
+        .map_err(|e| c(format!("certificate {cert_name} cannot be parsed: {e:?}")))?;
     let names: Vec<String> = leaf
         .valid_dns_names()
         .map(|n| n.to_ascii_lowercase())
         .collect();
-    let key_bytes = std::fs::read(key)
-        .map_err(|e| k(format!("cannot read private key {}: {e}", key.display())))?;
-    let private = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
+    let private = PrivateKeyDer::from_pem_slice(key_bytes).map_err(|e| {
         k(format!(
-            "private key {} is not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
-            key.display()
+            "private key {key_name} is not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"
         ))
     })?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&private)
-        .map_err(|e| k(format!("private key {} is not usable: {e}", key.display())))?;
+        .map_err(|e| k(format!("private key {key_name} is not usable: {e}")))?;
     let certified = CertifiedKey::new(chain, signer);
     if let Err(e) = certified.keys_match() {
         return Err(k(format!(
-            "private key {} does not belong to certificate {} ({e}): give the key the certificate was issued for",
-            key.display(),
-            cert.display()
+            "private key {key_name} does not belong to certificate {cert_name} ({e}): give the key the certificate was issued for"
         )));
     }
     Ok(LoadedCert {

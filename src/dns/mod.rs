@@ -42,5 +42,5 @@ pub mod zone;
 pub use error::DnsError;
 pub use handler::DnsHandler;
 pub use metrics::DnsMetrics;
-pub use server::{bind, serve, Bound};
+pub use server::{bind, keep, serve, Bound};
 pub use zone::Zones;

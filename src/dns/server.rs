@@ -83,7 +83,6 @@ pub fn bind(addr: SocketAddr, udp_sockets: usize) -> Result<Bound, DnsError> {
             u.set_nonblocking(true).map_err(udp_err(addr))?;
         }
         tcp.set_nonblocking(true).map_err(tcp_err)?;
-        crate::net::bind::store_dns(&udp, &tcp);
         let tcp = TcpListener::from_std(tcp).map_err(tcp_err)?;
         return Ok(Bound { udp, tcp });
     }
@@ -99,7 +98,6 @@ pub fn bind(addr: SocketAddr, udp_sockets: usize) -> Result<Bound, DnsError> {
                     udp.push(udp_socket(udp_addr, true).map_err(udp_err(udp_addr))?);
                 }
                 tcp.set_nonblocking(true).map_err(tcp_err)?;
-                crate::net::bind::store_dns(&udp, &tcp);
                 let tcp = TcpListener::from_std(tcp).map_err(|error| DnsError::Bind {
                     addr,
                     proto: "tcp",
@@ -133,6 +131,12 @@ fn udp_socket(addr: SocketAddr, reuseport: bool) -> std::io::Result<std::net::Ud
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// Hands `bound`'s sockets to systemd's store (see [`crate::net::bind::keep`]).
+pub fn keep(bound: &Bound) {
+    crate::net::bind::keep("dns-udp", &bound.udp);
+    crate::net::bind::keep("dns-tcp", std::slice::from_ref(&bound.tcp));
 }
 
 /// Serves DNS on `bound` until `stop` is cancelled, TCP and every UDP socket on the current

@@ -78,24 +78,29 @@ pub fn inherit_from_env() -> usize {
     count
 }
 
-/// Claims the handed-back sockets named `name` that are bound to `addr` (all of them: with
-/// `SO_REUSEPORT` each holds its own backlog, so none may be left unserved).
-fn claim(name: &str, addr: SocketAddr) -> Vec<Handed> {
+/// Claims the handed-back sockets of `addr` of the kind (`udp`) asked for, whatever name
+/// they were stored under (a listener renamed while the appliance was down keeps its
+/// sockets): all of them, since with `SO_REUSEPORT` each holds its own backlog and none may
+/// be left unserved. A name they leave is forgotten by systemd; the caller stores them under
+/// theirs ([`keep`]).
+fn claim(addr: SocketAddr, udp: bool) -> Vec<Handed> {
     let mut guard = handed();
     let Some(map) = guard.as_mut() else {
         return Vec::new();
     };
-    let Some(list) = map.remove(name) else {
-        return Vec::new();
-    };
-    let (mine, other): (Vec<Handed>, Vec<Handed>) = list
-        .into_iter()
-        .partition(|s| s.local_addr().is_ok_and(|a| a == addr));
-    if !other.is_empty() {
-        // Moved in the config: the old address's sockets close (and leave the store below).
-        info!(name, %addr, "the stored sockets of {name} are for another address; binding anew");
-        crate::systemd::forget_fds(name);
+    let mut mine = Vec::new();
+    for (name, list) in map.iter_mut() {
+        let (take, stay): (Vec<Handed>, Vec<Handed>) =
+            std::mem::take(list).into_iter().partition(|s| {
+                matches!(s, Handed::Udp(_)) == udp && s.local_addr().is_ok_and(|a| a == addr)
+            });
+        *list = stay;
+        if !take.is_empty() {
+            crate::systemd::forget_fds(name);
+            mine.extend(take);
+        }
     }
+    map.retain(|_, list| !list.is_empty());
     mine
 }
 
@@ -113,8 +118,12 @@ pub fn release_unclaimed() {
     }
 }
 
-/// Hands `sockets` to systemd's store under `name`.
-fn store<S: AsFd>(name: &str, sockets: &[S]) {
+/// Hands `sockets`, now serving, to systemd's store under `name`, in place of what it kept
+/// under that name (the sockets handed back, or those of a listener these replace). Called
+/// once a start or reload commits to them: a reload refused after binding must not leave its
+/// sockets in the store.
+pub fn keep<S: AsFd>(name: &str, sockets: &[S]) {
+    crate::systemd::forget_fds(name);
     let fds: Vec<_> = sockets.iter().map(AsFd::as_fd).collect();
     crate::systemd::store_fds(name, &fds);
 }
@@ -124,15 +133,16 @@ fn store<S: AsFd>(name: &str, sockets: &[S]) {
 /// with port 0 the later ones take the port the first one got. They are returned as
 /// non-blocking std sockets so that each worker registers its own with its runtime.
 ///
-/// Sockets named `name` handed back by systemd for `addr` are used first (all of them, which
-/// may be more than `count`); the rest are bound. Every socket returned is in the store.
+/// Sockets handed back by systemd for `addr` are used first (all of them, which may be more
+/// than `count`); the rest are bound. `name` is for the log; [`keep`] stores them once they
+/// serve.
 pub fn bind_many(
     name: &str,
     addr: SocketAddr,
     count: usize,
 ) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(count);
-    for s in claim(name, addr) {
+    for s in claim(addr, false) {
         if let Handed::Tcp(l) = s {
             l.set_nonblocking(true)?;
             out.push(l);
@@ -165,10 +175,6 @@ pub fn bind_many(
         at = l.local_addr()?;
         out.push(l);
     }
-    // The store keeps what it is given under a name: the old set (handed back, or a listener
-    // this one moves) is forgotten before this one is stored.
-    crate::systemd::forget_fds(name);
-    store(name, &out);
     Ok(out)
 }
 
@@ -176,44 +182,36 @@ pub fn bind_many(
 /// deep backlog.
 pub fn bind(name: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
     let mut sockets = bind_many(name, addr, 1)?;
-    if sockets.len() > 1 {
-        // Only when an earlier version stored several: serve the first, and close the others
-        // (their queued connections are reset) rather than strand them in the store.
-        sockets.truncate(1);
-        crate::systemd::forget_fds(name);
-        store(name, &sockets);
-    }
+    // Several only when an earlier version stored several: serve the first, and close the
+    // others (their queued connections are reset) rather than strand them.
+    sockets.truncate(1);
     let socket = sockets
         .pop()
         .ok_or_else(|| std::io::Error::other("no socket bound"))?;
     TcpListener::from_std(socket)
 }
 
-/// The DNS sockets handed back for `addr` (UDP, TCP), if both were.
+/// The DNS sockets handed back for `addr` (UDP, TCP), if both were; a lone half is closed
+/// (then both are bound afresh).
 pub fn claim_dns(addr: SocketAddr) -> Option<(Vec<std::net::UdpSocket>, std::net::TcpListener)> {
-    let udp: Vec<_> = claim("dns-udp", addr)
+    let udp: Vec<_> = claim(addr, true)
         .into_iter()
         .filter_map(|s| match s {
             Handed::Udp(u) => Some(u),
             Handed::Tcp(_) => None,
         })
         .collect();
-    let tcp = claim("dns-tcp", addr).into_iter().find_map(|s| match s {
-        Handed::Tcp(t) => Some(t),
-        Handed::Udp(_) => None,
-    });
-    match tcp {
-        Some(t) if !udp.is_empty() => Some((udp, t)),
+    let tcp: Vec<_> = claim(addr, false)
+        .into_iter()
+        .filter_map(|s| match s {
+            Handed::Tcp(t) => Some(t),
+            Handed::Udp(_) => None,
+        })
+        .collect();
+    match (udp.is_empty(), tcp.into_iter().next()) {
+        (false, Some(t)) => Some((udp, t)),
         _ => None,
     }
-}
-
-/// Hands the DNS sockets to systemd's store.
-pub fn store_dns(udp: &[std::net::UdpSocket], tcp: &std::net::TcpListener) {
-    crate::systemd::forget_fds("dns-udp");
-    crate::systemd::forget_fds("dns-tcp");
-    store("dns-udp", udp);
-    store("dns-tcp", std::slice::from_ref(tcp));
 }
 
 /// The store name of proxy listener `listener`: `proxy-` and its name, or a hash of it when

@@ -50,6 +50,9 @@ impl std::fmt::Display for Remote {
     }
 }
 
+/// What every request says it is (RFC 8555 §6.1 asks ACME clients for one).
+const USER_AGENT: &str = concat!("lockstep/", env!("CARGO_PKG_VERSION"));
+
 /// Connect timeout.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default limit of a whole request/response exchange (long polls set their own).
@@ -521,7 +524,8 @@ impl HttpClient {
             let mut req = Request::builder()
                 .method(method.clone())
                 .uri(path_and_query)
-                .header(http::header::HOST, format!("{}:{}", t.host, t.port));
+                .header(http::header::HOST, format!("{}:{}", t.host, t.port))
+                .header(http::header::USER_AGENT, USER_AGENT);
             if let Some(token) = &self.token {
                 req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
             }

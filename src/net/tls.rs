@@ -101,9 +101,11 @@ fn covers(names: &[String], name: &str) -> bool {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // A validator offers `acme-tls/1` alone (RFC 8737 §3); a client offering it among
+        // others is an ordinary client.
         let validation = hello
             .alpn()
-            .is_some_and(|mut p| p.any(|p| p == ACME_TLS_ALPN));
+            .is_some_and(|mut p| p.next() == Some(ACME_TLS_ALPN) && p.next().is_none());
         if validation {
             // RFC 8737 §3: only the validation certificate of the name, or no handshake.
             let (_, acme) = self.acme.as_ref()?;

@@ -63,7 +63,7 @@ fn handed_over_sockets_are_served_and_unclaimed_ones_closed() {
         "{log}"
     );
     assert!(
-        log.contains("name=proxy-gone"),
+        log.contains(r#"name="proxy-gone""#),
         "the unclaimed socket is named:\n{log}"
     );
     // The socket nothing claimed is closed: its port refuses.

@@ -219,6 +219,8 @@ fn status(hub: &crate::cli::HubArgs, json: bool, admin: Option<&str>) -> anyhow:
 /// `lockstep agent`.
 fn agent(config: &Path) -> anyhow::Result<()> {
     crate::serve::init_tracing();
+    // Before any thread: the serving socket systemd kept across the restart, if any.
+    crate::net::bind::inherit_from_env();
     let cfg = crate::agent::config::load(config)?;
     fit_descriptors((cfg.max_connections + cfg.fetch_concurrency) as u64);
     runtime(false)?.block_on(crate::agent::run(cfg))

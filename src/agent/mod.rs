@@ -165,14 +165,17 @@ impl Drop for AgentHandle {
     }
 }
 
-/// Starts an agent: binds `config.serve`, then as [`start_on`].
+/// Starts an agent: binds `config.serve` (or takes the socket systemd kept across a restart,
+/// see [`crate::net::bind`]), then as [`start_on`]; the socket then goes to systemd's store,
+/// so the backend refuses nothing while the agent restarts.
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
-    let listener = TcpListener::bind(config.serve)
-        .await
-        .map_err(|source| AgentError::Bind {
+    let listener =
+        crate::net::bind::bind("agent", config.serve).map_err(|source| AgentError::Bind {
             addr: config.serve,
             source,
         })?;
+    crate::net::bind::keep("agent", std::slice::from_ref(&listener));
+    crate::net::bind::release_unclaimed();
     start_on(config, listener, CancellationToken::new()).await
 }
 

@@ -295,9 +295,10 @@ async fn follow(
                     }
                 };
                 let current = state.certificate(listener);
-                if !covers_all(&c.names, &acme.names)
-                    || current.is_some_and(|o| o.not_after >= c.not_after)
-                {
+                let newer = current.is_none_or(|o| {
+                    !covers_all(&o.names, &acme.names) || o.not_after < c.not_after
+                });
+                if !covers_all(&c.names, &acme.names) || !newer {
                     // For other names, or not newer than the one in use (an old copy).
                     continue;
                 }

@@ -1,15 +1,15 @@
 //! Listening sockets: `SO_REUSEADDR`, a deep backlog, and `SO_REUSEPORT` when several worker
 //! runtimes each accept on their own socket of one address — and kept across restarts.
 //!
-//! Every listening socket has a name (`proxy-NAME`, `admin`, `sync`, `dns-udp`, `dns-tcp`).
-//! Once bound it is handed to systemd's file descriptor store under that name
-//! ([`crate::systemd::store_fds`]); at the next start (`systemctl restart`, a package
-//! upgrade) systemd passes the stored sockets back (`LISTEN_FDS`, `LISTEN_FDNAMES`), which
-//! [`inherit_from_env`] takes once, before any thread starts, and the bind functions use
-//! instead of binding when name and address match. The kernel socket never closes, so a
-//! connection made while no process runs waits in the backlog and is served by the new
-//! process: a restart refuses nothing. A stored socket no listener claims is closed and
-//! removed from the store ([`release_unclaimed`]).
+//! Every listening socket has a name (`proxy-NAME`, `admin`, `sync`, `dns-udp`, `dns-tcp`,
+//! `agent`). Once a start or reload commits to it, it is handed to systemd's file descriptor
+//! store under that name ([`keep`], [`crate::systemd::store_fds`]); at the next start
+//! (`systemctl restart`, a package upgrade) systemd passes the stored sockets back
+//! (`LISTEN_FDS`, `LISTEN_FDNAMES`), which [`inherit_from_env`] takes once, before any thread
+//! starts, and the bind functions use instead of binding when the address matches. The kernel
+//! socket never closes, so a connection made while no process runs waits in the backlog and
+//! is served by the new process: a restart refuses nothing. A stored socket no listener
+//! claims is closed and removed from the store ([`release_unclaimed`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

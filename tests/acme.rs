@@ -193,6 +193,26 @@ async fn tls_alpn_01_orders_serves_by_sni_and_renews_at_two_thirds_without_a_rel
         ) >= 2.0
     );
     assert_eq!(app.generation(), 1, "no reload was needed");
+    // The admin API says where it comes from and when it renews (two-thirds in).
+    let (before, after) = lockstep::config::tls::validity(&renewed).unwrap();
+    let due = before + (after - before) * 2 / 3;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let certs = api_certificates(&app).await;
+        let ordered = certs
+            .iter()
+            .find(|c| c["listener"] == "https")
+            .expect("the https certificate");
+        if ordered["acme"]["error"].is_null() && ordered["acme"]["next_order"].as_u64() == Some(due)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "renewal due {due}: {ordered}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let not_after = lockstep::config::tls::not_after(&renewed).unwrap();
     until(
         "the expiry metric follows the renewal",
@@ -479,4 +499,72 @@ async fn with_several_appliances_the_leader_orders_and_the_others_answer_and_ser
     }
     b.shutdown(Duration::from_secs(1)).await;
     a.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The certificates of the admin API (`GET /api/certificates`).
+async fn api_certificates(app: &lockstep::appliance::Appliance) -> Vec<serde_json::Value> {
+    let admin = app.admin_addr().expect("admin listener");
+    let r = get(&h1_client(), admin, "/api/certificates").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    serde_json::from_slice(&r.bytes).expect("JSON")
+}
+
+/// An ACME CA that cannot be reached: the listener still serves (TLS without a certificate
+/// yet refuses handshakes, plain HTTP goes on), and the admin API and status page say why
+/// nothing was issued and when the next try is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_ca_is_shown_with_its_error_and_next_try() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCert::new(dir.path(), "ca.test");
+    let dead = dead_address();
+    let backend = DemoBackend::start("b1").await;
+    let yaml = format!(
+        "listeners:\n  - name: http\n    bind: \"127.0.0.1:0\"\n  - name: https\n    bind: \"127.0.0.1:0\"\n    tls:\n      acme:\n        directory: \"https://{}/dir\"\n        ca: \"{}\"\n        store: \"{}\"\n\
+         routes:\n  - {{ host: www.farm.test, pool: www }}\n\
+         pools:\n  - name: www\n    backends:\n{}\
+         admin:\n  bind: \"127.0.0.1:0\"\n",
+        dead.addr,
+        ca.cert_path.display(),
+        dir.path().join("acme").display(),
+        backend.yaml()
+    );
+    let app = start(&yaml).await;
+    let mut last = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        last = api_certificates(&app).await;
+        let failed = last.iter().any(|c| {
+            c["listener"] == "https"
+                && c["acme"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("ACME CA"))
+        });
+        if failed {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ACME error shown: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let c = last.iter().find(|c| c["listener"] == "https").unwrap();
+    assert_eq!(c["certificate"], "ACME: not issued yet");
+    assert_eq!(c["names"], serde_json::json!(["www.farm.test"]));
+    assert!(c["not_after"].is_null());
+    // The next try backs off a minute.
+    let now = lockstep::sync::clock::wall_us() / 1_000_000;
+    let next = c["acme"]["next_order"].as_u64().unwrap();
+    assert!(
+        (now + 50..=now + 61).contains(&next),
+        "next try at {next}, now {now}"
+    );
+    assert_eq!(
+        series(
+            &app,
+            r#"lockstep_acme_orders_total{listener="https",result="error"}"#
+        ),
+        1.0
+    );
+    app.shutdown(Duration::from_secs(1)).await;
 }

@@ -195,23 +195,27 @@ async fn run(
                             warn!(listener = %w.listener, error = %e, "the other appliances did not get the certificate; they keep theirs until the next renewal");
                         }
                     }
-                    "ok"
+                    ("ok", None)
                 }
                 Err(e) => {
                     w.failures += 1;
                     let wait = backoff(w.failures);
                     warn!(listener = %w.listener, directory = %w.acme.directory, error = %e, retry_in = ?wait, "ACME order failed");
                     w.due = now() + wait.as_secs();
-                    "error"
+                    ("error", Some(e.to_string()))
                 }
             };
             metrics
                 .acme_orders
                 .get_or_create(&AcmeLabels {
                     listener: w.listener.clone(),
-                    result: outcome.into(),
+                    result: outcome.0.into(),
                 })
                 .inc();
+            state.set_error(&w.listener, outcome.1);
+        }
+        for w in &wanted {
+            state.set_next_order(&w.listener, w.due);
         }
         let next = wanted.iter().map(|w| w.due).min().unwrap_or(u64::MAX);
         let sleep = Duration::from_secs(next.saturating_sub(now())).min(MAX_SLEEP);

@@ -9,7 +9,7 @@
 //! | `POST /api/pools/{pool}/backends/{name}/drain` | no new requests and no DNS answers for it; in-flight requests finish |
 //! | `POST /api/pools/{pool}/backends/{name}/enable` | back in rotation |
 //! | `GET /api/history` | the last 15 minutes ([`super::history`]): per pool and backend requests per second, 5xx share, p50/p99 latency; DNS answers per second; rate-limit refusals; queue depth; the last 50 flips' skew |
-//! | `GET /api/certificates` | every TLS listener's certificates: names, notAfter |
+//! | `GET /api/certificates` | every TLS listener's certificates: names, notAfter, ACME status |
 //! | `GET /api/config` | the YAML the running generation was loaded from (lockstep configs hold no secrets inline: tokens and keys are files, named by path) |
 //!
 //! Requests that change state are accepted from loopback addresses, and from the networks in
@@ -32,7 +32,9 @@ use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 
-use super::view::{AgentsView, BackendView, CertView, DnsView, DrainReply, PoolView, PoolsView};
+use super::view::{
+    AcmeView, AgentsView, BackendView, CertView, DnsView, DrainReply, PoolView, PoolsView,
+};
 use crate::hub::fleet::last_flip_skew;
 use crate::hub::Hub;
 use crate::live::Live;
@@ -167,15 +169,48 @@ pub fn route(
 
 /// `GET /api/certificates`: every TLS listener's certificates and when they expire.
 pub fn certificates(live: &Live) -> Vec<CertView> {
-    live.certificates()
+    let acme_view = |listener: &str| {
+        let s = live.acme.status(listener);
+        AcmeView {
+            error: s.as_ref().and_then(|s| s.error.clone()),
+            next_order: s.map(|s| s.next_order),
+        }
+    };
+    let mut out: Vec<CertView> = live
+        .certificates()
         .into_iter()
-        .map(|(listener, certificate, c)| CertView {
-            listener,
-            certificate,
-            names: c.names.clone(),
-            not_after: c.not_after,
+        .map(|(listener, certificate, c)| {
+            // The ordered certificate of an ACME listener says how ordering goes.
+            let ordered = live
+                .acme
+                .certificate(&listener)
+                .is_some_and(|o| std::sync::Arc::ptr_eq(&o, &c));
+            CertView {
+                acme: ordered.then(|| acme_view(&listener)),
+                listener,
+                certificate,
+                names: c.names.clone(),
+                not_after: c.not_after,
+            }
         })
-        .collect()
+        .collect();
+    // An ACME listener without its certificate yet: its names, and why not.
+    for l in &live.config.listeners {
+        if let Some(a) = l
+            .acme
+            .as_ref()
+            .filter(|_| live.acme.certificate(&l.name).is_none())
+        {
+            out.push(CertView {
+                listener: l.name.clone(),
+                certificate: "ACME: not issued yet".into(),
+                names: a.names.clone(),
+                not_after: None,
+                acme: Some(acme_view(&l.name)),
+            });
+        }
+    }
+    out
 }
 
 /// `GET /api/pools`.

@@ -92,6 +92,19 @@ pub struct CertView {
     pub names: Vec<String>,
     /// Its notAfter, seconds since the epoch.
     pub not_after: Option<u64>,
+    /// For a listener with `tls.acme`: how ordering goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeView>,
+}
+
+/// How ordering a listener's ACME certificate goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeView {
+    /// Why the last order failed (none after one that succeeded).
+    pub error: Option<String>,
+    /// When the next order is due (the renewal, or the retry after a failure), seconds since
+    /// the epoch; none before the ordering task has looked.
+    pub next_order: Option<u64>,
 }
 
 /// `GET /api/dns`.

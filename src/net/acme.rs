@@ -31,6 +31,17 @@ pub struct AcmeState {
     http01: Mutex<HashMap<String, String>>,
     /// TLS-ALPN-01: name → its validation certificate.
     alpn01: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    /// How ordering goes, by listener, for the admin API.
+    status: Mutex<HashMap<String, Ordering>>,
+}
+
+/// How ordering a listener's certificate goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ordering {
+    /// Why the last order failed (cleared by one that succeeds).
+    pub error: Option<String>,
+    /// When the next order is due, seconds since the epoch.
+    pub next_order: u64,
 }
 
 impl std::fmt::Debug for AcmeState {
@@ -90,6 +101,27 @@ impl AcmeState {
     /// Stops offering a validation certificate for `name`.
     pub fn clear_alpn01(&self, name: &str) {
         locked(&self.alpn01).remove(name);
+    }
+
+    /// Records why the last order for `listener` failed (`None`: it succeeded).
+    pub fn set_error(&self, listener: &str, error: Option<String>) {
+        locked(&self.status)
+            .entry(listener.to_string())
+            .or_default()
+            .error = error;
+    }
+
+    /// Records when the next order for `listener` is due.
+    pub fn set_next_order(&self, listener: &str, at: u64) {
+        locked(&self.status)
+            .entry(listener.to_string())
+            .or_default()
+            .next_order = at;
+    }
+
+    /// How ordering for `listener` goes, once the ordering task has looked at it.
+    pub fn status(&self, listener: &str) -> Option<Ordering> {
+        locked(&self.status).get(listener).cloned()
     }
 
     /// The TLS-ALPN-01 validation certificate of `name`, while its order is open.

@@ -184,6 +184,16 @@ fn days(n: i64) -> time::Duration {
     time::Duration::days(n)
 }
 
+/// Makes `dir` (and its parents) if missing, the last 0700: a directory of secrets.
+pub fn private_dir(dir: &Path) -> Result<(), CaError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))
+}
+
 /// Writes `bytes` to `path` through a temporary file (`path` + `.tmp.PID`, removed if
 /// anything fails) and a rename, with `mode`.
 pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
@@ -282,14 +292,7 @@ impl Ca {
         if dir.join("ca.key").exists() {
             return Err(CaError::Exists(dir.to_path_buf()));
         }
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io(dir))?;
-        }
+        private_dir(dir)?;
         let key = KeyPair::generate_for(&PKCS_ED25519)?;
         let mut params = ca_params(farm);
         params.not_before = now() - days(1);

@@ -24,6 +24,11 @@ struct Ports {
 }
 
 impl Ports {
+    /// Pebble on these ports, validating at the appliance's, resolving through its DNS.
+    fn pebble(&self, dir: &Path, validity: Duration) -> Pebble {
+        Pebble::start(dir, self.pebble, self.http, self.https, self.dns, validity)
+    }
+
     fn free() -> Ports {
         let base = free_ports(5);
         Ports {
@@ -129,14 +134,7 @@ async fn tls_alpn_01_orders_serves_by_sni_and_renews_at_two_thirds_without_a_rel
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::free();
     // A 24 s lifetime: renewed 16 s after it starts.
-    let pebble = Pebble::start(
-        dir.path(),
-        ports.pebble,
-        ports.http,
-        ports.https,
-        ports.dns,
-        Duration::from_secs(24),
-    );
+    let pebble = ports.pebble(dir.path(), Duration::from_secs(24));
     let backend = DemoBackend::start("b1").await;
     let store = dir.path().join("acme");
     let app = start(&yaml(
@@ -238,13 +236,7 @@ async fn tls_alpn_01_orders_serves_by_sni_and_renews_at_two_thirds_without_a_rel
 /// A TLS handshake offering only ALPN `acme-tls/1`, trusting anything (as a validator does).
 async fn validation_handshake(addr: SocketAddr, sni: &str) -> Result<(), String> {
     use std::sync::Arc;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert))
-        .with_no_client_auth();
+    let mut cfg = Arc::unwrap_or_clone(lockstep::net::tls::client_config_unverified());
     cfg.alpn_protocols = vec![b"acme-tls/1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
@@ -257,55 +249,11 @@ async fn validation_handshake(addr: SocketAddr, sni: &str) -> Result<(), String>
         .map_err(|e| e.to_string())
 }
 
-#[derive(Debug)]
-struct AnyCert;
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &[rustls_pki_types::CertificateDer<'_>],
-        _: &rustls_pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_01_orders_on_the_plain_listener_and_a_restart_reuses_the_kept_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports::free();
-    let pebble = Pebble::start(
-        dir.path(),
-        ports.pebble,
-        ports.http,
-        ports.https,
-        ports.dns,
-        Duration::from_secs(90 * 86_400),
-    );
+    let pebble = ports.pebble(dir.path(), Duration::from_secs(90 * 86_400));
     let backend = DemoBackend::start("b1").await;
     let store = dir.path().join("acme");
     let config = yaml(&ports, &pebble, "http-01", &store, &backend.yaml());
@@ -412,18 +360,10 @@ fn check_refuses_what_acme_cannot_order_naming_line_and_fix() {
 /// to its own store, without ordering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_several_appliances_the_leader_orders_and_the_others_answer_and_serve() {
-    use lockstep::sync::store::HubStore;
     let dir = tempfile::tempdir().unwrap();
     let etcd = common::etcd::Etcd::start(1);
     let ports = Ports::free();
-    let pebble = Pebble::start(
-        dir.path(),
-        ports.pebble,
-        ports.http,
-        ports.https,
-        ports.dns,
-        Duration::from_secs(90 * 86_400),
-    );
+    let pebble = ports.pebble(dir.path(), Duration::from_secs(90 * 86_400));
     let backend = DemoBackend::start("b1").await;
     let appliance = |ip: &str, name: &str, dns: bool| {
         let store = dir.path().join(format!("acme-{name}"));
@@ -529,10 +469,9 @@ async fn an_unreachable_ca_is_shown_with_its_error_and_next_try() {
         backend.yaml()
     );
     let app = start(&yaml).await;
-    let mut last = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        last = api_certificates(&app).await;
+    let last = loop {
+        let last = api_certificates(&app).await;
         let failed = last.iter().any(|c| {
             c["listener"] == "https"
                 && c["acme"]["error"]
@@ -540,14 +479,14 @@ async fn an_unreachable_ca_is_shown_with_its_error_and_next_try() {
                     .is_some_and(|e| e.contains("ACME CA"))
         });
         if failed {
-            break;
+            break last;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "no ACME error shown: {last:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
     let c = last.iter().find(|c| c["listener"] == "https").unwrap();
     assert_eq!(c["certificate"], "ACME: not issued yet");
     assert_eq!(c["names"], serde_json::json!(["www.farm.test"]));

@@ -411,12 +411,7 @@ fn kept(acme: &Acme, listener: &str) -> Option<LoadedCert> {
 
 /// The store directory, made 0700 if missing.
 fn open_store(store: &Path) -> Result<(), OrderError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(store)
-        .map_err(|e| OrderError::Store(format!("cannot make {}: {e}", store.display())))
+    crate::ca::private_dir(store).map_err(|e| OrderError::Store(e.to_string()))
 }
 
 fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), OrderError> {

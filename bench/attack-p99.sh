@@ -12,7 +12,13 @@
 # with its connections still open and wrk runs a third time (the cost of the held connections
 # alone, without the attacker's traffic). IDLE defaults to 7000: the HAProxy peer's maxconn is
 # 8000. Its `timeout client` (30 s) closes idle connections, so SETTLE + 2 runs + 1 s stay under it.
-# Env: ROUNDS (3), IDLE (7000), SLOW (500), SETTLE (5), DURATION (8s), CONNS (64).
+# ATTACK=all attacks, beside the proxy listener, two control listeners of the same process at
+# once, each with a connection cap, as bench/soak.sh's phase B does (the agent's listener, on
+# another machine in a farm, is left out): lockstep's admin (cap 64) and sync hub (cap 2048)
+# listeners, and two frontends of an HAProxy started with this script's own configuration (the
+# peer's, plus `tcp-request connection reject` at 64 and 2048 connections, as lockstep refuses
+# at its caps; global maxconn raised to 9900, what the 20 000 descriptors allow).
+# Env: ROUNDS (3), IDLE (7000), SLOW (500), SETTLE (5), DURATION (8s), CONNS (64), ATTACK (proxy).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -23,6 +29,7 @@ slow=${SLOW:-500}
 settle=${SETTLE:-5}
 duration=${DURATION:-8s}
 conns=${CONNS:-64}
+attack=${ATTACK:-proxy}
 export PEER_RUN=${PEER_RUN:-/tmp/lockstep-peers}
 
 need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
@@ -31,15 +38,17 @@ need python3 python3
 need taskset util-linux
 
 (cd "$root" && cargo build --release --quiet)
-bin=$root/target/release/lockstep
+bin=${BIN:-$root/target/release/lockstep}
 ulimit -n "$(ulimit -Hn)"
 last_cpu=$(( $(nproc) - 1 ))
 load() { taskset -c "$last_cpu" "$@"; }
 
 dir=$(mktemp -d)
 serve_pid=""
+haproxy_pid=""
 cleanup() {
   [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null || true
+  [ -n "$haproxy_pid" ] && kill "$haproxy_pid" 2>/dev/null || true
   "$peer" stop haproxy >/dev/null 2>&1 || true
   "$peer" stop backends >/dev/null 2>&1 || true
   rm -rf "$dir"
@@ -51,8 +60,44 @@ for m in $(pgrep -f "nginx -c $PEER_RUN/backends.nginx.conf"); do
   for p in "$m" $(pgrep -P "$m"); do taskset -a -p -c "$last_cpu" "$p" >/dev/null 2>&1 || true; done
 done
 "$peer" stop haproxy >/dev/null 2>&1 || true
-WORKERS=1 "$peer" start haproxy >/dev/null
-taskset -a -p -c 0 "$(cat "$PEER_RUN/haproxy.pid")" >/dev/null
+haproxy_pid=""
+if [ "$attack" = all ]; then
+  need haproxy haproxy
+  cat > "$dir/haproxy.cfg" <<EOT
+global
+  nbthread 1
+  maxconn 9900
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  option forwardfor
+frontend fe
+  bind 127.0.0.1:8092
+  default_backend farm
+frontend admin
+  bind 127.0.0.1:8097
+  tcp-request connection reject if { fe_conn gt 64 }
+  http-request return status 200 content-type text/plain string "ok"
+frontend sync
+  bind 127.0.0.1:8098
+  tcp-request connection reject if { fe_conn gt 2048 }
+  http-request return status 200 content-type text/plain string "ok"
+backend farm
+  balance roundrobin
+  http-reuse always
+  server b1 127.0.0.1:9101
+  server b2 127.0.0.1:9102
+EOT
+  taskset -c 0 haproxy -db -f "$dir/haproxy.cfg" >"$dir/haproxy.log" 2>&1 &
+  haproxy_pid=$!
+  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/8098) 2>/dev/null && break; sleep 0.1; done
+else
+  WORKERS=1 "$peer" start haproxy >/dev/null
+  taskset -a -p -c 0 "$(cat "$PEER_RUN/haproxy.pid")" >/dev/null
+fi
 
 cat > "$dir/lockstep.yaml" <<EOT
 listeners:
@@ -67,6 +112,22 @@ pools:
       - { name: b2, address: "127.0.0.1:9102" }
     health: { path: /healthz, interval: 2s, timeout: 1s }
 EOT
+if [ "$attack" = all ]; then
+  head -c 32 /dev/urandom | base64 > "$dir/agent.token"
+  head -c 32 /dev/urandom | base64 > "$dir/publish.token"
+  chmod 600 "$dir"/*.token
+  cat >> "$dir/lockstep.yaml" <<EOT
+sync:
+  bind: "127.0.0.1:7790"
+  store: hub
+  agent_token_file: agent.token
+  publish_token_file: publish.token
+  max_connections: 2048
+admin:
+  bind: "127.0.0.1:9994"
+  max_connections: 64
+EOT
+fi
 (cd "$dir" && RUST_LOG=warn exec taskset -c 0 "$bin" serve -c lockstep.yaml --workers 1 2>serve.log) &
 serve_pid=$!
 for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/8190) 2>/dev/null && break; sleep 0.1; done
@@ -80,14 +141,21 @@ for port in 8190 8092; do load wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port/"
 for r in $(seq "$rounds"); do
   for port in 8190 8092; do
     u=$(p99 "$port")
-    # Not through `load` (a function): $! must be the attacker itself, for SIGSTOP.
-    taskset -c "$last_cpu" nice -n 19 python3 "$here/soak.py" "$port" "$idle" "$slow" 0 120 > "$dir/soak.json" &
-    attacker=$!
+    targets=("$port")
+    if [ "$attack" = all ]; then
+      if [ "$port" = 8190 ]; then targets+=(9994 7790); else targets+=(8097 8098); fi
+    fi
+    attackers=()
+    for t in "${targets[@]}"; do
+      # Not through `load` (a function): $! must be the attacker itself, for SIGSTOP.
+      taskset -c "$last_cpu" nice -n 19 python3 "$here/soak.py" "$t" "$idle" "$slow" 0 120 > "$dir/soak.$t.json" &
+      attackers+=($!)
+    done
     sleep "$settle"
     a=$(p99 "$port")
-    kill -STOP "$attacker"; sleep 1
+    kill -STOP "${attackers[@]}"; sleep 1
     s=$(p99 "$port")
-    kill -CONT "$attacker"; kill "$attacker"; wait "$attacker" 2>/dev/null || true
+    kill -CONT "${attackers[@]}"; kill "${attackers[@]}"; wait "${attackers[@]}" 2>/dev/null || true
     echo "$port $u $a $s" >> "$dir/rows"
     sleep 3
   done
@@ -96,7 +164,13 @@ done
 echo "### p99 under attack, side by side ($(date -u +%F), $(nproc) cores, lockstep $(cd "$root" && git rev-parse --short HEAD), command: bench/attack-p99.sh)"
 echo
 echo "Each proxy one worker on core 0; backends, wrk (-t1 -c$conns -d$duration) and the attacker"
-echo "(nice 19) on core $last_cpu. Attack: $idle idle keep-alive + $slow slowloris connections."
+echo "(nice 19) on core $last_cpu. Attack: $idle idle keep-alive + $slow slowloris connections"
+if [ "$attack" = all ]; then
+  echo "against the proxy listener and as many against each of two capped control listeners (lockstep:"
+  echo "admin, cap 64, and sync, cap 2048; HAProxy: two frontends rejecting above 64 and 2048)."
+else
+  echo "against the proxy listener."
+fi
 echo "$rounds interleaved rounds; medians (each round's figures in brackets)."
 echo
 echo "| proxy | p99 unloaded (ms) | p99 under attack (ms) | ratio | p99 with the attacker paused, connections held (ms) | ratio |"

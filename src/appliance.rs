@@ -129,6 +129,31 @@ pub struct Appliance {
     history: admin::history::History,
     generation: u64,
     workers: Vec<Handle>,
+    /// Where the admin and sync APIs run (see [`Runtimes`]).
+    control: Handle,
+}
+
+/// The runtimes an appliance serves on. The proxy's connections go to `workers`; the admin
+/// API and the sync hub to `control`, a thread of its own at a lower scheduling priority in
+/// `lockstep serve`, so that a flood of connections on those listeners (each refused at its
+/// cap, or a TLS handshake that fails) takes the core from the control plane and not from
+/// the proxy (BENCHMARKS.md, issue 15's phase B); DNS, health checks and reloads stay on the
+/// runtime that starts the appliance.
+pub struct Runtimes {
+    /// One single-threaded runtime per proxy worker thread.
+    pub workers: Vec<Handle>,
+    /// The control plane's runtime.
+    pub control: Handle,
+}
+
+impl Runtimes {
+    /// Everything on the current runtime (tests, the demo).
+    pub fn current() -> Runtimes {
+        Runtimes {
+            workers: vec![Handle::current()],
+            control: Handle::current(),
+        }
+    }
 }
 
 /// The hub's store, and the other hubs when it shares the farm with them.
@@ -203,17 +228,15 @@ type Bound = (String, Vec<std::net::TcpListener>);
 impl Appliance {
     /// Binds everything `config` asks for and starts serving on the current runtime.
     pub async fn start(config: Config) -> Result<Appliance, ApplianceError> {
-        Appliance::start_on(config, vec![Handle::current()]).await
+        Appliance::start_on(config, Runtimes::current()).await
     }
 
-    /// Like [`Appliance::start`], with the proxy's connections served by `workers`: one
-    /// single-threaded runtime per thread, each accepting on its own `SO_REUSEPORT` socket
-    /// (thread per core, as nginx runs a process per core). Admin, health checks, reloads
-    /// and DNS stay on the current runtime.
-    pub async fn start_on(
-        config: Config,
-        workers: Vec<Handle>,
-    ) -> Result<Appliance, ApplianceError> {
+    /// Like [`Appliance::start`], on `runtimes`: the proxy's connections served by its
+    /// workers, one single-threaded runtime per thread, each accepting on its own
+    /// `SO_REUSEPORT` socket (thread per core, as nginx runs a process per core); the admin
+    /// and sync APIs on its control runtime.
+    pub async fn start_on(config: Config, runtimes: Runtimes) -> Result<Appliance, ApplianceError> {
+        let Runtimes { workers, control } = runtimes;
         let workers = if workers.is_empty() {
             vec![Handle::current()]
         } else {
@@ -253,6 +276,7 @@ impl Appliance {
             ))),
             generation: 1,
             workers,
+            control,
         };
         let bound = app.bind_new(&config)?;
         // Bound before anything starts, so a taken port fails the start cleanly.
@@ -293,6 +317,11 @@ impl Appliance {
             app.shutdown.clone(),
         ));
         Ok(app)
+    }
+
+    /// Runs `task` on the control runtime, tracked for shutdown.
+    fn on_control(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.control.spawn(self.tracker.track_future(task));
     }
 
     /// Backends drained on any appliance of the farm (`sync.cluster`) are drained here too.
@@ -349,7 +378,7 @@ impl Appliance {
             .as_ref()
             .map(|t| ServerTls::only(sync_server_config(t)));
         self.sync_tls = tls.clone();
-        self.tracker.spawn(hub::api::serve(
+        self.on_control(hub::api::serve(
             socket,
             tls,
             Cap::new(config.max_connections, gate(&self.metrics.sync_connections)),
@@ -357,10 +386,8 @@ impl Appliance {
             self.shutdown.child_token(),
             self.tracker.clone(),
         ));
-        self.tracker
-            .spawn(hub.clone().run(self.shutdown.child_token()));
-        self.tracker
-            .spawn(hub.clone().run_gc(self.shutdown.child_token()));
+        self.on_control(hub.clone().run(self.shutdown.child_token()));
+        self.on_control(hub.clone().run_gc(self.shutdown.child_token()));
         let (live, mut behind, stop) = (self.live.clone(), hub.behind(), self.shutdown.clone());
         self.tracker.spawn(async move {
             loop {
@@ -460,7 +487,7 @@ impl Appliance {
             self.live.load().config.admin.max_connections,
             gate(&self.metrics.admin_connections),
         );
-        self.tracker.spawn(admin::serve(
+        self.on_control(admin::serve(
             socket,
             cap,
             state,

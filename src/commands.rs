@@ -111,12 +111,21 @@ fn serve(config: &Path, workers: Option<usize>, drain: std::time::Duration) -> a
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
     let main = runtime(false)?;
-    let handles = if count == 1 {
+    let workers = if count == 1 {
         vec![main.handle().clone()]
     } else {
         worker_runtimes(count)?
     };
-    main.block_on(crate::serve::run(config.to_path_buf(), cfg, drain, handles))
+    let runtimes = crate::appliance::Runtimes {
+        workers,
+        control: control_runtime()?,
+    };
+    main.block_on(crate::serve::run(
+        config.to_path_buf(),
+        cfg,
+        drain,
+        runtimes,
+    ))
 }
 
 /// `lockstep reload`: asks the running appliance over its admin socket, waits for the outcome.
@@ -416,6 +425,35 @@ fn worker_runtimes(count: usize) -> anyhow::Result<Vec<tokio::runtime::Handle>> 
             Ok(handle)
         })
         .collect()
+}
+
+/// How much lower the control plane's thread runs than the proxy's (added to the nice value:
+/// the kernel weighs a thread at nice 10 about a tenth of one at 0). Under contention for a core
+/// the proxy's workers get it first, while the admin API and the hub's cycle still get their
+/// share: they never stop, they only yield.
+const CONTROL_NICE: i32 = 10;
+
+/// Starts the control plane's thread (see [`crate::appliance::Runtimes`]): a single-threaded
+/// runtime [`CONTROL_NICE`] below the process (a per-thread value on Linux; lowering one's own
+/// priority needs no privilege), running until the process exits.
+fn control_runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    let rt = runtime(false).context("cannot start the control runtime")?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("lockstep-control".to_string())
+        .spawn(move || {
+            // `None`: the calling thread (Linux applies setpriority per thread); relative to
+            // the priority the process was started with (a unit's `Nice=`).
+            let lower = rustix::process::getpriority_process(None).and_then(|base| {
+                rustix::process::setpriority_process(None, (base + CONTROL_NICE).min(19))
+            });
+            if let Err(e) = lower {
+                tracing::warn!(error = %e, "the control plane runs at the proxy's priority");
+            }
+            rt.block_on(std::future::pending::<()>())
+        })
+        .context("cannot start the control thread")?;
+    Ok(handle)
 }
 
 /// A single-threaded runtime (the main loop, each worker, the reload client) or, for the

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info};
 
 use crate::admin::reload;
-use crate::appliance::{Appliance, ReloadFailure};
+use crate::appliance::{Appliance, ReloadFailure, Runtimes};
 use crate::config::Config;
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
@@ -33,15 +33,15 @@ pub fn init_tracing() {
     };
 }
 
-/// Runs until SIGTERM/SIGINT, serving connections on `workers` (see [`Appliance::start_on`]).
+/// Runs until SIGTERM/SIGINT, serving on `runtimes` (see [`Appliance::start_on`]).
 pub async fn run(
     path: PathBuf,
     cfg: Config,
     drain: Duration,
-    workers: Vec<tokio::runtime::Handle>,
+    runtimes: Runtimes,
 ) -> anyhow::Result<()> {
     let socket_path = cfg.admin.socket.clone();
-    let mut app = Appliance::start_on(cfg, workers).await?;
+    let mut app = Appliance::start_on(cfg, runtimes).await?;
     // Stored sockets of listeners gone from the config while the appliance was down.
     crate::net::bind::release_unclaimed();
     let (tx, mut rx) = mpsc::channel::<reload::ReloadRequest>(4);

@@ -109,7 +109,11 @@ async fn the_cap_is_shared_by_every_worker_accepting_on_the_listener() {
     let web = DemoBackend::start("web-1").await;
     let cfg = config(&farm_yaml_with("    max_connections: 2\n", &web.yaml(), ""));
     let handles = workers.iter().map(|r| r.handle().clone()).collect();
-    let app = lockstep::appliance::Appliance::start_on(cfg, handles)
+    let runtimes = lockstep::appliance::Runtimes {
+        workers: handles,
+        control: tokio::runtime::Handle::current(),
+    };
+    let app = lockstep::appliance::Appliance::start_on(cfg, runtimes)
         .await
         .expect("appliance starts");
     let addr = proxy_addr(&app);

@@ -600,6 +600,47 @@ fn sigterm_exits_0_promptly_and_removes_the_reload_socket() {
     );
 }
 
+/// The admin API (and the sync hub) run on `lockstep-control`, a thread at nice 10, so that a
+/// flood on those listeners yields the core to the proxy (ARCHITECTURE.md, Threads); the
+/// threads serving the proxy stay at the priority the process was started with.
+#[test]
+fn serve_runs_the_control_plane_on_a_thread_of_lower_priority() {
+    let backends = DemoBackends::start(&["web-1", "web-2"]);
+    let server = Server::start(&farm_yaml(&backends, "one"));
+    let pid = server.proc.child.id();
+    // (thread name, nice) of every thread: /proc/PID/task/TID/stat's 19th field is the nice
+    // value; the name is between the parentheses (it may hold spaces, not parentheses here).
+    let threads: Vec<(String, i64)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the process's threads")
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap();
+            let (head, rest) = stat.rsplit_once(") ").expect("stat format");
+            let name = head.split_once(" (").expect("stat format").1.to_string();
+            let nice = rest
+                .split(' ')
+                .nth(16)
+                .expect("nice field")
+                .parse()
+                .unwrap();
+            (name, nice)
+        })
+        .collect();
+    let own = |name: &str| threads.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+    let main = own("lockstep").expect("the main thread");
+    assert_eq!(
+        own("lockstep-contro"),
+        Some(main + 10),
+        "the control thread at nice {} (main thread {main}): {threads:?}",
+        main + 10
+    );
+    assert_eq!(backend_behind(server.proxy), "web-1");
+    let r = request(server.admin, "GET", "/healthz", None, b"").unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the admin API answers from the control thread"
+    );
+}
+
 #[test]
 fn serve_with_a_bad_config_exits_2_with_the_problem() {
     let dir = tempfile::tempdir().unwrap();

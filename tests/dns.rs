@@ -537,7 +537,11 @@ async fn dns_answers_when_the_appliance_runs_on_worker_runtimes() {
         .collect();
     let backends =
         "      - { name: web-1, address: \"127.0.0.1:9\", dns_address: \"192.0.2.11\" }\n";
-    let app = Appliance::start_on(common::config(&dns_yaml(backends, "", "")), workers)
+    let runtimes = lockstep::appliance::Runtimes {
+        workers,
+        control: tokio::runtime::Handle::current(),
+    };
+    let app = Appliance::start_on(common::config(&dns_yaml(backends, "", "")), runtimes)
         .await
         .expect("start on two workers");
     let addr = dns_addr(&app);

@@ -1124,31 +1124,43 @@ async fn slow_request_head_is_cut_off_by_header_read_timeout() {
 // Several worker runtimes
 // ---------------------------------------------------------------------------------------
 
+/// Proxy on two worker runtimes, admin API on a control runtime of its own (as `lockstep
+/// serve` runs them): both serve, a reload reaches the workers, a shutdown stops all three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_runtimes_share_the_listener_and_survive_a_reload() {
-    let workers: Vec<tokio::runtime::Handle> = (0..2)
+    let mut workers: Vec<tokio::runtime::Handle> = (0..3)
         .map(|_| {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .expect("worker runtime");
+                .expect("runtime");
             let handle = rt.handle().clone();
             std::thread::spawn(move || rt.block_on(std::future::pending::<()>()));
             handle
         })
         .collect();
+    let control = workers.pop().expect("three runtimes");
     let web1 = DemoBackend::start("web-1").await;
     let web2 = DemoBackend::start("web-2").await;
-    let mut app =
-        lockstep::appliance::Appliance::start_on(config(&farm_yaml(&web1.yaml(), "")), workers)
-            .await
-            .expect("start on two workers");
+    let mut app = lockstep::appliance::Appliance::start_on(
+        config(&farm_yaml(&web1.yaml(), "")),
+        lockstep::appliance::Runtimes { workers, control },
+    )
+    .await
+    .expect("start on two workers");
     let addr = proxy_addr(&app);
     // Fresh connections each time, so both SO_REUSEPORT sockets take some.
     for _ in 0..20 {
         let r = get(&h1_client(), addr, "/").await;
         assert_eq!(r.status, StatusCode::OK, "{r:?}");
     }
+    let admin = app.admin_addr().expect("admin listener");
+    let r = get(&h1_client(), admin, "/healthz").await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "admin on the control runtime: {r:?}"
+    );
     app.reload(config(&farm_yaml(&web2.yaml(), "")))
         .expect("reload");
     let counts = tally(&h1_client(), addr, 20).await;
@@ -1157,6 +1169,10 @@ async fn worker_runtimes_share_the_listener_and_survive_a_reload() {
     assert!(
         refuses(addr).await,
         "a worker kept accepting after shutdown"
+    );
+    assert!(
+        refuses(admin).await,
+        "the control runtime kept accepting after shutdown"
     );
 }
 

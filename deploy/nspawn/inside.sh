@@ -47,6 +47,11 @@ systemctl enable --now lockstep.service lockstep-agent.service
 systemctl is-active lockstep.service lockstep-agent.service
 systemctl show -p StatusText lockstep.service lockstep-agent.service
 ps -o user=,comm= -C lockstep | grep -v '^lockstep ' && fail "a lockstep process runs as another user"
+# The control plane's thread runs at nice +10 (the unit's system-call filter lets it lower itself).
+main_pid=$(systemctl show -p MainPID --value lockstep.service)
+ps -L -o comm=,nice= -p "$main_pid"
+ps -L -o comm=,nice= -p "$main_pid" | awk '$1 == "lockstep-contro" && $2 == 10 {ok=1} END {exit !ok}' \
+  || fail "the control thread does not run at nice 10 under the unit"
 
 step "dig answers for www.farm.test, authoritatively"
 dig @127.0.0.1 www.farm.test +norec

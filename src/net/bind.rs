@@ -32,6 +32,20 @@ impl Handed {
             Handed::Udp(s) => s.local_addr(),
         }
     }
+
+    fn into_tcp(self) -> Option<std::net::TcpListener> {
+        match self {
+            Handed::Tcp(s) => Some(s),
+            Handed::Udp(_) => None,
+        }
+    }
+
+    fn into_udp(self) -> Option<std::net::UdpSocket> {
+        match self {
+            Handed::Udp(s) => Some(s),
+            Handed::Tcp(_) => None,
+        }
+    }
 }
 
 /// The sockets handed back at start and not claimed yet, by name.
@@ -142,11 +156,9 @@ pub fn bind_many(
     count: usize,
 ) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(count);
-    for s in claim(addr, false) {
-        if let Handed::Tcp(l) = s {
-            l.set_nonblocking(true)?;
-            out.push(l);
-        }
+    for l in claim(addr, false).into_iter().filter_map(Handed::into_tcp) {
+        l.set_nonblocking(true)?;
+        out.push(l);
     }
     let inherited = !out.is_empty();
     let reuseport = count > 1 || inherited;
@@ -196,19 +208,10 @@ pub fn bind(name: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub fn claim_dns(addr: SocketAddr) -> Option<(Vec<std::net::UdpSocket>, std::net::TcpListener)> {
     let udp: Vec<_> = claim(addr, true)
         .into_iter()
-        .filter_map(|s| match s {
-            Handed::Udp(u) => Some(u),
-            Handed::Tcp(_) => None,
-        })
+        .filter_map(Handed::into_udp)
         .collect();
-    let tcp: Vec<_> = claim(addr, false)
-        .into_iter()
-        .filter_map(|s| match s {
-            Handed::Tcp(t) => Some(t),
-            Handed::Udp(_) => None,
-        })
-        .collect();
-    match (udp.is_empty(), tcp.into_iter().next()) {
+    let tcp = claim(addr, false).into_iter().find_map(Handed::into_tcp);
+    match (udp.is_empty(), tcp) {
         (false, Some(t)) => Some((udp, t)),
         _ => None,
     }

@@ -5,7 +5,8 @@
 //! admitted connection holds a [`Permit`] that gives its place back when dropped, whether the
 //! connection ended, its task was dropped, or an upgraded tunnel it turned into closed. A
 //! connection over the cap is closed at once (not left in the kernel's backlog, where it
-//! would wait without a timeout) and counted in `refused`.
+//! would wait without a timeout) and counted in `refused`; the accept loop paces those
+//! refusals when a flood is far over the cap ([`super::accept::RefusalPace`]).
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;

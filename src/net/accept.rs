@@ -20,6 +20,8 @@
 //! connection is still counted: refused by the metric, dropped by the kernel
 //! (`ListenOverflows` in `nstat`).
 
+#![allow(clippy::disallowed_methods)] // I/O shell: the refusal pace reads the clock at each refusal
+
 use std::future::Future;
 use std::io;
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 #   bench/attack-p99.sh          # prints a Markdown table for BENCHMARKS.md
 #
 # Each proxy gets one worker pinned to core 0; the backends (../shared/peers `peer start
-# backends`), wrk and the attacker (bench/soak.py at nice 19) run on the last core. In each of
+# backends`), wrk and the attacker (examples/soakattack.rs at nice 19) run on the last core. In each of
 # ROUNDS interleaved rounds, for each proxy: wrk unloaded; then the attacker holds IDLE idle
 # keep-alive and SLOW slowloris connections (no h2c: the HAProxy peer's plain listener speaks
 # HTTP/1.1 only) and after SETTLE seconds wrk runs again; then the attacker is stopped (SIGSTOP)
@@ -34,11 +34,11 @@ export PEER_RUN=${PEER_RUN:-/tmp/lockstep-peers}
 
 need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
 need wrk wrk
-need python3 python3
 need taskset util-linux
 
-(cd "$root" && cargo build --release --quiet)
+(cd "$root" && cargo build --release --quiet --bins --example soakattack)
 bin=${BIN:-$root/target/release/lockstep}
+attacker=$root/target/release/examples/soakattack
 ulimit -n "$(ulimit -Hn)"
 last_cpu=$(( $(nproc) - 1 ))
 load() { taskset -c "$last_cpu" "$@"; }
@@ -148,7 +148,7 @@ for r in $(seq "$rounds"); do
     attackers=()
     for t in "${targets[@]}"; do
       # Not through `load` (a function): $! must be the attacker itself, for SIGSTOP.
-      taskset -c "$last_cpu" nice -n 19 python3 "$here/soak.py" "$t" "$idle" "$slow" 0 120 > "$dir/soak.$t.json" &
+      taskset -c "$last_cpu" nice -n 19 "$attacker" "$t" "$idle" "$slow" 0 120 > "$dir/soak.$t.json" &
       attackers+=($!)
     done
     sleep "$settle"

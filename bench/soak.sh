@@ -13,12 +13,16 @@
 # The attackers run at the lowest priority (nice 19) on that core: they take what wrk and the
 # backends leave, so that the p99 measures the appliance rather than a load generator starved
 # by the attack's own CPU (phase B's four attackers, reconnecting to the capped listeners, used
-# ~45 s of CPU in ~55 s and cut wrk to a third while lockstep's core was two-thirds idle). What
-# pressure they still made is in the report: their CPU and what each listener refused.
+# ~45 s of CPU in ~55 s and cut wrk to a third while lockstep's core was two-thirds idle). They
+# are compiled (examples/soakattack.rs): the Python attacker used before took half a core for
+# four listeners. What pressure they still made is in the report: their CPU and what each
+# listener refused. And since whatever the attack does to the shared cores reaches a path
+# without lockstep too, wrk also runs straight to one backend, unloaded and under B: the
+# harness's own share of the tail.
 # Phases, each p99 the median of ROUNDS wrk runs, and "unloaded" measured before A, between A
 # and B and after B (so that drift over the run falls on both sides of the ratio):
 #   U. wrk through the proxy, unloaded;
-#   A. bench/soak.py against the proxy listener: IDLE idle keep-alive, SLOW slowloris (a header
+#   A. examples/soakattack.rs against the proxy listener: IDLE idle keep-alive, SLOW slowloris (a header
 #      byte every 3 s) and H2C idle h2c connections, reopened when closed; after SETTLE seconds,
 #      wrk through the proxy, then FETCHERS clients fetching a blob from the hub at once (what
 #      staging agents do), first a blob of BLOB_MIB/4, then one of BLOB_MIB: peak memory must
@@ -51,8 +55,9 @@ need curl curl
 need python3 python3
 need taskset util-linux
 
-(cd "$root" && cargo build --release --quiet)
+(cd "$root" && cargo build --release --quiet --bins --example soakattack)
 bin=$root/target/release/lockstep
+attacker=$root/target/release/examples/soakattack
 ulimit -n "$(ulimit -Hn)"
 
 dir=$(mktemp -d)
@@ -143,7 +148,7 @@ metric() { { curl -s http://127.0.0.1:9994/metrics || true; } | awk -v m="$1" '$
 
 # wrk_once -> "rps p99_ms errors non2xx"
 wrk_once() {
-  load wrk -t1 -c"$conns" -d"$duration" --latency http://127.0.0.1:8190/ | awk '
+  load wrk -t1 -c"$conns" -d"$duration" --latency "${1:-http://127.0.0.1:8190/}" | awk '
     /Requests\/sec/ {rps=$2}
     /^ +99%/ {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; p99=v}
     /Socket errors/ {gsub(",",""); err=$4+$6+$8+$10}
@@ -163,10 +168,11 @@ fetch_all() { # fetch_all HASH -> prints "seconds failures"
   awk -v a="$start" -v b="$end" -v f="$fail" 'BEGIN {printf "%.1f %d\n", b-a, f}'
 }
 
-# wrk_rounds -> "median_rps median_p99 errors non2xx" over ROUNDS runs (errors summed)
+# wrk_rounds [URL] -> "median_rps median_p99 errors non2xx" over ROUNDS runs (errors summed);
+# through the proxy unless URL says otherwise
 wrk_rounds() {
   local i
-  for i in $(seq "$rounds"); do wrk_once; done | awk '
+  for i in $(seq "$rounds"); do wrk_once "$@"; done | awk '
     {r[NR]=$1; p[NR]=$2; e+=$3; n+=$4}
     function med(a, k,  i, j, t) {
       for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] < a[i]) {t=a[i]; a[i]=a[j]; a[j]=t}
@@ -177,13 +183,14 @@ wrk_rounds() {
 
 load wrk -t1 -c"$conns" -d2s http://127.0.0.1:8190/ >/dev/null   # warm the pools
 read -r u1_rps u1_p99 u1_err u1_non < <(wrk_rounds)
+read -r d1_rps d1_p99 _ _ < <(wrk_rounds http://127.0.0.1:9101/)
 rss_before=$(rss "$serve_pid")
 cpu_s() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }   # user + system seconds
 
 # Phase A: the proxy listener attacked; wrk through it; then the fetchers (the sync listener
 # is free, as it would be behind mutual TLS from the farm's own hosts).
-"${on_load[@]}" nice -n 19 python3 "$here/soak.py" 8190 "$idle" "$slow" "$h2c" "$attack_s" > "$dir/soakA.8190.json" &
-attacker=$!
+"${on_load[@]}" nice -n 19 "$attacker" 8190 "$idle" "$slow" "$h2c" "$attack_s" > "$dir/soakA.8190.json" &
+attacker_pid=$!
 sleep "$settle"
 fds_a=$(ls "/proc/$serve_pid/fd" | wc -l)
 rss_a=$(rss "$serve_pid")
@@ -192,15 +199,15 @@ read -r small_s small_fail < <(fetch_all "$small_hash")
 hwm_small=$(hwm "$serve_pid")
 read -r big_s big_fail < <(fetch_all "$big_hash")
 hwm_big=$(hwm "$serve_pid")
-attacker_cpu=$(cpu_s "$attacker")
-kill "$attacker" 2>/dev/null || true; wait "$attacker" 2>/dev/null || true
+attacker_cpu=$(cpu_s "$attacker_pid")
+kill "$attacker_pid" 2>/dev/null || true; wait "$attacker_pid" 2>/dev/null || true
 sleep 2
 read -r u2_rps u2_p99 u2_err u2_non < <(wrk_rounds)
 
 # Phase B: every HTTP listener attacked at once; wrk through the proxy.
 bpids=()
 for port in 8190 9994 7790 8181; do
-  "${on_load[@]}" nice -n 19 python3 "$here/soak.py" "$port" "$idle" "$slow" "$h2c" "$attack_s" > "$dir/soak.$port.json" &
+  "${on_load[@]}" nice -n 19 "$attacker" "$port" "$idle" "$slow" "$h2c" "$attack_s" > "$dir/soak.$port.json" &
   bpids+=($!)
 done
 sleep "$settle"
@@ -208,6 +215,7 @@ fds_b=$(ls "/proc/$serve_pid/fd" | wc -l)
 serve_cpu0=$(cpu_s "$serve_pid")
 read -r b_rps b_p99 b_err b_non < <(wrk_rounds)
 serve_cpu1=$(cpu_s "$serve_pid")
+read -r d2_rps d2_p99 _ _ < <(wrk_rounds http://127.0.0.1:9101/)
 b_attackers_cpu=0
 for p in "${bpids[@]}"; do b_attackers_cpu=$(awk -v a="$b_attackers_cpu" -v b="$(cpu_s "$p")" 'BEGIN {print a + b}'); done
 kill "${bpids[@]}" 2>/dev/null || true
@@ -228,7 +236,7 @@ else
   where="nothing pinned: every process shares the $(nproc) cores"
 fi
 echo "\`lockstep serve --workers 1\` (proxy + hub + admin) and one \`lockstep agent\`; the attackers"
-echo "(bench/soak.py, one process per attacked listener) and wrk (-t1 -c$conns -d$duration); $where."
+echo "(examples/soakattack.rs, one process per attacked listener) and wrk (-t1 -c$conns -d$duration); $where."
 echo "A: the proxy listener attacked, then $fetchers clients fetch a blob from the hub at"
 echo "once; B: the proxy, admin, sync and agent listeners attacked at once. Each p99 is the median"
 echo "of $rounds wrk runs; unloaded is the median of the runs before A, between A and B and after B."
@@ -242,11 +250,15 @@ for row in "unloaded (median of $u1_p99, $u2_p99, $u3_p99 ms):$base_rps:$base_p9
   awk -v n="$name" -v r="$r" -v p="$p" -v b="$base_p99" -v f="$f" 'BEGIN {printf "| %s | %s | %s | %.2fx | %s |\n", n, r, p, p/b, f}'
 done
 echo
+awk -v u="$d1_p99" -v b="$d2_p99" -v ur="$d1_rps" -v br="$d2_rps" 'BEGIN {
+  printf "The same wrk straight to one backend (no lockstep in the path): p99 %s ms unloaded (%s req/s),\n", u, ur
+  printf "%s ms under B (%s req/s): %.2fx, what the attack on the shared cores does without the appliance.\n", b, br, b/u }'
+echo
 echo "CPU: the attacker of phase A used ${attacker_cpu} s; in phase B the four attackers used"
-echo "${b_attackers_cpu} s and the serve process $(awk -v a="$serve_cpu0" -v b="$serve_cpu1" 'BEGIN {print b - a}') s during the ${duration} wrk run."
+echo "${b_attackers_cpu} s and the serve process $(awk -v a="$serve_cpu0" -v b="$serve_cpu1" 'BEGIN {print b - a}') s during the $rounds wrk runs of ${duration}."
 echo "Descriptors open in the serve process: $fds_a in A, $fds_b in B (hard limit $(ulimit -Hn))."
 echo
-echo "| phase B: listener (cap) | attack connections opened | refused at the cap (metric) | closed by idle/header timeouts (attacker's view) | alive at the end |"
+echo "| phase B: listener (cap) | attack connections opened | refused at the cap (metric) | closed by idle/header timeouts (attacker's view) | alive at the end (attacker's view, the kernel's backlog included) |"
 echo "|---|---:|---:|---:|---:|"
 for pair in "8190:proxy (12000):lockstep_connections_refused_total{listener=\"http\"}" \
             "9994:admin (64):lockstep_admin_connections_refused_total" \

@@ -5,8 +5,10 @@
 #   PHASES="h1 idle" bench/proxy.sh
 #
 # Phases: h1 (HTTP/1.1 keep-alive, 1 and 2 workers), tls (HTTP/1.1 over TLS), h2 (h2 over TLS
-# by ALPN and h2c by prior knowledge, h2load), handshake (new TLS connections per second, no
-# session reuse), idle (memory per idle keep-alive connection).
+# by ALPN and h2c by prior knowledge, h2load), handshake (new TLS connections per second; wrk
+# resumes its TLS session on each new connection, and what each server negotiates for a new
+# and a resumed session is printed under the table: the protocols differ), idle (memory per
+# idle keep-alive connection).
 #
 # Everything goes through the same two nginx backends (../shared/peers: `peer start backends`).
 # Each server gets WORKERS worker threads/processes, pinned to the first WORKERS cores; the
@@ -38,6 +40,7 @@ need wrk wrk
 need h2load nghttp2-client
 need python3 python3
 need taskset util-linux
+need openssl openssl
 
 if [ -z "${BIN:-}" ]; then (cd "$root" && cargo build --release --quiet); fi
 bin=${BIN:-$root/target/release/lockstep}
@@ -161,10 +164,28 @@ bench_h2() {
   stop_all
 }
 
+# negotiated PORT -> what a new session and a resumed one get from the server on PORT
+negotiated() {
+  local sess req='GET / HTTP/1.1\r\nHost: farm.test\r\nConnection: close\r\n\r\n' first second
+  sess=$(mktemp)
+  first=$(printf "$req" | timeout 10 openssl s_client -connect "127.0.0.1:$1" -sess_out "$sess" -ign_eof 2>/dev/null \
+    | awk '/^New, / {p=$2; c=$NF} /^Server Temp Key/ {k=$4} END {gsub(",", "", p); gsub(",", "", k); printf "%s %s, key exchange %s", p, c, k}')
+  second=$(printf "$req" | timeout 10 openssl s_client -connect "127.0.0.1:$1" -sess_in "$sess" -ign_eof 2>/dev/null \
+    | awk '/^Reused, / {r=1} /^Server Temp Key/ {k=$4} END {gsub(",", "", k); printf "%s, key exchange %s", r ? "resumed" : "not resumed", k ? k : "none"}')
+  rm -f "$sess"
+  echo "$first; next connection: $second"
+}
+
 bench_handshake() {
   start_all 1
-  compare "New TLS connections (one request each, Connection: close, no session reuse), 1 worker each, wrk -t1 -c$conns -d$duration, $rounds rounds" wrk \
+  compare "New TLS connections (one request each, Connection: close; wrk resumes its session), 1 worker each, wrk -t1 -c$conns -d$duration, $rounds rounds" wrk \
     https://127.0.0.1:8097/ https://127.0.0.1:8093/ https://127.0.0.1:8094/ -H "Connection: close"
+  echo "What each negotiates (\`openssl s_client\`, a new session then the same one again):"
+  echo
+  echo "- lockstep: $(negotiated 8097)"
+  echo "- nginx: $(negotiated 8093)"
+  echo "- haproxy: $(negotiated 8094)"
+  echo
   stop_all
 }
 

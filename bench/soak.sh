@@ -31,7 +31,10 @@
 #   then what each listener refused (its metrics) and the peak RSS of both processes.
 # Env: IDLE (10000), SLOW (500), H2C (200), SECONDS_UNDER_ATTACK (at most; 300), SETTLE (25),
 #      DURATION (10s), ROUNDS (3), CONNS (64), FETCHERS (100), BLOB_MIB (64: the largest file a
-#      release holds), PIN (1).
+#      release holds), PIN (1), BIN (target/release/lockstep: another build to compare).
+# Before B's wrk runs, FLOOD_SAMPLE (10) seconds of the attack alone are sampled: what the flood
+# costs by itself (the serve process's CPU, the kernel's irq and softirq time, connections set
+# up by the kernel).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -56,7 +59,7 @@ need python3 python3
 need taskset util-linux
 
 (cd "$root" && cargo build --release --quiet --bins --example soakattack)
-bin=$root/target/release/lockstep
+bin=${BIN:-$root/target/release/lockstep}
 attacker=$root/target/release/examples/soakattack
 ulimit -n "$(ulimit -Hn)"
 
@@ -212,6 +215,13 @@ for port in 8190 9994 7790 8181; do
 done
 sleep "$settle"
 fds_b=$(ls "/proc/$serve_pid/fd" | wc -l)
+# The flood alone: no wrk for FLOOD_SAMPLE seconds.
+flood_s=${FLOOD_SAMPLE:-10}
+softirq_ticks() { awk '/^cpu / {print $7 + $8}' /proc/stat; }
+passive_opens() { awk '/^Tcp:/ {if (!h) {for (i = 1; i <= NF; i++) if ($i == "PassiveOpens") c = i; h = 1} else print $c}' /proc/net/snmp; }
+f_cpu0=$(cpu_s "$serve_pid"); f_irq0=$(softirq_ticks); f_open0=$(passive_opens)
+sleep "$flood_s"
+f_cpu1=$(cpu_s "$serve_pid"); f_irq1=$(softirq_ticks); f_open1=$(passive_opens)
 serve_cpu0=$(cpu_s "$serve_pid")
 read -r b_rps b_p99 b_err b_non < <(wrk_rounds)
 serve_cpu1=$(cpu_s "$serve_pid")
@@ -257,6 +267,11 @@ echo
 echo "CPU: the attacker of phase A used ${attacker_cpu} s; in phase B the four attackers used"
 echo "${b_attackers_cpu} s and the serve process $(awk -v a="$serve_cpu0" -v b="$serve_cpu1" 'BEGIN {print b - a}') s during the $rounds wrk runs of ${duration}."
 echo "Descriptors open in the serve process: $fds_a in A, $fds_b in B (hard limit $(ulimit -Hn))."
+awk -v s="$flood_s" -v c0="$f_cpu0" -v c1="$f_cpu1" -v i0="$f_irq0" -v i1="$f_irq1" -v o0="$f_open0" -v o1="$f_open1" \
+  -v hz="$(getconf CLK_TCK)" 'BEGIN {
+  printf "The flood alone (the attack of phase B, %d s before its wrk runs): the serve process used\n", s
+  printf "%.1f %% of a core, irq + softirq %.1f %% of a core (both cores together), and the kernel set up\n", 100 * (c1 - c0) / s, 100 * (i1 - i0) / hz / s
+  printf "%d connections (%.0f a second).\n", o1 - o0, (o1 - o0) / s }'
 echo
 echo "| phase B: listener (cap) | attack connections opened | refused at the cap (metric) | closed by idle/header timeouts (attacker's view) | alive at the end (attacker's view, the kernel's backlog included) |"
 echo "|---|---:|---:|---:|---:|"

@@ -11,9 +11,9 @@
 //!
 //! Refusing costs both sides a handshake, an accept and a reset, and a flood far over a cap
 //! makes that churn the load: in `bench/soak.sh`'s phase B (four listeners flooded, three of
-//! them over their caps) the unpaced loops refused ~5 000 connections a second, which cost
-//! the serve process 16 % of a core and the kernel's softirqs 14 %; paced, 3 % and 4 %
-//! (BENCHMARKS.md). So each loop refuses at once up to [`REFUSALS_PER_SECOND`] (after a
+//! them over their caps) the unpaced loops had the kernel set up ~5 200 connections a second,
+//! which cost the serve process 17.5 % of a core and the kernel's irq and softirq time 13 %;
+//! paced, 600 a second, 2.9 % and 3.3 % (BENCHMARKS.md). So each loop refuses at once up to [`REFUSALS_PER_SECOND`] (after a
 //! burst of [`REFUSAL_BURST`]); past that it stops accepting until its budget allows the next
 //! refusal ([`RefusalPace`]). New
 //! connections then wait in the kernel's backlog, are admitted there if a place frees, and

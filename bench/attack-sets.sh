@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Which attacked listeners hurt the proxy's tail, and how much of it the machine makes by
+# itself (issue 15, phase B). Not a test: loopback only, bounded in time and count.
+#
+#   bench/attack-sets.sh                       # prints one line per wrk run
+#   SETS="none;8190 9994 7790 8181;8181" bench/attack-sets.sh
+#
+# bench/soak.sh's layout (one `lockstep serve --workers 1` with the proxy on :8190, the sync hub
+# on :7790 and the admin API on :9994, alone on core 0; one `lockstep agent` serving :8181, the
+# two benchmark backends, wrk and the attackers on core 1). For each set of attacked ports in
+# SETS (";"-separated, "none" for no attack), examples/soakattack.rs holds IDLE idle, SLOW
+# slowloris and H2C idle h2c connections against each port (nice 19), and after SETTLE seconds
+# ROUNDS rounds run wrk (-t1 -c64 -d8s) through the proxy, then straight to one backend: the
+# second is a path without lockstep in it, so the pair says how much of the tail is the
+# proxy's and how much the attack's effect on the shared cores. Each line also has the TCP
+# counters that would show lost packets (nstat).
+# Env: SETS ("none;8190 9994 7790 8181;8190 9994 7790;8181"), IDLE (10000), SLOW (500),
+#      H2C (200), SETTLE (20), ROUNDS (3), BIN (target/release/lockstep).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+peer=${PEER:-$root/../shared/peers/peer}
+export PEER_RUN=${PEER_RUN:-/tmp/lockstep-peers}
+idle=${IDLE:-10000}; slow=${SLOW:-500}; h2c=${H2C:-200}
+settle=${SETTLE:-20}; rounds=${ROUNDS:-3}
+
+need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
+need wrk wrk
+need taskset util-linux
+need nstat iproute2
+
+(cd "$root" && cargo build --release --quiet --bins --example soakattack)
+bin=${BIN:-$root/target/release/lockstep}
+attacker=$root/target/release/examples/soakattack
+ulimit -n "$(ulimit -Hn)"
+
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  "$peer" stop backends >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+"$peer" stop backends >/dev/null 2>&1 || true   # a leftover instance would share the ports
+"$peer" start backends >/dev/null
+for m in $(pgrep -f "nginx -c $PEER_RUN/backends.nginx.conf"); do
+  for p in "$m" $(pgrep -P "$m"); do taskset -a -p -c 1 "$p" >/dev/null 2>&1 || true; done
+done
+head -c 32 /dev/urandom | base64 >"$dir/agent.token"
+head -c 32 /dev/urandom | base64 >"$dir/publish.token"
+chmod 600 "$dir"/*.token
+cat >"$dir/lockstep.yaml" <<EOF
+listeners:
+  - name: http
+    bind: "127.0.0.1:8190"
+    max_connections: 12000
+routes:
+  - { path_prefix: "/", pool: farm }
+pools:
+  - name: farm
+    backends:
+      - { name: b1, address: "127.0.0.1:9101" }
+      - { name: b2, address: "127.0.0.1:9102" }
+    health: { path: /healthz, interval: 2s, timeout: 1s }
+sync:
+  bind: "127.0.0.1:7790"
+  store: hub
+  cadence: 2s
+  lead: 1s
+  agent_token_file: agent.token
+  publish_token_file: publish.token
+  max_connections: 2048
+admin:
+  bind: "127.0.0.1:9994"
+EOF
+cat >"$dir/agent.yaml" <<EOF
+name: web-1
+hub: "http://127.0.0.1:7790"
+token_file: agent.token
+store: agent
+serve: "127.0.0.1:8181"
+EOF
+wait_port() {
+  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done
+  echo "port $1 never opened" >&2; exit 1
+}
+(cd "$dir" && RUST_LOG=warn exec taskset -c 0 "$bin" serve -c lockstep.yaml --workers 1 2>serve.log) &
+pids+=($!)
+wait_port 8190; wait_port 7790; wait_port 9994
+(cd "$dir" && RUST_LOG=warn exec taskset -c 1 "$bin" agent -c agent.yaml 2>agent.log) &
+pids+=($!)
+wait_port 8181
+
+# wrk_once URL -> "req/s p99"
+wrk_once() {
+  taskset -c 1 wrk -t1 -c64 -d8s --latency "$1" | awk '/Requests\/sec/ {r=$2} /^ +99%/ {p=$2} END {print r, p}'
+}
+taskset -c 1 wrk -t1 -c64 -d2s http://127.0.0.1:8190/ >/dev/null   # warm the pools
+IFS=';' read -ra sets <<<"${SETS:-none;8190 9994 7790 8181;8190 9994 7790;8181}"
+for set in "${sets[@]}"; do
+  attackers=()
+  if [ "$set" != none ]; then
+    for port in $set; do
+      taskset -c 1 nice -n 19 "$attacker" "$port" "$idle" "$slow" "$h2c" 600 >/dev/null &
+      attackers+=($!)
+    done
+    sleep "$settle"
+  fi
+  for r in $(seq "$rounds"); do
+    nstat -n >/dev/null
+    proxy=$(wrk_once http://127.0.0.1:8190/)
+    direct=$(wrk_once http://127.0.0.1:9101/)
+    counters=$(nstat 2>/dev/null | awk '$1 ~ /Retrans|LossProbe|ListenOverflows|TCPTimeouts/ {printf " %s=%s", $1, $2}')
+    echo "[$set] round $r: proxy $proxy; straight to a backend $direct;${counters:- no loss counters}"
+  done
+  if [ "${#attackers[@]}" -gt 0 ]; then
+    kill "${attackers[@]}" 2>/dev/null || true
+    for p in "${attackers[@]}"; do wait "$p" 2>/dev/null || true; done
+    sleep 3
+  fi
+done

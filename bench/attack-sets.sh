@@ -13,7 +13,8 @@
 # ROUNDS rounds run wrk (-t1 -c64 -d8s) through the proxy, then straight to one backend: the
 # second is a path without lockstep in it, so the pair says how much of the tail is the
 # proxy's and how much the attack's effect on the shared cores. Each line also has the TCP
-# counters that would show lost packets (nstat).
+# counters that would show lost packets (nstat) and the packets the kernel dropped because a
+# core's input backlog was full (/proc/net/softnet_stat; loopback traffic goes through it).
 # Env: SETS ("none;8190 9994 7790 8181;8190 9994 7790;8181"), IDLE (10000), SLOW (500),
 #      H2C (200), SETTLE (20), ROUNDS (3), BIN (target/release/lockstep).
 set -euo pipefail
@@ -93,6 +94,9 @@ wait_port 8190; wait_port 7790; wait_port 9994
 pids+=($!)
 wait_port 8181
 
+# backlog_drops -> packets dropped so far at the cores' input backlogs (netdev_max_backlog)
+backlog_drops() { local t=0 a b rest; while read -r a b rest; do t=$((t + 16#$b)); done </proc/net/softnet_stat; echo "$t"; }
+
 # wrk_once URL -> "req/s p99"
 wrk_once() {
   taskset -c 1 wrk -t1 -c64 -d8s --latency "$1" | awk '/Requests\/sec/ {r=$2} /^ +99%/ {p=$2} END {print r, p}'
@@ -110,10 +114,12 @@ for set in "${sets[@]}"; do
   fi
   for r in $(seq "$rounds"); do
     nstat -n >/dev/null
+    drops0=$(backlog_drops)
     proxy=$(wrk_once http://127.0.0.1:8190/)
     direct=$(wrk_once http://127.0.0.1:9101/)
+    drops=$(( $(backlog_drops) - drops0 ))
     counters=$(nstat 2>/dev/null | awk '$1 ~ /Retrans|LossProbe|ListenOverflows|TCPTimeouts/ {printf " %s=%s", $1, $2}')
-    echo "[$set] round $r: proxy $proxy; straight to a backend $direct;${counters:- no loss counters}"
+    echo "[$set] round $r: proxy $proxy; straight to a backend $direct; backlog drops $drops;${counters:- no loss counters}"
   done
   if [ "${#attackers[@]}" -gt 0 ]; then
     kill "${attackers[@]}" 2>/dev/null || true

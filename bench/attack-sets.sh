@@ -44,70 +44,26 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
-"$peer" stop backends >/dev/null 2>&1 || true   # a leftover instance would share the ports
-"$peer" start backends >/dev/null
-for m in $(pgrep -f "nginx -c $PEER_RUN/backends.nginx.conf"); do
-  for p in "$m" $(pgrep -P "$m"); do taskset -a -p -c 1 "$p" >/dev/null 2>&1 || true; done
-done
-head -c 32 /dev/urandom | base64 >"$dir/agent.token"
-head -c 32 /dev/urandom | base64 >"$dir/publish.token"
-chmod 600 "$dir"/*.token
-cat >"$dir/lockstep.yaml" <<EOF
-listeners:
-  - name: http
-    bind: "127.0.0.1:8190"
-    max_connections: 12000
-routes:
-  - { path_prefix: "/", pool: farm }
-pools:
-  - name: farm
-    backends:
-      - { name: b1, address: "127.0.0.1:9101" }
-      - { name: b2, address: "127.0.0.1:9102" }
-    health: { path: /healthz, interval: 2s, timeout: 1s }
-sync:
-  bind: "127.0.0.1:7790"
-  store: hub
-  cadence: 2s
-  lead: 1s
-  agent_token_file: agent.token
-  publish_token_file: publish.token
-  max_connections: 2048
-admin:
-  bind: "127.0.0.1:9994"
-EOF
-cat >"$dir/agent.yaml" <<EOF
-name: web-1
-hub: "http://127.0.0.1:7790"
-token_file: agent.token
-store: agent
-serve: "127.0.0.1:8181"
-EOF
-wait_port() {
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done
-  echo "port $1 never opened" >&2; exit 1
-}
-(cd "$dir" && RUST_LOG=warn exec taskset -c 0 "$bin" serve -c lockstep.yaml --workers 1 2>serve.log) &
-pids+=($!)
-wait_port 8190; wait_port 7790; wait_port 9994
-(cd "$dir" && RUST_LOG=warn exec taskset -c 1 "$bin" agent -c agent.yaml 2>agent.log) &
-pids+=($!)
-wait_port 8181
+# The appliance on core 0; the agent, the backends, wrk and the attackers on the last core.
+last_cpu=$(( $(nproc) - 1 ))
+on_appliance=(taskset -c 0); on_load=(taskset -c "$last_cpu"); backend_cpu=$last_cpu
+. "$here/soak-farm.sh"
+soak_farm_start
 
 # backlog_drops -> packets dropped so far at the cores' input backlogs (netdev_max_backlog)
 backlog_drops() { local t=0 a b rest; while read -r a b rest; do t=$((t + 16#$b)); done </proc/net/softnet_stat; echo "$t"; }
 
 # wrk_once URL -> "req/s p99"
 wrk_once() {
-  taskset -c 1 wrk -t1 -c64 -d8s --latency "$1" | awk '/Requests\/sec/ {r=$2} /^ +99%/ {p=$2} END {print r, p}'
+  "${on_load[@]}" wrk -t1 -c64 -d8s --latency "$1" | awk '/Requests\/sec/ {r=$2} /^ +99%/ {p=$2} END {print r, p}'
 }
-taskset -c 1 wrk -t1 -c64 -d2s http://127.0.0.1:8190/ >/dev/null   # warm the pools
+"${on_load[@]}" wrk -t1 -c64 -d2s http://127.0.0.1:8190/ >/dev/null   # warm the pools
 IFS=';' read -ra sets <<<"${SETS:-none;8190 9994 7790 8181;8190 9994 7790;8181}"
 for set in "${sets[@]}"; do
   attackers=()
   if [ "$set" != none ]; then
     for port in $set; do
-      taskset -c 1 nice -n 19 "$attacker" "$port" "$idle" "$slow" "$h2c" 600 >/dev/null &
+      "${on_load[@]}" nice -n 19 "$attacker" "$port" "$idle" "$slow" "$h2c" 600 >/dev/null &
       attackers+=($!)
     done
     sleep "$settle"

@@ -80,55 +80,9 @@ else
   on_appliance=(); on_load=()
 fi
 load() { "${on_load[@]}" "$@"; }
-"$peer" stop backends >/dev/null 2>&1 || true   # a leftover instance would share the ports
-"$peer" start backends >/dev/null
-if [ "$pin" = 1 ] && [ "$last_cpu" -gt 0 ]; then
-  for m in $(pgrep -f "nginx -c $PEER_RUN/backends.nginx.conf"); do
-    for p in "$m" $(pgrep -P "$m"); do taskset -a -p -c "$last_cpu" "$p" >/dev/null 2>&1 || true; done
-  done
-fi
-
-head -c 32 /dev/urandom | base64 > "$dir/agent.token"
-head -c 32 /dev/urandom | base64 > "$dir/publish.token"
-chmod 600 "$dir"/*.token
-cat > "$dir/lockstep.yaml" <<EOF
-listeners:
-  - name: http
-    bind: "127.0.0.1:8190"
-    max_connections: 12000     # within this machine's hard open-file limit (20000) beside the hub's
-routes:
-  - { path_prefix: "/", pool: farm }
-pools:
-  - name: farm
-    backends:
-      - { name: b1, address: "127.0.0.1:9101" }
-      - { name: b2, address: "127.0.0.1:9102" }
-    health: { path: /healthz, interval: 2s, timeout: 1s }
-sync:
-  bind: "127.0.0.1:7790"
-  store: hub
-  cadence: 2s
-  lead: 1s
-  agent_token_file: agent.token
-  publish_token_file: publish.token
-  max_connections: 2048
-admin:
-  bind: "127.0.0.1:9994"
-EOF
-cat > "$dir/agent.yaml" <<EOF
-name: web-1
-hub: "http://127.0.0.1:7790"
-token_file: agent.token
-store: agent
-serve: "127.0.0.1:8181"
-EOF
-(cd "$dir" && RUST_LOG=warn exec "${on_appliance[@]}" "$bin" serve -c lockstep.yaml --workers 1 2>serve.log) &
-serve_pid=$!; pids+=("$serve_pid")
-wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; cat "$dir/serve.log" >&2; exit 1; }
-wait_port 8190; wait_port 7790; wait_port 9994
-(cd "$dir" && RUST_LOG=warn exec "${on_load[@]}" "$bin" agent -c agent.yaml 2>agent.log) &
-agent_pid=$!; pids+=("$agent_pid")
-wait_port 8181
+backend_cpu=; [ "$pin" = 1 ] && [ "$last_cpu" -gt 0 ] && backend_cpu=$last_cpu
+. "$here/soak-farm.sh"
+soak_farm_start
 
 # Two releases: a blob of a quarter of BLOB_MIB, then one of BLOB_MIB.
 publish() { # publish MIB -> prints the blob's hash

@@ -211,18 +211,21 @@ async fn slot(
 }
 
 fn main() {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .map(|a| {
-            a.parse()
-                .expect("soakattack PORT IDLE SLOWLORIS H2C SECONDS")
-        })
-        .collect();
-    let [port, idle, slow, h2c, seconds] = args[..] else {
-        eprintln!("usage: soakattack PORT IDLE SLOWLORIS H2C SECONDS");
-        std::process::exit(2);
+    const USAGE: &str = "usage: soakattack PORT IDLE SLOWLORIS H2C SECONDS (whole numbers)";
+    let args: Option<Vec<u64>> = std::env::args().skip(1).map(|a| a.parse().ok()).collect();
+    let (port, idle, slow, h2c, seconds) = match args.as_deref() {
+        Some(&[port, idle, slow, h2c, seconds]) => match u16::try_from(port) {
+            Ok(port) => (port, idle, slow, h2c, seconds),
+            Err(_) => {
+                eprintln!("{USAGE}: PORT {port} is not a TCP port");
+                std::process::exit(2);
+            }
+        },
+        _ => {
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
     };
-    let port = u16::try_from(port).expect("a port");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -429,4 +429,61 @@ mod tests {
         let size = std::mem::size_of_val(&f);
         assert!(size <= 1280, "{size} bytes");
     }
+
+    /// A connection closed from this side (here an idle keep-alive one at shutdown) ends its
+    /// stream first and then reads and drops what the client still sends: a request that
+    /// crossed the close must not be answered with a reset (which fails it, where the end of
+    /// the stream tells the client to send it again on a new connection). The old code closed
+    /// the socket, so the client's second write after the late request met the reset.
+    #[tokio::test]
+    async fn a_request_crossing_the_close_at_shutdown_meets_no_reset() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let svc = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(b"ok"),
+            )))
+        });
+        let permit = super::ConnGate::default().admit(1).unwrap();
+        let settings = super::ConnSettings::default();
+        let served = tokio::spawn(super::serve_connection(
+            s,
+            None,
+            settings,
+            svc,
+            shutdown.clone(),
+            permit,
+        ));
+        let req = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        c.write_all(req).await.unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\nok") {
+            let mut b = [0u8; 512];
+            let n = c.read(&mut b).await.unwrap();
+            assert!(n > 0, "closed before the response: {got:?}");
+            got.extend_from_slice(&b[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+        // Idle now: the shutdown closes it, and the client reads the end of the stream.
+        shutdown.cancel();
+        let mut b = [0u8; 64];
+        assert_eq!(c.read(&mut b).await.unwrap(), 0, "the end of the stream");
+        // The next request, sent as if it had crossed the close; then more bytes: a socket
+        // closed under the first would have answered it with a reset, failing the second.
+        c.write_all(req).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        c.write_all(req)
+            .await
+            .expect("no reset: the late request was read and dropped");
+        drop(c);
+        tokio::time::timeout(std::time::Duration::from_secs(5), served)
+            .await
+            .expect("the connection ends once the client closes")
+            .unwrap();
+    }
 }

@@ -22,7 +22,11 @@
 //!   backend's upgraded connection, still this task (so it keeps its place under the
 //!   listener's cap and is drained like a request);
 //! - a refused head (malformed, ambiguous framing, too large) is answered and the connection
-//!   closed; a request body left unread closes the connection after the response.
+//!   closed; a request body left unread closes the connection after the response;
+//! - a close from this side (a refusal, `Connection: close`, a shutdown while idle) ends the
+//!   write side first and lingers, reading and dropping what the client still sends, so a
+//!   request crossing the close meets the end of the stream (the client may send it again)
+//!   rather than a reset (the request failed, and an unread response may be lost).
 #![allow(clippy::disallowed_methods)] // I/O shell: the header-read deadline and the Date header
 
 pub mod buf;
@@ -56,6 +60,12 @@ use super::tls::PeerCertificate;
 
 /// The HTTP/2 connection preface's first line: a plain connection starting with it speaks h2c.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// How long a connection closed from this side keeps reading (and dropping) what the client
+/// still sends: a request that crossed the close in flight arrives within a round trip.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+/// At most this much is read and dropped while lingering.
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// How one connection is served.
 #[derive(Debug, Clone)]
@@ -100,7 +110,7 @@ impl Upgrade {
 }
 
 /// Serves requests on `io` with `svc` until either side closes; at `shutdown` an idle
-/// connection closes at once and a busy one after its response.
+/// connection closes at once and a busy one after its response (both lingering).
 ///
 /// Every idle keep-alive connection holds this future, so it is an `async` block over a
 /// connection built beforehand: an `async fn` would store its arguments twice (as passed and
@@ -132,6 +142,10 @@ where
             let head = match conn.read_head(opts, stop.as_mut(), first).await {
                 Ok(HeadRead::Head(h)) => Ok(h),
                 Ok(HeadRead::Closed) => return Ok(Ended::Closed),
+                Ok(HeadRead::Stopped) => {
+                    Box::pin(conn.linger()).await;
+                    return Ok(Ended::Closed);
+                }
                 Ok(HeadRead::H2) => {
                     let read = conn.buf.take_all();
                     return Ok(Ended::H2(conn.io, read));
@@ -149,7 +163,7 @@ where
             first = false;
             let keep = Box::pin(conn.exchange(head, svc, shutdown, cert)).await?;
             if !keep {
-                let _ = conn.io.shutdown().await;
+                Box::pin(conn.linger()).await;
                 return Ok(Ended::Closed);
             }
         }
@@ -161,6 +175,8 @@ where
 enum HeadRead {
     Head(Head),
     Closed,
+    /// The shutdown came while the connection waited for a head.
+    Stopped,
     H2,
 }
 
@@ -225,7 +241,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
                     }
                     Err(e) => return Err(Refused::Io(e)),
                 },
-                _ = stop.as_mut(), if waiting => return Ok(HeadRead::Closed),
+                _ = stop.as_mut(), if waiting => return Ok(HeadRead::Stopped),
             };
             if n == 0 {
                 return Ok(HeadRead::Closed);
@@ -243,7 +259,29 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
         let mut out = OutBuf::new();
         head::write_refusal(&mut out.0, e, &date());
         let _ = self.write_all(&out.0).await;
+        Box::pin(self.linger()).await;
+    }
+
+    /// Closes the connection from this side without a reset: the write side first (the client
+    /// reads the end of the stream), then what the client still sends is read and dropped
+    /// until it closes too, for at most [`LINGER_TIME`] and [`LINGER_BYTES`]. Closing a socket
+    /// with unread bytes sends a reset instead of the end of the stream, and a reset can
+    /// destroy the response not yet read and tells a client whose next keep-alive request
+    /// crossed the close that the request failed, where an end of stream tells it the request
+    /// was never taken and may be sent again (RFC 9112 §9.6, §9.3.1).
+    async fn linger(&mut self) {
         let _ = self.io.shutdown().await;
+        let drop_rest = async {
+            let mut sink = [0u8; 2048];
+            let mut left = LINGER_BYTES;
+            while left > 0 {
+                match tokio::io::AsyncReadExt::read(&mut self.io, &mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drop_rest).await;
     }
 
     /// One request and its response; whether the connection may serve another.

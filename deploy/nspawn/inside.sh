@@ -117,11 +117,12 @@ wait_for 30 body_is http://127.0.0.1/ "release one"
 [ "$(dig @127.0.0.1 www.farm.test +short)" = 127.0.0.1 ] || fail "DNS did not come back"
 
 # load SECONDS OUT: clients in a loop through the proxy, three keep-alive requests per
-# connection, one line per request: status code (000 = refused or failed) and time.
+# connection, one line per request: status code (000 = refused or failed), time, and curl's exit
+# code and error (why a request failed).
 load() {
   local end=$(( $(date +%s) + $1 ))
   while [ "$(date +%s)" -lt "$end" ]; do
-    curl -s -w '%{http_code} %{time_total}\n' --max-time 30 -o /dev/null http://127.0.0.1/ \
+    curl -s -w '%{http_code} %{time_total} %{exitcode} %{errormsg}\n' --max-time 30 -o /dev/null http://127.0.0.1/ \
       -o /dev/null http://127.0.0.1/ -o /dev/null http://127.0.0.1/ || true
   done >>"$2"
 }

@@ -23,6 +23,9 @@
 //!   listener's cap and is drained like a request);
 //! - a refused head (malformed, ambiguous framing, too large) is answered and the connection
 //!   closed; a request body left unread closes the connection after the response;
+//! - at shutdown an idle keep-alive connection closes at once, a busy one after its response
+//!   and one accepted but not yet heard from after its first request (given a short grace:
+//!   clients do not send a new connection's request again when it closes unanswered);
 //! - a close from this side (a refusal, `Connection: close`, a shutdown while idle) ends the
 //!   write side first and lingers, reading and dropping what the client still sends, so a
 //!   request crossing the close meets the end of the stream (the client may send it again)
@@ -61,9 +64,17 @@ use super::tls::PeerCertificate;
 /// The HTTP/2 connection preface's first line: a plain connection starting with it speaks h2c.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
-/// How long a connection closed from this side keeps reading (and dropping) what the client
-/// still sends: a request that crossed the close in flight arrives within a round trip.
+/// How long a connection closed from this side after an answer keeps reading (and dropping)
+/// what the client still sends (the rest of a body, a request that crossed the close).
 const LINGER_TIME: Duration = Duration::from_secs(1);
+/// The same for an idle keep-alive connection closed by a shutdown: the end of the stream is
+/// already on its way ahead of anything that could reset it, so the linger only has to keep
+/// a request that arrived meanwhile from turning the close into a reset (which would overtake
+/// the end of the stream). Short: the drain, and a restart, wait for it.
+const STOP_LINGER_TIME: Duration = Duration::from_millis(100);
+/// At shutdown, how long a connection accepted but not yet heard from is given to send its
+/// first request (it is then answered, with `Connection: close`).
+const FIRST_HEAD_GRACE: Duration = Duration::from_millis(250);
 /// At most this much is read and dropped while lingering.
 const LINGER_BYTES: usize = 64 * 1024;
 
@@ -110,7 +121,8 @@ impl Upgrade {
 }
 
 /// Serves requests on `io` with `svc` until either side closes; at `shutdown` an idle
-/// connection closes at once and a busy one after its response (both lingering).
+/// keep-alive connection closes at once, a busy one after its response and a new one after
+/// its first (given [`FIRST_HEAD_GRACE`] to send it), each lingering.
 ///
 /// Every idle keep-alive connection holds this future, so it is an `async` block over a
 /// connection built beforehand: an `async fn` would store its arguments twice (as passed and
@@ -143,7 +155,7 @@ where
                 Ok(HeadRead::Head(h)) => Ok(h),
                 Ok(HeadRead::Closed) => return Ok(Ended::Closed),
                 Ok(HeadRead::Stopped) => {
-                    Box::pin(conn.linger()).await;
+                    Box::pin(conn.linger(STOP_LINGER_TIME)).await;
                     return Ok(Ended::Closed);
                 }
                 Ok(HeadRead::H2) => {
@@ -163,7 +175,7 @@ where
             first = false;
             let keep = Box::pin(conn.exchange(head, svc, shutdown, cert)).await?;
             if !keep {
-                Box::pin(conn.linger()).await;
+                Box::pin(conn.linger(LINGER_TIME)).await;
                 return Ok(Ended::Closed);
             }
         }
@@ -212,6 +224,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
         mut stop: Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
         first: bool,
     ) -> Result<HeadRead, Refused> {
+        let mut stopped = false;
         loop {
             if !self.buf.is_empty() {
                 let bytes = self.buf.bytes();
@@ -241,7 +254,21 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
                     }
                     Err(e) => return Err(Refused::Io(e)),
                 },
-                _ = stop.as_mut(), if waiting => return Ok(HeadRead::Stopped),
+                _ = stop.as_mut(), if waiting && !stopped => {
+                    if !first {
+                        return Ok(HeadRead::Stopped);
+                    }
+                    // Accepted before the shutdown and not heard from yet: its first request
+                    // is on its way (a client sends it right behind its handshake), and a
+                    // client does not send a new connection's request again when the
+                    // connection closes unanswered. It gets a short grace.
+                    stopped = true;
+                    continue;
+                }
+                // Boxed: the sleep's space would otherwise sit in every idle connection.
+                _ = async { Box::pin(tokio::time::sleep(FIRST_HEAD_GRACE)).await }, if waiting && stopped => {
+                    return Ok(HeadRead::Stopped);
+                }
             };
             if n == 0 {
                 return Ok(HeadRead::Closed);
@@ -259,17 +286,17 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
         let mut out = OutBuf::new();
         head::write_refusal(&mut out.0, e, &date());
         let _ = self.write_all(&out.0).await;
-        Box::pin(self.linger()).await;
+        Box::pin(self.linger(LINGER_TIME)).await;
     }
 
     /// Closes the connection from this side without a reset: the write side first (the client
     /// reads the end of the stream), then what the client still sends is read and dropped
-    /// until it closes too, for at most [`LINGER_TIME`] and [`LINGER_BYTES`]. Closing a socket
+    /// until it closes too, for at most `time` and [`LINGER_BYTES`]. Closing a socket
     /// with unread bytes sends a reset instead of the end of the stream, and a reset can
     /// destroy the response not yet read and tells a client whose next keep-alive request
     /// crossed the close that the request failed, where an end of stream tells it the request
     /// was never taken and may be sent again (RFC 9112 §9.6, §9.3.1).
-    async fn linger(&mut self) {
+    async fn linger(&mut self, time: Duration) {
         let _ = self.io.shutdown().await;
         let drop_rest = async {
             let mut sink = [0u8; 2048];
@@ -281,7 +308,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
                 }
             }
         };
-        let _ = tokio::time::timeout(LINGER_TIME, drop_rest).await;
+        let _ = tokio::time::timeout(time, drop_rest).await;
     }
 
     /// One request and its response; whether the connection may serve another.

@@ -16,7 +16,10 @@
 # counters that would show lost packets (nstat) and the packets the kernel dropped because a
 # core's input backlog was full (/proc/net/softnet_stat; loopback traffic goes through it).
 # Env: SETS ("none;8190 9994 7790 8181;8190 9994 7790;8181"), IDLE (10000), SLOW (500),
-#      H2C (200), SETTLE (20), ROUNDS (3), BIN (target/release/lockstep).
+#      H2C (200), SETTLE (20), ROUNDS (3), BIN (target/release/lockstep), ATTACK_CPU (the
+#      attackers' core: the last; on loopback the kernel's work for their connections, both
+#      ends, mostly runs on the core of the process that sends, so this also says where the
+#      attack's retransmission timers and handshakes land).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -63,7 +66,7 @@ for set in "${sets[@]}"; do
   attackers=()
   if [ "$set" != none ]; then
     for port in $set; do
-      "${on_load[@]}" nice -n 19 "$attacker" "$port" "$idle" "$slow" "$h2c" 600 >/dev/null &
+      taskset -c "${ATTACK_CPU:-$last_cpu}" nice -n 19 "$attacker" "$port" "$idle" "$slow" "$h2c" 600 >/dev/null &
       attackers+=($!)
     done
     sleep "$settle"

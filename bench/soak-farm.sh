@@ -4,7 +4,8 @@
 #
 # Needs: peer, bin, dir, PEER_RUN; on_appliance and on_load (command prefixes such as
 # `taskset -c 0`, or empty arrays), backend_cpu (the core for the backends, or empty: not
-# pinned), pids (an array the caller's cleanup kills).
+# pinned), pids (an array the caller's cleanup kills). Optional: SYNC_CAP (2048), ADMIN_CAP and
+# AGENT_CAP (the defaults when unset): the listeners' max_connections.
 # Sets: serve_pid, agent_pid; defines wait_port.
 
 wait_port() { # wait_port PORT: until it accepts, else the serve log and exit
@@ -45,9 +46,10 @@ sync:
   lead: 1s
   agent_token_file: agent.token
   publish_token_file: publish.token
-  max_connections: 2048
+  max_connections: ${SYNC_CAP:-2048}
 admin:
   bind: "127.0.0.1:9994"
+${ADMIN_CAP:+  max_connections: $ADMIN_CAP}
 EOF
   cat > "$dir/agent.yaml" <<EOF
 name: web-1
@@ -55,6 +57,7 @@ hub: "http://127.0.0.1:7790"
 token_file: agent.token
 store: agent
 serve: "127.0.0.1:8181"
+${AGENT_CAP:+max_connections: $AGENT_CAP}
 EOF
   (cd "$dir" && RUST_LOG=warn exec "${on_appliance[@]}" "$bin" serve -c lockstep.yaml --workers 1 2>serve.log) &
   serve_pid=$!; pids+=("$serve_pid")

@@ -433,11 +433,21 @@ fn worker_runtimes(count: usize) -> anyhow::Result<Vec<tokio::runtime::Handle>> 
 /// share: they never stop, they only yield.
 const CONTROL_NICE: i32 = 10;
 
+/// How long the control plane's thread works before it leaves its core to the proxy for as
+/// long (see [`crate::net::slice`]): the kernel would otherwise let it run to the next tick
+/// (4 ms here).
+const CONTROL_SLICE: std::time::Duration = std::time::Duration::from_micros(250);
+
 /// Starts the control plane's thread (see [`crate::appliance::Runtimes`]): a single-threaded
 /// runtime [`CONTROL_NICE`] below the process (a per-thread value on Linux; lowering one's own
-/// priority needs no privilege), running until the process exits.
+/// priority needs no privilege) on slices of [`CONTROL_SLICE`], running until the process
+/// exits.
 fn control_runtime() -> anyhow::Result<tokio::runtime::Handle> {
-    let rt = runtime(false).context("cannot start the control runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_unpark(crate::net::slice::unparked)
+        .build()
+        .context("cannot start the control runtime")?;
     let handle = rt.handle().clone();
     std::thread::Builder::new()
         .name("lockstep-control".to_string())
@@ -450,6 +460,7 @@ fn control_runtime() -> anyhow::Result<tokio::runtime::Handle> {
             if let Err(e) = lower {
                 tracing::warn!(error = %e, "the control plane runs at the proxy's priority");
             }
+            crate::net::slice::limit_this_thread(CONTROL_SLICE);
             rt.block_on(std::future::pending::<()>())
         })
         .context("cannot start the control thread")?;

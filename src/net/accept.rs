@@ -163,6 +163,8 @@ pub async fn accept_loop<L, F, Fut>(
             },
         };
         backoff = None;
+        // A burst of accepts is work like any other: a thread on short slices pauses here.
+        super::slice::checkpoint();
         match on_conn(io, peer) {
             Accepted::Serve(f) => {
                 tracker.spawn(f);

@@ -9,6 +9,8 @@
 //! - [`bind`]: listening sockets (`SO_REUSEADDR`, `SO_REUSEPORT` for several workers).
 //! - [`idle`]: the idle-connection timeout wrapper.
 //! - [`limit`]: per-listener connection caps shared by the workers accepting on it.
+//! - [`slice`]: short CPU slices for the control plane's thread, which shares a core with
+//!   the data path (it pauses after a slice of continuous work).
 //! - [`tls`]: the rustls server config (SNI among several certificates, ALPN h2 / http/1.1).
 //! - [`acme`]: the certificates ACME ordered and the challenge answers, read by the listeners.
 //! - [`body`]: the body types of the proxy, the one bounded body reader and the one way a
@@ -35,5 +37,6 @@ pub mod limit;
 pub mod proxy_protocol;
 pub mod respond;
 pub mod server;
+pub mod slice;
 pub mod tls;
 pub mod upstream;

@@ -391,14 +391,16 @@ impl HttpServer {
                 let f = handler(peer, req);
                 async move { Ok::<_, Infallible>(f.await) }
             });
+            // Sliced: on the control plane's thread a flood of connections leaves the core to
+            // the proxy's workers every slice (see `net::slice`); elsewhere a no-op.
             Accepted::Serve(
-                async move {
+                super::slice::sliced(async move {
                     let tls = match &tls {
                         Some(t) => t.acceptor(&stream, settings.header_read_timeout).await,
                         None => None,
                     };
                     serve_connection(stream, tls, settings, svc, shutdown, permit).await;
-                }
+                })
                 .instrument(debug_span!("conn", client.addr = %peer, listener = self.name)),
             )
         })

@@ -53,6 +53,8 @@ pub async fn serve(
     let mut server = HttpServer::new("admin");
     server.cap = cap;
     server.settings.header_read_timeout = std::time::Duration::from_secs(10);
+    // On the control thread: a flood of admin connections leaves the core to the proxy.
+    server.sliced = true;
     server
         .serve(
             socket,

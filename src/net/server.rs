@@ -26,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, Instrument};
@@ -350,6 +351,10 @@ pub struct HttpServer {
     /// Most connections open at once (more are closed at accept and counted), with the
     /// open-connection count and refusals (metrics registered by the owner).
     pub cap: Cap,
+    /// Its connections pass [`super::slice::checkpoint`]s (on a thread on short slices, a
+    /// flood of them leaves the core to the proxy's workers). Not for a listener whose
+    /// connections carry bulk transfers, which the pauses would halve (the hub's blobs).
+    pub sliced: bool,
 }
 
 impl HttpServer {
@@ -360,6 +365,7 @@ impl HttpServer {
             tls: None,
             settings: ConnSettings::default(),
             cap: Cap::new(DEFAULT_MAX_CONNECTIONS, ConnGate::default()),
+            sliced: false,
         }
     }
 
@@ -377,6 +383,7 @@ impl HttpServer {
         Fut: Future<Output = Response<B>> + Send + 'static,
         B: ResponseBody,
     {
+        let sliced = self.sliced;
         accept_loop(&listener, self.name, &shutdown, &tracker, |stream, peer| {
             let Some(permit) = self.cap.admit() else {
                 return Accepted::refuse(stream);
@@ -391,18 +398,19 @@ impl HttpServer {
                 let f = handler(peer, req);
                 async move { Ok::<_, Infallible>(f.await) }
             });
-            // Sliced: on the control plane's thread a flood of connections leaves the core to
-            // the proxy's workers every slice (see `net::slice`); elsewhere a no-op.
-            Accepted::Serve(
-                super::slice::sliced(async move {
-                    let tls = match &tls {
-                        Some(t) => t.acceptor(&stream, settings.header_read_timeout).await,
-                        None => None,
-                    };
-                    serve_connection(stream, tls, settings, svc, shutdown, permit).await;
-                })
-                .instrument(debug_span!("conn", client.addr = %peer, listener = self.name)),
-            )
+            let conn = async move {
+                let tls = match &tls {
+                    Some(t) => t.acceptor(&stream, settings.header_read_timeout).await,
+                    None => None,
+                };
+                serve_connection(stream, tls, settings, svc, shutdown, permit).await;
+            };
+            let span = debug_span!("conn", client.addr = %peer, listener = self.name);
+            if sliced {
+                Accepted::Serve(Either::Left(super::slice::sliced(conn).instrument(span)))
+            } else {
+                Accepted::Serve(Either::Right(conn.instrument(span)))
+            }
         })
         .await
     }

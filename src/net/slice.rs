@@ -1,5 +1,5 @@
 //! Short slices for a thread that shares a core with the data path: after a slice of
-//! continuous work it steps off the core for as long again before going on.
+//! continuous work, while the core is contended, it steps off the core for as long again.
 //!
 //! Why: the control plane's thread runs at a lower priority than the proxy's workers
 //! (`CONTROL_NICE`), which bounds its share of a contended core but not how long it keeps the
@@ -9,9 +9,20 @@
 //! (seen with `perf sched timehist`; the proxy's p99 doubled, BENCHMARKS.md). Offering the
 //! core (`sched_yield`) is not enough: the fair scheduler hands it straight back to a thread
 //! still owed its share. Sleeping is: the thread blocks, so the proxy runs, and the control
-//! plane's holds last about a slice. The price is that a burst of control-plane work takes
-//! twice as long (at most half a core while it lasts), whether or not anyone else wanted the
-//! core; its steady work, which waits between events, is not slowed.
+//! plane's holds last about a slice.
+//!
+//! Sleeping costs the control plane half its speed, which is wasted when nobody else wants the
+//! core (100 agents fetching a blob from an otherwise idle hub took 10 s instead of 5.8): so it
+//! pauses only while the core is contended, which the kernel tells: the thread, ready to run,
+//! waited for a core ([`CONTENDED_WAIT`] or more since the last check: the run delay in
+//! `/proc/thread-self/schedstat`) within the last [`CONTENTION_MEMORY`]. (Involuntary context
+//! switches were tried first: a thread that pauses itself is rarely switched out, so the
+//! contention was forgotten while it lasted.) The decision is [`Slicer`], pure; this module's
+//! functions are its shell. Where the kernel does not say, the thread never pauses.
+//!
+//! Even so, a pause stops the whole thread: checkpoints sit only where floods arrive, the
+//! accept loop and the admin listener's connections, not in the hub's, whose blob transfers
+//! they halved (100 agents fetching a 64 MiB blob: 10.6 s against 5.7, BENCHMARKS.md).
 //!
 //! A thread opts in with [`limit_this_thread`]; its runtime calls [`unparked`] each time it
 //! wakes from waiting (`on_thread_unpark`), which starts a new slice; [`sliced`] futures and
@@ -19,45 +30,128 @@
 //! read.
 #![allow(clippy::disallowed_methods)] // I/O shell: the slice is measured on the clock
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::fs::File;
 use std::future::{poll_fn, Future};
+use std::os::unix::fs::FileExt;
 use std::pin::pin;
 use std::time::{Duration, Instant};
 
+/// How long a wait for the core marks it as contended.
+pub const CONTENTION_MEMORY: Duration = Duration::from_millis(100);
+/// A wait for the core this long (in total since the last check) is contention; shorter is
+/// a wake-up's ordinary latency.
+pub const CONTENDED_WAIT: Duration = Duration::from_micros(50);
+
+/// When a thread on slices pauses: the pure core of this module.
+#[derive(Debug, Clone, Copy)]
+pub struct Slicer {
+    slice: Duration,
+    began: Instant,
+    waited: Duration,
+    contended_until: Option<Instant>,
+}
+
+impl Slicer {
+    /// Slices of `slice`, the first beginning `now`; `waited`: how long the thread has waited
+    /// for a core so far.
+    pub fn new(slice: Duration, now: Instant, waited: Duration) -> Slicer {
+        Slicer {
+            slice,
+            began: now,
+            waited,
+            contended_until: None,
+        }
+    }
+
+    /// The thread woke from waiting at `now`: a new slice.
+    pub fn unparked(&mut self, now: Instant) {
+        self.began = now;
+    }
+
+    /// Whether the slice begun last is spent at `now` (then the caller reads the wait and
+    /// calls [`Slicer::spent`]).
+    pub fn is_spent(&self, now: Instant) -> bool {
+        now.duration_since(self.began) >= self.slice
+    }
+
+    /// The slice is spent at `now` and the thread has waited `waited` for a core so far: how
+    /// long to pause (the core is contended), if at all. A new slice begins at the end of the
+    /// pause.
+    pub fn spent(&mut self, now: Instant, waited: Duration) -> Option<Duration> {
+        if waited.saturating_sub(self.waited) >= CONTENDED_WAIT {
+            self.contended_until = Some(now + CONTENTION_MEMORY);
+        }
+        self.waited = waited;
+        let pause = self
+            .contended_until
+            .is_some_and(|until| now < until)
+            .then_some(self.slice);
+        self.began = now + pause.unwrap_or_default();
+        pause
+    }
+}
+
 thread_local! {
-    /// This thread's slice and when its current one began; `None`: not limited.
-    static SLICE: Cell<Option<(Duration, Instant)>> = const { Cell::new(None) };
+    /// This thread's slices; `None`: not limited.
+    static SLICE: Cell<Option<Slicer>> = const { Cell::new(None) };
+    /// This thread's `/proc/thread-self/schedstat`, open while it is limited.
+    static SCHEDSTAT: RefCell<Option<File>> = const { RefCell::new(None) };
+}
+
+/// How long this thread has waited for a core so far (the second field of its schedstat: run
+/// delay, in nanoseconds); zero when the kernel will not say.
+fn waited() -> Duration {
+    SCHEDSTAT.with(|f| {
+        let f = f.borrow();
+        let Some(f) = f.as_ref() else {
+            return Duration::ZERO;
+        };
+        let mut buf = [0u8; 96];
+        let n = f.read_at(&mut buf, 0).unwrap_or(0);
+        std::str::from_utf8(&buf[..n])
+            .ok()
+            .and_then(|s| s.split_ascii_whitespace().nth(1))
+            .and_then(|ns| ns.parse().ok())
+            .map_or(Duration::ZERO, Duration::from_nanos)
+    })
 }
 
 /// From now on, this thread steps off the core at a [`checkpoint`] once it has worked `slice`
-/// without waiting.
+/// without waiting, while its core is contended.
 pub fn limit_this_thread(slice: Duration) {
-    SLICE.with(|s| s.set(Some((slice, Instant::now()))));
+    SCHEDSTAT.with(|f| *f.borrow_mut() = File::open("/proc/thread-self/schedstat").ok());
+    let s = Slicer::new(slice, Instant::now(), waited());
+    SLICE.with(|c| c.set(Some(s)));
 }
 
 /// The thread woke from waiting: its slice starts over (a runtime's `on_thread_unpark`).
 pub fn unparked() {
-    SLICE.with(|s| {
-        if let Some((slice, _)) = s.get() {
-            s.set(Some((slice, Instant::now())));
+    SLICE.with(|c| {
+        if let Some(mut s) = c.get() {
+            s.unparked(Instant::now());
+            c.set(Some(s));
         }
     });
 }
 
-/// Steps off the core for a slice if this thread is limited and its slice is spent; whether
-/// it did.
+/// Steps off the core for a slice if this thread is limited, its slice is spent and its core
+/// contended; whether it did.
 pub fn checkpoint() -> bool {
-    SLICE.with(|s| {
-        let Some((slice, began)) = s.get() else {
+    SLICE.with(|c| {
+        let Some(mut s) = c.get() else {
             return false;
         };
         let now = Instant::now();
-        if now.duration_since(began) < slice {
+        if !s.is_spent(now) {
             return false;
         }
-        std::thread::sleep(slice);
-        s.set(Some((slice, Instant::now())));
-        true
+        let pause = s.spent(now, waited());
+        c.set(Some(s));
+        if let Some(d) = pause {
+            std::thread::sleep(d);
+        }
+        pause.is_some()
     })
 }
 
@@ -75,37 +169,76 @@ pub async fn sliced<F: Future>(f: F) -> F::Output {
 mod tests {
     use super::*;
 
-    /// Burns `d` of CPU on this thread.
-    fn spin(d: Duration) {
-        let t = Instant::now();
-        while t.elapsed() < d {
-            std::hint::spin_loop();
-        }
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn no_pause_before_the_slice_is_spent_nor_on_a_core_nobody_else_wants() {
+        let t0 = Instant::now();
+        let mut s = Slicer::new(MS, t0, 5 * MS);
+        assert!(!s.is_spent(t0 + MS / 2));
+        assert!(s.is_spent(t0 + MS));
+        let ordinary = 5 * MS + CONTENDED_WAIT / 2;
+        assert_eq!(
+            s.spent(t0 + MS, ordinary),
+            None,
+            "no wait for the core: run on"
+        );
+        assert!(!s.is_spent(t0 + MS + MS / 2), "a new slice began");
     }
 
     #[test]
-    fn an_unlimited_thread_never_yields() {
+    fn a_wait_for_the_core_makes_it_pause_each_slice_for_a_while() {
+        let t0 = Instant::now();
+        let mut s = Slicer::new(MS, t0, 5 * MS);
+        assert_eq!(s.spent(t0 + MS, 6 * MS), Some(MS), "waited 1 ms: contended");
+        // The next slice begins after the pause.
+        assert!(!s.is_spent(t0 + 2 * MS + MS / 2));
+        assert!(s.is_spent(t0 + 3 * MS));
+        // No new wait, but within the memory of the last: still pauses.
+        assert_eq!(s.spent(t0 + 3 * MS, 6 * MS), Some(MS));
+        // Past the memory with no new wait: runs on.
+        let later = t0 + MS + CONTENTION_MEMORY;
+        assert_eq!(s.spent(later, 6 * MS), None);
+        // Small waits do not add up across checks; a new wait renews it.
+        assert_eq!(s.spent(later + MS, 6 * MS + CONTENDED_WAIT / 2), None);
+        assert_eq!(s.spent(later + 2 * MS, 7 * MS), Some(MS));
+    }
+
+    #[test]
+    fn waking_from_a_wait_starts_a_new_slice() {
+        let t0 = Instant::now();
+        let mut s = Slicer::new(MS, t0, Duration::ZERO);
+        s.unparked(t0 + 10 * MS);
+        assert!(!s.is_spent(t0 + 10 * MS + MS / 2));
+        assert!(s.is_spent(t0 + 11 * MS));
+    }
+
+    #[test]
+    fn the_kernel_says_how_long_a_limited_thread_waited() {
         std::thread::spawn(|| {
-            spin(Duration::from_millis(2));
-            assert!(!checkpoint());
-            unparked();
-            assert!(!checkpoint());
+            limit_this_thread(Duration::from_secs(3600));
+            // Readable here (the run delay may still be zero on an idle core).
+            assert!(SCHEDSTAT.with(|f| f.borrow().is_some()));
+            let t = Instant::now();
+            while t.elapsed() < 20 * MS {
+                std::hint::spin_loop();
+            }
+            let _ = waited();
         })
         .join()
         .unwrap();
     }
 
     #[test]
-    fn a_limited_thread_yields_once_its_slice_is_spent_and_starts_over() {
+    fn an_unlimited_thread_never_pauses() {
         std::thread::spawn(|| {
-            limit_this_thread(Duration::from_millis(50));
-            assert!(!checkpoint(), "the slice just began");
-            spin(Duration::from_millis(60));
-            assert!(checkpoint(), "spent: steps off");
-            assert!(!checkpoint(), "a new slice after the pause");
-            spin(Duration::from_millis(60));
+            let t = Instant::now();
+            while t.elapsed() < 2 * MS {
+                std::hint::spin_loop();
+            }
+            assert!(!checkpoint());
             unparked();
-            assert!(!checkpoint(), "waking from a wait starts a new slice");
+            assert!(!checkpoint());
         })
         .join()
         .unwrap();

@@ -33,24 +33,11 @@ need wrk wrk
 need taskset util-linux
 need nstat iproute2
 
-(cd "$root" && cargo build --release --quiet --bins --example soakattack)
-bin=${BIN:-$root/target/release/lockstep}
-attacker=$root/target/release/examples/soakattack
-ulimit -n "$(ulimit -Hn)"
-
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  "$peer" stop backends >/dev/null 2>&1 || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+. "$here/soak-farm.sh"
+soak_farm_setup
 # The appliance on core 0; the agent, the backends, wrk and the attackers on the last core.
 last_cpu=$(( $(nproc) - 1 ))
 on_appliance=(taskset -c 0); on_load=(taskset -c "$last_cpu"); backend_cpu=$last_cpu
-. "$here/soak-farm.sh"
 soak_farm_start
 
 # backlog_drops -> packets dropped so far at the cores' input backlogs (netdev_max_backlog)

@@ -2,11 +2,35 @@
 # `lockstep serve --workers 1` (proxy :8190 in front of the peers' two benchmark backends, sync
 # hub :7790, admin API :9994) and one `lockstep agent` serving :8181, with fresh tokens in $dir.
 #
-# Needs: peer, bin, dir, PEER_RUN; on_appliance and on_load (command prefixes such as
+# soak_farm_setup (first): builds lockstep and examples/soakattack, sets bin (BIN, or the release
+# build), attacker, dir (a fresh temporary directory) and pids, raises the open-file limit, and
+# traps EXIT to kill what pids holds (and any background job left), stop the backends and remove dir. Needs root (the
+# project's directory) and peer.
+#
+# soak_farm_start needs: peer, bin, dir, PEER_RUN; on_appliance and on_load (command prefixes such as
 # `taskset -c 0`, or empty arrays), backend_cpu (the core for the backends, or empty: not
 # pinned), pids (an array the caller's cleanup kills). Optional: SYNC_CAP (2048), ADMIN_CAP and
 # AGENT_CAP (the defaults when unset): the listeners' max_connections.
 # Sets: serve_pid, agent_pid; defines wait_port.
+
+soak_farm_setup() {
+  (cd "$root" && cargo build --release --quiet --bins --example soakattack)
+  bin=${BIN:-$root/target/release/lockstep}
+  attacker=$root/target/release/examples/soakattack
+  ulimit -n "$(ulimit -Hn)"
+  dir=$(mktemp -d)
+  pids=()
+  trap soak_farm_cleanup EXIT
+}
+
+soak_farm_cleanup() {
+  # What pids holds and any background job still running (attackers, fetchers on an early exit).
+  local left; left=("${pids[@]}" $(jobs -p))
+  for p in "${left[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${left[@]}"; do wait "$p" 2>/dev/null || true; done
+  "$peer" stop backends >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
 
 wait_port() { # wait_port PORT: until it accepts, else the serve log and exit
   for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done

@@ -58,20 +58,8 @@ need curl curl
 need python3 python3
 need taskset util-linux
 
-(cd "$root" && cargo build --release --quiet --bins --example soakattack)
-bin=${BIN:-$root/target/release/lockstep}
-attacker=$root/target/release/examples/soakattack
-ulimit -n "$(ulimit -Hn)"
-
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  "$peer" stop backends >/dev/null 2>&1 || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+. "$here/soak-farm.sh"
+soak_farm_setup
 # The appliance on core 0, the rest (`load`) on the last core.
 last_cpu=$(( $(nproc) - 1 ))
 if [ "$pin" = 1 ] && [ "$last_cpu" -gt 0 ]; then
@@ -81,7 +69,6 @@ else
 fi
 load() { "${on_load[@]}" "$@"; }
 backend_cpu=; [ "$pin" = 1 ] && [ "$last_cpu" -gt 0 ] && backend_cpu=$last_cpu
-. "$here/soak-farm.sh"
 soak_farm_start
 
 # Two releases: a blob of a quarter of BLOB_MIB, then one of BLOB_MIB.

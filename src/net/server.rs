@@ -440,17 +440,18 @@ mod tests {
         assert!(size <= 1280, "{size} bytes");
     }
 
-    /// A connection closed from this side (here an idle keep-alive one at shutdown) ends its
-    /// stream first and then reads and drops what the client still sends: a request that
-    /// crossed the close must not be answered with a reset (which fails it, where the end of
-    /// the stream tells the client to send it again on a new connection). The old code closed
-    /// the socket, so the client's second write after the late request met the reset.
-    #[tokio::test]
-    async fn a_request_crossing_the_close_at_shutdown_meets_no_reset() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// A client connected over loopback to a connection served with `settings` (every request
+    /// answered `200 ok`), the serving task, and its shutdown token.
+    async fn served_pair(
+        settings: super::ConnSettings,
+    ) -> (
+        tokio::net::TcpStream,
+        tokio::task::JoinHandle<()>,
+        tokio_util::sync::CancellationToken,
+    ) {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
             .await
             .unwrap();
         let (s, _) = l.accept().await.unwrap();
@@ -460,7 +461,6 @@ mod tests {
             )))
         });
         let permit = super::ConnGate::default().admit(1).unwrap();
-        let settings = super::ConnSettings::default();
         let served = tokio::spawn(super::serve_connection(
             s,
             None,
@@ -469,6 +469,18 @@ mod tests {
             shutdown.clone(),
             permit,
         ));
+        (c, served, shutdown)
+    }
+
+    /// A connection closed from this side (here an idle keep-alive one at shutdown) ends its
+    /// stream first and then reads and drops what the client still sends: a request that
+    /// crossed the close must not be answered with a reset (which fails it, where the end of
+    /// the stream tells the client to send it again on a new connection). The old code closed
+    /// the socket, so the client's second write after the late request met the reset.
+    #[tokio::test]
+    async fn a_request_crossing_the_close_at_shutdown_meets_no_reset() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut c, served, shutdown) = served_pair(super::ConnSettings::default()).await;
         let req = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
         c.write_all(req).await.unwrap();
         let mut got = Vec::new();
@@ -504,27 +516,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_accepted_before_the_shutdown_gets_its_first_request_answered() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        let svc = hyper::service::service_fn(|_req| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                bytes::Bytes::from_static(b"ok"),
-            )))
-        });
-        let permit = super::ConnGate::default().admit(1).unwrap();
-        let settings = super::ConnSettings::default();
-        let served = tokio::spawn(super::serve_connection(
-            s,
-            None,
-            settings,
-            svc,
-            shutdown.clone(),
-            permit,
-        ));
+        let (mut c, served, shutdown) = served_pair(super::ConnSettings::default()).await;
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         shutdown.cancel();
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -547,28 +539,9 @@ mod tests {
     #[tokio::test]
     async fn a_silent_new_connection_is_closed_after_the_grace_at_shutdown() {
         use tokio::io::AsyncReadExt;
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        let svc = hyper::service::service_fn(|_req| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
-                bytes::Bytes,
-            >::new()))
-        });
-        let permit = super::ConnGate::default().admit(1).unwrap();
         let mut settings = super::ConnSettings::default();
         settings.header_read_timeout = std::time::Duration::from_secs(60);
-        let served = tokio::spawn(super::serve_connection(
-            s,
-            None,
-            settings,
-            svc,
-            shutdown.clone(),
-            permit,
-        ));
+        let (mut c, served, shutdown) = served_pair(settings).await;
         shutdown.cancel();
         let mut b = [0u8; 16];
         let n = tokio::time::timeout(std::time::Duration::from_secs(10), c.read(&mut b))

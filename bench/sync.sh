@@ -13,7 +13,13 @@
 #    back to back from 2 ms before it until it sees the flip, so a window is one or two poll
 #    round trips (~0.1 ms) wide; between flips it polls every 20 ms.
 #    Skew of a flip: the spread of the windows' midpoints, and the least spread the windows
-#    allow; the windows' width is the resolution.
+#    allow; the windows' width is the resolution (~1 ms: at the activation eight agents and
+#    eight pollers want two cores). Finer, and as much from outside the agents: a uprobe on the
+#    agents' flip (the `make_active` store, kept out of line for it) timestamps each agent's
+#    flip on the kernel's monotonic clock (a tracefs instance with `trace_clock` mono; the
+#    agents under faketime cannot shift it); the skew of a flip is the spread of those eight
+#    instants, each checked to lie inside its agent's window from outside. Needs root and
+#    uprobes (TRACE=0 skips it).
 # 2. Load: `wrk` on two agents (one skewed) during LOAD_FLIPS (5) flips; a Lua check counts
 #    answers whose body does not belong to the release in their X-Lockstep-Release header
 #    (mixed) and non-200 answers; flipwatch measures the skew of these flips under the load.
@@ -22,7 +28,8 @@
 #
 # Everything shares two cores, so the agents, the pollers and wrk compete: read the skew as an
 # upper bound. Env: AGENTS, FLIPS, LOAD_FLIPS, FILES (10000), KEEP=1 keeps the working
-# directory.
+# directory, EXP_RENICE=1 runs the hub's threads at nice 0 instead of its control thread's 10
+# (the experiment in BENCHMARKS.md).
 # CLUSTER=1: two appliances' hubs sharing the state in a three-member etcd (`sync.cluster`,
 # Debian etcd-server), the agents given both hubs, publishing to the first; at the end the
 # first hub is killed (kill -9) a second before an activation: that flip's skew, seen from
@@ -47,7 +54,8 @@ watch=$target/examples/flipwatch
 work=$(mktemp -d /tmp/lockstep-sync-bench.XXXXXX)
 pids=()
 # faketime runs its agent as a child: kill by the working directory in the command lines too.
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; pkill -f "$work/" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
+cleanup_trace=:
+cleanup() { $cleanup_trace 2>/dev/null || true; for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; pkill -f "$work/" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
 cd "$work"
 umask 077
@@ -165,7 +173,34 @@ site() { # N -> a small site whose every file names flip N
 }
 
 sleep 1
+if [ -n "${EXP_RENICE:-}" ]; then for t in /proc/$hub_pid/task/*; do renice -n 0 -p "${t##*/}" >/dev/null; done; fi
 site 0; r=$(publish site +2s); wait_all "$r"
+flip_trace=""
+if [ "${TRACE:-1}" != 0 ]; then
+  # The uprobe: the file offset of make_active's symbol in the agents' binary.
+  tr=/sys/kernel/tracing
+  [ -w "$tr/uprobe_events" ] || { echo "uprobes: $tr/uprobe_events is not writable (root and a kernel with uprobes; TRACE=0 skips it)" >&2; exit 1; }
+  sym=$(nm "$bin" | awk '$3 ~ /8activate11make_active/ && !found {print $1; found = 1}')
+  [ -n "$sym" ] || { echo "no make_active symbol in $bin (stripped?)" >&2; exit 1; }
+  off=$(readelf -lW "$bin" | python3 -c '
+import sys
+a = int(sys.argv[1], 16)
+for l in sys.stdin:
+    f = l.split()
+    if f[:1] == ["LOAD"] and int(f[2], 16) <= a < int(f[2], 16) + int(f[5], 16):
+        print(hex(a - int(f[2], 16) + int(f[1], 16))); break' "$sym")
+  [ -n "$off" ] || { echo "make_active (0x$sym) is in no LOAD segment of $bin" >&2; exit 1; }
+  flip_trace=$tr/instances/lockstep-flips
+  rmdir "$flip_trace" 2>/dev/null || true
+  echo "-:lockstep_bench/flip" >> "$tr/uprobe_events" 2>/dev/null || true
+  echo "p:lockstep_bench/flip $bin:$off" >> "$tr/uprobe_events"
+  mkdir "$flip_trace"
+  echo mono > "$flip_trace/trace_clock"
+  echo 1 > "$flip_trace/options/record-tgid"
+  echo 1 > "$flip_trace/events/lockstep_bench/flip/enable"
+  untrace() { echo 0 > "$flip_trace/events/lockstep_bench/flip/enable"; rmdir "$flip_trace"; echo "-:lockstep_bench/flip" >> "$tr/uprobe_events"; }
+  cleanup_trace=untrace
+fi
 echo "== skew: $agents agents (web-$((agents - 1)) at +1h, web-$agents at -1h), $flips flips =="
 : > at.txt
 "$watch" --seconds $((flips * 3 + 5)) --at-file at.txt "${addrs[@]}" > flips.jsonl &
@@ -177,15 +212,18 @@ for n in $(seq 1 "$flips"); do
 done
 wait "$watch_pid"
 cat > skew.py <<'EOF'
-# skew.py AGENTS RELEASES FLIPS_JSONL: the skew of each flip as flipwatch saw it.
-import json, sys
+# skew.py AGENTS RELEASES FLIPS_JSONL [TRACE AT]: the skew of each flip as flipwatch saw it,
+# and, given the uprobe's trace and the activation instants, as the kernel timestamped it.
+import json, re, sys
 agents = int(sys.argv[1])
 releases = [l.strip() for l in open(sys.argv[2]) if l.strip()]
-seen, summary = {}, []
+seen, summary, mono_start_us = {}, [], None
 for line in open(sys.argv[3]):
     d = json.loads(line)
     if "release" in d:
         seen.setdefault(d["release"], {})[d["agent"]] = (d["lo_us"], d["hi_us"])
+    elif "mono_start_ns" in d:
+        mono_start_us, wall_start_us = d["mono_start_ns"] / 1000, d["wall_start_ns"] / 1000
     else:
         summary.append(d)
 mids, lows, widths, missing = [], [], [], []
@@ -209,8 +247,57 @@ print(f"skew, window midpoints:        p50 {ms(pick(mids, .5))}  p99 {ms(pick(mi
 print(f"skew, least the windows allow: p50 {ms(pick(lows, .5))}  p99 {ms(pick(lows, .99))}  max {ms(lows[-1] if lows else 0)}")
 rt = sorted(s["median_round_trip_us"] for s in summary)
 print(f"resolution: observation window p50 {ms(pick(widths, .5))}  p99 {ms(pick(widths, .99))}  max {ms(widths[-1] if widths else 0)}; median poll round trip {rt[0]}..{rt[-1]} us")
+if len(sys.argv) < 5:
+    sys.exit()
+# The uprobe's events: "<comm>-<tid> (<tgid>) [cpu] <flags> <seconds>: flip: ...", seconds on
+# CLOCK_MONOTONIC; the process is an agent, told apart by its config file's name.
+agent_of, flips = {}, {}
+for line in open(sys.argv[4]):
+    m = re.search(r"-\d+\s+\(\s*(\d+)\)\s+\[\d+\]\s+\S+\s+(\d+\.\d+): flip:", line)
+    if not m:
+        continue
+    tgid = int(m.group(1))
+    if tgid not in agent_of:
+        try:
+            cmd = open(f"/proc/{tgid}/cmdline", "rb").read().decode(errors="replace")
+            agent_of[tgid] = int(re.search(r"agent-(\d+)\.yaml", cmd).group(1)) - 1
+        except (OSError, AttributeError):
+            agent_of[tgid] = None
+    if agent_of[tgid] is not None:
+        flips.setdefault(agent_of[tgid], []).append(float(m.group(2)) * 1e6 - mono_start_us)
+# Each agent's traced flip must lie in its window from outside (the old answer's poll sent
+# before it, the new answer received after it); 20 µs of slack for the probe's own trap.
+# Lateness from outside: a traced flip after the activation instant nearest to it (at.txt: µs
+# since the epoch on the hub's clock, which is this host's), per agent.
+due = [int(l) - wall_start_us for l in open(sys.argv[5]) if l.strip()]
+late = {}
+skews, inside, outside, untraced = [], 0, [], 0
+for r in releases:
+    got = seen.get(r, {})
+    at = []
+    for a, (lo, hi) in got.items():
+        hits = [t for t in flips.get(a, []) if lo - 20 <= t <= hi + 20]
+        if hits:
+            inside += 1
+            at.append(hits[0])
+            late.setdefault(a, []).append(hits[0] - min(due, key=lambda d: abs(d - hits[0])))
+        else:
+            near = min(flips.get(a, [float("inf")]), key=lambda t: abs(t - (lo + hi) / 2))
+            outside.append((r[:12], a, lo, hi, near))
+    if len(at) == agents:
+        skews.append(max(at) - min(at))
+    else:
+        untraced += 1
+skews.sort()
+us = lambda x: f"{x:.0f} us"
+print(f"skew, kernel timestamps of the flips (uprobe): p50 {us(pick(skews, .5))}  p99 {us(pick(skews, .99))}  max {us(skews[-1] if skews else 0)}  over {len(skews)} flips ({untraced} not traced on every agent)")
+print(f"  each timestamp inside its agent's window from outside: {inside} of {inside + len(outside)}" + (f"; outside: {outside[:4]}" if outside else ""))
+print("  lateness from outside per agent (traced flip - activation instant), min / median / max:")
+for a in sorted(late):
+    xs = sorted(late[a])
+    print(f"    agent {a + 1}: {us(xs[0])} / {us(pick(xs, .5))} / {us(xs[-1])}")
 EOF
-python3 skew.py "$agents" releases.txt flips.jsonl
+python3 skew.py "$agents" releases.txt flips.jsonl ${flip_trace:+"$flip_trace/trace" at.txt}
 echo "hub: offsets and lateness as the agents reported them:"
 "$bin" status --hub "$hub" "${pub_args[@]}" | sed -n '1,20p'
 
@@ -246,7 +333,9 @@ for j in "${wrk_pids[@]}"; do wait "$j" 2>/dev/null || true; done
 sleep 1
 for p in "${ports[0]}" "${ports[$((agents - 2))]}"; do echo "agent :$p: $(grep -E 'Requests/sec' "wrk-$p.txt" | tr -s ' ')"; grep checked "wrk-$p.txt"; done
 echo "skew of the flips under load (flipwatch on all $agents agents while wrk loads two):"
-python3 skew.py "$agents" releases-load.txt flips-load.jsonl
+python3 skew.py "$agents" releases-load.txt flips-load.jsonl ${flip_trace:+"$flip_trace/trace" at.txt}
+echo "hub: offsets and lateness as the agents reported them after the load:"
+"$bin" status --hub "$hub" "${pub_args[@]}" | sed -n '1,20p'
 
 echo "== transfer: $files-file release, then one file changed =="
 rm -rf big; mkdir -p big
@@ -269,12 +358,13 @@ wait_all "$r"
 set -- $(fetched); b0=$1; n0=$2
 echo "first publish: $(grep -E '^files' publish.log | tail -1)"
 echo "the $files-file release: publish (hash, upload${TRUST:+, sign}) took $(python3 -c "print(f'{$t1 - $t0:.2f}')") s; the agents spent $(python3 -c "print(f'{$(agent_cpu) - $cpu0:.2f}')") s of CPU staging it"
-printf '<p>changed</p>\n' > big/d3/f1600.html
+changed=big/d$(( files / 2 / 500 ))/f$(( files / 2 )).html
+printf '<p>changed</p>\n' > "$changed"
 r=$(publish big); wait_all "$r"
 set -- $(fetched); b1=$1; n1=$2
 echo "one file changed: $(grep -E '^files' publish.log | tail -1)"
 manifest=$(curl -s "${curl_auth[@]}" "$hub/sync/v1/releases/$r" | wc -c)
-echo "web-1 fetched $((n1 - n0)) blob(s), $((b1 - b0)) bytes of blobs, plus the manifest ($manifest bytes); the changed file is $(stat -c %s big/d3/f1600.html) bytes"
+echo "web-1 fetched $((n1 - n0)) blob(s), $((b1 - b0)) bytes of blobs, plus the manifest ($manifest bytes); the changed file is $(stat -c %s "$changed") bytes"
 
 if [ -n "${CLUSTER:-}" ]; then
   echo "== failover: kill -9 of the agents' hub 1 s before an activation =="
@@ -290,7 +380,7 @@ if [ -n "${CLUSTER:-}" ]; then
   # from the agents' own log times (those under faketime shifted back by their offset).
   wait "$kill_watch"
   echo "the flip a second after the kill, from outside (flipwatch on all $agents agents):"
-  python3 skew.py "$agents" releases-kill.txt flips-kill.jsonl
+  python3 skew.py "$agents" releases-kill.txt flips-kill.jsonl ${flip_trace:+"$flip_trace/trace" at.txt}
   python3 - "$t0" "$agents" <<'PY'
 import datetime, re, sys
 t0, agents = int(sys.argv[1]), int(sys.argv[2])

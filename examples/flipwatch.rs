@@ -8,7 +8,9 @@
 //! answered by `H`, with the new one, so it flipped inside `[L, H]` — the width of that window
 //! is the resolution of the observation (it grows when the agent or the poller waits for a
 //! core). At the end (after `--seconds`), one summary line per agent gives its poll count and
-//! median poll round trip.
+//! median poll round trip. The first line, `{"mono_start_ns":N,"wall_start_ns":W}`, is the
+//! instant those µs count from on CLOCK_MONOTONIC and on the wall clock, so that the windows can
+//! be set beside kernel timestamps and activation instants.
 //!
 //! With `--at-file F`, the pollers know when flips are due: `F` receives activation instants
 //! (µs since the Unix epoch, the hub's clock — this host's, one per line, appended while it
@@ -128,6 +130,18 @@ fn main() {
         }
     }
     let start = Instant::now();
+    // Instant is CLOCK_MONOTONIC on Linux: this line places the µs below on the kernel's clock,
+    // where `bench/sync.sh`'s uprobe timestamps the agents' flips.
+    // The wall clock read beside it maps activation instants (the hub's clock: this host's) onto
+    // the same line.
+    let ns = |t: rustix::time::Timespec| t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128;
+    let mono = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let wall = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+    println!(
+        "{{\"mono_start_ns\":{},\"wall_start_ns\":{}}}",
+        ns(mono),
+        ns(wall)
+    );
     let end = start + Duration::from_secs(seconds);
     let tail = Duration::from_millis(100);
     let due = Arc::new(Due::default());

@@ -445,6 +445,7 @@ const CONTROL_SLICE: std::time::Duration = std::time::Duration::from_micros(250)
 fn control_runtime() -> anyhow::Result<tokio::runtime::Handle> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(crate::net::slice::parked)
         .on_thread_unpark(crate::net::slice::unparked)
         .build()
         .context("cannot start the control runtime")?;

@@ -338,10 +338,10 @@ pub fn render_outcome(o: &Outcome) -> String {
     )
 }
 
-/// A hub time as RFC 3339 with milliseconds.
+/// A hub time as RFC 3339 with microseconds (the unit the flips are scheduled and measured in).
 pub fn show_time(us: u64) -> String {
     let t = UNIX_EPOCH + Duration::from_micros(us);
-    humantime::format_rfc3339_millis(t).to_string()
+    humantime::format_rfc3339_micros(t).to_string()
 }
 
 /// Signed µs as a short human string (`+1.234ms`, `-3600.000s`).
@@ -567,6 +567,13 @@ mod tests {
         assert_eq!(show_us(-3_600_000_000), "-3600.000s");
         assert_eq!(show_us(1_234), "+1.234ms");
         assert_eq!(show_us(12), "+12µs");
-        assert_eq!(show_time(1_767_225_600_000_000), "2026-01-01T00:00:00.000Z");
+        assert_eq!(
+            show_time(1_767_225_600_000_000),
+            "2026-01-01T00:00:00.000000Z"
+        );
+        assert_eq!(
+            show_time(1_767_225_600_000_123),
+            "2026-01-01T00:00:00.000123Z"
+        );
     }
 }

@@ -13,7 +13,8 @@
 //! thread also asks for real-time priority (SCHED_FIFO 1) so that a busy host does not make it
 //! wait for a core at the deadline; without the privilege it runs as an ordinary thread. The deadline can be moved
 //! while the thread sleeps (a fresher clock estimate), and the flip cancelled until it fires;
-//! exactly one of "fired" and "cancelled" wins.
+//! exactly one of "fired" and "cancelled" wins. The store is [`make_active`], kept out of line
+//! as the probe point of the benchmark's outside measurement.
 #![allow(clippy::disallowed_methods)] // I/O shell: the flip thread sleeps and spins against the monotonic clock
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -213,9 +214,17 @@ fn run<T>(
     {
         return;
     }
-    active.store(Some(release.clone()));
+    make_active(active, &release);
     let at = Instant::now();
     let _ = done.send(Fired { release, at, tag });
+}
+
+/// The flip itself: one atomic store. A function of its own, never inlined, so that a uprobe on
+/// its symbol timestamps each agent's flip on the kernel's clock from outside the agent
+/// (`bench/sync.sh`, whose agents run under libfaketime, measures the skew that way).
+#[inline(never)]
+fn make_active(active: &Active, release: &Arc<Release>) {
+    active.store(Some(release.clone()));
 }
 
 #[cfg(test)]

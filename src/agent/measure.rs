@@ -1,6 +1,6 @@
 //! Measures the offset between the hub's clock and this agent's:
-//! several `GET /sync/v1/time` exchanges over one kept-alive connection, the lowest-delay one
-//! kept ([`clock::estimate`]). Local times `t1`/`t4` come from one [`Anchor`] taken at start
+//! several `GET /sync/v1/time` exchanges over one kept-alive connection, a random moment apart
+//! ([`SAMPLE_GAP`]), the lowest-delay one kept ([`clock::estimate`]). Local times `t1`/`t4` come from one [`Anchor`] taken at start
 //! plus the monotonic clock, never from the wall clock per sample, so a wall-clock step moves
 //! neither the offset nor a deadline.
 #![allow(clippy::disallowed_methods)] // I/O shell: clock samples are readings of the clock
@@ -19,6 +19,12 @@ use crate::sync::protocol::{TimeReply, PREFIX};
 
 /// Exchanges per measurement.
 pub const SAMPLES: usize = 8;
+/// Before each exchange the agent waits a random time in this range: every agent measures
+/// shortly before the same activation, and back-to-back exchanges from eight agents arrived at
+/// the hub together, each queued behind the others (the hub answers them one at a time), so
+/// that no sample was clean. Spread out, most find the hub idle; a measurement takes ~20 ms.
+pub const SAMPLE_GAP: std::ops::Range<Duration> =
+    Duration::from_micros(500)..Duration::from_millis(4);
 /// Longest one exchange may take.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -34,6 +40,8 @@ pub async fn measure(
     let mut last_err = None;
     let path = format!("{PREFIX}/time");
     for _ in 0..samples.max(1) {
+        let gap = rand::random_range(SAMPLE_GAP);
+        tokio::time::sleep(gap).await;
         let t1 = anchor.local_us(Instant::now());
         let answer = client
             .send(Method::GET, &path, None, EXCHANGE_TIMEOUT)
@@ -46,6 +54,7 @@ pub async fn measure(
                     t2: r.receive_us,
                     t3: r.send_us,
                     t4,
+                    queued: r.queued_us,
                 }),
                 Err(e) => {
                     last_err = Some(ClientError::Decode {

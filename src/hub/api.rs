@@ -116,8 +116,9 @@ pub async fn handle(
     loopback: bool,
     shutdown: &CancellationToken,
 ) -> Answer {
-    // Taken first, for the clock exchange.
+    // Taken first, for the clock exchange, with how long the request waited for this thread.
     let receive_us = hub.now_us() as i64;
+    let queued = crate::net::slice::queued();
     let endpoint = Endpoint::parse(req.method(), req.uri().path(), req.uri().query());
     let roles = match &endpoint {
         Ok(e) => e.roles(),
@@ -134,7 +135,11 @@ pub async fn handle(
         Ok(e) => e,
         Err(e) => return error(e.status(), e.to_string()),
     };
-    match dispatch(hub, &caller, endpoint, req, shutdown, receive_us).await {
+    let received = Received {
+        at_us: receive_us,
+        queued_us: i64::try_from(queued.as_micros()).unwrap_or(i64::MAX),
+    };
+    match dispatch(hub, &caller, endpoint, req, shutdown, received).await {
         Ok(a) | Err(a) => a,
     }
 }
@@ -182,16 +187,24 @@ fn refused(hub: &Hub, r: Refusal) -> Answer {
     }
 }
 
+/// When a request reached the hub: its time on the hub's clock, and how long it had waited
+/// for the hub's thread before that ([`crate::net::slice::queued`]).
+#[derive(Debug, Clone, Copy)]
+struct Received {
+    at_us: i64,
+    queued_us: i64,
+}
+
 async fn dispatch(
     hub: &Arc<Hub>,
     caller: &Caller,
     endpoint: Endpoint,
     req: Request<ClientBody>,
     shutdown: &CancellationToken,
-    receive_us: i64,
+    received: Received,
 ) -> Result<Answer, Answer> {
     match endpoint {
-        Endpoint::Time => Ok(time(hub, receive_us)),
+        Endpoint::Time => Ok(time(hub, received)),
         Endpoint::Schedule { wait } => Ok(schedule(hub, wait, shutdown).await),
         Endpoint::Fleet => Ok(json(StatusCode::OK, &hub.fleet())),
         Endpoint::Release(id) => release(hub, id).await,
@@ -225,16 +238,17 @@ async fn dispatch(
             caller.act_as_agent(&name).map_err(|r| refused(hub, r))?;
             report(hub, &name, req).await
         }
-        Endpoint::Changeset => changeset(hub, caller, req, receive_us).await,
+        Endpoint::Changeset => changeset(hub, caller, req, received.at_us).await,
         Endpoint::CaCert => ca_cert(hub).await,
         Endpoint::Join => join(hub, req).await,
     }
 }
 
-fn time(hub: &Hub, receive_us: i64) -> Answer {
+fn time(hub: &Hub, received: Received) -> Answer {
     let reply = TimeReply {
-        receive_us,
+        receive_us: received.at_us,
         send_us: hub.now_us() as i64,
+        queued_us: received.queued_us,
     };
     json(StatusCode::OK, &reply)
 }

@@ -24,10 +24,16 @@
 //! accept loop and the admin listener's connections, not in the hub's, whose blob transfers
 //! they halved (100 agents fetching a 64 MiB blob: 10.6 s against 5.7, BENCHMARKS.md).
 //!
-//! A thread opts in with [`limit_this_thread`]; its runtime calls [`unparked`] each time it
-//! wakes from waiting (`on_thread_unpark`), which starts a new slice; [`sliced`] futures and
-//! the accept loop call [`checkpoint`]. On any other thread a checkpoint is one thread-local
-//! read.
+//! A thread opts in with [`limit_this_thread`]; its runtime calls [`parked`] and [`unparked`]
+//! each time it waits for events and wakes (`on_thread_park`, `on_thread_unpark`), which
+//! starts a new slice; [`sliced`] futures and the accept loop call [`checkpoint`]. On any other
+//! thread a checkpoint is one thread-local read.
+//!
+//! The same run delay tells how long a wake-up waited for the core ([`Wake`], [`queued`]): at
+//! the control plane's lower priority a busy host keeps the hub's thread waiting up to
+//! milliseconds after a request arrives, all of it on the way in, which biased every agent's
+//! clock estimate under load by as much (skew 0.9–1.3 ms, BENCHMARKS.md); the hub's clock
+//! exchange reports that wait so the agents can take it out.
 #![allow(clippy::disallowed_methods)] // I/O shell: the slice is measured on the clock
 
 use std::cell::{Cell, RefCell};
@@ -92,9 +98,40 @@ impl Slicer {
     }
 }
 
+/// How long after the thread woke its burst of work still counts as the wake-up's: a request
+/// handled this soon is taken to be what woke the thread, and to have waited for the core as
+/// long as the thread did.
+pub const WAKE_FRESH: Duration = Duration::from_micros(500);
+
+/// How the thread's current burst of work began (pure): when it got the core back after
+/// waiting for events, and how long it had waited for the core once woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wake {
+    /// When the thread ran again.
+    pub at: Instant,
+    /// How long it was ready to run (woken) before it got a core.
+    pub waited: Duration,
+}
+
+impl Wake {
+    /// How long work that woke the thread had already waited for it, seen `now`: the thread's
+    /// wait while the burst is fresh ([`WAKE_FRESH`]); later, work may have arrived during the
+    /// burst and the wait says nothing about it (zero).
+    pub fn queued(&self, now: Instant) -> Duration {
+        if now.saturating_duration_since(self.at) <= WAKE_FRESH {
+            self.waited
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
 thread_local! {
     /// This thread's slices; `None`: not limited.
     static SLICE: Cell<Option<Slicer>> = const { Cell::new(None) };
+    /// The run delay when the thread last parked, and how its current burst began.
+    static PARKED_WAITED: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+    static WAKE: Cell<Option<Wake>> = const { Cell::new(None) };
     /// This thread's `/proc/thread-self/schedstat`, open while it is limited.
     static SCHEDSTAT: RefCell<Option<File>> = const { RefCell::new(None) };
 }
@@ -125,14 +162,34 @@ pub fn limit_this_thread(slice: Duration) {
     SLICE.with(|c| c.set(Some(s)));
 }
 
-/// The thread woke from waiting: its slice starts over (a runtime's `on_thread_unpark`).
+/// The thread is about to wait for events (a runtime's `on_thread_park`): the run delay so
+/// far, from which [`unparked`] tells how long the wake-up waited for a core.
+pub fn parked() {
+    if SLICE.with(Cell::get).is_some() {
+        PARKED_WAITED.with(|c| c.set(waited()));
+    }
+}
+
+/// The thread woke from waiting (a runtime's `on_thread_unpark`): its slice starts over, and
+/// the wait for a core that preceded this burst is kept for [`queued`].
 pub fn unparked() {
     SLICE.with(|c| {
         if let Some(mut s) = c.get() {
-            s.unparked(Instant::now());
+            let now = Instant::now();
+            s.unparked(now);
             c.set(Some(s));
+            let waited = waited().saturating_sub(PARKED_WAITED.with(Cell::get));
+            WAKE.with(|w| w.set(Some(Wake { at: now, waited })));
         }
     });
+}
+
+/// How long what this thread is handling now had already waited for the thread's core when it
+/// ran ([`Wake::queued`]); zero on a thread that is not limited. The hub's clock exchange
+/// reports it, so that an agent can tell the hub's wait from the network's.
+pub fn queued() -> Duration {
+    WAKE.with(Cell::get)
+        .map_or(Duration::ZERO, |w| w.queued(Instant::now()))
 }
 
 /// Steps off the core for a slice if this thread is limited, its slice is spent and its core
@@ -211,6 +268,38 @@ mod tests {
         s.unparked(t0 + 10 * MS);
         assert!(!s.is_spent(t0 + 10 * MS + MS / 2));
         assert!(s.is_spent(t0 + 11 * MS));
+    }
+
+    #[test]
+    fn work_that_woke_the_thread_waited_as_long_as_it_did_while_the_burst_is_fresh() {
+        let t0 = Instant::now();
+        let w = Wake {
+            at: t0,
+            waited: 3 * MS,
+        };
+        assert_eq!(w.queued(t0), 3 * MS);
+        assert_eq!(w.queued(t0 + WAKE_FRESH), 3 * MS);
+        assert_eq!(
+            w.queued(t0 + WAKE_FRESH + Duration::from_micros(1)),
+            Duration::ZERO,
+            "later work may have come during the burst"
+        );
+    }
+
+    #[test]
+    fn a_limited_thread_knows_how_long_its_wake_up_waited_for_a_core() {
+        std::thread::spawn(|| {
+            assert_eq!(queued(), Duration::ZERO, "not limited: nothing known");
+            limit_this_thread(Duration::from_secs(3600));
+            parked();
+            std::thread::sleep(MS);
+            unparked();
+            // Woken on a core nobody else wants: the wait is a wake-up's latency, at most.
+            assert!(queued() < 20 * MS, "{:?}", queued());
+            assert!(WAKE.with(Cell::get).is_some());
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -20,15 +20,26 @@ pub struct Sample {
     pub t3: i64,
     /// Local time the response arrived.
     pub t4: i64,
+    /// How long the request had waited for the hub's thread before `t2` was taken, by the
+    /// hub's account (µs; 0 when it does not know).
+    pub queued: i64,
 }
 
 impl Sample {
-    /// θ = ((t2 − t1) + (t3 − t4)) / 2: hub time minus local time, exact when the two legs of
-    /// the exchange take equally long.
+    /// θ = ((t2′ − t1) + (t3 − t4)) / 2: hub time minus local time, exact when the two legs of
+    /// the exchange take equally long. t2′ is `t2` less the hub's wait for its own core
+    /// ([`Sample::hub_wait`]): a wait on the way in only, which would otherwise count as half a
+    /// longer first leg (a hub thread kept from its core for 1 ms put every agent 0.5 ms early).
     pub fn offset(&self) -> i64 {
-        let up = i128::from(self.t2) - i128::from(self.t1);
+        let up = i128::from(self.t2) - i128::from(self.hub_wait()) - i128::from(self.t1);
         let down = i128::from(self.t3) - i128::from(self.t4);
         ((up + down) / 2).clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+    }
+
+    /// The hub's account of its wait, bounded by the exchange itself: never negative, never
+    /// more than the delay (a wait longer than the whole round trip outside the hub cannot be).
+    pub fn hub_wait(&self) -> i64 {
+        self.queued.clamp(0, self.delay())
     }
 
     /// δ = (t4 − t1) − (t3 − t2): the round trip without the hub's own time.
@@ -51,12 +62,15 @@ impl Sample {
 pub struct Offset {
     /// θ in µs: hub time = local time + θ.
     pub offset_us: i64,
-    /// ε in µs: |true θ − θ| ≤ ε, whatever the split of the delay between the two legs.
+    /// ε in µs: |true θ − θ| ≤ ε, whatever the split of the delay between the two legs, given
+    /// the hub's timestamps and its account of its wait (the exchange alone, without that
+    /// account, allows ε plus half the wait).
     pub error_us: i64,
 }
 
 /// The estimate from the sample with the lowest delay (the one least disturbed by queueing;
-/// NTP's clock filter does the same). `None` when there are no samples.
+/// NTP's clock filter does the same), chosen on the whole delay so that a sample is never
+/// preferred for the hub's account of its wait. `None` when there are no samples.
 pub fn estimate(samples: &[Sample]) -> Option<Offset> {
     let best = samples
         .iter()
@@ -144,6 +158,7 @@ mod tests {
             t2,
             t3,
             t4: t3 - theta + down,
+            queued: 0,
         }
     }
 
@@ -190,12 +205,14 @@ mod tests {
             t2: 500,
             t3: 400,
             t4: 50,
+            queued: 0,
         };
         let held = Sample {
             t1: 0,
             t2: 10,
             t3: 900,
             t4: 100,
+            queued: 0,
         };
         assert_eq!(estimate(&[forged, held]), None);
         assert_eq!(
@@ -207,8 +224,45 @@ mod tests {
             t2: i64::MAX,
             t3: i64::MAX,
             t4: i64::MAX,
+            queued: i64::MAX,
         };
-        let _ = (huge.offset(), huge.delay());
+        let _ = (huge.offset(), huge.delay(), huge.hub_wait());
+    }
+
+    #[test]
+    fn the_hubs_wait_for_its_core_is_taken_off_the_way_in() {
+        let theta = 3_600_000_000;
+        // 1.2 ms waiting for the hub's thread on the way in, 60/50 µs on the wire.
+        let mut s = exchange(7_000, theta, 60 + 1_200, 15, 50);
+        let blind = s.offset();
+        assert_eq!(
+            blind - theta,
+            (1_260 - 50) / 2,
+            "without the account: 0.6 ms off"
+        );
+        s.queued = 1_200;
+        assert_eq!(s.offset() - theta, (60 - 50) / 2);
+        let e = estimate(&[s]).unwrap();
+        assert!((e.offset_us - theta).abs() <= e.error_us, "{e:?}");
+        // An account longer than the exchange allows is cut to the delay; a negative one
+        // counts for nothing.
+        s.queued = 50_000;
+        assert_eq!(s.hub_wait(), s.delay());
+        assert!((s.offset() - theta).abs() <= (s.delay() + 1) / 2);
+        s.queued = -5;
+        assert_eq!(s.offset(), blind);
+    }
+
+    #[test]
+    fn a_sample_is_not_chosen_for_its_hubs_account() {
+        let theta = -42;
+        let clean = exchange(0, theta, 70, 10, 70);
+        // Slower on the whole, though the hub says it waited most of it.
+        let mut waited = exchange(10_000, theta, 900, 10, 60);
+        waited.queued = 880;
+        assert_eq!(estimate(&[waited, clean]).unwrap().offset_us, theta);
+        // Alone, its account is used: (20 − 60) / 2 off.
+        assert_eq!(estimate(&[waited]).unwrap().offset_us, theta - 20);
     }
 
     #[test]

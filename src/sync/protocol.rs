@@ -89,6 +89,11 @@ pub struct TimeReply {
     pub receive_us: i64,
     /// Hub time the response was sent.
     pub send_us: i64,
+    /// How long, by the hub's own account, the request had already waited for the hub's
+    /// thread to get a core when `receive_us` was taken (0: none, or not known; absent from
+    /// older hubs). The agent takes at most the exchange's delay of it off the way in.
+    #[serde(default)]
+    pub queued_us: i64,
 }
 
 /// `GET /schedule`: the hub's state as agents see it.
@@ -463,6 +468,19 @@ pub struct ClusterView {
 mod tests {
     use super::*;
     use crate::sync::changeset::Stamp;
+
+    #[test]
+    fn a_time_reply_from_a_hub_without_the_wait_reads_as_no_wait() {
+        let old: TimeReply = serde_json::from_str(r#"{"receive_us":5,"send_us":7}"#).unwrap();
+        assert_eq!(old.queued_us, 0);
+        let new = TimeReply {
+            receive_us: 5,
+            send_us: 7,
+            queued_us: 900,
+        };
+        let back: TimeReply = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+    }
 
     fn id(n: u8) -> ReleaseId {
         Hash::of(&[n])

@@ -29,7 +29,8 @@
 # Everything shares two cores, so the agents, the pollers and wrk compete: read the skew as an
 # upper bound. Env: AGENTS, FLIPS, LOAD_FLIPS, FILES (10000), KEEP=1 keeps the working
 # directory, EXP_RENICE=1 runs the hub's threads at nice 0 instead of its control thread's 10
-# (the experiment in BENCHMARKS.md).
+# (the experiment in BENCHMARKS.md), BIN=PATH runs that lockstep binary instead of building
+# one (A/B runs of two builds).
 # CLUSTER=1: two appliances' hubs sharing the state in a three-member etcd (`sync.cluster`,
 # Debian etcd-server), the agents given both hubs, publishing to the first; at the end the
 # first hub is killed (kill -9) a second before an activation: that flip's skew, seen from
@@ -46,9 +47,14 @@ load_flips=${LOAD_FLIPS:-5}
 files=${FILES:-10000}
 command -v faketime >/dev/null || { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; }
 
-(cd "$root" && cargo build --release --quiet && cargo build --release --quiet --example flipwatch)
 target=${CARGO_TARGET_DIR:-$root/target}/release
-bin=$target/lockstep
+if [ -n "${BIN:-}" ]; then
+  bin=$(realpath "$BIN")
+else
+  (cd "$root" && cargo build --release --quiet)
+  bin=$target/lockstep
+fi
+(cd "$root" && cargo build --release --quiet --example flipwatch)
 watch=$target/examples/flipwatch
 
 work=$(mktemp -d /tmp/lockstep-sync-bench.XXXXXX)
@@ -292,6 +298,11 @@ skews.sort()
 us = lambda x: f"{x:.0f} us"
 print(f"skew, kernel timestamps of the flips (uprobe): p50 {us(pick(skews, .5))}  p99 {us(pick(skews, .99))}  max {us(skews[-1] if skews else 0)}  over {len(skews)} flips ({untraced} not traced on every agent)")
 print(f"  each timestamp inside its agent's window from outside: {inside} of {inside + len(outside)}" + (f"; outside: {outside[:4]}" if outside else ""))
+# Every flip's lateness per agent, for a closer look (KEEP=1 keeps the working directory): beside
+# the agents' own "flipped ... lateness_us" log lines, the difference is each one's clock error.
+with open(sys.argv[3] + ".lateness", "w") as f:
+    for a in sorted(late):
+        f.write(f"{a + 1} " + " ".join(f"{x:.0f}" for x in late[a]) + "\n")
 print("  lateness from outside per agent (traced flip - activation instant), min / median / max:")
 for a in sorted(late):
     xs = sorted(late[a])

@@ -1,8 +1,8 @@
 //! Measures the offset between the hub's clock and this agent's:
 //! several `GET /sync/v1/time` exchanges over one kept-alive connection, a random moment apart
-//! ([`SAMPLE_GAP`]), the lowest-delay one kept ([`clock::estimate`]). Local times `t1`/`t4` come from one [`Anchor`] taken at start
-//! plus the monotonic clock, never from the wall clock per sample, so a wall-clock step moves
-//! neither the offset nor a deadline.
+//! ([`SAMPLE_GAP`]), the lowest-delay one kept ([`clock::estimate`]). Local times `t1`/`t4`
+//! come from one [`Anchor`] taken at start plus the monotonic clock, never from the wall clock
+//! per sample, so a wall-clock step moves neither the offset nor a deadline.
 #![allow(clippy::disallowed_methods)] // I/O shell: clock samples are readings of the clock
 
 use std::sync::Arc;

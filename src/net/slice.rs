@@ -103,23 +103,24 @@ impl Slicer {
 /// long as the thread did.
 pub const WAKE_FRESH: Duration = Duration::from_micros(500);
 
-/// How the thread's current burst of work began (pure): when it got the core back after
-/// waiting for events, and how long it had waited for the core once woken.
+/// How the thread's current burst of work began (pure): when it ran again after waiting for
+/// events, and how long it had waited for a core in all (its run delay) when it parked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Wake {
     /// When the thread ran again.
     pub at: Instant,
-    /// How long it was ready to run (woken) before it got a core.
-    pub waited: Duration,
+    /// Its run delay when it parked.
+    pub waited_at_park: Duration,
 }
 
 impl Wake {
-    /// How long work that woke the thread had already waited for it, seen `now`: the thread's
-    /// wait while the burst is fresh ([`WAKE_FRESH`]); later, work may have arrived during the
-    /// burst and the wait says nothing about it (zero).
-    pub fn queued(&self, now: Instant) -> Duration {
+    /// How long work that woke the thread has waited for its core, seen `now` with the run
+    /// delay at `waited`: all the thread's waiting since it parked (woken but not yet on a core,
+    /// or taken off it since), while the burst is fresh ([`WAKE_FRESH`]); later, work may have
+    /// arrived during the burst and the wait says nothing about it (zero).
+    pub fn queued(&self, now: Instant, waited: Duration) -> Duration {
         if now.saturating_duration_since(self.at) <= WAKE_FRESH {
-            self.waited
+            waited.saturating_sub(self.waited_at_park)
         } else {
             Duration::ZERO
         }
@@ -129,7 +130,8 @@ impl Wake {
 thread_local! {
     /// This thread's slices; `None`: not limited.
     static SLICE: Cell<Option<Slicer>> = const { Cell::new(None) };
-    /// The run delay when the thread last parked, and how its current burst began.
+    /// The run delay when the thread last parked, then when it ran again: how its current burst
+    /// began.
     static PARKED_WAITED: Cell<Duration> = const { Cell::new(Duration::ZERO) };
     static WAKE: Cell<Option<Wake>> = const { Cell::new(None) };
     /// This thread's `/proc/thread-self/schedstat`, open while it is limited.
@@ -162,8 +164,9 @@ pub fn limit_this_thread(slice: Duration) {
     SLICE.with(|c| c.set(Some(s)));
 }
 
-/// The thread is about to wait for events (a runtime's `on_thread_park`): the run delay so
-/// far, from which [`unparked`] tells how long the wake-up waited for a core.
+/// The thread is about to wait for events (a runtime's `on_thread_park`): its run delay so
+/// far, from which [`queued`] tells how long the wake-up waited for a core. (One read of
+/// schedstat per park; the wake-up itself reads only the clock.)
 pub fn parked() {
     if SLICE.with(Cell::get).is_some() {
         PARKED_WAITED.with(|c| c.set(waited()));
@@ -171,25 +174,32 @@ pub fn parked() {
 }
 
 /// The thread woke from waiting (a runtime's `on_thread_unpark`): its slice starts over, and
-/// the wait for a core that preceded this burst is kept for [`queued`].
+/// [`queued`] counts from here.
 pub fn unparked() {
     SLICE.with(|c| {
         if let Some(mut s) = c.get() {
             let now = Instant::now();
             s.unparked(now);
             c.set(Some(s));
-            let waited = waited().saturating_sub(PARKED_WAITED.with(Cell::get));
-            WAKE.with(|w| w.set(Some(Wake { at: now, waited })));
+            let waited_at_park = PARKED_WAITED.with(Cell::get);
+            WAKE.with(|w| {
+                w.set(Some(Wake {
+                    at: now,
+                    waited_at_park,
+                }))
+            });
         }
     });
 }
 
-/// How long what this thread is handling now had already waited for the thread's core when it
-/// ran ([`Wake::queued`]); zero on a thread that is not limited. The hub's clock exchange
-/// reports it, so that an agent can tell the hub's wait from the network's.
+/// How long what this thread is handling now has waited for the thread's core
+/// ([`Wake::queued`]); zero on a thread that is not limited. The hub's clock exchange reports
+/// it, so that an agent can tell the hub's wait from the network's.
 pub fn queued() -> Duration {
-    WAKE.with(Cell::get)
-        .map_or(Duration::ZERO, |w| w.queued(Instant::now()))
+    match WAKE.with(Cell::get) {
+        Some(w) if SLICE.with(Cell::get).is_some() => w.queued(Instant::now(), waited()),
+        _ => Duration::ZERO,
+    }
 }
 
 /// Steps off the core for a slice if this thread is limited, its slice is spent and its core
@@ -275,28 +285,31 @@ mod tests {
         let t0 = Instant::now();
         let w = Wake {
             at: t0,
-            waited: 3 * MS,
+            waited_at_park: 40 * MS,
         };
-        assert_eq!(w.queued(t0), 3 * MS);
-        assert_eq!(w.queued(t0 + WAKE_FRESH), 3 * MS);
+        assert_eq!(w.queued(t0, 43 * MS), 3 * MS);
+        assert_eq!(w.queued(t0 + WAKE_FRESH, 43 * MS), 3 * MS);
         assert_eq!(
-            w.queued(t0 + WAKE_FRESH + Duration::from_micros(1)),
+            w.queued(t0 + WAKE_FRESH + Duration::from_micros(1), 43 * MS),
             Duration::ZERO,
             "later work may have come during the burst"
         );
+        assert_eq!(w.queued(t0, 39 * MS), Duration::ZERO, "never negative");
     }
 
     #[test]
     fn a_limited_thread_knows_how_long_its_wake_up_waited_for_a_core() {
         std::thread::spawn(|| {
+            unparked();
             assert_eq!(queued(), Duration::ZERO, "not limited: nothing known");
             limit_this_thread(Duration::from_secs(3600));
             parked();
             std::thread::sleep(MS);
             unparked();
-            // Woken on a core nobody else wants: the wait is a wake-up's latency, at most.
-            assert!(queued() < 20 * MS, "{:?}", queued());
-            assert!(WAKE.with(Cell::get).is_some());
+            let wake = WAKE.with(Cell::get).expect("a wake-up noted");
+            assert_eq!(wake.waited_at_park, PARKED_WAITED.with(Cell::get));
+            // At most all the waiting the thread has done since it parked.
+            assert!(queued() <= waited().saturating_sub(wake.waited_at_park));
         })
         .join()
         .unwrap();

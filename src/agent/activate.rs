@@ -11,7 +11,10 @@
 //! or not) kept cores from the threads still asleep and made them 3–6 ms late, where sleeping
 //! to the deadline lets the kernel wake each one within a few hundred µs (BENCHMARKS.md). The
 //! thread also asks for real-time priority (SCHED_FIFO 1) so that a busy host does not make it
-//! wait for a core at the deadline; without the privilege it runs as an ordinary thread. The deadline can be moved
+//! wait for a core at the deadline; without the privilege it runs as an ordinary thread. Right
+//! after the store it yields, so that another flip thread waiting for the core stores before
+//! this one reports and exits (eight agents on two cores: skew p50 ~370 → ~70 µs, BENCHMARKS.md).
+//! The deadline can be moved
 //! while the thread sleeps (a fresher clock estimate), and the flip cancelled until it fires;
 //! exactly one of "fired" and "cancelled" wins. The store is [`make_active`], kept out of line
 //! as the probe point of the benchmark's outside measurement.
@@ -216,6 +219,9 @@ fn run<T>(
     }
     make_active(active, &release);
     let at = Instant::now();
+    // At real-time priority, let any other flip thread waiting for this core (other agents on
+    // the same host, flipping at the same instant) store before this one reports and exits.
+    std::thread::yield_now();
     let _ = done.send(Fired { release, at, tag });
 }
 

@@ -443,8 +443,7 @@ const CONTROL_SLICE: std::time::Duration = std::time::Duration::from_micros(250)
 /// priority needs no privilege) on slices of [`CONTROL_SLICE`], running until the process
 /// exits.
 fn control_runtime() -> anyhow::Result<tokio::runtime::Handle> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+    let rt = runtime_builder(false)
         .on_thread_park(crate::net::slice::parked)
         .on_thread_unpark(crate::net::slice::unparked)
         .build()
@@ -471,12 +470,18 @@ fn control_runtime() -> anyhow::Result<tokio::runtime::Handle> {
 /// A single-threaded runtime (the main loop, each worker, the reload client) or, for the
 /// demo, tokio's multi-thread one.
 fn runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    runtime_builder(multi_thread)
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// The builder of [`runtime`], with every driver enabled (the control thread adds its hooks).
+fn runtime_builder(multi_thread: bool) -> tokio::runtime::Builder {
     let mut b = if multi_thread {
         tokio::runtime::Builder::new_multi_thread()
     } else {
         tokio::runtime::Builder::new_current_thread()
     };
-    b.enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    b.enable_all();
+    b
 }

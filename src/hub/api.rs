@@ -116,10 +116,15 @@ pub async fn handle(
     loopback: bool,
     shutdown: &CancellationToken,
 ) -> Answer {
-    // Taken first, for the clock exchange, with how long the request waited for this thread.
+    // Taken first, for the clock exchange.
     let receive_us = hub.now_us() as i64;
-    let queued = crate::net::slice::queued();
     let endpoint = Endpoint::parse(req.method(), req.uri().path(), req.uri().query());
+    // And, for the clock exchange only (a read of schedstat), how long the request has waited
+    // for this thread.
+    let queued = match endpoint {
+        Ok(Endpoint::Time) => crate::net::slice::queued(),
+        _ => std::time::Duration::ZERO,
+    };
     let roles = match &endpoint {
         Ok(e) => e.roles(),
         Err(e) => match e.roles() {

@@ -1,48 +1,108 @@
 #!/usr/bin/env bash
-# A/B of two lockstep binaries on the proxy path, in interleaved rounds (A B A B …), through the
-# peers' two nginx backends (../shared/peers: `peer start backends`), each pinned to core 0 with
-# wrk on core 1. For checking that a change did not cost throughput; bench/proxy.sh compares
-# against nginx and HAProxy.
+# A/B of two lockstep builds on a noisy machine: both run at the same time on core 0, each
+# loaded by its own client on the last core, through the same two backends, and what is
+# compared is each build's CPU time per request (user + system of all its threads, from
+# /proc) over the same seconds. Whatever the machine does during a round (another tenant,
+# frequency, cache) it does to both; interleaved rounds run one after the other cannot
+# resolve a 5 % difference here (the same build measured 25-40k req/s from one round to the
+# next, 2026-12-05). The rates are printed too, but they are not the measure: with two
+# servers and two clients the client core is saturated as well, which pulls the rates
+# together.
 #
-#   bench/ab.sh OLD_BIN NEW_BIN      # env: ROUNDS (5), DURATION (5s), CONNS (50), WORKERS (1)
+#   bench/ab.sh A_BIN B_BIN              # HTTP/1.1 keep-alive
+#   MODE=h2 ROUNDS=8 bench/ab.sh A_BIN B_BIN
+#
+# MODE: h1 (wrk -t1 -c50, keep-alive), h2c (h2load -c10 -m10, prior knowledge), h2 (the same over TLS with ALPN). ROUNDS (5),
+# SECONDS_PER_ROUND (5). No latency: a build's latency here includes waiting for the other's
+# turns on the core (bench/proxy.sh measures p99 against the peers).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/.." && pwd)
-peer=${PEER:-$root/../shared/peers/peer}
-a=${1:?usage: bench/ab.sh OLD_BIN NEW_BIN}
-b=${2:?usage: bench/ab.sh OLD_BIN NEW_BIN}
-rounds=${ROUNDS:-5}
-duration=${DURATION:-5s}
-conns=${CONNS:-50}
-workers=${WORKERS:-1}
+peer=${PEER:-$here/../../shared/peers/peer}
 run=${PEER_RUN:-/tmp/lockstep-peers}
 export PEER_RUN=$run
-command -v wrk >/dev/null || { echo "wrk is not installed: apt-get install wrk" >&2; exit 1; }
-"$peer" start backends >/dev/null
-pid=
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; "$peer" stop backends' EXIT
-port=8090 # bench/proxy.yaml's listener
+a=${1:?usage: bench/ab.sh A_BIN B_BIN}
+b=${2:?usage: bench/ab.sh A_BIN B_BIN}
+rounds=${ROUNDS:-5}
+secs=${SECONDS_PER_ROUND:-5}
+mode=${MODE:-h1}
+for tool in wrk:wrk h2load:nghttp2-client; do
+  command -v "${tool%%:*}" >/dev/null || { echo "${tool%%:*} is missing (Debian ${tool#*:})" >&2; exit 1; }
+done
+last_cpu=$(( $(nproc) - 1 ))
 
-once() { # once BIN -> "rps p99_ms"
-  RUST_LOG=warn taskset -c 0 "$1" serve -c "$here/proxy.yaml" --workers "$workers" 2>"$run/ab.log" &
-  pid=$!
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-  kill -0 "$pid" 2>/dev/null || { cat "$run/ab.log" >&2; exit 1; }
-  taskset -c 1 wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port/" >/dev/null
-  taskset -c 1 wrk -t1 -c"$conns" -d"$duration" --latency "http://127.0.0.1:$port/" |
-    awk '/Requests\/sec/ {r=$2} / 99%/ {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000} p=v} END {print r, p}'
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+mkdir -p "$run"
+# Both builds in front of the peers' backends, as bench/proxy.sh configures lockstep: a plain
+# listener (h1 and h2c) and a TLS one with the peers' certificate.
+conf() { # conf PLAIN_PORT TLS_PORT ADMIN_PORT
+  sed -n '/^listeners:/q;p' "$here/proxy.yaml"
+  cat <<YAML
+listeners:
+  - name: http
+    bind: "127.0.0.1:$1"
+  - name: https
+    bind: "127.0.0.1:$2"
+    tls:
+      certificates:
+        - { cert: "$run/tls/farm.crt", key: "$run/tls/farm.key" }
+YAML
+  sed -n '/^routes:/,$p' "$here/proxy.yaml" | sed "s/127.0.0.1:9993/127.0.0.1:$3/"
 }
 
-median() { sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
-: >"$run/ab.a"; : >"$run/ab.b"
-for r in $(seq "$rounds"); do
-  ra=$(once "$a"); rb=$(once "$b")
-  echo "  round $r  A: $ra   B: $rb"
-  echo "$ra" >>"$run/ab.a"; echo "$rb" >>"$run/ab.b"
+# One backend instance, pinned with the clients: a second one left from another run would
+# share the ports (SO_REUSEPORT) unpinned and preempt the builds (see bench/proxy.sh).
+"$peer" stop backends >/dev/null 2>&1 || true
+pkill -f "[n]ginx -c $run/backends.nginx.conf" 2>/dev/null && sleep 0.5 || true
+"$peer" start backends >/dev/null
+for m in $(pgrep -f "nginx -c $run/backends.nginx.conf"); do
+  for p in "$m" $(pgrep -P "$m"); do taskset -a -p -c "$last_cpu" "$p" >/dev/null 2>&1 || true; done
 done
-ma=$(cut -d' ' -f1 "$run/ab.a" | median); mb=$(cut -d' ' -f1 "$run/ab.b" | median)
-pa=$(cut -d' ' -f2 "$run/ab.a" | median); pb=$(cut -d' ' -f2 "$run/ab.b" | median)
-echo "A $a: median $ma req/s, p99 $pa ms"
-echo "B $b: median $mb req/s, p99 $pb ms"
-awk -v a="$ma" -v b="$mb" 'BEGIN {printf "B / A: %.3fx req/s\n", b / a}'
+[ -f "$run/tls/farm.crt" ] || { echo "no $run/tls/farm.crt: start a peer once (peer start nginx)" >&2; exit 1; }
+conf 8090 8097 9993 >"$run/ab-a.yaml"
+conf 8190 8197 9994 >"$run/ab-b.yaml"
+RUST_LOG=warn "$a" serve -c "$run/ab-a.yaml" --workers 1 2>"$run/ab-a.log" & pa=$!
+RUST_LOG=warn "$b" serve -c "$run/ab-b.yaml" --workers 1 2>"$run/ab-b.log" & pb=$!
+trap 'kill $pa $pb 2>/dev/null; "$peer" stop backends >/dev/null 2>&1' EXIT
+for port in 8090 8097 8190 8197; do
+  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+done
+for p in $pa $pb; do
+  kill -0 "$p" || { echo "a build did not start:" >&2; cat "$run"/ab-*.log >&2; exit 1; }
+  for t in /proc/$p/task/*; do taskset -p -c 0 "${t##*/}" >/dev/null; done
+done
+case $mode in
+  h1) ua=http://127.0.0.1:8090/; ub=http://127.0.0.1:8190/ ;;
+  h2c) ua=http://127.0.0.1:8090/; ub=http://127.0.0.1:8190/ ;;
+  h2) ua=https://127.0.0.1:8097/; ub=https://127.0.0.1:8197/ ;;
+  *) echo "MODE is h1, h2c or h2" >&2; exit 1 ;;
+esac
+# load URL SECONDS -> "requests rate" (or "failed")
+load() {
+  if [ "$mode" = h1 ]; then
+    taskset -c "$last_cpu" wrk -t1 -c50 -d"$2"s "$1" |
+      awk '/requests in/ {n=$1} /Requests\/sec/ {r=$2} /Non-2xx|Socket errors/ {f=1} END {print f ? "failed" : n " " r}'
+  else
+    taskset -c "$last_cpu" h2load -c 10 -m 10 -D "$2" "$1" 2>/dev/null |
+      awk '/^finished in/ {gsub(/,/, ""); r=$4} /^requests:/ {n=$8; f=$10} END {print (f != 0) ? "failed" : n " " r}'
+  fi
+}
+# ticks PID -> user + system clock ticks of all its threads
+ticks() { cat /proc/"$1"/task/*/stat | awk '{sub(/^.*\) /, ""); t += $12 + $13} END {print t}'; }
+hz=$(getconf CLK_TCK)
+for u in $ua $ub; do load "$u" 2 >/dev/null; done # warm
+echo "## A/B, $mode: A=$a B=$b ($(date -u +%F), ${secs}s rounds, both on core 0 at once)"
+ratios=
+for r in $(seq "$rounds"); do
+  ta=$(ticks $pa); tb=$(ticks $pb)
+  load "$ua" "$secs" >"$run/ab-ra" & j1=$!
+  load "$ub" "$secs" >"$run/ab-rb" & j2=$!
+  wait $j1 $j2
+  ta=$(( $(ticks $pa) - ta )); tb=$(( $(ticks $pb) - tb ))
+  read -r na ra <"$run/ab-ra"; read -r nb rb <"$run/ab-rb"
+  [ "$na" != failed ] && [ "$nb" != failed ] || { echo "round $r: requests failed" >&2; exit 1; }
+  # CPU µs per request; the ratio B/A: above 1, A spends less per request.
+  read -r ua_us ub_us ratio < <(awk -v ta=$ta -v tb=$tb -v na=$na -v nb=$nb -v hz=$hz \
+    'BEGIN {a = ta * 1e6 / hz / na; b = tb * 1e6 / hz / nb; printf "%.2f %.2f %.3f\n", a, b, b / a}')
+  ratios+="$ratio "
+  echo "round $r: A $ua_us us/req ($ra req/s), B $ub_us us/req ($rb req/s), CPU per request B/A $ratio"
+done
+echo "CPU per request B/A, median: $(echo $ratios | tr ' ' '\n' | sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}') (above 1: A spends less)"

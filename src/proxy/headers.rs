@@ -20,7 +20,9 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// `X-Real-IP` (nginx's single-address form).
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// The hop-by-hop headers (RFC 9110 §7.6.1, and the older `Keep-Alive` and
+/// `Proxy-Connection`); `Connection` first.
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -28,6 +30,8 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
 
 /// Why a request is answered at the edge, before any route or backend (RFC 9112 §3.2 and
@@ -86,42 +90,35 @@ fn has_token(v: &HeaderValue, token: &str) -> bool {
 /// Removes hop-by-hop headers and those named in `Connection`. When `keep_upgrade` is set
 /// (an upgrade being passed through), `Upgrade` and `Connection: upgrade` survive.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none of these: one pass of cheap name comparisons (standard header
-    // names compare as enum tags) saves hashing every name on the list for each removal.
-    let any = headers
-        .keys()
-        .any(|n| HOP_BY_HOP.contains(n) || n == "keep-alive" || n == "proxy-connection");
-    if !any {
-        if keep_upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        return;
-    }
-    if headers.contains_key(header::CONNECTION) {
-        // Only names of headers the message has (`Connection: keep-alive` usually names
-        // none): no allocation for the common case.
+    // One pass over the names the message has finds which of the hop-by-hop ones are there
+    // (standard names compare as enum tags): most messages carry none, a backend's answer
+    // usually `Connection` alone. Removing a name costs hashing it, so only those present are
+    // removed (callgrind: removing the whole list from every answer was ~9 % of the proxy's
+    // instructions per request).
+    let present = Present::scan(headers, HOP_BY_HOP.each_ref()).0;
+    if present[0] {
+        // The names `Connection` lists, among the headers the message has (compared without
+        // case; `Connection: keep-alive` usually names none): no allocation then.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
             .map(str::trim)
-            .filter(|t| !t.is_empty() && headers.contains_key(*t))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
+            .filter_map(|t| headers.keys().find(|n| n.as_str().eq_ignore_ascii_case(t)))
+            .cloned()
             .collect();
         for n in named {
             headers.remove(n);
         }
     }
-    for h in &HOP_BY_HOP {
-        if keep_upgrade && (h == header::UPGRADE || h == header::CONNECTION) {
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if !present[i] || keep_upgrade && (h == header::UPGRADE || h == header::CONNECTION) {
             continue;
         }
         headers.remove(h);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
@@ -165,37 +162,78 @@ pub struct Forwarded<'a> {
 
 /// Adds `X-Forwarded-*` and `Via` to a request going to a backend.
 pub fn add_forwarded(headers: &mut HeaderMap, f: Forwarded<'_>) {
+    // Which of the names below the request has, in one pass (a lookup or a removal hashes
+    // the name; most requests carry none of them).
+    let has = Present::scan(
+        headers,
+        [
+            &header::FORWARDED,
+            &X_REAL_IP,
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &header::VIA,
+        ],
+    );
+    let [forwarded, real_ip, xff, xfp, xfh, via] = has.0;
     if !f.trusted {
         // The other ways a client could name an address or a scheme: only a trusted proxy
         // may speak for the client.
-        headers.remove(header::FORWARDED);
-        headers.remove(&X_REAL_IP);
+        if forwarded {
+            headers.remove(header::FORWARDED);
+        }
+        if real_ip {
+            headers.remove(&X_REAL_IP);
+        }
     }
-    let xff = match (f.trusted, joined(headers, &X_FORWARDED_FOR)) {
-        (true, Some(prior)) => {
+    let prior = (f.trusted && xff)
+        .then(|| joined(headers, &X_FORWARDED_FOR))
+        .flatten();
+    let value = match prior {
+        Some(prior) => {
             let peer = f.peer.to_str().unwrap_or("");
             HeaderValue::from_str(&format!("{prior}, {peer}")).ok()
         }
         // The common case: the cached value, shared by reference count.
-        _ => Some(f.peer.clone()),
+        None => Some(f.peer.clone()),
     };
-    if let Some(v) = xff {
+    if let Some(v) = value {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if !(f.trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+    if !(f.trusted && xfp) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
     }
-    if !(f.trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+    if !(f.trusted && xfh) {
         match f.host {
             Some(v) => {
                 headers.insert(X_FORWARDED_HOST.clone(), v);
             }
-            None => {
+            None if xfh => {
                 headers.remove(&X_FORWARDED_HOST);
             }
+            None => {}
         }
     }
-    append_via(headers, f.via);
+    if via {
+        append_via(headers, f.via);
+    } else {
+        headers.insert(header::VIA, HeaderValue::from_static(f.via));
+    }
+}
+
+/// Which of `N` names a header map has, found in one pass over its names.
+struct Present<const N: usize>([bool; N]);
+
+impl<const N: usize> Present<N> {
+    fn scan(headers: &HeaderMap, names: [&HeaderName; N]) -> Present<N> {
+        let mut found = [false; N];
+        for name in headers.keys() {
+            if let Some(i) = names.iter().position(|n| *n == name) {
+                found[i] = true;
+            }
+        }
+        Present(found)
+    }
 }
 
 /// Appends our `Via` entry after any earlier ones.
@@ -356,6 +394,18 @@ mod tests {
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
             ("proxy-connection", "keep-alive"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn connection_names_match_without_case() {
+        let mut h = map(&[
+            ("connection", "X-Secret, Keep-Alive"),
+            ("x-secret", "1"),
             ("x-kept", "yes"),
         ]);
         strip_hop_by_hop(&mut h, false);

@@ -11,9 +11,12 @@
 #
 #   bench/ab.sh A_BIN B_BIN              # HTTP/1.1 keep-alive
 #   MODE=h2 ROUNDS=8 bench/ab.sh A_BIN B_BIN
+#   bench/ab.sh target/release/lockstep nginx   # B a peer (nginx or haproxy, WORKERS=1)
 #
 # MODE: h1 (wrk -t1 -c50, keep-alive), h2c (h2load -c10 -m10, prior knowledge), h2 (the same over TLS with ALPN). ROUNDS (5),
-# SECONDS_PER_ROUND (5). No latency: a build's latency here includes waiting for the other's
+# SECONDS_PER_ROUND (5). Resolution, 2026-12-05: one build on both sides read 1.003-1.018
+# (median 1.009, A the favoured side); the header change of f67186e read 1.016 as A and 0.984
+# as B, round to round within +-0.4 %. Run both orders and average. No latency: a build's latency here includes waiting for the other's
 # turns on the core (bench/proxy.sh measures p99 against the peers).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -59,20 +62,31 @@ done
 [ -f "$run/tls/farm.crt" ] || { echo "no $run/tls/farm.crt: start a peer once (peer start nginx)" >&2; exit 1; }
 conf 8090 8097 9993 >"$run/ab-a.yaml"
 conf 8190 8197 9994 >"$run/ab-b.yaml"
+wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.1; done; }
 RUST_LOG=warn "$a" serve -c "$run/ab-a.yaml" --workers 1 2>"$run/ab-a.log" & pa=$!
-RUST_LOG=warn "$b" serve -c "$run/ab-b.yaml" --workers 1 2>"$run/ab-b.log" & pb=$!
-trap 'kill $pa $pb 2>/dev/null; "$peer" stop backends >/dev/null 2>&1' EXIT
-for port in 8090 8097 8190 8197; do
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-done
+case $b in
+  nginx | haproxy) # a peer: its ports (plain, h2c, TLS), all its processes counted
+    WORKERS=1 "$peer" start "$b" >/dev/null
+    trap 'kill $pa 2>/dev/null; "$peer" stop '"$b"'; "$peer" stop backends >/dev/null 2>&1' EXIT
+    if [ "$b" = nginx ]; then
+      ports=(8091 8095 8093); master=$(cat "$run/proxy.nginx.pid"); pb="$master $(pgrep -P "$master" | tr '\n' ' ')"
+    else
+      ports=(8092 8096 8094); pb=$(cat "$run/haproxy.pid")
+    fi ;;
+  *)
+    RUST_LOG=warn "$b" serve -c "$run/ab-b.yaml" --workers 1 2>"$run/ab-b.log" & pb=$!
+    trap 'kill $pa $pb 2>/dev/null; "$peer" stop backends >/dev/null 2>&1' EXIT
+    ports=(8190 8190 8197) ;;
+esac
+for port in 8090 8097 "${ports[@]}"; do wait_port "$port"; done
 for p in $pa $pb; do
-  kill -0 "$p" || { echo "a build did not start:" >&2; cat "$run"/ab-*.log >&2; exit 1; }
+  kill -0 "$p" || { echo "a server did not start:" >&2; cat "$run"/ab-*.log >&2; exit 1; }
   for t in /proc/$p/task/*; do taskset -p -c 0 "${t##*/}" >/dev/null; done
 done
 case $mode in
-  h1) ua=http://127.0.0.1:8090/; ub=http://127.0.0.1:8190/ ;;
-  h2c) ua=http://127.0.0.1:8090/; ub=http://127.0.0.1:8190/ ;;
-  h2) ua=https://127.0.0.1:8097/; ub=https://127.0.0.1:8197/ ;;
+  h1) ua=http://127.0.0.1:8090/; ub=http://127.0.0.1:${ports[0]}/ ;;
+  h2c) ua=http://127.0.0.1:8090/; ub=http://127.0.0.1:${ports[1]}/ ;;
+  h2) ua=https://127.0.0.1:8097/; ub=https://127.0.0.1:${ports[2]}/ ;;
   *) echo "MODE is h1, h2c or h2" >&2; exit 1 ;;
 esac
 # load URL SECONDS -> "requests rate" (or "failed")
@@ -85,14 +99,14 @@ load() {
       awk '/^finished in/ {gsub(/,/, ""); r=$4} /^requests:/ {n=$8; f=$10} END {print (f != 0) ? "failed" : n " " r}'
   fi
 }
-# ticks PID -> user + system clock ticks of all its threads
-ticks() { cat /proc/"$1"/task/*/stat | awk '{sub(/^.*\) /, ""); t += $12 + $13} END {print t}'; }
+# ticks PID... -> user + system clock ticks of all their threads
+ticks() { for p in "$@"; do cat /proc/"$p"/task/*/stat; done | awk '{sub(/^.*\) /, ""); t += $12 + $13} END {print t}'; }
 hz=$(getconf CLK_TCK)
 for u in $ua $ub; do load "$u" 2 >/dev/null; done # warm
 echo "## A/B, $mode: A=$a B=$b ($(date -u +%F), ${secs}s rounds, both on core 0 at once)"
 ratios=
 for r in $(seq "$rounds"); do
-  ta=$(ticks $pa); tb=$(ticks $pb)
+  ta=$(ticks $pa); tb=$(ticks $pb) # $pb unquoted: a peer's processes
   load "$ua" "$secs" >"$run/ab-ra" & j1=$!
   load "$ub" "$secs" >"$run/ab-rb" & j2=$!
   wait $j1 $j2

@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use tokio::sync::mpsc;
 
@@ -18,14 +17,15 @@ use tokio::sync::mpsc;
 pub type ConnError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request body as the client sends it: none, read by lockstep's HTTP/1.1 connection
-/// ([`crate::net::h1`]), or an HTTP/2 stream's (hyper). Every handler takes this one type.
+/// ([`crate::net::h1`]), or an HTTP/2 stream's ([`crate::net::h2`]). Every handler takes this
+/// one type.
 pub enum ClientBody {
     /// No body.
     Empty,
     /// An HTTP/1.1 body, pumped from the connection while the handler runs.
     H1(BodyRx),
     /// An HTTP/2 stream's body.
-    H2(Incoming),
+    H2(H2Body),
 }
 
 impl Body for ClientBody {
@@ -39,7 +39,7 @@ impl Body for ClientBody {
         match self.get_mut() {
             ClientBody::Empty => Poll::Ready(None),
             ClientBody::H1(b) => Pin::new(b).poll_frame(cx),
-            ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::H2(b) => b.poll_frame(cx),
         }
     }
 
@@ -56,6 +56,66 @@ impl Body for ClientBody {
             ClientBody::Empty => SizeHint::with_exact(0),
             ClientBody::H1(b) => b.size_hint(),
             ClientBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+/// An HTTP/2 stream's request body: its DATA frames, then its trailers. Each frame's bytes
+/// are given back to the client's flow-control window as the handler takes them, so a
+/// client sends no faster than the backend reads (the window bounds what is buffered).
+pub struct H2Body {
+    recv: h2::RecvStream,
+    data_done: bool,
+    /// What `Content-Length` says is still to come.
+    remaining: Option<u64>,
+}
+
+impl H2Body {
+    /// The body of a stream whose request declared `content_length`.
+    pub fn new(recv: h2::RecvStream, content_length: Option<u64>) -> H2Body {
+        H2Body {
+            recv,
+            data_done: false,
+            remaining: content_length,
+        }
+    }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
+        // A reset with NO_ERROR is the client saying it needs no more of the body: an early
+        // response (RFC 9113 §8.1), which ends the body rather than failing it.
+        let early_end = |e: &h2::Error| e.reason() == Some(h2::Reason::NO_ERROR);
+        if !self.data_done {
+            match std::task::ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    if let Some(r) = &mut self.remaining {
+                        *r = r.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) if early_end(&e) => return Poll::Ready(None),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => self.data_done = true,
+            }
+        }
+        match std::task::ready!(self.recv.poll_trailers(cx)) {
+            Ok(trailers) => Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t)))),
+            Err(e) if early_end(&e) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
         }
     }
 }

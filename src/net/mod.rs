@@ -3,9 +3,12 @@
 //! Layout:
 //! - [`accept`]: the accept loop (TCP or unix socket) with back-off on accept errors,
 //!   connections spawned on a `TaskTracker` so shutdown can drain them.
-//! - [`server`]: one HTTP connection served (TLS handshake with a deadline, h1 / h2 / h2c
-//!   through hyper-util's auto builder, graceful close at shutdown) and [`server::HttpServer`],
-//!   the accept loop + connection serving that the admin, hub, agent and demo listeners use.
+//! - [`server`]: one HTTP connection served (TLS handshake with a deadline, then HTTP/1.1 by
+//!   [`h1`] or HTTP/2 by [`h2`] as ALPN or the h2c preface says, graceful close at shutdown)
+//!   and [`server::HttpServer`], the accept loop + connection serving that the admin, hub,
+//!   agent and demo listeners use.
+//! - [`h1`], [`h2`]: lockstep's own server connections (HTTP/1.1 on `httparse`, HTTP/2 on the
+//!   `h2` crate with every stream polled in its connection's task); [`date`]: their `Date`.
 //! - [`bind`]: listening sockets (`SO_REUSEADDR`, `SO_REUSEPORT` for several workers).
 //! - [`idle`]: the idle-connection timeout wrapper.
 //! - [`limit`]: per-listener connection caps shared by the workers accepting on it.
@@ -30,8 +33,10 @@ pub mod acme;
 pub mod bind;
 pub mod body;
 pub mod client;
+pub mod date;
 pub mod file_body;
 pub mod h1;
+pub mod h2;
 pub mod idle;
 pub mod limit;
 pub mod proxy_protocol;

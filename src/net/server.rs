@@ -4,8 +4,8 @@
 //!
 //! A connection: optional TLS handshake within the header-read deadline (ALPN decides h2 or
 //! HTTP/1.1, and only that one is spoken), then HTTP/1.1 by lockstep's own connection
-//! ([`super::h1`]: no buffer held while idle) or HTTP/2 by hyper (after ALPN `h2`, on an
-//! `http2_only` listener, or when a plain connection opens with the h2 preface). Every
+//! ([`super::h1`]: no buffer held while idle) or HTTP/2 by [`super::h2`] (after ALPN `h2`, on
+//! an `http2_only` listener, or when a plain connection opens with the h2 preface). Every
 //! handler takes a `Request<ClientBody>` whichever protocol carried it. At shutdown the
 //! connection finishes the requests in flight and closes; the caller bounds how long through
 //! its `TaskTracker`.
@@ -20,9 +20,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -33,10 +31,10 @@ use tracing::{debug, debug_span, Instrument};
 
 use super::accept::{accept_loop, Accepted};
 use super::body::{ClientBody, ConnError};
-use super::h1;
 use super::idle::IdleIo;
 use super::limit::{Cap, ConnGate, Permit};
 use super::tls::PeerCertificate;
+use super::{h1, h2};
 
 /// Default cap on a control-plane listener's open connections (admin, sync, agent).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -75,29 +73,6 @@ pub trait ResponseBody:
 impl<B> ResponseBody for B where
     B: http_body::Body<Data: Send, Error: Into<ConnError> + Send> + Send + 'static
 {
-}
-
-/// HTTP/2 requests into the one handler type: the body wrapped, the certificate attached.
-struct H2Service<S> {
-    inner: S,
-    cert: Option<PeerCertificate>,
-}
-
-impl<S> hyper::service::Service<Request<Incoming>> for H2Service<S>
-where
-    S: hyper::service::Service<Request<ClientBody>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let mut req = req.map(ClientBody::H2);
-        if let Some(cert) = &self.cert {
-            req.extensions_mut().insert(cert.clone());
-        }
-        self.inner.call(req)
-    }
 }
 
 /// Default idle timeout of a control-plane connection: longer than a schedule long poll
@@ -142,13 +117,11 @@ impl ConnSettings {
         }
     }
 
-    fn h2(&self) -> hyper::server::conn::http2::Builder<TokioExecutor> {
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(self.max_concurrent_streams)
-            .max_header_list_size(MAX_HEAD_BYTES as u32);
-        builder
+    fn h2(&self) -> h2::Options {
+        h2::Options {
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_header_list_size: MAX_HEAD_BYTES as u32,
+        }
     }
 }
 
@@ -279,28 +252,11 @@ where
     S: Handler<B>,
     B: ResponseBody,
 {
-    let svc = H2Service { inner: svc, cert };
-    let builder = settings.h2();
     let io = h1::Rewind::new(io, read);
-    // The connection until it ends; at `shutdown`, GOAWAY and the streams in flight finish.
-    macro_rules! until_shutdown {
-        ($conn:expr) => {{
-            let conn = $conn;
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r.map_err(Into::into),
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await.map_err(Into::into)
-                }
-            }
-        }};
-    }
+    let opts = settings.h2();
     match settings.idle_timeout {
-        Some(idle) => {
-            until_shutdown!(builder.serve_connection(TokioIo::new(IdleIo::new(io, idle)), svc))
-        }
-        None => until_shutdown!(builder.serve_connection(TokioIo::new(io), svc)),
+        Some(idle) => h2::serve(IdleIo::new(io, idle), opts, &svc, shutdown, cert.as_ref()).await,
+        None => h2::serve(io, opts, &svc, shutdown, cert.as_ref()).await,
     }
 }
 

@@ -10,7 +10,7 @@ use http::HeaderValue;
 thread_local! {
     /// The `Date` value of the current second on this thread.
     static DATE: RefCell<(u64, [u8; 29], HeaderValue)> =
-        RefCell::new((u64::MAX, [0; 29], HeaderValue::from_static("")));
+        const { RefCell::new((u64::MAX, [0; 29], HeaderValue::from_static(""))) };
 }
 
 /// Now as an IMF-fixdate (RFC 9110 §5.6.7), formatted once per second per thread.

@@ -121,16 +121,17 @@ impl Clients {
 
     /// Sends the request of `parts` (its target in origin form) and `body` to the backend at
     /// `addr`, on a pooled connection of this thread or a new one, with a `Host` (the
-    /// backend's address when the request has none). The head is written from `parts`
-    /// (nothing is copied for a retry elsewhere).
+    /// backend's address when the request has none). The head is written from `parts`, then
+    /// the `extra` fields (nothing is copied for a retry elsewhere).
     pub async fn request(
         &self,
         addr: SocketAddr,
         parts: &http::request::Parts,
+        extra: &[(&HeaderName, HeaderValue)],
         mut body: RequestBody,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut head = OutBuf::new();
-        let framing = write_request_head(&mut head.0, addr, parts, &body);
+        let framing = write_request_head(&mut head.0, addr, parts, extra, &body);
         let replayable = framing == ReqFraming::None
             && matches!(
                 parts.method,
@@ -262,12 +263,13 @@ enum ReqFraming {
     Chunked,
 }
 
-/// The request line and fields in origin form; `Host` added when missing; the framing field
-/// added when the body needs one. Returns how the body is framed.
+/// The request line and fields in origin form, then the `extra` fields; `Host` added when
+/// missing; the framing field added when the body needs one. Returns how the body is framed.
 fn write_request_head(
     out: &mut Vec<u8>,
     addr: SocketAddr,
     parts: &http::request::Parts,
+    extra: &[(&HeaderName, HeaderValue)],
     body: &RequestBody,
 ) -> ReqFraming {
     out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -282,7 +284,11 @@ fn write_request_head(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut host = false;
     let mut length = false;
-    for (name, value) in &parts.headers {
+    for (name, value) in parts
+        .headers
+        .iter()
+        .chain(extra.iter().map(|(n, v)| (*n, v)))
+    {
         if *name == header::TRANSFER_ENCODING {
             continue;
         }
@@ -771,7 +777,7 @@ mod tests {
             .unwrap()
             .into_parts()
             .0;
-        clients.request(addr, &parts, RequestBody::Empty).await
+        clients.request(addr, &parts, &[], RequestBody::Empty).await
     }
 
     #[tokio::test]

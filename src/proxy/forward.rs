@@ -35,6 +35,8 @@ pub struct Prepared {
     /// Method, target (origin form), version and rewritten headers, as every attempt sends
     /// them.
     parts: http::request::Parts,
+    /// The forwarding fields, written after `parts`' own by every attempt.
+    added: headers::Added,
     /// The body, until an attempt takes it.
     body: Option<RequestBody>,
     /// Raised when reading the client's body failed.
@@ -85,10 +87,13 @@ pub fn prepare(
     headers::strip_hop_by_hop(&mut parts.headers, wants_upgrade);
     // The host routed on is the host forwarded: with an absolute-form target (or h2's
     // `:authority`) that is the target's authority, whatever `Host` said (RFC 9112 §3.2.2).
-    if let Some(h) = host.clone() {
-        parts.headers.insert(header::HOST, h);
+    // (Usually it is the `Host` the request has: then nothing is inserted.)
+    if let Some(h) = &host {
+        if parts.headers.get(header::HOST) != Some(h) {
+            parts.headers.insert(header::HOST, h.clone());
+        }
     }
-    headers::add_forwarded(
+    let added = headers::add_forwarded(
         &mut parts.headers,
         Forwarded {
             peer: &ctx.peer_value,
@@ -117,6 +122,7 @@ pub fn prepare(
     });
     Prepared {
         parts,
+        added,
         body,
         client_failed,
         wants_upgrade,
@@ -230,7 +236,7 @@ pub async fn send(
     let cfg = &pool.config;
     let result = {
         let sent = Instant::now();
-        let up = client.request(backend.config.address, &p.parts, body);
+        let up = client.request(backend.config.address, &p.parts, p.added.fields(), body);
         let r = tokio::time::timeout(cfg.response_timeout, up).await;
         (r, sent, Instant::now())
     };

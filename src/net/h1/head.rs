@@ -236,6 +236,15 @@ impl Scan {
     }
 }
 
+/// Whether a `Connection` field's value names only the options of the connection itself
+/// (`close`, `keep-alive`) and no other field: such a field is used up by whoever manages the
+/// connection.
+pub fn connection_options_only(value: &[u8]) -> bool {
+    value.split(|&b| b == b',').map(trim).all(|t| {
+        t.is_empty() || t.eq_ignore_ascii_case(b"close") || t.eq_ignore_ascii_case(b"keep-alive")
+    })
+}
+
 /// `1*DIGIT`, no sign, no spaces inside, at most 19 digits (fits in a u64).
 fn content_length(v: &[u8]) -> Result<u64, HeadError> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
@@ -392,6 +401,22 @@ mod tests {
 
     fn framing(s: &str) -> Result<Framing, HeadError> {
         parse(s).map(|h| h.expect("complete").0.framing)
+    }
+
+    #[test]
+    fn connection_options_only_names_no_other_field() {
+        for v in [
+            "keep-alive",
+            "close",
+            " Keep-Alive , close ",
+            "",
+            "keep-alive,,",
+        ] {
+            assert!(connection_options_only(v.as_bytes()), "{v:?}");
+        }
+        for v in ["upgrade", "keep-alive, x-hop", "te", "keep-alive-ish"] {
+            assert!(!connection_options_only(v.as_bytes()), "{v:?}");
+        }
     }
 
     #[test]

@@ -191,7 +191,8 @@ pub struct Pool {
     pub health: Option<HealthCheck>,
     /// Backend connect timeout.
     pub connect_timeout: Duration,
-    /// Time to the response head.
+    /// Time from the request sent (on a connection had: connecting is `connect_timeout`'s) to
+    /// the response head.
     pub response_timeout: Duration,
     /// Retries to another backend after a connect failure (idempotent requests only).
     pub retries: u32,

@@ -73,7 +73,13 @@ async fn check_loop(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let check = client.request(backend.config.address, &parts, &[], RequestBody::Empty);
+        let check = client.request(
+            backend.config.address,
+            &parts,
+            &[],
+            RequestBody::Empty,
+            hc.timeout,
+        );
         let outcome = tokio::time::timeout(hc.timeout, check).await;
         let (ok, why) = match outcome {
             Ok(Ok(resp)) => {

@@ -25,7 +25,7 @@ use crate::net::body::{ClientBody, RequestBody};
 use crate::net::h1::Upgrade;
 use crate::net::proxy_protocol::ClientAddrs;
 use crate::net::respond;
-use crate::net::upstream::{Clients, UpstreamBody};
+use crate::net::upstream::{Clients, UpstreamBody, UpstreamError};
 use crate::pools::table::{InFlight, PoolLoad, PoolState};
 use crate::router::balance::hash_key;
 use crate::router::health::admits;
@@ -236,19 +236,34 @@ pub async fn send(
     let cfg = &pool.config;
     let result = {
         let sent = Instant::now();
-        let up = client.request(backend.config.address, &p.parts, p.added.fields(), body);
-        let r = tokio::time::timeout(cfg.response_timeout, up).await;
+        let r = client
+            .request(
+                backend.config.address,
+                &p.parts,
+                p.added.fields(),
+                body,
+                cfg.response_timeout,
+            )
+            .await;
         (r, sent, Instant::now())
     };
     match result {
-        (Ok(Ok(mut resp)), sent, done) => {
+        (Ok(mut resp), sent, done) => {
             backend.ewma.observe(done - sent, done);
             backend.latency.observe((done - sent).as_secs_f64());
             pool.record_outcome(i, !resp.status().is_server_error(), done);
             resp.body_mut().keep(Box::new(slot));
             Ok(resp)
         }
-        (Ok(Err(e)), _, done) => {
+        (Err(UpstreamError::TimedOut(_)), _, done) => {
+            pool.record_outcome(i, false, done);
+            warn!(
+                pool = %cfg.name, backend = %backend.config.name, timeout = ?cfg.response_timeout,
+                fault = Fault::Timeout.side(), "backend response timed out"
+            );
+            Err(Fault::Timeout)
+        }
+        (Err(e), _, done) => {
             if client_failed.is_some_and(|f| f.load(Ordering::Relaxed)) {
                 debug!(error = %e, fault = Fault::ClientBody.side(), "client sent a broken request body");
                 return Err(Fault::ClientBody);
@@ -265,14 +280,6 @@ pub async fn send(
                 "{}", if fault == Fault::Connect { "backend connect failed" } else { "backend request failed" }
             );
             Err(fault)
-        }
-        (Err(_), _, done) => {
-            pool.record_outcome(i, false, done);
-            warn!(
-                pool = %cfg.name, backend = %backend.config.name, timeout = ?cfg.response_timeout,
-                fault = Fault::Timeout.side(), "backend response timed out"
-            );
-            Err(Fault::Timeout)
         }
     }
 }

@@ -99,24 +99,26 @@ load() {
       awk '/^finished in/ {gsub(/,/, ""); r=$4} /^requests:/ {n=$8; f=$10} END {print (f != 0) ? "failed" : n " " r}'
   fi
 }
-# ticks PID... -> user + system clock ticks of all their threads
-ticks() { for p in "$@"; do cat /proc/"$p"/task/*/stat; done | awk '{sub(/^.*\) /, ""); t += $12 + $13} END {print t}'; }
+# ticks PID... -> user and system clock ticks of all their threads
+ticks() { for p in "$@"; do cat /proc/"$p"/task/*/stat; done | awk '{sub(/^.*\) /, ""); u += $12; s += $13} END {print u, s}'; }
 hz=$(getconf CLK_TCK)
 for u in $ua $ub; do load "$u" 2 >/dev/null; done # warm
 echo "## A/B, $mode: A=$a B=$b ($(date -u +%F), ${secs}s rounds, both on core 0 at once)"
 ratios=
 for r in $(seq "$rounds"); do
-  ta=$(ticks $pa); tb=$(ticks $pb) # $pb unquoted: a peer's processes
+  read -r ua0 sa0 < <(ticks $pa); read -r ub0 sb0 < <(ticks $pb) # $pb unquoted: a peer's processes
   load "$ua" "$secs" >"$run/ab-ra" & j1=$!
   load "$ub" "$secs" >"$run/ab-rb" & j2=$!
   wait $j1 $j2
-  ta=$(( $(ticks $pa) - ta )); tb=$(( $(ticks $pb) - tb ))
+  read -r ua1 sa1 < <(ticks $pa); read -r ub1 sb1 < <(ticks $pb)
   read -r na ra <"$run/ab-ra"; read -r nb rb <"$run/ab-rb"
   [ "$na" != failed ] && [ "$nb" != failed ] || { echo "round $r: requests failed" >&2; exit 1; }
-  # CPU µs per request; the ratio B/A: above 1, A spends less per request.
-  read -r ua_us ub_us ratio < <(awk -v ta=$ta -v tb=$tb -v na=$na -v nb=$nb -v hz=$hz \
-    'BEGIN {a = ta * 1e6 / hz / na; b = tb * 1e6 / hz / nb; printf "%.2f %.2f %.3f\n", a, b, b / a}')
+  # CPU µs per request (and its user part); the ratio B/A: above 1, A spends less per request.
+  read -r a_us a_user b_us b_user ratio < <(awk -v hz=$hz -v na=$na -v nb=$nb \
+    -v ua=$((ua1 - ua0)) -v sa=$((sa1 - sa0)) -v ub=$((ub1 - ub0)) -v sb=$((sb1 - sb0)) \
+    'BEGIN {k = 1e6 / hz; a = (ua + sa) * k / na; b = (ub + sb) * k / nb
+            printf "%.2f %.2f %.2f %.2f %.3f\n", a, ua * k / na, b, ub * k / nb, b / a}')
   ratios+="$ratio "
-  echo "round $r: A $ua_us us/req ($ra req/s), B $ub_us us/req ($rb req/s), CPU per request B/A $ratio"
+  echo "round $r: A $a_us us/req (user $a_user; $ra req/s), B $b_us us/req (user $b_user; $rb req/s), CPU per request B/A $ratio"
 done
 echo "CPU per request B/A, median: $(echo $ratios | tr ' ' '\n' | sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}') (above 1: A spends less)"

@@ -141,7 +141,8 @@ impl Clients {
     /// backend's address when the request has none). The head is written from `parts`, then
     /// the `extra` fields (nothing is copied for a retry elsewhere). The response head must
     /// have come `response_timeout` after the connection was had (its connect is bounded by
-    /// the connect timeout), or the request fails with [`UpstreamError::TimedOut`].
+    /// the connect timeout), or the request fails with [`UpstreamError::TimedOut`]. `now` is
+    /// the caller's reading of the clock, a moment ago (a reading saved per request).
     pub async fn request(
         &self,
         addr: SocketAddr,
@@ -149,6 +150,7 @@ impl Clients {
         extra: &[(&HeaderName, HeaderValue)],
         mut body: RequestBody,
         response_timeout: Duration,
+        now: Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut head = OutBuf::new();
         let framing = write_request_head(&mut head.0, addr, parts, extra, &body);
@@ -163,13 +165,17 @@ impl Clients {
         });
         let mut pooled = proxy.is_none();
         loop {
-            let (stream, timer) = match pooled.then(|| self.checkout(addr, !replayable)).flatten() {
-                Some((s, timer)) => (s, Some(timer)),
+            let checkout = pooled.then(|| self.checkout(addr, !replayable, now));
+            let (stream, timer, now) = match checkout.flatten() {
+                Some((s, timer)) => (s, Some(timer), tokio::time::Instant::from_std(now)),
                 // Boxed: connecting is the rare path, its future large.
-                None => (Box::pin(self.connect(addr, proxy.as_deref())).await?, None),
+                None => (
+                    Box::pin(self.connect(addr, proxy.as_deref())).await?,
+                    None,
+                    tokio::time::Instant::now(),
+                ),
             };
             let reused = timer.is_some();
-            let now = tokio::time::Instant::now();
             let deadline = now
                 .checked_add(response_timeout)
                 .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
@@ -228,13 +234,12 @@ impl Clients {
 
     /// The most recently used idle connection to `addr` on this thread (checked to be still
     /// open when `check`), with its timer.
-    fn checkout(&self, addr: SocketAddr, check: bool) -> Option<(TcpStream, Timer)> {
+    fn checkout(&self, addr: SocketAddr, check: bool, now: Instant) -> Option<(TcpStream, Timer)> {
         LOCAL.with(|local| {
             let mut local = local.borrow_mut();
             let key = Arc::as_ptr(&self.0);
             let pool = local.iter_mut().find(|p| p.owner.as_ptr() == key)?;
             let idle = pool.backends.iter_mut().find(|b| b.addr == addr)?;
-            let now = Instant::now();
             while let Some(p) = idle.conns.pop() {
                 if now.duration_since(p.since) >= POOL_IDLE {
                     continue;
@@ -900,7 +905,14 @@ mod tests {
             .into_parts()
             .0;
         clients
-            .request(addr, &parts, &[], RequestBody::Empty, response_timeout)
+            .request(
+                addr,
+                &parts,
+                &[],
+                RequestBody::Empty,
+                response_timeout,
+                Instant::now(),
+            )
             .await
     }
 

@@ -79,6 +79,7 @@ async fn check_loop(
             &[],
             RequestBody::Empty,
             hc.timeout,
+            std::time::Instant::now(),
         );
         let outcome = tokio::time::timeout(hc.timeout, check).await;
         let (ok, why) = match outcome {

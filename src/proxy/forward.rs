@@ -229,13 +229,13 @@ pub async fn send(
     client: &Clients,
     p: &mut Prepared,
     slot: InFlight,
+    sent: Instant,
 ) -> Result<Response<UpstreamBody>, Fault> {
     let body = p.body.take().unwrap_or(RequestBody::Empty);
     let client_failed = p.client_failed.as_deref();
     let backend = &pool.backends[i];
     let cfg = &pool.config;
     let result = {
-        let sent = Instant::now();
         let r = client
             .request(
                 backend.config.address,
@@ -243,6 +243,7 @@ pub async fn send(
                 p.added.fields(),
                 body,
                 cfg.response_timeout,
+                sent,
             )
             .await;
         (r, sent, Instant::now())
@@ -345,7 +346,7 @@ pub async fn forward(
             pool.retries.inc();
         }
         attempt += 1;
-        match send(pool, i, client, &mut p, slot).await {
+        match send(pool, i, client, &mut p, slot, now).await {
             Ok(resp) => return (respond(resp, p.wants_upgrade, ctx), Some(i)),
             Err(fault) => match retry::after_failure(fault, p.retryable) {
                 Next::Retry => failed = true,

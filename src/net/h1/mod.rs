@@ -334,36 +334,40 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
         if let Some(cert) = cert {
             req.extensions_mut().insert(cert.clone());
         }
-        let mut call = pin!(svc.call(req));
-        // The body flows while the handler runs; once it is read (or there is none), a read
-        // that finds the client gone ends the exchange.
-        let mut watch = true;
-        let resp = loop {
-            if pump.active() {
-                tokio::select! {
-                    biased;
-                    r = call.as_mut() => break r,
-                    r = pump.step(&mut self.io, &mut self.buf) => {
-                        if let Err(e) = r {
-                            debug!(error = %e, "request body failed");
-                            pump.fail(e);
+        // The handler's future ends in this block, so that it does not share the exchange's
+        // (boxed per request, so copied whole at each request) with the response's writing.
+        let resp = {
+            let mut call = pin!(svc.call(req));
+            // The body flows while the handler runs; once it is read (or there is none), a read
+            // that finds the client gone ends the exchange.
+            let mut watch = true;
+            loop {
+                if pump.active() {
+                    tokio::select! {
+                        biased;
+                        r = call.as_mut() => break r,
+                        r = pump.step(&mut self.io, &mut self.buf) => {
+                            if let Err(e) = r {
+                                debug!(error = %e, "request body failed");
+                                pump.fail(e);
+                            }
                         }
                     }
+                } else if watch {
+                    tokio::select! {
+                        biased;
+                        r = call.as_mut() => break r,
+                        r = self.buf.read(&mut self.io, BUF_SIZE) => match r {
+                            Ok(0) | Err(_) => {
+                                debug!("client went away before its response");
+                                return Ok(false);
+                            }
+                            Ok(_) => watch = !self.buf_full(),
+                        },
+                    }
+                } else {
+                    break call.as_mut().await;
                 }
-            } else if watch {
-                tokio::select! {
-                    biased;
-                    r = call.as_mut() => break r,
-                    r = self.buf.read(&mut self.io, BUF_SIZE) => match r {
-                        Ok(0) | Err(_) => {
-                            debug!("client went away before its response");
-                            return Ok(false);
-                        }
-                        Ok(_) => watch = !self.buf_full(),
-                    },
-                }
-            } else {
-                break call.as_mut().await;
             }
         };
         let Ok(resp) = resp;

@@ -282,7 +282,20 @@ where
 }
 
 /// Headers HTTP/2 forbids in a response (RFC 9113 §8.2.2), and those `Connection` names.
+/// Usually there are none (the proxy has removed them already): one pass over the names finds
+/// that, where a removal per name would hash each of them for every response.
 fn strip_connection_headers(headers: &mut HeaderMap) {
+    let specific = |n: &header::HeaderName| {
+        n == header::CONNECTION
+            || n == header::TRANSFER_ENCODING
+            || n == header::UPGRADE
+            || n == header::TE
+            || n.as_str() == "keep-alive"
+            || n.as_str() == "proxy-connection"
+    };
+    if !headers.keys().any(specific) {
+        return;
+    }
     if let Some(connection) = headers.remove(header::CONNECTION) {
         if let Ok(names) = connection.to_str() {
             for name in names.split(',') {
@@ -319,6 +332,20 @@ mod tests {
         strip_connection_headers(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key(header::CONTENT_TYPE));
+        // Each alone is found too (the pass over the names that skips the removals).
+        for name in [
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "upgrade",
+            "transfer-encoding",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::SERVER, "x".parse().unwrap());
+            h.insert(header::HeaderName::from_static(name), "1".parse().unwrap());
+            strip_connection_headers(&mut h);
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -149,7 +149,10 @@ where
                         }
                         let body = H2Body::new(recv, content_length(&parts.headers));
                         let req = Request::from_parts(parts, ClientBody::H2(body));
-                        streams.push(stream(svc.call(req), respond));
+                        // The handler's future boxed: `stream`'s own future then holds a
+                        // pointer, not a second copy of it, and is moved cheaply into the set
+                        // (callgrind: pushing a 6.5 KB stream copied it three times).
+                        streams.push(stream(Box::pin(svc.call(req)), respond));
                         accepted = true;
                     }
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
@@ -176,13 +179,12 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// One stream: the handler's answer (dropped if the client resets the stream first), then
 /// its body into the stream.
-async fn stream<F, B>(handling: F, mut respond: SendResponse<Chunk<B::Data>>)
+async fn stream<F, B>(mut handling: Pin<Box<F>>, mut respond: SendResponse<Chunk<B::Data>>)
 where
     F: Future<Output = Result<Response<B>, Infallible>>,
     B: Body,
     B::Error: Into<ConnError>,
 {
-    let mut handling = pin!(handling);
     let answered = poll_fn(|cx| {
         if let Poll::Ready(Ok(res)) = handling.as_mut().poll(cx) {
             return Poll::Ready(Some(res));
@@ -190,6 +192,7 @@ where
         respond.poll_reset(cx).map(|_| None)
     })
     .await;
+    drop(handling); // done: its memory goes while the body streams
     let Some(res) = answered else {
         debug!("h2 stream reset by the client before its answer");
         return;

@@ -190,8 +190,12 @@ impl Clients {
                 stream,
                 buf: InBuf::default(),
             };
-            let exchange = conn.exchange(&head.0, framing, &mut body, &parts.method);
-            let Some(outcome) = within(timer.as_mut(), exchange).await else {
+            let outcome = {
+                let exchange =
+                    std::pin::pin!(conn.exchange(&head.0, framing, &mut body, &parts.method));
+                within(timer.as_mut(), exchange).await
+            };
+            let Some(outcome) = outcome else {
                 return Err(UpstreamError::TimedOut(response_timeout));
             };
             match outcome {
@@ -296,19 +300,18 @@ fn checkin(owner: &Arc<Settings>, addr: SocketAddr, stream: TcpStream, timer: Ti
     });
 }
 
-/// `fut`'s output, or `None` when `timer` fires first.
-async fn within<T>(
-    mut timer: Pin<&mut tokio::time::Sleep>,
-    fut: impl Future<Output = T>,
-) -> Option<T> {
-    let mut fut = std::pin::pin!(fut);
-    std::future::poll_fn(|cx| {
+/// `fut`'s output, or `None` when `timer` fires first. Both are pinned by the caller, so this
+/// future holds two pointers and no copy of `fut`.
+fn within<'a, F: Future>(
+    mut timer: Pin<&'a mut tokio::time::Sleep>,
+    mut fut: Pin<&'a mut F>,
+) -> impl Future<Output = Option<F::Output>> + 'a {
+    std::future::poll_fn(move |cx| {
         if let Poll::Ready(v) = fut.as_mut().poll(cx) {
             return Poll::Ready(Some(v));
         }
         timer.as_mut().poll(cx).map(|()| None)
     })
-    .await
 }
 
 /// How a request body goes to the backend.

@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+use libmimalloc_sys as mi;
+
 #[global_allocator]
 static GLOBAL: Mimalloc = Mimalloc;
 
@@ -28,7 +30,6 @@ fn plain(align: usize, size: usize) -> bool {
 unsafe impl std::alloc::GlobalAlloc for Mimalloc {
     #[inline]
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use libmimalloc_sys as mi;
         if plain(layout.align(), layout.size()) {
             unsafe { mi::mi_malloc(layout.size()).cast() }
         } else {
@@ -38,7 +39,6 @@ unsafe impl std::alloc::GlobalAlloc for Mimalloc {
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use libmimalloc_sys as mi;
         if plain(layout.align(), layout.size()) {
             unsafe { mi::mi_zalloc(layout.size()).cast() }
         } else {
@@ -48,12 +48,11 @@ unsafe impl std::alloc::GlobalAlloc for Mimalloc {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: std::alloc::Layout) {
-        unsafe { libmimalloc_sys::mi_free(ptr.cast()) }
+        unsafe { mi::mi_free(ptr.cast()) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        use libmimalloc_sys as mi;
         if plain(layout.align(), new_size) {
             unsafe { mi::mi_realloc(ptr.cast(), new_size).cast() }
         } else {

@@ -81,6 +81,8 @@ async fn check_loop(
             hc.timeout,
             std::time::Instant::now(),
         );
+        // The client bounds the wait for the answer; this bounds the whole check, its
+        // connect (the pool's connect timeout, maybe longer) included.
         let outcome = tokio::time::timeout(hc.timeout, check).await;
         let (ok, why) = match outcome {
             Ok(Ok(resp)) => {

@@ -95,8 +95,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // usually `Connection` alone. Removing a name costs hashing it, so only those present are
     // removed (callgrind: removing the whole list from every answer was ~9 % of the proxy's
     // instructions per request).
-    let present = Present::scan(headers, HOP_BY_HOP.each_ref()).0;
-    if present[0] {
+    let has = present(headers, HOP_BY_HOP.each_ref());
+    if has[0] {
         // The names `Connection` lists, among the headers the message has (compared without
         // case; `Connection: keep-alive` usually names none): no allocation then.
         let named: Vec<HeaderName> = headers
@@ -114,7 +114,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     for (i, h) in HOP_BY_HOP.iter().enumerate() {
-        if !present[i] || keep_upgrade && (h == header::UPGRADE || h == header::CONNECTION) {
+        if !has[i] || keep_upgrade && (h == header::UPGRADE || h == header::CONNECTION) {
             continue;
         }
         headers.remove(h);
@@ -189,7 +189,7 @@ static VIA: HeaderName = header::VIA;
 pub fn add_forwarded(headers: &mut HeaderMap, f: Forwarded<'_>) -> Added {
     // Which of the names below the request has, in one pass (a lookup or a removal hashes
     // the name; most requests carry none of them).
-    let has = Present::scan(
+    let [forwarded, real_ip, xff, xfp, xfh, via] = present(
         headers,
         [
             &header::FORWARDED,
@@ -200,7 +200,6 @@ pub fn add_forwarded(headers: &mut HeaderMap, f: Forwarded<'_>) -> Added {
             &header::VIA,
         ],
     );
-    let [forwarded, real_ip, xff, xfp, xfh, via] = has.0;
     let mut added = Added {
         fields: std::array::from_fn(|_| (&VIA, HeaderValue::from_static(""))),
         len: 0,
@@ -261,18 +260,14 @@ pub fn add_forwarded(headers: &mut HeaderMap, f: Forwarded<'_>) -> Added {
 }
 
 /// Which of `N` names a header map has, found in one pass over its names.
-struct Present<const N: usize>([bool; N]);
-
-impl<const N: usize> Present<N> {
-    fn scan(headers: &HeaderMap, names: [&HeaderName; N]) -> Present<N> {
-        let mut found = [false; N];
-        for name in headers.keys() {
-            if let Some(i) = names.iter().position(|n| *n == name) {
-                found[i] = true;
-            }
+fn present<const N: usize>(headers: &HeaderMap, names: [&HeaderName; N]) -> [bool; N] {
+    let mut found = [false; N];
+    for name in headers.keys() {
+        if let Some(i) = names.iter().position(|n| *n == name) {
+            found[i] = true;
         }
-        Present(found)
     }
+    found
 }
 
 /// All values of a header joined with `, ` (how a list header is read when sent several times).

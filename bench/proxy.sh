@@ -21,7 +21,9 @@
 # one is not pinned). Read the ratios, which come from interleaved
 # rounds (A B C A B C ...) and medians; the absolute figures drift ~20 % over an hour here.
 # Env: ROUNDS (3), DURATION (10s), CONNS (50), IDLE_CONNS (5000: the HAProxy peer config allows
-# 8000 connections), IDLE_CONNS_LOCKSTEP (10000: lockstep alone), BIN (target/release/lockstep).
+# 8000 connections), IDLE_CONNS_LOCKSTEP (10000: lockstep alone), BIN (target/release/lockstep),
+# PIN_WORKERS (set: lockstep started on the same cores with `--pin-workers`, one worker to a
+# core; the peers' threads and processes float over those cores as before).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -83,12 +85,17 @@ pin() { # pin PID WORKERS: the process and its threads on cores 0..WORKERS-1
 start_all() { # start_all WORKERS
   WORKERS=$1 "$peer" start nginx >/dev/null
   WORKERS=$1 "$peer" start haproxy >/dev/null
-  RUST_LOG=warn "$bin" serve -c "$config" --workers "$1" 2>"$run/lockstep.log" &
+  if [ -n "${PIN_WORKERS:-}" ]; then
+    # lockstep binds each worker to one of the cores it is started on.
+    RUST_LOG=warn taskset -c "$(seq -s, 0 $(( $1 - 1 )))" "$bin" serve -c "$config" --workers "$1" --pin-workers 2>"$run/lockstep.log" &
+  else
+    RUST_LOG=warn "$bin" serve -c "$config" --workers "$1" 2>"$run/lockstep.log" &
+  fi
   lockstep_pid=$!
   wait_port 8091; wait_port 8092; wait_port 8090; wait_port 8097
   # The port answering must be lockstep's: a peer on it would be measured in its place.
   kill -0 "$lockstep_pid" 2>/dev/null || { echo "lockstep did not start:" >&2; cat "$run/lockstep.log" >&2; exit 1; }
-  pin "$lockstep_pid" "$1"
+  [ -n "${PIN_WORKERS:-}" ] || pin "$lockstep_pid" "$1"
   pin "$(cat "$run/haproxy.pid")" "$1"
   local master; master=$(cat "$run/proxy.nginx.pid")
   for p in "$master" $(pgrep -P "$master"); do pin "$p" "$1"; done

@@ -44,6 +44,11 @@ pub enum Command {
         /// Worker threads, each with its own event loop and SO_REUSEPORT socket (default: one per CPU).
         #[arg(long)]
         workers: Option<usize>,
+        /// Pin worker i to the i-th CPU this process may run on (as nginx's
+        /// `worker_cpu_affinity auto` or HAProxy's `cpu-map`): a steadier tail on a host that
+        /// runs little else; with one worker nothing is pinned.
+        #[arg(long)]
+        pin_workers: bool,
         /// Longest time to let in-flight requests finish on SIGTERM.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         drain: std::time::Duration,

@@ -17,8 +17,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             config,
             workers,
+            pin_workers,
             drain,
-        } => serve(&config, workers, drain),
+        } => serve(&config, workers, pin_workers, drain),
         Command::Reload { config, socket } => reload(&config, socket),
         Command::Publish {
             hub,
@@ -94,7 +95,12 @@ fn check_command(config: Option<PathBuf>, agent: bool) -> anyhow::Result<()> {
 
 /// `lockstep serve`: the main runtime runs signals, admin, health checks and reloads; with one
 /// worker it serves the proxy too, otherwise each worker thread runs its own runtime.
-fn serve(config: &Path, workers: Option<usize>, drain: std::time::Duration) -> anyhow::Result<()> {
+fn serve(
+    config: &Path,
+    workers: Option<usize>,
+    pin: bool,
+    drain: std::time::Duration,
+) -> anyhow::Result<()> {
     crate::serve::init_tracing();
     // Before any thread: the sockets systemd kept across the restart, if any.
     crate::net::bind::inherit_from_env();
@@ -114,7 +120,7 @@ fn serve(config: &Path, workers: Option<usize>, drain: std::time::Duration) -> a
     let workers = if count == 1 {
         vec![main.handle().clone()]
     } else {
-        worker_runtimes(count)?
+        worker_runtimes(count, pin)?
     };
     let runtimes = crate::appliance::Runtimes {
         workers,
@@ -412,19 +418,65 @@ fn check_agent(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts `count` threads, each running a single-threaded runtime until the process exits.
-fn worker_runtimes(count: usize) -> anyhow::Result<Vec<tokio::runtime::Handle>> {
+/// Starts `count` threads, each running a single-threaded runtime until the process exits;
+/// with `pin`, each bound to one of the CPUs the process may run on ([`worker_cpus`]).
+fn worker_runtimes(count: usize, pin: bool) -> anyhow::Result<Vec<tokio::runtime::Handle>> {
+    let cpus = if pin { allowed_cpus() } else { Vec::new() };
+    let cpus = worker_cpus(&cpus, count);
     (0..count)
         .map(|i| {
             let rt = runtime(false).context("cannot start a worker runtime")?;
             let handle = rt.handle().clone();
+            let cpu = cpus.get(i).copied();
             std::thread::Builder::new()
                 .name(format!("lockstep-worker-{i}"))
-                .spawn(move || rt.block_on(std::future::pending::<()>()))
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        pin_thread(i, cpu);
+                    }
+                    rt.block_on(std::future::pending::<()>())
+                })
                 .context("cannot start a worker thread")?;
             Ok(handle)
         })
         .collect()
+}
+
+/// The CPU each of `workers` workers is pinned to, given the CPUs the process may run on
+/// (pure): worker i on the i-th, round the list again when there are more workers than CPUs;
+/// none when the list is empty.
+fn worker_cpus(allowed: &[usize], workers: usize) -> Vec<usize> {
+    if allowed.is_empty() {
+        return Vec::new();
+    }
+    (0..workers).map(|i| allowed[i % allowed.len()]).collect()
+}
+
+/// The CPUs this process may run on (its affinity: `taskset`, systemd's `CPUAffinity=`), in
+/// order; empty, with a warning, when they cannot be read.
+fn allowed_cpus() -> Vec<usize> {
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) => (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the CPUs this process may use; workers not pinned");
+            Vec::new()
+        }
+    }
+}
+
+/// Binds the calling thread (worker `i`) to `cpu`; a failure is logged and the worker runs
+/// unpinned.
+fn pin_thread(i: usize, cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    match rustix::thread::sched_setaffinity(None, &set) {
+        Ok(()) => tracing::info!(worker = i, cpu, "worker pinned"),
+        Err(e) => {
+            tracing::warn!(worker = i, cpu, error = %e, "cannot pin the worker; it runs unpinned")
+        }
+    }
 }
 
 /// How much lower the control plane's thread runs than the proxy's (added to the nice value:
@@ -484,4 +536,35 @@ fn runtime_builder(multi_thread: bool) -> tokio::runtime::Builder {
     };
     b.enable_all();
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_go_one_to_a_cpu_in_the_order_allowed() {
+        assert_eq!(worker_cpus(&[0, 1], 2), vec![0, 1]);
+        // A process confined to CPUs 2 and 5 (taskset, CPUAffinity=) pins to those.
+        assert_eq!(worker_cpus(&[2, 5], 2), vec![2, 5]);
+        assert_eq!(worker_cpus(&[0, 1, 2, 3], 2), vec![0, 1]);
+    }
+
+    #[test]
+    fn more_workers_than_cpus_share_them_round_the_list() {
+        assert_eq!(worker_cpus(&[3, 7], 5), vec![3, 7, 3, 7, 3]);
+        assert_eq!(worker_cpus(&[4], 3), vec![4, 4, 4]);
+    }
+
+    #[test]
+    fn no_known_cpu_pins_nothing() {
+        assert!(worker_cpus(&[], 4).is_empty());
+    }
+
+    #[test]
+    fn the_allowed_cpus_are_this_process_s() {
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty());
+        assert!(cpus.windows(2).all(|w| w[0] < w[1]));
+    }
 }

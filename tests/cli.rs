@@ -90,11 +90,16 @@ impl Server {
     /// listener are on port 0), reads the addresses they bound from its log and waits until
     /// `/ready` answers.
     fn start(yaml: &str) -> Server {
+        Server::start_with(yaml, &[])
+    }
+
+    /// [`Server::start`] with more arguments for `serve`.
+    fn start_with(yaml: &str, args: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("lockstep.yaml");
         std::fs::write(&cfg, yaml).unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.arg("serve").arg("-c").arg(&cfg);
+        cmd.arg("serve").args(args).arg("-c").arg(&cfg);
         let mut proc = Proc::spawn(cmd, dir.path().join("stderr.log"));
         let proxy = proc.bound_addr(&["listening", "listener=http"], "addr");
         let admin = proc.bound_addr(&["admin listening"], "addr");
@@ -639,6 +644,71 @@ fn serve_runs_the_control_plane_on_a_thread_of_lower_priority() {
         r.status, 200,
         "the admin API answers from the control thread"
     );
+}
+
+/// The CPUs a thread may run on (`Cpus_allowed_list` of its status: "0-1", "3", "0,2-3").
+fn cpus_allowed(status: &str) -> Vec<usize> {
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim();
+    list.split(',')
+        .flat_map(|r| match r.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![r.parse().unwrap()],
+        })
+        .collect()
+}
+
+/// `--pin-workers` binds worker i to the i-th CPU the process may use (round the list when
+/// there are more workers), and nothing else: the main and control threads keep every CPU.
+#[test]
+fn pin_workers_binds_each_worker_to_one_cpu_of_the_process() {
+    let backends = DemoBackends::start(&["web-1", "web-2"]);
+    let server = Server::start_with(
+        &farm_yaml(&backends, "one"),
+        &["--workers", "2", "--pin-workers"],
+    );
+    let pid = server.proc.child.id();
+    let allowed = cpus_allowed(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap());
+    let mut threads: Vec<(String, Vec<usize>)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the process's threads")
+        .map(|t| {
+            let t = t.unwrap().path();
+            let name = std::fs::read_to_string(t.join("comm")).unwrap();
+            let status = std::fs::read_to_string(t.join("status")).unwrap();
+            (name.trim().to_string(), cpus_allowed(&status))
+        })
+        .collect();
+    threads.sort();
+    let of = |name: &str| {
+        threads
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.clone())
+    };
+    // Thread names are cut at 15 bytes: lockstep-worker-0 reads "lockstep-worker".
+    let workers: Vec<_> = threads
+        .iter()
+        .filter(|(n, _)| n == "lockstep-worker")
+        .map(|(_, c)| c.clone())
+        .collect();
+    let mut expected = vec![vec![allowed[0]], vec![allowed[1 % allowed.len()]]];
+    let mut seen = workers.clone();
+    seen.sort();
+    expected.sort();
+    assert_eq!(
+        seen, expected,
+        "one CPU each, in the order allowed: {threads:?}"
+    );
+    assert_eq!(of("lockstep"), Some(allowed.clone()), "{threads:?}");
+    assert_eq!(of("lockstep-contro"), Some(allowed), "{threads:?}");
+    assert!(server.stderr().contains("worker pinned"));
+    // Pinned, the workers serve: forty requests, each on a connection of its own, answered.
+    for _ in 0..40 {
+        assert_eq!(backend_behind(server.proxy), "web-1");
+    }
 }
 
 #[test]

@@ -118,6 +118,9 @@ fn serve(
         .max(1);
     let main = runtime(false)?;
     let workers = if count == 1 {
+        if pin {
+            tracing::info!("--pin-workers: one worker serves on the main thread, which is not pinned (confine the process: taskset, CPUAffinity=)");
+        }
         vec![main.handle().clone()]
     } else {
         worker_runtimes(count, pin)?

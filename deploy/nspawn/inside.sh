@@ -187,6 +187,30 @@ systemctl reset-failed lockstep-agent.service
 systemctl start lockstep-agent.service
 wait_for 30 body_is http://127.0.0.1/ "release one"
 
+step "--pin-workers under the unit: each worker thread bound to one CPU"
+mkdir -p /etc/systemd/system/lockstep.service.d
+cat >/etc/systemd/system/lockstep.service.d/pin.conf <<'UNIT'
+[Service]
+ExecStart=
+ExecStart=/usr/bin/lockstep serve -c /etc/lockstep/lockstep.yaml --workers 2 --pin-workers
+UNIT
+systemctl daemon-reload
+c="$(cursor lockstep.service)"
+systemctl restart lockstep.service
+main_pid=$(systemctl show -p MainPID --value lockstep.service)
+for t in /proc/"$main_pid"/task/*; do
+  echo "$(cat "$t/comm") $(awk '/^Cpus_allowed_list/ {print $2}' "$t/status")"
+done | tee /tmp/affinity
+# Thread names are cut at 15 bytes: lockstep-worker-0 reads lockstep-worker.
+awk '$1 == "lockstep-worker" && $2 !~ /[-,]/ {n++} END {exit n != 2}' /tmp/affinity \
+  || fail "the two workers are not each bound to one CPU under the unit"
+since "$c" lockstep.service | grep -q 'cannot pin' && fail "a worker could not be pinned under the unit"
+wait_for 30 body_is http://127.0.0.1/ "release one"
+rm /etc/systemd/system/lockstep.service.d/pin.conf
+systemctl daemon-reload
+systemctl restart lockstep.service
+wait_for 30 body_is http://127.0.0.1/ "release one"
+
 step "exposure as systemd sees the installed units"
 systemd-analyze security lockstep.service lockstep-agent.service --no-pager | tail -n 3 || true
 

@@ -35,7 +35,7 @@ use tracing::debug;
 use super::body::{ConnError, RequestBody};
 use super::h1::buf::{InBuf, OutBuf, BUF_SIZE};
 use super::h1::chunked;
-use super::h1::head::{connection_options_only, push_decimal, Scan, MAX_HEADERS};
+use super::h1::head::{connection_options_only, push_decimal, NameCache, Scan, MAX_HEADERS};
 use super::proxy_protocol::{self, ClientAddrs};
 use super::server::MAX_HEAD_BYTES;
 use crate::config::ProxyVersion;
@@ -126,6 +126,8 @@ thread_local! {
     /// address from being reused while the entry exists; entries of dropped pools are
     /// removed when a new one is added.
     static LOCAL: RefCell<Vec<ThreadPool>> = const { RefCell::new(Vec::new()) };
+    /// The header names of this thread's last responses ([`NameCache`]).
+    static NAMES: RefCell<NameCache> = RefCell::new(NameCache::default());
 }
 
 impl Clients {
@@ -536,25 +538,30 @@ fn parse_response(buf: &[u8], method: &Method) -> Result<Option<ParsedHead>, &'s
     let shared = Bytes::copy_from_slice(&buf[..len]);
     let mut headers = HeaderMap::with_capacity(r.headers.len());
     let mut scan = Scan::default();
-    for f in r.headers.iter() {
-        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "bad header name")?;
-        let at = f.value.as_ptr() as usize - buf.as_ptr() as usize;
-        let value = HeaderValue::from_maybe_shared(shared.slice(at..at + f.value.len()))
-            .map_err(|_| "bad header value")?;
-        scan.field(&name, f.value)
-            .map_err(|e| e.reason().trim_end())?;
-        // `Connection: keep-alive` (or `close`) concerns this connection alone (RFC 9110
-        // §7.6.1): read above, it is not handed on, so nobody has to find and remove it
-        // (~2 % of a proxied request's instructions). A 101's fields go on with the upgrade,
-        // and a `Connection` naming other fields stays for them to be removed by.
-        if name == header::CONNECTION
-            && status != StatusCode::SWITCHING_PROTOCOLS
-            && connection_options_only(f.value)
-        {
-            continue;
+    NAMES.with_borrow_mut(|names| {
+        for (i, f) in r.headers.iter().enumerate() {
+            let name = names
+                .name(i, f.name.as_bytes())
+                .map_err(|_| "bad header name")?;
+            let at = f.value.as_ptr() as usize - buf.as_ptr() as usize;
+            let value = HeaderValue::from_maybe_shared(shared.slice(at..at + f.value.len()))
+                .map_err(|_| "bad header value")?;
+            scan.field(&name, f.value)
+                .map_err(|e| e.reason().trim_end())?;
+            // `Connection: keep-alive` (or `close`) concerns this connection alone (RFC 9110
+            // §7.6.1): read above, it is not handed on, so nobody has to find and remove it
+            // (~2 % of a proxied request's instructions). A 101's fields go on with the upgrade,
+            // and a `Connection` naming other fields stays for them to be removed by.
+            if name == header::CONNECTION
+                && status != StatusCode::SWITCHING_PROTOCOLS
+                && connection_options_only(f.value)
+            {
+                continue;
+            }
+            headers.append(name, value);
         }
-        headers.append(name, value);
-    }
+        Ok::<(), &'static str>(())
+    })?;
     let framing = resp_framing(method, status, &scan);
     let keep = !scan.close
         && framing != RespFraming::Close

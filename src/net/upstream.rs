@@ -127,7 +127,7 @@ thread_local! {
     /// removed when a new one is added.
     static LOCAL: RefCell<Vec<ThreadPool>> = const { RefCell::new(Vec::new()) };
     /// The header names of this thread's last responses ([`NameCache`]).
-    static NAMES: RefCell<NameCache> = RefCell::new(NameCache::default());
+    static NAMES: RefCell<NameCache> = const { RefCell::new(NameCache::new()) };
 }
 
 impl Clients {

@@ -250,9 +250,15 @@ const NAME_LEN: usize = 32;
 /// i is kept with the raw bytes it came from, and the next head whose i-th name has the same
 /// bytes gets a copy of it (the same bytes always make the same name). A name at another
 /// position, or longer than 32 bytes, is parsed as before and replaces the slot's.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NameCache {
     slots: [Option<NameSlot>; NAME_SLOTS],
+}
+
+impl Default for NameCache {
+    fn default() -> NameCache {
+        NameCache::new()
+    }
 }
 
 #[derive(Debug)]
@@ -263,6 +269,13 @@ struct NameSlot {
 }
 
 impl NameCache {
+    /// An empty cache (`const`: a thread-local needs no lazy start).
+    pub const fn new() -> NameCache {
+        NameCache {
+            slots: [const { None }; NAME_SLOTS],
+        }
+    }
+
     /// The name of the field at `index` of a head, whose raw bytes are `raw`.
     pub fn name(
         &mut self,
@@ -276,16 +289,14 @@ impl NameCache {
             }
         }
         let name = HeaderName::from_bytes(raw)?;
-        if let (Some(slot), Ok(len)) = (slot, u8::try_from(raw.len())) {
-            if raw.len() <= NAME_LEN {
-                let mut kept = [0; NAME_LEN];
-                kept[..raw.len()].copy_from_slice(raw);
-                *slot = Some(NameSlot {
-                    raw: kept,
-                    len,
-                    name: name.clone(),
-                });
-            }
+        if let Some(slot) = slot.filter(|_| raw.len() <= NAME_LEN) {
+            let mut kept = [0; NAME_LEN];
+            kept[..raw.len()].copy_from_slice(raw);
+            *slot = Some(NameSlot {
+                raw: kept,
+                len: raw.len() as u8, // at most NAME_LEN
+                name: name.clone(),
+            });
         }
         Ok(name)
     }

@@ -222,3 +222,236 @@ async fn at_shutdown_the_streams_in_flight_finish_and_the_connection_closes() {
         .expect("the drain ended once the streams were answered")
         .expect("shutdown task");
 }
+
+/// A raw h2c connection: the preface and an empty SETTINGS sent, then frames as the test
+/// writes them, so that it can send what no well-behaved client would.
+struct Raw {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A frame's bytes.
+fn raw_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// `GET http://farm.test/` in HPACK: static indexes and a literal `:authority`.
+const GET_BLOCK: &[u8] = b"\x82\x86\x84\x01\x09farm.test";
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+const CONTINUATION: u8 = 9;
+const END_STREAM: u8 = 1;
+const END_HEADERS: u8 = 4;
+
+impl Raw {
+    async fn connect(addr: std::net::SocketAddr) -> Raw {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend(raw_frame(4, 0, 0, &[]));
+        tcp.write_all(&hello).await.expect("preface");
+        Raw {
+            tcp,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.tcp.write_all(bytes).await
+    }
+
+    /// The next frame (type, flags, stream, payload), or None at the close; 10 s at most.
+    async fn frame(&mut self) -> Option<(u8, u8, u32, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 9 {
+                let len = (usize::from(self.buf[0]) << 16)
+                    | (usize::from(self.buf[1]) << 8)
+                    | usize::from(self.buf[2]);
+                if self.buf.len() >= 9 + len {
+                    let f: Vec<u8> = self.buf.drain(..9 + len).collect();
+                    let stream = u32::from_be_bytes([f[5], f[6], f[7], f[8]]) & 0x7fff_ffff;
+                    return Some((f[3], f[4], stream, f[9..].to_vec()));
+                }
+            }
+            let mut chunk = [0u8; 16384];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.tcp.read(&mut chunk))
+                .await
+                .expect("the server answers or closes within 10 s")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads until a GOAWAY and returns its error code (None if the connection closed
+    /// without one).
+    async fn goaway(&mut self) -> Option<u32> {
+        while let Some((kind, _, _, payload)) = self.frame().await {
+            if kind == GOAWAY {
+                return Some(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ]));
+            }
+        }
+        None
+    }
+}
+
+fn proxy_to(addr: std::net::SocketAddr) -> String {
+    format!(
+        "listeners:\n  - name: http\n    bind: \"127.0.0.1:0\"\n    http2_only: true\n\
+         routes:\n  - {{ path_prefix: \"/\", pool: www }}\n\
+         pools:\n  - name: www\n    backends:\n{}",
+        backend_yaml("web-1", addr, 1)
+    )
+}
+
+/// Rapid reset (CVE-2023-44487): each stream opened and cancelled at once, so that every
+/// one starts a backend request and none is answered. The connection is shut out
+/// (ENHANCE_YOUR_CALM) once its cancellations pass 256 and outnumber its answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_cancels_every_stream_it_opens_is_shut_out() {
+    let slow = delayed_backend(Duration::from_millis(200)).await;
+    let app = start(&proxy_to(slow)).await;
+    let mut raw = Raw::connect(proxy_addr(&app)).await;
+    let mut sent = 0;
+    let mut batch = Vec::new();
+    for i in 0..2000u32 {
+        let id = 2 * i + 1;
+        batch.extend(raw_frame(HEADERS, END_STREAM | END_HEADERS, id, GET_BLOCK));
+        batch.extend(raw_frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+        if batch.len() > 8192 {
+            if raw.send(&batch).await.is_err() {
+                break; // closed on us: what is checked below
+            }
+            sent = i + 1;
+            batch.clear();
+        }
+    }
+    assert_eq!(
+        raw.goaway().await,
+        Some(11),
+        "GOAWAY ENHANCE_YOUR_CALM after {sent} streams"
+    );
+    assert!(sent < 2000 || raw.frame().await.is_none());
+    // The listener still serves others.
+    let (send, _conn) = h2c(proxy_addr(&app), 65_535).await;
+    let mut send = send.ready().await.expect("ready");
+    let (resp, _) = send
+        .send_request(Request::get("http://farm.test/").body(()).unwrap(), true)
+        .expect("stream");
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("answered")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    app.shutdown(Duration::from_millis(200)).await;
+}
+
+/// A header block is bounded however many CONTINUATION frames carry it: past the header-list
+/// limit (64 KiB) plus a frame, the connection ends (ENHANCE_YOUR_CALM) without the server
+/// holding more; a block within that bound whose fields are over the limit is answered 431.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_blocks_are_bounded_however_they_are_split() {
+    let web = DemoBackend::start("web-1").await;
+    let app = start(&proxy_to(web.addr)).await;
+    // CONTINUATION flood: 16 KiB frames of a literal value that never ends.
+    let mut raw = Raw::connect(proxy_addr(&app)).await;
+    let mut first = GET_BLOCK.to_vec();
+    first.extend_from_slice(b"\x00\x05x-big\x7f\xff\xff\xff\x0f"); // a 2^28-byte value
+    raw.send(&raw_frame(HEADERS, END_STREAM, 1, &first))
+        .await
+        .expect("headers");
+    let junk = vec![b'a'; 16384];
+    let mut frames_sent = 0;
+    for _ in 0..64 {
+        if raw
+            .send(&raw_frame(CONTINUATION, 0, 1, &junk))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        frames_sent += 1;
+    }
+    assert_eq!(
+        raw.goaway().await,
+        Some(11),
+        "after {frames_sent} CONTINUATION frames"
+    );
+
+    // 70 000 bytes of fields in five frames: within the block bound, over the list limit.
+    let mut raw = Raw::connect(proxy_addr(&app)).await;
+    let mut block = GET_BLOCK.to_vec();
+    block.extend_from_slice(b"\x00\x05x-big\x7f");
+    let mut n = 70_000 - 127;
+    while n >= 0x80 {
+        block.push(0x80 | (n & 0x7f) as u8);
+        n >>= 7;
+    }
+    block.push(n as u8);
+    block.extend(std::iter::repeat_n(b'v', 70_000));
+    let pieces: Vec<&[u8]> = block.chunks(16384).collect();
+    let mut bytes = raw_frame(HEADERS, END_STREAM, 3, pieces[0]);
+    for (i, p) in pieces[1..].iter().enumerate() {
+        let flags = if i + 2 == pieces.len() {
+            END_HEADERS
+        } else {
+            0
+        };
+        bytes.extend(raw_frame(CONTINUATION, flags, 3, p));
+    }
+    raw.send(&bytes).await.expect("request");
+    loop {
+        let (kind, flags, stream, payload) = raw.frame().await.expect("an answer");
+        if kind == HEADERS && stream == 3 {
+            assert_eq!(
+                &payload[..],
+                b"\x08\x03431",
+                "status 431 (literal, static name)"
+            );
+            assert_eq!(flags & END_STREAM, END_STREAM);
+            break;
+        }
+        assert_ne!(
+            kind, GOAWAY,
+            "the connection survives a head over the limit"
+        );
+    }
+    app.shutdown(Duration::from_millis(200)).await;
+}
+
+/// A client that floods PINGs and reads nothing gets no more buffered for it than the
+/// output's high-water mark: the server stops reading, so the client's writes stall long
+/// before 64 MiB (each PING would otherwise queue a 17-byte answer forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_floods_pings_and_reads_nothing_is_not_buffered_for() {
+    let web = DemoBackend::start("web-1").await;
+    let app = start(&proxy_to(web.addr)).await;
+    let mut raw = Raw::connect(proxy_addr(&app)).await;
+    let pings: Vec<u8> = (0..1000)
+        .flat_map(|_| raw_frame(PING, 0, 0, b"12345678"))
+        .collect();
+    let mut written = 0usize;
+    while written < 64 << 20 {
+        match tokio::time::timeout(Duration::from_secs(2), raw.send(&pings)).await {
+            Ok(Ok(())) => written += pings.len(),
+            Ok(Err(e)) => panic!("the server closed a connection it only had to stop reading: {e}"),
+            Err(_) => break, // stalled: the server stopped reading
+        }
+    }
+    assert!(
+        written < 64 << 20,
+        "the server read {written} bytes of PINGs it could not answer"
+    );
+    app.shutdown(Duration::from_millis(200)).await;
+}

@@ -166,6 +166,67 @@ pub fn h1_head(data: &[u8]) {
     }
 }
 
+/// A client's bytes after the HTTP/2 preface: frames parsed one after another as the server
+/// connection reads them (a length past 16 KiB ends the input, as it ends a connection), and
+/// every header block (HEADERS, then its CONTINUATIONs) decoded by one HPACK decoder whose
+/// table carries over, as a connection's does. No panic; a value is never longer than a
+/// Huffman expansion of its block allows; a field that decodes re-encodes to the same field.
+pub fn h2_frames(data: &[u8]) {
+    use bytes::Bytes;
+    use lockstep::net::h2::frame::{self, Frame, Head, HEAD_LEN};
+    use lockstep::net::h2::hpack::{self, Decoder, Name};
+    let mut decoder = Decoder::default();
+    let mut block: Option<Vec<u8>> = None;
+    let mut at = 0;
+    while data.len() - at >= HEAD_LEN {
+        let head = Head::parse(&data[at..]);
+        if head.len > 16 * 1024 || data.len() - at - HEAD_LEN < head.len {
+            return;
+        }
+        let payload = Bytes::copy_from_slice(&data[at + HEAD_LEN..at + HEAD_LEN + head.len]);
+        at += HEAD_LEN + head.len;
+        let (fragment, end) = match frame::parse(head, payload) {
+            Ok(Frame::Headers { fragment, end_headers, .. }) => {
+                block = Some(Vec::new());
+                (fragment, end_headers)
+            }
+            Ok(Frame::Continuation { fragment, end_headers, .. }) if block.is_some() => {
+                (fragment, end_headers)
+            }
+            Ok(Frame::Data { data, flow_len, .. }) => {
+                assert!(data.len() <= flow_len);
+                continue;
+            }
+            Ok(_) => continue,
+            Err(_) => return,
+        };
+        let Some(b) = &mut block else { continue };
+        b.extend_from_slice(&fragment);
+        if !end {
+            continue;
+        }
+        let whole = Bytes::from(block.take().unwrap_or_default());
+        let mut fields = Vec::new();
+        let decoded = decoder.decode(&whole, |name, value| fields.push((name.clone(), value.clone())));
+        if decoded.is_err() {
+            return; // COMPRESSION_ERROR: the connection ends here
+        }
+        for (name, value) in fields {
+            // Indexed fields may come from the table (any earlier block): bound by the input.
+            assert!(value.len() <= data.len() * 8 / 5 + 64, "value of {} bytes", value.len());
+            let Name::Field(name) = name else { continue };
+            let Ok(v) = http::HeaderValue::from_maybe_shared(value.clone()) else { continue };
+            let mut out = Vec::new();
+            hpack::encode_field(&name, &v, &mut out);
+            let mut again = Vec::new();
+            Decoder::default()
+                .decode(&Bytes::from(out), |n, v| again.push((n.clone(), v.clone())))
+                .expect("an encoded field decodes");
+            assert_eq!(again, vec![(Name::Field(name), value)]);
+        }
+    }
+}
+
 /// A chunked body decoded whole and decoded in pieces (the first byte picks the piece
 /// size) give the same data and the same verdict; a decoder never takes more than it has.
 pub fn h1_chunked(data: &[u8]) {
@@ -286,6 +347,7 @@ mod tests {
         corpus("peer_frame", super::peer_frame);
         corpus("request_path", super::request_path);
         corpus("h1_head", super::h1_head);
+        corpus("h2_frames", super::h2_frames);
         corpus("h1_chunked", super::h1_chunked);
         corpus("proxy_header", super::proxy_header);
         corpus("cert_not_after", super::cert_not_after);

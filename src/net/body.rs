@@ -3,12 +3,14 @@
 //! agent's APIs), and [`stream_into`], the one way a large body (a blob) goes to disk: a
 //! buffer at a time, whatever its size.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 use tokio::sync::mpsc;
@@ -56,66 +58,6 @@ impl Body for ClientBody {
             ClientBody::Empty => SizeHint::with_exact(0),
             ClientBody::H1(b) => b.size_hint(),
             ClientBody::H2(b) => b.size_hint(),
-        }
-    }
-}
-
-/// An HTTP/2 stream's request body: its DATA frames, then its trailers. Each frame's bytes
-/// are given back to the client's flow-control window as the handler takes them, so a
-/// client sends no faster than the backend reads (the window bounds what is buffered).
-pub struct H2Body {
-    recv: h2::RecvStream,
-    data_done: bool,
-    /// What `Content-Length` says is still to come.
-    remaining: Option<u64>,
-}
-
-impl H2Body {
-    /// The body of a stream whose request declared `content_length`.
-    pub fn new(recv: h2::RecvStream, content_length: Option<u64>) -> H2Body {
-        H2Body {
-            recv,
-            data_done: false,
-            remaining: content_length,
-        }
-    }
-
-    fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
-        // A reset with NO_ERROR is the client saying it needs no more of the body: an early
-        // response (RFC 9113 §8.1), which ends the body rather than failing it.
-        let early_end = |e: &h2::Error| e.reason() == Some(h2::Reason::NO_ERROR);
-        if !self.data_done {
-            match std::task::ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    if let Some(r) = &mut self.remaining {
-                        *r = r.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) if early_end(&e) => return Poll::Ready(None),
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => self.data_done = true,
-            }
-        }
-        match std::task::ready!(self.recv.poll_trailers(cx)) {
-            Ok(trailers) => Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t)))),
-            Err(e) if early_end(&e) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.remaining {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
         }
     }
 }
@@ -371,6 +313,185 @@ where
     }
 }
 
+// An HTTP/2 stream's request body: what the connection (`net::h2`) received for the stream,
+// handed to the handler through `H2Body`. The connection pushes DATA (within the windows it
+// advertised, so at most a window is ever buffered) and the end; the reader takes it and
+// counts what it took, which the connection gives back to the client's windows
+// (WINDOW_UPDATE) when it next looks at the stream: a client sends no faster than the backend
+// reads.
+
+/// How the body ended, when it has.
+#[derive(Debug)]
+enum H2End {
+    Open,
+    /// END_STREAM, with the trailers if there were some.
+    Done(Option<HeaderMap>),
+    /// The client reset the stream with NO_ERROR: it needs no more of the body (an early
+    /// response, RFC 9113 §8.1), which ends the body rather than failing it.
+    Early,
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct H2Inner {
+    chunks: VecDeque<Bytes>,
+    end: H2End,
+    /// The reader waiting for the next chunk.
+    reader: Option<Waker>,
+    /// Bytes the reader took that the connection has not yet given back to the windows.
+    taken: usize,
+    /// The reader is gone: what comes is given back at once.
+    dropped: bool,
+}
+
+/// The state a stream's body shares between the connection and the reader.
+#[derive(Debug)]
+pub(super) struct H2Shared(Mutex<H2Inner>);
+
+impl H2Shared {
+    pub(super) fn new() -> Arc<H2Shared> {
+        Arc::new(H2Shared(Mutex::new(H2Inner {
+            chunks: VecDeque::new(),
+            end: H2End::Open,
+            reader: None,
+            taken: 0,
+            dropped: false,
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, H2Inner> {
+        // Nothing holding the lock can panic half-way; a poisoned one is still consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a DATA frame's bytes; false when the reader is gone (the caller gives them
+    /// back to the windows itself).
+    pub(super) fn push(&self, data: Bytes) -> bool {
+        let mut g = self.lock();
+        if g.dropped {
+            return false;
+        }
+        if !data.is_empty() {
+            g.chunks.push_back(data);
+        }
+        let w = g.reader.take();
+        drop(g);
+        if let Some(w) = w {
+            w.wake();
+        }
+        true
+    }
+
+    /// Ends the body: the client's END_STREAM (with its trailers), an early end, or a
+    /// failure (a reset, a malformed body, the connection's end).
+    fn finish(&self, end: H2End) {
+        let mut g = self.lock();
+        if !matches!(g.end, H2End::Open) {
+            return;
+        }
+        g.end = end;
+        let w = g.reader.take();
+        drop(g);
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    pub(super) fn end(&self, trailers: Option<HeaderMap>) {
+        self.finish(H2End::Done(trailers));
+    }
+
+    pub(super) fn end_early(&self) {
+        self.finish(H2End::Early);
+    }
+
+    pub(super) fn fail(&self, why: String) {
+        self.finish(H2End::Failed(why));
+    }
+
+    /// What the reader took since the last call, and whether the reader is gone (then
+    /// nothing more will be taken: what is still queued is the caller's to give back).
+    pub(super) fn take_taken(&self) -> (usize, bool) {
+        let mut g = self.lock();
+        let taken = std::mem::take(&mut g.taken);
+        if g.dropped {
+            let queued: usize = g.chunks.drain(..).map(|c| c.len()).sum();
+            return (taken + queued, true);
+        }
+        (taken, false)
+    }
+}
+
+/// An HTTP/2 stream's request body: its DATA, then its trailers.
+#[derive(Debug)]
+pub struct H2Body {
+    shared: Arc<H2Shared>,
+    /// The stream's waker in its connection: woken when bytes are taken, so the connection
+    /// gives them back to the client's windows.
+    stream: Waker,
+    /// What `Content-Length` says is still to come.
+    remaining: Option<u64>,
+}
+
+impl H2Body {
+    pub(super) fn new(shared: Arc<H2Shared>, stream: Waker, content_length: Option<u64>) -> H2Body {
+        H2Body {
+            shared,
+            stream,
+            remaining: content_length,
+        }
+    }
+
+    /// The next frame of the body.
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
+        let mut g = self.shared.lock();
+        if let Some(data) = g.chunks.pop_front() {
+            g.taken += data.len();
+            drop(g);
+            self.stream.wake_by_ref();
+            if let Some(r) = &mut self.remaining {
+                *r = r.saturating_sub(data.len() as u64);
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        match &mut g.end {
+            H2End::Open => {
+                if !g.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    g.reader = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            H2End::Done(trailers) => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            H2End::Early => Poll::Ready(None),
+            H2End::Failed(why) => Poll::Ready(Some(Err(why.clone().into()))),
+        }
+    }
+
+    /// Whether nothing more will come.
+    pub fn is_end_stream(&self) -> bool {
+        let g = self.shared.lock();
+        g.chunks.is_empty() && matches!(g.end, H2End::Done(None) | H2End::Early)
+    }
+
+    /// The exact size left when the request declared it.
+    pub fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for H2Body {
+    fn drop(&mut self) {
+        self.shared.lock().dropped = true;
+        self.stream.wake_by_ref();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,5 +562,69 @@ mod tests {
         let rec = Recorder::default();
         let out = stream_into(frames(&[]), rec, 10).await.unwrap();
         assert_eq!(out.0.lock().unwrap().iter().sum::<usize>(), 0);
+    }
+
+    use std::task::Wake;
+
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn bytes_taken_are_counted_and_a_dropped_reader_gives_back_the_rest() {
+        let stream = Arc::new(Count(Default::default()));
+        let shared = H2Shared::new();
+        let mut body = H2Body::new(shared.clone(), Waker::from(stream.clone()), Some(5));
+        let reader = Waker::from(Arc::new(Count(Default::default())));
+        let mut cx = Context::from_waker(&reader);
+        assert!(body.poll_frame(&mut cx).is_pending());
+        assert!(shared.push(Bytes::from("abc")));
+        assert!(shared.push(Bytes::from("de")));
+        let Poll::Ready(Some(Ok(f))) = body.poll_frame(&mut cx) else {
+            panic!()
+        };
+        assert_eq!(f.into_data().unwrap(), "abc");
+        assert_eq!(body.size_hint().exact(), Some(2));
+        assert_eq!(stream.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(shared.take_taken(), (3, false));
+        drop(body);
+        // "de" was never taken: it is given back with the news that the reader is gone.
+        assert_eq!(shared.take_taken(), (2, true));
+        assert!(!shared.push(Bytes::from("more")));
+    }
+
+    #[test]
+    fn the_end_trailers_and_failures_reach_the_reader() {
+        let w = Waker::from(Arc::new(Count(Default::default())));
+        let mut cx = Context::from_waker(&w);
+        let shared = H2Shared::new();
+        let mut body = H2Body::new(shared.clone(), w.clone(), None);
+        let mut t = HeaderMap::new();
+        t.insert("x-sum", "1".parse().unwrap());
+        shared.end(Some(t));
+        shared.fail("late".into()); // after the end: ignored
+        assert!(!body.is_end_stream());
+        let Poll::Ready(Some(Ok(f))) = body.poll_frame(&mut cx) else {
+            panic!()
+        };
+        assert!(f.is_trailers());
+        assert!(matches!(body.poll_frame(&mut cx), Poll::Ready(None)));
+
+        let shared = H2Shared::new();
+        let mut body = H2Body::new(shared.clone(), w.clone(), None);
+        shared.fail("reset".into());
+        assert!(matches!(
+            body.poll_frame(&mut cx),
+            Poll::Ready(Some(Err(_)))
+        ));
+
+        let shared = H2Shared::new();
+        let mut body = H2Body::new(shared.clone(), w.clone(), None);
+        shared.end_early();
+        assert!(body.is_end_stream());
+        assert!(matches!(body.poll_frame(&mut cx), Poll::Ready(None)));
     }
 }

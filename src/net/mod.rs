@@ -7,8 +7,9 @@
 //!   [`h1`] or HTTP/2 by [`h2`] as ALPN or the h2c preface says, graceful close at shutdown)
 //!   and [`server::HttpServer`], the accept loop + connection serving that the admin, hub,
 //!   agent and demo listeners use.
-//! - [`h1`], [`h2`]: lockstep's own server connections (HTTP/1.1 on `httparse`, HTTP/2 on the
-//!   `h2` crate with every stream polled in its connection's task); [`date`]: their `Date`.
+//! - [`h1`], [`h2`]: lockstep's own server connections (HTTP/1.1 on `httparse`; HTTP/2 with
+//!   its own frames, HPACK and flow control, every stream polled in its connection's task);
+//!   [`date`]: their `Date`.
 //! - [`bind`]: listening sockets (`SO_REUSEADDR`, `SO_REUSEPORT` for several workers).
 //! - [`idle`]: the idle-connection timeout wrapper.
 //! - [`limit`]: per-listener connection caps shared by the workers accepting on it.

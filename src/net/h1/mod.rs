@@ -76,6 +76,24 @@ const FIRST_HEAD_GRACE: Duration = Duration::from_millis(250);
 /// At most this much is read and dropped while lingering.
 const LINGER_BYTES: usize = 64 * 1024;
 
+/// Closes `io` from this side without a reset (HTTP/1.1's and HTTP/2's closes): the write
+/// side first, then what the client still sends is read and dropped until it closes too, for
+/// at most `time` and [`LINGER_BYTES`].
+pub(crate) async fn linger<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I, time: Duration) {
+    let _ = io.shutdown().await;
+    let drop_rest = async {
+        let mut sink = [0u8; 2048];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(io, &mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(time, drop_rest).await;
+}
+
 /// How one connection is served.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -294,18 +312,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
     /// crossed the close that the request failed, where an end of stream tells it the request
     /// was never taken and may be sent again (RFC 9112 §9.6, §9.3.1).
     async fn linger(&mut self, time: Duration) {
-        let _ = self.io.shutdown().await;
-        let drop_rest = async {
-            let mut sink = [0u8; 2048];
-            let mut left = LINGER_BYTES;
-            while left > 0 {
-                match tokio::io::AsyncReadExt::read(&mut self.io, &mut sink).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => left = left.saturating_sub(n),
-                }
-            }
-        };
-        let _ = tokio::time::timeout(time, drop_rest).await;
+        linger(&mut self.io, time).await;
     }
 
     /// Ends a connection whose read gave no request to serve: the shutdown came while it

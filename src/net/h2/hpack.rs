@@ -222,10 +222,12 @@ impl Decoder {
                 let value = string(block, &mut at)?;
                 field(&name, &value);
                 if index_it {
+                    // A copy: a slice would keep the whole read buffer it points into alive
+                    // for as long as the entry stays in the table (16 KiB per connection).
                     self.insert(Entry {
                         size: name_len + value.len() + 32,
                         name,
-                        value,
+                        value: Bytes::copy_from_slice(&value),
                     });
                 }
             }
@@ -537,6 +539,20 @@ mod tests {
             decode_all(&mut d, &[0x82, 0x20]),
             Err(DecodeError::BadSizeUpdate)
         );
+    }
+
+    #[test]
+    fn the_table_keeps_copies_not_slices_of_the_read_buffer() {
+        let mut d = Decoder::default();
+        let block = Bytes::from_static(b"\x40\x0acustom-key\x0ccustom-value");
+        let mut seen = None;
+        d.decode(&block, |_, v| seen = Some(v.clone())).unwrap();
+        let inside = |p: *const u8| block.as_ptr_range().contains(&p);
+        // The field handed on is a slice (no copy per request) ...
+        assert!(inside(seen.unwrap().as_ptr()));
+        // ... the entry kept for later requests is not (it would pin the whole buffer).
+        assert_eq!(d.table[0].value, "custom-value");
+        assert!(!inside(d.table[0].value.as_ptr()));
     }
 
     #[test]

@@ -408,6 +408,12 @@ where
             if !g.ids.is_empty() {
                 continue;
             }
+            if self.streams.is_empty() && self.rbuf.is_empty() && self.pending_out() == 0 {
+                // Idle: the buffers go until the next bytes (~20 KiB an idle connection
+                // would otherwise hold).
+                self.rbuf = BytesMut::new();
+                self.out.buf = Vec::new();
+            }
             if !g.conn.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 g.conn = Some(cx.waker().clone());
             }
@@ -1306,8 +1312,10 @@ impl RequestHead {
             Some(a) => match last {
                 Some((raw, parsed)) if *raw == a => Some(parsed.clone()),
                 _ => {
-                    let parsed = Authority::from_maybe_shared(a.clone()).ok()?;
-                    *last = Some((a, parsed.clone()));
+                    // Kept as a copy: a slice would keep the read buffer it came from alive.
+                    let owned = Bytes::copy_from_slice(&a);
+                    let parsed = Authority::from_maybe_shared(owned.clone()).ok()?;
+                    *last = Some((owned, parsed.clone()));
                     Some(parsed)
                 }
             },

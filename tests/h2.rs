@@ -111,6 +111,38 @@ async fn bodies_larger_than_the_windows_go_both_ways_on_concurrent_streams() {
     app.shutdown(Duration::from_millis(200)).await;
 }
 
+/// The connection's window comes back whole from every upload, whether the reader takes a
+/// body's last bytes before or after the client's END_STREAM: twelve 200 KiB uploads one after
+/// another on one connection (2.4 MB through the server's 1 MiB connection window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_window_comes_back_from_every_upload() {
+    let webs = DemoBackend::start_n(1).await;
+    let app = start(&farm_yaml(&backends_yaml(&webs), "")).await;
+    let (send, _conn) = h2c(proxy_addr(&app), 1 << 20).await;
+    for i in 0..12u8 {
+        let body = Bytes::from(vec![b'a' + i; 200 * 1024]);
+        let mut send = send.clone().ready().await.expect("ready for a stream");
+        let req = Request::post(format!("http://farm.test/upload/{i}"))
+            .body(())
+            .expect("request");
+        let (resp, mut tx) = send.send_request(req, false).expect("stream opened");
+        let exchange = async {
+            send_all(&mut tx, body.clone()).await;
+            read_all(resp.await.expect("response").into_body()).await
+        };
+        let got = tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("upload {i} stalled: the connection's window did not come back")
+            });
+        assert!(
+            got.ends_with(&body),
+            "upload {i}: the body came back changed"
+        );
+    }
+    app.shutdown(Duration::from_millis(200)).await;
+}
+
 /// A backend that reads one request head, never answers, and reports when its client (the
 /// proxy) closes the connection.
 async fn silent_backend() -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<()>) {

@@ -208,6 +208,9 @@ struct Stream<F, B: Body> {
     recv_window: i64,
     /// Taken by the reader and not yet announced to the client.
     recv_unannounced: u32,
+    /// DATA handed to the reader and not yet given back to the connection's window: given
+    /// back as the reader takes it, and whatever is left when the stream goes.
+    recv_held: usize,
     /// What `Content-Length` says is still to come.
     content_left: Option<u64>,
     /// The client has sent END_STREAM.
@@ -455,8 +458,8 @@ where
                 }
                 // Half-closed by the client: the streams in flight may still answer.
                 self.read_closed = true;
-                for s in &mut self.streams {
-                    if let Some(r) = s.recv.take() {
+                for s in &self.streams {
+                    if let Some(r) = &s.recv {
                         r.fail("the client closed the connection".into());
                     }
                 }
@@ -610,7 +613,7 @@ where
                     return Err(ConnErr(Reason::PROTOCOL_ERROR));
                 }
                 if let Ok(i) = self.find(stream) {
-                    let s = self.streams.remove(i);
+                    let s = self.remove_stream(i);
                     if let Some(r) = &s.recv {
                         if reason == Reason::NO_ERROR {
                             r.end_early();
@@ -749,12 +752,14 @@ where
             Some(r) => r.push(data),
             None => false,
         };
+        if kept {
+            s.recv_held += len;
+        }
         if end_stream {
             s.remote_closed = true;
-            if let Some(r) = s.recv.take() {
+            if let Some(r) = &s.recv {
                 r.end(None);
             }
-            // Nothing more comes: what the reader takes now needs no announcing.
         }
         if !kept {
             self.give_back(len);
@@ -814,7 +819,7 @@ where
                 return Err(StreamErr(id, Reason::PROTOCOL_ERROR));
             }
             s.remote_closed = true;
-            if let Some(r) = s.recv.take() {
+            if let Some(r) = &s.recv {
                 r.end(Some(head.headers));
             }
             self.maybe_finish(id);
@@ -891,6 +896,7 @@ where
             recv,
             recv_window: i64::from(WINDOW),
             recv_unannounced: 0,
+            recv_held: 0,
             content_left: if end_stream {
                 None
             } else {
@@ -922,7 +928,7 @@ where
         debug!(stream = id, %reason, "h2 stream error");
         frame::put_rst(&mut self.out.buf, id, reason);
         if let Ok(i) = self.find(id) {
-            let s = self.streams.remove(i);
+            let s = self.remove_stream(i);
             if let Some(r) = &s.recv {
                 r.fail(format!("stream error: {reason}"));
             }
@@ -939,11 +945,19 @@ where
         if let Ok(i) = self.find(id) {
             let s = &self.streams[i];
             if s.remote_closed && matches!(s.send, Sending::Done) {
-                self.streams.remove(i);
+                self.remove_stream(i);
                 self.answered += 1;
                 self.remember_closed(id, false);
             }
         }
+    }
+
+    /// Removes stream `i`; what its reader held goes back to the connection's window (the
+    /// reader may still take it, but nothing counts it any more).
+    fn remove_stream(&mut self, i: usize) -> Stream<F, B> {
+        let s = self.streams.remove(i);
+        self.give_back(s.recv_held);
+        s
     }
 
     fn unblock_all(&mut self) {
@@ -977,9 +991,10 @@ where
                     s.recv = None;
                 }
                 if taken > 0 {
+                    s.recv_held -= taken;
                     s.recv_window += taken as i64;
                     s.recv_unannounced += taken as u32;
-                    if !gone && s.recv_unannounced >= WINDOW / 2 {
+                    if !gone && !s.remote_closed && s.recv_unannounced >= WINDOW / 2 {
                         frame::put_window_update(&mut self.out.buf, id, s.recv_unannounced);
                         s.recv_unannounced = 0;
                     }
@@ -995,11 +1010,12 @@ where
         self.run = run;
         if finished {
             let out = &mut self.out.buf;
-            let (mut answered, closed) = (0, &mut self.closed);
+            let (mut answered, mut held, closed) = (0, 0, &mut self.closed);
             self.streams.retain(|s| {
                 if !matches!(s.send, Sending::Done) {
                     return true;
                 }
+                held += s.recv_held;
                 if !s.remote_closed {
                     // Answered before the client finished its body: it may stop (§8.1).
                     frame::put_rst(out, s.id, Reason::NO_ERROR);
@@ -1015,6 +1031,7 @@ where
                 false
             });
             self.answered += answered;
+            self.give_back(held);
         }
     }
 
@@ -1155,7 +1172,7 @@ where
                         frame::put_rst(&mut out.buf, s.id, Reason::INTERNAL_ERROR);
                         s.send = Sending::Done;
                         // The client's body, if any, is of no use now.
-                        if let Some(r) = s.recv.take() {
+                        if let Some(r) = &s.recv {
                             r.fail("the response failed".into());
                         }
                         s.remote_closed = true;

@@ -3,13 +3,12 @@
 //! agent's APIs), and [`stream_into`], the one way a large body (a blob) goes to disk: a
 //! buffer at a time, whatever its size.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
@@ -315,7 +314,9 @@ where
 
 // An HTTP/2 stream's request body: what the connection (`net::h2`) received for the stream,
 // handed to the handler through `H2Body`. The connection pushes DATA (within the windows it
-// advertised, so at most a window is ever buffered) and the end; the reader takes it and
+// advertised, so at most a window is ever buffered: copied into one buffer per stream, so
+// that neither tiny frames nor slices of the connection's read buffer make the memory larger
+// than the bytes) and the end; the reader takes it and
 // counts what it took, which the connection gives back to the client's windows
 // (WINDOW_UPDATE) when it next looks at the stream: a client sends no faster than the backend
 // reads.
@@ -334,7 +335,8 @@ enum H2End {
 
 #[derive(Debug)]
 struct H2Inner {
-    chunks: VecDeque<Bytes>,
+    /// Received, not yet taken.
+    data: BytesMut,
     end: H2End,
     /// The reader waiting for the next chunk.
     reader: Option<Waker>,
@@ -351,7 +353,7 @@ pub(super) struct H2Shared(Mutex<H2Inner>);
 impl H2Shared {
     pub(super) fn new() -> Arc<H2Shared> {
         Arc::new(H2Shared(Mutex::new(H2Inner {
-            chunks: VecDeque::new(),
+            data: BytesMut::new(),
             end: H2End::Open,
             reader: None,
             taken: 0,
@@ -371,9 +373,7 @@ impl H2Shared {
         if g.dropped {
             return false;
         }
-        if !data.is_empty() {
-            g.chunks.push_back(data);
-        }
+        g.data.extend_from_slice(&data);
         let w = g.reader.take();
         drop(g);
         if let Some(w) = w {
@@ -415,7 +415,8 @@ impl H2Shared {
         let mut g = self.lock();
         let taken = std::mem::take(&mut g.taken);
         if g.dropped {
-            let queued: usize = g.chunks.drain(..).map(|c| c.len()).sum();
+            let queued = g.data.len();
+            g.data = BytesMut::new();
             return (taken + queued, true);
         }
         (taken, false)
@@ -448,7 +449,8 @@ impl H2Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
         let mut g = self.shared.lock();
-        if let Some(data) = g.chunks.pop_front() {
+        if !g.data.is_empty() {
+            let data = g.data.split().freeze();
             g.taken += data.len();
             drop(g);
             self.stream.wake_by_ref();
@@ -473,7 +475,7 @@ impl H2Body {
     /// Whether nothing more will come.
     pub fn is_end_stream(&self) -> bool {
         let g = self.shared.lock();
-        g.chunks.is_empty() && matches!(g.end, H2End::Done(None) | H2End::Early)
+        g.data.is_empty() && matches!(g.end, H2End::Done(None) | H2End::Early)
     }
 
     /// The exact size left when the request declared it.
@@ -581,13 +583,19 @@ mod tests {
         let reader = Waker::from(Arc::new(Count(Default::default())));
         let mut cx = Context::from_waker(&reader);
         assert!(body.poll_frame(&mut cx).is_pending());
-        assert!(shared.push(Bytes::from("abc")));
-        assert!(shared.push(Bytes::from("de")));
+        // Two frames received before a read: one piece, in one buffer of the stream's own
+        // (not slices of the connection's read buffer).
+        let frame = Bytes::from("xabx");
+        assert!(shared.push(frame.slice(1..3)));
+        assert!(shared.push(Bytes::from("c")));
         let Poll::Ready(Some(Ok(f))) = body.poll_frame(&mut cx) else {
             panic!()
         };
-        assert_eq!(f.into_data().unwrap(), "abc");
+        let got = f.into_data().unwrap();
+        assert_eq!(got, "abc");
+        assert!(!frame.as_ptr_range().contains(&got.as_ptr()));
         assert_eq!(body.size_hint().exact(), Some(2));
+        assert!(shared.push(Bytes::from("de")));
         assert_eq!(stream.0.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert_eq!(shared.take_taken(), (3, false));
         drop(body);

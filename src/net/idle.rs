@@ -19,20 +19,84 @@ pin_project! {
     pub struct IdleIo<T> {
         #[pin]
         inner: T,
-        // Boxed so that the wrapper stays `Unpin` like the stream it wraps.
-        sleep: Pin<Box<Sleep>>,
-        // The timer's period: the idle time, or the head deadline when that is shorter.
-        period: Duration,
-        // Periods of silence that end the connection (`u32::MAX`: never).
-        idle_periods: u32,
-        // Consecutive periods without a byte.
-        silent: u32,
-        // Set by every read or write that moves bytes; the timer checks and clears it. This
-        // keeps clock reads and timer updates off the data path: a connection closes after
-        // `idle` to `idle + period` of silence.
-        active: bool,
-        // A request head is awaited: since before the last tick (`Seen`) or since after it.
-        head: Head,
+        timer: Timer,
+    }
+}
+
+/// The timer of an [`IdleIo`]: polled whenever a read, a write, a flush or a shutdown waits,
+/// so a connection that waits on the client either way (an HTTP/2 connection that stopped
+/// reading for a client that does not read, a TLS close the client never takes) ends too.
+struct Timer {
+    // Boxed so that the wrapper stays `Unpin` like the stream it wraps.
+    sleep: Pin<Box<Sleep>>,
+    // The timer's period: the idle time, or the head deadline when that is shorter.
+    period: Duration,
+    // Periods of silence that end the connection (`u32::MAX`: never).
+    idle_periods: u32,
+    // Consecutive periods without a byte.
+    silent: u32,
+    // Set by every read or write that moves bytes; the timer checks and clears it. This
+    // keeps clock reads and timer updates off the data path: a connection closes after
+    // `idle` to `idle + period` of silence.
+    active: bool,
+    // A request head is awaited: since before the last tick (`Seen`) or since after it.
+    head: Head,
+}
+
+impl Timer {
+    /// Ready with the error that ends the connection when the timer says so; else the timer
+    /// is armed for its next tick.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        loop {
+            ready!(self.sleep.as_mut().poll(cx));
+            match self.head {
+                Head::Seen => {
+                    return Poll::Ready(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no request head within the header-read timeout",
+                    ))
+                }
+                Head::Waiting => self.head = Head::Seen,
+                Head::None => {}
+            }
+            if std::mem::take(&mut self.active) {
+                self.silent = 0;
+            } else {
+                self.silent = self.silent.saturating_add(1);
+                if self.silent >= self.idle_periods {
+                    return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+                }
+            }
+            let next = Instant::now() + self.period;
+            self.sleep.as_mut().reset(next);
+        }
+    }
+
+    /// `r`, a write's result: bytes moved count as traffic; a wait is checked against the
+    /// timer.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.active = true;
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => self.poll_expired(cx).map(Err),
+            r => r,
+        }
+    }
+
+    /// `r`, a flush's or a shutdown's result: a wait is checked against the timer.
+    fn waited(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
+        match r {
+            Poll::Pending => self.poll_expired(cx).map(Err),
+            r => r,
+        }
     }
 }
 
@@ -62,12 +126,14 @@ impl<T> IdleIo<T> {
         });
         IdleIo {
             inner,
-            sleep: Box::pin(tokio::time::sleep_until(Instant::now() + period)),
-            period,
-            idle_periods,
-            silent: 0,
-            active: false,
-            head: Head::None,
+            timer: Timer {
+                sleep: Box::pin(tokio::time::sleep_until(Instant::now() + period)),
+                period,
+                idle_periods,
+                silent: 0,
+                active: false,
+                head: Head::None,
+            },
         }
     }
 
@@ -78,12 +144,12 @@ impl<T> IdleIo<T> {
 
     /// A request head is now awaited.
     pub fn head_started(&mut self) {
-        self.head = Head::Waiting;
+        self.timer.head = Head::Waiting;
     }
 
     /// The request head arrived.
     pub fn head_done(&mut self) {
-        self.head = Head::None;
+        self.timer.head = Head::None;
     }
 }
 
@@ -98,36 +164,11 @@ impl<T: AsyncRead> AsyncRead for IdleIo<T> {
         match this.inner.poll_read(cx, buf) {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
-                    *this.active = true;
+                    this.timer.active = true;
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => loop {
-                ready!(this.sleep.as_mut().poll(cx));
-                match *this.head {
-                    Head::Seen => {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "no request head within the header-read timeout",
-                        )))
-                    }
-                    Head::Waiting => *this.head = Head::Seen,
-                    Head::None => {}
-                }
-                if std::mem::take(this.active) {
-                    *this.silent = 0;
-                } else {
-                    *this.silent = this.silent.saturating_add(1);
-                    if *this.silent >= *this.idle_periods {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "idle timeout",
-                        )));
-                    }
-                }
-                let next = Instant::now() + *this.period;
-                this.sleep.as_mut().reset(next);
-            },
+            Poll::Pending => this.timer.poll_expired(cx).map(Err),
         }
     }
 }
@@ -140,20 +181,19 @@ impl<T: AsyncWrite> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            if *n > 0 {
-                *this.active = true;
-            }
-        }
-        r
+        this.timer.wrote(cx, r)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        let r = this.inner.poll_flush(cx);
+        this.timer.waited(cx, r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.project();
+        let r = this.inner.poll_shutdown(cx);
+        this.timer.waited(cx, r)
     }
 
     fn poll_write_vectored(
@@ -163,12 +203,7 @@ impl<T: AsyncWrite> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = &r {
-            if *n > 0 {
-                *this.active = true;
-            }
-        }
-        r
+        this.timer.wrote(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {

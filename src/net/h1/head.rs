@@ -315,8 +315,9 @@ pub fn connection_options_only(value: &[u8]) -> bool {
     })
 }
 
-/// `1*DIGIT`, no sign, no spaces inside, at most 19 digits (fits in a u64).
-fn content_length(v: &[u8]) -> Result<u64, HeadError> {
+/// `1*DIGIT`, no sign, no spaces inside, at most 19 digits (fits in a u64): a
+/// `Content-Length`'s value, by HTTP/1.1's rule and by HTTP/2's (`net::h2`).
+pub fn content_length(v: &[u8]) -> Result<u64, HeadError> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return Err(HeadError::Bad("bad Content-Length\n"));
     }

@@ -80,8 +80,9 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// side first, then what the client still sends is read and dropped until it closes too, for
 /// at most `time` and [`LINGER_BYTES`].
 pub(crate) async fn linger<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I, time: Duration) {
-    let _ = io.shutdown().await;
-    let drop_rest = async {
+    let close = async {
+        // Within the time too: over TLS the shutdown writes, to a client that may not read.
+        let _ = io.shutdown().await;
         let mut sink = [0u8; 2048];
         let mut left = LINGER_BYTES;
         while left > 0 {
@@ -91,7 +92,7 @@ pub(crate) async fn linger<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I, time: 
             }
         }
     };
-    let _ = tokio::time::timeout(time, drop_rest).await;
+    let _ = tokio::time::timeout(time, close).await;
 }
 
 /// How one connection is served.

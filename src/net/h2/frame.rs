@@ -91,6 +91,11 @@ impl Head {
         }
     }
 
+    /// A SETTINGS frame that is not an acknowledgement (what the client's preface ends with).
+    pub fn is_settings(&self) -> bool {
+        self.kind == SETTINGS && self.flags & ACK == 0
+    }
+
     /// A CONTINUATION frame (whatever its stream: the connection checks that).
     pub fn is_continuation(&self) -> bool {
         self.kind == CONTINUATION

@@ -23,10 +23,14 @@
 //! Bounds (nothing a client sends grows without limit): a header block is at most the
 //! header-list limit plus 16 KiB however many CONTINUATION frames carry it; at most
 //! `max_concurrent_streams` streams (more are refused, REFUSED_STREAM); the connection's
-//! window bounds what request bodies hold; while the output is over 64 KiB (a client that
-//! does not read, a flood of PINGs or SETTINGS) nothing more is read; 1 024 streams reset for
-//! the client's errors, or more streams cancelled by the client than answered past the first
-//! 256 (rapid reset, CVE-2023-44487), end the connection with ENHANCE_YOUR_CALM.
+//! window bounds what request bodies hold (copied into one buffer per stream, whatever the
+//! frames' sizes); while the output is over 64 KiB (a client that does not read, a flood of
+//! PINGs or SETTINGS) nothing more is read, and the idle timeout, which also counts a write
+//! that waits, ends a client that never reads; 1 024 streams reset for the client's errors,
+//! or, past the first 256, more streams cancelled by the client (rapid reset,
+//! CVE-2023-44487) or more empty DATA frames (CVE-2019-9518) than streams answered, end the
+//! connection with ENHANCE_YOUR_CALM. A client that closes its side gets what was queued for
+//! it; the streams that wait for its WINDOW_UPDATE are reset, since none can come.
 //! Extended CONNECT is not offered (no handler here tunnels over HTTP/2).
 
 pub mod frame;
@@ -64,12 +68,13 @@ const HIGH_WATER: usize = 64 * 1024;
 /// Most streams this side resets for the client's errors before it closes the connection.
 const MAX_ERROR_RESETS: u32 = 1024;
 /// Streams the client may cancel before the connection asks that it answer at least as many.
-const FREE_CANCELS: u32 = 256;
+const FREE_CANCELS: u64 = 256;
 /// Most CONTINUATION frames one header block may take.
 const MAX_CONTINUATIONS: u32 = 64;
 /// How many closed streams are remembered (a late frame on one is told apart from one on a
-/// stream that never existed).
-const CLOSED_KEPT: usize = 64;
+/// stream that never existed): twice the most streams a connection may have open, so that the
+/// DATA still in flight to streams this side ended early is ignored, not an error.
+const CLOSED_KEPT: usize = 512;
 /// A connection whose preface had not arrived when the shutdown came gets this long for it
 /// (its request was likely on its way), as HTTP/1.1's first head does.
 const PREFACE_GRACE: Duration = Duration::from_millis(250);
@@ -215,6 +220,8 @@ struct Stream<F, B: Body> {
     content_left: Option<u64>,
     /// The client has sent END_STREAM.
     remote_closed: bool,
+    /// This side reset the stream (its response failed).
+    reset_sent: bool,
 }
 
 /// A header block being received (HEADERS, then CONTINUATION).
@@ -269,8 +276,10 @@ struct Conn<F, B: Body> {
     /// A connection error: the GOAWAY is queued, the connection closes once it is written.
     failed: Option<String>,
     error_resets: u32,
-    cancels: u32,
-    answered: u32,
+    cancels: u64,
+    answered: u64,
+    /// Empty DATA frames that did not end their stream.
+    empty_frames: u64,
     /// The last request's `:authority`, raw and parsed.
     last_authority: Option<(Bytes, Authority)>,
 }
@@ -313,7 +322,7 @@ where
             preface_done: false,
             settings_seen: false,
             last_stream: 0,
-            closed: VecDeque::with_capacity(CLOSED_KEPT),
+            closed: VecDeque::new(),
             peer_initial_window: 65_535,
             recv_window: i64::from(WINDOW),
             recv_unannounced: 0,
@@ -324,6 +333,7 @@ where
             error_resets: 0,
             cancels: 0,
             answered: 0,
+            empty_frames: 0,
             last_authority: None,
         }
     }
@@ -367,7 +377,9 @@ where
             Future = F,
         >,
     {
-        loop {
+        // A turn cap: a stream that wakes itself at once every time must not keep the task
+        // (and its worker) forever; the task is rescheduled instead.
+        for _ in 0..64 {
             let mut progress = false;
             if self.failed.is_none() && !self.read_closed && self.pending_out() < HIGH_WATER {
                 match self.poll_read(cx, io, svc, cert) {
@@ -388,6 +400,9 @@ where
                 }
             }
             self.run_streams();
+            if self.read_closed {
+                self.reset_starved();
+            }
             match self.poll_write(cx, io) {
                 Poll::Ready(Ok(wrote)) => progress |= wrote,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
@@ -422,6 +437,8 @@ where
             }
             return Poll::Pending;
         }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     fn pending_out(&self) -> usize {
@@ -453,10 +470,11 @@ where
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(Some(e.into()))),
             Poll::Ready(Ok(0)) => {
-                if self.streams.is_empty() || !self.preface_done {
+                if !self.preface_done {
                     return Poll::Ready(Err(None));
                 }
-                // Half-closed by the client: the streams in flight may still answer.
+                // Half-closed by the client: the streams in flight may still answer, and what
+                // is queued is still written before the connection closes.
                 self.read_closed = true;
                 for s in &self.streams {
                     if let Some(r) = &s.recv {
@@ -515,15 +533,15 @@ where
             }
             self.rbuf.advance(HEAD_LEN);
             let payload = self.rbuf.split_to(head.len).freeze();
-            let f = frame::parse(head, payload)?;
             if !self.settings_seen {
                 // The client's preface ends with its SETTINGS (§3.4).
-                if !matches!(f, Frame::Settings { ack: false, .. }) {
+                if !head.is_settings() {
                     return Err(FrameError::Connection(Reason::PROTOCOL_ERROR));
                 }
                 self.settings_seen = true;
             }
-            if let Err(e) = self.on_frame(f, svc, cert) {
+            let handled = frame::parse(head, payload).and_then(|f| self.on_frame(f, svc, cert));
+            if let Err(e) = handled {
                 match e {
                     FrameError::Connection(_) => return Err(e),
                     FrameError::Stream(id, reason) => self.reset(id, reason),
@@ -615,7 +633,7 @@ where
                 if let Ok(i) = self.find(stream) {
                     let s = self.remove_stream(i);
                     if let Some(r) = &s.recv {
-                        if reason == Reason::NO_ERROR {
+                        if reason == Reason::NO_ERROR && s.content_left.is_none_or(|l| l == 0) {
                             r.end_early();
                         } else {
                             r.fail(format!("stream reset by the client: {reason}"));
@@ -637,19 +655,23 @@ where
                 ack: false,
                 settings,
             } => {
-                for s in settings {
-                    if let Setting::InitialWindowSize(v) = s {
-                        let delta = i64::from(v) - self.peer_initial_window;
-                        self.peer_initial_window = i64::from(v);
-                        for st in &mut self.streams {
-                            st.send_window += delta;
-                            if st.send_window > MAX_WINDOW {
-                                return Err(ConnErr(Reason::FLOW_CONTROL_ERROR));
-                            }
+                // The last INITIAL_WINDOW_SIZE of the frame is the one that holds: applied
+                // once, whatever the number of entries (each would walk every stream).
+                let window = settings.iter().rev().find_map(|s| match s {
+                    Setting::InitialWindowSize(v) => Some(i64::from(*v)),
+                    _ => None,
+                });
+                if let Some(v) = window {
+                    let delta = v - self.peer_initial_window;
+                    self.peer_initial_window = v;
+                    for st in &mut self.streams {
+                        st.send_window += delta;
+                        if st.send_window > MAX_WINDOW {
+                            return Err(ConnErr(Reason::FLOW_CONTROL_ERROR));
                         }
-                        if delta > 0 {
-                            self.unblock_all();
-                        }
+                    }
+                    if delta > 0 {
+                        self.unblock_all();
                     }
                 }
                 frame::put_settings_ack(&mut self.out.buf);
@@ -720,14 +742,15 @@ where
             if id > self.last_stream {
                 return Err(ConnErr(Reason::PROTOCOL_ERROR));
             }
+            self.give_back(flow_len);
             if self.closed_by_us(id) {
-                self.give_back(flow_len); // frames in flight when this side reset the stream
-                return Ok(());
+                return Ok(()); // frames in flight when this side reset the stream
             }
-            return Err(ConnErr(Reason::STREAM_CLOSED));
+            return Err(StreamErr(id, Reason::STREAM_CLOSED)); // §6.1
         };
-        // Padding is not the reader's: it goes back at once.
-        self.give_back(flow_len - data.len());
+        // Padding is not the reader's: it goes back at once, to both windows.
+        let pad = flow_len - data.len();
+        self.give_back(pad);
         let s = &mut self.streams[i];
         if s.remote_closed {
             self.give_back(data.len());
@@ -737,6 +760,18 @@ where
         if s.recv_window < 0 {
             self.give_back(data.len());
             return Err(StreamErr(id, Reason::FLOW_CONTROL_ERROR));
+        }
+        if pad > 0 {
+            stream_give_back(s, pad, &mut self.out.buf);
+        }
+        if data.is_empty() && !end_stream {
+            // Empty DATA costs the client nothing and this side a lock and a wake-up
+            // (CVE-2019-9518): a budget, as for cancellations.
+            self.empty_frames += 1;
+            if self.empty_frames > FREE_CANCELS && self.empty_frames > self.answered {
+                return Err(ConnErr(Reason::ENHANCE_YOUR_CALM));
+            }
+            return Ok(());
         }
         if let Some(left) = &mut s.content_left {
             match left.checked_sub(data.len() as u64) {
@@ -903,6 +938,7 @@ where
                 parts.content_length
             },
             remote_closed: end_stream,
+            reset_sent: false,
         });
         self.run.push(id);
         Ok(())
@@ -960,6 +996,27 @@ where
         s
     }
 
+    /// The client has closed its side, so no WINDOW_UPDATE will come: the streams waiting for
+    /// one are reset (CANCEL) rather than held until the idle timeout.
+    fn reset_starved(&mut self) {
+        let conn_starved = self.out.window <= 0;
+        let mut i = 0;
+        while i < self.streams.len() {
+            let s = &self.streams[i];
+            let starved = matches!(s.send, Sending::Body { .. })
+                && s.blocked
+                && (conn_starved || s.send_window <= 0);
+            if !starved {
+                i += 1;
+                continue;
+            }
+            let id = s.id;
+            frame::put_rst(&mut self.out.buf, id, Reason::CANCEL);
+            self.remove_stream(i);
+            self.remember_closed(id, true);
+        }
+    }
+
     fn unblock_all(&mut self) {
         for s in &mut self.streams {
             if s.blocked {
@@ -992,11 +1049,8 @@ where
                 }
                 if taken > 0 {
                     s.recv_held -= taken;
-                    s.recv_window += taken as i64;
-                    s.recv_unannounced += taken as u32;
-                    if !gone && !s.remote_closed && s.recv_unannounced >= WINDOW / 2 {
-                        frame::put_window_update(&mut self.out.buf, id, s.recv_unannounced);
-                        s.recv_unannounced = 0;
+                    if !gone {
+                        stream_give_back(s, taken, &mut self.out.buf);
                     }
                     self.give_back(taken);
                 }
@@ -1016,7 +1070,7 @@ where
                     return true;
                 }
                 held += s.recv_held;
-                if !s.remote_closed {
+                if !s.remote_closed && !s.reset_sent {
                     // Answered before the client finished its body: it may stop (§8.1).
                     frame::put_rst(out, s.id, Reason::NO_ERROR);
                     if let Some(r) = &s.recv {
@@ -1027,7 +1081,7 @@ where
                 if closed.len() == CLOSED_KEPT {
                     closed.pop_front();
                 }
-                closed.push_back((s.id, !s.remote_closed));
+                closed.push_back((s.id, !s.remote_closed || s.reset_sent));
                 false
             });
             self.answered += answered;
@@ -1079,6 +1133,17 @@ where
         } else {
             Poll::Pending
         }
+    }
+}
+
+/// `n` bytes of a stream's window given back, announced once half the window is (and only
+/// while the client may still send on it).
+fn stream_give_back<F, B: Body>(s: &mut Stream<F, B>, n: usize, out: &mut Vec<u8>) {
+    s.recv_window += n as i64;
+    s.recv_unannounced += n as u32;
+    if !s.remote_closed && s.recv_unannounced >= WINDOW / 2 {
+        frame::put_window_update(out, s.id, s.recv_unannounced);
+        s.recv_unannounced = 0;
     }
 }
 
@@ -1175,7 +1240,7 @@ where
                         if let Some(r) = &s.recv {
                             r.fail("the response failed".into());
                         }
-                        s.remote_closed = true;
+                        s.reset_sent = true;
                     }
                     Poll::Ready(Some(Ok(f))) => match f.into_data() {
                         Ok(data) => {
@@ -1185,7 +1250,8 @@ where
                             }
                         }
                         Err(f) => {
-                            if let Ok(trailers) = f.into_trailers() {
+                            if let Ok(mut trailers) = f.into_trailers() {
+                                strip_connection_headers(&mut trailers);
                                 let at = out.buf.len();
                                 for (name, value) in &trailers {
                                     hpack::encode_field(name, value, &mut out.buf);
@@ -1364,8 +1430,8 @@ impl RequestHead {
         let content_length = match lengths.next() {
             None => None,
             Some(first) => {
-                let parse =
-                    |v: &HeaderValue| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok();
+                // HTTP/1.1's rule (1*DIGIT), so the backend is never handed "+5" or " 5".
+                let parse = |v: &HeaderValue| super::h1::head::content_length(v.as_bytes()).ok();
                 let n = parse(first)?;
                 if !lengths.all(|v| parse(v) == Some(n)) {
                     return None;
@@ -1373,12 +1439,33 @@ impl RequestHead {
                 Some(n)
             }
         };
+        let mut headers = self.headers;
+        join_cookies(&mut headers);
         Some(RequestParts {
             method,
             uri,
-            headers: self.headers,
+            headers,
             content_length,
         })
+    }
+}
+
+/// Cookie fields a client split (HTTP/2 lets it, for compression) joined into one with "; "
+/// before the request goes on to an HTTP/1.1 backend (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -1487,7 +1574,7 @@ mod tests {
         let r = head(&f).into_request(&mut None).unwrap();
         assert_eq!(r.method, Method::GET);
         assert_eq!(r.uri, "https://farm.test/a?b");
-        assert_eq!(r.headers.get_all("cookie").iter().count(), 2);
+        assert_eq!(r.headers["cookie"], "a=1; b=2");
         assert_eq!(r.content_length, Some(3));
         // No :authority: the path alone (the Host field names the site).
         let r = head(&[
@@ -1520,6 +1607,113 @@ mod tests {
         f[2] = (":authority", "bad host");
         assert!(head(&f).into_request(&mut last).is_none());
         assert_eq!(last.unwrap().0, "other.test:8443");
+    }
+
+    /// A server connection on one end of an in-memory pipe of `pipe` bytes, answering every
+    /// request with `body_len` bytes; the test drives the other end frame by frame.
+    fn pipe_server(pipe: usize, body_len: usize) -> tokio::io::DuplexStream {
+        let (client, server) = tokio::io::duplex(pipe);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |_req: Request<ClientBody>| async move {
+                let body = http_body_util::Full::new(Bytes::from(vec![b'x'; body_len]));
+                Ok::<_, Infallible>(Response::new(body))
+            });
+            let opts = Options {
+                max_concurrent_streams: 16,
+                max_header_list_size: 16 * 1024,
+            };
+            let _ = serve(server, opts, &svc, &CancellationToken::new(), None).await;
+        });
+        client
+    }
+
+    /// The preface, SETTINGS with `initial_window`, the connection's window raised by
+    /// `conn_window`, then `GET /` on stream 1.
+    fn hello(initial_window: u32, conn_window: u32) -> Vec<u8> {
+        let mut b = PREFACE.to_vec();
+        frame::put_settings(&mut b, &[(4, initial_window)]);
+        if conn_window > 0 {
+            frame::put_window_update(&mut b, 0, conn_window);
+        }
+        let at = b.len();
+        b.extend_from_slice(b"\x82\x86\x84\x01\x09farm.test");
+        frame::put_headers(&mut b, at, 1, true, MAX_FRAME);
+        b
+    }
+
+    /// Every frame until the server closes: (type, flags, stream, payload length).
+    async fn frames_until_close(io: &mut tokio::io::DuplexStream) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut all))
+            .await
+            .expect("the server closes within 5 s")
+            .expect("read");
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while all.len() - at >= HEAD_LEN {
+            let h = Head::parse(&all[at..]);
+            let end = (at + HEAD_LEN + h.len).min(all.len());
+            frames.push((h.kind, h.flags, h.stream, all[at + HEAD_LEN..end].to_vec()));
+            at += HEAD_LEN + h.len;
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_its_side_still_gets_what_was_queued_for_it() {
+        // 60 000 bytes fit the output (the stream is done and gone) but not the 4 KiB pipe:
+        // most of the answer is still queued when the client's end of stream arrives.
+        let mut io = pipe_server(4096, 60_000);
+        use tokio::io::AsyncWriteExt;
+        io.write_all(&hello(1 << 20, 1 << 20)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        io.shutdown().await.unwrap();
+        let frames = frames_until_close(&mut io).await;
+        let data: usize = frames
+            .iter()
+            .filter(|f| f.0 == 0 && f.2 == 1)
+            .map(|f| f.3.len())
+            .sum();
+        assert_eq!(data, 60_000);
+        assert!(
+            frames.iter().any(|f| f.0 == 0 && f.2 == 1 && f.1 & 1 == 1),
+            "END_STREAM"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_waiting_for_a_window_the_closed_client_cannot_give_is_reset() {
+        // The client's windows are 0 and it has closed its side: no WINDOW_UPDATE can come.
+        let mut io = pipe_server(1 << 20, 10);
+        use tokio::io::AsyncWriteExt;
+        io.write_all(&hello(0, 0)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        io.shutdown().await.unwrap();
+        let frames = frames_until_close(&mut io).await;
+        let rst = frames.iter().find(|f| f.0 == 3).expect("a RST_STREAM");
+        assert_eq!(
+            (rst.2, &rst.3[..]),
+            (1, &Reason::CANCEL.0.to_be_bytes()[..])
+        );
+    }
+
+    #[test]
+    fn split_cookies_are_joined_for_the_backend() {
+        let mut f = GET.to_vec();
+        f.extend([
+            ("cookie", "a=1"),
+            ("x-other", "y"),
+            ("cookie", "b=2"),
+            ("cookie", "c=3"),
+        ]);
+        let r = head(&f).into_request(&mut None).unwrap();
+        let cookies: Vec<_> = r.headers.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+        let mut one = GET.to_vec();
+        one.push(("cookie", "a=1"));
+        let r = head(&one).into_request(&mut None).unwrap();
+        assert_eq!(r.headers[header::COOKIE], "a=1");
     }
 
     #[test]
@@ -1558,6 +1752,8 @@ mod tests {
             with(&[("x-bad", "a\nb")]),
             with(&[("content-length", "1"), ("content-length", "2")]),
             with(&[("content-length", "-1")]),
+            with(&[("content-length", "+5")]),
+            with(&[("content-length", " 5")]),
             vec![(":method", "G T"), (":scheme", "http"), (":path", "/")],
         ];
         for f in cases {

@@ -1612,11 +1612,22 @@ mod tests {
     /// A server connection on one end of an in-memory pipe of `pipe` bytes, answering every
     /// request with `body_len` bytes; the test drives the other end frame by frame.
     fn pipe_server(pipe: usize, body_len: usize) -> tokio::io::DuplexStream {
+        pipe_serve(pipe, move |_req| async move {
+            Response::new(http_body_util::Full::new(Bytes::from(vec![b'x'; body_len])))
+        })
+    }
+
+    /// A server connection on one end of an in-memory pipe, answering with `answer`.
+    fn pipe_serve<A, Fut>(pipe: usize, answer: A) -> tokio::io::DuplexStream
+    where
+        A: Fn(Request<ClientBody>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<http_body_util::Full<Bytes>>> + Send + 'static,
+    {
         let (client, server) = tokio::io::duplex(pipe);
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |_req: Request<ClientBody>| async move {
-                let body = http_body_util::Full::new(Bytes::from(vec![b'x'; body_len]));
-                Ok::<_, Infallible>(Response::new(body))
+            let svc = hyper::service::service_fn(move |req| {
+                let answer = answer(req);
+                async move { Ok::<_, Infallible>(answer.await) }
             });
             let opts = Options {
                 max_concurrent_streams: 16,
@@ -1625,6 +1636,114 @@ mod tests {
             let _ = serve(server, opts, &svc, &CancellationToken::new(), None).await;
         });
         client
+    }
+
+    /// Frames from the server until one `until` accepts (returned), within 5 s.
+    async fn frame_where(
+        io: &mut tokio::io::DuplexStream,
+        buf: &mut Vec<u8>,
+        until: impl Fn(&(u8, u8, u32, Vec<u8>)) -> bool,
+    ) -> (u8, u8, u32, Vec<u8>) {
+        use tokio::io::AsyncReadExt;
+        loop {
+            while buf.len() >= HEAD_LEN && buf.len() >= HEAD_LEN + Head::parse(buf).len {
+                let h = Head::parse(buf);
+                let f = (
+                    h.kind,
+                    h.flags,
+                    h.stream,
+                    buf[HEAD_LEN..HEAD_LEN + h.len].to_vec(),
+                );
+                buf.drain(..HEAD_LEN + h.len);
+                if until(&f) {
+                    return f;
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            let n = tokio::time::timeout(Duration::from_secs(5), io.read(&mut chunk))
+                .await
+                .expect("the awaited frame within 5 s")
+                .expect("read");
+            assert!(n > 0, "the server closed before the awaited frame");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The preface and SETTINGS, then `POST /` on stream 1 (its body to follow).
+    fn post_hello() -> Vec<u8> {
+        let mut b = PREFACE.to_vec();
+        frame::put_settings(&mut b, &[]);
+        let at = b.len();
+        b.extend_from_slice(b"\x83\x86\x84\x01\x09farm.test");
+        frame::put_headers(&mut b, at, 1, false, MAX_FRAME);
+        b
+    }
+
+    #[tokio::test]
+    async fn padding_goes_back_to_the_streams_window_at_once() {
+        // 8 192 DATA frames of one byte and 255 of padding: 2 MiB against a 1 MiB window,
+        // 8 KiB of it data. The handler reads the whole body and answers its length.
+        let mut io = pipe_serve(8 << 20, |req: Request<ClientBody>| async move {
+            let body = http_body_util::BodyExt::collect(req.into_body()).await;
+            let n = body.map(|b| b.to_bytes().len()).unwrap_or(0);
+            Response::new(http_body_util::Full::new(Bytes::from(n.to_string())))
+        });
+        use tokio::io::AsyncWriteExt;
+        let mut b = post_hello();
+        for i in 0..8192 {
+            let mut payload = vec![254u8, b'd'];
+            payload.extend_from_slice(&[0; 254]);
+            let flags = if i == 8191 { 0x8 | 0x1 } else { 0x8 };
+            b.extend_from_slice(&[0, 1, 0, 0, flags, 0, 0, 0, 1]);
+            b.extend_from_slice(&payload);
+        }
+        io.write_all(&b).await.unwrap();
+        let mut buf = Vec::new();
+        let f = frame_where(&mut io, &mut buf, |f| f.2 == 1 && (f.0 == 0 || f.0 == 3)).await;
+        assert_eq!(
+            (f.0, &f.3[..]),
+            (0, &b"8192"[..]),
+            "the body, not a RST_STREAM"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_empty_data_frames_ends_the_connection() {
+        let mut io = pipe_server(1 << 20, 10);
+        use tokio::io::AsyncWriteExt;
+        let mut b = post_hello();
+        for _ in 0..300 {
+            b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        }
+        io.write_all(&b).await.unwrap();
+        let mut buf = Vec::new();
+        let f = frame_where(&mut io, &mut buf, |f| f.0 == 7).await;
+        assert_eq!(&f.3[4..], &Reason::ENHANCE_YOUR_CALM.0.to_be_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_malformed_frame_on_one_stream_does_not_hold_the_frames_after_it() {
+        let mut io = pipe_server(1 << 20, 10);
+        use tokio::io::AsyncWriteExt;
+        let mut b = PREFACE.to_vec();
+        frame::put_settings(&mut b, &[]);
+        // PRIORITY of 4 bytes on stream 3 (a stream error), then a GET on stream 1.
+        b.extend_from_slice(&[0, 0, 4, 2, 0, 0, 0, 0, 3, 0, 0, 0, 0]);
+        let at = b.len();
+        b.extend_from_slice(b"\x82\x86\x84\x01\x09farm.test");
+        frame::put_headers(&mut b, at, 1, true, MAX_FRAME);
+        io.write_all(&b).await.unwrap();
+        let mut buf = Vec::new();
+        let rst = frame_where(&mut io, &mut buf, |f| f.0 == 3).await;
+        assert_eq!(
+            (rst.2, &rst.3[..]),
+            (3, &Reason::FRAME_SIZE_ERROR.0.to_be_bytes()[..])
+        );
+        let answer = frame_where(&mut io, &mut buf, |f| f.0 == 1).await;
+        assert_eq!(
+            answer.2, 1,
+            "stream 1 answered without more bytes from the client"
+        );
     }
 
     /// The preface, SETTINGS with `initial_window`, the connection's window raised by

@@ -137,6 +137,22 @@ where
     ended
 }
 
+/// A connection's handler: a service whose future is `F` and whose responses have `B` bodies.
+trait Handler<F, B>:
+    hyper::service::Service<Request<ClientBody>, Response = Response<B>, Error = Infallible, Future = F>
+{
+}
+
+impl<S, F, B> Handler<F, B> for S where
+    S: hyper::service::Service<
+        Request<ClientBody>,
+        Response = Response<B>,
+        Error = Infallible,
+        Future = F,
+    >
+{
+}
+
 /// The streams' wake-ups: the ids of the streams to poll, and the connection's waker.
 #[derive(Default)]
 struct Ready {
@@ -370,12 +386,7 @@ where
     ) -> Poll<Result<(), ConnError>>
     where
         I: AsyncRead + AsyncWrite + Unpin,
-        S: hyper::service::Service<
-            Request<ClientBody>,
-            Response = Response<B>,
-            Error = Infallible,
-            Future = F,
-        >,
+        S: Handler<F, B>,
     {
         // A turn cap: a stream that wakes itself at once every time must not keep the task
         // (and its worker) forever; the task is rescheduled instead.
@@ -456,12 +467,7 @@ where
     ) -> Poll<Result<(), Option<ConnError>>>
     where
         I: AsyncRead + Unpin,
-        S: hyper::service::Service<
-            Request<ClientBody>,
-            Response = Response<B>,
-            Error = Infallible,
-            Future = F,
-        >,
+        S: Handler<F, B>,
     {
         if self.rbuf.capacity() - self.rbuf.len() < HEAD_LEN + MAX_FRAME {
             self.rbuf.reserve(HEAD_LEN + MAX_FRAME);
@@ -497,12 +503,7 @@ where
     /// Handles the whole frames in the read buffer.
     fn read_frames<S>(&mut self, svc: &S, cert: Option<&PeerCertificate>) -> FrameResult
     where
-        S: hyper::service::Service<
-            Request<ClientBody>,
-            Response = Response<B>,
-            Error = Infallible,
-            Future = F,
-        >,
+        S: Handler<F, B>,
     {
         if !self.preface_done {
             if self.rbuf.len() < PREFACE.len() {
@@ -553,12 +554,7 @@ where
 
     fn on_frame<S>(&mut self, f: Frame, svc: &S, cert: Option<&PeerCertificate>) -> FrameResult
     where
-        S: hyper::service::Service<
-            Request<ClientBody>,
-            Response = Response<B>,
-            Error = Infallible,
-            Future = F,
-        >,
+        S: Handler<F, B>,
     {
         use FrameError::{Connection as ConnErr, Stream as StreamErr};
         match f {
@@ -826,12 +822,7 @@ where
         cert: Option<&PeerCertificate>,
     ) -> FrameResult
     where
-        S: hyper::service::Service<
-            Request<ClientBody>,
-            Response = Response<B>,
-            Error = Infallible,
-            Future = F,
-        >,
+        S: Handler<F, B>,
     {
         use FrameError::{Connection as ConnErr, Stream as StreamErr};
         let mut head = RequestHead::new(self.opts.max_header_list_size as usize);

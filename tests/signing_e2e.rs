@@ -322,7 +322,11 @@ fn a_key_rotation_trusts_both_keys_then_only_the_new_one() {
     )
     .unwrap();
     farm.restart(&mut agent);
-    assert_eq!(agent.release().as_deref(), Some(v3.as_str()));
+    // v3 (signed by both keys) is still served under the new key alone. Waited for, not read
+    // once: a kill -9 in the moment between the flip and its record on disk restarts the
+    // agent on the release before, until the hub's schedule (v3, already due) flips it again
+    // (seen once in a loaded full run).
+    wait_serving(&agent, &v3);
     let v4 = farm.publish_signed(&site(&farm, "v4"), "+1s", &["old.key"]);
     assert_refused(&farm, &agent, &v4, "v4", &v3, 1.0);
     let v5 = farm.publish_signed(&site(&farm, "v5"), "+1s", &["new.key"]);

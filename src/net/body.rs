@@ -316,10 +316,9 @@ where
 // handed to the handler through `H2Body`. The connection pushes DATA (within the windows it
 // advertised, so at most a window is ever buffered: copied into one buffer per stream, so
 // that neither tiny frames nor slices of the connection's read buffer make the memory larger
-// than the bytes) and the end; the reader takes it and
-// counts what it took, which the connection gives back to the client's windows
-// (WINDOW_UPDATE) when it next looks at the stream: a client sends no faster than the backend
-// reads.
+// than the bytes) and the end; the reader takes it and counts what it took, which the
+// connection gives back to the client's windows (WINDOW_UPDATE) when it next looks at the
+// stream: a client sends no faster than the backend reads.
 
 /// How the body ended, when it has.
 #[derive(Debug)]
@@ -368,12 +367,12 @@ impl H2Shared {
 
     /// Queues a DATA frame's bytes; false when the reader is gone (the caller gives them
     /// back to the windows itself).
-    pub(super) fn push(&self, data: Bytes) -> bool {
+    pub(super) fn push(&self, data: &[u8]) -> bool {
         let mut g = self.lock();
         if g.dropped {
             return false;
         }
-        g.data.extend_from_slice(&data);
+        g.data.extend_from_slice(data);
         let w = g.reader.take();
         drop(g);
         if let Some(w) = w {
@@ -586,8 +585,8 @@ mod tests {
         // Two frames received before a read: one piece, in one buffer of the stream's own
         // (not slices of the connection's read buffer).
         let frame = Bytes::from("xabx");
-        assert!(shared.push(frame.slice(1..3)));
-        assert!(shared.push(Bytes::from("c")));
+        assert!(shared.push(&frame.slice(1..3)));
+        assert!(shared.push(&Bytes::from("c")));
         let Poll::Ready(Some(Ok(f))) = body.poll_frame(&mut cx) else {
             panic!()
         };
@@ -595,13 +594,13 @@ mod tests {
         assert_eq!(got, "abc");
         assert!(!frame.as_ptr_range().contains(&got.as_ptr()));
         assert_eq!(body.size_hint().exact(), Some(2));
-        assert!(shared.push(Bytes::from("de")));
+        assert!(shared.push(&Bytes::from("de")));
         assert_eq!(stream.0.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert_eq!(shared.take_taken(), (3, false));
         drop(body);
         // "de" was never taken: it is given back with the news that the reader is gone.
         assert_eq!(shared.take_taken(), (2, true));
-        assert!(!shared.push(Bytes::from("more")));
+        assert!(!shared.push(&Bytes::from("more")));
     }
 
     #[test]

@@ -77,8 +77,12 @@ const FIRST_HEAD_GRACE: Duration = Duration::from_millis(250);
 const LINGER_BYTES: usize = 64 * 1024;
 
 /// Closes `io` from this side without a reset (HTTP/1.1's and HTTP/2's closes): the write
-/// side first, then what the client still sends is read and dropped until it closes too, for
-/// at most `time` and [`LINGER_BYTES`].
+/// side first (the client reads the end of the stream), then what the client still sends is
+/// read and dropped until it closes too, for at most `time` and [`LINGER_BYTES`]. Closing a
+/// socket with unread bytes sends a reset instead of the end of the stream, and a reset can
+/// destroy the response not yet read and tells a client whose next keep-alive request crossed
+/// the close that the request failed, where an end of stream tells it the request was never
+/// taken and may be sent again (RFC 9112 §9.6, §9.3.1).
 pub(crate) async fn linger<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I, time: Duration) {
     let close = async {
         // Within the time too: over TLS the shutdown writes, to a client that may not read.
@@ -191,7 +195,7 @@ where
             first = false;
             let keep = Box::pin(conn.exchange(head, svc, shutdown, cert)).await?;
             if !keep {
-                Box::pin(conn.linger(LINGER_TIME)).await;
+                Box::pin(linger(&mut conn.io, LINGER_TIME)).await;
                 return Ok(Ended::Closed);
             }
         }
@@ -302,25 +306,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
         let mut out = OutBuf::new();
         head::write_refusal(&mut out.0, e, &super::date::date());
         let _ = self.write_all(&out.0).await;
-        Box::pin(self.linger(LINGER_TIME)).await;
-    }
-
-    /// Closes the connection from this side without a reset: the write side first (the client
-    /// reads the end of the stream), then what the client still sends is read and dropped
-    /// until it closes too, for at most `time` and [`LINGER_BYTES`]. Closing a socket
-    /// with unread bytes sends a reset instead of the end of the stream, and a reset can
-    /// destroy the response not yet read and tells a client whose next keep-alive request
-    /// crossed the close that the request failed, where an end of stream tells it the request
-    /// was never taken and may be sent again (RFC 9112 §9.6, §9.3.1).
-    async fn linger(&mut self, time: Duration) {
-        linger(&mut self.io, time).await;
+        Box::pin(linger(&mut self.io, LINGER_TIME)).await;
     }
 
     /// Ends a connection whose read gave no request to serve: the shutdown came while it
     /// waited (it lingers) or its head was refused (answered, then it lingers).
     async fn end(&mut self, read: Result<HeadRead, Refused>) {
         match read {
-            Ok(HeadRead::Stopped) => self.linger(STOP_LINGER_TIME).await,
+            Ok(HeadRead::Stopped) => linger(&mut self.io, STOP_LINGER_TIME).await,
             Err(Refused::Head(e)) => self.refuse(e).await,
             Ok(HeadRead::Head(_) | HeadRead::Closed | HeadRead::H2) | Err(Refused::Io(_)) => {}
         }

@@ -71,10 +71,6 @@ const MAX_ERROR_RESETS: u32 = 1024;
 const FREE_CANCELS: u64 = 256;
 /// Most CONTINUATION frames one header block may take.
 const MAX_CONTINUATIONS: u32 = 64;
-/// How many closed streams are remembered (a late frame on one is told apart from one on a
-/// stream that never existed): twice the most streams a connection may have open, so that the
-/// DATA still in flight to streams this side ended early is ignored, not an error.
-const CLOSED_KEPT: usize = 512;
 /// A connection whose preface had not arrived when the shutdown came gets this long for it
 /// (its request was likely on its way), as HTTP/1.1's first head does.
 const PREFACE_GRACE: Duration = Duration::from_millis(250);
@@ -780,7 +776,7 @@ where
         }
         let len = data.len();
         let kept = match &s.recv {
-            Some(r) => r.push(data),
+            Some(r) => r.push(&data),
             None => false,
         };
         if kept {
@@ -940,10 +936,7 @@ where
     }
 
     fn remember_closed(&mut self, id: u32, by_us: bool) {
-        if self.closed.len() == CLOSED_KEPT {
-            self.closed.pop_front();
-        }
-        self.closed.push_back((id, by_us));
+        remember(&mut self.closed, &self.opts, id, by_us);
     }
 
     fn closed_by_us(&self, id: u32) -> bool {
@@ -1055,7 +1048,7 @@ where
         self.run = run;
         if finished {
             let out = &mut self.out.buf;
-            let (mut answered, mut held, closed) = (0, 0, &mut self.closed);
+            let (mut answered, mut held, closed, opts) = (0, 0, &mut self.closed, &self.opts);
             self.streams.retain(|s| {
                 if !matches!(s.send, Sending::Done) {
                     return true;
@@ -1069,10 +1062,7 @@ where
                     }
                 }
                 answered += 1;
-                if closed.len() == CLOSED_KEPT {
-                    closed.pop_front();
-                }
-                closed.push_back((s.id, !s.remote_closed || s.reset_sent));
+                remember(closed, opts, s.id, !s.remote_closed || s.reset_sent);
                 false
             });
             self.answered += answered;
@@ -1125,6 +1115,17 @@ where
             Poll::Pending
         }
     }
+}
+
+/// Records stream `id` as closed (`by_us`: reset by this side). As many are remembered as
+/// twice the streams a connection may have open, so that a late frame on one is told apart
+/// from one on a stream that never existed, and the DATA still in flight to streams this
+/// side ended early is ignored, not an error.
+fn remember(closed: &mut VecDeque<(u32, bool)>, opts: &Options, id: u32, by_us: bool) {
+    if closed.len() >= 2 * opts.max_concurrent_streams.max(32) as usize {
+        closed.pop_front();
+    }
+    closed.push_back((id, by_us));
 }
 
 /// `n` bytes of a stream's window given back, announced once half the window is (and only

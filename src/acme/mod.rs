@@ -88,7 +88,8 @@ struct Wanted {
 }
 
 /// The task ordering for the ACME listeners of the live config, until `shutdown`; `None`
-/// when no listener has `tls.acme`. With `shared` (the store several appliances share,
+/// when no listener has `tls.acme`. The certificates kept in the store are in use when this
+/// returns. With `shared` (the store several appliances share,
 /// `sync.cluster`), only the appliance that leads orders: it shares its challenge answers and
 /// certificates, which the others answer with and serve.
 pub fn task(
@@ -97,7 +98,7 @@ pub fn task(
     shared: Option<Arc<dyn HubStore>>,
     shutdown: CancellationToken,
 ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-    let wanted: Vec<Wanted> = live
+    let mut wanted: Vec<Wanted> = live
         .load()
         .config
         .listeners
@@ -114,6 +115,17 @@ pub fn task(
     if wanted.is_empty() {
         return None;
     }
+    // What the store kept from before: in use at once (before this returns, so before the
+    // caller goes on: a handshake right after a restart finds it), ordered again only when due.
+    let state = live.load().acme.clone();
+    for w in &mut wanted {
+        if let Some(c) = kept(&w.acme, &w.listener) {
+            w.due = renewal(&c);
+            info!(listener = %w.listener, names = ?c.names, not_after = c.not_after, "ACME certificate from the store in use");
+            state.install(&w.listener, c);
+        }
+    }
+    live.load().export_expiry(&metrics);
     Some(run(wanted, live, metrics, shared, shutdown))
 }
 
@@ -154,15 +166,6 @@ async fn run(
     shutdown: CancellationToken,
 ) {
     let state = live.load().acme.clone();
-    // What the store kept from before: in use at once, ordered again only when due.
-    for w in &mut wanted {
-        if let Some(c) = kept(&w.acme, &w.listener) {
-            w.due = renewal(&c);
-            info!(listener = %w.listener, names = ?c.names, not_after = c.not_after, "ACME certificate from the store in use");
-            state.install(&w.listener, c);
-        }
-    }
-    live.load().export_expiry(&metrics);
     let mut accounts: HashMap<(PathBuf, String), Account> = HashMap::new();
     loop {
         let t = now();

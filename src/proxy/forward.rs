@@ -307,17 +307,15 @@ pub fn respond(
     Response::from_parts(parts, Either::Left(body))
 }
 
-/// Forwards `req` to a backend of `pool`: the phases above in order, retrying as
-/// [`retry::after_failure`] decides. Returns the answer and the backend that gave it (or the
-/// last one tried).
+/// Forwards the prepared request to a backend of `pool`: the phases after [`prepare`] in
+/// order, retrying as [`retry::after_failure`] decides. Returns the answer and the backend that
+/// gave it (or the last one tried).
 pub async fn forward(
     ctx: &ConnCtx,
     pool: &PoolState,
     client: &Clients,
-    req: Request<ClientBody>,
-    host: Option<HeaderValue>,
+    p: &mut Prepared,
 ) -> (Response<ResponseBody>, Option<usize>) {
-    let mut p = prepare(ctx, &pool.config, req, host);
     let attempts = retry::attempts(p.retryable, pool.config.retries);
     let mut tried = Tried::default();
     let mut failed = false;
@@ -346,7 +344,7 @@ pub async fn forward(
             pool.retries.inc();
         }
         attempt += 1;
-        match send(pool, i, client, &mut p, slot, now).await {
+        match send(pool, i, client, p, slot, now).await {
             Ok(resp) => return (respond(resp, p.wants_upgrade, ctx), Some(i)),
             Err(fault) => match retry::after_failure(fault, p.retryable) {
                 Next::Retry => failed = true,

@@ -10,16 +10,18 @@
 #![allow(clippy::disallowed_methods)] // I/O shell: request timing and the access log's timestamp
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use tracing::debug;
 
 use super::access_log;
 use super::conn::ConnCtx;
-use super::forward::{forward, local, plain, ResponseBody};
+use super::forward::{forward, local, plain, prepare, Prepared, ResponseBody};
 use crate::net::acme::HTTP01_PREFIX;
 use crate::net::body::ClientBody;
 use crate::pools::table::{PoolState, RouteLimiter};
@@ -48,21 +50,86 @@ fn acme_http01(
 }
 
 /// Serves one request. Never fails: every error becomes a response.
-pub async fn handle(
+///
+/// A request's future is made and moved anew for every request, so what needs no waiting is
+/// done before it, by [`route`]: the future holds the request once, made ready for its pool,
+/// and not also as passed and as a local of each `async fn` it went through.
+pub fn handle(
     ctx: Arc<ConnCtx>,
-    mut req: Request<ClientBody>,
-) -> Result<Response<ResponseBody>, Infallible> {
+    req: Request<ClientBody>,
+) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
+    let mut routed = route(&ctx, req);
+    async move {
+        Ok(match &mut routed {
+            Routed::Answered(resp) => std::mem::replace(resp, Response::new(local(Bytes::new()))),
+            Routed::Forward(f) => f.run(&ctx).await,
+        })
+    }
+}
+
+/// Where a request goes: answered here, or to a pool's backend.
+// Made once per request and never stored: boxing the forward would cost an allocation each
+// (measured: the copies it saves are worth about as much).
+#[allow(clippy::large_enum_variant)]
+enum Routed {
+    Answered(Response<ResponseBody>),
+    Forward(Forwarding),
+}
+
+/// A request on its way to a pool.
+struct Forwarding {
+    live: Arc<crate::live::Live>,
+    route: usize,
+    pool: usize,
+    p: Prepared,
+    start: Instant,
+    log_fields: Option<LogFields>,
+}
+
+impl Forwarding {
+    /// Forwards the request and answers with what the pool gave.
+    async fn run(&mut self, ctx: &ConnCtx) -> Response<ResponseBody> {
+        // Both indices were looked up in this `live` by [`route`].
+        let (pool, client) = (
+            &self.live.table.pools[self.pool],
+            &self.live.clients[self.pool],
+        );
+        let (resp, backend) = forward(ctx, pool, client, &mut self.p).await;
+        let rules = self.live.table.routes.get(self.route).map(|r| &r.rules);
+        let resp = match rules {
+            Some(rules) => decorate(ctx, rules, resp),
+            None => resp,
+        };
+        pool.latency.observe(self.start.elapsed().as_secs_f64());
+        finish(
+            ctx,
+            self.start,
+            self.log_fields.take(),
+            &resp,
+            Some(pool),
+            backend,
+        );
+        resp
+    }
+}
+
+/// Everything a request needs before a backend: refused at the edge, its path normalised,
+/// an ACME challenge answered, routed, rate-limited, redirected or answered by its route, or
+/// made ready for its pool.
+fn route(ctx: &ConnCtx, mut req: Request<ClientBody>) -> Routed {
     let start = Instant::now();
     let live = ctx.live.load_full();
     let log_fields =
         (ctx.listener.access_log != crate::config::AccessLog::Off).then(|| LogFields::of(&req));
+    let answer = |resp: Response<ResponseBody>, log_fields| {
+        finish(ctx, start, log_fields, &resp, None, None);
+        Routed::Answered(resp)
+    };
 
     if let Some((status, why)) = super::headers::refuse(req.version(), req.method(), req.headers())
     {
         debug!(client.addr = %ctx.peer, method = %req.method(), why, "refused at the edge");
-        let resp = plain(status, why);
-        finish(&ctx, start, log_fields, &resp, None, None);
-        return Ok(resp);
+        return answer(plain(status, why), log_fields);
     }
     // Dot segments resolved: the path routed on is the path forwarded (no prefix bypassed).
     if let std::borrow::Cow::Owned(path) = crate::router::route::normalize_path(req.uri().path()) {
@@ -79,10 +146,9 @@ pub async fn handle(
     // An ACME CA checking a token of an open order (HTTP-01): answered here, before any route
     // (whose redirect or backend knows nothing of it).
     if let Some(resp) = acme_http01(&live, &req) {
-        finish(&ctx, start, log_fields, &resp, None, None);
-        return Ok(resp);
+        return answer(resp, log_fields);
     }
-    // A refcounted view of the host (no copy): it outlives `req`, which `forward` consumes.
+    // A refcounted view of the host (no copy): it outlives `req`, which `prepare` consumes.
     let host_ref = Host::of(&req);
     let host = host_ref.as_ref().and_then(Host::as_str);
     let Some((ri, route)) = live
@@ -91,38 +157,36 @@ pub async fn handle(
         .find(&ctx.listener.name, host, req.uri().path())
     else {
         debug!(client.addr = %ctx.peer, host = host.unwrap_or(""), path = req.uri().path(), "no route");
-        let resp = plain(StatusCode::NOT_FOUND, "no route for this host and path\n");
-        finish(&ctx, start, log_fields, &resp, None, None);
-        return Ok(resp);
+        return answer(
+            plain(StatusCode::NOT_FOUND, "no route for this host and path\n"),
+            log_fields,
+        );
     };
     if let Some(limited) = live
         .table
         .limiters
         .get(ri)
         .and_then(Option::as_ref)
-        .and_then(|l| refuse_over_limit(&ctx, l, &req, start))
+        .and_then(|l| refuse_over_limit(ctx, l, &req, start))
     {
-        let resp = decorate(&ctx, &route.rules, limited);
-        finish(&ctx, start, log_fields, &resp, None, None);
-        return Ok(resp);
+        return answer(decorate(ctx, &route.rules, limited), log_fields);
     }
     let pool_idx = match &route.action {
         Action::Pool(i) => *i,
         Action::Redirect(r) => {
-            let resp = decorate(&ctx, &route.rules, redirect(&ctx, r, host, &req, route));
-            finish(&ctx, start, log_fields, &resp, None, None);
-            return Ok(resp);
+            let resp = decorate(ctx, &route.rules, redirect(ctx, r, host, &req, route));
+            return answer(resp, log_fields);
         }
-        Action::Respond(f) => {
-            let resp = decorate(&ctx, &route.rules, fixed(f));
-            finish(&ctx, start, log_fields, &resp, None, None);
-            return Ok(resp);
-        }
+        Action::Respond(f) => return answer(decorate(ctx, &route.rules, fixed(f)), log_fields),
     };
     // Routes are validated to point at existing pools, and clients are built per pool.
-    let (Some(pool), Some(client)) = (live.table.pools.get(pool_idx), live.clients.get(pool_idx))
+    let Some(pool) = live
+        .table
+        .pools
+        .get(pool_idx)
+        .filter(|_| pool_idx < live.clients.len())
     else {
-        return Ok(plain(
+        return Routed::Answered(plain(
             StatusCode::INTERNAL_SERVER_ERROR,
             "routing table inconsistent\n",
         ));
@@ -131,13 +195,16 @@ pub async fn handle(
     if let Some(to) = &route.rules.rewrite_prefix {
         rewrite(&mut req, &route.path_prefix, to);
     }
-
     let host_value = host_ref.as_ref().and_then(Host::to_value);
-    let (resp, backend) = forward(&ctx, pool, client, req, host_value).await;
-    let resp = decorate(&ctx, &route.rules, resp);
-    pool.latency.observe(start.elapsed().as_secs_f64());
-    finish(&ctx, start, log_fields, &resp, Some(pool), backend);
-    Ok(resp)
+    let p = prepare(ctx, &pool.config, req, host_value);
+    Routed::Forward(Forwarding {
+        live,
+        route: ri,
+        pool: pool_idx,
+        p,
+        start,
+        log_fields,
+    })
 }
 
 /// A 429 with `Retry-After` when the route's limit refuses this request's client.

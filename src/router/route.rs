@@ -166,6 +166,11 @@ impl RouteTable {
         RouteTable { routes }
     }
 
+    /// The route at index `i` (as [`RouteTable::find`] gave it).
+    pub fn get(&self, i: usize) -> Option<&Route> {
+        self.routes.get(i)
+    }
+
     /// The first route (with its index) matching a request on `listener` for `host` and
     /// `path`.
     ///

@@ -320,16 +320,21 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
     }
 
     /// One request and its response; whether the connection may serve another.
-    async fn exchange<S, B>(
-        &mut self,
+    ///
+    /// Boxed per request, so copied whole at each: the request is built before the future
+    /// (an argument or a moved-from local of an `async fn` keeps its room in every state), and
+    /// the handler's call is a future of its own, awaited in one place, so that the response's
+    /// writing reuses its room (the handler's future, awaited in a loop, got room of its own).
+    fn exchange<'s, S, B>(
+        &'s mut self,
         head: Head,
-        svc: &S,
-        shutdown: &CancellationToken,
+        svc: &'s S,
+        shutdown: &'s CancellationToken,
         cert: Option<&PeerCertificate>,
-    ) -> Result<bool, ConnError>
+    ) -> impl Future<Output = Result<bool, ConnError>> + 's
     where
         S: hyper::service::Service<Request<ClientBody>, Response = Response<B>, Error = Infallible>,
-        B: Body<Error: Into<ConnError>>,
+        B: Body<Error: Into<ConnError>> + 's,
     {
         let Head {
             parts,
@@ -339,50 +344,66 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Conn<I> {
         } = head;
         let method = parts.method.clone();
         let version = parts.version;
-        let (body, mut pump) = Pump::new(framing, expect_continue);
+        let (body, pump) = Pump::new(framing, expect_continue);
         let mut req = Request::from_parts(parts, body);
         if let Some(cert) = cert {
             req.extensions_mut().insert(cert.clone());
         }
-        // The handler's future ends in this block, so that it does not share the exchange's
-        // (boxed per request, so copied whole at each request) with the response's writing.
-        let resp = {
-            let mut call = pin!(svc.call(req));
-            // The body flows while the handler runs; once it is read (or there is none), a read
-            // that finds the client gone ends the exchange.
-            let mut watch = true;
-            loop {
-                if pump.active() {
-                    tokio::select! {
-                        biased;
-                        r = call.as_mut() => break r,
-                        r = pump.step(&mut self.io, &mut self.buf) => {
-                            if let Err(e) = r {
-                                debug!(error = %e, "request body failed");
-                                pump.fail(e);
-                            }
+        async move {
+            let mut pump = pump;
+            let Some(resp) = self.call(svc, req, &mut pump).await else {
+                return Ok(false);
+            };
+            let close = !keep_alive || !pump.finished() || shutdown.is_cancelled();
+            self.respond(resp, &method, version, close).await
+        }
+    }
+
+    /// Runs the handler on `req` while its body flows from the connection; `None` when the
+    /// client went away before the response.
+    async fn call<S, B>(
+        &mut self,
+        svc: &S,
+        req: Request<ClientBody>,
+        pump: &mut Pump,
+    ) -> Option<Response<B>>
+    where
+        S: hyper::service::Service<Request<ClientBody>, Response = Response<B>, Error = Infallible>,
+    {
+        let mut call = pin!(svc.call(req));
+        // The body flows while the handler runs; once it is read (or there is none), a read
+        // that finds the client gone ends the exchange.
+        let mut watch = true;
+        let resp = loop {
+            if pump.active() {
+                tokio::select! {
+                    biased;
+                    r = call.as_mut() => break r,
+                    r = pump.step(&mut self.io, &mut self.buf) => {
+                        if let Err(e) = r {
+                            debug!(error = %e, "request body failed");
+                            pump.fail(e);
                         }
                     }
-                } else if watch {
-                    tokio::select! {
-                        biased;
-                        r = call.as_mut() => break r,
-                        r = self.buf.read(&mut self.io, BUF_SIZE) => match r {
-                            Ok(0) | Err(_) => {
-                                debug!("client went away before its response");
-                                return Ok(false);
-                            }
-                            Ok(_) => watch = !self.buf_full(),
-                        },
-                    }
-                } else {
-                    break call.as_mut().await;
                 }
+            } else if watch {
+                tokio::select! {
+                    biased;
+                    r = call.as_mut() => break r,
+                    r = self.buf.read(&mut self.io, BUF_SIZE) => match r {
+                        Ok(0) | Err(_) => {
+                            debug!("client went away before its response");
+                            return None;
+                        }
+                        Ok(_) => watch = !self.buf_full(),
+                    },
+                }
+            } else {
+                break call.as_mut().await;
             }
         };
         let Ok(resp) = resp;
-        let close = !keep_alive || !pump.finished() || shutdown.is_cancelled();
-        self.respond(resp, &method, version, close).await
+        Some(resp)
     }
 
     /// Writes the handler's response to a `method` request of `version` (or runs the tunnel it

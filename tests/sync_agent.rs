@@ -313,6 +313,12 @@ async fn a_restarted_agent_serves_from_disk_without_the_hub_and_a_new_one_bootst
     let s = site(&dir.path().join("site"), &[("index.html", "v1")]);
     let (v1, _) = hub.publish(&s, Duration::from_millis(800)).await;
     wait_active(&a, v1, Duration::from_secs(10)).await;
+    // The hub's cycle advanced before it stops: a hub that comes back still scheduling v1's
+    // flip would have the new agent below flip to it on schedule rather than bootstrap.
+    wait::until("the cycle to advance", Duration::from_secs(10), || async {
+        hub.advances_by("agent") + hub.advances_by("hub") >= 1.0
+    })
+    .await;
     a.shutdown(Duration::from_secs(2)).await;
     let hub_addr = hub.addr;
     hub.stop().await;

@@ -14,7 +14,9 @@
 //! wait for a core at the deadline; without the privilege it runs as an ordinary thread. Right
 //! after the store it yields, so that another flip thread waiting for the core stores before
 //! this one reports and exits (eight agents on two cores: skew p50 ~370 → ~70 µs, BENCHMARKS.md).
-//! The deadline can be moved
+//! Then a second thread, of ordinary priority, records the flip on disk (the caller's `record`,
+//! [`super::state::StateFile`]) and only then reports it: an agent killed after the flip comes
+//! back on the release it flipped to. The deadline can be moved
 //! while the thread sleeps (a fresher clock estimate), and the flip cancelled until it fires;
 //! exactly one of "fired" and "cancelled" wins. The store is [`make_active`], kept out of line
 //! as the probe point of the benchmark's outside measurement.
@@ -133,13 +135,15 @@ impl Drop for Armed {
 }
 
 /// Starts a thread that stores `release` into `active` at `deadline` (at once if it has
-/// passed) and sends a [`Fired`] on `done`.
+/// passed); then `record` is called with it (on a thread of its own: it may block) and a
+/// [`Fired`] sent on `done`.
 pub fn arm<T: Send + 'static>(
     deadline: Instant,
     active: Active,
     release: Arc<Release>,
     tag: T,
     done: UnboundedSender<Fired<T>>,
+    record: impl FnOnce(&Release) + Send + 'static,
 ) -> Armed {
     let base = Instant::now().min(deadline);
     let ctl = Arc::new(Ctl {
@@ -148,10 +152,28 @@ pub fn arm<T: Send + 'static>(
         deadline_ns: AtomicU64::new(0),
     });
     ctl.set_deadline(deadline);
+    // The record and the report are another thread's, of ordinary priority: the real-time
+    // part ends at the store (a disk write there would hold its core from the flip threads of
+    // other agents on the host). It waits for the flip, and ends when the flip is cancelled.
+    let (hand_over, flipped) = std::sync::mpsc::sync_channel::<Fired<T>>(1);
+    let recorder = std::thread::Builder::new()
+        .name("lockstep-record".into())
+        .spawn(move || {
+            if let Ok(fired) = flipped.recv() {
+                record(&fired.release);
+                let _ = done.send(fired);
+            }
+        });
     let thread_ctl = ctl.clone();
-    let spawned = std::thread::Builder::new()
-        .name("lockstep-flip".into())
-        .spawn(move || run(&thread_ctl, &active, release, tag, &done));
+    let spawned = recorder.and_then(|_| {
+        std::thread::Builder::new()
+            .name("lockstep-flip".into())
+            .spawn(move || {
+                if let Some(fired) = run(&thread_ctl, &active, release, tag) {
+                    let _ = hand_over.send(fired);
+                }
+            })
+    });
     if let Err(e) = spawned {
         // Without a thread there is no flip: leave it cancelled so the caller can see it.
         warn!(error = %e, "cannot start the flip thread");
@@ -178,19 +200,14 @@ fn prefer_this_thread() -> bool {
     .is_ok()
 }
 
-fn run<T>(
-    ctl: &Ctl,
-    active: &Active,
-    release: Arc<Release>,
-    tag: T,
-    done: &UnboundedSender<Fired<T>>,
-) {
+/// Waits for the deadline and stores; the flip that fired, `None` if it was cancelled.
+fn run<T>(ctl: &Ctl, active: &Active, release: Arc<Release>, tag: T) -> Option<Fired<T>> {
     if !prefer_this_thread() {
         tracing::debug!("flip thread runs at normal priority (no real-time privilege)");
     }
     loop {
         if ctl.state.load(Ordering::Acquire) != ARMED {
-            return;
+            return None;
         }
         match step(Instant::now(), ctl.deadline()) {
             Step::Sleep(d) => std::thread::sleep(d),
@@ -215,14 +232,14 @@ fn run<T>(
         .compare_exchange(ARMED, FIRED, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
-        return;
+        return None;
     }
     make_active(active, &release);
     let at = Instant::now();
     // At real-time priority, let any other flip thread waiting for this core (other agents on
-    // the same host, flipping at the same instant) store before this one reports and exits.
+    // the same host, flipping at the same instant) store before this one records and reports.
     std::thread::yield_now();
-    let _ = done.send(Fired { release, at, tag });
+    Some(Fired { release, at, tag })
 }
 
 /// The flip itself: one atomic store. A function of its own, never inlined, so that a uprobe on
@@ -271,7 +288,7 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let release = empty_release();
         let deadline = Instant::now() + Duration::from_millis(80);
-        let armed = arm(deadline, active.clone(), release, 7u32, tx);
+        let armed = arm(deadline, active.clone(), release, 7u32, tx, |_| {});
         tokio::time::sleep(Duration::from_millis(40)).await;
         // Seen flipped, then the clock read still before the deadline: the flip was early. (On
         // a loaded machine this look may come after the deadline; `fired.at` below still
@@ -295,15 +312,30 @@ mod tests {
         let active: Active = Arc::new(ArcSwapOption::empty());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let soon = Instant::now() + Duration::from_millis(30);
-        let a = arm(soon, active.clone(), empty_release(), 1u32, tx.clone());
+        let a = arm(
+            soon,
+            active.clone(),
+            empty_release(),
+            1u32,
+            tx.clone(),
+            |_| {},
+        );
         assert!(a.cancel());
-        drop(arm(soon, active.clone(), empty_release(), 2u32, tx.clone()));
+        drop(arm(
+            soon,
+            active.clone(),
+            empty_release(),
+            2u32,
+            tx.clone(),
+            |_| {},
+        ));
         let b = arm(
             Instant::now() + Duration::from_secs(3600),
             active.clone(),
             empty_release(),
             3u32,
             tx,
+            |_| {},
         );
         let moved = Instant::now() + Duration::from_millis(60);
         b.retarget(moved);
@@ -318,7 +350,42 @@ mod tests {
             empty_release(),
             4u32,
             tx,
+            |_| {},
         );
         assert_eq!(rx.recv().await.unwrap().tag, 4);
+    }
+
+    /// A flip is on disk before it is reported: an agent killed at any moment after the store
+    /// comes back on the release it flipped to (it used to be recorded only once the
+    /// controller had heard of it, by the disk worker, behind any disk work queued before).
+    #[tokio::test]
+    async fn a_flip_is_recorded_before_it_is_reported() {
+        use crate::agent::state::{AgentState, StateFile, STATE_NAME};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(dir.path()).unwrap());
+        let active: Active = Arc::new(ArcSwapOption::empty());
+        let file = Arc::new(StateFile::new(store.clone(), active.clone()));
+        let release =
+            Arc::new(Release::build(&store, Manifest::new(BTreeMap::new()).unwrap()).unwrap());
+        let state = AgentState {
+            active: Some(release.id()),
+            ..AgentState::default()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _armed = arm(
+            Instant::now() + Duration::from_millis(20),
+            active,
+            release.clone(),
+            (),
+            tx,
+            move |r| {
+                // Slow, as a disk can be: the report still waits for it.
+                std::thread::sleep(Duration::from_millis(50));
+                file.record(r, &state).unwrap();
+            },
+        );
+        rx.recv().await.unwrap();
+        let on_disk: Option<AgentState> = store.read_state(STATE_NAME).unwrap();
+        assert_eq!(on_disk.and_then(|s| s.active), Some(release.id()));
     }
 }

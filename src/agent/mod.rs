@@ -90,7 +90,7 @@ use messages::{Active, HubNow};
 use metrics::AgentMetrics;
 use serve::ServeState;
 use stage::Stager;
-use state::{AgentState, STATE_NAME};
+use state::{AgentState, StateFile, STATE_NAME};
 
 /// Why an agent cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -233,9 +233,9 @@ pub async fn start_on(
         local_tx.clone(),
         hub_now,
     );
-    let disk_tx = spawn_disk(&agent, current.as_ref());
+    let disk = spawn_disk(&agent, &active, current.as_ref());
     let (hub, schedules) = spawn_hub_tasks(&agent, anchor, serve_addr, current.as_ref(), clock_tx);
-    let controller = controller(&agent, anchor, &active, hub, disk_tx, local_tx, loaded);
+    let controller = controller(&agent, anchor, &active, hub, disk, local_tx, loaded);
     let inbox = control::Inbox {
         schedules,
         clock: clock_rx,
@@ -350,8 +350,15 @@ fn spawn_serve(
     ));
 }
 
+/// The disk worker's queue and the state file's writer it shares with the flip thread.
+struct DiskEnds {
+    jobs: mpsc::UnboundedSender<DiskJob>,
+    state: Arc<StateFile>,
+}
+
 /// Starts the ordered disk worker; `current`'s copy in `release_dir` is put right first.
-fn spawn_disk(agent: &Wiring, current: Option<&Arc<Release>>) -> mpsc::UnboundedSender<DiskJob> {
+fn spawn_disk(agent: &Wiring, active: &Active, current: Option<&Arc<Release>>) -> DiskEnds {
+    let state = Arc::new(StateFile::new(agent.store.clone(), active.clone()));
     if let Some(dir) = &agent.config.release_dir {
         // Copies an earlier run left half-done; nothing of this run is copying yet.
         release_dir::clear_leftovers(dir);
@@ -359,6 +366,7 @@ fn spawn_disk(agent: &Wiring, current: Option<&Arc<Release>>) -> mpsc::Unbounded
     let (disk_tx, disk_rx) = mpsc::unbounded_channel();
     agent.tracker.spawn(control::disk_worker(
         agent.store.clone(),
+        state.clone(),
         agent.config.release_dir.clone(),
         agent.metrics.clone(),
         disk_rx,
@@ -367,7 +375,10 @@ fn spawn_disk(agent: &Wiring, current: Option<&Arc<Release>>) -> mpsc::Unbounded
         // A release_dir removed or changed while the agent was down is put right.
         let _ = disk_tx.send(DiskJob::Current(r.clone()));
     }
-    disk_tx
+    DiskEnds {
+        jobs: disk_tx,
+        state,
+    }
 }
 
 /// The ends of the hub-facing tasks the controller drives.
@@ -420,7 +431,7 @@ fn controller(
     anchor: Anchor,
     active: &Active,
     hub: HubEnds,
-    disk: mpsc::UnboundedSender<DiskJob>,
+    disk: DiskEnds,
     local: Option<mpsc::UnboundedSender<messages::Input>>,
     start: control::Start,
 ) -> Controller {
@@ -438,7 +449,8 @@ fn controller(
         active: active.clone(),
         metrics: agent.metrics.clone(),
         stager,
-        disk,
+        disk: disk.jobs,
+        state: disk.state,
         report: hub.report,
         measure_now: hub.measure_now,
         local,

@@ -16,6 +16,7 @@ use crate::agent::activate::Fired;
 use crate::agent::messages::Install;
 use crate::agent::plan::{self, HubView, Scheduled};
 use crate::agent::release::Release;
+use crate::agent::state::AgentState;
 use crate::sync::changeset::{self, Applied};
 use crate::sync::clock::{self, Anchor, Offset};
 use crate::sync::gc::Gc;
@@ -319,6 +320,24 @@ impl Core {
         (attempts, wait)
     }
 
+    /// What the state file says once a flip for `tag` serves `release`, as [`Core::on_fired`]
+    /// will make it: the flip thread records it before the controller hears of the flip.
+    pub fn state_after(&self, release: &Release, tag: &Tag) -> AgentState {
+        let mut applied = self.applied.clone();
+        with_schedule(&mut applied, self.schedule.as_ref(), tag);
+        let id = release.id();
+        let previous = if self.current_id() == Some(id) {
+            self.previous.as_ref().map(|r| r.id())
+        } else {
+            self.current_id()
+        };
+        AgentState {
+            active: Some(id),
+            previous,
+            applied,
+        }
+    }
+
     /// A flip happened (`f.at`: just after the pointer store).
     pub fn on_fired(&mut self, f: Fired<Tag>) -> Flipped {
         let was_armed = match (&f.tag, &self.armed) {
@@ -332,12 +351,7 @@ impl Core {
             }
             (Tag::Now | Tag::Installed, _) => false,
         };
-        if !matches!(f.tag, Tag::Installed) {
-            // The hub's release: it includes what the schedule says it does.
-            if let Some(s) = &self.schedule {
-                merge(&mut self.applied, &s.applied);
-            }
-        }
+        with_schedule(&mut self.applied, self.schedule.as_ref(), &f.tag);
         let id = f.release.id();
         if self.current_id() != Some(id) {
             self.previous = self.current.replace(f.release.clone());
@@ -580,6 +594,14 @@ impl Core {
             at,
             tag: Tag::Installed,
         })
+    }
+}
+
+/// What a release activated for `tag` includes beside `applied`: the hub's release includes
+/// what its schedule says it does.
+fn with_schedule(applied: &mut Applied, schedule: Option<&Schedule>, tag: &Tag) {
+    if let (false, Some(s)) = (matches!(tag, Tag::Installed), schedule) {
+        merge(applied, &s.applied);
     }
 }
 

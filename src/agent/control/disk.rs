@@ -13,24 +13,22 @@ use tracing::{error, info};
 use crate::agent::metrics::AgentMetrics;
 use crate::agent::release::Release;
 use crate::agent::release_dir;
-use crate::agent::state::{AgentState, STATE_NAME};
+use crate::agent::state::{AgentState, StateFile};
 use crate::sync::manifest::ReleaseId;
 use crate::sync::store::FsStore;
 
 /// Ordered disk work after a flip (state file, `current` symlink, pruning old copies).
 #[derive(Debug)]
 pub enum DiskJob {
-    /// Write the state file.
-    State(AgentState),
+    /// Record the release as served (its manifest first, when it is not stored), unless
+    /// another is served by now.
+    State(Arc<Release>, AgentState),
     /// Make sure `releases/<id>` exists and point `current` at it.
     Current(Arc<Release>),
     /// Drop release copies other than these.
     Prune(Vec<ReleaseId>),
     /// Store blobs received from a peer (before the state that names them).
     Blobs(Vec<(crate::sync::manifest::Hash, bytes::Bytes)>),
-    /// Store the release's manifest if it is not (a release built from changesets), before
-    /// the state that names it, so a restart can load it.
-    Manifest(Arc<Release>),
     /// Remove what these releases and the outbox do not need (see [`crate::sync::gc`]).
     Collect {
         /// Releases held: active, previous, staged.
@@ -43,14 +41,17 @@ pub enum DiskJob {
 /// Runs disk jobs one after another, so that two quick flips cannot reorder their writes.
 pub async fn disk_worker(
     store: Arc<FsStore>,
+    state: Arc<StateFile>,
     release_dir: Option<PathBuf>,
     metrics: Arc<AgentMetrics>,
     mut rx: mpsc::UnboundedReceiver<DiskJob>,
 ) {
     while let Some(job) = rx.recv().await {
-        let (store, dir, metrics) = (store.clone(), release_dir.clone(), metrics.clone());
+        let (store, state) = (store.clone(), state.clone());
+        let (dir, metrics) = (release_dir.clone(), metrics.clone());
         let outcome =
-            tokio::task::spawn_blocking(move || run(job, &store, dir.as_deref(), &metrics)).await;
+            tokio::task::spawn_blocking(move || run(job, &store, &state, dir.as_deref(), &metrics))
+                .await;
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -65,23 +66,18 @@ pub async fn disk_worker(
 fn run(
     job: DiskJob,
     store: &Arc<FsStore>,
+    state: &StateFile,
     dir: Option<&std::path::Path>,
     metrics: &AgentMetrics,
 ) -> Result<(), String> {
     match job {
-        DiskJob::Manifest(r) if store.has_release(&r.id()) => Ok(()),
-        DiskJob::Manifest(r) => store
-            .write_release(&r.id(), &r.manifest().to_json())
-            .map_err(|e| format!("cannot store the release's manifest: {e}")),
         DiskJob::Collect { keep, grace } => collect(store, &keep, grace, metrics),
         DiskJob::Blobs(blobs) => blobs
             .iter()
             .filter(|(h, _)| !store.has_blob(h))
             .try_for_each(|(h, b)| store.write_blob(h, b))
             .map_err(|e| format!("cannot store blobs from a peer: {e}")),
-        DiskJob::State(s) => store
-            .write_state(STATE_NAME, &s)
-            .map_err(|e| format!("cannot record the active release: {e}")),
+        DiskJob::State(r, s) => state.record(&r, &s).map(|_| ()),
         DiskJob::Current(r) => match dir {
             Some(dir) => release_dir::materialise(dir, &r.id(), r.manifest(), store)
                 .and_then(|_| release_dir::switch_current(dir, &r.id()))

@@ -46,7 +46,7 @@ use crate::agent::metrics::AgentMetrics;
 use crate::agent::plan::Scheduled;
 use crate::agent::release::Release;
 use crate::agent::stage::{StageError, Stager};
-use crate::agent::state::AgentState;
+use crate::agent::state::{AgentState, StateFile};
 use crate::net::client::HttpClient;
 use crate::sync::changeset::Applied;
 use crate::sync::clock::{Anchor, Offset};
@@ -74,6 +74,8 @@ pub struct Handles {
     pub stager: Stager,
     /// Ordered disk work.
     pub disk: mpsc::UnboundedSender<DiskJob>,
+    /// The state file's writer (the disk worker's too).
+    pub state: Arc<StateFile>,
     /// The latest report.
     pub report: watch::Sender<Report>,
     /// Asks the measurer for a fresh estimate.
@@ -418,16 +420,20 @@ impl Controller {
         }
     }
 
-    /// The disk jobs after a flip, in order: manifest, state, `current`, pruning.
+    /// The disk jobs after a flip, in order: state (with the manifest), `current`, pruning.
     fn record(&self, f: &Flipped) {
         let id = f.release.id();
         let disk = &self.io.disk;
-        let _ = disk.send(DiskJob::Manifest(f.release.clone()));
-        let _ = disk.send(DiskJob::State(AgentState {
-            active: Some(id),
-            previous: f.previous,
-            applied: f.applied.clone(),
-        }));
+        // A scheduled flip's thread recorded it already (from what was known when it was
+        // armed): this record is the exact one, and is written only while `id` is served.
+        let _ = disk.send(DiskJob::State(
+            f.release.clone(),
+            AgentState {
+                active: Some(id),
+                previous: f.previous,
+                applied: f.applied.clone(),
+            },
+        ));
         let _ = disk.send(DiskJob::Current(f.release.clone()));
         let _ = disk.send(DiskJob::Prune(
             [Some(id), f.previous].into_iter().flatten().collect(),
@@ -494,12 +500,21 @@ impl Controller {
             in_ms = deadline.saturating_duration_since(now).as_millis() as u64,
             "flip armed"
         );
+        let tag = Tag::Scheduled(plan);
+        let state = self.core.state_after(&release, &tag);
+        let file = self.io.state.clone();
+        let record = move |r: &Release| {
+            if let Err(e) = file.record(r, &state) {
+                error!(error = %e, "cannot record the flip; the controller tries again");
+            }
+        };
         self.flip = Some(activate::arm(
             deadline,
             self.io.active.clone(),
             release,
-            Tag::Scheduled(plan),
+            tag,
             self.fired_tx.clone(),
+            record,
         ));
     }
 }

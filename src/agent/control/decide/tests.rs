@@ -268,11 +268,22 @@ fn a_scheduled_flip_moves_active_to_previous_and_measures_its_lateness() {
     c.on_schedule(s, t0);
     c.replan(t0, &none_staging(), &mut || unreachable!());
     let plan = c.armed().unwrap().plan;
+    // What the flip thread records before the controller hears of the flip.
+    let recorded = c.state_after(&two, &Tag::Scheduled(plan));
     let f = c.on_fired(Fired {
         release: two.clone(),
         at: t0 + Duration::from_micros(1_000_250),
         tag: Tag::Scheduled(plan),
     });
+    assert_eq!(
+        recorded,
+        AgentState {
+            active: Some(two.id()),
+            previous: f.previous,
+            applied: f.applied.clone(),
+        },
+        "the flip thread's record is the controller's"
+    );
     assert!(f.was_armed);
     assert!(c.armed().is_none());
     assert_eq!(f.previous, Some(one.id()));

@@ -501,3 +501,50 @@ async fn a_client_that_floods_pings_and_reads_nothing_is_not_buffered_for() {
     );
     app.shutdown(Duration::from_millis(200)).await;
 }
+
+/// `Expect: 100-continue` (RFC 9110 §10.1.1): a client that holds its body back until an
+/// interim answer gets a 100 HEADERS once the backend asks for the body, then the final
+/// response after it sends the body; nothing waits for a client timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_expects_100_continue_gets_it_before_it_sends_its_body() {
+    const DATA: u8 = 0;
+    let web = DemoBackend::start("web-1").await;
+    let app = start(&proxy_to(web.addr)).await;
+    let mut raw = Raw::connect(proxy_addr(&app)).await;
+    // POST http://farm.test/ with `expect: 100-continue` and `content-length: 5` (literal
+    // fields named by their static-table index), no END_STREAM: the body is held back.
+    let block = b"\x83\x86\x84\x01\x09farm.test\x0f\x14\x0c100-continue\x0f\x0d\x015";
+    raw.send(&raw_frame(HEADERS, END_HEADERS, 1, block))
+        .await
+        .expect("send");
+    let interim = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match raw.frame().await {
+                Some((HEADERS, flags, 1, payload)) => return (flags, payload),
+                Some(_) => continue,
+                None => panic!("closed before any answer"),
+            }
+        }
+    })
+    .await
+    .expect("an interim answer within 3 s, before the body");
+    // `:status: 100` as lockstep encodes it (literal, the name `:status` from the table).
+    assert_eq!(interim.1, b"\x08\x03100", "a 100 first");
+    assert_eq!(
+        interim.0 & END_STREAM,
+        0,
+        "an interim answer does not end the stream"
+    );
+    raw.send(&raw_frame(DATA, END_STREAM, 1, b"hello"))
+        .await
+        .expect("send");
+    let last = loop {
+        match raw.frame().await {
+            Some((HEADERS, flags, 1, payload)) => break (flags, payload),
+            Some(_) => continue,
+            None => panic!("closed before the response"),
+        }
+    };
+    assert_eq!(last.1.first(), Some(&0x88), "then the backend's 200");
+    app.shutdown(Duration::from_millis(200)).await;
+}

@@ -343,6 +343,9 @@ struct H2Inner {
     taken: usize,
     /// The reader is gone: what comes is given back at once.
     dropped: bool,
+    /// The reader waits for a body the client holds back until an interim 100 (it sent
+    /// `Expect: 100-continue`): the connection sends one.
+    continue_asked: bool,
 }
 
 /// The state a stream's body shares between the connection and the reader.
@@ -357,6 +360,7 @@ impl H2Shared {
             reader: None,
             taken: 0,
             dropped: false,
+            continue_asked: false,
         })))
     }
 
@@ -408,6 +412,11 @@ impl H2Shared {
         self.finish(H2End::Failed(why));
     }
 
+    /// Whether the reader asked for an interim 100 since the last call.
+    pub(super) fn take_continue(&self) -> bool {
+        std::mem::take(&mut self.lock().continue_asked)
+    }
+
     /// What the reader took since the last call, and whether the reader is gone (then
     /// nothing more will be taken: what is still queued is the caller's to give back).
     pub(super) fn take_taken(&self) -> (usize, bool) {
@@ -431,14 +440,24 @@ pub struct H2Body {
     stream: Waker,
     /// What `Content-Length` says is still to come.
     remaining: Option<u64>,
+    /// The client sent `Expect: 100-continue` and nothing of its body yet: the first wait for
+    /// the body asks the connection for an interim 100 (RFC 9110 §10.1.1), as HTTP/1.1's
+    /// pump does; a handler that never reads the body sends none.
+    expect_continue: bool,
 }
 
 impl H2Body {
-    pub(super) fn new(shared: Arc<H2Shared>, stream: Waker, content_length: Option<u64>) -> H2Body {
+    pub(super) fn new(
+        shared: Arc<H2Shared>,
+        stream: Waker,
+        content_length: Option<u64>,
+        expect_continue: bool,
+    ) -> H2Body {
         H2Body {
             shared,
             stream,
             remaining: content_length,
+            expect_continue,
         }
     }
 
@@ -452,19 +471,26 @@ impl H2Body {
             let data = g.data.split().freeze();
             g.taken += data.len();
             drop(g);
+            self.expect_continue = false;
             self.stream.wake_by_ref();
             if let Some(r) = &mut self.remaining {
                 *r = r.saturating_sub(data.len() as u64);
             }
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
-        match &mut g.end {
-            H2End::Open => {
-                if !g.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    g.reader = Some(cx.waker().clone());
-                }
-                Poll::Pending
+        if matches!(g.end, H2End::Open) {
+            if !g.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                g.reader = Some(cx.waker().clone());
             }
+            if std::mem::take(&mut self.expect_continue) {
+                g.continue_asked = true;
+                drop(g);
+                self.stream.wake_by_ref();
+            }
+            return Poll::Pending;
+        }
+        match &mut g.end {
+            H2End::Open => Poll::Pending,
             H2End::Done(trailers) => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
             H2End::Early => Poll::Ready(None),
             H2End::Failed(why) => Poll::Ready(Some(Err(why.clone().into()))),
@@ -578,7 +604,7 @@ mod tests {
     fn bytes_taken_are_counted_and_a_dropped_reader_gives_back_the_rest() {
         let stream = Arc::new(Count(Default::default()));
         let shared = H2Shared::new();
-        let mut body = H2Body::new(shared.clone(), Waker::from(stream.clone()), Some(5));
+        let mut body = H2Body::new(shared.clone(), Waker::from(stream.clone()), Some(5), false);
         let reader = Waker::from(Arc::new(Count(Default::default())));
         let mut cx = Context::from_waker(&reader);
         assert!(body.poll_frame(&mut cx).is_pending());
@@ -608,7 +634,7 @@ mod tests {
         let w = Waker::from(Arc::new(Count(Default::default())));
         let mut cx = Context::from_waker(&w);
         let shared = H2Shared::new();
-        let mut body = H2Body::new(shared.clone(), w.clone(), None);
+        let mut body = H2Body::new(shared.clone(), w.clone(), None, false);
         let mut t = HeaderMap::new();
         t.insert("x-sum", "1".parse().unwrap());
         shared.end(Some(t));
@@ -621,7 +647,7 @@ mod tests {
         assert!(matches!(body.poll_frame(&mut cx), Poll::Ready(None)));
 
         let shared = H2Shared::new();
-        let mut body = H2Body::new(shared.clone(), w.clone(), None);
+        let mut body = H2Body::new(shared.clone(), w.clone(), None, false);
         shared.fail("reset".into());
         assert!(matches!(
             body.poll_frame(&mut cx),
@@ -629,9 +655,38 @@ mod tests {
         ));
 
         let shared = H2Shared::new();
-        let mut body = H2Body::new(shared.clone(), w.clone(), None);
+        let mut body = H2Body::new(shared.clone(), w.clone(), None, false);
         shared.end_early();
         assert!(body.is_end_stream());
         assert!(matches!(body.poll_frame(&mut cx), Poll::Ready(None)));
+    }
+
+    /// `Expect: 100-continue`: the first wait for a body the client holds back asks the
+    /// connection for one interim 100, once; a body already arriving asks for none.
+    #[test]
+    fn a_held_back_body_asks_for_one_interim_100() {
+        let w = Waker::from(Arc::new(Count(Default::default())));
+        let mut cx = Context::from_waker(&w);
+        let stream = Arc::new(Count(Default::default()));
+        let shared = H2Shared::new();
+        let mut body = H2Body::new(shared.clone(), Waker::from(stream.clone()), Some(2), true);
+        assert!(!shared.take_continue());
+        assert!(body.poll_frame(&mut cx).is_pending());
+        assert_eq!(stream.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(shared.take_continue());
+        assert!(body.poll_frame(&mut cx).is_pending());
+        assert!(!shared.take_continue(), "asked once");
+
+        let shared = H2Shared::new();
+        let mut body = H2Body::new(shared.clone(), w.clone(), Some(2), true);
+        assert!(shared.push(b"a"));
+        assert!(body.poll_frame(&mut cx).is_ready());
+        assert!(body.poll_frame(&mut cx).is_pending());
+        assert!(!shared.take_continue(), "the body is on its way");
+
+        let shared = H2Shared::new();
+        let mut body = H2Body::new(shared.clone(), w.clone(), Some(2), false);
+        assert!(body.poll_frame(&mut cx).is_pending());
+        assert!(!shared.take_continue(), "no Expect, no 100");
     }
 }

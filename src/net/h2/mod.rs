@@ -896,7 +896,16 @@ where
             (ClientBody::Empty, None)
         } else {
             let shared = H2Shared::new();
-            let body = H2Body::new(shared.clone(), waker.clone(), parts.content_length);
+            let expect_continue = parts
+                .headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            let body = H2Body::new(
+                shared.clone(),
+                waker.clone(),
+                parts.content_length,
+                expect_continue,
+            );
             (ClientBody::H2(body), Some(shared))
         };
         let mut req = Request::new(body);
@@ -1027,6 +1036,12 @@ where
             s.wake_state.queued.store(false, Ordering::Release);
             // What the reader took goes back to the client's windows.
             if let Some(r) = &s.recv {
+                if r.take_continue() && matches!(s.send, Sending::Handling(_)) {
+                    // The handler waits for the body the client holds back (Expect).
+                    let at = self.out.buf.len();
+                    hpack::encode_status(100, &mut self.out.buf);
+                    frame::put_headers(&mut self.out.buf, at, s.id, false, MAX_FRAME);
+                }
                 let (taken, gone) = r.take_taken();
                 if gone {
                     s.recv = None;

@@ -323,8 +323,8 @@ fn a_key_rotation_trusts_both_keys_then_only_the_new_one() {
     .unwrap();
     farm.restart(&mut agent);
     // v3 (signed by both keys) is still served under the new key alone. Waited for, not read
-    // once: a kill -9 in the moment between the flip and its record on disk (the flip thread's
-    // write, right after its store) restarts the agent on the release before, until the hub's
+    // once: a kill -9 in the moment between the flip and its record on disk (its recorder's
+    // write, right after the store) restarts the agent on the release before, until the hub's
     // schedule (v3, already due) flips it again (seen once in a loaded full run, when the record
     // was the disk worker's, after the controller had heard of the flip).
     wait_serving(&agent, &v3);

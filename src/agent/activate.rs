@@ -14,9 +14,9 @@
 //! wait for a core at the deadline; without the privilege it runs as an ordinary thread. Right
 //! after the store it yields, so that another flip thread waiting for the core stores before
 //! this one reports and exits (eight agents on two cores: skew p50 ~370 → ~70 µs, BENCHMARKS.md).
-//! Then a second thread, of ordinary priority, records the flip on disk (the caller's `record`,
-//! [`super::state::StateFile`]) and only then reports it: an agent killed after the flip comes
-//! back on the release it flipped to. The deadline can be moved
+//! Beside it a second thread, of ordinary priority, records the flip on disk as soon as it is
+//! stored ([`Provisional`]), without waiting for the controller to hear of it: an agent killed
+//! after the flip comes back on the release it flipped to. The deadline can be moved
 //! while the thread sleeps (a fresher clock estimate), and the flip cancelled until it fires;
 //! exactly one of "fired" and "cancelled" wins. The store is [`make_active`], kept out of line
 //! as the probe point of the benchmark's outside measurement.
@@ -31,6 +31,7 @@ use tracing::warn;
 
 use super::messages::Active;
 use super::release::Release;
+use super::state::Provisional;
 
 /// How long before the deadline the thread stops sleeping and spins: about the default timer
 /// slack (50 µs), which a sleep may overrun by anyway.
@@ -135,15 +136,15 @@ impl Drop for Armed {
 }
 
 /// Starts a thread that stores `release` into `active` at `deadline` (at once if it has
-/// passed); then `record` is called with it (on a thread of its own: it may block) and a
-/// [`Fired`] sent on `done`.
+/// passed) and sends a [`Fired`] on `done`; `record`, when given, then records the flip on a
+/// thread of its own.
 pub fn arm<T: Send + 'static>(
     deadline: Instant,
     active: Active,
     release: Arc<Release>,
     tag: T,
     done: UnboundedSender<Fired<T>>,
-    record: impl FnOnce(&Release) + Send + 'static,
+    record: Option<Provisional>,
 ) -> Armed {
     let base = Instant::now().min(deadline);
     let ctl = Arc::new(Ctl {
@@ -152,34 +153,49 @@ pub fn arm<T: Send + 'static>(
         deadline_ns: AtomicU64::new(0),
     });
     ctl.set_deadline(deadline);
-    // The record and the report are another thread's, of ordinary priority: the real-time
-    // part ends at the store (a disk write there would hold its core from the flip threads of
-    // other agents on the host). It waits for the flip, and ends when the flip is cancelled.
-    let (hand_over, flipped) = std::sync::mpsc::sync_channel::<Fired<T>>(1);
-    let recorder = std::thread::Builder::new()
-        .name("lockstep-record".into())
+    let recorder = record.and_then(recorder);
+    let thread_ctl = ctl.clone();
+    let spawned = std::thread::Builder::new()
+        .name("lockstep-flip".into())
         .spawn(move || {
-            if let Ok(fired) = flipped.recv() {
-                record(&fired.release);
+            if let Some(fired) = run(&thread_ctl, &active, release, tag) {
+                if let Some(r) = recorder {
+                    let _ = r.send(fired.release.clone());
+                }
                 let _ = done.send(fired);
             }
         });
-    let thread_ctl = ctl.clone();
-    let spawned = recorder.and_then(|_| {
-        std::thread::Builder::new()
-            .name("lockstep-flip".into())
-            .spawn(move || {
-                if let Some(fired) = run(&thread_ctl, &active, release, tag) {
-                    let _ = hand_over.send(fired);
-                }
-            })
-    });
     if let Err(e) = spawned {
         // Without a thread there is no flip: leave it cancelled so the caller can see it.
         warn!(error = %e, "cannot start the flip thread");
         ctl.state.store(CANCELLED, Ordering::Release);
     }
     Armed { ctl }
+}
+
+/// The flip's recorder: a thread of ordinary priority that waits for the release the flip
+/// stored and records it (the real-time part ends at the store: a disk write there would hold
+/// its core from the flip threads of other agents on the host). It ends, recording nothing,
+/// when the flip is cancelled (the sender dropped). `None` if it cannot start: then the
+/// controller's record is the only one, as before there was a recorder.
+fn recorder(record: Provisional) -> Option<std::sync::mpsc::SyncSender<Arc<Release>>> {
+    let (hand_over, flipped) = std::sync::mpsc::sync_channel::<Arc<Release>>(1);
+    let spawned = std::thread::Builder::new()
+        .name("lockstep-record".into())
+        .spawn(move || {
+            if let Ok(release) = flipped.recv() {
+                if let Err(e) = record.record(&release) {
+                    warn!(error = %e, "cannot record the flip; the controller's record follows");
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(hand_over),
+        Err(e) => {
+            warn!(error = %e, "cannot start the flip's recorder; the controller records it");
+            None
+        }
+    }
 }
 
 /// Asks for the lowest real-time priority (SCHED_FIFO 1) for the calling thread, above every
@@ -237,7 +253,7 @@ fn run<T>(ctl: &Ctl, active: &Active, release: Arc<Release>, tag: T) -> Option<F
     make_active(active, &release);
     let at = Instant::now();
     // At real-time priority, let any other flip thread waiting for this core (other agents on
-    // the same host, flipping at the same instant) store before this one records and reports.
+    // the same host, flipping at the same instant) store before this one reports and exits.
     std::thread::yield_now();
     Some(Fired { release, at, tag })
 }
@@ -288,7 +304,7 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let release = empty_release();
         let deadline = Instant::now() + Duration::from_millis(80);
-        let armed = arm(deadline, active.clone(), release, 7u32, tx, |_| {});
+        let armed = arm(deadline, active.clone(), release, 7u32, tx, None);
         tokio::time::sleep(Duration::from_millis(40)).await;
         // Seen flipped, then the clock read still before the deadline: the flip was early. (On
         // a loaded machine this look may come after the deadline; `fired.at` below still
@@ -318,7 +334,7 @@ mod tests {
             empty_release(),
             1u32,
             tx.clone(),
-            |_| {},
+            None,
         );
         assert!(a.cancel());
         drop(arm(
@@ -327,7 +343,7 @@ mod tests {
             empty_release(),
             2u32,
             tx.clone(),
-            |_| {},
+            None,
         ));
         let b = arm(
             Instant::now() + Duration::from_secs(3600),
@@ -335,7 +351,7 @@ mod tests {
             empty_release(),
             3u32,
             tx,
-            |_| {},
+            None,
         );
         let moved = Instant::now() + Duration::from_millis(60);
         b.retarget(moved);
@@ -350,16 +366,17 @@ mod tests {
             empty_release(),
             4u32,
             tx,
-            |_| {},
+            None,
         );
         assert_eq!(rx.recv().await.unwrap().tag, 4);
     }
 
-    /// A flip is on disk before it is reported: an agent killed at any moment after the store
-    /// comes back on the release it flipped to (it used to be recorded only once the
-    /// controller had heard of it, by the disk worker, behind any disk work queued before).
+    /// A flip records itself as soon as it is stored, without the controller (which this test
+    /// never runs): an agent killed at any moment after the store, however busy its controller
+    /// or its disk worker, comes back on the release it flipped to. A cancelled flip records
+    /// nothing.
     #[tokio::test]
-    async fn a_flip_is_recorded_before_it_is_reported() {
+    async fn a_flip_records_itself_and_a_cancelled_one_records_nothing() {
         use crate::agent::state::{AgentState, StateFile, STATE_NAME};
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FsStore::open(dir.path()).unwrap());
@@ -367,25 +384,48 @@ mod tests {
         let file = Arc::new(StateFile::new(store.clone(), active.clone()));
         let release =
             Arc::new(Release::build(&store, Manifest::new(BTreeMap::new()).unwrap()).unwrap());
-        let state = AgentState {
-            active: Some(release.id()),
-            ..AgentState::default()
+        let provisional = || {
+            Some(Provisional {
+                file: file.clone(),
+                state: AgentState {
+                    active: Some(release.id()),
+                    ..AgentState::default()
+                },
+            })
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancelled = arm(
+            Instant::now() + Duration::from_secs(3600),
+            active.clone(),
+            release.clone(),
+            1u32,
+            tx.clone(),
+            provisional(),
+        );
+        assert!(cancelled.cancel());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(store.read_state::<AgentState>(STATE_NAME).unwrap(), None);
         let _armed = arm(
             Instant::now() + Duration::from_millis(20),
             active,
             release.clone(),
-            (),
+            2u32,
             tx,
-            move |r| {
-                // Slow, as a disk can be: the report still waits for it.
-                std::thread::sleep(Duration::from_millis(50));
-                file.record(r, &state).unwrap();
-            },
+            provisional(),
         );
-        rx.recv().await.unwrap();
-        let on_disk: Option<AgentState> = store.read_state(STATE_NAME).unwrap();
-        assert_eq!(on_disk.and_then(|s| s.active), Some(release.id()));
+        assert_eq!(rx.recv().await.unwrap().tag, 2);
+        // The Fired is not processed: nothing else writes the state.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let on_disk: Option<AgentState> = store.read_state(STATE_NAME).unwrap();
+            if on_disk.and_then(|s| s.active) == Some(release.id()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the flip recorded itself within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }

@@ -2,13 +2,15 @@
 //! before it. Written atomically after every activation, read at start so that a restarted
 //! agent serves its release from disk before it talks to the hub.
 //!
-//! [`StateFile`] is its one writer. A scheduled flip records itself from the flip thread, right
-//! after the store and before the controller hears of it, so that an agent killed in the
-//! moment after a flip comes back on the release it flipped to (it used to come back on the
-//! one before until the hub's schedule flipped it again, or for as long as the hub was out of
-//! reach). A record names the release it is for, and is written only while that release is
-//! the one served: the controller's record of the same flip, or a late one of an older
-//! activation (queued behind other disk work), can never put back the release before it.
+//! [`StateFile`] is its one writer. A scheduled flip is recorded right after its store by a
+//! thread of its own ([`Provisional`]), without waiting for the controller to hear of it and
+//! for the disk worker to reach it, so that an agent killed in the moment after a flip comes
+//! back on the release it flipped to (it used to come back on the one before until the hub's
+//! schedule flipped it again, or for as long as the hub was out of reach). A record names the
+//! release it is for, and is written only while that release is the one served: a late record
+//! of an older activation (queued behind other disk work) can never put back the release
+//! before it; and a flip's own record, made from what was known when it was armed, never
+//! replaces the controller's exact one.
 
 use std::sync::{Arc, Mutex};
 
@@ -40,8 +42,9 @@ pub struct AgentState {
 pub struct StateFile {
     store: Arc<FsStore>,
     active: Active,
-    /// Held from the look at the served release to the end of the write.
-    writing: Mutex<()>,
+    /// The release the last record written was for, and whether it was exact (not a flip's
+    /// own, [`Provisional`]); held from the look at the served release to the end of the write.
+    last: Mutex<Option<(ReleaseId, bool)>>,
 }
 
 impl StateFile {
@@ -50,29 +53,63 @@ impl StateFile {
         StateFile {
             store,
             active,
-            writing: Mutex::new(()),
+            last: Mutex::new(None),
         }
     }
 
     /// Records `state` for `release`, unless another release is served by now (its own
-    /// record is then on its way, made after its store). Whether it was written. Blocking.
+    /// record is then on its way, made after its store). The release's manifest is stored
+    /// either way (a release built here from changesets: a later state may name it as the
+    /// previous one). Whether the state was written. Blocking.
     pub fn record(&self, release: &Release, state: &AgentState) -> Result<bool, String> {
-        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        let served = self.active.load().as_ref().map(|r| r.id());
-        if served != Some(release.id()) || state.active != served {
-            return Ok(false);
-        }
+        self.write(release, state, true)
+    }
+
+    fn write(&self, release: &Release, state: &AgentState, exact: bool) -> Result<bool, String> {
+        // Nothing holding the lock can panic half-way; a poisoned one is still consistent.
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if !self.store.has_release(&release.id()) {
-            // Built here from changesets: the manifest goes first, so that a restart can load
-            // the release the state names.
+            // The manifest first: a restart must be able to load what the state names.
             self.store
                 .write_release(&release.id(), &release.manifest().to_json())
                 .map_err(|e| format!("cannot store the release's manifest: {e}"))?;
         }
+        let served = self.active.load().as_ref().map(|r| r.id());
+        if served != Some(release.id()) || state.active != served {
+            return Ok(false);
+        }
+        if !exact && *last == Some((release.id(), true)) {
+            // The controller's exact record of this release came first.
+            return Ok(false);
+        }
+        let mut state = state.clone();
+        if state.previous.is_some_and(|p| !self.store.has_release(&p)) {
+            // Its own record (which stores its manifest) is still queued: a restart could not
+            // load it, so it is not named (it comes with the controller's record).
+            state.previous = None;
+        }
         self.store
-            .write_state(STATE_NAME, state)
+            .write_state(STATE_NAME, &state)
             .map_err(|e| format!("cannot record the active release: {e}"))?;
+        *last = Some((release.id(), exact));
         Ok(true)
+    }
+}
+
+/// A scheduled flip's own record, made by its recorder thread right after the store from what
+/// the controller knew when it armed the flip: written unless the controller's exact record of
+/// the release is already the last one (it came first) or another release is served by now.
+pub struct Provisional {
+    /// The state file.
+    pub file: Arc<StateFile>,
+    /// What the flip will have made of the state.
+    pub state: AgentState,
+}
+
+impl Provisional {
+    /// Records the flip to `release`. Blocking.
+    pub fn record(self, release: &Release) -> Result<bool, String> {
+        self.file.write(release, &self.state, false)
     }
 }
 
@@ -147,5 +184,62 @@ mod tests {
         assert!(!file.record(&b, &state_of(&a, None)).unwrap());
         // The manifest of a release built here goes to the store with its state.
         assert!(store.has_release(&b.id()));
+    }
+
+    /// A refused record still stores its release's manifest (a later state may name it as the
+    /// previous one); a state never names a previous release the store cannot load.
+    #[test]
+    fn a_refused_record_stores_its_manifest_and_no_state_names_an_unloadable_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(dir.path()).unwrap());
+        let active: Active = Arc::new(ArcSwapOption::empty());
+        let file = StateFile::new(store.clone(), active.clone());
+        let (c1, c2, c3) = (
+            release(&store, "c1"),
+            release(&store, "c2"),
+            release(&store, "c3"),
+        );
+        assert!(!store.has_release(&c1.id()), "built in memory");
+        // Two installs in a row, the first's record reached after the second is served.
+        active.store(Some(c2.clone()));
+        assert!(!file.record(&c1, &state_of(&c1, None)).unwrap());
+        assert!(
+            store.has_release(&c1.id()),
+            "the refused record's manifest is stored"
+        );
+        assert!(file.record(&c2, &state_of(&c2, Some(&c1))).unwrap());
+        // A previous release whose own record has not run yet is not named.
+        active.store(Some(c3.clone()));
+        let fresh = release(&store, "never-recorded");
+        assert!(file.record(&c3, &state_of(&c3, Some(&fresh))).unwrap());
+        let on_disk: AgentState = store.read_state(STATE_NAME).unwrap().unwrap();
+        assert_eq!(on_disk, state_of(&c3, None));
+    }
+
+    /// A flip's own record is written when nothing was recorded since its store, and never
+    /// over a record made since (the controller's exact one).
+    #[test]
+    fn a_flips_own_record_never_replaces_a_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(dir.path()).unwrap());
+        let active: Active = Arc::new(ArcSwapOption::empty());
+        let file = Arc::new(StateFile::new(store.clone(), active.clone()));
+        let (a, b) = (release(&store, "a"), release(&store, "b"));
+        active.store(Some(a.clone()));
+        assert!(file.record(&a, &state_of(&a, None)).unwrap());
+        let provisional = |previous| Provisional {
+            file: file.clone(),
+            state: state_of(&b, previous),
+        };
+        // The flip to B: its own record first, then the controller's.
+        active.store(Some(b.clone()));
+        assert!(provisional(None).record(&b).unwrap());
+        assert!(file.record(&b, &state_of(&b, Some(&a))).unwrap());
+        let on_disk: AgentState = store.read_state(STATE_NAME).unwrap().unwrap();
+        assert_eq!(on_disk, state_of(&b, Some(&a)));
+        // The controller's first (the recorder thread was slow): the flip's own is dropped.
+        assert!(!provisional(None).record(&b).unwrap());
+        let on_disk: AgentState = store.read_state(STATE_NAME).unwrap().unwrap();
+        assert_eq!(on_disk, state_of(&b, Some(&a)));
     }
 }

@@ -10,7 +10,6 @@
 #![allow(clippy::disallowed_methods)] // I/O shell: request timing and the access log's timestamp
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -51,20 +50,20 @@ fn acme_http01(
 
 /// Serves one request. Never fails: every error becomes a response.
 ///
-/// A request's future is made and moved anew for every request, so what needs no waiting is
-/// done before it, by [`route`]: the future holds the request once, made ready for its pool,
-/// and not also as passed and as a local of each `async fn` it went through.
-pub fn handle(
+/// Everything up to the backend is [`route`], one plain function, so that the future holds
+/// the request once, made ready for its pool, rather than also as passed and as a local of
+/// each `async fn` it went through. It runs at the first poll, not when the future is made:
+/// an HTTP/2 stream reset before it is polled is neither routed, counted nor logged, and its
+/// body is looked at once the frames read with its HEADERS are in.
+pub async fn handle(
     ctx: Arc<ConnCtx>,
     req: Request<ClientBody>,
-) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
+) -> Result<Response<ResponseBody>, Infallible> {
     let mut routed = route(&ctx, req);
-    async move {
-        Ok(match &mut routed {
-            Routed::Answered(resp) => std::mem::replace(resp, Response::new(local(Bytes::new()))),
-            Routed::Forward(f) => f.run(&ctx).await,
-        })
-    }
+    Ok(match &mut routed {
+        Routed::Answered(resp) => std::mem::replace(resp, Response::new(local(Bytes::new()))),
+        Routed::Forward(f) => f.run(&ctx).await,
+    })
 }
 
 /// Where a request goes: answered here, or to a pool's backend.

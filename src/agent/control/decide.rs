@@ -321,7 +321,8 @@ impl Core {
     }
 
     /// What the state file says once a flip for `tag` serves `release`, as [`Core::on_fired`]
-    /// will make it: the flip thread records it before the controller hears of the flip.
+    /// will make it: the flip's recorder writes it as soon as the flip is stored, before the
+    /// controller hears of it.
     pub fn state_after(&self, release: &Release, tag: &Tag) -> AgentState {
         let mut applied = self.applied.clone();
         with_schedule(&mut applied, self.schedule.as_ref(), tag);

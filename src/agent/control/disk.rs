@@ -1,7 +1,9 @@
-//! The controller's ordered disk work: after a flip or an install, the state file, the
-//! `current` symlink, pruning old copies, blobs from peers, manifests of built releases, and
-//! the store's periodic collection — one job after another on one worker, so that two quick
-//! flips cannot reorder their writes. I/O: blocking writes on tokio's blocking pool.
+//! The controller's ordered disk work: after a flip or an install, the state file (with the
+//! manifest of a release built here, [`StateFile`]), the `current` symlink, pruning old copies,
+//! blobs from peers, and the store's periodic collection — one job after another on one
+//! worker, so that two quick flips cannot reorder their writes (a scheduled flip's recorder
+//! writes beside it, through the same [`StateFile`]). I/O: blocking writes on tokio's blocking
+//! pool.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -46,7 +46,7 @@ use crate::agent::metrics::AgentMetrics;
 use crate::agent::plan::Scheduled;
 use crate::agent::release::Release;
 use crate::agent::stage::{StageError, Stager};
-use crate::agent::state::{AgentState, StateFile};
+use crate::agent::state::{AgentState, Provisional, StateFile};
 use crate::net::client::HttpClient;
 use crate::sync::changeset::Applied;
 use crate::sync::clock::{Anchor, Offset};
@@ -424,8 +424,8 @@ impl Controller {
     fn record(&self, f: &Flipped) {
         let id = f.release.id();
         let disk = &self.io.disk;
-        // A scheduled flip's thread recorded it already (from what was known when it was
-        // armed): this record is the exact one, and is written only while `id` is served.
+        // A scheduled flip's recorder may have recorded it already (from what was known when
+        // it was armed): this record is the exact one, written while `id` is served.
         let _ = disk.send(DiskJob::State(
             f.release.clone(),
             AgentState {
@@ -501,12 +501,9 @@ impl Controller {
             "flip armed"
         );
         let tag = Tag::Scheduled(plan);
-        let state = self.core.state_after(&release, &tag);
-        let file = self.io.state.clone();
-        let record = move |r: &Release| {
-            if let Err(e) = file.record(r, &state) {
-                error!(error = %e, "cannot record the flip; the controller tries again");
-            }
+        let record = Provisional {
+            file: self.io.state.clone(),
+            state: self.core.state_after(&release, &tag),
         };
         self.flip = Some(activate::arm(
             deadline,
@@ -514,7 +511,7 @@ impl Controller {
             release,
             tag,
             self.fired_tx.clone(),
-            record,
+            Some(record),
         ));
     }
 }

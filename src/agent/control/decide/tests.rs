@@ -268,7 +268,7 @@ fn a_scheduled_flip_moves_active_to_previous_and_measures_its_lateness() {
     c.on_schedule(s, t0);
     c.replan(t0, &none_staging(), &mut || unreachable!());
     let plan = c.armed().unwrap().plan;
-    // What the flip thread records before the controller hears of the flip.
+    // What the flip's recorder writes before the controller hears of the flip.
     let recorded = c.state_after(&two, &Tag::Scheduled(plan));
     let f = c.on_fired(Fired {
         release: two.clone(),

@@ -60,6 +60,7 @@ pub async fn handle(
     req: Request<ClientBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let mut routed = route(&ctx, req);
+    // Matched in place: a binding by value would give the forwarding room of its own.
     Ok(match &mut routed {
         Routed::Answered(resp) => std::mem::replace(resp, Response::new(local(Bytes::new()))),
         Routed::Forward(f) => f.run(&ctx).await,

@@ -601,8 +601,9 @@ impl Core {
 /// What a release activated for `tag` includes beside `applied`: the hub's release includes
 /// what its schedule says it does.
 fn with_schedule(applied: &mut Applied, schedule: Option<&Schedule>, tag: &Tag) {
-    if let (false, Some(s)) = (matches!(tag, Tag::Installed), schedule) {
-        merge(applied, &s.applied);
+    match (tag, schedule) {
+        (Tag::Installed, _) | (_, None) => {}
+        (_, Some(s)) => merge(applied, &s.applied),
     }
 }
 
